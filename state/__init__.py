@@ -1,0 +1,51 @@
+"""The durable state sidecar: the command index and its backends.
+
+``state`` never imports ``amqp_queue``; the delivery layer builds on it.
+"""
+
+from state.base import DEFAULT_RETENTION, IndexedStore
+from state.clock import Clock, utc_now
+from state.errors import (
+    BrokerError,
+    CommandExpired,
+    CommandNotFound,
+    InvalidCommandType,
+    InvalidDeviceId,
+    InvalidInput,
+    InvalidPayload,
+    InvalidTTL,
+    QueueError,
+    StateError,
+)
+from state.memory import MemoryStore
+from state.model import CommandRecord, CommandStatus, EndReason, PendingCommand
+from state.protocol import Store
+from state.sql import SqlStore
+from state.validation import DEFAULT_LIMITS, Limits, Ttl
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_RETENTION",
+    "BrokerError",
+    "Clock",
+    "CommandExpired",
+    "CommandNotFound",
+    "CommandRecord",
+    "CommandStatus",
+    "EndReason",
+    "IndexedStore",
+    "InvalidCommandType",
+    "InvalidDeviceId",
+    "InvalidInput",
+    "InvalidPayload",
+    "InvalidTTL",
+    "Limits",
+    "MemoryStore",
+    "PendingCommand",
+    "QueueError",
+    "SqlStore",
+    "StateError",
+    "Store",
+    "Ttl",
+    "utc_now",
+]

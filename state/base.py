@@ -1,0 +1,248 @@
+"""The shared half of every state backend: the Store contract on top of a few primitives.
+
+A backend subclasses :class:`IndexedStore` and implements only how records are stored and
+locked. The rules (validation, replacement, confirmation, expiry, ordering) come from
+:mod:`state.rules`. The RabbitMQ delivery layer drives the same primitives directly, which is
+why the outbox and batch methods are public.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Self
+
+from state import rules
+from state.clock import Clock, utc_now
+from state.errors import CommandNotFound
+from state.model import CommandRecord, CommandStatus, PendingCommand
+from state.validation import (
+    DEFAULT_LIMITS,
+    Limits,
+    Ttl,
+    validate_command_type,
+    validate_device_id,
+)
+
+logger = logging.getLogger("state")
+
+DEFAULT_RETENTION = timedelta(days=7)
+
+Change = Callable[[CommandRecord], CommandRecord | None]
+"""Computes a command's new record from its current one (None: unchanged); may raise."""
+
+
+class IndexedStore(abc.ABC):
+    """A complete :class:`~state.protocol.Store` built on backend primitives.
+
+    Args:
+        limits: what the store accepts (rule 7).
+        clock: the time source; inject one to test expiry without sleeping.
+        retention: how long finished commands stay queryable by ``get_status`` before
+            ``cleanup`` prunes them.
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+    ) -> None:
+        if retention < timedelta(0):
+            raise ValueError("retention must not be negative")
+        self.limits = limits
+        self.clock = clock
+        self.retention = retention
+
+    # -- the Store contract ------------------------------------------------------------
+
+    async def enqueue(self, device_id: str, payload: bytes, ttl: Ttl) -> str:
+        record = self.build(device_id, None, payload, ttl, requires_confirmation=False)
+        await self.add([record])
+        return record.id
+
+    async def enqueue_or_update(
+        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
+    ) -> str:
+        validate_command_type(command_type, self.limits)
+        record = self.build(device_id, command_type, payload, ttl, requires_confirmation=False)
+        await self.add([record])
+        return record.id
+
+    async def enqueue_with_confirmation(
+        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
+    ) -> str:
+        validate_command_type(command_type, self.limits)
+        record = self.build(device_id, command_type, payload, ttl, requires_confirmation=True)
+        await self.add([record])
+        return record.id
+
+    async def get_pending(self, device_id: str) -> list[PendingCommand]:
+        device = validate_device_id(device_id, self.limits)
+        return [record.to_pending() for record in await self.open_commands(device)]
+
+    async def get_pending_confirmations(self, device_id: str) -> list[PendingCommand]:
+        device = validate_device_id(device_id, self.limits)
+        return [
+            record.to_pending()
+            for record in await self.open_commands(device)
+            if not record.is_ready
+        ]
+
+    async def drain_pending(self, device_id: str) -> list[bytes]:
+        device = validate_device_id(device_id, self.limits)
+        claimed = await self.claim(device)
+        return [record.payload for record in rules.in_ready_order(claimed)]
+
+    async def confirm_command(self, command_id: str) -> None:
+        await self.confirm(command_id)
+
+    async def cancel_command(self, command_id: str) -> None:
+        now = self.clock()
+        record = await self.modify(command_id, lambda current: rules.cancelled(current, now))
+        logger.info("cancelled command %s for device %s", command_id, record.device_id)
+
+    async def cleanup(self) -> int:
+        now = self.clock()
+        expired = await self.expire(now)
+        pruned = await self.prune(now - self.retention)
+        logger.info("cleanup: %d expired, %d finished commands pruned", expired, pruned)
+        return expired
+
+    async def get_status(self, command_id: str) -> CommandStatus:
+        _check_command_id(command_id)
+        record = await self.get(command_id)
+        if record is None:
+            raise CommandNotFound(command_id)
+        return rules.status_of(record, self.clock())
+
+    async def close(self) -> None:
+        """Releases what the store owns; the default owns nothing."""
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- helpers shared with the delivery layer ----------------------------------------
+
+    def build(
+        self,
+        device_id: object,
+        command_type: object | None,
+        payload: object,
+        ttl: object,
+        *,
+        requires_confirmation: bool,
+    ) -> CommandRecord:
+        """Validates input and builds a new record; raises before anything is written."""
+        return rules.new_command(
+            device_id=device_id,
+            command_type=command_type,
+            payload=payload,
+            ttl=ttl,
+            requires_confirmation=requires_confirmation,
+            now=self.clock(),
+            limits=self.limits,
+        )
+
+    async def confirm(self, command_id: str) -> CommandRecord:
+        """Confirms a command and returns its record as it now stands."""
+        now = self.clock()
+        record = await self.modify(command_id, lambda current: rules.confirmed(current, now))
+        logger.info("confirmed command %s for device %s", command_id, record.device_id)
+        return record
+
+    async def modify(self, command_id: str, change: Change) -> CommandRecord:
+        """Applies ``change`` to one command atomically; raises CommandNotFound if unknown."""
+        _check_command_id(command_id)
+        record = await self._modify(command_id, change)
+        if record is None:
+            raise CommandNotFound(command_id)
+        return record
+
+    async def claim(
+        self, device_id: str, command_ids: Collection[str] | None = None
+    ) -> list[CommandRecord]:
+        """Marks deliverable commands of a device delivered, atomically, and returns them.
+
+        With ``command_ids`` only those are considered (the delivery layer passes the ids of a
+        window of broker messages). Concurrent claims never return a command twice.
+        """
+        if command_ids is not None and not command_ids:
+            return []
+        return await self._claim(device_id, self.clock(), command_ids)
+
+    # -- primitives a backend implements -----------------------------------------------
+
+    @abc.abstractmethod
+    async def add(self, records: Sequence[CommandRecord]) -> None:
+        """Inserts validated records in order, in one atomic step.
+
+        A record with a ``command_type`` first ends the open command of that
+        ``(device_id, command_type)`` (see :func:`state.rules.end_of_replaced`).
+        """
+
+    @abc.abstractmethod
+    async def get(self, command_id: str) -> CommandRecord | None:
+        """The record of any command still held, finished ones included."""
+
+    @abc.abstractmethod
+    async def open_commands(self, device_id: str) -> list[CommandRecord]:
+        """Open, unexpired commands of a device in write order."""
+
+    @abc.abstractmethod
+    async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        """Loads one record under lock, applies ``change`` and stores the result."""
+
+    @abc.abstractmethod
+    async def _claim(
+        self, device_id: str, now: datetime, command_ids: Collection[str] | None
+    ) -> list[CommandRecord]:
+        """Atomically marks deliverable records delivered and returns them."""
+
+    @abc.abstractmethod
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        """Of these ids, the commands that are open, ready and unexpired now."""
+
+    @abc.abstractmethod
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        """Marks open commands delivered (after a device took them); returns how many."""
+
+    @abc.abstractmethod
+    async def expire(self, now: datetime) -> int:
+        """Ends every open command whose TTL ran out; returns how many."""
+
+    @abc.abstractmethod
+    async def prune(self, before: datetime) -> int:
+        """Deletes finished commands that ended before ``before``; returns how many."""
+
+    @abc.abstractmethod
+    async def unpublished(self, limit: int) -> list[CommandRecord]:
+        """Deliverable commands not yet published to the broker, in ready order (outbox)."""
+
+    @abc.abstractmethod
+    async def mark_published(self, command_ids: Collection[str]) -> None:
+        """Records that the broker confirmed these commands."""
+
+
+def _check_command_id(command_id: object) -> None:
+    """Ids are UUIDs; anything else cannot name a command (and must not reach a UUID column)."""
+    try:
+        uuid.UUID(str(command_id))
+    except ValueError:
+        raise CommandNotFound(str(command_id), "not a command id") from None
+    if not isinstance(command_id, str):
+        raise CommandNotFound(str(command_id), "not a command id")

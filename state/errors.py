@@ -1,0 +1,68 @@
+"""The one exception tree of amqp-queue.
+
+::
+
+    QueueError
+    ├── InvalidInput (also ValueError)          bad input, nothing was written
+    │   ├── InvalidDeviceId
+    │   ├── InvalidCommandType
+    │   ├── InvalidPayload
+    │   └── InvalidTTL
+    ├── CommandNotFound                         unknown, pruned or finished command id
+    │   └── CommandExpired                      the command exists but its TTL ran out
+    ├── StateError                              the state backend failed (SQL, Redis)
+    └── BrokerError                             RabbitMQ failed (see amqp_queue)
+
+Third-party errors are translated at the boundary with ``raise ... from exc`` so callers
+catch ``QueueError`` and still see the original cause.
+"""
+
+from __future__ import annotations
+
+
+class QueueError(Exception):
+    """Root of every error amqp-queue raises."""
+
+
+class InvalidInput(QueueError, ValueError):
+    """Input was rejected before anything was written."""
+
+
+class InvalidDeviceId(InvalidInput):
+    """The device id is empty, too long or has characters an AMQP queue name cannot hold."""
+
+
+class InvalidCommandType(InvalidInput):
+    """The command type is empty, too long or has characters that are not allowed."""
+
+
+class InvalidPayload(InvalidInput):
+    """The payload is not bytes-like or is larger than the configured limit."""
+
+
+class InvalidTTL(InvalidInput):
+    """The ttl is not a positive, finite duration within the configured maximum."""
+
+
+class CommandNotFound(QueueError):
+    """No live command has this id: never known, pruned, or already finished."""
+
+    def __init__(self, command_id: str, reason: str = "not found") -> None:
+        super().__init__(f"command {command_id!r}: {reason}")
+        self.command_id = command_id
+        self.reason = reason
+
+
+class CommandExpired(CommandNotFound):
+    """The command's time to live ran out; it will never be delivered."""
+
+    def __init__(self, command_id: str) -> None:
+        super().__init__(command_id, "expired")
+
+
+class StateError(QueueError):
+    """The state backend (SQL database, Redis) failed; the operation did not take effect."""
+
+
+class BrokerError(QueueError):
+    """RabbitMQ failed or refused an operation."""

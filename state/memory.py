@@ -1,0 +1,152 @@
+"""MemoryStore: the whole contract in process memory."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from state import rules
+from state.base import DEFAULT_RETENTION, Change, IndexedStore
+from state.clock import Clock, utc_now
+from state.model import CommandRecord, EndReason
+from state.validation import DEFAULT_LIMITS, Limits
+
+
+class MemoryStore(IndexedStore):
+    """An in-memory command store for tests and development.
+
+    No persistence: everything is lost when the process ends. Safe under concurrent asyncio
+    tasks of one event loop because no method awaits between reading and writing its state;
+    it is not thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+    ) -> None:
+        super().__init__(limits=limits, clock=clock, retention=retention)
+        self._records: dict[str, CommandRecord] = {}
+        self._by_device: dict[str, list[str]] = {}
+        self._open_by_type: dict[tuple[str, str], str] = {}
+
+    async def add(self, records: Sequence[CommandRecord]) -> None:
+        now = self.clock()
+        for record in records:
+            if record.command_type is not None:
+                key = (record.device_id, record.command_type)
+                previous_id = self._open_by_type.get(key)
+                if previous_id is not None:
+                    previous = self._records[previous_id]
+                    self._records[previous_id] = replace(
+                        previous, end_reason=rules.end_of_replaced(previous, now), ended_at=now
+                    )
+                self._open_by_type[key] = record.id
+            self._records[record.id] = record
+            self._by_device.setdefault(record.device_id, []).append(record.id)
+
+    async def get(self, command_id: str) -> CommandRecord | None:
+        return self._records.get(command_id)
+
+    async def open_commands(self, device_id: str) -> list[CommandRecord]:
+        now = self.clock()
+        return [
+            record
+            for record in self._device_records(device_id)
+            if record.is_open and record.expires_at > now
+        ]
+
+    async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        record = self._records.get(command_id)
+        if record is None:
+            return None
+        updated = change(record)
+        if updated is None:
+            return record
+        self._store(updated)
+        return updated
+
+    async def _claim(
+        self, device_id: str, now: datetime, command_ids: Collection[str] | None
+    ) -> list[CommandRecord]:
+        wanted = None if command_ids is None else set(command_ids)
+        claimed = []
+        for record in self._device_records(device_id):
+            if (wanted is None or record.id in wanted) and rules.is_deliverable(record, now):
+                delivered = replace(record, delivered=True, ended_at=now)
+                self._store(delivered)
+                claimed.append(delivered)
+        return claimed
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        now = self.clock()
+        found = (self._records.get(command_id) for command_id in command_ids)
+        return {
+            record.id: record
+            for record in found
+            if record is not None and rules.is_deliverable(record, now)
+        }
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        now = self.clock()
+        marked = 0
+        for command_id in command_ids:
+            record = self._records.get(command_id)
+            if record is not None and record.is_open:
+                self._store(replace(record, delivered=True, ended_at=now))
+                marked += 1
+        return marked
+
+    async def expire(self, now: datetime) -> int:
+        expired = [
+            record
+            for record in self._records.values()
+            if record.is_open and record.expires_at <= now
+        ]
+        for record in expired:
+            self._store(replace(record, end_reason=EndReason.EXPIRED, ended_at=now))
+        return len(expired)
+
+    async def prune(self, before: datetime) -> int:
+        doomed = [
+            record
+            for record in self._records.values()
+            if record.ended_at is not None and record.ended_at < before
+        ]
+        for record in doomed:
+            del self._records[record.id]
+            ids = self._by_device[record.device_id]
+            ids.remove(record.id)
+            if not ids:
+                del self._by_device[record.device_id]
+        return len(doomed)
+
+    async def unpublished(self, limit: int) -> list[CommandRecord]:
+        now = self.clock()
+        waiting = [
+            record
+            for record in self._records.values()
+            if record.published_at is None and rules.is_deliverable(record, now)
+        ]
+        return rules.in_ready_order(waiting)[:limit]
+
+    async def mark_published(self, command_ids: Collection[str]) -> None:
+        now = self.clock()
+        for command_id in command_ids:
+            record = self._records.get(command_id)
+            if record is not None:
+                self._records[command_id] = replace(record, published_at=now)
+
+    def _device_records(self, device_id: str) -> list[CommandRecord]:
+        return [self._records[command_id] for command_id in self._by_device.get(device_id, [])]
+
+    def _store(self, record: CommandRecord) -> None:
+        """Saves a changed record and keeps the open-by-type index in step."""
+        self._records[record.id] = record
+        if record.command_type is not None and not record.is_open:
+            key = (record.device_id, record.command_type)
+            if self._open_by_type.get(key) == record.id:
+                del self._open_by_type[key]

@@ -1,0 +1,68 @@
+"""Engines for the state index: SQLite (aiosqlite) tuned on purpose, PostgreSQL (asyncpg)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+READ_ONLY = "amqp_queue_read_only"
+"""Execution option: the transaction only reads (SQLite then takes no write lock)."""
+
+# Each pragma, and why:
+# - journal_mode=WAL: readers never block the writer nor the writer the readers, so
+#   get_pending and status lookups run while a drain or an enqueue batch commits.
+# - synchronous=FULL: enqueue promises the command is durable when it returns; in WAL mode
+#   NORMAL can lose the last commits on power loss. Group commit pays the fsync once a batch.
+# - busy_timeout=10000: another process's writer makes us wait instead of failing at once.
+# - foreign_keys=ON: the table has none, but it is the safe default should one be added.
+_SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
+    """An AsyncEngine for the state index at ``url``, with the SQLite set-up when it is one."""
+    engine = create_async_engine(url, **engine_options)
+    if make_url(url).get_backend_name() == "sqlite":
+        configure_sqlite(engine)
+    return engine
+
+
+_configured: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+def configure_sqlite(engine: AsyncEngine) -> None:
+    """Applies the pragmas and makes write transactions take the write lock up front.
+
+    SQLite's default deferred BEGIN takes the write lock at the first write; if another
+    connection committed in between, a WAL reader cannot upgrade and fails with SQLITE_BUSY
+    without waiting. ``BEGIN IMMEDIATE`` takes the lock first, so concurrent writers queue on
+    ``busy_timeout`` and each read-then-write (confirm, cancel, replace) is serialised.
+    """
+    sync_engine = engine.sync_engine
+    if sync_engine in _configured:
+        return
+    _configured.add(sync_engine)
+
+    @sa.event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us emit BEGIN ourselves (the driver's implicit BEGIN is deferred).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in _SQLITE_PRAGMAS:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

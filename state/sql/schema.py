@@ -1,0 +1,114 @@
+"""The ``command_queue`` table: the reference's columns plus what the design needs.
+
+Added to the reference schema (``seed-go-package-doc.txt``):
+
+- ``seq``: write order. Timestamps tie (fast writers, injected clocks); an integer key does
+  not. ``id`` stays the public UUID, unique.
+- ``confirmed_at``: a confirmed command is ready from then, which orders the drain.
+- ``end_reason`` and ``ended_at``: why and when a command left the queue without being
+  delivered (``delivered`` keeps its reference meaning), so ``get_status`` can tell the truth
+  until ``cleanup`` prunes it after the retention.
+- ``published_at``: the RabbitMQ outbox; NULL while a ready command still has to be published.
+
+The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
+becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded or
+expired command no longer holds its type's slot.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database.
+
+    SQLite has no time zones: values are stored as naive UTC and made aware again on read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where UTC is required")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+command_queue = sa.Table(
+    "command_queue",
+    metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("id", sa.Uuid(as_uuid=False), nullable=False, unique=True),
+    sa.Column("device_id", sa.Text(), nullable=False),
+    sa.Column("command_type", sa.Text()),
+    sa.Column("payload", sa.LargeBinary(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+    sa.Column("delivered", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("requires_confirmation", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("confirmed", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("confirmed_at", UtcDateTime()),
+    sa.Column("end_reason", sa.Text()),
+    sa.Column("ended_at", UtcDateTime()),
+    sa.Column("published_at", UtcDateTime()),
+)
+
+c = command_queue.c
+
+# One expression object for "live" so every query repeats the partial indexes' predicate to
+# the letter: SQLite only uses a partial index when the query's WHERE implies the index's.
+IS_OPEN = sa.and_(c.delivered == sa.false(), c.end_reason.is_(None))
+IS_READY = sa.or_(c.requires_confirmation == sa.false(), c.confirmed == sa.true())
+
+sa.Index(
+    "uq_command_queue_dedup",
+    c.device_id,
+    c.command_type,
+    unique=True,
+    sqlite_where=IS_OPEN,
+    postgresql_where=IS_OPEN,
+)
+# get_pending, drain_pending and the liveness checks all run per device on open commands.
+sa.Index(
+    "ix_command_queue_device_open",
+    c.device_id,
+    c.seq,
+    sqlite_where=IS_OPEN,
+    postgresql_where=IS_OPEN,
+)
+# cleanup's expiry sweep.
+sa.Index(
+    "ix_command_queue_open_expiry",
+    c.expires_at,
+    sqlite_where=IS_OPEN,
+    postgresql_where=IS_OPEN,
+)
+# cleanup's retention pruning of finished commands.
+sa.Index(
+    "ix_command_queue_ended",
+    c.ended_at,
+    sqlite_where=c.ended_at.is_not(None),
+    postgresql_where=c.ended_at.is_not(None),
+)
+# The outbox relay looks only for open commands the broker has not confirmed yet.
+_UNPUBLISHED = sa.and_(IS_OPEN, c.published_at.is_(None))
+sa.Index(
+    "ix_command_queue_outbox",
+    c.seq,
+    sqlite_where=_UNPUBLISHED,
+    postgresql_where=_UNPUBLISHED,
+)

@@ -1,0 +1,320 @@
+"""SqlStore: the state index on SQLAlchemy 2 async, SQLite or PostgreSQL from one code path.
+
+Concurrency is enforced by the database, never by a process-local lock:
+
+- PostgreSQL: drains claim rows with ``UPDATE ... WHERE seq IN (SELECT ... FOR UPDATE SKIP
+  LOCKED) RETURNING``; confirm and cancel lock their row with ``SELECT ... FOR UPDATE``;
+  a replacement that races another insert of the same type meets the partial unique index,
+  inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn.
+- SQLite: every write transaction starts with ``BEGIN IMMEDIATE`` (see
+  :func:`state.sql.engine.configure_sqlite`), so writers are serialised across connections
+  and processes; the same statements then run unchanged.
+
+Every per-device query filters on ``device_id`` and the open-command predicate, which the
+partial index ``ix_command_queue_device_open`` covers. On SQLite ``EXPLAIN QUERY PLAN`` for
+``get_pending`` reads ``SEARCH command_queue USING INDEX ix_command_queue_device_open
+(device_id=?)`` (asserted in tests/test_sql_store.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from state import rules
+from state.base import DEFAULT_RETENTION, Change, IndexedStore
+from state.clock import Clock, utc_now
+from state.errors import StateError
+from state.model import CommandRecord, EndReason
+from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
+from state.sql.schema import IS_OPEN, IS_READY, command_queue, metadata
+from state.validation import DEFAULT_LIMITS, Limits
+
+logger = logging.getLogger("state.sql")
+
+c = command_queue.c
+_RECORD_COLUMNS = tuple(c[field.name] for field in dataclasses.fields(CommandRecord))
+# A replacement that keeps losing the race for its type's slot means something is wrong.
+_MAX_REPLACE_ATTEMPTS = 200
+
+
+class SqlStore(IndexedStore):
+    """The command store on a SQL database through SQLAlchemy 2 async.
+
+    Args:
+        engine: an AsyncEngine for SQLite (aiosqlite) or PostgreSQL (asyncpg). The caller
+            keeps ownership; ``close()`` leaves it open. Use :meth:`connect` to have the
+            store create and own it.
+        schema: the database schema holding ``command_queue`` (PostgreSQL), None for the
+            default.
+        limits, clock, retention: see :class:`state.base.IndexedStore`.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        schema: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+    ) -> None:
+        super().__init__(limits=limits, clock=clock, retention=retention)
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {engine.dialect.name!r}")
+        if engine.dialect.name == "sqlite":
+            configure_sqlite(engine)
+        if schema is not None:
+            engine = engine.execution_options(schema_translate_map={None: schema})
+        self._engine = engine
+        self._owns_engine = False
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        schema: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+        **engine_options: Any,
+    ) -> SqlStore:
+        """Opens the database at ``url`` and creates ``command_queue`` when it is missing.
+
+        Raises:
+            StateError: the database cannot be reached or the table cannot be created.
+        """
+        engine = create_engine(url, **engine_options)
+        store = cls(engine, schema=schema, limits=limits, clock=clock, retention=retention)
+        store._owns_engine = True
+        try:
+            await store.create_table()
+        except BaseException:
+            await engine.dispose()
+            raise
+        return store
+
+    async def create_table(self) -> None:
+        """Creates ``command_queue`` and its indexes if they do not exist."""
+        async with self._write() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    # -- primitives ----------------------------------------------------------------------
+
+    async def add(self, records: Sequence[CommandRecord]) -> None:
+        now = self.clock()
+        async with self._write() as conn:
+            plain: list[dict[str, Any]] = []
+            for record in records:
+                if record.command_type is None:
+                    plain.append(_row(record))
+                    continue
+                if plain:
+                    await conn.execute(sa.insert(command_queue), plain)
+                    plain = []
+                await self._replace(conn, record, now)
+            if plain:
+                await conn.execute(sa.insert(command_queue), plain)
+
+    async def _replace(self, conn: AsyncConnection, record: CommandRecord, now: datetime) -> None:
+        """Ends the open command of the record's type, then inserts the record."""
+        same_slot = sa.and_(
+            c.device_id == record.device_id, c.command_type == record.command_type, IS_OPEN
+        )
+        end_previous = (
+            sa.update(command_queue)
+            .where(same_slot)
+            .values(
+                end_reason=sa.case(
+                    (c.expires_at <= now, EndReason.EXPIRED.value),
+                    else_=EndReason.SUPERSEDED.value,
+                ),
+                ended_at=now,
+            )
+        )
+        insert = (
+            self._insert(command_queue)
+            .values(_row(record))
+            .on_conflict_do_nothing(
+                index_elements=[c.device_id, c.command_type], index_where=IS_OPEN
+            )
+            .returning(c.seq)
+        )
+        for _ in range(_MAX_REPLACE_ATTEMPTS):
+            await conn.execute(end_previous)
+            if (await conn.execute(insert)).first() is not None:
+                return
+            # A concurrent transaction committed a command of this type after our UPDATE's
+            # snapshot; the next UPDATE (READ COMMITTED: a fresh snapshot) supersedes it.
+        raise StateError(
+            f"could not replace {record.command_type!r} for device {record.device_id!r}: "
+            f"lost the race {_MAX_REPLACE_ATTEMPTS} times"
+        )
+
+    async def get(self, command_id: str) -> CommandRecord | None:
+        async with self._read() as conn:
+            row = (await conn.execute(_select().where(c.id == command_id))).first()
+        return None if row is None else _record(row)
+
+    async def open_commands(self, device_id: str) -> list[CommandRecord]:
+        query = (
+            _select()
+            .where(c.device_id == device_id, IS_OPEN, c.expires_at > self.clock())
+            .order_by(c.seq)
+        )
+        async with self._read() as conn:
+            return [_record(row) for row in await conn.execute(query)]
+
+    async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        async with self._write() as conn:
+            query = _select().where(c.id == command_id).with_for_update()
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            current = _record(row)
+            updated = change(current)
+            if updated is None:
+                return current
+            changes = {
+                field.name: getattr(updated, field.name)
+                for field in dataclasses.fields(CommandRecord)
+                if getattr(updated, field.name) != getattr(current, field.name)
+            }
+            if changes:
+                await conn.execute(
+                    sa.update(command_queue).where(c.id == command_id).values(changes)
+                )
+            return updated
+
+    async def _claim(
+        self, device_id: str, now: datetime, command_ids: Collection[str] | None
+    ) -> list[CommandRecord]:
+        candidates = sa.select(c.seq).where(
+            c.device_id == device_id, IS_OPEN, IS_READY, c.expires_at > now
+        )
+        if command_ids is not None:
+            candidates = candidates.where(c.id.in_(list(command_ids)))
+        claim = (
+            sa.update(command_queue)
+            .where(c.seq.in_(candidates.with_for_update(skip_locked=True)))
+            .values(delivered=True, ended_at=now)
+            .returning(c.seq, *_RECORD_COLUMNS)
+        )
+        async with self._write() as conn:
+            rows = sorted(await conn.execute(claim), key=lambda row: row.seq)
+        return [_record(row) for row in rows]
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        if not command_ids:
+            return {}
+        query = _select().where(
+            c.id.in_(list(command_ids)), IS_OPEN, IS_READY, c.expires_at > self.clock()
+        )
+        async with self._read() as conn:
+            records = [_record(row) for row in await conn.execute(query)]
+        return {record.id: record for record in records}
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        if not command_ids:
+            return 0
+        update = (
+            sa.update(command_queue)
+            .where(c.id.in_(list(command_ids)), IS_OPEN)
+            .values(delivered=True, ended_at=self.clock())
+        )
+        async with self._write() as conn:
+            return (await conn.execute(update)).rowcount
+
+    async def expire(self, now: datetime) -> int:
+        update = (
+            sa.update(command_queue)
+            .where(IS_OPEN, c.expires_at <= now)
+            .values(end_reason=EndReason.EXPIRED.value, ended_at=now)
+        )
+        async with self._write() as conn:
+            return (await conn.execute(update)).rowcount
+
+    async def prune(self, before: datetime) -> int:
+        delete = sa.delete(command_queue).where(c.ended_at.is_not(None), c.ended_at < before)
+        async with self._write() as conn:
+            return (await conn.execute(delete)).rowcount
+
+    async def unpublished(self, limit: int) -> list[CommandRecord]:
+        query = (
+            _select()
+            .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > self.clock())
+            .order_by(c.seq)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            return rules.in_ready_order(_record(row) for row in await conn.execute(query))
+
+    async def mark_published(self, command_ids: Collection[str]) -> None:
+        if not command_ids:
+            return
+        update = (
+            sa.update(command_queue)
+            .where(c.id.in_(list(command_ids)))
+            .values(published_at=self.clock())
+        )
+        async with self._write() as conn:
+            await conn.execute(update)
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._engine.begin() as conn:
+                yield conn
+        except (SQLAlchemyError, OSError) as exc:
+            raise StateError(f"state index write failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execution_options(**{READ_ONLY: True})
+                async with conn.begin():
+                    yield conn
+        except (SQLAlchemyError, OSError) as exc:
+            raise StateError(f"state index read failed: {exc}") from exc
+
+
+def _select() -> sa.Select[Any]:
+    return sa.select(*_RECORD_COLUMNS)
+
+
+def _row(record: CommandRecord) -> dict[str, Any]:
+    row = dataclasses.asdict(record)
+    row["end_reason"] = None if record.end_reason is None else record.end_reason.value
+    return row
+
+
+def _record(row: sa.Row[Any]) -> CommandRecord:
+    values = dict(row._mapping)
+    values.pop("seq", None)
+    values["id"] = str(values["id"])
+    values["payload"] = bytes(values["payload"])
+    reason = values["end_reason"]
+    values["end_reason"] = None if reason is None else EndReason(reason)
+    return CommandRecord(**values)

@@ -1,0 +1,97 @@
+"""Input validation, written once and used by every backend (DESIGN.md rule 7)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+from state.errors import InvalidCommandType, InvalidDeviceId, InvalidPayload, InvalidTTL
+
+# A device id becomes part of a queue name (``<exchange>.<device_id>``) and of the regexes
+# operators write for RabbitMQ permissions, so it is kept to a plain ASCII alphabet.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
+_COMMAND_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
+
+Ttl = float | int | timedelta
+"""A time to live: seconds, or a ``timedelta``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds on what a store accepts.
+
+    ``max_device_id_length`` leaves room for the exchange prefix within AMQP's 255-byte
+    queue-name limit.
+    """
+
+    max_device_id_length: int = 128
+    max_command_type_length: int = 128
+    max_payload_bytes: int = 256 * 1024
+    max_ttl: timedelta = timedelta(days=30)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def validate_device_id(device_id: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    if not isinstance(device_id, str):
+        raise InvalidDeviceId(f"device id must be a str, not {type(device_id).__name__}")
+    if not device_id:
+        raise InvalidDeviceId("device id must not be empty")
+    if len(device_id) > limits.max_device_id_length:
+        raise InvalidDeviceId(
+            f"device id is {len(device_id)} characters, over the limit of "
+            f"{limits.max_device_id_length}"
+        )
+    if not _DEVICE_ID.fullmatch(device_id) or ".." in device_id:
+        raise InvalidDeviceId(
+            f"device id {device_id!r} may only hold ASCII letters, digits and _ . : @ -, "
+            "must start with a letter or digit and must not contain '..'"
+        )
+    if device_id.lower().startswith("amq."):
+        raise InvalidDeviceId(f"device id {device_id!r} uses the AMQP-reserved prefix 'amq.'")
+    return device_id
+
+
+def validate_command_type(command_type: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    if not isinstance(command_type, str):
+        raise InvalidCommandType(f"command type must be a str, not {type(command_type).__name__}")
+    if not command_type:
+        raise InvalidCommandType("command type must not be empty")
+    if len(command_type) > limits.max_command_type_length:
+        raise InvalidCommandType(
+            f"command type is {len(command_type)} characters, over the limit of "
+            f"{limits.max_command_type_length}"
+        )
+    if not _COMMAND_TYPE.fullmatch(command_type):
+        raise InvalidCommandType(
+            f"command type {command_type!r} may only hold ASCII letters, digits and _ . : / -"
+        )
+    return command_type
+
+
+def validate_payload(payload: object, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise InvalidPayload(f"payload must be bytes-like, not {type(payload).__name__}")
+    data = bytes(payload)
+    if len(data) > limits.max_payload_bytes:
+        raise InvalidPayload(
+            f"payload is {len(data)} bytes, over the limit of {limits.max_payload_bytes}"
+        )
+    return data
+
+
+def validate_ttl(ttl: object, limits: Limits = DEFAULT_LIMITS) -> timedelta:
+    if isinstance(ttl, timedelta):
+        seconds = ttl.total_seconds()
+    elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        seconds = float(ttl)
+    else:
+        raise InvalidTTL(f"ttl must be seconds or a timedelta, not {type(ttl).__name__}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidTTL(f"ttl must be positive and finite, got {ttl!r}")
+    if seconds > limits.max_ttl.total_seconds():
+        raise InvalidTTL(f"ttl of {seconds:g}s is over the maximum of {limits.max_ttl}")
+    return timedelta(seconds=seconds)

@@ -1,0 +1,82 @@
+"""Every store the contract suite runs against; adding a backend is one entry in BACKENDS.
+
+A backend factory is an async context manager that opens a fresh, isolated store with the
+given options (``clock``, ``retention``, ``limits``) and tears it down afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from state import MemoryStore, SqlStore, Store
+from state.sql import command_queue
+from tests.support import unique
+
+POSTGRES_URL = os.environ.get(
+    "AMQP_QUEUE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1/test"
+)
+
+StoreFactory = Callable[..., AbstractAsyncContextManager[Store]]
+
+
+@asynccontextmanager
+async def memory_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
+    async with MemoryStore(**options) as store:
+        yield store
+
+
+@asynccontextmanager
+async def sqlite_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'commands.db'}"
+    async with await SqlStore.connect(url, **options) as store:
+        yield store
+
+
+@asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema, dropped with everything in it afterwards."""
+    schema = unique("t_")
+    admin = create_async_engine(POSTGRES_URL)
+    try:
+        async with admin.begin() as conn:
+            await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        yield schema
+    finally:
+        async with admin.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await admin.dispose()
+
+
+@asynccontextmanager
+async def postgres_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
+    async with (
+        postgres_schema() as schema,
+        await SqlStore.connect(POSTGRES_URL, schema=schema, **options) as store,
+    ):
+        yield store
+
+
+BACKENDS: dict[str, StoreFactory] = {
+    "memory": memory_store,
+    "sqlite": sqlite_store,
+    "postgres": postgres_store,
+}
+
+
+async def commands_held(store: Store) -> int:
+    """How many commands the store holds in all, live or finished: proves nothing was written."""
+    inner = getattr(store, "state", store)
+    if isinstance(inner, MemoryStore):
+        return len(inner._records)
+    if isinstance(inner, SqlStore):
+        async with inner.engine.connect() as conn:
+            count = await conn.scalar(sa.select(sa.func.count()).select_from(command_queue))
+        return int(count or 0)
+    raise TypeError(f"no command count for {type(store).__name__}")

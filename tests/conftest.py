@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from state import Store
+from tests.backends import BACKENDS
+from tests.support import FakeClock
+
+OpenStore = Callable[..., AbstractAsyncContextManager[Store]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> OpenStore:
+    """Opens a store of the parametrised backend; options override the test clock."""
+    factory = BACKENDS[request.param]
+
+    def opener(**options: Any) -> AbstractAsyncContextManager[Store]:
+        options.setdefault("clock", clock)
+        return factory(tmp_path, **options)
+
+    return opener
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    async with open_store() as opened:
+        yield opened

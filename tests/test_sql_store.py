@@ -1,0 +1,118 @@
+"""SqlStore beyond the contract: restarts, the schema's guarantees, and index use."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from state import CommandStatus, SqlStore, StateError
+from state.sql import command_queue, create_engine
+from tests.backends import POSTGRES_URL, postgres_schema
+from tests.support import FakeClock
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'commands.db'}"
+
+
+async def test_a_reopened_sqlite_file_holds_everything(tmp_path: Path, clock: FakeClock) -> None:
+    url = sqlite_url(tmp_path)
+    async with await SqlStore.connect(url, clock=clock) as before:
+        plain = await before.enqueue("dev-1", b"plain", 60)
+        old = await before.enqueue_or_update("dev-1", "setpoint", b"20", 60)
+        waiting = await before.enqueue_with_confirmation("dev-1", "unlock", b"door", 60)
+
+    async with await SqlStore.connect(url, clock=clock) as after:
+        assert [c.id for c in await after.get_pending("dev-1")] == [plain, old, waiting]
+        assert [c.id for c in await after.get_pending_confirmations("dev-1")] == [waiting]
+        clock.advance(1)
+        new = await after.enqueue_or_update("dev-1", "setpoint", b"21", 60)
+        clock.advance(1)
+        await after.confirm_command(waiting)
+
+        assert await after.get_status(old) == CommandStatus.SUPERSEDED
+        assert await after.drain_pending("dev-1") == [b"plain", b"21", b"door"]
+        assert await after.get_status(new) == CommandStatus.DELIVERED
+
+
+async def test_the_partial_unique_index_refuses_a_second_live_command_of_a_type(
+    tmp_path: Path,
+) -> None:
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        await store.enqueue_or_update("dev-1", "setpoint", b"20", 60)
+        [live] = await store.get_pending("dev-1")
+        duplicate = {
+            "id": str(uuid.uuid4()),
+            "device_id": "dev-1",
+            "command_type": "setpoint",
+            "payload": b"21",
+            "expires_at": live.expires_at,
+            "created_at": live.created_at,
+        }
+        with pytest.raises(IntegrityError):
+            async with store.engine.begin() as conn:
+                await conn.execute(sa.insert(command_queue).values(duplicate))
+
+
+async def test_store_on_a_caller_owned_engine_leaves_it_open(tmp_path: Path) -> None:
+    engine = create_engine(sqlite_url(tmp_path))
+    store = SqlStore(engine)
+    await store.create_table()
+    async with store:
+        await store.enqueue("dev-1", b"x", 60)
+
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(command_queue)) == 1
+    await engine.dispose()
+
+
+async def test_get_pending_uses_the_per_device_index_on_sqlite(tmp_path: Path) -> None:
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        query = (
+            sa.select(command_queue.c.id)
+            .where(
+                command_queue.c.device_id == "dev-1",
+                command_queue.c.delivered == sa.false(),
+                command_queue.c.end_reason.is_(None),
+            )
+            .order_by(command_queue.c.seq)
+        )
+        compiled = query.compile(store.engine, compile_kwargs={"literal_binds": True})
+        async with store.engine.connect() as conn:
+            plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")).all()
+
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX ix_command_queue_device_open (device_id=?)" in details
+
+
+async def test_get_pending_can_use_the_per_device_index_on_postgres() -> None:
+    async with postgres_schema() as schema, await SqlStore.connect(
+        POSTGRES_URL, schema=schema
+    ) as store:
+        await store.enqueue("dev-1", b"x", 60)
+        async with store.engine.connect() as conn:
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = (
+                await conn.exec_driver_sql(
+                    f'EXPLAIN SELECT id FROM "{schema}".command_queue '
+                    "WHERE device_id = 'dev-1' AND delivered = false AND end_reason IS NULL "
+                    "ORDER BY seq"
+                )
+            ).all()
+
+    assert "ix_command_queue_device_open" in " ".join(str(row[0]) for row in plan)
+
+
+async def test_unreachable_database_raises_state_error() -> None:
+    with pytest.raises(StateError):
+        await SqlStore.connect("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+
+
+async def test_negative_retention_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="retention"):
+        await SqlStore.connect(sqlite_url(tmp_path), retention=timedelta(seconds=-1))
