@@ -26,5 +26,7 @@ def test_state_never_imports_amqp_queue() -> None:
     import sys
 
     code = "import sys, state, state.sql; print('amqp_queue' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"

@@ -91,9 +91,10 @@ async def test_get_pending_uses_the_per_device_index_on_sqlite(tmp_path: Path) -
 
 
 async def test_get_pending_can_use_the_per_device_index_on_postgres() -> None:
-    async with postgres_schema() as schema, await SqlStore.connect(
-        POSTGRES_URL, schema=schema
-    ) as store:
+    async with (
+        postgres_schema() as schema,
+        await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
+    ):
         await store.enqueue("dev-1", b"x", 60)
         async with store.engine.connect() as conn:
             await conn.exec_driver_sql("SET enable_seqscan = off")
