@@ -17,6 +17,7 @@ from state.errors import (
     QueueError,
     StateError,
 )
+from state.factory import DEFAULT_STATE_URL, open_state
 from state.memory import MemoryStore
 from state.model import CommandRecord, CommandStatus, EndReason, PendingCommand
 from state.protocol import Store
@@ -26,6 +27,7 @@ from state.validation import DEFAULT_LIMITS, Limits, Ttl
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_RETENTION",
+    "DEFAULT_STATE_URL",
     "BrokerError",
     "Clock",
     "CommandExpired",
@@ -47,5 +49,6 @@ __all__ = [
     "StateError",
     "Store",
     "Ttl",
+    "open_state",
     "utc_now",
 ]
