@@ -3,6 +3,9 @@
 The one public import point: the contract, the errors and every store.
 """
 
+from amqp_queue.config import QueueType, RabbitMQConfig
+from amqp_queue.delivery import CommandStream
+from amqp_queue.store import RabbitMQStore
 from state import (
     DEFAULT_LIMITS,
     BrokerError,
@@ -30,6 +33,7 @@ __all__ = [
     "CommandExpired",
     "CommandNotFound",
     "CommandStatus",
+    "CommandStream",
     "InvalidCommandType",
     "InvalidDeviceId",
     "InvalidInput",
@@ -39,6 +43,9 @@ __all__ = [
     "MemoryStore",
     "PendingCommand",
     "QueueError",
+    "QueueType",
+    "RabbitMQConfig",
+    "RabbitMQStore",
     "SqlStore",
     "StateError",
     "Store",

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from state import MemoryStore, SqlStore, Store
 from state.sql import command_queue
+from tests.rabbitmq_support import rabbitmq_store
 from tests.support import unique
 
 POSTGRES_URL = os.environ.get(
@@ -64,6 +65,7 @@ async def postgres_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]
 
 
 BACKENDS: dict[str, StoreFactory] = {
+    "rabbitmq": rabbitmq_store,
     "memory": memory_store,
     "sqlite": sqlite_store,
     "postgres": postgres_store,

@@ -1,0 +1,60 @@
+"""Group commit: concurrent callers share one round trip to the state index.
+
+One SQLAlchemy commit over aiosqlite costs about as much as a hundred broker publishes in
+flight, so concurrent enqueues wait for the commit already under way and then share the next
+one instead of each paying for their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+
+class Batcher(Generic[Item]):
+    """Feeds submitted items to ``flush`` in batches; each caller learns its batch's outcome.
+
+    While one flush runs, new submissions gather; the next flush takes them all (up to
+    ``max_batch``). A failed flush fails every caller of that batch with its exception.
+    """
+
+    def __init__(self, flush: Callable[[list[Item]], Awaitable[None]], *, max_batch: int) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> None:
+        """Waits until ``item`` has been flushed; raises what its batch's flush raised."""
+        await self.post(item)
+
+    def post(self, item: Item) -> asyncio.Future[None]:
+        """Queues ``item`` and returns the future of its flush without waiting for it."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, done))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name="amqp_queue.batcher")
+        return done
+
+    async def drain(self) -> None:
+        """Waits until everything submitted so far has been flushed."""
+        while self._worker is not None and not self._worker.done():
+            await asyncio.wait({self._worker})
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            try:
+                await self._flush([item for item, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)

@@ -1,0 +1,64 @@
+"""RabbitMQStore settings: one keyword-only dataclass."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from state.validation import DEFAULT_LIMITS, Limits
+
+
+class QueueType(enum.StrEnum):
+    """The kind of device queue. Classic is the default; quorum replicates across a cluster."""
+
+    CLASSIC = "classic"
+    QUORUM = "quorum"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RabbitMQConfig:
+    """How RabbitMQStore talks to the broker.
+
+    Attributes:
+        exchange: the direct exchange commands are published to; a device's queue is named
+            ``<exchange>.<device_id>``, so another exchange name is a separate namespace.
+        durable: declare the exchange and device queues durable (survive a broker restart).
+        queue_type: classic (default) or quorum device queues. Quorum queues are always
+            durable and replicated; pick them on a cluster where losing a node must not lose
+            queued commands.
+        prefetch: how many unacknowledged messages a consumer or drain takes per window; the
+            state index is asked about a whole window in one query.
+        limits: device id, command type, payload and TTL bounds (rule 7).
+        publish_timeout: seconds to wait for a publisher confirm before the command is left
+            to the outbox relay.
+        relay_interval: seconds between outbox relay passes when nothing wakes it sooner.
+        relay_batch: commands the relay publishes per pass of the index.
+        drain_idle: seconds a drain waits for another message before asking the broker
+            whether the device queue is empty.
+    """
+
+    exchange: str = "ble.commands"
+    durable: bool = True
+    queue_type: QueueType = QueueType.CLASSIC
+    prefetch: int = 1000
+    limits: Limits = field(default=DEFAULT_LIMITS)
+    publish_timeout: float = 10.0
+    relay_interval: float = 30.0
+    relay_batch: int = 500
+    drain_idle: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.exchange or self.exchange.startswith("amq."):
+            raise ValueError(f"exchange name {self.exchange!r} is empty or AMQP-reserved")
+        if self.queue_type is QueueType.QUORUM and not self.durable:
+            raise ValueError("quorum queues are always durable; set durable=True")
+        for name in ("prefetch", "relay_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("publish_timeout", "relay_interval", "drain_idle"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+    def queue_name(self, device_id: str) -> str:
+        """The name of a device's queue."""
+        return f"{self.exchange}.{device_id}"

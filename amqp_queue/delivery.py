@@ -1,0 +1,281 @@
+"""Delivery from a device queue: ``consume`` (a stream) and ``drain`` (empty it now).
+
+Both read the queue with a consumer and a prefetch window, never a ``basic.get`` loop, and
+ask the state index about a whole window in one query. A message whose id the index does not
+hold as live (superseded, cancelled, expired, delivered, unknown) is acked and dropped:
+only live commands are ever handed out. Expiry is checked here too, since classic queues
+drop expired messages only at the head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.topology import Topology
+from state.base import IndexedStore
+from state.errors import BrokerError
+from state.model import CommandRecord, PendingCommand
+
+logger = logging.getLogger("amqp_queue.delivery")
+
+
+class _Inbox:
+    """A device queue's consumer feeding a local buffer, read a window at a time."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int) -> None:
+        self.channel = channel
+        self.queue = queue
+        self._prefetch = prefetch
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._tag: ConsumerTag | None = None
+
+    async def start(self) -> None:
+        with broker_errors(f"consuming from {self.queue.name!r}"):
+            self._tag = await self.queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)
+
+    async def window(self, wait: float | None) -> list[AbstractIncomingMessage]:
+        """The next messages, at least one unless ``wait`` seconds pass first."""
+        try:
+            async with asyncio.timeout(wait):
+                first = await self._buffer.get()
+        except TimeoutError:
+            return []
+        return [first, *self.take_buffered(self._prefetch - 1)]
+
+    def take_buffered(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
+        taken: list[AbstractIncomingMessage] = []
+        while not self._buffer.empty() and (limit is None or len(taken) < limit):
+            taken.append(self._buffer.get_nowait())
+        return taken
+
+    async def ready_count(self) -> int:
+        """Messages ready in the queue (unacknowledged ones held by consumers not counted)."""
+        # Declared again with the same arguments (a robust channel answers a passive declare
+        # from its cache, with a stale count).
+        with broker_errors(f"inspecting {self.queue.name!r}"):
+            declared = await self.queue.declare()
+        return declared.message_count or 0
+
+    async def stop(self) -> None:
+        """Cancels the consumer; deliveries already received stay in the buffer."""
+        if self._tag is not None:
+            tag, self._tag = self._tag, None
+            with broker_errors(f"cancelling consumer on {self.queue.name!r}"):
+                await self.queue.cancel(tag)
+
+
+async def open_inbox(
+    channel: AbstractChannel, topology: Topology, config: RabbitMQConfig, device_id: str
+) -> _Inbox:
+    with broker_errors("setting the prefetch window"):
+        await channel.set_qos(prefetch_count=config.prefetch)
+    queue = await topology.declare_queue(channel, device_id)
+    inbox = _Inbox(channel, queue, config.prefetch)
+    await inbox.start()
+    return inbox
+
+
+def _command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
+    return [message.message_id for message in messages if message.message_id]
+
+
+async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
+    """Acks (or requeues) one message; a lost channel already requeued it on the broker."""
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.nack(requeue=True)
+    except BROKER_FAILURES as exc:
+        logger.warning(
+            "could not %s message %s (%s); the broker requeues it with the lost channel",
+            "ack" if ack else "requeue",
+            message.message_id,
+            exc,
+        )
+
+
+async def drain(
+    channel: AbstractChannel,
+    topology: Topology,
+    state: IndexedStore,
+    config: RabbitMQConfig,
+    device_id: str,
+) -> list[CommandRecord]:
+    """Empties a device queue, marks the live commands in it delivered and returns them.
+
+    Each window of messages is claimed in the index in one atomic step before it is acked,
+    so concurrent drains (and stale copies of a message) never hand a command out twice.
+    """
+    inbox = await open_inbox(channel, topology, config, device_id)
+    claimed: list[CommandRecord] = []
+
+    async def settle_window(window: list[AbstractIncomingMessage]) -> None:
+        if not window:
+            return
+        claimed.extend(await state.claim(device_id, _command_ids(window)))
+        # Every earlier delivery on this channel is settled, so one ack covers the window.
+        # Should it fail, the broker redelivers and the claimed ids are dropped as delivered.
+        try:
+            await window[-1].ack(multiple=True)
+        except BROKER_FAILURES as exc:
+            logger.warning("could not ack a drained window of %s: %s", device_id, exc)
+
+    expected = inbox.queue.declaration_result.message_count or 0
+    received = 0
+    try:
+        while True:
+            timeout = 0 if received >= expected else config.drain_idle
+            window = await inbox.window(timeout)
+            if window:
+                received += len(window)
+                await settle_window(window)
+                continue
+            if await inbox.ready_count() == 0:
+                break
+            expected = received + 1
+        await inbox.stop()
+        # Deliveries that crossed the cancel are ours too.
+        await settle_window(inbox.take_buffered())
+    except BrokerError:
+        if not claimed:
+            raise
+        # What was claimed is delivered as far as the index goes: hand it out rather than
+        # lose it. The rest stays queued for the next drain.
+        logger.warning(
+            "drain of %s interrupted by the broker after %d commands", device_id, len(claimed)
+        )
+    return claimed
+
+
+class CommandStream:
+    """The commands of one device as they arrive: ``async for command in stream``.
+
+    A command is marked delivered and acked only after the loop body for it finished (when
+    the next command is asked for, or the ``async with`` block ends normally). If the body
+    raises inside ``async with``, the command is requeued and comes again; the id lets a
+    device ignore a repeat. Use it as an async context manager so the channel is released
+    and an unfinished command is requeued promptly.
+    """
+
+    def __init__(
+        self,
+        open_channel: Callable[[], Awaitable[tuple[AbstractChannel, Topology]]],
+        state: IndexedStore,
+        config: RabbitMQConfig,
+        device_id: str,
+    ) -> None:
+        self._open_channel = open_channel
+        self._channel: AbstractChannel | None = None
+        self._state = state
+        self._config = config
+        self._device_id = device_id
+        self._inbox: _Inbox | None = None
+        self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
+        self._current: AbstractIncomingMessage | None = None
+        self._finished: list[AbstractIncomingMessage] = []
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self._finish_current()
+        await self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> PendingCommand:
+        if self._closed:
+            raise StopAsyncIteration
+        await self._open()
+        self._finish_current()
+        while not self._ready:
+            await self._flush_finished()
+            assert self._inbox is not None
+            await self._admit(await self._inbox.window(None))
+        message, record = self._ready.popleft()
+        self._current = message
+        return record.to_pending()
+
+    async def close(self) -> None:
+        """Settles finished commands, requeues the rest and releases the channel.
+
+        A broker failure here is logged, not raised: with the channel gone the broker has
+        already requeued every unacknowledged message.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._inbox is not None:
+                await self._inbox.stop()
+            await self._flush_finished()
+            unfinished = [message for message, _ in self._ready]
+            if self._current is not None:
+                unfinished.insert(0, self._current)
+            if self._inbox is not None:
+                unfinished.extend(self._inbox.take_buffered())
+            for message in unfinished:
+                await _settle(message, ack=False)
+        except BrokerError as exc:
+            logger.warning("consumer of %s closed after a broker failure: %s", self._device_id, exc)
+        finally:
+            self._ready.clear()
+            self._current = None
+            try:
+                if self._channel is not None:
+                    await self._channel.close()
+            except BROKER_FAILURES as exc:
+                logger.warning("closing the consumer channel of %s: %s", self._device_id, exc)
+
+    async def _open(self) -> None:
+        if self._inbox is None:
+            self._channel, topology = await self._open_channel()
+            self._inbox = await open_inbox(self._channel, topology, self._config, self._device_id)
+
+    def _finish_current(self) -> None:
+        if self._current is not None:
+            self._finished.append(self._current)
+            self._current = None
+
+    async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
+        """Keeps the window's live commands, in queue order, and drops the rest."""
+        live = await self._state.deliverable(_command_ids(window))
+        seen: set[str] = set()
+        for message in window:
+            record = live.get(message.message_id or "")
+            if record is None or record.device_id != self._device_id or record.id in seen:
+                logger.debug("dropping stale message %s", message.message_id)
+                await _settle(message, ack=True)
+                continue
+            seen.add(record.id)
+            self._ready.append((message, record))
+
+    async def _flush_finished(self) -> None:
+        if not self._finished:
+            return
+        finished, self._finished = self._finished, []
+        await self._state.mark_delivered(_command_ids(finished))
+        for message in finished:
+            await _settle(message, ack=True)

@@ -1,0 +1,31 @@
+"""Translation of aio-pika and aiormq errors into the QueueError tree, at the boundary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from state.errors import BrokerError
+
+BROKER_FAILURES: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPException,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+)
+"""What a call to the broker raises when the broker, the network or the channel fails."""
+
+
+@contextmanager
+def broker_errors(doing: str) -> Iterator[None]:
+    """Re-raises broker failures as :class:`BrokerError` naming what was being done."""
+    try:
+        yield
+    except BROKER_FAILURES as exc:
+        raise BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,58 @@
+"""The AMQP message of a command: what any consumer on existing infrastructure can read.
+
+Properties: ``message_id`` = command id, persistent delivery, ``expiration`` = remaining TTL in
+milliseconds, ``timestamp`` = enqueue time, ``type`` = command type. Headers, for consumers
+that must judge a message without the state index:
+
+- ``x-device-id``: the device the command is for.
+- ``x-command-type``: the command type; absent for a plain ``enqueue``.
+- ``x-expires-at``: absolute expiry, integer milliseconds since the Unix epoch (UTC). A
+  consumer must drop a message whose expiry has passed: classic queues drop expired
+  messages only when they reach the head of the queue.
+- ``x-requires-confirmation``: whether an operator approved it before it was published.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+import aio_pika
+from aio_pika.abc import DeliveryMode, HeadersType
+
+from state.model import CommandRecord
+
+DEVICE_ID = "x-device-id"
+COMMAND_TYPE = "x-command-type"
+EXPIRES_AT = "x-expires-at"
+REQUIRES_CONFIRMATION = "x-requires-confirmation"
+
+
+def remaining_ttl(record: CommandRecord, now: datetime) -> timedelta:
+    """Time left before the command expires; not positive when it already has."""
+    return record.expires_at - now
+
+
+def to_message(record: CommandRecord, now: datetime) -> aio_pika.Message:
+    """The persistent message for a command that has time left at ``now``."""
+    left_ms = math.ceil(remaining_ttl(record, now) / timedelta(milliseconds=1))
+    if left_ms <= 0:
+        raise ValueError(f"command {record.id} has expired; it must not be published")
+    headers: HeadersType = {
+        DEVICE_ID: record.device_id,
+        EXPIRES_AT: math.floor(record.expires_at.timestamp() * 1000),
+        REQUIRES_CONFIRMATION: record.requires_confirmation,
+    }
+    if record.command_type is not None:
+        headers[COMMAND_TYPE] = record.command_type
+    return aio_pika.Message(
+        body=record.payload,
+        message_id=record.id,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        expiration=timedelta(milliseconds=left_ms),
+        timestamp=record.created_at,
+        type=record.command_type,
+        content_type="application/octet-stream",
+        app_id="amqp-queue",
+        headers=headers,
+    )

@@ -1,0 +1,59 @@
+"""Publishes ready commands with publisher confirms, into queues known to exist."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiormq.abc import DeliveredMessage
+
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.errors import broker_errors
+from amqp_queue.messages import to_message
+from amqp_queue.topology import Topology
+from state.clock import Clock
+from state.errors import BrokerError
+from state.model import CommandRecord
+
+logger = logging.getLogger("amqp_queue.publisher")
+
+
+class Publisher:
+    """Publishes one command and returns once the broker confirmed it.
+
+    Publishes run concurrently on one confirming channel: each awaits only its own confirm,
+    so many are in flight at once.
+    """
+
+    def __init__(self, topology: Topology, config: RabbitMQConfig, clock: Clock) -> None:
+        self._topology = topology
+        self._config = config
+        self._clock = clock
+
+    async def publish(self, record: CommandRecord) -> bool:
+        """Publishes ``record``; False when it expired before it could be published.
+
+        Raises:
+            BrokerError: the broker did not confirm it (down, timed out, unroutable twice).
+        """
+        for attempt in (1, 2):
+            if record.expires_at <= self._clock():
+                return False
+            await self._topology.ensure_queue(record.device_id)
+            message = to_message(record, self._clock())
+            with broker_errors(f"publishing command {record.id}"):
+                async with asyncio.timeout(self._config.publish_timeout):
+                    result = await self._topology.exchange.publish(
+                        message, routing_key=record.device_id, mandatory=True
+                    )
+            if not isinstance(result, DeliveredMessage):
+                return True
+            # Returned unroutable: the cached queue is gone (deleted behind our back).
+            logger.warning(
+                "command %s came back unroutable (attempt %d); declaring %s again",
+                record.id,
+                attempt,
+                self._config.queue_name(record.device_id),
+            )
+            self._topology.forget(record.device_id)
+        raise BrokerError(f"command {record.id} is unroutable to device {record.device_id!r}")

@@ -1,0 +1,346 @@
+"""RabbitMQStore: RabbitMQ-native delivery with a durable state index behind it.
+
+The index (a :mod:`state` backend) is written first and holds dedup, confirmation and
+delivery state, so nothing of it is lost on a restart. A command is published only when it
+is ready: plain and replacing commands at once, confirmation commands on confirm. The
+broker carries each command to its device's queue; at delivery only ids the index holds as
+live are handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from amqp_queue.batching import Batcher
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.delivery import CommandStream, drain
+from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.outbox import OutboxRelay
+from amqp_queue.publisher import Publisher
+from amqp_queue.topology import Topology
+from state import rules
+from state.base import DEFAULT_RETENTION, IndexedStore
+from state.clock import Clock, utc_now
+from state.errors import BrokerError
+from state.factory import DEFAULT_STATE_URL, open_state
+from state.model import CommandRecord, CommandStatus, PendingCommand
+from state.validation import Ttl, validate_command_type, validate_device_id
+
+logger = logging.getLogger("amqp_queue.store")
+
+
+class RabbitMQStore:
+    """The command store delivering over RabbitMQ, one durable queue per device.
+
+    Args:
+        connection: a robust aio-pika connection; the caller keeps ownership.
+        config: exchange, queue type, prefetch, limits and timings.
+        state: the state index; the caller keeps ownership. :meth:`connect` opens both
+            from URLs and owns them.
+
+    Use it as an async context manager (``async with store:``) or call :meth:`start` and
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        config: RabbitMQConfig | None = None,
+        *,
+        state: IndexedStore,
+    ) -> None:
+        self.config = config or RabbitMQConfig()
+        self.state = state
+        self._connection = connection
+        self._owned: list[IndexedStore | AbstractRobustConnection] = []
+        self._channel: AbstractChannel | None = None
+        self._topology: Topology | None = None
+        self._publisher: Publisher | None = None
+        self._relay: OutboxRelay | None = None
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._writes = Batcher(state.add, max_batch=500)
+        self._marks = Batcher(self._mark_published, max_batch=1000)
+
+    @classmethod
+    async def connect(
+        cls,
+        amqp_url: str,
+        *,
+        state_url: str = DEFAULT_STATE_URL,
+        config: RabbitMQConfig | None = None,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+        connect_timeout: float = 30.0,
+    ) -> RabbitMQStore:
+        """Connects to the broker and opens the state index named by ``state_url``.
+
+        ``state_url`` is a SQLite file by default; a ``postgresql+asyncpg://`` URL selects
+        PostgreSQL, ``memory://`` an in-process state that does not survive a restart.
+
+        Raises:
+            BrokerError: the broker could not be reached within ``connect_timeout`` seconds.
+            StateError: the state index could not be opened.
+        """
+        config = config or RabbitMQConfig()
+        state = await open_state(state_url, limits=config.limits, clock=clock, retention=retention)
+        try:
+            connection = await _connect_robust(amqp_url, connect_timeout)
+        except BaseException:
+            await state.close()
+            raise
+        store = cls(connection, config, state=state)
+        store._owned = [state, connection]
+        try:
+            await store.start()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Declares the exchange, opens the publishing channel and runs the outbox relay."""
+        async with self._start_lock:
+            if self._started:
+                return
+            with broker_errors("opening the publishing channel"):
+                self._channel = await self._connection.channel(publisher_confirms=True)
+            self._topology = Topology(self._channel, self.config)
+            await self._topology.declare_exchange()
+            self._publisher = Publisher(self._topology, self.config, self.state.clock)
+            self._relay = OutboxRelay(self.state, self._publisher, self.config)
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
+            self._started = True
+        try:
+            await self._relay.flush()
+        except BrokerError as exc:
+            logger.warning("start-up outbox pass failed, the relay will retry: %s", exc)
+        self._relay.start()
+
+    async def close(self) -> None:
+        """Stops the relay, flushes pending index updates and closes what the store owns."""
+        try:
+            if self._relay is not None:
+                await self._relay.close()
+            await self._writes.drain()
+            await self._marks.drain()
+            self._connection.reconnect_callbacks.discard(self._on_reconnect)
+            if self._channel is not None and not self._channel.is_closed:
+                try:
+                    await self._channel.close()
+                except BROKER_FAILURES as exc:
+                    logger.warning("closing the publishing channel: %s", exc)
+        finally:
+            self._started = False
+            for resource in reversed(self._owned):
+                await resource.close()
+            self._owned = []
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- the Store contract -------------------------------------------------------------
+
+    async def enqueue(self, device_id: str, payload: bytes, ttl: Ttl) -> str:
+        return await self._accept(self._build(device_id, None, payload, ttl, False))
+
+    async def enqueue_or_update(
+        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
+    ) -> str:
+        validate_command_type(command_type, self.config.limits)
+        return await self._accept(self._build(device_id, command_type, payload, ttl, False))
+
+    async def enqueue_with_confirmation(
+        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
+    ) -> str:
+        validate_command_type(command_type, self.config.limits)
+        return await self._accept(self._build(device_id, command_type, payload, ttl, True))
+
+    async def get_pending(self, device_id: str) -> list[PendingCommand]:
+        return await self.state.get_pending(self._device(device_id))
+
+    async def get_pending_confirmations(self, device_id: str) -> list[PendingCommand]:
+        return await self.state.get_pending_confirmations(self._device(device_id))
+
+    async def drain_pending(self, device_id: str) -> list[bytes]:
+        """Empties the device's queue and returns the live commands' payloads, in ready order."""
+        records = await self.drain_commands(device_id)
+        return [record.payload for record in records]
+
+    async def drain_commands(self, device_id: str) -> list[CommandRecord]:
+        """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
+        device = self._device(device_id)
+        topology = await self._ready()
+        if self._relay is not None and self._relay.pending:
+            await self._flush_outbox()
+        with broker_errors(f"opening a channel to drain {device}"):
+            channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            records = await drain(channel, topology, self.state, self.config, device)
+        finally:
+            try:
+                await channel.close()
+            except BROKER_FAILURES as exc:
+                logger.warning("closing the drain channel of %s: %s", device, exc)
+        return rules.in_ready_order(records)
+
+    def consume(self, device_id: str) -> CommandStream:
+        """The device's commands as they arrive; see :class:`CommandStream`.
+
+        ``async with store.consume(device) as stream: async for command in stream: ...``
+        """
+        device = self._device(device_id)
+
+        async def open_channel() -> tuple[AbstractChannel, Topology]:
+            topology = await self._ready()
+            with broker_errors(f"opening a channel to consume {device}"):
+                channel = await self._connection.channel(publisher_confirms=False)
+            return channel, topology
+
+        return CommandStream(open_channel, self.state, self.config, device)
+
+    async def confirm_command(self, command_id: str) -> None:
+        await self._ready()
+        record = await self.state.confirm(command_id)
+        if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
+            await self._publish(record)
+
+    async def cancel_command(self, command_id: str) -> None:
+        # A message already in the queue stays there and is dropped at delivery.
+        await self.state.cancel_command(command_id)
+
+    async def cleanup(self) -> int:
+        return await self.state.cleanup()
+
+    async def get_status(self, command_id: str) -> CommandStatus:
+        return await self.state.get_status(command_id)
+
+    async def ensure_queue(self, device_id: str) -> None:
+        """Declares and binds the device's queue (idempotent); call it when a device connects."""
+        topology = await self._ready()
+        await topology.ensure_queue(self._device(device_id))
+
+    @property
+    def declared_devices(self) -> list[str]:
+        """Devices whose queues this store declared (for tooling and test clean-up)."""
+        return [] if self._topology is None else self._topology.declared_devices
+
+    async def relay_outbox(self) -> int:
+        """Publishes every ready command the broker has not confirmed; returns how many."""
+        await self._ready()
+        assert self._relay is not None
+        return await self._relay.flush()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _build(
+        self,
+        device_id: str,
+        command_type: str | None,
+        payload: bytes,
+        ttl: Ttl,
+        requires_confirmation: bool,
+    ) -> CommandRecord:
+        return rules.new_command(
+            device_id=device_id,
+            command_type=command_type,
+            payload=payload,
+            ttl=ttl,
+            requires_confirmation=requires_confirmation,
+            now=self.state.clock(),
+            limits=self.config.limits,
+        )
+
+    def _device(self, device_id: str) -> str:
+        return validate_device_id(device_id, self.config.limits)
+
+    async def _ready(self) -> Topology:
+        if not self._started:
+            await self.start()
+        assert self._topology is not None
+        return self._topology
+
+    async def _accept(self, record: CommandRecord) -> str:
+        await self._ready()
+        # Durable in the index before anything reaches the broker; concurrent enqueues
+        # share one transaction.
+        await self._writes.submit(record)
+        if record.is_ready:
+            await self._publish(record)
+        return record.id
+
+    async def _publish(self, record: CommandRecord) -> None:
+        assert self._publisher is not None
+        assert self._relay is not None
+        try:
+            published = await self._publisher.publish(record)
+        except BrokerError as exc:
+            logger.warning("command %s left to the outbox relay: %s", record.id, exc)
+            self._relay.kick()
+            return
+        if published:
+            # Not awaited: a lost mark only means the relay publishes a copy that is
+            # dropped at delivery.
+            self._marks.post(record.id).add_done_callback(_log_failure)
+
+    async def _mark_published(self, command_ids: Sequence[str]) -> None:
+        await self.state.mark_published(command_ids)
+
+    async def _flush_outbox(self) -> None:
+        assert self._relay is not None
+        try:
+            await self._relay.flush()
+        except BrokerError as exc:
+            logger.warning("outbox not flushed before a drain: %s", exc)
+
+    def _on_reconnect(self, *_: object) -> None:
+        logger.info("broker connection restored; relaying the outbox")
+        if self._relay is not None:
+            self._relay.kick()
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        logger.warning("marking commands published failed; the relay will republish: %s", exc)
+
+
+async def _connect_robust(url: str, give_up_after: float) -> AbstractRobustConnection:
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(BrokerError),
+        wait=wait_exponential(multiplier=0.2, max=5.0),
+        stop=stop_after_delay(give_up_after),
+        reraise=True,
+    ):
+        with attempt, broker_errors(f"connecting to {_redact(url)}"):
+            return await aio_pika.connect_robust(url)
+    raise AssertionError("unreachable")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -1,0 +1,112 @@
+"""The broker topology: the commands exchange and one durable queue per device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustChannel,
+    ExchangeType,
+)
+from aiormq.abc import FieldTable
+
+from amqp_queue.config import QueueType, RabbitMQConfig
+from amqp_queue.errors import broker_errors
+
+logger = logging.getLogger("amqp_queue.topology")
+
+
+class Topology:
+    """Declares the exchange and device queues, remembering which queues exist.
+
+    A command must never be published before its device's queue exists: RabbitMQ confirms an
+    unroutable message as if it had been delivered. Declared queues are cached so the hot
+    path pays for the declaration once per device; :meth:`forget` drops a queue from the
+    cache when a publish comes back unroutable (somebody deleted the queue).
+    """
+
+    def __init__(self, channel: AbstractChannel, config: RabbitMQConfig) -> None:
+        self._channel = channel
+        self._config = config
+        self._exchange: AbstractExchange | None = None
+        self._declared: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def exchange(self) -> AbstractExchange:
+        if self._exchange is None:
+            raise RuntimeError("Topology.declare_exchange() has not run")
+        return self._exchange
+
+    @property
+    def declared_devices(self) -> list[str]:
+        """Devices whose queues this process declared."""
+        return list(self._declared)
+
+    @property
+    def queue_arguments(self) -> FieldTable:
+        # Classic queues get no arguments at all, so queues declared by other tools without
+        # arguments stay equivalent. No x-expires: an expiring queue drops its messages
+        # without dead-lettering them.
+        if self._config.queue_type is QueueType.QUORUM:
+            return {"x-queue-type": QueueType.QUORUM.value}
+        return {}
+
+    async def declare_exchange(self) -> AbstractExchange:
+        with broker_errors(f"declaring exchange {self._config.exchange!r}"):
+            self._exchange = await self._channel.declare_exchange(
+                self._config.exchange, ExchangeType.DIRECT, durable=self._config.durable
+            )
+        return self._exchange
+
+    async def ensure_queue(self, device_id: str) -> None:
+        """Declares and binds the device's queue once per process; idempotent."""
+        declared = self._declared.get(device_id)
+        if declared is None:
+            declared = asyncio.get_running_loop().create_future()
+            self._declared[device_id] = declared
+            try:
+                # Not robust: the publishing channel need not re-declare every device queue
+                # after a reconnect; a publish that comes back unroutable declares it again.
+                await self.declare_queue(self._channel, device_id, robust=False)
+            except BaseException as exc:
+                del self._declared[device_id]
+                declared.set_exception(exc)
+                # The caller sees the exception; anybody who awaited the future saw it too.
+                declared.exception()
+                raise
+            declared.set_result(None)
+            return
+        await asyncio.shield(declared)
+
+    def forget(self, device_id: str) -> None:
+        """Makes the next :meth:`ensure_queue` declare the queue again."""
+        self._declared.pop(device_id, None)
+
+    async def declare_queue(
+        self, channel: AbstractChannel, device_id: str, *, robust: bool = True
+    ) -> AbstractQueue:
+        """Declares and binds the device's queue on ``channel`` and returns it.
+
+        On a robust channel a ``robust`` queue (and its consumer) is restored after a
+        reconnect.
+        """
+        name = self._config.queue_name(device_id)
+        with broker_errors(f"declaring queue {name!r}"):
+            if isinstance(channel, AbstractRobustChannel):
+                queue: AbstractQueue = await channel.declare_queue(
+                    name,
+                    durable=self._config.durable,
+                    arguments=self.queue_arguments,
+                    robust=robust,
+                )
+            else:
+                queue = await channel.declare_queue(
+                    name, durable=self._config.durable, arguments=self.queue_arguments
+                )
+            await queue.bind(self._config.exchange, routing_key=device_id)
+        logger.debug("declared queue %s", name)
+        return queue

@@ -1,0 +1,56 @@
+"""Opening RabbitMQStores on the real broker, each in its own exchange namespace."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from amqp_queue import RabbitMQConfig, RabbitMQStore
+from state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits
+from state.clock import utc_now
+from tests.support import unique
+
+AMQP_URL = os.environ.get("AMQP_QUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def delete_namespace(exchange: str, devices: list[str] | None = None) -> None:
+    """Deletes an exchange and the device queues named after it."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for device in devices or []:
+            await channel.queue_delete(f"{exchange}.{device}")
+        await channel.exchange_delete(exchange)
+
+
+@asynccontextmanager
+async def rabbitmq_store(
+    tmp_path: Path,
+    *,
+    state_url: str | None = None,
+    exchange: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    retention: timedelta = DEFAULT_RETENTION,
+    clock: Any = utc_now,
+    **config: Any,
+) -> AsyncIterator[RabbitMQStore]:
+    """A RabbitMQStore with its own exchange (so its own queues) and SQLite state file."""
+    exchange = exchange or unique("test.")
+    store = await RabbitMQStore.connect(
+        AMQP_URL,
+        state_url=state_url or f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
+        config=RabbitMQConfig(exchange=exchange, limits=limits, **config),
+        clock=clock,
+        retention=retention,
+    )
+    try:
+        async with store:
+            yield store
+    finally:
+        await delete_namespace(exchange, store.declared_devices)
