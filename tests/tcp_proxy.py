@@ -1,0 +1,218 @@
+"""A loopback TCP proxy that simulates network loss between a client and the local broker.
+
+Tests point a client at ``proxy.amqp_url`` instead of the broker. ``cut()`` drops every
+connection through the proxy at once, the way a dead link or a crashed NAT box would, and keeps
+dropping new ones until ``restore()``. The broker itself is never touched, so only the clients
+behind the proxy see the outage.
+
+Only 127.0.0.1 is ever listened on or connected to: the proxy cannot be pointed elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Self
+
+LOOPBACK = "127.0.0.1"
+BROKER_PORT = 5672
+CHUNK_SIZE = 64 * 1024
+
+
+class _Link:
+    """One proxied connection: the accepted client socket and its upstream twin."""
+
+    __slots__ = ("client", "upstream")
+
+    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    def abort(self) -> None:
+        # abort(), not close(): queued bytes are discarded and the peer sees the socket die.
+        self.client.transport.abort()
+        self.upstream.transport.abort()
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()
+
+    async def wait_closed(self) -> None:
+        await _wait_closed(self.client)
+        await _wait_closed(self.upstream)
+
+
+async def _wait_closed(writer: asyncio.StreamWriter) -> None:
+    # The socket is gone either way; a reset seen while closing is the expected outcome of a cut.
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copies bytes one way until EOF or a socket error; drain() bounds what is buffered."""
+    with contextlib.suppress(OSError):
+        while chunk := await reader.read(CHUNK_SIZE):
+            writer.write(chunk)
+            await writer.drain()
+
+
+class TCPProxy:
+    """An asyncio TCP proxy from an ephemeral loopback port to a loopback target port.
+
+    Args:
+        target_port: the port on 127.0.0.1 to forward to (the local broker by default).
+        max_connections: connections proxied at once; more are dropped on accept.
+        connect_timeout: seconds to wait for the target to accept an upstream connection.
+        close_timeout: seconds ``cut()`` and ``close()`` wait for connection handlers to end.
+
+    Usage::
+
+        async with TCPProxy() as proxy:
+            connection = await aio_pika.connect(proxy.amqp_url)
+            await proxy.cut()      # the client's connection dies; new ones are dropped
+            await proxy.restore()  # connections are accepted again
+    """
+
+    def __init__(
+        self,
+        target_port: int = BROKER_PORT,
+        *,
+        max_connections: int = 64,
+        connect_timeout: float = 5.0,
+        close_timeout: float = 5.0,
+    ) -> None:
+        if not 0 < target_port < 65536:
+            raise ValueError(f"target_port {target_port} is not a TCP port")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if not (connect_timeout > 0 and close_timeout > 0):
+            raise ValueError("timeouts must be positive")
+        self.target_port = target_port
+        self.port = 0
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._close_timeout = close_timeout
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._cut = False
+        self._closing = False
+        # Bumped by every cut(), so a connection that was being set up while the cut happened
+        # is dropped even if restore() came before its upstream connect finished.
+        self._epoch = 0
+
+    @property
+    def amqp_url(self) -> str:
+        """The broker URL as seen through the proxy (guest credentials, default vhost)."""
+        if self._server is None:
+            raise RuntimeError("the proxy is not started")
+        return f"amqp://guest:guest@{LOOPBACK}:{self.port}/"
+
+    @property
+    def is_cut(self) -> bool:
+        """True between ``cut()`` and ``restore()``."""
+        return self._cut
+
+    @property
+    def connection_count(self) -> int:
+        """Connections currently proxied."""
+        return len(self._links)
+
+    async def start(self) -> None:
+        """Starts listening on an ephemeral port of 127.0.0.1 and sets ``port``."""
+        if self._server is not None:
+            raise RuntimeError("the proxy is already started")
+        self._closing = False
+        self._server = await asyncio.start_server(self._serve, host=LOOPBACK, port=0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """Drops every open connection at once and drops new ones until ``restore()``."""
+        self._cut = True
+        self._epoch += 1
+        await self._drop_all()
+
+    async def restore(self) -> None:
+        """Accepts and forwards new connections again."""
+        self._cut = False
+
+    async def close(self) -> None:
+        """Stops listening, drops every connection and waits for their handlers to end."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._closing = True
+        server.close()
+        # Let handlers of connections accepted just before close() start, see _closing and end.
+        await asyncio.sleep(0)
+        await self._drop_all()
+        await server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _drop_all(self) -> None:
+        for link in tuple(self._links):
+            link.abort()
+        handlers = tuple(self._handlers)
+        if handlers:
+            await asyncio.wait(handlers, timeout=self._close_timeout)
+
+    def _refusing(self, epoch: int) -> bool:
+        return self._cut or self._closing or epoch != self._epoch
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # start_server runs every handler in its own task
+        self._handlers.add(task)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _forward(
+        self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
+    ) -> None:
+        epoch = self._epoch
+        if self._refusing(epoch) or len(self._links) >= self._max_connections:
+            client.transport.abort()
+            await _wait_closed(client)
+            return
+        try:
+            upstream_reader, upstream = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, self.target_port), self._connect_timeout
+            )
+        except (OSError, TimeoutError):
+            client.transport.abort()
+            await _wait_closed(client)
+            return
+        link = _Link(client, upstream)
+        if self._refusing(epoch):
+            link.abort()
+            await link.wait_closed()
+            return
+        self._links.add(link)
+        pipes = (
+            asyncio.create_task(_pipe(client_reader, upstream)),
+            asyncio.create_task(_pipe(upstream_reader, client)),
+        )
+        try:
+            # Either side ending ends the link: AMQP has no use for a half-open socket.
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._links.discard(link)
+            link.close()
+            for pipe in pipes:
+                pipe.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+            await link.wait_closed()
