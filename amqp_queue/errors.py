@@ -14,6 +14,8 @@ from state.errors import BrokerError
 BROKER_FAILURES: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPException,
     aiormq.exceptions.AMQPError,
+    # A RuntimeError, not an AMQPError: raised while a robust channel is being restored.
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     TimeoutError,

@@ -93,6 +93,13 @@ class OutboxRelay:
                 await self._task
             self._task = None
 
+    async def _backoff(self, seconds: float) -> None:
+        """Sleeps between retries, cut short by a kick (the connection came back)."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
     async def _run(self) -> None:
         while True:
             try:
@@ -103,7 +110,8 @@ class OutboxRelay:
             self._wake.clear()
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((BrokerError, StateError)),
-                wait=wait_exponential_jitter(initial=0.2, max=10.0),
+                wait=wait_exponential_jitter(multiplier=0.2, max=10.0),
+                sleep=self._backoff,
                 before_sleep=before_sleep_log(logger, logging.WARNING),
                 reraise=True,
             ):

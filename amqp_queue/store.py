@@ -114,8 +114,9 @@ class RabbitMQStore:
         async with self._start_lock:
             if self._started:
                 return
-            with broker_errors("opening the publishing channel"):
-                self._channel = await self._connection.channel(publisher_confirms=True)
+            self._channel = await self._open_channel(
+                "opening the publishing channel", publisher_confirms=True
+            )
             self._topology = Topology(self._channel, self.config)
             await self._topology.declare_exchange()
             self._publisher = Publisher(self._topology, self.config, self.state.clock)
@@ -193,8 +194,7 @@ class RabbitMQStore:
         topology = await self._ready()
         if self._relay is not None and self._relay.pending:
             await self._flush_outbox()
-        with broker_errors(f"opening a channel to drain {device}"):
-            channel = await self._connection.channel(publisher_confirms=False)
+        channel = await self._open_channel(f"opening a channel to drain {device}")
         try:
             records = await drain(channel, topology, self.state, self.config, device)
         finally:
@@ -213,8 +213,7 @@ class RabbitMQStore:
 
         async def open_channel() -> tuple[AbstractChannel, Topology]:
             topology = await self._ready()
-            with broker_errors(f"opening a channel to consume {device}"):
-                channel = await self._connection.channel(publisher_confirms=False)
+            channel = await self._open_channel(f"opening a channel to consume {device}")
             return channel, topology
 
         return CommandStream(open_channel, self.state, self.config, device)
@@ -273,6 +272,19 @@ class RabbitMQStore:
 
     def _device(self, device_id: str) -> str:
         return validate_device_id(device_id, self.config.limits)
+
+    async def _open_channel(
+        self, doing: str, *, publisher_confirms: bool = False
+    ) -> AbstractChannel:
+        """A new channel once the connection is up, waiting for a reconnect within limits."""
+        with broker_errors(doing):
+            try:
+                async with asyncio.timeout(self.config.publish_timeout):
+                    await self._connection.ready()
+                    return await self._connection.channel(publisher_confirms=publisher_confirms)
+            except RuntimeError as exc:
+                # aio-pika says "connection closed" with a bare RuntimeError.
+                raise BrokerError(f"{doing} failed: {exc}") from exc
 
     async def _ready(self) -> Topology:
         if not self._started:
