@@ -12,10 +12,10 @@ import aio_pika
 import pika
 import pytest
 
-from amqp_queue import PendingCommand, QueueType, RabbitMQStore
+from amqp_queue import MemoryStore, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.messages import COMMAND_TYPE, DEVICE_ID, EXPIRES_AT, REQUIRES_CONFIRMATION
-from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
-from tests.support import FakeClock
+from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
+from tests.support import FakeClock, unique
 
 
 @pytest.fixture
@@ -268,3 +268,21 @@ async def test_drain_hands_out_thousands_of_concurrently_enqueued_commands_in_or
     await asyncio.gather(*(store.enqueue("dev-1", payload, 600) for payload in sent))
 
     assert await store.drain_pending("dev-1") == sent
+
+
+async def test_a_store_on_caller_owned_connection_and_state_leaves_both_open(
+    tmp_path: Path,
+) -> None:
+    config = RabbitMQConfig(exchange=unique("test."))
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    state = MemoryStore()
+    try:
+        async with RabbitMQStore(connection, config, state=state) as store:
+            await store.enqueue("dev-1", b"x", 60)
+            assert await store.drain_pending("dev-1") == [b"x"]
+
+        assert not connection.is_closed
+        assert await state.get_pending("dev-1") == []
+    finally:
+        await connection.close()
+        await delete_namespace(config.exchange, ["dev-1"])
