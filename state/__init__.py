@@ -21,6 +21,7 @@ from state.factory import DEFAULT_STATE_URL, open_state
 from state.memory import MemoryStore
 from state.model import CommandRecord, CommandStatus, EndReason, PendingCommand
 from state.protocol import Store
+from state.redis_store import RedisStore
 from state.sql import SqlStore
 from state.validation import DEFAULT_LIMITS, Limits, Ttl
 
@@ -45,6 +46,7 @@ __all__ = [
     "MemoryStore",
     "PendingCommand",
     "QueueError",
+    "RedisStore",
     "SqlStore",
     "StateError",
     "Store",

@@ -7,6 +7,7 @@ from datetime import timedelta
 from state.base import DEFAULT_RETENTION, IndexedStore
 from state.clock import Clock, utc_now
 from state.memory import MemoryStore
+from state.redis_store import RedisStore
 from state.sql import SqlStore
 from state.validation import DEFAULT_LIMITS, Limits
 
@@ -24,7 +25,9 @@ async def open_state(
 
     ``sqlite+aiosqlite://...`` and ``postgresql+asyncpg://...`` open a :class:`SqlStore`
     (``?schema=`` is not a SQLAlchemy option; use :class:`SqlStore` directly for a schema),
-    ``memory://`` a :class:`MemoryStore` (nothing persists: only when asked for explicitly).
+    ``memory://`` a :class:`MemoryStore` (nothing persists: only when asked for explicitly),
+    ``redis://...`` and ``rediss://...`` a :class:`RedisStore` (``?prefix=`` sets its key
+    prefix).
 
     Raises:
         ValueError: the URL names no known backend.
@@ -35,4 +38,6 @@ async def open_state(
         return MemoryStore(limits=limits, clock=clock, retention=retention)
     if scheme.startswith(("sqlite", "postgresql")):
         return await SqlStore.connect(url, limits=limits, clock=clock, retention=retention)
-    raise ValueError(f"no state backend for URL {url!r} (sqlite, postgresql, memory)")
+    if scheme in ("redis", "rediss"):
+        return await RedisStore.connect(url, limits=limits, clock=clock, retention=retention)
+    raise ValueError(f"no state backend for URL {url!r} (sqlite, postgresql, redis, memory)")

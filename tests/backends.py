@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from state import MemoryStore, SqlStore, Store
+from state import MemoryStore, RedisStore, SqlStore, Store
 from state.sql import command_queue
 from tests.rabbitmq_support import rabbitmq_store
 from tests.support import unique
@@ -23,6 +24,8 @@ from tests.support import unique
 POSTGRES_URL = os.environ.get(
     "AMQP_QUEUE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1/test"
 )
+
+REDIS_URL = os.environ.get("AMQP_QUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 StoreFactory = Callable[..., AbstractAsyncContextManager[Store]]
 
@@ -64,11 +67,34 @@ async def postgres_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]
         yield store
 
 
+@asynccontextmanager
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix no other test uses; every key under it is deleted afterwards."""
+    prefix = unique("test:") + ":"
+    try:
+        yield prefix
+    finally:
+        async with Redis.from_url(REDIS_URL) as client:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+
+
+@asynccontextmanager
+async def redis_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
+    async with (
+        redis_prefix() as prefix,
+        await RedisStore.connect(REDIS_URL, prefix=prefix, **options) as store,
+    ):
+        yield store
+
+
 BACKENDS: dict[str, StoreFactory] = {
     "rabbitmq": rabbitmq_store,
     "memory": memory_store,
     "sqlite": sqlite_store,
     "postgres": postgres_store,
+    "redis": redis_store,
 }
 
 
@@ -81,4 +107,7 @@ async def commands_held(store: Store) -> int:
         async with inner.engine.connect() as conn:
             count = await conn.scalar(sa.select(sa.func.count()).select_from(command_queue))
         return int(count or 0)
+    if isinstance(inner, RedisStore):
+        pattern = f"{inner.prefix}cmd:*"
+        return len([key async for key in inner.client.scan_iter(match=pattern, count=1000)])
     raise TypeError(f"no command count for {type(store).__name__}")

@@ -1,0 +1,375 @@
+"""How :class:`state.redis_store.RedisStore` lays out commands in Redis, and its Lua scripts.
+
+Redis runs a script atomically, so a replacement, a drain, an expiry sweep or an outbox update
+is never seen half done by another client or process. The hash encoding lives beside the
+scripts because both sides must agree on it field for field.
+
+Layout of a store's keys (``P`` is the store's prefix):
+
+- ``P cmd:<id>`` hash: one command (the fields of :class:`state.model.CommandRecord`, times
+  as integer microseconds since the epoch, booleans as ``0``/``1``, absent fields for None,
+  plus ``seq``, its write order).
+- ``P dev:<device>`` sorted set: the device's open commands, scored by ``seq``.
+- ``P types:<device>`` hash: command type -> id of the device's open command of that type.
+- ``P expiry`` sorted set: open commands by ``expires_at``.
+- ``P outbox`` sorted set: open, ready, unpublished commands by ready time.
+- ``P finished`` sorted set: finished commands by ``ended_at`` (what ``prune`` deletes).
+- ``P seq`` counter: the write order.
+
+Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
+and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a
+finished command in milliseconds. Time always comes from the store's (injectable) clock,
+never from Redis ``TIME``. Keys named by a command or device id are built inside the scripts
+(a replaced command's id is only known there), so all of a store's keys must live on one
+server: a standalone Redis, or a prefix with a hash tag on a cluster.
+
+Times pass through the scripts as the strings the caller sent: Lua would print a number of
+16 digits in ``%.14g`` and lose precision. They are compared with ``tonumber``, exact below
+2**53 microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from state.errors import StateError
+from state.model import CommandRecord, EndReason
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_T = TypeVar("_T")
+
+Hash = Mapping[bytes | str, bytes | str]
+"""A command hash as redis-py returns it (bytes, as the store's client never decodes)."""
+
+
+def encode_time(moment: datetime) -> str:
+    """A datetime as integer microseconds since the epoch: exact, and sortable as a score."""
+    return str((moment - _EPOCH) // _MICROSECOND)
+
+
+def encode_flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
+    """A record as hash fields; None fields are left out (``seq`` is the scripts' to set)."""
+    fields: dict[str, str | bytes] = {
+        "id": record.id,
+        "device_id": record.device_id,
+        "payload": record.payload,
+        "requires_confirmation": encode_flag(record.requires_confirmation),
+        "confirmed": encode_flag(record.confirmed),
+        "delivered": encode_flag(record.delivered),
+        "created_at": encode_time(record.created_at),
+        "expires_at": encode_time(record.expires_at),
+    }
+    if record.command_type is not None:
+        fields["command_type"] = record.command_type
+    if record.end_reason is not None:
+        fields["end_reason"] = record.end_reason.value
+    for name, moment in (
+        ("confirmed_at", record.confirmed_at),
+        ("ended_at", record.ended_at),
+        ("published_at", record.published_at),
+    ):
+        if moment is not None:
+            fields[name] = encode_time(moment)
+    return fields
+
+
+def changed_fields(
+    current: CommandRecord, updated: CommandRecord
+) -> tuple[list[str | bytes], list[str]]:
+    """The hash fields to write (name, value, ...) and to delete to turn one into the other."""
+    before, after = record_fields(current), record_fields(updated)
+    written: list[str | bytes] = []
+    for name, value in after.items():
+        if before.get(name) != value:
+            written += [name, value]
+    return written, [name for name in before if name not in after]
+
+
+def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
+    """A stored hash as (write order, record).
+
+    Raises:
+        StateError: the hash is not a command (a field is missing).
+    """
+
+    def raw(name: str) -> bytes | None:
+        value = fields.get(name.encode())
+        return value.encode() if isinstance(value, str) else value
+
+    def text(name: str) -> str | None:
+        value = raw(name)
+        return None if value is None else value.decode()
+
+    def time(name: str) -> datetime | None:
+        value = raw(name)
+        return None if value is None else _EPOCH + int(value) * _MICROSECOND
+
+    def required(value: _T | None, name: str) -> _T:
+        if value is None:
+            raise StateError(f"stored command is missing its {name!r} field")
+        return value
+
+    reason = text("end_reason")
+    record = CommandRecord(
+        id=required(text("id"), "id"),
+        device_id=required(text("device_id"), "device_id"),
+        command_type=text("command_type"),
+        payload=required(raw("payload"), "payload"),
+        requires_confirmation=raw("requires_confirmation") == b"1",
+        confirmed=raw("confirmed") == b"1",
+        created_at=required(time("created_at"), "created_at"),
+        expires_at=required(time("expires_at"), "expires_at"),
+        confirmed_at=time("confirmed_at"),
+        delivered=raw("delivered") == b"1",
+        end_reason=None if reason is None else EndReason(reason),
+        ended_at=time("ended_at"),
+        published_at=time("published_at"),
+    )
+    return int(required(raw("seq"), "seq")), record
+
+
+def decode_replies(replies: Sequence[Sequence[bytes]]) -> list[tuple[int, CommandRecord]]:
+    """A script's list of flat HGETALL replies as (write order, record), oldest write first."""
+    decoded = (decode_record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in replies)
+    return sorted(decoded, key=lambda item: item[0])
+
+
+_PRELUDE = """
+local prefix, now, finished_ttl = ARGV[1], ARGV[2], ARGV[3]
+local expiry_key, outbox_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
+
+local function command_key(id)
+    return prefix .. 'cmd:' .. id
+end
+
+local function is_open(key)
+    local state = redis.call('HMGET', key, 'delivered', 'end_reason')
+    return state[1] == '0' and not state[2]
+end
+
+-- A finished command leaves every open index and stays queryable until pruned.
+local function finish(key, id, field, value)
+    local owner = redis.call('HMGET', key, 'device_id', 'command_type')
+    redis.call('HSET', key, field, value, 'ended_at', now)
+    redis.call('ZREM', prefix .. 'dev:' .. owner[1], id)
+    redis.call('ZREM', expiry_key, id)
+    redis.call('ZREM', outbox_key, id)
+    if owner[2] then
+        local slots = prefix .. 'types:' .. owner[1]
+        if redis.call('HGET', slots, owner[2]) == id then
+            redis.call('HDEL', slots, owner[2])
+        end
+    end
+    redis.call('ZADD', finished_key, now, id)
+    redis.call('PEXPIRE', key, finished_ttl)
+end
+
+-- An index key must outlive every command it lists, so its TTL only ever grows.
+local function extend_ttl(key, ttl)
+    if redis.call('PTTL', key) < tonumber(ttl) then
+        redis.call('PEXPIRE', key, ttl)
+    end
+end
+"""
+
+ADD = (
+    _PRELUDE
+    + """
+-- KEYS[4]: the sequence counter. ARGV[4..]: groups of id, device, type ('' for none),
+-- payload, requires_confirmation, created_at, expires_at, key TTL (ms).
+for i = 4, #ARGV, 8 do
+    local id, device, kind, payload, needs_ok, created, expires, ttl = unpack(ARGV, i, i + 7)
+    local seq = redis.call('INCR', KEYS[4])
+    local fields = {
+        'id', id, 'device_id', device, 'payload', payload,
+        'requires_confirmation', needs_ok, 'confirmed', '0', 'delivered', '0',
+        'created_at', created, 'expires_at', expires, 'seq', seq,
+    }
+    if kind ~= '' then
+        local slots = prefix .. 'types:' .. device
+        local previous = redis.call('HGET', slots, kind)
+        if previous then
+            local previous_key = command_key(previous)
+            if is_open(previous_key) then
+                local reason = 'superseded'
+                local ends = redis.call('HGET', previous_key, 'expires_at')
+                if tonumber(ends) <= tonumber(now) then
+                    reason = 'expired'
+                end
+                finish(previous_key, previous, 'end_reason', reason)
+            end
+        end
+        redis.call('HSET', slots, kind, id)
+        extend_ttl(slots, ttl)
+        fields[#fields + 1] = 'command_type'
+        fields[#fields + 1] = kind
+    end
+    local key = command_key(id)
+    redis.call('HSET', key, unpack(fields))
+    redis.call('PEXPIRE', key, ttl)
+    local device_key = prefix .. 'dev:' .. device
+    redis.call('ZADD', device_key, seq, id)
+    extend_ttl(device_key, ttl)
+    redis.call('ZADD', expiry_key, expires, id)
+    if needs_ok == '0' then
+        redis.call('ZADD', outbox_key, created, id)
+    end
+end
+return 0
+"""
+)
+
+CLAIM = (
+    _PRELUDE
+    + """
+-- KEYS[4]: the device's open set. ARGV[4..]: the ids to consider; none: all of the device's.
+local candidates = ARGV
+local first = 4
+if #ARGV < 4 then
+    candidates = redis.call('ZRANGE', KEYS[4], 0, -1)
+    first = 1
+end
+local claimed = {}
+for i = first, #candidates do
+    local id = candidates[i]
+    if redis.call('ZSCORE', KEYS[4], id) then
+        local key = command_key(id)
+        local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'requires_confirmation',
+                             'confirmed', 'expires_at')
+        if not f[1] then
+            -- The hash outlived its key TTL: drop what still points at it.
+            redis.call('ZREM', KEYS[4], id)
+            redis.call('ZREM', expiry_key, id)
+            redis.call('ZREM', outbox_key, id)
+        elseif f[1] == '0' and not f[2] and (f[3] == '0' or f[4] == '1')
+                and tonumber(f[5]) > tonumber(now) then
+            finish(key, id, 'delivered', '1')
+            claimed[#claimed + 1] = redis.call('HGETALL', key)
+        end
+    end
+end
+return claimed
+"""
+)
+
+MARK_DELIVERED = (
+    _PRELUDE
+    + """
+-- ARGV[4..]: command ids.
+local marked = 0
+for i = 4, #ARGV do
+    local key = command_key(ARGV[i])
+    if is_open(key) then
+        finish(key, ARGV[i], 'delivered', '1')
+        marked = marked + 1
+    end
+end
+return marked
+"""
+)
+
+EXPIRE = (
+    _PRELUDE
+    + """
+-- ARGV[4]: how many to look at in this call (the caller loops, so Redis is never blocked
+-- for long). Returns {ended, examined}.
+local ids = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now, 'LIMIT', 0, ARGV[4])
+local ended = 0
+for _, id in ipairs(ids) do
+    local key = command_key(id)
+    if is_open(key) then
+        finish(key, id, 'end_reason', 'expired')
+        ended = ended + 1
+    else
+        redis.call('ZREM', expiry_key, id)
+        redis.call('ZREM', outbox_key, id)
+    end
+end
+return {ended, #ids}
+"""
+)
+
+PRUNE = (
+    _PRELUDE
+    + """
+-- ARGV[4]: prune what ended before this time (exclusive); ARGV[5]: batch size.
+-- Returns {deleted, examined}.
+local ids = redis.call('ZRANGEBYSCORE', finished_key, '-inf', '(' .. ARGV[4], 'LIMIT', 0, ARGV[5])
+local deleted = 0
+for _, id in ipairs(ids) do
+    deleted = deleted + redis.call('DEL', command_key(id))
+    redis.call('ZREM', finished_key, id)
+end
+return {deleted, #ids}
+"""
+)
+
+OPEN_COMMANDS = (
+    _PRELUDE
+    + """
+-- KEYS[4]: the device's open set. Read-only: one consistent snapshot of the device's queue.
+local found = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at')
+    if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) then
+        found[#found + 1] = redis.call('HGETALL', key)
+    end
+end
+return found
+"""
+)
+
+UNPUBLISHED = (
+    _PRELUDE
+    + """
+-- ARGV[4]: limit. Read-only. Walks the outbox in ready order, skipping expired commands,
+-- and returns at least `limit` (when there are so many) plus every tie of the last ready
+-- time, so the caller can break ties by write order.
+local limit = tonumber(ARGV[4])
+local found = {}
+local last_score = nil
+local start = 0
+while true do
+    local chunk = redis.call('ZRANGE', outbox_key, start, start + 99, 'WITHSCORES')
+    if #chunk == 0 then
+        return found
+    end
+    for i = 1, #chunk, 2 do
+        local id, score = chunk[i], chunk[i + 1]
+        if #found >= limit and score ~= last_score then
+            return found
+        end
+        local key = command_key(id)
+        local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at')
+        if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) then
+            found[#found + 1] = redis.call('HGETALL', key)
+            last_score = score
+        end
+    end
+    start = start + 100
+end
+"""
+)
+
+MARK_PUBLISHED = (
+    _PRELUDE
+    + """
+-- ARGV[4..]: command ids. A pruned command is not brought back as a stub hash.
+for i = 4, #ARGV do
+    local key = command_key(ARGV[i])
+    if redis.call('EXISTS', key) == 1 then
+        redis.call('HSET', key, 'published_at', now)
+    end
+    redis.call('ZREM', outbox_key, ARGV[i])
+end
+return 0
+"""
+)

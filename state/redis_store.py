@@ -1,0 +1,360 @@
+"""RedisStore: the state index on Redis (redis-py's asyncio client).
+
+Commands are hashes with a sorted-set index per device, as in the reference design. Every
+change that touches more than one key runs on the server in one atomic step: replacement by
+type, drains, expiry, delivery marks and the outbox are Lua scripts
+(:mod:`state.redis_scripts`); confirm and cancel run their rule in Python inside a WATCH/MULTI
+transaction that retries when another client changed the command meanwhile.
+
+Expiry is decided at read time from the stored ``expires_at`` and the store's clock. Key TTLs
+only stop abandoned keys from piling up: they are computed from the store's clock and are a
+day longer than the command's remaining life plus the retention, so Redis never drops a
+command that the store still considers live or queryable.
+
+redis-py is an optional dependency (the ``redis`` extra): it is imported where it is used,
+so ``import state`` works without it.
+
+Durability is Redis's: with AOF (``appendfsync always`` or ``everysec``) commands survive a
+restart of Redis; with persistence off they are lost with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from state import redis_scripts as lua
+from state import rules
+from state.base import DEFAULT_RETENTION, Change, IndexedStore
+from state.clock import Clock, utc_now
+from state.errors import StateError
+from state.model import CommandRecord
+from state.redis_scripts import (
+    changed_fields,
+    decode_record,
+    decode_replies,
+    encode_flag,
+    encode_time,
+)
+from state.validation import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+    from redis.commands.core import AsyncScript
+
+logger = logging.getLogger("state.redis")
+
+DEFAULT_PREFIX = "amqp_queue:"
+# How much longer than the store needs them Redis keeps keys: room for clock skew between
+# the store's clock and Redis's, never a reason to expire a key early.
+KEY_TTL_MARGIN = timedelta(days=1)
+# A confirm or cancel that keeps losing its optimistic transaction means something is wrong.
+_MAX_WATCH_ATTEMPTS = 100
+# Sweeps run in slices so one script never blocks Redis for long.
+_SWEEP_BATCH = 500
+
+
+class RedisStore(IndexedStore):
+    """The command store on Redis.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` with ``decode_responses=False`` (payloads are
+            bytes). The caller keeps ownership; ``close()`` leaves it open. Use
+            :meth:`connect` to have the store create and own its client.
+        prefix: prepended to every key, so several stores share one Redis database.
+        limits, clock, retention: see :class:`state.base.IndexedStore`.
+
+    Raises:
+        ValueError: the client decodes responses to str.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+    ) -> None:
+        super().__init__(limits=limits, clock=clock, retention=retention)
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisStore needs a client with decode_responses=False")
+        self._client = client
+        self._owns_client = False
+        self._prefix = prefix
+        self._indexes = [f"{prefix}expiry", f"{prefix}outbox", f"{prefix}finished"]
+        self._finished_ttl = _milliseconds(retention + KEY_TTL_MARGIN)
+        register = client.register_script
+        self._add = register(lua.ADD)
+        self._claim_script = register(lua.CLAIM)
+        self._mark_delivered = register(lua.MARK_DELIVERED)
+        self._expire = register(lua.EXPIRE)
+        self._prune = register(lua.PRUNE)
+        self._open_commands = register(lua.OPEN_COMMANDS)
+        self._unpublished = register(lua.UNPUBLISHED)
+        self._mark_published = register(lua.MARK_PUBLISHED)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        prefix: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock = utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+        **client_options: Any,
+    ) -> RedisStore:
+        """Connects to the Redis at ``url`` (``redis://`` or ``rediss://``) and checks it answers.
+
+        The store owns the client and closes it on ``close()``.
+
+        Args:
+            url: a redis-py URL; an optional ``prefix`` query parameter (``?prefix=app1:``)
+                sets the key prefix when the ``prefix`` argument is not given.
+            prefix: the key prefix; default: the URL's, else ``amqp_queue:``.
+            limits, clock, retention: see :class:`state.base.IndexedStore`.
+            client_options: passed on to ``redis.asyncio.Redis.from_url``.
+
+        Raises:
+            StateError: Redis cannot be reached.
+        """
+        from redis.asyncio import Redis
+
+        url, url_prefix = _split_prefix(url)
+        prefix = prefix if prefix is not None else url_prefix or DEFAULT_PREFIX
+        client = Redis.from_url(url, **client_options)
+        try:
+            store = cls(client, prefix=prefix, limits=limits, clock=clock, retention=retention)
+            async with store._errors("ping"):
+                await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        store._owns_client = True
+        where = client.connection_pool.connection_kwargs
+        logger.info(
+            "state index on Redis %s:%s/%s, key prefix %r",
+            where.get("host"),
+            where.get("port"),
+            where.get("db"),
+            prefix,
+        )
+        return store
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- primitives ----------------------------------------------------------------------
+
+    async def add(self, records: Sequence[CommandRecord]) -> None:
+        if not records:
+            return
+        now = self.clock()
+        args: list[str | bytes] = []
+        for record in records:
+            key_ttl = record.expires_at - now + self.retention + KEY_TTL_MARGIN
+            args += [
+                record.id,
+                record.device_id,
+                record.command_type or "",
+                record.payload,
+                encode_flag(record.requires_confirmation),
+                encode_time(record.created_at),
+                encode_time(record.expires_at),
+                str(_milliseconds(key_ttl)),
+            ]
+        async with self._errors("add"):
+            await self._add(keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, args))
+
+    async def get(self, command_id: str) -> CommandRecord | None:
+        async with self._errors("get"):
+            fields = await self._client.hgetall(self._command_key(command_id))
+        return decode_record(fields)[1] if fields else None
+
+    async def open_commands(self, device_id: str) -> list[CommandRecord]:
+        async with self._errors("read"):
+            found = await self._open_commands(
+                keys=[*self._indexes, self._device_key(device_id)], args=self._args(self.clock())
+            )
+        return [record for _, record in decode_replies(found)]
+
+    async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        from redis.exceptions import WatchError
+
+        async with self._errors("update"), self._client.pipeline(transaction=True) as pipe:
+            for _ in range(_MAX_WATCH_ATTEMPTS):
+                try:
+                    return await self._modify_once(pipe, command_id, change)
+                except WatchError:
+                    # Another client changed the command between WATCH and EXEC: decide again
+                    # on what it wrote.
+                    logger.debug("command %s changed concurrently; retrying", command_id)
+        raise StateError(
+            f"could not update command {command_id!r}: lost the race {_MAX_WATCH_ATTEMPTS} times"
+        )
+
+    async def _modify_once(
+        self, pipe: Pipeline, command_id: str, change: Change
+    ) -> CommandRecord | None:
+        """One optimistic attempt: read under WATCH, decide in Python, write in MULTI/EXEC."""
+        key = self._command_key(command_id)
+        await pipe.watch(key)
+        fields = await pipe.hgetall(key)
+        if not fields:
+            return None
+        _, current = decode_record(fields)
+        updated = change(current)
+        if updated is None:
+            return current
+        finishes = current.is_open and not updated.is_open
+        slots_key = self._slots_key(current.device_id)
+        kind = current.command_type
+        frees_slot = False
+        if finishes and kind is not None:
+            await pipe.watch(slots_key)
+            frees_slot = await pipe.hget(slots_key, kind) == command_id.encode()
+        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        written, erased = changed_fields(current, updated)
+        if written:
+            pipe.hset(key, items=written)
+        if erased:
+            pipe.hdel(key, *erased)
+        if finishes:
+            ended_at = updated.ended_at or self.clock()
+            pipe.zrem(self._device_key(current.device_id), command_id)
+            pipe.zrem(self._indexes[0], command_id)
+            pipe.zadd(self._indexes[2], {command_id: encode_time(ended_at)})
+            pipe.pexpire(key, self._finished_ttl)
+            if frees_slot and kind is not None:
+                pipe.hdel(slots_key, kind)
+        if updated.is_open and updated.is_ready and updated.published_at is None:
+            pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
+        else:
+            pipe.zrem(self._indexes[1], command_id)
+        await pipe.execute()
+        return updated
+
+    async def _claim(
+        self, device_id: str, now: datetime, command_ids: Collection[str] | None
+    ) -> list[CommandRecord]:
+        ids = [] if command_ids is None else list(command_ids)
+        async with self._errors("drain"):
+            claimed = await self._claim_script(
+                keys=[*self._indexes, self._device_key(device_id)], args=self._args(now, ids)
+            )
+        return [record for _, record in decode_replies(claimed)]
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        if not command_ids:
+            return {}
+        now = self.clock()
+        async with self._errors("read"), self._client.pipeline(transaction=False) as pipe:
+            for command_id in command_ids:
+                pipe.hgetall(self._command_key(command_id))
+            found = await pipe.execute()
+        records = (decode_record(fields)[1] for fields in found if fields)
+        return {record.id: record for record in records if rules.is_deliverable(record, now)}
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        if not command_ids:
+            return 0
+        async with self._errors("mark delivered"):
+            marked = await self._mark_delivered(
+                keys=self._indexes, args=self._args(self.clock(), list(command_ids))
+            )
+        return int(marked)
+
+    async def expire(self, now: datetime) -> int:
+        return await self._sweep(self._expire, now, [str(_SWEEP_BATCH)], "expire")
+
+    async def prune(self, before: datetime) -> int:
+        args = [encode_time(before), str(_SWEEP_BATCH)]
+        return await self._sweep(self._prune, self.clock(), args, "prune")
+
+    async def unpublished(self, limit: int) -> list[CommandRecord]:
+        if limit <= 0:
+            return []
+        async with self._errors("read outbox"):
+            found = await self._unpublished(
+                keys=self._indexes, args=self._args(self.clock(), [str(limit)])
+            )
+        # Ready order, ties by write order (decode_replies sorts by write order; stable).
+        records = rules.in_ready_order(record for _, record in decode_replies(found))
+        return records[:limit]
+
+    async def mark_published(self, command_ids: Collection[str]) -> None:
+        if not command_ids:
+            return
+        async with self._errors("mark published"):
+            await self._mark_published(
+                keys=self._indexes, args=self._args(self.clock(), list(command_ids))
+            )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _sweep(
+        self, script: AsyncScript, now: datetime, args: Sequence[str | bytes], what: str
+    ) -> int:
+        """Runs a batched sweep script until it finds nothing more; returns its total."""
+        total = 0
+        async with self._errors(what):
+            while True:
+                done, examined = await script(keys=self._indexes, args=self._args(now, args))
+                total += int(done)
+                if int(examined) < _SWEEP_BATCH:
+                    return total
+
+    def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]:
+        """The leading arguments every script takes (see :mod:`state.redis_scripts`)."""
+        return [self._prefix, encode_time(now), str(self._finished_ttl), *rest]
+
+    def _command_key(self, command_id: str) -> str:
+        return f"{self._prefix}cmd:{command_id}"
+
+    def _device_key(self, device_id: str) -> str:
+        return f"{self._prefix}dev:{device_id}"
+
+    def _slots_key(self, device_id: str) -> str:
+        return f"{self._prefix}types:{device_id}"
+
+    @asynccontextmanager
+    async def _errors(self, action: str) -> AsyncIterator[None]:
+        from redis.exceptions import RedisError
+
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StateError(f"redis {action} failed: {exc}") from exc
+
+
+def _milliseconds(span: timedelta) -> int:
+    return math.ceil(span / timedelta(milliseconds=1))
+
+
+def _split_prefix(url: str) -> tuple[str, str | None]:
+    """Splits the optional ``prefix`` query parameter off a Redis URL.
+
+    redis-py would pass an unknown query parameter on to its connection and fail.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefixes = [value for name, value in query if name == "prefix"]
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), (prefixes[-1] if prefixes else None)

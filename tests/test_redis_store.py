@@ -1,0 +1,363 @@
+"""RedisStore beyond the contract: other processes, key TTLs, restarts, the outbox primitives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from state import CommandNotFound, CommandStatus, IndexedStore, RedisStore, StateError, open_state
+from state.redis_store import KEY_TTL_MARGIN
+from tests.backends import BACKENDS, REDIS_URL, redis_prefix
+from tests.support import FakeClock, unique
+
+REPO = Path(__file__).resolve().parent.parent
+
+DRAIN_WORKER = """
+import asyncio, json, sys
+
+from state import RedisStore
+
+
+async def main(url: str, prefix: str, device: str) -> None:
+    batches = []
+    async with await RedisStore.connect(url, prefix=prefix) as store:
+        await store.client.rpush(prefix + "test:ready", "1")
+        while True:
+            done = await store.client.exists(prefix + "test:done")
+            batch = await store.drain_pending(device)
+            if batch:
+                batches.append([payload.decode() for payload in batch])
+            elif done:
+                break
+    sys.stdout.write(json.dumps(batches))
+
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@asynccontextmanager
+async def redis_store(**options: Any) -> AsyncIterator[RedisStore]:
+    async with (
+        redis_prefix() as prefix,
+        await RedisStore.connect(REDIS_URL, prefix=prefix, **options) as store,
+    ):
+        yield store
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Polls an async condition (another process's progress) for up to 20 seconds."""
+    for _ in range(1_000):
+        if await condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+async def test_two_processes_draining_one_device_get_every_command_exactly_once(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "drain_worker.py"
+    script.write_text(DRAIN_WORKER)
+    sent = [f"cmd-{n}" for n in range(300)]
+    async with redis_store() as store:
+        workers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(script),
+                REDIS_URL,
+                store.prefix,
+                "dev-1",
+                cwd=REPO,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+
+        async def both_ready() -> bool:
+            return int(await store.client.llen(f"{store.prefix}test:ready")) == 2
+
+        await wait_for(both_ready, "both workers draining")
+        for payload in sent:
+            await store.enqueue("dev-1", payload.encode(), 600)
+        await store.client.set(f"{store.prefix}test:done", "1")
+        outputs = [await worker.communicate() for worker in workers]
+
+        assert [worker.returncode for worker in workers] == [0, 0]
+        per_worker = [json.loads(stdout) for stdout, _ in outputs]
+        batches = [batch for worker_batches in per_worker for batch in worker_batches]
+        received = [payload for batch in batches for payload in batch]
+        assert sorted(received) == sorted(sent)
+        assert len(received) == len(set(received))
+        assert all(per_worker), "both processes should have drained some commands"
+        for batch in batches:
+            assert batch == sorted(batch, key=sent.index)
+        assert await store.get_pending("dev-1") == []
+
+
+@pytest.mark.parametrize("clock_offset", [timedelta(0), timedelta(days=3650)])
+async def test_key_ttls_follow_the_store_clock_not_redis_time(clock_offset: timedelta) -> None:
+    """Keys outlive the command's life plus the retention, however far the clock is from Redis's."""
+    clock = FakeClock()
+    clock.now += clock_offset
+    retention = timedelta(hours=1)
+    async with redis_store(clock=clock, retention=retention) as store:
+        command_id = await store.enqueue_or_update("dev-1", "setpoint", b"20", 60)
+        open_ttl = await store.client.pttl(f"{store.prefix}cmd:{command_id}")
+        device_ttl = await store.client.pttl(f"{store.prefix}dev:dev-1")
+        types_ttl = await store.client.pttl(f"{store.prefix}types:dev-1")
+        await store.drain_pending("dev-1")
+        finished_ttl = await store.client.pttl(f"{store.prefix}cmd:{command_id}")
+
+    expected_open = (timedelta(seconds=60) + retention + KEY_TTL_MARGIN) // timedelta(
+        milliseconds=1
+    )
+    expected_finished = (retention + KEY_TTL_MARGIN) // timedelta(milliseconds=1)
+    assert expected_open - 5_000 < open_ttl <= expected_open
+    assert expected_open - 5_000 < device_ttl <= expected_open
+    assert expected_open - 5_000 < types_ttl <= expected_open
+    assert expected_finished - 5_000 < finished_ttl <= expected_finished
+
+
+async def test_cleanup_sweeps_expired_commands_in_batches(clock: FakeClock) -> None:
+    async with redis_store(clock=clock) as store:
+        for n in range(1_200):
+            await store.enqueue(f"dev-{n % 7}", b"x", 5)
+        live = await store.enqueue("dev-0", b"live", 600)
+        clock.advance(6)
+
+        assert await store.cleanup() == 1_200
+        assert await store.get_status(live) == CommandStatus.PENDING
+        assert await store.client.zcard(f"{store.prefix}expiry") == 1
+
+
+async def test_cancel_racing_a_drain_has_exactly_one_winner() -> None:
+    async with redis_store() as store:
+        for n in range(40):
+            command_id = await store.enqueue("dev-1", f"{n}".encode(), 60)
+            drained, cancelled = await asyncio.gather(
+                store.drain_pending("dev-1"),
+                store.cancel_command(command_id),
+                return_exceptions=True,
+            )
+            status = await store.get_status(command_id)
+            if drained == [f"{n}".encode()]:
+                assert isinstance(cancelled, CommandNotFound)
+                assert status == CommandStatus.DELIVERED
+            else:
+                assert (drained, cancelled) == ([], None)
+                assert status == CommandStatus.CANCELLED
+
+
+@asynccontextmanager
+async def private_redis(data_dir: Path) -> AsyncIterator[str]:
+    """A redis-server of our own with AOF fsynced on every write; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = await asyncio.create_subprocess_exec(
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--logfile",
+        str(data_dir / "redis.log"),
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        async with Redis.from_url(url) as client:
+
+            async def answers() -> bool:
+                try:
+                    return bool(await client.ping())
+                except RedisConnectionError:
+                    return False
+
+            await wait_for(answers, "the private redis-server")
+        yield url
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_state_survives_a_redis_crash_with_aof(tmp_path: Path, clock: FakeClock) -> None:
+    async with private_redis(tmp_path) as url, await RedisStore.connect(url, clock=clock) as before:
+        plain = await before.enqueue("dev-1", b"plain", 600)
+        old = await before.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+        new = await before.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+        waiting = await before.enqueue_with_confirmation("dev-1", "unlock", b"door", 600)
+        delivered = await before.enqueue("dev-2", b"gone", 600)
+        assert await before.drain_pending("dev-2") == [b"gone"]
+        cancelled = await before.enqueue("dev-1", b"no", 600)
+        await before.cancel_command(cancelled)
+    # private_redis killed the server with SIGKILL: no shutdown, no final save.
+
+    async with private_redis(tmp_path) as url, await RedisStore.connect(url, clock=clock) as after:
+        assert [c.id for c in await after.get_pending("dev-1")] == [plain, new, waiting]
+        assert [c.id for c in await after.get_pending_confirmations("dev-1")] == [waiting]
+        assert await after.get_status(old) == CommandStatus.SUPERSEDED
+        assert await after.get_status(delivered) == CommandStatus.DELIVERED
+        assert await after.get_status(cancelled) == CommandStatus.CANCELLED
+        assert await after.client.pttl(f"{after.prefix}cmd:{plain}") > 0
+
+        clock.advance(1)
+        newest = await after.enqueue_or_update("dev-1", "setpoint", b"22", 600)
+        clock.advance(1)
+        await after.confirm_command(waiting)
+
+        assert await after.get_status(new) == CommandStatus.SUPERSEDED
+        assert await after.drain_pending("dev-1") == [b"plain", b"22", b"door"]
+        assert await after.get_status(newest) == CommandStatus.DELIVERED
+
+
+async def connected_names(client: Redis) -> list[str]:
+    return [entry["name"] for entry in await client.client_list()]
+
+
+async def test_close_closes_an_owned_client_and_leaves_a_given_one_open() -> None:
+    async with redis_prefix() as prefix, Redis.from_url(REDIS_URL) as observer:
+        given_name, owned_name = unique("given-"), unique("owned-")
+        given = Redis.from_url(REDIS_URL, client_name=given_name)
+        async with RedisStore(given, prefix=prefix) as store:
+            await store.enqueue("dev-1", b"x", 60)
+        async with await RedisStore.connect(REDIS_URL, prefix=prefix, client_name=owned_name):
+            assert owned_name in await connected_names(observer)
+
+        names = await connected_names(observer)
+        assert given_name in names
+        assert owned_name not in names
+        await given.aclose()
+
+
+async def test_open_state_opens_redis_urls_with_their_prefix() -> None:
+    async with redis_prefix() as prefix:
+        store = await open_state(f"{REDIS_URL}?prefix={prefix}")
+        async with store:
+            assert isinstance(store, RedisStore)
+            assert store.prefix == prefix
+            command_id = await store.enqueue("dev-1", b"x", 60)
+            assert await store.client.exists(f"{prefix}cmd:{command_id}") == 1
+
+
+async def test_unreachable_redis_raises_state_error() -> None:
+    with pytest.raises(StateError):
+        await RedisStore.connect("redis://127.0.0.1:1/0")
+
+
+async def test_a_client_that_decodes_responses_is_refused() -> None:
+    client = Redis.from_url(REDIS_URL, decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore(client)
+    await client.aclose()
+
+
+def test_importing_state_does_not_need_redis() -> None:
+    import subprocess
+
+    code = "import sys, state, amqp_queue; print('redis' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "False"
+
+
+# -- the primitives the RabbitMQ layer drives: the same answers as MemoryStore -------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def indexed(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[IndexedStore]:
+    async with BACKENDS[request.param](tmp_path, clock=clock) as store:
+        assert isinstance(store, IndexedStore)
+        yield store
+
+
+async def test_outbox_lists_ready_unpublished_commands_in_ready_order(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"c", 600)
+    first = await indexed.enqueue("dev-1", b"a", 600)
+    short = await indexed.enqueue("dev-2", b"short", 5)
+    clock.advance(1)
+    second = await indexed.enqueue("dev-2", b"b", 600)
+    cancelled = await indexed.enqueue("dev-1", b"no", 600)
+    await indexed.cancel_command(cancelled)
+    clock.advance(1)
+    await indexed.confirm_command(waiting)
+    clock.advance(4)
+
+    assert [r.id for r in await indexed.unpublished(10)] == [first, second, waiting]
+    assert [r.id for r in await indexed.unpublished(2)] == [first, second]
+
+    await indexed.mark_published([first, short])
+    assert [r.id for r in await indexed.unpublished(10)] == [second, waiting]
+    published = await indexed.get(first)
+    assert published is not None
+    assert published.published_at == clock.now
+
+
+async def test_outbox_breaks_ready_time_ties_by_write_order(indexed: IndexedStore) -> None:
+    ids = [await indexed.enqueue("dev-1", f"{n}".encode(), 600) for n in range(30)]
+
+    assert [r.id for r in await indexed.unpublished(7)] == ids[:7]
+    await indexed.mark_published(ids[:7])
+    assert [r.id for r in await indexed.unpublished(30)] == ids[7:]
+
+
+async def test_superseded_and_delivered_commands_leave_the_outbox(indexed: IndexedStore) -> None:
+    await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    latest = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    drained = await indexed.enqueue("dev-2", b"x", 600)
+    await indexed.drain_pending("dev-2")
+
+    assert [r.id for r in await indexed.unpublished(10)] == [latest]
+    assert await indexed.get_status(drained) == CommandStatus.DELIVERED
+
+
+async def test_deliverable_claim_and_mark_delivered_by_id(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    a = await indexed.enqueue("dev-1", b"a", 600)
+    b = await indexed.enqueue("dev-1", b"b", 600)
+    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"w", 600)
+    expired = await indexed.enqueue("dev-1", b"e", 5)
+    other = await indexed.enqueue("dev-2", b"o", 600)
+    clock.advance(5)
+
+    found = await indexed.deliverable([a, b, waiting, expired, other])
+    assert sorted(found) == sorted([a, b, other])
+
+    claimed = await indexed.claim("dev-1", [b, waiting, expired, other])
+    assert [r.id for r in claimed] == [b]
+    assert claimed[0].delivered
+
+    assert await indexed.mark_delivered([a, b, waiting]) == 2
+    assert await indexed.mark_delivered([a, waiting]) == 0
+    assert [await indexed.get_status(i) for i in (a, b, waiting)] == [CommandStatus.DELIVERED] * 3
+    assert await indexed.get_pending("dev-1") == []
