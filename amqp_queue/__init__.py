@@ -5,6 +5,7 @@ The one public import point: the contract, the errors and every store.
 
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery import CommandStream
+from amqp_queue.observer import Observer
 from amqp_queue.store import RabbitMQStore
 from state import (
     DEFAULT_LIMITS,
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidTTL",
     "Limits",
     "MemoryStore",
+    "Observer",
     "PendingCommand",
     "QueueError",
     "QueueType",

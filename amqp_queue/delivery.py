@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Self
 
@@ -20,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.observer import Observer
 from amqp_queue.topology import Topology
 from state.base import IndexedStore
 from state.errors import BrokerError
@@ -113,6 +115,7 @@ async def drain(
     state: IndexedStore,
     config: RabbitMQConfig,
     device_id: str,
+    observer: Observer,
 ) -> list[CommandRecord]:
     """Empties a device queue, marks the live commands in it delivered and returns them.
 
@@ -125,7 +128,11 @@ async def drain(
     async def settle_window(window: list[AbstractIncomingMessage]) -> None:
         if not window:
             return
-        claimed.extend(await state.claim(device_id, _command_ids(window)))
+        records = await state.claim(device_id, _command_ids(window))
+        claimed.extend(records)
+        _report_delivered(observer, records, state.clock())
+        if len(records) < len(window):
+            observer.dropped(len(window) - len(records))
         # Every earlier delivery on this channel is settled, so one ack covers the window.
         # Should it fail, the broker redelivers and the claimed ids are dropped as delivered.
         try:
@@ -176,16 +183,18 @@ class CommandStream:
         state: IndexedStore,
         config: RabbitMQConfig,
         device_id: str,
+        observer: Observer,
     ) -> None:
         self._open_channel = open_channel
+        self._observer = observer
         self._channel: AbstractChannel | None = None
         self._state = state
         self._config = config
         self._device_id = device_id
         self._inbox: _Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
-        self._current: AbstractIncomingMessage | None = None
-        self._finished: list[AbstractIncomingMessage] = []
+        self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
+        self._finished: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -214,9 +223,8 @@ class CommandStream:
             await self._flush_finished()
             assert self._inbox is not None
             await self._admit(await self._inbox.window(None))
-        message, record = self._ready.popleft()
-        self._current = message
-        return record.to_pending()
+        self._current = self._ready.popleft()
+        return self._current[1].to_pending()
 
     async def close(self) -> None:
         """Settles finished commands, requeues the rest and releases the channel.
@@ -233,7 +241,7 @@ class CommandStream:
             await self._flush_finished()
             unfinished = [message for message, _ in self._ready]
             if self._current is not None:
-                unfinished.insert(0, self._current)
+                unfinished.insert(0, self._current[0])
             if self._inbox is not None:
                 unfinished.extend(self._inbox.take_buffered())
             for message in unfinished:
@@ -268,6 +276,7 @@ class CommandStream:
             if record is None or record.device_id != self._device_id or record.id in seen:
                 logger.debug("dropping stale message %s", message.message_id)
                 await _settle(message, ack=True)
+                self._observer.dropped(1)
                 continue
             seen.add(record.id)
             self._ready.append((message, record))
@@ -276,6 +285,14 @@ class CommandStream:
         if not self._finished:
             return
         finished, self._finished = self._finished, []
-        await self._state.mark_delivered(_command_ids(finished))
-        for message in finished:
+        await self._state.mark_delivered([record.id for _, record in finished])
+        _report_delivered(self._observer, [record for _, record in finished], self._state.clock())
+        for message, _ in finished:
             await _settle(message, ack=True)
+
+
+def _report_delivered(observer: Observer, records: Sequence[CommandRecord], now: datetime) -> None:
+    if records:
+        observer.delivered(
+            records, [max(0.0, (now - record.ready_at).total_seconds()) for record in records]
+        )

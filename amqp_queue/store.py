@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -24,6 +24,7 @@ from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery import CommandStream, drain
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
 from amqp_queue.topology import Topology
@@ -57,9 +58,11 @@ class RabbitMQStore:
         config: RabbitMQConfig | None = None,
         *,
         state: IndexedStore,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config or RabbitMQConfig()
         self.state = state
+        self.observer = observer or Observer()
         self._connection = connection
         self._owned: list[IndexedStore | AbstractRobustConnection] = []
         self._channel: AbstractChannel | None = None
@@ -68,7 +71,7 @@ class RabbitMQStore:
         self._relay: OutboxRelay | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
-        self._writes = Batcher(state.add, max_batch=500)
+        self._writes = Batcher(self._write_batch, max_batch=500)
         self._marks = Batcher(self._mark_published, max_batch=1000)
 
     @classmethod
@@ -81,6 +84,7 @@ class RabbitMQStore:
         clock: Clock = utc_now,
         retention: timedelta = DEFAULT_RETENTION,
         connect_timeout: float = 30.0,
+        observer: Observer | None = None,
     ) -> RabbitMQStore:
         """Connects to the broker and opens the state index named by ``state_url``.
 
@@ -98,7 +102,7 @@ class RabbitMQStore:
         except BaseException:
             await state.close()
             raise
-        store = cls(connection, config, state=state)
+        store = cls(connection, config, state=state, observer=observer)
         store._owned = [state, connection]
         try:
             await store.start()
@@ -196,7 +200,7 @@ class RabbitMQStore:
             await self._flush_outbox()
         channel = await self._open_channel(f"opening a channel to drain {device}")
         try:
-            records = await drain(channel, topology, self.state, self.config, device)
+            records = await drain(channel, topology, self.state, self.config, device, self.observer)
         finally:
             try:
                 await channel.close()
@@ -216,20 +220,23 @@ class RabbitMQStore:
             channel = await self._open_channel(f"opening a channel to consume {device}")
             return channel, topology
 
-        return CommandStream(open_channel, self.state, self.config, device)
+        return CommandStream(open_channel, self.state, self.config, device, self.observer)
 
     async def confirm_command(self, command_id: str) -> None:
         await self._ready()
         record = await self.state.confirm(command_id)
+        self.observer.confirmed(record)
         if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
             await self._publish(record)
 
     async def cancel_command(self, command_id: str) -> None:
         # A message already in the queue stays there and is dropped at delivery.
-        await self.state.cancel_command(command_id)
+        self.observer.cancelled(await self.state.cancel(command_id))
 
     async def cleanup(self) -> int:
-        return await self.state.cleanup()
+        expired = await self.state.cleanup()
+        self.observer.expired(expired)
+        return expired
 
     async def get_status(self, command_id: str) -> CommandStatus:
         return await self.state.get_status(command_id)
@@ -311,9 +318,14 @@ class RabbitMQStore:
             self._relay.kick()
             return
         if published:
+            self.observer.published(record, _since(record.ready_at, self.state.clock()))
             # Not awaited: a lost mark only means the relay publishes a copy that is
             # dropped at delivery.
             self._marks.post(record.id).add_done_callback(_log_failure)
+
+    async def _write_batch(self, records: Sequence[CommandRecord]) -> None:
+        superseded = await self.state.add(records)
+        self.observer.enqueued(records, superseded)
 
     async def _mark_published(self, command_ids: Sequence[str]) -> None:
         await self.state.mark_published(command_ids)
@@ -329,6 +341,10 @@ class RabbitMQStore:
         logger.info("broker connection restored; relaying the outbox")
         if self._relay is not None:
             self._relay.kick()
+
+
+def _since(moment: datetime, now: datetime) -> float:
+    return max(0.0, (now - moment).total_seconds())
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

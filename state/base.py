@@ -103,9 +103,7 @@ class IndexedStore(abc.ABC):
         await self.confirm(command_id)
 
     async def cancel_command(self, command_id: str) -> None:
-        now = self.clock()
-        record = await self.modify(command_id, lambda current: rules.cancelled(current, now))
-        logger.info("cancelled command %s for device %s", command_id, record.device_id)
+        await self.cancel(command_id)
 
     async def cleanup(self) -> int:
         now = self.clock()
@@ -165,6 +163,13 @@ class IndexedStore(abc.ABC):
         logger.info("confirmed command %s for device %s", command_id, record.device_id)
         return record
 
+    async def cancel(self, command_id: str) -> CommandRecord:
+        """Cancels a command and returns its record as it now stands."""
+        now = self.clock()
+        record = await self.modify(command_id, lambda current: rules.cancelled(current, now))
+        logger.info("cancelled command %s for device %s", command_id, record.device_id)
+        return record
+
     async def modify(self, command_id: str, change: Change) -> CommandRecord:
         """Applies ``change`` to one command atomically; raises CommandNotFound if unknown."""
         _check_command_id(command_id)
@@ -188,11 +193,14 @@ class IndexedStore(abc.ABC):
     # -- primitives a backend implements -----------------------------------------------
 
     @abc.abstractmethod
-    async def add(self, records: Sequence[CommandRecord]) -> None:
+    async def add(self, records: Sequence[CommandRecord]) -> int:
         """Inserts validated records in order, in one atomic step.
 
         A record with a ``command_type`` first ends the open command of that
         ``(device_id, command_type)`` (see :func:`state.rules.end_of_replaced`).
+
+        Returns:
+            How many open, unexpired commands the records superseded.
         """
 
     @abc.abstractmethod

@@ -33,20 +33,22 @@ class MemoryStore(IndexedStore):
         self._by_device: dict[str, list[str]] = {}
         self._open_by_type: dict[tuple[str, str], str] = {}
 
-    async def add(self, records: Sequence[CommandRecord]) -> None:
+    async def add(self, records: Sequence[CommandRecord]) -> int:
         now = self.clock()
+        superseded = 0
         for record in records:
             if record.command_type is not None:
                 key = (record.device_id, record.command_type)
                 previous_id = self._open_by_type.get(key)
                 if previous_id is not None:
                     previous = self._records[previous_id]
-                    self._records[previous_id] = replace(
-                        previous, end_reason=rules.end_of_replaced(previous, now), ended_at=now
-                    )
+                    reason = rules.end_of_replaced(previous, now)
+                    superseded += reason is EndReason.SUPERSEDED
+                    self._records[previous_id] = replace(previous, end_reason=reason, ended_at=now)
                 self._open_by_type[key] = record.id
             self._records[record.id] = record
             self._by_device.setdefault(record.device_id, []).append(record.id)
+        return superseded
 
     async def get(self, command_id: str) -> CommandRecord | None:
         return self._records.get(command_id)

@@ -184,6 +184,8 @@ ADD = (
     + """
 -- KEYS[4]: the sequence counter. ARGV[4..]: groups of id, device, type ('' for none),
 -- payload, requires_confirmation, created_at, expires_at, key TTL (ms).
+-- Returns how many open commands were superseded.
+local superseded = 0
 for i = 4, #ARGV, 8 do
     local id, device, kind, payload, needs_ok, created, expires, ttl = unpack(ARGV, i, i + 7)
     local seq = redis.call('INCR', KEYS[4])
@@ -202,6 +204,8 @@ for i = 4, #ARGV, 8 do
                 local ends = redis.call('HGET', previous_key, 'expires_at')
                 if tonumber(ends) <= tonumber(now) then
                     reason = 'expired'
+                else
+                    superseded = superseded + 1
                 end
                 finish(previous_key, previous, 'end_reason', reason)
             end
@@ -222,7 +226,7 @@ for i = 4, #ARGV, 8 do
         redis.call('ZADD', outbox_key, created, id)
     end
 end
-return 0
+return superseded
 """
 )
 

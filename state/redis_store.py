@@ -163,9 +163,9 @@ class RedisStore(IndexedStore):
 
     # -- primitives ----------------------------------------------------------------------
 
-    async def add(self, records: Sequence[CommandRecord]) -> None:
+    async def add(self, records: Sequence[CommandRecord]) -> int:
         if not records:
-            return
+            return 0
         now = self.clock()
         args: list[str | bytes] = []
         for record in records:
@@ -181,7 +181,10 @@ class RedisStore(IndexedStore):
                 str(_milliseconds(key_ttl)),
             ]
         async with self._errors("add"):
-            await self._add(keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, args))
+            superseded = await self._add(
+                keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, args)
+            )
+        return int(superseded)
 
     async def get(self, command_id: str) -> CommandRecord | None:
         async with self._errors("get"):

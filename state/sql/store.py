@@ -120,8 +120,9 @@ class SqlStore(IndexedStore):
 
     # -- primitives ----------------------------------------------------------------------
 
-    async def add(self, records: Sequence[CommandRecord]) -> None:
+    async def add(self, records: Sequence[CommandRecord]) -> int:
         now = self.clock()
+        superseded = 0
         async with self._write() as conn:
             plain: list[dict[str, Any]] = []
             for record in records:
@@ -131,12 +132,13 @@ class SqlStore(IndexedStore):
                 if plain:
                     await conn.execute(sa.insert(command_queue), plain)
                     plain = []
-                await self._replace(conn, record, now)
+                superseded += await self._replace(conn, record, now)
             if plain:
                 await conn.execute(sa.insert(command_queue), plain)
+        return superseded
 
-    async def _replace(self, conn: AsyncConnection, record: CommandRecord, now: datetime) -> None:
-        """Ends the open command of the record's type, then inserts the record."""
+    async def _replace(self, conn: AsyncConnection, record: CommandRecord, now: datetime) -> int:
+        """Ends the open command of the record's type, inserts the record; returns superseded."""
         same_slot = sa.and_(
             c.device_id == record.device_id, c.command_type == record.command_type, IS_OPEN
         )
@@ -150,6 +152,7 @@ class SqlStore(IndexedStore):
                 ),
                 ended_at=now,
             )
+            .returning(c.end_reason)
         )
         insert = (
             self._insert(command_queue)
@@ -159,10 +162,12 @@ class SqlStore(IndexedStore):
             )
             .returning(c.seq)
         )
+        superseded = 0
         for _ in range(_MAX_REPLACE_ATTEMPTS):
-            await conn.execute(end_previous)
+            ended: Sequence[str] = (await conn.execute(end_previous)).scalars().all()
+            superseded += sum(reason == EndReason.SUPERSEDED.value for reason in ended)
             if (await conn.execute(insert)).first() is not None:
-                return
+                return superseded
             # A concurrent transaction committed a command of this type after our UPDATE's
             # snapshot; the next UPDATE (READ COMMITTED: a fresh snapshot) supersedes it.
         raise StateError(

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from state import CommandNotFound, CommandStatus, Store
+from state import CommandNotFound, CommandStatus, IndexedStore, Store
+from tests.conftest import OpenStore
 from tests.support import FakeClock
 
 
@@ -111,3 +112,15 @@ async def test_concurrent_replacements_leave_exactly_one_live_command(store: Sto
     assert statuses.count(CommandStatus.PENDING) == 1
     assert statuses.count(CommandStatus.SUPERSEDED) == 49
     assert await store.drain_pending("dev-1") == [live.payload]
+
+
+async def test_add_counts_the_commands_it_superseded(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        state = getattr(store, "state", store)
+        assert isinstance(state, IndexedStore)
+        first = state.build("dev-1", "setpoint", b"1", 60, requires_confirmation=False)
+        second = state.build("dev-1", "setpoint", b"2", 60, requires_confirmation=False)
+        plain = state.build("dev-1", None, b"3", 60, requires_confirmation=False)
+
+        assert await state.add([first]) == 0
+        assert await state.add([second, plain]) == 1
