@@ -89,8 +89,19 @@ async def redis_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
         yield store
 
 
+@asynccontextmanager
+async def rabbitmq_on_redis_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
+    """RabbitMQ delivery with Redis as its state index."""
+    async with (
+        redis_prefix() as prefix,
+        rabbitmq_store(tmp_path, state_url=f"{REDIS_URL}?prefix={prefix}", **options) as store,
+    ):
+        yield store
+
+
 BACKENDS: dict[str, StoreFactory] = {
     "rabbitmq": rabbitmq_store,
+    "rabbitmq-redis": rabbitmq_on_redis_store,
     "memory": memory_store,
     "sqlite": sqlite_store,
     "postgres": postgres_store,

@@ -6,10 +6,13 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pytest
+
 from amqp_queue import CommandStatus, PendingCommand, RabbitMQConfig, RabbitMQStore
+from tests.backends import REDIS_URL, redis_prefix
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
 from tests.support import unique
 from tests.tcp_proxy import TCPProxy
@@ -17,8 +20,19 @@ from tests.tcp_proxy import TCPProxy
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_a_second_process_on_the_same_state_file_carries_on(tmp_path: Path) -> None:
-    state_url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+@pytest.fixture(params=["sqlite", "redis"])
+async def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A durable state index two processes can share: a SQLite file, or a Redis prefix."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+        return
+    async with redis_prefix() as prefix:
+        yield f"{REDIS_URL}?prefix={prefix}"
+
+
+async def test_a_second_process_on_the_same_state_carries_on(
+    tmp_path: Path, state_url: str
+) -> None:
     async with rabbitmq_store(tmp_path, state_url=state_url) as first:
         await first.enqueue("dev-1", b"plain", 600)
         stale = await first.enqueue_or_update("dev-1", "setpoint", b"20", 600)
