@@ -219,10 +219,20 @@ class CommandStream:
             raise StopAsyncIteration
         await self._open()
         self._finish_current()
-        while not self._ready:
-            await self._flush_finished()
-            assert self._inbox is not None
-            await self._admit(await self._inbox.window(None))
+        while True:
+            # A window admitted in this call is fresh; one left over from an earlier call may
+            # have gone stale while the loop body ran (cancelled, superseded, expired).
+            fresh = not self._ready
+            while not self._ready:
+                await self._flush_finished()
+                assert self._inbox is not None
+                await self._admit(await self._inbox.window(None))
+            message, record = self._ready[0]
+            if fresh or record.id in await self._state.deliverable([record.id]):
+                break
+            self._ready.popleft()
+            await _settle(message, ack=True)
+            self._observer.dropped(1)
         self._current = self._ready.popleft()
         return self._current[1].to_pending()
 
