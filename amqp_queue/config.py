@@ -35,6 +35,8 @@ class RabbitMQConfig:
         relay_batch: commands the relay publishes per pass of the index.
         drain_idle: seconds a drain waits for another message before asking the broker
             whether the device queue is empty.
+        recheck_after: seconds after which ``consume`` asks the index again about the
+            commands still waiting in a prefetch window before handing the next one out.
     """
 
     exchange: str = "ble.commands"
@@ -46,6 +48,7 @@ class RabbitMQConfig:
     relay_interval: float = 30.0
     relay_batch: int = 500
     drain_idle: float = 0.05
+    recheck_after: float = 0.005
 
     def __post_init__(self) -> None:
         if not self.exchange or self.exchange.startswith("amq."):
@@ -58,6 +61,8 @@ class RabbitMQConfig:
         for name in ("publish_timeout", "relay_interval", "drain_idle"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if self.recheck_after < 0:
+            raise ValueError("recheck_after must not be negative")
 
     def queue_name(self, device_id: str) -> str:
         """The name of a device's queue."""

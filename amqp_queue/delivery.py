@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -171,10 +172,14 @@ class CommandStream:
     """The commands of one device as they arrive: ``async for command in stream``.
 
     A command is marked delivered and acked only after the loop body for it finished (when
-    the next command is asked for, or the ``async with`` block ends normally). If the body
-    raises inside ``async with``, the command is requeued and comes again; the id lets a
-    device ignore a repeat. Use it as an async context manager so the channel is released
-    and an unfinished command is requeued promptly.
+    the next command is asked for, or the ``async with`` block ends normally). Each window
+    of messages is checked against the index in one query when it arrives; commands still
+    waiting in it are checked again, in one query, once a loop body took longer than
+    ``RabbitMQConfig.recheck_after`` (and against their expiry before each hand-out), so a
+    command cancelled or superseded while the device worked on another is not handed out.
+    If the body raises inside ``async with``, the command is requeued and comes again; the
+    id lets a device ignore a repeat. Use it as an async context manager so the channel is
+    released and an unfinished command is requeued promptly.
     """
 
     def __init__(
@@ -196,6 +201,8 @@ class CommandStream:
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
         self._finished: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
         self._closed = False
+        self._clock = time.monotonic
+        self._checked_at = 0.0
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -219,20 +226,15 @@ class CommandStream:
             raise StopAsyncIteration
         await self._open()
         self._finish_current()
-        while True:
-            # A window admitted in this call is fresh; one left over from an earlier call may
-            # have gone stale while the loop body ran (cancelled, superseded, expired).
-            fresh = not self._ready
-            while not self._ready:
-                await self._flush_finished()
-                assert self._inbox is not None
-                await self._admit(await self._inbox.window(None))
-            message, record = self._ready[0]
-            if fresh or record.id in await self._state.deliverable([record.id]):
-                break
-            self._ready.popleft()
-            await _settle(message, ack=True)
-            self._observer.dropped(1)
+        # Commands left over from a window may have gone stale while the loop body ran.
+        if self._ready and self._clock() - self._checked_at > self._config.recheck_after:
+            await self._recheck()
+        while self._ready and self._ready[0][1].expires_at <= self._state.clock():
+            await self._drop(self._ready.popleft()[0])
+        while not self._ready:
+            await self._flush_finished()
+            assert self._inbox is not None
+            await self._admit(await self._inbox.window(None))
         self._current = self._ready.popleft()
         return self._current[1].to_pending()
 
@@ -280,16 +282,31 @@ class CommandStream:
     async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
         """Keeps the window's live commands, in queue order, and drops the rest."""
         live = await self._state.deliverable(_command_ids(window))
+        self._checked_at = self._clock()
         seen: set[str] = set()
         for message in window:
             record = live.get(message.message_id or "")
             if record is None or record.device_id != self._device_id or record.id in seen:
-                logger.debug("dropping stale message %s", message.message_id)
-                await _settle(message, ack=True)
-                self._observer.dropped(1)
+                await self._drop(message)
                 continue
             seen.add(record.id)
             self._ready.append((message, record))
+
+    async def _recheck(self) -> None:
+        """Asks the index again, in one query, about every command still waiting."""
+        live = await self._state.deliverable([record.id for _, record in self._ready])
+        self._checked_at = self._clock()
+        waiting, self._ready = self._ready, deque()
+        for message, record in waiting:
+            if record.id in live:
+                self._ready.append((message, record))
+            else:
+                await self._drop(message)
+
+    async def _drop(self, message: AbstractIncomingMessage) -> None:
+        logger.debug("dropping stale message %s", message.message_id)
+        await _settle(message, ack=True)
+        self._observer.dropped(1)
 
     async def _flush_finished(self) -> None:
         if not self._finished:

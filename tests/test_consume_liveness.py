@@ -7,6 +7,7 @@ while the device works on an earlier one of the same window must not be handed o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -26,10 +27,16 @@ async def _consume_meddling_after_the_first(
         async for command in stream:
             if not received:
                 await meddle(store, victim)
+                await _work_on_it(store)
             received.append(command.payload)
             if command.id == last:
                 break
     return received
+
+
+async def _work_on_it(store: RabbitMQStore) -> None:
+    """A device busy with a command for longer than the stream trusts its window."""
+    await asyncio.sleep(store.config.recheck_after * 2)
 
 
 async def test_a_command_cancelled_while_the_device_handles_an_earlier_one_is_not_handed_out(
@@ -67,6 +74,7 @@ async def test_a_command_superseded_while_the_device_handles_an_earlier_one_is_n
             async for command in stream:
                 if not received:
                     await supersede(store, victim)
+                    await _work_on_it(store)
                 received.append(command.payload)
                 if replacement and command.id == replacement[0]:
                     break
