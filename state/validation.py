@@ -87,11 +87,21 @@ def validate_ttl(ttl: object, limits: Limits = DEFAULT_LIMITS) -> timedelta:
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
     elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
-        seconds = float(ttl)
+        try:
+            seconds = float(ttl)
+        except OverflowError:
+            # Not formatted into the message: str() of a very large int raises ValueError.
+            raise InvalidTTL(
+                f"ttl is an integer beyond any float, outside (0, {limits.max_ttl}]"
+            ) from None
     else:
         raise InvalidTTL(f"ttl must be seconds or a timedelta, not {type(ttl).__name__}")
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidTTL(f"ttl must be positive and finite, got {ttl!r}")
     if seconds > limits.max_ttl.total_seconds():
         raise InvalidTTL(f"ttl of {seconds:g}s is over the maximum of {limits.max_ttl}")
-    return timedelta(seconds=seconds)
+    lifetime = timedelta(seconds=seconds)
+    if not lifetime:
+        # It rounds to nothing: the command would be expired as it is written.
+        raise InvalidTTL(f"ttl of {seconds:g}s is under the resolution of one microsecond")
+    return lifetime
