@@ -27,6 +27,7 @@ from amqp_queue.topology import Topology
 from state.base import IndexedStore
 from state.errors import BrokerError
 from state.model import CommandRecord, PendingCommand
+from state.validation import is_command_id
 
 logger = logging.getLogger("amqp_queue.delivery")
 
@@ -91,7 +92,9 @@ async def open_inbox(
 
 
 def _command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
-    return [message.message_id for message in messages if message.message_id]
+    # A foreign message's id that is no command id would fail a UUID column's query for the
+    # whole window (PostgreSQL) on every retry; it is dropped as stale instead.
+    return [message.message_id for message in messages if is_command_id(message.message_id)]
 
 
 async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import uuid
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -24,6 +23,7 @@ from state.validation import (
     DEFAULT_LIMITS,
     Limits,
     Ttl,
+    is_command_id,
     validate_command_type,
     validate_device_id,
 )
@@ -248,9 +248,6 @@ class IndexedStore(abc.ABC):
 
 def _check_command_id(command_id: object) -> None:
     """Ids are UUIDs; anything else cannot name a command (and must not reach a UUID column)."""
-    try:
-        uuid.UUID(str(command_id))
-    except ValueError:
-        raise CommandNotFound(str(command_id), "not a command id") from None
-    if not isinstance(command_id, str):
-        raise CommandNotFound(str(command_id), "not a command id")
+    if not is_command_id(command_id):
+        shown = command_id if isinstance(command_id, str) else f"<{type(command_id).__name__}>"
+        raise CommandNotFound(shown, "not a command id")

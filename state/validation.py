@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeGuard
 
 from state.errors import InvalidCommandType, InvalidDeviceId, InvalidPayload, InvalidTTL
 
@@ -105,3 +107,17 @@ def validate_ttl(ttl: object, limits: Limits = DEFAULT_LIMITS) -> timedelta:
         # It rounds to nothing: the command would be expired as it is written.
         raise InvalidTTL(f"ttl of {seconds:g}s is under the resolution of one microsecond")
     return lifetime
+
+
+def is_command_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a command id as an enqueue returns it: a canonical UUID string.
+
+    Other spellings of a UUID (upper case, braces, ``urn:uuid:``) name no command: a UUID
+    column (PostgreSQL) would accept them where other backends do not.
+    """
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
