@@ -71,7 +71,11 @@ class Topology:
             try:
                 # Not robust: the publishing channel need not re-declare every device queue
                 # after a reconnect; a publish that comes back unroutable declares it again.
-                await self.declare_queue(self._channel, device_id, robust=False)
+                # Bounded: during an outage a robust channel waits for the broker, and the
+                # enqueue waiting on this must return and leave its command to the outbox.
+                with broker_errors(f"declaring the queue of {device_id!r}"):
+                    async with asyncio.timeout(self._config.publish_timeout):
+                        await self.declare_queue(self._channel, device_id, robust=False)
             except BaseException as exc:
                 del self._declared[device_id]
                 declared.set_exception(exc)
