@@ -20,6 +20,7 @@ from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
+from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
@@ -202,7 +203,7 @@ class CommandStream:
         self._inbox: _Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
-        self._finished: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
+        self._marks = Batcher(self._mark_delivered, max_batch=config.prefetch)
         self._closed = False
         self._clock = time.monotonic
         self._checked_at = 0.0
@@ -279,7 +280,10 @@ class CommandStream:
 
     def _finish_current(self) -> None:
         if self._current is not None:
-            self._finished.append(self._current)
+            # Marked and acked in the background at once (what finishes meanwhile shares the
+            # write): a command the device is done with must not stay cancellable, or say
+            # PENDING, while the device works on the next one.
+            self._marks.post(self._current).add_done_callback(self._log_mark_failure)
             self._current = None
 
     async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
@@ -312,9 +316,16 @@ class CommandStream:
         self._observer.dropped(1)
 
     async def _flush_finished(self) -> None:
-        if not self._finished:
-            return
-        finished, self._finished = self._finished, []
+        await self._marks.drain()
+
+    def _log_mark_failure(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            # Unacked, the message comes again once the channel is gone (at-least-once).
+            logger.warning("marking a command of %s delivered failed: %s", self._device_id, exc)
+
+    async def _mark_delivered(
+        self, finished: list[tuple[AbstractIncomingMessage, CommandRecord]]
+    ) -> None:
         await self._state.mark_delivered([record.id for _, record in finished])
         _report_delivered(self._observer, [record for _, record in finished], self._state.clock())
         for message, _ in finished:

@@ -100,3 +100,23 @@ async def test_a_command_that_expires_while_the_device_handles_an_earlier_one_is
 
         assert received == [b"first", b"last"]
         assert await store.get_status(victim) == CommandStatus.EXPIRED
+
+
+async def test_a_command_the_device_finished_is_delivered_by_the_time_it_asks_for_the_next(
+    tmp_path: Path,
+) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        first = await store.enqueue("dev-1", b"first", 600)
+        await store.enqueue("dev-1", b"second", 600)
+        last = await store.enqueue("dev-1", b"last", 600)
+
+        statuses = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                if command.id != first:
+                    await _work_on_it(store)
+                    statuses.append(await store.get_status(first))
+                if command.id == last:
+                    break
+
+        assert statuses == [CommandStatus.DELIVERED, CommandStatus.DELIVERED]
