@@ -1,0 +1,278 @@
+"""The operator HTTP API: enqueue, list, inspect, confirm and cancel commands, and clean up.
+
+Starlette on uvicorn rather than FastAPI: the API is nine small JSON endpoints whose input
+rules (and their error messages) already live in the store, so FastAPI's pydantic models
+would only restate them and answer bad input with 422 instead of the 400 operators expect.
+Starlette (with anyio) is the smallest ASGI toolkit that routes, streams a body we can cap,
+and runs on uvicorn; the OpenAPI document is written out in :mod:`amqp_queue.openapi`.
+
+Every endpoint but ``/healthz``, ``/metrics`` and ``/openapi.json`` needs a bearer token.
+Errors are translated to HTTP here, at the boundary, from the one :class:`QueueError` tree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from amqp_queue import operations
+from amqp_queue.auth import Tokens
+from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
+from amqp_queue.openapi import document
+from amqp_queue.store import RabbitMQStore
+from state.errors import (
+    BrokerError,
+    CommandExpired,
+    CommandNotFound,
+    InvalidInput,
+    InvalidTTL,
+    QueueError,
+    StateError,
+)
+from state.model import PendingCommand
+
+logger = logging.getLogger("amqp_queue.api")
+audit = logging.getLogger("amqp_queue.api.audit")
+
+HealthCheck = Callable[[], Awaitable[dict[str, str]]]
+"""Reports each dependency (``broker``, ``state``) as ``"ok"`` or what is wrong with it."""
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+"""An endpoint that runs once the request's token is known; gets the token's name."""
+
+
+class BodyTooLarge(InvalidInput):
+    """The request body is over the API's limit (HTTP 413)."""
+
+
+ERROR_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
+    (BodyTooLarge, 413, "body_too_large"),
+    (InvalidInput, 400, "invalid_input"),
+    (CommandExpired, 410, "expired"),
+    (CommandNotFound, 404, "not_found"),
+    (StateError, 503, "state_unavailable"),
+    (BrokerError, 503, "broker_unavailable"),
+)
+"""HTTP status and error code of each error; the first matching class wins."""
+
+ENQUEUE_FIELDS = ("payload", "encoding", "ttl", "mode", "command_type")
+
+
+def error_status(exc: QueueError) -> tuple[int, str]:
+    """The HTTP status and error code an error is answered with."""
+    for kind, status, code in ERROR_STATUS:
+        if isinstance(exc, kind):
+            return status, code
+    return 500, "internal_error"
+
+
+def _error(status: int, code: str, detail: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class OperatorApi:
+    """The API's endpoints over one store.
+
+    Args:
+        store: the store commands go to; the caller owns it.
+        tokens: the bearer tokens that may call the protected endpoints.
+        metrics: the observer the store reports to; ``/metrics`` renders it.
+        health: checks the broker and the state for ``/healthz``.
+        max_body_bytes: the largest request body read; a larger one is answered with 413.
+    """
+
+    def __init__(
+        self,
+        store: RabbitMQStore,
+        *,
+        tokens: Tokens,
+        metrics: PrometheusObserver,
+        health: HealthCheck,
+        max_body_bytes: int,
+    ) -> None:
+        self._store = store
+        self._tokens = tokens
+        self._metrics = metrics
+        self._health = health
+        self._max_body = max_body_bytes
+        self._openapi = document(max_body_bytes)
+
+    def app(self) -> Starlette:
+        """The ASGI application."""
+        guarded = self._guarded
+        routes = [
+            Route("/devices/{device_id}/commands", guarded(self.enqueue), methods=["POST"]),
+            Route("/devices/{device_id}/commands", guarded(self.pending), methods=["GET"]),
+            Route("/devices/{device_id}/confirmations", guarded(self.confirmations)),
+            Route("/commands/{command_id}", guarded(self.status)),
+            Route("/commands/{command_id}/confirm", guarded(self.confirm), methods=["POST"]),
+            Route("/commands/{command_id}/cancel", guarded(self.cancel), methods=["POST"]),
+            Route("/cleanup", guarded(self.cleanup), methods=["POST"]),
+            Route("/healthz", self.healthz),
+            Route("/metrics", self.metrics),
+            Route("/openapi.json", self.openapi),
+        ]
+        return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+    # -- protected endpoints -------------------------------------------------------------
+
+    async def enqueue(self, request: Request, operator: str) -> Response:
+        body = await self._read_object(request)
+        unknown = sorted(set(body) - set(ENQUEUE_FIELDS))
+        if unknown:
+            raise InvalidInput(
+                f"unknown field(s) {', '.join(unknown)}; expected {', '.join(ENQUEUE_FIELDS)}"
+            )
+        if "payload" not in body:
+            raise InvalidInput("payload is required")
+        ttl = body.get("ttl")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise InvalidTTL(f"ttl is required, as a number of seconds, not {ttl!r}")
+        mode = operations.parse_mode(body.get("mode", operations.Mode.PLAIN.value))
+        payload = operations.decode_payload(
+            body["payload"], body.get("encoding", operations.Encoding.UTF8.value)
+        )
+        command_id = await operations.enqueue(
+            self._store,
+            device_id=request.path_params["device_id"],
+            payload=payload,
+            ttl=ttl,
+            mode=mode,
+            command_type=body.get("command_type"),
+        )
+        audit.info("operator %s enqueued %s command %s", operator, mode.value, command_id)
+        return JSONResponse(
+            {"id": command_id, "status": operations.initial_status(mode).value},
+            status_code=201,
+            headers={"Location": f"/commands/{command_id}"},
+        )
+
+    async def pending(self, request: Request, operator: str) -> Response:
+        device = request.path_params["device_id"]
+        return _commands(device, await self._store.get_pending(device))
+
+    async def confirmations(self, request: Request, operator: str) -> Response:
+        device = request.path_params["device_id"]
+        return _commands(device, await self._store.get_pending_confirmations(device))
+
+    async def status(self, request: Request, operator: str) -> Response:
+        command_id = request.path_params["command_id"]
+        status = await self._store.get_status(command_id)
+        return JSONResponse({"id": command_id, "status": status.value})
+
+    async def confirm(self, request: Request, operator: str) -> Response:
+        command_id = request.path_params["command_id"]
+        with _audited(operator, "confirm", command_id):
+            await self._store.confirm_command(command_id)
+        status = await self._store.get_status(command_id)
+        return JSONResponse({"id": command_id, "status": status.value})
+
+    async def cancel(self, request: Request, operator: str) -> Response:
+        command_id = request.path_params["command_id"]
+        with _audited(operator, "cancel", command_id):
+            await self._store.cancel_command(command_id)
+        return JSONResponse({"id": command_id, "status": "cancelled"})
+
+    async def cleanup(self, request: Request, operator: str) -> Response:
+        expired = await self._store.cleanup()
+        audit.info("operator %s ran cleanup: %d expired", operator, expired)
+        return JSONResponse({"expired": expired})
+
+    # -- open endpoints ------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        checks = await self._health()
+        healthy = all(value == "ok" for value in checks.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unavailable", **checks},
+            status_code=200 if healthy else 503,
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self._metrics.render(), media_type=CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Checks the bearer token, runs the handler and answers errors with their status."""
+
+        async def endpoint(request: Request) -> Response:
+            operator = self._tokens.identify(request.headers.get("authorization"))
+            if operator is None:
+                return _error(
+                    401,
+                    "unauthorized",
+                    "a valid bearer token is required (Authorization: Bearer <token>)",
+                    **{"WWW-Authenticate": 'Bearer realm="amqp-queue"'},
+                )
+            try:
+                return await handler(request, operator)
+            except QueueError as exc:
+                status, code = error_status(exc)
+                if status >= 500:
+                    logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
+                return _error(status, code, str(exc))
+
+        return endpoint
+
+    async def _read_object(self, request: Request) -> dict[str, Any]:
+        """The request body as a JSON object, read up to the size limit.
+
+        Raises:
+            BodyTooLarge: the body is over the limit (checked before reading when declared).
+            InvalidInput: the body is not a JSON object.
+        """
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body:
+            raise BodyTooLarge(f"request body of {declared} bytes is over {self._max_body}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self._max_body:
+                raise BodyTooLarge(f"request body is over {self._max_body} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad JSON, bad UTF-8 and integers too long to convert.
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"request body must be a JSON object, not {type(data).__name__}")
+        return data
+
+
+@contextmanager
+def _audited(operator: str, action: str, command_id: str) -> Iterator[None]:
+    """Logs an operator's action on a command with its outcome and the token's name."""
+    try:
+        yield
+    except QueueError as exc:
+        audit.info(
+            "operator %s %s command %s: %s", operator, action, command_id, error_status(exc)[1]
+        )
+        raise
+    audit.info("operator %s %s command %s: ok", operator, action, command_id)
+
+
+def _commands(device_id: str, commands: list[PendingCommand]) -> JSONResponse:
+    return JSONResponse(
+        {"device_id": device_id, "commands": [operations.command_json(c) for c in commands]}
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Unknown paths and wrong methods answer in the same JSON shape as every other error.
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail), **(exc.headers or {}))

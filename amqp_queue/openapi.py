@@ -1,0 +1,217 @@
+"""The OpenAPI 3.1 document of the operator API, served at ``/openapi.json``.
+
+Written out rather than generated: the API is small, and a test checks that every route is
+documented with the methods it answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from state.model import CommandStatus
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    meaning = {
+        400: "Bad input (the detail says what is wrong); nothing was written.",
+        401: "Missing or wrong bearer token.",
+        404: "No such command (unknown, pruned, superseded, cancelled or delivered).",
+        410: "The command expired.",
+        413: "The request body is too large.",
+        503: "The broker or the state index is unavailable; retry.",
+    }
+    return {str(code): _json(_ERROR, meaning[code]) for code in codes}
+
+
+def _device() -> dict[str, Any]:
+    return {"name": "device_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _command() -> dict[str, Any]:
+    return {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def document(max_body_bytes: int) -> dict[str, Any]:
+    """The OpenAPI document; ``max_body_bytes`` is stated on the enqueue body."""
+    status_ref = {"$ref": "#/components/schemas/Status"}
+    listing = {"$ref": "#/components/schemas/CommandList"}
+    secured: dict[str, Any] = {"security": [{"bearer": []}]}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "amqp-queue operator API", "version": "1"},
+        "paths": {
+            "/devices/{device_id}/commands": {
+                "post": _operation(
+                    "Enqueue a command for a device",
+                    {
+                        "201": _json(status_ref, "Accepted: durable in the state index."),
+                        **_errors(400, 401, 413, 503),
+                    },
+                    parameters=[_device()],
+                    requestBody={
+                        "required": True,
+                        "description": f"At most {max_body_bytes} bytes.",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/EnqueueRequest"}
+                            }
+                        },
+                    },
+                    **secured,
+                ),
+                "get": _operation(
+                    "List the device's pending commands (awaiting confirmation included)",
+                    {"200": _json(listing, "Oldest write first."), **_errors(400, 401, 503)},
+                    parameters=[_device()],
+                    **secured,
+                ),
+            },
+            "/devices/{device_id}/confirmations": {
+                "get": _operation(
+                    "List the device's commands awaiting confirmation",
+                    {"200": _json(listing, "Oldest write first."), **_errors(400, 401, 503)},
+                    parameters=[_device()],
+                    **secured,
+                )
+            },
+            "/commands/{command_id}": {
+                "get": _operation(
+                    "Get a command's status",
+                    {"200": _json(status_ref, "The status."), **_errors(401, 404, 503)},
+                    parameters=[_command()],
+                    **secured,
+                )
+            },
+            "/commands/{command_id}/confirm": {
+                "post": _operation(
+                    "Confirm a command (confirming twice is harmless); audited",
+                    {
+                        "200": _json(status_ref, "Confirmed; the status after it."),
+                        **_errors(401, 404, 410, 503),
+                    },
+                    parameters=[_command()],
+                    **secured,
+                )
+            },
+            "/commands/{command_id}/cancel": {
+                "post": _operation(
+                    "Cancel an undelivered command; audited",
+                    {
+                        "200": _json(status_ref, "Cancelled."),
+                        **_errors(401, 404, 410, 503),
+                    },
+                    parameters=[_command()],
+                    **secured,
+                )
+            },
+            "/cleanup": {
+                "post": _operation(
+                    "End expired commands and prune old finished ones",
+                    {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {"expired": {"type": "integer"}},
+                            },
+                            "How many commands expired.",
+                        ),
+                        **_errors(401, 503),
+                    },
+                    **secured,
+                )
+            },
+            "/healthz": {
+                "get": _operation(
+                    "Whether the broker and the state index are reachable (no token)",
+                    {
+                        "200": _json({"type": "object"}, "Both reachable."),
+                        "503": _json({"type": "object"}, "One is not; the body says which."),
+                    },
+                )
+            },
+            "/metrics": {
+                "get": _operation(
+                    "Prometheus metrics (no token)",
+                    {"200": {"description": "Prometheus text format."}},
+                )
+            },
+            "/openapi.json": {
+                "get": _operation(
+                    "This document (no token)", {"200": _json({"type": "object"}, "OpenAPI.")}
+                )
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _schemas(),
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    payload = {
+        "payload": {"type": "string"},
+        "encoding": {"enum": ["utf-8", "base64"], "default": "utf-8"},
+    }
+    return {
+        "EnqueueRequest": {
+            "type": "object",
+            "required": ["payload", "ttl"],
+            "additionalProperties": False,
+            "properties": {
+                **payload,
+                "ttl": {"type": "number", "exclusiveMinimum": 0, "description": "Seconds."},
+                "mode": {
+                    "enum": ["plain", "latest", "confirm"],
+                    "default": "plain",
+                    "description": "plain: enqueue; latest: replaces the undelivered command "
+                    "of its type; confirm: delivered only after confirmation.",
+                },
+                "command_type": {
+                    "type": ["string", "null"],
+                    "description": "Required for latest and confirm, absent for plain.",
+                },
+            },
+        },
+        "Status": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "status": {"enum": [status.value for status in CommandStatus]},
+            },
+        },
+        "Command": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "device_id": {"type": "string"},
+                "command_type": {"type": ["string", "null"]},
+                **payload,
+                "requires_confirmation": {"type": "boolean"},
+                "confirmed": {"type": "boolean"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "expires_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "CommandList": {
+            "type": "object",
+            "properties": {
+                "device_id": {"type": "string"},
+                "commands": {"type": "array", "items": {"$ref": "#/components/schemas/Command"}},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+        },
+    }

@@ -1,0 +1,121 @@
+"""What the operator API and the CLI both do: enqueue by mode, payload encodings, JSON shapes.
+
+Kept in one place so ``amqp-queue enqueue`` and ``POST /devices/{id}/commands`` accept the
+same input, reject it with the same messages, and print commands the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from typing import Any
+
+from amqp_queue.store import RabbitMQStore
+from state.errors import InvalidCommandType, InvalidInput, InvalidPayload
+from state.model import CommandRecord, CommandStatus, PendingCommand
+from state.validation import Ttl
+
+
+class Mode(enum.StrEnum):
+    """How a command is queued: the three enqueue calls of the contract."""
+
+    PLAIN = "plain"
+    """``enqueue``: ready at once, never replaced."""
+    LATEST = "latest"
+    """``enqueue_or_update``: replaces the undelivered command of its type (latest wins)."""
+    CONFIRM = "confirm"
+    """``enqueue_with_confirmation``: delivered only after an operator confirms it."""
+
+
+class Encoding(enum.StrEnum):
+    """How a payload is written as text."""
+
+    UTF8 = "utf-8"
+    BASE64 = "base64"
+
+
+def parse_mode(value: object) -> Mode:
+    """The mode named by ``value``.
+
+    Raises:
+        InvalidInput: not one of plain, latest, confirm.
+    """
+    if isinstance(value, str) and value in Mode.__members__.values():
+        return Mode(value)
+    raise InvalidInput(f"mode must be one of {', '.join(Mode)}, not {value!r}")
+
+
+def decode_payload(text: object, encoding: object = Encoding.UTF8) -> bytes:
+    """The payload bytes of ``text`` written in ``encoding`` (UTF-8 text or base64).
+
+    Raises:
+        InvalidPayload: ``text`` is not a string or is not valid base64.
+        InvalidInput: an unknown encoding.
+    """
+    if not (isinstance(encoding, str) and encoding in Encoding.__members__.values()):
+        raise InvalidInput(f"encoding must be one of {', '.join(Encoding)}, not {encoding!r}")
+    kind = Encoding(encoding)
+    if not isinstance(text, str):
+        raise InvalidPayload(f"payload must be a string, not {type(text).__name__}")
+    if kind is Encoding.UTF8:
+        return text.encode()
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidPayload(f"payload is not valid base64: {exc}") from None
+
+
+def encode_payload(payload: bytes) -> dict[str, str]:
+    """``{"payload": ..., "encoding": ...}``: UTF-8 text when it is, base64 otherwise."""
+    try:
+        return {"payload": payload.decode(), "encoding": Encoding.UTF8.value}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode(), "encoding": Encoding.BASE64.value}
+
+
+async def enqueue(
+    store: RabbitMQStore,
+    *,
+    device_id: str,
+    payload: bytes,
+    ttl: Ttl,
+    mode: Mode = Mode.PLAIN,
+    command_type: str | None = None,
+) -> str:
+    """Queues a command with the enqueue call ``mode`` names; returns its id.
+
+    Raises:
+        InvalidCommandType: a plain command with a type, or a typed mode without one.
+        InvalidInput: any other bad input (device id, payload, ttl); nothing is written.
+    """
+    if mode is Mode.PLAIN:
+        if command_type is not None:
+            raise InvalidCommandType(
+                "a plain command has no command type; use mode latest or confirm to give one"
+            )
+        return await store.enqueue(device_id, payload, ttl)
+    if command_type is None:
+        raise InvalidCommandType(f"mode {mode.value} needs a command type")
+    if mode is Mode.LATEST:
+        return await store.enqueue_or_update(device_id, command_type, payload, ttl)
+    return await store.enqueue_with_confirmation(device_id, command_type, payload, ttl)
+
+
+def initial_status(mode: Mode) -> CommandStatus:
+    """The status of a command just enqueued in ``mode``."""
+    return CommandStatus.AWAITING_CONFIRMATION if mode is Mode.CONFIRM else CommandStatus.PENDING
+
+
+def command_json(command: PendingCommand | CommandRecord) -> dict[str, Any]:
+    """A command as JSON: ids, type, payload with its encoding, flags and ISO-8601 times."""
+    return {
+        "id": command.id,
+        "device_id": command.device_id,
+        "command_type": command.command_type,
+        **encode_payload(command.payload),
+        "requires_confirmation": command.requires_confirmation,
+        "confirmed": command.confirmed,
+        "created_at": command.created_at.isoformat(),
+        "expires_at": command.expires_at.isoformat(),
+    }
