@@ -5,6 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# `amqp-queue serve` binds to loopback by default; in a container it must take every interface.
+ENV AMQP_QUEUE_BIND=0.0.0.0:8080
 
 WORKDIR /src
 # Only what the distribution is built from, so tests and local state never enter the image.

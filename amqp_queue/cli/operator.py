@@ -1,0 +1,198 @@
+"""The operator commands: enqueue, list, inspect, confirm, cancel, clean up, drain, consume."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+
+import click
+
+from amqp_queue import operations
+from amqp_queue.cli.common import (
+    EPILOG,
+    command_line,
+    connection_options,
+    emit,
+    json_option,
+    listing,
+    run_with_store,
+    with_settings,
+)
+from amqp_queue.settings import (
+    Settings,
+)
+from amqp_queue.store import RabbitMQStore
+
+# -- operator commands ----------------------------------------------------------------------
+
+
+@click.command(epilog=EPILOG)
+@click.argument("device")
+@click.argument("payload")
+@click.option("--ttl", type=float, default=300.0, show_default=True, help="Time to live, seconds.")
+@click.option(
+    "--mode",
+    type=click.Choice([mode.value for mode in operations.Mode]),
+    default=operations.Mode.PLAIN.value,
+    show_default=True,
+    help="plain: enqueue; latest: replace the undelivered command of --type; "
+    "confirm: deliver only after `amqp-queue confirm`.",
+)
+@click.option("--type", "command_type", help="The command type (needed by latest and confirm).")
+@click.option("--base64", "is_base64", is_flag=True, help="PAYLOAD is base64, not UTF-8 text.")
+@json_option
+@connection_options
+@with_settings
+def enqueue(
+    settings: Settings,
+    device: str,
+    payload: str,
+    ttl: float,
+    mode: str,
+    command_type: str | None,
+    is_base64: bool,
+    as_json: bool,
+) -> None:
+    """Queue PAYLOAD for DEVICE and print the command's id.
+
+    \b
+    amqp-queue enqueue gw-7 reboot
+    amqp-queue enqueue gw-7 21.5 --mode latest --type setpoint --ttl 600
+    amqp-queue enqueue gw-7 door-1 --mode confirm --type unlock
+    """
+    kind = operations.Mode(mode)
+
+    async def action(store: RabbitMQStore) -> str:
+        data = operations.decode_payload(payload, "base64" if is_base64 else "utf-8")
+        return await operations.enqueue(
+            store, device_id=device, payload=data, ttl=ttl, mode=kind, command_type=command_type
+        )
+
+    command_id = run_with_store(settings, action)
+    status = operations.initial_status(kind).value
+    emit(as_json, {"id": command_id, "status": status}, command_id)
+
+
+@click.command(epilog=EPILOG)
+@click.argument("device")
+@json_option
+@connection_options
+@with_settings
+def pending(settings: Settings, device: str, as_json: bool) -> None:
+    """List DEVICE's pending commands.
+
+    Those awaiting confirmation are included.
+    """
+    listing(as_json, device, run_with_store(settings, lambda store: store.get_pending(device)))
+
+
+@click.command(epilog=EPILOG)
+@click.argument("device")
+@json_option
+@connection_options
+@with_settings
+def confirmations(settings: Settings, device: str, as_json: bool) -> None:
+    """List DEVICE's commands awaiting confirmation."""
+    commands = run_with_store(settings, lambda store: store.get_pending_confirmations(device))
+    listing(as_json, device, commands)
+
+
+@click.command(epilog=EPILOG)
+@click.argument("command_id")
+@json_option
+@connection_options
+@with_settings
+def status(settings: Settings, command_id: str, as_json: bool) -> None:
+    """Print a command's status."""
+    found = run_with_store(settings, lambda store: store.get_status(command_id))
+    emit(as_json, {"id": command_id, "status": found.value}, found.value)
+
+
+@click.command(epilog=EPILOG)
+@click.argument("command_id")
+@json_option
+@connection_options
+@with_settings
+def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
+    """Confirm a command so it can be delivered.
+
+    Confirming twice is harmless.
+    """
+
+    async def action(store: RabbitMQStore) -> str:
+        await store.confirm_command(command_id)
+        return (await store.get_status(command_id)).value
+
+    found = run_with_store(settings, action)
+    emit(as_json, {"id": command_id, "status": found}, f"confirmed {command_id}: {found}")
+
+
+@click.command(epilog=EPILOG)
+@click.argument("command_id")
+@json_option
+@connection_options
+@with_settings
+def cancel(settings: Settings, command_id: str, as_json: bool) -> None:
+    """Cancel an undelivered command."""
+    run_with_store(settings, lambda store: store.cancel_command(command_id))
+    emit(as_json, {"id": command_id, "status": "cancelled"}, f"cancelled {command_id}")
+
+
+@click.command(epilog=EPILOG)
+@json_option
+@connection_options
+@with_settings
+def cleanup(settings: Settings, as_json: bool) -> None:
+    """End expired commands; prune old finished ones."""
+    expired = run_with_store(settings, lambda store: store.cleanup())
+    emit(as_json, {"expired": expired}, f"expired {expired}")
+
+
+@click.command(epilog=EPILOG)
+@click.argument("device")
+@json_option
+@connection_options
+@with_settings
+def drain(settings: Settings, device: str, as_json: bool) -> None:
+    """Take every ready command of DEVICE now (as on reconnect).
+
+    The commands printed are marked delivered.
+    """
+    records = run_with_store(settings, lambda store: store.drain_commands(device))
+    listing(as_json, device, [record.to_pending() for record in records])
+
+
+@click.command(epilog=EPILOG)
+@click.argument("device")
+@json_option
+@connection_options
+@with_settings
+def consume(settings: Settings, device: str, as_json: bool) -> None:
+    """Print DEVICE's commands as they arrive, until Ctrl-C.
+
+    Each command printed is marked delivered. With --json, one JSON object per line.
+    """
+
+    async def action(store: RabbitMQStore) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+
+        async def read() -> None:
+            async with store.consume(device) as stream:
+                async for command in stream:
+                    data = operations.command_json(command)
+                    click.echo(json.dumps(data) if as_json else command_line(command))
+
+        reader = asyncio.create_task(read())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({reader, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (reader, stopped):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # re-raises what ended the reader, if not the stop
+
+    run_with_store(settings, action)

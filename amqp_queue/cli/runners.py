@@ -1,0 +1,138 @@
+"""The long-running commands: ``serve`` (the sidecar service) and ``demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import click
+
+from amqp_queue.auth import TokenConfigError, Tokens
+from amqp_queue.cli.common import (
+    EPILOG,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    connection_options,
+    emit,
+    exit_code,
+    fail,
+    json_option,
+    logging_to_stderr,
+    settings_from,
+)
+from amqp_queue.demo import DemoOptions, run_demo, table
+from amqp_queue.service import serve as serve_forever
+from amqp_queue.settings import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_BIND,
+    DEFAULT_CLEANUP_INTERVAL,
+    ENV_AMQP_URL,
+    ENV_BIND,
+    ENV_CLEANUP_INTERVAL,
+    ENV_TOKENS,
+    parse_bind,
+)
+from state.errors import QueueError
+
+# -- the service and the demo -------------------------------------------------------------
+
+
+@click.command(epilog=EPILOG)
+@click.option(
+    "--bind",
+    envvar=ENV_BIND,
+    default=DEFAULT_BIND,
+    show_default=True,
+    help="host:port the HTTP API listens on (:8080 for every interface).",
+)
+@click.option(
+    "--tokens",
+    envvar=ENV_TOKENS,
+    default="",
+    help="Operator API bearer tokens, name:token,name2:token2. Prefer the environment "
+    f"variable {ENV_TOKENS}: flags are visible in the process list.",
+)
+@click.option(
+    "--cleanup-interval",
+    envvar=ENV_CLEANUP_INTERVAL,
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_CLEANUP_INTERVAL,
+    show_default=True,
+    help="Seconds between cleanup passes.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@connection_options
+def serve(bind: str, tokens: str, cleanup_interval: float, log_level: str, **options: Any) -> None:
+    """Run the sidecar: HTTP API, outbox relay, periodic cleanup.
+
+    Stops gracefully on SIGTERM or Ctrl-C: in-flight requests finish, then the store
+    flushes and closes. The OpenAPI document is at /openapi.json.
+    """
+    logging_to_stderr(getattr(logging, log_level.upper()))
+    try:
+        host, port = parse_bind(bind)
+        settings = settings_from(
+            options,
+            host=host,
+            port=port,
+            tokens=Tokens.parse(tokens),
+            cleanup_interval=cleanup_interval,
+        )
+    except (TokenConfigError, ValueError) as exc:
+        fail(str(exc), EXIT_INVALID)
+    try:
+        asyncio.run(serve_forever(settings))
+    except QueueError as exc:
+        fail(str(exc), exit_code(exc))
+    except OSError as exc:
+        fail(f"cannot listen on {bind}: {exc}")
+
+
+@click.command(epilog=EPILOG)
+@click.option("--devices", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=12.0,
+    show_default=True,
+    help="How long commands are sent; the run takes a few seconds more.",
+)
+@click.option("--seed", type=int, help="Makes the random choices repeatable.")
+@click.option("--amqp-url", envvar=ENV_AMQP_URL, default=DEFAULT_AMQP_URL, show_default=True)
+@click.option("--state-url", help="The state index [default: a temporary SQLite file].")
+@json_option
+def demo(
+    devices: int,
+    seconds: float,
+    seed: int | None,
+    amqp_url: str,
+    state_url: str | None,
+    as_json: bool,
+) -> None:
+    """Run simulated devices over the broker; check what they got.
+
+    Exits non-zero unless nothing was lost and nothing was delivered twice.
+    """
+    logging_to_stderr(logging.WARNING)
+    options = DemoOptions(
+        devices=devices, seconds=seconds, seed=seed, amqp_url=amqp_url, state_url=state_url
+    )
+    out = sys.stderr if as_json else sys.stdout
+    try:
+        summary = asyncio.run(run_demo(options, out, sys.stderr))
+    except QueueError as exc:
+        fail(str(exc), exit_code(exc))
+    if as_json:
+        data = {label: value for label, value in summary.rows()}
+        emit(True, {**data, "ok": summary.ok, "violations": summary.violations}, "")
+    else:
+        click.echo(table(summary))
+    if not summary.ok:
+        sys.exit(EXIT_FAILED)

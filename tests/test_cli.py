@@ -1,0 +1,173 @@
+"""The ``amqp-queue`` CLI through a subprocess: exit codes, --json, stderr, the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
+from tests.rabbitmq_support import AMQP_URL, delete_namespace
+from tests.support import unique
+
+CLI = [sys.executable, "-m", "amqp_queue.cli"]
+
+
+class Cli:
+    """Runs the CLI against one exchange and SQLite file, given as environment variables."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.exchange = unique("test.cli.")
+        self.state_url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+        self.env = {
+            **os.environ,
+            "AMQP_URL": AMQP_URL,
+            "AMQP_QUEUE_STATE_URL": self.state_url,
+            "AMQP_QUEUE_EXCHANGE": self.exchange,
+        }
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args], env=self.env, capture_output=True, text=True, timeout=30, check=False
+        )
+
+    def json(self, *args: str) -> Any:
+        result = self.run(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    async def store(self) -> RabbitMQStore:
+        return await RabbitMQStore.connect(
+            AMQP_URL, state_url=self.state_url, config=RabbitMQConfig(exchange=self.exchange)
+        )
+
+
+@pytest.fixture
+async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
+    runner = Cli(tmp_path)
+    yield runner
+    await delete_namespace(runner.exchange, ["gw-1", "gw-2"])
+
+
+async def test_enqueue_list_confirm_drain_and_status_with_json(cli: Cli) -> None:
+    plain = cli.json("enqueue", "gw-1", "reboot", "--ttl", "60")
+    unlock = cli.json("enqueue", "gw-1", "door", "--mode", "confirm", "--type", "unlock")
+    pending = cli.json("pending", "gw-1")
+    waiting = cli.json("confirmations", "gw-1")
+
+    confirmed = cli.json("confirm", unlock["id"])
+    drained = cli.json("drain", "gw-1")
+
+    assert (plain["status"], unlock["status"]) == ("pending", "awaiting_confirmation")
+    assert [c["id"] for c in pending["commands"]] == [plain["id"], unlock["id"]]
+    assert [c["id"] for c in waiting["commands"]] == [unlock["id"]]
+    assert confirmed == {"id": unlock["id"], "status": "pending"}
+    assert [(c["id"], c["payload"]) for c in drained["commands"]] == [
+        (plain["id"], "reboot"),
+        (unlock["id"], "door"),
+    ]
+    assert cli.json("status", plain["id"]) == {"id": plain["id"], "status": "delivered"}
+
+
+async def test_plain_output_is_the_id_then_the_status(cli: Cli) -> None:
+    enqueued = cli.run("enqueue", "gw-1", "AAEC", "--base64", "--mode", "latest", "--type", "x")
+    command_id = enqueued.stdout.strip()
+
+    cancelled = cli.run("cancel", command_id)
+    status = cli.run("status", command_id)
+
+    assert enqueued.returncode == 0
+    assert cancelled.stdout.strip() == f"cancelled {command_id}"
+    assert status.stdout.strip() == "cancelled"
+    assert cli.json("cleanup") == {"expired": 0}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["status", "00000000-0000-0000-0000-000000000042"], 3, "not found"),
+        (["cancel", "nonsense"], 3, "not a command id"),
+        (["enqueue", "bad id", "x"], 2, "device id"),
+        (["enqueue", "gw-1", "x", "--mode", "latest"], 2, "needs a command type"),
+        (["enqueue", "gw-1", "x", "--ttl", "0"], 2, "ttl must be positive"),
+        (["enqueue", "gw-1", "%%", "--base64"], 2, "not valid base64"),
+        (["enqueue", "gw-1"], 2, "Missing argument"),
+        (["pending", "gw-1", "--state-url", "nosuch://x"], 2, "no state backend"),
+        (
+            ["pending", "gw-1", "--amqp-url", "amqp://x:y@127.0.0.1:1/", "--connect-timeout", ".3"],
+            1,
+            "failed",
+        ),
+    ],
+)
+def test_errors_go_to_stderr_with_a_non_zero_exit_code(
+    cli: Cli, args: list[str], code: int, message: str
+) -> None:
+    result = cli.run(*args)
+
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+async def test_confirming_an_expired_command_exits_4(cli: Cli) -> None:
+    unlock = cli.json("enqueue", "gw-1", "door", "--mode", "confirm", "--type", "u", "--ttl", "0.1")
+    await asyncio.sleep(0.2)
+
+    result = cli.run("confirm", unlock["id"])
+
+    assert result.returncode == 4
+    assert "expired" in result.stderr
+
+
+async def test_consume_prints_commands_as_they_arrive_until_ctrl_c(cli: Cli) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "consume", "gw-2", "--json", env=cli.env, stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        async with await cli.store() as store:
+            first = await store.enqueue("gw-2", b"one", 60)
+            second = await store.enqueue("gw-2", b"two", 60)
+            async with asyncio.timeout(20):
+                lines = [await process.stdout.readline() for _ in range(2)]
+            process.send_signal(signal.SIGINT)
+            async with asyncio.timeout(20):
+                code = await process.wait()
+            statuses = [await store.get_status(first), await store.get_status(second)]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert [json.loads(line)["payload"] for line in lines] == ["one", "two"]
+    assert code == 0
+    assert statuses == [CommandStatus.DELIVERED, CommandStatus.DELIVERED]
+
+
+def test_help_lists_every_command() -> None:
+    result = subprocess.run([*CLI, "--help"], capture_output=True, text=True, check=True)
+
+    for command in (
+        "enqueue",
+        "pending",
+        "confirmations",
+        "status",
+        "confirm",
+        "cancel",
+        "drain",
+        "consume",
+        "cleanup",
+        "serve",
+        "demo",
+    ):
+        assert f"  {command} " in result.stdout
+    assert "Exit codes" in result.stdout

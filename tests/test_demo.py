@@ -1,0 +1,29 @@
+"""The demo (``python -m amqp_queue.demo``) with a small fleet: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_a_small_fleet_loses_nothing_and_gets_nothing_twice() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "amqp_queue.demo", "--devices", "6", "--seconds", "2.5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["lost"] == 0
+    assert summary["delivered twice"] == 0
+    assert summary["rule violations"] == 0
+    assert summary["ok"] is True
+    assert summary["enqueued"] > 0
+    assert summary["delivered"] > 0
+    assert summary["confirmed over HTTP"] > 0
+    accounted = summary["delivered"] + summary["replaced (latest wins)"] + summary["expired (TTL)"]
+    assert accounted == summary["enqueued"]
