@@ -71,8 +71,8 @@ class RabbitMQStore:
         self._relay: OutboxRelay | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
-        self._writes = Batcher(self._write_batch, max_batch=500)
-        self._marks = Batcher(self._mark_published, max_batch=1000)
+        # New commands and the publish marks of earlier ones share each index transaction.
+        self._writes: Batcher[CommandRecord | str] = Batcher(self._write_batch, max_batch=500)
 
     @classmethod
     async def connect(
@@ -139,7 +139,6 @@ class RabbitMQStore:
             if self._relay is not None:
                 await self._relay.close()
             await self._writes.drain()
-            await self._marks.drain()
             self._connection.reconnect_callbacks.discard(self._on_reconnect)
             if self._channel is not None and not self._channel.is_closed:
                 try:
@@ -320,15 +319,17 @@ class RabbitMQStore:
         if published:
             self.observer.published(record, _since(record.ready_at, self.state.clock()))
             # Not awaited: a lost mark only means the relay publishes a copy that is
-            # dropped at delivery.
-            self._marks.post(record.id).add_done_callback(_log_failure)
+            # dropped at delivery. Queued with the writes, it rides along with the next
+            # enqueue's commit instead of contending with it for the index.
+            self._writes.post(record.id).add_done_callback(_log_failure)
 
-    async def _write_batch(self, records: Sequence[CommandRecord]) -> None:
-        superseded = await self.state.add(records)
-        self.observer.enqueued(records, superseded)
-
-    async def _mark_published(self, command_ids: Sequence[str]) -> None:
-        await self.state.mark_published(command_ids)
+    async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
+        """One index round trip: new records, and ids of commands the broker confirmed."""
+        records = [item for item in items if isinstance(item, CommandRecord)]
+        published = [item for item in items if isinstance(item, str)]
+        superseded = await self.state.write(records, published)
+        if records:
+            self.observer.enqueued(records, superseded)
 
     async def _flush_outbox(self) -> None:
         assert self._relay is not None

@@ -190,6 +190,21 @@ class IndexedStore(abc.ABC):
             return []
         return await self._claim(device_id, self.clock(), command_ids)
 
+    async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
+        """Adds ``records`` (see :meth:`add`) and marks ``published`` commands published.
+
+        The delivery layer's group commit: new commands and the publish marks of earlier
+        ones share one round trip. A backend that can makes it one transaction; marks are
+        advisory (a lost one costs a duplicate publish, dropped at delivery).
+
+        Returns:
+            How many open, unexpired commands the records superseded.
+        """
+        superseded = await self.add(records) if records else 0
+        if published:
+            await self.mark_published(published)
+        return superseded
+
     # -- primitives a backend implements -----------------------------------------------
 
     @abc.abstractmethod
