@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiormq.abc import DeliveredMessage
+from aiormq import spec
+from aiormq.abc import ConfirmationFrameType, DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_errors
-from amqp_queue.messages import to_message
+from amqp_queue.messages import to_properties
 from amqp_queue.topology import Topology
 from state.clock import Clock
 from state.errors import BrokerError
@@ -40,12 +42,10 @@ class Publisher:
             if record.expires_at <= self._clock():
                 return False
             await self._topology.ensure_queue(record.device_id)
-            message = to_message(record, self._clock())
+            properties = to_properties(record, self._clock())
             with broker_errors(f"publishing command {record.id}"):
                 async with asyncio.timeout(self._config.publish_timeout):
-                    result = await self._topology.exchange.publish(
-                        message, routing_key=record.device_id, mandatory=True
-                    )
+                    result = await self._basic_publish(record, properties)
             if not isinstance(result, DeliveredMessage):
                 return True
             # Returned unroutable: the cached queue is gone (deleted behind our back).
@@ -57,3 +57,19 @@ class Publisher:
             )
             self._topology.forget(record.device_id)
         raise BrokerError(f"command {record.id} is unroutable to device {record.device_id!r}")
+
+    async def _basic_publish(
+        self, record: CommandRecord, properties: spec.Basic.Properties
+    ) -> ConfirmationFrameType | DeliveredMessage | None:
+        """What ``Exchange.publish`` does, minus an ``aio_pika.Message`` per command."""
+        channel = self._topology.channel
+        if channel.is_closed:
+            raise ChannelInvalidStateError(f"{channel!r} closed")
+        underlay = await channel.get_underlay_channel()
+        return await underlay.basic_publish(
+            record.payload,
+            exchange=self._config.exchange,
+            routing_key=record.device_id,
+            properties=properties,
+            mandatory=True,
+        )

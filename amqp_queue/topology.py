@@ -42,6 +42,11 @@ class Topology:
         return self._exchange
 
     @property
+    def channel(self) -> AbstractChannel:
+        """The publishing channel the exchange and device queues are declared on."""
+        return self._channel
+
+    @property
     def declared_devices(self) -> list[str]:
         """Devices whose queues this process declared."""
         return list(self._declared)
