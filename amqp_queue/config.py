@@ -35,8 +35,13 @@ class RabbitMQConfig:
         relay_batch: commands the relay publishes per pass of the index.
         drain_idle: seconds a drain waits for another message before asking the broker
             whether the device queue is empty.
-        recheck_after: seconds after which ``consume`` asks the index again about the
-            commands still waiting in a prefetch window before handing the next one out.
+        recheck_after: 0 (the default): ``consume`` asks the index about each command left
+            in a prefetch window as it hands it out (one indexed read), so a command cancelled
+            or superseded before the device asked for it is never handed out (rule 3). A
+            positive value asks about all of them together, at most every ``recheck_after``
+            seconds: cheaper for devices that take commands in quick succession, but a
+            command cancelled or superseded less than that before the device asked may still
+            be handed out.
     """
 
     exchange: str = "ble.commands"
@@ -48,7 +53,7 @@ class RabbitMQConfig:
     relay_interval: float = 30.0
     relay_batch: int = 500
     drain_idle: float = 0.05
-    recheck_after: float = 0.005
+    recheck_after: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.exchange or self.exchange.startswith("amq."):

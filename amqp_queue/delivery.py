@@ -178,9 +178,9 @@ class CommandStream:
     A command is marked delivered and acked only after the loop body for it finished (when
     the next command is asked for, or the ``async with`` block ends normally). Each window
     of messages is checked against the index in one query when it arrives; commands still
-    waiting in it are checked again, in one query, once a loop body took longer than
-    ``RabbitMQConfig.recheck_after`` (and against their expiry before each hand-out), so a
-    command cancelled or superseded while the device worked on another is not handed out.
+    waiting in it are checked again as they are handed out (or together, at most every
+    ``RabbitMQConfig.recheck_after`` seconds, when that is set), so a command cancelled or
+    superseded while the device worked on another is not handed out.
     If the body raises inside ``async with``, the command is requeued and comes again; the
     id lets a device ignore a repeat. Use it as an async context manager so the channel is
     released and an unfinished command is requeued promptly.
@@ -231,7 +231,9 @@ class CommandStream:
         await self._open()
         self._finish_current()
         # Commands left over from a window may have gone stale while the loop body ran.
-        if self._ready and self._clock() - self._checked_at > self._config.recheck_after:
+        if self._ready and not self._config.recheck_after:
+            await self._recheck_next()
+        elif self._ready and self._clock() - self._checked_at > self._config.recheck_after:
             await self._recheck()
         while self._ready and self._ready[0][1].expires_at <= self._state.clock():
             await self._drop(self._ready.popleft()[0])
@@ -309,6 +311,15 @@ class CommandStream:
                 self._ready.append((message, record))
             else:
                 await self._drop(message)
+
+    async def _recheck_next(self) -> None:
+        """Drops stale commands from the front until the next one is live (a read each)."""
+        while self._ready:
+            message, record = self._ready[0]
+            if record.id in await self._state.deliverable([record.id]):
+                return
+            self._ready.popleft()
+            await self._drop(message)
 
     async def _drop(self, message: AbstractIncomingMessage) -> None:
         logger.debug("dropping stale message %s", message.message_id)

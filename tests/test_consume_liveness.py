@@ -102,9 +102,10 @@ async def test_a_command_that_expires_while_the_device_handles_an_earlier_one_is
         assert await store.get_status(victim) == CommandStatus.EXPIRED
 
 
-async def test_a_command_the_device_finished_is_delivered_by_the_time_it_asks_for_the_next(
+async def test_a_command_the_device_finished_is_delivered_while_it_works_on_the_next(
     tmp_path: Path,
 ) -> None:
+    """Not only once the whole prefetch window is used up: the mark is written at once."""
     async with rabbitmq_store(tmp_path) as store:
         first = await store.enqueue("dev-1", b"first", 600)
         await store.enqueue("dev-1", b"second", 600)
@@ -114,9 +115,30 @@ async def test_a_command_the_device_finished_is_delivered_by_the_time_it_asks_fo
         async with store.consume("dev-1") as stream:
             async for command in stream:
                 if command.id != first:
-                    await _work_on_it(store)
+                    await asyncio.sleep(0.2)  # the device at work; one write takes far less
                     statuses.append(await store.get_status(first))
                 if command.id == last:
                     break
 
         assert statuses == [CommandStatus.DELIVERED, CommandStatus.DELIVERED]
+
+
+async def test_a_command_cancelled_just_before_the_device_asks_for_it_is_not_handed_out(
+    tmp_path: Path,
+) -> None:
+    """No time to spare: the cancel returns microseconds before the device asks."""
+    async with rabbitmq_store(tmp_path, state_url="memory://") as store:
+        first = await store.enqueue("dev-1", b"first", 600)
+        victim = await store.enqueue("dev-1", b"cancelled", 600)
+        last = await store.enqueue("dev-1", b"last", 600)
+
+        received = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                received.append(command.payload)
+                if command.id == first:
+                    await store.cancel_command(victim)
+                if command.id == last:
+                    break
+
+        assert received == [b"first", b"last"]
