@@ -1,5 +1,5 @@
 # The README's commands are these targets; CI calls `make test` through .ci/run.
-.PHONY: demo test lint services
+.PHONY: demo test lint services bench
 
 demo:  ## run the main job
 	scripts/demo.sh
@@ -15,3 +15,8 @@ lint:
 
 services:
 	scripts/services.sh
+
+bench:  ## the benchmarks against the real services; tables in bench/results/ (BENCH_ARGS=--quick)
+	scripts/bootstrap.sh
+	scripts/services.sh rabbitmq postgres redis mosquitto
+	.venv/bin/python -m bench $(BENCH_ARGS)

@@ -25,9 +25,9 @@ fi
 
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: installing amqp-queue and its dev dependencies into .venv"
+  echo "bootstrap: installing amqp-queue and its dev and bench dependencies into .venv"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  .venv/bin/python -m pip install --quiet -e '.[dev,bench]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the local services the tests and the demo need are up: starts an installed but
 # stopped one, installs a missing one with apt-get when running as root, and otherwise stops
-# with a message naming what is missing. Usage: scripts/services.sh [rabbitmq] [postgres] [redis]
+# with a message naming what is missing.
+# Usage: scripts/services.sh [rabbitmq] [postgres] [redis] [mosquitto]
 set -euo pipefail
 
 wanted=("$@")
@@ -61,11 +62,21 @@ ensure_redis() {
   wait_for_port Redis 6379 30
 }
 
+ensure_mosquitto() {
+  port_open 1883 && return 0
+  command -v mosquitto >/dev/null 2>&1 || install_packages mosquitto
+  echo "services: starting Mosquitto"
+  # Mosquitto 2 without a configuration listens on the loopback interface only.
+  mosquitto -d -p 1883
+  wait_for_port Mosquitto 1883 30
+}
+
 for service in "${wanted[@]}"; do
   case "$service" in
     rabbitmq) ensure_rabbitmq ;;
     postgres) ensure_postgres ;;
     redis) ensure_redis ;;
+    mosquitto) ensure_mosquitto ;;
     *) echo "services: unknown service $service" >&2; exit 2 ;;
   esac
 done

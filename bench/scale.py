@@ -1,0 +1,139 @@
+"""Many devices: how fast queues come into being and what each costs the broker.
+
+10,000 devices each get one pending command through amqp-queue (declare, bind, publish on
+the first enqueue), against the same number of bare classic queues holding one message each.
+Broker memory comes from ``rabbitmq-diagnostics memory_breakdown`` (the management plugin is
+not enabled here), before and after, with the queues in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import aio_pika
+
+from bench.harness import Better, Context, Target, rate
+from bench.services import PAYLOAD, TTL, connection, delete_queues, device_ids, rabbitmq_store
+from bench.services import unique as unique_name
+
+GROUP = "Scale: 10,000 devices, one pending command each"
+_NOT_IN_USE = {"reserved_unallocated", "allocated_unused", "total"}
+_SETTLE = 2.0
+
+
+async def broker_memory() -> int:
+    """Bytes the broker's categories hold (memory reserved but unallocated left out)."""
+    tool = shutil.which("rabbitmq-diagnostics") or "/usr/sbin/rabbitmq-diagnostics"
+    process = await asyncio.create_subprocess_exec(
+        tool,
+        "memory_breakdown",
+        "--formatter",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"rabbitmq-diagnostics failed: {err.decode(errors='replace')}")
+    breakdown = json.loads(out)
+    return sum(int(entry["bytes"]) for name, entry in breakdown.items() if name not in _NOT_IN_USE)
+
+
+async def _settled_memory() -> int:
+    # Queue processes hibernate and the broker collects garbage a moment after a burst.
+    await asyncio.sleep(_SETTLE)
+    return await broker_memory()
+
+
+async def _amqp_queue_devices(devices: list[str], producers: int) -> tuple[float, int]:
+    """Seconds to give every device its first command, and the broker memory it took."""
+    before = await _settled_memory()
+    async with rabbitmq_store() as store:
+        work = iter(devices)
+
+        async def producer() -> None:
+            for device in work:
+                await store.enqueue(device, PAYLOAD, TTL)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(producer() for _ in range(min(producers, len(devices)))))
+        seconds = time.perf_counter() - started
+        used = await _settled_memory() - before
+    return seconds, used
+
+
+async def _bare_queues(devices: list[str], producers: int) -> tuple[float, int]:
+    """The same with bare classic queues: declare, publish one persistent message."""
+    prefix = unique_name("bench.bare")
+    names = [f"{prefix}.{device}" for device in devices]
+    before = await _settled_memory()
+    async with connection() as conn:
+        channel = await conn.channel(publisher_confirms=True)
+        try:
+            work = iter(names)
+
+            async def producer() -> None:
+                for name in work:
+                    await channel.declare_queue(name, durable=True)
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(PAYLOAD, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=name,
+                    )
+
+            started = time.perf_counter()
+            await asyncio.gather(*(producer() for _ in range(min(producers, len(names)))))
+            seconds = time.perf_counter() - started
+            used = await _settled_memory() - before
+        finally:
+            await delete_queues(await conn.channel(), names)
+    return seconds, used
+
+
+async def bench_scale(ctx: Context) -> None:
+    sizes, results = ctx.sizes, ctx.results
+    devices = device_ids(sizes.scale_devices)
+    count = len(devices)
+    producers = 100
+    for _ in range(sizes.runs):
+        aq_seconds, aq_bytes = await _amqp_queue_devices(devices, producers)
+        bare_seconds, bare_bytes = await _bare_queues(devices, producers)
+        for key, label, value, unit in (
+            (
+                "aq.scale.declare",
+                "amqp-queue: first command to a new device (declare + bind + index + publish)",
+                rate(count, aq_seconds),
+                "devices/s",
+            ),
+            (
+                "bare.scale.declare",
+                "bare classic queue: declare + publish one message",
+                rate(count, bare_seconds),
+                "devices/s",
+            ),
+            (
+                "aq.scale.memory",
+                "amqp-queue: broker memory per device (queue, binding, one command)",
+                aq_bytes / count / 1024,
+                "KiB",
+            ),
+            (
+                "bare.scale.memory",
+                "bare classic queue with one message: broker memory per queue",
+                bare_bytes / count / 1024,
+                "KiB",
+            ),
+        ):
+            better: Better = "lower" if unit == "KiB" else "higher"
+            results.record(key, value, group=GROUP, label=label, unit=unit, better=better)
+    results.ratio(
+        "broker memory per device / bare classic queue",
+        "aq.scale.memory",
+        "bare.scale.memory",
+        Target(1.1, "lower"),
+    )
+    results.ratio(
+        "new-device rate / bare declare + publish", "aq.scale.declare", "bare.scale.declare"
+    )

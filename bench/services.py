@@ -1,0 +1,128 @@
+"""The real services the benchmarks use, and clean-up of everything they create.
+
+Every benchmark names what it creates uniquely (``bench.<random>``) and deletes it, so runs
+never see each other's queues, tables or keys, nor those of the test suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from amqp_queue import RabbitMQConfig, RabbitMQStore
+
+AMQP_URL = os.environ.get("AMQP_QUEUE_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_URL = os.environ.get(
+    "AMQP_QUEUE_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("AMQP_QUEUE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+MQTT_HOST = os.environ.get("AMQP_QUEUE_BENCH_MQTT_HOST", "127.0.0.1")
+MQTT_PORT = int(os.environ.get("AMQP_QUEUE_BENCH_MQTT_PORT", "1883"))
+
+PAYLOAD = bytes(range(64))
+"""Every benchmark's command: 64 bytes."""
+TTL = 3600.0
+
+
+def unique(prefix: str = "bench") -> str:
+    return f"{prefix}.{secrets.token_hex(4)}"
+
+
+def device_ids(count: int) -> list[str]:
+    return [f"dev-{index:05d}" for index in range(count)]
+
+
+@contextmanager
+def temp_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="amqp-queue-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sqlite_url(directory: Path) -> str:
+    return f"sqlite+aiosqlite:///{directory / 'state.db'}"
+
+
+@asynccontextmanager
+async def connection() -> AsyncIterator[AbstractConnection]:
+    conn = await aio_pika.connect(AMQP_URL)
+    async with conn:
+        yield conn
+
+
+async def delete_queues(channel: AbstractChannel, names: Iterable[str]) -> None:
+    """Deletes queues (messages and all), a few hundred at a time."""
+    pending = list(names)
+    for start in range(0, len(pending), 500):
+        await asyncio.gather(*(channel.queue_delete(name) for name in pending[start : start + 500]))
+
+
+async def delete_namespace(exchange: str, queues: Iterable[str]) -> None:
+    async with connection() as conn:
+        channel = await conn.channel()
+        await delete_queues(channel, queues)
+        await channel.exchange_delete(exchange)
+
+
+@dataclass(frozen=True, slots=True)
+class RawNamespace:
+    connection: AbstractConnection
+    exchange: AbstractExchange
+
+    def queue_name(self, device: str) -> str:
+        return f"{self.exchange.name}.{device}"
+
+
+@asynccontextmanager
+async def raw_namespace(devices: list[str]) -> AsyncIterator[RawNamespace]:
+    """A direct exchange and one durable queue per device, as amqp-queue lays them out.
+
+    The exchange is bound to a channel with publisher confirms.
+    """
+    name = unique("bench.raw")
+    async with connection() as conn:
+        channel = await conn.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
+        try:
+            for device in devices:
+                queue = await channel.declare_queue(f"{name}.{device}", durable=True)
+                await queue.bind(exchange, routing_key=device)
+            yield RawNamespace(conn, exchange)
+        finally:
+            cleanup = await conn.channel()
+            await delete_queues(cleanup, (f"{name}.{device}" for device in devices))
+            await cleanup.exchange_delete(name)
+
+
+@asynccontextmanager
+async def rabbitmq_store(
+    *, state_url: str | None = None, **config: Any
+) -> AsyncIterator[RabbitMQStore]:
+    """A RabbitMQStore in its own exchange namespace (SQLite state in a temporary file)."""
+    exchange = unique("bench.aq")
+    with temp_dir() as directory:
+        store = await RabbitMQStore.connect(
+            AMQP_URL,
+            state_url=state_url or sqlite_url(directory),
+            config=RabbitMQConfig(exchange=exchange, **config),
+        )
+        try:
+            async with store:
+                yield store
+        finally:
+            await delete_namespace(
+                exchange, (f"{exchange}.{device}" for device in store.declared_devices)
+            )
