@@ -1,0 +1,252 @@
+"""What producers did and devices got, and the judge that turns both into a tally.
+
+Times are ``time.monotonic()`` readings, which are system-wide on Linux, so a child process's
+log and the parent's observations share one time line. An operation that never returned (its
+process was killed) is *in flight*: it may or may not have reached the index. Operations on
+one device are sequential, so a device has at most one in flight; the judge tries both
+worlds (it took effect, it did not) and keeps the one that explains the deliveries best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+
+from state import CommandStatus
+
+ENQUEUES = ("plain", "update", "confirmable")
+"""Kinds of operation that create a command: enqueue, enqueue_or_update, ..._with_confirmation."""
+
+
+_ANSWERS = ("CommandNotFound", "CommandExpired")
+
+
+@dataclass(slots=True)
+class Op:
+    """One call a producer made. ``key`` is the payload of the command it made or targets."""
+
+    device: str
+    kind: str  # one of ENQUEUES, or "confirm" / "cancel"
+    key: str
+    command_type: str | None
+    started: float
+    returned: float | None = None  # None: in flight when the process died
+    command_id: str | None = None
+    error: str | None = None
+
+    @property
+    def took_effect(self) -> bool:
+        return self.returned is not None and self.error is None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A command handed to a device: asked for at ``asked``, in the device's hands at
+    ``handed``, done with (the loop body ended) at ``finished``."""
+
+    device: str
+    key: str
+    command_id: str
+    asked: float
+    handed: float
+    finished: float
+
+
+def to_line(record: Op | Delivery) -> str:
+    return json.dumps({"record": type(record).__name__, **asdict(record)})
+
+
+def from_lines(lines: Iterable[str]) -> tuple[list[Op], list[Delivery]]:
+    """Parses a child's stdout; a line cut short by SIGKILL, or any other line, is skipped."""
+    ops: dict[tuple[str, float], Op] = {}
+    deliveries: list[Delivery] = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kind = data.pop("record", None) if isinstance(data, dict) else None
+        if kind == "Op":
+            op = Op(**data)
+            ops[(op.key + op.kind, op.started)] = op  # a finished op overrides its start
+        elif kind == "Delivery":
+            deliveries.append(Delivery(**data))
+    return list(ops.values()), deliveries
+
+
+@dataclass(slots=True)
+class Tally:
+    """Totals of one or more trials."""
+
+    trials: int = 0
+    accepted: int = 0  # enqueues that returned an id
+    delivered: int = 0  # hand-outs to devices, repeats included
+    lost: int = 0  # should have reached a device and never did
+    duplicates: int = 0  # hand-outs of a command beyond its first (same id)
+    stale: int = 0  # handed out after it was cancelled, superseded or while unconfirmed
+    wrong_status: int = 0  # get_status disagreed with what happened
+    raced: int = 0  # cancelled/superseded while in the device's hands (status says so)
+    drain_unseen: int = 0  # claimed by a drain whose caller was killed before it returned
+    outbox_left: int = 0  # ready commands still unpublished after recovery
+    errors: int = 0  # calls that failed (reported, not judged)
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Tally)))
+
+    @property
+    def failures(self) -> int:
+        return self.lost + self.stale + self.wrong_status + self.outbox_left
+
+    def lines(self) -> list[str]:
+        return [f"{f.name:>14}: {getattr(self, f.name)}" for f in fields(Tally)]
+
+
+@dataclass(slots=True)
+class _Fate:
+    """What the operations say about one command in one world."""
+
+    op: Op
+    confirmed_from: float | None = None  # when a confirm that took effect started
+    ended_at: float | None = None  # when a cancel or a replacement that took effect returned
+    ended_by: str | None = None
+    ender_started: float | None = None  # when that cancel or replacement was called
+
+    def end(self, at: float, by: str, started: float) -> None:
+        self.ended_at, self.ended_by, self.ender_started = at, by, started
+
+    @property
+    def must_deliver(self) -> bool:
+        ready = self.op.kind != "confirmable" or self.confirmed_from is not None
+        return ready and self.ended_at is None
+
+    def is_stale(self, delivery: Delivery) -> bool:
+        if self.ended_at is not None and self.ended_at < delivery.asked:
+            return True
+        if self.op.kind == "confirmable":
+            return self.confirmed_from is None or self.confirmed_from > delivery.handed
+        return False
+
+
+def _fates(ops: list[Op], in_flight: Op | None) -> dict[str, _Fate]:
+    """Replays one device's operations; ``in_flight`` is taken to have happened at its start."""
+    effective = [op for op in ops if op.took_effect or op is in_flight]
+    fates: dict[str, _Fate] = {}
+    open_by_type: dict[str, str] = {}
+    for op in sorted(effective, key=lambda op: op.started):
+        at = op.started if op.returned is None else op.returned
+        if op.kind in ENQUEUES:
+            fates[op.key] = _Fate(op)
+            if op.command_type is not None:
+                previous = open_by_type.get(op.command_type)
+                if previous is not None and fates[previous].ended_at is None:
+                    fates[previous].end(at, "superseded", op.started)
+                open_by_type[op.command_type] = op.key
+        elif op.key in fates and op.kind == "confirm":
+            fate = fates[op.key]
+            if fate.confirmed_from is None:
+                fate.confirmed_from = op.started
+        elif op.key in fates and op.kind == "cancel" and fates[op.key].ended_at is None:
+            fates[op.key].end(at, "cancelled", op.started)
+    return fates
+
+
+def _judge_world(fates: dict[str, _Fate], deliveries: list[Delivery]) -> Tally:
+    tally = Tally()
+    counts = Counter(delivery.key for delivery in deliveries)
+    for delivery in deliveries:
+        fate = fates.get(delivery.key)
+        if fate is None or fate.is_stale(delivery):
+            tally.stale += 1
+    tally.lost = sum(1 for key, fate in fates.items() if fate.must_deliver and not counts[key])
+    tally.duplicates = sum(count - 1 for count in counts.values())
+    return tally
+
+
+MARK_WITHIN = 1.0
+"""Seconds within which a finished command must be marked delivered: consume posts the mark as
+the next command is asked for, and a cancel or replacement starting later must find it
+delivered. The margin is the mark's own write under contention (SQLite serialises writers,
+unfairly: a cancel that started a few hundred milliseconds later may commit first)."""
+
+
+def _check_status(
+    fate: _Fate, first: Delivery | None, status: CommandStatus, drained: bool, tally: Tally
+) -> None:
+    if first is not None:
+        ending = {"cancelled": CommandStatus.CANCELLED, "superseded": CommandStatus.SUPERSEDED}
+        if status is CommandStatus.DELIVERED:
+            return
+        ended_by = ending.get(fate.ended_by or "")
+        ender_started = fate.ender_started if fate.ender_started is not None else math.inf
+        if status is ended_by and ender_started < first.finished + MARK_WITHIN:
+            tally.raced += 1  # cancelled or replaced while the device was still on it
+        else:
+            tally.wrong_status += 1
+        return
+    if status is CommandStatus.DELIVERED:
+        if drained:
+            tally.drain_unseen += 1
+        else:
+            tally.wrong_status += 1
+        return
+    if fate.ended_by == "cancelled":
+        expected = CommandStatus.CANCELLED
+    elif fate.ended_by == "superseded":
+        expected = CommandStatus.SUPERSEDED
+    elif fate.op.kind == "confirmable" and fate.confirmed_from is None:
+        expected = CommandStatus.AWAITING_CONFIRMATION
+    else:
+        return  # a command that should have been delivered and was not: counted as lost
+    tally.wrong_status += status is not expected
+
+
+def judge(
+    ops: list[Op],
+    deliveries: list[Delivery],
+    statuses: dict[str, CommandStatus],
+    *,
+    drained: bool = False,
+) -> Tally:
+    """Judges one trial. ``statuses`` maps command ids to ``get_status`` after the trial.
+
+    With ``drained`` a command the index says was delivered but no device saw counts as
+    ``drain_unseen`` (a drain claims before it returns), not as a wrong status.
+    """
+    total = Tally(trials=1, delivered=len(deliveries))
+    total.accepted = sum(1 for op in ops if op.kind in ENQUEUES and op.command_id is not None)
+    # CommandNotFound is an answer, not a failure: the command was delivered or replaced first.
+    total.errors = sum(1 for op in ops if op.error not in (None, *_ANSWERS))
+    for device in sorted({op.device for op in ops} | {d.device for d in deliveries}):
+        device_ops = [op for op in ops if op.device == device]
+        got = [delivery for delivery in deliveries if delivery.device == device]
+        in_flight = [op for op in device_ops if op.returned is None]
+        worlds = [_fates(device_ops, op) for op in [None, *in_flight]]
+        judged = [_judge_world(fates, got) for fates in worlds]
+        best = min(range(len(worlds)), key=lambda i: (judged[i].failures, i))
+        fates, tally = worlds[best], judged[best]
+        first: dict[str, Delivery] = {}
+        for delivery in sorted(got, key=lambda delivery: delivery.finished):
+            first.setdefault(delivery.key, delivery)
+        seen = set(first)
+        for key, fate in fates.items():
+            status = statuses.get(fate.op.command_id or "")
+            if status is None:
+                continue
+            _check_status(fate, first.get(key), status, drained, tally)
+            if drained and fate.must_deliver and key not in seen:
+                # Claimed by the killed drain: counted as drain_unseen, not again as lost.
+                tally.lost -= status is CommandStatus.DELIVERED
+        total += tally
+    return total
+
+
+def required_keys(ops: list[Op]) -> set[str]:
+    """Keys every device must end up with when nothing was in flight (storms)."""
+    required: set[str] = set()
+    for device in {op.device for op in ops}:
+        fates = _fates([op for op in ops if op.device == device], None)
+        required |= {key for key, fate in fates.items() if fate.must_deliver}
+    return required

@@ -1,0 +1,73 @@
+"""The judge of the fault trials: it must catch what it claims to catch."""
+
+from __future__ import annotations
+
+from state import CommandStatus
+from tests.faults.ledger import Delivery, Op, judge
+
+DELIVERED = CommandStatus.DELIVERED
+
+
+def _enqueue(key: str, at: float, kind: str = "plain", returned: float | None = 0.5) -> Op:
+    command_type = {"plain": None, "update": "setpoint", "confirmable": "unlock"}[kind]
+    done = None if returned is None else at + returned
+    return Op("d", kind, key, command_type, at, done, f"id-{key}" if done else None)
+
+
+def _got(key: str, at: float) -> Delivery:
+    return Delivery("d", key, f"id-{key}", at, at, at + 0.1)
+
+
+def test_an_accepted_command_never_delivered_is_lost() -> None:
+    tally = judge([_enqueue("a", 1)], [], {"id-a": CommandStatus.PENDING})
+
+    assert (tally.accepted, tally.lost) == (1, 1)
+
+
+def test_a_repeat_of_the_same_command_is_a_duplicate_not_a_loss() -> None:
+    tally = judge([_enqueue("a", 1)], [_got("a", 5), _got("a", 6)], {"id-a": DELIVERED})
+
+    assert (tally.lost, tally.duplicates, tally.stale, tally.wrong_status) == (0, 1, 0, 0)
+
+
+def test_a_superseded_command_delivered_after_its_replacement_returned_is_stale() -> None:
+    ops = [_enqueue("v1", 1, "update"), _enqueue("v2", 2, "update")]
+    statuses = {"id-v1": CommandStatus.SUPERSEDED, "id-v2": DELIVERED}
+
+    tally = judge(ops, [_got("v1", 5), _got("v2", 6)], statuses)
+
+    assert tally.stale == 1
+
+
+def test_a_command_delivered_before_its_replacement_was_enqueued_is_fine() -> None:
+    ops = [_enqueue("v1", 1, "update"), _enqueue("v2", 9, "update")]
+    statuses = {"id-v1": DELIVERED, "id-v2": DELIVERED}
+
+    tally = judge(ops, [_got("v1", 5), _got("v2", 10)], statuses)
+
+    assert (tally.stale, tally.lost, tally.wrong_status) == (0, 0, 0)
+
+
+def test_an_unconfirmed_command_delivered_is_stale_and_one_left_waiting_is_fine() -> None:
+    ops = [_enqueue("u1", 1, "confirmable"), _enqueue("p", 2)]
+    statuses = {"id-u1": CommandStatus.AWAITING_CONFIRMATION, "id-p": DELIVERED}
+
+    assert judge(ops, [_got("p", 5)], statuses).stale == 0
+    assert judge(ops, [_got("p", 5), _got("u1", 6)], statuses).stale == 1
+
+
+def test_an_enqueue_in_flight_at_the_kill_may_or_may_not_have_replaced_the_last_one() -> None:
+    ops = [_enqueue("v1", 1, "update"), _enqueue("v2", 2, "update", returned=None)]
+    replaced = {"id-v1": CommandStatus.SUPERSEDED}
+
+    assert judge(ops, [_got("v2", 5)], replaced).failures == 0
+    assert judge(ops, [_got("v1", 5)], {"id-v1": DELIVERED}).failures == 0
+    assert judge(ops, [], replaced).lost == 1  # one of the two had to arrive
+    assert judge(ops, [_got("v1", 5), _got("v2", 6)], replaced).stale == 1
+
+
+def test_a_status_that_says_delivered_for_a_command_no_device_got_is_wrong() -> None:
+    tally = judge([_enqueue("a", 1)], [], {"id-a": DELIVERED})
+
+    assert tally.wrong_status == 1
+    assert judge([_enqueue("a", 1)], [], {"id-a": DELIVERED}, drained=True).drain_unseen == 1
