@@ -1,5 +1,5 @@
 # The README's commands are these targets; CI calls `make test` through .ci/run.
-.PHONY: demo test lint services bench
+.PHONY: demo test lint services bench reliability
 
 demo:  ## run the main job
 	scripts/demo.sh
@@ -20,3 +20,13 @@ bench:  ## the benchmarks against the real services; tables in bench/results/ (B
 	scripts/bootstrap.sh
 	scripts/services.sh rabbitmq postgres redis mosquitto
 	.venv/bin/python -m bench $(BENCH_ARGS)
+
+# Broker restarts drop every client of the broker: RELIABILITY_ARGS=--broker-restarts=0 on a
+# shared one. PROPERTY_EXAMPLES sets the long property run (random seeds; CI runs a few, fixed).
+PROPERTY_EXAMPLES ?= 300
+reliability:  ## the full fault harness and long property runs; prints the totals (RELIABILITY_ARGS=...)
+	scripts/bootstrap.sh
+	scripts/services.sh rabbitmq postgres redis
+	.venv/bin/python -m tests.faults $(RELIABILITY_ARGS)
+	AMQP_QUEUE_PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) .venv/bin/python -m pytest -q --timeout=0 \
+		-p no:cacheprovider --hypothesis-show-statistics tests/properties
