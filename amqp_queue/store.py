@@ -310,6 +310,12 @@ class RabbitMQStore:
     async def _publish(self, record: CommandRecord) -> None:
         assert self._publisher is not None
         assert self._relay is not None
+        if self._relay.pending:
+            # Commands the broker has not confirmed yet are waiting: publishing this one
+            # directly would overtake them in the device's queue. The relay publishes the
+            # backlog in ready order, this one included.
+            self._relay.kick()
+            return
         try:
             published = await self._publisher.publish(record)
         except BrokerError as exc:
