@@ -1,0 +1,185 @@
+"""Security: a device gateway's broker credentials reach only its own queue, and nothing
+secret (payloads, broker passwords, API tokens) ever reaches a log line or an error message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import traceback
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import aio_pika
+import aiormq.exceptions
+import httpx
+import pytest
+
+from amqp_queue import RabbitMQConfig, RabbitMQStore
+from state import BrokerError
+from tests.api_support import TOKEN, running
+from tests.faults.broker import rabbitmqctl
+from tests.rabbitmq_support import delete_namespace, rabbitmq_store
+from tests.support import unique
+from tests.tcp_proxy import TCPProxy
+
+BROKER = "127.0.0.1:5672"
+
+
+@asynccontextmanager
+async def broker_user(configure: str, write: str, read: str) -> AsyncIterator[tuple[str, str]]:
+    """A broker user with these permission regexes on vhost /; deleted afterwards."""
+    user, password = unique("test-user-"), unique("pw-")
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, password)
+    try:
+        await asyncio.to_thread(
+            rabbitmqctl, "set_permissions", "-p", "/", user, configure, write, read
+        )
+        yield user, password
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+async def _take_one(queue: aio_pika.abc.AbstractQueue) -> bytes:
+    async with queue.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            return message.body
+    raise AssertionError("the queue iterator ended")
+
+
+async def test_a_gateway_user_consumes_its_own_device_queue_and_is_refused_any_other(
+    tmp_path: Path,
+) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        own, other = store.config.queue_name("gw-7"), store.config.queue_name("gw-70")
+        await store.enqueue("gw-7", b"for gw-7", 600)
+        # gw-70 starts with gw-7: only the anchored regex keeps it out.
+        await store.enqueue("gw-70", b"for gw-70", 600)
+        read_own_queue = f"^{re.escape(own)}$"
+
+        async with broker_user("^$", "^$", read_own_queue) as (user, password):
+            connection = await aio_pika.connect(f"amqp://{user}:{password}@{BROKER}/")
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(own, passive=True)
+                assert await asyncio.wait_for(_take_one(queue), 10) == b"for gw-7"
+
+                channel = await connection.channel()
+                foreign = await channel.declare_queue(other, passive=True)
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="ACCESS_REFUSED"):
+                    await foreign.consume(_ignore)
+
+                channel = await connection.channel()
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="ACCESS_REFUSED"):
+                    await channel.declare_queue(unique("test.gateway-made-"))
+
+        assert await store.drain_pending("gw-70") == [b"for gw-70"]
+
+
+async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    raise AssertionError("a refused consumer got a message")
+
+
+OUR_LOGGERS = ("state", "amqp_queue")
+
+
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # aiormq logs whole AMQP frames at DEBUG, payloads included (see the README's
+        # security notes): of other libraries only INFO and above is held to the rule.
+        if record.levelno < logging.INFO and not record.name.startswith(OUR_LOGGERS):
+            return
+        text = record.getMessage()
+        if record.exc_info:
+            text += "".join(traceback.format_exception(*record.exc_info))
+        self.texts.append(f"{record.name}: {text}")
+
+
+@contextmanager
+def every_log_record() -> Iterator[_Collector]:
+    """Every record of every logger, at DEBUG, with formatted tracebacks."""
+    collector = _Collector()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(collector)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield collector
+    finally:
+        root.removeHandler(collector)
+        root.setLevel(level)
+
+
+def _chain(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+async def _store_session(tmp_path: Path, url: str, payload: bytes, proxy: TCPProxy) -> None:
+    """Every store operation, an outage with the outbox relay, and a consume."""
+    exchange = unique("test.")
+    config = RabbitMQConfig(exchange=exchange, publish_timeout=1.0)
+    state_url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    store = await RabbitMQStore.connect(url, state_url=state_url, config=config)
+    try:
+        await store.enqueue("gw-1", payload, 600)
+        await store.enqueue_or_update("gw-1", "setpoint", payload, 600)
+        unlock = await store.enqueue_with_confirmation("gw-1", "unlock", payload, 600)
+        doomed = await store.enqueue("gw-1", payload, 600)
+        await store.cancel_command(doomed)
+        await proxy.cut()
+        await store.confirm_command(unlock)  # published by the relay after the outage
+        await store.enqueue("gw-2", payload, 600)
+        await proxy.restore()
+        got: list[bytes] = []
+        async with asyncio.timeout(20):
+            while len(got) < 4:
+                got += await store.drain_pending("gw-1") + await store.drain_pending("gw-2")
+                await asyncio.sleep(0.1)
+        await store.enqueue("gw-1", payload, 600)
+        async with store.consume("gw-1") as stream:
+            async for command in stream:
+                assert command.payload == payload
+                break
+        await store.cleanup()
+    finally:
+        await store.close()
+        await delete_namespace(exchange, ["gw-1", "gw-2"])
+
+
+async def test_payloads_passwords_and_tokens_never_reach_a_log_line_or_error_message(
+    tmp_path: Path,
+) -> None:
+    payload = unique("payload-secret-").encode()
+    async with broker_user(".*", ".*", ".*") as (user, password):
+        secrets = [payload.decode(), password, TOKEN]
+        with every_log_record() as logs:
+            with pytest.raises(BrokerError) as refused:
+                await RabbitMQStore.connect(
+                    f"amqp://{user}:{password}-wrong@{BROKER}/",
+                    state_url="memory://",
+                    connect_timeout=1.0,
+                )
+            async with TCPProxy() as proxy:
+                url = f"amqp://{user}:{password}@127.0.0.1:{proxy.port}/?reconnect_interval=0.2"
+                await _store_session(tmp_path, url, payload, proxy)
+            async with running(tmp_path) as api:
+                created = await api.enqueue("dev-1", payload=payload.decode())
+                assert created.status_code == 201
+                command = f"/commands/{created.json()['id']}"
+                assert (await api.client.get(command)).status_code == 200
+                async with httpx.AsyncClient(base_url=api.url) as anonymous:
+                    wrong = {"Authorization": f"Bearer {TOKEN}x"}
+                    assert (await anonymous.get(command, headers=wrong)).status_code == 401
+                    assert (await anonymous.post("/cleanup", headers=wrong)).status_code == 401
+
+    assert len(logs.texts) > 10  # the run did log: reconnects, the relay, the audit trail
+    assert "***" in str(refused.value)
+    for text in [*logs.texts, _chain(refused.value)]:
+        for secret in secrets:
+            assert secret not in text, f"a secret reached the logs: {text[:300]}"
