@@ -59,7 +59,11 @@ def decode_payload(text: object, encoding: object = Encoding.UTF8) -> bytes:
     if not isinstance(text, str):
         raise InvalidPayload(f"payload must be a string, not {type(text).__name__}")
     if kind is Encoding.UTF8:
-        return text.encode()
+        try:
+            return text.encode()
+        except UnicodeEncodeError as exc:
+            # JSON can carry lone surrogates ("\ud800"); they have no UTF-8 form.
+            raise InvalidPayload(f"payload is not valid Unicode text: {exc.reason}") from None
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
