@@ -117,3 +117,43 @@ async def test_unreachable_database_raises_state_error() -> None:
 async def test_negative_retention_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="retention"):
         await SqlStore.connect(sqlite_url(tmp_path), retention=timedelta(seconds=-1))
+
+
+async def _synchronous_level(store: SqlStore) -> int:
+    async with store.engine.connect() as conn:
+        level = await conn.scalar(sa.text("PRAGMA synchronous"))
+    assert isinstance(level, int)
+    return level
+
+
+async def test_sqlite_fsyncs_every_commit_unless_the_url_opts_out(tmp_path: Path) -> None:
+    """synchronous=FULL (2) by default; NORMAL (1) only when the URL asks for it."""
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        assert await _synchronous_level(store) == 2
+    url = sqlite_url(tmp_path) + "?synchronous=normal"
+    async with await SqlStore.connect(url) as store:
+        assert await _synchronous_level(store) == 1
+        await store.enqueue("dev-1", b"x", 60)
+        assert await store.drain_pending("dev-1") == [b"x"]
+
+
+def test_unknown_sqlite_synchronous_level_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        create_engine(sqlite_url(tmp_path) + "?synchronous=off")
+
+
+async def test_plain_and_replacing_writes_store_rows_alike(tmp_path: Path) -> None:
+    """Plain enqueues take the driver-level fast path, typed ones SQLAlchemy: same rows."""
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        plain = await store.enqueue("dev-1", b"plain", 60)
+        typed = await store.enqueue_or_update("dev-1", "setpoint", b"typed", 60)
+        await store.mark_published([plain, typed])
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(command_queue))).mappings().all()
+        by_id = {row["id"]: row for row in rows}
+        for command_id in (plain, typed):
+            row = by_id[command_id]
+            assert row["published_at"] is not None
+            assert row["created_at"].tzinfo is not None
+        assert [c.id for c in await store.get_pending("dev-1")] == [plain, typed]
+        assert await store.drain_pending("dev-1") == [b"plain", b"typed"]

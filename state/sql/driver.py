@@ -1,17 +1,24 @@
-"""The hot writes on a SQLite file in three round trips to the driver's thread instead of eight.
+"""The hot paths on a SQLite file, straight on the driver: fewer round trips to its thread.
 
 aiosqlite runs every call in a thread of its own; through SQLAlchemy one write transaction
 (``BEGIN IMMEDIATE``, an insert, ``COMMIT``) costs eight hops to that thread and back (a cursor
-opened and closed per statement, the pool's reset on return), which at a few hundred
-microseconds each weighs more than the commit's fsync. The plain inserts of ``enqueue`` and
-the publish and delivery marks run here instead, on one connection this store keeps checked
-out: ``BEGIN IMMEDIATE``, one ``executemany``, ``COMMIT``. The SQL is compiled by SQLAlchemy
-from the same table and predicates, and every value goes through the column type's own bind
-processor, so rows are stored exactly as the SQLAlchemy path stores them.
+opened and closed per statement, the pool's reset on return), a one-statement read about
+six, and at a hundred or more microseconds each they weigh more than the commit's fsync.
+Here, on connections the store keeps checked out:
+
+- :class:`SqliteWriter`: the plain inserts of ``enqueue`` and the publish and delivery marks
+  as ``BEGIN IMMEDIATE``, one ``executemany`` per statement, ``COMMIT`` (three hops).
+- :class:`SqliteReader`: ``deliverable`` (what ``consume`` asks before each hand-out) as one
+  statement in autocommit mode, a consistent snapshot by itself (one hop).
+
+The SQL is compiled by SQLAlchemy from the same table and predicates, and every value goes
+through the column type's own bind and result processors, so rows are stored and read
+exactly as on the SQLAlchemy path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -23,9 +30,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from state.sql.schema import IS_OPEN, command_queue
+from state.sql.schema import IS_OPEN, IS_READY, command_queue
 
 c = command_queue.c
+
+_CACHED_COUNTS = 64
 
 FAILURES = (sqlite3.Error, OSError)
 """What the driver raises when the database fails."""
@@ -74,11 +83,108 @@ class _Statement:
         )
 
 
+class _Dedicated:
+    """One pooled connection kept checked out; handed back on close or after a failure."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+        self._driver: Any = None
+        self._opening = asyncio.Lock()
+
+    async def driver(self) -> Any:
+        """The aiosqlite connection under it."""
+        if self._driver is None:
+            async with self._opening:
+                if self._driver is None:
+                    connection = await self._engine.connect()
+                    try:
+                        raw = await connection.get_raw_connection()
+                    except BaseException:
+                        await connection.close()
+                        raise
+                    self._connection, self._driver = connection, raw.driver_connection
+        return self._driver
+
+    async def close(self) -> None:
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is not None:
+            await connection.close()
+
+    async def discard(self) -> None:
+        """Drops the connection: after a failure, whatever state it is in is not reused."""
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is not None:
+            try:
+                await connection.invalidate()
+            finally:
+                await connection.close()
+
+
+class SqliteReader:
+    """``deliverable`` in one statement and one hop; calls may run concurrently."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._dialect = engine.dialect
+        self._connection = _Dedicated(engine)
+        self._columns = [column for column in command_queue.columns if column.name != "seq"]
+        self._results = [
+            column.type.dialect_impl(self._dialect).result_processor(self._dialect, None)
+            for column in self._columns
+        ]
+        self._id = c.id.type.dialect_impl(self._dialect).bind_processor(self._dialect)
+        self._time = c.expires_at.type.dialect_impl(self._dialect).bind_processor(self._dialect)
+        self._sql: dict[int, str] = {}
+
+    async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
+        """Rows (column name to value) of the open, ready, unexpired commands among these."""
+        sql = self._deliverable_sql(len(command_ids))
+        ids = [each if self._id is None else self._id(each) for each in command_ids]
+        at = now if self._time is None else self._time(now)
+        driver = await self._connection.driver()
+        try:
+            rows = await driver.execute_fetchall(sql, (*ids, at))
+        except BaseException:
+            await self._connection.discard()
+            raise
+        names = [column.name for column in self._columns]
+        return [
+            {
+                name: value if process is None else process(value)
+                for name, value, process in zip(names, row, self._results, strict=True)
+            }
+            for row in rows
+        ]
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+    def _deliverable_sql(self, count: int) -> str:
+        """The query for ``count`` ids; small counts (a hand-out asks for one) are cached."""
+        sql = self._sql.get(count)
+        if sql is None:
+            sql = self._compile_deliverable(count)
+            if count <= _CACHED_COUNTS:
+                self._sql[count] = sql
+        return sql
+
+    def _compile_deliverable(self, count: int) -> str:
+        query = sa.select(*self._columns).where(
+            c.id.in_([sa.bindparam(f"id_{index}") for index in range(count)]),
+            IS_OPEN,
+            IS_READY,
+            c.expires_at > sa.bindparam("now"),
+        )
+        compiled = query.compile(dialect=self._dialect)
+        if list(compiled.positiontup or []) != [*(f"id_{i}" for i in range(count)), "now"]:
+            raise AssertionError("unexpected parameter order in the compiled query")
+        return compiled.string
+
+
 class SqliteWriter:
     """Inserts and marks on a dedicated connection; the caller serialises the calls."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
         dialect = engine.dialect
         columns = {column.name: column.type for column in command_queue.columns}
         del columns["seq"]
@@ -97,8 +203,7 @@ class SqliteWriter:
             {"command_id": c.id.type, "at": c.ended_at.type},
             dialect,
         )
-        self._connection: AsyncConnection | None = None
-        self._driver: Any = None
+        self._connection = _Dedicated(engine)
 
     async def write(
         self, rows: Sequence[dict[str, Any]], published: Collection[str], at: datetime
@@ -117,9 +222,7 @@ class SqliteWriter:
 
     async def close(self) -> None:
         """Returns the dedicated connection to the pool."""
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            await connection.close()
+        await self._connection.close()
 
     @staticmethod
     def _marks(
@@ -133,7 +236,7 @@ class SqliteWriter:
         """Runs each statement over its rows in one transaction; returns the rows changed."""
         if not steps:
             return 0
-        driver = await self._checkout()
+        driver = await self._connection.driver()
         changed = 0
         try:
             # execute_fetchall: the BEGIN's cursor never leaves the driver's thread.
@@ -143,26 +246,6 @@ class SqliteWriter:
                 changed += cursor.rowcount
             await driver.commit()
         except BaseException:
-            # Whatever state the connection is in, it is not reused.
-            await self._discard()
+            await self._connection.discard()
             raise
         return changed
-
-    async def _checkout(self) -> Any:
-        if self._driver is None:
-            connection = await self._engine.connect()
-            try:
-                raw = await connection.get_raw_connection()
-            except BaseException:
-                await connection.close()
-                raise
-            self._connection, self._driver = connection, raw.driver_connection
-        return self._driver
-
-    async def _discard(self) -> None:
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            try:
-                await connection.invalidate()
-            finally:
-                await connection.close()

@@ -15,31 +15,54 @@ READ_ONLY = "amqp_queue_read_only"
 # Each pragma, and why:
 # - journal_mode=WAL: readers never block the writer nor the writer the readers, so
 #   get_pending and status lookups run while a drain or an enqueue batch commits.
-# - synchronous=FULL: enqueue promises the command is durable when it returns; in WAL mode
-#   NORMAL can lose the last commits on power loss. Group commit pays the fsync once a batch.
+# - synchronous=FULL (the default, see SYNCHRONOUS): enqueue promises the command is durable
+#   when it returns; in WAL mode NORMAL can lose the last commits on power loss. Group commit
+#   pays the fsync once a batch.
 # - busy_timeout=10000: another process's writer makes us wait instead of failing at once.
 # - foreign_keys=ON: the table has none, but it is the safe default should one be added.
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=FULL",
     "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
 
+SYNCHRONOUS = ("full", "normal")
+"""SQLite ``synchronous`` levels the index accepts, safest first.
+
+``full`` (default): a commit is fsynced before it returns, so an enqueue that returned
+survives a power loss. ``normal``: in WAL mode a commit is not fsynced (the WAL is, at each
+checkpoint); the database stays consistent and survives a crash of the process, but a power
+loss or OS crash can lose the last commits, i.e. enqueues that already returned. Chosen per
+URL: ``sqlite+aiosqlite:///commands.db?synchronous=normal``.
+"""
+
 
 def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
-    """An AsyncEngine for the state index at ``url``, with the SQLite set-up when it is one."""
-    engine = create_async_engine(url, **engine_options)
-    if make_url(url).get_backend_name() == "sqlite":
-        configure_sqlite(engine)
+    """An AsyncEngine for the state index at ``url``, with the SQLite set-up when it is one.
+
+    A SQLite URL may carry ``?synchronous=full|normal`` (see :data:`SYNCHRONOUS`).
+
+    Raises:
+        ValueError: an unknown ``synchronous`` level.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_async_engine(parsed, **engine_options)
+    synchronous = str(parsed.query.get("synchronous", SYNCHRONOUS[0])).lower()
+    if synchronous not in SYNCHRONOUS:
+        raise ValueError(f"synchronous={synchronous!r}: SQLite index accepts {SYNCHRONOUS}")
+    engine = create_async_engine(parsed.difference_update_query(["synchronous"]), **engine_options)
+    configure_sqlite(engine, synchronous=synchronous)
     return engine
 
 
 _configured: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 
-def configure_sqlite(engine: AsyncEngine) -> None:
+def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) -> None:
     """Applies the pragmas and makes write transactions take the write lock up front.
+
+    Only the first call for an engine counts (:func:`create_engine` makes it).
 
     SQLite's default deferred BEGIN takes the write lock at the first write; if another
     connection committed in between, a WAL reader cannot upgrade and fails with SQLITE_BUSY
@@ -57,7 +80,7 @@ def configure_sqlite(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            for pragma in _SQLITE_PRAGMAS:
+            for pragma in (*_SQLITE_PRAGMAS, f"PRAGMA synchronous={synchronous.upper()}"):
                 cursor.execute(pragma)
         finally:
             cursor.close()

@@ -38,10 +38,10 @@ from state.base import DEFAULT_RETENTION, Change, IndexedStore
 from state.clock import Clock, utc_now
 from state.errors import StateError
 from state.model import CommandRecord, EndReason
-from state.sql import sqlite_writer
+from state.sql import driver
+from state.sql.driver import SqliteReader, SqliteWriter
 from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
 from state.sql.schema import IS_OPEN, IS_READY, command_queue, metadata
-from state.sql.sqlite_writer import SqliteWriter
 from state.validation import DEFAULT_LIMITS, Limits
 
 logger = logging.getLogger("state.sql")
@@ -90,7 +90,9 @@ class SqlStore(IndexedStore):
             asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        self._fast = SqliteWriter(engine) if sqlite_writer.usable(engine) else None
+        fast = driver.usable(engine)
+        self._fast = SqliteWriter(engine) if fast else None
+        self._fast_reads = SqliteReader(engine) if fast else None
 
     @classmethod
     async def connect(
@@ -131,6 +133,8 @@ class SqlStore(IndexedStore):
         if self._fast is not None:
             async with self._writers:
                 await self._fast.close()
+        if self._fast_reads is not None:
+            await self._fast_reads.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -263,6 +267,13 @@ class SqlStore(IndexedStore):
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}
+        if self._fast_reads is not None:
+            # consume() asks this before every hand-out: one hop to the driver's thread.
+            try:
+                rows = await self._fast_reads.deliverable(list(command_ids), self.clock())
+            except driver.FAILURES as exc:
+                raise StateError(f"state index read failed: {exc}") from exc
+            return {record.id: record for record in map(_from_columns, rows)}
         query = _select().where(
             c.id.in_(list(command_ids)), IS_OPEN, IS_READY, c.expires_at > self.clock()
         )
@@ -328,7 +339,7 @@ class SqlStore(IndexedStore):
         try:
             async with self._writers:
                 yield
-        except (*sqlite_writer.FAILURES, SQLAlchemyError) as exc:
+        except (*driver.FAILURES, SQLAlchemyError) as exc:
             raise StateError(f"state index {what} failed: {exc}") from exc
 
     @asynccontextmanager
@@ -361,7 +372,10 @@ def _row(record: CommandRecord) -> dict[str, Any]:
 
 
 def _record(row: sa.Row[Any]) -> CommandRecord:
-    values = dict(row._mapping)
+    return _from_columns(dict(row._mapping))
+
+
+def _from_columns(values: dict[str, Any]) -> CommandRecord:
     values.pop("seq", None)
     values["id"] = str(values["id"])
     values["payload"] = bytes(values["payload"])
