@@ -21,7 +21,7 @@ class Sizes:
     """How much work each benchmark does; ``quick`` only checks that everything still runs."""
 
     runs: int = 3
-    seq_enqueue: int = 2_000
+    seq_enqueue: int = 1_000
     conc_enqueue: int = 10_000
     producers: int = 1_000
     in_flight: int = 1_000
@@ -29,10 +29,10 @@ class Sizes:
     drain: int = 10_000
     prefetch: int = 1_000
     confirm: int = 1_000
-    storm: int = 5_000
+    storm: int = 3_000
     storm_types: int = 4
     backend: int = 1_000
-    alternatives: int = 2_000
+    alternatives: int = 1_000
     scale_devices: int = 10_000
     index_small: int = 10_000
     index_large: int = 1_000_000

@@ -88,7 +88,7 @@ async def _bare_queues(devices: list[str], producers: int) -> tuple[float, int]:
             seconds = time.perf_counter() - started
             used = await _settled_memory() - before
         finally:
-            await delete_queues(await conn.channel(), names)
+            await delete_queues(conn, names)
     return seconds, used
 
 

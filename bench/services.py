@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractConnection, AbstractExchange
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
 
@@ -63,17 +63,24 @@ async def connection() -> AsyncIterator[AbstractConnection]:
         yield conn
 
 
-async def delete_queues(channel: AbstractChannel, names: Iterable[str]) -> None:
-    """Deletes queues (messages and all), a few hundred at a time."""
+async def delete_queues(conn: AbstractConnection, names: Iterable[str]) -> None:
+    """Deletes queues (messages and all), spread over channels: one channel's deletes run
+    one after the other on the broker, a few dozen a second."""
     pending = list(names)
-    for start in range(0, len(pending), 500):
-        await asyncio.gather(*(channel.queue_delete(name) for name in pending[start : start + 500]))
+    channels = [await conn.channel() for _ in range(min(16, len(pending)))]
+    try:
+        await asyncio.gather(
+            *(channels[i % len(channels)].queue_delete(name) for i, name in enumerate(pending))
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 async def delete_namespace(exchange: str, queues: Iterable[str]) -> None:
     async with connection() as conn:
+        await delete_queues(conn, queues)
         channel = await conn.channel()
-        await delete_queues(channel, queues)
         await channel.exchange_delete(exchange)
 
 
@@ -102,8 +109,8 @@ async def raw_namespace(devices: list[str]) -> AsyncIterator[RawNamespace]:
                 await queue.bind(exchange, routing_key=device)
             yield RawNamespace(conn, exchange)
         finally:
+            await delete_queues(conn, (f"{name}.{device}" for device in devices))
             cleanup = await conn.channel()
-            await delete_queues(cleanup, (f"{name}.{device}" for device in devices))
             await cleanup.exchange_delete(name)
 
 

@@ -13,7 +13,15 @@ import time
 from amqp_queue import RabbitMQStore
 from bench import rawamqp
 from bench.harness import Context, Target, rate
-from bench.services import PAYLOAD, TTL, device_ids, rabbitmq_store, raw_namespace
+from bench.services import (
+    PAYLOAD,
+    TTL,
+    device_ids,
+    rabbitmq_store,
+    raw_namespace,
+    sqlite_url,
+    temp_dir,
+)
 
 GROUP_ENQUEUE = "Enqueue (persistent, confirmed)"
 GROUP_DELIVERY = "Delivery"
@@ -94,6 +102,24 @@ async def bench_enqueue(ctx: Context) -> None:
                 label=f"amqp-queue enqueue, {sizes.producers:,} concurrent producers",
                 unit="msg/s",
             )
+        with temp_dir() as directory:
+            normal = sqlite_url(directory) + "?synchronous=normal"
+            async with rabbitmq_store(state_url=normal) as store:
+                for device in devices:
+                    await store.ensure_queue(device)
+                started = time.perf_counter()
+                await enqueue_sequential(store, devices, sizes.seq_enqueue)
+                seconds = time.perf_counter() - started
+                results.record(
+                    "aq.enqueue.sequential.normal",
+                    rate(sizes.seq_enqueue, seconds),
+                    group=group,
+                    label=(
+                        "amqp-queue enqueue, sequential, opt-in synchronous=NORMAL "
+                        "(no fsync per commit: not power-loss safe)"
+                    ),
+                    unit="msg/s",
+                )
     results.ratio(
         "concurrent enqueue / raw pipelined publish",
         "aq.enqueue.concurrent",
@@ -103,6 +129,12 @@ async def bench_enqueue(ctx: Context) -> None:
     results.ratio(
         "sequential enqueue / raw sequential publish",
         "aq.enqueue.sequential",
+        "raw.publish.sequential",
+        Target(0.70),
+    )
+    results.ratio(
+        "sequential enqueue, opt-in synchronous=NORMAL / raw sequential publish",
+        "aq.enqueue.sequential.normal",
         "raw.publish.sequential",
         Target(0.70),
     )
