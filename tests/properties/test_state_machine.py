@@ -8,11 +8,13 @@ CI runs a fixed seed and a few examples; ``AMQP_QUEUE_PROPERTY_EXAMPLES=<n>`` ru
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aio_pika
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -23,10 +25,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from amqp_queue import RabbitMQStore
 from state import CommandExpired, CommandNotFound, Store
 from tests.backends import BACKENDS, StoreFactory
 from tests.properties.model import Model
 from tests.properties.runner import LoopRunner, property_settings
+from tests.rabbitmq_support import AMQP_URL
 from tests.support import FakeClock, unique
 
 Result = TypeVar("Result")
@@ -34,7 +38,8 @@ Result = TypeVar("Result")
 RETENTION = timedelta(seconds=120)
 TICK = 0.001  # every operation happens a millisecond after the last: no ties in ready order
 
-devices = st.sampled_from(["dev-a", "dev-b"])
+DEVICES = ["dev-a", "dev-b"]
+devices = st.sampled_from(DEVICES)
 command_types = st.sampled_from(["setpoint", "unlock"])
 payloads = st.binary(max_size=6)
 # Fake seconds; real broker TTLs are as long, and one example lasts far less.
@@ -62,6 +67,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.store: Store = self.runner.enter(
             self.factory(example, clock=self.clock, retention=RETENTION)
         )
+        if isinstance(self.store, RabbitMQStore):
+            # Drains and consumers declare queues the store's own clean-up does not know of.
+            self.runner.enter(_deleting_queues(self.store))
 
     def teardown(self) -> None:
         self.runner.close()
@@ -157,6 +165,18 @@ class QueueMachine(RuleBasedStateMachine):
             assert not isinstance(got, CommandExpired)
         else:
             assert got == expected, f"{command_id}: expected {expected}, got {got!r}"
+
+
+@asynccontextmanager
+async def _deleting_queues(store: RabbitMQStore) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            for device in DEVICES:
+                await channel.queue_delete(store.config.queue_name(device))
 
 
 def _tick() -> timedelta:
