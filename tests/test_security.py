@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import signal
+import sys
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -20,11 +23,12 @@ from amqp_queue import RabbitMQConfig, RabbitMQStore
 from state import BrokerError
 from tests.api_support import TOKEN, running
 from tests.faults.broker import rabbitmqctl
-from tests.rabbitmq_support import delete_namespace, rabbitmq_store
+from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
 from tests.support import unique
 from tests.tcp_proxy import TCPProxy
 
 BROKER = "127.0.0.1:5672"
+SERVING = r"serving the operator API on (http://\S+)"
 
 
 @asynccontextmanager
@@ -183,3 +187,50 @@ async def test_payloads_passwords_and_tokens_never_reach_a_log_line_or_error_mes
     for text in [*logs.texts, _chain(refused.value)]:
         for secret in secrets:
             assert secret not in text, f"a secret reached the logs: {text[:300]}"
+
+
+async def test_serve_at_debug_level_logs_no_payload_and_no_token(tmp_path: Path) -> None:
+    """The service's own log, at its most verbose, with a broker client that logs frames."""
+    exchange, token = unique("test.serve."), unique("token-")
+    payload = unique("payload-secret-")
+    env = {
+        **os.environ,
+        "AMQP_URL": AMQP_URL,
+        "AMQP_QUEUE_STATE_URL": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
+        "AMQP_QUEUE_EXCHANGE": exchange,
+        "AMQP_QUEUE_BIND": "127.0.0.1:0",
+        "AMQP_QUEUE_TOKENS": f"ci:{token}",
+    }
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "amqp_queue.cli", "serve", "--log-level", "debug"),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not (found := re.search(SERVING, log[-1] if log else "")):
+                log.append((await process.stderr.readline()).decode())
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=found.group(1), headers=headers) as client:
+            body = {"payload": payload, "ttl": 600, "mode": "confirm", "command_type": "unlock"}
+            created = await client.post("/devices/gw-1/commands", json=body)
+            assert created.status_code == 201
+            confirmed = await client.post(f"/commands/{created.json()['id']}/confirm")
+            assert confirmed.status_code == 200
+            assert (await client.get("/devices/gw-1/commands")).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            log.append((await process.stderr.read()).decode())
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await delete_namespace(exchange, ["gw-1"])
+
+    text = "".join(log)
+    assert "DEBUG" in text  # it did log at debug level
+    assert payload not in text
+    assert token not in text

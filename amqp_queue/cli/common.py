@@ -167,6 +167,8 @@ def logging_to_stderr(level: int) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # At DEBUG aiormq logs whole AMQP frames, command payloads included.
+    logging.getLogger("aiormq").setLevel(max(level, logging.INFO))
 
 
 def with_settings(function: Callable[..., None]) -> Callable[..., None]:
