@@ -72,7 +72,7 @@ def _brief(tally: Tally) -> str:
     return (
         f"trials={tally.trials} accepted={tally.accepted} delivered={tally.delivered} "
         f"lost={tally.lost} duplicates={tally.duplicates} stale={tally.stale} "
-        f"wrong_status={tally.wrong_status} raced={tally.raced} "
+        f"wrong_status={tally.wrong_status} raced={tally.raced} late_mark={tally.late_mark} "
         f"drain_unseen={tally.drain_unseen} outbox_left={tally.outbox_left} errors={tally.errors}"
     )
 

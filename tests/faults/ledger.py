@@ -89,6 +89,7 @@ class Tally:
     stale: int = 0  # handed out after it was cancelled, superseded or while unconfirmed
     wrong_status: int = 0  # get_status disagreed with what happened
     raced: int = 0  # cancelled/superseded while in the device's hands (status says so)
+    late_mark: int = 0  # ... just after the device finished, before its mark was written
     drain_unseen: int = 0  # claimed by a drain whose caller was killed before it returned
     outbox_left: int = 0  # ready commands still unpublished after recovery
     errors: int = 0  # calls that failed (reported, not judged)
@@ -181,8 +182,10 @@ def _check_status(
             return
         ended_by = ending.get(fate.ended_by or "")
         ender_started = fate.ender_started if fate.ender_started is not None else math.inf
-        if status is ended_by and ender_started < first.finished + MARK_WITHIN:
+        if status is ended_by and ender_started < first.finished:
             tally.raced += 1  # cancelled or replaced while the device was still on it
+        elif status is ended_by and ender_started < first.finished + MARK_WITHIN:
+            tally.late_mark += 1
         else:
             tally.wrong_status += 1
         return

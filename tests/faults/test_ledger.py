@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from state import CommandStatus
-from tests.faults.ledger import Delivery, Op, judge
+from tests.faults.ledger import Delivery, Op, Tally, judge
 
 DELIVERED = CommandStatus.DELIVERED
 
@@ -71,3 +71,16 @@ def test_a_status_that_says_delivered_for_a_command_no_device_got_is_wrong() -> 
 
     assert tally.wrong_status == 1
     assert judge([_enqueue("a", 1)], [], {"id-a": DELIVERED}, drained=True).drain_unseen == 1
+
+
+def test_a_replacement_during_the_loop_body_is_a_race_and_after_it_a_late_mark() -> None:
+    superseded = {"id-v1": CommandStatus.SUPERSEDED, "id-v2": DELIVERED}
+    seen = [_got("v1", 5), _got("v2", 9)]  # v1 in the device's hands from 5 to 5.1
+
+    def judged(replaced_at: float) -> Tally:
+        ops = [_enqueue("v1", 1, "update"), _enqueue("v2", replaced_at, "update")]
+        return judge(ops, seen, superseded)
+
+    assert (judged(5.05).raced, judged(5.05).late_mark) == (1, 0)
+    assert (judged(5.3).raced, judged(5.3).late_mark) == (0, 1)
+    assert judged(7).wrong_status == 1  # long after: the mark should have been there
