@@ -60,11 +60,25 @@ async def producer_kill_trial(rng: random.Random, state_kind: str, directory: Pa
                 # start() already ran the outbox relay once: nothing ready is left unpublished.
                 outbox_left = len(await store.state.unpublished(10_000))
                 deliveries = await _drain_until_empty(store, devices)
+                await _identify_in_flight(store, devices, ops, deliveries)
                 tally = judge(ops, deliveries, await statuses_of(store, ops))
         finally:
             await delete_namespace(exchange, devices)
     tally.outbox_left = outbox_left
     return tally
+
+
+async def _identify_in_flight(
+    store: RabbitMQStore, devices: list[str], ops: list[Op], deliveries: list[Delivery]
+) -> None:
+    """Gives an enqueue that was in flight at the kill the id it got, if it reached the
+    index (delivered, or still pending): payloads are unique, so they name the command."""
+    found = {delivery.key: delivery.command_id for delivery in deliveries}
+    for device in devices:
+        found |= {c.payload.decode(): c.id for c in await store.get_pending(device)}
+    for op in ops:
+        if op.returned is None and op.kind in ENQUEUES and op.key in found:
+            op.command_id = found[op.key]
 
 
 async def _drain_until_empty(store: RabbitMQStore, devices: list[str]) -> list[Delivery]:

@@ -219,31 +219,48 @@ def judge(
     ``drain_unseen`` (a drain claims before it returns), not as a wrong status.
     """
     total = Tally(trials=1, delivered=len(deliveries))
-    total.accepted = sum(1 for op in ops if op.kind in ENQUEUES and op.command_id is not None)
+    total.accepted = sum(
+        1 for op in ops if op.kind in ENQUEUES and op.command_id is not None and op.took_effect
+    )
     # CommandNotFound is an answer, not a failure: the command was delivered or replaced first.
     total.errors = sum(1 for op in ops if op.error not in (None, *_ANSWERS))
     for device in sorted({op.device for op in ops} | {d.device for d in deliveries}):
         device_ops = [op for op in ops if op.device == device]
         got = [delivery for delivery in deliveries if delivery.device == device]
         in_flight = [op for op in device_ops if op.returned is None]
-        worlds = [_fates(device_ops, op) for op in [None, *in_flight]]
-        judged = [_judge_world(fates, got) for fates in worlds]
-        best = min(range(len(worlds)), key=lambda i: (judged[i].failures, i))
-        fates, tally = worlds[best], judged[best]
-        first: dict[str, Delivery] = {}
-        for delivery in sorted(got, key=lambda delivery: delivery.finished):
-            first.setdefault(delivery.key, delivery)
-        seen = set(first)
-        for key, fate in fates.items():
-            status = statuses.get(fate.op.command_id or "")
-            if status is None:
-                continue
-            _check_status(fate, first.get(key), status, drained, tally)
-            if drained and fate.must_deliver and key not in seen:
-                # Claimed by the killed drain: counted as drain_unseen, not again as lost.
-                tally.lost -= status is CommandStatus.DELIVERED
-        total += tally
+        # The world (in-flight call took effect or not) that explains deliveries and
+        # statuses best; on a tie, the one where it did not.
+        worlds = [
+            _judge_device(_fates(device_ops, op), got, statuses, drained)
+            for op in [None, *in_flight]
+        ]
+        total += min(worlds, key=lambda tally: tally.failures)
     return total
+
+
+def _judge_device(
+    fates: dict[str, _Fate],
+    got: list[Delivery],
+    statuses: dict[str, CommandStatus],
+    drained: bool,
+) -> Tally:
+    tally = _judge_world(fates, got)
+    first: dict[str, Delivery] = {}
+    for delivery in sorted(got, key=lambda delivery: delivery.finished):
+        first.setdefault(delivery.key, delivery)
+    for key, fate in fates.items():
+        op = fate.op
+        if op.returned is None and op.command_id is None and key not in first:
+            # Taken to have reached the index, yet neither delivered nor found there.
+            tally.wrong_status += 1
+        status = statuses.get(op.command_id or "")
+        if status is None:
+            continue
+        _check_status(fate, first.get(key), status, drained, tally)
+        if drained and fate.must_deliver and key not in first:
+            # Claimed by the killed drain: counted as drain_unseen, not again as lost.
+            tally.lost -= status is CommandStatus.DELIVERED
+    return tally
 
 
 def required_keys(ops: list[Op]) -> set[str]:

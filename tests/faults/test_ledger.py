@@ -84,3 +84,17 @@ def test_a_replacement_during_the_loop_body_is_a_race_and_after_it_a_late_mark()
     assert (judged(5.05).raced, judged(5.05).late_mark) == (1, 0)
     assert (judged(5.3).raced, judged(5.3).late_mark) == (0, 1)
     assert judged(7).wrong_status == 1  # long after: the mark should have been there
+
+
+def test_a_confirmation_command_in_flight_at_the_kill_may_have_replaced_the_waiting_one() -> None:
+    """Nothing is delivered in either world; only the status tells them apart."""
+    ops = [_enqueue("u1", 1, "confirmable"), _enqueue("u2", 2, "confirmable", returned=None)]
+    waiting = CommandStatus.AWAITING_CONFIRMATION
+
+    assert judge(ops, [], {"id-u1": waiting}).failures == 0
+    assert judge(ops, [], {"id-u1": CommandStatus.CANCELLED}).wrong_status == 1
+    # Replaced by u2 only if u2 is in the index (the trial finds it by its payload).
+    assert judge(ops, [], {"id-u1": CommandStatus.SUPERSEDED}).wrong_status == 1
+    ops[1].command_id = "id-u2"
+    statuses = {"id-u1": CommandStatus.SUPERSEDED, "id-u2": waiting}
+    assert judge(ops, [], statuses).failures == 0
