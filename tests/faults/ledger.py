@@ -4,7 +4,8 @@ Times are ``time.monotonic()`` readings, which are system-wide on Linux, so a ch
 log and the parent's observations share one time line. An operation that never returned (its
 process was killed) is *in flight*: it may or may not have reached the index. Operations on
 one device are sequential, so a device has at most one in flight; the judge tries both
-worlds (it took effect, it did not) and keeps the one that explains the deliveries best.
+worlds (it took effect, it did not) and keeps the one that explains the deliveries and the
+final statuses best. A world in which an in-flight enqueue took effect must find its command.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from state import CommandStatus
 
 ENQUEUES = ("plain", "update", "confirmable")
 """Kinds of operation that create a command: enqueue, enqueue_or_update, ..._with_confirmation."""
-
 
 _ANSWERS = ("CommandNotFound", "CommandExpired")
 
@@ -159,7 +159,17 @@ def _judge_world(fates: dict[str, _Fate], deliveries: list[Delivery]) -> Tally:
     counts = Counter(delivery.key for delivery in deliveries)
     for delivery in deliveries:
         fate = fates.get(delivery.key)
-        if fate is None or fate.is_stale(delivery):
+        # Payloads are unique per command: one under another id than its enqueue returned
+        # would be a copy a device could not recognise as a repeat.
+        if (
+            fate is None
+            or fate.is_stale(delivery)
+            or fate.op.command_id
+            not in (
+                None,
+                delivery.command_id,
+            )
+        ):
             tally.stale += 1
     tally.lost = sum(1 for key, fate in fates.items() if fate.must_deliver and not counts[key])
     tally.duplicates = sum(count - 1 for count in counts.values())

@@ -98,3 +98,9 @@ def test_a_confirmation_command_in_flight_at_the_kill_may_have_replaced_the_wait
     ops[1].command_id = "id-u2"
     statuses = {"id-u1": CommandStatus.SUPERSEDED, "id-u2": waiting}
     assert judge(ops, [], statuses).failures == 0
+
+
+def test_a_delivery_under_another_id_than_the_enqueue_returned_is_stale() -> None:
+    copy = Delivery("d", "a", "id-other", 5, 5, 5.1)
+
+    assert judge([_enqueue("a", 1)], [_got("a", 5), copy], {"id-a": DELIVERED}).stale == 1
