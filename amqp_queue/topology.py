@@ -34,6 +34,8 @@ class Topology:
         self._config = config
         self._exchange: AbstractExchange | None = None
         self._declared: dict[str, asyncio.Future[None]] = {}
+        # Every device whose queue this process declared, by a publish, a drain or a consume.
+        self._devices: dict[str, None] = {}
 
     @property
     def exchange(self) -> AbstractExchange:
@@ -48,8 +50,8 @@ class Topology:
 
     @property
     def declared_devices(self) -> list[str]:
-        """Devices whose queues this process declared."""
-        return list(self._declared)
+        """Devices whose queues this process declared (publishing, draining or consuming)."""
+        return list(self._devices)
 
     @property
     def queue_arguments(self) -> FieldTable:
@@ -103,6 +105,7 @@ class Topology:
         On a robust channel a ``robust`` queue (and its consumer) is restored after a
         reconnect.
         """
+        self._devices[device_id] = None
         name = self._config.queue_name(device_id)
         with broker_errors(f"declaring queue {name!r}"):
             if isinstance(channel, AbstractRobustChannel):
