@@ -11,6 +11,7 @@ scripts/services.sh rabbitmq postgres redis mosquitto
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest "$@"
 # Every benchmark once with tiny sizes, so none rots; fails only when one crashes.
 .venv/bin/python -m bench --quick
+# Last, so the run closes on pytest's summary line.
+.venv/bin/python -m pytest "$@"
