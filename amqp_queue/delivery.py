@@ -98,11 +98,12 @@ def _command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
     return [message.message_id for message in messages if is_command_id(message.message_id)]
 
 
-async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
-    """Acks (or requeues) one message; a lost channel already requeued it on the broker."""
+async def _settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
+    """Acks (or requeues) a message, or with ``multiple`` every delivery up to it; a lost
+    channel already requeued them on the broker."""
     try:
         if ack:
-            await message.ack()
+            await message.ack(multiple=multiple)
         else:
             await message.nack(requeue=True)
     except BROKER_FAILURES as exc:
@@ -207,6 +208,7 @@ class CommandStream:
         self._closed = False
         self._clock = time.monotonic
         self._checked_at = 0.0
+        self._ack_together = True
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -316,7 +318,7 @@ class CommandStream:
         """Drops stale commands from the front until the next one is live (a read each)."""
         while self._ready:
             message, record = self._ready[0]
-            if record.id in await self._state.deliverable([record.id]):
+            if await self._state.is_deliverable(record.id):
                 return
             self._ready.popleft()
             await self._drop(message)
@@ -337,8 +339,19 @@ class CommandStream:
     async def _mark_delivered(
         self, finished: list[tuple[AbstractIncomingMessage, CommandRecord]]
     ) -> None:
-        await self._state.mark_delivered([record.id for _, record in finished])
+        try:
+            await self._state.mark_delivered([record.id for _, record in finished])
+        except BaseException:
+            # These stay unacked, for the broker to redeliver. An ack of several deliveries
+            # at once would take them along, so from now on each is acked by itself.
+            self._ack_together = False
+            raise
         _report_delivered(self._observer, [record for _, record in finished], self._state.clock())
+        if self._ack_together:
+            # Handed out in delivery order, and every earlier delivery on this channel is
+            # settled (acked here or as stale, or in an earlier batch): one frame acks all.
+            await _settle(finished[-1][0], ack=True, multiple=True)
+            return
         for message, _ in finished:
             await _settle(message, ack=True)
 

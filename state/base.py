@@ -240,6 +240,13 @@ class IndexedStore(abc.ABC):
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         """Of these ids, the commands that are open, ready and unexpired now."""
 
+    async def is_deliverable(self, command_id: str) -> bool:
+        """Whether one command is open, ready and unexpired now (asked before a hand-out).
+
+        A backend overrides it where one command can be answered more cheaply than a set.
+        """
+        return command_id in await self.deliverable([command_id])
+
     @abc.abstractmethod
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
         """Marks open commands delivered (after a device took them); returns how many."""

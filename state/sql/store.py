@@ -39,7 +39,7 @@ from state.clock import Clock, utc_now
 from state.errors import StateError
 from state.model import CommandRecord, EndReason
 from state.sql import driver
-from state.sql.driver import SqliteReader, SqliteWriter
+from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
 from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
 from state.sql.schema import IS_OPEN, IS_READY, command_queue, metadata
 from state.validation import DEFAULT_LIMITS, Limits
@@ -93,6 +93,7 @@ class SqlStore(IndexedStore):
         fast = driver.usable(engine)
         self._fast = SqliteWriter(engine) if fast else None
         self._fast_reads = SqliteReader(engine) if fast else None
+        self._live_check = SqliteLiveCheck(engine) if fast else None
 
     @classmethod
     async def connect(
@@ -135,6 +136,8 @@ class SqlStore(IndexedStore):
                 await self._fast.close()
         if self._fast_reads is not None:
             await self._fast_reads.close()
+        if self._live_check is not None:
+            self._live_check.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -280,6 +283,16 @@ class SqlStore(IndexedStore):
         async with self._read() as conn:
             records = [_record(row) for row in await conn.execute(query)]
         return {record.id: record for record in records}
+
+    async def is_deliverable(self, command_id: str) -> bool:
+        if self._live_check is not None:
+            try:
+                live = self._live_check.is_live(command_id, self.clock())
+            except driver.FAILURES as exc:
+                raise StateError(f"state index read failed: {exc}") from exc
+            if live is not None:
+                return live
+        return await super().is_deliverable(command_id)
 
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
         if not command_ids:
