@@ -66,6 +66,7 @@ class RabbitMQStore:
         self._connection = connection
         self._owned: list[IndexedStore | AbstractRobustConnection] = []
         self._channel: AbstractChannel | None = None
+        self._declaring: list[AbstractChannel] = []
         self._topology: Topology | None = None
         self._publisher: Publisher | None = None
         self._relay: OutboxRelay | None = None
@@ -121,7 +122,11 @@ class RabbitMQStore:
             self._channel = await self._open_channel(
                 "opening the publishing channel", publisher_confirms=True
             )
-            self._topology = Topology(self._channel, self.config)
+            self._declaring = [
+                await self._open_channel("opening a channel to declare queues")
+                for _ in range(self.config.declare_channels)
+            ]
+            self._topology = Topology(self._channel, self.config, declaring=self._declaring)
             await self._topology.declare_exchange()
             self._publisher = Publisher(self._topology, self.config, self.state.clock)
             self._relay = OutboxRelay(self.state, self._publisher, self.config)
@@ -140,11 +145,13 @@ class RabbitMQStore:
                 await self._relay.close()
             await self._writes.drain()
             self._connection.reconnect_callbacks.discard(self._on_reconnect)
-            if self._channel is not None and not self._channel.is_closed:
-                try:
-                    await self._channel.close()
-                except BROKER_FAILURES as exc:
-                    logger.warning("closing the publishing channel: %s", exc)
+            channels, self._declaring = [self._channel, *self._declaring], []
+            for channel in channels:
+                if channel is not None and not channel.is_closed:
+                    try:
+                        await channel.close()
+                    except BROKER_FAILURES as exc:
+                        logger.warning("closing a channel of the store: %s", exc)
         finally:
             self._started = False
             for resource in reversed(self._owned):

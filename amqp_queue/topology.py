@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -29,9 +30,19 @@ class Topology:
     cache when a publish comes back unroutable (somebody deleted the queue).
     """
 
-    def __init__(self, channel: AbstractChannel, config: RabbitMQConfig) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        config: RabbitMQConfig,
+        *,
+        declaring: Sequence[AbstractChannel] = (),
+    ) -> None:
         self._channel = channel
         self._config = config
+        # Device queues are declared round-robin over these: one channel's declarations run
+        # one at a time on the broker.
+        self._declaring = list(declaring) or [channel]
+        self._declarations = 0
         self._exchange: AbstractExchange | None = None
         self._declared: dict[str, asyncio.Future[None]] = {}
         # Every device whose queue this process declared, by a publish, a drain or a consume.
@@ -76,13 +87,13 @@ class Topology:
             declared = asyncio.get_running_loop().create_future()
             self._declared[device_id] = declared
             try:
-                # Not robust: the publishing channel need not re-declare every device queue
+                # Not robust: a declaring channel need not re-declare every device queue
                 # after a reconnect; a publish that comes back unroutable declares it again.
                 # Bounded: during an outage a robust channel waits for the broker, and the
                 # enqueue waiting on this must return and leave its command to the outbox.
                 with broker_errors(f"declaring the queue of {device_id!r}"):
                     async with asyncio.timeout(self._config.publish_timeout):
-                        await self.declare_queue(self._channel, device_id, robust=False)
+                        await self.declare_queue(self._next_channel(), device_id, robust=False)
             except BaseException as exc:
                 del self._declared[device_id]
                 declared.set_exception(exc)
@@ -92,6 +103,10 @@ class Topology:
             declared.set_result(None)
             return
         await asyncio.shield(declared)
+
+    def _next_channel(self) -> AbstractChannel:
+        self._declarations += 1
+        return self._declaring[self._declarations % len(self._declaring)]
 
     def forget(self, device_id: str) -> None:
         """Makes the next :meth:`ensure_queue` declare the queue again."""

@@ -3,7 +3,8 @@
 10,000 devices each get one pending command through amqp-queue (declare, bind, publish on
 the first enqueue), against the same number of bare classic queues holding one message each.
 Broker memory comes from ``rabbitmq-diagnostics memory_breakdown`` (the management plugin is
-not enabled here), before and after, with the queues in place.
+not enabled here), before and after, with the queues in place, each reading taken right after
+a full garbage collection of the broker's processes (``rabbitmqctl eval``), for both sides.
 """
 
 from __future__ import annotations
@@ -15,36 +16,44 @@ import time
 
 import aio_pika
 
+from amqp_queue import RabbitMQConfig
 from bench.harness import Better, Context, Target, rate
 from bench.services import PAYLOAD, TTL, connection, delete_queues, device_ids, rabbitmq_store
 from bench.services import unique as unique_name
 
 GROUP = "Scale: 10,000 devices, one pending command each"
 _NOT_IN_USE = {"reserved_unallocated", "allocated_unused", "total"}
-_SETTLE = 2.0
+_SETTLE = 0.5
+_COLLECT_GARBAGE = "[erlang:garbage_collect(P) || P <- erlang:processes()], ok."
+
+
+async def _run_tool(name: str, *args: str) -> bytes:
+    tool = shutil.which(name) or f"/usr/sbin/{name}"
+    process = await asyncio.create_subprocess_exec(
+        tool, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{name} {args[0]} failed: {err.decode(errors='replace')}")
+    return out
 
 
 async def broker_memory() -> int:
     """Bytes the broker's categories hold (memory reserved but unallocated left out)."""
-    tool = shutil.which("rabbitmq-diagnostics") or "/usr/sbin/rabbitmq-diagnostics"
-    process = await asyncio.create_subprocess_exec(
-        tool,
-        "memory_breakdown",
-        "--formatter",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    breakdown = json.loads(
+        await _run_tool("rabbitmq-diagnostics", "memory_breakdown", "--formatter", "json")
     )
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"rabbitmq-diagnostics failed: {err.decode(errors='replace')}")
-    breakdown = json.loads(out)
     return sum(int(entry["bytes"]) for name, entry in breakdown.items() if name not in _NOT_IN_USE)
 
 
 async def _settled_memory() -> int:
-    # Queue processes hibernate and the broker collects garbage a moment after a burst.
+    """Broker memory after a full garbage collection of every broker process.
+
+    Without it a reading holds whatever garbage the last burst left (deltas of the same 10k
+    queues drifted by a third between runs); with it they agree within a few percent.
+    """
     await asyncio.sleep(_SETTLE)
+    await _run_tool("rabbitmqctl", "eval", _COLLECT_GARBAGE)
     return await broker_memory()
 
 
@@ -66,17 +75,22 @@ async def _amqp_queue_devices(devices: list[str], producers: int) -> tuple[float
 
 
 async def _bare_queues(devices: list[str], producers: int) -> tuple[float, int]:
-    """The same with bare classic queues: declare, publish one persistent message."""
+    """The same with bare classic queues: declare, publish one persistent message, over as
+    many channels as amqp-queue declares on."""
     prefix = unique_name("bench.bare")
     names = [f"{prefix}.{device}" for device in devices]
     before = await _settled_memory()
     async with connection() as conn:
-        channel = await conn.channel(publisher_confirms=True)
+        channels = [
+            await conn.channel(publisher_confirms=True)
+            for _ in range(RabbitMQConfig().declare_channels)
+        ]
         try:
-            work = iter(names)
+            work = iter(enumerate(names))
 
             async def producer() -> None:
-                for name in work:
+                for index, name in work:
+                    channel = channels[index % len(channels)]
                     await channel.declare_queue(name, durable=True)
                     await channel.default_exchange.publish(
                         aio_pika.Message(PAYLOAD, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
