@@ -1,15 +1,18 @@
 """The AMQP message of a command: what any consumer on existing infrastructure can read.
 
 Properties: ``message_id`` = command id, persistent delivery, ``expiration`` = remaining TTL in
-milliseconds, ``timestamp`` = enqueue time, ``type`` = command type. Headers, for consumers
-that must judge a message without the state index:
+milliseconds, ``timestamp`` = enqueue time, ``type`` = command type. The routing key of each
+delivery is the device id. Headers, for consumers that must judge a message without the state
+index:
 
-- ``x-device-id``: the device the command is for.
 - ``x-command-type``: the command type; absent for a plain ``enqueue``.
 - ``x-expires-at``: absolute expiry, integer milliseconds since the Unix epoch (UTC). A
   consumer must drop a message whose expiry has passed: classic queues drop expired
   messages only when they reach the head of the queue.
 - ``x-requires-confirmation``: whether an operator approved it before it was published.
+
+Nothing else: every queued message stays in the broker's memory, once per device, so what a
+consumer can learn otherwise (the device id is the routing key) is not repeated.
 """
 
 from __future__ import annotations
@@ -23,12 +26,9 @@ from aiormq import spec
 
 from state.model import CommandRecord
 
-DEVICE_ID = "x-device-id"
 COMMAND_TYPE = "x-command-type"
 EXPIRES_AT = "x-expires-at"
 REQUIRES_CONFIRMATION = "x-requires-confirmation"
-CONTENT_TYPE = "application/octet-stream"
-APP_ID = "amqp-queue"
 
 _MILLISECOND = timedelta(milliseconds=1)
 _PERSISTENT = int(DeliveryMode.PERSISTENT)
@@ -48,7 +48,6 @@ def _expiration_ms(record: CommandRecord, now: datetime) -> int:
 
 def _headers(record: CommandRecord) -> HeadersType:
     headers: HeadersType = {
-        DEVICE_ID: record.device_id,
         EXPIRES_AT: math.floor(record.expires_at.timestamp() * 1000),
         REQUIRES_CONFIRMATION: record.requires_confirmation,
     }
@@ -69,8 +68,6 @@ def to_properties(record: CommandRecord, now: datetime) -> spec.Basic.Properties
         expiration=str(_expiration_ms(record, now)),
         timestamp=record.created_at,
         message_type=record.command_type,
-        content_type=CONTENT_TYPE,
-        app_id=APP_ID,
         headers=_headers(record),
     )
 
@@ -84,7 +81,5 @@ def to_message(record: CommandRecord, now: datetime) -> aio_pika.Message:
         expiration=timedelta(milliseconds=_expiration_ms(record, now)),
         timestamp=record.created_at,
         type=record.command_type,
-        content_type=CONTENT_TYPE,
-        app_id=APP_ID,
         headers=_headers(record),
     )

@@ -13,7 +13,7 @@ import pika
 import pytest
 
 from amqp_queue import MemoryStore, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
-from amqp_queue.messages import COMMAND_TYPE, DEVICE_ID, EXPIRES_AT, REQUIRES_CONFIRMATION
+from amqp_queue.messages import COMMAND_TYPE, EXPIRES_AT, REQUIRES_CONFIRMATION
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
 from tests.support import FakeClock, unique
 
@@ -71,8 +71,8 @@ async def test_message_is_persistent_with_id_expiration_and_headers(
     assert message.expiration == 120.0
     assert message.type == "setpoint"
     expires_at = clock.now + timedelta(seconds=120)
+    assert message.routing_key == "dev-1"
     assert message.headers == {
-        DEVICE_ID: "dev-1",
         COMMAND_TYPE: "setpoint",
         EXPIRES_AT: int(expires_at.timestamp() * 1000),
         REQUIRES_CONFIRMATION: False,
@@ -85,7 +85,8 @@ async def test_plain_command_has_no_command_type_header(store: RabbitMQStore) ->
     message = await take_raw(store, "dev-1")
 
     assert COMMAND_TYPE not in message.headers
-    assert message.headers[DEVICE_ID] == "dev-1"
+    assert message.type is None
+    assert message.routing_key == "dev-1"
 
 
 async def test_a_plain_pika_consumer_reads_the_command_and_its_headers(
