@@ -21,10 +21,17 @@ class Batcher(Generic[Item]):
     ``max_batch``). A failed flush fails every caller of that batch with its exception.
     """
 
-    def __init__(self, flush: Callable[[list[Item]], Awaitable[None]], *, max_batch: int) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[Item]], Awaitable[None]],
+        *,
+        max_batch: int,
+        on_detached_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._flush = flush
         self._max_batch = max_batch
-        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
+        self._on_detached_failure = on_detached_failure
+        self._waiting: list[tuple[Item, asyncio.Future[None] | None]] = []
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> None:
@@ -34,10 +41,18 @@ class Batcher(Generic[Item]):
     def post(self, item: Item) -> asyncio.Future[None]:
         """Queues ``item`` and returns the future of its flush without waiting for it."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue(item, done)
+        return done
+
+    def post_detached(self, item: Item) -> None:
+        """Queues ``item`` with nobody waiting: a failed flush goes to ``on_detached_failure``
+        once per batch (no future per item, for items posted by the thousand)."""
+        self._queue(item, None)
+
+    def _queue(self, item: Item, done: asyncio.Future[None] | None) -> None:
         self._waiting.append((item, done))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(), name="amqp_queue.batcher")
-        return done
 
     async def drain(self) -> None:
         """Waits until everything submitted so far has been flushed."""
@@ -52,9 +67,11 @@ class Batcher(Generic[Item]):
                 await self._flush([item for item, _ in batch])
             except Exception as exc:
                 for _, done in batch:
-                    if not done.done():
+                    if done is not None and not done.done():
                         done.set_exception(exc)
+                if self._on_detached_failure is not None and any(d is None for _, d in batch):
+                    self._on_detached_failure(exc)
             else:
                 for _, done in batch:
-                    if not done.done():
+                    if done is not None and not done.done():
                         done.set_result(None)

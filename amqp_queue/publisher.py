@@ -39,10 +39,11 @@ class Publisher:
             BrokerError: the broker did not confirm it (down, timed out, unroutable twice).
         """
         for attempt in (1, 2):
-            if record.expires_at <= self._clock():
+            now = self._clock()
+            if record.expires_at <= now:
                 return False
             await self._topology.ensure_queue(record.device_id)
-            properties = to_properties(record, self._clock())
+            properties = to_properties(record, now)
             with broker_errors(f"publishing command {record.id}"):
                 async with asyncio.timeout(self._config.publish_timeout):
                     result = await self._basic_publish(record, properties)

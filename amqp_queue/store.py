@@ -73,7 +73,9 @@ class RabbitMQStore:
         self._start_lock = asyncio.Lock()
         self._started = False
         # New commands and the publish marks of earlier ones share each index transaction.
-        self._writes: Batcher[CommandRecord | str] = Batcher(self._write_batch, max_batch=500)
+        self._writes: Batcher[CommandRecord | str] = Batcher(
+            self._write_batch, max_batch=500, on_detached_failure=_log_mark_failure
+        )
 
     @classmethod
     async def connect(
@@ -334,7 +336,7 @@ class RabbitMQStore:
             # Not awaited: a lost mark only means the relay publishes a copy that is
             # dropped at delivery. Queued with the writes, it rides along with the next
             # enqueue's commit instead of contending with it for the index.
-            self._writes.post(record.id).add_done_callback(_log_failure)
+            self._writes.post_detached(record.id)
 
     async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
         """One index round trip: new records, and ids of commands the broker confirmed."""
@@ -361,9 +363,8 @@ def _since(moment: datetime, now: datetime) -> float:
     return max(0.0, (now - moment).total_seconds())
 
 
-def _log_failure(done: asyncio.Future[None]) -> None:
-    if not done.cancelled() and (exc := done.exception()) is not None:
-        logger.warning("marking commands published failed; the relay will republish: %s", exc)
+def _log_mark_failure(exc: BaseException) -> None:
+    logger.warning("marking commands published failed; the relay will republish: %s", exc)
 
 
 async def _connect_robust(url: str, give_up_after: float) -> AbstractRobustConnection:

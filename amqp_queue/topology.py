@@ -102,6 +102,9 @@ class Topology:
                 raise
             declared.set_result(None)
             return
+        if declared.done() and not declared.cancelled() and declared.exception() is None:
+            # The hot path of every publish: no shield, no extra future.
+            return
         await asyncio.shield(declared)
 
     def _next_channel(self) -> AbstractChannel:

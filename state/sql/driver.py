@@ -76,13 +76,15 @@ class _Statement:
         self._processors = [
             types[name].dialect_impl(dialect).bind_processor(dialect) for name in self._names
         ]
+        self._steps = list(zip(self._names, self._processors, strict=True))
 
     def params(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        # Once per row of every batch: a plain comprehension, no generator machinery.
         return tuple(
-            value if process is None else process(value)
-            for value, process in zip(
-                (values[name] for name in self._names), self._processors, strict=True
-            )
+            [
+                values[name] if process is None else process(values[name])
+                for name, process in self._steps
+            ]
         )
 
 

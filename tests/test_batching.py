@@ -1,0 +1,44 @@
+"""Batcher: concurrent submissions share flushes; a failed flush reaches whoever waits on it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from amqp_queue.batching import Batcher
+
+
+async def test_submissions_made_during_a_flush_share_the_next_one() -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> None:
+        flushed.append(items)
+        await asyncio.sleep(0.01)
+
+    batcher = Batcher(flush, max_batch=3)
+    await asyncio.gather(*(batcher.submit(n) for n in range(7)))
+
+    assert flushed == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+async def test_a_failed_flush_fails_its_waiters_and_reports_detached_items_once() -> None:
+    reported: list[BaseException] = []
+
+    async def flush(items: list[str]) -> None:
+        if "bad" in items:
+            raise OSError("disk I/O error")
+
+    batcher = Batcher(flush, max_batch=10, on_detached_failure=reported.append)
+    waited = batcher.post("bad")
+    batcher.post_detached("mark-1")
+    batcher.post_detached("mark-2")
+    with pytest.raises(OSError, match="disk I/O error"):
+        await waited
+    await batcher.drain()
+
+    assert [str(exc) for exc in reported] == ["disk I/O error"]
+
+    batcher.post_detached("fine")
+    await batcher.drain()
+    assert len(reported) == 1
