@@ -33,13 +33,14 @@ from state.base import DEFAULT_RETENTION, IndexedStore
 from state.clock import Clock, utc_now
 from state.errors import BrokerError
 from state.factory import DEFAULT_STATE_URL, open_state
+from state.intake import CommandIntake
 from state.model import CommandRecord, CommandStatus, PendingCommand
-from state.validation import Ttl, validate_command_type, validate_device_id
+from state.validation import validate_device_id
 
 logger = logging.getLogger("amqp_queue.store")
 
 
-class RabbitMQStore:
+class RabbitMQStore(CommandIntake):
     """The command store delivering over RabbitMQ, one durable queue per device.
 
     Args:
@@ -62,6 +63,9 @@ class RabbitMQStore:
     ) -> None:
         self.config = config or RabbitMQConfig()
         self.state = state
+        # What the shared intake validates with, and the index's time.
+        self.limits = self.config.limits
+        self.clock = state.clock
         self.observer = observer or Observer()
         self._connection = connection
         self._owned: list[IndexedStore | AbstractRobustConnection] = []
@@ -174,21 +178,6 @@ class RabbitMQStore:
 
     # -- the Store contract -------------------------------------------------------------
 
-    async def enqueue(self, device_id: str, payload: bytes, ttl: Ttl) -> str:
-        return await self._accept(self._build(device_id, None, payload, ttl, False))
-
-    async def enqueue_or_update(
-        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
-    ) -> str:
-        validate_command_type(command_type, self.config.limits)
-        return await self._accept(self._build(device_id, command_type, payload, ttl, False))
-
-    async def enqueue_with_confirmation(
-        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
-    ) -> str:
-        validate_command_type(command_type, self.config.limits)
-        return await self._accept(self._build(device_id, command_type, payload, ttl, True))
-
     async def get_pending(self, device_id: str) -> list[PendingCommand]:
         return await self.state.get_pending(self._device(device_id))
 
@@ -266,24 +255,6 @@ class RabbitMQStore:
         return await self._relay.flush()
 
     # -- internals ----------------------------------------------------------------------
-
-    def _build(
-        self,
-        device_id: str,
-        command_type: str | None,
-        payload: bytes,
-        ttl: Ttl,
-        requires_confirmation: bool,
-    ) -> CommandRecord:
-        return rules.new_command(
-            device_id=device_id,
-            command_type=command_type,
-            payload=payload,
-            ttl=ttl,
-            requires_confirmation=requires_confirmation,
-            now=self.state.clock(),
-            limits=self.config.limits,
-        )
 
     def _device(self, device_id: str) -> str:
         return validate_device_id(device_id, self.config.limits)

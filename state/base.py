@@ -18,13 +18,12 @@ from typing import Self
 from state import rules
 from state.clock import Clock, utc_now
 from state.errors import CommandNotFound
+from state.intake import CommandIntake
 from state.model import CommandRecord, CommandStatus, PendingCommand
 from state.validation import (
     DEFAULT_LIMITS,
     Limits,
-    Ttl,
     is_command_id,
-    validate_command_type,
     validate_device_id,
 )
 
@@ -36,7 +35,7 @@ Change = Callable[[CommandRecord], CommandRecord | None]
 """Computes a command's new record from its current one (None: unchanged); may raise."""
 
 
-class IndexedStore(abc.ABC):
+class IndexedStore(CommandIntake):
     """A complete :class:`~state.protocol.Store` built on backend primitives.
 
     Args:
@@ -61,24 +60,7 @@ class IndexedStore(abc.ABC):
 
     # -- the Store contract ------------------------------------------------------------
 
-    async def enqueue(self, device_id: str, payload: bytes, ttl: Ttl) -> str:
-        record = self.build(device_id, None, payload, ttl, requires_confirmation=False)
-        await self.add([record])
-        return record.id
-
-    async def enqueue_or_update(
-        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
-    ) -> str:
-        validate_command_type(command_type, self.limits)
-        record = self.build(device_id, command_type, payload, ttl, requires_confirmation=False)
-        await self.add([record])
-        return record.id
-
-    async def enqueue_with_confirmation(
-        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
-    ) -> str:
-        validate_command_type(command_type, self.limits)
-        record = self.build(device_id, command_type, payload, ttl, requires_confirmation=True)
+    async def _accept(self, record: CommandRecord) -> str:
         await self.add([record])
         return record.id
 
@@ -135,26 +117,6 @@ class IndexedStore(abc.ABC):
         await self.close()
 
     # -- helpers shared with the delivery layer ----------------------------------------
-
-    def build(
-        self,
-        device_id: object,
-        command_type: object | None,
-        payload: object,
-        ttl: object,
-        *,
-        requires_confirmation: bool,
-    ) -> CommandRecord:
-        """Validates input and builds a new record; raises before anything is written."""
-        return rules.new_command(
-            device_id=device_id,
-            command_type=command_type,
-            payload=payload,
-            ttl=ttl,
-            requires_confirmation=requires_confirmation,
-            now=self.clock(),
-            limits=self.limits,
-        )
 
     async def confirm(self, command_id: str) -> CommandRecord:
         """Confirms a command and returns its record as it now stands."""
