@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from state import MemoryStore, RedisStore, SqlStore, Store
+from state import IndexedStore, MemoryStore, RedisStore, SqlStore, Store
 from state.sql import command_queue
 from tests.rabbitmq_support import rabbitmq_store
 from tests.support import unique
@@ -107,6 +107,18 @@ BACKENDS: dict[str, StoreFactory] = {
     "postgres": postgres_store,
     "redis": redis_store,
 }
+
+
+INDEX_BACKENDS = ["memory", "sqlite", "postgres", "redis"]
+"""The backends that are a state index (IndexedStore) by themselves."""
+
+
+@asynccontextmanager
+async def indexed_store(name: str, tmp_path: Path, **options: Any) -> AsyncIterator[IndexedStore]:
+    """One of the index backends (memory, sqlite, postgres, redis), as an IndexedStore."""
+    async with BACKENDS[name](tmp_path, **options) as store:
+        assert isinstance(store, IndexedStore), f"{name} is not an index backend"
+        yield store
 
 
 async def commands_held(store: Store) -> int:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from state import Store
-from tests.backends import BACKENDS
+from state import IndexedStore, Store
+from tests.backends import BACKENDS, INDEX_BACKENDS, indexed_store
 from tests.support import FakeClock
 
 OpenStore = Callable[..., AbstractAsyncContextManager[Store]]
@@ -34,4 +34,14 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock)
 @pytest.fixture
 async def store(open_store: OpenStore) -> AsyncIterator[Store]:
     async with open_store() as opened:
+        yield opened
+
+
+@pytest.fixture(params=INDEX_BACKENDS)
+async def indexed(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[IndexedStore]:
+    """An index backend, as the RabbitMQ layer drives it (its primitives, not only the
+    Store contract)."""
+    async with indexed_store(request.param, tmp_path, clock=clock) as opened:
         yield opened

@@ -17,9 +17,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from state import CommandNotFound, CommandStatus, IndexedStore, RedisStore, StateError, open_state
+from state import CommandNotFound, CommandStatus, RedisStore, StateError, open_state
 from state.redis_store import KEY_TTL_MARGIN
-from tests.backends import BACKENDS, REDIS_URL, redis_prefix
+from tests.backends import REDIS_URL, redis_prefix
 from tests.support import FakeClock, unique
 
 REPO = Path(__file__).resolve().parent.parent
@@ -284,80 +284,3 @@ def test_importing_state_does_not_need_redis() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == "False"
-
-
-# -- the primitives the RabbitMQ layer drives: the same answers as MemoryStore -------------
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def indexed(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
-) -> AsyncIterator[IndexedStore]:
-    async with BACKENDS[request.param](tmp_path, clock=clock) as store:
-        assert isinstance(store, IndexedStore)
-        yield store
-
-
-async def test_outbox_lists_ready_unpublished_commands_in_ready_order(
-    indexed: IndexedStore, clock: FakeClock
-) -> None:
-    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"c", 600)
-    first = await indexed.enqueue("dev-1", b"a", 600)
-    short = await indexed.enqueue("dev-2", b"short", 5)
-    clock.advance(1)
-    second = await indexed.enqueue("dev-2", b"b", 600)
-    cancelled = await indexed.enqueue("dev-1", b"no", 600)
-    await indexed.cancel_command(cancelled)
-    clock.advance(1)
-    await indexed.confirm_command(waiting)
-    clock.advance(4)
-
-    assert [r.id for r in await indexed.unpublished(10)] == [first, second, waiting]
-    assert [r.id for r in await indexed.unpublished(2)] == [first, second]
-
-    await indexed.mark_published([first, short])
-    assert [r.id for r in await indexed.unpublished(10)] == [second, waiting]
-    published = await indexed.get(first)
-    assert published is not None
-    assert published.published_at == clock.now
-
-
-async def test_outbox_breaks_ready_time_ties_by_write_order(indexed: IndexedStore) -> None:
-    ids = [await indexed.enqueue("dev-1", f"{n}".encode(), 600) for n in range(30)]
-
-    assert [r.id for r in await indexed.unpublished(7)] == ids[:7]
-    await indexed.mark_published(ids[:7])
-    assert [r.id for r in await indexed.unpublished(30)] == ids[7:]
-
-
-async def test_superseded_and_delivered_commands_leave_the_outbox(indexed: IndexedStore) -> None:
-    await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
-    latest = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
-    drained = await indexed.enqueue("dev-2", b"x", 600)
-    await indexed.drain_pending("dev-2")
-
-    assert [r.id for r in await indexed.unpublished(10)] == [latest]
-    assert await indexed.get_status(drained) == CommandStatus.DELIVERED
-
-
-async def test_deliverable_claim_and_mark_delivered_by_id(
-    indexed: IndexedStore, clock: FakeClock
-) -> None:
-    a = await indexed.enqueue("dev-1", b"a", 600)
-    b = await indexed.enqueue("dev-1", b"b", 600)
-    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"w", 600)
-    expired = await indexed.enqueue("dev-1", b"e", 5)
-    other = await indexed.enqueue("dev-2", b"o", 600)
-    clock.advance(5)
-
-    found = await indexed.deliverable([a, b, waiting, expired, other])
-    assert sorted(found) == sorted([a, b, other])
-
-    claimed = await indexed.claim("dev-1", [b, waiting, expired, other])
-    assert [r.id for r in claimed] == [b]
-    assert claimed[0].delivered
-
-    assert await indexed.mark_delivered([a, b, waiting]) == 2
-    assert await indexed.mark_delivered([a, waiting]) == 0
-    assert [await indexed.get_status(i) for i in (a, b, waiting)] == [CommandStatus.DELIVERED] * 3
-    assert await indexed.get_pending("dev-1") == []

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from state.model import EndReason
 from state.sql.schema import IS_OPEN, IS_READY, command_queue
 
 c = command_queue.c
@@ -266,22 +267,62 @@ class SqliteWriter:
             {"command_id": c.id.type, "at": c.ended_at.type},
             dialect,
         )
+        slot_types = {
+            "device": c.device_id.type,
+            "kind": c.command_type.type,
+            "at": c.ended_at.type,
+            "reason": c.end_reason.type,
+        }
+        in_slot = sa.and_(
+            c.device_id == sa.bindparam("device"), c.command_type == sa.bindparam("kind"), IS_OPEN
+        )
+        # Two statements, so that the first one's row count is the number superseded.
+        self._supersede = _Statement(
+            sa.update(command_queue)
+            .where(in_slot, c.expires_at > sa.bindparam("at"))
+            .values(end_reason=sa.bindparam("reason"), ended_at=sa.bindparam("at")),
+            slot_types,
+            dialect,
+        )
+        self._expire_replaced = _Statement(
+            sa.update(command_queue)
+            .where(in_slot, c.expires_at <= sa.bindparam("at"))
+            .values(end_reason=sa.bindparam("reason"), ended_at=sa.bindparam("at")),
+            slot_types,
+            dialect,
+        )
         self._connection = _Dedicated(engine)
 
     async def write(
-        self, rows: Sequence[dict[str, Any]], published: Collection[str], at: datetime
-    ) -> None:
-        """Inserts rows (``command_queue`` columns but ``seq``) and marks commands published
-        ``at``, in one transaction."""
+        self,
+        rows: Sequence[dict[str, Any]],
+        published: Collection[str],
+        at: datetime,
+        *,
+        replaced: Collection[tuple[str, str]] = (),
+    ) -> int:
+        """In one transaction: ends the open command of each ``(device_id, command_type)``
+        slot in ``replaced``, inserts rows (``command_queue`` columns but ``seq``) and marks
+        commands published ``at``. Returns how many unexpired commands it superseded."""
         steps = []
+        ends = ((self._supersede, EndReason.SUPERSEDED), (self._expire_replaced, EndReason.EXPIRED))
+        for statement, reason in ends if replaced else ():
+            values = {"at": at, "reason": reason.value}
+            steps.append(
+                (
+                    statement.sql,
+                    [statement.params({**values, "device": d, "kind": k}) for d, k in replaced],
+                )
+            )
         if rows:
             steps.append((self._insert.sql, [self._insert.params(row) for row in rows]))
         if published:
             steps.append(self._marks(self._published, published, at))
-        await self._run(steps)
+        changed = await self._run(steps)
+        return changed[0] if replaced else 0
 
     async def mark_delivered(self, command_ids: Collection[str], at: datetime) -> int:
-        return await self._run([self._marks(self._delivered, command_ids, at)])
+        return sum(await self._run([self._marks(self._delivered, command_ids, at)]))
 
     async def close(self) -> None:
         """Returns the dedicated connection to the pool."""
@@ -295,18 +336,19 @@ class SqliteWriter:
             statement.params({"command_id": each, "at": at}) for each in command_ids
         ]
 
-    async def _run(self, steps: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
-        """Runs each statement over its rows in one transaction; returns the rows changed."""
+    async def _run(self, steps: list[tuple[str, list[tuple[Any, ...]]]]) -> list[int]:
+        """Runs each statement over its rows in one transaction; returns each one's rows
+        changed."""
         if not steps:
-            return 0
+            return []
         driver = await self._connection.driver()
-        changed = 0
+        changed: list[int] = []
         try:
             # execute_fetchall: the BEGIN's cursor never leaves the driver's thread.
             await driver.execute_fetchall("BEGIN IMMEDIATE")
             for sql, rows in steps:
                 cursor = await driver.executemany(sql, rows)
-                changed += cursor.rowcount
+                changed.append(cursor.rowcount)
             await driver.commit()
         except BaseException:
             await self._connection.discard()

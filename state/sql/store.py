@@ -48,6 +48,11 @@ logger = logging.getLogger("state.sql")
 
 c = command_queue.c
 _RECORD_COLUMNS = tuple(c[field.name] for field in dataclasses.fields(CommandRecord))
+# CommandRecord.ready_at in SQL (timestamps sort as text on SQLite too).
+_READY_AT = sa.case(
+    (sa.and_(c.requires_confirmation == sa.true(), c.confirmed_at.is_not(None)), c.confirmed_at),
+    else_=c.created_at,
+)
 # A replacement that keeps losing the race for its type's slot means something is wrong.
 _MAX_REPLACE_ATTEMPTS = 200
 
@@ -148,11 +153,12 @@ class SqlStore(IndexedStore):
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         now = self.clock()
-        if self._fast is not None and all(record.command_type is None for record in records):
-            # Plain enqueues replace nothing: the hot path, in fewer driver round trips.
+        if self._fast is not None:
+            # SQLite: one writer at a time (BEGIN IMMEDIATE), so a batch replaces without
+            # racing anybody, in a few statements each run over all its rows.
+            rows, replaced, superseded = _batch_rows(records, now)
             async with self._fast_write("write"):
-                await self._fast.write([_row(record) for record in records], published, now)
-            return 0
+                return superseded + await self._fast.write(rows, published, now, replaced=replaced)
         async with self._write() as conn:
             superseded = await self._add(conn, records, now)
             if published:
@@ -326,7 +332,8 @@ class SqlStore(IndexedStore):
         query = (
             _select()
             .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > self.clock())
-            .order_by(c.seq)
+            # The limit must cut in ready order: a command confirmed late was written early.
+            .order_by(_READY_AT, c.seq)
             .limit(limit)
         )
         async with self._read() as conn:
@@ -382,6 +389,33 @@ def _row(record: CommandRecord) -> dict[str, Any]:
     row = {name: getattr(record, name) for name in _FIELDS}
     row["end_reason"] = None if record.end_reason is None else record.end_reason.value
     return row
+
+
+def _batch_rows(
+    records: Sequence[CommandRecord], now: datetime
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]], int]:
+    """The rows of a batch written at once, the slots whose open command they replace, and
+    how many of the batch's own records a later one of the same slot supersedes.
+
+    Within a batch the last record of a slot wins (rule 3): the earlier ones are written as
+    already ended, so the slot's partial unique index holds at every insert.
+    """
+    latest = {
+        (record.device_id, record.command_type): index
+        for index, record in enumerate(records)
+        if record.command_type is not None
+    }
+    rows: list[dict[str, Any]] = []
+    superseded = 0
+    for index, record in enumerate(records):
+        row = _row(record)
+        kind = record.command_type
+        if kind is not None and latest[(record.device_id, kind)] != index:
+            reason = rules.end_of_replaced(record, now)
+            superseded += reason is EndReason.SUPERSEDED
+            row["end_reason"], row["ended_at"] = reason.value, now
+        rows.append(row)
+    return rows, list(latest), superseded
 
 
 def _record(row: sa.Row[Any]) -> CommandRecord:

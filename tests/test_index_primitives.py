@@ -1,0 +1,146 @@
+"""The primitives the RabbitMQ layer drives, with the same answers on every index backend.
+
+The outbox (``unpublished``, ``mark_published``), delivery by id (``deliverable``, ``claim``,
+``mark_delivered``) and ``is_deliverable``, the one-command liveness check consume() makes
+before each hand-out (SQLite answers it on the calling thread, from a read-only connection of
+its own).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from state import CommandStatus
+from state.base import IndexedStore
+from tests.support import FakeClock
+
+
+async def test_only_open_ready_unexpired_commands_are_deliverable(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    ready = await indexed.enqueue("dev-1", b"ready", 600)
+    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"w", 600)
+    confirmed = await indexed.enqueue_with_confirmation("dev-1", "open", b"c", 600)
+    await indexed.confirm_command(confirmed)
+    superseded = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    replacement = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    cancelled = await indexed.enqueue("dev-1", b"no", 600)
+    await indexed.cancel_command(cancelled)
+    delivered = await indexed.enqueue("dev-2", b"d", 600)
+    await indexed.drain_pending("dev-2")
+    expiring = await indexed.enqueue("dev-1", b"e", 5)
+    clock.advance(5)
+
+    answers = {
+        command_id: await indexed.is_deliverable(command_id)
+        for command_id in (
+            ready,
+            waiting,
+            confirmed,
+            superseded,
+            replacement,
+            cancelled,
+            delivered,
+            expiring,
+            str(uuid.uuid4()),
+        )
+    }
+
+    assert [command_id for command_id, live in answers.items() if live] == [
+        ready,
+        confirmed,
+        replacement,
+    ]
+    assert set(await indexed.deliverable(list(answers))) == {ready, confirmed, replacement}
+
+
+async def test_outbox_lists_ready_unpublished_commands_in_ready_order(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"c", 600)
+    first = await indexed.enqueue("dev-1", b"a", 600)
+    short = await indexed.enqueue("dev-2", b"short", 5)
+    clock.advance(1)
+    second = await indexed.enqueue("dev-2", b"b", 600)
+    cancelled = await indexed.enqueue("dev-1", b"no", 600)
+    await indexed.cancel_command(cancelled)
+    clock.advance(1)
+    await indexed.confirm_command(waiting)
+    clock.advance(4)
+
+    assert [r.id for r in await indexed.unpublished(10)] == [first, second, waiting]
+    assert [r.id for r in await indexed.unpublished(2)] == [first, second]
+
+    await indexed.mark_published([first, short])
+    assert [r.id for r in await indexed.unpublished(10)] == [second, waiting]
+    published = await indexed.get(first)
+    assert published is not None
+    assert published.published_at == clock.now
+
+
+async def test_outbox_breaks_ready_time_ties_by_write_order(indexed: IndexedStore) -> None:
+    ids = [await indexed.enqueue("dev-1", f"{n}".encode(), 600) for n in range(30)]
+
+    assert [r.id for r in await indexed.unpublished(7)] == ids[:7]
+    await indexed.mark_published(ids[:7])
+    assert [r.id for r in await indexed.unpublished(30)] == ids[7:]
+
+
+async def test_superseded_and_delivered_commands_leave_the_outbox(indexed: IndexedStore) -> None:
+    await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    latest = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    drained = await indexed.enqueue("dev-2", b"x", 600)
+    await indexed.drain_pending("dev-2")
+
+    assert [r.id for r in await indexed.unpublished(10)] == [latest]
+    assert await indexed.get_status(drained) == CommandStatus.DELIVERED
+
+
+async def test_deliverable_claim_and_mark_delivered_by_id(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    a = await indexed.enqueue("dev-1", b"a", 600)
+    b = await indexed.enqueue("dev-1", b"b", 600)
+    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"w", 600)
+    expired = await indexed.enqueue("dev-1", b"e", 5)
+    other = await indexed.enqueue("dev-2", b"o", 600)
+    clock.advance(5)
+
+    found = await indexed.deliverable([a, b, waiting, expired, other])
+    assert sorted(found) == sorted([a, b, other])
+
+    claimed = await indexed.claim("dev-1", [b, waiting, expired, other])
+    assert [r.id for r in claimed] == [b]
+    assert claimed[0].delivered
+
+    assert await indexed.mark_delivered([a, b, waiting]) == 2
+    assert await indexed.mark_delivered([a, waiting]) == 0
+    assert [await indexed.get_status(i) for i in (a, b, waiting)] == [CommandStatus.DELIVERED] * 3
+    assert await indexed.get_pending("dev-1") == []
+
+
+async def test_a_batch_that_replaces_a_type_twice_keeps_only_its_last_command(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    """The group commit writes many enqueues at once; within it the latest intent still wins."""
+    old = await indexed.enqueue_or_update("dev-1", "setpoint", b"old", 600)
+    lapsed = await indexed.enqueue_or_update("dev-1", "mode", b"lapsed", 5)
+    clock.advance(5)
+    first, plain, second, mode = batch = [
+        indexed.build("dev-1", "setpoint", b"first", 600),
+        indexed.build("dev-1", None, b"plain", 600),
+        indexed.build("dev-1", "setpoint", b"second", 600),
+        indexed.build("dev-1", "mode", b"eco", 600),
+    ]
+
+    superseded = await indexed.write(batch, [plain.id])
+
+    assert superseded == 2
+    assert [await indexed.get_status(i) for i in (old, lapsed, first.id)] == [
+        CommandStatus.SUPERSEDED,
+        CommandStatus.EXPIRED,
+        CommandStatus.SUPERSEDED,
+    ]
+    assert [c.id for c in await indexed.get_pending("dev-1")] == [plain.id, second.id, mode.id]
+    assert [r.id for r in await indexed.unpublished(10)] == [second.id, mode.id]
+    assert await indexed.drain_pending("dev-1") == [b"plain", b"second", b"eco"]
