@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -291,7 +291,77 @@ class SqliteWriter:
             slot_types,
             dialect,
         )
+        self._dialect = dialect
+        self._types = columns
+        self._row_columns = list(columns)
+        self._results = [
+            columns[name].dialect_impl(dialect).result_processor(dialect, None)
+            for name in self._row_columns
+        ]
+        self._select_one = _Statement(
+            sa.select(*(c[name] for name in self._row_columns)).where(
+                c.id == sa.bindparam("command_id")
+            ),
+            {"command_id": c.id.type},
+            dialect,
+        )
+        self._updates: dict[tuple[str, ...], _Statement] = {}
         self._connection = _Dedicated(engine)
+
+    async def modify(
+        self,
+        command_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+    ) -> dict[str, Any] | None:
+        """Reads a command's row under the write lock, asks ``change`` for the columns to
+        set, and sets them, in one transaction (four hops: begin, read, update, commit).
+
+        Returns the row as read (column name to value), or None when there is none. What
+        ``change`` raises rolls the transaction back and reaches the caller.
+        """
+        driver = await self._connection.driver()
+        try:
+            await driver.execute_fetchall("BEGIN IMMEDIATE")
+            rows = await driver.execute_fetchall(
+                self._select_one.sql, self._select_one.params({"command_id": command_id})
+            )
+            current = None if not rows else self._as_columns(rows[0])
+            try:
+                changes = None if current is None else change(dict(current))
+            except Exception:
+                await driver.rollback()
+                raise
+            if changes:
+                update = self._update(tuple(sorted(changes)))
+                await driver.execute_fetchall(
+                    update.sql, update.params({**changes, "command_id": command_id})
+                )
+            await driver.commit()
+        except BaseException as exc:
+            if not isinstance(exc, Exception) or driver.in_transaction:
+                await self._connection.discard()
+            raise
+        return current
+
+    def _as_columns(self, row: Sequence[Any]) -> dict[str, Any]:
+        return {
+            name: value if process is None else process(value)
+            for name, value, process in zip(self._row_columns, row, self._results, strict=True)
+        }
+
+    def _update(self, names: tuple[str, ...]) -> _Statement:
+        """The UPDATE of these columns by command id, compiled once per set of columns."""
+        statement = self._updates.get(names)
+        if statement is None:
+            statement = _Statement(
+                sa.update(command_queue)
+                .where(c.id == sa.bindparam("command_id"))
+                .values({name: sa.bindparam(name) for name in names}),
+                {**{name: self._types[name] for name in names}, "command_id": c.id.type},
+                self._dialect,
+            )
+            self._updates[names] = statement
+        return statement
 
     async def write(
         self,

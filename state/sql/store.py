@@ -235,6 +235,8 @@ class SqlStore(IndexedStore):
             return [_record(row) for row in await conn.execute(query)]
 
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        if self._fast is not None:
+            return await self._fast_modify(command_id, change)
         async with self._write() as conn:
             query = _select().where(c.id == command_id).with_for_update()
             row = (await conn.execute(query)).first()
@@ -254,6 +256,24 @@ class SqlStore(IndexedStore):
                     sa.update(command_queue).where(c.id == command_id).values(changes)
                 )
             return updated
+
+    async def _fast_modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        """``_modify`` on SQLite straight on the driver (confirm and cancel: four hops)."""
+        assert self._fast is not None
+        outcome: list[CommandRecord] = []
+
+        def changed_columns(values: dict[str, Any]) -> dict[str, Any] | None:
+            current = _from_columns(values)
+            updated = change(current)
+            outcome.append(current if updated is None else updated)
+            if updated is None:
+                return None
+            before, after = _row(current), _row(updated)
+            return {name: value for name, value in after.items() if value != before[name]}
+
+        async with self._fast_write("change"):
+            await self._fast.modify(command_id, changed_columns)
+        return outcome[0] if outcome else None
 
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
