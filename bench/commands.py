@@ -15,14 +15,15 @@ GROUP = "Confirmation and replacement"
 
 
 async def _awaiting(store: RabbitMQStore, devices: list[str], count: int) -> list[str]:
-    """``count`` commands awaiting confirmation, spread over devices with distinct types."""
+    """``count`` commands awaiting confirmation, spread over devices with distinct types,
+    written to the index in one transaction (nothing is published before a confirm)."""
     slots = zip(range(count), itertools.cycle(devices), strict=False)
-    return await asyncio.gather(
-        *(
-            store.enqueue_with_confirmation(device, f"type-{index}", PAYLOAD, TTL)
-            for index, device in slots
-        )
-    )
+    records = [
+        store.build(device, f"type-{index}", PAYLOAD, TTL, requires_confirmation=True)
+        for index, device in slots
+    ]
+    await store.state.write(records, ())
+    return [record.id for record in records]
 
 
 async def _confirm_all(store: RabbitMQStore, ids: list[str], workers: int) -> None:

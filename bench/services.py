@@ -67,7 +67,7 @@ async def delete_queues(conn: AbstractConnection, names: Iterable[str]) -> None:
     """Deletes queues (messages and all), spread over channels: one channel's deletes run
     one after the other on the broker, a few dozen a second."""
     pending = list(names)
-    channels = [await conn.channel() for _ in range(min(16, len(pending)))]
+    channels = [await conn.channel() for _ in range(min(32, len(pending)))]
     try:
         await asyncio.gather(
             *(channels[i % len(channels)].queue_delete(name) for i, name in enumerate(pending))
