@@ -36,7 +36,7 @@ class Sizes:
     scale_devices: int = 10_000
     index_small: int = 10_000
     index_large: int = 1_000_000
-    index_calls: int = 200
+    index_calls: int = 100
 
 
 FULL = Sizes()

@@ -157,3 +157,13 @@ async def test_plain_and_replacing_writes_store_rows_alike(tmp_path: Path) -> No
             assert row["created_at"].tzinfo is not None
         assert [c.id for c in await store.get_pending("dev-1")] == [plain, typed]
         assert await store.drain_pending("dev-1") == [b"plain", b"typed"]
+
+
+@pytest.mark.parametrize("unknown", [0, 2, 1_000, 20_000])
+async def test_deliverable_answers_windows_of_any_width(tmp_path: Path, unknown: int) -> None:
+    """Window queries are padded to a few compiled widths, up to SQLite's parameter limit."""
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        live = [await store.enqueue("dev-1", b"x", 60) for _ in range(3)]
+        ids = [*live, *(str(uuid.uuid4()) for _ in range(unknown))]
+
+        assert sorted(await store.deliverable(ids)) == sorted(live)

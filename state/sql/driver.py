@@ -38,7 +38,7 @@ from state.sql.schema import IS_OPEN, IS_READY, command_queue
 
 c = command_queue.c
 
-_CACHED_COUNTS = 64
+_MOST_PADDED = 16_384
 
 FAILURES = (sqlite3.Error, OSError)
 """What the driver raises when the database fails."""
@@ -144,8 +144,14 @@ class SqliteReader:
 
     async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
         """Rows (column name to value) of the open, ready, unexpired commands among these."""
-        sql = self._deliverable_sql(len(command_ids))
         ids = [each if self._id is None else self._id(each) for each in command_ids]
+        # Padded to a power of two with a repeated id (harmless in IN): a few statements
+        # serve every window size, each compiled once.
+        size = 1 << (len(ids) - 1).bit_length()
+        if size > _MOST_PADDED:
+            size = len(ids)  # SQLite allows 32,766 parameters; a window this wide is rare.
+        ids.extend(ids[:1] * (size - len(ids)))
+        sql = self._deliverable_sql(size)
         at = now if self._time is None else self._time(now)
         driver = await self._connection.driver()
         try:
@@ -166,12 +172,10 @@ class SqliteReader:
         await self._connection.close()
 
     def _deliverable_sql(self, count: int) -> str:
-        """The query for ``count`` ids; small counts (a hand-out asks for one) are cached."""
+        """The query for ``count`` ids (a power of two), compiled once."""
         sql = self._sql.get(count)
         if sql is None:
-            sql = self._compile_deliverable(count)
-            if count <= _CACHED_COUNTS:
-                self._sql[count] = sql
+            sql = self._sql[count] = self._compile_deliverable(count)
         return sql
 
     def _compile_deliverable(self, count: int) -> str:

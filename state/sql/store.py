@@ -297,7 +297,7 @@ class SqlStore(IndexedStore):
         if not command_ids:
             return {}
         if self._fast_reads is not None:
-            # consume() asks this before every hand-out: one hop to the driver's thread.
+            # consume() and drains ask this of every window: one hop to the driver's thread.
             try:
                 rows = await self._fast_reads.deliverable(list(command_ids), self.clock())
             except driver.FAILURES as exc:
