@@ -204,7 +204,11 @@ class CommandStream:
         self._inbox: _Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
-        self._marks = Batcher(self._mark_delivered, max_batch=config.prefetch)
+        self._marks = Batcher(
+            self._mark_delivered,
+            max_batch=config.prefetch,
+            on_detached_failure=self._log_mark_failure,
+        )
         self._closed = False
         self._clock = time.monotonic
         self._checked_at = 0.0
@@ -287,7 +291,7 @@ class CommandStream:
             # Marked and acked in the background at once (what finishes meanwhile shares the
             # write): a command the device is done with must not stay cancellable, or say
             # PENDING, while the device works on the next one.
-            self._marks.post(self._current).add_done_callback(self._log_mark_failure)
+            self._marks.post_detached(self._current)
             self._current = None
 
     async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
@@ -331,10 +335,9 @@ class CommandStream:
     async def _flush_finished(self) -> None:
         await self._marks.drain()
 
-    def _log_mark_failure(self, done: asyncio.Future[None]) -> None:
-        if not done.cancelled() and (exc := done.exception()) is not None:
-            # Unacked, the message comes again once the channel is gone (at-least-once).
-            logger.warning("marking a command of %s delivered failed: %s", self._device_id, exc)
+    def _log_mark_failure(self, exc: BaseException) -> None:
+        # Unacked, the messages come again once the channel is gone (at-least-once).
+        logger.warning("marking commands of %s delivered failed: %s", self._device_id, exc)
 
     async def _mark_delivered(
         self, finished: list[tuple[AbstractIncomingMessage, CommandRecord]]
