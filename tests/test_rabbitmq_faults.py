@@ -113,7 +113,7 @@ async def test_consume_resumes_after_the_broker_closes_the_connection(tmp_path: 
             sent.append(await store.enqueue("dev-1", f"{n}".encode(), 600))
 
         await asyncio.wait_for(consumer, 30)
-        assert [c.id for c in received] == sent
+        assert [c.id for c in received] == sent, [c.payload for c in received]
         assert [await store.get_status(command_id) for command_id in sent] == [
             CommandStatus.DELIVERED
         ] * 10

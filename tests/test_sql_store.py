@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,8 @@ from sqlalchemy.exc import IntegrityError
 
 from state import CommandStatus, SqlStore, StateError
 from state.sql import command_queue, create_engine
+from state.sql.driver import SqliteLiveCheck
+from state.sql.store import unpublished_query
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.support import FakeClock
 
@@ -167,3 +169,41 @@ async def test_deliverable_answers_windows_of_any_width(tmp_path: Path, unknown:
         ids = [*live, *(str(uuid.uuid4()) for _ in range(unknown))]
 
         assert sorted(await store.deliverable(ids)) == sorted(live)
+
+
+async def test_the_liveness_check_reads_the_stores_own_file_after_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """consume()'s per-hand-out check opens the file the engine opens, not a new one."""
+    monkeypatch.chdir(tmp_path)
+    async with await SqlStore.connect("sqlite+aiosqlite:///relative.db") as store:
+        live = await store.enqueue("dev-1", b"x", 60)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+
+        assert await store.is_deliverable(live)
+    assert not (elsewhere / "relative.db").exists()
+
+
+def test_a_closed_liveness_check_never_reopens_its_connection(tmp_path: Path) -> None:
+    check = SqliteLiveCheck(create_engine(sqlite_url(tmp_path)))
+    check.close()
+
+    assert check.is_live(str(uuid.uuid4()), datetime.now(UTC)) is None
+    assert not (tmp_path / "commands.db").exists()
+
+
+async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:
+    """A relay catching up on a large backlog must not sort the backlog on every pass."""
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        compiled = unpublished_query(datetime.now(UTC), 500).compile(store.engine)
+        placeholders = tuple(None for _ in compiled.positiontup or [])
+        async with store.engine.connect() as conn:
+            plan = (
+                await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", placeholders)
+            ).all()
+
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "ix_command_queue_outbox_ready" in details
+    assert "TEMP B-TREE" not in details

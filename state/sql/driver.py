@@ -54,7 +54,8 @@ def usable(engine: AsyncEngine) -> bool:
     return (
         url.get_backend_name() == "sqlite"
         and url.get_driver_name() == "aiosqlite"
-        and database not in ("", ":memory:")
+        and database != ""
+        and ":memory:" not in database
         and "mode=memory" not in database
         and url.query.get("mode") != "memory"
         and not isinstance(engine.sync_engine.pool, StaticPool | SingletonThreadPool)
@@ -201,8 +202,12 @@ class SqliteLiveCheck:
 
     def __init__(self, engine: AsyncEngine) -> None:
         dialect = engine.dialect
-        self._path = engine.url.database or ""
-        self._uri = str(engine.url.query.get("uri", "")).lower() in ("1", "true")
+        # The file exactly as the engine's own connections open it (absolute path, URI and
+        # its options), even if the working directory changes later.
+        args, options = dialect.create_connect_args(engine.url)
+        self._path: str = args[0]
+        self._uri = bool(options.get("uri", False))
+        self._closed = False
         query = sa.select(c.id).where(
             c.id == sa.bindparam("command_id"),
             IS_OPEN,
@@ -215,7 +220,10 @@ class SqliteLiveCheck:
         self._connection: sqlite3.Connection | None = None
 
     def is_live(self, command_id: str, now: datetime) -> bool | None:
-        """True or False; None when SQLite is busy and could not answer without waiting."""
+        """True or False; None when it cannot answer without waiting (SQLite busy) or at
+        all (closed): the caller then asks on a driver thread."""
+        if self._closed:
+            return None
         if self._connection is None:
             self._connection = self._open()
         params = self._statement.params({"command_id": command_id, "now": now})
@@ -225,11 +233,16 @@ class SqliteLiveCheck:
             # The primary code is the low byte (SQLITE_BUSY_RECOVERY is a kind of SQLITE_BUSY).
             if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 return None
-            self.close()
+            self._drop()
             raise
         return row is not None
 
     def close(self) -> None:
+        """Closes the connection for good: a stream outliving its store never reopens it."""
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()

@@ -104,10 +104,14 @@ sa.Index(
     sqlite_where=c.ended_at.is_not(None),
     postgresql_where=c.ended_at.is_not(None),
 )
-# The outbox relay looks only for open commands the broker has not confirmed yet.
+# CommandRecord.ready_at: only a confirmation sets confirmed_at, and only on a command that
+# requires one, so the confirmation time where there is one, else the enqueue time.
+READY_AT = sa.func.coalesce(c.confirmed_at, c.created_at)
+# The outbox relay reads open commands the broker has not confirmed yet, in ready order.
 _UNPUBLISHED = sa.and_(IS_OPEN, c.published_at.is_(None))
 sa.Index(
-    "ix_command_queue_outbox",
+    "ix_command_queue_outbox_ready",
+    READY_AT,
     c.seq,
     sqlite_where=_UNPUBLISHED,
     postgresql_where=_UNPUBLISHED,

@@ -41,18 +41,13 @@ from state.model import CommandRecord, EndReason
 from state.sql import driver
 from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
 from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
-from state.sql.schema import IS_OPEN, IS_READY, command_queue, metadata
+from state.sql.schema import IS_OPEN, IS_READY, READY_AT, command_queue, metadata
 from state.validation import DEFAULT_LIMITS, Limits
 
 logger = logging.getLogger("state.sql")
 
 c = command_queue.c
 _RECORD_COLUMNS = tuple(c[field.name] for field in dataclasses.fields(CommandRecord))
-# CommandRecord.ready_at in SQL (timestamps sort as text on SQLite too).
-_READY_AT = sa.case(
-    (sa.and_(c.requires_confirmation == sa.true(), c.confirmed_at.is_not(None)), c.confirmed_at),
-    else_=c.created_at,
-)
 # A replacement that keeps losing the race for its type's slot means something is wrong.
 _MAX_REPLACE_ATTEMPTS = 200
 
@@ -349,13 +344,7 @@ class SqlStore(IndexedStore):
             return (await conn.execute(delete)).rowcount
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
-        query = (
-            _select()
-            .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > self.clock())
-            # The limit must cut in ready order: a command confirmed late was written early.
-            .order_by(_READY_AT, c.seq)
-            .limit(limit)
-        )
+        query = unpublished_query(self.clock(), limit)
         async with self._read() as conn:
             return rules.in_ready_order(_record(row) for row in await conn.execute(query))
 
@@ -391,6 +380,20 @@ class SqlStore(IndexedStore):
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index read failed: {exc}") from exc
+
+
+def unpublished_query(now: datetime, limit: int) -> sa.Select[Any]:
+    """The outbox: ready, unexpired commands the broker has not confirmed, in ready order.
+
+    The limit must cut in ready order (a command confirmed late was written early), which
+    the partial index ``ix_command_queue_outbox_ready`` serves without sorting.
+    """
+    return (
+        _select()
+        .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > now)
+        .order_by(READY_AT, c.seq)
+        .limit(limit)
+    )
 
 
 def _mark_published(command_ids: Collection[str], now: datetime) -> sa.Update:
