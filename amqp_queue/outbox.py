@@ -41,11 +41,25 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self.pending = True
         """Whether this process knows of, or may hold, unpublished commands."""
+        self._kicks = 0
 
     def kick(self) -> None:
-        """Asks for a pass soon (a publish failed, or the connection came back)."""
+        """Asks for a pass soon (a publish failed, the connection came back, or a command
+        was left behind the backlog)."""
         self.pending = True
+        self._kicks += 1
         self._wake.set()
+
+    def _settled(self, kicks_before_read: int) -> bool:
+        """Clears ``pending`` unless a kick came after the pass's last read began.
+
+        A command that kicked after that read was committed too late for it; clearing
+        ``pending`` then would let the next command be published directly, ahead of it.
+        """
+        if self._kicks != kicks_before_read:
+            return False
+        self.pending = False
+        return True
 
     async def flush(self) -> int:
         """Publishes every unpublished ready command now; returns how many were published.
@@ -57,10 +71,12 @@ class OutboxRelay:
         async with self._lock:
             published = 0
             while True:
+                kicks = self._kicks
                 records = await self._state.unpublished(self._config.relay_batch)
                 if not records:
-                    self.pending = False
-                    return published
+                    if self._settled(kicks):
+                        return published
+                    continue
                 results = await asyncio.gather(
                     *(self._publisher.publish(record) for record in records),
                     return_exceptions=True,
@@ -77,9 +93,8 @@ class OutboxRelay:
                     raise BrokerError(
                         f"outbox: {len(failures)} of {len(records)} publishes failed"
                     ) from failures[0]
-                if all(result is False for result in results):
+                if all(result is False for result in results) and self._settled(kicks):
                     # Everything left expired while waiting; nothing more can be published.
-                    self.pending = False
                     return published
 
     def start(self) -> None:
