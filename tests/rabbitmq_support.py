@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits
+from state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits, SqlStore
 from state.clock import utc_now
 from tests.support import unique
 
@@ -53,4 +53,22 @@ async def rabbitmq_store(
         async with store:
             yield store
     finally:
+        await delete_namespace(exchange, store.declared_devices)
+
+
+@asynccontextmanager
+async def store_on_index(state: SqlStore) -> AsyncIterator[RabbitMQStore]:
+    """A started RabbitMQStore in its own namespace over a caller's SQL index, for tests that
+    instrument the index; the index, connection and namespace are closed afterwards."""
+    exchange = unique("test.")
+    await state.create_table()
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange), state=state)
+    try:
+        async with store:
+            yield store
+    finally:
+        await connection.close()
+        await state.close()
+        await state.engine.dispose()
         await delete_namespace(exchange, store.declared_devices)

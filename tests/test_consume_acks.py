@@ -11,13 +11,10 @@ import asyncio
 from collections.abc import Collection
 from pathlib import Path
 
-import aio_pika
-
-from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
+from amqp_queue import CommandStatus
 from state import SqlStore, StateError
 from state.sql import create_engine
-from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import unique
+from tests.rabbitmq_support import store_on_index
 
 
 class MarksFailOnce(SqlStore):
@@ -35,40 +32,30 @@ class MarksFailOnce(SqlStore):
 async def test_a_command_whose_mark_failed_is_redelivered_after_later_ones_are_acked(
     tmp_path: Path,
 ) -> None:
-    exchange = unique("test.")
     state = MarksFailOnce(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"))
-    await state.create_table()
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange), state=state)
-    try:
-        async with store:
-            ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(4)]
+    async with store_on_index(state) as store:
+        ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(4)]
 
-            first_pass: list[str] = []
-            async with store.consume("dev-1") as stream:
-                async for command in stream:
-                    first_pass.append(command.id)
-                    if len(first_pass) == 2:
-                        # The device works on the second command while the first one's
-                        # mark runs (and fails) in a batch of its own.
-                        await asyncio.sleep(0.2)
-                    if len(first_pass) == len(ids):
-                        break
-
-            assert first_pass == ids
-            assert state.failed == ids[:1]
-            assert await store.get_status(ids[0]) == CommandStatus.PENDING
-            assert [await store.get_status(i) for i in ids[1:]] == [CommandStatus.DELIVERED] * 3
-
-            again: list[str] = []
-            async with store.consume("dev-1") as stream:
-                async for command in stream:
-                    again.append(command.id)
+        first_pass: list[str] = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                first_pass.append(command.id)
+                if len(first_pass) == 2:
+                    # The device works on the second command while the first one's
+                    # mark runs (and fails) in a batch of its own.
+                    await asyncio.sleep(0.2)
+                if len(first_pass) == len(ids):
                     break
-            assert again == ids[:1]
-            assert await store.get_status(ids[0]) == CommandStatus.DELIVERED
-    finally:
-        await connection.close()
-        await state.close()
-        await state.engine.dispose()
-        await delete_namespace(exchange, ["dev-1"])
+
+        assert first_pass == ids
+        assert state.failed == ids[:1]
+        assert await store.get_status(ids[0]) == CommandStatus.PENDING
+        assert [await store.get_status(i) for i in ids[1:]] == [CommandStatus.DELIVERED] * 3
+
+        again: list[str] = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                again.append(command.id)
+                break
+        assert again == ids[:1]
+        assert await store.get_status(ids[0]) == CommandStatus.DELIVERED

@@ -12,14 +12,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import aio_pika
-
-from amqp_queue import RabbitMQConfig, RabbitMQStore
 from state import SqlStore
 from state.model import CommandRecord
 from state.sql import create_engine
-from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import unique
+from tests.rabbitmq_support import store_on_index
 
 
 class HeldOutboxRead(SqlStore):
@@ -46,43 +42,33 @@ class HeldOutboxRead(SqlStore):
 async def test_a_command_committed_during_the_relays_read_keeps_its_place(
     tmp_path: Path,
 ) -> None:
-    exchange = unique("test.")
     state = HeldOutboxRead(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"))
-    await state.create_table()
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange), state=state)
-    try:
-        async with store:
-            await store.ensure_queue("dev-1")
-            (first_read, first_release), (next_read, next_release) = state.arm(2)
-            # What a reconnect does: the relay makes a pass, here one whose reads are slow.
-            assert store._relay is not None
-            store._relay.kick()
-            await asyncio.wait_for(first_read.wait(), 5)
-            first = await store.enqueue("dev-1", b"first", 600)  # after the pass read
-            first_release.set()
-            # The relay reads again (it must: a command came in during its read); while
-            # it does, the next command arrives.
-            await asyncio.wait_for(next_read.wait(), 5)
-            second = await store.enqueue("dev-1", b"second", 600)
-            next_release.set()
+    async with store_on_index(state) as store:
+        await store.ensure_queue("dev-1")
+        (first_read, first_release), (next_read, next_release) = state.arm(2)
+        # What a reconnect does: the relay makes a pass, here one whose reads are slow.
+        assert store._relay is not None
+        store._relay.kick()
+        await asyncio.wait_for(first_read.wait(), 5)
+        first = await store.enqueue("dev-1", b"first", 600)  # after the pass read
+        first_release.set()
+        # The relay reads again (it must: a command came in during its read); while
+        # it does, the next command arrives.
+        await asyncio.wait_for(next_read.wait(), 5)
+        second = await store.enqueue("dev-1", b"second", 600)
+        next_release.set()
 
-            async with asyncio.timeout(5):
-                # Polls the index the relay writes (within the relay's 30 s interval).
-                while not await _all_published(state, first, second):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-            received: list[bytes] = []
-            async with store.consume("dev-1") as stream:
-                async for command in stream:  # queue order, as a device sees it
-                    received.append(command.payload)
-                    if len(received) == 2:
-                        break
-            assert received == [b"first", b"second"]
-    finally:
-        await connection.close()
-        await state.close()
-        await state.engine.dispose()
-        await delete_namespace(exchange, ["dev-1"])
+        async with asyncio.timeout(5):
+            # Polls the index the relay writes (within the relay's 30 s interval).
+            while not await _all_published(state, first, second):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        received: list[bytes] = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:  # queue order, as a device sees it
+                received.append(command.payload)
+                if len(received) == 2:
+                    break
+        assert received == [b"first", b"second"]
 
 
 async def _all_published(state: SqlStore, *command_ids: str) -> bool:
