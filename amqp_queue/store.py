@@ -128,10 +128,11 @@ class RabbitMQStore(CommandIntake):
             self._channel = await self._open_channel(
                 "opening the publishing channel", publisher_confirms=True
             )
-            self._declaring = [
-                await self._open_channel("opening a channel to declare queues")
-                for _ in range(self.config.declare_channels)
-            ]
+            # One at a time into the list close() closes, so none leaks if a later one fails.
+            for _ in range(self.config.declare_channels):
+                self._declaring.append(
+                    await self._open_channel("opening a channel to declare queues")
+                )
             self._topology = Topology(self._channel, self.config, declaring=self._declaring)
             await self._topology.declare_exchange()
             self._publisher = Publisher(self._topology, self.config, self.state.clock)

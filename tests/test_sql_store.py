@@ -207,3 +207,21 @@ async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_pat
     details = " ".join(str(row[-1]) for row in plan)
     assert "ix_command_queue_outbox_ready" in details
     assert "TEMP B-TREE" not in details
+
+
+async def test_reopening_an_older_file_adds_the_indexes_it_lacks(tmp_path: Path) -> None:
+    """A table made by an earlier release gains an index added since (the outbox's)."""
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        waiting = await store.enqueue("dev-1", b"x", 60)
+        async with store.engine.begin() as conn:
+            await conn.exec_driver_sql("DROP INDEX ix_command_queue_outbox_ready")
+
+    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
+        async with store.engine.connect() as conn:
+            names = (
+                (await conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'"))
+                .scalars()
+                .all()
+            )
+        assert "ix_command_queue_outbox_ready" in names
+        assert [r.id for r in await store.unpublished(10)] == [waiting]

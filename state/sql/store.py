@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.schema import CreateIndex
 
 from state import rules
 from state.base import DEFAULT_RETENTION, Change, IndexedStore
@@ -122,9 +123,14 @@ class SqlStore(IndexedStore):
         return store
 
     async def create_table(self) -> None:
-        """Creates ``command_queue`` and its indexes if they do not exist."""
+        """Creates ``command_queue`` and its indexes if they do not exist.
+
+        ``create_all`` adds indexes only with a new table, so an index added in a later
+        release (the outbox's, ordered by ready time) is created on an existing table too.
+        """
         async with self._write() as conn:
             await conn.run_sync(metadata.create_all)
+            await conn.run_sync(_create_missing_indexes)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -380,6 +386,12 @@ class SqlStore(IndexedStore):
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index read failed: {exc}") from exc
+
+
+def _create_missing_indexes(connection: sa.Connection) -> None:
+    # IF NOT EXISTS, not checkfirst: reflection skips (and warns of) expression indexes.
+    for index in command_queue.indexes:
+        connection.execute(CreateIndex(index, if_not_exists=True))
 
 
 def unpublished_query(now: datetime, limit: int) -> sa.Select[Any]:
