@@ -23,10 +23,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -39,7 +39,7 @@ from state.base import DEFAULT_RETENTION, Change, IndexedStore
 from state.clock import Clock, utc_now
 from state.errors import StateError
 from state.model import CommandRecord, EndReason
-from state.sql import driver
+from state.sql import driver, transient
 from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
 from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
 from state.sql.schema import IS_OPEN, IS_READY, READY_AT, command_queue, metadata
@@ -51,6 +51,8 @@ c = command_queue.c
 _RECORD_COLUMNS = tuple(c[field.name] for field in dataclasses.fields(CommandRecord))
 # A replacement that keeps losing the race for its type's slot means something is wrong.
 _MAX_REPLACE_ATTEMPTS = 200
+
+T = TypeVar("T")
 
 
 class SqlStore(IndexedStore):
@@ -160,11 +162,14 @@ class SqlStore(IndexedStore):
             rows, replaced, superseded = _batch_rows(records, now)
             async with self._fast_write("write"):
                 return superseded + await self._fast.write(rows, published, now, replaced=replaced)
-        async with self._write() as conn:
+
+        async def add_and_mark(conn: AsyncConnection) -> int:
             superseded = await self._add(conn, records, now)
             if published:
                 await conn.execute(_mark_published(published, now))
-        return superseded
+            return superseded
+
+        return await self._transaction(add_and_mark)
 
     async def _add(
         self, conn: AsyncConnection, records: Sequence[CommandRecord], now: datetime
@@ -238,7 +243,8 @@ class SqlStore(IndexedStore):
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
         if self._fast is not None:
             return await self._fast_modify(command_id, change)
-        async with self._write() as conn:
+
+        async def locked_change(conn: AsyncConnection) -> CommandRecord | None:
             query = _select().where(c.id == command_id).with_for_update()
             row = (await conn.execute(query)).first()
             if row is None:
@@ -257,6 +263,8 @@ class SqlStore(IndexedStore):
                     sa.update(command_queue).where(c.id == command_id).values(changes)
                 )
             return updated
+
+        return await self._transaction(locked_change)
 
     async def _fast_modify(self, command_id: str, change: Change) -> CommandRecord | None:
         """``_modify`` on SQLite straight on the driver (confirm and cancel: four hops)."""
@@ -290,9 +298,12 @@ class SqlStore(IndexedStore):
             .values(delivered=True, ended_at=now)
             .returning(c.seq, *_RECORD_COLUMNS)
         )
-        async with self._write() as conn:
-            rows = sorted(await conn.execute(claim), key=lambda row: row.seq)
-        return [_record(row) for row in rows]
+
+        async def execute(conn: AsyncConnection) -> Sequence[sa.Row[Any]]:
+            return (await conn.execute(claim)).all()
+
+        rows = await self._transaction(execute)
+        return [_record(row) for row in sorted(rows, key=lambda row: row.seq)]
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
@@ -332,8 +343,7 @@ class SqlStore(IndexedStore):
             .where(c.id.in_(list(command_ids)), IS_OPEN)
             .values(delivered=True, ended_at=self.clock())
         )
-        async with self._write() as conn:
-            return (await conn.execute(update)).rowcount
+        return await self._rowcount(update)
 
     async def expire(self, now: datetime) -> int:
         update = (
@@ -341,13 +351,11 @@ class SqlStore(IndexedStore):
             .where(IS_OPEN, c.expires_at <= now)
             .values(end_reason=EndReason.EXPIRED.value, ended_at=now)
         )
-        async with self._write() as conn:
-            return (await conn.execute(update)).rowcount
+        return await self._rowcount(update)
 
     async def prune(self, before: datetime) -> int:
         delete = sa.delete(command_queue).where(c.ended_at.is_not(None), c.ended_at < before)
-        async with self._write() as conn:
-            return (await conn.execute(delete)).rowcount
+        return await self._rowcount(delete)
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
         query = unpublished_query(self.clock(), limit)
@@ -360,6 +368,21 @@ class SqlStore(IndexedStore):
         await self.write((), command_ids)
 
     # -- transactions ----------------------------------------------------------------------
+
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Runs ``work`` in one write transaction, again if PostgreSQL aborted it as a
+        deadlock victim or a serialization failure (see :mod:`state.sql.transient`)."""
+        async for attempt in transient.retrying():
+            with attempt:
+                async with self._write() as conn:
+                    return await work(conn)
+        raise AssertionError("unreachable: the last failure is re-raised")
+
+    async def _rowcount(self, statement: sa.Update | sa.Delete) -> int:
+        async def execute(conn: AsyncConnection) -> int:
+            return (await conn.execute(statement)).rowcount
+
+        return await self._transaction(execute)
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:

@@ -1,0 +1,57 @@
+"""Which failed transactions PostgreSQL asks the client to run again, and how often we do.
+
+Two of this index's writers can each hold a row the other needs: a batch that supersedes a
+command and marks others published, the outbox relay marking a set published, a delivery
+mark waiting in the row's lock queue. PostgreSQL then aborts one of them with
+``deadlock_detected`` (SQLSTATE 40P01); under SERIALIZABLE it may abort one with
+``serialization_failure`` (40001). Both roll the whole transaction back and mean "try again"
+(PostgreSQL manual, 13.4 and Appendix A). A write transaction here is one unit with no effect
+outside the database, so running it again is safe; every other failure is raised at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import DBAPIError
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+logger = logging.getLogger("state.sql")
+
+RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+"""deadlock_detected, serialization_failure."""
+
+ATTEMPTS = 5
+"""How many times one write transaction runs before its last failure is raised."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc``, or the database error it wraps, is one PostgreSQL asks to retry."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, DBAPIError):
+            # asyncpg's adapted errors (SQLAlchemy 2) and psycopg's carry the code as
+            # ``sqlstate``, psycopg2's as ``pgcode``.
+            orig = cause.orig
+            code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+            return code in RETRY_SQLSTATES
+        cause = cause.__cause__
+    return False
+
+
+def retrying() -> AsyncRetrying:
+    """A retry loop for one write transaction: transient failures only, jittered and short
+    (the other transaction has already gone on when PostgreSQL picks a victim)."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.01, max=0.5),
+        before_sleep=before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    )
