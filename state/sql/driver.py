@@ -4,12 +4,14 @@ aiosqlite runs every call in a thread of its own; through SQLAlchemy one write t
 (``BEGIN IMMEDIATE``, an insert, ``COMMIT``) costs eight hops to that thread and back (a cursor
 opened and closed per statement, the pool's reset on return), a one-statement read about
 six, and at a hundred or more microseconds each they weigh more than the commit's fsync.
-Here, on connections the store keeps checked out:
+Here instead:
 
-- :class:`SqliteWriter`: the plain inserts of ``enqueue`` and the publish and delivery marks
-  as ``BEGIN IMMEDIATE``, one ``executemany`` per statement, ``COMMIT`` (three hops).
+- :class:`SqliteWriter`: the inserts and replacements of ``enqueue``, the publish and delivery
+  marks, confirm and cancel, each as one function run on a writer thread that owns its
+  connection: ``BEGIN IMMEDIATE``, one ``executemany`` per statement, ``COMMIT``, in one hop.
 - :class:`SqliteReader`: ``deliverable`` (what ``consume`` asks of each window) as one
-  statement in autocommit mode, a consistent snapshot by itself (one hop).
+  statement in autocommit mode, a consistent snapshot by itself (one hop), on a pooled
+  connection the store keeps checked out.
 - :class:`SqliteLiveCheck`: whether one command is still deliverable (what ``consume`` asks
   before each hand-out), read on the calling thread: a primary-key lookup in a WAL database
   takes about ten microseconds, a tenth of one hop to a driver thread.
@@ -24,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -34,6 +37,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from state.model import EndReason
+from state.sql.engine import sqlite_pragmas
 from state.sql.schema import IS_OPEN, IS_READY, command_queue
 
 c = command_queue.c
@@ -42,6 +46,8 @@ _MOST_PADDED = 16_384
 
 FAILURES = (sqlite3.Error, OSError)
 """What the driver raises when the database fails."""
+
+T = TypeVar("T")
 
 
 def usable(engine: AsyncEngine) -> bool:
@@ -126,6 +132,81 @@ class _Dedicated:
                 await connection.invalidate()
             finally:
                 await connection.close()
+
+
+class _WriterThread:
+    """A sqlite3 connection to the engine's file, used only on a thread of its own.
+
+    A whole transaction is one function run there: one hop from the event loop. Cancelling
+    the caller does not stop it; it commits or rolls back by itself, and never leaves a
+    transaction open on the connection.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        # The file exactly as the engine's own connections open it, with the same pragmas.
+        args, options = engine.dialect.create_connect_args(engine.url)
+        self._path: str = args[0]
+        self._uri = bool(options.get("uri", False))
+        self._pragmas = sqlite_pragmas(engine)
+        self._executor: ThreadPoolExecutor | None = None
+        self._connection: sqlite3.Connection | None = None  # touched on the thread only
+
+    async def run(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs ``transaction`` on the writer thread; what it raises reaches the caller.
+
+        After a database failure the connection is closed (which rolls back what was open)
+        and the next call opens a new one; after any other exception (a refused change) the
+        transaction is rolled back and the connection kept.
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="state.sql.writer")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, transaction)
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._drop)
+        finally:
+            executor.shutdown(wait=False)
+
+    def _call(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
+        if self._connection is None:
+            self._connection = self._open()
+        connection = self._connection
+        try:
+            return transaction(connection)
+        except Exception as exc:
+            if isinstance(exc, FAILURES):
+                self._drop()
+            elif connection.in_transaction:
+                try:
+                    connection.rollback()
+                except BaseException:
+                    self._drop()
+                    raise
+            raise
+        except BaseException:
+            self._drop()
+            raise
+
+    def _open(self) -> sqlite3.Connection:
+        # Autocommit, so that the transactions' own BEGIN IMMEDIATE is the only BEGIN.
+        connection = sqlite3.connect(self._path, isolation_level=None, uri=self._uri)
+        try:
+            for pragma in self._pragmas:
+                connection.execute(pragma)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 class SqliteReader:
@@ -263,7 +344,8 @@ class SqliteLiveCheck:
 
 
 class SqliteWriter:
-    """Inserts and marks on a dedicated connection; the caller serialises the calls."""
+    """Write transactions in one hop each, on a connection of their own; the caller
+    serialises the calls."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         dialect = engine.dialect
@@ -323,7 +405,7 @@ class SqliteWriter:
             dialect,
         )
         self._updates: dict[tuple[str, ...], _Statement] = {}
-        self._connection = _Dedicated(engine)
+        self._connection = _WriterThread(engine)
 
     async def modify(
         self,
@@ -331,34 +413,26 @@ class SqliteWriter:
         change: Callable[[dict[str, Any]], dict[str, Any] | None],
     ) -> dict[str, Any] | None:
         """Reads a command's row under the write lock, asks ``change`` for the columns to
-        set, and sets them, in one transaction (four hops: begin, read, update, commit).
+        set, and sets them, in one transaction (one hop; ``change`` runs on the writer
+        thread).
 
         Returns the row as read (column name to value), or None when there is none. What
         ``change`` raises rolls the transaction back and reaches the caller.
         """
-        driver = await self._connection.driver()
-        try:
-            await driver.execute_fetchall("BEGIN IMMEDIATE")
-            rows = await driver.execute_fetchall(
-                self._select_one.sql, self._select_one.params({"command_id": command_id})
-            )
-            current = None if not rows else self._as_columns(rows[0])
-            try:
-                changes = None if current is None else change(dict(current))
-            except Exception:
-                await driver.rollback()
-                raise
+        select = self._select_one.params({"command_id": command_id})
+
+        def transaction(connection: sqlite3.Connection) -> dict[str, Any] | None:
+            connection.execute("BEGIN IMMEDIATE")
+            row = connection.execute(self._select_one.sql, select).fetchone()
+            current = None if row is None else self._as_columns(row)
+            changes = None if current is None else change(dict(current))
             if changes:
                 update = self._update(tuple(sorted(changes)))
-                await driver.execute_fetchall(
-                    update.sql, update.params({**changes, "command_id": command_id})
-                )
-            await driver.commit()
-        except BaseException as exc:
-            if not isinstance(exc, Exception) or driver.in_transaction:
-                await self._connection.discard()
-            raise
-        return current
+                connection.execute(update.sql, update.params({**changes, "command_id": command_id}))
+            connection.commit()
+            return current
+
+        return await self._connection.run(transaction)
 
     def _as_columns(self, row: Sequence[Any]) -> dict[str, Any]:
         return {
@@ -428,16 +502,11 @@ class SqliteWriter:
         changed."""
         if not steps:
             return []
-        driver = await self._connection.driver()
-        changed: list[int] = []
-        try:
-            # execute_fetchall: the BEGIN's cursor never leaves the driver's thread.
-            await driver.execute_fetchall("BEGIN IMMEDIATE")
-            for sql, rows in steps:
-                cursor = await driver.executemany(sql, rows)
-                changed.append(cursor.rowcount)
-            await driver.commit()
-        except BaseException:
-            await self._connection.discard()
-            raise
-        return changed
+
+        def transaction(connection: sqlite3.Connection) -> list[int]:
+            connection.execute("BEGIN IMMEDIATE")
+            changed = [connection.executemany(sql, rows).rowcount for sql, rows in steps]
+            connection.commit()
+            return changed
+
+        return await self._connection.run(transaction)

@@ -56,7 +56,14 @@ def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
     return engine
 
 
-_configured: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+# The pragmas each configured engine's connections run, for connections opened beside it.
+_pragmas: weakref.WeakKeyDictionary[sa.Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def sqlite_pragmas(engine: AsyncEngine) -> tuple[str, ...]:
+    """The pragmas every connection of ``engine`` runs when it opens (see
+    :func:`configure_sqlite`), for a connection to the same file opened outside its pool."""
+    return _pragmas[engine.sync_engine]
 
 
 def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) -> None:
@@ -70,9 +77,10 @@ def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) 
     ``busy_timeout`` and each read-then-write (confirm, cancel, replace) is serialised.
     """
     sync_engine = engine.sync_engine
-    if sync_engine in _configured:
+    if sync_engine in _pragmas:
         return
-    _configured.add(sync_engine)
+    pragmas = (*_SQLITE_PRAGMAS, f"PRAGMA synchronous={synchronous.upper()}")
+    _pragmas[sync_engine] = pragmas
 
     @sa.event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -80,7 +88,7 @@ def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) 
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            for pragma in (*_SQLITE_PRAGMAS, f"PRAGMA synchronous={synchronous.upper()}"):
+            for pragma in pragmas:
                 cursor.execute(pragma)
         finally:
             cursor.close()
