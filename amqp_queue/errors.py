@@ -24,10 +24,15 @@ BROKER_FAILURES: tuple[type[BaseException], ...] = (
 """What a call to the broker raises when the broker, the network or the channel fails."""
 
 
+def broker_error(doing: str, exc: BaseException) -> BrokerError:
+    """The :class:`BrokerError` for a broker failure ``exc`` while ``doing`` something."""
+    return BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}")
+
+
 @contextmanager
 def broker_errors(doing: str) -> Iterator[None]:
     """Re-raises broker failures as :class:`BrokerError` naming what was being done."""
     try:
         yield
     except BROKER_FAILURES as exc:
-        raise BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}") from exc
+        raise broker_error(doing, exc) from exc

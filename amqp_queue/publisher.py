@@ -10,7 +10,7 @@ from aiormq.abc import ConfirmationFrameType, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import BROKER_FAILURES, broker_error
 from amqp_queue.messages import to_properties
 from amqp_queue.topology import Topology
 from state.clock import Clock
@@ -44,9 +44,13 @@ class Publisher:
                 return False
             await self._topology.ensure_queue(record.device_id)
             properties = to_properties(record, now)
-            with broker_errors(f"publishing command {record.id}"):
+            # Not broker_errors(): on the path of every enqueue, the message is built only
+            # when there is a failure to name.
+            try:
                 async with asyncio.timeout(self._config.publish_timeout):
                     result = await self._basic_publish(record, properties)
+            except BROKER_FAILURES as exc:
+                raise broker_error(f"publishing command {record.id}", exc) from exc
             if not isinstance(result, DeliveredMessage):
                 return True
             # Returned unroutable: the cached queue is gone (deleted behind our back).
