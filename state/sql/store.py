@@ -6,7 +6,8 @@ orders this store's own writers, only to spare them SQLite's sleeping busy handl
 - PostgreSQL: drains claim rows with ``UPDATE ... WHERE seq IN (SELECT ... FOR UPDATE SKIP
   LOCKED) RETURNING``; confirm and cancel lock their row with ``SELECT ... FOR UPDATE``;
   a replacement that races another insert of the same type meets the partial unique index,
-  inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn.
+  inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn;
+  a transaction aborted as a deadlock victim runs again (:mod:`state.sql.transient`).
 - SQLite: every write transaction starts with ``BEGIN IMMEDIATE`` (see
   :func:`state.sql.engine.configure_sqlite`), so writers are serialised across connections
   and processes; the same statements then run unchanged.
