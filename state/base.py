@@ -32,7 +32,10 @@ logger = logging.getLogger("state")
 DEFAULT_RETENTION = timedelta(days=7)
 
 Change = Callable[[CommandRecord], CommandRecord | None]
-"""Computes a command's new record from its current one (None: unchanged); may raise."""
+"""Computes a command's new record from its current one (None: unchanged); may raise.
+
+It must be a pure function of the record: a backend may call it on another thread (SQLite's
+writer) or more than once (a PostgreSQL transaction run again after a deadlock)."""
 
 
 class IndexedStore(CommandIntake):
@@ -133,7 +136,8 @@ class IndexedStore(CommandIntake):
         return record
 
     async def modify(self, command_id: str, change: Change) -> CommandRecord:
-        """Applies ``change`` to one command atomically; raises CommandNotFound if unknown."""
+        """Applies ``change`` (pure: see :data:`Change`) to one command atomically; raises
+        CommandNotFound if unknown."""
         _check_command_id(command_id)
         record = await self._modify(command_id, change)
         if record is None:

@@ -225,3 +225,17 @@ async def test_reopening_an_older_file_adds_the_indexes_it_lacks(tmp_path: Path)
             )
         assert "ix_command_queue_outbox_ready" in names
         assert [r.id for r in await store.unpublished(10)] == [waiting]
+
+
+async def test_a_sqlite_store_in_a_named_schema_goes_through_sqlalchemy(tmp_path: Path) -> None:
+    """The hot paths' SQL names no schema, so a schema turns them off instead of being
+    ignored."""
+    engine = create_engine(sqlite_url(tmp_path))
+    try:
+        async with SqlStore(engine, schema="main") as store:
+            await store.create_table()
+            command_id = await store.enqueue("dev-1", b"x", 60)
+            await store.cancel_command(command_id)
+            assert await store.get_status(command_id) is CommandStatus.CANCELLED
+    finally:
+        await engine.dispose()

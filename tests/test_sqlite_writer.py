@@ -122,3 +122,27 @@ async def test_a_cancelled_caller_leaves_the_transaction_to_finish_by_itself(
     # The next transaction runs after it on the same thread, on a connection left clean.
     assert await writer.run(lambda connection: connection.in_transaction) is False
     assert await writer.run(_notes) == ["slow"]
+
+
+async def test_a_cancelled_close_still_closes_the_connection(writer: _WriterThread) -> None:
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(connection: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.2)
+
+    call = asyncio.create_task(writer.run(slow))
+    await started.wait()
+    closing = asyncio.create_task(writer.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await call
+
+    # The close was queued behind the slow call; it runs once that returns.
+    give_up = time.monotonic() + 5
+    while writer._connection is not None:
+        assert time.monotonic() < give_up, "the cancelled close never closed the connection"
+        await asyncio.sleep(0.01)

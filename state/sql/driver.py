@@ -143,7 +143,8 @@ class _WriterThread:
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        # The file exactly as the engine's own connections open it, with the same pragmas.
+        # The file as the engine's own connections open it (see SqliteLiveCheck), with the
+        # same pragmas.
         args, options = engine.dialect.create_connect_args(engine.url)
         self._path: str = args[0]
         self._uri = bool(options.get("uri", False))
@@ -164,13 +165,15 @@ class _WriterThread:
         return await loop.run_in_executor(self._executor, self._call, transaction)
 
     async def close(self) -> None:
+        """Closes the connection on its thread, after the calls already queued there."""
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._drop)
-        finally:
-            executor.shutdown(wait=False)
+        # Queued before the shutdown, the close runs even if this caller is cancelled:
+        # shielded, a cancellation cannot take it out of the queue either.
+        closed = executor.submit(self._drop)
+        executor.shutdown(wait=False)
+        await asyncio.shield(asyncio.wrap_future(closed))
 
     def _call(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
         if self._connection is None:
@@ -283,8 +286,9 @@ class SqliteLiveCheck:
 
     def __init__(self, engine: AsyncEngine) -> None:
         dialect = engine.dialect
-        # The file exactly as the engine's own connections open it (absolute path, URI and
-        # its options), even if the working directory changes later.
+        # The file as the engine's own connections open it: a plain path made absolute when
+        # the engine was created; a relative path in URI mode, like theirs, resolved against
+        # the working directory of each open.
         args, options = dialect.create_connect_args(engine.url)
         self._path: str = args[0]
         self._uri = bool(options.get("uri", False))
@@ -486,7 +490,7 @@ class SqliteWriter:
         return sum(await self._run([self._marks(self._delivered, command_ids, at)]))
 
     async def close(self) -> None:
-        """Returns the dedicated connection to the pool."""
+        """Closes the writer thread's connection; a later call opens a new one."""
         await self._connection.close()
 
     @staticmethod

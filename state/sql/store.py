@@ -65,6 +65,10 @@ class SqlStore(IndexedStore):
             store create and own it.
         schema: the database schema holding ``command_queue`` (PostgreSQL), None for the
             default.
+
+    On a SQLite file (no ``schema``) the hot paths open connections of their own to the same
+    file, with the pragmas the engine's connections run (see :mod:`state.sql.driver`);
+    ``connect_args`` and ``connect`` listeners of your own do not reach them.
         limits, clock, retention: see :class:`state.base.IndexedStore`.
     """
 
@@ -94,7 +98,9 @@ class SqlStore(IndexedStore):
             asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        fast = driver.usable(engine)
+        # The hot paths' own SQL names the table without a schema, and their connections
+        # run no ATTACH: with a schema, every statement goes through SQLAlchemy.
+        fast = schema is None and driver.usable(engine)
         self._fast = SqliteWriter(engine) if fast else None
         self._fast_reads = SqliteReader(engine) if fast else None
         self._live_check = SqliteLiveCheck(engine) if fast else None
@@ -268,7 +274,7 @@ class SqlStore(IndexedStore):
         return await self._transaction(locked_change)
 
     async def _fast_modify(self, command_id: str, change: Change) -> CommandRecord | None:
-        """``_modify`` on SQLite straight on the driver (confirm and cancel: four hops)."""
+        """``_modify`` on SQLite on the writer thread (confirm and cancel: one hop)."""
         assert self._fast is not None
         outcome: list[CommandRecord] = []
 

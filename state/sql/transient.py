@@ -16,7 +16,7 @@ import logging
 from sqlalchemy.exc import DBAPIError
 from tenacity import (
     AsyncRetrying,
-    before_sleep_log,
+    RetryCallState,
     retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
@@ -28,7 +28,7 @@ RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 """deadlock_detected, serialization_failure."""
 
 ATTEMPTS = 5
-"""How many times one write transaction runs before its last failure is raised."""
+"""How many times at most one write transaction runs; the last failure is raised."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -52,6 +52,18 @@ def retrying() -> AsyncRetrying:
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(ATTEMPTS),
         wait=wait_random_exponential(multiplier=0.01, max=0.5),
-        before_sleep=before_sleep_log(logger, logging.WARNING),
+        before_sleep=_log_retry,
         reraise=True,
+    )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    logger.warning(
+        "state index write transaction aborted (attempt %d of %d), running it again in %.3f s: %s",
+        state.attempt_number,
+        ATTEMPTS,
+        wait,
+        failure,
     )
