@@ -116,3 +116,11 @@ sa.Index(
     sqlite_where=_UNPUBLISHED,
     postgresql_where=_UNPUBLISHED,
 )
+
+# Indexes of earlier releases that nothing reads any more; each write still paid for them.
+# On a table of their own, so they never join command_queue.indexes.
+_retired = sa.Table("command_queue", sa.MetaData(), sa.Column("seq", sa.BigInteger()))
+RETIRED_INDEXES = (
+    # Outbox by write order; replaced by ix_command_queue_outbox_ready (by ready time).
+    sa.Index("ix_command_queue_outbox", _retired.c.seq),
+)

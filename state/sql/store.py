@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.schema import CreateIndex
+from sqlalchemy.schema import CreateIndex, DropIndex
 
 from state import rules
 from state.base import DEFAULT_RETENTION, Change, IndexedStore
@@ -43,7 +43,14 @@ from state.model import CommandRecord, EndReason
 from state.sql import driver, transient
 from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
 from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
-from state.sql.schema import IS_OPEN, IS_READY, READY_AT, command_queue, metadata
+from state.sql.schema import (
+    IS_OPEN,
+    IS_READY,
+    READY_AT,
+    RETIRED_INDEXES,
+    command_queue,
+    metadata,
+)
 from state.validation import DEFAULT_LIMITS, Limits
 
 logger = logging.getLogger("state.sql")
@@ -135,7 +142,8 @@ class SqlStore(IndexedStore):
         """Creates ``command_queue`` and its indexes if they do not exist.
 
         ``create_all`` adds indexes only with a new table, so an index added in a later
-        release (the outbox's, ordered by ready time) is created on an existing table too.
+        release (the outbox's, ordered by ready time) is created on an existing table too,
+        and one an earlier release made that nothing reads any more is dropped.
         """
         async with self._write() as conn:
             await conn.run_sync(metadata.create_all)
@@ -422,6 +430,8 @@ def _create_missing_indexes(connection: sa.Connection) -> None:
     # IF NOT EXISTS, not checkfirst: reflection skips (and warns of) expression indexes.
     for index in command_queue.indexes:
         connection.execute(CreateIndex(index, if_not_exists=True))
+    for retired in RETIRED_INDEXES:
+        connection.execute(DropIndex(retired, if_exists=True))
 
 
 def unpublished_query(now: datetime, limit: int) -> sa.Select[Any]:
