@@ -26,7 +26,7 @@ from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
 from amqp_queue.topology import Topology
 from state.base import IndexedStore
-from state.errors import BrokerError
+from state.errors import BrokerError, StateError
 from state.model import CommandRecord, PendingCommand
 from state.validation import is_command_id
 
@@ -213,6 +213,8 @@ class CommandStream:
         self._clock = time.monotonic
         self._checked_at = 0.0
         self._ack_together = True
+        # Finished commands whose delivery mark failed: unacked, tried again with the next.
+        self._unmarked: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -334,28 +336,46 @@ class CommandStream:
 
     async def _flush_finished(self) -> None:
         await self._marks.drain()
+        if self._unmarked:
+            # Before the stream waits for the broker or closes, with nothing new to carry
+            # them: the commands whose mark failed get one more try by themselves.
+            try:
+                await self._mark_delivered([])
+            except StateError as exc:
+                self._log_mark_failure(exc)
 
     def _log_mark_failure(self, exc: BaseException) -> None:
-        # Unacked, the messages come again once the channel is gone (at-least-once).
-        logger.warning("marking commands of %s delivered failed: %s", self._device_id, exc)
+        logger.warning(
+            "marking commands of %s delivered failed (%d waiting to be marked): %s",
+            self._device_id,
+            len(self._unmarked),
+            exc,
+        )
 
     async def _mark_delivered(
         self, finished: list[tuple[AbstractIncomingMessage, CommandRecord]]
     ) -> None:
+        batch = [*self._unmarked, *finished]
+        if not batch:
+            return
+        self._unmarked = []
         try:
-            await self._state.mark_delivered([record.id for _, record in finished])
+            await self._state.mark_delivered([record.id for _, record in batch])
         except BaseException:
-            # These stay unacked, for the broker to redeliver. An ack of several deliveries
-            # at once would take them along, so from now on each is acked by itself.
+            # The device has them: their status must come to say so, so they are marked
+            # again with the next batch. Unacked until then, they come again from the
+            # broker should the channel go first (at-least-once). An ack of several
+            # deliveries at once would take them along, so from now on each is acked alone.
+            self._unmarked = batch
             self._ack_together = False
             raise
-        _report_delivered(self._observer, [record for _, record in finished], self._state.clock())
+        _report_delivered(self._observer, [record for _, record in batch], self._state.clock())
         if self._ack_together:
             # Handed out in delivery order, and every earlier delivery on this channel is
             # settled (acked here or as stale, or in an earlier batch): one frame acks all.
-            await _settle(finished[-1][0], ack=True, multiple=True)
+            await _settle(batch[-1][0], ack=True, multiple=True)
             return
-        for message, _ in finished:
+        for message, _ in batch:
             await _settle(message, ack=True)
 
 

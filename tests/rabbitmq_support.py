@@ -72,3 +72,12 @@ async def store_on_index(state: SqlStore) -> AsyncIterator[RabbitMQStore]:
         await state.close()
         await state.engine.dispose()
         await delete_namespace(exchange, store.declared_devices)
+
+
+async def queue_depth(store: RabbitMQStore, device_id: str) -> int:
+    """Ready messages in the device queue, by a passive declare on a separate connection."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(store.config.queue_name(device_id), passive=True)
+        return queue.declaration_result.message_count or 0

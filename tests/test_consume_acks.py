@@ -1,8 +1,11 @@
 """consume() acks finished commands a batch at a time, and never a command it failed to mark.
 
 A batch of finished commands is acked with one ``multiple`` ack. Should marking a batch
-delivered fail, those commands stay unacked for the broker to redeliver; a later ``multiple``
-ack would take them along and lose them, so the stream then acks each command by itself.
+delivered fail, those commands stay unacked and are marked again with the next batch, or
+by themselves before the stream waits or closes: the device has them, so their status must
+come to say DELIVERED. From then on each command is acked by itself (a ``multiple`` ack
+would take the unmarked ones along). Should every try fail, the broker redelivers them once
+the channel is gone.
 """
 
 from __future__ import annotations
@@ -11,51 +14,101 @@ import asyncio
 from collections.abc import Collection
 from pathlib import Path
 
-from amqp_queue import CommandStatus
+import pytest
+
+from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore
 from state import SqlStore, StateError
 from state.sql import create_engine
-from tests.rabbitmq_support import store_on_index
+from tests.rabbitmq_support import queue_depth, store_on_index
 
 
-class MarksFailOnce(SqlStore):
-    """A SQLite index whose first ``mark_delivered`` fails, as a full disk would make it."""
+class MarksFail(SqlStore):
+    """A SQLite index whose first ``failures`` delivery marks fail, as a full disk would."""
 
-    failed: list[str]
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(create_engine(f"sqlite+aiosqlite:///{path}"))
+        self.failures = failures
+        self.failed: list[list[str]] = []
 
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
-        if not hasattr(self, "failed"):
-            self.failed = list(command_ids)
+        if len(self.failed) < self.failures:
+            self.failed.append(list(command_ids))
             raise StateError("state index delivery mark failed: disk I/O error")
         return await super().mark_delivered(command_ids)
 
 
-async def test_a_command_whose_mark_failed_is_redelivered_after_later_ones_are_acked(
+async def _consume(store: RabbitMQStore, count: int) -> list[str]:
+    """Consumes ``count`` commands; the device lingers on the second one, so the first one's
+    mark runs (and fails) in a batch of its own."""
+    seen: list[str] = []
+    async with store.consume("dev-1") as stream:
+        async for command in stream:
+            seen.append(command.id)
+            if len(seen) == 2:
+                await asyncio.sleep(0.2)
+            if len(seen) == count:
+                break
+    return seen
+
+
+async def _statuses(store: RabbitMQStore, ids: list[str]) -> list[CommandStatus]:
+    return [await store.get_status(command_id) for command_id in ids]
+
+
+async def test_a_command_whose_mark_failed_is_marked_with_the_next_batch(
     tmp_path: Path,
 ) -> None:
-    state = MarksFailOnce(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"))
+    state = MarksFail(tmp_path / "state.db", failures=1)
     async with store_on_index(state) as store:
         ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(4)]
 
-        first_pass: list[str] = []
+        assert await _consume(store, len(ids)) == ids
+
+        assert state.failed == [ids[:1]]
+        assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * 4
+        # Every command was acked, the one whose mark failed included: nothing comes again.
+        assert await queue_depth(store, "dev-1") == 0
+
+
+async def test_a_mark_that_failed_last_is_tried_again_before_the_stream_closes(
+    tmp_path: Path,
+) -> None:
+    state = MarksFail(tmp_path / "state.db", failures=1)
+    async with store_on_index(state) as store:
+        command_id = await store.enqueue("dev-1", b"only", 600)
+
+        async with store.consume("dev-1") as stream:
+            assert (await anext(stream)).id == command_id
+            # Finishing it (asking for the next) posts its mark, which fails; the stream
+            # waits for the broker next, and tries the mark again first.
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await anext(stream)
+
+        assert state.failed == [[command_id]]
+        assert await store.get_status(command_id) is CommandStatus.DELIVERED
+        assert await queue_depth(store, "dev-1") == 0
+
+
+async def test_commands_never_marked_come_again_from_the_broker(tmp_path: Path) -> None:
+    # Every mark fails while the stream is open: the index is down until it closed.
+    state = MarksFail(tmp_path / "state.db", failures=1_000)
+    async with store_on_index(state) as store:
+        ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(4)]
+
+        assert await _consume(store, len(ids)) == ids
+
+        assert state.failed[0] == ids[:1]
+        assert state.failed[-1] == ids  # the last try, at close, carried all four
+        assert await _statuses(store, ids) == [CommandStatus.PENDING] * 4
+
+        state.failures = 0  # the index is back
+        again: list[PendingCommand] = []
         async with store.consume("dev-1") as stream:
             async for command in stream:
-                first_pass.append(command.id)
-                if len(first_pass) == 2:
-                    # The device works on the second command while the first one's
-                    # mark runs (and fails) in a batch of its own.
-                    await asyncio.sleep(0.2)
-                if len(first_pass) == len(ids):
+                again.append(command)
+                if len(again) == len(ids):
                     break
-
-        assert first_pass == ids
-        assert state.failed == ids[:1]
-        assert await store.get_status(ids[0]) == CommandStatus.PENDING
-        assert [await store.get_status(i) for i in ids[1:]] == [CommandStatus.DELIVERED] * 3
-
-        again: list[str] = []
-        async with store.consume("dev-1") as stream:
-            async for command in stream:
-                again.append(command.id)
-                break
-        assert again == ids[:1]
-        assert await store.get_status(ids[0]) == CommandStatus.DELIVERED
+        assert [command.id for command in again] == ids
+        assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * 4
+        assert await queue_depth(store, "dev-1") == 0

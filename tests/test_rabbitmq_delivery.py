@@ -14,7 +14,7 @@ import pytest
 
 from amqp_queue import MemoryStore, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.messages import COMMAND_TYPE, EXPIRES_AT, REQUIRES_CONFIRMATION
-from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
+from tests.rabbitmq_support import AMQP_URL, delete_namespace, queue_depth, rabbitmq_store
 from tests.support import FakeClock, unique
 
 
@@ -22,15 +22,6 @@ from tests.support import FakeClock, unique
 async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[RabbitMQStore]:
     async with rabbitmq_store(tmp_path, clock=clock) as opened:
         yield opened
-
-
-async def queue_depth(store: RabbitMQStore, device_id: str) -> int:
-    """Ready messages in the device queue, by a passive declare on a separate connection."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(store.config.queue_name(device_id), passive=True)
-        return queue.declaration_result.message_count or 0
 
 
 async def take_raw(store: RabbitMQStore, device_id: str) -> aio_pika.abc.AbstractIncomingMessage:
