@@ -26,11 +26,16 @@ from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
 from amqp_queue.topology import Topology
 from state.base import IndexedStore
-from state.errors import BrokerError, StateError
+from state.errors import BrokerError
 from state.model import CommandRecord, PendingCommand
 from state.validation import is_command_id
 
 logger = logging.getLogger("amqp_queue.delivery")
+
+MARK_RETRY_FIRST = 0.25
+"""Seconds a waiting stream lets pass before it tries a failed delivery mark again; the
+wait doubles up to :data:`MARK_RETRY_MOST` while the index keeps failing."""
+MARK_RETRY_MOST = 30.0
 
 
 class _Inbox:
@@ -245,10 +250,18 @@ class CommandStream:
             await self._recheck()
         while self._ready and self._ready[0][1].expires_at <= self._state.clock():
             await self._drop(self._ready.popleft()[0])
+        retry_in = MARK_RETRY_FIRST
         while not self._ready:
             await self._flush_finished()
             assert self._inbox is not None
-            await self._admit(await self._inbox.window(None))
+            # With marks still failing, the wait is bounded: the device may have nothing
+            # more coming (or the broker holds back, the prefetch window being full of
+            # unacked commands), and their status must not say pending for ever.
+            window = await self._inbox.window(retry_in if self._unmarked else None)
+            if window:
+                await self._admit(window)
+            elif self._unmarked:
+                retry_in = min(retry_in * 2, MARK_RETRY_MOST)
         self._current = self._ready.popleft()
         return self._current[1].to_pending()
 
@@ -341,7 +354,7 @@ class CommandStream:
             # them: the commands whose mark failed get one more try by themselves.
             try:
                 await self._mark_delivered([])
-            except StateError as exc:
+            except Exception as exc:  # as the Batcher: kept for the next try, and logged
                 self._log_mark_failure(exc)
 
     def _log_mark_failure(self, exc: BaseException) -> None:
@@ -364,8 +377,9 @@ class CommandStream:
         except BaseException:
             # The device has them: their status must come to say so, so they are marked
             # again with the next batch. Unacked until then, they come again from the
-            # broker should the channel go first (at-least-once). An ack of several
-            # deliveries at once would take them along, so from now on each is acked alone.
+            # broker should the channel go first (at-least-once). From now on each is acked
+            # alone: a batch may then hold deliveries of a channel restored since, and one
+            # ack of several deliveries names only the channel of the last.
             self._unmarked = batch
             self._ack_together = False
             raise

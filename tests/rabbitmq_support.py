@@ -57,13 +57,14 @@ async def rabbitmq_store(
 
 
 @asynccontextmanager
-async def store_on_index(state: SqlStore) -> AsyncIterator[RabbitMQStore]:
+async def store_on_index(state: SqlStore, **config: Any) -> AsyncIterator[RabbitMQStore]:
     """A started RabbitMQStore in its own namespace over a caller's SQL index, for tests that
-    instrument the index; the index, connection and namespace are closed afterwards."""
+    instrument the index; the index, connection and namespace are closed afterwards.
+    ``config`` goes to RabbitMQConfig."""
     exchange = unique("test.")
     await state.create_table()
     connection = await aio_pika.connect_robust(AMQP_URL)
-    store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange), state=state)
+    store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange, **config), state=state)
     try:
         async with store:
             yield store

@@ -70,7 +70,7 @@ async def test_a_command_whose_mark_failed_is_marked_with_the_next_batch(
         assert await queue_depth(store, "dev-1") == 0
 
 
-async def test_a_mark_that_failed_last_is_tried_again_before_the_stream_closes(
+async def test_a_mark_that_failed_last_is_tried_again_before_the_stream_waits(
     tmp_path: Path,
 ) -> None:
     state = MarksFail(tmp_path / "state.db", failures=1)
@@ -80,13 +80,52 @@ async def test_a_mark_that_failed_last_is_tried_again_before_the_stream_closes(
         async with store.consume("dev-1") as stream:
             assert (await anext(stream)).id == command_id
             # Finishing it (asking for the next) posts its mark, which fails; the stream
-            # waits for the broker next, and tries the mark again first.
+            # tries it again before it waits for the broker.
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.5):
                     await anext(stream)
+            assert await store.get_status(command_id) is CommandStatus.DELIVERED
+            assert state.failed == [[command_id]]
 
-        assert state.failed == [[command_id]]
-        assert await store.get_status(command_id) is CommandStatus.DELIVERED
+        assert await queue_depth(store, "dev-1") == 0
+
+
+async def test_a_waiting_stream_keeps_trying_a_failed_mark(tmp_path: Path) -> None:
+    # The mark, and the try before waiting, fail; the index is back a moment later.
+    state = MarksFail(tmp_path / "state.db", failures=2)
+    async with store_on_index(state) as store:
+        command_id = await store.enqueue("dev-1", b"only", 600)
+
+        async with store.consume("dev-1") as stream:
+            assert (await anext(stream)).id == command_id
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    await anext(stream)  # nothing more comes: the wait is where it retries
+            assert len(state.failed) == 2
+            assert await store.get_status(command_id) is CommandStatus.DELIVERED
+
+
+async def test_a_prefetch_window_full_of_unmarked_commands_does_not_stall_the_stream(
+    tmp_path: Path,
+) -> None:
+    # With prefetch 2 and two finished commands unmarked (and so unacked), the broker sends
+    # nothing more until a retried mark acks them.
+    state = MarksFail(tmp_path / "state.db", failures=3)
+    async with store_on_index(state, prefetch=2) as store:
+        ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(4)]
+
+        seen: list[str] = []
+        async with store.consume("dev-1") as stream:
+            async with asyncio.timeout(10):
+                async for command in stream:
+                    seen.append(command.id)
+                    await asyncio.sleep(0.05)  # each mark runs (and fails) by itself
+                    if len(seen) == len(ids):
+                        break
+
+        assert seen == ids
+        assert len(state.failed) == 3
+        assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * 4
         assert await queue_depth(store, "dev-1") == 0
 
 
