@@ -28,7 +28,12 @@ async def _wait_until_blocked(admin: AsyncConnection, schema: str) -> None:
         "WHERE wait_event_type = 'Lock' AND query LIKE :pattern"
     )
     give_up = time.monotonic() + 10
-    while await admin.scalar(waiting, {"pattern": f"%{schema}.command_queue%"}) == 0:
+    while True:
+        blocked = await admin.scalar(waiting, {"pattern": f"%{schema}.command_queue%"})
+        # pg_stat_activity is read once per transaction: a new one sees the present.
+        await admin.rollback()
+        if blocked:
+            return
         assert time.monotonic() < give_up, "the store's write never waited for the held row"
         await asyncio.sleep(0.02)
 
@@ -57,13 +62,18 @@ async def test_a_write_chosen_as_deadlock_victim_runs_again(
             # (held by the other transaction: the store waits).
             record = store.build("dev-1", "setpoint", b"21", 60)
             write = asyncio.create_task(store.write([record], [published]))
-            await _wait_until_blocked(watcher, schema)
-            # Now the other transaction asks for the row the store holds: a cycle.
-            other_wait = asyncio.create_task(other.execute(touch, {"id": replaced}))
-            with caplog.at_level(logging.WARNING, logger="state.sql"):
-                await other_wait  # granted once PostgreSQL aborts the store's attempt
-                await other.commit()
-                superseded = await write
+            try:
+                await _wait_until_blocked(watcher, schema)
+                # Now the other transaction asks for the row the store holds: a cycle.
+                with caplog.at_level(logging.WARNING, logger="state.sql"):
+                    # Granted once PostgreSQL aborts the store's attempt.
+                    await other.execute(touch, {"id": replaced})
+                    await other.commit()
+                    superseded = await write
+            finally:
+                if not write.done():
+                    await other.rollback()  # lets the store's write end, whatever it does
+                    await asyncio.wait({write})
 
             assert superseded == 1
             assert any("deadlock detected" in message for message in caplog.messages)
