@@ -21,6 +21,14 @@ from amqp_queue.errors import broker_errors
 logger = logging.getLogger("amqp_queue.topology")
 
 
+class _Line:
+    """Callers waiting for one device queue's declaration; each waits for the last before it."""
+
+    def __init__(self, declared: asyncio.Future[None]) -> None:
+        self.last = declared
+        self.waiting = 0
+
+
 class Topology:
     """Declares the exchange and device queues, remembering which queues exist.
 
@@ -45,6 +53,8 @@ class Topology:
         self._declarations = 0
         self._exchange: AbstractExchange | None = None
         self._declared: dict[str, asyncio.Future[None]] = {}
+        # Per device, the callers that met its declaration under way, in arrival order.
+        self._lines: dict[str, _Line] = {}
         # Every device whose queue this process declared, by a publish, a drain or a consume.
         self._devices: dict[str, None] = {}
 
@@ -102,10 +112,35 @@ class Topology:
                 raise
             declared.set_result(None)
             return
-        if declared.done() and not declared.cancelled() and declared.exception() is None:
+        if device_id not in self._lines and declared.done():
             # The hot path of every publish: no shield, no extra future.
+            declared.result()
             return
-        await asyncio.shield(declared)
+        await self._wait_in_line(device_id, declared)
+
+    async def _wait_in_line(self, device_id: str, declared: asyncio.Future[None]) -> None:
+        """Waits for the device's declaration behind every caller that came before.
+
+        The device queue holds commands in the order their publishes reach the channel, and
+        commands are handed to the publisher in write order. Woken by the declaration, the
+        waiters resume a step or two later; a caller arriving in between must not find the
+        queue declared and go first, or a later command would overtake earlier ones. So each
+        caller waits for the one before it, and the first for the declaration itself.
+        """
+        line = self._lines.get(device_id)
+        if line is None:
+            line = self._lines[device_id] = _Line(declared)
+        ahead, mine = line.last, asyncio.get_running_loop().create_future()
+        line.last = mine
+        line.waiting += 1
+        try:
+            await asyncio.shield(ahead)
+        finally:
+            line.waiting -= 1
+            if line.waiting == 0 and self._lines.get(device_id) is line:
+                del self._lines[device_id]
+            mine.set_result(None)
+        declared.result()  # the declaration's failure, for every caller that waited on it
 
     def _next_channel(self) -> AbstractChannel:
         self._declarations += 1
