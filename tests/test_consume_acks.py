@@ -70,39 +70,34 @@ async def test_a_command_whose_mark_failed_is_marked_with_the_next_batch(
         assert await queue_depth(store, "dev-1") == 0
 
 
-async def test_a_mark_that_failed_last_is_tried_again_before_the_stream_waits(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("failures", "wait"),
+    [
+        # The mark fails; the try before the stream waits for the broker succeeds.
+        (1, 0.5),
+        # That try fails too; the index is back a moment later, while the stream waits.
+        (2, 1.5),
+    ],
+    ids=["tried-before-waiting", "tried-while-waiting"],
+)
+async def test_a_stream_that_waits_keeps_trying_a_failed_mark(
+    tmp_path: Path, failures: int, wait: float
 ) -> None:
-    state = MarksFail(tmp_path / "state.db", failures=1)
+    state = MarksFail(tmp_path / "state.db", failures=failures)
     async with store_on_index(state) as store:
         command_id = await store.enqueue("dev-1", b"only", 600)
 
         async with store.consume("dev-1") as stream:
             assert (await anext(stream)).id == command_id
-            # Finishing it (asking for the next) posts its mark, which fails; the stream
-            # tries it again before it waits for the broker.
+            # Finishing it (asking for the next) posts its mark, which fails; nothing more
+            # comes, so the stream waits, and retries meanwhile.
             with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.5):
+                async with asyncio.timeout(wait):
                     await anext(stream)
+            assert state.failed == [[command_id]] * failures
             assert await store.get_status(command_id) is CommandStatus.DELIVERED
-            assert state.failed == [[command_id]]
 
         assert await queue_depth(store, "dev-1") == 0
-
-
-async def test_a_waiting_stream_keeps_trying_a_failed_mark(tmp_path: Path) -> None:
-    # The mark, and the try before waiting, fail; the index is back a moment later.
-    state = MarksFail(tmp_path / "state.db", failures=2)
-    async with store_on_index(state) as store:
-        command_id = await store.enqueue("dev-1", b"only", 600)
-
-        async with store.consume("dev-1") as stream:
-            assert (await anext(stream)).id == command_id
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(1.5):
-                    await anext(stream)  # nothing more comes: the wait is where it retries
-            assert len(state.failed) == 2
-            assert await store.get_status(command_id) is CommandStatus.DELIVERED
 
 
 async def test_a_prefetch_window_full_of_unmarked_commands_does_not_stall_the_stream(

@@ -415,28 +415,26 @@ class SqliteWriter:
         self,
         command_id: str,
         change: Callable[[dict[str, Any]], dict[str, Any] | None],
-    ) -> dict[str, Any] | None:
+    ) -> None:
         """Reads a command's row under the write lock, asks ``change`` for the columns to
         set, and sets them, in one transaction (one hop; ``change`` runs on the writer
         thread).
 
-        Returns the row as read (column name to value), or None when there is none. What
-        ``change`` raises rolls the transaction back and reaches the caller.
+        ``change`` gets the row as read (column name to value) and is not called when there
+        is none. What it raises rolls the transaction back and reaches the caller.
         """
         select = self._select_one.params({"command_id": command_id})
 
-        def transaction(connection: sqlite3.Connection) -> dict[str, Any] | None:
+        def transaction(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN IMMEDIATE")
             row = connection.execute(self._select_one.sql, select).fetchone()
-            current = None if row is None else self._as_columns(row)
-            changes = None if current is None else change(dict(current))
+            changes = None if row is None else change(self._as_columns(row))
             if changes:
                 update = self._update(tuple(sorted(changes)))
                 connection.execute(update.sql, update.params({**changes, "command_id": command_id}))
             connection.commit()
-            return current
 
-        return await self._connection.run(transaction)
+        await self._connection.run(transaction)
 
     def _as_columns(self, row: Sequence[Any]) -> dict[str, Any]:
         return {
