@@ -156,6 +156,23 @@ class IndexedStore(CommandIntake):
             return []
         return await self._claim(device_id, self.clock(), command_ids)
 
+    async def release(self, requeued: Collection[str], republish: Collection[str]) -> int:
+        """Gives back commands a drain claimed and nobody received (the drain was cancelled).
+
+        Each delivered command is open again, as it was before the claim (``requeued``: its
+        message is back in the queue) or unpublished (``republish``: its message is gone, so
+        the outbox publishes it again). One that expired meanwhile ends ``EXPIRED``; one whose
+        ``(device_id, command_type)`` slot a newer command took meanwhile ends
+        ``SUPERSEDED`` (rule 3). Commands that are not delivered are left alone.
+
+        Returns:
+            How many commands are open again.
+        """
+        reopened = await self._release(requeued, unpublish=False) if requeued else 0
+        if republish:
+            reopened += await self._release(republish, unpublish=True)
+        return reopened
+
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         """Adds ``records`` (see :meth:`add`) and marks ``published`` commands published.
 
@@ -216,6 +233,10 @@ class IndexedStore(CommandIntake):
     @abc.abstractmethod
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
         """Marks open commands delivered (after a device took them); returns how many."""
+
+    @abc.abstractmethod
+    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+        """Opens delivered commands again (see :meth:`release`); returns how many."""
 
     @abc.abstractmethod
     async def expire(self, now: datetime) -> int:

@@ -102,6 +102,23 @@ class MemoryStore(IndexedStore):
                 marked += 1
         return marked
 
+    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+        now = self.clock()
+        reopened = 0
+        for command_id in command_ids:
+            record = self._records.get(command_id)
+            if record is None or not record.delivered:
+                continue
+            slot = None if record.command_type is None else (record.device_id, record.command_type)
+            taken = slot is not None and self._open_by_type.get(slot) not in (None, command_id)
+            released = rules.released(record, now, slot_taken=taken, unpublish=unpublish)
+            self._records[command_id] = released
+            if released.is_open:
+                reopened += 1
+                if slot is not None:
+                    self._open_by_type[slot] = command_id
+        return reopened
+
     async def expire(self, now: datetime) -> int:
         expired = [
             record

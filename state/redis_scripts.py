@@ -377,3 +377,62 @@ end
 return 0
 """
 )
+
+
+RELEASE = (
+    _PRELUDE
+    + """
+-- ARGV[4]: '1' when the commands are to be published again; ARGV[5]: retention plus margin
+-- in ms (a reopened command's key lives that long past its expiry). ARGV[6..]: the ids.
+-- Returns how many commands are open again.
+local unpublish, keep = ARGV[4] == '1', tonumber(ARGV[5])
+local reopened = 0
+for i = 6, #ARGV do
+    local id = ARGV[i]
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'device_id', 'command_type',
+                         'expires_at', 'seq', 'requires_confirmation', 'confirmed',
+                         'confirmed_at', 'created_at', 'published_at')
+    if f[1] == '1' and not f[2] then
+        local device, kind, expires = f[3], f[4], f[5]
+        local slots = prefix .. 'types:' .. device
+        local taken = false
+        if kind then
+            local holder = redis.call('HGET', slots, kind)
+            taken = holder and holder ~= id and is_open(command_key(holder))
+        end
+        if tonumber(expires) <= tonumber(now) then
+            redis.call('HSET', key, 'delivered', '0', 'end_reason', 'expired')
+        elseif taken then
+            redis.call('HSET', key, 'delivered', '0', 'end_reason', 'superseded')
+        else
+            reopened = reopened + 1
+            redis.call('HSET', key, 'delivered', '0')
+            redis.call('HDEL', key, 'ended_at')
+            local published = f[11]
+            if unpublish then
+                redis.call('HDEL', key, 'published_at')
+                published = false
+            end
+            local device_key = prefix .. 'dev:' .. device
+            redis.call('ZADD', device_key, f[6], id)
+            redis.call('ZADD', expiry_key, expires, id)
+            redis.call('ZREM', finished_key, id)
+            if kind then
+                redis.call('HSET', slots, kind, id)
+            end
+            if not published and (f[7] == '0' or f[8] == '1') then
+                redis.call('ZADD', outbox_key, f[9] or f[10], id)
+            end
+            local ttl = math.floor((tonumber(expires) - tonumber(now)) / 1000) + keep
+            redis.call('PEXPIRE', key, ttl)
+            extend_ttl(device_key, ttl)
+            if kind then
+                extend_ttl(slots, ttl)
+            end
+        end
+    end
+end
+return reopened
+"""
+)

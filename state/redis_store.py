@@ -100,6 +100,7 @@ class RedisStore(IndexedStore):
         self._open_commands = register(lua.OPEN_COMMANDS)
         self._unpublished = register(lua.UNPUBLISHED)
         self._mark_published = register(lua.MARK_PUBLISHED)
+        self._release_script = register(lua.RELEASE)
 
     @classmethod
     async def connect(
@@ -263,6 +264,15 @@ class RedisStore(IndexedStore):
                 keys=[*self._indexes, self._device_key(device_id)], args=self._args(now, ids)
             )
         return [record for _, record in decode_replies(claimed)]
+
+    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+        keep = _milliseconds(self.retention + KEY_TTL_MARGIN)
+        args: list[str | bytes] = ["1" if unpublish else "0", str(keep), *command_ids]
+        async with self._errors("release"):
+            reopened = await self._release_script(
+                keys=self._indexes, args=self._args(self.clock(), args)
+            )
+        return int(reopened)
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:

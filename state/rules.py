@@ -113,3 +113,19 @@ def cancelled(record: CommandRecord, now: datetime) -> CommandRecord:
 def in_ready_order(records: Iterable[CommandRecord]) -> list[CommandRecord]:
     """Delivery order: when each command became ready, ties kept in the given (write) order."""
     return sorted(records, key=lambda record: record.ready_at)
+
+
+def released(
+    record: CommandRecord, now: datetime, *, slot_taken: bool, unpublish: bool
+) -> CommandRecord:
+    """A delivered command given back by a cancelled drain (see ``IndexedStore.release``)."""
+    if record.expires_at <= now:
+        return replace(record, delivered=False, end_reason=EndReason.EXPIRED)
+    if slot_taken:
+        return replace(record, delivered=False, end_reason=EndReason.SUPERSEDED)
+    return replace(
+        record,
+        delivered=False,
+        ended_at=None,
+        published_at=None if unpublish else record.published_at,
+    )

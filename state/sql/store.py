@@ -3,8 +3,9 @@
 Concurrency is enforced by the database, never by a process-local lock (on SQLite one
 orders this store's own writers, only to spare them SQLite's sleeping busy handler):
 
-- PostgreSQL: drains claim rows with ``UPDATE ... WHERE seq IN (SELECT ... FOR UPDATE SKIP
-  LOCKED) RETURNING``; confirm and cancel lock their row with ``SELECT ... FOR UPDATE``;
+- PostgreSQL: drains claim rows with ``UPDATE ... WHERE seq IN (SELECT ... ORDER BY seq FOR
+  UPDATE) RETURNING``, waiting for rows another transaction holds; confirm and cancel lock
+  their row with ``SELECT ... FOR UPDATE``;
   a replacement that races another insert of the same type meets the partial unique index,
   inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn;
   a transaction aborted as a deadlock victim runs again (:mod:`state.sql.transient`).
@@ -307,9 +308,13 @@ class SqlStore(IndexedStore):
         )
         if command_ids is not None:
             candidates = candidates.where(c.id.in_(list(command_ids)))
+        # Waiting for a row lock, never skipping it: the lock may be a publish mark or a
+        # confirm, and a drain that skipped the row would miss a ready command. In seq order,
+        # so concurrent claims lock alike; once the lock is granted PostgreSQL checks the row
+        # again, so a command another drain just claimed is not claimed twice.
         claim = (
             sa.update(command_queue)
-            .where(c.seq.in_(candidates.with_for_update(skip_locked=True)))
+            .where(c.seq.in_(candidates.order_by(c.seq).with_for_update()))
             .values(delivered=True, ended_at=now)
             .returning(c.seq, *_RECORD_COLUMNS)
         )
@@ -359,6 +364,42 @@ class SqlStore(IndexedStore):
             .values(delivered=True, ended_at=self.clock())
         )
         return await self._rowcount(update)
+
+    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+        now = self.clock()
+        given_back = sa.and_(c.id.in_(list(command_ids)), c.delivered == sa.true())
+        other = command_queue.alias("other")
+        slot_taken = (
+            sa.exists()
+            .where(
+                other.c.device_id == c.device_id,
+                other.c.command_type == c.command_type,
+                other.c.delivered == sa.false(),
+                other.c.end_reason.is_(None),
+            )
+            .correlate(command_queue)
+        )
+        ends = (
+            (c.expires_at <= now, EndReason.EXPIRED),
+            (slot_taken, EndReason.SUPERSEDED),
+        )
+        reopened: dict[str, Any] = {"delivered": False, "ended_at": None}
+        if unpublish:
+            reopened["published_at"] = None
+
+        async def give_back(conn: AsyncConnection) -> int:
+            # In rule order: an expired command stays finished, a taken slot stays its
+            # newer command's; only then is the rest opened again.
+            for condition, reason in ends:
+                await conn.execute(
+                    sa.update(command_queue)
+                    .where(given_back, condition)
+                    .values(delivered=False, end_reason=reason.value)
+                )
+            opened = await conn.execute(sa.update(command_queue).where(given_back).values(reopened))
+            return opened.rowcount
+
+        return await self._transaction(give_back)
 
     async def expire(self, now: datetime) -> int:
         update = (
