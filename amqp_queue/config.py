@@ -33,6 +33,12 @@ class RabbitMQConfig:
             to the outbox relay.
         relay_interval: seconds between outbox relay passes when nothing wakes it sooner.
         relay_batch: commands the relay publishes per pass of the index.
+        relay_after: seconds an unpublished command that this process does not owe waits
+            before this store's relay publishes it: its writer (another process sharing the
+            state, or this one before a restart) may still be publishing it, and publishing
+            it here too would put a copy in the device's queue. None (the default): twice
+            ``publish_timeout``. Commands this process owes (a failed publish) are relayed
+            at once.
         drain_idle: seconds a drain waits for another message before asking the broker
             whether the device queue is empty.
         declare_channels: channels the store declares device queues on. The broker runs one
@@ -56,6 +62,7 @@ class RabbitMQConfig:
     publish_timeout: float = 10.0
     relay_interval: float = 30.0
     relay_batch: int = 500
+    relay_after: float | None = None
     drain_idle: float = 0.05
     recheck_after: float = 0.0
     declare_channels: int = 4
@@ -73,6 +80,13 @@ class RabbitMQConfig:
                 raise ValueError(f"{name} must be positive")
         if self.recheck_after < 0:
             raise ValueError("recheck_after must not be negative")
+        if self.relay_after is not None and not self.relay_after >= 0:
+            raise ValueError("relay_after must not be negative")
+
+    @property
+    def relay_lease(self) -> float:
+        """Seconds past ready before the relay publishes a command it does not owe."""
+        return 2 * self.publish_timeout if self.relay_after is None else self.relay_after
 
     def queue_name(self, device_id: str) -> str:
         """The name of a device's queue."""

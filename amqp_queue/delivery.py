@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -26,7 +26,7 @@ from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
 from amqp_queue.topology import Topology
 from state.base import IndexedStore
-from state.errors import BrokerError
+from state.errors import BrokerError, StateError
 from state.model import CommandRecord, PendingCommand
 from state.validation import is_command_id
 
@@ -37,16 +37,21 @@ MARK_RETRY_FIRST = 0.25
 wait doubles up to :data:`MARK_RETRY_MOST` while the index keeps failing."""
 MARK_RETRY_MOST = 30.0
 
+# How many handed-out ids a stream remembers to drop late copies of them.
+_HANDED_MEMORY = 10_000
 
-class _Inbox:
+
+class Inbox:
     """A device queue's consumer feeding a local buffer, read a window at a time."""
 
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int) -> None:
         self.channel = channel
         self.queue = queue
         self._prefetch = prefetch
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # None is the wake-up of interrupt(): a reader waiting for the broker returns.
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._tag: ConsumerTag | None = None
+        self.interrupted = False
 
     async def start(self) -> None:
         with broker_errors(f"consuming from {self.queue.name!r}"):
@@ -55,19 +60,31 @@ class _Inbox:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._buffer.put_nowait(message)
 
+    def interrupt(self) -> None:
+        """Ends every wait for the broker at once (the store is closing)."""
+        self.interrupted = True
+        self._buffer.put_nowait(None)
+
     async def window(self, wait: float | None) -> list[AbstractIncomingMessage]:
-        """The next messages, at least one unless ``wait`` seconds pass first."""
+        """The next messages, at least one unless ``wait`` seconds pass first or the inbox
+        is interrupted."""
+        if self.interrupted:
+            return []
         try:
             async with asyncio.timeout(wait):
                 first = await self._buffer.get()
         except TimeoutError:
+            return []
+        if first is None:
             return []
         return [first, *self.take_buffered(self._prefetch - 1)]
 
     def take_buffered(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
         taken: list[AbstractIncomingMessage] = []
         while not self._buffer.empty() and (limit is None or len(taken) < limit):
-            taken.append(self._buffer.get_nowait())
+            message = self._buffer.get_nowait()
+            if message is not None:
+                taken.append(message)
         return taken
 
     async def ready_count(self) -> int:
@@ -88,11 +105,11 @@ class _Inbox:
 
 async def open_inbox(
     channel: AbstractChannel, topology: Topology, config: RabbitMQConfig, device_id: str
-) -> _Inbox:
+) -> Inbox:
     with broker_errors("setting the prefetch window"):
         await channel.set_qos(prefetch_count=config.prefetch)
     queue = await topology.declare_queue(channel, device_id)
-    inbox = _Inbox(channel, queue, config.prefetch)
+    inbox = Inbox(channel, queue, config.prefetch)
     await inbox.start()
     return inbox
 
@@ -120,62 +137,214 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool
         )
 
 
+class Settlement:
+    """The settlement rule of ``consume`` and ``drain``, written once.
+
+    A message is acked only when this call took its command (claimed it, or marked it
+    delivered) or its command is provably finished: the index does not hold it as live
+    (delivered, superseded, cancelled, expired, or unknown to it). A message of a live
+    command this call did not take (locked by another transaction, an index failure, a
+    close) is held unacknowledged and requeued when the call ends, never acked: requeued,
+    it keeps its place in the queue for the next consumer.
+
+    Acks: while nothing is held, one ``multiple`` ack covers a window (every earlier
+    delivery on the channel is settled); once something is held, each message is acked by
+    itself, since a multiple ack would take the held ones with it.
+    """
+
+    def __init__(self, device_id: str) -> None:
+        self._device_id = device_id
+        self._held: list[AbstractIncomingMessage] = []
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Keeps messages unacknowledged, to be requeued by :meth:`release`."""
+        self._held.extend(messages)
+
+    async def ack(
+        self, messages: Sequence[AbstractIncomingMessage], *, in_order: bool = True
+    ) -> None:
+        """Acks ``messages``; ``in_order``: they are every unsettled delivery of the channel
+        up to the last of them, so one frame may ack them all."""
+        if not messages:
+            return
+        if in_order and not self._held:
+            await _settle(messages[-1], ack=True, multiple=True)
+            return
+        for message in messages:
+            await _settle(message, ack=True)
+
+    async def release(self) -> None:
+        """Requeues every held message."""
+        held, self._held = self._held, []
+        for message in held:
+            await _settle(message, ack=False)
+
+
+async def split_live(
+    state: IndexedStore,
+    device_id: str,
+    messages: Sequence[AbstractIncomingMessage],
+) -> tuple[list[tuple[AbstractIncomingMessage, CommandRecord]], list[AbstractIncomingMessage]]:
+    """The messages whose commands the index holds as live (one query), and the rest.
+
+    A live command of another device (a foreign publish) counts as not live here, and so
+    does a second message of one command (a copy): only the first is kept.
+    """
+    live = await state.deliverable(_command_ids(messages))
+    kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
+    finished: list[AbstractIncomingMessage] = []
+    seen: set[str] = set()
+    for message in messages:
+        record = live.get(message.message_id or "")
+        if record is None or record.device_id != device_id or record.id in seen:
+            finished.append(message)
+            continue
+        seen.add(record.id)
+        kept.append((message, record))
+    return kept, finished
+
+
 async def drain(
-    channel: AbstractChannel,
-    topology: Topology,
+    inbox: Inbox,
     state: IndexedStore,
     config: RabbitMQConfig,
     device_id: str,
     observer: Observer,
+    owe: Callable[[Sequence[str]], None],
 ) -> list[CommandRecord]:
     """Empties a device queue, marks the live commands in it delivered and returns them.
 
     Each window of messages is claimed in the index in one atomic step before it is acked,
     so concurrent drains (and stale copies of a message) never hand a command out twice.
+    What the index failed on, and live commands another transaction held, stay queued (see
+    :class:`Settlement`). When the index or the broker fails after some commands were
+    claimed, or the store closes (:meth:`Inbox.interrupt`), the drain returns those (they
+    are delivered as far as the index goes) and leaves the rest queued; with nothing claimed
+    it raises. Cancelled, it gives back what it claimed (see :func:`give_back`; ``owe``
+    hands the commands whose messages were already acked to the outbox relay).
     """
-    inbox = await open_inbox(channel, topology, config, device_id)
+    settlement = Settlement(device_id)
     claimed: list[CommandRecord] = []
+    # Claimed in windows already acked: their messages have left the queue.
+    acked: list[CommandRecord] = []
+    # Claimed in the window being settled, not acked yet.
+    unacked: list[CommandRecord] = []
 
     async def settle_window(window: list[AbstractIncomingMessage]) -> None:
         if not window:
             return
-        records = await state.claim(device_id, _command_ids(window))
-        claimed.extend(records)
-        _report_delivered(observer, records, state.clock())
-        if len(records) < len(window):
-            observer.dropped(len(window) - len(records))
-        # Every earlier delivery on this channel is settled, so one ack covers the window.
-        # Should it fail, the broker redelivers and the claimed ids are dropped as delivered.
         try:
-            await window[-1].ack(multiple=True)
-        except BROKER_FAILURES as exc:
-            logger.warning("could not ack a drained window of %s: %s", device_id, exc)
+            records = await state.claim(device_id, _command_ids(window))
+        except BaseException:
+            settlement.hold(window)
+            raise
+        unacked.extend(records)
+        claimed.extend(records)
+        taken = {record.id for record in records}
+        rest = [message for message in window if message.message_id not in taken]
+        failure: StateError | None = None
+        finished: list[AbstractIncomingMessage] = []
+        if rest:
+            try:
+                live, finished = await split_live(state, device_id, rest)
+            except StateError as exc:
+                settlement.hold(rest)
+                failure = exc
+            else:
+                # Live and not taken here: locked by another transaction (a publish mark, a
+                # confirm, another drain's claim not committed yet). Requeued at the end.
+                settlement.hold([message for message, _ in live])
+        _report_delivered(observer, records, state.clock())
+        if finished:
+            observer.dropped(len(finished))
+        # Copies of a claimed command (its id twice in the window) are finished too.
+        held = {id(message) for message in rest} if failure else set()
+        if not failure:
+            live_ids = {id(message) for message in finished}
+            held = {id(message) for message in rest if id(message) not in live_ids}
+        settled = [message for message in window if id(message) not in held]
+        # Counted as acked before the ack is sent: cancelled half way, a message may be
+        # gone or not, and a copy (dropped at delivery) is better than a loss.
+        acked.extend(records)
+        unacked.clear()
+        await settlement.ack(settled, in_order=len(settled) == len(window))
+        if failure is not None:
+            raise failure
 
     expected = inbox.queue.declaration_result.message_count or 0
     received = 0
     try:
-        while True:
-            timeout = 0 if received >= expected else config.drain_idle
-            window = await inbox.window(timeout)
-            if window:
-                received += len(window)
-                await settle_window(window)
-                continue
-            if await inbox.ready_count() == 0:
-                break
-            expected = received + 1
-        await inbox.stop()
-        # Deliveries that crossed the cancel are ours too.
-        await settle_window(inbox.take_buffered())
-    except BrokerError:
-        if not claimed:
-            raise
-        # What was claimed is delivered as far as the index goes: hand it out rather than
-        # lose it. The rest stays queued for the next drain.
-        logger.warning(
-            "drain of %s interrupted by the broker after %d commands", device_id, len(claimed)
-        )
+        try:
+            while not inbox.interrupted:
+                timeout = 0 if received >= expected else config.drain_idle
+                window = await inbox.window(timeout)
+                if window:
+                    received += len(window)
+                    await settle_window(window)
+                    continue
+                if inbox.interrupted or await inbox.ready_count() == 0:
+                    break
+                expected = received + 1
+            await inbox.stop()
+            if inbox.interrupted:
+                logger.info("drain of %s ended by close after %d commands", device_id, len(claimed))
+                settlement.hold(inbox.take_buffered())
+            else:
+                # Deliveries that crossed the cancel are ours too.
+                await settle_window(inbox.take_buffered())
+        except (BrokerError, StateError) as exc:
+            settlement.hold(inbox.take_buffered())
+            if not claimed:
+                raise
+            # What was claimed is delivered as far as the index goes: hand it out rather
+            # than lose it. The rest stays queued for the next drain.
+            logger.warning(
+                "drain of %s interrupted after %d commands: %s", device_id, len(claimed), exc
+            )
+        finally:
+            await settlement.release()
+    except asyncio.CancelledError:
+        # Nobody gets what this drain claimed: it goes back, never to DELIVERED.
+        await asyncio.shield(give_back(state, settlement, inbox, unacked, acked, owe))
+        raise
     return claimed
+
+
+async def give_back(
+    state: IndexedStore,
+    settlement: Settlement,
+    inbox: Inbox,
+    requeued: Sequence[CommandRecord],
+    republish: Sequence[CommandRecord],
+    owe: Callable[[Sequence[str]], None],
+) -> None:
+    """Undoes a cancelled drain: its claims are released in the index and its messages
+    requeued; commands whose messages it had acked go back to the outbox, to be published
+    again. A failure is logged: the caller is being cancelled and cannot hear it.
+
+    The index first: a message requeued while its command still said delivered would be
+    dropped as stale by the next consumer. The unacked messages of ``requeued`` go back
+    with the channel, which the caller closes after this."""
+    if requeued or republish:
+        try:
+            await state.release(
+                [record.id for record in requeued], [record.id for record in republish]
+            )
+        except Exception as exc:
+            logger.error(
+                "a cancelled drain could not give back %d commands, which stay delivered: %s",
+                len(requeued) + len(republish),
+                exc,
+            )
+        else:
+            owe([record.id for record in republish])
+            logger.info("a cancelled drain gave back %d commands", len(requeued) + len(republish))
+    settlement.hold(inbox.take_buffered())
+    await settlement.release()
 
 
 class CommandStream:
@@ -206,7 +375,7 @@ class CommandStream:
         self._state = state
         self._config = config
         self._device_id = device_id
-        self._inbox: _Inbox | None = None
+        self._inbox: Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
         self._marks = Batcher(
@@ -215,6 +384,11 @@ class CommandStream:
             on_detached_failure=self._log_mark_failure,
         )
         self._closed = False
+        # A window the index failed on: not handed out, not acked; admitted first next time.
+        self._unadmitted: list[AbstractIncomingMessage] = []
+        # Ids handed out lately: a copy of one (a publish repeated after a lost confirm) may
+        # arrive before its delivery mark is committed, and must not be handed out again.
+        self._handed: OrderedDict[str, None] = OrderedDict()
         self._clock = time.monotonic
         self._checked_at = 0.0
         self._ack_together = True
@@ -243,6 +417,9 @@ class CommandStream:
             raise StopAsyncIteration
         await self._open()
         self._finish_current()
+        if self._unadmitted:
+            # Before anything newer: these came first.
+            await self._admit([])
         # Commands left over from a window may have gone stale while the loop body ran.
         if self._ready and not self._config.recheck_after:
             await self._recheck_next()
@@ -258,12 +435,31 @@ class CommandStream:
             # more coming (or the broker holds back, the prefetch window being full of
             # unacked commands), and their status must not say pending for ever.
             window = await self._inbox.window(retry_in if self._unmarked else None)
+            if self._inbox.interrupted:
+                self._unadmitted.extend(window)
+                await self.close()
+                raise StopAsyncIteration
             if window:
                 await self._admit(window)
             elif self._unmarked:
                 retry_in = min(retry_in * 2, MARK_RETRY_MOST)
         self._current = self._ready.popleft()
+        self._handed[self._current[1].id] = None
+        if len(self._handed) > _HANDED_MEMORY:
+            self._handed.popitem(last=False)
         return self._current[1].to_pending()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def interrupt(self) -> None:
+        """Ends the stream from outside (its store is closing): a loop waiting for the next
+        command ends, and the next ``__anext__`` ends the iteration."""
+        if self._inbox is not None:
+            self._inbox.interrupt()
+        else:
+            self._closed = True
 
     async def close(self) -> None:
         """Settles finished commands, requeues the rest and releases the channel.
@@ -275,10 +471,17 @@ class CommandStream:
             return
         self._closed = True
         try:
-            if self._inbox is not None:
-                await self._inbox.stop()
+            if self._inbox is not None and not self._inbox.interrupted:
+                try:
+                    # Bounded: on a connection waiting for the broker it would wait for ever;
+                    # closing the channel cancels the consumer anyway.
+                    async with asyncio.timeout(self._config.publish_timeout):
+                        await self._inbox.stop()
+                except (BrokerError, TimeoutError) as exc:
+                    logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
             await self._flush_finished()
-            unfinished = [message for message, _ in self._ready]
+            unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
+            self._unadmitted = []
             if self._current is not None:
                 unfinished.insert(0, self._current[0])
             if self._inbox is not None:
@@ -292,7 +495,8 @@ class CommandStream:
             self._current = None
             try:
                 if self._channel is not None:
-                    await self._channel.close()
+                    async with asyncio.timeout(self._config.publish_timeout):
+                        await self._channel.close()
             except BROKER_FAILURES as exc:
                 logger.warning("closing the consumer channel of %s: %s", self._device_id, exc)
 
@@ -310,17 +514,22 @@ class CommandStream:
             self._current = None
 
     async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
-        """Keeps the window's live commands, in queue order, and drops the rest."""
-        live = await self._state.deliverable(_command_ids(window))
+        """Keeps the window's live commands, in queue order, and drops the rest.
+
+        Should the index fail, the window stays here, unsettled, and is asked about again
+        first on the next ``__anext__`` (or requeued by ``close``): never acked unasked.
+        """
+        self._unadmitted.extend(window)
+        live, finished = await split_live(self._state, self._device_id, self._unadmitted)
+        self._unadmitted = []
         self._checked_at = self._clock()
-        seen: set[str] = set()
-        for message in window:
-            record = live.get(message.message_id or "")
-            if record is None or record.device_id != self._device_id or record.id in seen:
+        for message in finished:
+            await self._drop(message)
+        for message, record in live:
+            if record.id in self._handed:
                 await self._drop(message)
-                continue
-            seen.add(record.id)
-            self._ready.append((message, record))
+            else:
+                self._ready.append((message, record))
 
     async def _recheck(self) -> None:
         """Asks the index again, in one query, about every command still waiting."""

@@ -67,6 +67,11 @@ class PrometheusObserver(Observer):
             "Stale messages (superseded, cancelled, expired, delivered) dropped at delivery.",
             registry=self.registry,
         )
+        self._relay_failures = Counter(
+            "amqp_queue_relay_failures",
+            "Outbox relay passes that failed for an unexpected reason (the relay restarted).",
+            registry=self.registry,
+        )
         self._pending = Gauge(
             "amqp_queue_commands_pending",
             "Commands accepted by this process and not yet seen to finish.",
@@ -120,3 +125,6 @@ class PrometheusObserver(Observer):
     def expired(self, count: int) -> None:
         self._expired.inc(count)
         self._pending.dec(count)
+
+    def relay_failed(self) -> None:
+        self._relay_failures.inc()

@@ -34,3 +34,6 @@ class Observer:
 
     def expired(self, count: int) -> None:
         """``cleanup`` ended this many expired commands."""
+
+    def relay_failed(self) -> None:
+        """An outbox relay pass failed for an unexpected reason; the relay restarts."""

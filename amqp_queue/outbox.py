@@ -4,8 +4,9 @@ A command is written to the state index first and published after. When the publ
 (broker down, connection cut, confirm timed out) the command stays in the index with no
 ``published_at``; the relay publishes it once the broker is back: at start-up, when the
 connection is restored, when a publish fails, and every ``relay_interval`` seconds.
-A publish whose confirm was lost may be published twice; the copy is dropped at delivery,
-because only a live command id is ever handed to a device.
+Without a fault a command is published once (see :class:`OutboxRelay`). A publish whose
+confirm was lost may be published twice; the copy is dropped at delivery, because only a
+live command id is ever handed to a device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
 
 from tenacity import (
     AsyncRetrying,
@@ -22,25 +25,61 @@ from tenacity import (
 )
 
 from amqp_queue.config import RabbitMQConfig
+from amqp_queue.observer import Observer
 from amqp_queue.publisher import Publisher
+from state import rules
 from state.base import IndexedStore
 from state.errors import BrokerError, StateError
+from state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
 
+# Seconds the relay pauses after a pass failed for an unexpected reason.
+_RESTART_PAUSE = 1.0
+
 
 class OutboxRelay:
-    """Publishes unpublished ready commands, retrying with backoff until the broker is back."""
+    """Publishes unpublished ready commands, retrying with backoff until the broker is back.
 
-    def __init__(self, state: IndexedStore, publisher: Publisher, config: RabbitMQConfig) -> None:
+    Without a fault each command is published once. A pass publishes:
+
+    - the commands this process owes (:meth:`owe`): a direct publish failed, was left behind
+      the backlog, or its enqueue was cancelled; at once, whatever their age;
+    - any other unpublished command only once it is ``config.relay_lease`` seconds past
+      ready: until then its writer (another process, or this one before a restart) may
+      still be publishing it;
+
+    and never a command of ``in_flight`` (this process's direct publishes, until their
+    publish marks are committed).
+
+    Args:
+        in_flight: ids whose direct publish is under way here; the store keeps it.
+        observer: told when a pass fails for an unexpected reason (see :meth:`_run`).
+    """
+
+    def __init__(
+        self,
+        state: IndexedStore,
+        publisher: Publisher,
+        config: RabbitMQConfig,
+        *,
+        in_flight: Collection[str] = frozenset(),
+        observer: Observer | None = None,
+    ) -> None:
         self._state = state
         self._publisher = publisher
         self._config = config
+        self._in_flight = in_flight
+        self._observer = observer or Observer()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._owed: set[str] = set()
+        # When the youngest command left to its writer becomes due (the state's clock).
+        self._next_due: datetime | None = None
         self.pending = True
-        """Whether this process knows of, or may hold, unpublished commands."""
+        """Whether this process owes, or may hold, unpublished commands: a direct publish
+        must then leave its command to the relay, or it would overtake them."""
         self._kicks = 0
 
     def kick(self) -> None:
@@ -50,19 +89,24 @@ class OutboxRelay:
         self._kicks += 1
         self._wake.set()
 
+    def owe(self, command_ids: Iterable[str]) -> None:
+        """Takes these commands on: published by the next pass, in ready order."""
+        self._owed.update(command_ids)
+        self.kick()
+
     def _settled(self, kicks_before_read: int) -> bool:
         """Clears ``pending`` unless a kick came after the pass's last read began.
 
         A command that kicked after that read was committed too late for it; clearing
         ``pending`` then would let the next command be published directly, ahead of it.
         """
-        if self._kicks != kicks_before_read:
+        if self._kicks != kicks_before_read or self._owed:
             return False
         self.pending = False
         return True
 
     async def flush(self) -> int:
-        """Publishes every unpublished ready command now; returns how many were published.
+        """Publishes every due unpublished command now; returns how many were published.
 
         Raises:
             BrokerError: a publish failed; what was published before it stays published.
@@ -72,7 +116,7 @@ class OutboxRelay:
             published = 0
             while True:
                 kicks = self._kicks
-                records = await self._state.unpublished(self._config.relay_batch)
+                records = await self._due()
                 if not records:
                     if self._settled(kicks):
                         return published
@@ -88,14 +132,42 @@ class OutboxRelay:
                 ]
                 await self._state.mark_published(done)
                 published += len(done)
+                # Published, or expired before it could be: nothing more is owed for them.
+                self._owed.difference_update(
+                    record.id
+                    for record, result in zip(records, results, strict=True)
+                    if not isinstance(result, BaseException)
+                )
                 failures = [result for result in results if isinstance(result, BaseException)]
                 if failures:
                     raise BrokerError(
                         f"outbox: {len(failures)} of {len(records)} publishes failed"
                     ) from failures[0]
-                if all(result is False for result in results) and self._settled(kicks):
-                    # Everything left expired while waiting; nothing more can be published.
-                    return published
+
+    async def _due(self) -> list[CommandRecord]:
+        """The unpublished commands this pass publishes, in ready order."""
+        due: dict[str, CommandRecord] = {}
+        owed = set(self._owed)
+        if owed:
+            live = await self._state.deliverable(owed)
+            for command_id in owed:
+                record = live.get(command_id)
+                if record is None or record.published_at is not None:
+                    # Finished, expired, or published by another process meanwhile.
+                    self._owed.discard(command_id)
+                else:
+                    due[command_id] = record
+        now = self._state.clock()
+        lease = timedelta(seconds=self._config.relay_lease)
+        self._next_due = None
+        for record in await self._state.unpublished(self._config.relay_batch):
+            if record.id in due or record.id in self._in_flight:
+                continue
+            if record.id in self._owed or now - record.ready_at >= lease:
+                due[record.id] = record
+            elif self._next_due is None or record.ready_at + lease < self._next_due:
+                self._next_due = record.ready_at + lease
+        return rules.in_ready_order(due.values())
 
     def start(self) -> None:
         if self._task is None:
@@ -115,22 +187,44 @@ class OutboxRelay:
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
 
+    def _interval(self) -> float:
+        """Seconds until the next pass: the relay interval, or sooner when a command left to
+        its writer becomes due."""
+        interval = self._config.relay_interval
+        if self._next_due is not None:
+            due_in = (self._next_due - self._state.clock()).total_seconds()
+            interval = min(interval, max(due_in, 0.0) + 0.05)
+        return interval
+
     async def _run(self) -> None:
+        """Passes until closed. A pass failing for a reason other than the broker or the
+        index (a bug) is logged and counted, and the relay goes on after a pause: a relay
+        that ended silently would leave ``pending`` set, and every later command waiting
+        for a pass that never comes."""
         while True:
             try:
-                async with asyncio.timeout(self._config.relay_interval):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((BrokerError, StateError)),
-                wait=wait_exponential_jitter(multiplier=0.2, max=10.0),
-                sleep=self._backoff,
-                before_sleep=before_sleep_log(logger, logging.WARNING),
-                reraise=True,
-            ):
-                with attempt:
-                    published = await self.flush()
-            if published:
-                logger.info("outbox relay published %d commands", published)
+                await self._pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("outbox relay pass failed unexpectedly; restarting it")
+                self._observer.relay_failed()
+                await self._backoff(_RESTART_PAUSE)
+                self._wake.set()
+
+    async def _pass(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._interval()):
+                await self._wake.wait()
+        self._wake.clear()
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((BrokerError, StateError)),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10.0),
+            sleep=self._backoff,
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+            reraise=True,
+        ):
+            with attempt:
+                published = await self.flush()
+        if published:
+            logger.info("outbox relay published %d commands", published)

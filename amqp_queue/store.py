@@ -10,7 +10,9 @@ live are handed out.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import weakref
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -22,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.delivery import CommandStream, drain
+from amqp_queue.delivery import CommandStream, Inbox, drain, open_inbox
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
@@ -38,6 +40,9 @@ from state.model import CommandRecord, CommandStatus, PendingCommand
 from state.validation import validate_device_id
 
 logger = logging.getLogger("amqp_queue.store")
+
+CLOSE_GRACE = 2.0
+"""Seconds ``close`` gives a running ``consume`` loop body to finish its command."""
 
 
 class RabbitMQStore(CommandIntake):
@@ -76,6 +81,12 @@ class RabbitMQStore(CommandIntake):
         self._relay: OutboxRelay | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
+        # Direct publishes under way, until their publish marks are committed: the relay
+        # leaves them alone (no second copy without a fault).
+        self._in_flight: set[str] = set()
+        # What close() ends: running consume streams and drains.
+        self._streams: weakref.WeakSet[CommandStream] = weakref.WeakSet()
+        self._drains: set[Inbox] = set()
         # New commands and the publish marks of earlier ones share each index transaction.
         self._writes: Batcher[CommandRecord | str] = Batcher(
             self._write_batch, max_batch=500, on_detached_failure=_log_mark_failure
@@ -136,7 +147,13 @@ class RabbitMQStore(CommandIntake):
             self._topology = Topology(self._channel, self.config, declaring=self._declaring)
             await self._topology.declare_exchange()
             self._publisher = Publisher(self._topology, self.config, self.state.clock)
-            self._relay = OutboxRelay(self.state, self._publisher, self.config)
+            self._relay = OutboxRelay(
+                self.state,
+                self._publisher,
+                self.config,
+                in_flight=self._in_flight,
+                observer=self.observer,
+            )
             self._connection.reconnect_callbacks.add(self._on_reconnect)
             self._started = True
         try:
@@ -146,8 +163,16 @@ class RabbitMQStore(CommandIntake):
         self._relay.start()
 
     async def close(self) -> None:
-        """Stops the relay, flushes pending index updates and closes what the store owns."""
+        """Ends running streams and drains, stops the relay, flushes pending index updates
+        and closes what the store owns.
+
+        A drain under way returns what it claimed so far; a ``consume`` loop waiting for
+        the next command ends, and one whose body is running ends when it asks for the next
+        (its command is settled then), or after :data:`CLOSE_GRACE` seconds with the
+        command requeued.
+        """
         try:
+            await self._end_deliveries()
             if self._relay is not None:
                 await self._relay.close()
             await self._writes.drain()
@@ -194,14 +219,23 @@ class RabbitMQStore(CommandIntake):
         """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
         device = self._device(device_id)
         topology = await self._ready()
-        if self._relay is not None and self._relay.pending:
+        assert self._relay is not None
+        if self._relay.pending:
             await self._flush_outbox()
         channel = await self._open_channel(f"opening a channel to drain {device}")
         try:
-            records = await drain(channel, topology, self.state, self.config, device, self.observer)
+            inbox = await open_inbox(channel, topology, self.config, device)
+            self._drains.add(inbox)
+            try:
+                records = await drain(
+                    inbox, self.state, self.config, device, self.observer, self._relay.owe
+                )
+            finally:
+                self._drains.discard(inbox)
         finally:
             try:
-                await channel.close()
+                async with asyncio.timeout(self.config.publish_timeout):
+                    await channel.close()
             except BROKER_FAILURES as exc:
                 logger.warning("closing the drain channel of %s: %s", device, exc)
         return rules.in_ready_order(records)
@@ -218,7 +252,9 @@ class RabbitMQStore(CommandIntake):
             channel = await self._open_channel(f"opening a channel to consume {device}")
             return channel, topology
 
-        return CommandStream(open_channel, self.state, self.config, device, self.observer)
+        stream = CommandStream(open_channel, self.state, self.config, device, self.observer)
+        self._streams.add(stream)
+        return stream
 
     async def confirm_command(self, command_id: str) -> None:
         await self._ready()
@@ -283,10 +319,27 @@ class RabbitMQStore(CommandIntake):
         await self._ready()
         # Durable in the index before anything reaches the broker; concurrent enqueues
         # share one transaction.
-        await self._writes.submit(record)
+        written = self._writes.post(record)
+        try:
+            # Shielded: a cancelled caller must still learn whether its command was written.
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            written.add_done_callback(functools.partial(self._owe_if_written, record))
+            raise
         if record.is_ready:
             await self._publish(record)
         return record.id
+
+    def _owe_if_written(self, record: CommandRecord, written: asyncio.Future[None]) -> None:
+        """After a cancelled enqueue: once its command is in the index, the relay owes it.
+
+        Run as the write's callback, before any later command of the batch is published
+        directly (their callers resume after this), so none overtakes it.
+        """
+        if written.cancelled() or written.exception() is not None:
+            return
+        if record.is_ready and self._relay is not None:
+            self._relay.owe((record.id,))
 
     async def _publish(self, record: CommandRecord) -> None:
         assert self._publisher is not None
@@ -295,28 +348,58 @@ class RabbitMQStore(CommandIntake):
             # Commands the broker has not confirmed yet are waiting: publishing this one
             # directly would overtake them in the device's queue. The relay publishes the
             # backlog in ready order, this one included.
-            self._relay.kick()
+            self._relay.owe((record.id,))
             return
+        self._in_flight.add(record.id)
         try:
             published = await self._publisher.publish(record)
         except BrokerError as exc:
             logger.warning("command %s left to the outbox relay: %s", record.id, exc)
-            self._relay.kick()
+            self._in_flight.discard(record.id)
+            self._relay.owe((record.id,))
             return
-        if published:
-            self.observer.published(record, _since(record.ready_at, self.state.clock()))
-            # Not awaited: a lost mark only means the relay publishes a copy that is
-            # dropped at delivery. Queued with the writes, it rides along with the next
-            # enqueue's commit instead of contending with it for the index.
-            self._writes.post_detached(record.id)
+        except BaseException:
+            # Cancelled (or worse) half way: whether the broker has it is unknown, so the
+            # relay publishes it (a copy is dropped at delivery; a loss is not).
+            self._in_flight.discard(record.id)
+            self._relay.owe((record.id,))
+            raise
+        if not published:
+            self._in_flight.discard(record.id)
+            return
+        self.observer.published(record, _since(record.ready_at, self.state.clock()))
+        # Not awaited: queued with the writes, the mark rides along with the next
+        # enqueue's commit instead of contending with it for the index. The command stays
+        # in flight until then, so the relay does not publish it again.
+        self._writes.post_detached(record.id)
 
     async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
         """One index round trip: new records, and ids of commands the broker confirmed."""
         records = [item for item in items if isinstance(item, CommandRecord)]
         published = [item for item in items if isinstance(item, str)]
-        superseded = await self.state.write(records, published)
+        try:
+            superseded = await self.state.write(records, published)
+        finally:
+            # Marked, or the mark failed (the relay then publishes a copy after the lease).
+            self._in_flight.difference_update(published)
         if records:
             self.observer.enqueued(records, superseded)
+
+    async def _end_deliveries(self) -> None:
+        """Ends running drains and streams (see :meth:`close`)."""
+        for inbox in list(self._drains):
+            inbox.interrupt()
+        streams = list(self._streams)
+        for stream in streams:
+            stream.interrupt()
+        deadline = asyncio.get_running_loop().time() + CLOSE_GRACE
+        while any(not stream.closed for stream in streams) or self._drains:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        for stream in streams:
+            # Its loop body did not come back in time: its command is requeued.
+            await stream.close()
 
     async def _flush_outbox(self) -> None:
         assert self._relay is not None

@@ -231,14 +231,17 @@ async def test_a_device_whose_queue_was_never_declared_gets_its_command(tmp_path
 
 
 async def test_outbox_relay_publishes_commands_the_broker_never_confirmed(
-    store: RabbitMQStore,
+    store: RabbitMQStore, clock: FakeClock
 ) -> None:
-    # Written to the index as if the process had died before publishing.
-    record = store.state.build("dev-1", None, b"orphan", 60, requires_confirmation=False)
+    # Written to the index as if another process had died before publishing.
+    record = store.state.build("dev-1", None, b"orphan", 600, requires_confirmation=False)
     await store.state.add([record])
     await store.ensure_queue("dev-1")
     assert await queue_depth(store, "dev-1") == 0
 
+    # Its writer may still be publishing it: a copy now would be a duplicate.
+    assert await store.relay_outbox() == 0
+    clock.advance(store.config.relay_lease)
     assert await store.relay_outbox() == 1
     assert await store.relay_outbox() == 0
     assert await store.drain_pending("dev-1") == [b"orphan"]

@@ -56,8 +56,13 @@ async def producer_kill_trial(rng: random.Random, state_kind: str, directory: Pa
             child = await Child.start("tests.faults.producer_child", *args)
             await _run_killed(child, rng, 0.1, 1.2)
             ops, _ = from_lines(child.lines)
-            async with rabbitmq_on(spec, AMQP_URL, trial_config(exchange)) as store:
-                # start() already ran the outbox relay once: nothing ready is left unpublished.
+            config = trial_config(exchange)
+            async with rabbitmq_on(spec, AMQP_URL, config) as store:
+                # The killed producer's unpublished commands are the relay's once they are
+                # past its lease (their writer might have been publishing them): then
+                # nothing ready is left unpublished.
+                await asyncio.sleep(config.relay_lease)
+                await store.relay_outbox()
                 outbox_left = len(await store.state.unpublished(10_000))
                 deliveries = await _drain_until_empty(store, devices)
                 await _identify_in_flight(store, devices, ops, deliveries)
