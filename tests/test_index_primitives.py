@@ -144,3 +144,42 @@ async def test_a_batch_that_replaces_a_type_twice_keeps_only_its_last_command(
     assert [c.id for c in await indexed.get_pending("dev-1")] == [plain.id, second.id, mode.id]
     assert [r.id for r in await indexed.unpublished(10)] == [second.id, mode.id]
     assert await indexed.drain_pending("dev-1") == [b"plain", b"second", b"eco"]
+
+
+async def test_release_opens_claimed_commands_again_as_they_were(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    kept = await indexed.enqueue("dev-1", b"kept", 600)
+    gone = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    await indexed.mark_published([kept, gone])
+    assert {r.id for r in await indexed.claim("dev-1", [kept, gone])} == {kept, gone}
+
+    # kept's message is back in the queue; gone's was acked, so the outbox owes it again.
+    assert await indexed.release([kept], [gone]) == 2
+
+    assert await indexed.get_status(kept) == CommandStatus.PENDING
+    assert await indexed.get_status(gone) == CommandStatus.PENDING
+    assert [c.id for c in await indexed.get_pending("dev-1")] == [kept, gone]
+    assert [r.id for r in await indexed.unpublished(10)] == [gone]
+    # Its slot is its own again: a newer command of the type replaces it.
+    newer = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    assert await indexed.get_status(gone) == CommandStatus.SUPERSEDED
+    assert await indexed.drain_pending("dev-1") == [b"kept", b"21"]
+    assert await indexed.get_status(newer) == CommandStatus.DELIVERED
+
+
+async def test_release_leaves_a_taken_slot_and_an_expired_command_finished(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    replaced = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    expiring = await indexed.enqueue("dev-1", b"soon", 5)
+    await indexed.claim("dev-1", [replaced, expiring])
+    newer = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    clock.advance(5)
+
+    assert await indexed.release([replaced], [expiring]) == 0
+
+    assert await indexed.get_status(replaced) == CommandStatus.SUPERSEDED
+    assert await indexed.get_status(expiring) == CommandStatus.EXPIRED
+    assert [c.id for c in await indexed.get_pending("dev-1")] == [newer]
+    assert await indexed.unpublished(10) == [await indexed.get(newer)]
