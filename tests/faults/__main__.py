@@ -2,7 +2,9 @@
 
 Runs every kind of trial against the real broker and state indexes, prints one line per
 trial and the totals, and exits non-zero if anything was lost, stale, left unpublished or
-reported with a wrong status. Trials rotate over SQLite, PostgreSQL and Redis state.
+reported with a wrong status; in the seam trials (no fault injected) also if a command was
+handed out twice, out of order or late, or published twice. Trials rotate over SQLite,
+PostgreSQL and Redis state.
 """
 
 from __future__ import annotations
@@ -16,16 +18,29 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from tests.faults.crash import consumer_kill_trial, producer_kill_trial
 from tests.faults.ledger import Tally
+from tests.faults.seams import busy_gateways_trial, cancelled_enqueues_trial
 from tests.faults.states import STATE_KINDS
 from tests.faults.storms import storm_trial
 
 Trial = Callable[[random.Random, str, Path], Awaitable[Tally]]
 
 
-def _plan(options: argparse.Namespace) -> list[tuple[str, int, Trial]]:
+class TrialKind(NamedTuple):
+    name: str
+    trials: int
+    trial: Trial
+    exactly_once: bool = False
+    """No fault is injected: a command handed out twice is a failure too."""
+
+    def failures(self, tally: Tally) -> int:
+        return tally.failures + (tally.duplicates if self.exactly_once else 0)
+
+
+def _plan(options: argparse.Namespace) -> list[TrialKind]:
     def storm(fault: str) -> Trial:
         return lambda rng, kind, directory: storm_trial(
             fault, rng, kind, directory, seconds=options.storm_seconds
@@ -34,47 +49,63 @@ def _plan(options: argparse.Namespace) -> list[tuple[str, int, Trial]]:
     def drain(rng: random.Random, kind: str, directory: Path) -> Awaitable[Tally]:
         return consumer_kill_trial(rng, kind, directory, mode="drain")
 
+    def busy(rng: random.Random, kind: str, directory: Path) -> Awaitable[Tally]:
+        return busy_gateways_trial(rng, kind, directory, seconds=options.seam_seconds)
+
+    def cancelled(rng: random.Random, kind: str, directory: Path) -> Awaitable[Tally]:
+        return cancelled_enqueues_trial(rng, kind, directory, seconds=options.seam_seconds)
+
     return [
-        ("producer killed", options.producer_kills, producer_kill_trial),
-        ("consumer killed", options.consumer_kills, consumer_kill_trial),
-        ("drain killed", options.drain_kills, drain),
-        ("proxy cut", options.storms, storm("proxy-cut")),
-        ("server close", options.storms, storm("server-close")),
-        ("broker restart", options.broker_restarts, storm("broker-restart")),
+        TrialKind("producer killed", options.producer_kills, producer_kill_trial),
+        TrialKind("consumer killed", options.consumer_kills, consumer_kill_trial),
+        TrialKind("drain killed", options.drain_kills, drain),
+        TrialKind("proxy cut", options.storms, storm("proxy-cut")),
+        TrialKind("server close", options.storms, storm("server-close")),
+        TrialKind("broker restart", options.broker_restarts, storm("broker-restart")),
+        TrialKind("busy gateways", options.busy_gateways, busy, exactly_once=True),
+        TrialKind("cancelled enqueues", options.cancelled_enqueues, cancelled, exactly_once=True),
     ]
 
 
-async def run(options: argparse.Namespace) -> Tally:
+async def run(options: argparse.Namespace) -> tuple[Tally, int]:
+    """Runs the plan; returns the grand total and how many failures it holds."""
     rng = random.Random(options.seed)
-    totals: list[tuple[str, Tally]] = []
+    totals: list[tuple[TrialKind, Tally]] = []
     with tempfile.TemporaryDirectory(prefix="amqp-queue-faults-") as scratch:
-        for name, trials, trial in _plan(options):
+        for planned in _plan(options):
             tally = Tally()
-            for number in range(trials):
+            for number in range(planned.trials):
                 kind = STATE_KINDS[number % len(STATE_KINDS)]
                 started = time.monotonic()
-                result = await trial(random.Random(rng.random()), kind, Path(scratch))
+                result = await planned.trial(random.Random(rng.random()), kind, Path(scratch))
                 seconds = time.monotonic() - started
-                print(f"{name} #{number + 1} on {kind} ({seconds:.1f}s): {_brief(result)}")
+                brief = _brief(result, planned.exactly_once)
+                print(f"{planned.name} #{number + 1} on {kind} ({seconds:.1f}s): {brief}")
                 tally += result
-            totals.append((name, tally))
+            totals.append((planned, tally))
     grand = Tally()
+    failures = 0
     print("\nTotals by kind of trial:")
-    for name, tally in totals:
-        print(f"  {name:>15}: {_brief(tally)}")
+    for planned, tally in totals:
+        print(f"  {planned.name:>18}: {_brief(tally, planned.exactly_once)}")
         grand += tally
+        failures += planned.failures(tally)
     print("\nAll trials:")
     print("\n".join(grand.lines()))
-    return grand
+    return grand, failures
 
 
-def _brief(tally: Tally) -> str:
-    return (
+def _brief(tally: Tally, seam: bool) -> str:
+    brief = (
         f"trials={tally.trials} accepted={tally.accepted} delivered={tally.delivered} "
         f"lost={tally.lost} duplicates={tally.duplicates} stale={tally.stale} "
         f"wrong_status={tally.wrong_status} raced={tally.raced} late_mark={tally.late_mark} "
-        f"drain_unseen={tally.drain_unseen} outbox_left={tally.outbox_left} errors={tally.errors}"
+        f"drain_unseen={tally.drain_unseen} outbox_left={tally.outbox_left}"
     )
+    if seam:  # what only the seam trials measure
+        for name in ("out_of_order", "late", "dup_publishes", "cut_short", "slow_calls"):
+            brief += f" {name}={getattr(tally, name)}"
+    return f"{brief} errors={tally.errors}"
 
 
 def main(argv: list[str]) -> int:
@@ -91,16 +122,38 @@ def main(argv: list[str]) -> int:
         help="storms with a broker restart (rabbitmqctl stop_app/start_app): every client of "
         "the broker loses its connection, so 0 on a shared broker",
     )
+    parser.add_argument(
+        "--busy-gateways",
+        type=int,
+        default=6,
+        help="seam trials with producers, gateways (consume and drains), a relay loop and "
+        "short-lived stores at once; rotated over the state backends",
+    )
+    parser.add_argument(
+        "--cancelled-enqueues",
+        type=int,
+        default=6,
+        help="seam trials with enqueue calls cancelled at random moments",
+    )
+    parser.add_argument(
+        "--seam-seconds", type=float, default=4.0, help="seconds of enqueuing per seam trial"
+    )
     parser.add_argument("--seed", type=int, default=random.randrange(2**32))
     options = parser.parse_args(argv)
     # The library logs reconnects and outbox retries as warnings; the figures are the output.
     logging.basicConfig(level=logging.CRITICAL)
     print(f"reliability run, seed {options.seed}")
-    grand = asyncio.run(run(options))
-    if grand.failures:
-        print(f"\nFAILED: {grand.failures} failures (lost, stale, wrong status, outbox left)")
+    _, failures = asyncio.run(run(options))
+    if failures:
+        print(
+            f"\nFAILED: {failures} failures (lost, stale, wrong status, outbox left; without "
+            "faults also duplicates, out of order, late, published twice)"
+        )
         return 1
-    print("\nOK: nothing lost, nothing stale, every status true, the outbox drained")
+    print(
+        "\nOK: nothing lost, nothing stale, every status true, the outbox drained; without "
+        "faults each command published and handed out once, in order, in time"
+    )
     return 0
 
 

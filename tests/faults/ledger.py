@@ -6,13 +6,17 @@ process was killed) is *in flight*: it may or may not have reached the index. Op
 one device are sequential, so a device has at most one in flight; the judge tries both
 worlds (it took effect, it did not) and keeps the one that explains the deliveries and the
 final statuses best. A world in which an in-flight enqueue took effect must find its command.
+
+The seam trials (``seams.py``) add what only a fault-free run can demand: per hand-out stream,
+the plain commands of one producer in the order it enqueued them (:func:`out_of_order`), each
+within a few seconds (:func:`late_hand_outs`), and every command published once.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
@@ -22,6 +26,14 @@ ENQUEUES = ("plain", "update", "confirmable")
 """Kinds of operation that create a command: enqueue, enqueue_or_update, ..._with_confirmation."""
 
 _ANSWERS = ("CommandNotFound", "CommandExpired")
+
+CUT_SHORT = "CancelledError"
+"""The error of a call its caller cancelled (or timed out) before it returned: not a failure of
+the store; whether it reached the index is found out afterwards, by its payload."""
+
+EXPIRY_MARGIN = 0.01
+"""Seconds a hand-out may come after the latest moment its command can have expired before it
+counts as stale: the index's wall clock and the harness's monotonic clock tick apart a little."""
 
 
 @dataclass(slots=True)
@@ -36,6 +48,8 @@ class Op:
     returned: float | None = None  # None: in flight when the process died
     command_id: str | None = None
     error: str | None = None
+    producer: str = ""  # who made the call: a producer's calls are sequential, one at a time
+    ttl: float | None = None  # a short time to live (None: long enough never to expire)
 
     @property
     def took_effect(self) -> bool:
@@ -45,7 +59,8 @@ class Op:
 @dataclass(slots=True)
 class Delivery:
     """A command handed to a device: asked for at ``asked``, in the device's hands at
-    ``handed``, done with (the loop body ended) at ``finished``."""
+    ``handed``, done with (the loop body ended) at ``finished``. ``stream`` names the
+    ``consume()`` stream or drain call that handed it out, where a trial tells them apart."""
 
     device: str
     key: str
@@ -53,6 +68,7 @@ class Delivery:
     asked: float
     handed: float
     finished: float
+    stream: str = ""
 
 
 def to_line(record: Op | Delivery) -> str:
@@ -92,6 +108,11 @@ class Tally:
     late_mark: int = 0  # ... just after the device finished, before its mark was written
     drain_unseen: int = 0  # claimed by a drain whose caller was killed before it returned
     outbox_left: int = 0  # ready commands still unpublished after recovery
+    out_of_order: int = 0  # handed out, in its stream, after a later command of its producer
+    late: int = 0  # handed out first more than the trial's few seconds after its enqueue
+    dup_publishes: int = 0  # publishes of a command beyond its first (seen on the exchange)
+    cut_short: int = 0  # enqueue calls cancelled by their caller (reached the index or not)
+    slow_calls: int = 0  # short-lived stores' calls (open, one call, close) over a few seconds
     errors: int = 0  # calls that failed (reported, not judged)
 
     def __add__(self, other: Tally) -> Tally:
@@ -99,7 +120,17 @@ class Tally:
 
     @property
     def failures(self) -> int:
-        return self.lost + self.stale + self.wrong_status + self.outbox_left
+        """What no trial tolerates. Repeats (``duplicates``) are at-least-once delivery across
+        a crash; a trial without faults counts them as failures itself."""
+        return (
+            self.lost
+            + self.stale
+            + self.wrong_status
+            + self.outbox_left
+            + self.out_of_order
+            + self.late
+            + self.dup_publishes
+        )
 
     def lines(self) -> list[str]:
         return [f"{f.name:>14}: {getattr(self, f.name)}" for f in fields(Tally)]
@@ -120,11 +151,20 @@ class _Fate:
 
     @property
     def must_deliver(self) -> bool:
+        # A command with a short time to live may expire before any device asks for it.
         ready = self.op.kind != "confirmable" or self.confirmed_from is not None
-        return ready and self.ended_at is None
+        return ready and self.ended_at is None and self.op.ttl is None
 
     def is_stale(self, delivery: Delivery) -> bool:
         if self.ended_at is not None and self.ended_at < delivery.asked:
+            return True
+        # Built before its call returned, a command expired by ``returned + ttl`` at the latest.
+        op = self.op
+        if (
+            op.ttl is not None
+            and op.returned is not None
+            and delivery.asked > op.returned + op.ttl + EXPIRY_MARGIN
+        ):
             return True
         if self.op.kind == "confirmable":
             return self.confirmed_from is None or self.confirmed_from > delivery.handed
@@ -233,7 +273,7 @@ def judge(
         1 for op in ops if op.kind in ENQUEUES and op.command_id is not None and op.took_effect
     )
     # CommandNotFound is an answer, not a failure: the command was delivered or replaced first.
-    total.errors = sum(1 for op in ops if op.error not in (None, *_ANSWERS))
+    total.errors = sum(1 for op in ops if op.error not in (None, CUT_SHORT, *_ANSWERS))
     for device in sorted({op.device for op in ops} | {d.device for d in deliveries}):
         device_ops = [op for op in ops if op.device == device]
         got = [delivery for delivery in deliveries if delivery.device == device]
@@ -280,3 +320,54 @@ def required_keys(ops: list[Op]) -> set[str]:
         fates = _fates([op for op in ops if op.device == device], None)
         required |= {key for key, fate in fates.items() if fate.must_deliver}
     return required
+
+
+def _first_hand_outs(deliveries: list[Delivery]) -> list[Delivery]:
+    """Each command's first hand-out (the earliest ``handed``), in the order recorded."""
+    first: dict[str, Delivery] = {}
+    for delivery in sorted(deliveries, key=lambda delivery: delivery.handed):
+        first.setdefault(delivery.key, delivery)
+    chosen = {id(delivery) for delivery in first.values()}
+    return [delivery for delivery in deliveries if id(delivery) in chosen]
+
+
+def out_of_order(ops: list[Op], deliveries: list[Delivery]) -> int:
+    """First hand-outs that came, in their stream, after a later plain command of the same
+    producer and device had come in that stream.
+
+    A producer's calls are sequential, so its plain commands for a device are ready in the
+    order it started them, and a device queue read by one consumer hands them out in that
+    order; competing consumers each see a subsequence of it. ``deliveries`` must be in the
+    order each stream handed them out (as recorded). Repeats are counted as duplicates, not
+    here.
+    """
+    sequences: dict[tuple[str, str], list[Op]] = defaultdict(list)
+    for op in ops:
+        if op.kind == "plain":
+            sequences[(op.device, op.producer)].append(op)
+    rank: dict[str, tuple[str, str, int]] = {}
+    for (device, producer), sequence in sequences.items():
+        for position, op in enumerate(sorted(sequence, key=lambda op: op.started)):
+            rank[op.key] = (device, producer, position)
+    highest: dict[tuple[str, str, str], int] = {}
+    count = 0
+    for delivery in _first_hand_outs(deliveries):
+        if delivery.key not in rank:
+            continue
+        device, producer, position = rank[delivery.key]
+        slot = (delivery.stream, device, producer)
+        if position < highest.get(slot, -1):
+            count += 1
+        else:
+            highest[slot] = position
+    return count
+
+
+def late_hand_outs(ops: list[Op], deliveries: list[Delivery], within: float) -> int:
+    """Commands first handed out more than ``within`` seconds after their enqueue started."""
+    started = {op.key: op.started for op in ops if op.kind in ENQUEUES}
+    return sum(
+        1
+        for delivery in _first_hand_outs(deliveries)
+        if delivery.key in started and delivery.handed - started[delivery.key] > within
+    )

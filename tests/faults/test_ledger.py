@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from state import CommandStatus
-from tests.faults.ledger import Delivery, Op, Tally, judge
+from tests.faults.ledger import (
+    CUT_SHORT,
+    Delivery,
+    Op,
+    Tally,
+    judge,
+    late_hand_outs,
+    out_of_order,
+)
 
 DELIVERED = CommandStatus.DELIVERED
 
@@ -104,3 +112,57 @@ def test_a_delivery_under_another_id_than_the_enqueue_returned_is_stale() -> Non
     copy = Delivery("d", "a", "id-other", 5, 5, 5.1)
 
     assert judge([_enqueue("a", 1)], [_got("a", 5), copy], {"id-a": DELIVERED}).stale == 1
+
+
+def _plain(key: str, at: float, producer: str = "p", ttl: float | None = None) -> Op:
+    return Op("d", "plain", key, None, at, at + 0.1, f"id-{key}", producer=producer, ttl=ttl)
+
+
+def _in(stream: str, key: str, at: float) -> Delivery:
+    return Delivery("d", key, f"id-{key}", at, at, at + 0.01, stream)
+
+
+def test_a_command_handed_out_after_a_later_one_in_one_stream_is_out_of_order() -> None:
+    ops = [_plain("a", 1), _plain("b", 2), _plain("c", 3)]
+
+    assert out_of_order(ops, [_in("s", "a", 5), _in("s", "b", 6), _in("s", "c", 7)]) == 0
+    assert out_of_order(ops, [_in("s", "b", 5), _in("s", "a", 6), _in("s", "c", 7)]) == 1
+
+
+def test_competing_streams_and_other_producers_do_not_make_an_order() -> None:
+    """Two consumers of one queue each see a subsequence of it; two producers' commands
+    have no order between them."""
+    ops = [_plain("a", 1), _plain("b", 2), _plain("x", 1.5, producer="q")]
+    deliveries = [_in("one", "b", 5), _in("two", "a", 6), _in("one", "x", 7)]
+
+    assert out_of_order(ops, deliveries) == 0
+
+
+def test_a_repeat_is_a_duplicate_not_also_out_of_order() -> None:
+    ops = [_plain("a", 1), _plain("b", 2)]
+    deliveries = [_in("s", "a", 5), _in("s", "b", 6), _in("s", "a", 7)]
+
+    assert out_of_order(ops, deliveries) == 0
+    assert judge(ops, deliveries, {"id-a": DELIVERED, "id-b": DELIVERED}).duplicates == 1
+
+
+def test_a_command_handed_out_long_after_its_enqueue_is_late() -> None:
+    ops = [_plain("a", 1), _plain("b", 2)]
+
+    assert late_hand_outs(ops, [_in("s", "a", 2.5), _in("s", "b", 9)], within=2.0) == 1
+
+
+def test_a_command_with_a_short_ttl_is_stale_after_it_expired_and_never_required() -> None:
+    ops = [_plain("a", 1, ttl=0.5)]  # returned at 1.1: expired by 1.6 at the latest
+    pending = {"id-a": CommandStatus.PENDING}
+
+    assert judge(ops, [_in("s", "a", 1.5)], {"id-a": DELIVERED}).stale == 0
+    assert judge(ops, [_in("s", "a", 2.0)], {"id-a": DELIVERED}).stale == 1
+    assert judge(ops, [], pending).lost == 0
+
+
+def test_a_call_cut_short_by_its_caller_is_not_an_error() -> None:
+    cut = Op("d", "plain", "a", None, 1, 1.01, None, CUT_SHORT)
+
+    tally = judge([cut], [], {})
+    assert (tally.errors, tally.accepted, tally.lost) == (0, 0, 0)

@@ -72,7 +72,12 @@ class LineRecorder:
 
 class Producer:
     """A random mix of operations for one device, one at a time: plain, latest-wins and
-    confirmation commands, confirms of some of those, and cancels of some plain ones."""
+    confirmation commands, confirms of some of those, and cancels of some plain ones.
+
+    ``name`` tells producers of one device apart (their payloads, unique per command, carry
+    it); two producers of one device must not both make latest-wins or confirmation
+    commands, which the judge replays as one sequence per device.
+    """
 
     def __init__(
         self,
@@ -82,8 +87,10 @@ class Producer:
         recorder: Recorder,
         *,
         pause: float = 0.0,
+        name: str = "",
     ) -> None:
         self._store = store
+        self._name = name
         self._device = device
         self._rng = rng
         self._recorder = recorder
@@ -119,9 +126,9 @@ class Producer:
 
     async def _enqueue(self, kind: str, command_type: str | None) -> Op:
         self._count += 1
-        key = f"{self._device}/{self._count}"
+        key = f"{self._device}/{self._name}{self._count}"
         payload = key.encode()
-        op = Op(self._device, kind, key, command_type, time.monotonic())
+        op = Op(self._device, kind, key, command_type, time.monotonic(), producer=self._name)
         if kind == "plain":
             call = self._store.enqueue(self._device, payload, 600)
         elif kind == "update":
@@ -132,7 +139,14 @@ class Producer:
 
     async def _target(self, kind: str, target: Op) -> Op:
         assert target.command_id is not None
-        op = Op(self._device, kind, target.key, target.command_type, time.monotonic())
+        op = Op(
+            self._device,
+            kind,
+            target.key,
+            target.command_type,
+            time.monotonic(),
+            producer=self._name,
+        )
         if kind == "cancel":
             call = self._store.cancel_command(target.command_id)
         else:
