@@ -351,26 +351,36 @@ class RabbitMQStore(CommandIntake):
             self._relay.owe((record.id,))
             return
         self._in_flight.add(record.id)
+        publishing = asyncio.ensure_future(self._publisher.publish(record))
         try:
-            published = await self._publisher.publish(record)
-        except BrokerError as exc:
-            logger.warning("command %s left to the outbox relay: %s", record.id, exc)
+            # Shielded: a cancelled caller leaves the publish to finish by itself. Cut short,
+            # it would leave unknown whether the broker has the command (a copy from the
+            # relay, or a loss), and a queue declaration cancelled half way closes the
+            # channel it runs on.
+            await asyncio.shield(publishing)
+        except asyncio.CancelledError:
+            publishing.add_done_callback(functools.partial(self._published, record))
+            raise
+        except BrokerError:
+            pass
+        self._published(record, publishing)
+
+    def _published(self, record: CommandRecord, publishing: asyncio.Future[bool]) -> None:
+        """Settles a direct publish: its mark is queued, or the relay owes the command."""
+        assert self._relay is not None
+        failure = None if publishing.cancelled() else publishing.exception()
+        if publishing.cancelled() or failure is not None:
+            logger.warning("command %s left to the outbox relay: %s", record.id, failure)
             self._in_flight.discard(record.id)
             self._relay.owe((record.id,))
             return
-        except BaseException:
-            # Cancelled (or worse) half way: whether the broker has it is unknown, so the
-            # relay publishes it (a copy is dropped at delivery; a loss is not).
-            self._in_flight.discard(record.id)
-            self._relay.owe((record.id,))
-            raise
-        if not published:
+        if not publishing.result():
             self._in_flight.discard(record.id)
             return
         self.observer.published(record, _since(record.ready_at, self.state.clock()))
-        # Not awaited: queued with the writes, the mark rides along with the next
-        # enqueue's commit instead of contending with it for the index. The command stays
-        # in flight until then, so the relay does not publish it again.
+        # Queued with the writes, the mark rides along with the next enqueue's commit
+        # instead of contending with it for the index. The command stays in flight until
+        # then, so the relay does not publish it again.
         self._writes.post_detached(record.id)
 
     async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
