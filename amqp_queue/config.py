@@ -5,7 +5,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from state.validation import DEFAULT_LIMITS, Limits
+from state.errors import InvalidDeviceId
+from state.validation import DEFAULT_LIMITS, Limits, validate_device_id
+
+MAX_NAME_BYTES = 255
+"""AMQP's limit on an exchange or queue name (a short string), in UTF-8 bytes."""
+
+SEPARATOR = "/"
+"""Between the exchange and the device id in a queue name: a character device ids cannot hold."""
 
 
 class QueueType(enum.StrEnum):
@@ -20,8 +27,13 @@ class RabbitMQConfig:
     """How RabbitMQStore talks to the broker.
 
     Attributes:
-        exchange: the direct exchange commands are published to; a device's queue is named
-            ``<exchange>.<device_id>``, so another exchange name is a separate namespace.
+        exchange: the direct exchange commands are published to. A device's queue is named
+            ``<exchange>/<device_id>``: device ids cannot hold ``/``, so no two (exchange,
+            device) pairs share a queue and another exchange name is a separate namespace
+            (``E`` with device ``sub.gw1`` is ``E/sub.gw1``, ``E.sub`` with ``gw1`` is
+            ``E.sub/gw1``). A queue name has at most 255 UTF-8 bytes, so a long exchange
+            shortens the device ids it can serve (:meth:`validate_device`); one over 253
+            bytes leaves room for none and is refused.
         durable: declare the exchange and device queues durable (survive a broker restart).
         queue_type: classic (default) or quorum device queues. Quorum queues are always
             durable and replicated; pick them on a cluster where losing a node must not lose
@@ -63,6 +75,12 @@ class RabbitMQConfig:
     def __post_init__(self) -> None:
         if not self.exchange or self.exchange.startswith("amq."):
             raise ValueError(f"exchange name {self.exchange!r} is empty or AMQP-reserved")
+        if len(self.queue_prefix.encode()) >= MAX_NAME_BYTES:
+            raise ValueError(
+                f"exchange name is {len(self.exchange.encode())} UTF-8 bytes: device queues "
+                f"are named <exchange>{SEPARATOR}<device_id> within {MAX_NAME_BYTES} bytes, "
+                "which leaves no room for a device id"
+            )
         if self.queue_type is QueueType.QUORUM and not self.durable:
             raise ValueError("quorum queues are always durable; set durable=True")
         for name in ("prefetch", "relay_batch", "declare_channels"):
@@ -74,6 +92,31 @@ class RabbitMQConfig:
         if self.recheck_after < 0:
             raise ValueError("recheck_after must not be negative")
 
+    @property
+    def queue_prefix(self) -> str:
+        """What the name of every device queue of this exchange starts with: ``<exchange>/``."""
+        return f"{self.exchange}{SEPARATOR}"
+
     def queue_name(self, device_id: str) -> str:
-        """The name of a device's queue."""
-        return f"{self.exchange}.{device_id}"
+        """The name of a device's queue: ``<exchange>/<device_id>``."""
+        return f"{self.queue_prefix}{device_id}"
+
+    def validate_device(self, device_id: object) -> str:
+        """Checks a device id against the limits and the length of its queue name.
+
+        Returns:
+            The device id.
+
+        Raises:
+            InvalidDeviceId: the id breaks the limits (see
+                :func:`state.validation.validate_device_id`), or its queue name would be over
+                AMQP's 255 bytes.
+        """
+        device = validate_device_id(device_id, self.limits)
+        size = len(self.queue_name(device).encode())
+        if size > MAX_NAME_BYTES:
+            raise InvalidDeviceId(
+                f"device id of {len(device)} characters makes its queue name {size} bytes, "
+                f"over AMQP's {MAX_NAME_BYTES}, with exchange {self.exchange!r}"
+            )
+        return device

@@ -158,8 +158,10 @@ class Topology:
         On a robust channel a ``robust`` queue (and its consumer) is restored after a
         reconnect.
         """
+        # The store validates device ids before anything is written; this stops one that
+        # slipped past (a name over 255 bytes) from reaching the broker as a TypeError.
+        name = self._config.queue_name(self._config.validate_device(device_id))
         self._devices[device_id] = None
-        name = self._config.queue_name(device_id)
         with broker_errors(f"declaring queue {name!r}"):
             if isinstance(channel, AbstractRobustChannel):
                 queue: AbstractQueue = await channel.declare_queue(
