@@ -228,6 +228,14 @@ class IndexedStore(CommandIntake):
     async def mark_published(self, command_ids: Collection[str]) -> None:
         """Records that the broker confirmed these commands."""
 
+    @abc.abstractmethod
+    async def reject(self, command_ids: Collection[str]) -> int:
+        """Ends open commands ``REJECTED``: the broker refused them for good (the outbox).
+
+        Returns:
+            How many open commands it ended; finished and unknown ids are left alone.
+        """
+
 
 def _check_command_id(command_id: object) -> None:
     """Ids are UUIDs; anything else cannot name a command (and must not reach a UUID column)."""
