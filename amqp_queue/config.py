@@ -11,6 +11,9 @@ from state.validation import DEFAULT_LIMITS, Limits, validate_device_id
 MAX_NAME_BYTES = 255
 """AMQP's limit on an exchange or queue name (a short string), in UTF-8 bytes."""
 
+MESSAGE_OVERHEAD = 4096
+"""Bytes of a message's size kept for its properties and headers, besides the payload."""
+
 SEPARATOR = "/"
 """Between the exchange and the device id in a queue name: a character device ids cannot hold."""
 
@@ -40,7 +43,12 @@ class RabbitMQConfig:
             queued commands.
         prefetch: how many unacknowledged messages a consumer or drain takes per window; the
             state index is asked about a whole window in one query.
-        limits: device id, command type, payload and TTL bounds (rule 7).
+        limits: device id, command type, payload and TTL bounds (rule 7). The payload bound
+            must stay 4 KiB (for properties and headers) under ``max_message_size``.
+        max_message_size: the largest message the broker accepts (its ``max_message_size``,
+            128 MiB by default on RabbitMQ 3.10). If you raised the broker's, raise this to
+            match before raising ``limits.max_payload_bytes``. A command the broker refuses
+            anyway (its limit is lower than this says) ends ``REJECTED``.
         publish_timeout: seconds to wait for a publisher confirm before the command is left
             to the outbox relay.
         relay_interval: seconds between outbox relay passes when nothing wakes it sooner.
@@ -65,6 +73,7 @@ class RabbitMQConfig:
     queue_type: QueueType = QueueType.CLASSIC
     prefetch: int = 1000
     limits: Limits = field(default=DEFAULT_LIMITS)
+    max_message_size: int = 134_217_728
     publish_timeout: float = 10.0
     relay_interval: float = 30.0
     relay_batch: int = 500
@@ -80,6 +89,14 @@ class RabbitMQConfig:
                 f"exchange name is {len(self.exchange.encode())} UTF-8 bytes: device queues "
                 f"are named <exchange>{SEPARATOR}<device_id> within {MAX_NAME_BYTES} bytes, "
                 "which leaves no room for a device id"
+            )
+        largest = self.max_message_size - MESSAGE_OVERHEAD
+        if self.limits.max_payload_bytes > largest:
+            raise ValueError(
+                f"limits.max_payload_bytes of {self.limits.max_payload_bytes} is over what "
+                f"the broker accepts: max_message_size of {self.max_message_size} less "
+                f"{MESSAGE_OVERHEAD} bytes for properties and headers, {largest}; raise "
+                "max_message_size only if the broker's max_message_size is raised too"
             )
         if self.queue_type is QueueType.QUORUM and not self.durable:
             raise ValueError("quorum queues are always durable; set durable=True")

@@ -16,7 +16,7 @@ from aio_pika.abc import (
 from aiormq.abc import FieldTable
 
 from amqp_queue.config import QueueType, RabbitMQConfig
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import broker_errors, queue_declaration
 
 logger = logging.getLogger("amqp_queue.topology")
 
@@ -91,7 +91,12 @@ class Topology:
         return self._exchange
 
     async def ensure_queue(self, device_id: str) -> None:
-        """Declares and binds the device's queue once per process; idempotent."""
+        """Declares and binds the device's queue once per process; idempotent.
+
+        Raises:
+            QueueMismatch: the queue exists with another type or durability.
+            BrokerError: the broker failed or did not answer within ``publish_timeout``.
+        """
         declared = self._declared.get(device_id)
         if declared is None:
             declared = asyncio.get_running_loop().create_future()
@@ -157,13 +162,18 @@ class Topology:
 
         On a robust channel a ``robust`` queue (and its consumer) is restored after a
         reconnect.
+
+        Raises:
+            QueueMismatch: the queue exists with another type or durability.
+            BrokerError: the broker failed.
         """
         # The store validates device ids before anything is written; this stops one that
         # slipped past (a name over 255 bytes) from reaching the broker as a TypeError.
         name = self._config.queue_name(self._config.validate_device(device_id))
         self._devices[device_id] = None
-        with broker_errors(f"declaring queue {name!r}"):
+        with queue_declaration(name):
             if isinstance(channel, AbstractRobustChannel):
+                await _reopened(channel)
                 queue: AbstractQueue = await channel.declare_queue(
                     name,
                     durable=self._config.durable,
@@ -177,3 +187,16 @@ class Topology:
             await queue.bind(self._config.exchange, routing_key=device_id)
         logger.debug("declared queue %s", name)
         return queue
+
+
+async def _reopened(channel: AbstractRobustChannel) -> None:
+    """Waits while a robust channel is closed, until it is reopened.
+
+    The broker closes a channel on a refusal (a declaration that meets a queue of another
+    type); the channel reopens in the background. Right after the refusal ``ready()`` may
+    still answer at once, before the channel has noticed it is closed, so it is asked again
+    after a turn of the loop.
+    """
+    while channel.is_closed:
+        await channel.ready()
+        await asyncio.sleep(0)
