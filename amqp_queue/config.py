@@ -59,6 +59,9 @@ class RabbitMQConfig:
             channel's declarations one after another, so a first command to many new devices
             at once (or after a restart, which empties the cache of declared queues) goes
             faster over a few.
+        declared_cache: how many device queues a process remembers as declared, the most
+            recently used (with the devices it reports in ``declared_devices``). Publishing
+            to a device it forgot declares the queue again: one round trip to the broker.
         recheck_after: 0 (the default): ``consume`` asks the index about each command left
             in a prefetch window as it hands it out (one indexed read), so a command cancelled
             or superseded before the device asked for it is never handed out (rule 3). A
@@ -80,6 +83,7 @@ class RabbitMQConfig:
     drain_idle: float = 0.05
     recheck_after: float = 0.0
     declare_channels: int = 4
+    declared_cache: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.exchange or self.exchange.startswith("amq."):
@@ -100,7 +104,7 @@ class RabbitMQConfig:
             )
         if self.queue_type is QueueType.QUORUM and not self.durable:
             raise ValueError("quorum queues are always durable; set durable=True")
-        for name in ("prefetch", "relay_batch", "declare_channels"):
+        for name in ("prefetch", "relay_batch", "declare_channels", "declared_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("publish_timeout", "relay_interval", "drain_idle"):
