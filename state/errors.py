@@ -76,7 +76,7 @@ class CommandRejected(BrokerError):
     Publishing it again fails the same way: the command ends ``REJECTED``.
     """
 
-    def __init__(self, command_id: str, reason: str) -> None:
+    def __init__(self, command_id: str, reason: str = "over its maximum message size") -> None:
         super().__init__(f"command {command_id!r} refused by the broker: {reason}")
         self.command_id = command_id
         self.reason = reason
