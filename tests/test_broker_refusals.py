@@ -133,3 +133,27 @@ async def test_a_quorum_store_meets_a_classic_queue_with_a_clear_error() -> None
 
         with pytest.raises(QueueMismatch, match="x-queue-type"):
             await topology.ensure_queue("dev-1")
+
+
+async def test_only_the_mismatched_queue_is_a_mismatch_when_its_channel_closes() -> None:
+    """The refusal closes the declaring channel under every declaration in flight on it; the
+    others are broker failures a retry fixes, not mismatches."""
+    async with publishing() as (topology, _):
+        config = RabbitMQConfig(exchange=topology.exchange.name)
+        async with await aio_pika.connect(AMQP_URL) as connection:
+            channel = await connection.channel()
+            await channel.declare_queue(
+                config.queue_name("dev-1"),
+                durable=True,
+                arguments={"x-queue-type": QueueType.QUORUM.value},
+            )
+        devices = ["dev-1", *(f"dev-{n}" for n in range(2, 12))]
+
+        outcomes = await asyncio.gather(
+            *(topology.ensure_queue(device) for device in devices), return_exceptions=True
+        )
+
+        assert isinstance(outcomes[0], QueueMismatch)
+        for device, outcome in zip(devices[1:], outcomes[1:], strict=True):
+            assert outcome is None or type(outcome) is BrokerError, (device, outcome)
+            await topology.ensure_queue(device)
