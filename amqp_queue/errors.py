@@ -52,11 +52,15 @@ def queue_declaration(name: str) -> Iterator[None]:
 
     A declaration refused with 406 PRECONDITION_FAILED (the queue exists with another
     ``x-queue-type`` or durability) fails the same way every time: :class:`QueueMismatch`.
+    The refusal closes the channel under every declaration in flight on it, with the same
+    exception; the broker's reason names the queue, so only that queue's is a mismatch.
     """
     try:
         yield
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         reason = " ".join(map(str, exc.args))
+        if f"queue '{name}'" not in reason:
+            raise broker_error(f"declaring queue {name!r}", exc) from exc
         raise QueueMismatch(
             f"queue {name!r} exists with other settings than RabbitMQConfig asks for "
             f"({reason}); delete the queue or set queue_type and durable to match it"
