@@ -33,9 +33,11 @@ from state.errors import (
     BrokerError,
     CommandExpired,
     CommandNotFound,
+    CommandRejected,
     InvalidInput,
     InvalidTTL,
     QueueError,
+    QueueMismatch,
     StateError,
 )
 from state.model import PendingCommand
@@ -59,6 +61,8 @@ ERROR_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
     (InvalidInput, 400, "invalid_input"),
     (CommandExpired, 410, "expired"),
     (CommandNotFound, 404, "not_found"),
+    (QueueMismatch, 409, "queue_mismatch"),
+    (CommandRejected, 422, "rejected"),
     (StateError, 503, "state_unavailable"),
     (BrokerError, 503, "broker_unavailable"),
 )

@@ -5,7 +5,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from state.validation import DEFAULT_LIMITS, Limits
+from state.errors import InvalidDeviceId
+from state.validation import DEFAULT_LIMITS, Limits, validate_device_id
+
+MAX_NAME_BYTES = 255
+"""AMQP's limit on an exchange or queue name (a short string), in UTF-8 bytes."""
+
+MESSAGE_OVERHEAD = 4096
+"""Bytes of a message's size kept for its properties and headers, besides the payload."""
+
+SEPARATOR = "/"
+"""Between the exchange and the device id in a queue name: a character device ids cannot hold."""
 
 
 class QueueType(enum.StrEnum):
@@ -20,15 +30,25 @@ class RabbitMQConfig:
     """How RabbitMQStore talks to the broker.
 
     Attributes:
-        exchange: the direct exchange commands are published to; a device's queue is named
-            ``<exchange>.<device_id>``, so another exchange name is a separate namespace.
+        exchange: the direct exchange commands are published to. A device's queue is named
+            ``<exchange>/<device_id>``: device ids cannot hold ``/``, so no two (exchange,
+            device) pairs share a queue and another exchange name is a separate namespace
+            (``E`` with device ``sub.gw1`` is ``E/sub.gw1``, ``E.sub`` with ``gw1`` is
+            ``E.sub/gw1``). A queue name has at most 255 UTF-8 bytes, so a long exchange
+            shortens the device ids it can serve (:meth:`validate_device`); one over 253
+            bytes leaves room for none and is refused.
         durable: declare the exchange and device queues durable (survive a broker restart).
         queue_type: classic (default) or quorum device queues. Quorum queues are always
             durable and replicated; pick them on a cluster where losing a node must not lose
             queued commands.
         prefetch: how many unacknowledged messages a consumer or drain takes per window; the
             state index is asked about a whole window in one query.
-        limits: device id, command type, payload and TTL bounds (rule 7).
+        limits: device id, command type, payload and TTL bounds (rule 7). The payload bound
+            must stay 4 KiB (for properties and headers) under ``max_message_size``.
+        max_message_size: the largest message the broker accepts (its ``max_message_size``,
+            128 MiB by default on RabbitMQ 3.10). If you raised the broker's, raise this to
+            match before raising ``limits.max_payload_bytes``. A command the broker refuses
+            anyway (its limit is lower than this says) ends ``REJECTED``.
         publish_timeout: seconds to wait for a publisher confirm before the command is left
             to the outbox relay.
         relay_interval: seconds between outbox relay passes when nothing wakes it sooner.
@@ -45,6 +65,9 @@ class RabbitMQConfig:
             channel's declarations one after another, so a first command to many new devices
             at once (or after a restart, which empties the cache of declared queues) goes
             faster over a few.
+        declared_cache: how many device queues a process remembers as declared, the most
+            recently used (with the devices it reports in ``declared_devices``). Publishing
+            to a device it forgot declares the queue again: one round trip to the broker.
         recheck_after: 0 (the default): ``consume`` asks the index about each command left
             in a prefetch window as it hands it out (one indexed read), so a command cancelled
             or superseded before the device asked for it is never handed out (rule 3). A
@@ -59,6 +82,7 @@ class RabbitMQConfig:
     queue_type: QueueType = QueueType.CLASSIC
     prefetch: int = 1000
     limits: Limits = field(default=DEFAULT_LIMITS)
+    max_message_size: int = 134_217_728
     publish_timeout: float = 10.0
     relay_interval: float = 30.0
     relay_batch: int = 500
@@ -66,13 +90,28 @@ class RabbitMQConfig:
     drain_idle: float = 0.05
     recheck_after: float = 0.0
     declare_channels: int = 4
+    declared_cache: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.exchange or self.exchange.startswith("amq."):
             raise ValueError(f"exchange name {self.exchange!r} is empty or AMQP-reserved")
+        if len(self.queue_prefix.encode()) >= MAX_NAME_BYTES:
+            raise ValueError(
+                f"exchange name is {len(self.exchange.encode())} UTF-8 bytes: device queues "
+                f"are named <exchange>{SEPARATOR}<device_id> within {MAX_NAME_BYTES} bytes, "
+                "which leaves no room for a device id"
+            )
+        largest = self.max_message_size - MESSAGE_OVERHEAD
+        if self.limits.max_payload_bytes > largest:
+            raise ValueError(
+                f"limits.max_payload_bytes of {self.limits.max_payload_bytes} is over what "
+                f"the broker accepts: max_message_size of {self.max_message_size} less "
+                f"{MESSAGE_OVERHEAD} bytes for properties and headers, {largest}; raise "
+                "max_message_size only if the broker's max_message_size is raised too"
+            )
         if self.queue_type is QueueType.QUORUM and not self.durable:
             raise ValueError("quorum queues are always durable; set durable=True")
-        for name in ("prefetch", "relay_batch", "declare_channels"):
+        for name in ("prefetch", "relay_batch", "declare_channels", "declared_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("publish_timeout", "relay_interval", "drain_idle"):
@@ -88,6 +127,31 @@ class RabbitMQConfig:
         """Seconds past ready before the relay publishes a command it does not owe."""
         return 2 * self.publish_timeout if self.relay_after is None else self.relay_after
 
+    @property
+    def queue_prefix(self) -> str:
+        """What the name of every device queue of this exchange starts with: ``<exchange>/``."""
+        return f"{self.exchange}{SEPARATOR}"
+
     def queue_name(self, device_id: str) -> str:
-        """The name of a device's queue."""
-        return f"{self.exchange}.{device_id}"
+        """The name of a device's queue: ``<exchange>/<device_id>``."""
+        return f"{self.queue_prefix}{device_id}"
+
+    def validate_device(self, device_id: object) -> str:
+        """Checks a device id against the limits and the length of its queue name.
+
+        Returns:
+            The device id.
+
+        Raises:
+            InvalidDeviceId: the id breaks the limits (see
+                :func:`state.validation.validate_device_id`), or its queue name would be over
+                AMQP's 255 bytes.
+        """
+        device = validate_device_id(device_id, self.limits)
+        size = len(self.queue_name(device).encode())
+        if size > MAX_NAME_BYTES:
+            raise InvalidDeviceId(
+                f"device id of {len(device)} characters makes its queue name {size} bytes, "
+                f"over AMQP's {MAX_NAME_BYTES}, with exchange {self.exchange!r}"
+            )
+        return device

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from state.errors import BrokerError
+from state.errors import BrokerError, QueueMismatch
 
 BROKER_FAILURES: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPException,
@@ -27,6 +28,45 @@ BROKER_FAILURES: tuple[type[BaseException], ...] = (
 def broker_error(doing: str, exc: BaseException) -> BrokerError:
     """The :class:`BrokerError` for a broker failure ``exc`` while ``doing`` something."""
     return BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}")
+
+
+# RabbitMQ's reason when it closes a channel over a message larger than max_message_size.
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+def size_refused(exc: BaseException) -> int | None:
+    """The broker's maximum message size, when ``exc`` is its refusal of a larger message.
+
+    The broker closes the whole channel, so every publish in flight on it fails with the
+    same exception: only one whose body is over this size was the one refused.
+    """
+    if not isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        return None
+    match = _TOO_LARGE.search(" ".join(map(str, exc.args)))
+    return None if match is None else int(match[2])
+
+
+@contextmanager
+def queue_declaration(name: str) -> Iterator[None]:
+    """Broker failures declaring queue ``name`` as :class:`BrokerError`, except a refusal.
+
+    A declaration refused with 406 PRECONDITION_FAILED (the queue exists with another
+    ``x-queue-type`` or durability) fails the same way every time: :class:`QueueMismatch`.
+    The refusal closes the channel under every declaration in flight on it, with the same
+    exception; the broker's reason names the queue, so only that queue's is a mismatch.
+    """
+    try:
+        yield
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        reason = " ".join(map(str, exc.args))
+        if f"queue '{name}'" not in reason:
+            raise broker_error(f"declaring queue {name!r}", exc) from exc
+        raise QueueMismatch(
+            f"queue {name!r} exists with other settings than RabbitMQConfig asks for "
+            f"({reason}); delete the queue or set queue_type and durable to match it"
+        ) from exc
+    except BROKER_FAILURES as exc:
+        raise broker_error(f"declaring queue {name!r}", exc) from exc
 
 
 @contextmanager

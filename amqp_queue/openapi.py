@@ -22,6 +22,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Bad input (the detail says what is wrong); nothing was written.",
         401: "Missing or wrong bearer token.",
         404: "No such command (unknown, pruned, superseded, cancelled or delivered).",
+        409: "The device's queue exists with another queue type; the detail says which.",
         410: "The command expired.",
         413: "The request body is too large.",
         503: "The broker or the state index is unavailable; retry.",
@@ -55,7 +56,7 @@ def document(max_body_bytes: int) -> dict[str, Any]:
                     "Enqueue a command for a device",
                     {
                         "201": _json(status_ref, "Accepted: durable in the state index."),
-                        **_errors(400, 401, 413, 503),
+                        **_errors(400, 401, 409, 413, 503),
                     },
                     parameters=[_device()],
                     requestBody={
@@ -97,7 +98,7 @@ def document(max_body_bytes: int) -> dict[str, Any]:
                     "Confirm a command (confirming twice is harmless); audited",
                     {
                         "200": _json(status_ref, "Confirmed; the status after it."),
-                        **_errors(401, 404, 410, 503),
+                        **_errors(401, 404, 409, 410, 503),
                     },
                     parameters=[_command()],
                     **secured,

@@ -10,11 +10,11 @@ from aiormq.abc import ConfirmationFrameType, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import BROKER_FAILURES, broker_error
+from amqp_queue.errors import BROKER_FAILURES, broker_error, size_refused
 from amqp_queue.messages import to_properties
 from amqp_queue.topology import Topology
 from state.clock import Clock
-from state.errors import BrokerError
+from state.errors import BrokerError, CommandRejected
 from state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.publisher")
@@ -36,6 +36,9 @@ class Publisher:
         """Publishes ``record``; False when it expired before it could be published.
 
         Raises:
+            CommandRejected: the broker refused it for good (over its max_message_size);
+                publishing it again would fail the same way.
+            QueueMismatch: the device's queue exists with another queue type or durability.
             BrokerError: the broker did not confirm it (down, timed out, unroutable twice).
         """
         for attempt in (1, 2):
@@ -50,6 +53,13 @@ class Publisher:
                 async with asyncio.timeout(self._config.publish_timeout):
                     result = await self._basic_publish(record, properties)
             except BROKER_FAILURES as exc:
+                limit = size_refused(exc)
+                if limit is not None and len(record.payload) > limit:
+                    raise CommandRejected(
+                        record.id,
+                        f"its {len(record.payload)} bytes are over the broker's "
+                        f"max_message_size of {limit}",
+                    ) from exc
                 raise broker_error(f"publishing command {record.id}", exc) from exc
             if not isinstance(result, DeliveredMessage):
                 return True

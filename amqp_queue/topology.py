@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from aio_pika.abc import (
@@ -16,7 +17,7 @@ from aio_pika.abc import (
 from aiormq.abc import FieldTable
 
 from amqp_queue.config import QueueType, RabbitMQConfig
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import broker_errors, queue_declaration
 
 logger = logging.getLogger("amqp_queue.topology")
 
@@ -35,7 +36,9 @@ class Topology:
     A command must never be published before its device's queue exists: RabbitMQ confirms an
     unroutable message as if it had been delivered. Declared queues are cached so the hot
     path pays for the declaration once per device; :meth:`forget` drops a queue from the
-    cache when a publish comes back unroutable (somebody deleted the queue).
+    cache when a publish comes back unroutable (somebody deleted the queue). The cache keeps
+    the ``declared_cache`` most recently used devices: a device it forgot is declared again,
+    which the broker answers at once for a queue that exists.
     """
 
     def __init__(
@@ -52,11 +55,13 @@ class Topology:
         self._declaring = list(declaring) or [channel]
         self._declarations = 0
         self._exchange: AbstractExchange | None = None
-        self._declared: dict[str, asyncio.Future[None]] = {}
+        # Least recently used first, both of them.
+        self._declared: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         # Per device, the callers that met its declaration under way, in arrival order.
         self._lines: dict[str, _Line] = {}
-        # Every device whose queue this process declared, by a publish, a drain or a consume.
-        self._devices: dict[str, None] = {}
+        # The devices whose queues this process declared last, by a publish, a drain or a
+        # consume.
+        self._devices: OrderedDict[str, None] = OrderedDict()
 
     @property
     def exchange(self) -> AbstractExchange:
@@ -71,7 +76,8 @@ class Topology:
 
     @property
     def declared_devices(self) -> list[str]:
-        """Devices whose queues this process declared (publishing, draining or consuming)."""
+        """Devices whose queues this process declared (publishing, draining or consuming),
+        the last ``declared_cache`` of them, least recent first."""
         return list(self._devices)
 
     @property
@@ -91,11 +97,17 @@ class Topology:
         return self._exchange
 
     async def ensure_queue(self, device_id: str) -> None:
-        """Declares and binds the device's queue once per process; idempotent."""
+        """Declares and binds the device's queue once per process; idempotent.
+
+        Raises:
+            QueueMismatch: the queue exists with another type or durability.
+            BrokerError: the broker failed or did not answer within ``publish_timeout``.
+        """
         declared = self._declared.get(device_id)
         if declared is None:
             declared = asyncio.get_running_loop().create_future()
             self._declared[device_id] = declared
+            self._forget_least_recent()
             try:
                 # Not robust: a declaring channel need not re-declare every device queue
                 # after a reconnect; a publish that comes back unroutable declares it again.
@@ -105,13 +117,15 @@ class Topology:
                     async with asyncio.timeout(self._config.publish_timeout):
                         await self.declare_queue(self._next_channel(), device_id, robust=False)
             except BaseException as exc:
-                del self._declared[device_id]
+                if self._declared.get(device_id) is declared:  # not forgotten meanwhile
+                    del self._declared[device_id]
                 declared.set_exception(exc)
                 # The caller sees the exception; anybody who awaited the future saw it too.
                 declared.exception()
                 raise
             declared.set_result(None)
             return
+        self._declared.move_to_end(device_id)
         if device_id not in self._lines and declared.done():
             # The hot path of every publish: no shield, no extra future.
             declared.result()
@@ -142,6 +156,18 @@ class Topology:
             mine.set_result(None)
         declared.result()  # the declaration's failure, for every caller that waited on it
 
+    def _forget_least_recent(self) -> None:
+        """Keeps ``declared_cache`` devices, dropping the least recently used first.
+
+        A declaration under way is never dropped: its callers wait in line behind it, and a
+        second declaration of the same queue would let a later publish overtake them.
+        """
+        while len(self._declared) > self._config.declared_cache:
+            device_id, declared = next(iter(self._declared.items()))
+            if not declared.done():
+                return
+            del self._declared[device_id]
+
     def _next_channel(self) -> AbstractChannel:
         self._declarations += 1
         return self._declaring[self._declarations % len(self._declaring)]
@@ -157,11 +183,21 @@ class Topology:
 
         On a robust channel a ``robust`` queue (and its consumer) is restored after a
         reconnect.
+
+        Raises:
+            QueueMismatch: the queue exists with another type or durability.
+            BrokerError: the broker failed.
         """
+        # The store validates device ids before anything is written; this stops one that
+        # slipped past (a name over 255 bytes) from reaching the broker as a TypeError.
+        name = self._config.queue_name(self._config.validate_device(device_id))
         self._devices[device_id] = None
-        name = self._config.queue_name(device_id)
-        with broker_errors(f"declaring queue {name!r}"):
+        self._devices.move_to_end(device_id)
+        if len(self._devices) > self._config.declared_cache:
+            self._devices.popitem(last=False)
+        with queue_declaration(name):
             if isinstance(channel, AbstractRobustChannel):
+                await _reopened(channel)
                 queue: AbstractQueue = await channel.declare_queue(
                     name,
                     durable=self._config.durable,
@@ -175,3 +211,16 @@ class Topology:
             await queue.bind(self._config.exchange, routing_key=device_id)
         logger.debug("declared queue %s", name)
         return queue
+
+
+async def _reopened(channel: AbstractRobustChannel) -> None:
+    """Waits while a robust channel is closed, until it is reopened.
+
+    The broker closes a channel on a refusal (a declaration that meets a queue of another
+    type); the channel reopens in the background. Right after the refusal ``ready()`` may
+    still answer at once, before the channel has noticed it is closed, so it is asked again
+    after a turn of the loop.
+    """
+    while channel.is_closed:
+        await channel.ready()
+        await asyncio.sleep(0)

@@ -90,7 +90,7 @@ class RawNamespace:
     exchange: AbstractExchange
 
     def queue_name(self, device: str) -> str:
-        return f"{self.exchange.name}.{device}"
+        return RabbitMQConfig(exchange=self.exchange.name).queue_name(device)
 
 
 @asynccontextmanager
@@ -100,16 +100,17 @@ async def raw_namespace(devices: list[str]) -> AsyncIterator[RawNamespace]:
     The exchange is bound to a channel with publisher confirms.
     """
     name = unique("bench.raw")
+    names = RabbitMQConfig(exchange=name)
     async with connection() as conn:
         channel = await conn.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
         try:
             for device in devices:
-                queue = await channel.declare_queue(f"{name}.{device}", durable=True)
+                queue = await channel.declare_queue(names.queue_name(device), durable=True)
                 await queue.bind(exchange, routing_key=device)
             yield RawNamespace(conn, exchange)
         finally:
-            await delete_queues(conn, (f"{name}.{device}" for device in devices))
+            await delete_queues(conn, (names.queue_name(device) for device in devices))
             cleanup = await conn.channel()
             await cleanup.exchange_delete(name)
 
@@ -131,5 +132,5 @@ async def rabbitmq_store(
                 yield store
         finally:
             await delete_namespace(
-                exchange, (f"{exchange}.{device}" for device in store.declared_devices)
+                exchange, (store.config.queue_name(device) for device in store.declared_devices)
             )

@@ -20,12 +20,7 @@ from state.clock import Clock, utc_now
 from state.errors import CommandNotFound
 from state.intake import CommandIntake
 from state.model import CommandRecord, CommandStatus, PendingCommand
-from state.validation import (
-    DEFAULT_LIMITS,
-    Limits,
-    is_command_id,
-    validate_device_id,
-)
+from state.validation import DEFAULT_LIMITS, Limits, is_command_id
 
 logger = logging.getLogger("state")
 
@@ -68,11 +63,11 @@ class IndexedStore(CommandIntake):
         return record.id
 
     async def get_pending(self, device_id: str) -> list[PendingCommand]:
-        device = validate_device_id(device_id, self.limits)
+        device = self._validate_device(device_id)
         return [record.to_pending() for record in await self.open_commands(device)]
 
     async def get_pending_confirmations(self, device_id: str) -> list[PendingCommand]:
-        device = validate_device_id(device_id, self.limits)
+        device = self._validate_device(device_id)
         return [
             record.to_pending()
             for record in await self.open_commands(device)
@@ -80,7 +75,7 @@ class IndexedStore(CommandIntake):
         ]
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
-        device = validate_device_id(device_id, self.limits)
+        device = self._validate_device(device_id)
         claimed = await self.claim(device)
         return [record.payload for record in rules.in_ready_order(claimed)]
 
@@ -253,6 +248,14 @@ class IndexedStore(CommandIntake):
     @abc.abstractmethod
     async def mark_published(self, command_ids: Collection[str]) -> None:
         """Records that the broker confirmed these commands."""
+
+    @abc.abstractmethod
+    async def reject(self, command_ids: Collection[str]) -> int:
+        """Ends open commands ``REJECTED``: the broker refused them for good (the outbox).
+
+        Returns:
+            How many open commands it ended; finished and unknown ids are left alone.
+        """
 
 
 def _check_command_id(command_id: object) -> None:

@@ -11,7 +11,9 @@
     ├── CommandNotFound                         unknown, pruned or finished command id
     │   └── CommandExpired                      the command exists but its TTL ran out
     ├── StateError                              the state backend failed (SQL, Redis)
-    └── BrokerError                             RabbitMQ failed (see amqp_queue)
+    ├── BrokerError                             RabbitMQ failed (see amqp_queue)
+    │   └── CommandRejected                     refused for good (over the message size)
+    └── QueueMismatch                           a device queue exists with other settings
 
 Third-party errors are translated at the boundary with ``raise ... from exc`` so callers
 catch ``QueueError`` and still see the original cause.
@@ -66,3 +68,23 @@ class StateError(QueueError):
 
 class BrokerError(QueueError):
     """RabbitMQ failed or refused an operation."""
+
+
+class CommandRejected(BrokerError):
+    """The broker refused this command for good (it is over the broker's message size).
+
+    Publishing it again fails the same way: the command ends ``REJECTED``.
+    """
+
+    def __init__(self, command_id: str, reason: str = "over its maximum message size") -> None:
+        super().__init__(f"command {command_id!r} refused by the broker: {reason}")
+        self.command_id = command_id
+        self.reason = reason
+
+
+class QueueMismatch(QueueError):
+    """A device's queue exists with other settings (queue type, durability) than the store's.
+
+    Not a :class:`BrokerError`: no retry fixes it. Nothing reaches the device until the queue
+    is deleted or ``RabbitMQConfig`` matches it.
+    """

@@ -11,13 +11,14 @@ import abc
 from state import rules
 from state.clock import Clock
 from state.model import CommandRecord
-from state.validation import Limits, Ttl, validate_command_type
+from state.validation import Limits, Ttl, validate_command_type, validate_device_id
 
 
 class CommandIntake(abc.ABC):
     """``enqueue``, ``enqueue_or_update`` and ``enqueue_with_confirmation`` over ``_accept``.
 
-    A subclass sets ``limits`` and ``clock`` and implements :meth:`_accept`.
+    A subclass sets ``limits`` and ``clock`` and implements :meth:`_accept`; it may
+    tighten :meth:`_validate_device` (RabbitMQStore: the device's queue name must fit).
     """
 
     limits: Limits
@@ -51,7 +52,7 @@ class CommandIntake(abc.ABC):
     ) -> CommandRecord:
         """Validates input and builds a new record; raises before anything is written."""
         return rules.new_command(
-            device_id=device_id,
+            device_id=self._validate_device(device_id),
             command_type=command_type,
             payload=payload,
             ttl=ttl,
@@ -59,6 +60,14 @@ class CommandIntake(abc.ABC):
             now=self.clock(),
             limits=self.limits,
         )
+
+    def _validate_device(self, device_id: object) -> str:
+        """The device id if this store accepts it; every call naming a device checks it here.
+
+        Raises:
+            InvalidDeviceId: the id breaks ``limits`` (or what a subclass adds).
+        """
+        return validate_device_id(device_id, self.limits)
 
     @abc.abstractmethod
     async def _accept(self, record: CommandRecord) -> str:

@@ -159,6 +159,16 @@ class MemoryStore(IndexedStore):
             if record is not None:
                 self._records[command_id] = replace(record, published_at=now)
 
+    async def reject(self, command_ids: Collection[str]) -> int:
+        now = self.clock()
+        rejected = 0
+        for command_id in command_ids:
+            record = self._records.get(command_id)
+            if record is not None and record.is_open:
+                self._store(replace(record, end_reason=EndReason.REJECTED, ended_at=now))
+                rejected += 1
+        return rejected
+
     def _device_records(self, device_id: str) -> list[CommandRecord]:
         return [self._records[command_id] for command_id in self._by_device.get(device_id, [])]
 

@@ -16,6 +16,8 @@ class CommandStatus(enum.StrEnum):
     EXPIRED = "expired"
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
+    REJECTED = "rejected"
+    """The broker refused it for good (e.g. over its maximum message size)."""
 
 
 class EndReason(enum.StrEnum):
@@ -24,6 +26,7 @@ class EndReason(enum.StrEnum):
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
     EXPIRED = "expired"
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)

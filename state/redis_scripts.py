@@ -279,6 +279,22 @@ return marked
 """
 )
 
+REJECT = (
+    _PRELUDE
+    + """
+-- ARGV[4..]: command ids the broker refused for good. Returns how many open ones ended.
+local rejected = 0
+for i = 4, #ARGV do
+    local key = command_key(ARGV[i])
+    if is_open(key) then
+        finish(key, ARGV[i], 'end_reason', 'rejected')
+        rejected = rejected + 1
+    end
+end
+return rejected
+"""
+)
+
 EXPIRE = (
     _PRELUDE
     + """

@@ -101,6 +101,7 @@ class RedisStore(IndexedStore):
         self._unpublished = register(lua.UNPUBLISHED)
         self._mark_published = register(lua.MARK_PUBLISHED)
         self._release_script = register(lua.RELEASE)
+        self._reject = register(lua.REJECT)
 
     @classmethod
     async def connect(
@@ -319,6 +320,15 @@ class RedisStore(IndexedStore):
             await self._mark_published(
                 keys=self._indexes, args=self._args(self.clock(), list(command_ids))
             )
+
+    async def reject(self, command_ids: Collection[str]) -> int:
+        if not command_ids:
+            return 0
+        async with self._errors("reject"):
+            rejected = await self._reject(
+                keys=self._indexes, args=self._args(self.clock(), list(command_ids))
+            )
+        return int(rejected)
 
     # -- helpers -------------------------------------------------------------------------
 

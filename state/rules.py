@@ -16,7 +16,6 @@ from state.model import CommandRecord, CommandStatus, EndReason
 from state.validation import (
     Limits,
     validate_command_type,
-    validate_device_id,
     validate_payload,
     validate_ttl,
 )
@@ -24,7 +23,7 @@ from state.validation import (
 
 def new_command(
     *,
-    device_id: object,
+    device_id: str,
     command_type: object | None,
     payload: object,
     ttl: object,
@@ -32,14 +31,17 @@ def new_command(
     now: datetime,
     limits: Limits,
 ) -> CommandRecord:
-    """Validates every input and builds the record to insert, before anything is written."""
-    device = validate_device_id(device_id, limits)
+    """Validates every input and builds the record to insert, before anything is written.
+
+    ``device_id`` comes validated by the store (``CommandIntake._validate_device``), which may
+    be stricter than ``limits`` alone.
+    """
     kind = None if command_type is None else validate_command_type(command_type, limits)
     data = validate_payload(payload, limits)
     lifetime = validate_ttl(ttl, limits)
     return CommandRecord(
         id=str(uuid.uuid4()),
-        device_id=device,
+        device_id=device_id,
         command_type=kind,
         payload=data,
         requires_confirmation=requires_confirmation,

@@ -21,11 +21,12 @@ AMQP_URL = os.environ.get("AMQP_QUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.
 
 async def delete_namespace(exchange: str, devices: list[str] | None = None) -> None:
     """Deletes an exchange and the device queues named after it."""
+    config = RabbitMQConfig(exchange=exchange)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
         for device in devices or []:
-            await channel.queue_delete(f"{exchange}.{device}")
+            await channel.queue_delete(config.queue_name(device))
         await channel.exchange_delete(exchange)
 
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aio_pika
 import httpx
 import pytest
 from starlette.routing import Route
@@ -22,6 +23,7 @@ from amqp_queue import (
 )
 from amqp_queue.api import error_status
 from tests.api_support import OTHER_TOKEN, TOKEN, Api, running
+from tests.rabbitmq_support import AMQP_URL
 
 PROTECTED = [
     ("POST", "/devices/dev-1/commands"),
@@ -313,6 +315,18 @@ async def test_unknown_paths_and_methods_answer_in_json(api: Api) -> None:
 
     assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
     assert (wrong.status_code, wrong.json()["error"]) == (405, "method_not_allowed")
+
+
+async def test_an_enqueue_meeting_a_queue_of_another_type_is_a_409_naming_it(api: Api) -> None:
+    name = api.backends.store.config.queue_name("dev-3")
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel()
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+
+    response = await api.enqueue("dev-3")
+
+    assert (response.status_code, response.json()["error"]) == (409, "queue_mismatch")
+    assert "x-queue-type" in response.json()["detail"]
 
 
 def _all_subclasses(kind: type[QueueError]) -> list[type[QueueError]]:

@@ -31,4 +31,4 @@ def test_unworkable_settings_are_refused(settings: dict[str, Any], message: str)
 
 def test_device_queues_are_named_within_the_exchange_namespace() -> None:
     config = RabbitMQConfig(exchange="fleet.a", declare_channels=1)
-    assert config.queue_name("gw-7") == "fleet.a.gw-7"
+    assert config.queue_name("gw-7") == "fleet.a/gw-7"

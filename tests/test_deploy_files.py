@@ -124,7 +124,10 @@ def test_policies_apply_to_device_queues_only() -> None:
 
         assert policy["apply-to"] == "queues"
         assert pattern.search(config.queue_name("gw-7"))
+        assert pattern.search(config.queue_name("sub.gw-7"))
         assert not pattern.search(RabbitMQConfig(exchange="other.commands").queue_name("gw-7"))
+        # A longer exchange is another namespace, not more of ours.
+        assert not pattern.search(RabbitMQConfig(exchange="ble.commands.sub").queue_name("gw"))
 
 
 def test_permissions_name_declared_users_and_vhosts() -> None:

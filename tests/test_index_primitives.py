@@ -1,17 +1,22 @@
 """The primitives the RabbitMQ layer drives, with the same answers on every index backend.
 
-The outbox (``unpublished``, ``mark_published``), delivery by id (``deliverable``, ``claim``,
-``mark_delivered``) and ``is_deliverable``, the one-command liveness check consume() makes
-before each hand-out (SQLite answers it on the calling thread, from a read-only connection of
-its own).
+The outbox (``unpublished``, ``mark_published``, ``reject``), delivery by id (``deliverable``,
+``claim``, ``mark_delivered``) and ``is_deliverable``, the one-command liveness check consume()
+makes before each hand-out (SQLite answers it on the calling thread, from a read-only connection
+of its own).
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
+from pathlib import Path
 
-from state import CommandStatus
+import pytest
+
+from state import CommandNotFound, CommandStatus, EndReason
 from state.base import IndexedStore
+from tests.backends import INDEX_BACKENDS, indexed_store
 from tests.support import FakeClock
 
 
@@ -183,3 +188,67 @@ async def test_release_leaves_a_taken_slot_and_an_expired_command_finished(
     assert await indexed.get_status(expiring) == CommandStatus.EXPIRED
     assert [c.id for c in await indexed.get_pending("dev-1")] == [newer]
     assert await indexed.unpublished(10) == [await indexed.get(newer)]
+
+
+async def test_a_rejected_command_is_finished_for_good_and_frees_its_type(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    """What the outbox does with a command the broker refuses for good (over its size)."""
+    plain = await indexed.enqueue("dev-1", b"too big", 600)
+    typed = await indexed.enqueue_or_update("dev-1", "firmware", b"too big", 600)
+    waiting = await indexed.enqueue_with_confirmation("dev-1", "unlock", b"w", 600)
+    delivered = await indexed.enqueue("dev-2", b"d", 600)
+    await indexed.drain_pending("dev-2")
+    cancelled = await indexed.enqueue("dev-1", b"c", 600)
+    await indexed.cancel_command(cancelled)
+    clock.advance(1)
+
+    assert await indexed.reject([plain, typed, delivered, cancelled, str(uuid.uuid4())]) == 2
+    assert await indexed.reject([plain]) == 0
+
+    assert [await indexed.get_status(i) for i in (plain, typed, delivered, cancelled)] == [
+        CommandStatus.REJECTED,
+        CommandStatus.REJECTED,
+        CommandStatus.DELIVERED,
+        CommandStatus.CANCELLED,
+    ]
+    record = await indexed.get(plain)
+    assert record is not None
+    assert (record.end_reason, record.ended_at) == (EndReason.REJECTED, clock.now)
+    assert [c.id for c in await indexed.get_pending("dev-1")] == [waiting]
+    assert await indexed.deliverable([plain, typed]) == {}
+    assert not await indexed.is_deliverable(plain)
+    assert await indexed.unpublished(10) == []
+    assert await indexed.claim("dev-1", [plain, typed]) == []
+    assert await indexed.mark_delivered([plain]) == 0
+    with pytest.raises(CommandNotFound):
+        await indexed.cancel_command(plain)
+    with pytest.raises(CommandNotFound):
+        await indexed.confirm_command(typed)
+
+    replacement = await indexed.enqueue_or_update("dev-1", "firmware", b"smaller", 600)
+    assert await indexed.get_status(typed) == CommandStatus.REJECTED
+    assert [r.id for r in await indexed.unpublished(10)] == [replacement]
+    assert await indexed.drain_pending("dev-1") == [b"smaller"]
+    clock.advance(600)
+    assert await indexed.cleanup() == 1  # `waiting`; a rejected command never expires
+    assert await indexed.get_status(plain) == CommandStatus.REJECTED
+
+
+@pytest.mark.parametrize("backend", INDEX_BACKENDS)
+async def test_rejected_commands_are_pruned_after_the_retention(
+    backend: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    options = {"clock": clock, "retention": timedelta(hours=1)}
+    async with indexed_store(backend, tmp_path, **options) as indexed:
+        rejected = await indexed.enqueue("dev-1", b"x", timedelta(days=1))
+        assert await indexed.reject([rejected]) == 1
+
+        clock.advance(59 * 60)
+        await indexed.cleanup()
+        assert await indexed.get_status(rejected) == CommandStatus.REJECTED
+
+        clock.advance(2 * 60)
+        await indexed.cleanup()
+        with pytest.raises(CommandNotFound):
+            await indexed.get_status(rejected)

@@ -11,8 +11,8 @@ Added to the reference schema (``seed-go-package-doc.txt``):
 - ``published_at``: the RabbitMQ outbox; NULL while a ready command still has to be published.
 
 The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
-becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded or
-expired command no longer holds its type's slot.
+becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded,
+expired or rejected command no longer holds its type's slot.
 """
 
 from __future__ import annotations

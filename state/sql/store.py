@@ -424,6 +424,16 @@ class SqlStore(IndexedStore):
             return
         await self.write((), command_ids)
 
+    async def reject(self, command_ids: Collection[str]) -> int:
+        if not command_ids:
+            return 0
+        update = (
+            sa.update(command_queue)
+            .where(c.id.in_(list(command_ids)), IS_OPEN)
+            .values(end_reason=EndReason.REJECTED.value, ended_at=self.clock())
+        )
+        return await self._rowcount(update)
+
     # -- transactions ----------------------------------------------------------------------
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:

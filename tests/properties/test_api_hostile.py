@@ -88,8 +88,7 @@ def served(tmp_path: Path) -> Iterator[ApiTarget]:
         api = runner.enter(running(tmp_path))
         broker = runner.enter(BrokerView.open())
         yield ApiTarget(runner, api, broker)
-        exchange = api.backends.store.config.exchange
-        assert queues_named_with_prefix(f"{exchange}.") == []
+        assert queues_named_with_prefix(api.backends.store.config.queue_prefix) == []
 
 
 def _enqueue_path(device: str) -> str:

@@ -86,8 +86,7 @@ def attacked(
         yield Target(runner, store, broker)
         if isinstance(store, RabbitMQStore) and not writes:
             # Before the store's teardown deletes the queues it knows of.
-            exchange = store.config.exchange
-            assert queues_named_with_prefix(f"{exchange}.") == []
+            assert queues_named_with_prefix(store.config.queue_prefix) == []
 
 
 async def _consume(store: Store, device: Any) -> None:
