@@ -62,6 +62,9 @@ class PrometheusObserver(Observer):
         )
         self._cancelled = counter("cancelled", "Commands an operator cancelled.")
         self._expired = counter("expired", "Commands cleanup ended because their TTL ran out.")
+        self._rejected = counter(
+            "rejected", "Commands the broker refused for good (over its message size, say)."
+        )
         self._dropped = Counter(
             "amqp_queue_messages_dropped",
             "Stale messages (superseded, cancelled, expired, delivered) dropped at delivery.",
@@ -125,6 +128,10 @@ class PrometheusObserver(Observer):
     def expired(self, count: int) -> None:
         self._expired.inc(count)
         self._pending.dec(count)
+
+    def rejected(self, record: CommandRecord) -> None:
+        self._rejected.inc()
+        self._pending.dec()
 
     def relay_failed(self) -> None:
         self._relay_failures.inc()

@@ -35,5 +35,8 @@ class Observer:
     def expired(self, count: int) -> None:
         """``cleanup`` ended this many expired commands."""
 
+    def rejected(self, record: CommandRecord) -> None:
+        """The broker refused a command for good; it ended ``REJECTED``."""
+
     def relay_failed(self) -> None:
         """An outbox relay pass failed for an unexpected reason; the relay restarts."""

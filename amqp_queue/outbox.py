@@ -29,7 +29,7 @@ from amqp_queue.observer import Observer
 from amqp_queue.publisher import Publisher
 from state import rules
 from state.base import IndexedStore
-from state.errors import BrokerError, StateError
+from state.errors import BrokerError, CommandRejected, QueueMismatch, StateError
 from state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
@@ -138,7 +138,25 @@ class OutboxRelay:
                     for record, result in zip(records, results, strict=True)
                     if not isinstance(result, BaseException)
                 )
-                failures = [result for result in results if isinstance(result, BaseException)]
+                refused = [
+                    record
+                    for record, result in zip(records, results, strict=True)
+                    if isinstance(result, CommandRejected | QueueMismatch)
+                ]
+                if refused:
+                    # Refused for good: ended, so they neither block the outbox nor come back.
+                    for record, result in zip(records, results, strict=True):
+                        if isinstance(result, CommandRejected | QueueMismatch):
+                            logger.error("command %s rejected: %s", record.id, result)
+                            self._observer.rejected(record)
+                    await self._state.reject([record.id for record in refused])
+                    self._owed.difference_update(record.id for record in refused)
+                failures = [
+                    result
+                    for result in results
+                    if isinstance(result, BaseException)
+                    and not isinstance(result, CommandRejected | QueueMismatch)
+                ]
                 if failures:
                     raise BrokerError(
                         f"outbox: {len(failures)} of {len(records)} publishes failed"

@@ -33,11 +33,10 @@ from amqp_queue.topology import Topology
 from state import rules
 from state.base import DEFAULT_RETENTION, IndexedStore
 from state.clock import Clock, utc_now
-from state.errors import BrokerError
+from state.errors import BrokerError, CommandRejected, QueueMismatch
 from state.factory import DEFAULT_STATE_URL, open_state
 from state.intake import CommandIntake
 from state.model import CommandRecord, CommandStatus, PendingCommand
-from state.validation import validate_device_id
 
 logger = logging.getLogger("amqp_queue.store")
 
@@ -294,7 +293,11 @@ class RabbitMQStore(CommandIntake):
     # -- internals ----------------------------------------------------------------------
 
     def _device(self, device_id: str) -> str:
-        return validate_device_id(device_id, self.config.limits)
+        return self.config.validate_device(device_id)
+
+    def _validate_device(self, device_id: object) -> str:
+        # The limits, and a queue name within AMQP's 255 bytes, before anything is written.
+        return self.config.validate_device(device_id)
 
     async def _open_channel(
         self, doing: str, *, publisher_confirms: bool = False
@@ -316,7 +319,16 @@ class RabbitMQStore(CommandIntake):
         return self._topology
 
     async def _accept(self, record: CommandRecord) -> str:
-        await self._ready()
+        topology = await self._ready()
+        reachable = True
+        try:
+            # Declared before the write (once per device: cached after), so a queue the
+            # broker holds with other settings is a clear error with nothing written. When
+            # the broker is down the command is still accepted, for the relay to publish.
+            await topology.ensure_queue(record.device_id)
+        except BrokerError as exc:
+            logger.warning("queue of %s not declared: %s", record.device_id, exc)
+            reachable = False
         # Durable in the index before anything reaches the broker; concurrent enqueues
         # share one transaction.
         written = self._writes.post(record)
@@ -327,7 +339,11 @@ class RabbitMQStore(CommandIntake):
             written.add_done_callback(functools.partial(self._owe_if_written, record))
             raise
         if record.is_ready:
-            await self._publish(record)
+            if reachable:
+                await self._publish(record)
+            else:
+                assert self._relay is not None
+                self._relay.owe((record.id,))
         return record.id
 
     def _owe_if_written(self, record: CommandRecord, written: asyncio.Future[None]) -> None:
@@ -361,15 +377,26 @@ class RabbitMQStore(CommandIntake):
         except asyncio.CancelledError:
             publishing.add_done_callback(functools.partial(self._published, record))
             raise
+        except (CommandRejected, QueueMismatch) as exc:
+            # Refused for good: no retry makes the broker take it.
+            self._in_flight.discard(record.id)
+            await self._reject(record, exc)
+            return
         except BrokerError:
             pass
         self._published(record, publishing)
+
+    async def _reject(self, record: CommandRecord, refusal: Exception) -> None:
+        logger.error("command %s rejected: %s", record.id, refusal)
+        await self.state.reject([record.id])
+        self.observer.rejected(record)
 
     def _published(self, record: CommandRecord, publishing: asyncio.Future[bool]) -> None:
         """Settles a direct publish: its mark is queued, or the relay owes the command."""
         assert self._relay is not None
         failure = None if publishing.cancelled() else publishing.exception()
         if publishing.cancelled() or failure is not None:
+            # A refusal for good too: the relay meets it again and rejects the command.
             logger.warning("command %s left to the outbox relay: %s", record.id, failure)
             self._in_flight.discard(record.id)
             self._relay.owe((record.id,))

@@ -108,11 +108,6 @@ async def test_a_dotted_device_and_a_dotted_exchange_get_their_own_commands(
         assert short.config.queue_name("sub.gw1") != long.config.queue_name("gw1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs RabbitMQStore (amqp_queue/store.py) to override _validate_device with "
-    "config.validate_device",
-)
 async def test_a_device_id_too_long_for_its_queue_name_is_refused_before_any_write(
     tmp_path: Path,
 ) -> None:
