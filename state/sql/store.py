@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -96,6 +97,7 @@ class SqlStore(IndexedStore):
         if schema is not None:
             engine = engine.execution_options(schema_translate_map={None: schema})
         self._engine = engine
+        self._schema = schema
         self._owns_engine = False
         # SQLite has one writer at a time. Two of this process's transactions racing for the
         # lock would meet SQLite's busy handler, which sleeps in steps of milliseconds; queued
@@ -144,8 +146,18 @@ class SqlStore(IndexedStore):
         ``create_all`` adds indexes only with a new table, so an index added in a later
         release (the outbox's, ordered by ready time) is created on an existing table too,
         and one an earlier release made that nothing reads any more is dropped.
+
+        Safe when several processes start together on one database (sidecar replicas): on
+        PostgreSQL they take turns under a transaction-level advisory lock, since two
+        concurrent ``CREATE TABLE`` of one name collide in the catalog (``pg_type``'s unique
+        index) rather than one of them finding the table. Each statement after the lock
+        reads afresh (READ COMMITTED, as the rest of the store expects), so whoever comes
+        second sees the table and indexes the first committed.
         """
         async with self._write() as conn:
+            if conn.dialect.name == "postgresql":
+                key = _ddl_lock_key(self._schema)
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
             await conn.run_sync(metadata.create_all)
             await conn.run_sync(_create_missing_indexes)
 
@@ -425,6 +437,14 @@ class SqlStore(IndexedStore):
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index read failed: {exc}") from exc
+
+
+def _ddl_lock_key(schema: str | None) -> int:
+    """The advisory lock key for creating ``command_queue`` in ``schema``: the same in every
+    process (a digest, not Python's per-process salted ``hash``), as the signed 64-bit
+    integer ``pg_advisory_xact_lock`` takes."""
+    name = f"amqp_queue.create_table:{schema or ''}.{command_queue.name}"
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def _create_missing_indexes(connection: sa.Connection) -> None:
