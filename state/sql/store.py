@@ -8,9 +8,11 @@ orders this store's own writers, only to spare them SQLite's sleeping busy handl
   a replacement that races another insert of the same type meets the partial unique index,
   inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn;
   a transaction aborted as a deadlock victim runs again (:mod:`state.sql.transient`).
-- SQLite: every write transaction starts with ``BEGIN IMMEDIATE`` (see
-  :func:`state.sql.engine.configure_sqlite`), so writers are serialised across connections
-  and processes; the same statements then run unchanged.
+- SQLite: every write transaction of the store starts with ``BEGIN IMMEDIATE`` (see
+  :func:`state.sql.engine.configure_sqlite` for why), so writers are serialised across
+  connections and processes; the same statements then run unchanged. On an engine the store
+  made, the engine's ``begin`` listener emits it; on a caller's engine, which the store leaves
+  as it is, the store emits it in its own write transactions only.
 
 Every per-device query filters on ``device_id`` and the open-command predicate, which the
 partial index ``ix_command_queue_device_open`` covers. On SQLite ``EXPLAIN QUERY PLAN`` for
@@ -43,7 +45,7 @@ from state.errors import StateError
 from state.model import CommandRecord, EndReason
 from state.sql import driver, transient
 from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
-from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
+from state.sql.engine import READ_ONLY, create_engine
 from state.sql.schema import (
     IS_OPEN,
     IS_READY,
@@ -78,6 +80,12 @@ class SqlStore(IndexedStore):
     On a SQLite file (no ``schema``) the hot paths open connections of their own to the same
     file, with the pragmas the engine's connections run (see :mod:`state.sql.driver`);
     ``connect_args`` and ``connect`` listeners of your own do not reach them.
+
+    A SQLite engine of yours is left as it is: no listeners, no pragmas on its connections,
+    its transactions begin as its driver begins them, and the file keeps its journal mode
+    (:func:`state.sql.create_engine` makes one tuned for the index: WAL, so readers never
+    wait for the writer). The store's own write transactions take the write lock up front
+    (``BEGIN IMMEDIATE``) all the same.
     """
 
     def __init__(
@@ -92,8 +100,7 @@ class SqlStore(IndexedStore):
         super().__init__(limits=limits, clock=clock, retention=retention)
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {engine.dialect.name!r}")
-        if engine.dialect.name == "sqlite":
-            configure_sqlite(engine)
+        self._sqlite = engine.dialect.name == "sqlite"
         if schema is not None:
             engine = engine.execution_options(schema_translate_map={None: schema})
         self._engine = engine
@@ -104,7 +111,7 @@ class SqlStore(IndexedStore):
         # here they wait only for the commit before them. Correctness still comes from
         # BEGIN IMMEDIATE (other processes, other stores on the same file).
         self._writers: AbstractAsyncContextManager[Any] = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+            asyncio.Lock() if self._sqlite else contextlib.nullcontext()
         )
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # The hot paths' own SQL names the table without a schema, and their connections
@@ -416,6 +423,8 @@ class SqlStore(IndexedStore):
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         try:
             async with self._writers, self._engine.begin() as conn:
+                if self._sqlite:
+                    await conn.run_sync(_take_write_lock)
                 yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index write failed: {exc}") from exc
@@ -437,6 +446,20 @@ class SqlStore(IndexedStore):
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index read failed: {exc}") from exc
+
+
+def _take_write_lock(connection: sa.Connection) -> None:
+    """Starts the SQLite transaction with ``BEGIN IMMEDIATE`` unless the engine's own
+    ``begin`` listener already began one (:func:`state.sql.engine.configure_sqlite`).
+
+    On an engine without it the driver begins a transaction only before a write, so a read
+    and the write it decides (cancel, confirm, a replacement) would not be atomic. Should a
+    caller's engine begin deferred transactions itself, the store's run in them: SQLite then
+    refuses a write after a stale read ("database is locked"), never makes it.
+    """
+    driver = connection.connection.driver_connection
+    if driver is None or not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _ddl_lock_key(schema: str | None) -> int:
