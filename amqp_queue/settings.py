@@ -35,7 +35,8 @@ class Settings:
 
     Attributes:
         amqp_url: the broker (``AMQP_URL``).
-        state_url: the state index (``AMQP_QUEUE_STATE_URL``): SQLite, PostgreSQL, Redis.
+        state_url: the state index (``AMQP_QUEUE_STATE_URL``): SQLite, PostgreSQL (with
+            ``?schema=<name>`` for a schema of its own), Redis; see :func:`state.open_state`.
         exchange: the exchange, and so the namespace of device queues (``AMQP_QUEUE_EXCHANGE``).
         host: the address the HTTP API binds to.
         port: the HTTP API's port; 0 picks a free one.

@@ -106,9 +106,13 @@ class RabbitMQStore(CommandIntake):
         """Connects to the broker and opens the state index named by ``state_url``.
 
         ``state_url`` is a SQLite file by default; a ``postgresql+asyncpg://`` URL selects
-        PostgreSQL, ``memory://`` an in-process state that does not survive a restart.
+        PostgreSQL (``?schema=<name>`` keeps the index in that existing schema),
+        ``memory://`` an in-process state that does not survive a restart; see
+        :func:`state.open_state`.
 
         Raises:
+            ValueError: ``state_url`` names no known backend or a schema that is not a plain
+                identifier.
             BrokerError: the broker could not be reached within ``connect_timeout`` seconds.
             StateError: the state index could not be opened.
         """

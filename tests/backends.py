@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from state import IndexedStore, MemoryStore, RedisStore, SqlStore, Store
@@ -99,9 +100,21 @@ async def rabbitmq_on_redis_store(tmp_path: Path, **options: Any) -> AsyncIterat
         yield store
 
 
+@asynccontextmanager
+async def rabbitmq_on_postgres_store(tmp_path: Path, **options: Any) -> AsyncIterator[Store]:
+    """RabbitMQ delivery with PostgreSQL as its state index, in a fresh schema named on the
+    state URL (as a deployment configures it)."""
+    async with postgres_schema() as schema:
+        url = make_url(POSTGRES_URL).update_query_dict({"schema": schema})
+        state_url = url.render_as_string(hide_password=False)
+        async with rabbitmq_store(tmp_path, state_url=state_url, **options) as store:
+            yield store
+
+
 BACKENDS: dict[str, StoreFactory] = {
     "rabbitmq": rabbitmq_store,
     "rabbitmq-redis": rabbitmq_on_redis_store,
+    "rabbitmq-postgres": rabbitmq_on_postgres_store,
     "memory": memory_store,
     "sqlite": sqlite_store,
     "postgres": postgres_store,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from state import CommandStatus, SqlStore, StateError
 from state.sql import command_queue, create_engine
@@ -71,6 +74,63 @@ async def test_store_on_a_caller_owned_engine_leaves_it_open(tmp_path: Path) -> 
     async with engine.connect() as conn:
         assert await conn.scalar(sa.select(sa.func.count()).select_from(command_queue)) == 1
     await engine.dispose()
+
+
+async def test_a_callers_sqlite_engine_keeps_its_transactions_and_journal_mode(
+    tmp_path: Path,
+) -> None:
+    """The store takes SQLite's write lock in its own transactions only: on the caller's
+    engine an application's transaction that only reads leaves other writers free, its
+    connections keep the driver's isolation level, and the file its journal mode."""
+    path = tmp_path / "app.db"
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with SqlStore(engine) as store:
+            await store.create_table()
+            waiting = await store.enqueue_with_confirmation("dev-1", "unlock", b"door", 60)
+            await store.enqueue("dev-1", b"x", 60)
+            await store.confirm_command(waiting)
+            assert await store.drain_pending("dev-1") == [b"x", b"door"]
+
+        async with engine.begin() as app:
+            assert await app.scalar(sa.select(sa.func.count()).select_from(command_queue)) == 2
+            driver = (await app.get_raw_connection()).driver_connection
+            assert driver is not None
+            isolation = driver.isolation_level
+            other = sqlite3.connect(path, isolation_level=None, timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # "database is locked" under a BEGIN IMMEDIATE
+                other.execute("ROLLBACK")
+                journal_mode = other.execute("PRAGMA journal_mode").fetchone()[0]
+            finally:
+                other.close()
+    finally:
+        await engine.dispose()
+    assert isolation == ""  # sqlite3's default: its own deferred BEGIN before a write
+    assert journal_mode == "delete"
+
+
+async def test_stores_on_a_callers_sqlite_engine_cancel_a_command_once(tmp_path: Path) -> None:
+    """Cancel reads the row, then ends it; its transaction holds the write lock from the
+    start also on a caller's engine, so of two concurrent cancels exactly one succeeds."""
+    engine = create_async_engine(sqlite_url(tmp_path))
+    try:
+        # A schema turns off the hot paths' own connections: every write goes through
+        # SQLAlchemy on the caller's engine. Two stores: each orders only its own writers.
+        first, second = SqlStore(engine, schema="main"), SqlStore(engine, schema="main")
+        await first.create_table()
+        ids = [await first.enqueue("dev-1", b"x", 60) for _ in range(20)]
+        outcomes = await asyncio.gather(
+            *(store.cancel_command(each) for each in ids for store in (first, second)),
+            return_exceptions=True,
+        )
+    finally:
+        await engine.dispose()
+    pairs = [outcomes[index : index + 2] for index in range(0, len(outcomes), 2)]
+    assert all(
+        sorted(type(outcome).__name__ for outcome in pair) == ["CommandNotFound", "NoneType"]
+        for pair in pairs
+    ), pairs
 
 
 async def test_get_pending_uses_the_per_device_index_on_sqlite(tmp_path: Path) -> None:

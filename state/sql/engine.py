@@ -61,9 +61,19 @@ _pragmas: weakref.WeakKeyDictionary[sa.Engine, tuple[str, ...]] = weakref.WeakKe
 
 
 def sqlite_pragmas(engine: AsyncEngine) -> tuple[str, ...]:
-    """The pragmas every connection of ``engine`` runs when it opens (see
-    :func:`configure_sqlite`), for a connection to the same file opened outside its pool."""
-    return _pragmas[engine.sync_engine]
+    """The pragmas for a connection to ``engine``'s file opened outside its pool: those
+    every connection of the engine runs when it opens (see :func:`configure_sqlite`).
+
+    For an engine not configured here (a caller's, which the store leaves as it is) the
+    per-connection ones only: ``journal_mode`` persists in the file, which is the caller's.
+    """
+    configured = _pragmas.get(engine.sync_engine)
+    if configured is not None:
+        return configured
+    return (
+        *(pragma for pragma in _SQLITE_PRAGMAS if not pragma.startswith("PRAGMA journal_mode")),
+        f"PRAGMA synchronous={SYNCHRONOUS[0].upper()}",
+    )
 
 
 def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) -> None:

@@ -9,9 +9,11 @@ orders this store's own writers, only to spare them SQLite's sleeping busy handl
   a replacement that races another insert of the same type meets the partial unique index,
   inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn;
   a transaction aborted as a deadlock victim runs again (:mod:`state.sql.transient`).
-- SQLite: every write transaction starts with ``BEGIN IMMEDIATE`` (see
-  :func:`state.sql.engine.configure_sqlite`), so writers are serialised across connections
-  and processes; the same statements then run unchanged.
+- SQLite: every write transaction of the store starts with ``BEGIN IMMEDIATE`` (see
+  :func:`state.sql.engine.configure_sqlite` for why), so writers are serialised across
+  connections and processes; the same statements then run unchanged. On an engine the store
+  made, the engine's ``begin`` listener emits it; on a caller's engine, which the store leaves
+  as it is, the store emits it in its own write transactions only.
 
 Every per-device query filters on ``device_id`` and the open-command predicate, which the
 partial index ``ix_command_queue_device_open`` covers. On SQLite ``EXPLAIN QUERY PLAN`` for
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -43,7 +46,7 @@ from state.errors import StateError
 from state.model import CommandRecord, EndReason
 from state.sql import driver, transient
 from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
-from state.sql.engine import READ_ONLY, configure_sqlite, create_engine
+from state.sql.engine import READ_ONLY, create_engine
 from state.sql.schema import (
     IS_OPEN,
     IS_READY,
@@ -78,6 +81,12 @@ class SqlStore(IndexedStore):
     On a SQLite file (no ``schema``) the hot paths open connections of their own to the same
     file, with the pragmas the engine's connections run (see :mod:`state.sql.driver`);
     ``connect_args`` and ``connect`` listeners of your own do not reach them.
+
+    A SQLite engine of yours is left as it is: no listeners, no pragmas on its connections,
+    its transactions begin as its driver begins them, and the file keeps its journal mode
+    (:func:`state.sql.create_engine` makes one tuned for the index: WAL, so readers never
+    wait for the writer). The store's own write transactions take the write lock up front
+    (``BEGIN IMMEDIATE``) all the same.
     """
 
     def __init__(
@@ -92,18 +101,18 @@ class SqlStore(IndexedStore):
         super().__init__(limits=limits, clock=clock, retention=retention)
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {engine.dialect.name!r}")
-        if engine.dialect.name == "sqlite":
-            configure_sqlite(engine)
+        self._sqlite = engine.dialect.name == "sqlite"
         if schema is not None:
             engine = engine.execution_options(schema_translate_map={None: schema})
         self._engine = engine
+        self._schema = schema
         self._owns_engine = False
         # SQLite has one writer at a time. Two of this process's transactions racing for the
         # lock would meet SQLite's busy handler, which sleeps in steps of milliseconds; queued
         # here they wait only for the commit before them. Correctness still comes from
         # BEGIN IMMEDIATE (other processes, other stores on the same file).
         self._writers: AbstractAsyncContextManager[Any] = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+            asyncio.Lock() if self._sqlite else contextlib.nullcontext()
         )
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # The hot paths' own SQL names the table without a schema, and their connections
@@ -145,8 +154,18 @@ class SqlStore(IndexedStore):
         ``create_all`` adds indexes only with a new table, so an index added in a later
         release (the outbox's, ordered by ready time) is created on an existing table too,
         and one an earlier release made that nothing reads any more is dropped.
+
+        Safe when several processes start together on one database (sidecar replicas): on
+        PostgreSQL they take turns under a transaction-level advisory lock, since two
+        concurrent ``CREATE TABLE`` of one name collide in the catalog (``pg_type``'s unique
+        index) rather than one of them finding the table. Each statement after the lock
+        reads afresh (READ COMMITTED, as the rest of the store expects), so whoever comes
+        second sees the table and indexes the first committed.
         """
         async with self._write() as conn:
+            if conn.dialect.name == "postgresql":
+                key = _ddl_lock_key(self._schema)
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
             await conn.run_sync(metadata.create_all)
             await conn.run_sync(_create_missing_indexes)
 
@@ -455,6 +474,8 @@ class SqlStore(IndexedStore):
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         try:
             async with self._writers, self._engine.begin() as conn:
+                if self._sqlite:
+                    await conn.run_sync(_take_write_lock)
                 yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index write failed: {exc}") from exc
@@ -476,6 +497,28 @@ class SqlStore(IndexedStore):
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index read failed: {exc}") from exc
+
+
+def _take_write_lock(connection: sa.Connection) -> None:
+    """Starts the SQLite transaction with ``BEGIN IMMEDIATE`` unless the engine's own
+    ``begin`` listener already began one (:func:`state.sql.engine.configure_sqlite`).
+
+    On an engine without it the driver begins a transaction only before a write, so a read
+    and the write it decides (cancel, confirm, a replacement) would not be atomic. Should a
+    caller's engine begin deferred transactions itself, the store's run in them: SQLite then
+    refuses a write after a stale read ("database is locked"), never makes it.
+    """
+    driver = connection.connection.driver_connection
+    if driver is None or not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _ddl_lock_key(schema: str | None) -> int:
+    """The advisory lock key for creating ``command_queue`` in ``schema``: the same in every
+    process (a digest, not Python's per-process salted ``hash``), as the signed 64-bit
+    integer ``pg_advisory_xact_lock`` takes."""
+    name = f"amqp_queue.create_table:{schema or ''}.{command_queue.name}"
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def _create_missing_indexes(connection: sa.Connection) -> None:
