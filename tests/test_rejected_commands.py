@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -21,7 +22,10 @@ from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 MiB = 1024 * 1024
 BROKER_MAX = 128 * MiB  # the test broker's max_message_size (RabbitMQ 3.10's default)
 # Configured as if the broker took more than it does: its own limit then decides.
-TOO_TRUSTING = {"max_message_size": 512 * MiB, "limits": Limits(max_payload_bytes=256 * MiB)}
+TOO_TRUSTING: dict[str, Any] = {
+    "max_message_size": 512 * MiB,
+    "limits": Limits(max_payload_bytes=256 * MiB),
+}
 
 
 @pytest.mark.slow
