@@ -148,6 +148,7 @@ class RabbitMQStore(CommandIntake):
                     await self._open_channel("opening a channel to declare queues")
                 )
             self._topology = Topology(self._channel, self.config, declaring=self._declaring)
+            await self.state.claim_outbox(self.config.exchange)
             await self._topology.declare_exchange()
             self._publisher = Publisher(self._topology, self.config, self.state.clock)
             self._relay = OutboxRelay(

@@ -17,7 +17,7 @@ from typing import Self
 
 from state import rules
 from state.clock import Clock, utc_now
-from state.errors import CommandNotFound
+from state.errors import CommandNotFound, OutboxTaken
 from state.intake import CommandIntake
 from state.model import CommandRecord, CommandStatus, PendingCommand
 from state.validation import DEFAULT_LIMITS, Limits, is_command_id
@@ -168,6 +168,20 @@ class IndexedStore(CommandIntake):
             reopened += await self._release(republish, unpublish=True)
         return reopened
 
+    async def claim_outbox(self, owner: str) -> None:
+        """Makes ``owner`` (a publisher's namespace: RabbitMQStore's exchange) the one that
+        publishes this index's outbox; the first claim on an index sets it for good.
+
+        Raises:
+            OutboxTaken: another owner holds the outbox.
+        """
+        holder = await self._hold_outbox(owner)
+        if holder != owner:
+            raise OutboxTaken(
+                f"this state index publishes for {holder!r}, not {owner!r}: give each "
+                "exchange its own state (SQLite file, PostgreSQL ?schema=, Redis ?prefix=)"
+            )
+
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         """Adds ``records`` (see :meth:`add`) and marks ``published`` commands published.
 
@@ -232,6 +246,10 @@ class IndexedStore(CommandIntake):
     @abc.abstractmethod
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         """Opens delivered commands again (see :meth:`release`); returns how many."""
+
+    @abc.abstractmethod
+    async def _hold_outbox(self, owner: str) -> str:
+        """Records ``owner`` as the outbox's unless one is recorded; returns the recorded one."""
 
     @abc.abstractmethod
     async def expire(self, now: datetime) -> int:

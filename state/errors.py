@@ -82,6 +82,15 @@ class CommandRejected(BrokerError):
         self.reason = reason
 
 
+class OutboxTaken(QueueError):
+    """The state index's outbox already belongs to another publisher (another exchange).
+
+    Each store's relay publishes every unpublished command of its index, so two exchanges on
+    one index would publish each other's commands into the wrong queues. Give each its own
+    index: another SQLite file, PostgreSQL ``?schema=``, or Redis ``?prefix=``.
+    """
+
+
 class QueueMismatch(QueueError):
     """A device's queue exists with other settings (queue type, durability) than the store's.
 

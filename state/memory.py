@@ -32,6 +32,7 @@ class MemoryStore(IndexedStore):
         self._records: dict[str, CommandRecord] = {}
         self._by_device: dict[str, list[str]] = {}
         self._open_by_type: dict[tuple[str, str], str] = {}
+        self._outbox_owner: str | None = None
 
     async def add(self, records: Sequence[CommandRecord]) -> int:
         now = self.clock()
@@ -118,6 +119,11 @@ class MemoryStore(IndexedStore):
                 if slot is not None:
                     self._open_by_type[slot] = command_id
         return reopened
+
+    async def _hold_outbox(self, owner: str) -> str:
+        if self._outbox_owner is None:
+            self._outbox_owner = owner
+        return self._outbox_owner
 
     async def expire(self, now: datetime) -> int:
         expired = [

@@ -275,6 +275,15 @@ class RedisStore(IndexedStore):
             )
         return int(reopened)
 
+    async def _hold_outbox(self, owner: str) -> str:
+        key = f"{self._prefix}outbox-owner"
+        async with self._errors("outbox owner"):
+            await self._client.set(key, owner, nx=True)
+            holder = await self._client.get(key)
+        if holder is None:
+            return owner
+        return holder.decode() if isinstance(holder, bytes) else str(holder)
+
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from state import CommandNotFound, CommandStatus, EndReason
+from state import CommandNotFound, CommandStatus, EndReason, OutboxTaken
 from state.base import IndexedStore
 from tests.backends import INDEX_BACKENDS, indexed_store
 from tests.support import FakeClock
@@ -252,3 +252,13 @@ async def test_rejected_commands_are_pruned_after_the_retention(
         await indexed.cleanup()
         with pytest.raises(CommandNotFound):
             await indexed.get_status(rejected)
+
+
+async def test_the_outbox_belongs_to_the_first_owner_that_claims_it(
+    indexed: IndexedStore,
+) -> None:
+    await indexed.claim_outbox("ble.commands")
+    await indexed.claim_outbox("ble.commands")  # a restart, or a replica: the same owner
+
+    with pytest.raises(OutboxTaken, match=r"ble\.commands"):
+        await indexed.claim_outbox("other.exchange")

@@ -7,11 +7,12 @@ before anything is written.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from amqp_queue import InvalidDeviceId, MemoryStore, RabbitMQConfig, RabbitMQStore
+from amqp_queue import InvalidDeviceId, MemoryStore, OutboxTaken, RabbitMQConfig, RabbitMQStore
 from state.validation import validate_device_id
 from tests.backends import commands_held
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
@@ -126,3 +127,18 @@ async def test_a_device_id_too_long_for_its_queue_name_is_refused_before_any_wri
             await store.ensure_queue(device)
         assert await commands_held(store) == 0
         assert store.declared_devices == []
+
+
+async def test_two_exchanges_cannot_share_one_state_index(tmp_path: Path) -> None:
+    """Each store's relay publishes every unpublished command of its index: on a shared one,
+    one exchange's commands would be published into the other's queues."""
+    state_url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    async with rabbitmq_store(tmp_path, state_url=state_url) as first:
+        await first.enqueue("gw1", b"mine", 600)
+        with pytest.raises(OutboxTaken, match=re.escape(first.config.exchange)):
+            async with rabbitmq_store(tmp_path, state_url=state_url):
+                pass
+        async with rabbitmq_store(
+            tmp_path, state_url=state_url, exchange=first.config.exchange
+        ) as replica:
+            assert await replica.drain_pending("gw1") == [b"mine"]

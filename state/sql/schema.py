@@ -69,6 +69,14 @@ command_queue = sa.Table(
 
 c = command_queue.c
 
+# Who publishes the outbox of this table (see IndexedStore.claim_outbox): one row.
+outbox_owner = sa.Table(
+    "command_queue_owner",
+    metadata,
+    sa.Column("role", sa.Text(), primary_key=True),
+    sa.Column("owner", sa.Text(), nullable=False),
+)
+
 # One expression object for "live" so every query repeats the partial indexes' predicate to
 # the letter: SQLite only uses a partial index when the query's WHERE implies the index's.
 IS_OPEN = sa.and_(c.delivered == sa.false(), c.end_reason.is_(None))

@@ -54,6 +54,7 @@ from state.sql.schema import (
     RETIRED_INDEXES,
     command_queue,
     metadata,
+    outbox_owner,
 )
 from state.validation import DEFAULT_LIMITS, Limits
 
@@ -419,6 +420,20 @@ class SqlStore(IndexedStore):
             return opened.rowcount
 
         return await self._transaction(give_back)
+
+    async def _hold_outbox(self, owner: str) -> str:
+        claim = (
+            self._insert(outbox_owner)
+            .values(role="outbox", owner=owner)
+            .on_conflict_do_nothing(index_elements=[outbox_owner.c.role])
+        )
+        holder = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "outbox")
+
+        async def hold(conn: AsyncConnection) -> str:
+            await conn.execute(claim)
+            return str((await conn.execute(holder)).scalar_one())
+
+        return await self._transaction(hold)
 
     async def expire(self, now: datetime) -> int:
         update = (
