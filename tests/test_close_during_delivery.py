@@ -1,0 +1,199 @@
+"""Closing the store (or cancelling a call) while commands are being delivered.
+
+``close()`` ends the store's consume loops and drains promptly, whoever owns the broker
+connection. What a drain claimed but did not return to its caller (closed or cancelled
+mid-way) goes back: never DELIVERED, still queued for a later drain, by this process or the
+next one on the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amqp_queue import CommandStatus, QueueError, RabbitMQStore
+from state import CommandRecord, SqlStore, Store
+from tests.rabbitmq_support import queue_depth, rabbitmq_store
+from tests.shared_index import drain_until, shared_index
+
+DEVICE = "dev-1"
+
+
+@asynccontextmanager
+async def _store(tmp_path: Path, owner: str) -> AsyncIterator[RabbitMQStore]:
+    """A RabbitMQStore that owns its connection (``connect``), or runs on the caller's."""
+    if owner == "store":
+        async with rabbitmq_store(tmp_path) as store:
+            yield store
+        return
+    async with (
+        shared_index("sqlite", tmp_path) as shared,
+        shared.store(await shared.open_index()) as store,
+    ):
+        yield store
+
+
+@pytest.mark.parametrize("owner", ["store", "caller"], ids=["own-connection", "callers-connection"])
+async def test_close_ends_a_running_consume_loop(tmp_path: Path, owner: str) -> None:
+    async with _store(tmp_path, owner) as store:
+        received: list[str] = []
+        first = asyncio.Event()
+
+        async def device() -> None:
+            async with store.consume(DEVICE) as stream:
+                async for command in stream:
+                    received.append(command.id)
+                    first.set()
+
+        command_id = await store.enqueue(DEVICE, b"cmd", 600)
+        consumer = asyncio.create_task(device())
+        try:
+            await asyncio.wait_for(first.wait(), 5)
+            await asyncio.wait_for(store.close(), 5)
+            done, _ = await asyncio.wait([consumer], timeout=3)
+
+            assert consumer in done, "the consume loop still runs 3 s after close()"
+            error = consumer.exception()
+            assert error is None or isinstance(error, QueueError), repr(error)
+            assert received == [command_id]
+        finally:
+            await _stop(consumer)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancels a task the test started; again while it does not end (today a stream's
+    clean-up can wait for a closed connection to come back)."""
+    for _ in range(5):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait([task], timeout=1)
+    assert task.done(), "the consumer task could not be stopped"
+
+
+class SlowClaims(SqlStore):
+    """An index whose claims take ``delay`` seconds (a busy database), and tell when each
+    one has returned; from the ``block_from``-th claim on they wait until released."""
+
+    delay = 0.0
+    block_from: int | None = None
+    claims = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.claimed = asyncio.Event()
+        self.blocked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def claim(
+        self, device_id: str, command_ids: Collection[str] | None = None
+    ) -> list[CommandRecord]:
+        self.claims += 1
+        if self.block_from is not None and self.claims >= self.block_from:
+            self.blocked.set()
+            await self.release.wait()
+        await asyncio.sleep(self.delay)
+        records = await super().claim(device_id, command_ids)
+        self.claimed.set()
+        return records
+
+
+async def _enqueue_many(store: RabbitMQStore, payloads: list[bytes]) -> list[str]:
+    ids: list[str] = []
+    for start in range(0, len(payloads), 500):
+        chunk = payloads[start : start + 500]
+        ids += await asyncio.gather(*(store.enqueue(DEVICE, p, 3600) for p in chunk))
+    return ids
+
+
+async def _not_returned_but_delivered(
+    state: Store, ids: list[str], payloads: list[bytes], returned: list[bytes]
+) -> int:
+    """How many commands a drain did not return are DELIVERED (asked of the index: the
+    store may be closed)."""
+    kept = set(returned)
+    statuses = [
+        await state.get_status(command_id)
+        for command_id, payload in zip(ids, payloads, strict=True)
+        if payload not in kept
+    ]
+    return statuses.count(CommandStatus.DELIVERED)
+
+
+def _outcome(drain: asyncio.Task[list[bytes]]) -> list[bytes]:
+    """What a finished drain returned: nothing if it raised a QueueError."""
+    if drain.cancelled():
+        return []
+    error = drain.exception()
+    if error is None:
+        return drain.result()
+    assert isinstance(error, QueueError), repr(error)
+    return []
+
+
+async def test_close_ends_a_drain_of_a_large_backlog_and_hands_back_the_rest(
+    tmp_path: Path,
+) -> None:
+    count = 3000
+    payloads = [f"c{n:04}".encode() for n in range(count)]
+    async with shared_index("sqlite", tmp_path, prefetch=250) as shared:
+        state = await shared.open_index(SlowClaims)
+        assert isinstance(state, SlowClaims)
+        context: AbstractAsyncContextManager[RabbitMQStore] = shared.store(state)
+        store = await context.__aenter__()
+        drain: asyncio.Task[list[bytes]] | None = None
+        try:
+            ids = await _enqueue_many(store, payloads)
+            state.delay = 0.25  # twelve windows: three seconds of drain at least
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(state.claimed.wait(), 5)
+
+            loop = asyncio.get_running_loop()
+            closing = loop.time()
+            await asyncio.wait_for(store.close(), 5)
+            done, _ = await asyncio.wait([drain], timeout=max(0.0, closing + 1.5 - loop.time()))
+            assert drain in done, "the drain still ran 1.5 s after close() was called"
+            first = _outcome(drain)
+            assert await _not_returned_but_delivered(state, ids, payloads, first) == 0
+        finally:
+            if drain is not None:
+                drain.cancel()
+                await asyncio.wait([drain])
+            await context.__aexit__(None, None, None)
+
+        state.delay = 0.0
+        async with shared.store(state) as later:  # the next process on the same state
+            rest = await drain_until(later, DEVICE, count=count - len(first), seconds=5)
+            assert first + rest == payloads
+            assert await queue_depth(later, DEVICE) == 0
+
+
+async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Path) -> None:
+    count = 20
+    payloads = [f"c{n:02}".encode() for n in range(count)]
+    async with shared_index("sqlite", tmp_path, prefetch=5) as shared:
+        state = await shared.open_index(SlowClaims)
+        assert isinstance(state, SlowClaims)
+        async with shared.store(state) as store:
+            ids = [await store.enqueue(DEVICE, payload, 600) for payload in payloads]
+            state.block_from = 2  # the first window is claimed, the drain waits on the next
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(state.blocked.wait(), 5)
+            drain.cancel()
+            await asyncio.wait([drain], timeout=5)
+            state.block_from = None
+            state.release.set()
+            assert drain.cancelled()
+
+            delivered = await _not_returned_but_delivered(state, ids, payloads, [])
+            assert delivered == 0, (
+                f"{delivered} commands the cancelled drain claimed are DELIVERED; nobody got them"
+            )
+            rest = await drain_until(store, DEVICE, count=count, seconds=3)
+            assert rest == payloads
+            assert await queue_depth(store, DEVICE) == 0
