@@ -264,7 +264,13 @@ class RabbitMQStore(CommandIntake):
         await self._ready()
         record = await self.state.confirm(command_id)
         self.observer.confirmed(record)
-        if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
+        # Confirming again is harmless (rule 4): a publish of the first confirm still under
+        # way, or its mark not yet committed, is not repeated.
+        if (
+            rules.is_deliverable(record, self.state.clock())
+            and record.published_at is None
+            and record.id not in self._in_flight
+        ):
             await self._publish(record)
 
     async def cancel_command(self, command_id: str) -> None:

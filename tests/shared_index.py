@@ -9,6 +9,7 @@ closed, dropped and deleted afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -75,22 +76,14 @@ class SharedIndex:
     async def store(self, index: IndexedStore, **config: Any) -> AsyncIterator[RabbitMQStore]:
         """A started RabbitMQStore over ``index`` in the shared exchange, with its own
         connection; ``config`` overrides the shared RabbitMQConfig's fields."""
-        options = {
-            "exchange": self.exchange,
-            **{name: getattr(self.config, name) for name in _CONFIG_FIELDS},
-            **config,
-        }
         connection = await aio_pika.connect_robust(AMQP_URL)
-        store = RabbitMQStore(connection, RabbitMQConfig(**options), state=index)
+        store = RabbitMQStore(connection, dataclasses.replace(self.config, **config), state=index)
         try:
             async with store:
                 yield store
         finally:
             self.devices.update(store.declared_devices)
             await connection.close()
-
-
-_CONFIG_FIELDS = ("prefetch", "relay_interval", "drain_idle", "publish_timeout")
 
 
 @asynccontextmanager

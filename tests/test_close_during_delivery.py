@@ -88,7 +88,7 @@ class SlowClaims(SqlStore):
         super().__init__(*args, **kwargs)
         self.claimed = asyncio.Event()
         self.blocked = asyncio.Event()
-        self.release = asyncio.Event()
+        self.unblocked = asyncio.Event()
 
     async def claim(
         self, device_id: str, command_ids: Collection[str] | None = None
@@ -96,7 +96,7 @@ class SlowClaims(SqlStore):
         self.claims += 1
         if self.block_from is not None and self.claims >= self.block_from:
             self.blocked.set()
-            await self.release.wait()
+            await self.unblocked.wait()
         await asyncio.sleep(self.delay)
         records = await super().claim(device_id, command_ids)
         self.claimed.set()
@@ -187,7 +187,7 @@ async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Pa
             drain.cancel()
             await asyncio.wait([drain], timeout=5)
             state.block_from = None
-            state.release.set()
+            state.unblocked.set()
             assert drain.cancelled()
 
             delivered = await _not_returned_but_delivered(state, ids, payloads, [])

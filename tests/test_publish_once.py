@@ -178,7 +178,8 @@ class OutboxReadBreaks(SqlStore):
 async def test_the_relay_survives_an_unexpected_error_or_the_store_fails_loudly(
     tmp_path: Path,
 ) -> None:
-    async with shared_index("sqlite", tmp_path, relay_interval=0.2) as shared:
+    # relay_after=0: the relay takes a dead writer's command at once, not after its lease.
+    async with shared_index("sqlite", tmp_path, relay_interval=0.2, relay_after=0) as shared:
         state = await shared.open_index(OutboxReadBreaks)
         assert isinstance(state, OutboxReadBreaks)
         store_context = shared.store(state)
