@@ -172,7 +172,9 @@ async def test_payloads_passwords_and_tokens_never_reach_a_log_line_or_error_mes
             async with TCPProxy() as proxy:
                 url = f"amqp://{user}:{password}@127.0.0.1:{proxy.port}/?reconnect_interval=0.2"
                 await _store_session(tmp_path, url, payload, proxy)
-            async with running(tmp_path) as api:
+            # Its own state: the session above used tmp_path's with another exchange.
+            (tmp_path / "api").mkdir()
+            async with running(tmp_path / "api") as api:
                 created = await api.enqueue("dev-1", payload=payload.decode())
                 assert created.status_code == 201
                 command = f"/commands/{created.json()['id']}"
