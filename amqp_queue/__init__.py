@@ -6,8 +6,7 @@ The one public import point: the contract, the errors and every store.
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery import CommandStream
 from amqp_queue.observer import Observer
-from amqp_queue.store import RabbitMQStore
-from state import (
+from amqp_queue.state import (
     DEFAULT_LIMITS,
     BrokerError,
     CommandExpired,
@@ -31,6 +30,7 @@ from state import (
     Store,
     Ttl,
 )
+from amqp_queue.store import RabbitMQStore
 
 __all__ = [
     "DEFAULT_LIMITS",

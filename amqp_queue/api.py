@@ -28,8 +28,7 @@ from amqp_queue import operations
 from amqp_queue.auth import Tokens
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
-from amqp_queue.store import RabbitMQStore
-from state.errors import (
+from amqp_queue.state.errors import (
     BrokerError,
     CommandExpired,
     CommandNotFound,
@@ -41,7 +40,8 @@ from state.errors import (
     QueueMismatch,
     StateError,
 )
-from state.model import PendingCommand
+from amqp_queue.state.model import PendingCommand
+from amqp_queue.store import RabbitMQStore
 
 logger = logging.getLogger("amqp_queue.api")
 audit = logging.getLogger("amqp_queue.api.audit")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from state.errors import InvalidDeviceId
-from state.validation import DEFAULT_LIMITS, Limits, validate_device_id
+from amqp_queue.state.errors import InvalidDeviceId
+from amqp_queue.state.validation import DEFAULT_LIMITS, Limits, validate_device_id
 
 MAX_NAME_BYTES = 255
 """AMQP's limit on an exchange or queue name (a short string), in UTF-8 bytes."""
@@ -144,8 +144,8 @@ class RabbitMQConfig:
 
         Raises:
             InvalidDeviceId: the id breaks the limits (see
-                :func:`state.validation.validate_device_id`), or its queue name would be over
-                AMQP's 255 bytes.
+                :func:`amqp_queue.state.validation.validate_device_id`), or its queue name would be
+                over AMQP's 255 bytes.
         """
         device = validate_device_id(device_id, self.limits)
         size = len(self.queue_name(device).encode())

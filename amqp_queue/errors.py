@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from state.errors import BrokerError, QueueMismatch
+from amqp_queue.state.errors import BrokerError, QueueMismatch
 
 BROKER_FAILURES: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPException,

@@ -24,7 +24,7 @@ import aio_pika
 from aio_pika.abc import DeliveryMode, HeadersType
 from aiormq import spec
 
-from state.model import CommandRecord
+from amqp_queue.state.model import CommandRecord
 
 COMMAND_TYPE = "x-command-type"
 EXPIRES_AT = "x-expires-at"

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from amqp_queue.observer import Observer
-from state.model import CommandRecord
+from amqp_queue.state.model import CommandRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The Content-Type of :meth:`PrometheusObserver.render`'s output."""

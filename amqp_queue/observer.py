@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from state.model import CommandRecord
+from amqp_queue.state.model import CommandRecord
 
 
 class Observer:

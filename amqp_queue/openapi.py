@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from state.model import CommandStatus
+from amqp_queue.state.model import CommandStatus
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 

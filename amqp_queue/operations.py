@@ -11,10 +11,10 @@ import binascii
 import enum
 from typing import Any
 
+from amqp_queue.state.errors import InvalidCommandType, InvalidInput, InvalidPayload
+from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
+from amqp_queue.state.validation import Ttl
 from amqp_queue.store import RabbitMQStore
-from state.errors import InvalidCommandType, InvalidInput, InvalidPayload
-from state.model import CommandRecord, CommandStatus, PendingCommand
-from state.validation import Ttl
 
 
 class Mode(enum.StrEnum):

@@ -27,10 +27,10 @@ from tenacity import (
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.observer import Observer
 from amqp_queue.publisher import Publisher
-from state import rules
-from state.base import IndexedStore
-from state.errors import BrokerError, CommandRejected, QueueMismatch, StateError
-from state.model import CommandRecord
+from amqp_queue.state import rules
+from amqp_queue.state.base import IndexedStore
+from amqp_queue.state.errors import BrokerError, CommandRejected, QueueMismatch, StateError
+from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
 

@@ -30,10 +30,10 @@ from amqp_queue.api import OperatorApi
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
+from amqp_queue.state.base import IndexedStore
+from amqp_queue.state.errors import BrokerError, QueueError
+from amqp_queue.state.factory import open_state
 from amqp_queue.store import RabbitMQStore
-from state.base import IndexedStore
-from state.errors import BrokerError, QueueError
-from state.factory import open_state
 
 logger = logging.getLogger("amqp_queue.service")
 

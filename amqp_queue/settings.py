@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from amqp_queue.auth import Tokens
 from amqp_queue.config import RabbitMQConfig
-from state.factory import DEFAULT_STATE_URL
+from amqp_queue.state.factory import DEFAULT_STATE_URL
 
 ENV_AMQP_URL = "AMQP_URL"
 ENV_STATE_URL = "AMQP_QUEUE_STATE_URL"
@@ -36,7 +36,8 @@ class Settings:
     Attributes:
         amqp_url: the broker (``AMQP_URL``).
         state_url: the state index (``AMQP_QUEUE_STATE_URL``): SQLite, PostgreSQL (with
-            ``?schema=<name>`` for a schema of its own), Redis; see :func:`state.open_state`.
+            ``?schema=<name>`` for a schema of its own), Redis; see
+            :func:`amqp_queue.state.open_state`.
         exchange: the exchange, and so the namespace of device queues (``AMQP_QUEUE_EXCHANGE``).
         host: the address the HTTP API binds to.
         port: the HTTP API's port; 0 picks a free one.

@@ -29,14 +29,14 @@ from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
+from amqp_queue.state import rules
+from amqp_queue.state.base import DEFAULT_RETENTION, IndexedStore
+from amqp_queue.state.clock import Clock, utc_now
+from amqp_queue.state.errors import BrokerError, CommandRejected, QueueMismatch
+from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
+from amqp_queue.state.intake import CommandIntake
+from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
 from amqp_queue.topology import Topology
-from state import rules
-from state.base import DEFAULT_RETENTION, IndexedStore
-from state.clock import Clock, utc_now
-from state.errors import BrokerError, CommandRejected, QueueMismatch
-from state.factory import DEFAULT_STATE_URL, open_state
-from state.intake import CommandIntake
-from state.model import CommandRecord, CommandStatus, PendingCommand
 
 logger = logging.getLogger("amqp_queue.store")
 
@@ -108,7 +108,7 @@ class RabbitMQStore(CommandIntake):
         ``state_url`` is a SQLite file by default; a ``postgresql+asyncpg://`` URL selects
         PostgreSQL (``?schema=<name>`` keeps the index in that existing schema),
         ``memory://`` an in-process state that does not survive a restart; see
-        :func:`state.open_state`.
+        :func:`amqp_queue.state.open_state`.
 
         Raises:
             ValueError: ``state_url`` names no known backend or a schema that is not a plain

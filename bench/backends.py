@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 import sqlalchemy as sa
 from redis.asyncio import Redis
 
+from amqp_queue.state import IndexedStore, MemoryStore, RedisStore, SqlStore
+from amqp_queue.state.sql.engine import create_engine
 from bench.harness import Context, rate
 from bench.services import PAYLOAD, POSTGRES_URL, REDIS_URL, TTL, device_ids, temp_dir, unique
-from state import IndexedStore, MemoryStore, RedisStore, SqlStore
-from state.sql.engine import create_engine
 
 GROUP = "State backends standalone (sequential enqueue; drain per device)"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import asyncpg
 import sqlalchemy as sa
 
+from amqp_queue.state import SqlStore
+from amqp_queue.state.sql import command_queue
 from bench.backends import postgres_state
 from bench.harness import Context, Target
 from bench.services import PAYLOAD, TTL, temp_dir
-from state import SqlStore
-from state.sql import command_queue
 
 GROUP = "Index latency as the table grows"
 PROBE = "probe"

@@ -3,9 +3,9 @@
 ``state`` never imports ``amqp_queue``; the delivery layer builds on it.
 """
 
-from state.base import DEFAULT_RETENTION, IndexedStore
-from state.clock import Clock, utc_now
-from state.errors import (
+from .base import DEFAULT_RETENTION, IndexedStore
+from .clock import Clock, utc_now
+from .errors import (
     BrokerError,
     CommandExpired,
     CommandNotFound,
@@ -20,13 +20,13 @@ from state.errors import (
     QueueMismatch,
     StateError,
 )
-from state.factory import DEFAULT_STATE_URL, open_state
-from state.memory import MemoryStore
-from state.model import CommandRecord, CommandStatus, EndReason, PendingCommand
-from state.protocol import Store
-from state.redis_store import RedisStore
-from state.sql import SqlStore
-from state.validation import DEFAULT_LIMITS, Limits, Ttl
+from .factory import DEFAULT_STATE_URL, open_state
+from .memory import MemoryStore
+from .model import CommandRecord, CommandStatus, EndReason, PendingCommand
+from .protocol import Store
+from .redis_store import RedisStore
+from .sql import SqlStore
+from .validation import DEFAULT_LIMITS, Limits, Ttl
 
 __all__ = [
     "DEFAULT_LIMITS",

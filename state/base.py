@@ -2,8 +2,8 @@
 
 A backend subclasses :class:`IndexedStore` and implements only how records are stored and
 locked. The rules (validation, replacement, confirmation, expiry, ordering) come from
-:mod:`state.rules`. The RabbitMQ delivery layer drives the same primitives directly, which is
-why the outbox and batch methods are public.
+:mod:`amqp_queue.state.rules`. The RabbitMQ delivery layer drives the same primitives
+directly, which is why the outbox and batch methods are public.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
-from state import rules
-from state.clock import Clock, utc_now
-from state.errors import CommandNotFound, OutboxTaken
-from state.intake import CommandIntake
-from state.model import CommandRecord, CommandStatus, PendingCommand
-from state.validation import DEFAULT_LIMITS, Limits, is_command_id
+from . import rules
+from .clock import Clock, utc_now
+from .errors import CommandNotFound, OutboxTaken
+from .intake import CommandIntake
+from .model import CommandRecord, CommandStatus, PendingCommand
+from .validation import DEFAULT_LIMITS, Limits, is_command_id
 
-logger = logging.getLogger("state")
+logger = logging.getLogger("amqp_queue.state")
 
 DEFAULT_RETENTION = timedelta(days=7)
 
@@ -204,7 +204,7 @@ class IndexedStore(CommandIntake):
         """Inserts validated records in order, in one atomic step.
 
         A record with a ``command_type`` first ends the open command of that
-        ``(device_id, command_type)`` (see :func:`state.rules.end_of_replaced`).
+        ``(device_id, command_type)`` (see :func:`amqp_queue.state.rules.end_of_replaced`).
 
         Returns:
             How many open, unexpired commands the records superseded.

@@ -8,12 +8,12 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy.engine import make_url
 
-from state.base import DEFAULT_RETENTION, IndexedStore
-from state.clock import Clock, utc_now
-from state.memory import MemoryStore
-from state.redis_store import RedisStore
-from state.sql import SqlStore
-from state.validation import DEFAULT_LIMITS, Limits
+from .base import DEFAULT_RETENTION, IndexedStore
+from .clock import Clock, utc_now
+from .memory import MemoryStore
+from .redis_store import RedisStore
+from .sql import SqlStore
+from .validation import DEFAULT_LIMITS, Limits
 
 DEFAULT_STATE_URL = "sqlite+aiosqlite:///commands.db"
 

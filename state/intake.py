@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import abc
 
-from state import rules
-from state.clock import Clock
-from state.model import CommandRecord
-from state.validation import Limits, Ttl, validate_command_type, validate_device_id
+from . import rules
+from .clock import Clock
+from .model import CommandRecord
+from .validation import Limits, Ttl, validate_command_type, validate_device_id
 
 
 class CommandIntake(abc.ABC):

@@ -6,11 +6,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from state import rules
-from state.base import DEFAULT_RETENTION, Change, IndexedStore
-from state.clock import Clock, utc_now
-from state.model import CommandRecord, EndReason
-from state.validation import DEFAULT_LIMITS, Limits
+from . import rules
+from .base import DEFAULT_RETENTION, Change, IndexedStore
+from .clock import Clock, utc_now
+from .model import CommandRecord, EndReason
+from .validation import DEFAULT_LIMITS, Limits
 
 
 class MemoryStore(IndexedStore):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from state.model import CommandStatus, PendingCommand
-from state.validation import Ttl
+from .model import CommandStatus, PendingCommand
+from .validation import Ttl
 
 
 @runtime_checkable

@@ -1,4 +1,5 @@
-"""How :class:`state.redis_store.RedisStore` lays out commands in Redis, and its Lua scripts.
+"""How :class:`amqp_queue.state.redis_store.RedisStore` lays out commands in Redis, and its Lua
+scripts.
 
 Redis runs a script atomically, so a replacement, a drain, an expiry sweep or an outbox update
 is never seen half done by another client or process. The hash encoding lives beside the
@@ -6,9 +7,9 @@ scripts because both sides must agree on it field for field.
 
 Layout of a store's keys (``P`` is the store's prefix):
 
-- ``P cmd:<id>`` hash: one command (the fields of :class:`state.model.CommandRecord`, times
-  as integer microseconds since the epoch, booleans as ``0``/``1``, absent fields for None,
-  plus ``seq``, its write order).
+- ``P cmd:<id>`` hash: one command (the fields of
+  :class:`amqp_queue.state.model.CommandRecord`, times as integer microseconds since the
+  epoch, booleans as ``0``/``1``, absent fields for None, plus ``seq``, its write order).
 - ``P dev:<device>`` sorted set: the device's open commands, scored by ``seq``.
 - ``P types:<device>`` hash: command type -> id of the device's open command of that type.
 - ``P expiry`` sorted set: open commands by ``expires_at``.
@@ -34,8 +35,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from state.errors import StateError
-from state.model import CommandRecord, EndReason
+from .errors import StateError
+from .model import CommandRecord, EndReason
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

@@ -3,7 +3,8 @@
 Commands are hashes with a sorted-set index per device, as in the reference design. Every
 change that touches more than one key runs on the server in one atomic step: replacement by
 type, drains, expiry, delivery marks and the outbox are Lua scripts
-(:mod:`state.redis_scripts`); confirm and cancel run their rule in Python inside a WATCH/MULTI
+(:mod:`amqp_queue.state.redis_scripts`); confirm and cancel run their rule in Python inside a
+WATCH/MULTI
 transaction that retries when another client changed the command meanwhile.
 
 Expiry is decided at read time from the stored ``expires_at`` and the store's clock. Key TTLs
@@ -12,7 +13,7 @@ day longer than the command's remaining life plus the retention, so Redis never 
 command that the store still considers live or queryable.
 
 redis-py is an optional dependency (the ``redis`` extra): it is imported where it is used,
-so ``import state`` works without it.
+so ``import amqp_queue.state`` works without it.
 
 Durability is Redis's: with AOF (``appendfsync always`` or ``everysec``) commands survive a
 restart of Redis; with persistence off they are lost with it.
@@ -28,27 +29,27 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from state import redis_scripts as lua
-from state import rules
-from state.base import DEFAULT_RETENTION, Change, IndexedStore
-from state.clock import Clock, utc_now
-from state.errors import StateError
-from state.model import CommandRecord
-from state.redis_scripts import (
+from . import redis_scripts as lua
+from . import rules
+from .base import DEFAULT_RETENTION, Change, IndexedStore
+from .clock import Clock, utc_now
+from .errors import StateError
+from .model import CommandRecord
+from .redis_scripts import (
     changed_fields,
     decode_record,
     decode_replies,
     encode_flag,
     encode_time,
 )
-from state.validation import DEFAULT_LIMITS, Limits
+from .validation import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
     from redis.commands.core import AsyncScript
 
-logger = logging.getLogger("state.redis")
+logger = logging.getLogger("amqp_queue.state.redis")
 
 DEFAULT_PREFIX = "amqp_queue:"
 # How much longer than the store needs them Redis keeps keys: room for clock skew between
@@ -68,7 +69,7 @@ class RedisStore(IndexedStore):
             bytes). The caller keeps ownership; ``close()`` leaves it open. Use
             :meth:`connect` to have the store create and own its client.
         prefix: prepended to every key, so several stores share one Redis database.
-        limits, clock, retention: see :class:`state.base.IndexedStore`.
+        limits, clock, retention: see :class:`amqp_queue.state.base.IndexedStore`.
 
     Raises:
         ValueError: the client decodes responses to str.
@@ -122,7 +123,7 @@ class RedisStore(IndexedStore):
             url: a redis-py URL; an optional ``prefix`` query parameter (``?prefix=app1:``)
                 sets the key prefix when the ``prefix`` argument is not given.
             prefix: the key prefix; default: the URL's, else ``amqp_queue:``.
-            limits, clock, retention: see :class:`state.base.IndexedStore`.
+            limits, clock, retention: see :class:`amqp_queue.state.base.IndexedStore`.
             client_options: passed on to ``redis.asyncio.Redis.from_url``.
 
         Raises:
@@ -354,7 +355,7 @@ class RedisStore(IndexedStore):
                     return total
 
     def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]:
-        """The leading arguments every script takes (see :mod:`state.redis_scripts`)."""
+        """The leading arguments every script takes (see :mod:`amqp_queue.state.redis_scripts`)."""
         return [self._prefix, encode_time(now), str(self._finished_ttl), *rest]
 
     def _command_key(self, command_id: str) -> str:

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 
-from state.errors import CommandExpired, CommandNotFound
-from state.model import CommandRecord, CommandStatus, EndReason
-from state.validation import (
+from .errors import CommandExpired, CommandNotFound
+from .model import CommandRecord, CommandStatus, EndReason
+from .validation import (
     Limits,
     validate_command_type,
     validate_payload,

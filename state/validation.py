@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeGuard
 
-from state.errors import InvalidCommandType, InvalidDeviceId, InvalidPayload, InvalidTTL
+from .errors import InvalidCommandType, InvalidDeviceId, InvalidPayload, InvalidTTL
 
 # A device id becomes part of a queue name (``<exchange>.<device_id>``) and of the regexes
 # operators write for RabbitMQ permissions, so it is kept to a plain ASCII alphabet.

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from state import IndexedStore, MemoryStore, RedisStore, SqlStore, Store
-from state.sql import command_queue
+from amqp_queue.state import IndexedStore, MemoryStore, RedisStore, SqlStore, Store
+from amqp_queue.state.sql import command_queue
 from tests.rabbitmq_support import rabbitmq_store
 from tests.support import unique
 

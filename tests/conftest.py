@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from state import IndexedStore, Store
+from amqp_queue.state import IndexedStore, Store
 from tests.backends import BACKENDS, INDEX_BACKENDS, indexed_store
 from tests.support import FakeClock
 

@@ -12,8 +12,8 @@ from typing import Any
 import aio_pika
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits, SqlStore
-from state.clock import utc_now
+from amqp_queue.state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits, SqlStore
+from amqp_queue.state.clock import utc_now
 from tests.support import unique
 
 AMQP_URL = os.environ.get("AMQP_QUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from state import IndexedStore, RedisStore, SqlStore
+from amqp_queue.state import IndexedStore, RedisStore, SqlStore
 from tests.backends import POSTGRES_URL, REDIS_URL, postgres_schema, redis_prefix
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique

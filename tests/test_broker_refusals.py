@@ -28,9 +28,9 @@ from amqp_queue import (
     RabbitMQConfig,
 )
 from amqp_queue.publisher import Publisher
+from amqp_queue.state.clock import utc_now
+from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
-from state.clock import utc_now
-from state.model import CommandRecord
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from amqp_queue import CommandStatus, QueueError, RabbitMQStore
-from state import CommandRecord, SqlStore, Store
+from amqp_queue.state import CommandRecord, SqlStore, Store
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
 from tests.shared_index import drain_until, shared_index
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore
-from state import SqlStore, StateError
-from state.sql import create_engine
+from amqp_queue.state import SqlStore, StateError
+from amqp_queue.state.sql import create_engine
 from tests.rabbitmq_support import queue_depth, store_on_index
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from state import CommandNotFound, CommandStatus, EndReason, OutboxTaken
-from state.base import IndexedStore
+from amqp_queue.state import CommandNotFound, CommandStatus, EndReason, OutboxTaken
+from amqp_queue.state.base import IndexedStore
 from tests.backends import INDEX_BACKENDS, indexed_store
 from tests.support import FakeClock
 

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from amqp_queue import RabbitMQStore
-from state import SqlStore, open_state
+from amqp_queue.state import SqlStore, open_state
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.rabbitmq_support import rabbitmq_store
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from state import SqlStore
-from state.model import CommandRecord
-from state.sql import create_engine
+from amqp_queue.state import SqlStore
+from amqp_queue.state.model import CommandRecord
+from amqp_queue.state.sql import create_engine
 from tests.rabbitmq_support import store_on_index
 
 

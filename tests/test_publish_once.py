@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from amqp_queue import QueueError, RabbitMQStore
-from state import CommandRecord, SqlStore
+from amqp_queue.state import CommandRecord, SqlStore
 from tests.rabbitmq_support import queue_depth
 from tests.shared_index import INDEX_KINDS, drain_until, shared_index
 

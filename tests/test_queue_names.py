@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import InvalidDeviceId, MemoryStore, OutboxTaken, RabbitMQConfig, RabbitMQStore
-from state.validation import validate_device_id
+from amqp_queue.state.validation import validate_device_id
 from tests.backends import commands_held
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
 from tests.support import unique

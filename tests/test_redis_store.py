@@ -17,8 +17,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from state import CommandNotFound, CommandStatus, RedisStore, StateError, open_state
-from state.redis_store import KEY_TTL_MARGIN
+from amqp_queue.state import CommandNotFound, CommandStatus, RedisStore, StateError, open_state
+from amqp_queue.state.redis_store import KEY_TTL_MARGIN
 from tests.backends import REDIS_URL, redis_prefix
 from tests.support import FakeClock, unique
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 DRAIN_WORKER = """
 import asyncio, json, sys
 
-from state import RedisStore
+from amqp_queue.state import RedisStore
 
 
 async def main(url: str, prefix: str, device: str) -> None:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from state import BrokerError
+from amqp_queue.state import BrokerError
 from tests.api_support import TOKEN, running
 from tests.faults.broker import rabbitmqctl
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
@@ -86,7 +86,7 @@ async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     raise AssertionError("a refused consumer got a message")
 
 
-OUR_LOGGERS = ("state", "amqp_queue")
+OUR_LOGGERS = ("amqp_queue",)
 
 
 class _Collector(logging.Handler):

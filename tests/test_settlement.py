@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue import CommandStatus, RabbitMQStore
-from state import CommandNotFound, CommandRecord, SqlStore, StateError
-from state.sql import command_queue
+from amqp_queue.state import CommandNotFound, CommandRecord, SqlStore, StateError
+from amqp_queue.state.sql import command_queue
 from tests.backends import POSTGRES_URL
 from tests.rabbitmq_support import queue_depth
 from tests.shared_index import drain_until, shared_index

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from state.sql import command_queue
+from amqp_queue.state.sql import command_queue
 from tests.backends import POSTGRES_URL
 from tests.support import unique
 
@@ -26,7 +26,7 @@ ROUNDS = 5
 REPLICA = """
 import asyncio, sys
 import asyncpg, sqlalchemy.dialects.postgresql.asyncpg
-from state import SqlStore
+from amqp_queue.state import SqlStore
 
 async def start(url):
     store = await SqlStore.connect(url)

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from state import CommandStatus, SqlStore
-from state.sql import transient
+from amqp_queue.state import CommandStatus, SqlStore
+from amqp_queue.state.sql import transient
 from tests.backends import POSTGRES_URL, postgres_schema
 
 
@@ -65,7 +65,7 @@ async def test_a_write_chosen_as_deadlock_victim_runs_again(
             try:
                 await _wait_until_blocked(watcher, schema)
                 # Now the other transaction asks for the row the store holds: a cycle.
-                with caplog.at_level(logging.WARNING, logger="state.sql"):
+                with caplog.at_level(logging.WARNING, logger="amqp_queue.state.sql"):
                     # Granted once PostgreSQL aborts the store's attempt.
                     await other.execute(touch, {"id": replaced})
                     await other.commit()

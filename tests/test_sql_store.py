@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from state import CommandStatus, SqlStore, StateError
-from state.sql import command_queue, create_engine
-from state.sql.driver import SqliteLiveCheck
-from state.sql.store import unpublished_query
+from amqp_queue.state import CommandStatus, SqlStore, StateError
+from amqp_queue.state.sql import command_queue, create_engine
+from amqp_queue.state.sql.driver import SqliteLiveCheck
+from amqp_queue.state.sql.store import unpublished_query
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.support import FakeClock
 

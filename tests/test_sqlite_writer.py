@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from state import SqlStore
-from state.sql.driver import _WriterThread
+from amqp_queue.state import SqlStore
+from amqp_queue.state.sql.driver import _WriterThread
 
 INSERT = "INSERT INTO notes (text) VALUES (?)"
 

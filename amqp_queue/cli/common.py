@@ -24,10 +24,10 @@ from amqp_queue.settings import (
     ENV_TOKENS,
     Settings,
 )
+from amqp_queue.state.errors import CommandExpired, CommandNotFound, InvalidInput, QueueError
+from amqp_queue.state.factory import DEFAULT_STATE_URL
+from amqp_queue.state.model import PendingCommand
 from amqp_queue.store import RabbitMQStore
-from state.errors import CommandExpired, CommandNotFound, InvalidInput, QueueError
-from state.factory import DEFAULT_STATE_URL
-from state.model import PendingCommand
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -34,7 +34,7 @@ from amqp_queue.settings import (
     ENV_TOKENS,
     parse_bind,
 )
-from state.errors import QueueError
+from amqp_queue.state.errors import QueueError
 
 # -- the service and the demo -------------------------------------------------------------
 

@@ -32,8 +32,8 @@ from amqp_queue.demo.report import progress, table
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.service import Backends, running_api
 from amqp_queue.settings import DEFAULT_AMQP_URL, Settings
+from amqp_queue.state.model import CommandStatus
 from amqp_queue.store import RabbitMQStore
-from state.model import CommandStatus
 
 logger = logging.getLogger("amqp_queue.demo")
 

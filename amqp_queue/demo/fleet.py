@@ -15,8 +15,8 @@ from itertools import count
 
 from amqp_queue.demo.ledger import Issued, Kind, Ledger, Receipt
 from amqp_queue.demo.operator import HttpOperator
+from amqp_queue.state.model import CommandRecord, PendingCommand
 from amqp_queue.store import RabbitMQStore
-from state.model import CommandRecord, PendingCommand
 
 LONG_TTL = 120.0
 """Seconds a job, set-point or unlock lives: longer than any demo run."""

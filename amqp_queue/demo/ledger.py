@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from state.model import CommandStatus
+from amqp_queue.state.model import CommandStatus
 
 
 class Kind(enum.StrEnum):

@@ -36,9 +36,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from state.model import EndReason
-from state.sql.engine import sqlite_pragmas
-from state.sql.schema import IS_OPEN, IS_READY, command_queue
+from ..model import EndReason
+from .engine import sqlite_pragmas
+from .schema import IS_OPEN, IS_READY, command_queue
 
 c = command_queue.c
 

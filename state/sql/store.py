@@ -8,9 +8,9 @@ orders this store's own writers, only to spare them SQLite's sleeping busy handl
   their row with ``SELECT ... FOR UPDATE``;
   a replacement that races another insert of the same type meets the partial unique index,
   inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn;
-  a transaction aborted as a deadlock victim runs again (:mod:`state.sql.transient`).
+  a transaction aborted as a deadlock victim runs again (:mod:`amqp_queue.state.sql.transient`).
 - SQLite: every write transaction of the store starts with ``BEGIN IMMEDIATE`` (see
-  :func:`state.sql.engine.configure_sqlite` for why), so writers are serialised across
+  :func:`amqp_queue.state.sql.engine.configure_sqlite` for why), so writers are serialised across
   connections and processes; the same statements then run unchanged. On an engine the store
   made, the engine's ``begin`` listener emits it; on a caller's engine, which the store leaves
   as it is, the store emits it in its own write transactions only.
@@ -39,15 +39,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, DropIndex
 
-from state import rules
-from state.base import DEFAULT_RETENTION, Change, IndexedStore
-from state.clock import Clock, utc_now
-from state.errors import StateError
-from state.model import CommandRecord, EndReason
-from state.sql import driver, transient
-from state.sql.driver import SqliteLiveCheck, SqliteReader, SqliteWriter
-from state.sql.engine import READ_ONLY, create_engine
-from state.sql.schema import (
+from .. import rules
+from ..base import DEFAULT_RETENTION, Change, IndexedStore
+from ..clock import Clock, utc_now
+from ..errors import StateError
+from ..model import CommandRecord, EndReason
+from ..validation import DEFAULT_LIMITS, Limits
+from . import driver, transient
+from .driver import SqliteLiveCheck, SqliteReader, SqliteWriter
+from .engine import READ_ONLY, create_engine
+from .schema import (
     IS_OPEN,
     IS_READY,
     READY_AT,
@@ -56,9 +57,8 @@ from state.sql.schema import (
     metadata,
     outbox_owner,
 )
-from state.validation import DEFAULT_LIMITS, Limits
 
-logger = logging.getLogger("state.sql")
+logger = logging.getLogger("amqp_queue.state.sql")
 
 c = command_queue.c
 _RECORD_COLUMNS = tuple(c[field.name] for field in dataclasses.fields(CommandRecord))
@@ -77,15 +77,15 @@ class SqlStore(IndexedStore):
             store create and own it.
         schema: the database schema holding ``command_queue`` (PostgreSQL), None for the
             default.
-        limits, clock, retention: see :class:`state.base.IndexedStore`.
+        limits, clock, retention: see :class:`amqp_queue.state.base.IndexedStore`.
 
     On a SQLite file (no ``schema``) the hot paths open connections of their own to the same
-    file, with the pragmas the engine's connections run (see :mod:`state.sql.driver`);
+    file, with the pragmas the engine's connections run (see :mod:`amqp_queue.state.sql.driver`);
     ``connect_args`` and ``connect`` listeners of your own do not reach them.
 
     A SQLite engine of yours is left as it is: no listeners, no pragmas on its connections,
     its transactions begin as its driver begins them, and the file keeps its journal mode
-    (:func:`state.sql.create_engine` makes one tuned for the index: WAL, so readers never
+    (:func:`amqp_queue.state.sql.create_engine` makes one tuned for the index: WAL, so readers never
     wait for the writer). The store's own write transactions take the write lock up front
     (``BEGIN IMMEDIATE``) all the same.
     """
@@ -472,7 +472,7 @@ class SqlStore(IndexedStore):
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Runs ``work`` in one write transaction, again if PostgreSQL aborted it as a
-        deadlock victim or a serialization failure (see :mod:`state.sql.transient`)."""
+        deadlock victim or a serialization failure (see :mod:`amqp_queue.state.sql.transient`)."""
         async for attempt in transient.retrying():
             with attempt:
                 async with self._write() as conn:
@@ -516,7 +516,7 @@ class SqlStore(IndexedStore):
 
 def _take_write_lock(connection: sa.Connection) -> None:
     """Starts the SQLite transaction with ``BEGIN IMMEDIATE`` unless the engine's own
-    ``begin`` listener already began one (:func:`state.sql.engine.configure_sqlite`).
+    ``begin`` listener already began one (:func:`amqp_queue.state.sql.engine.configure_sqlite`).
 
     On an engine without it the driver begins a transaction only before a write, so a read
     and the write it decides (cancel, confirm, a replacement) would not be atomic. Should a

@@ -22,7 +22,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-logger = logging.getLogger("state.sql")
+logger = logging.getLogger("amqp_queue.state.sql")
 
 RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 """deadlock_detected, serialization_failure."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from state import (
+from amqp_queue.state import (
     InvalidCommandType,
     InvalidDeviceId,
     InvalidInput,

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from state import CommandExpired, CommandNotFound, CommandStatus, Store
+from amqp_queue.state import CommandExpired, CommandNotFound, CommandStatus, Store
 from tests.support import FakeClock
 
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from state import CommandNotFound, CommandStatus, Store
+from amqp_queue.state import CommandNotFound, CommandStatus, Store
 from tests.conftest import OpenStore
 from tests.support import FakeClock
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from state import CommandExpired, CommandStatus, Store
+from amqp_queue.state import CommandExpired, CommandStatus, Store
 from tests.support import FakeClock
 
 

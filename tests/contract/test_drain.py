@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from state import CommandStatus, Store
+from amqp_queue.state import CommandStatus, Store
 from tests.support import FakeClock
 
 

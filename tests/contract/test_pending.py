@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from state import CommandStatus, Store
+from amqp_queue.state import CommandStatus, Store
 from tests.support import FakeClock
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from state import CommandNotFound, CommandStatus, IndexedStore, Store
+from amqp_queue.state import CommandNotFound, CommandStatus, IndexedStore, Store
 from tests.conftest import OpenStore
 from tests.support import FakeClock
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from amqp_queue import RabbitMQStore
-from state import CommandStatus
+from amqp_queue.state import CommandStatus
 from tests.faults.children import Child
 from tests.faults.ledger import ENQUEUES, Delivery, Op, Tally, from_lines, judge, required_keys
 from tests.faults.states import fresh_state, rabbitmq_on

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
-from state import CommandStatus
+from amqp_queue.state import CommandStatus
 
 ENQUEUES = ("plain", "update", "confirmable")
 """Kinds of operation that create a command: enqueue, enqueue_or_update, ..._with_confirmation."""

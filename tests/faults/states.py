@@ -13,8 +13,8 @@ from pathlib import Path
 import aio_pika
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from state import IndexedStore, RedisStore, SqlStore
-from state.clock import Clock, utc_now
+from amqp_queue.state import IndexedStore, RedisStore, SqlStore
+from amqp_queue.state.clock import Clock, utc_now
 from tests.backends import POSTGRES_URL, REDIS_URL, postgres_schema, redis_prefix
 from tests.support import unique
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from state import CommandStatus
+from amqp_queue.state import CommandStatus
 from tests.faults.ledger import (
     CUT_SHORT,
     Delivery,

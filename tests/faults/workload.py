@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import Protocol, TextIO
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from state import Store
+from amqp_queue.state import Store
 from tests.faults.ledger import Delivery, Op, to_line
 
 READY = '{"record": "Ready"}'

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from state import CommandExpired, CommandNotFound, CommandStatus
+from amqp_queue.state import CommandExpired, CommandNotFound, CommandStatus
 
 Outcome = str  # "delivered" | "cancelled" | "superseded" | "expired"
 

@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from amqp_queue import RabbitMQStore
-from state import (
+from amqp_queue.state import (
     CommandNotFound,
     CommandStatus,
     InvalidCommandType,

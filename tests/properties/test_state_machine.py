@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 )
 
 from amqp_queue import RabbitMQStore
-from state import CommandExpired, CommandNotFound, Store
+from amqp_queue.state import CommandExpired, CommandNotFound, Store
 from tests.backends import BACKENDS, StoreFactory
 from tests.properties.model import Model
 from tests.properties.runner import LoopRunner, property_settings

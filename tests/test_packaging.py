@@ -1,0 +1,73 @@
+"""The distribution installs one import package, ``amqp_queue``; ``state`` is not one of them.
+
+PyPI has a package named ``state`` and an application may well have a module of that name:
+a top-level ``state`` from this wheel would shadow it or be shadowed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    # Built as pip builds it for an install: setuptools from the configured index.
+    subprocess.run(
+        [
+            sys.executable,
+            *("-m", "pip", "wheel", "--quiet", "--no-deps"),
+            *("--wheel-dir", str(out), str(REPOSITORY)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (built,) = out.glob("amqp_queue-*.whl")
+    return built
+
+
+def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {
+        name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")
+    }
+
+    assert top == {"amqp_queue"}
+    assert "amqp_queue/state/model.py" in names
+    assert "amqp_queue/state/sql/store.py" in names
+    top_level = next(name for name in names if name.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["amqp_queue"]
+
+
+@pytest.mark.slow
+def test_import_state_fails_where_only_amqp_queue_is_installed(wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    # Run from an empty folder, so the repository's own state/ is not on the path.
+    probe = "import importlib.util as u; print(u.find_spec('state'), u.find_spec('amqp_queue'))"
+    found = subprocess.run(
+        [str(python), "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert found.returncode == 0, found.stderr
+    state_spec, package_spec = found.stdout.split(" ", 1)
+    assert state_spec == "None"
+    assert "site-packages/amqp_queue" in package_spec
