@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from amqp_queue import operations
+from amqp_queue import command_io
 from amqp_queue.auth import Tokens
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
@@ -143,11 +143,11 @@ class OperatorApi:
         ttl = body.get("ttl")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
             raise InvalidTTL(f"ttl is required, as a number of seconds, not {ttl!r}")
-        mode = operations.parse_mode(body.get("mode", operations.Mode.PLAIN.value))
-        payload = operations.decode_payload(
-            body["payload"], body.get("encoding", operations.Encoding.UTF8.value)
+        mode = command_io.parse_mode(body.get("mode", command_io.Mode.PLAIN.value))
+        payload = command_io.decode_payload(
+            body["payload"], body.get("encoding", command_io.Encoding.UTF8.value)
         )
-        command_id = await operations.enqueue(
+        command_id = await command_io.enqueue(
             self._store,
             device_id=request.path_params["device_id"],
             payload=payload,
@@ -157,7 +157,7 @@ class OperatorApi:
         )
         audit.info("operator %s enqueued %s command %s", operator, mode.value, command_id)
         return JSONResponse(
-            {"id": command_id, "status": operations.initial_status(mode).value},
+            {"id": command_id, "status": command_io.initial_status(mode).value},
             status_code=201,
             headers={"Location": f"/commands/{command_id}"},
         )
@@ -273,7 +273,7 @@ def _audited(operator: str, action: str, command_id: str) -> Iterator[None]:
 
 def _commands(device_id: str, commands: list[PendingCommand]) -> JSONResponse:
     return JSONResponse(
-        {"device_id": device_id, "commands": [operations.command_json(c) for c in commands]}
+        {"device_id": device_id, "commands": [command_io.command_json(c) for c in commands]}
     )
 
 

@@ -24,8 +24,8 @@ from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
-from amqp_queue.state.base import IndexedStore
 from amqp_queue.state.errors import BrokerError, StateError
+from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import CommandRecord, PendingCommand
 from amqp_queue.state.validation import is_command_id
 from amqp_queue.topology import Topology

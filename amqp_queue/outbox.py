@@ -28,8 +28,8 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.observer import Observer
 from amqp_queue.publisher import Publisher
 from amqp_queue.state import rules
-from amqp_queue.state.base import IndexedStore
 from amqp_queue.state.errors import BrokerError, CommandRejected, QueueMismatch, StateError
+from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")

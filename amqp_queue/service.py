@@ -21,18 +21,17 @@ from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Self
 
-import aio_pika
 import uvicorn
 from aio_pika.abc import AbstractRobustConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from amqp_queue.api import OperatorApi
-from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.connection import connect_robust
+from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
-from amqp_queue.state.base import IndexedStore
-from amqp_queue.state.errors import BrokerError, QueueError
+from amqp_queue.state.errors import QueueError
 from amqp_queue.state.factory import open_state
+from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.store import RabbitMQStore
 
 logger = logging.getLogger("amqp_queue.service")
@@ -75,7 +74,7 @@ class Backends:
         config = settings.rabbitmq
         state = await open_state(settings.state_url, limits=config.limits)
         try:
-            connection = await _connect(settings.amqp_url, settings.connect_timeout)
+            connection = await connect_robust(settings.amqp_url, settings.connect_timeout)
         except BaseException:
             await state.close()
             raise
@@ -261,15 +260,3 @@ async def serve(settings: Settings) -> None:
                 await cleanup
             sock.close()
         logger.info("API stopped; closing the store")
-
-
-async def _connect(url: str, give_up_after: float) -> AbstractRobustConnection:
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(BrokerError),
-        wait=wait_exponential(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(give_up_after),
-        reraise=True,
-    ):
-        with attempt, broker_errors("connecting to the broker"):
-            return await aio_pika.connect_robust(url)
-    raise AssertionError("unreachable")

@@ -18,23 +18,22 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
+from amqp_queue.connection import connect_robust
 from amqp_queue.delivery import CommandStream, Inbox, drain, open_inbox
 from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
 from amqp_queue.state import rules
-from amqp_queue.state.base import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.clock import Clock, utc_now
+from amqp_queue.state.enqueue_calls import CommandIntake
 from amqp_queue.state.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
-from amqp_queue.state.intake import CommandIntake
+from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
 from amqp_queue.topology import Topology
 
@@ -119,7 +118,7 @@ class RabbitMQStore(CommandIntake):
         config = config or RabbitMQConfig()
         state = await open_state(state_url, limits=config.limits, clock=clock, retention=retention)
         try:
-            connection = await _connect_robust(amqp_url, connect_timeout)
+            connection = await connect_robust(amqp_url, connect_timeout)
         except BaseException:
             await state.close()
             raise
@@ -468,25 +467,3 @@ def _since(moment: datetime, now: datetime) -> float:
 
 def _log_mark_failure(exc: BaseException) -> None:
     logger.warning("marking commands published failed; the relay will republish: %s", exc)
-
-
-async def _connect_robust(url: str, give_up_after: float) -> AbstractRobustConnection:
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(BrokerError),
-        wait=wait_exponential(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(give_up_after),
-        reraise=True,
-    ):
-        with attempt, broker_errors(f"connecting to {_redact(url)}"):
-            return await aio_pika.connect_robust(url)
-    raise AssertionError("unreachable")
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"

@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/bootstrap.sh
 scripts/services.sh rabbitmq
-.venv/bin/python -m amqp_queue.demo "$@"
+.venv/bin/python -m amqp_queue.cli demo "$@"

@@ -3,7 +3,6 @@
 ``state`` never imports ``amqp_queue``; the delivery layer builds on it.
 """
 
-from .base import DEFAULT_RETENTION, IndexedStore
 from .clock import Clock, utc_now
 from .errors import (
     BrokerError,
@@ -21,6 +20,7 @@ from .errors import (
     StateError,
 )
 from .factory import DEFAULT_STATE_URL, open_state
+from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .memory import MemoryStore
 from .model import CommandRecord, CommandStatus, EndReason, PendingCommand
 from .protocol import Store

@@ -8,8 +8,8 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy.engine import make_url
 
-from .base import DEFAULT_RETENTION, IndexedStore
 from .clock import Clock, utc_now
+from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .memory import MemoryStore
 from .redis_store import RedisStore
 from .sql import SqlStore

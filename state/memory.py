@@ -7,8 +7,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from . import rules
-from .base import DEFAULT_RETENTION, Change, IndexedStore
 from .clock import Clock, utc_now
+from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from .model import CommandRecord, EndReason
 from .validation import DEFAULT_LIMITS, Limits
 

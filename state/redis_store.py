@@ -31,9 +31,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import redis_scripts as lua
 from . import rules
-from .base import DEFAULT_RETENTION, Change, IndexedStore
 from .clock import Clock, utc_now
 from .errors import StateError
+from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from .model import CommandRecord
 from .redis_scripts import (
     changed_fields,
@@ -69,7 +69,7 @@ class RedisStore(IndexedStore):
             bytes). The caller keeps ownership; ``close()`` leaves it open. Use
             :meth:`connect` to have the store create and own its client.
         prefix: prepended to every key, so several stores share one Redis database.
-        limits, clock, retention: see :class:`amqp_queue.state.base.IndexedStore`.
+        limits, clock, retention: see :class:`amqp_queue.state.indexed_store.IndexedStore`.
 
     Raises:
         ValueError: the client decodes responses to str.
@@ -123,7 +123,7 @@ class RedisStore(IndexedStore):
             url: a redis-py URL; an optional ``prefix`` query parameter (``?prefix=app1:``)
                 sets the key prefix when the ``prefix`` argument is not given.
             prefix: the key prefix; default: the URL's, else ``amqp_queue:``.
-            limits, clock, retention: see :class:`amqp_queue.state.base.IndexedStore`.
+            limits, clock, retention: see :class:`amqp_queue.state.indexed_store.IndexedStore`.
             client_options: passed on to ``redis.asyncio.Redis.from_url``.
 
         Raises:

@@ -1,4 +1,4 @@
-"""The demo (``python -m amqp_queue.demo``) with a small fleet: nothing lost, nothing twice."""
+"""The demo (``amqp-queue demo``) with a small fleet: nothing lost, nothing twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import sys
 
 def test_a_small_fleet_loses_nothing_and_gets_nothing_twice() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "amqp_queue.demo", "--devices", "6", "--seconds", "2.5", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "amqp_queue.cli",
+            "demo",
+            "--devices",
+            "6",
+            "--seconds",
+            "2.5",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=50,

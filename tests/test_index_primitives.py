@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from amqp_queue.state import CommandNotFound, CommandStatus, EndReason, OutboxTaken
-from amqp_queue.state.base import IndexedStore
+from amqp_queue.state.indexed_store import IndexedStore
 from tests.backends import INDEX_BACKENDS, indexed_store
 from tests.support import FakeClock
 

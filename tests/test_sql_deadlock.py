@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from amqp_queue.state import CommandStatus, SqlStore
-from amqp_queue.state.sql import transient
+from amqp_queue.state.sql import deadlock_retry
 from tests.backends import POSTGRES_URL, postgres_schema
 
 
@@ -97,6 +97,6 @@ async def test_only_deadlocks_and_serialization_failures_count_as_transient() ->
                 with pytest.raises(DBAPIError) as caught:
                     await conn.execute(raise_it)
                 await conn.rollback()
-                assert transient.is_transient(caught.value) is retried, sqlstate
+                assert deadlock_retry.is_transient(caught.value) is retried, sqlstate
     finally:
         await engine.dispose()

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from amqp_queue import operations
+from amqp_queue import command_io
 from amqp_queue.settings import (
     DEFAULT_AMQP_URL,
     DEFAULT_EXCHANGE,
@@ -141,7 +141,7 @@ def emit(as_json: bool, data: object, text: str) -> None:
 
 
 def command_line(command: PendingCommand) -> str:
-    shown = operations.encode_payload(command.payload)
+    shown = command_io.encode_payload(command.payload)
     payload = shown["payload"] if shown["encoding"] == "utf-8" else f"base64:{shown['payload']}"
     state = (
         "awaiting confirmation"
@@ -158,7 +158,7 @@ def command_line(command: PendingCommand) -> str:
 def listing(as_json: bool, device: str, commands: list[PendingCommand]) -> None:
     emit(
         as_json,
-        {"device_id": device, "commands": [operations.command_json(c) for c in commands]},
+        {"device_id": device, "commands": [command_io.command_json(c) for c in commands]},
         "\n".join(command_line(c) for c in commands) or f"(nothing for {device})",
     )
 

@@ -9,7 +9,7 @@ import signal
 
 import click
 
-from amqp_queue import operations
+from amqp_queue import command_io
 from amqp_queue.cli.common import (
     EPILOG,
     command_line,
@@ -34,8 +34,8 @@ from amqp_queue.store import RabbitMQStore
 @click.option("--ttl", type=float, default=300.0, show_default=True, help="Time to live, seconds.")
 @click.option(
     "--mode",
-    type=click.Choice([mode.value for mode in operations.Mode]),
-    default=operations.Mode.PLAIN.value,
+    type=click.Choice([mode.value for mode in command_io.Mode]),
+    default=command_io.Mode.PLAIN.value,
     show_default=True,
     help="plain: enqueue; latest: replace the undelivered command of --type; "
     "confirm: deliver only after `amqp-queue confirm`.",
@@ -62,16 +62,16 @@ def enqueue(
     amqp-queue enqueue gw-7 21.5 --mode latest --type setpoint --ttl 600
     amqp-queue enqueue gw-7 door-1 --mode confirm --type unlock
     """
-    kind = operations.Mode(mode)
+    kind = command_io.Mode(mode)
 
     async def action(store: RabbitMQStore) -> str:
-        data = operations.decode_payload(payload, "base64" if is_base64 else "utf-8")
-        return await operations.enqueue(
+        data = command_io.decode_payload(payload, "base64" if is_base64 else "utf-8")
+        return await command_io.enqueue(
             store, device_id=device, payload=data, ttl=ttl, mode=kind, command_type=command_type
         )
 
     command_id = run_with_store(settings, action)
-    status = operations.initial_status(kind).value
+    status = command_io.initial_status(kind).value
     emit(as_json, {"id": command_id, "status": status}, command_id)
 
 
@@ -184,7 +184,7 @@ def consume(settings: Settings, device: str, as_json: bool) -> None:
         async def read() -> None:
             async with store.consume(device) as stream:
                 async for command in stream:
-                    data = operations.command_json(command)
+                    data = command_io.command_json(command)
                     click.echo(json.dumps(data) if as_json else command_line(command))
 
         reader = asyncio.create_task(read())

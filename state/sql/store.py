@@ -8,7 +8,8 @@ orders this store's own writers, only to spare them SQLite's sleeping busy handl
   their row with ``SELECT ... FOR UPDATE``;
   a replacement that races another insert of the same type meets the partial unique index,
   inserts nothing (``ON CONFLICT DO NOTHING``) and supersedes the winner on its next turn;
-  a transaction aborted as a deadlock victim runs again (:mod:`amqp_queue.state.sql.transient`).
+  a transaction aborted as a deadlock victim runs again
+  (:mod:`amqp_queue.state.sql.deadlock_retry`).
 - SQLite: every write transaction of the store starts with ``BEGIN IMMEDIATE`` (see
   :func:`amqp_queue.state.sql.engine.configure_sqlite` for why), so writers are serialised across
   connections and processes; the same statements then run unchanged. On an engine the store
@@ -40,13 +41,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, DropIndex
 
 from .. import rules
-from ..base import DEFAULT_RETENTION, Change, IndexedStore
 from ..clock import Clock, utc_now
 from ..errors import StateError
+from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from ..model import CommandRecord, EndReason
 from ..validation import DEFAULT_LIMITS, Limits
-from . import driver, transient
-from .driver import SqliteLiveCheck, SqliteReader, SqliteWriter
+from . import deadlock_retry, sqlite_direct
 from .engine import READ_ONLY, create_engine
 from .schema import (
     IS_OPEN,
@@ -57,6 +57,7 @@ from .schema import (
     metadata,
     outbox_owner,
 )
+from .sqlite_direct import SqliteLiveCheck, SqliteReader, SqliteWriter
 
 logger = logging.getLogger("amqp_queue.state.sql")
 
@@ -77,10 +78,11 @@ class SqlStore(IndexedStore):
             store create and own it.
         schema: the database schema holding ``command_queue`` (PostgreSQL), None for the
             default.
-        limits, clock, retention: see :class:`amqp_queue.state.base.IndexedStore`.
+        limits, clock, retention: see :class:`amqp_queue.state.indexed_store.IndexedStore`.
 
     On a SQLite file (no ``schema``) the hot paths open connections of their own to the same
-    file, with the pragmas the engine's connections run (see :mod:`amqp_queue.state.sql.driver`);
+    file, with the pragmas the engine's connections run (see
+    :mod:`amqp_queue.state.sql.sqlite_direct`);
     ``connect_args`` and ``connect`` listeners of your own do not reach them.
 
     A SQLite engine of yours is left as it is: no listeners, no pragmas on its connections,
@@ -118,7 +120,7 @@ class SqlStore(IndexedStore):
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # The hot paths' own SQL names the table without a schema, and their connections
         # run no ATTACH: with a schema, every statement goes through SQLAlchemy.
-        fast = schema is None and driver.usable(engine)
+        fast = schema is None and sqlite_direct.usable(engine)
         self._fast = SqliteWriter(engine) if fast else None
         self._fast_reads = SqliteReader(engine) if fast else None
         self._live_check = SqliteLiveCheck(engine) if fast else None
@@ -352,7 +354,7 @@ class SqlStore(IndexedStore):
             # consume() and drains ask this of every window: one hop to the driver's thread.
             try:
                 rows = await self._fast_reads.deliverable(list(command_ids), self.clock())
-            except driver.FAILURES as exc:
+            except sqlite_direct.FAILURES as exc:
                 raise StateError(f"state index read failed: {exc}") from exc
             return {record.id: record for record in map(_from_columns, rows)}
         query = _select().where(
@@ -366,7 +368,7 @@ class SqlStore(IndexedStore):
         if self._live_check is not None:
             try:
                 live = self._live_check.is_live(command_id, self.clock())
-            except driver.FAILURES as exc:
+            except sqlite_direct.FAILURES as exc:
                 raise StateError(f"state index read failed: {exc}") from exc
             if live is not None:
                 return live
@@ -472,8 +474,9 @@ class SqlStore(IndexedStore):
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Runs ``work`` in one write transaction, again if PostgreSQL aborted it as a
-        deadlock victim or a serialization failure (see :mod:`amqp_queue.state.sql.transient`)."""
-        async for attempt in transient.retrying():
+        deadlock victim or a serialization failure (see
+        :mod:`amqp_queue.state.sql.deadlock_retry`)."""
+        async for attempt in deadlock_retry.retrying():
             with attempt:
                 async with self._write() as conn:
                     return await work(conn)
@@ -500,7 +503,7 @@ class SqlStore(IndexedStore):
         try:
             async with self._writers:
                 yield
-        except (*driver.FAILURES, SQLAlchemyError) as exc:
+        except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
             raise StateError(f"state index {what} failed: {exc}") from exc
 
     @asynccontextmanager

@@ -17,8 +17,8 @@ from typing import Self
 
 from . import rules
 from .clock import Clock, utc_now
+from .enqueue_calls import CommandIntake
 from .errors import CommandNotFound, OutboxTaken
-from .intake import CommandIntake
 from .model import CommandRecord, CommandStatus, PendingCommand
 from .validation import DEFAULT_LIMITS, Limits, is_command_id
 
