@@ -5,13 +5,12 @@ The one public import point: the contract, the errors and every store.
 
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery import CommandStream
+from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.state import (
     DEFAULT_LIMITS,
-    BrokerError,
     CommandExpired,
     CommandNotFound,
-    CommandRejected,
     CommandStatus,
     InvalidCommandType,
     InvalidDeviceId,
@@ -23,7 +22,6 @@ from amqp_queue.state import (
     OutboxTaken,
     PendingCommand,
     QueueError,
-    QueueMismatch,
     RedisStore,
     SqlStore,
     StateError,

@@ -26,18 +26,16 @@ from starlette.routing import Route
 
 from amqp_queue import command_io
 from amqp_queue.auth import Tokens
+from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
 from amqp_queue.state.errors import (
-    BrokerError,
     CommandExpired,
     CommandNotFound,
-    CommandRejected,
     InvalidInput,
     InvalidTTL,
     OutboxTaken,
     QueueError,
-    QueueMismatch,
     StateError,
 )
 from amqp_queue.state.model import PendingCommand

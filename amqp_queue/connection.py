@@ -6,8 +6,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from amqp_queue.errors import broker_errors
-from amqp_queue.state.errors import BrokerError
+from amqp_queue.errors import BrokerError, broker_errors
 
 
 async def connect_robust(url: str, give_up_after: float) -> AbstractRobustConnection:

@@ -22,10 +22,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.errors import BROKER_FAILURES, BrokerError, broker_errors
 from amqp_queue.observer import Observer
-from amqp_queue.state.errors import BrokerError, StateError
-from amqp_queue.state.indexed_store import IndexedStore
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord, PendingCommand
 from amqp_queue.state.validation import is_command_id
 from amqp_queue.topology import Topology
@@ -185,7 +185,7 @@ class Settlement:
 
 
 async def split_live(
-    state: IndexedStore,
+    state: DeliveryIndex,
     device_id: str,
     messages: Sequence[AbstractIncomingMessage],
 ) -> tuple[list[tuple[AbstractIncomingMessage, CommandRecord]], list[AbstractIncomingMessage]]:
@@ -210,7 +210,7 @@ async def split_live(
 
 async def drain(
     inbox: Inbox,
-    state: IndexedStore,
+    state: DeliveryIndex,
     config: RabbitMQConfig,
     device_id: str,
     observer: Observer,
@@ -315,7 +315,7 @@ async def drain(
 
 
 async def give_back(
-    state: IndexedStore,
+    state: DeliveryIndex,
     settlement: Settlement,
     inbox: Inbox,
     requeued: Sequence[CommandRecord],
@@ -364,7 +364,7 @@ class CommandStream:
     def __init__(
         self,
         open_channel: Callable[[], Awaitable[tuple[AbstractChannel, Topology]]],
-        state: IndexedStore,
+        state: DeliveryIndex,
         config: RabbitMQConfig,
         device_id: str,
         observer: Observer,

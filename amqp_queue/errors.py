@@ -1,4 +1,6 @@
-"""Translation of aio-pika and aiormq errors into the QueueError tree, at the boundary."""
+"""The broker's errors, and the translation of aio-pika's and aiormq's into them at the boundary.
+
+They derive from :class:`~amqp_queue.state.errors.QueueError`, the root of the one tree."""
 
 from __future__ import annotations
 
@@ -10,7 +12,32 @@ from contextlib import contextmanager
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from amqp_queue.state.errors import BrokerError, QueueMismatch
+from amqp_queue.state.errors import QueueError
+
+
+class BrokerError(QueueError):
+    """RabbitMQ failed or refused an operation."""
+
+
+class CommandRejected(BrokerError):
+    """The broker refused this command for good (it is over the broker's message size).
+
+    Publishing it again fails the same way: the command ends ``REJECTED``.
+    """
+
+    def __init__(self, command_id: str, reason: str = "over its maximum message size") -> None:
+        super().__init__(f"command {command_id!r} refused by the broker: {reason}")
+        self.command_id = command_id
+        self.reason = reason
+
+
+class QueueMismatch(QueueError):
+    """A device's queue exists with other settings (queue type, durability) than the store's.
+
+    Not a :class:`BrokerError`: no retry fixes it. Nothing reaches the device until the queue
+    is deleted or ``RabbitMQConfig`` matches it.
+    """
+
 
 BROKER_FAILURES: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPException,

@@ -25,11 +25,12 @@ from tenacity import (
 )
 
 from amqp_queue.config import RabbitMQConfig
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.publisher import Publisher
 from amqp_queue.state import rules
-from amqp_queue.state.errors import BrokerError, CommandRejected, QueueMismatch, StateError
-from amqp_queue.state.indexed_store import IndexedStore
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
@@ -59,7 +60,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        state: IndexedStore,
+        state: DeliveryIndex,
         publisher: Publisher,
         config: RabbitMQConfig,
         *,

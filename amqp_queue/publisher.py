@@ -10,10 +10,15 @@ from aiormq.abc import ConfirmationFrameType, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import BROKER_FAILURES, broker_error, size_refused
+from amqp_queue.errors import (
+    BROKER_FAILURES,
+    BrokerError,
+    CommandRejected,
+    broker_error,
+    size_refused,
+)
 from amqp_queue.messages import to_properties
 from amqp_queue.state.clock import Clock
-from amqp_queue.state.errors import BrokerError, CommandRejected
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
 

@@ -24,14 +24,19 @@ from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import connect_robust
 from amqp_queue.delivery import CommandStream, Inbox, drain, open_inbox
-from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.errors import (
+    BROKER_FAILURES,
+    BrokerError,
+    CommandRejected,
+    QueueMismatch,
+    broker_errors,
+)
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.enqueue_calls import CommandIntake
-from amqp_queue.state.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand

@@ -5,10 +5,8 @@
 
 from .clock import Clock, utc_now
 from .errors import (
-    BrokerError,
     CommandExpired,
     CommandNotFound,
-    CommandRejected,
     InvalidCommandType,
     InvalidDeviceId,
     InvalidInput,
@@ -16,7 +14,6 @@ from .errors import (
     InvalidTTL,
     OutboxTaken,
     QueueError,
-    QueueMismatch,
     StateError,
 )
 from .factory import DEFAULT_STATE_URL, open_state
@@ -32,12 +29,10 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_RETENTION",
     "DEFAULT_STATE_URL",
-    "BrokerError",
     "Clock",
     "CommandExpired",
     "CommandNotFound",
     "CommandRecord",
-    "CommandRejected",
     "CommandStatus",
     "EndReason",
     "IndexedStore",
@@ -51,7 +46,6 @@ __all__ = [
     "OutboxTaken",
     "PendingCommand",
     "QueueError",
-    "QueueMismatch",
     "RedisStore",
     "SqlStore",
     "StateError",

@@ -11,9 +11,14 @@
     ├── CommandNotFound                         unknown, pruned or finished command id
     │   └── CommandExpired                      the command exists but its TTL ran out
     ├── StateError                              the state backend failed (SQL, Redis)
-    ├── BrokerError                             RabbitMQ failed (see amqp_queue)
-    │   └── CommandRejected                     refused for good (over the message size)
-    └── QueueMismatch                           a device queue exists with other settings
+    ├── OutboxTaken                             the index publishes for another exchange
+    ├── BrokerError          (amqp_queue.errors) RabbitMQ failed
+    │   └── CommandRejected  (amqp_queue.errors) refused for good (over the message size)
+    └── QueueMismatch        (amqp_queue.errors) a device queue exists with other settings
+
+The state layer defines the root and its own errors; the delivery side's errors (the broker's)
+derive from the same root in :mod:`amqp_queue.errors`, so the state layer holds no delivery
+words and callers still catch ``QueueError`` for everything.
 
 Third-party errors are translated at the boundary with ``raise ... from exc`` so callers
 catch ``QueueError`` and still see the original cause.
@@ -66,34 +71,10 @@ class StateError(QueueError):
     """The state backend (SQL database, Redis) failed; the operation did not take effect."""
 
 
-class BrokerError(QueueError):
-    """RabbitMQ failed or refused an operation."""
-
-
-class CommandRejected(BrokerError):
-    """The broker refused this command for good (it is over the broker's message size).
-
-    Publishing it again fails the same way: the command ends ``REJECTED``.
-    """
-
-    def __init__(self, command_id: str, reason: str = "over its maximum message size") -> None:
-        super().__init__(f"command {command_id!r} refused by the broker: {reason}")
-        self.command_id = command_id
-        self.reason = reason
-
-
 class OutboxTaken(QueueError):
     """The state index's outbox already belongs to another publisher (another exchange).
 
     Each store's relay publishes every unpublished command of its index, so two exchanges on
     one index would publish each other's commands into the wrong queues. Give each its own
     index: another SQLite file, PostgreSQL ``?schema=``, or Redis ``?prefix=``.
-    """
-
-
-class QueueMismatch(QueueError):
-    """A device's queue exists with other settings (queue type, durability) than the store's.
-
-    Not a :class:`BrokerError`: no retry fixes it. Nothing reaches the device until the queue
-    is deleted or ``RabbitMQConfig`` matches it.
     """

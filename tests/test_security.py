@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from amqp_queue import RabbitMQConfig, RabbitMQStore
-from amqp_queue.state import BrokerError
+from amqp_queue.errors import BrokerError
 from tests.api_support import TOKEN, running
 from tests.faults.broker import rabbitmqctl
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, rabbitmq_store
