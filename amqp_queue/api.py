@@ -125,7 +125,11 @@ class OperatorApi:
             Route("/metrics", self.metrics),
             Route("/openapi.json", self.openapi),
         ]
-        return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+        app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+        # No redirects: a path parameter with an encoded '/' ("gw%2F7", "0%2F") decodes into
+        # an extra segment, and a redirect would hide the refusal the caller must see.
+        app.router.redirect_slashes = False
+        return app
 
     # -- protected endpoints -------------------------------------------------------------
 
@@ -278,5 +282,13 @@ def _commands(device_id: str, commands: list[PendingCommand]) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> Response:
     # Unknown paths and wrong methods answer in the same JSON shape as every other error.
     assert isinstance(exc, HTTPException)
+    raw_path = bytes(request.scope.get("raw_path") or b"").lower()
+    if exc.status_code == 404 and b"%2f" in raw_path:
+        # An id with an encoded '/' is bad input (ids never hold one), not a missing page.
+        return _error(
+            400,
+            "invalid_input",
+            "a device id or command id cannot contain '/' (it was sent as %2F in the path)",
+        )
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return _error(exc.status_code, code, str(exc.detail), **(exc.headers or {}))

@@ -195,6 +195,29 @@ async def test_an_unknown_command_id_is_a_404(api: Api, method: str, action: str
         assert response.json()["error"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/commands/0%2F"),
+        ("GET", "/commands/0%2f/"),
+        ("POST", "/commands/a%2Fb/confirm"),
+        ("POST", "/commands/a%2Fb/cancel"),
+        ("POST", "/devices/gw%2F7/commands"),
+        ("GET", "/devices/gw%2F7/commands"),
+        ("GET", "/devices/gw%2F7/confirmations"),
+    ],
+)
+async def test_an_encoded_slash_in_a_path_parameter_is_a_clear_400(
+    api: Api, method: str, path: str
+) -> None:
+    """Decoded, %2F makes an extra path segment: no redirect, no bare 404, but the reason."""
+    response = await api.client.request(method, path, json={"payload": "x", "ttl": 60})
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_input"
+    assert "'/'" in response.json()["detail"]
+
+
 async def test_confirming_or_cancelling_an_expired_command_is_a_410(api: Api) -> None:
     waiting = await api.enqueue("dev-1", ttl=0.2, mode="confirm", command_type="unlock")
     plain = await api.enqueue("dev-2", ttl=0.2)
