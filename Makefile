@@ -21,8 +21,9 @@ bench:  ## the benchmarks against the real services; tables in bench/results/ (B
 	scripts/services.sh rabbitmq postgres redis mosquitto
 	.venv/bin/python -m bench $(BENCH_ARGS)
 
-# Broker restarts drop every client of the broker: RELIABILITY_ARGS=--broker-restarts=0 on a
-# shared one. PROPERTY_EXAMPLES sets the long property run (random seeds; CI runs a few, fixed).
+# Each broker-restart trial restarts a private RabbitMQ node started for it (scripts/rabbit-node.sh,
+# a few seconds), never the machine's broker, so it is safe on a shared one.
+# PROPERTY_EXAMPLES sets the long property run (random seeds; CI runs a few, fixed).
 PROPERTY_EXAMPLES ?= 300
 reliability:  ## the full fault harness and long property runs; prints the totals (RELIABILITY_ARGS=...)
 	scripts/bootstrap.sh

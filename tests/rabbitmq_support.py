@@ -19,10 +19,13 @@ from tests.support import unique
 AMQP_URL = os.environ.get("AMQP_QUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-async def delete_namespace(exchange: str, devices: list[str] | None = None) -> None:
-    """Deletes an exchange and the device queues named after it."""
+async def delete_namespace(
+    exchange: str, devices: list[str] | None = None, *, amqp_url: str = AMQP_URL
+) -> None:
+    """Deletes an exchange and the device queues named after it (on the machine's broker
+    unless ``amqp_url`` names another)."""
     config = RabbitMQConfig(exchange=exchange)
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
         for device in devices or []:

@@ -119,8 +119,9 @@ def main(argv: list[str]) -> int:
         "--broker-restarts",
         type=int,
         default=1,
-        help="storms with a broker restart (rabbitmqctl stop_app/start_app): every client of "
-        "the broker loses its connection, so 0 on a shared broker",
+        help="storms with a broker restart (rabbitmqctl -n NODE stop_app/start_app), each on a "
+        "private RabbitMQ node started for it (scripts/rabbit-node.sh, a few seconds): the "
+        "machine's broker is never restarted",
     )
     parser.add_argument(
         "--busy-gateways",

@@ -1,11 +1,14 @@
-"""Server-side faults through rabbitmqctl: closing named connections, restarting the broker app."""
+"""Server-side faults on the machine's broker through rabbitmqctl: closing named connections.
+
+Restarting a broker is done on a private node only (tests/private_broker.py): a restart of the
+machine's broker would drop every other client of it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
 import subprocess
-import time
 
 RABBITMQCTL = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
 
@@ -29,14 +32,3 @@ def close_connections_named(*names: str) -> int:
         with contextlib.suppress(subprocess.CalledProcessError):
             rabbitmqctl("close_connection", pid, "reliability harness fault")
     return len(pids)
-
-
-def restart_broker_app(down_for: float) -> None:
-    """Stops the broker application (every client loses its connection), starts it again
-    ``down_for`` seconds later and waits until it is fully up."""
-    rabbitmqctl("stop_app")
-    try:
-        time.sleep(down_for)
-    finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")

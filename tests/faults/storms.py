@@ -3,8 +3,10 @@
 A producer store and a device store (separate connections, one shared state index) run flat
 out while faults are injected: the TCP proxy in front of both is cut and restored, the broker
 closes their connections server side (``rabbitmqctl close_connection``), or the broker app is
-restarted (full form only). Afterwards every command a device must get has to arrive, nothing
-stale may, and the outbox must drain.
+restarted (``rabbitmqctl stop_app/start_app``). A restart storm runs on a private RabbitMQ node
+of its own (tests/private_broker.py), started for the trial and removed after it: the
+machine's broker, which other tests and clients share, is never restarted. Afterwards every
+command a device must get has to arrive, nothing stale may, and the outbox must drain.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from amqp_queue import RabbitMQStore
-from tests.faults.broker import close_connections_named, restart_broker_app
+from tests.faults.broker import close_connections_named
 from tests.faults.crash import statuses_of
 from tests.faults.ledger import Tally, judge, required_keys
 from tests.faults.states import fresh_state, rabbitmq_on
 from tests.faults.workload import MemoryRecorder, Producer, consume_forever, trial_config
+from tests.private_broker import private_broker, restart_app
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
-from tests.tcp_proxy import TCPProxy
+from tests.tcp_proxy import BROKER_PORT, TCPProxy
 
 FAULTS = ("proxy-cut", "server-close", "broker-restart")
 DEVICES = 3
@@ -40,7 +45,20 @@ async def _until(condition: Callable[[], Awaitable[bool]], seconds: float) -> bo
     return False
 
 
-def _injector(fault: str, rng: random.Random, proxy: TCPProxy, names: list[str]) -> Inject:
+@asynccontextmanager
+async def _broker_for(fault: str) -> AsyncIterator[tuple[str, str | None]]:
+    """The broker a storm runs on: its AMQP URL and, for a restart storm, the private node's
+    name (the only node ``rabbitmqctl -n`` may restart)."""
+    if fault == "broker-restart":
+        async with private_broker() as broker:
+            yield broker.amqp_url, broker.node
+    else:
+        yield AMQP_URL, None
+
+
+def _injector(
+    fault: str, rng: random.Random, proxy: TCPProxy, names: list[str], node: str | None
+) -> Inject:
     async def cut() -> None:
         await proxy.cut()
         await asyncio.sleep(rng.uniform(0.2, 1.0))
@@ -52,7 +70,9 @@ def _injector(fault: str, rng: random.Random, proxy: TCPProxy, names: list[str])
         await asyncio.to_thread(close_connections_named, *chosen)
 
     async def restart() -> None:
-        await asyncio.to_thread(restart_broker_app, rng.uniform(0.5, 2.0))
+        if node is None:
+            raise RuntimeError("a broker restart needs a private node")
+        await restart_app(node, rng.uniform(0.5, 2.0))
 
     return {"proxy-cut": cut, "server-close": close, "broker-restart": restart}[fault]
 
@@ -66,8 +86,12 @@ async def storm_trial(
     devices = [f"gw-{n}" for n in range(DEVICES)]
     names = [unique("faults-producer-"), unique("faults-device-")]
     recorder = MemoryRecorder()
-    async with fresh_state(state_kind, directory) as spec, TCPProxy() as proxy:
-        base = proxy.amqp_url if fault == "proxy-cut" else AMQP_URL
+    async with (
+        fresh_state(state_kind, directory) as spec,
+        _broker_for(fault) as (broker_url, node),
+        TCPProxy(urlsplit(broker_url).port or BROKER_PORT) as proxy,
+    ):
+        base = proxy.amqp_url if fault == "proxy-cut" else broker_url
         urls = [f"{base}?name={name}&reconnect_interval=0.2" for name in names]
         config = trial_config(exchange)
         try:
@@ -75,7 +99,7 @@ async def storm_trial(
                 rabbitmq_on(spec, urls[0], config) as producer_store,
                 rabbitmq_on(spec, urls[1], config) as device_store,
             ):
-                inject = _injector(fault, rng, proxy, names)
+                inject = _injector(fault, rng, proxy, names, node)
                 outbox_left = await _storm(
                     producer_store,
                     device_store,
@@ -88,7 +112,7 @@ async def storm_trial(
                 )
                 statuses = await statuses_of(producer_store, recorder.ops)
         finally:
-            await delete_namespace(exchange, devices)
+            await delete_namespace(exchange, devices, amqp_url=broker_url)
     tally = judge(recorder.ops, recorder.deliveries, statuses)
     tally.outbox_left = outbox_left
     return tally
