@@ -56,7 +56,7 @@ class RabbitMQConfig:
         relay_after: seconds an unpublished command that this process does not owe waits
             before this store's relay publishes it: its writer (another process sharing the
             state, or this one before a restart) may still be publishing it, and publishing
-            it here too would put a copy in the device's queue. None (the default): twice
+            it here too would put a copy in the device's queue. None (the default):
             ``publish_timeout``. Commands this process owes (a failed publish) are relayed
             at once.
         drain_idle: seconds a drain waits for another message before asking the broker
@@ -125,7 +125,7 @@ class RabbitMQConfig:
     @property
     def relay_lease(self) -> float:
         """Seconds past ready before the relay publishes a command it does not owe."""
-        return 2 * self.publish_timeout if self.relay_after is None else self.relay_after
+        return self.publish_timeout if self.relay_after is None else self.relay_after
 
     @property
     def queue_prefix(self) -> str:
