@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from amqp_queue.errors import BrokerError, broker_errors
@@ -35,3 +38,15 @@ def redact(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}"
+
+
+def connecting_robust(url: str) -> tuple[AbstractRobustConnection, asyncio.Task[None]]:
+    """A robust connection to ``url`` that keeps trying in the background from the start.
+
+    For a process that must come up while the broker is down (the sidecar): the connection
+    exists at once, and the task completes when it first connects; cancel it on shutdown.
+    aio-pika logs each failed attempt as a warning.
+    """
+    connection = aio_pika.RobustConnection(make_url(url), fail_fast=False)
+    first = asyncio.create_task(connection.connect(), name="amqp_queue.connect")
+    return connection, first

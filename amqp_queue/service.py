@@ -25,7 +25,7 @@ import uvicorn
 from aio_pika.abc import AbstractRobustConnection
 
 from amqp_queue.api import OperatorApi
-from amqp_queue.connection import connect_robust
+from amqp_queue.connection import connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
@@ -62,6 +62,7 @@ class Backends:
         self.state = state
         self.metrics = metrics
         self.store = RabbitMQStore(connection, settings.rabbitmq, state=state, observer=metrics)
+        self._connecting: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Backends:
@@ -73,14 +74,14 @@ class Backends:
         """
         config = settings.rabbitmq
         state = await open_state(settings.state_url, limits=config.limits)
-        try:
-            connection = await connect_robust(settings.amqp_url, settings.connect_timeout)
-        except BaseException:
-            await state.close()
-            raise
+        # Comes up without its broker (restarted during an outage): /healthz names the broker
+        # as unreachable, enqueues go to the index, and the relay publishes them once the
+        # connection, trying in the background, is up.
+        connection, connecting = connecting_robust(settings.amqp_url)
         backends = cls(settings, connection, state, PrometheusObserver())
+        backends._connecting = connecting
         try:
-            await backends.store.start()
+            await backends.store.start(wait_for_broker=False)
         except BaseException:
             await backends.close()
             raise
@@ -106,6 +107,10 @@ class Backends:
             await self.store.close()
         finally:
             try:
+                if self._connecting is not None:
+                    self._connecting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *_BROKER_DOWN):
+                        await self._connecting
                 await self.connection.close()
             finally:
                 await self.state.close()
@@ -122,8 +127,8 @@ class Backends:
         await self.close()
 
     async def _check_broker(self) -> str:
-        if self.connection.is_closed:
-            return "unreachable: connection closed, reconnecting"
+        if self.connection.is_closed or not self.connection.connected.is_set():
+            return "unreachable: not connected, reconnecting"
         try:
             async with asyncio.timeout(_HEALTH_TIMEOUT):
                 channel = await self.connection.channel()

@@ -10,6 +10,7 @@ live are handed out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import weakref
@@ -43,6 +44,13 @@ from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
 from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.store")
+
+# Seconds start(wait_for_broker=False) gives a connection still trying before it starts
+# without the broker (and the first pause between attempts after that).
+_BROKER_GRACE = 2.0
+# A connection not up yet: its wait timed out, or aio-pika says "closed" with a RuntimeError.
+_NOT_REACHABLE: tuple[type[BaseException], ...] = (*BROKER_FAILURES, RuntimeError)
+_STILL_DOWN: tuple[type[BaseException], ...] = (BrokerError, *_NOT_REACHABLE)
 
 CLOSE_GRACE = 2.0
 """Seconds ``close`` gives a running ``consume`` loop body to finish its command."""
@@ -87,6 +95,10 @@ class RabbitMQStore(CommandIntake):
         # Direct publishes under way, until their publish marks are committed: the relay
         # leaves them alone (no second copy without a fault).
         self._in_flight: set[str] = set()
+        # Started without its broker: the task that starts the store once it is reachable,
+        # and the ready commands accepted meanwhile, owed to the relay it will run.
+        self._starter: asyncio.Task[None] | None = None
+        self._owed_while_down: set[str] = set()
         # What close() ends: running consume streams and drains.
         self._streams: weakref.WeakSet[CommandStream] = weakref.WeakSet()
         self._drains: set[Inbox] = set()
@@ -138,22 +150,53 @@ class RabbitMQStore(CommandIntake):
 
     # -- life cycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Declares the exchange, opens the publishing channel and runs the outbox relay."""
+    async def start(self, *, wait_for_broker: bool = True) -> None:
+        """Declares the exchange, opens the publishing channel and runs the outbox relay.
+
+        Args:
+            wait_for_broker: True (the default): a broker that cannot be reached is a
+                :class:`BrokerError`. False: the store starts anyway and keeps trying in the
+                background (a sidecar restarted during a broker outage): meanwhile enqueues
+                and confirmations go into the index at once and are published, in order, as
+                soon as the broker is reachable; drains and streams fail with BrokerError.
+        """
+        if not wait_for_broker and not self._started:
+            # The index's answer does not wait for the broker: another exchange's is refused now.
+            await self.state.claim_outbox(self.config.exchange)
+            try:
+                # A connection still trying is not waited for: the outage may be long.
+                async with asyncio.timeout(_BROKER_GRACE):
+                    await self._connection.ready()
+            except _NOT_REACHABLE as exc:
+                self._start_in_background(f"not connected ({type(exc).__name__})")
+                return
+        try:
+            await self._start_on_broker()
+        except BrokerError as exc:
+            if wait_for_broker:
+                raise
+            self._start_in_background(str(exc))
+
+    async def _start_on_broker(self) -> None:
         async with self._start_lock:
             if self._started:
                 return
-            self._channel = await self._open_channel(
-                "opening the publishing channel", publisher_confirms=True
-            )
-            # One at a time into the list close() closes, so none leaks if a later one fails.
-            for _ in range(self.config.declare_channels):
-                self._declaring.append(
-                    await self._open_channel("opening a channel to declare queues")
-                )
-            self._topology = Topology(self._channel, self.config, declaring=self._declaring)
             await self.state.claim_outbox(self.config.exchange)
-            await self._topology.declare_exchange()
+            try:
+                self._channel = await self._open_channel(
+                    "opening the publishing channel", publisher_confirms=True
+                )
+                # One at a time into the list _close_channels() closes, so none leaks if a
+                # later one fails.
+                for _ in range(self.config.declare_channels):
+                    self._declaring.append(
+                        await self._open_channel("opening a channel to declare queues")
+                    )
+                self._topology = Topology(self._channel, self.config, declaring=self._declaring)
+                await self._topology.declare_exchange()
+            except BaseException:
+                await self._close_channels()
+                raise
             self._publisher = Publisher(self._topology, self.config, self.state.clock)
             self._relay = OutboxRelay(
                 self.state,
@@ -162,6 +205,9 @@ class RabbitMQStore(CommandIntake):
                 in_flight=self._in_flight,
                 observer=self.observer,
             )
+            if self._owed_while_down:
+                self._relay.owe(self._owed_while_down)
+                self._owed_while_down = set()
             self._connection.reconnect_callbacks.add(self._on_reconnect)
             self._started = True
         try:
@@ -169,6 +215,35 @@ class RabbitMQStore(CommandIntake):
         except BrokerError as exc:
             logger.warning("start-up outbox pass failed, the relay will retry: %s", exc)
         self._relay.start()
+
+    def _start_in_background(self, why: str) -> None:
+        if self._starter is None or self._starter.done():
+            logger.warning(
+                "broker unreachable (%s): accepting commands into the index and connecting "
+                "in the background",
+                why,
+            )
+            self._starter = asyncio.create_task(
+                self._start_when_reachable(), name="amqp_queue.store.start"
+            )
+
+    async def _start_when_reachable(self) -> None:
+        pause = _BROKER_GRACE
+        while not self._started:
+            try:
+                async with asyncio.timeout(pause):
+                    await self._connection.ready()
+                await self._start_on_broker()
+            except _STILL_DOWN as exc:
+                logger.debug("broker still unreachable: %s", exc)
+                await asyncio.sleep(min(pause, 1.0))
+                pause = min(pause * 2, 30.0)
+        logger.info("broker reachable: the store is started")
+
+    @property
+    def broker_pending(self) -> bool:
+        """Whether the store started without its broker and is still waiting for it."""
+        return not self._started and self._starter is not None
 
     async def close(self) -> None:
         """Ends running streams and drains, stops the relay, flushes pending index updates
@@ -180,23 +255,33 @@ class RabbitMQStore(CommandIntake):
         command requeued.
         """
         try:
+            if self._starter is not None:
+                self._starter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._starter
+                self._starter = None
             await self._end_deliveries()
             if self._relay is not None:
                 await self._relay.close()
             await self._writes.drain()
             self._connection.reconnect_callbacks.discard(self._on_reconnect)
-            channels, self._declaring = [self._channel, *self._declaring], []
-            for channel in channels:
-                if channel is not None and not channel.is_closed:
-                    try:
-                        await channel.close()
-                    except BROKER_FAILURES as exc:
-                        logger.warning("closing a channel of the store: %s", exc)
+            await self._close_channels()
         finally:
             self._started = False
             for resource in reversed(self._owned):
                 await resource.close()
             self._owned = []
+
+    async def _close_channels(self) -> None:
+        channels, self._declaring = [self._channel, *self._declaring], []
+        self._channel = None
+        for channel in channels:
+            if channel is not None and not channel.is_closed:
+                try:
+                    async with asyncio.timeout(self.config.publish_timeout):
+                        await channel.close()
+                except BROKER_FAILURES as exc:
+                    logger.warning("closing a channel of the store: %s", exc)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -265,9 +350,14 @@ class RabbitMQStore(CommandIntake):
         return stream
 
     async def confirm_command(self, command_id: str) -> None:
-        await self._ready()
+        if not self.broker_pending:
+            await self._ready()
         record = await self.state.confirm(command_id)
         self.observer.confirmed(record)
+        if self.broker_pending:
+            if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
+                self._owe(record.id)
+            return
         # Confirming again is harmless (rule 4): a publish of the first confirm still under
         # way, or its mark not yet committed, is not repeated.
         if (
@@ -328,12 +418,18 @@ class RabbitMQStore(CommandIntake):
                 raise BrokerError(f"{doing} failed: {exc}") from exc
 
     async def _ready(self) -> Topology:
+        if self.broker_pending:
+            raise BrokerError("the broker is unreachable; the store keeps trying to connect")
         if not self._started:
             await self.start()
         assert self._topology is not None
         return self._topology
 
     async def _accept(self, record: CommandRecord) -> str:
+        if self.broker_pending:
+            # The broker is known to be down: into the index at once, owed to the relay.
+            await self._write_and_owe(record)
+            return record.id
         topology = await self._ready()
         reachable = True
         try:
@@ -357,9 +453,25 @@ class RabbitMQStore(CommandIntake):
             if reachable:
                 await self._publish(record)
             else:
-                assert self._relay is not None
-                self._relay.owe((record.id,))
+                self._owe(record.id)
         return record.id
+
+    async def _write_and_owe(self, record: CommandRecord) -> None:
+        written = self._writes.post(record)
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            written.add_done_callback(functools.partial(self._owe_if_written, record))
+            raise
+        if record.is_ready:
+            self._owe(record.id)
+
+    def _owe(self, command_id: str) -> None:
+        """Leaves a command to the relay: the store's, or the one it runs once started."""
+        if self._relay is not None:
+            self._relay.owe((command_id,))
+        else:
+            self._owed_while_down.add(command_id)
 
     def _owe_if_written(self, record: CommandRecord, written: asyncio.Future[None]) -> None:
         """After a cancelled enqueue: once its command is in the index, the relay owes it.
@@ -369,8 +481,8 @@ class RabbitMQStore(CommandIntake):
         """
         if written.cancelled() or written.exception() is not None:
             return
-        if record.is_ready and self._relay is not None:
-            self._relay.owe((record.id,))
+        if record.is_ready:
+            self._owe(record.id)
 
     async def _publish(self, record: CommandRecord) -> None:
         assert self._publisher is not None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 
@@ -22,3 +24,10 @@ class FakeClock:
 def unique(prefix: str) -> str:
     """A name no other test uses (queues, exchanges, schemas, devices)."""
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    """Waits until ``condition()`` holds, asking every 0.1 s; fails after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        while not await condition():  # noqa: ASYNC110 - polling a remote state, no event
+            await asyncio.sleep(0.1)
