@@ -59,6 +59,13 @@ class RabbitMQConfig:
             it here too would put a copy in the device's queue. None (the default):
             ``publish_timeout``. Commands this process owes (a failed publish) are relayed
             at once.
+        channels_per_connection: the most channels the store opens on one connection for
+            ``consume()`` streams and drains (one each); when its connections are full it
+            opens another to the same broker. RabbitMQ closes a whole connection that opens
+            more than its ``channel_max`` (2,047 by default), so keep this below that.
+        max_connections: connections the store opens in all for streams and drains, its
+            first included: at most ``channels_per_connection x max_connections`` (16,000 by
+            default) run at once; one more fails that call with BrokerError, nothing else.
         drain_idle: seconds a drain waits for another message before asking the broker
             whether the device queue is empty.
         declare_channels: channels the store declares device queues on. The broker runs one
@@ -87,6 +94,8 @@ class RabbitMQConfig:
     relay_interval: float = 30.0
     relay_batch: int = 500
     relay_after: float | None = None
+    channels_per_connection: int = 2000
+    max_connections: int = 8
     drain_idle: float = 0.05
     recheck_after: float = 0.0
     declare_channels: int = 4
@@ -111,7 +120,14 @@ class RabbitMQConfig:
             )
         if self.queue_type is QueueType.QUORUM and not self.durable:
             raise ValueError("quorum queues are always durable; set durable=True")
-        for name in ("prefetch", "relay_batch", "declare_channels", "declared_cache"):
+        for name in (
+            "prefetch",
+            "relay_batch",
+            "declare_channels",
+            "declared_cache",
+            "channels_per_connection",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("publish_timeout", "relay_interval", "drain_idle"):

@@ -22,6 +22,7 @@ from typing import Self
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.batching import Batcher
+from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import connect_robust
 from amqp_queue.delivery import CommandStream, Inbox, drain, open_inbox
@@ -99,6 +100,14 @@ class RabbitMQStore(CommandIntake):
         # and the ready commands accepted meanwhile, owed to the relay it will run.
         self._starter: asyncio.Task[None] | None = None
         self._owed_while_down: set[str] = set()
+        self._channels = ChannelPool(
+            connection,
+            channels_per_connection=self.config.channels_per_connection,
+            max_connections=self.config.max_connections,
+            # The publishing channel, the declaring ones, and one to spare for the caller's.
+            reserved=2 + self.config.declare_channels,
+            timeout=self.config.publish_timeout,
+        )
         # What close() ends: running consume streams and drains.
         self._streams: weakref.WeakSet[CommandStream] = weakref.WeakSet()
         self._drains: set[Inbox] = set()
@@ -261,6 +270,7 @@ class RabbitMQStore(CommandIntake):
                     await self._starter
                 self._starter = None
             await self._end_deliveries()
+            await self._channels.close()
             if self._relay is not None:
                 await self._relay.close()
             await self._writes.drain()
@@ -315,7 +325,7 @@ class RabbitMQStore(CommandIntake):
         assert self._relay is not None
         if self._relay.pending:
             await self._flush_outbox()
-        channel = await self._open_channel(f"opening a channel to drain {device}")
+        channel = await self._channels.channel(f"opening a channel to drain {device}")
         try:
             inbox = await open_inbox(channel, topology, self.config, device)
             self._drains.add(inbox)
@@ -342,7 +352,7 @@ class RabbitMQStore(CommandIntake):
 
         async def open_channel() -> tuple[AbstractChannel, Topology]:
             topology = await self._ready()
-            channel = await self._open_channel(f"opening a channel to consume {device}")
+            channel = await self._channels.channel(f"opening a channel to consume {device}")
             return channel, topology
 
         stream = CommandStream(open_channel, self.state, self.config, device, self.observer)

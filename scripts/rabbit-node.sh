@@ -192,6 +192,10 @@ start() {
 listeners.tcp.1 = 127.0.0.1:$amqp_port
 loopback_users.guest = true
 EOF
+  # Settings a trial needs (e.g. a low channel_max), one rabbitmq.conf line each.
+  if [ -n "${RABBIT_NODE_EXTRA_CONF:-}" ]; then
+    printf '%s\n' "$RABBIT_NODE_EXTRA_CONF" >>"$dir/rabbitmq.conf"
+  fi
   if [ "$AS_SERVICE_USER" -eq 1 ]; then
     chown -R "$SERVICE_USER:" "$dir"
     runuser -u "$SERVICE_USER" -- test -w "$dir" ||

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import socket
 import subprocess
@@ -44,10 +45,16 @@ class PrivateBroker:
     amqp_port: int
 
 
-def _script(*args: str, timeout: float = 120.0) -> str:
+def _script(*args: str, timeout: float = 120.0, extra_conf: str = "") -> str:
+    env = {**os.environ, "RABBIT_NODE_EXTRA_CONF": extra_conf}
     try:
         done = subprocess.run(
-            [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
+            [str(SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
         )
     except subprocess.TimeoutExpired as error:
         raise PrivateBrokerError(f"rabbit-node.sh {' '.join(args)}: timed out") from error
@@ -77,9 +84,12 @@ def free_port_pair() -> int:
     raise PrivateBrokerError(f"no free port pair in {AMQP_PORTS}")
 
 
-def start_node(name: str, amqp_port: int) -> PrivateBroker:
-    """Starts the node (blocking, a few seconds) and returns it once its app is up."""
-    output = _script("start", name, str(amqp_port), str(amqp_port + DIST_OFFSET))
+def start_node(name: str, amqp_port: int, extra_conf: str = "") -> PrivateBroker:
+    """Starts the node (blocking, a few seconds) and returns it once its app is up;
+    ``extra_conf``: rabbitmq.conf lines of its own."""
+    output = _script(
+        "start", name, str(amqp_port), str(amqp_port + DIST_OFFSET), extra_conf=extra_conf
+    )
     url = output.strip().splitlines()[-1]
     return PrivateBroker(name=name, node=f"{name}@localhost", amqp_url=url, amqp_port=amqp_port)
 
@@ -89,22 +99,25 @@ def remove_node(name: str) -> None:
     _script("remove", name)
 
 
-async def _start(name: str) -> PrivateBroker:
+async def _start(name: str, extra_conf: str) -> PrivateBroker:
     # A probed port can be taken before the node binds it: one more try on other ports then.
     try:
-        return await asyncio.to_thread(start_node, name, free_port_pair())
+        return await asyncio.to_thread(start_node, name, free_port_pair(), extra_conf)
     except PrivateBrokerError:
         await asyncio.to_thread(remove_node, name)
-    return await asyncio.to_thread(start_node, name, free_port_pair())
+    return await asyncio.to_thread(start_node, name, free_port_pair(), extra_conf)
 
 
 @asynccontextmanager
-async def private_broker(name: str | None = None) -> AsyncIterator[PrivateBroker]:
+async def private_broker(
+    name: str | None = None, *, extra_conf: str = ""
+) -> AsyncIterator[PrivateBroker]:
     """A fresh private node on free loopback ports for the duration of the block; stopped and
-    its directory removed afterwards, also when the block or the start fails."""
+    its directory removed afterwards, also when the block or the start fails. ``extra_conf``:
+    rabbitmq.conf lines of its own (``channel_max = 12``)."""
     name = name or unique("amqpq-")
     try:
-        yield await _start(name)
+        yield await _start(name, extra_conf)
     except BaseException:
         # A failed cleanup must not hide the block's own error.
         with contextlib.suppress(PrivateBrokerError):

@@ -42,12 +42,13 @@ async def rabbitmq_store(
     limits: Limits = DEFAULT_LIMITS,
     retention: timedelta = DEFAULT_RETENTION,
     clock: Any = utc_now,
+    amqp_url: str = AMQP_URL,
     **config: Any,
 ) -> AsyncIterator[RabbitMQStore]:
     """A RabbitMQStore with its own exchange (so its own queues) and SQLite state file."""
     exchange = exchange or unique("test.")
     store = await RabbitMQStore.connect(
-        AMQP_URL,
+        amqp_url,
         state_url=state_url or f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
         config=RabbitMQConfig(exchange=exchange, limits=limits, **config),
         clock=clock,
@@ -57,7 +58,7 @@ async def rabbitmq_store(
         async with store:
             yield store
     finally:
-        await delete_namespace(exchange, store.declared_devices)
+        await delete_namespace(exchange, store.declared_devices, amqp_url=amqp_url)
 
 
 @asynccontextmanager

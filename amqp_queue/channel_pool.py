@@ -1,0 +1,162 @@
+"""Channels for streams and drains, over as many connections as they need.
+
+Each ``consume()`` stream and each drain reads its device queue on a channel of its own, so
+that its acks, its prefetch window and a channel error stay its own. One AMQP connection
+carries at most ``channel_max`` channels (2,047 on RabbitMQ by default), and the broker
+closes the whole connection, with every stream and the publishing channel on it, when a
+client opens one more. So the pool counts the channels it opened on each connection, opens
+another robust connection to the same broker when those it has are full, and refuses a
+channel beyond its limit with a :class:`~amqp_queue.errors.BrokerError` for the one call
+that asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from yarl import URL
+
+from amqp_queue.errors import BrokerError, broker_errors
+
+logger = logging.getLogger("amqp_queue.channel_pool")
+
+
+class ChannelPool:
+    """Opens delivery channels on the store's connection, then on more of its own.
+
+    Args:
+        primary: the store's connection; the pool never closes it.
+        channels_per_connection: the most channels the pool opens on one connection (also
+            bounded by what the broker negotiated, less what the store keeps for itself on
+            the primary one).
+        max_connections: connections in all, the primary one included.
+        reserved: channels of the primary connection the store keeps for its own
+            (publishing, declaring queues).
+        timeout: seconds to wait for a connection to be up (a reconnect) before failing.
+    """
+
+    def __init__(
+        self,
+        primary: AbstractRobustConnection,
+        *,
+        channels_per_connection: int,
+        max_connections: int,
+        reserved: int,
+        timeout: float,
+    ) -> None:
+        self._primary = primary
+        self._per_connection = channels_per_connection
+        self._max_connections = max_connections
+        self._timeout = timeout
+        self._reserved = reserved
+        # The channels the pool opened on each connection and that are not closed yet.
+        self._open: dict[AbstractRobustConnection, set[object]] = {primary: set()}
+        self._owned: list[AbstractRobustConnection] = []
+        self._adding = asyncio.Lock()
+
+    @property
+    def limit(self) -> int:
+        """How many delivery channels the pool opens at most, as configured."""
+        return self._per_connection * self._max_connections
+
+    @property
+    def connections(self) -> int:
+        """Connections in use, the primary one included."""
+        return len(self._open)
+
+    async def channel(self, doing: str) -> AbstractChannel:
+        """A new channel on a connection with room for it.
+
+        Raises:
+            BrokerError: the broker cannot be reached, or every connection the pool may open
+                is full.
+        """
+        connection = await self._with_room(doing)
+        # Counted before the await, so concurrent callers see the room it takes.
+        placeholder = _Placeholder()
+        self._open[connection].add(placeholder)
+        try:
+            with broker_errors(doing):
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await connection.ready()
+                        channel = await connection.channel()
+                except RuntimeError as exc:
+                    # aio-pika says "connection closed" with a bare RuntimeError.
+                    raise BrokerError(f"{doing} failed: {exc}") from exc
+        finally:
+            self._open[connection].discard(placeholder)
+        self._open[connection].add(channel)
+        channel.close_callbacks.add(lambda *_: self._released(connection, channel))
+        return channel
+
+    async def close(self) -> None:
+        """Closes the connections the pool opened (not the primary one)."""
+        owned, self._owned = self._owned, []
+        for connection in owned:
+            self._open.pop(connection, None)
+            await connection.close()
+
+    def _released(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
+        # Idempotent: a channel may report its close more than once.
+        self._open.get(connection, set()).discard(channel)
+
+    def _room(self, connection: AbstractRobustConnection) -> int:
+        most = self._per_connection
+        negotiated = _channel_max(connection)
+        if negotiated is not None:
+            # Channel numbers run 1..channel_max.
+            kept = self._reserved if connection is self._primary else 0
+            most = min(most, negotiated - kept)
+        return most - len(self._open[connection])
+
+    async def _with_room(self, doing: str) -> AbstractRobustConnection:
+        for connection in self._open:
+            if self._room(connection) > 0:
+                return connection
+        async with self._adding:
+            # Another caller may have added a connection while this one waited.
+            for connection in self._open:
+                if self._room(connection) > 0:
+                    return connection
+            if len(self._open) >= self._max_connections:
+                raise BrokerError(
+                    f"{doing} failed: {self.limit} streams and drains are open at once, the "
+                    f"most this store opens (RabbitMQConfig.channels_per_connection x "
+                    f"max_connections); close some, or raise those"
+                )
+            with broker_errors(f"{doing}: opening another connection"):
+                async with asyncio.timeout(self._timeout):
+                    added = await aio_pika.connect_robust(_url_of(self._primary))
+            logger.info(
+                "%d delivery channels open: another connection to the broker (%d in all)",
+                sum(len(channels) for channels in self._open.values()),
+                len(self._open) + 1,
+            )
+            self._owned.append(added)
+            self._open[added] = set()
+            return added
+
+
+def _url_of(connection: AbstractRobustConnection) -> URL:
+    """The URL the store's connection was made with (credentials included)."""
+    url = getattr(connection, "url", None)
+    if not isinstance(url, URL):
+        raise BrokerError("another connection is needed, but the store's has no URL to copy")
+    return url
+
+
+class _Placeholder:
+    """Holds a channel's place in the count while it is being opened."""
+
+
+def _channel_max(connection: AbstractRobustConnection) -> int | None:
+    """The channel_max the broker negotiated on this connection, if it is up."""
+    transport = getattr(connection, "transport", None)
+    tune = getattr(getattr(transport, "connection", None), "connection_tune", None)
+    value = getattr(tune, "channel_max", None)
+    # 0 means no limit in AMQP 0-9-1.
+    return value if isinstance(value, int) and value > 0 else None
