@@ -284,11 +284,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     raw_path = bytes(request.scope.get("raw_path") or b"").lower()
     if exc.status_code == 404 and b"%2f" in raw_path:
-        # An id with an encoded '/' is bad input (ids never hold one), not a missing page.
+        # Decoded, an encoded '/' makes an extra path segment. Ids never hold one: a command
+        # id that is no UUID is an unknown command (404, as for any other), a device id with
+        # a character queue names cannot hold is bad input (400).
+        if raw_path.startswith(b"/commands/"):
+            return _error(404, "not_found", "no such command: command ids are UUIDs")
         return _error(
             400,
             "invalid_input",
-            "a device id or command id cannot contain '/' (it was sent as %2F in the path)",
+            "a device id cannot contain '/' (it was sent as %2F in the path)",
         )
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return _error(exc.status_code, code, str(exc.detail), **(exc.headers or {}))

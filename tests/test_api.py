@@ -196,26 +196,26 @@ async def test_an_unknown_command_id_is_a_404(api: Api, method: str, action: str
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "status", "error"),
     [
-        ("GET", "/commands/0%2F"),
-        ("GET", "/commands/0%2f/"),
-        ("POST", "/commands/a%2Fb/confirm"),
-        ("POST", "/commands/a%2Fb/cancel"),
-        ("POST", "/devices/gw%2F7/commands"),
-        ("GET", "/devices/gw%2F7/commands"),
-        ("GET", "/devices/gw%2F7/confirmations"),
+        ("GET", "/commands/0%2F", 404, "not_found"),
+        ("GET", "/commands/0%2f/", 404, "not_found"),
+        ("POST", "/commands/a%2Fb/confirm", 404, "not_found"),
+        ("POST", "/commands/a%2Fb/cancel", 404, "not_found"),
+        ("POST", "/devices/gw%2F7/commands", 400, "invalid_input"),
+        ("GET", "/devices/gw%2F7/commands", 400, "invalid_input"),
+        ("GET", "/devices/gw%2F7/confirmations", 400, "invalid_input"),
     ],
 )
-async def test_an_encoded_slash_in_a_path_parameter_is_a_clear_400(
-    api: Api, method: str, path: str
+async def test_an_encoded_slash_in_a_path_parameter_is_a_clear_4xx_never_a_redirect(
+    api: Api, method: str, path: str, status: int, error: str
 ) -> None:
-    """Decoded, %2F makes an extra path segment: no redirect, no bare 404, but the reason."""
+    """Decoded, %2F makes an extra path segment: no redirect, no bare 404, but the reason.
+    A command id that is no UUID is unknown (404); a device id with '/' is bad input (400)."""
     response = await api.client.request(method, path, json={"payload": "x", "ttl": 60})
 
-    assert response.status_code == 400, response.text
-    assert response.json()["error"] == "invalid_input"
-    assert "'/'" in response.json()["detail"]
+    assert (response.status_code, response.json()["error"]) == (status, error), response.text
+    assert "UUID" in response.json()["detail"] or "'/'" in response.json()["detail"]
 
 
 async def test_confirming_or_cancelling_an_expired_command_is_a_410(api: Api) -> None:
