@@ -1,5 +1,5 @@
 # The README's commands are these targets; CI calls `make test` through .ci/run.
-.PHONY: demo test lint services bench reliability
+.PHONY: demo test lint services bench bench-scale reliability
 
 demo:  ## run the main job
 	scripts/demo.sh

@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import alternatives, backends, commands, index, scale, throughput
+from bench import alternatives, backends, commands, index, scale, streams, throughput
 from bench.harness import FULL, QUICK, Benchmark, Context, Results
 from bench.report import Run, machine, now, write
 
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "backends": backends.bench_backends,
     "alternatives": alternatives.bench_alternatives,
     "scale": scale.bench_scale,
+    "streams": streams.bench_streams,
     "index": index.bench_index,
 }
 

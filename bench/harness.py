@@ -34,6 +34,7 @@ class Sizes:
     backend: int = 1_000
     alternatives: int = 1_000
     scale_devices: int = 10_000
+    streams: int = 10_000
     index_small: int = 10_000
     index_large: int = 1_000_000
     index_calls: int = 100
@@ -54,6 +55,7 @@ QUICK = Sizes(
     backend=20,
     alternatives=20,
     scale_devices=20,
+    streams=30,
     index_small=200,
     index_large=2_000,
     index_calls=5,
