@@ -4,7 +4,6 @@ The one public import point: the contract, the errors and every store.
 """
 
 from amqp_queue.config import QueueType, RabbitMQConfig
-from amqp_queue.delivery import CommandStream
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.state import (
@@ -29,6 +28,7 @@ from amqp_queue.state import (
     Ttl,
 )
 from amqp_queue.store import RabbitMQStore
+from amqp_queue.stream import CommandStream
 
 __all__ = [
     "DEFAULT_LIMITS",

@@ -25,7 +25,7 @@ from amqp_queue.batching import Batcher
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import connect_robust
-from amqp_queue.delivery import CommandStream, Inbox, drain, open_inbox
+from amqp_queue.drain import drain
 from amqp_queue.errors import (
     BROKER_FAILURES,
     BrokerError,
@@ -33,6 +33,7 @@ from amqp_queue.errors import (
     QueueMismatch,
     broker_errors,
 )
+from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
@@ -42,6 +43,7 @@ from amqp_queue.state.enqueue_calls import CommandIntake
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
+from amqp_queue.stream import CommandStream
 from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.store")

@@ -19,7 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from amqp_queue import PendingCommand, RabbitMQStore
-from amqp_queue.delivery import CommandStream
+from amqp_queue.stream import CommandStream
 from bench.harness import Context, rate
 from bench.services import AMQP_URL, PAYLOAD, TTL, delete_queues, device_ids, rabbitmq_store
 from bench.services import unique as unique_name

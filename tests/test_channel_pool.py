@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import BrokerError, PendingCommand, RabbitMQStore
-from amqp_queue.delivery import CommandStream
+from amqp_queue.stream import CommandStream
 from tests.private_broker import private_broker
 from tests.rabbitmq_support import rabbitmq_store
 

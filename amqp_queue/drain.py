@@ -1,0 +1,159 @@
+"""``drain``: empties a device queue now and hands over the live commands in it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.errors import BrokerError
+from amqp_queue.inbox import Inbox
+from amqp_queue.observer import Observer
+from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
+from amqp_queue.state.errors import StateError
+from amqp_queue.state.model import CommandRecord
+
+logger = logging.getLogger("amqp_queue.drain")
+
+
+async def drain(
+    inbox: Inbox,
+    state: DeliveryIndex,
+    config: RabbitMQConfig,
+    device_id: str,
+    observer: Observer,
+    owe: Callable[[Sequence[str]], None],
+) -> list[CommandRecord]:
+    """Empties a device queue, marks the live commands in it delivered and returns them.
+
+    Each window of messages is claimed in the index in one atomic step before it is acked,
+    so concurrent drains (and stale copies of a message) never hand a command out twice.
+    What the index failed on, and live commands another transaction held, stay queued (see
+    :class:`Settlement`). When the index or the broker fails after some commands were
+    claimed, or the store closes (:meth:`Inbox.interrupt`), the drain returns those (they
+    are delivered as far as the index goes) and leaves the rest queued; with nothing claimed
+    it raises. Cancelled, it gives back what it claimed (see :func:`give_back`; ``owe``
+    hands the commands whose messages were already acked to the outbox relay).
+    """
+    settlement = Settlement(device_id)
+    claimed: list[CommandRecord] = []
+    # Claimed in windows already acked: their messages have left the queue.
+    acked: list[CommandRecord] = []
+    # Claimed in the window being settled, not acked yet.
+    unacked: list[CommandRecord] = []
+
+    async def settle_window(window: list[AbstractIncomingMessage]) -> None:
+        if not window:
+            return
+        try:
+            records = await state.claim(device_id, command_ids(window))
+        except BaseException:
+            settlement.hold(window)
+            raise
+        unacked.extend(records)
+        claimed.extend(records)
+        taken = {record.id for record in records}
+        rest = [message for message in window if message.message_id not in taken]
+        failure: StateError | None = None
+        finished: list[AbstractIncomingMessage] = []
+        if rest:
+            try:
+                live, finished = await split_live(state, device_id, rest)
+            except StateError as exc:
+                settlement.hold(rest)
+                failure = exc
+            else:
+                # Live and not taken here: locked by another transaction (a publish mark, a
+                # confirm, another drain's claim not committed yet). Requeued at the end.
+                settlement.hold([message for message, _ in live])
+        report_delivered(observer, records, state.clock())
+        if finished:
+            observer.dropped(len(finished))
+        # Copies of a claimed command (its id twice in the window) are finished too.
+        held = {id(message) for message in rest} if failure else set()
+        if not failure:
+            live_ids = {id(message) for message in finished}
+            held = {id(message) for message in rest if id(message) not in live_ids}
+        settled = [message for message in window if id(message) not in held]
+        # Counted as acked before the ack is sent: cancelled half way, a message may be
+        # gone or not, and a copy (dropped at delivery) is better than a loss.
+        acked.extend(records)
+        unacked.clear()
+        await settlement.ack(settled, in_order=len(settled) == len(window))
+        if failure is not None:
+            raise failure
+
+    expected = inbox.queue.declaration_result.message_count or 0
+    received = 0
+    try:
+        try:
+            while not inbox.interrupted:
+                timeout = 0 if received >= expected else config.drain_idle
+                window = await inbox.window(timeout)
+                if window:
+                    received += len(window)
+                    await settle_window(window)
+                    continue
+                if inbox.interrupted or await inbox.ready_count() == 0:
+                    break
+                expected = received + 1
+            await inbox.stop()
+            if inbox.interrupted:
+                logger.info("drain of %s ended by close after %d commands", device_id, len(claimed))
+                settlement.hold(inbox.take_buffered())
+            else:
+                # Deliveries that crossed the cancel are ours too.
+                await settle_window(inbox.take_buffered())
+        except (BrokerError, StateError) as exc:
+            settlement.hold(inbox.take_buffered())
+            if not claimed:
+                raise
+            # What was claimed is delivered as far as the index goes: hand it out rather
+            # than lose it. The rest stays queued for the next drain.
+            logger.warning(
+                "drain of %s interrupted after %d commands: %s", device_id, len(claimed), exc
+            )
+        finally:
+            await settlement.release()
+    except asyncio.CancelledError:
+        # Nobody gets what this drain claimed: it goes back, never to DELIVERED.
+        await asyncio.shield(give_back(state, settlement, inbox, unacked, acked, owe))
+        raise
+    return claimed
+
+
+async def give_back(
+    state: DeliveryIndex,
+    settlement: Settlement,
+    inbox: Inbox,
+    requeued: Sequence[CommandRecord],
+    republish: Sequence[CommandRecord],
+    owe: Callable[[Sequence[str]], None],
+) -> None:
+    """Undoes a cancelled drain: its claims are released in the index and its messages
+    requeued; commands whose messages it had acked go back to the outbox, to be published
+    again. A failure is logged: the caller is being cancelled and cannot hear it.
+
+    The index first: a message requeued while its command still said delivered would be
+    dropped as stale by the next consumer. The unacked messages of ``requeued`` go back
+    with the channel, which the caller closes after this."""
+    if requeued or republish:
+        try:
+            await state.release(
+                [record.id for record in requeued], [record.id for record in republish]
+            )
+        except Exception as exc:
+            logger.error(
+                "a cancelled drain could not give back %d commands, which stay delivered: %s",
+                len(requeued) + len(republish),
+                exc,
+            )
+        else:
+            owe([record.id for record in republish])
+            logger.info("a cancelled drain gave back %d commands", len(requeued) + len(republish))
+    settlement.hold(inbox.take_buffered())
+    await settlement.release()

@@ -1,0 +1,84 @@
+"""A device queue read by a consumer into a local buffer, a window at a time."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.errors import broker_errors
+from amqp_queue.topology import Topology
+
+
+class Inbox:
+    """A device queue's consumer feeding a local buffer, read a window at a time."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int) -> None:
+        self.channel = channel
+        self.queue = queue
+        self._prefetch = prefetch
+        # None is the wake-up of interrupt(): a reader waiting for the broker returns.
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._tag: ConsumerTag | None = None
+        self.interrupted = False
+
+    async def start(self) -> None:
+        with broker_errors(f"consuming from {self.queue.name!r}"):
+            self._tag = await self.queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)
+
+    def interrupt(self) -> None:
+        """Ends every wait for the broker at once (the store is closing)."""
+        self.interrupted = True
+        self._buffer.put_nowait(None)
+
+    async def window(self, wait: float | None) -> list[AbstractIncomingMessage]:
+        """The next messages, at least one unless ``wait`` seconds pass first or the inbox
+        is interrupted."""
+        if self.interrupted:
+            return []
+        try:
+            async with asyncio.timeout(wait):
+                first = await self._buffer.get()
+        except TimeoutError:
+            return []
+        if first is None:
+            return []
+        return [first, *self.take_buffered(self._prefetch - 1)]
+
+    def take_buffered(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
+        taken: list[AbstractIncomingMessage] = []
+        while not self._buffer.empty() and (limit is None or len(taken) < limit):
+            message = self._buffer.get_nowait()
+            if message is not None:
+                taken.append(message)
+        return taken
+
+    async def ready_count(self) -> int:
+        """Messages ready in the queue (unacknowledged ones held by consumers not counted)."""
+        # Declared again with the same arguments (a robust channel answers a passive declare
+        # from its cache, with a stale count).
+        with broker_errors(f"inspecting {self.queue.name!r}"):
+            declared = await self.queue.declare()
+        return declared.message_count or 0
+
+    async def stop(self) -> None:
+        """Cancels the consumer; deliveries already received stay in the buffer."""
+        if self._tag is not None:
+            tag, self._tag = self._tag, None
+            with broker_errors(f"cancelling consumer on {self.queue.name!r}"):
+                await self.queue.cancel(tag)
+
+
+async def open_inbox(
+    channel: AbstractChannel, topology: Topology, config: RabbitMQConfig, device_id: str
+) -> Inbox:
+    with broker_errors("setting the prefetch window"):
+        await channel.set_qos(prefetch_count=config.prefetch)
+    queue = await topology.declare_queue(channel, device_id)
+    inbox = Inbox(channel, queue, config.prefetch)
+    await inbox.start()
+    return inbox

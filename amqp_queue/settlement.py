@@ -1,0 +1,125 @@
+"""The settlement rule of ``consume`` and ``drain``, written once: what is acked, what goes back.
+
+Both read a device queue with a consumer and a prefetch window and ask the state index about
+a whole window in one query. A message whose id the index does not hold as live (superseded,
+cancelled, expired, delivered, unknown) is acked and dropped: only live commands are ever
+handed out. Expiry is checked too, since classic queues drop expired messages only at the
+head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.errors import BROKER_FAILURES
+from amqp_queue.observer import Observer
+from amqp_queue.state.model import CommandRecord
+from amqp_queue.state.validation import is_command_id
+
+logger = logging.getLogger("amqp_queue.settlement")
+
+
+def command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
+    # A foreign message's id that is no command id would fail a UUID column's query for the
+    # whole window (PostgreSQL) on every retry; it is dropped as stale instead.
+    return [message.message_id for message in messages if is_command_id(message.message_id)]
+
+
+async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
+    """Acks (or requeues) a message, or with ``multiple`` every delivery up to it; a lost
+    channel already requeued them on the broker."""
+    try:
+        if ack:
+            await message.ack(multiple=multiple)
+        else:
+            await message.nack(requeue=True)
+    except BROKER_FAILURES as exc:
+        logger.warning(
+            "could not %s message %s (%s); the broker requeues it with the lost channel",
+            "ack" if ack else "requeue",
+            message.message_id,
+            exc,
+        )
+
+
+class Settlement:
+    """The settlement rule of ``consume`` and ``drain``, written once.
+
+    A message is acked only when this call took its command (claimed it, or marked it
+    delivered) or its command is provably finished: the index does not hold it as live
+    (delivered, superseded, cancelled, expired, or unknown to it). A message of a live
+    command this call did not take (locked by another transaction, an index failure, a
+    close) is held unacknowledged and requeued when the call ends, never acked: requeued,
+    it keeps its place in the queue for the next consumer.
+
+    Acks: while nothing is held, one ``multiple`` ack covers a window (every earlier
+    delivery on the channel is settled); once something is held, each message is acked by
+    itself, since a multiple ack would take the held ones with it.
+    """
+
+    def __init__(self, device_id: str) -> None:
+        self._device_id = device_id
+        self._held: list[AbstractIncomingMessage] = []
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Keeps messages unacknowledged, to be requeued by :meth:`release`."""
+        self._held.extend(messages)
+
+    async def ack(
+        self, messages: Sequence[AbstractIncomingMessage], *, in_order: bool = True
+    ) -> None:
+        """Acks ``messages``; ``in_order``: they are every unsettled delivery of the channel
+        up to the last of them, so one frame may ack them all."""
+        if not messages:
+            return
+        if in_order and not self._held:
+            await settle(messages[-1], ack=True, multiple=True)
+            return
+        for message in messages:
+            await settle(message, ack=True)
+
+    async def release(self) -> None:
+        """Requeues every held message."""
+        held, self._held = self._held, []
+        for message in held:
+            await settle(message, ack=False)
+
+
+async def split_live(
+    state: DeliveryIndex,
+    device_id: str,
+    messages: Sequence[AbstractIncomingMessage],
+) -> tuple[list[tuple[AbstractIncomingMessage, CommandRecord]], list[AbstractIncomingMessage]]:
+    """The messages whose commands the index holds as live (one query), and the rest.
+
+    A live command of another device (a foreign publish) counts as not live here, and so
+    does a second message of one command (a copy): only the first is kept.
+    """
+    live = await state.deliverable(command_ids(messages))
+    kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
+    finished: list[AbstractIncomingMessage] = []
+    seen: set[str] = set()
+    for message in messages:
+        record = live.get(message.message_id or "")
+        if record is None or record.device_id != device_id or record.id in seen:
+            finished.append(message)
+            continue
+        seen.add(record.id)
+        kept.append((message, record))
+    return kept, finished
+
+
+def report_delivered(observer: Observer, records: Sequence[CommandRecord], now: datetime) -> None:
+    if records:
+        observer.delivered(
+            records, [max(0.0, (now - record.ready_at).total_seconds()) for record in records]
+        )

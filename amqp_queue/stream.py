@@ -1,0 +1,292 @@
+"""``consume``: a device's commands as they arrive, one at a time (see :class:`CommandStream`).
+
+The queue is read with a consumer and a prefetch window, never a ``basic.get`` loop; what
+is acked and what goes back follows :mod:`amqp_queue.settlement`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from amqp_queue.batching import Batcher
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.errors import BROKER_FAILURES, BrokerError
+from amqp_queue.inbox import Inbox, open_inbox
+from amqp_queue.observer import Observer
+from amqp_queue.settlement import report_delivered, settle, split_live
+from amqp_queue.state.model import CommandRecord, PendingCommand
+from amqp_queue.topology import Topology
+
+logger = logging.getLogger("amqp_queue.stream")
+
+MARK_RETRY_FIRST = 0.25
+"""Seconds a waiting stream lets pass before it tries a failed delivery mark again; the
+wait doubles up to :data:`MARK_RETRY_MOST` while the index keeps failing."""
+MARK_RETRY_MOST = 30.0
+
+# How many handed-out ids a stream remembers to drop late copies of them.
+_HANDED_MEMORY = 10_000
+
+
+class CommandStream:
+    """The commands of one device as they arrive: ``async for command in stream``.
+
+    A command is marked delivered and acked only after the loop body for it finished (when
+    the next command is asked for, or the ``async with`` block ends normally). Each window
+    of messages is checked against the index in one query when it arrives; commands still
+    waiting in it are checked again as they are handed out (or together, at most every
+    ``RabbitMQConfig.recheck_after`` seconds, when that is set), so a command cancelled or
+    superseded while the device worked on another is not handed out.
+    If the body raises inside ``async with``, the command is requeued and comes again; the
+    id lets a device ignore a repeat. Use it as an async context manager so the channel is
+    released and an unfinished command is requeued promptly.
+    """
+
+    def __init__(
+        self,
+        open_channel: Callable[[], Awaitable[tuple[AbstractChannel, Topology]]],
+        state: DeliveryIndex,
+        config: RabbitMQConfig,
+        device_id: str,
+        observer: Observer,
+    ) -> None:
+        self._open_channel = open_channel
+        self._observer = observer
+        self._channel: AbstractChannel | None = None
+        self._state = state
+        self._config = config
+        self._device_id = device_id
+        self._inbox: Inbox | None = None
+        self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
+        self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
+        self._marks = Batcher(
+            self._mark_delivered,
+            max_batch=config.prefetch,
+            on_detached_failure=self._log_mark_failure,
+        )
+        self._closed = False
+        # A window the index failed on: not handed out, not acked; admitted first next time.
+        self._unadmitted: list[AbstractIncomingMessage] = []
+        # Ids handed out lately: a copy of one (a publish repeated after a lost confirm) may
+        # arrive before its delivery mark is committed, and must not be handed out again.
+        self._handed: OrderedDict[str, None] = OrderedDict()
+        self._clock = time.monotonic
+        self._checked_at = 0.0
+        self._ack_together = True
+        # Finished commands whose delivery mark failed: unacked, tried again with the next.
+        self._unmarked: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
+
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self._finish_current()
+        await self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> PendingCommand:
+        if self._closed:
+            raise StopAsyncIteration
+        await self._open()
+        self._finish_current()
+        if self._unadmitted:
+            # Before anything newer: these came first.
+            await self._admit([])
+        # Commands left over from a window may have gone stale while the loop body ran.
+        if self._ready and not self._config.recheck_after:
+            await self._recheck_next()
+        elif self._ready and self._clock() - self._checked_at > self._config.recheck_after:
+            await self._recheck()
+        while self._ready and self._ready[0][1].expires_at <= self._state.clock():
+            await self._drop(self._ready.popleft()[0])
+        retry_in = MARK_RETRY_FIRST
+        while not self._ready:
+            await self._flush_finished()
+            assert self._inbox is not None
+            # With marks still failing, the wait is bounded: the device may have nothing
+            # more coming (or the broker holds back, the prefetch window being full of
+            # unacked commands), and their status must not say pending for ever.
+            window = await self._inbox.window(retry_in if self._unmarked else None)
+            if self._inbox.interrupted:
+                self._unadmitted.extend(window)
+                await self.close()
+                raise StopAsyncIteration
+            if window:
+                await self._admit(window)
+            elif self._unmarked:
+                retry_in = min(retry_in * 2, MARK_RETRY_MOST)
+        self._current = self._ready.popleft()
+        self._handed[self._current[1].id] = None
+        if len(self._handed) > _HANDED_MEMORY:
+            self._handed.popitem(last=False)
+        return self._current[1].to_pending()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def interrupt(self) -> None:
+        """Ends the stream from outside (its store is closing): a loop waiting for the next
+        command ends, and the next ``__anext__`` ends the iteration."""
+        if self._inbox is not None:
+            self._inbox.interrupt()
+        else:
+            self._closed = True
+
+    async def close(self) -> None:
+        """Settles finished commands, requeues the rest and releases the channel.
+
+        A broker failure here is logged, not raised: with the channel gone the broker has
+        already requeued every unacknowledged message.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._inbox is not None and not self._inbox.interrupted:
+                try:
+                    # Bounded: on a connection waiting for the broker it would wait for ever;
+                    # closing the channel cancels the consumer anyway.
+                    async with asyncio.timeout(self._config.publish_timeout):
+                        await self._inbox.stop()
+                except (BrokerError, TimeoutError) as exc:
+                    logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
+            await self._flush_finished()
+            unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
+            self._unadmitted = []
+            if self._current is not None:
+                unfinished.insert(0, self._current[0])
+            if self._inbox is not None:
+                unfinished.extend(self._inbox.take_buffered())
+            for message in unfinished:
+                await settle(message, ack=False)
+        except BrokerError as exc:
+            logger.warning("consumer of %s closed after a broker failure: %s", self._device_id, exc)
+        finally:
+            self._ready.clear()
+            self._current = None
+            try:
+                if self._channel is not None:
+                    async with asyncio.timeout(self._config.publish_timeout):
+                        await self._channel.close()
+            except BROKER_FAILURES as exc:
+                logger.warning("closing the consumer channel of %s: %s", self._device_id, exc)
+
+    async def _open(self) -> None:
+        if self._inbox is None:
+            self._channel, topology = await self._open_channel()
+            self._inbox = await open_inbox(self._channel, topology, self._config, self._device_id)
+
+    def _finish_current(self) -> None:
+        if self._current is not None:
+            # Marked and acked in the background at once (what finishes meanwhile shares the
+            # write): a command the device is done with must not stay cancellable, or say
+            # PENDING, while the device works on the next one.
+            self._marks.post_detached(self._current)
+            self._current = None
+
+    async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
+        """Keeps the window's live commands, in queue order, and drops the rest.
+
+        Should the index fail, the window stays here, unsettled, and is asked about again
+        first on the next ``__anext__`` (or requeued by ``close``): never acked unasked.
+        """
+        self._unadmitted.extend(window)
+        live, finished = await split_live(self._state, self._device_id, self._unadmitted)
+        self._unadmitted = []
+        self._checked_at = self._clock()
+        for message in finished:
+            await self._drop(message)
+        for message, record in live:
+            if record.id in self._handed:
+                await self._drop(message)
+            else:
+                self._ready.append((message, record))
+
+    async def _recheck(self) -> None:
+        """Asks the index again, in one query, about every command still waiting."""
+        live = await self._state.deliverable([record.id for _, record in self._ready])
+        self._checked_at = self._clock()
+        waiting, self._ready = self._ready, deque()
+        for message, record in waiting:
+            if record.id in live:
+                self._ready.append((message, record))
+            else:
+                await self._drop(message)
+
+    async def _recheck_next(self) -> None:
+        """Drops stale commands from the front until the next one is live (a read each)."""
+        while self._ready:
+            message, record = self._ready[0]
+            if await self._state.is_deliverable(record.id):
+                return
+            self._ready.popleft()
+            await self._drop(message)
+
+    async def _drop(self, message: AbstractIncomingMessage) -> None:
+        logger.debug("dropping stale message %s", message.message_id)
+        await settle(message, ack=True)
+        self._observer.dropped(1)
+
+    async def _flush_finished(self) -> None:
+        await self._marks.drain()
+        if self._unmarked:
+            # Before the stream waits for the broker or closes, with nothing new to carry
+            # them: the commands whose mark failed get one more try by themselves.
+            try:
+                await self._mark_delivered([])
+            except Exception as exc:  # as the Batcher: kept for the next try, and logged
+                self._log_mark_failure(exc)
+
+    def _log_mark_failure(self, exc: BaseException) -> None:
+        logger.warning(
+            "marking commands of %s delivered failed (%d waiting to be marked): %s",
+            self._device_id,
+            len(self._unmarked),
+            exc,
+        )
+
+    async def _mark_delivered(
+        self, finished: list[tuple[AbstractIncomingMessage, CommandRecord]]
+    ) -> None:
+        batch = [*self._unmarked, *finished]
+        if not batch:
+            return
+        self._unmarked = []
+        try:
+            await self._state.mark_delivered([record.id for _, record in batch])
+        except BaseException:
+            # The device has them: their status must come to say so, so they are marked
+            # again with the next batch. Unacked until then, they come again from the
+            # broker should the channel go first (at-least-once). From now on each is acked
+            # alone: a batch may then hold deliveries of a channel restored since, and one
+            # ack of several deliveries names only the channel of the last.
+            self._unmarked = batch
+            self._ack_together = False
+            raise
+        report_delivered(self._observer, [record for _, record in batch], self._state.clock())
+        if self._ack_together:
+            # Handed out in delivery order, and every earlier delivery on this channel is
+            # settled (acked here or as stale, or in an earlier batch): one frame acks all.
+            await settle(batch[-1][0], ack=True, multiple=True)
+            return
+        for message, _ in batch:
+            await settle(message, ack=True)
