@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import weakref
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from types import TracebackType
 from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from amqp_queue.batching import Batcher
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import connect_robust
@@ -29,14 +25,14 @@ from amqp_queue.drain import drain
 from amqp_queue.errors import (
     BROKER_FAILURES,
     BrokerError,
-    CommandRejected,
-    QueueMismatch,
     broker_errors,
 )
-from amqp_queue.inbox import Inbox, open_inbox
+from amqp_queue.inbox import open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
+from amqp_queue.publish_path import PublishPath
 from amqp_queue.publisher import Publisher
+from amqp_queue.running_deliveries import RunningDeliveries
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.enqueue_calls import CommandIntake
@@ -54,9 +50,6 @@ _BROKER_GRACE = 2.0
 # A connection not up yet: its wait timed out, or aio-pika says "closed" with a RuntimeError.
 _NOT_REACHABLE: tuple[type[BaseException], ...] = (*BROKER_FAILURES, RuntimeError)
 _STILL_DOWN: tuple[type[BaseException], ...] = (BrokerError, *_NOT_REACHABLE)
-
-CLOSE_GRACE = 2.0
-"""Seconds ``close`` gives a running ``consume`` loop body to finish its command."""
 
 
 class RabbitMQStore(CommandIntake):
@@ -95,13 +88,9 @@ class RabbitMQStore(CommandIntake):
         self._relay: OutboxRelay | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
-        # Direct publishes under way, until their publish marks are committed: the relay
-        # leaves them alone (no second copy without a fault).
-        self._in_flight: set[str] = set()
-        # Started without its broker: the task that starts the store once it is reachable,
-        # and the ready commands accepted meanwhile, owed to the relay it will run.
+        self._path = PublishPath(state, self.observer)
+        # Started without its broker: the task that starts the store once it is reachable.
         self._starter: asyncio.Task[None] | None = None
-        self._owed_while_down: set[str] = set()
         self._channels = ChannelPool(
             connection,
             channels_per_connection=self.config.channels_per_connection,
@@ -111,12 +100,7 @@ class RabbitMQStore(CommandIntake):
             timeout=self.config.publish_timeout,
         )
         # What close() ends: running consume streams and drains.
-        self._streams: weakref.WeakSet[CommandStream] = weakref.WeakSet()
-        self._drains: set[Inbox] = set()
-        # New commands and the publish marks of earlier ones share each index transaction.
-        self._writes: Batcher[CommandRecord | str] = Batcher(
-            self._write_batch, max_batch=500, on_detached_failure=_log_mark_failure
-        )
+        self._running = RunningDeliveries()
 
     @classmethod
     async def connect(
@@ -213,12 +197,10 @@ class RabbitMQStore(CommandIntake):
                 self.state,
                 self._publisher,
                 self.config,
-                in_flight=self._in_flight,
+                in_flight=self._path.in_flight,
                 observer=self.observer,
             )
-            if self._owed_while_down:
-                self._relay.owe(self._owed_while_down)
-                self._owed_while_down = set()
+            self._path.attach(self._publisher, self._relay)
             self._connection.reconnect_callbacks.add(self._on_reconnect)
             self._started = True
         try:
@@ -262,7 +244,7 @@ class RabbitMQStore(CommandIntake):
 
         A drain under way returns what it claimed so far; a ``consume`` loop waiting for
         the next command ends, and one whose body is running ends when it asks for the next
-        (its command is settled then), or after :data:`CLOSE_GRACE` seconds with the
+        (its command is settled then), or after ``CLOSE_GRACE`` (2) seconds with the
         command requeued.
         """
         try:
@@ -271,11 +253,11 @@ class RabbitMQStore(CommandIntake):
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._starter
                 self._starter = None
-            await self._end_deliveries()
+            await self._running.end()
             await self._channels.close()
             if self._relay is not None:
                 await self._relay.close()
-            await self._writes.drain()
+            await self._path.flush()
             self._connection.reconnect_callbacks.discard(self._on_reconnect)
             await self._close_channels()
         finally:
@@ -330,13 +312,13 @@ class RabbitMQStore(CommandIntake):
         channel = await self._channels.channel(f"opening a channel to drain {device}")
         try:
             inbox = await open_inbox(channel, topology, self.config, device)
-            self._drains.add(inbox)
+            self._running.drain_started(inbox)
             try:
                 records = await drain(
                     inbox, self.state, self.config, device, self.observer, self._relay.owe
                 )
             finally:
-                self._drains.discard(inbox)
+                self._running.drain_ended(inbox)
         finally:
             try:
                 async with asyncio.timeout(self.config.publish_timeout):
@@ -357,9 +339,9 @@ class RabbitMQStore(CommandIntake):
             channel = await self._channels.channel(f"opening a channel to consume {device}")
             return channel, topology
 
-        stream = CommandStream(open_channel, self.state, self.config, device, self.observer)
-        self._streams.add(stream)
-        return stream
+        return self._running.stream(
+            CommandStream(open_channel, self.state, self.config, device, self.observer)
+        )
 
     async def confirm_command(self, command_id: str) -> None:
         if not self.broker_pending:
@@ -368,16 +350,16 @@ class RabbitMQStore(CommandIntake):
         self.observer.confirmed(record)
         if self.broker_pending:
             if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
-                self._owe(record.id)
+                self._path.owe(record.id)
             return
         # Confirming again is harmless (rule 4): a publish of the first confirm still under
         # way, or its mark not yet committed, is not repeated.
         if (
             rules.is_deliverable(record, self.state.clock())
             and record.published_at is None
-            and record.id not in self._in_flight
+            and record.id not in self._path.in_flight
         ):
-            await self._publish(record)
+            await self._path.publish(record)
 
     async def cancel_command(self, command_id: str) -> None:
         # A message already in the queue stays there and is dropped at delivery.
@@ -440,7 +422,9 @@ class RabbitMQStore(CommandIntake):
     async def _accept(self, record: CommandRecord) -> str:
         if self.broker_pending:
             # The broker is known to be down: into the index at once, owed to the relay.
-            await self._write_and_owe(record)
+            await self._path.write(record)
+            if record.is_ready:
+                self._path.owe(record.id)
             return record.id
         topology = await self._ready()
         reachable = True
@@ -452,130 +436,13 @@ class RabbitMQStore(CommandIntake):
         except BrokerError as exc:
             logger.warning("queue of %s not declared: %s", record.device_id, exc)
             reachable = False
-        # Durable in the index before anything reaches the broker; concurrent enqueues
-        # share one transaction.
-        written = self._writes.post(record)
-        try:
-            # Shielded: a cancelled caller must still learn whether its command was written.
-            await asyncio.shield(written)
-        except asyncio.CancelledError:
-            written.add_done_callback(functools.partial(self._owe_if_written, record))
-            raise
+        await self._path.write(record)
         if record.is_ready:
             if reachable:
-                await self._publish(record)
+                await self._path.publish(record)
             else:
-                self._owe(record.id)
+                self._path.owe(record.id)
         return record.id
-
-    async def _write_and_owe(self, record: CommandRecord) -> None:
-        written = self._writes.post(record)
-        try:
-            await asyncio.shield(written)
-        except asyncio.CancelledError:
-            written.add_done_callback(functools.partial(self._owe_if_written, record))
-            raise
-        if record.is_ready:
-            self._owe(record.id)
-
-    def _owe(self, command_id: str) -> None:
-        """Leaves a command to the relay: the store's, or the one it runs once started."""
-        if self._relay is not None:
-            self._relay.owe((command_id,))
-        else:
-            self._owed_while_down.add(command_id)
-
-    def _owe_if_written(self, record: CommandRecord, written: asyncio.Future[None]) -> None:
-        """After a cancelled enqueue: once its command is in the index, the relay owes it.
-
-        Run as the write's callback, before any later command of the batch is published
-        directly (their callers resume after this), so none overtakes it.
-        """
-        if written.cancelled() or written.exception() is not None:
-            return
-        if record.is_ready:
-            self._owe(record.id)
-
-    async def _publish(self, record: CommandRecord) -> None:
-        assert self._publisher is not None
-        assert self._relay is not None
-        if self._relay.pending:
-            # Commands the broker has not confirmed yet are waiting: publishing this one
-            # directly would overtake them in the device's queue. The relay publishes the
-            # backlog in ready order, this one included.
-            self._relay.owe((record.id,))
-            return
-        self._in_flight.add(record.id)
-        publishing = asyncio.ensure_future(self._publisher.publish(record))
-        try:
-            # Shielded: a cancelled caller leaves the publish to finish by itself. Cut short,
-            # it would leave unknown whether the broker has the command (a copy from the
-            # relay, or a loss), and a queue declaration cancelled half way closes the
-            # channel it runs on.
-            await asyncio.shield(publishing)
-        except asyncio.CancelledError:
-            publishing.add_done_callback(functools.partial(self._published, record))
-            raise
-        except (CommandRejected, QueueMismatch) as exc:
-            # Refused for good: no retry makes the broker take it.
-            self._in_flight.discard(record.id)
-            await self._reject(record, exc)
-            return
-        except BrokerError:
-            pass
-        self._published(record, publishing)
-
-    async def _reject(self, record: CommandRecord, refusal: Exception) -> None:
-        logger.error("command %s rejected: %s", record.id, refusal)
-        await self.state.reject([record.id])
-        self.observer.rejected(record)
-
-    def _published(self, record: CommandRecord, publishing: asyncio.Future[bool]) -> None:
-        """Settles a direct publish: its mark is queued, or the relay owes the command."""
-        assert self._relay is not None
-        failure = None if publishing.cancelled() else publishing.exception()
-        if publishing.cancelled() or failure is not None:
-            # A refusal for good too: the relay meets it again and rejects the command.
-            logger.warning("command %s left to the outbox relay: %s", record.id, failure)
-            self._in_flight.discard(record.id)
-            self._relay.owe((record.id,))
-            return
-        if not publishing.result():
-            self._in_flight.discard(record.id)
-            return
-        self.observer.published(record, _since(record.ready_at, self.state.clock()))
-        # Queued with the writes, the mark rides along with the next enqueue's commit
-        # instead of contending with it for the index. The command stays in flight until
-        # then, so the relay does not publish it again.
-        self._writes.post_detached(record.id)
-
-    async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
-        """One index round trip: new records, and ids of commands the broker confirmed."""
-        records = [item for item in items if isinstance(item, CommandRecord)]
-        published = [item for item in items if isinstance(item, str)]
-        try:
-            superseded = await self.state.write(records, published)
-        finally:
-            # Marked, or the mark failed (the relay then publishes a copy after the lease).
-            self._in_flight.difference_update(published)
-        if records:
-            self.observer.enqueued(records, superseded)
-
-    async def _end_deliveries(self) -> None:
-        """Ends running drains and streams (see :meth:`close`)."""
-        for inbox in list(self._drains):
-            inbox.interrupt()
-        streams = list(self._streams)
-        for stream in streams:
-            stream.interrupt()
-        deadline = asyncio.get_running_loop().time() + CLOSE_GRACE
-        while any(not stream.closed for stream in streams) or self._drains:
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        for stream in streams:
-            # Its loop body did not come back in time: its command is requeued.
-            await stream.close()
 
     async def _flush_outbox(self) -> None:
         assert self._relay is not None
@@ -588,11 +455,3 @@ class RabbitMQStore(CommandIntake):
         logger.info("broker connection restored; relaying the outbox")
         if self._relay is not None:
             self._relay.kick()
-
-
-def _since(moment: datetime, now: datetime) -> float:
-    return max(0.0, (now - moment).total_seconds())
-
-
-def _log_mark_failure(exc: BaseException) -> None:
-    logger.warning("marking commands published failed; the relay will republish: %s", exc)

@@ -1,0 +1,157 @@
+"""Write first, then publish: the path of every enqueue and confirmation, and who owes what.
+
+A command is durable in the index before anything reaches the broker; concurrent enqueues
+share one index transaction (:class:`~amqp_queue.batching.Batcher`), and the publish marks of
+earlier commands ride along with it. A direct publish is "in flight" from its start until its
+mark is committed, and the outbox relay leaves it alone meanwhile: without a fault each
+command is published once. Whatever cannot be published directly (the broker is down, a
+backlog is waiting, the caller was cancelled) is owed to the relay at once, which publishes
+in ready order, so nothing overtakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+
+from amqp_queue.batching import Batcher
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
+from amqp_queue.observer import Observer
+from amqp_queue.outbox import OutboxRelay
+from amqp_queue.publisher import Publisher
+from amqp_queue.state.model import CommandRecord
+
+logger = logging.getLogger("amqp_queue.publish_path")
+
+# Commands (and publish marks) per index transaction.
+_WRITE_BATCH = 500
+
+
+class PublishPath:
+    """Writes commands to the index and publishes them, or leaves them to the relay.
+
+    Until :meth:`attach` gives it a publisher and a relay (the store has started on its
+    broker), every ready command written is owed, and handed to the relay on attach.
+    """
+
+    def __init__(self, state: DeliveryIndex, observer: Observer) -> None:
+        self._state = state
+        self._observer = observer
+        self._publisher: Publisher | None = None
+        self._relay: OutboxRelay | None = None
+        self.in_flight: set[str] = set()
+        """Direct publishes under way, until their publish marks are committed."""
+        self._owed_early: set[str] = set()
+        self._writes: Batcher[CommandRecord | str] = Batcher(
+            self._write_batch, max_batch=_WRITE_BATCH, on_detached_failure=_log_mark_failure
+        )
+
+    def attach(self, publisher: Publisher, relay: OutboxRelay) -> None:
+        """Publishes from now on; what was owed before goes to ``relay``."""
+        self._publisher, self._relay = publisher, relay
+        if self._owed_early:
+            relay.owe(self._owed_early)
+            self._owed_early = set()
+
+    async def write(self, record: CommandRecord) -> None:
+        """Writes ``record`` to the index (with whatever else is waiting to be written).
+
+        Cancelled, the caller still leaves its command owed to the relay once the write
+        commits: run as the write's callback, before any later command of the batch is
+        published directly (their callers resume after this), so none overtakes it.
+        """
+        written = self._writes.post(record)
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            written.add_done_callback(functools.partial(self._owe_if_written, record))
+            raise
+
+    async def publish(self, record: CommandRecord) -> None:
+        """Publishes a ready command the index holds, or leaves it to the relay."""
+        if self._publisher is None or self._relay is None or self._relay.pending:
+            # Not started, or commands the broker has not confirmed yet are waiting:
+            # publishing this one directly would overtake them in the device's queue. The
+            # relay publishes the backlog in ready order, this one included.
+            self.owe(record.id)
+            return
+        self.in_flight.add(record.id)
+        publishing = asyncio.ensure_future(self._publisher.publish(record))
+        try:
+            # Shielded: a cancelled caller leaves the publish to finish by itself. Cut short,
+            # it would leave unknown whether the broker has the command (a copy from the
+            # relay, or a loss), and a queue declaration cancelled half way closes the
+            # channel it runs on.
+            await asyncio.shield(publishing)
+        except asyncio.CancelledError:
+            publishing.add_done_callback(functools.partial(self._published, record))
+            raise
+        except (CommandRejected, QueueMismatch) as exc:
+            # Refused for good: no retry makes the broker take it.
+            self.in_flight.discard(record.id)
+            logger.error("command %s rejected: %s", record.id, exc)
+            await self._state.reject([record.id])
+            self._observer.rejected(record)
+            return
+        except BrokerError:
+            pass
+        self._published(record, publishing)
+
+    def owe(self, command_id: str) -> None:
+        """Leaves a command to the relay: the attached one, or the one attached later."""
+        if self._relay is not None:
+            self._relay.owe((command_id,))
+        else:
+            self._owed_early.add(command_id)
+
+    async def flush(self) -> None:
+        """Waits until every write and mark queued so far is committed (or failed)."""
+        await self._writes.drain()
+
+    def _owe_if_written(self, record: CommandRecord, written: asyncio.Future[None]) -> None:
+        if written.cancelled() or written.exception() is not None:
+            return
+        if record.is_ready:
+            self.owe(record.id)
+
+    def _published(self, record: CommandRecord, publishing: asyncio.Future[bool]) -> None:
+        """Settles a direct publish: its mark is queued, or the relay owes the command."""
+        failure = None if publishing.cancelled() else publishing.exception()
+        if publishing.cancelled() or failure is not None:
+            # A refusal for good too: the relay meets it again and rejects the command.
+            logger.warning("command %s left to the outbox relay: %s", record.id, failure)
+            self.in_flight.discard(record.id)
+            self.owe(record.id)
+            return
+        if not publishing.result():
+            self.in_flight.discard(record.id)
+            return
+        self._observer.published(record, _since(record.ready_at, self._state.clock()))
+        # Queued with the writes, the mark rides along with the next enqueue's commit
+        # instead of contending with it for the index. The command stays in flight until
+        # then, so the relay does not publish it again.
+        self._writes.post_detached(record.id)
+
+    async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
+        """One index round trip: new records, and ids of commands the broker confirmed."""
+        records = [item for item in items if isinstance(item, CommandRecord)]
+        published = [item for item in items if isinstance(item, str)]
+        try:
+            superseded = await self._state.write(records, published)
+        finally:
+            # Marked, or the mark failed (the relay then publishes a copy after the lease).
+            self.in_flight.difference_update(published)
+        if records:
+            self._observer.enqueued(records, superseded)
+
+
+def _since(moment: datetime, now: datetime) -> float:
+    return max(0.0, (now - moment).total_seconds())
+
+
+def _log_mark_failure(exc: BaseException) -> None:
+    logger.warning("marking commands published failed; the relay will republish: %s", exc)
