@@ -1,0 +1,160 @@
+"""Schema versions of the state index: Alembic revisions in ``migrations/``, applied in place.
+
+Revision ``0001`` is the first release's ``command_queue``; each later one brings it closer to
+:mod:`amqp_queue.state.sql.schema`, whose metadata the newest one (the head) matches exactly
+(tests/test_schema_versions.py compares them). Alembic runs programmatically on a connection
+of the caller's: no ``alembic.ini``, and :func:`bring_to` runs in the caller's transaction,
+under the caller's lock (see ``SqlStore.create_table``).
+
+What :func:`bring_to` finds, and does:
+
+- no ``command_queue``: creates it from the metadata and stamps the head, as Alembic's
+  cookbook advises ("building an up to date database from scratch"), rather than replaying
+  every revision.
+- a ``command_queue`` without ``alembic_version``: a release before schema versions made it.
+  It is stamped with the newest revision it already matches (``0003`` if it has the owner
+  table, else ``0001``, whose successor tolerates every index layout those releases left) and
+  upgraded.
+- an older revision: upgraded; the same revision: nothing.
+- a revision this code does not know (a newer release upgraded the database): refused with a
+  :class:`StateError`, since this code may misread what it would find there.
+
+A new revision: a file in ``migrations/versions/`` named ``rNNNN_<what>.py``, written like
+the others (frozen: it imports nothing from the package), and the same change in ``schema.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from ..errors import StateError
+from .schema import command_queue, metadata, outbox_owner
+
+logger = logging.getLogger("amqp_queue.state.sql")
+
+SCRIPT_LOCATION = Path(__file__).with_name("migrations")
+HEAD = "head"
+FIRST_RELEASE = "0001"
+_VERSION_TABLE = "alembic_version"  # Alembic's default name, which env.py keeps
+# Releases before schema versions, by the newest of their tables: its revision.
+_UNVERSIONED = ((outbox_owner.name, "0003"), (command_queue.name, FIRST_RELEASE))
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaChange:
+    """The revision of a database's schema before and after :func:`bring_to`.
+
+    ``before`` is None for a database without the index's tables; for one a release before
+    schema versions made, the revision it was found to match.
+    """
+
+    before: str | None
+    after: str
+
+
+def _config(connection: sa.Connection | None = None, schema: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.attributes.update(connection=connection, schema=schema, metadata=metadata)
+    return config
+
+
+@functools.cache
+def revisions() -> tuple[str, ...]:
+    """Every revision this code knows, oldest first; the last one is the head."""
+    script = ScriptDirectory.from_config(_config())
+    return tuple(reversed([each.revision for each in script.walk_revisions()]))
+
+
+def current(connection: sa.Connection, schema: str | None) -> str | None:
+    """The revision the database says it is at (its ``alembic_version``), if any.
+
+    Read here rather than by Alembic's MigrationContext, which logs its set-up at INFO on
+    every call: a store opening a database at the head has nothing to say.
+    """
+    if not sa.inspect(connection).has_table(_VERSION_TABLE, schema=schema):
+        return None
+    version = sa.table(_VERSION_TABLE, sa.column("version_num", sa.String()), schema=schema)
+    found: str | None = connection.execute(sa.select(version.c.version_num)).scalar_one_or_none()
+    return found
+
+
+def bring_to(connection: sa.Connection, schema: str | None, target: str = HEAD) -> SchemaChange:
+    """Brings the schema in ``schema`` to revision ``target`` (the head by default).
+
+    Runs in the connection's transaction; the caller holds the lock that keeps other
+    processes from doing the same at once.
+
+    Args:
+        connection: a connection in a transaction, with the ``schema_translate_map`` that
+            puts the tables in ``schema``.
+        schema: the database schema of the tables and ``alembic_version``; None for the
+            default.
+        target: ``head`` or a known revision; an older one than the database's downgrades it.
+
+    Returns:
+        The revision before and after.
+
+    Raises:
+        ValueError: ``target`` is not a revision this code knows.
+        StateError: the database is at a revision this code does not know.
+    """
+    known = revisions()
+    after = known[-1] if target == HEAD else target
+    if after not in known:
+        raise ValueError(f"no schema revision {target!r}; this release knows {', '.join(known)}")
+    before = current(connection, schema)
+    if before is None:
+        before = _unversioned(connection, schema)
+    if before is None:
+        _create(connection, schema, after)
+        return SchemaChange(None, after)
+    if before not in known:
+        raise StateError(
+            f"the state index's schema is at revision {before!r}, which this release of "
+            f"amqp-queue does not know (its newest is {known[-1]!r}): a newer release "
+            "upgraded it; run that release, or `amqp-queue migrate --revision` of that "
+            "release to bring the schema back first"
+        )
+    if before != after:
+        config = _config(connection, schema)
+        if known.index(after) > known.index(before):
+            logger.info("upgrading the state index's schema from %s to %s", before, after)
+            command.upgrade(config, after)
+        else:
+            logger.warning("downgrading the state index's schema from %s to %s", before, after)
+            command.downgrade(config, after)
+    return SchemaChange(before, after)
+
+
+def _unversioned(connection: sa.Connection, schema: str | None) -> str | None:
+    """Stamps a table that a release before schema versions made with the revision it
+    matches, and returns it; None when there is no table."""
+    inspector = sa.inspect(connection)
+    for table, revision in _UNVERSIONED:
+        if inspector.has_table(table, schema=schema):
+            logger.info(
+                "the state index's schema has no version: a release before schema versions "
+                "made it; taking it as revision %s",
+                revision,
+            )
+            command.stamp(_config(connection, schema), revision)
+            return revision
+    return None
+
+
+def _create(connection: sa.Connection, schema: str | None, revision: str) -> None:
+    if revision != revisions()[-1]:
+        # The metadata is the head's schema; an older one is only reached by its revisions.
+        command.upgrade(_config(connection, schema), revision)
+        return
+    metadata.create_all(connection)
+    command.stamp(_config(connection, schema), revision)
