@@ -119,10 +119,9 @@ def bring_to(connection: sa.Connection, schema: str | None, target: str = HEAD) 
         return SchemaChange(None, after)
     if before not in known:
         raise StateError(
-            f"the state index's schema is at revision {before!r}, which this release of "
-            f"amqp-queue does not know (its newest is {known[-1]!r}): a newer release "
-            "upgraded it; run that release, or `amqp-queue migrate --revision` of that "
-            "release to bring the schema back first"
+            f"the state index's schema is at revision {before!r}, newer than this release of "
+            f"amqp-queue knows (up to {known[-1]!r}): run a newer release, or bring the "
+            f"schema back with that release's `amqp-queue migrate --revision {known[-1]}`"
         )
     if before != after:
         config = _config(connection, schema)

@@ -15,6 +15,9 @@ context.configure(
     target_metadata=attributes.get("metadata"),
     # The tables' own schema comes from the connection's schema_translate_map.
     version_table_schema=attributes.get("schema"),
+    # SQLite runs DDL in a transaction too (Alembic assumes it does not): all of it, and
+    # the version, commits with the caller's transaction or not at all.
+    transactional_ddl=True,
 )
 with context.begin_transaction():
     context.run_migrations()

@@ -1,5 +1,7 @@
-"""The outbox read in ready order: ``ix_command_queue_outbox_ready`` replaces
-``ix_command_queue_outbox`` (commits 1cf03a9 and 330416c).
+"""The outbox read in ready order: its index by ready time replaces the one by write order.
+
+``ix_command_queue_outbox_ready`` replaces ``ix_command_queue_outbox`` (commits 1cf03a9 and
+330416c).
 
 ``IF [NOT] EXISTS``: releases before schema versions left either index, or both, on a table
 they found, and an unversioned table is stamped ``0001`` whichever it holds.

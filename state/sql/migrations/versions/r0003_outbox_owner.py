@@ -1,4 +1,6 @@
-"""``command_queue_owner``: who publishes the table's outbox, one row (commit ac3387f).
+"""One outbox owner: ``command_queue_owner`` names who publishes the table's outbox.
+
+One row (commit ac3387f).
 
 Revision ID: 0003
 Revises: 0002
