@@ -1,8 +1,10 @@
 """Schema versions: a database any earlier release made opens at this release's schema with
-its commands intact, and one a newer release made is refused."""
+its commands intact, one a newer release made is refused, and ``amqp-queue migrate``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,14 +13,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from amqp_queue.cli import cli
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.model import CommandRecord, EndReason
 from amqp_queue.state.sql.schema_versions import FIRST_RELEASE, revisions
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.legacy_schema import NOW, OLD_ROWS, UNVERSIONED_LAYOUTS, build, insert_rows, run_sql
-from tests.support import FakeClock
+from tests.support import FakeClock, unique
 
 HEAD = revisions()[-1]
 Snapshot = dict[str, list[tuple[Any, ...]]]
@@ -223,7 +228,63 @@ async def test_a_database_a_newer_release_upgraded_is_refused_and_left_alone(
         await run_sql(url, None, f"UPDATE {table} SET version_num = '9001'")
         before = await snapshot(url, schema)
 
-        with pytest.raises(StateError, match=r"'9001'.*does not know"):
+        with pytest.raises(StateError, match=r"revision '9001', newer than this release"):
             await SqlStore.connect(url, schema=schema)
 
         assert await snapshot(url, schema) == before
+
+
+def migrate(*args: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``amqp-queue migrate``, run in this process."""
+    result = CliRunner().invoke(cli, ["migrate", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_migrate_upgrades_a_first_release_database_and_prints_the_revisions(
+    tmp_path: Path,
+) -> None:
+    empty = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    old = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    asyncio.run(build(old, None))
+
+    assert migrate("--state-url", empty)[:2] == (0, f"none -> {HEAD}\n")
+    assert migrate("--state-url", old)[:2] == (0, f"{FIRST_RELEASE} -> {HEAD}\n")
+    code, out, _ = migrate("--state-url", old, "--json")
+    assert (code, json.loads(out)) == (0, {"before": HEAD, "after": HEAD})
+    asyncio.run(run_sql(old, None, "UPDATE alembic_version SET version_num = '9001'"))
+    code, out, err = migrate("--state-url", old)
+    assert (code, out) == (1, "")
+    assert "'9001'" in err
+
+
+def test_migrate_takes_a_postgres_schema_from_the_url() -> None:
+    # Sync, as migrate runs an event loop of its own.
+    schema = unique("t_")
+    asyncio.run(run_sql(POSTGRES_URL, None, f'CREATE SCHEMA "{schema}"'))
+    try:
+        asyncio.run(build(POSTGRES_URL, schema))
+        url = make_url(POSTGRES_URL).update_query_dict({"schema": schema})
+        outcome = migrate("--state-url", url.render_as_string(hide_password=False))
+        found = asyncio.run(snapshot(POSTGRES_URL, schema))["version"]
+    finally:
+        asyncio.run(run_sql(POSTGRES_URL, None, f'DROP SCHEMA "{schema}" CASCADE'))
+
+    assert outcome[:2] == (0, f"{FIRST_RELEASE} -> {HEAD}\n")
+    assert found == [(HEAD,)]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--state-url", "redis://127.0.0.1:6379/0"], 2, "only a SQL state index"),
+        (["--revision", "0000"], 2, "no schema revision '0000'"),
+    ],
+)
+def test_migrate_refuses_what_it_cannot_do(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    exit_code, out, err = migrate("--state-url", url, *args)
+
+    assert (exit_code, out) == (code, "")
+    assert message in err
