@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from amqp_queue.cli import cli
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.model import CommandRecord, EndReason
-from amqp_queue.state.sql.schema_versions import FIRST_RELEASE, revisions
+from amqp_queue.state.sql.schema_versions import FIRST_RELEASE, HEAD_REVISION, revisions
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.legacy_schema import NOW, OLD_ROWS, UNVERSIONED_LAYOUTS, build, insert_rows, run_sql
 from tests.support import FakeClock, unique
@@ -128,6 +128,12 @@ async def fresh_snapshot(kind: str, tmp_path: Path) -> Snapshot:
     async with database(kind, tmp_path, "fresh") as (url, schema):
         await (await SqlStore.connect(url, schema=schema)).close()
         return await snapshot(url, schema)
+
+
+def test_the_head_known_without_alembic_is_the_scripts_head() -> None:
+    """A store opening a database at the head skips Alembic on this constant alone."""
+    assert revisions()[-1] == HEAD_REVISION
+    assert revisions()[0] == FIRST_RELEASE
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])

@@ -29,20 +29,25 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 
 from ..errors import StateError
 from .schema import command_queue, metadata, outbox_owner
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 logger = logging.getLogger("amqp_queue.state.sql")
 
 SCRIPT_LOCATION = Path(__file__).with_name("migrations")
 HEAD = "head"
 FIRST_RELEASE = "0001"
+HEAD_REVISION = "0003"
+"""The newest revision, known without loading Alembic: a database already there, the common
+case, costs one query and no import (Alembic adds some 50 ms to every process's start).
+tests/test_schema_versions.py checks it is the scripts' head."""
 _VERSION_TABLE = "alembic_version"  # Alembic's default name, which env.py keeps
 # Releases before schema versions, by the newest of their tables: its revision.
 _UNVERSIONED = ((outbox_owner.name, "0003"), (command_queue.name, FIRST_RELEASE))
@@ -61,6 +66,8 @@ class SchemaChange:
 
 
 def _config(connection: sa.Connection | None = None, schema: str | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(SCRIPT_LOCATION))
     config.attributes.update(connection=connection, schema=schema, metadata=metadata)
@@ -70,6 +77,8 @@ def _config(connection: sa.Connection | None = None, schema: str | None = None) 
 @functools.cache
 def revisions() -> tuple[str, ...]:
     """Every revision this code knows, oldest first; the last one is the head."""
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(_config())
     return tuple(reversed([each.revision for each in script.walk_revisions()]))
 
@@ -107,11 +116,13 @@ def bring_to(connection: sa.Connection, schema: str | None, target: str = HEAD) 
         ValueError: ``target`` is not a revision this code knows.
         StateError: the database is at a revision this code does not know.
     """
+    before = current(connection, schema)
+    if before == HEAD_REVISION and target in (HEAD, HEAD_REVISION):
+        return SchemaChange(before, before)
     known = revisions()
     after = known[-1] if target == HEAD else target
     if after not in known:
         raise ValueError(f"no schema revision {target!r}; this release knows {', '.join(known)}")
-    before = current(connection, schema)
     if before is None:
         before = _unversioned(connection, schema)
     if before is None:
@@ -123,14 +134,12 @@ def bring_to(connection: sa.Connection, schema: str | None, target: str = HEAD) 
             f"amqp-queue knows (up to {known[-1]!r}): run a newer release, or bring the "
             f"schema back with that release's `amqp-queue migrate --revision {known[-1]}`"
         )
-    if before != after:
-        config = _config(connection, schema)
-        if known.index(after) > known.index(before):
-            logger.info("upgrading the state index's schema from %s to %s", before, after)
-            command.upgrade(config, after)
-        else:
-            logger.warning("downgrading the state index's schema from %s to %s", before, after)
-            command.downgrade(config, after)
+    if known.index(after) > known.index(before):
+        logger.info("upgrading the state index's schema from %s to %s", before, after)
+        _alembic("upgrade", connection, schema, after)
+    elif known.index(after) < known.index(before):
+        logger.warning("downgrading the state index's schema from %s to %s", before, after)
+        _alembic("downgrade", connection, schema, after)
     return SchemaChange(before, after)
 
 
@@ -145,7 +154,7 @@ def _unversioned(connection: sa.Connection, schema: str | None) -> str | None:
                 "made it; taking it as revision %s",
                 revision,
             )
-            command.stamp(_config(connection, schema), revision)
+            _alembic("stamp", connection, schema, revision)
             return revision
     return None
 
@@ -153,7 +162,20 @@ def _unversioned(connection: sa.Connection, schema: str | None) -> str | None:
 def _create(connection: sa.Connection, schema: str | None, revision: str) -> None:
     if revision != revisions()[-1]:
         # The metadata is the head's schema; an older one is only reached by its revisions.
-        command.upgrade(_config(connection, schema), revision)
+        _alembic("upgrade", connection, schema, revision)
         return
     metadata.create_all(connection)
-    command.stamp(_config(connection, schema), revision)
+    _alembic("stamp", connection, schema, revision)
+
+
+def _alembic(
+    action: Literal["upgrade", "downgrade", "stamp"],
+    connection: sa.Connection,
+    schema: str | None,
+    revision: str,
+) -> None:
+    """Runs Alembic's command ``action`` to ``revision`` in the connection's transaction."""
+    from alembic import command  # here, not at the top: see HEAD_REVISION
+
+    run = {"upgrade": command.upgrade, "downgrade": command.downgrade, "stamp": command.stamp}
+    run[action](_config(connection, schema), revision)
