@@ -240,6 +240,33 @@ async def test_a_database_a_newer_release_upgraded_is_refused_and_left_alone(
         assert await snapshot(url, schema) == before
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_an_applications_own_alembic_version_is_neither_read_nor_touched(
+    kind: str, tmp_path: Path
+) -> None:
+    """SqlStore(engine) shares an application's database, whose own Alembic history keeps
+    its revision in the default ``alembic_version``: ours is a table of its own."""
+    async with database(kind, tmp_path, "shared") as (url, schema):
+        await run_sql(
+            url,
+            schema,
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)",
+            "INSERT INTO alembic_version VALUES ('ae1027a6acf')",
+        )
+        async with await SqlStore.connect(url, schema=schema) as store:
+            await store.enqueue("gw-1", b"x", 60)
+        await (await SqlStore.connect(url, schema=schema)).close()
+        table = "alembic_version" if schema is None else f'"{schema}".alembic_version'
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                apps = (await conn.exec_driver_sql(f"SELECT * FROM {table}")).all()
+        finally:
+            await engine.dispose()
+
+    assert [tuple(row) for row in apps] == [("ae1027a6acf",)]
+
+
 def migrate(*args: str) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of ``amqp-queue migrate``, run in this process."""
     result = CliRunner().invoke(cli, ["migrate", *args])
