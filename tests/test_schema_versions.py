@@ -20,7 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from amqp_queue.cli import cli
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.model import CommandRecord, EndReason
-from amqp_queue.state.sql.schema_versions import FIRST_RELEASE, HEAD_REVISION, revisions
+from amqp_queue.state.sql.schema_versions import (
+    FIRST_RELEASE,
+    HEAD_REVISION,
+    VERSION_TABLE,
+    revisions,
+)
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.legacy_schema import NOW, OLD_ROWS, UNVERSIONED_LAYOUTS, build, insert_rows, run_sql
 from tests.support import FakeClock, unique
@@ -42,7 +47,7 @@ async def database(kind: str, tmp_path: Path, name: str) -> AsyncIterator[tuple[
 async def snapshot(url: str, schema: str | None) -> Snapshot:
     """Everything the database's catalog says of the index's tables in ``schema``, with the
     schema's name taken out (columns, types, defaults, constraints, index definitions), and
-    the revision in ``alembic_version``."""
+    the revision in our version table."""
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
@@ -58,11 +63,11 @@ async def _sqlite_catalog(conn: AsyncConnection) -> Snapshot:
     rows = await conn.execute(
         sa.text(
             "SELECT type, name, tbl_name, sql FROM sqlite_master "
-            "WHERE tbl_name != 'alembic_version'"
+            "WHERE tbl_name != 'command_queue_version'"
         )
     )
     master = sorted(_sqlite_entry(*row) for row in rows)
-    versions = await _versions(conn, "alembic_version")
+    versions = await _versions(conn, VERSION_TABLE)
     return {"master": master, "version": versions}
 
 
@@ -79,12 +84,13 @@ async def _postgres_catalog(conn: AsyncConnection, schema: str) -> Snapshot:
     queries = {
         "columns": "SELECT table_name, column_name, ordinal_position, data_type, is_nullable, "
         "column_default FROM information_schema.columns WHERE table_schema = :schema "
-        "AND table_name != 'alembic_version'",
+        "AND table_name != 'command_queue_version'",
         "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes "
-        "WHERE schemaname = :schema AND tablename != 'alembic_version'",
+        "WHERE schemaname = :schema AND tablename != 'command_queue_version'",
         "constraints": "SELECT conrelid::regclass::text, conname, contype::text, "
         "pg_get_constraintdef(oid) FROM pg_constraint "
-        "WHERE connamespace = CAST(:schema AS regnamespace) AND conname != 'alembic_version_pkc'",
+        "WHERE connamespace = CAST(:schema AS regnamespace) "
+        "AND conname != 'command_queue_version_pkc'",
     }
     found: Snapshot = {}
     for name, query in queries.items():
@@ -93,7 +99,7 @@ async def _postgres_catalog(conn: AsyncConnection, schema: str) -> Snapshot:
             tuple(str(v).replace(f"{schema}.", "") if v is not None else v for v in row)
             for row in rows
         )
-    found["version"] = await _versions(conn, f'"{schema}".alembic_version')
+    found["version"] = await _versions(conn, f'"{schema}".{VERSION_TABLE}')
     return found
 
 
@@ -230,7 +236,7 @@ async def test_a_database_a_newer_release_upgraded_is_refused_and_left_alone(
     async with database(kind, tmp_path, "newer") as (url, schema):
         async with await SqlStore.connect(url, schema=schema) as store:
             await store.enqueue("gw-1", b"x", 60)
-        table = "alembic_version" if schema is None else f'"{schema}".alembic_version'
+        table = VERSION_TABLE if schema is None else f'"{schema}".{VERSION_TABLE}'
         await run_sql(url, None, f"UPDATE {table} SET version_num = '9001'")
         before = await snapshot(url, schema)
 
@@ -284,7 +290,7 @@ def test_migrate_upgrades_a_first_release_database_and_prints_the_revisions(
     assert migrate("--state-url", old)[:2] == (0, f"{FIRST_RELEASE} -> {HEAD}\n")
     code, out, _ = migrate("--state-url", old, "--json")
     assert (code, json.loads(out)) == (0, {"before": HEAD, "after": HEAD})
-    asyncio.run(run_sql(old, None, "UPDATE alembic_version SET version_num = '9001'"))
+    asyncio.run(run_sql(old, None, f"UPDATE {VERSION_TABLE} SET version_num = '9001'"))
     code, out, err = migrate("--state-url", old)
     assert (code, out) == (1, "")
     assert "'9001'" in err

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state.sql import command_queue
-from amqp_queue.state.sql.schema_versions import revisions
+from amqp_queue.state.sql.schema_versions import VERSION_TABLE, revisions
 from tests.backends import POSTGRES_URL
 from tests.legacy_schema import OLD_ROWS, build
 from tests.support import unique
@@ -127,7 +127,7 @@ async def test_replicas_starting_together_on_a_first_release_database_upgrade_it
             try:
                 async with engine.connect() as conn:
                     count = await conn.scalar(sa.select(sa.func.count()).select_from(command_queue))
-                    versions = (await conn.exec_driver_sql("SELECT * FROM alembic_version")).all()
+                    versions = (await conn.exec_driver_sql(f"SELECT * FROM {VERSION_TABLE}")).all()
             finally:
                 await engine.dispose()
 

@@ -11,7 +11,8 @@ What :func:`bring_to` finds, and does:
 - no ``command_queue``: creates it from the metadata and stamps the head, as Alembic's
   cookbook advises ("building an up to date database from scratch"), rather than replaying
   every revision.
-- a ``command_queue`` without ``alembic_version``: a release before schema versions made it.
+- a ``command_queue`` without a version (:data:`VERSION_TABLE`): a release before schema
+  versions made it.
   It is stamped with the newest revision it already matches (``0003`` if it has the owner
   table, else ``0001``, whose successor tolerates every index layout those releases left) and
   upgraded.
@@ -48,7 +49,9 @@ HEAD_REVISION = "0003"
 """The newest revision, known without loading Alembic: a database already there, the common
 case, costs one query and no import (Alembic adds some 50 ms to every process's start).
 tests/test_schema_versions.py checks it is the scripts' head."""
-_VERSION_TABLE = "alembic_version"  # Alembic's default name, which env.py keeps
+VERSION_TABLE = "command_queue_version"
+"""Where the revision is kept: not Alembic's default ``alembic_version``, which the
+application sharing the database may well use for its own history."""
 # Releases before schema versions, by the newest of their tables: its revision.
 _UNVERSIONED = ((outbox_owner.name, "0003"), (command_queue.name, FIRST_RELEASE))
 
@@ -70,7 +73,9 @@ def _config(connection: sa.Connection | None = None, schema: str | None = None) 
 
     config = Config()
     config.set_main_option("script_location", str(SCRIPT_LOCATION))
-    config.attributes.update(connection=connection, schema=schema, metadata=metadata)
+    config.attributes.update(
+        connection=connection, schema=schema, metadata=metadata, version_table=VERSION_TABLE
+    )
     return config
 
 
@@ -84,14 +89,14 @@ def revisions() -> tuple[str, ...]:
 
 
 def current(connection: sa.Connection, schema: str | None) -> str | None:
-    """The revision the database says it is at (its ``alembic_version``), if any.
+    """The revision the database says it is at (in :data:`VERSION_TABLE`), if any.
 
     Read here rather than by Alembic's MigrationContext, which logs its set-up at INFO on
     every call: a store opening a database at the head has nothing to say.
     """
-    if not sa.inspect(connection).has_table(_VERSION_TABLE, schema=schema):
+    if not sa.inspect(connection).has_table(VERSION_TABLE, schema=schema):
         return None
-    version = sa.table(_VERSION_TABLE, sa.column("version_num", sa.String()), schema=schema)
+    version = sa.table(VERSION_TABLE, sa.column("version_num", sa.String()), schema=schema)
     found: str | None = connection.execute(sa.select(version.c.version_num)).scalar_one_or_none()
     return found
 
@@ -105,8 +110,7 @@ def bring_to(connection: sa.Connection, schema: str | None, target: str = HEAD) 
     Args:
         connection: a connection in a transaction, with the ``schema_translate_map`` that
             puts the tables in ``schema``.
-        schema: the database schema of the tables and ``alembic_version``; None for the
-            default.
+        schema: the database schema of the tables and the version; None for the default.
         target: ``head`` or a known revision; an older one than the database's downgrades it.
 
     Returns:

@@ -2,7 +2,7 @@
 
 Frozen as that release's ``metadata.create_all`` made them (commit 8f937ff), with the outbox
 read in write order (``ix_command_queue_outbox``). A table made by a release before schema
-versions has no ``alembic_version``: opening it stamps it with this revision, or a later one
+versions has no version table: opening it stamps it with this revision, or a later one
 it already matches (see ``schema_versions``), and upgrades it.
 
 Revision ID: 0001
