@@ -21,7 +21,9 @@ What :func:`bring_to` finds, and does:
   :class:`StateError`, since this code may misread what it would find there.
 
 A new revision: a file in ``migrations/versions/`` named ``rNNNN_<what>.py``, written like
-the others (frozen: it imports nothing from the package), and the same change in ``schema.py``.
+the others (frozen: it imports nothing from the package), the same change in ``schema.py``,
+and :data:`HEAD_REVISION` set to it; tests/test_schema_versions.py fails until all three
+agree.
 """
 
 from __future__ import annotations
