@@ -213,7 +213,7 @@ async def test_the_revisions_replayed_step_by_step_build_the_fresh_schema(
     assert replayed == await fresh_snapshot(kind, tmp_path)
 
 
-async def test_a_downgrade_to_the_first_release_leaves_its_schema_and_the_rows(
+async def test_a_downgrade_to_the_first_release_leaves_its_schema_with_the_rows(
     tmp_path: Path,
 ) -> None:
     async with database("sqlite", tmp_path, "first") as (url, schema):
@@ -224,9 +224,12 @@ async def test_a_downgrade_to_the_first_release_leaves_its_schema_and_the_rows(
             await run_sql(url, schema, insert_rows())
             change = await store.migrate(FIRST_RELEASE)
         downgraded = await snapshot(url, schema)
+        async with await SqlStore.connect(url, clock=FakeClock(NOW)) as again:
+            statuses = {name: await again.get_status(row.id) for name, row in OLD_ROWS.items()}
 
     assert (change.before, change.after) == (HEAD, FIRST_RELEASE)
     assert downgraded == {**first_release, "version": [(FIRST_RELEASE,)]}
+    assert statuses == OLD_STATUSES  # and the next start upgrades it again
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
