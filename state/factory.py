@@ -78,8 +78,12 @@ async def migrate_state(url: str, revision: str = HEAD) -> SchemaChange:
         StateError: the database cannot be reached or changed, or a newer release upgraded
             its schema beyond what this one knows.
     """
-    if not url.split(":", 1)[0].lower().startswith(("sqlite", "postgresql")):
-        raise ValueError(f"only a SQL state index has schema versions, not {url!r}")
+    scheme = url.split(":", 1)[0].lower()
+    if not scheme.startswith(("sqlite", "postgresql")):
+        # The scheme only: the rest of a URL may hold a password.
+        raise ValueError(
+            f"only a SQL state index (sqlite, postgresql) has schema versions: {scheme}"
+        )
     url, schema = _split_schema(url)
     engine = create_engine(url)
     try:

@@ -318,7 +318,7 @@ def test_migrate_takes_a_postgres_schema_from_the_url() -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--state-url", "redis://127.0.0.1:6379/0"], 2, "only a SQL state index"),
+        (["--state-url", "redis://:s3cret@127.0.0.1:6379/0"], 2, "only a SQL state index"),
         (["--revision", "0000"], 2, "no schema revision '0000'"),
     ],
 )
@@ -330,3 +330,4 @@ def test_migrate_refuses_what_it_cannot_do(
 
     assert (exit_code, out) == (code, "")
     assert message in err
+    assert "s3cret" not in err

@@ -13,8 +13,8 @@ attributes = context.config.attributes
 context.configure(
     connection=attributes["connection"],
     target_metadata=attributes.get("metadata"),
-    # The tables' own schema comes from the connection's schema_translate_map.
     version_table=attributes["version_table"],
+    # The tables' own schema comes from the connection's schema_translate_map.
     version_table_schema=attributes.get("schema"),
     # SQLite runs DDL in a transaction too (Alembic assumes it does not): all of it, and
     # the version, commits with the caller's transaction or not at all.
