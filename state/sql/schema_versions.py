@@ -16,7 +16,10 @@ What :func:`bring_to` finds, and does:
   It is stamped with the newest revision it already matches (``0003`` if it has the owner
   table, else ``0001``, whose successor tolerates every index layout those releases left) and
   upgraded.
-- an older revision: upgraded; the same revision: nothing.
+- an older revision: upgraded; the same revision: nothing. Automatically, rather than
+  refused until someone runs ``amqp-queue migrate``: the lock already makes it safe with
+  replicas starting together, and a deploy needs no step of its own (``migrate`` remains for
+  doing it ahead of time, seeing the revision, or going back before a rollback).
 - a revision this code does not know (a newer release upgraded the database): refused with a
   :class:`StateError`, since this code may misread what it would find there.
 
