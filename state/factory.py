@@ -12,7 +12,8 @@ from .clock import Clock, utc_now
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .memory import MemoryStore
 from .redis_store import RedisStore
-from .sql import SqlStore
+from .sql import SqlStore, create_engine
+from .sql.schema_versions import HEAD, SchemaChange
 from .validation import DEFAULT_LIMITS, Limits
 
 DEFAULT_STATE_URL = "sqlite+aiosqlite:///commands.db"
@@ -55,6 +56,41 @@ async def open_state(
     if scheme in ("redis", "rediss"):
         return await RedisStore.connect(url, limits=limits, clock=clock, retention=retention)
     raise ValueError(f"no state backend for URL {url!r} (sqlite, postgresql, redis, memory)")
+
+
+async def migrate_state(url: str, revision: str = HEAD) -> SchemaChange:
+    """Brings the schema of the SQL state index at ``url`` to ``revision`` (``amqp-queue
+    migrate``).
+
+    Opening the index does the same to the head on its own (see ``SqlStore.create_table``);
+    this does it ahead of a deploy, or back to an older revision before an older release
+    runs. ``?schema=`` on a PostgreSQL URL names the schema, as for :func:`open_state`.
+
+    Args:
+        url: a ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://`` state URL.
+        revision: ``head`` (this release's schema) or an older revision.
+
+    Returns:
+        The revision before (None for an empty database) and after.
+
+    Raises:
+        ValueError: not a SQL state URL, a bad ``?schema=``, or an unknown revision.
+        StateError: the database cannot be reached or changed, or a newer release upgraded
+            its schema beyond what this one knows.
+    """
+    scheme = url.split(":", 1)[0].lower()
+    if not scheme.startswith(("sqlite", "postgresql")):
+        # The scheme only: the rest of a URL may hold a password.
+        raise ValueError(
+            f"only a SQL state index (sqlite, postgresql) has schema versions: {scheme}"
+        )
+    url, schema = _split_schema(url)
+    engine = create_engine(url)
+    try:
+        async with SqlStore(engine, schema=schema) as store:
+            return await store.migrate(revision)
+    finally:
+        await engine.dispose()
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:

@@ -166,6 +166,7 @@ def test_help_lists_every_command() -> None:
         "drain",
         "consume",
         "cleanup",
+        "migrate",
         "serve",
         "demo",
     ):

@@ -47,6 +47,20 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["amqp_queue"]
 
 
+def test_the_wheel_holds_the_schema_revisions(wheel: Path) -> None:
+    """Opening an older database upgrades it with these, from the installed package."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    migrations = REPOSITORY / "state" / "sql" / "migrations"
+    expected = {
+        f"amqp_queue/state/sql/migrations/{path.relative_to(migrations).as_posix()}"
+        for path in migrations.rglob("*.py")
+    }
+
+    assert "amqp_queue/state/sql/migrations/env.py" in expected
+    assert len([name for name in expected if "/versions/r" in name]) >= 3
+    assert expected <= names
+
+
 @pytest.mark.slow
 def test_import_state_fails_where_only_amqp_queue_is_installed(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"

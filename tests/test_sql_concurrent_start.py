@@ -1,4 +1,5 @@
-"""Several processes opening one fresh PostgreSQL database at once, as sidecar replicas do."""
+"""Several processes opening one PostgreSQL database at once, as sidecar replicas do: a fresh
+one, and one the first release made, which they upgrade."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state.sql import command_queue
+from amqp_queue.state.sql.schema_versions import VERSION_TABLE, revisions
 from tests.backends import POSTGRES_URL
+from tests.legacy_schema import OLD_ROWS, build
 from tests.support import unique
 
 REPO = Path(__file__).resolve().parent.parent
 REPLICAS = 4
 ROUNDS = 5
+UPGRADE_ROUNDS = 2
 
 # Run with ``-c`` from the repository, so that it imports this working copy. Everything but
 # the store's own start is done before "ready", so the replicas race only in connect().
@@ -108,3 +112,25 @@ async def test_replicas_starting_together_on_a_fresh_database_all_start() -> Non
 
         assert failures == []
         assert count == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_replicas_starting_together_on_a_first_release_database_upgrade_it_once() -> None:
+    """Each would find the table unversioned and upgrade it; under the schema lock the first
+    does, and the others find it at the head."""
+    for _ in range(UPGRADE_ROUNDS):
+        async with fresh_database() as url:
+            await build(url, None)
+            failures = await start_together(url)
+            engine = create_async_engine(url)
+            try:
+                async with engine.connect() as conn:
+                    count = await conn.scalar(sa.select(sa.func.count()).select_from(command_queue))
+                    versions = (await conn.exec_driver_sql(f"SELECT * FROM {VERSION_TABLE}")).all()
+            finally:
+                await engine.dispose()
+
+        assert failures == []
+        assert count == len(OLD_ROWS)
+        assert [tuple(row) for row in versions] == [(revisions()[-1],)]

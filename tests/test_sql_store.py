@@ -269,55 +269,6 @@ async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_pat
     assert "TEMP B-TREE" not in details
 
 
-OLD_OUTBOX_INDEX = (
-    "CREATE INDEX ix_command_queue_outbox ON {table} (seq) "
-    "WHERE delivered = false AND end_reason IS NULL AND published_at IS NULL"
-)
-
-
-async def test_reopening_an_older_file_adds_the_indexes_it_lacks(tmp_path: Path) -> None:
-    """A table made by an earlier release gains an index added since (the outbox's) and
-    loses the one it replaced."""
-    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
-        waiting = await store.enqueue("dev-1", b"x", 60)
-        async with store.engine.begin() as conn:
-            await conn.exec_driver_sql("DROP INDEX ix_command_queue_outbox_ready")
-            await conn.exec_driver_sql(OLD_OUTBOX_INDEX.format(table="command_queue"))
-
-    async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
-        async with store.engine.connect() as conn:
-            names = (
-                (await conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'"))
-                .scalars()
-                .all()
-            )
-        assert "ix_command_queue_outbox_ready" in names
-        assert "ix_command_queue_outbox" not in names
-        assert [r.id for r in await store.unpublished(10)] == [waiting]
-
-
-async def test_reopening_an_older_postgres_table_swaps_the_outbox_index() -> None:
-    async with postgres_schema() as schema:
-        async with (
-            await SqlStore.connect(POSTGRES_URL, schema=schema) as older,
-            older.engine.begin() as conn,
-        ):
-            await conn.exec_driver_sql(f'DROP INDEX "{schema}".ix_command_queue_outbox_ready')
-            await conn.exec_driver_sql(OLD_OUTBOX_INDEX.format(table=f'"{schema}".command_queue'))
-
-        async with (
-            await SqlStore.connect(POSTGRES_URL, schema=schema) as reopened,
-            reopened.engine.connect() as conn,
-        ):
-            found = await conn.execute(
-                sa.text("SELECT indexname FROM pg_indexes WHERE schemaname = :schema"),
-                {"schema": schema},
-            )
-            names = found.scalars().all()
-        assert "ix_command_queue_outbox_ready" in names
-        assert "ix_command_queue_outbox" not in names
-
-
 async def test_a_sqlite_store_in_a_named_schema_goes_through_sqlalchemy(tmp_path: Path) -> None:
     """The hot paths' SQL names no schema, so a schema turns them off instead of being
     ignored."""

@@ -25,6 +25,7 @@ from amqp_queue.cli.operator import (
     status,
 )
 from amqp_queue.cli.runners import demo, serve
+from amqp_queue.cli.schema import migrate
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +48,7 @@ for _command in (
     cleanup,
     drain,
     consume,
+    migrate,
     serve,
     demo,
 ):

@@ -13,6 +13,11 @@ Added to the reference schema (``seed-go-package-doc.txt``):
 The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
 becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded,
 expired or rejected command no longer holds its type's slot.
+
+This is the newest schema, which a new database is created with. Every change to it comes
+with a revision in ``migrations/versions/`` that makes it on an existing database (see
+:mod:`amqp_queue.state.sql.schema_versions`); tests/test_schema_versions.py checks that the
+revisions end exactly here.
 """
 
 from __future__ import annotations
@@ -123,12 +128,4 @@ sa.Index(
     c.seq,
     sqlite_where=_UNPUBLISHED,
     postgresql_where=_UNPUBLISHED,
-)
-
-# Indexes of earlier releases that nothing reads any more; each write still paid for them.
-# On a table of their own, so they never join command_queue.indexes.
-_retired = sa.Table("command_queue", sa.MetaData(), sa.Column("seq", sa.BigInteger()))
-RETIRED_INDEXES = (
-    # Outbox by write order; replaced by ix_command_queue_outbox_ready (by ready time).
-    sa.Index("ix_command_queue_outbox", _retired.c.seq),
 )

@@ -38,7 +38,6 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.schema import CreateIndex, DropIndex
 
 from .. import rules
 from ..clock import Clock, utc_now
@@ -46,17 +45,16 @@ from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from ..model import CommandRecord, EndReason
 from ..validation import DEFAULT_LIMITS, Limits
-from . import deadlock_retry, sqlite_direct
+from . import deadlock_retry, schema_versions, sqlite_direct
 from .engine import READ_ONLY, create_engine
 from .schema import (
     IS_OPEN,
     IS_READY,
     READY_AT,
-    RETIRED_INDEXES,
     command_queue,
-    metadata,
     outbox_owner,
 )
+from .schema_versions import SchemaChange
 from .sqlite_direct import SqliteLiveCheck, SqliteReader, SqliteWriter
 
 logger = logging.getLogger("amqp_queue.state.sql")
@@ -74,8 +72,9 @@ class SqlStore(IndexedStore):
 
     Args:
         engine: an AsyncEngine for SQLite (aiosqlite) or PostgreSQL (asyncpg). The caller
-            keeps ownership; ``close()`` leaves it open. Use :meth:`connect` to have the
-            store create and own it.
+            keeps ownership; ``close()`` leaves it open, and :meth:`create_table` (which
+            creates or upgrades the tables) is the caller's to call. Use :meth:`connect` to
+            have the store create and own it.
         schema: the database schema holding ``command_queue`` (PostgreSQL), None for the
             default.
         limits, clock, retention: see :class:`amqp_queue.state.indexed_store.IndexedStore`.
@@ -136,10 +135,11 @@ class SqlStore(IndexedStore):
         retention: timedelta = DEFAULT_RETENTION,
         **engine_options: Any,
     ) -> SqlStore:
-        """Opens the database at ``url`` and creates ``command_queue`` when it is missing.
+        """Opens the database at ``url``; creates or upgrades its tables (:meth:`create_table`).
 
         Raises:
-            StateError: the database cannot be reached or the table cannot be created.
+            StateError: the database cannot be reached, the tables cannot be created or
+                upgraded, or a newer release upgraded them beyond what this one knows.
         """
         engine = create_engine(url, **engine_options)
         store = cls(engine, schema=schema, limits=limits, clock=clock, retention=retention)
@@ -151,26 +151,48 @@ class SqlStore(IndexedStore):
             raise
         return store
 
-    async def create_table(self) -> None:
-        """Creates ``command_queue`` and its indexes if they do not exist.
+    async def create_table(self) -> SchemaChange:
+        """Creates the index's tables, or brings them to this release's schema.
 
-        ``create_all`` adds indexes only with a new table, so an index added in a later
-        release (the outbox's, ordered by ready time) is created on an existing table too,
-        and one an earlier release made that nothing reads any more is dropped.
+        An empty database gets the tables; one an earlier release made (schema versions
+        or not) is upgraded in place, automatically: see
+        :mod:`amqp_queue.state.sql.schema_versions`. Run ``amqp-queue migrate`` to do it
+        ahead of a deploy instead. On the store's own engine :meth:`connect` calls it; on
+        an engine of yours, call it yourself.
 
         Safe when several processes start together on one database (sidecar replicas): on
         PostgreSQL they take turns under a transaction-level advisory lock, since two
         concurrent ``CREATE TABLE`` of one name collide in the catalog (``pg_type``'s unique
-        index) rather than one of them finding the table. Each statement after the lock
-        reads afresh (READ COMMITTED, as the rest of the store expects), so whoever comes
-        second sees the table and indexes the first committed.
+        index) rather than one of them finding the table, and two upgrades would both run;
+        on SQLite the write lock (``BEGIN IMMEDIATE``) does the same. Each statement after
+        the lock reads afresh (READ COMMITTED, as the rest of the store expects), so whoever
+        comes second finds the revision the first committed and has nothing left to do.
+
+        Returns:
+            The schema's revision before (None for an empty database) and after.
+
+        Raises:
+            StateError: the database cannot be reached or changed, or a newer release
+                has upgraded its schema beyond what this one knows.
+        """
+        return await self.migrate()
+
+    async def migrate(self, revision: str = schema_versions.HEAD) -> SchemaChange:
+        """Brings the schema to ``revision``, under the lock :meth:`create_table` takes.
+
+        Args:
+            revision: ``head`` (this release's schema), or an older revision to downgrade
+                to before running an older release.
+
+        Raises:
+            ValueError: an unknown ``revision``.
+            StateError: see :meth:`create_table`.
         """
         async with self._write() as conn:
             if conn.dialect.name == "postgresql":
                 key = _ddl_lock_key(self._schema)
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-            await conn.run_sync(metadata.create_all)
-            await conn.run_sync(_create_missing_indexes)
+            return await conn.run_sync(schema_versions.bring_to, self._schema, revision)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -532,19 +554,12 @@ def _take_write_lock(connection: sa.Connection) -> None:
 
 
 def _ddl_lock_key(schema: str | None) -> int:
-    """The advisory lock key for creating ``command_queue`` in ``schema``: the same in every
-    process (a digest, not Python's per-process salted ``hash``), as the signed 64-bit
-    integer ``pg_advisory_xact_lock`` takes."""
+    """The advisory lock key for creating or upgrading ``command_queue`` in ``schema``: the
+    same in every process (a digest, not Python's per-process salted ``hash``), as the signed
+    64-bit integer ``pg_advisory_xact_lock`` takes. Unchanged since releases before schema
+    versions, so in a rolling deploy their replicas take turns with this one's."""
     name = f"amqp_queue.create_table:{schema or ''}.{command_queue.name}"
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
-def _create_missing_indexes(connection: sa.Connection) -> None:
-    # IF NOT EXISTS, not checkfirst: reflection skips (and warns of) expression indexes.
-    for index in command_queue.indexes:
-        connection.execute(CreateIndex(index, if_not_exists=True))
-    for retired in RETIRED_INDEXES:
-        connection.execute(DropIndex(retired, if_exists=True))
 
 
 def unpublished_query(now: datetime, limit: int) -> sa.Select[Any]:

@@ -1,0 +1,55 @@
+"""``amqp-queue migrate``: the state index's schema, brought to a revision by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from amqp_queue.cli.common import (
+    EPILOG,
+    EXIT_INVALID,
+    emit,
+    exit_code,
+    fail,
+    json_option,
+    logging_to_stderr,
+)
+from amqp_queue.settings import ENV_STATE_URL
+from amqp_queue.state.errors import QueueError
+from amqp_queue.state.factory import DEFAULT_STATE_URL, migrate_state
+from amqp_queue.state.sql.schema_versions import HEAD
+
+
+@click.command(epilog=EPILOG)
+@click.option(
+    "--state-url",
+    envvar=ENV_STATE_URL,
+    default=DEFAULT_STATE_URL,
+    show_default=True,
+    help="The state index: sqlite+aiosqlite:// or postgresql+asyncpg:// (?schema=).",
+)
+@click.option(
+    "--revision",
+    default=HEAD,
+    show_default=True,
+    help="The schema revision to reach; an older one downgrades, for an older release.",
+)
+@json_option
+def migrate(state_url: str, revision: str, as_json: bool) -> None:
+    """Bring the state index's schema to this release's revision.
+
+    Every command, serve included, upgrades it on its own when it opens the index; run this
+    to upgrade ahead of a deploy, to see the revision, or with --revision to go back to the
+    schema of an older release before running it. Prints the revision before and after.
+    """
+    logging_to_stderr(logging.INFO)  # each revision applied, as Alembic names it
+    try:
+        change = asyncio.run(migrate_state(state_url, revision))
+    except QueueError as exc:
+        fail(str(exc), exit_code(exc))
+    except ValueError as exc:
+        fail(str(exc), EXIT_INVALID)
+    before = change.before or "none"
+    emit(as_json, {"before": change.before, "after": change.after}, f"{before} -> {change.after}")
