@@ -29,7 +29,11 @@ class BrokerView:
 
     async def queue_exists(self, name: str) -> bool:
         """A passive declare: the broker answers 404 for a queue it does not have."""
-        if len(name.encode()) > AMQP_MAX_NAME_BYTES:
+        try:
+            encoded = name.encode()
+        except UnicodeEncodeError:
+            return False  # a lone surrogate: no UTF-8 name, so no queue can have it
+        if len(encoded) > AMQP_MAX_NAME_BYTES:
             return False  # AMQP cannot name such a queue at all
         channel = await self._connection.channel()
         try:
