@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from amqp_queue.errors import broker_errors
 from amqp_queue.state.errors import BrokerError
+
+# Even the last attempt gets this long: a broker that is up answers a connect well within it.
+_SHORTEST_ATTEMPT = 0.5
 
 
 async def connect_robust(url: str, give_up_after: float) -> AbstractRobustConnection:
     """A robust connection to ``url``, tried again with backoff for ``give_up_after`` seconds.
 
+    The deadline holds: no pause between attempts runs past it, and an attempt that gets no
+    answer (a port that accepts and then says nothing) is cut off at it.
+
     Raises:
         BrokerError: the broker could not be reached in time (the message names the URL
             without its password).
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + give_up_after
+    backoff = wait_exponential(multiplier=0.2, max=5.0)
+    doing = f"connecting to {redact(url)}"
+
+    def pause(state: RetryCallState) -> float:
+        return max(0.0, min(backoff(state), deadline - loop.time()))
+
+    def past_deadline(state: RetryCallState) -> bool:
+        return loop.time() >= deadline
+
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(BrokerError),
-        wait=wait_exponential(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(give_up_after),
+        wait=pause,
+        stop=past_deadline,
         reraise=True,
     ):
-        with attempt, broker_errors(f"connecting to {redact(url)}"):
-            return await aio_pika.connect_robust(url)
+        with attempt, broker_errors(doing):
+            timeout = max(_SHORTEST_ATTEMPT, deadline - loop.time())
+            try:
+                return await aio_pika.connect_robust(url, timeout=timeout)
+            except TimeoutError as exc:
+                raise BrokerError(f"{doing} failed: no answer within {timeout:.1f}s") from exc
     raise AssertionError("unreachable")
 
 
