@@ -8,7 +8,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.state.errors import BrokerError
 
 # Even the last attempt gets this long: a broker that is up answers a connect well within it.
@@ -28,7 +28,6 @@ async def connect_robust(url: str, give_up_after: float) -> AbstractRobustConnec
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_after
     backoff = wait_exponential(multiplier=0.2, max=5.0)
-    doing = f"connecting to {redact(url)}"
 
     def pause(state: RetryCallState) -> float:
         return max(0.0, min(backoff(state), deadline - loop.time()))
@@ -36,18 +35,25 @@ async def connect_robust(url: str, give_up_after: float) -> AbstractRobustConnec
     def past_deadline(state: RetryCallState) -> bool:
         return loop.time() >= deadline
 
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(BrokerError),
-        wait=pause,
-        stop=past_deadline,
-        reraise=True,
-    ):
-        with attempt, broker_errors(doing):
-            timeout = max(_SHORTEST_ATTEMPT, deadline - loop.time())
-            try:
-                return await aio_pika.connect_robust(url, timeout=timeout)
-            except TimeoutError as exc:
-                raise BrokerError(f"{doing} failed: no answer within {timeout:.1f}s") from exc
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(BrokerError), wait=pause, stop=past_deadline, reraise=True
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                timeout = max(_SHORTEST_ATTEMPT, deadline - loop.time())
+                try:
+                    return await aio_pika.connect_robust(url, timeout=timeout)
+                except TimeoutError as exc:
+                    raise BrokerError(f"no answer in {timeout:.1f}s") from exc
+                except BROKER_FAILURES as exc:
+                    raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
+    except BrokerError as exc:
+        tries = retrying.statistics.get("attempt_number", 1)
+        raise BrokerError(
+            f"cannot connect to the broker at {redact(url)} within {give_up_after:g}s "
+            f"({tries} {'try' if tries == 1 else 'tries'}): {exc}"
+        ) from exc
     raise AssertionError("unreachable")
 
 

@@ -31,7 +31,7 @@ async def test_a_closed_port_fails_at_the_deadline_naming_the_url_without_its_pa
         with pytest.raises(BrokerError) as failed:
             await connect_robust("amqp://ops:hunter2@127.0.0.1:1/", DEADLINE)
 
-    assert "connecting to amqp://ops:***@127.0.0.1:1/ failed" in str(failed.value)
+    assert "cannot connect to the broker at amqp://ops:***@127.0.0.1:1/" in str(failed.value)
     assert "hunter2" not in str(failed.value)
 
 
@@ -40,7 +40,7 @@ async def test_a_port_that_never_answers_is_cut_off_at_the_deadline(silent_port:
         with pytest.raises(BrokerError) as failed:
             await connect_robust(f"amqp://guest:guest@127.0.0.1:{silent_port}/", DEADLINE)
 
-    assert "no answer within" in str(failed.value)
+    assert "no answer in" in str(failed.value)
 
 
 async def test_a_broker_that_is_up_is_connected_at_once() -> None:
