@@ -18,6 +18,8 @@ from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
 
+ROOT = Path(__file__).resolve().parent.parent
+
 CLI = [sys.executable, "-m", "amqp_queue.cli"]
 
 
@@ -34,9 +36,15 @@ class Cli:
             "AMQP_QUEUE_EXCHANGE": self.exchange,
         }
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*CLI, *args], env=self.env, capture_output=True, text=True, timeout=30, check=False
+            [*CLI, *args],
+            env={**self.env, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     def json(self, *args: str) -> Any:
@@ -102,10 +110,21 @@ async def test_plain_output_is_the_id_then_the_status(cli: Cli) -> None:
         (["enqueue", "gw-1"], 2, "Missing argument"),
         (["pending", "gw-1", "--state-url", "nosuch://x"], 2, "no state backend"),
         (
-            ["pending", "gw-1", "--amqp-url", "amqp://x:y@127.0.0.1:1/", "--connect-timeout", ".3"],
+            [
+                "enqueue",
+                "gw-1",
+                "x",
+                "--amqp-url",
+                "amqp://x:y@127.0.0.1:1/",
+                "--connect-timeout",
+                ".3",
+            ],
             1,
-            "failed",
+            "cannot connect to the broker at amqp://x:***@127.0.0.1:1/",
         ),
+        (["enqueue", "gw-1", "too long", "--max-payload-bytes", "4"], 2, "over the limit of 4"),
+        (["pending", "gw-123", "--max-device-id-length", "5"], 2, "over the limit of 5"),
+        (["pending", "gw-1", "--prefetch", "0"], 2, "'--prefetch'"),
     ],
 )
 def test_errors_go_to_stderr_with_a_non_zero_exit_code(

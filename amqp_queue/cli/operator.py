@@ -13,16 +13,13 @@ from amqp_queue import command_io
 from amqp_queue.cli.common import (
     EPILOG,
     command_line,
-    connection_options,
     emit,
     json_option,
     listing,
     run_with_store,
     with_settings,
 )
-from amqp_queue.settings import (
-    Settings,
-)
+from amqp_queue.settings import Settings
 from amqp_queue.store import RabbitMQStore
 
 # -- operator commands ----------------------------------------------------------------------
@@ -43,7 +40,6 @@ from amqp_queue.store import RabbitMQStore
 @click.option("--type", "command_type", help="The command type (needed by latest and confirm).")
 @click.option("--base64", "is_base64", is_flag=True, help="PAYLOAD is base64, not UTF-8 text.")
 @json_option
-@connection_options
 @with_settings
 def enqueue(
     settings: Settings,
@@ -78,7 +74,6 @@ def enqueue(
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def pending(settings: Settings, device: str, as_json: bool) -> None:
     """List DEVICE's pending commands.
@@ -91,7 +86,6 @@ def pending(settings: Settings, device: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def confirmations(settings: Settings, device: str, as_json: bool) -> None:
     """List DEVICE's commands awaiting confirmation."""
@@ -102,7 +96,6 @@ def confirmations(settings: Settings, device: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("command_id")
 @json_option
-@connection_options
 @with_settings
 def status(settings: Settings, command_id: str, as_json: bool) -> None:
     """Print a command's status."""
@@ -113,7 +106,6 @@ def status(settings: Settings, command_id: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("command_id")
 @json_option
-@connection_options
 @with_settings
 def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
     """Confirm a command so it can be delivered.
@@ -132,7 +124,6 @@ def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("command_id")
 @json_option
-@connection_options
 @with_settings
 def cancel(settings: Settings, command_id: str, as_json: bool) -> None:
     """Cancel an undelivered command."""
@@ -142,7 +133,6 @@ def cancel(settings: Settings, command_id: str, as_json: bool) -> None:
 
 @click.command(epilog=EPILOG)
 @json_option
-@connection_options
 @with_settings
 def cleanup(settings: Settings, as_json: bool) -> None:
     """End expired commands; prune old finished ones."""
@@ -153,7 +143,6 @@ def cleanup(settings: Settings, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def drain(settings: Settings, device: str, as_json: bool) -> None:
     """Take every ready command of DEVICE now (as on reconnect).
@@ -167,7 +156,6 @@ def drain(settings: Settings, device: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def consume(settings: Settings, device: str, as_json: bool) -> None:
     """Print DEVICE's commands as they arrive, until Ctrl-C.
