@@ -21,6 +21,8 @@ from tests.support import unique
 ROOT = Path(__file__).resolve().parent.parent
 
 CLI = [sys.executable, "-m", "amqp_queue.cli"]
+# Nothing listens there: connecting is refused at once.
+NO_BROKER = "amqp://guest:s3cret@127.0.0.1:1/"
 
 
 class Cli:
@@ -135,6 +137,31 @@ def test_errors_go_to_stderr_with_a_non_zero_exit_code(
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert result.stdout == ""
+
+
+async def test_commands_that_only_use_the_index_work_while_the_broker_is_down(cli: Cli) -> None:
+    plain = cli.json("enqueue", "gw-1", "reboot")
+    unlock = cli.json("enqueue", "gw-1", "door", "--mode", "confirm", "--type", "unlock")
+
+    def offline(*args: str) -> Any:
+        result = cli.run(*args, "--json", AMQP_URL=NO_BROKER, AMQP_QUEUE_CONNECT_TIMEOUT="30")
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        return json.loads(result.stdout)
+
+    listed = offline("pending", "gw-1")
+    waiting = offline("confirmations", "gw-1")
+    cancelled = offline("cancel", plain["id"])
+    status = offline("status", plain["id"])
+    cleaned = offline("cleanup")
+
+    assert [c["id"] for c in listed["commands"]] == [plain["id"], unlock["id"]]
+    assert [c["id"] for c in waiting["commands"]] == [unlock["id"]]
+    assert cancelled == {"id": plain["id"], "status": "cancelled"}
+    assert status == {"id": plain["id"], "status": "cancelled"}
+    assert cleaned == {"expired": 0}
+    # Cancelled while its message sat in the queue: the message is dropped at delivery.
+    assert [c["id"] for c in cli.json("drain", "gw-1")["commands"]] == []
 
 
 async def test_confirming_an_expired_command_exits_4(cli: Cli) -> None:

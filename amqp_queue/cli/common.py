@@ -16,6 +16,8 @@ from amqp_queue import command_io
 from amqp_queue.cli.options import VERB_CONNECT_TIMEOUT, settings_from, settings_options
 from amqp_queue.settings import ENV_AMQP_URL, ENV_PREFIX, Settings
 from amqp_queue.state.errors import CommandExpired, CommandNotFound, InvalidInput, QueueError
+from amqp_queue.state.factory import open_state
+from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import PendingCommand
 from amqp_queue.store import RabbitMQStore
 
@@ -73,6 +75,20 @@ def run_with_store(settings: Settings, action: Callable[[RabbitMQStore], Awaitab
         )
         async with store:
             return await action(store)
+
+    return _run(session())
+
+
+def run_with_index(settings: Settings, action: Callable[[IndexedStore], Awaitable[T]]) -> T:
+    """Opens only the state index, runs ``action`` on it and closes it; errors end the CLI.
+
+    For what only reads or changes the index: the broker is not contacted, so these work
+    while it is down, and cost no connection, channels or outbox pass.
+    """
+
+    async def session() -> T:
+        async with await open_state(settings.state_url, limits=settings.rabbitmq.limits) as state:
+            return await action(state)
 
     return _run(session())
 

@@ -1,4 +1,9 @@
-"""The operator commands: enqueue, list, inspect, confirm, cancel, clean up, drain, consume."""
+"""The operator commands: enqueue, list, inspect, confirm, cancel, clean up, drain, consume.
+
+Those that only read or change the state index (pending, confirmations, status, cancel,
+cleanup) open only the index: they work while the broker is down. Cancelling needs no
+broker: a cancelled command already queued is dropped when it is delivered.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,13 @@ from amqp_queue.cli.common import (
     emit,
     json_option,
     listing,
+    run_with_index,
     run_with_store,
     with_settings,
 )
 from amqp_queue.settings import Settings
+from amqp_queue.state.indexed_store import IndexedStore
+from amqp_queue.state.model import PendingCommand
 from amqp_queue.store import RabbitMQStore
 
 # -- operator commands ----------------------------------------------------------------------
@@ -80,7 +88,11 @@ def pending(settings: Settings, device: str, as_json: bool) -> None:
 
     Those awaiting confirmation are included.
     """
-    listing(as_json, device, run_with_store(settings, lambda store: store.get_pending(device)))
+
+    async def action(state: IndexedStore) -> list[PendingCommand]:
+        return await state.get_pending(settings.rabbitmq.validate_device(device))
+
+    listing(as_json, device, run_with_index(settings, action))
 
 
 @click.command(epilog=EPILOG)
@@ -89,8 +101,11 @@ def pending(settings: Settings, device: str, as_json: bool) -> None:
 @with_settings
 def confirmations(settings: Settings, device: str, as_json: bool) -> None:
     """List DEVICE's commands awaiting confirmation."""
-    commands = run_with_store(settings, lambda store: store.get_pending_confirmations(device))
-    listing(as_json, device, commands)
+
+    async def action(state: IndexedStore) -> list[PendingCommand]:
+        return await state.get_pending_confirmations(settings.rabbitmq.validate_device(device))
+
+    listing(as_json, device, run_with_index(settings, action))
 
 
 @click.command(epilog=EPILOG)
@@ -99,7 +114,7 @@ def confirmations(settings: Settings, device: str, as_json: bool) -> None:
 @with_settings
 def status(settings: Settings, command_id: str, as_json: bool) -> None:
     """Print a command's status."""
-    found = run_with_store(settings, lambda store: store.get_status(command_id))
+    found = run_with_index(settings, lambda state: state.get_status(command_id))
     emit(as_json, {"id": command_id, "status": found.value}, found.value)
 
 
@@ -127,7 +142,7 @@ def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
 @with_settings
 def cancel(settings: Settings, command_id: str, as_json: bool) -> None:
     """Cancel an undelivered command."""
-    run_with_store(settings, lambda store: store.cancel_command(command_id))
+    run_with_index(settings, lambda state: state.cancel_command(command_id))
     emit(as_json, {"id": command_id, "status": "cancelled"}, f"cancelled {command_id}")
 
 
@@ -136,7 +151,7 @@ def cancel(settings: Settings, command_id: str, as_json: bool) -> None:
 @with_settings
 def cleanup(settings: Settings, as_json: bool) -> None:
     """End expired commands; prune old finished ones."""
-    expired = run_with_store(settings, lambda store: store.cleanup())
+    expired = run_with_index(settings, lambda state: state.cleanup())
     emit(as_json, {"expired": expired}, f"expired {expired}")
 
 
