@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "amqp_queue.cli"]
 # Nothing listens there: connecting is refused at once.
 NO_BROKER = "amqp://guest:s3cret@127.0.0.1:1/"
+# Generous: a verb that needs the broker gives up after --connect-timeout, 5 s by default.
+GIVE_UP_WITHIN = 15
 
 
 class Cli:
@@ -162,6 +165,49 @@ async def test_commands_that_only_use_the_index_work_while_the_broker_is_down(cl
     assert cleaned == {"expired": 0}
     # Cancelled while its message sat in the queue: the message is dropped at delivery.
     assert [c["id"] for c in cli.json("drain", "gw-1")["commands"]] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enqueue", "gw-1", "reboot"],
+        ["confirm", "00000000-0000-0000-0000-000000000042"],
+        ["drain", "gw-1"],
+        ["consume", "gw-1"],
+        ["demo", "--devices", "1", "--seconds", "1"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_command_that_needs_the_broker_gives_up_soon_with_one_line(
+    cli: Cli, args: list[str]
+) -> None:
+    result = cli.run(*args, AMQP_URL=NO_BROKER, timeout=GIVE_UP_WITHIN)
+
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot connect to the broker at amqp://guest:***@127.0.0.1:1/" in lines[0]
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_a_port_that_never_answers_is_given_up_on_at_the_connect_timeout(cli: Cli) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        result = cli.run(
+            *("drain", "gw-1", "--connect-timeout", "1"),
+            AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/",
+            timeout=GIVE_UP_WITHIN,
+        )
+
+    [line] = result.stderr.splitlines()
+    assert result.returncode == 1
+    assert line.startswith(
+        f"amqp-queue: error: cannot connect to the broker at amqp://guest:***@127.0.0.1:{port}/ "
+        "within 1s"
+    )
+    assert "no answer in" in line
 
 
 async def test_confirming_an_expired_command_exits_4(cli: Cli) -> None:
