@@ -25,7 +25,7 @@ import uvicorn
 from aio_pika.abc import AbstractRobustConnection
 
 from amqp_queue.api import OperatorApi
-from amqp_queue.connection import connecting_robust
+from amqp_queue.connection import connect_robust, connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
@@ -65,23 +65,35 @@ class Backends:
         self._connecting: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings) -> Backends:
-        """Opens the state, connects to the broker (retrying for ``connect_timeout``), starts.
+    async def open(cls, settings: Settings, *, wait_for_broker: bool = False) -> Backends:
+        """Opens the state, connects to the broker and starts the store.
+
+        Args:
+            wait_for_broker: False (the sidecar): come up without the broker, as after a
+                restart during an outage: /healthz names the broker as unreachable,
+                enqueues go to the index, and the relay publishes them once the connection,
+                trying in the background, is up. True (the demo): the broker must answer
+                within ``connect_timeout`` seconds.
 
         Raises:
-            BrokerError: the broker could not be reached in time.
+            BrokerError: with ``wait_for_broker``, the broker could not be reached in time.
             StateError: the state index could not be opened.
         """
         config = settings.rabbitmq
         state = await open_state(settings.state_url, limits=config.limits)
-        # Comes up without its broker (restarted during an outage): /healthz names the broker
-        # as unreachable, enqueues go to the index, and the relay publishes them once the
-        # connection, trying in the background, is up.
-        connection, connecting = connecting_robust(settings.amqp_url)
+        connecting: asyncio.Task[None] | None = None
+        try:
+            if wait_for_broker:
+                connection = await connect_robust(settings.amqp_url, settings.connect_timeout)
+            else:
+                connection, connecting = connecting_robust(settings.amqp_url)
+        except BaseException:
+            await state.close()
+            raise
         backends = cls(settings, connection, state, PrometheusObserver())
         backends._connecting = connecting
         try:
-            await backends.store.start(wait_for_broker=False)
+            await backends.store.start(wait_for_broker=wait_for_broker)
         except BaseException:
             await backends.close()
             raise

@@ -1,7 +1,9 @@
 """Settings of the sidecar service and the CLI: one keyword-only dataclass.
 
-Every setting has a flag and an environment variable (the names below); the defaults work
-on a developer machine with a local RabbitMQ and the SQLite state file ``commands.db``.
+Every setting has a flag and an environment variable: the names below, and
+``AMQP_QUEUE_<NAME>`` for each knob of :class:`RabbitMQConfig` and its limits (see
+:mod:`amqp_queue.cli.options`). The defaults work on a developer machine with a local
+RabbitMQ and the SQLite state file ``commands.db``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ from amqp_queue.auth import Tokens
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.state.factory import DEFAULT_STATE_URL
 
+ENV_PREFIX = "AMQP_QUEUE_"
+"""Every environment variable but ``AMQP_URL`` is this and the setting's name in capitals."""
+
 ENV_AMQP_URL = "AMQP_URL"
-ENV_STATE_URL = "AMQP_QUEUE_STATE_URL"
-ENV_EXCHANGE = "AMQP_QUEUE_EXCHANGE"
-ENV_BIND = "AMQP_QUEUE_BIND"
-ENV_TOKENS = "AMQP_QUEUE_TOKENS"
-ENV_CLEANUP_INTERVAL = "AMQP_QUEUE_CLEANUP_INTERVAL"
+ENV_STATE_URL = f"{ENV_PREFIX}STATE_URL"
+ENV_EXCHANGE = f"{ENV_PREFIX}EXCHANGE"
+ENV_BIND = f"{ENV_PREFIX}BIND"
+ENV_TOKENS = f"{ENV_PREFIX}TOKENS"
+ENV_CLEANUP_INTERVAL = f"{ENV_PREFIX}CLEANUP_INTERVAL"
+ENV_CONNECT_TIMEOUT = f"{ENV_PREFIX}CONNECT_TIMEOUT"
+ENV_LOG_LEVEL = f"{ENV_PREFIX}LOG_LEVEL"
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_EXCHANGE = RabbitMQConfig().exchange
@@ -25,6 +32,7 @@ DEFAULT_EXCHANGE = RabbitMQConfig().exchange
 # the Docker image sets 0.0.0.0:8080.
 DEFAULT_BIND = "127.0.0.1:8080"
 DEFAULT_CLEANUP_INTERVAL = 60.0
+DEFAULT_CONNECT_TIMEOUT = 30.0
 # Room for the largest payload base64-encoded (4/3 of 256 KiB) plus the JSON around it.
 DEFAULT_MAX_BODY_BYTES = 512 * 1024
 
@@ -38,7 +46,8 @@ class Settings:
         state_url: the state index (``AMQP_QUEUE_STATE_URL``): SQLite, PostgreSQL (with
             ``?schema=<name>`` for a schema of its own), Redis; see
             :func:`amqp_queue.state.open_state`.
-        exchange: the exchange, and so the namespace of device queues (``AMQP_QUEUE_EXCHANGE``).
+        rabbitmq: the store's configuration: the exchange, and so the namespace of device
+            queues (``AMQP_QUEUE_EXCHANGE``), queue type, timings and limits.
         host: the address the HTTP API binds to.
         port: the HTTP API's port; 0 picks a free one.
         tokens: the operator API's bearer tokens (``AMQP_QUEUE_TOKENS``).
@@ -50,14 +59,14 @@ class Settings:
 
     amqp_url: str = DEFAULT_AMQP_URL
     state_url: str = DEFAULT_STATE_URL
-    exchange: str = DEFAULT_EXCHANGE
+    rabbitmq: RabbitMQConfig = field(default_factory=RabbitMQConfig)
     host: str = "127.0.0.1"
     port: int = 8080
     tokens: Tokens = field(default_factory=Tokens)
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = 30.0
-    connect_timeout: float = 30.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -69,9 +78,9 @@ class Settings:
             raise ValueError("max_body_bytes must be at least 1024")
 
     @property
-    def rabbitmq(self) -> RabbitMQConfig:
-        """The store's configuration for these settings."""
-        return RabbitMQConfig(exchange=self.exchange)
+    def exchange(self) -> str:
+        """The exchange commands are published to (``rabbitmq.exchange``)."""
+        return self.rabbitmq.exchange
 
 
 def parse_bind(bind: str) -> tuple[str, int]:

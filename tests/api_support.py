@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from amqp_queue.auth import Tokens
+from amqp_queue.config import RabbitMQConfig
 from amqp_queue.service import Backends, running_api
 from amqp_queue.settings import Settings
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
@@ -38,7 +39,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     options: dict[str, Any] = {
         "amqp_url": AMQP_URL,
         "state_url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
-        "exchange": unique("test.api."),
+        "rabbitmq": RabbitMQConfig(exchange=unique("test.api.")),
         "tokens": Tokens({"alice": TOKEN, "bob": OTHER_TOKEN}),
         "max_body_bytes": 64 * 1024,
         **overrides,

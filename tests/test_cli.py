@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +19,13 @@ from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
 
+ROOT = Path(__file__).resolve().parent.parent
+
 CLI = [sys.executable, "-m", "amqp_queue.cli"]
+# Nothing listens there: connecting is refused at once.
+NO_BROKER = "amqp://guest:s3cret@127.0.0.1:1/"
+# Generous: a verb that needs the broker gives up after --connect-timeout, 5 s by default.
+GIVE_UP_WITHIN = 15
 
 
 class Cli:
@@ -34,9 +41,15 @@ class Cli:
             "AMQP_QUEUE_EXCHANGE": self.exchange,
         }
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*CLI, *args], env=self.env, capture_output=True, text=True, timeout=30, check=False
+            [*CLI, *args],
+            env={**self.env, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     def json(self, *args: str) -> Any:
@@ -102,10 +115,21 @@ async def test_plain_output_is_the_id_then_the_status(cli: Cli) -> None:
         (["enqueue", "gw-1"], 2, "Missing argument"),
         (["pending", "gw-1", "--state-url", "nosuch://x"], 2, "no state backend"),
         (
-            ["pending", "gw-1", "--amqp-url", "amqp://x:y@127.0.0.1:1/", "--connect-timeout", ".3"],
+            [
+                "enqueue",
+                "gw-1",
+                "x",
+                "--amqp-url",
+                "amqp://x:y@127.0.0.1:1/",
+                "--connect-timeout",
+                ".3",
+            ],
             1,
-            "failed",
+            "cannot connect to the broker at amqp://x:***@127.0.0.1:1/",
         ),
+        (["enqueue", "gw-1", "too long", "--max-payload-bytes", "4"], 2, "over the limit of 4"),
+        (["pending", "gw-123", "--max-device-id-length", "5"], 2, "over the limit of 5"),
+        (["pending", "gw-1", "--prefetch", "0"], 2, "'--prefetch'"),
     ],
 )
 def test_errors_go_to_stderr_with_a_non_zero_exit_code(
@@ -116,6 +140,74 @@ def test_errors_go_to_stderr_with_a_non_zero_exit_code(
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert result.stdout == ""
+
+
+async def test_commands_that_only_use_the_index_work_while_the_broker_is_down(cli: Cli) -> None:
+    plain = cli.json("enqueue", "gw-1", "reboot")
+    unlock = cli.json("enqueue", "gw-1", "door", "--mode", "confirm", "--type", "unlock")
+
+    def offline(*args: str) -> Any:
+        result = cli.run(*args, "--json", AMQP_URL=NO_BROKER, AMQP_QUEUE_CONNECT_TIMEOUT="30")
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        return json.loads(result.stdout)
+
+    listed = offline("pending", "gw-1")
+    waiting = offline("confirmations", "gw-1")
+    cancelled = offline("cancel", plain["id"])
+    status = offline("status", plain["id"])
+    cleaned = offline("cleanup")
+
+    assert [c["id"] for c in listed["commands"]] == [plain["id"], unlock["id"]]
+    assert [c["id"] for c in waiting["commands"]] == [unlock["id"]]
+    assert cancelled == {"id": plain["id"], "status": "cancelled"}
+    assert status == {"id": plain["id"], "status": "cancelled"}
+    assert cleaned == {"expired": 0}
+    # Cancelled while its message sat in the queue: the message is dropped at delivery.
+    assert [c["id"] for c in cli.json("drain", "gw-1")["commands"]] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enqueue", "gw-1", "reboot"],
+        ["confirm", "00000000-0000-0000-0000-000000000042"],
+        ["drain", "gw-1"],
+        ["consume", "gw-1"],
+        ["demo", "--devices", "1", "--seconds", "1"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_command_that_needs_the_broker_gives_up_soon_with_one_line(
+    cli: Cli, args: list[str]
+) -> None:
+    result = cli.run(*args, AMQP_URL=NO_BROKER, timeout=GIVE_UP_WITHIN)
+
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot connect to the broker at amqp://guest:***@127.0.0.1:1/" in lines[0]
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_a_port_that_never_answers_is_given_up_on_at_the_connect_timeout(cli: Cli) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        result = cli.run(
+            *("drain", "gw-1", "--connect-timeout", "1"),
+            AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/",
+            timeout=GIVE_UP_WITHIN,
+        )
+
+    [line] = result.stderr.splitlines()
+    assert result.returncode == 1
+    assert line.startswith(
+        f"amqp-queue: error: cannot connect to the broker at amqp://guest:***@127.0.0.1:{port}/ "
+        "within 1s"
+    )
+    assert "no answer in" in line
 
 
 async def test_confirming_an_expired_command_exits_4(cli: Cli) -> None:

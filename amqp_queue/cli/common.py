@@ -7,25 +7,17 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from amqp_queue import command_io
-from amqp_queue.settings import (
-    DEFAULT_AMQP_URL,
-    DEFAULT_EXCHANGE,
-    ENV_AMQP_URL,
-    ENV_BIND,
-    ENV_CLEANUP_INTERVAL,
-    ENV_EXCHANGE,
-    ENV_STATE_URL,
-    ENV_TOKENS,
-    Settings,
-)
+from amqp_queue.cli.options import VERB_CONNECT_TIMEOUT, settings_from, settings_options
+from amqp_queue.settings import ENV_AMQP_URL, ENV_PREFIX, Settings
 from amqp_queue.state.errors import CommandExpired, CommandNotFound, InvalidInput, QueueError
-from amqp_queue.state.factory import DEFAULT_STATE_URL
+from amqp_queue.state.factory import open_state
+from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import PendingCommand
 from amqp_queue.store import RabbitMQStore
 
@@ -40,63 +32,16 @@ EXIT_EXPIRED = 4
 EPILOG = f"""\b
 Exit codes: 0 ok, {EXIT_FAILED} failed (broker or state unavailable, demo found a loss),
 {EXIT_INVALID} bad input or usage, {EXIT_NOT_FOUND} no such command, {EXIT_EXPIRED} command expired.
-Settings come from flags or the environment: {ENV_AMQP_URL}, {ENV_STATE_URL},
-{ENV_EXCHANGE}, and for serve {ENV_BIND}, {ENV_TOKENS}, {ENV_CLEANUP_INTERVAL}.
+Settings come from flags or the environment: {ENV_AMQP_URL} for --amqp-url,
+{ENV_PREFIX}<NAME> for every other (--max-ttl: {ENV_PREFIX}MAX_TTL).
 """
 
 
 # -- shared options and plumbing ------------------------------------------------------------
 
 
-def connection_options(function: F) -> F:
-    """Adds the broker and state options every command shares."""
-    options = [
-        click.option(
-            "--amqp-url",
-            envvar=ENV_AMQP_URL,
-            default=DEFAULT_AMQP_URL,
-            show_default=True,
-            help="The RabbitMQ broker.",
-        ),
-        click.option(
-            "--state-url",
-            envvar=ENV_STATE_URL,
-            default=DEFAULT_STATE_URL,
-            show_default=True,
-            help="The state index: sqlite+aiosqlite://, postgresql+asyncpg://, redis://.",
-        ),
-        click.option(
-            "--exchange",
-            envvar=ENV_EXCHANGE,
-            default=DEFAULT_EXCHANGE,
-            show_default=True,
-            help="The exchange; device queues are named <exchange>.<device>.",
-        ),
-        click.option(
-            "--connect-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=10.0,
-            show_default=True,
-            help="Seconds to keep trying to reach the broker.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
 def json_option(function: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(function)
-
-
-def settings_from(options: dict[str, Any], **extra: Any) -> Settings:
-    return Settings(
-        amqp_url=options.pop("amqp_url"),
-        state_url=options.pop("state_url"),
-        exchange=options.pop("exchange"),
-        connect_timeout=options.pop("connect_timeout"),
-        **extra,
-    )
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -116,7 +61,10 @@ def exit_code(exc: QueueError) -> int:
 
 
 def run_with_store(settings: Settings, action: Callable[[RabbitMQStore], Awaitable[T]]) -> T:
-    """Opens the store, runs ``action`` on it and closes it; errors end the CLI."""
+    """Connects to the broker and opens the index, runs ``action`` on the store, closes both.
+
+    Errors end the CLI.
+    """
 
     async def session() -> T:
         store = await RabbitMQStore.connect(
@@ -128,8 +76,26 @@ def run_with_store(settings: Settings, action: Callable[[RabbitMQStore], Awaitab
         async with store:
             return await action(store)
 
+    return _run(session())
+
+
+def run_with_index(settings: Settings, action: Callable[[IndexedStore], Awaitable[T]]) -> T:
+    """Opens only the state index, runs ``action`` on it and closes it; errors end the CLI.
+
+    For what only reads or changes the index: the broker is not contacted, so these work
+    while it is down, and cost no connection, channels or outbox pass.
+    """
+
+    async def session() -> T:
+        async with await open_state(settings.state_url, limits=settings.rabbitmq.limits) as state:
+            return await action(state)
+
+    return _run(session())
+
+
+def _run(session: Coroutine[Any, Any, T]) -> T:
     try:
-        return asyncio.run(session())
+        return asyncio.run(session)
     except QueueError as exc:
         fail(str(exc), exit_code(exc))
     except ValueError as exc:  # a state URL no backend takes
@@ -163,24 +129,38 @@ def listing(as_json: bool, device: str, commands: list[PendingCommand]) -> None:
     )
 
 
-def logging_to_stderr(level: int) -> None:
+def logging_to_stderr(level: str, *, quiet_broker_client: bool) -> None:
+    """Logs at ``level`` to stderr.
+
+    Args:
+        level: one of :data:`amqp_queue.cli.options.LOG_LEVELS`.
+        quiet_broker_client: silence aiormq and aio-pika unless ``level`` is debug: an
+            operator command's one error line says what their log of each failed
+            connection attempt would.
+    """
+    number = logging.getLevelNamesMapping()[level.upper()]
     logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=number, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # At DEBUG aiormq logs whole AMQP frames, command payloads included.
-    logging.getLogger("aiormq").setLevel(max(level, logging.INFO))
+    if quiet_broker_client and number > logging.DEBUG:
+        for noisy in ("aiormq", "aio_pika"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    else:
+        # At DEBUG aiormq logs whole AMQP frames, command payloads included.
+        logging.getLogger("aiormq").setLevel(max(number, logging.INFO))
 
 
 def with_settings(function: Callable[..., None]) -> Callable[..., None]:
-    """Turns the shared connection options into one ``settings`` argument."""
+    """Adds every setting's option to an operator command, which gets one ``settings``.
+
+    The connect timeout is short (someone is waiting) and the log quiet unless asked.
+    """
 
     @functools.wraps(function)
-    def wrapper(**options: Any) -> None:
-        logging_to_stderr(logging.WARNING)
-        # Each failed connection attempt is logged there; the one error message says it all.
-        for noisy in ("aiormq", "aio_pika"):
-            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    def wrapper(*, log_level: str, **options: Any) -> None:
+        logging_to_stderr(log_level, quiet_broker_client=True)
         settings = settings_from(options)
         function(settings=settings, **options)
 
-    return wrapper
+    decorate = settings_options(connect_timeout=VERB_CONNECT_TIMEOUT, log_level="warning")
+    return decorate(wrapper)

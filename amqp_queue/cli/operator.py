@@ -1,4 +1,9 @@
-"""The operator commands: enqueue, list, inspect, confirm, cancel, clean up, drain, consume."""
+"""The operator commands: enqueue, list, inspect, confirm, cancel, clean up, drain, consume.
+
+Those that only read or change the state index (pending, confirmations, status, cancel,
+cleanup) open only the index: they work while the broker is down. Cancelling needs no
+broker: a cancelled command already queued is dropped when it is delivered.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +18,16 @@ from amqp_queue import command_io
 from amqp_queue.cli.common import (
     EPILOG,
     command_line,
-    connection_options,
     emit,
     json_option,
     listing,
+    run_with_index,
     run_with_store,
     with_settings,
 )
-from amqp_queue.settings import (
-    Settings,
-)
+from amqp_queue.settings import Settings
+from amqp_queue.state.indexed_store import IndexedStore
+from amqp_queue.state.model import PendingCommand
 from amqp_queue.store import RabbitMQStore
 
 # -- operator commands ----------------------------------------------------------------------
@@ -43,7 +48,6 @@ from amqp_queue.store import RabbitMQStore
 @click.option("--type", "command_type", help="The command type (needed by latest and confirm).")
 @click.option("--base64", "is_base64", is_flag=True, help="PAYLOAD is base64, not UTF-8 text.")
 @json_option
-@connection_options
 @with_settings
 def enqueue(
     settings: Settings,
@@ -78,42 +82,45 @@ def enqueue(
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def pending(settings: Settings, device: str, as_json: bool) -> None:
     """List DEVICE's pending commands.
 
     Those awaiting confirmation are included.
     """
-    listing(as_json, device, run_with_store(settings, lambda store: store.get_pending(device)))
+
+    async def action(state: IndexedStore) -> list[PendingCommand]:
+        return await state.get_pending(settings.rabbitmq.validate_device(device))
+
+    listing(as_json, device, run_with_index(settings, action))
 
 
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def confirmations(settings: Settings, device: str, as_json: bool) -> None:
     """List DEVICE's commands awaiting confirmation."""
-    commands = run_with_store(settings, lambda store: store.get_pending_confirmations(device))
-    listing(as_json, device, commands)
+
+    async def action(state: IndexedStore) -> list[PendingCommand]:
+        return await state.get_pending_confirmations(settings.rabbitmq.validate_device(device))
+
+    listing(as_json, device, run_with_index(settings, action))
 
 
 @click.command(epilog=EPILOG)
 @click.argument("command_id")
 @json_option
-@connection_options
 @with_settings
 def status(settings: Settings, command_id: str, as_json: bool) -> None:
     """Print a command's status."""
-    found = run_with_store(settings, lambda store: store.get_status(command_id))
+    found = run_with_index(settings, lambda state: state.get_status(command_id))
     emit(as_json, {"id": command_id, "status": found.value}, found.value)
 
 
 @click.command(epilog=EPILOG)
 @click.argument("command_id")
 @json_option
-@connection_options
 @with_settings
 def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
     """Confirm a command so it can be delivered.
@@ -132,28 +139,25 @@ def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("command_id")
 @json_option
-@connection_options
 @with_settings
 def cancel(settings: Settings, command_id: str, as_json: bool) -> None:
     """Cancel an undelivered command."""
-    run_with_store(settings, lambda store: store.cancel_command(command_id))
+    run_with_index(settings, lambda state: state.cancel_command(command_id))
     emit(as_json, {"id": command_id, "status": "cancelled"}, f"cancelled {command_id}")
 
 
 @click.command(epilog=EPILOG)
 @json_option
-@connection_options
 @with_settings
 def cleanup(settings: Settings, as_json: bool) -> None:
     """End expired commands; prune old finished ones."""
-    expired = run_with_store(settings, lambda store: store.cleanup())
+    expired = run_with_index(settings, lambda state: state.cleanup())
     emit(as_json, {"expired": expired}, f"expired {expired}")
 
 
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def drain(settings: Settings, device: str, as_json: bool) -> None:
     """Take every ready command of DEVICE now (as on reconnect).
@@ -167,7 +171,6 @@ def drain(settings: Settings, device: str, as_json: bool) -> None:
 @click.command(epilog=EPILOG)
 @click.argument("device")
 @json_option
-@connection_options
 @with_settings
 def consume(settings: Settings, device: str, as_json: bool) -> None:
     """Print DEVICE's commands as they arrive, until Ctrl-C.

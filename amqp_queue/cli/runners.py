@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import Any
 
@@ -14,21 +13,27 @@ from amqp_queue.cli.common import (
     EPILOG,
     EXIT_FAILED,
     EXIT_INVALID,
-    connection_options,
     emit,
     exit_code,
     fail,
     json_option,
     logging_to_stderr,
+)
+from amqp_queue.cli.options import (
+    POSITIVE,
+    SERVE_CONNECT_TIMEOUT,
+    VERB_CONNECT_TIMEOUT,
+    amqp_url_option,
+    connect_timeout_option,
+    log_level_option,
     settings_from,
+    settings_options,
 )
 from amqp_queue.demo import DemoOptions, run_demo, table
 from amqp_queue.service import serve as serve_forever
 from amqp_queue.settings import (
-    DEFAULT_AMQP_URL,
     DEFAULT_BIND,
     DEFAULT_CLEANUP_INTERVAL,
-    ENV_AMQP_URL,
     ENV_BIND,
     ENV_CLEANUP_INTERVAL,
     ENV_TOKENS,
@@ -43,6 +48,7 @@ from amqp_queue.state.errors import QueueError
 @click.option(
     "--bind",
     envvar=ENV_BIND,
+    show_envvar=True,
     default=DEFAULT_BIND,
     show_default=True,
     help="host:port the HTTP API listens on (:8080 for every interface).",
@@ -50,6 +56,7 @@ from amqp_queue.state.errors import QueueError
 @click.option(
     "--tokens",
     envvar=ENV_TOKENS,
+    show_envvar=True,
     default="",
     help="Operator API bearer tokens, name:token,name2:token2. Prefer the environment "
     f"variable {ENV_TOKENS}: flags are visible in the process list.",
@@ -57,25 +64,21 @@ from amqp_queue.state.errors import QueueError
 @click.option(
     "--cleanup-interval",
     envvar=ENV_CLEANUP_INTERVAL,
-    type=click.FloatRange(min=0, min_open=True),
+    show_envvar=True,
+    type=POSITIVE,
     default=DEFAULT_CLEANUP_INTERVAL,
     show_default=True,
     help="Seconds between cleanup passes.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
-@connection_options
+@settings_options(connect_timeout=SERVE_CONNECT_TIMEOUT, log_level="info")
 def serve(bind: str, tokens: str, cleanup_interval: float, log_level: str, **options: Any) -> None:
     """Run the sidecar: HTTP API, outbox relay, periodic cleanup.
 
     Stops gracefully on SIGTERM or Ctrl-C: in-flight requests finish, then the store
     flushes and closes. The OpenAPI document is at /openapi.json.
     """
-    logging_to_stderr(getattr(logging, log_level.upper()))
+    # The service's log keeps the broker client's warnings (a blocked connection, say).
+    logging_to_stderr(log_level, quiet_broker_client=False)
     try:
         host, port = parse_bind(bind)
         settings = settings_from(
@@ -105,8 +108,10 @@ def serve(bind: str, tokens: str, cleanup_interval: float, log_level: str, **opt
     help="How long commands are sent; the run takes a few seconds more.",
 )
 @click.option("--seed", type=int, help="Makes the random choices repeatable.")
-@click.option("--amqp-url", envvar=ENV_AMQP_URL, default=DEFAULT_AMQP_URL, show_default=True)
+@amqp_url_option
 @click.option("--state-url", help="The state index [default: a temporary SQLite file].")
+@connect_timeout_option(VERB_CONNECT_TIMEOUT)
+@log_level_option("warning")
 @json_option
 def demo(
     devices: int,
@@ -114,15 +119,22 @@ def demo(
     seed: int | None,
     amqp_url: str,
     state_url: str | None,
+    connect_timeout: float,
+    log_level: str,
     as_json: bool,
 ) -> None:
     """Run simulated devices over the broker; check what they got.
 
     Exits non-zero unless nothing was lost and nothing was delivered twice.
     """
-    logging_to_stderr(logging.WARNING)
+    logging_to_stderr(log_level, quiet_broker_client=True)
     options = DemoOptions(
-        devices=devices, seconds=seconds, seed=seed, amqp_url=amqp_url, state_url=state_url
+        devices=devices,
+        seconds=seconds,
+        seed=seed,
+        amqp_url=amqp_url,
+        state_url=state_url,
+        connect_timeout=connect_timeout,
     )
     out = sys.stderr if as_json else sys.stdout
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import click
 
@@ -44,7 +43,7 @@ def migrate(state_url: str, revision: str, as_json: bool) -> None:
     to upgrade ahead of a deploy, to see the revision, or with --revision to go back to the
     schema of an older release before running it. Prints the revision before and after.
     """
-    logging_to_stderr(logging.INFO)  # each revision applied, as Alembic names it
+    logging_to_stderr("info", quiet_broker_client=True)  # each revision Alembic applies
     try:
         change = asyncio.run(migrate_state(state_url, revision))
     except QueueError as exc:

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import TextIO
 
 from amqp_queue.auth import Tokens
+from amqp_queue.config import RabbitMQConfig
 from amqp_queue.demo.fleet import Device, Producer
 from amqp_queue.demo.ledger import Ledger, Summary, judge
 from amqp_queue.demo.operator import HttpOperator
 from amqp_queue.demo.report import progress, table
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.service import Backends, running_api
-from amqp_queue.settings import DEFAULT_AMQP_URL, Settings
+from amqp_queue.settings import DEFAULT_AMQP_URL, DEFAULT_CONNECT_TIMEOUT, Settings
 from amqp_queue.state.model import CommandStatus
 from amqp_queue.store import RabbitMQStore
 
@@ -50,6 +51,7 @@ class DemoOptions:
         seed: makes the random choices repeatable.
         amqp_url: the broker.
         state_url: the state index; a temporary SQLite file by default.
+        connect_timeout: seconds to keep trying to reach the broker.
         hold: seconds an unlock waits before the operator confirms it.
     """
 
@@ -58,6 +60,7 @@ class DemoOptions:
     seed: int | None = None
     amqp_url: str = DEFAULT_AMQP_URL
     state_url: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     hold: float = 0.3
 
     def __post_init__(self) -> None:
@@ -80,8 +83,9 @@ async def run_demo(options: DemoOptions, out: TextIO, err: TextIO) -> Summary:
         settings = Settings(
             amqp_url=options.amqp_url,
             state_url=state_url,
-            exchange=exchange,
+            rabbitmq=RabbitMQConfig(exchange=exchange),
             tokens=Tokens({"demo-operator": token}),
+            connect_timeout=options.connect_timeout,
         )
         where = state_url if options.state_url else "SQLite (temporary file)"
         out.write(
@@ -89,7 +93,7 @@ async def run_demo(options: DemoOptions, out: TextIO, err: TextIO) -> Summary:
             f"{exchange}, state {where}\n"
         )
         out.flush()
-        async with await Backends.open(settings) as backends:
+        async with await Backends.open(settings, wait_for_broker=True) as backends:
             try:
                 async with running_api(backends) as base_url:
                     return await _simulate(backends.store, base_url, token, options, err)
