@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.sql import command_queue, create_engine
-from amqp_queue.state.sql.sqlite_direct import SqliteLiveCheck
+from amqp_queue.state.sql.sqlite_reads import SqliteLiveCheck
 from amqp_queue.state.sql.statements import UNPUBLISHED
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.support import FakeClock

@@ -3,7 +3,7 @@
 Each operation's SQL is written once (:mod:`amqp_queue.state.sql.statements`) and each write
 is one transaction written once (:mod:`amqp_queue.state.sql.transactions`); the store only
 picks where it runs: a connection of the engine, or on a SQLite file the writer thread for
-the hot paths (:mod:`amqp_queue.state.sql.sqlite_direct`).
+the hot paths (:mod:`amqp_queue.state.sql.sqlite_writer`).
 
 Concurrency is enforced by the database, never by a process-local lock (on SQLite one
 orders this store's own writers, only to spare them SQLite's sleeping busy handler):
@@ -56,7 +56,8 @@ from .schema import (
     command_queue,
     metadata,
 )
-from .sqlite_direct import SqliteLiveCheck, SqliteReader, SqliteWriter
+from .sqlite_reads import SqliteLiveCheck, SqliteReader
+from .sqlite_writer import SqliteWriter
 from .transactions import Transaction
 
 logger = logging.getLogger("amqp_queue.state.sql")

@@ -7,7 +7,7 @@ per operation runs
 - on an AsyncConnection (:func:`run`): PostgreSQL, and SQLite where the store has no direct
   connection (in memory, a named schema);
 - on the SQLite writer thread's own connection
-  (:class:`amqp_queue.state.sql.sqlite_direct.SqliteWriter`): the whole transaction in one
+  (:class:`amqp_queue.state.sql.sqlite_writer.SqliteWriter`): the whole transaction in one
   hop from the event loop.
 
 The executor begins and commits; a transaction only says what to execute and what it
