@@ -17,13 +17,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
-from sqlalchemy.sql.compiler import SQLCompiler
+
+from .statements import Statement
 
 FAILURES = (sqlite3.Error, OSError)
 """What the driver raises when the database fails."""
@@ -140,10 +140,10 @@ class SqliteSql:
 
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
-        self._compiled: dict[tuple[int, tuple[int, ...]], tuple[sa.Executable, Compiled]] = {}
+        self._compiled: dict[tuple[int, tuple[int, ...]], tuple[Statement, Compiled]] = {}
 
     def prepare(
-        self, statement: sa.Executable, values: Mapping[str, Any]
+        self, statement: Statement, values: Mapping[str, Any]
     ) -> tuple[Compiled, tuple[Any, ...]]:
         """The compiled statement and its positional parameters for ``values``."""
         compiled = self.compiled(statement)
@@ -154,7 +154,7 @@ class SqliteSql:
             )
         return compiled, compiled.params(values)
 
-    def compiled(self, statement: sa.Executable, sizes: tuple[int, ...] = ()) -> Compiled:
+    def compiled(self, statement: Statement, sizes: tuple[int, ...] = ()) -> Compiled:
         """``statement`` compiled, with its expanding parameters (in
         :attr:`Compiled.expanding` order) of these sizes."""
         key = (id(statement), sizes)
@@ -164,9 +164,9 @@ class SqliteSql:
             cached = self._compiled[key] = (statement, self._compile(statement, sizes))
         return cached[1]
 
-    def _compile(self, statement: sa.Executable, sizes: tuple[int, ...]) -> Compiled:
+    def _compile(self, statement: Statement, sizes: tuple[int, ...]) -> Compiled:
         dialect = self._dialect
-        compiled = cast(SQLCompiler, cast(sa.ClauseElement, statement).compile(dialect=dialect))
+        compiled = statement.compile(dialect=dialect)
         binds = compiled.binds
         expanding = sorted({bind.key for bind in binds.values() if bind.expanding})
         sql, names = compiled.string, list(compiled.positiontup or [])
@@ -189,8 +189,8 @@ class SqliteSql:
                 value = bind.effective_value
                 steps.append((None, None, None, value if process is None else process(value)))
         columns = [
-            (name, column.type.dialect_impl(dialect).result_processor(dialect, None))
-            for name, column in cast(Any, statement).exported_columns.items()
+            (str(name), column.type.dialect_impl(dialect).result_processor(dialect, None))
+            for name, column in statement.exported_columns.items()
         ]
         return Compiled(sql, steps, columns, expanding)
 

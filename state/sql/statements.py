@@ -26,6 +26,9 @@ from .schema import IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
 
 c = command_queue.c
 
+Statement = sa.Select[Any] | sa.Insert | sa.Update | sa.Delete
+"""What an executor runs: a construct of this module."""
+
 FIELDS = tuple(field.name for field in dataclasses.fields(CommandRecord))
 """The columns of a record: every column but ``seq``."""
 RECORD_COLUMNS = tuple(c[name] for name in FIELDS)

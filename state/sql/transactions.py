@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import rules
@@ -43,7 +42,7 @@ MAX_REPLACE_ATTEMPTS = 200
 class Fetch:
     """Executes once; the result is the rows it returns (a SELECT, a RETURNING)."""
 
-    statement: sa.Executable
+    statement: sql.Statement
     params: Mapping[str, Any]
 
 
@@ -51,7 +50,7 @@ class Fetch:
 class Count:
     """Executes once; the result is how many rows it changed."""
 
-    statement: sa.Executable
+    statement: sql.Statement
     params: Mapping[str, Any]
 
 
@@ -59,7 +58,7 @@ class Count:
 class Many:
     """Executes once per parameter set (``executemany``); no result."""
 
-    statement: sa.Executable
+    statement: sql.Statement
     params: Sequence[Mapping[str, Any]]
 
 
@@ -67,15 +66,15 @@ Step = Fetch | Count | Many
 Transaction = Generator[Step, object, T]
 
 
-def fetch(statement: sa.Executable, params: Mapping[str, Any]) -> Transaction[list[Row]]:
+def fetch(statement: sql.Statement, params: Mapping[str, Any]) -> Transaction[list[Row]]:
     return cast(list[Row], (yield Fetch(statement, params)))
 
 
-def count(statement: sa.Executable, params: Mapping[str, Any]) -> Transaction[int]:
+def count(statement: sql.Statement, params: Mapping[str, Any]) -> Transaction[int]:
     return cast(int, (yield Count(statement, params)))
 
 
-def many(statement: sa.Executable, params: Sequence[Mapping[str, Any]]) -> Transaction[None]:
+def many(statement: sql.Statement, params: Sequence[Mapping[str, Any]]) -> Transaction[None]:
     yield Many(statement, params)
 
 
