@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.sql import command_queue, create_engine
-from amqp_queue.state.sql.sqlite_direct import SqliteLiveCheck
-from amqp_queue.state.sql.store import unpublished_query
+from amqp_queue.state.sql.sqlite_reads import SqliteLiveCheck
+from amqp_queue.state.sql.statements import UNPUBLISHED
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.support import FakeClock
 
@@ -257,7 +257,7 @@ def test_a_closed_liveness_check_never_reopens_its_connection(tmp_path: Path) ->
 async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:
     """A relay catching up on a large backlog must not sort the backlog on every pass."""
     async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
-        compiled = unpublished_query(datetime.now(UTC), 500).compile(store.engine)
+        compiled = UNPUBLISHED.compile(store.engine)
         placeholders = tuple(None for _ in compiled.positiontup or [])
         async with store.engine.connect() as conn:
             plan = (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from amqp_queue.state import SqlStore
-from amqp_queue.state.sql.sqlite_direct import _WriterThread
+from amqp_queue.state.sql.sqlite_writer import _WriterThread
 
 INSERT = "INSERT INTO notes (text) VALUES (?)"
 

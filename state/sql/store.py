@@ -1,5 +1,10 @@
 """SqlStore: the state index on SQLAlchemy 2 async, SQLite or PostgreSQL from one code path.
 
+Each operation's SQL is written once (:mod:`amqp_queue.state.sql.statements`) and each write
+is one transaction written once (:mod:`amqp_queue.state.sql.transactions`); the store only
+picks where it runs: a connection of the engine, or on a SQLite file the writer thread for
+the hot paths (:mod:`amqp_queue.state.sql.sqlite_writer`).
+
 Concurrency is enforced by the database, never by a process-local lock (on SQLite one
 orders this store's own writers, only to spare them SQLite's sleeping busy handler):
 
@@ -26,45 +31,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .. import rules
 from ..clock import Clock, utc_now
 from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
-from ..model import CommandRecord, EndReason
+from ..model import CommandRecord
 from ..validation import DEFAULT_LIMITS, Limits
-from . import deadlock_retry, schema_versions, sqlite_direct
+from . import deadlock_retry, schema_versions, sqlite_direct, transactions
+from . import statements as sql
 from .engine import READ_ONLY, create_engine
-from .schema import (
-    IS_OPEN,
-    IS_READY,
-    READY_AT,
-    command_queue,
-    outbox_owner,
-)
+from .schema import command_queue
 from .schema_versions import SchemaChange
-from .sqlite_direct import SqliteLiveCheck, SqliteReader, SqliteWriter
+from .sqlite_reads import SqliteLiveCheck, SqliteReader
+from .sqlite_writer import SqliteWriter
+from .transactions import Transaction
 
 logger = logging.getLogger("amqp_queue.state.sql")
 
-c = command_queue.c
-_RECORD_COLUMNS = tuple(c[field.name] for field in dataclasses.fields(CommandRecord))
-# A replacement that keeps losing the race for its type's slot means something is wrong.
-_MAX_REPLACE_ATTEMPTS = 200
-
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class SqlStore(IndexedStore):
@@ -116,13 +111,13 @@ class SqlStore(IndexedStore):
         self._writers: AbstractAsyncContextManager[Any] = (
             asyncio.Lock() if self._sqlite else contextlib.nullcontext()
         )
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        # The hot paths' own SQL names the table without a schema, and their connections
-        # run no ATTACH: with a schema, every statement goes through SQLAlchemy.
-        fast = schema is None and sqlite_direct.usable(engine)
-        self._fast = SqliteWriter(engine) if fast else None
-        self._fast_reads = SqliteReader(engine) if fast else None
-        self._live_check = SqliteLiveCheck(engine) if fast else None
+        # On a SQLite file the hot paths run on driver connections of their own
+        # (sqlite_direct). Their SQL names the table without a schema, and their
+        # connections run no ATTACH: with a schema, every statement goes through SQLAlchemy.
+        direct = schema is None and sqlite_direct.usable(engine)
+        self._writer = SqliteWriter(engine) if direct else None
+        self._reader = SqliteReader(engine) if direct else None
+        self._live_check = SqliteLiveCheck(engine) if direct else None
 
     @classmethod
     async def connect(
@@ -199,11 +194,11 @@ class SqlStore(IndexedStore):
         return self._engine
 
     async def close(self) -> None:
-        if self._fast is not None:
+        if self._writer is not None:
             async with self._writers:
-                await self._fast.close()
-        if self._fast_reads is not None:
-            await self._fast_reads.close()
+                await self._writer.close()
+        if self._reader is not None:
+            await self._reader.close()
         if self._live_check is not None:
             self._live_check.close()
         if self._owns_engine:
@@ -215,176 +210,40 @@ class SqlStore(IndexedStore):
         return await self.write(records, ())
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
-        now = self.clock()
-        if self._fast is not None:
-            # SQLite: one writer at a time (BEGIN IMMEDIATE), so a batch replaces without
-            # racing anybody, in a few statements each run over all its rows.
-            rows, replaced, superseded = _batch_rows(records, now)
-            async with self._fast_write("write"):
-                return superseded + await self._fast.write(rows, published, now, replaced=replaced)
-
-        async def add_and_mark(conn: AsyncConnection) -> int:
-            superseded = await self._add(conn, records, now)
-            if published:
-                await conn.execute(_mark_published(published, now))
-            return superseded
-
-        return await self._transaction(add_and_mark)
-
-    async def _add(
-        self, conn: AsyncConnection, records: Sequence[CommandRecord], now: datetime
-    ) -> int:
-        superseded = 0
-        plain: list[dict[str, Any]] = []
-        for record in records:
-            if record.command_type is None:
-                plain.append(_row(record))
-                continue
-            if plain:
-                await conn.execute(sa.insert(command_queue), plain)
-                plain = []
-            superseded += await self._replace(conn, record, now)
-        if plain:
-            await conn.execute(sa.insert(command_queue), plain)
-        return superseded
-
-    async def _replace(self, conn: AsyncConnection, record: CommandRecord, now: datetime) -> int:
-        """Ends the open command of the record's type, inserts the record; returns superseded."""
-        same_slot = sa.and_(
-            c.device_id == record.device_id, c.command_type == record.command_type, IS_OPEN
-        )
-        end_previous = (
-            sa.update(command_queue)
-            .where(same_slot)
-            .values(
-                end_reason=sa.case(
-                    (c.expires_at <= now, EndReason.EXPIRED.value),
-                    else_=EndReason.SUPERSEDED.value,
-                ),
-                ended_at=now,
-            )
-            .returning(c.end_reason)
-        )
-        insert = (
-            self._insert(command_queue)
-            .values(_row(record))
-            .on_conflict_do_nothing(
-                index_elements=[c.device_id, c.command_type], index_where=IS_OPEN
-            )
-            .returning(c.seq)
-        )
-        superseded = 0
-        for _ in range(_MAX_REPLACE_ATTEMPTS):
-            ended: Sequence[str] = (await conn.execute(end_previous)).scalars().all()
-            superseded += sum(reason == EndReason.SUPERSEDED.value for reason in ended)
-            if (await conn.execute(insert)).first() is not None:
-                return superseded
-            # A concurrent transaction committed a command of this type after our UPDATE's
-            # snapshot; the next UPDATE (READ COMMITTED: a fresh snapshot) supersedes it.
-        raise StateError(
-            f"could not replace {record.command_type!r} for device {record.device_id!r}: "
-            f"lost the race {_MAX_REPLACE_ATTEMPTS} times"
-        )
+        now, dialect = self.clock(), self._engine.dialect.name
+        return await self._hot("write", transactions.write, records, published, now, dialect)
 
     async def get(self, command_id: str) -> CommandRecord | None:
-        async with self._read() as conn:
-            row = (await conn.execute(_select().where(c.id == command_id))).first()
-        return None if row is None else _record(row)
+        rows = await self._select(sql.ONE, command_id=command_id)
+        return sql.record_of(rows[0]) if rows else None
 
     async def open_commands(self, device_id: str) -> list[CommandRecord]:
-        query = (
-            _select()
-            .where(c.device_id == device_id, IS_OPEN, c.expires_at > self.clock())
-            .order_by(c.seq)
-        )
-        async with self._read() as conn:
-            return [_record(row) for row in await conn.execute(query)]
+        rows = await self._select(sql.OPEN_COMMANDS, device=device_id, now=self.clock())
+        return [sql.record_of(row) for row in rows]
 
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
-        if self._fast is not None:
-            return await self._fast_modify(command_id, change)
-
-        async def locked_change(conn: AsyncConnection) -> CommandRecord | None:
-            query = _select().where(c.id == command_id).with_for_update()
-            row = (await conn.execute(query)).first()
-            if row is None:
-                return None
-            current = _record(row)
-            updated = change(current)
-            if updated is None:
-                return current
-            changes = {
-                field.name: getattr(updated, field.name)
-                for field in dataclasses.fields(CommandRecord)
-                if getattr(updated, field.name) != getattr(current, field.name)
-            }
-            if changes:
-                await conn.execute(
-                    sa.update(command_queue).where(c.id == command_id).values(changes)
-                )
-            return updated
-
-        return await self._transaction(locked_change)
-
-    async def _fast_modify(self, command_id: str, change: Change) -> CommandRecord | None:
-        """``_modify`` on SQLite on the writer thread (confirm and cancel: one hop)."""
-        assert self._fast is not None
-        outcome: list[CommandRecord] = []
-
-        def changed_columns(values: dict[str, Any]) -> dict[str, Any] | None:
-            current = _from_columns(values)
-            updated = change(current)
-            outcome.append(current if updated is None else updated)
-            if updated is None:
-                return None
-            before, after = _row(current), _row(updated)
-            return {name: value for name, value in after.items() if value != before[name]}
-
-        async with self._fast_write("change"):
-            await self._fast.modify(command_id, changed_columns)
-        return outcome[0] if outcome else None
+        return await self._hot("change", transactions.modify, command_id, change)
 
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
     ) -> list[CommandRecord]:
-        candidates = sa.select(c.seq).where(
-            c.device_id == device_id, IS_OPEN, IS_READY, c.expires_at > now
-        )
-        if command_ids is not None:
-            candidates = candidates.where(c.id.in_(list(command_ids)))
-        # Waiting for a row lock, never skipping it: the lock may be a publish mark or a
-        # confirm, and a drain that skipped the row would miss a ready command. In seq order,
-        # so concurrent claims lock alike; once the lock is granted PostgreSQL checks the row
-        # again, so a command another drain just claimed is not claimed twice.
-        claim = (
-            sa.update(command_queue)
-            .where(c.seq.in_(candidates.order_by(c.seq).with_for_update()))
-            .values(delivered=True, ended_at=now)
-            .returning(c.seq, *_RECORD_COLUMNS)
-        )
-
-        async def execute(conn: AsyncConnection) -> Sequence[sa.Row[Any]]:
-            return (await conn.execute(claim)).all()
-
-        rows = await self._transaction(execute)
-        return [_record(row) for row in sorted(rows, key=lambda row: row.seq)]
+        # On the engine's connection even on a SQLite file: cancelled, a claim must roll back
+        # (nobody received what it claimed), which a transaction on the writer thread, left
+        # to finish by itself, would not.
+        return await self._transaction(transactions.claim, device_id, now, command_ids)
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}
-        if self._fast_reads is not None:
+        if self._reader is not None:
             # consume() and drains ask this of every window: one hop to the driver's thread.
             try:
-                rows = await self._fast_reads.deliverable(list(command_ids), self.clock())
+                rows = await self._reader.deliverable(list(command_ids), self.clock())
             except sqlite_direct.FAILURES as exc:
                 raise StateError(f"state index read failed: {exc}") from exc
-            return {record.id: record for record in map(_from_columns, rows)}
-        query = _select().where(
-            c.id.in_(list(command_ids)), IS_OPEN, IS_READY, c.expires_at > self.clock()
-        )
-        async with self._read() as conn:
-            records = [_record(row) for row in await conn.execute(query)]
-        return {record.id: record for record in records}
+        else:
+            rows = await self._select(sql.DELIVERABLE, ids=list(command_ids), now=self.clock())
+        return {record.id: record for record in map(sql.record_of, rows)}
 
     async def is_deliverable(self, command_id: str) -> bool:
         if self._live_check is not None:
@@ -399,83 +258,27 @@ class SqlStore(IndexedStore):
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
         if not command_ids:
             return 0
-        if self._fast is not None:
-            async with self._fast_write("delivery mark"):
-                return await self._fast.mark_delivered(command_ids, self.clock())
-        update = (
-            sa.update(command_queue)
-            .where(c.id.in_(list(command_ids)), IS_OPEN)
-            .values(delivered=True, ended_at=self.clock())
-        )
-        return await self._rowcount(update)
+        now = self.clock()
+        return await self._hot("delivery mark", transactions.mark_delivered, command_ids, now)
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         now = self.clock()
-        given_back = sa.and_(c.id.in_(list(command_ids)), c.delivered == sa.true())
-        other = command_queue.alias("other")
-        slot_taken = (
-            sa.exists()
-            .where(
-                other.c.device_id == c.device_id,
-                other.c.command_type == c.command_type,
-                other.c.delivered == sa.false(),
-                other.c.end_reason.is_(None),
-            )
-            .correlate(command_queue)
-        )
-        ends = (
-            (c.expires_at <= now, EndReason.EXPIRED),
-            (slot_taken, EndReason.SUPERSEDED),
-        )
-        reopened: dict[str, Any] = {"delivered": False, "ended_at": None}
-        if unpublish:
-            reopened["published_at"] = None
-
-        async def give_back(conn: AsyncConnection) -> int:
-            # In rule order: an expired command stays finished, a taken slot stays its
-            # newer command's; only then is the rest opened again.
-            for condition, reason in ends:
-                await conn.execute(
-                    sa.update(command_queue)
-                    .where(given_back, condition)
-                    .values(delivered=False, end_reason=reason.value)
-                )
-            opened = await conn.execute(sa.update(command_queue).where(given_back).values(reopened))
-            return opened.rowcount
-
-        return await self._transaction(give_back)
+        return await self._transaction(transactions.release, command_ids, now, unpublish=unpublish)
 
     async def _hold_outbox(self, owner: str) -> str:
-        claim = (
-            self._insert(outbox_owner)
-            .values(role="outbox", owner=owner)
-            .on_conflict_do_nothing(index_elements=[outbox_owner.c.role])
-        )
-        holder = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "outbox")
-
-        async def hold(conn: AsyncConnection) -> str:
-            await conn.execute(claim)
-            return str((await conn.execute(holder)).scalar_one())
-
-        return await self._transaction(hold)
+        dialect = self._engine.dialect.name
+        return await self._transaction(transactions.hold_outbox, owner, dialect)
 
     async def expire(self, now: datetime) -> int:
-        update = (
-            sa.update(command_queue)
-            .where(IS_OPEN, c.expires_at <= now)
-            .values(end_reason=EndReason.EXPIRED.value, ended_at=now)
-        )
-        return await self._rowcount(update)
+        return await self._transaction(transactions.expire, now)
 
     async def prune(self, before: datetime) -> int:
-        delete = sa.delete(command_queue).where(c.ended_at.is_not(None), c.ended_at < before)
-        return await self._rowcount(delete)
+        return await self._transaction(transactions.prune, before)
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
-        query = unpublished_query(self.clock(), limit)
-        async with self._read() as conn:
-            # Already in ready order: the query reads the outbox index in that order.
-            return [_record(row) for row in await conn.execute(query)]
+        # Already in ready order: the query reads the outbox index in that order.
+        rows = await self._select(sql.UNPUBLISHED, now=self.clock(), limit=limit)
+        return [sql.record_of(row) for row in rows]
 
     async def mark_published(self, command_ids: Collection[str]) -> None:
         if not command_ids:
@@ -485,30 +288,43 @@ class SqlStore(IndexedStore):
     async def reject(self, command_ids: Collection[str]) -> int:
         if not command_ids:
             return 0
-        update = (
-            sa.update(command_queue)
-            .where(c.id.in_(list(command_ids)), IS_OPEN)
-            .values(end_reason=EndReason.REJECTED.value, ended_at=self.clock())
-        )
-        return await self._rowcount(update)
+        return await self._transaction(transactions.reject, command_ids, self.clock())
 
     # -- transactions ----------------------------------------------------------------------
 
-    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Runs ``work`` in one write transaction, again if PostgreSQL aborted it as a
-        deadlock victim or a serialization failure (see
-        :mod:`amqp_queue.state.sql.deadlock_retry`)."""
+    async def _hot(
+        self,
+        what: str,
+        transaction: Callable[P, Transaction[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
+        confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
+        cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
+        if self._writer is None:
+            return await self._transaction(transaction, *args, **kwargs)
+        try:
+            async with self._writers:
+                return await self._writer.run(transaction(*args, **kwargs))
+        except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
+            raise StateError(f"state index {what} failed: {exc}") from exc
+
+    async def _transaction(
+        self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Runs ``transaction(*args, **kwargs)`` in one write transaction on a connection of the
+        engine, built afresh and run again if PostgreSQL aborted it as a deadlock victim or
+        a serialization failure (see :mod:`amqp_queue.state.sql.deadlock_retry`)."""
         async for attempt in deadlock_retry.retrying():
             with attempt:
                 async with self._write() as conn:
-                    return await work(conn)
+                    return await transactions.run(conn, transaction(*args, **kwargs))
         raise AssertionError("unreachable: the last failure is re-raised")
 
-    async def _rowcount(self, statement: sa.Update | sa.Delete) -> int:
-        async def execute(conn: AsyncConnection) -> int:
-            return (await conn.execute(statement)).rowcount
-
-        return await self._transaction(execute)
+    async def _select(self, query: sa.Select[Any], **params: Any) -> list[transactions.Row]:
+        async with self._read() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query, params)]
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -519,14 +335,6 @@ class SqlStore(IndexedStore):
                 yield conn
         except (SQLAlchemyError, OSError) as exc:
             raise StateError(f"state index write failed: {exc}") from exc
-
-    @asynccontextmanager
-    async def _fast_write(self, what: str) -> AsyncIterator[None]:
-        try:
-            async with self._writers:
-                yield
-        except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
-            raise StateError(f"state index {what} failed: {exc}") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -560,75 +368,3 @@ def _ddl_lock_key(schema: str | None) -> int:
     versions, so in a rolling deploy their replicas take turns with this one's."""
     name = f"amqp_queue.create_table:{schema or ''}.{command_queue.name}"
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
-def unpublished_query(now: datetime, limit: int) -> sa.Select[Any]:
-    """The outbox: ready, unexpired commands the broker has not confirmed, in ready order.
-
-    The limit must cut in ready order (a command confirmed late was written early), which
-    the partial index ``ix_command_queue_outbox_ready`` serves without sorting.
-    """
-    return (
-        _select()
-        .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > now)
-        .order_by(READY_AT, c.seq)
-        .limit(limit)
-    )
-
-
-def _mark_published(command_ids: Collection[str], now: datetime) -> sa.Update:
-    return sa.update(command_queue).where(c.id.in_(list(command_ids))).values(published_at=now)
-
-
-def _select() -> sa.Select[Any]:
-    return sa.select(*_RECORD_COLUMNS)
-
-
-_FIELDS = tuple(field.name for field in dataclasses.fields(CommandRecord))
-
-
-def _row(record: CommandRecord) -> dict[str, Any]:
-    # Not dataclasses.asdict: it deep-copies every value, the largest cost of a batch insert.
-    row = {name: getattr(record, name) for name in _FIELDS}
-    row["end_reason"] = None if record.end_reason is None else record.end_reason.value
-    return row
-
-
-def _batch_rows(
-    records: Sequence[CommandRecord], now: datetime
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]], int]:
-    """The rows of a batch written at once, the slots whose open command they replace, and
-    how many of the batch's own records a later one of the same slot supersedes.
-
-    Within a batch the last record of a slot wins (rule 3): the earlier ones are written as
-    already ended, so the slot's partial unique index holds at every insert.
-    """
-    latest = {
-        (record.device_id, record.command_type): index
-        for index, record in enumerate(records)
-        if record.command_type is not None
-    }
-    rows: list[dict[str, Any]] = []
-    superseded = 0
-    for index, record in enumerate(records):
-        row = _row(record)
-        kind = record.command_type
-        if kind is not None and latest[(record.device_id, kind)] != index:
-            reason = rules.end_of_replaced(record, now)
-            superseded += reason is EndReason.SUPERSEDED
-            row["end_reason"], row["ended_at"] = reason.value, now
-        rows.append(row)
-    return rows, list(latest), superseded
-
-
-def _record(row: sa.Row[Any]) -> CommandRecord:
-    return _from_columns(dict(row._mapping))
-
-
-def _from_columns(values: dict[str, Any]) -> CommandRecord:
-    values.pop("seq", None)
-    values["id"] = str(values["id"])
-    values["payload"] = bytes(values["payload"])
-    reason = values["end_reason"]
-    values["end_reason"] = None if reason is None else EndReason(reason)
-    return CommandRecord(**values)

@@ -1,0 +1,134 @@
+"""The reads ``consume`` makes of every window and hand-out, straight on the SQLite driver.
+
+- :class:`SqliteReader`: ``deliverable`` (what ``consume`` asks of each window) as one
+  statement in autocommit mode, a consistent snapshot by itself (one hop), on a pooled
+  connection the store keeps checked out.
+- :class:`SqliteLiveCheck`: whether one command is still deliverable (what ``consume`` asks
+  before each hand-out), read on the calling thread: a primary-key lookup in a WAL database
+  takes about ten microseconds, a tenth of one hop to a driver thread.
+
+Both execute the constructs of :mod:`amqp_queue.state.sql.statements` (see
+:mod:`amqp_queue.state.sql.sqlite_direct`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import statements as sql
+from .sqlite_direct import SqliteFile, SqliteSql
+
+
+class _Dedicated:
+    """One pooled connection kept checked out; handed back on close or after a failure."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+        self._driver: Any = None
+        self._opening = asyncio.Lock()
+
+    async def driver(self) -> Any:
+        """The aiosqlite connection under it."""
+        if self._driver is None:
+            async with self._opening:
+                if self._driver is None:
+                    connection = await self._engine.connect()
+                    try:
+                        raw = await connection.get_raw_connection()
+                    except BaseException:
+                        await connection.close()
+                        raise
+                    self._connection, self._driver = connection, raw.driver_connection
+        return self._driver
+
+    async def close(self) -> None:
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is not None:
+            await connection.close()
+
+    async def discard(self) -> None:
+        """Drops the connection: after a failure, whatever state it is in is not reused."""
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is not None:
+            try:
+                await connection.invalidate()
+            finally:
+                await connection.close()
+
+
+class SqliteReader:
+    """``deliverable`` in one statement and one hop; calls may run concurrently."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._sql = SqliteSql(engine.dialect)
+        self._connection = _Dedicated(engine)
+
+    async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
+        """Rows (column name to value) of the open, ready and unexpired commands among these."""
+        values = {"ids": list(command_ids), "now": now}
+        compiled, params = self._sql.prepare(sql.DELIVERABLE, values)
+        driver = await self._connection.driver()
+        try:
+            rows = await driver.execute_fetchall(compiled.sql, params)
+        except BaseException:
+            await self._connection.discard()
+            raise
+        return compiled.rows(rows)
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+class SqliteLiveCheck:
+    """Whether a command is open, ready and unexpired: one indexed lookup, no thread hop.
+
+    Its own read-only connection, used from the event loop's thread. In WAL mode a reader
+    never waits for the writer; should SQLite still answer busy (recovering a WAL another
+    process left), :meth:`is_live` returns None and the caller asks on a driver thread.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._file = SqliteFile.of(engine)
+        self._sql = SqliteSql(engine.dialect)
+        self._closed = False
+        self._connection: sqlite3.Connection | None = None
+
+    def is_live(self, command_id: str, now: datetime) -> bool | None:
+        """True or False; None when it cannot answer without waiting (SQLite busy) or at
+        all (closed): the caller then asks on a driver thread."""
+        if self._closed:
+            return None
+        if self._connection is None:
+            # Autocommit: each lookup is its own snapshot and holds no read lock afterwards,
+            # so it never keeps a checkpoint from finishing. Not waiting: busy means fall back.
+            self._connection = self._file.connect(
+                ("PRAGMA query_only=ON", "PRAGMA busy_timeout=0"),
+                check_same_thread=False,
+            )
+        compiled, params = self._sql.prepare(sql.LIVE, {"command_id": command_id, "now": now})
+        try:
+            row = self._connection.execute(compiled.sql, params).fetchone()
+        except sqlite3.OperationalError as exc:
+            # The primary code is the low byte (SQLITE_BUSY_RECOVERY is a kind of SQLITE_BUSY).
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return None
+            self._drop()
+            raise
+        return row is not None
+
+    def close(self) -> None:
+        """Closes the connection for good: a stream outliving its store never reopens it."""
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()

@@ -1,0 +1,226 @@
+"""The SQL of every operation on ``command_queue``, each written once as a SQLAlchemy Core
+construct, and the rows they take and give.
+
+Every value a statement needs is a named bind parameter (``now``, ``ids``, ...), never a
+value built in: the constructs are made once, here, and each executor compiles them per
+dialect (SQLAlchemy's own compiled cache on an AsyncConnection,
+:class:`amqp_queue.state.sql.sqlite_direct.SqliteSql` on the SQLite driver), PostgreSQL and
+SQLite alike. ``ids`` is an expanding list (``IN``).
+
+Only the ``ON CONFLICT`` inserts differ per dialect, in their construct, not their SQL
+(:func:`insert_into_free_slot`, :func:`insert_outbox_owner`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..model import CommandRecord, EndReason
+from .schema import IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
+
+c = command_queue.c
+
+Statement = sa.Select[Any] | sa.Insert | sa.Update | sa.Delete
+"""What an executor runs: a construct of this module."""
+
+FIELDS = tuple(field.name for field in dataclasses.fields(CommandRecord))
+"""The columns of a record: every column but ``seq``."""
+RECORD_COLUMNS = tuple(c[name] for name in FIELDS)
+
+_NOW = sa.bindparam("now", type_=c.ended_at.type)
+_IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
+_ONE = c.id == sa.bindparam("command_id")
+_DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > _NOW)
+
+
+def row_of(record: CommandRecord) -> dict[str, Any]:
+    """The values of :data:`INSERT` for ``record``."""
+    # Not dataclasses.asdict: it deep-copies every value, the largest cost of a batch insert.
+    row = {name: getattr(record, name) for name in FIELDS}
+    row["end_reason"] = None if record.end_reason is None else record.end_reason.value
+    return row
+
+
+def record_of(row: Mapping[str, Any]) -> CommandRecord:
+    """The record of a row read with :data:`RECORD_COLUMNS` (and ``seq``, ignored)."""
+    values = {name: row[name] for name in FIELDS}
+    values["id"] = str(values["id"])
+    values["payload"] = bytes(values["payload"])
+    reason = values["end_reason"]
+    values["end_reason"] = None if reason is None else EndReason(reason)
+    return CommandRecord(**values)
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+ONE = sa.select(*RECORD_COLUMNS).where(_ONE)
+"""Any command still held (``command_id``)."""
+
+ONE_LOCKED = ONE.with_for_update()
+"""A command's row, locked until the transaction ends (``command_id``)."""
+
+OPEN_COMMANDS = (
+    sa.select(*RECORD_COLUMNS)
+    .where(c.device_id == sa.bindparam("device"), IS_OPEN, c.expires_at > _NOW)
+    .order_by(c.seq)
+)
+"""A device's open, unexpired commands in write order (``device``, ``now``)."""
+
+DELIVERABLE = sa.select(*RECORD_COLUMNS).where(c.id.in_(_IDS), _DELIVERABLE)
+"""Of ``ids``, the commands open, ready and unexpired at ``now``."""
+
+LIVE = sa.select(c.id).where(_ONE, _DELIVERABLE)
+"""Whether one command (``command_id``) is open, ready and unexpired at ``now``."""
+
+UNPUBLISHED = (
+    sa.select(*RECORD_COLUMNS)
+    .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > _NOW)
+    .order_by(READY_AT, c.seq)
+    .limit(sa.bindparam("limit"))
+)
+"""The outbox: ready, unexpired commands the broker has not confirmed, in ready order
+(``now``, ``limit``).
+
+The limit must cut in ready order (a command confirmed late was written early), which the
+partial index ``ix_command_queue_outbox_ready`` serves without sorting.
+"""
+
+OUTBOX_HOLDER = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "outbox")
+
+# -- writes --------------------------------------------------------------------------------
+
+INSERT = sa.insert(command_queue).values({name: sa.bindparam(name) for name in FIELDS})
+"""One row per record (:func:`row_of`)."""
+
+
+@functools.cache
+def insert_into_free_slot(dialect: str) -> sa.Insert:
+    """:data:`INSERT` of a typed record unless its ``(device_id, command_type)`` slot holds
+    an open command; returns ``seq`` when it inserted.
+
+    On PostgreSQL a slot taken by a transaction not yet committed makes it wait for that
+    one, then insert nothing: the partial unique index decides, not a snapshot.
+    """
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(command_queue)
+        .values({name: sa.bindparam(name) for name in FIELDS})
+        .on_conflict_do_nothing(index_elements=[c.device_id, c.command_type], index_where=IS_OPEN)
+        .returning(c.seq)
+    )
+
+
+END_SLOT = (
+    sa.update(command_queue)
+    .where(c.device_id == sa.bindparam("device"), c.command_type == sa.bindparam("kind"), IS_OPEN)
+    .values(
+        end_reason=sa.case(
+            (c.expires_at <= _NOW, EndReason.EXPIRED.value),
+            else_=EndReason.SUPERSEDED.value,
+        ),
+        ended_at=_NOW,
+    )
+    .returning(c.end_reason)
+)
+"""Ends the open command of a slot (``device``, ``kind``) as a newer one replaces it, as
+:func:`amqp_queue.state.rules.end_of_replaced` says; returns how it ended."""
+
+
+@functools.cache
+def update_by_id(columns: tuple[str, ...]) -> sa.Update:
+    """Sets ``columns`` (each a bind parameter of its name) of one command (``command_id``)."""
+    values: dict[str, Any] = {name: sa.bindparam(name) for name in columns}
+    return sa.update(command_queue).where(_ONE).values(values)
+
+
+MARK_PUBLISHED = sa.update(command_queue).where(c.id.in_(_IDS)).values(published_at=_NOW)
+
+MARK_DELIVERED = (
+    sa.update(command_queue)
+    .where(c.id.in_(_IDS), IS_OPEN)
+    .values(delivered=sa.true(), ended_at=_NOW)
+)
+
+REJECT = (
+    sa.update(command_queue)
+    .where(c.id.in_(_IDS), IS_OPEN)
+    .values(end_reason=EndReason.REJECTED.value, ended_at=_NOW)
+)
+
+
+def _claim(among: bool) -> sa.Update:
+    # Waiting for a row lock, never skipping it: the lock may be a publish mark or a
+    # confirm, and a drain that skipped the row would miss a ready command. In seq order,
+    # so concurrent claims lock alike; once the lock is granted PostgreSQL checks the row
+    # again, so a command another drain just claimed is not claimed twice.
+    candidates = sa.select(c.seq).where(c.device_id == sa.bindparam("device"), _DELIVERABLE)
+    if among:
+        candidates = candidates.where(c.id.in_(_IDS))
+    return (
+        sa.update(command_queue)
+        .where(c.seq.in_(candidates.order_by(c.seq).with_for_update()))
+        .values(delivered=sa.true(), ended_at=_NOW)
+        .returning(c.seq, *RECORD_COLUMNS)
+    )
+
+
+CLAIM = _claim(among=False)
+"""Marks a device's deliverable commands delivered and returns them (``device``, ``now``)."""
+CLAIM_AMONG = _claim(among=True)
+""":data:`CLAIM` of those among ``ids`` only."""
+
+_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true())
+_other = command_queue.alias("other")
+_SLOT_TAKEN = (
+    sa.exists()
+    .where(
+        _other.c.device_id == c.device_id,
+        _other.c.command_type == c.command_type,
+        _other.c.delivered == sa.false(),
+        _other.c.end_reason.is_(None),
+    )
+    .correlate(command_queue)
+)
+RELEASE_ENDS = (
+    sa.update(command_queue)
+    .where(_GIVEN_BACK, c.expires_at <= _NOW)
+    .values(delivered=sa.false(), end_reason=EndReason.EXPIRED.value),
+    sa.update(command_queue)
+    .where(_GIVEN_BACK, _SLOT_TAKEN)
+    .values(delivered=sa.false(), end_reason=EndReason.SUPERSEDED.value),
+)
+"""A given-back command (of ``ids``) ends, in rule order: expired at ``now``, else its slot
+is a newer command's (see :func:`amqp_queue.state.rules.released`)."""
+REOPEN = (
+    sa.update(command_queue).where(_GIVEN_BACK).values(delivered=sa.false(), ended_at=sa.null())
+)
+"""The given-back commands (of ``ids``) that did not end are open again, still published."""
+REOPEN_UNPUBLISHED = REOPEN.values(published_at=sa.null())
+""":data:`REOPEN`, for the outbox to publish them again."""
+
+EXPIRE = (
+    sa.update(command_queue)
+    .where(IS_OPEN, c.expires_at <= _NOW)
+    .values(end_reason=EndReason.EXPIRED.value, ended_at=_NOW)
+)
+
+PRUNE = sa.delete(command_queue).where(
+    c.ended_at.is_not(None), c.ended_at < sa.bindparam("before", type_=c.ended_at.type)
+)
+
+
+@functools.cache
+def insert_outbox_owner(dialect: str) -> sa.Insert:
+    """Records ``owner`` as the outbox's unless one is recorded."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(outbox_owner)
+        .values(role="outbox", owner=sa.bindparam("owner"))
+        .on_conflict_do_nothing(index_elements=[outbox_owner.c.role])
+    )

@@ -1,0 +1,223 @@
+"""The index's write transactions, each written once and run by either executor.
+
+A transaction is a generator: it yields the statements to execute (the constructs of
+:mod:`amqp_queue.state.sql.statements`) and is sent back each one's result, so one algorithm
+per operation runs
+
+- on an AsyncConnection (:func:`run`): PostgreSQL, and SQLite where the store has no direct
+  connection (in memory, a named schema);
+- on the SQLite writer thread's own connection
+  (:class:`amqp_queue.state.sql.sqlite_writer.SqliteWriter`): the whole transaction in one
+  hop from the event loop.
+
+The executor begins and commits; a transaction only says what to execute and what it
+means. On PostgreSQL one may run again after a deadlock, so each is built afresh from a
+factory, and what it calls back (a :data:`~amqp_queue.state.indexed_store.Change`) is pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Generator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .. import rules
+from ..errors import StateError
+from ..indexed_store import Change
+from ..model import CommandRecord, EndReason
+from . import statements as sql
+
+T = TypeVar("T")
+
+Row = dict[str, Any]
+
+# A replacement that keeps losing the race for its type's slot means something is wrong.
+MAX_REPLACE_ATTEMPTS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Executes once; the result is the rows it returns (a SELECT, a RETURNING)."""
+
+    statement: sql.Statement
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Executes once; the result is how many rows it changed."""
+
+    statement: sql.Statement
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Many:
+    """Executes once per parameter set (``executemany``); no result."""
+
+    statement: sql.Statement
+    params: Sequence[Mapping[str, Any]]
+
+
+Step = Fetch | Count | Many
+Transaction = Generator[Step, object, T]
+
+
+def fetch(statement: sql.Statement, params: Mapping[str, Any]) -> Transaction[list[Row]]:
+    return cast(list[Row], (yield Fetch(statement, params)))
+
+
+def count(statement: sql.Statement, params: Mapping[str, Any]) -> Transaction[int]:
+    return cast(int, (yield Count(statement, params)))
+
+
+def many(statement: sql.Statement, params: Sequence[Mapping[str, Any]]) -> Transaction[None]:
+    yield Many(statement, params)
+
+
+async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
+    """Runs ``transaction`` on ``conn``, in the transaction the caller began."""
+    result: object = None
+    while True:
+        try:
+            step = transaction.send(result)
+        except StopIteration as done:
+            return cast(T, done.value)
+        if isinstance(step, Many):
+            await conn.execute(step.statement, list(step.params))
+            result = None
+        else:
+            executed = await conn.execute(step.statement, dict(step.params))
+            if isinstance(step, Count):
+                result = executed.rowcount
+            else:
+                result = [dict(row._mapping) for row in executed]
+
+
+# -- the transactions ----------------------------------------------------------------------
+
+
+def write(
+    records: Sequence[CommandRecord], published: Collection[str], now: datetime, dialect: str
+) -> Transaction[int]:
+    """Inserts ``records`` in order, each typed one replacing the open command of its
+    ``(device_id, command_type)`` slot (rule 3), and marks ``published`` commands published.
+
+    Within the batch the last record of a slot wins: the earlier ones are written already
+    ended, so they never hold the slot. Then per slot, in record order: end its open
+    command, insert the winner unless the slot is taken again, until it is in. Only on
+    PostgreSQL can a slot be taken again (a concurrent transaction committed a command of
+    that type after the end's snapshot); the next end (READ COMMITTED: a fresh snapshot)
+    ends that one. Rows keep the records' order, so ``seq`` is write order.
+
+    Returns:
+        How many open, unexpired commands the records superseded, theirs included.
+    """
+    winners: dict[tuple[str, str | None], int] = {
+        (record.device_id, record.command_type): index
+        for index, record in enumerate(records)
+        if record.command_type is not None
+    }
+    superseded = 0
+    plain: list[Row] = []
+    for index, record in enumerate(records):
+        row = sql.row_of(record)
+        slot = (record.device_id, record.command_type)
+        if winners.get(slot) == index:
+            if plain:
+                yield from many(sql.INSERT, plain)
+                plain = []
+            superseded += yield from _replace(row, now, dialect)
+            continue
+        if record.command_type is not None:
+            reason = rules.end_of_replaced(record, now)
+            superseded += reason is EndReason.SUPERSEDED
+            row["end_reason"], row["ended_at"] = reason.value, now
+        plain.append(row)
+    if plain:
+        yield from many(sql.INSERT, plain)
+    if published:
+        yield from count(sql.MARK_PUBLISHED, {"ids": list(published), "now": now})
+    return superseded
+
+
+def _replace(row: Row, now: datetime, dialect: str) -> Transaction[int]:
+    """Ends the open command of the row's slot and inserts the row; returns superseded."""
+    slot = {"device": row["device_id"], "kind": row["command_type"], "now": now}
+    insert = sql.insert_into_free_slot(dialect)
+    superseded = 0
+    for _ in range(MAX_REPLACE_ATTEMPTS):
+        ended = yield from fetch(sql.END_SLOT, slot)
+        superseded += sum(1 for each in ended if each["end_reason"] == EndReason.SUPERSEDED.value)
+        if (yield from fetch(insert, row)):
+            return superseded
+    raise StateError(
+        f"could not replace {row['command_type']!r} for device {row['device_id']!r}: "
+        f"lost the race {MAX_REPLACE_ATTEMPTS} times"
+    )
+
+
+def modify(command_id: str, change: Change) -> Transaction[CommandRecord | None]:
+    """Reads one command under lock, applies ``change``, writes the columns it changed;
+    returns the record as it now stands, None when there is no such command."""
+    found = yield from fetch(sql.ONE_LOCKED, {"command_id": command_id})
+    if not found:
+        return None
+    current = sql.record_of(found[0])
+    updated = change(current)
+    if updated is None:
+        return current
+    before, after = sql.row_of(current), sql.row_of(updated)
+    changes = {name: value for name, value in after.items() if value != before[name]}
+    if changes:
+        statement = sql.update_by_id(tuple(sorted(changes)))
+        yield from count(statement, {**changes, "command_id": command_id})
+    return updated
+
+
+def claim(
+    device_id: str, now: datetime, command_ids: Collection[str] | None
+) -> Transaction[list[CommandRecord]]:
+    """Marks the device's deliverable commands (of ``command_ids`` only, if given)
+    delivered; returns them in write order."""
+    params: dict[str, Any] = {"device": device_id, "now": now}
+    if command_ids is None:
+        rows = yield from fetch(sql.CLAIM, params)
+    else:
+        rows = yield from fetch(sql.CLAIM_AMONG, {**params, "ids": list(command_ids)})
+    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+
+
+def mark_delivered(command_ids: Collection[str], now: datetime) -> Transaction[int]:
+    return (yield from count(sql.MARK_DELIVERED, {"ids": list(command_ids), "now": now}))
+
+
+def reject(command_ids: Collection[str], now: datetime) -> Transaction[int]:
+    return (yield from count(sql.REJECT, {"ids": list(command_ids), "now": now}))
+
+
+def release(command_ids: Collection[str], now: datetime, *, unpublish: bool) -> Transaction[int]:
+    """Gives back delivered commands; returns how many are open again."""
+    params = {"ids": list(command_ids), "now": now}
+    # In rule order: an expired command stays finished, a taken slot stays its newer
+    # command's; only then is the rest opened again.
+    for end in sql.RELEASE_ENDS:
+        yield from count(end, params)
+    return (yield from count(sql.REOPEN_UNPUBLISHED if unpublish else sql.REOPEN, params))
+
+
+def expire(now: datetime) -> Transaction[int]:
+    return (yield from count(sql.EXPIRE, {"now": now}))
+
+
+def prune(before: datetime) -> Transaction[int]:
+    return (yield from count(sql.PRUNE, {"before": before}))
+
+
+def hold_outbox(owner: str, dialect: str) -> Transaction[str]:
+    yield from count(sql.insert_outbox_owner(dialect), {"owner": owner})
+    holder = yield from fetch(sql.OUTBOX_HOLDER, {})
+    return str(holder[0]["owner"])
