@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from yarl import URL
 
+from amqp_queue.connection import FailoverConnection
 from amqp_queue.errors import BrokerError, broker_errors
 
 logger = logging.getLogger("amqp_queue.channel_pool")
@@ -128,9 +128,14 @@ class ChannelPool:
                     f"most this store opens (RabbitMQConfig.channels_per_connection x "
                     f"max_connections); close some, or raise those"
                 )
-            with broker_errors(f"{doing}: opening another connection"):
-                async with asyncio.timeout(self._timeout):
-                    added = await aio_pika.connect_robust(_url_of(self._primary))
+            added = FailoverConnection(_nodes_of(self._primary), first=len(self._open))
+            try:
+                with broker_errors(f"{doing}: opening another connection"):
+                    async with asyncio.timeout(self._timeout):
+                        await added.connect()
+            except BaseException:
+                await added.close()
+                raise
             logger.info(
                 "%d delivery channels open: another connection to the broker (%d in all)",
                 sum(len(channels) for channels in self._open.values()),
@@ -141,12 +146,14 @@ class ChannelPool:
             return added
 
 
-def _url_of(connection: AbstractRobustConnection) -> URL:
-    """The URL the store's connection was made with (credentials included)."""
+def _nodes_of(connection: AbstractRobustConnection) -> list[URL]:
+    """The broker nodes the store's connection uses (credentials included)."""
+    if isinstance(connection, FailoverConnection):
+        return connection.nodes
     url = getattr(connection, "url", None)
     if not isinstance(url, URL):
         raise BrokerError("another connection is needed, but the store's has no URL to copy")
-    return url
+    return [url]
 
 
 class _Placeholder:

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.connection import connect_robust
+from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
 from amqp_queue.drain import drain
 from amqp_queue.errors import (
     BROKER_FAILURES,
@@ -105,7 +105,7 @@ class RabbitMQStore(CommandIntake):
     @classmethod
     async def connect(
         cls,
-        amqp_url: str,
+        amqp_url: BrokerUrls,
         *,
         state_url: str = DEFAULT_STATE_URL,
         config: RabbitMQConfig | None = None,
@@ -116,18 +116,24 @@ class RabbitMQStore(CommandIntake):
     ) -> RabbitMQStore:
         """Connects to the broker and opens the state index named by ``state_url``.
 
+        ``amqp_url`` is one AMQP URL, or a cluster's nodes: a list of URLs, or one string of
+        URLs separated by commas. Each connection attempt, the first and every reconnect,
+        goes to the next node in turn (see :mod:`amqp_queue.connection`).
+
         ``state_url`` is a SQLite file by default; a ``postgresql+asyncpg://`` URL selects
         PostgreSQL (``?schema=<name>`` keeps the index in that existing schema),
         ``memory://`` an in-process state that does not survive a restart; see
         :func:`amqp_queue.state.open_state`.
 
         Raises:
-            ValueError: ``state_url`` names no known backend or a schema that is not a plain
+            ValueError: ``amqp_url`` holds no URL or one that is not ``amqp(s)://host``;
+                ``state_url`` names no known backend or a schema that is not a plain
                 identifier.
             BrokerError: the broker could not be reached within ``connect_timeout`` seconds.
             StateError: the state index could not be opened.
         """
         config = config or RabbitMQConfig()
+        broker_urls(amqp_url)  # a bad address is refused before anything is opened
         state = await open_state(state_url, limits=config.limits, clock=clock, retention=retention)
         try:
             connection = await connect_robust(amqp_url, connect_timeout)

@@ -58,7 +58,9 @@ async def rabbitmq_store(
         async with store:
             yield store
     finally:
-        await delete_namespace(exchange, store.declared_devices, amqp_url=amqp_url)
+        # Several nodes (failover tests): they all front the machine's broker.
+        cleanup_url = amqp_url if "," not in amqp_url else AMQP_URL
+        await delete_namespace(exchange, store.declared_devices, amqp_url=cleanup_url)
 
 
 @asynccontextmanager
