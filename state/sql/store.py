@@ -323,6 +323,16 @@ class SqlStore(IndexedStore):
         raise AssertionError("unreachable: the last failure is re-raised")
 
     async def _select(self, query: sa.Select[Any], **params: Any) -> list[transactions.Row]:
+        if self._engine.dialect.name == "postgresql":
+            # One statement is a consistent snapshot by itself: in autocommit it costs one
+            # round trip, where BEGIN, the query and COMMIT (and the pool's reset) cost
+            # three or four: consume() asks this before every hand-out.
+            try:
+                async with self._engine.connect() as conn:
+                    auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return [dict(row._mapping) for row in await auto.execute(query, params)]
+            except (SQLAlchemyError, OSError) as exc:
+                raise StateError(f"state index read failed: {exc}") from exc
         async with self._read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query, params)]
 
