@@ -37,6 +37,14 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+def _days(seconds: float) -> str:
+    """A duration for a message: '30 days', '1.5 hours'."""
+    for unit, size in (("days", 86_400), ("hours", 3_600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} seconds"
+
+
 def validate_device_id(device_id: object, limits: Limits = DEFAULT_LIMITS) -> str:
     if not isinstance(device_id, str):
         raise InvalidDeviceId(f"device id must be a str, not {type(device_id).__name__}")
@@ -101,7 +109,10 @@ def validate_ttl(ttl: object, limits: Limits = DEFAULT_LIMITS) -> timedelta:
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidTTL(f"ttl must be positive and finite, got {ttl!r}")
     if seconds > limits.max_ttl.total_seconds():
-        raise InvalidTTL(f"ttl of {seconds:g}s is over the maximum of {limits.max_ttl}")
+        most = limits.max_ttl.total_seconds()
+        raise InvalidTTL(
+            f"ttl of {seconds:,.0f} s is over the maximum of {most:,.0f} s ({_days(most)})"
+        )
     lifetime = timedelta(seconds=seconds)
     if not lifetime:
         # It rounds to nothing: the command would be expired as it is written.

@@ -106,14 +106,15 @@ def emit(as_json: bool, data: object, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 
-def command_line(command: PendingCommand) -> str:
+def command_line(command: PendingCommand, *, delivered: bool = False) -> str:
     shown = command_io.encode_payload(command.payload)
     payload = shown["payload"] if shown["encoding"] == "utf-8" else f"base64:{shown['payload']}"
-    state = (
-        "awaiting confirmation"
-        if command.requires_confirmation and not command.confirmed
-        else "ready"
-    )
+    if delivered:
+        state = "delivered"
+    elif command.requires_confirmation and not command.confirmed:
+        state = "awaiting confirmation"
+    else:
+        state = "ready"
     kind = command.command_type or "-"
     return (
         f"{command.id}  {kind:<16} {state:<21} expires {command.expires_at:%Y-%m-%d %H:%M:%S}Z  "
@@ -121,11 +122,15 @@ def command_line(command: PendingCommand) -> str:
     )
 
 
-def listing(as_json: bool, device: str, commands: list[PendingCommand]) -> None:
+def listing(
+    as_json: bool, device: str, commands: list[PendingCommand], *, delivered: bool = False
+) -> None:
+    """Prints commands of a device; ``delivered``: just handed out (a drain), so says so."""
     emit(
         as_json,
         {"device_id": device, "commands": [command_io.command_json(c) for c in commands]},
-        "\n".join(command_line(c) for c in commands) or f"(nothing for {device})",
+        "\n".join(command_line(c, delivered=delivered) for c in commands)
+        or f"(nothing for {device})",
     )
 
 

@@ -165,7 +165,7 @@ def drain(settings: Settings, device: str, as_json: bool) -> None:
     The commands printed are marked delivered.
     """
     records = run_with_store(settings, lambda store: store.drain_commands(device))
-    listing(as_json, device, [record.to_pending() for record in records])
+    listing(as_json, device, [record.to_pending() for record in records], delivered=True)
 
 
 @click.command(epilog=EPILOG)
