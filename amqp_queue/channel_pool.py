@@ -16,6 +16,7 @@ import asyncio
 import logging
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.robust_channel import RobustChannel
 from yarl import URL
 
 from amqp_queue.connection import FailoverConnection
@@ -101,7 +102,11 @@ class ChannelPool:
             await connection.close()
 
     def _released(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
-        # Idempotent: a channel may report its close more than once.
+        # A robust channel reports a close also when its connection drops and it will be
+        # restored on the same connection: that one still takes its place. Only a close its
+        # owner asked for gives the place back. (Idempotent: it may report more than once.)
+        if isinstance(channel, RobustChannel) and not getattr(channel, "_close_called", True):
+            return
         self._open.get(connection, set()).discard(channel)
 
     def _room(self, connection: AbstractRobustConnection) -> int:

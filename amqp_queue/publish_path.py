@@ -23,6 +23,7 @@ from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.publish_path")
@@ -94,7 +95,14 @@ class PublishPath:
             # Refused for good: no retry makes the broker take it.
             self.in_flight.discard(record.id)
             logger.error("command %s rejected: %s", record.id, exc)
-            await self._state.reject([record.id])
+            try:
+                await self._state.reject([record.id])
+            except StateError as failure:
+                # The command is durable and the caller must not retry it: the relay meets
+                # the refusal again and ends it then.
+                logger.warning("command %s left to the relay to reject: %s", record.id, failure)
+                self.owe(record.id)
+                return
             self._observer.rejected(record)
             return
         except BrokerError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Coroutine
+from typing import Any
 
 from amqp_queue.inbox import Inbox
 from amqp_queue.stream import CommandStream
@@ -18,6 +20,18 @@ class RunningDeliveries:
     def __init__(self) -> None:
         self._streams: weakref.WeakSet[CommandStream] = weakref.WeakSet()
         self._drains: set[Inbox] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs clean-up work (closing a drain's channel) that no caller waits for."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        """Waits for the clean-up work still running (it bounds and logs its own failures)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     def stream(self, stream: CommandStream) -> CommandStream:
         self._streams.add(stream)
@@ -40,7 +54,7 @@ class RunningDeliveries:
             stream.interrupt()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_GRACE
-        while any(not stream.closed for stream in streams) or self._drains:
+        while any(stream.running for stream in streams) or self._drains:
             if loop.time() > deadline:
                 break
             await asyncio.sleep(0.01)

@@ -10,7 +10,6 @@ live are handed out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import timedelta
 from types import TracebackType
@@ -36,6 +35,7 @@ from amqp_queue.running_deliveries import RunningDeliveries
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.enqueue_calls import CommandIntake
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
@@ -49,7 +49,8 @@ logger = logging.getLogger("amqp_queue.store")
 _BROKER_GRACE = 2.0
 # A connection not up yet: its wait timed out, or aio-pika says "closed" with a RuntimeError.
 _NOT_REACHABLE: tuple[type[BaseException], ...] = (*BROKER_FAILURES, RuntimeError)
-_STILL_DOWN: tuple[type[BaseException], ...] = (BrokerError, *_NOT_REACHABLE)
+# Also the index: a blip of it as the broker comes back must not end the starter.
+_STILL_DOWN: tuple[type[BaseException], ...] = (BrokerError, StateError, *_NOT_REACHABLE)
 
 
 class RabbitMQStore(CommandIntake):
@@ -211,9 +212,12 @@ class RabbitMQStore(CommandIntake):
             self._started = True
         try:
             await self._relay.flush()
-        except BrokerError as exc:
+        except (BrokerError, StateError) as exc:
             logger.warning("start-up outbox pass failed, the relay will retry: %s", exc)
-        self._relay.start()
+        finally:
+            # Whatever the first pass met: the relay's own task retries, and without it
+            # every later command would wait for a pass that never comes.
+            self._relay.start()
 
     def _start_in_background(self, why: str) -> None:
         if self._starter is None or self._starter.done():
@@ -256,10 +260,15 @@ class RabbitMQStore(CommandIntake):
         try:
             if self._starter is not None:
                 self._starter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await self._starter
+                except asyncio.CancelledError:
+                    pass
+                except Exception as exc:  # it ended by itself; closing goes on regardless
+                    logger.error("the background start had failed: %s", exc)
                 self._starter = None
             await self._running.end()
+            await self._running.wait_background()
             await self._channels.close()
             if self._relay is not None:
                 await self._relay.close()
@@ -326,11 +335,9 @@ class RabbitMQStore(CommandIntake):
             finally:
                 self._running.drain_ended(inbox)
         finally:
-            try:
-                async with asyncio.timeout(self.config.publish_timeout):
-                    await channel.close()
-            except BROKER_FAILURES as exc:
-                logger.warning("closing the drain channel of %s: %s", device, exc)
+            # Not awaited by the caller: once the drain has returned, a cancellation while
+            # the channel closes must not take the commands it claimed with it.
+            self._running.background(_close_drain_channel(channel, device, self.config))
         return rules.in_ready_order(records)
 
     def consume(self, device_id: str) -> CommandStream:
@@ -352,7 +359,14 @@ class RabbitMQStore(CommandIntake):
     async def confirm_command(self, command_id: str) -> None:
         if not self.broker_pending:
             await self._ready()
-        record = await self.state.confirm(command_id)
+        # Shielded: a confirmation the index committed makes the command ready, and a
+        # cancelled caller must not leave it to wait out the relay's lease behind newer ones.
+        confirming = asyncio.ensure_future(self.state.confirm(command_id))
+        try:
+            record = await asyncio.shield(confirming)
+        except asyncio.CancelledError:
+            confirming.add_done_callback(self._owe_if_confirmed)
+            raise
         self.observer.confirmed(record)
         if self.broker_pending:
             if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
@@ -366,6 +380,13 @@ class RabbitMQStore(CommandIntake):
             and record.id not in self._path.in_flight
         ):
             await self._path.publish(record)
+
+    def _owe_if_confirmed(self, confirming: asyncio.Future[CommandRecord]) -> None:
+        if confirming.cancelled() or confirming.exception() is not None:
+            return
+        record = confirming.result()
+        if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
+            self._path.owe(record.id)
 
     async def cancel_command(self, command_id: str) -> None:
         # A message already in the queue stays there and is dropped at delivery.
@@ -461,3 +482,13 @@ class RabbitMQStore(CommandIntake):
         logger.info("broker connection restored; relaying the outbox")
         if self._relay is not None:
             self._relay.kick()
+
+
+async def _close_drain_channel(
+    channel: AbstractChannel, device: str, config: RabbitMQConfig
+) -> None:
+    try:
+        async with asyncio.timeout(config.publish_timeout):
+            await channel.close()
+    except BROKER_FAILURES as exc:
+        logger.warning("closing the drain channel of %s: %s", device, exc)

@@ -74,6 +74,8 @@ class CommandStream:
             on_detached_failure=self._log_mark_failure,
         )
         self._closed = False
+        # Set by interrupt(): a stream still opening ends as soon as it is open.
+        self._interrupted = False
         # A window the index failed on: not handed out, not acked; admitted first next time.
         self._unadmitted: list[AbstractIncomingMessage] = []
         # Ids handed out lately: a copy of one (a publish repeated after a lost confirm) may
@@ -143,13 +145,17 @@ class CommandStream:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def running(self) -> bool:
+        """Open on its queue and not closed yet."""
+        return self._inbox is not None and not self._closed
+
     def interrupt(self) -> None:
         """Ends the stream from outside (its store is closing): a loop waiting for the next
         command ends, and the next ``__anext__`` ends the iteration."""
+        self._interrupted = True
         if self._inbox is not None:
             self._inbox.interrupt()
-        else:
-            self._closed = True
 
     async def close(self) -> None:
         """Settles finished commands, requeues the rest and releases the channel.
@@ -193,7 +199,18 @@ class CommandStream:
     async def _open(self) -> None:
         if self._inbox is None:
             self._channel, topology = await self._open_channel()
-            self._inbox = await open_inbox(self._channel, topology, self._config, self._device_id)
+            try:
+                self._inbox = await open_inbox(
+                    self._channel, topology, self._config, self._device_id
+                )
+            except BaseException:
+                # A channel (and maybe a consumer) of a stream that never opened: closed,
+                # so it neither leaks nor holds messages unacked.
+                channel, self._channel = self._channel, None
+                await asyncio.shield(_close_channel(channel, self._config.publish_timeout))
+                raise
+            if self._interrupted:
+                self._inbox.interrupt()
 
     def _finish_current(self) -> None:
         if self._current is not None:
@@ -213,24 +230,30 @@ class CommandStream:
         live, finished = await split_live(self._state, self._device_id, self._unadmitted)
         self._unadmitted = []
         self._checked_at = self._clock()
-        for message in finished:
-            await self._drop(message)
+        # Every message is placed before anything is awaited: cancelled while acking the
+        # stale ones, the live ones are still here to hand out (or requeue on close), never
+        # orphaned for a later multiple ack to take.
+        stale = list(finished)
         for message, record in live:
             if record.id in self._handed:
-                await self._drop(message)
+                stale.append(message)
             else:
                 self._ready.append((message, record))
+        await self._drop_all(stale)
 
     async def _recheck(self) -> None:
         """Asks the index again, in one query, about every command still waiting."""
         live = await self._state.deliverable([record.id for _, record in self._ready])
         self._checked_at = self._clock()
-        waiting, self._ready = self._ready, deque()
-        for message, record in waiting:
-            if record.id in live:
-                self._ready.append((message, record))
-            else:
-                await self._drop(message)
+        waiting = self._ready
+        self._ready = deque(item for item in waiting if item[1].id in live)
+        await self._drop_all([message for message, record in waiting if record.id not in live])
+
+    async def _drop_all(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Acks stale messages; cancelled half way, the rest are acked by the next multiple
+        ack (stale, so that is their due) or requeued with the channel."""
+        for message in messages:
+            await self._drop(message)
 
     async def _recheck_next(self) -> None:
         """Drops stale commands from the front until the next one is live (a read each)."""
@@ -290,3 +313,11 @@ class CommandStream:
             return
         for message, _ in batch:
             await settle(message, ack=True)
+
+
+async def _close_channel(channel: AbstractChannel, give_up_after: float) -> None:
+    try:
+        async with asyncio.timeout(give_up_after):
+            await channel.close()
+    except BROKER_FAILURES as exc:
+        logger.warning("closing the channel of a stream that did not open: %s", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -108,22 +109,15 @@ class Topology:
             declared = asyncio.get_running_loop().create_future()
             self._declared[device_id] = declared
             self._forget_least_recent()
-            try:
-                # Not robust: a declaring channel need not re-declare every device queue
-                # after a reconnect; a publish that comes back unroutable declares it again.
-                # Bounded: during an outage a robust channel waits for the broker, and the
-                # enqueue waiting on this must return and leave its command to the outbox.
-                with broker_errors(f"declaring the queue of {device_id!r}"):
-                    async with asyncio.timeout(self._config.publish_timeout):
-                        await self.declare_queue(self._next_channel(), device_id, robust=False)
-            except BaseException as exc:
-                if self._declared.get(device_id) is declared:  # not forgotten meanwhile
-                    del self._declared[device_id]
-                declared.set_exception(exc)
-                # The caller sees the exception; anybody who awaited the future saw it too.
-                declared.exception()
-                raise
-            declared.set_result(None)
+            # A task of its own, shielded: a caller cancelled meanwhile leaves it to finish
+            # (aiormq closes the channel an RPC is cancelled on, and the declaring channels
+            # are shared), and the callers in line behind it get its outcome, not the
+            # first caller's cancellation.
+            declaring = asyncio.ensure_future(self._declare(device_id))
+            declaring.add_done_callback(
+                functools.partial(self._declaration_done, device_id, declared)
+            )
+            await asyncio.shield(declaring)
             return
         self._declared.move_to_end(device_id)
         if device_id not in self._lines and declared.done():
@@ -131,6 +125,30 @@ class Topology:
             declared.result()
             return
         await self._wait_in_line(device_id, declared)
+
+    async def _declare(self, device_id: str) -> None:
+        # Not robust: a declaring channel need not re-declare every device queue after a
+        # reconnect; a publish that comes back unroutable declares it again. Bounded: during
+        # an outage a robust channel waits for the broker, and the enqueue waiting on this
+        # must return and leave its command to the outbox.
+        with broker_errors(f"declaring the queue of {device_id!r}"):
+            async with asyncio.timeout(self._config.publish_timeout):
+                await self.declare_queue(self._next_channel(), device_id, robust=False)
+
+    def _declaration_done(
+        self, device_id: str, declared: asyncio.Future[None], declaring: asyncio.Task[None]
+    ) -> None:
+        failure: BaseException | None = (
+            asyncio.CancelledError() if declaring.cancelled() else declaring.exception()
+        )
+        if failure is None:
+            declared.set_result(None)
+            return
+        if self._declared.get(device_id) is declared:  # not forgotten meanwhile
+            del self._declared[device_id]
+        declared.set_exception(failure)
+        # Whoever waits on it sees the failure; nobody waiting is no unretrieved error.
+        declared.exception()
 
     async def _wait_in_line(self, device_id: str, declared: asyncio.Future[None]) -> None:
         """Waits for the device's declaration behind every caller that came before.

@@ -163,10 +163,43 @@ class IndexedStore(CommandIntake):
         Returns:
             How many commands are open again.
         """
+        older = await self._older_of_a_slot([*requeued, *republish])
+        now = self.clock()
+        for command_id in older:
+            # A newer command of its type was given back too: that one is the latest intent.
+            await self.modify(
+                command_id,
+                lambda record: (
+                    rules.released(record, now, slot_taken=True, unpublish=False)
+                    if record.delivered
+                    else None
+                ),
+            )
+        requeued = [command_id for command_id in requeued if command_id not in older]
+        republish = [command_id for command_id in republish if command_id not in older]
         reopened = await self._release(requeued, unpublish=False) if requeued else 0
         if republish:
             reopened += await self._release(republish, unpublish=True)
         return reopened
+
+    async def _older_of_a_slot(self, command_ids: Collection[str]) -> set[str]:
+        """Of these ids, the typed ones a newer given-back command of the same
+        ``(device_id, command_type)`` replaces (rule 3 among the given-back themselves)."""
+        newest: dict[tuple[str, str], CommandRecord] = {}
+        older: set[str] = set()
+        for command_id in command_ids:
+            record = await self.get(command_id)
+            if record is None or record.command_type is None or not record.delivered:
+                continue
+            slot = (record.device_id, record.command_type)
+            kept = newest.get(slot)
+            if kept is None or record.created_at >= kept.created_at:
+                if kept is not None:
+                    older.add(kept.id)
+                newest[slot] = record
+            else:
+                older.add(record.id)
+        return older
 
     async def claim_outbox(self, owner: str) -> None:
         """Makes ``owner`` (a publisher's namespace: RabbitMQStore's exchange) the one that

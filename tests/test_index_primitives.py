@@ -262,3 +262,21 @@ async def test_the_outbox_belongs_to_the_first_owner_that_claims_it(
 
     with pytest.raises(OutboxTaken, match=r"ble\.commands"):
         await indexed.claim_outbox("other.exchange")
+
+
+async def test_release_of_two_commands_of_one_slot_reopens_only_the_newer(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    """A drain claimed A, then B replaced it as the slot's open command and was claimed
+    too; the drain is cancelled: B is the latest intent, A stays replaced."""
+    older = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    await indexed.claim("dev-1", [older])
+    clock.advance(1)
+    newer = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    await indexed.claim("dev-1", [newer])
+
+    assert await indexed.release([], [older, newer]) == 1
+
+    assert await indexed.get_status(older) == CommandStatus.SUPERSEDED
+    assert await indexed.get_status(newer) == CommandStatus.PENDING
+    assert await indexed.drain_pending("dev-1") == [b"21"]
