@@ -17,6 +17,7 @@ from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from amqp_queue.broker_start import BrokerStart
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
@@ -24,7 +25,6 @@ from amqp_queue.drain import drain
 from amqp_queue.errors import (
     BROKER_FAILURES,
     BrokerError,
-    broker_errors,
 )
 from amqp_queue.inbox import open_inbox
 from amqp_queue.observer import Observer
@@ -35,7 +35,6 @@ from amqp_queue.running_deliveries import RunningDeliveries
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.enqueue_calls import CommandIntake
-from amqp_queue.state.errors import StateError
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
@@ -44,16 +43,8 @@ from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.store")
 
-# Seconds start(wait_for_broker=False) gives a connection still trying before it starts
-# without the broker (and the first pause between attempts after that).
-_BROKER_GRACE = 2.0
-# A connection not up yet: its wait timed out, or aio-pika says "closed" with a RuntimeError.
-_NOT_REACHABLE: tuple[type[BaseException], ...] = (*BROKER_FAILURES, RuntimeError)
-# Also the index: a blip of it as the broker comes back must not end the starter.
-_STILL_DOWN: tuple[type[BaseException], ...] = (BrokerError, StateError, *_NOT_REACHABLE)
 
-
-class RabbitMQStore(CommandIntake):
+class RabbitMQStore(BrokerStart, CommandIntake):
     """The command store delivering over RabbitMQ, one durable queue per device.
 
     Args:
@@ -152,102 +143,6 @@ class RabbitMQStore(CommandIntake):
 
     # -- life cycle ---------------------------------------------------------------------
 
-    async def start(self, *, wait_for_broker: bool = True) -> None:
-        """Declares the exchange, opens the publishing channel and runs the outbox relay.
-
-        Args:
-            wait_for_broker: True (the default): a broker that cannot be reached is a
-                :class:`BrokerError`. False: the store starts anyway and keeps trying in the
-                background (a sidecar restarted during a broker outage): meanwhile enqueues
-                and confirmations go into the index at once and are published, in order, as
-                soon as the broker is reachable; drains and streams fail with BrokerError.
-        """
-        if not wait_for_broker and not self._started:
-            # The index's answer does not wait for the broker: another exchange's is refused now.
-            await self.state.claim_outbox(self.config.exchange)
-            try:
-                # A connection still trying is not waited for: the outage may be long.
-                async with asyncio.timeout(_BROKER_GRACE):
-                    await self._connection.ready()
-            except _NOT_REACHABLE as exc:
-                self._start_in_background(f"not connected ({type(exc).__name__})")
-                return
-        try:
-            await self._start_on_broker()
-        except BrokerError as exc:
-            if wait_for_broker:
-                raise
-            self._start_in_background(str(exc))
-
-    async def _start_on_broker(self) -> None:
-        async with self._start_lock:
-            if self._started:
-                return
-            await self.state.claim_outbox(self.config.exchange)
-            try:
-                self._channel = await self._open_channel(
-                    "opening the publishing channel", publisher_confirms=True
-                )
-                # One at a time into the list _close_channels() closes, so none leaks if a
-                # later one fails.
-                for _ in range(self.config.declare_channels):
-                    self._declaring.append(
-                        await self._open_channel("opening a channel to declare queues")
-                    )
-                self._topology = Topology(self._channel, self.config, declaring=self._declaring)
-                await self._topology.declare_exchange()
-            except BaseException:
-                await self._close_channels()
-                raise
-            self._publisher = Publisher(self._topology, self.config, self.state.clock)
-            self._relay = OutboxRelay(
-                self.state,
-                self._publisher,
-                self.config,
-                in_flight=self._path.in_flight,
-                observer=self.observer,
-            )
-            self._path.attach(self._publisher, self._relay)
-            self._connection.reconnect_callbacks.add(self._on_reconnect)
-            self._started = True
-        try:
-            await self._relay.flush()
-        except (BrokerError, StateError) as exc:
-            logger.warning("start-up outbox pass failed, the relay will retry: %s", exc)
-        finally:
-            # Whatever the first pass met: the relay's own task retries, and without it
-            # every later command would wait for a pass that never comes.
-            self._relay.start()
-
-    def _start_in_background(self, why: str) -> None:
-        if self._starter is None or self._starter.done():
-            logger.warning(
-                "broker unreachable (%s): accepting commands into the index and connecting "
-                "in the background",
-                why,
-            )
-            self._starter = asyncio.create_task(
-                self._start_when_reachable(), name="amqp_queue.store.start"
-            )
-
-    async def _start_when_reachable(self) -> None:
-        pause = _BROKER_GRACE
-        while not self._started:
-            try:
-                async with asyncio.timeout(pause):
-                    await self._connection.ready()
-                await self._start_on_broker()
-            except _STILL_DOWN as exc:
-                logger.debug("broker still unreachable: %s", exc)
-                await asyncio.sleep(min(pause, 1.0))
-                pause = min(pause * 2, 30.0)
-        logger.info("broker reachable: the store is started")
-
-    @property
-    def broker_pending(self) -> bool:
-        """Whether the store started without its broker and is still waiting for it."""
-        return not self._started and self._starter is not None
-
     async def close(self) -> None:
         """Ends running streams and drains, stops the relay, flushes pending index updates
         and closes what the store owns.
@@ -280,17 +175,6 @@ class RabbitMQStore(CommandIntake):
             for resource in reversed(self._owned):
                 await resource.close()
             self._owned = []
-
-    async def _close_channels(self) -> None:
-        channels, self._declaring = [self._channel, *self._declaring], []
-        self._channel = None
-        for channel in channels:
-            if channel is not None and not channel.is_closed:
-                try:
-                    async with asyncio.timeout(self.config.publish_timeout):
-                        await channel.close()
-                except BROKER_FAILURES as exc:
-                    logger.warning("closing a channel of the store: %s", exc)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -425,19 +309,6 @@ class RabbitMQStore(CommandIntake):
         # The limits, and a queue name within AMQP's 255 bytes, before anything is written.
         return self.config.validate_device(device_id)
 
-    async def _open_channel(
-        self, doing: str, *, publisher_confirms: bool = False
-    ) -> AbstractChannel:
-        """A new channel once the connection is up, waiting for a reconnect within limits."""
-        with broker_errors(doing):
-            try:
-                async with asyncio.timeout(self.config.publish_timeout):
-                    await self._connection.ready()
-                    return await self._connection.channel(publisher_confirms=publisher_confirms)
-            except RuntimeError as exc:
-                # aio-pika says "connection closed" with a bare RuntimeError.
-                raise BrokerError(f"{doing} failed: {exc}") from exc
-
     async def _ready(self) -> Topology:
         if self.broker_pending:
             raise BrokerError("the broker is unreachable; the store keeps trying to connect")
@@ -477,11 +348,6 @@ class RabbitMQStore(CommandIntake):
             await self._relay.flush()
         except BrokerError as exc:
             logger.warning("outbox not flushed before a drain: %s", exc)
-
-    def _on_reconnect(self, *_: object) -> None:
-        logger.info("broker connection restored; relaying the outbox")
-        if self._relay is not None:
-            self._relay.kick()
 
 
 async def _close_drain_channel(

@@ -2,8 +2,8 @@
 scripts.
 
 Redis runs a script atomically, so a replacement, a drain, an expiry sweep or an outbox update
-is never seen half done by another client or process. The hash encoding lives beside the
-scripts because both sides must agree on it field for field.
+is never seen half done by another client or process. The hash encoding both sides agree on
+field for field is in :mod:`amqp_queue.state.redis_encoding`.
 
 Layout of a store's keys (``P`` is the store's prefix):
 
@@ -30,117 +30,6 @@ Times pass through the scripts as the strings the caller sent: Lua would print a
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import TypeVar
-
-from .errors import StateError
-from .model import CommandRecord, EndReason
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-_T = TypeVar("_T")
-
-Hash = Mapping[bytes | str, bytes | str]
-"""A command hash as redis-py returns it (bytes, as the store's client never decodes)."""
-
-
-def encode_time(moment: datetime) -> str:
-    """A datetime as integer microseconds since the epoch: exact, and sortable as a score."""
-    return str((moment - _EPOCH) // _MICROSECOND)
-
-
-def encode_flag(value: bool) -> str:
-    return "1" if value else "0"
-
-
-def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
-    """A record as hash fields; None fields are left out (``seq`` is the scripts' to set)."""
-    fields: dict[str, str | bytes] = {
-        "id": record.id,
-        "device_id": record.device_id,
-        "payload": record.payload,
-        "requires_confirmation": encode_flag(record.requires_confirmation),
-        "confirmed": encode_flag(record.confirmed),
-        "delivered": encode_flag(record.delivered),
-        "created_at": encode_time(record.created_at),
-        "expires_at": encode_time(record.expires_at),
-    }
-    if record.command_type is not None:
-        fields["command_type"] = record.command_type
-    if record.end_reason is not None:
-        fields["end_reason"] = record.end_reason.value
-    for name, moment in (
-        ("confirmed_at", record.confirmed_at),
-        ("ended_at", record.ended_at),
-        ("published_at", record.published_at),
-    ):
-        if moment is not None:
-            fields[name] = encode_time(moment)
-    return fields
-
-
-def changed_fields(
-    current: CommandRecord, updated: CommandRecord
-) -> tuple[list[str | bytes], list[str]]:
-    """The hash fields to write (name, value, ...) and to delete to turn one into the other."""
-    before, after = record_fields(current), record_fields(updated)
-    written: list[str | bytes] = []
-    for name, value in after.items():
-        if before.get(name) != value:
-            written += [name, value]
-    return written, [name for name in before if name not in after]
-
-
-def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
-    """A stored hash as (write order, record).
-
-    Raises:
-        StateError: the hash is not a command (a field is missing).
-    """
-
-    def raw(name: str) -> bytes | None:
-        value = fields.get(name.encode())
-        return value.encode() if isinstance(value, str) else value
-
-    def text(name: str) -> str | None:
-        value = raw(name)
-        return None if value is None else value.decode()
-
-    def time(name: str) -> datetime | None:
-        value = raw(name)
-        return None if value is None else _EPOCH + int(value) * _MICROSECOND
-
-    def required(value: _T | None, name: str) -> _T:
-        if value is None:
-            raise StateError(f"stored command is missing its {name!r} field")
-        return value
-
-    reason = text("end_reason")
-    record = CommandRecord(
-        id=required(text("id"), "id"),
-        device_id=required(text("device_id"), "device_id"),
-        command_type=text("command_type"),
-        payload=required(raw("payload"), "payload"),
-        requires_confirmation=raw("requires_confirmation") == b"1",
-        confirmed=raw("confirmed") == b"1",
-        created_at=required(time("created_at"), "created_at"),
-        expires_at=required(time("expires_at"), "expires_at"),
-        confirmed_at=time("confirmed_at"),
-        delivered=raw("delivered") == b"1",
-        end_reason=None if reason is None else EndReason(reason),
-        ended_at=time("ended_at"),
-        published_at=time("published_at"),
-    )
-    return int(required(raw("seq"), "seq")), record
-
-
-def decode_replies(replies: Sequence[Sequence[bytes]]) -> list[tuple[int, CommandRecord]]:
-    """A script's list of flat HGETALL replies as (write order, record), oldest write first."""
-    decoded = (decode_record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in replies)
-    return sorted(decoded, key=lambda item: item[0])
-
 
 _PRELUDE = """
 local prefix, now, finished_ttl = ARGV[1], ARGV[2], ARGV[3]

@@ -35,7 +35,7 @@ from .clock import Clock, utc_now
 from .errors import StateError
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from .model import CommandRecord
-from .redis_scripts import (
+from .redis_encoding import (
     changed_fields,
     decode_record,
     decode_replies,
