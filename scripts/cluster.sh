@@ -15,7 +15,8 @@
 #   scripts/cluster.sh ctl NODE ARGS...   rabbitmqctl -n NODE@localhost ARGS (NODE: c1, c2, c3)
 #
 # Ports: CLUSTER_BASE_PORT (default 5681) for c1, +1 for c2, +2 for c3; distribution ports
-# 20000 above. The nodes share the Erlang cookie that rabbit-node.sh gives every private node
+# 20000 above. CLUSTER_PREFIX (default c) names the nodes PREFIX1..PREFIX3, so a second
+# cluster (the test suite's) can run beside this one on other ports and another directory. The nodes share the Erlang cookie that rabbit-node.sh gives every private node
 # (as root: the rabbitmq user's; otherwise the caller's ~/.erlang.cookie).
 set -euo pipefail
 
@@ -24,7 +25,10 @@ NODE_SCRIPT="$HERE/rabbit-node.sh"
 export AMQP_QUEUE_NODES_DIR=${AMQP_QUEUE_CLUSTER_DIR:-${TMPDIR:-/tmp}/amqp-queue-cluster}
 BASE_PORT=${CLUSTER_BASE_PORT:-5681}
 TIMEOUT=${CLUSTER_TIMEOUT:-90}
-NODES=(c1 c2 c3)
+PREFIX=${CLUSTER_PREFIX:-c}
+[[ $PREFIX =~ ^[A-Za-z][A-Za-z0-9_-]{0,40}$ ]] || { echo "cluster: bad CLUSTER_PREFIX '$PREFIX'" >&2; exit 1; }
+NODES=("${PREFIX}1" "${PREFIX}2" "${PREFIX}3")
+FIRST=${NODES[0]}
 
 die() {
   echo "cluster: $*" >&2
@@ -54,8 +58,8 @@ urls() {
 
 # How many of the three nodes c1 reports as running members of its cluster.
 running_members() {
-  node ctl c1 -q eval \
-    'length([N || N <- rabbit_nodes:all_running(), lists:member(N, [c1@localhost, c2@localhost, c3@localhost])]).' \
+  node ctl "$FIRST" -q eval \
+    "length([N || N <- rabbit_nodes:all_running(), lists:member(N, ['${NODES[0]}@localhost', '${NODES[1]}@localhost', '${NODES[2]}@localhost'])])." \
     2>/dev/null || echo 0
 }
 
@@ -99,7 +103,7 @@ start() {
       cat "$AMQP_QUEUE_NODES_DIR/${NODES[$i]}.start.log" >&2
     fi
   done
-  rm -f "$AMQP_QUEUE_NODES_DIR"/c?.start.log
+  rm -f "$AMQP_QUEUE_NODES_DIR"/*.start.log
   if [ "$failed" -ne 0 ]; then
     stop >/dev/null 2>&1 || true
     die "a node did not start"
@@ -112,16 +116,16 @@ start() {
   for name in "${NODES[@]:1}"; do
     if ! { node ctl "$name" -q stop_app &&
       node ctl "$name" -q reset &&
-      node ctl "$name" -q join_cluster c1@localhost &&
+      node ctl "$name" -q join_cluster "$FIRST@localhost" &&
       node start_app "$name"; } >"$join_log" 2>&1; then
       cat "$join_log" >&2
       stop >/dev/null 2>&1 || true
-      die "$name@localhost could not join c1@localhost"
+      die "$name@localhost could not join $FIRST@localhost"
     fi
   done
   rm -f "$join_log"
   if ! await_cluster; then
-    node ctl c1 cluster_status >&2 || true
+    node ctl "$FIRST" cluster_status >&2 || true
     stop >/dev/null 2>&1 || true
     die "the cluster did not report three running nodes within ${TIMEOUT}s"
   fi
@@ -133,11 +137,11 @@ start() {
 
 stop() {
   local name
-  # c2 and c3 first, so c1 (the node the others joined) goes last.
-  for name in c3 c2 c1; do
+  # The last two first, so the node the others joined goes last.
+  for name in "${NODES[2]}" "${NODES[1]}" "${NODES[0]}"; do
     node remove "$name"
   done
-  rm -f "$AMQP_QUEUE_NODES_DIR"/c?.start.log "$AMQP_QUEUE_NODES_DIR/join.log"
+  rm -f "$AMQP_QUEUE_NODES_DIR"/*.start.log "$AMQP_QUEUE_NODES_DIR/join.log"
   rmdir "$AMQP_QUEUE_NODES_DIR" 2>/dev/null || true
 }
 
@@ -147,7 +151,7 @@ shift
 case "$command" in
   start) start ;;
   stop) stop ;;
-  status) node ctl c1 cluster_status ;;
+  status) node ctl "$FIRST" cluster_status ;;
   urls) urls ;;
   ctl)
     [ $# -ge 2 ] || die "usage: $0 ctl NODE ARGS..."

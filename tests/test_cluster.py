@@ -1,9 +1,9 @@
 """A three-node RabbitMQ cluster (scripts/cluster.sh): quorum device queues, and a store that
 carries on when the node it is connected to goes away.
 
-The cluster is private nodes c1, c2, c3@localhost (about 20 s to start); a cluster already
-running (``make cluster``) is used as it is and left running. The machine's broker is not
-touched.
+The module starts a cluster of its own (about 20 s) and removes it afterwards: private nodes
+named after a unique prefix, on free ports, so it neither meets ``make cluster``'s c1..c3 nor
+another checkout's run. The machine's broker is not touched.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,12 +25,32 @@ import pytest
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.connection import FailoverConnection
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
+from tests.private_broker import AMQP_PORTS, DIST_OFFSET, _port_free
 from tests.support import eventually, unique
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cluster.sh"
-NODES = ("c1", "c2", "c3")
+PREFIX = unique("cl")
+NODES = tuple(f"{PREFIX}{i}" for i in (1, 2, 3))
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def _free_base_port() -> int:
+    """The first of three consecutive free AMQP ports whose distribution twins are free."""
+    for base in random.sample(AMQP_PORTS[:-3], 200):
+        ports = [base + i for i in range(3)]
+        if all(_port_free(port) and _port_free(port + DIST_OFFSET) for port in ports):
+            return base
+    raise RuntimeError(f"no three free consecutive ports in {AMQP_PORTS}")
+
+
+ENV = {
+    **os.environ,
+    "CLUSTER_PREFIX": PREFIX,
+    "CLUSTER_BASE_PORT": str(_free_base_port()),
+    # Not pytest's tmp_path: the rabbitmq user that runs the nodes (as root) must reach it.
+    "AMQP_QUEUE_CLUSTER_DIR": str(Path(tempfile.gettempdir()) / f"amqp-queue-{PREFIX}"),
+}
 
 
 def _cluster(*args: str, timeout: float = 180.0) -> str:
@@ -38,7 +60,7 @@ def _cluster(*args: str, timeout: float = 180.0) -> str:
         text=True,
         timeout=timeout,
         check=False,
-        env=os.environ.copy(),
+        env=ENV,
     )
     if done.returncode != 0:
         raise RuntimeError(
@@ -49,15 +71,14 @@ def _cluster(*args: str, timeout: float = 180.0) -> str:
 
 @pytest.fixture(scope="module")
 def cluster_urls() -> Iterator[list[str]]:
-    """The cluster's node URLs, c1 first; the cluster is stopped afterwards if this started it."""
-    output = _cluster("start")
-    urls = output.strip().splitlines()[-1].split(",")
-    assert len(urls) == len(NODES)
+    """The cluster's node URLs, the first node's first; the cluster is removed afterwards."""
     try:
+        output = _cluster("start")
+        urls = output.strip().splitlines()[-1].split(",")
+        assert len(urls) == len(NODES)
         yield urls
     finally:
-        if "already running" not in output:
-            _cluster("stop")
+        _cluster("stop")
 
 
 def _node_of(url: str, urls: list[str]) -> str:
@@ -125,7 +146,7 @@ async def test_device_queues_are_quorum_queues_and_keep_order_and_ttl(
             await store.enqueue("gw-1", payload, 600)
 
         queue = store.config.queue_name("gw-1")
-        types = await asyncio.to_thread(_queue_types, "c2")  # any member sees every queue
+        types = await asyncio.to_thread(_queue_types, NODES[1])  # any member sees every queue
         assert types.get(queue) == "quorum", types
 
         assert await store.drain_pending("gw-1") == payloads
@@ -149,7 +170,7 @@ async def test_device_queues_are_quorum_queues_and_keep_order_and_ttl(
         await store.enqueue("gw-4", b"stale", 1)
         await asyncio.sleep(1.5)
         assert await store.drain_pending("gw-4") == []
-        assert _queue_types("c3").get(store.config.queue_name("gw-4")) == "quorum"
+        assert _queue_types(NODES[2]).get(store.config.queue_name("gw-4")) == "quorum"
 
 
 async def test_losing_the_connected_node_loses_nothing(
