@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,6 +27,7 @@ import pytest
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.connection import FailoverConnection
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
+from tests.backends import POSTGRES_URL, postgres_schema
 from tests.private_broker import AMQP_PORTS, DIST_OFFSET, _port_free
 from tests.support import eventually, unique
 
@@ -250,3 +253,49 @@ async def test_losing_the_connected_node_loses_nothing(
         finally:
             await asyncio.to_thread(_cluster, "ctl", lost, "-q", "start_app")
             await asyncio.to_thread(_cluster, "ctl", lost, "-q", "await_startup")
+
+
+async def test_two_processes_on_one_postgres_index_deliver_each_command_once(
+    cluster_urls: list[str],
+) -> None:
+    """A store process that enqueues and one that consumes, each with its own relay running,
+    on one PostgreSQL index and the cluster: every command is handed out once."""
+    count = 50
+    exchange = unique("cluster.")
+    device = "gw-shared"
+    amqp_urls = ",".join(cluster_urls)
+    async with postgres_schema() as schema:
+        state_url = f"{POSTGRES_URL}?schema={schema}"
+        child = [sys.executable, "-m", "tests.cluster_child"]
+        consumer = await asyncio.create_subprocess_exec(
+            *child, "consume", amqp_urls, state_url, exchange, device, str(count), "45",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert consumer.stdout is not None
+            async with asyncio.timeout(60):
+                assert (await consumer.stdout.readline()).strip() == b"ready"
+            producer = await asyncio.create_subprocess_exec(
+                *child, "enqueue", amqp_urls, state_url, exchange, device, str(count),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            async with asyncio.timeout(90):
+                produced, _ = await producer.communicate()
+                consumed, _ = await consumer.communicate()
+            assert producer.returncode == 0
+            assert consumer.returncode == 0
+        finally:
+            if consumer.returncode is None:
+                consumer.kill()
+                await consumer.wait()
+        enqueued = json.loads(produced.decode().strip().splitlines()[-1])
+        handed = json.loads(consumed.decode().strip().splitlines()[-1])
+        assert len(enqueued) == count
+        assert sorted(handed) == sorted(enqueued), "a command lost or handed out twice"
+        assert handed == enqueued  # and in the order they were enqueued
+    with contextlib.suppress(*BROKER_FAILURES):
+        connection = await aio_pika.connect(cluster_urls[-1])
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(RabbitMQConfig(exchange=exchange).queue_name(device))
+            await channel.exchange_delete(exchange)
