@@ -1,5 +1,5 @@
 # The README's commands are these targets; CI calls `make test` through .ci/run.
-.PHONY: demo test lint services bench bench-scale reliability
+.PHONY: demo test lint services bench bench-scale reliability cluster cluster-stop
 
 demo:  ## run the main job
 	scripts/demo.sh
@@ -31,3 +31,12 @@ reliability:  ## the full fault harness and long property runs; prints the total
 	.venv/bin/python -m tests.faults $(RELIABILITY_ARGS)
 	AMQP_QUEUE_PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) .venv/bin/python -m pytest -q --timeout=0 \
 		-p no:cacheprovider --hypothesis-show-statistics tests/properties
+
+# A local three-node RabbitMQ cluster of private nodes c1, c2, c3@localhost (AMQP ports 5681-5683,
+# CLUSTER_BASE_PORT=... for others); the last line printed is the nodes' URLs, comma-separated,
+# as AMQP_URL takes them. The machine's broker is not touched.
+cluster:  ## start (or find) a local three-node RabbitMQ cluster; prints its URLs last
+	scripts/cluster.sh start
+
+cluster-stop:  ## stop the local cluster and delete its nodes' data
+	scripts/cluster.sh stop

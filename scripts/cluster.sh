@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# A local three-node RabbitMQ cluster made of private nodes (scripts/rabbit-node.sh): c1, c2
+# and c3 @localhost, each with its own AMQP and distribution ports on 127.0.0.1 and its data
+# under $AMQP_QUEUE_CLUSTER_DIR (default ${TMPDIR:-/tmp}/amqp-queue-cluster). The machine's
+# own broker is never touched: every rabbitmqctl call names a private node with -n.
+#
+# Usage:
+#   scripts/cluster.sh start    starts the three nodes (or finds them already running and
+#                               clustered), joins c2 and c3 to c1, waits until cluster_status
+#                               lists three running nodes, and prints the nodes' AMQP URLs,
+#                               comma-separated, as its last line
+#   scripts/cluster.sh stop     stops the three nodes and deletes their directories
+#   scripts/cluster.sh status   cluster_status as c1 sees it
+#   scripts/cluster.sh urls     the AMQP URLs, comma-separated
+#   scripts/cluster.sh ctl NODE ARGS...   rabbitmqctl -n NODE@localhost ARGS (NODE: c1, c2, c3)
+#
+# Ports: CLUSTER_BASE_PORT (default 5681) for c1, +1 for c2, +2 for c3; distribution ports
+# 20000 above. CLUSTER_PREFIX (default c) names the nodes PREFIX1..PREFIX3, so a second
+# cluster (the test suite's) can run beside this one on other ports and another directory. The nodes share the Erlang cookie that rabbit-node.sh gives every private node
+# (as root: the rabbitmq user's; otherwise the caller's ~/.erlang.cookie).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+NODE_SCRIPT="$HERE/rabbit-node.sh"
+export AMQP_QUEUE_NODES_DIR=${AMQP_QUEUE_CLUSTER_DIR:-${TMPDIR:-/tmp}/amqp-queue-cluster}
+BASE_PORT=${CLUSTER_BASE_PORT:-5681}
+TIMEOUT=${CLUSTER_TIMEOUT:-90}
+PREFIX=${CLUSTER_PREFIX:-c}
+[[ $PREFIX =~ ^[A-Za-z][A-Za-z0-9_-]{0,40}$ ]] || { echo "cluster: bad CLUSTER_PREFIX '$PREFIX'" >&2; exit 1; }
+NODES=("${PREFIX}1" "${PREFIX}2" "${PREFIX}3")
+FIRST=${NODES[0]}
+
+die() {
+  echo "cluster: $*" >&2
+  exit 1
+}
+
+node() { "$NODE_SCRIPT" "$@"; }
+
+port_of() {
+  local i
+  for i in "${!NODES[@]}"; do
+    if [ "${NODES[$i]}" = "$1" ]; then
+      echo $((BASE_PORT + i))
+      return
+    fi
+  done
+  die "no node $1 in the cluster (${NODES[*]})"
+}
+
+urls() {
+  local name out=()
+  for name in "${NODES[@]}"; do
+    out+=("$(node url "$name")")
+  done
+  (IFS=,; echo "${out[*]}")
+}
+
+# How many of the three nodes c1 reports as running members of its cluster.
+running_members() {
+  node ctl "$FIRST" -q eval \
+    "length([N || N <- rabbit_nodes:all_running(), lists:member(N, ['${NODES[0]}@localhost', '${NODES[1]}@localhost', '${NODES[2]}@localhost'])])." \
+    2>/dev/null || echo 0
+}
+
+await_cluster() {
+  local deadline=$(($(date +%s) + TIMEOUT))
+  while [ "$(running_members)" != 3 ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 0.5
+  done
+}
+
+start() {
+  local began name running=0
+  began=$(date +%s%N)
+  for name in "${NODES[@]}"; do
+    if node status "$name" >/dev/null 2>&1; then
+      running=$((running + 1))
+    fi
+  done
+  if [ "$running" -eq 3 ] && [ "$(running_members)" = 3 ]; then
+    echo "cluster already running (${NODES[*]} under $AMQP_QUEUE_NODES_DIR)"
+    urls
+    return 0
+  fi
+  if [ "$running" -gt 0 ]; then
+    echo "cluster: a partial cluster was found; removing it and starting afresh" >&2
+    stop >/dev/null
+  fi
+
+  # The nodes boot in parallel (each takes seconds); each start waits for its own app.
+  local pids=() failed=0
+  mkdir -p "$AMQP_QUEUE_NODES_DIR"
+  for name in "${NODES[@]}"; do
+    node start "$name" "$(port_of "$name")" >"$AMQP_QUEUE_NODES_DIR/$name.start.log" 2>&1 &
+    pids+=($!)
+  done
+  local i
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+      failed=1
+      cat "$AMQP_QUEUE_NODES_DIR/${NODES[$i]}.start.log" >&2
+    fi
+  done
+  rm -f "$AMQP_QUEUE_NODES_DIR"/*.start.log
+  if [ "$failed" -ne 0 ]; then
+    stop >/dev/null 2>&1 || true
+    die "a node did not start"
+  fi
+
+  # c2 and c3 join c1 one after the other (joining at once can race on the schema).
+  # Their output (the join logs warnings and errors that are harmless here) is shown only
+  # when the join fails.
+  local join_log="$AMQP_QUEUE_NODES_DIR/join.log"
+  for name in "${NODES[@]:1}"; do
+    if ! { node ctl "$name" -q stop_app &&
+      node ctl "$name" -q reset &&
+      node ctl "$name" -q join_cluster "$FIRST@localhost" &&
+      node start_app "$name"; } >"$join_log" 2>&1; then
+      cat "$join_log" >&2
+      stop >/dev/null 2>&1 || true
+      die "$name@localhost could not join $FIRST@localhost"
+    fi
+  done
+  rm -f "$join_log"
+  if ! await_cluster; then
+    node ctl "$FIRST" cluster_status >&2 || true
+    stop >/dev/null 2>&1 || true
+    die "the cluster did not report three running nodes within ${TIMEOUT}s"
+  fi
+  local ms=$((($(date +%s%N) - began) / 1000000))
+  printf 'cluster of %s started in %d.%01ds (%s)\n' "${NODES[*]}" $((ms / 1000)) \
+    $((ms % 1000 / 100)) "$AMQP_QUEUE_NODES_DIR"
+  urls
+}
+
+stop() {
+  local name
+  # The last two first, so the node the others joined goes last.
+  for name in "${NODES[2]}" "${NODES[1]}" "${NODES[0]}"; do
+    node remove "$name"
+  done
+  rm -f "$AMQP_QUEUE_NODES_DIR"/*.start.log "$AMQP_QUEUE_NODES_DIR/join.log"
+  rmdir "$AMQP_QUEUE_NODES_DIR" 2>/dev/null || true
+}
+
+[ $# -ge 1 ] || die "usage: $0 start|stop|status|urls|ctl NODE ARGS..."
+command=$1
+shift
+case "$command" in
+  start) start ;;
+  stop) stop ;;
+  status) node ctl "$FIRST" cluster_status ;;
+  urls) urls ;;
+  ctl)
+    [ $# -ge 2 ] || die "usage: $0 ctl NODE ARGS..."
+    node ctl "$@"
+    ;;
+  *) die "unknown command '$command' (start, stop, status, urls, ctl)" ;;
+esac
