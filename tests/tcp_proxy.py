@@ -6,6 +6,12 @@ dropping new ones until ``restore()``. The broker itself is never touched, so on
 behind the proxy see the outage.
 
 Only 127.0.0.1 is ever listened on or connected to: the proxy cannot be pointed elsewhere.
+
+Why not a maintained one: aiomisc's ``TCPProxy`` (what aio-pika's own suite uses) and
+toxiproxy were the candidates; neither is in the package index this project installs from
+(no network at run time), and toxiproxy needs a server binary besides. Should aiomisc become
+available, its ``TCPProxy`` with ``disconnect_all()`` and a refusing ``slowdown`` covers
+``cut()``/``restore()``.
 """
 
 from __future__ import annotations
