@@ -57,28 +57,26 @@ async def drain(
         unacked.extend(records)
         claimed.extend(records)
         taken = {record.id for record in records}
+        # A copy of a claimed command (its id twice in the window) is finished: not in rest.
         rest = [message for message in window if message.message_id not in taken]
         failure: StateError | None = None
         finished: list[AbstractIncomingMessage] = []
+        held: list[AbstractIncomingMessage] = []
         if rest:
             try:
                 live, finished = await split_live(state, device_id, rest)
             except StateError as exc:
-                settlement.hold(rest)
-                failure = exc
+                held, failure = rest, exc
             else:
                 # Live and not taken here: locked by another transaction (a publish mark, a
                 # confirm, another drain's claim not committed yet). Requeued at the end.
-                settlement.hold([message for message, _ in live])
+                held = [message for message, _ in live]
+            settlement.hold(held)
         report_delivered(observer, records, state.clock())
         if finished:
             observer.dropped(len(finished))
-        # Copies of a claimed command (its id twice in the window) are finished too.
-        held = {id(message) for message in rest} if failure else set()
-        if not failure:
-            live_ids = {id(message) for message in finished}
-            held = {id(message) for message in rest if id(message) not in live_ids}
-        settled = [message for message in window if id(message) not in held]
+        held_ids = {id(message) for message in held}
+        settled = [message for message in window if id(message) not in held_ids]
         # Counted as acked before the ack is sent: cancelled half way, a message may be
         # gone or not, and a copy (dropped at delivery) is better than a loss.
         acked.extend(records)

@@ -140,18 +140,17 @@ class OutboxRelay:
                     if not isinstance(result, BaseException)
                 )
                 refused = [
-                    record
+                    (record, result)
                     for record, result in zip(records, results, strict=True)
                     if isinstance(result, CommandRejected | QueueMismatch)
                 ]
                 if refused:
                     # Refused for good: ended, so they neither block the outbox nor come back.
-                    for record, result in zip(records, results, strict=True):
-                        if isinstance(result, CommandRejected | QueueMismatch):
-                            logger.error("command %s rejected: %s", record.id, result)
-                            self._observer.rejected(record)
-                    await self._state.reject([record.id for record in refused])
-                    self._owed.difference_update(record.id for record in refused)
+                    for record, refusal in refused:
+                        logger.error("command %s rejected: %s", record.id, refusal)
+                        self._observer.rejected(record)
+                    await self._state.reject([record.id for record, _ in refused])
+                    self._owed.difference_update(record.id for record, _ in refused)
                 failures = [
                     result
                     for result in results

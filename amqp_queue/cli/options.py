@@ -215,7 +215,18 @@ def amqp_url_option(function: F) -> F:
         show_envvar=True,
         default=DEFAULT_AMQP_URL,
         show_default=True,
-        help="The RabbitMQ broker.",
+        help="The RabbitMQ broker: one URL, or a cluster's nodes separated by commas.",
+    )(function)
+
+
+def state_url_option(function: F) -> F:
+    return click.option(
+        "--state-url",
+        envvar=ENV_STATE_URL,
+        show_envvar=True,
+        default=DEFAULT_STATE_URL,
+        show_default=True,
+        help="The state index: sqlite+aiosqlite://, postgresql+asyncpg:// (?schema=), redis://.",
     )(function)
 
 
@@ -228,14 +239,7 @@ def settings_options(*, connect_timeout: float, log_level: str) -> Callable[[F],
     """
     options = [
         amqp_url_option,
-        click.option(
-            "--state-url",
-            envvar=ENV_STATE_URL,
-            show_envvar=True,
-            default=DEFAULT_STATE_URL,
-            show_default=True,
-            help="The state index: sqlite+aiosqlite://, postgresql+asyncpg://, redis://.",
-        ),
+        state_url_option,
         connect_timeout_option(connect_timeout),
         log_level_option(log_level),
         *(knob.option() for knob in KNOBS),

@@ -15,20 +15,14 @@ from amqp_queue.cli.common import (
     json_option,
     logging_to_stderr,
 )
-from amqp_queue.settings import ENV_STATE_URL
+from amqp_queue.cli.options import state_url_option
 from amqp_queue.state.errors import QueueError
-from amqp_queue.state.factory import DEFAULT_STATE_URL, migrate_state
+from amqp_queue.state.factory import migrate_state
 from amqp_queue.state.sql.schema_versions import HEAD
 
 
 @click.command(epilog=EPILOG)
-@click.option(
-    "--state-url",
-    envvar=ENV_STATE_URL,
-    default=DEFAULT_STATE_URL,
-    show_default=True,
-    help="The state index: sqlite+aiosqlite:// or postgresql+asyncpg:// (?schema=).",
-)
+@state_url_option
 @click.option(
     "--revision",
     default=HEAD,
