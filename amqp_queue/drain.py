@@ -30,8 +30,10 @@ async def drain(
 ) -> list[CommandRecord]:
     """Empties a device queue, marks the live commands in it delivered and returns them.
 
-    Each window of messages is claimed in the index in one atomic step before it is acked,
-    so concurrent drains (and stale copies of a message) never hand a command out twice.
+    Each window of messages is claimed in the index in one atomic step, so concurrent drains
+    (and stale copies of a message) never hand a command out twice; the messages are acked
+    when the drain hands over, so the channel reads without a prefetch bound (``inbox``
+    comes from ``open_inbox(..., window_only=True)``).
     What the index failed on, and live commands another transaction held, stay queued (see
     :class:`Settlement`). When the index or the broker fails after some commands were
     claimed, or the store closes (:meth:`Inbox.interrupt`), the drain returns those (they
@@ -41,10 +43,12 @@ async def drain(
     """
     settlement = Settlement(device_id)
     claimed: list[CommandRecord] = []
-    # Claimed in windows already acked: their messages have left the queue.
+    # Settled here (claimed, or finished) and acked only once the drain hands over: until
+    # then every message keeps its place in the queue, so a cancelled drain leaves the queue
+    # in order for the next consumer (a republished command would go behind newer ones).
+    settled: list[AbstractIncomingMessage] = []
+    # Claimed commands whose acks may have left: their messages are gone from the queue.
     acked: list[CommandRecord] = []
-    # Claimed in the window being settled, not acked yet.
-    unacked: list[CommandRecord] = []
 
     async def settle_window(window: list[AbstractIncomingMessage]) -> None:
         if not window:
@@ -54,7 +58,6 @@ async def drain(
         except BaseException:
             settlement.hold(window)
             raise
-        unacked.extend(records)
         claimed.extend(records)
         taken = {record.id for record in records}
         # A copy of a claimed command (its id twice in the window) is finished: not in rest.
@@ -76,14 +79,15 @@ async def drain(
         if finished:
             observer.dropped(len(finished))
         held_ids = {id(message) for message in held}
-        settled = [message for message in window if id(message) not in held_ids]
-        # Counted as acked before the ack is sent: cancelled half way, a message may be
-        # gone or not, and a copy (dropped at delivery) is better than a loss.
-        acked.extend(records)
-        unacked.clear()
-        await settlement.ack(settled, in_order=len(settled) == len(window))
+        settled.extend(message for message in window if id(message) not in held_ids)
         if failure is not None:
             raise failure
+
+    async def hand_over() -> None:
+        # Counted as acked before the acks are sent: cancelled half way, a message may be
+        # gone or not, and a copy (dropped at delivery) is better than a loss.
+        acked.extend(claimed)
+        await settlement.ack(settled)
 
     expected = inbox.queue.declaration_result.message_count or 0
     received = 0
@@ -109,18 +113,27 @@ async def drain(
         except (BrokerError, StateError) as exc:
             settlement.hold(inbox.take_buffered())
             if not claimed:
+                await settlement.ack(settled)  # stale messages only
                 raise
             # What was claimed is delivered as far as the index goes: hand it out rather
             # than lose it. The rest stays queued for the next drain.
             logger.warning(
                 "drain of %s interrupted after %d commands: %s", device_id, len(claimed), exc
             )
-        finally:
-            await settlement.release()
+        await hand_over()
     except asyncio.CancelledError:
-        # Nobody gets what this drain claimed: it goes back, never to DELIVERED.
-        await asyncio.shield(give_back(state, settlement, inbox, unacked, acked, owe))
+        # Nobody gets what this drain claimed: it goes back, never to DELIVERED. The channel
+        # closes (requeueing the unacked messages) only after the index has taken it back.
+        gone = {record.id for record in acked}
+        unacked = [record for record in claimed if record.id not in gone]
+        inbox.settling = asyncio.ensure_future(
+            give_back(state, settlement, inbox, unacked, acked, owe)
+        )
+        await asyncio.shield(inbox.settling)
         raise
+    finally:
+        if inbox.settling is None:
+            await settlement.release()
     return claimed
 
 

@@ -14,10 +14,12 @@ from amqp_queue.topology import Topology
 class Inbox:
     """A device queue's consumer feeding a local buffer, read a window at a time."""
 
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int) -> None:
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, window: int) -> None:
         self.channel = channel
         self.queue = queue
-        self._prefetch = prefetch
+        self._window = window
+        # A drain's clean-up after a cancel; the channel closes only once it is done.
+        self.settling: asyncio.Future[None] | None = None
         # None is the wake-up of interrupt(): a reader waiting for the broker returns.
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._tag: ConsumerTag | None = None
@@ -47,7 +49,7 @@ class Inbox:
             return []
         if first is None:
             return []
-        return [first, *self.take_buffered(self._prefetch - 1)]
+        return [first, *self.take_buffered(self._window - 1)]
 
     def take_buffered(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
         taken: list[AbstractIncomingMessage] = []
@@ -74,10 +76,21 @@ class Inbox:
 
 
 async def open_inbox(
-    channel: AbstractChannel, topology: Topology, config: RabbitMQConfig, device_id: str
+    channel: AbstractChannel,
+    topology: Topology,
+    config: RabbitMQConfig,
+    device_id: str,
+    *,
+    window_only: bool = False,
 ) -> Inbox:
+    """A consumer on the device queue, read ``config.prefetch`` messages at a time.
+
+    ``window_only``: the broker sends without a prefetch bound (for a drain, which acks
+    only when it hands over and would otherwise stall on a full window); the window still
+    bounds each index query.
+    """
     with broker_errors("setting the prefetch window"):
-        await channel.set_qos(prefetch_count=config.prefetch)
+        await channel.set_qos(prefetch_count=0 if window_only else config.prefetch)
     queue = await topology.declare_queue(channel, device_id)
     inbox = Inbox(channel, queue, config.prefetch)
     await inbox.start()

@@ -26,7 +26,7 @@ from amqp_queue.errors import (
     BROKER_FAILURES,
     BrokerError,
 )
-from amqp_queue.inbox import open_inbox
+from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publish_path import PublishPath
@@ -209,8 +209,9 @@ class RabbitMQStore(BrokerStart, CommandIntake):
         if self._relay.pending:
             await self._flush_outbox()
         channel = await self._channels.channel(f"opening a channel to drain {device}")
+        inbox: Inbox | None = None
         try:
-            inbox = await open_inbox(channel, topology, self.config, device)
+            inbox = await open_inbox(channel, topology, self.config, device, window_only=True)
             self._running.drain_started(inbox)
             try:
                 records = await drain(
@@ -221,7 +222,8 @@ class RabbitMQStore(BrokerStart, CommandIntake):
         finally:
             # Not awaited by the caller: once the drain has returned, a cancellation while
             # the channel closes must not take the commands it claimed with it.
-            self._running.background(_close_drain_channel(channel, device, self.config))
+            settling = inbox.settling if inbox is not None else None
+            self._running.background(_close_drain_channel(channel, device, self.config, settling))
         return rules.in_ready_order(records)
 
     def consume(self, device_id: str) -> CommandStream:
@@ -351,8 +353,15 @@ class RabbitMQStore(BrokerStart, CommandIntake):
 
 
 async def _close_drain_channel(
-    channel: AbstractChannel, device: str, config: RabbitMQConfig
+    channel: AbstractChannel,
+    device: str,
+    config: RabbitMQConfig,
+    settling: asyncio.Future[None] | None,
 ) -> None:
+    if settling is not None:
+        # A cancelled drain's give-back: its unacked messages must not be requeued (by the
+        # close) while the index still says delivered, or the next consumer drops them.
+        await asyncio.wait([settling])
     try:
         async with asyncio.timeout(config.publish_timeout):
             await channel.close()

@@ -197,3 +197,33 @@ async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Pa
             rest = await drain_until(store, DEVICE, count=count, seconds=3)
             assert rest == payloads
             assert await queue_depth(store, DEVICE) == 0
+
+
+async def test_a_cancelled_drain_leaves_the_queue_in_order_for_a_consumer(tmp_path: Path) -> None:
+    """What a cancelled drain gives back keeps its place: a device consuming next gets every
+    command in the order it was queued (a drain re-sorts what it returns; a stream cannot)."""
+    count = 20
+    payloads = [f"c{n:02}".encode() for n in range(count)]
+    async with shared_index("sqlite", tmp_path, prefetch=5) as shared:
+        state = await shared.open_index(SlowClaims)
+        assert isinstance(state, SlowClaims)
+        async with shared.store(state) as store:
+            for payload in payloads:
+                await store.enqueue(DEVICE, payload, 600)
+            state.block_from = 3  # two windows claimed (and settled), the drain waits on the third
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(state.blocked.wait(), 5)
+            drain.cancel()
+            await asyncio.wait([drain], timeout=5)
+            state.block_from = None
+            state.unblocked.set()
+            assert drain.cancelled()
+
+            received: list[bytes] = []
+            async with asyncio.timeout(10), store.consume(DEVICE) as stream:
+                async for command in stream:
+                    received.append(command.payload)
+                    if len(received) == count:
+                        break
+            assert received == payloads
+            assert await queue_depth(store, DEVICE) == 0
