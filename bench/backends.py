@@ -13,7 +13,16 @@ from redis.asyncio import Redis
 from amqp_queue.state import IndexedStore, MemoryStore, RedisStore, SqlStore
 from amqp_queue.state.sql.engine import create_engine
 from bench.harness import Context, rate
-from bench.services import PAYLOAD, POSTGRES_URL, REDIS_URL, TTL, device_ids, temp_dir, unique
+from bench.services import (
+    PAYLOAD,
+    POSTGRES_URL,
+    REDIS_URL,
+    TTL,
+    device_ids,
+    sqlite_url,
+    temp_dir,
+    unique,
+)
 
 GROUP = "State backends standalone (sequential enqueue; drain per device)"
 
@@ -27,19 +36,16 @@ async def sqlite_state() -> AsyncIterator[IndexedStore]:
 
 
 @asynccontextmanager
-async def postgres_state() -> AsyncIterator[IndexedStore]:
-    """A SqlStore in a schema of its own, dropped afterwards."""
+async def postgres_schema() -> AsyncIterator[str]:
+    """A PostgreSQL schema of its own, dropped (with what is in it) afterwards."""
     schema = unique("bench").replace(".", "_")
     admin = create_engine(POSTGRES_URL)
     try:
         async with admin.begin() as conn:
             await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        store = SqlStore(create_engine(POSTGRES_URL), schema=schema)
         try:
-            await store.create_table()
-            yield store
+            yield schema
         finally:
-            await store.engine.dispose()
             async with admin.begin() as conn:
                 await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
     finally:
@@ -47,17 +53,50 @@ async def postgres_state() -> AsyncIterator[IndexedStore]:
 
 
 @asynccontextmanager
-async def redis_state() -> AsyncIterator[IndexedStore]:
-    """A RedisStore under a prefix of its own, whose keys are deleted afterwards."""
+async def redis_prefix() -> AsyncIterator[tuple[Redis, str]]:
+    """A Redis client and a key prefix of its own, whose keys are deleted afterwards."""
     prefix = unique("bench") + ":"
     client = Redis.from_url(REDIS_URL)
     try:
-        yield RedisStore(client, prefix=prefix)
+        yield client, prefix
     finally:
         keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
         for start in range(0, len(keys), 1000):
             await client.delete(*keys[start : start + 1000])
         await client.aclose()
+
+
+@asynccontextmanager
+async def postgres_state() -> AsyncIterator[IndexedStore]:
+    async with postgres_schema() as schema:
+        store = SqlStore(create_engine(POSTGRES_URL), schema=schema)
+        try:
+            await store.create_table()
+            yield store
+        finally:
+            await store.engine.dispose()
+
+
+@asynccontextmanager
+async def redis_state() -> AsyncIterator[IndexedStore]:
+    async with redis_prefix() as (client, prefix):
+        yield RedisStore(client, prefix=prefix)
+
+
+@asynccontextmanager
+async def state_url(kind: str) -> AsyncIterator[str]:
+    """A ``state_url`` of ``kind`` (sqlite, postgres, redis) in a namespace of its own."""
+    if kind == "sqlite":
+        with temp_dir() as directory:
+            yield sqlite_url(directory)
+    elif kind == "postgres":
+        async with postgres_schema() as schema:
+            yield f"{POSTGRES_URL}?schema={schema}"
+    elif kind == "redis":
+        async with redis_prefix() as (_, prefix):
+            yield f"{REDIS_URL}?prefix={prefix}"
+    else:
+        raise ValueError(f"no state backend {kind!r}")
 
 
 @asynccontextmanager
