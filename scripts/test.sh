@@ -11,6 +11,8 @@ scripts/services.sh rabbitmq postgres redis mosquitto
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# hadolint and docker-compose config on the Docker files (their own venv, .venv-tools/).
+scripts/check-deploy.sh
 # Every benchmark once with tiny sizes, so none rots; fails only when one crashes.
 .venv/bin/python -m bench --quick
 # Last, so the run closes on pytest's summary line.
