@@ -12,6 +12,7 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	scripts/check-deploy.sh
 
 services:
 	scripts/services.sh

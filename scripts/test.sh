@@ -16,6 +16,8 @@ scripts/services.sh rabbitmq postgres redis mosquitto
 site=$(mktemp -d)
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site"
 rm -rf "$site"
+# hadolint and docker-compose config on the Docker files (their own venv, .venv-tools/).
+scripts/check-deploy.sh
 # Every benchmark once with tiny sizes, so none rots; fails only when one crashes.
 .venv/bin/python -m bench --quick
 # Last, so the run closes on pytest's summary line.

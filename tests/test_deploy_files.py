@@ -10,6 +10,8 @@ import base64
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,74 @@ def test_permissions_name_declared_users_and_vhosts() -> None:
         assert permission["vhost"] in vhosts
 
 
+def _generated(*args: str) -> str:
+    return subprocess.run(
+        [sys.executable, str(RABBITMQ / "definitions.py"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
+def test_definitions_json_is_the_generators_output_for_the_default_exchange() -> None:
+    """So the committed file and rabbitmq/definitions.py cannot drift apart; the salt of the
+    committed password hash makes the output reproducible."""
+    (user,) = definitions()["users"]
+    salt = base64.b64decode(user["password_hash"])[:4].hex()
+
+    assert _generated("--salt", salt) == (RABBITMQ / "definitions.json").read_text()
+
+
+def test_the_sidecar_user_has_no_tag_and_only_its_exchange_and_device_queues() -> None:
+    (user,) = definitions()["users"]
+    (permission,) = definitions()["permissions"]
+    config = RabbitMQConfig()
+    others = [
+        "other.commands",
+        "other.commands/gw-7",
+        f"{config.exchange}.sub",
+        f"{config.exchange}.sub/gw-7",
+        f"x{config.queue_name('gw-7')}",
+        "amq.default",
+        "amq.direct",
+        "",
+    ]
+
+    assert user["tags"] == []
+    for kind in ("configure", "write", "read"):
+        allowed = re.compile(permission[kind])
+        for name in (config.exchange, config.queue_name("gw-7"), config.queue_name("sub.gw-7")):
+            assert allowed.search(name), (kind, name)
+        for name in others:
+            assert not allowed.search(name), (kind, name)
+
+
+@pytest.mark.parametrize("vhost", ["/", "tenant-a"])
+def test_generated_definitions_follow_the_exchange_and_vhost(vhost: str) -> None:
+    generated = json.loads(_generated("--exchange", "acme.cmds", "--vhost", vhost))
+    config, default = RabbitMQConfig(exchange="acme.cmds"), RabbitMQConfig()
+    (policy,) = generated["policies"]
+    (permission,) = generated["permissions"]
+    (exchange,) = generated["exchanges"]
+
+    assert exchange["name"] == "acme.cmds"
+    assert re.search(policy["pattern"], config.queue_name("gw-7"))
+    assert not re.search(policy["pattern"], default.queue_name("gw-7"))
+    assert re.search(permission["read"], config.queue_name("gw-7"))
+    assert not re.search(permission["read"], default.queue_name("gw-7"))
+    assert generated["vhosts"] == [{"name": vhost}]
+    for entry in (policy, permission, exchange):
+        assert entry["vhost"] == vhost
+
+
+def test_the_generator_refuses_a_reserved_exchange() -> None:
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        _generated("--exchange", "amq.direct")
+
+    assert "AMQP-reserved" in refused.value.stderr
+
+
 def test_compose_sidecar_logs_in_as_a_declared_user_with_its_password() -> None:
     url = urlsplit(compose_environment("sidecar")["AMQP_URL"])
     (user,) = [user for user in definitions()["users"] if user["name"] == url.username]
@@ -212,7 +282,7 @@ def test_dockerfile_installs_extras_the_package_defines() -> None:
     ]
 
     assert "FROM python:3.11-slim" in dockerfile
-    assert "pip install '.[postgres,redis]'" in dockerfile
+    assert 'pip install "./[postgres,redis]"' in dockerfile
     assert {"postgres", "redis"} <= set(extras)
 
 

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import aio_pika
 import aiormq.exceptions
@@ -32,17 +33,39 @@ SERVING = r"serving the operator API on (http://\S+)"
 
 
 @asynccontextmanager
-async def broker_user(configure: str, write: str, read: str) -> AsyncIterator[tuple[str, str]]:
-    """A broker user with these permission regexes on vhost /; deleted afterwards."""
+async def broker_user(
+    configure: str, write: str, read: str, *, vhost: str = "/"
+) -> AsyncIterator[tuple[str, str]]:
+    """A broker user with these permission regexes on ``vhost``; deleted afterwards."""
     user, password = unique("test-user-"), unique("pw-")
     await asyncio.to_thread(rabbitmqctl, "add_user", user, password)
     try:
         await asyncio.to_thread(
-            rabbitmqctl, "set_permissions", "-p", "/", user, configure, write, read
+            rabbitmqctl, "set_permissions", "-p", vhost, user, configure, write, read
         )
         yield user, password
     finally:
         await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+@asynccontextmanager
+async def tenant_vhost() -> AsyncIterator[str]:
+    """A vhost of its own on the machine's broker, where guest (standing in for the tenant's
+    sidecar) has every permission; deleted afterwards with all it holds."""
+    vhost = unique("test-tenant-")
+    await asyncio.to_thread(rabbitmqctl, "add_vhost", vhost)
+    try:
+        await asyncio.to_thread(
+            rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
+        )
+        yield vhost
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost)
+
+
+def _url(user: str, password: str, vhost: str) -> str:
+    # The vhost is the URL's path, percent-encoded (a "/" in it would be %2F).
+    return f"amqp://{user}:{password}@{BROKER}/{quote(vhost, safe='')}"
 
 
 async def _take_one(queue: aio_pika.abc.AbstractQueue) -> bytes:
@@ -80,6 +103,75 @@ async def test_a_gateway_user_consumes_its_own_device_queue_and_is_refused_any_o
                     await channel.declare_queue(unique("test.gateway-made-"))
 
         assert await store.drain_pending("gw-70") == [b"for gw-70"]
+
+
+async def test_a_gateway_can_passive_declare_another_devices_queue_and_read_its_count(
+    tmp_path: Path,
+) -> None:
+    """The leak the Security section states: read permission on its own queue only, and still a
+    passive declare of any queue in the vhost answers whether it exists and how many commands
+    wait in it (AMQP checks no permission on a passive declare). A vhost per tenant bounds it
+    (the next test)."""
+    async with rabbitmq_store(tmp_path) as store:
+        own, other = store.config.queue_name("gw-7"), store.config.queue_name("gw-70")
+        await store.enqueue("gw-70", b"one", 600)
+        await store.enqueue("gw-70", b"two", 600)
+
+        async with (
+            broker_user("^$", "^$", f"^{re.escape(own)}$") as (user, password),
+            await aio_pika.connect(_url(user, password, "/")) as connection,
+        ):
+            channel = await connection.channel()
+            foreign = await channel.declare_queue(other, passive=True)
+            assert foreign.declaration_result.message_count == 2
+
+            channel = await connection.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(store.config.queue_name("gw-71"), passive=True)
+
+
+async def test_with_a_vhost_per_tenant_a_gateway_cannot_see_another_tenants_queues(
+    tmp_path: Path,
+) -> None:
+    """Tenant A's and B's sidecars run on vhosts of their own, with the same exchange name:
+    A's gateway finds no trace of B's device queue, and may not open B's vhost at all."""
+    exchange = unique("test.")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with tenant_vhost() as vhost_a, tenant_vhost() as vhost_b:
+        url_a, url_b = _url("guest", "guest", vhost_a), _url("guest", "guest", vhost_b)
+        async with (
+            rabbitmq_store(tmp_path / "a", exchange=exchange, amqp_url=url_a) as tenant_a,
+            rabbitmq_store(tmp_path / "b", exchange=exchange, amqp_url=url_b) as tenant_b,
+        ):
+            await tenant_a.enqueue("gw-7", b"for gw-7 of A", 600)
+            await tenant_b.enqueue("gw-8", b"for gw-8 of B", 600)
+            own, theirs = tenant_a.config.queue_name("gw-7"), tenant_b.config.queue_name("gw-8")
+            read_own_queue = f"^{re.escape(own)}$"
+
+            async with broker_user("^$", "^$", read_own_queue, vhost=vhost_a) as (user, pw):
+                async with await aio_pika.connect(_url(user, pw, vhost_a)) as connection:
+                    channel = await connection.channel()
+                    queue = await channel.declare_queue(own, passive=True)
+                    assert await asyncio.wait_for(_take_one(queue), 10) == b"for gw-7 of A"
+
+                    # B's queue, by its exact name, does not exist in A's vhost.
+                    channel = await connection.channel()
+                    with pytest.raises(
+                        aio_pika.exceptions.ChannelNotFoundEntity, match=re.escape(theirs)
+                    ):
+                        await channel.declare_queue(theirs, passive=True)
+
+                # The broker answers Connection.Open on B's vhost with Connection.Close
+                # (NOT_ALLOWED, access to vhost refused); aiormq reports it as an invalid frame.
+                with pytest.raises(aiormq.exceptions.InvalidFrameError, match=r"Connection\.Close"):
+                    await aio_pika.connect(_url(user, pw, vhost_b))
+                listed = await asyncio.to_thread(
+                    rabbitmqctl, "-q", "list_user_permissions", user, "--no-table-headers"
+                )
+                assert [line.split("\t")[0] for line in listed.splitlines()] == [vhost_a]
+
+            assert await tenant_b.drain_pending("gw-8") == [b"for gw-8 of B"]
 
 
 async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
