@@ -108,7 +108,7 @@ class OperatorApi:
         self._metrics = metrics
         self._health = health
         self._max_body = max_body_bytes
-        self._openapi = document(max_body_bytes)
+        self._openapi = document(max_body_bytes, store.limits)
 
     def app(self) -> Starlette:
         """The ASGI application."""

@@ -27,7 +27,8 @@ class Observer:
         """Stale messages (superseded, cancelled, expired, already delivered) were dropped."""
 
     def confirmed(self, record: CommandRecord) -> None:
-        """An operator confirmed a command."""
+        """An operator confirmed a command that awaited it (a confirm that changes nothing
+        is not reported)."""
 
     def cancelled(self, record: CommandRecord) -> None:
         """An operator cancelled a command."""

@@ -6,9 +6,11 @@ documented with the methods it answers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from amqp_queue.state.model import CommandStatus
+from amqp_queue.state.validation import COMMAND_TYPE_PATTERN, DEVICE_ID_PATTERN, Limits
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -17,11 +19,15 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""Padded standard base64, as the API decodes it (``base64.b64decode(validate=True)``)."""
+
+
+def _errors(*codes: int, not_found: str = "No such command (unknown or pruned).") -> dict[str, Any]:
     meaning = {
         400: "Bad input (the detail says what is wrong); nothing was written.",
         401: "Missing or wrong bearer token.",
-        404: "No such command (unknown, pruned, superseded, cancelled or delivered).",
+        404: not_found,
         409: "The device's queue exists with another queue type; the detail says which.",
         410: "The command expired.",
         413: "The request body is too large.",
@@ -31,7 +37,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 def _device() -> dict[str, Any]:
-    return {"name": "device_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    schema = {"$ref": "#/components/schemas/DeviceId"}
+    return {"name": "device_id", "in": "path", "required": True, "schema": schema}
 
 
 def _command() -> dict[str, Any]:
@@ -42,8 +49,9 @@ def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[st
     return {"summary": summary, "responses": responses, **extra}
 
 
-def document(max_body_bytes: int) -> dict[str, Any]:
-    """The OpenAPI document; ``max_body_bytes`` is stated on the enqueue body."""
+def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
+    """The OpenAPI document; ``max_body_bytes`` is stated on the enqueue body, and the store's
+    ``limits`` on the device id, command type, payload and ttl."""
     status_ref = {"$ref": "#/components/schemas/Status"}
     listing = {"$ref": "#/components/schemas/CommandList"}
     secured: dict[str, Any] = {"security": [{"bearer": []}]}
@@ -95,10 +103,20 @@ def document(max_body_bytes: int) -> dict[str, Any]:
             },
             "/commands/{command_id}/confirm": {
                 "post": _operation(
-                    "Confirm a command (confirming twice is harmless); audited",
+                    "Confirm a command; audited. Confirming twice, or a command that needs "
+                    "no confirmation or was delivered, is harmless: it changes nothing and "
+                    "answers the command's status",
                     {
-                        "200": _json(status_ref, "Confirmed; the status after it."),
-                        **_errors(401, 404, 409, 410, 503),
+                        "200": _json(status_ref, "The command's status after the confirm."),
+                        **_errors(
+                            401,
+                            404,
+                            409,
+                            410,
+                            503,
+                            not_found="No such command (unknown, pruned, superseded, "
+                            "cancelled or rejected).",
+                        ),
                     },
                     parameters=[_command()],
                     **secured,
@@ -109,7 +127,14 @@ def document(max_body_bytes: int) -> dict[str, Any]:
                     "Cancel an undelivered command; audited",
                     {
                         "200": _json(status_ref, "Cancelled."),
-                        **_errors(401, 404, 410, 503),
+                        **_errors(
+                            401,
+                            404,
+                            410,
+                            503,
+                            not_found="No such command, or none left to cancel (unknown, "
+                            "pruned, delivered, superseded, cancelled or rejected).",
+                        ),
                     },
                     parameters=[_command()],
                     **secured,
@@ -154,24 +179,62 @@ def document(max_body_bytes: int) -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(),
+            "schemas": _schemas(limits),
         },
     }
 
 
-def _schemas() -> dict[str, Any]:
+def _number(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
+
+
+def _schemas(limits: Limits) -> dict[str, Any]:
+    most = limits.max_payload_bytes
     payload = {
-        "payload": {"type": "string"},
+        "payload": {
+            "type": "string",
+            "description": f"At most {most} bytes: UTF-8 text, or base64 of the bytes.",
+        },
         "encoding": {"enum": ["utf-8", "base64"], "default": "utf-8"},
     }
+    # JSON Schema counts characters: every character is at least one byte of UTF-8, and
+    # base64 takes 4 characters for every 3 bytes (padded).
+    sized_payload = {
+        "if": {"required": ["encoding"], "properties": {"encoding": {"const": "base64"}}},
+        "then": {
+            "properties": {"payload": {"maxLength": 4 * math.ceil(most / 3), "pattern": _BASE64}}
+        },
+        "else": {"properties": {"payload": {"maxLength": most}}},
+    }
+    command_type = {"$ref": "#/components/schemas/CommandType"}
     return {
+        "DeviceId": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": limits.max_device_id_length,
+            "pattern": DEVICE_ID_PATTERN,
+            "description": "ASCII letters, digits and _ . : @ -, starting with a letter or "
+            "digit, without '..' and not starting with 'amq.' (any case).",
+        },
+        "CommandType": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": limits.max_command_type_length,
+            "pattern": COMMAND_TYPE_PATTERN,
+            "description": "ASCII letters, digits and _ . : / -, starting with a letter or digit.",
+        },
         "EnqueueRequest": {
             "type": "object",
             "required": ["payload", "ttl"],
             "additionalProperties": False,
             "properties": {
                 **payload,
-                "ttl": {"type": "number", "exclusiveMinimum": 0, "description": "Seconds."},
+                "ttl": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": _number(limits.max_ttl.total_seconds()),
+                    "description": "Seconds; at least one microsecond.",
+                },
                 "mode": {
                     "enum": ["plain", "latest", "confirm"],
                     "default": "plain",
@@ -179,10 +242,11 @@ def _schemas() -> dict[str, Any]:
                     "of its type; confirm: delivered only after confirmation.",
                 },
                 "command_type": {
-                    "type": ["string", "null"],
+                    "oneOf": [command_type, {"type": "null"}],
                     "description": "Required for latest and confirm, absent for plain.",
                 },
             },
+            "allOf": [sized_payload],
         },
         "Status": {
             "type": "object",
@@ -195,8 +259,8 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "properties": {
                 "id": {"type": "string", "format": "uuid"},
-                "device_id": {"type": "string"},
-                "command_type": {"type": ["string", "null"]},
+                "device_id": {"$ref": "#/components/schemas/DeviceId"},
+                "command_type": {"oneOf": [command_type, {"type": "null"}]},
                 **payload,
                 "requires_confirmation": {"type": "boolean"},
                 "confirmed": {"type": "boolean"},
@@ -207,7 +271,7 @@ def _schemas() -> dict[str, Any]:
         "CommandList": {
             "type": "object",
             "properties": {
-                "device_id": {"type": "string"},
+                "device_id": {"$ref": "#/components/schemas/DeviceId"},
                 "commands": {"type": "array", "items": {"$ref": "#/components/schemas/Command"}},
             },
         },

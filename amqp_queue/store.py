@@ -247,13 +247,16 @@ class RabbitMQStore(BrokerStart, CommandIntake):
             await self._ready()
         # Shielded: a confirmation the index committed makes the command ready, and a
         # cancelled caller must not leave it to wait out the relay's lease behind newer ones.
-        confirming = asyncio.ensure_future(self.state.confirm(command_id))
+        confirming = asyncio.ensure_future(self.state.confirm_changed(command_id))
         try:
-            record = await asyncio.shield(confirming)
+            record, changed = await asyncio.shield(confirming)
         except asyncio.CancelledError:
             confirming.add_done_callback(self._owe_if_confirmed)
             raise
-        self.observer.confirmed(record)
+        if changed:
+            # A confirm that changed nothing (twice, a plain or a delivered command) is
+            # harmless and is not an operator's approval: it is not counted.
+            self.observer.confirmed(record)
         if self.broker_pending:
             if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
                 self._path.owe(record.id)
@@ -267,10 +270,10 @@ class RabbitMQStore(BrokerStart, CommandIntake):
         ):
             await self._path.publish(record)
 
-    def _owe_if_confirmed(self, confirming: asyncio.Future[CommandRecord]) -> None:
+    def _owe_if_confirmed(self, confirming: asyncio.Future[tuple[CommandRecord, bool]]) -> None:
         if confirming.cancelled() or confirming.exception() is not None:
             return
-        record = confirming.result()
+        record, _ = confirming.result()
         if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
             self._path.owe(record.id)
 

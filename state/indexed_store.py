@@ -118,10 +118,31 @@ class IndexedStore(CommandIntake):
 
     async def confirm(self, command_id: str) -> CommandRecord:
         """Confirms a command and returns its record as it now stands."""
-        now = self.clock()
-        record = await self.modify(command_id, lambda current: rules.confirmed(current, now))
-        logger.info("confirmed command %s for device %s", command_id, record.device_id)
+        record, _ = await self.confirm_changed(command_id)
         return record
+
+    async def confirm_changed(self, command_id: str) -> tuple[CommandRecord, bool]:
+        """Confirms a command: its record as it now stands, and whether this call confirmed
+        it (False when it needed no confirmation, was confirmed already or was delivered)."""
+        now = self.clock()
+        changed = False
+
+        def confirming(current: CommandRecord) -> CommandRecord | None:
+            # The one impurity :data:`Change` allows for: when a backend calls it more than
+            # once, the last call is the one whose result was stored, and it sets the flag.
+            nonlocal changed
+            updated = rules.confirmed(current, now)
+            changed = updated is not None
+            return updated
+
+        record = await self.modify(command_id, confirming)
+        if changed:
+            logger.info("confirmed command %s for device %s", command_id, record.device_id)
+        else:
+            logger.info(
+                "confirming command %s for device %s changed nothing", command_id, record.device_id
+            )
+        return record, changed
 
     async def cancel(self, command_id: str) -> CommandRecord:
         """Cancels a command and returns its record as it now stands."""

@@ -15,6 +15,15 @@ from .errors import InvalidCommandType, InvalidDeviceId, InvalidPayload, Invalid
 # operators write for RabbitMQ permissions, so it is kept to a plain ASCII alphabet.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
 _COMMAND_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
+RESERVED_PREFIX = "amq."
+"""AMQP reserves queue names starting with it (any case): no device id may."""
+
+DEVICE_ID_PATTERN = r"^(?![Aa][Mm][Qq]\.)(?!.*\.\.)" + _DEVICE_ID.pattern + "$"
+"""What :func:`validate_device_id` accepts within its length limit, as a regular expression
+in the subset ECMA-262 (JSON Schema, OpenAPI) and Python share."""
+
+COMMAND_TYPE_PATTERN = "^" + _COMMAND_TYPE.pattern + "$"
+"""What :func:`validate_command_type` accepts within its length limit (see above)."""
 
 Ttl = float | int | timedelta
 """A time to live: seconds, or a ``timedelta``."""
@@ -60,8 +69,10 @@ def validate_device_id(device_id: object, limits: Limits = DEFAULT_LIMITS) -> st
             f"device id {device_id!r} may only hold ASCII letters, digits and _ . : @ -, "
             "must start with a letter or digit and must not contain '..'"
         )
-    if device_id.lower().startswith("amq."):
-        raise InvalidDeviceId(f"device id {device_id!r} uses the AMQP-reserved prefix 'amq.'")
+    if device_id.lower().startswith(RESERVED_PREFIX):
+        raise InvalidDeviceId(
+            f"device id {device_id!r} uses the AMQP-reserved prefix {RESERVED_PREFIX!r}"
+        )
     return device_id
 
 

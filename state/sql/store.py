@@ -137,6 +137,15 @@ class SqlStore(IndexedStore):
                 upgraded, or a newer release upgraded them beyond what this one knows.
         """
         engine = create_engine(url, **engine_options)
+        try:
+            # Apart from what follows: a database that is missing or refuses us is not a
+            # failed write of the schema, whatever the caller came to do.
+            async with engine.connect():
+                pass
+        except (SQLAlchemyError, OSError) as exc:
+            await engine.dispose()
+            where = engine.url.render_as_string(hide_password=True)
+            raise StateError(f"cannot open the state index at {where}: {_reason(exc)}") from exc
         store = cls(engine, schema=schema, limits=limits, clock=clock, retention=retention)
         store._owns_engine = True
         try:
@@ -240,7 +249,7 @@ class SqlStore(IndexedStore):
             try:
                 rows = await self._reader.deliverable(list(command_ids), self.clock())
             except sqlite_direct.FAILURES as exc:
-                raise StateError(f"state index read failed: {exc}") from exc
+                raise StateError(f"state index read failed: {_reason(exc)}") from exc
         else:
             rows = await self._select(sql.DELIVERABLE, ids=list(command_ids), now=self.clock())
         return {record.id: record for record in map(sql.record_of, rows)}
@@ -250,7 +259,7 @@ class SqlStore(IndexedStore):
             try:
                 live = self._live_check.is_live(command_id, self.clock())
             except sqlite_direct.FAILURES as exc:
-                raise StateError(f"state index read failed: {exc}") from exc
+                raise StateError(f"state index read failed: {_reason(exc)}") from exc
             if live is not None:
                 return live
         return await super().is_deliverable(command_id)
@@ -308,7 +317,7 @@ class SqlStore(IndexedStore):
             async with self._writers:
                 return await self._writer.run(transaction(*args, **kwargs))
         except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
-            raise StateError(f"state index {what} failed: {exc}") from exc
+            raise StateError(f"state index {what} failed: {_reason(exc)}") from exc
 
     async def _transaction(
         self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
@@ -332,7 +341,7 @@ class SqlStore(IndexedStore):
                     auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
                     return [dict(row._mapping) for row in await auto.execute(query, params)]
             except (SQLAlchemyError, OSError) as exc:
-                raise StateError(f"state index read failed: {exc}") from exc
+                raise StateError(f"state index read failed: {_reason(exc)}") from exc
         async with self._read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query, params)]
 
@@ -344,7 +353,7 @@ class SqlStore(IndexedStore):
                     await conn.run_sync(_take_write_lock)
                 yield conn
         except (SQLAlchemyError, OSError) as exc:
-            raise StateError(f"state index write failed: {exc}") from exc
+            raise StateError(f"state index write failed: {_reason(exc)}") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -354,7 +363,14 @@ class SqlStore(IndexedStore):
                 async with conn.begin():
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
-            raise StateError(f"state index read failed: {exc}") from exc
+            raise StateError(f"state index read failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """What the driver said, without SQLAlchemy's statement and link to its error pages (the
+    exception chained to the :class:`StateError` keeps both)."""
+    driver_error = getattr(exc, "orig", None)
+    return str(driver_error) if driver_error is not None else str(exc)
 
 
 def _take_write_lock(connection: sa.Connection) -> None:
