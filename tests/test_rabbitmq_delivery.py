@@ -15,7 +15,7 @@ import pytest
 from amqp_queue import MemoryStore, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.messages import COMMAND_TYPE, EXPIRES_AT, REQUIRES_CONFIRMATION
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, queue_depth, rabbitmq_store
-from tests.support import FakeClock, unique
+from tests.support import FakeClock, eventually, unique
 
 
 @pytest.fixture
@@ -152,16 +152,24 @@ async def test_confirmation_command_is_published_only_on_confirm(store: RabbitMQ
 
 
 async def test_expired_message_behind_a_long_lived_head_is_not_delivered(
-    tmp_path: Path,
+    tmp_path: Path, clock: FakeClock
 ) -> None:
-    async with rabbitmq_store(tmp_path) as store:
+    async with rabbitmq_store(tmp_path, clock=clock) as store:
         await store.enqueue("dev-1", b"long", 600)
         await store.enqueue("dev-1", b"short", 0.3)
-        await asyncio.sleep(0.6)
+        # The broker's TTL runs on its own clock: a witness with the same TTL, published
+        # after the short one and alone at its queue's head, is dropped once it has passed.
+        await store.enqueue("dev-2", b"witness", 0.3)
+        await eventually(lambda: _queue_is_empty(store, "dev-2"), 10)
+        clock.advance(0.3)
 
         # The broker only drops expired messages at the head: the short one is still there.
         assert await queue_depth(store, "dev-1") == 2
         assert await store.drain_pending("dev-1") == [b"long"]
+
+
+async def _queue_is_empty(store: RabbitMQStore, device_id: str) -> bool:
+    return await queue_depth(store, device_id) == 0
 
 
 async def test_a_failing_loop_body_leaves_the_command_queued_for_the_next_consume(
@@ -200,16 +208,20 @@ async def test_leaving_the_loop_normally_acks_the_last_command(store: RabbitMQSt
 
 async def test_consume_hands_out_commands_enqueued_while_it_waits(store: RabbitMQStore) -> None:
     received: list[bytes] = []
+    waiting = asyncio.Event()
 
     async def device() -> None:
         async with store.consume("dev-1") as stream:
+            # Set just before the loop asks for a command: this task runs on, without a
+            # pause, into the empty queue's wait before the enqueues below start.
+            waiting.set()
             async for command in stream:
                 received.append(command.payload)
                 if len(received) == 3:
                     return
 
     consumer = asyncio.create_task(device())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(waiting.wait(), 5)
     for payload in (b"a", b"b", b"c"):
         await store.enqueue("dev-1", payload, 60)
     await asyncio.wait_for(consumer, 5)
