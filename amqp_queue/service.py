@@ -18,13 +18,12 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
-from types import TracebackType
-from typing import Self
 
 import uvicorn
 from aio_pika.abc import AbstractRobustConnection
 
 from amqp_queue.api import OperatorApi
+from amqp_queue.closing import Closing
 from amqp_queue.connection import connect_robust, connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.metrics import PrometheusObserver
@@ -44,7 +43,7 @@ _HEALTH_TIMEOUT = 5.0
 _BROKER_DOWN: tuple[type[BaseException], ...] = (*BROKER_FAILURES, RuntimeError)
 
 
-class Backends:
+class Backends(Closing):
     """The broker connection, the state index and the store over them, opened together.
 
     The service owns the connection and the state (rather than letting
@@ -130,17 +129,6 @@ class Backends:
                 await self.connection.close()
             finally:
                 await self.state.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _check_broker(self) -> str:
         if self.connection.is_closed or not self.connection.connected.is_set():
