@@ -18,6 +18,14 @@ SEPARATOR = "/"
 """Between the exchange and the device id in a queue name: a character device ids cannot hold."""
 
 
+def require_positive(settings: object, *names: str) -> None:
+    """Raises ValueError naming the first of ``names`` whose value on ``settings`` is not
+    above zero (NaN included)."""
+    for name in names:
+        if not getattr(settings, name) > 0:
+            raise ValueError(f"{name} must be positive")
+
+
 class QueueType(enum.StrEnum):
     """The kind of device queue. Classic is the default; quorum replicates across a cluster."""
 
@@ -130,9 +138,7 @@ class RabbitMQConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("publish_timeout", "relay_interval", "drain_idle"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+        require_positive(self, "publish_timeout", "relay_interval", "drain_idle")
         if self.recheck_after < 0:
             raise ValueError("recheck_after must not be negative")
         if self.relay_after is not None and not self.relay_after >= 0:

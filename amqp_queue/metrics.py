@@ -45,8 +45,8 @@ class PrometheusObserver(Observer):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
 
-        def counter(event: str, documentation: str) -> Counter:
-            return Counter(f"amqp_queue_commands_{event}", documentation, registry=self.registry)
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(f"amqp_queue_{name}", documentation, registry=self.registry)
 
         self._enqueued = Counter(
             "amqp_queue_commands_enqueued",
@@ -54,26 +54,29 @@ class PrometheusObserver(Observer):
             ["mode"],
             registry=self.registry,
         )
-        self._published = counter("published", "Commands the broker confirmed.")
-        self._delivered = counter("delivered", "Commands handed to their device.")
-        self._superseded = counter("superseded", "Commands replaced by a newer one of their type.")
+        self._published = counter("commands_published", "Commands the broker confirmed.")
+        self._delivered = counter("commands_delivered", "Commands handed to their device.")
+        self._superseded = counter(
+            "commands_superseded", "Commands replaced by a newer one of their type."
+        )
         self._confirmed = counter(
-            "confirmed", "Successful confirm calls (confirming twice counts twice)."
+            "commands_confirmed", "Successful confirm calls (confirming twice counts twice)."
         )
-        self._cancelled = counter("cancelled", "Commands an operator cancelled.")
-        self._expired = counter("expired", "Commands cleanup ended because their TTL ran out.")
+        self._cancelled = counter("commands_cancelled", "Commands an operator cancelled.")
+        self._expired = counter(
+            "commands_expired", "Commands cleanup ended because their TTL ran out."
+        )
         self._rejected = counter(
-            "rejected", "Commands the broker refused for good (over its message size, say)."
+            "commands_rejected",
+            "Commands the broker refused for good (over its message size, say).",
         )
-        self._dropped = Counter(
-            "amqp_queue_messages_dropped",
+        self._dropped = counter(
+            "messages_dropped",
             "Stale messages (superseded, cancelled, expired, delivered) dropped at delivery.",
-            registry=self.registry,
         )
-        self._relay_failures = Counter(
-            "amqp_queue_relay_failures",
+        self._relay_failures = counter(
+            "relay_failures",
             "Outbox relay passes that failed for an unexpected reason (the relay restarted).",
-            registry=self.registry,
         )
         self._pending = Gauge(
             "amqp_queue_commands_pending",

@@ -18,17 +18,17 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
-from types import TracebackType
-from typing import Self
 
 import uvicorn
 from aio_pika.abc import AbstractRobustConnection
 
 from amqp_queue.api import OperatorApi
+from amqp_queue.closing import Closing
 from amqp_queue.connection import connect_robust, connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
+from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.errors import QueueError
 from amqp_queue.state.factory import open_state
 from amqp_queue.state.indexed_store import IndexedStore
@@ -43,7 +43,7 @@ _HEALTH_TIMEOUT = 5.0
 _BROKER_DOWN: tuple[type[BaseException], ...] = (*BROKER_FAILURES, RuntimeError)
 
 
-class Backends:
+class Backends(Closing):
     """The broker connection, the state index and the store over them, opened together.
 
     The service owns the connection and the state (rather than letting
@@ -65,7 +65,9 @@ class Backends:
         self._connecting: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, wait_for_broker: bool = False) -> Backends:
+    async def open(
+        cls, settings: Settings, *, wait_for_broker: bool = False, clock: Clock = utc_now
+    ) -> Backends:
         """Opens the state, connects to the broker and starts the store.
 
         Args:
@@ -74,13 +76,14 @@ class Backends:
                 enqueues go to the index, and the relay publishes them once the connection,
                 trying in the background, is up. True (the demo): the broker must answer
                 within ``connect_timeout`` seconds.
+            clock: the index's time source (tests move it to expire commands).
 
         Raises:
             BrokerError: with ``wait_for_broker``, the broker could not be reached in time.
             StateError: the state index could not be opened.
         """
         config = settings.rabbitmq
-        state = await open_state(settings.state_url, limits=config.limits)
+        state = await open_state(settings.state_url, limits=config.limits, clock=clock)
         connecting: asyncio.Task[None] | None = None
         try:
             if wait_for_broker:
@@ -126,17 +129,6 @@ class Backends:
                 await self.connection.close()
             finally:
                 await self.state.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _check_broker(self) -> str:
         if self.connection.is_closed or not self.connection.connected.is_set():

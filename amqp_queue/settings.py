@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from amqp_queue.auth import Tokens
-from amqp_queue.config import RabbitMQConfig
+from amqp_queue.config import RabbitMQConfig, require_positive
 from amqp_queue.state.factory import DEFAULT_STATE_URL
 
 ENV_PREFIX = "AMQP_QUEUE_"
@@ -71,9 +71,7 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0-65535")
-        for name in ("cleanup_interval", "shutdown_timeout", "connect_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+        require_positive(self, "cleanup_interval", "shutdown_timeout", "connect_timeout")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from types import TracebackType
 from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.broker_start import BrokerStart
 from amqp_queue.channel_pool import ChannelPool
+from amqp_queue.closing import Closing
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
 from amqp_queue.drain import drain
@@ -44,7 +44,7 @@ from amqp_queue.topology import Topology
 logger = logging.getLogger("amqp_queue.store")
 
 
-class RabbitMQStore(BrokerStart, CommandIntake):
+class RabbitMQStore(Closing, BrokerStart, CommandIntake):
     """The command store delivering over RabbitMQ, one durable queue per device.
 
     Args:
@@ -179,14 +179,6 @@ class RabbitMQStore(BrokerStart, CommandIntake):
     async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- the Store contract -------------------------------------------------------------
 

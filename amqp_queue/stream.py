@@ -11,12 +11,12 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from amqp_queue.batching import Batcher
+from amqp_queue.closing import Closing
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
@@ -37,7 +37,7 @@ MARK_RETRY_MOST = 30.0
 _HANDED_MEMORY = 10_000
 
 
-class CommandStream:
+class CommandStream(Closing):
     """The commands of one device as they arrive: ``async for command in stream``.
 
     A command is marked delivered and acked only after the loop body for it finished (when
@@ -91,13 +91,8 @@ class CommandStream:
         await self._open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
+    async def _leave(self, *, finished: bool) -> None:
+        if finished:
             self._finish_current()
         await self.close()
 

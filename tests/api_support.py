@@ -14,6 +14,7 @@ from amqp_queue.auth import Tokens
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.service import Backends, running_api
 from amqp_queue.settings import Settings
+from amqp_queue.state.clock import Clock, utc_now
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
 
@@ -48,10 +49,16 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[Api]:
+async def running(
+    tmp_path: Path, *, clock: Clock = utc_now, **overrides: Any
+) -> AsyncIterator[Api]:
+    """The API over its own namespace; ``clock`` is the index's time source."""
     settings = settings_for(tmp_path, **overrides)
     try:
-        async with await Backends.open(settings) as backends, running_api(backends) as url:
+        async with (
+            await Backends.open(settings, clock=clock) as backends,
+            running_api(backends) as url,
+        ):
             headers = {"Authorization": f"Bearer {TOKEN}"}
             async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:
                 yield Api(client, backends, url)

@@ -107,6 +107,8 @@ class TCPProxy:
         # Bumped by every cut(), so a connection that was being set up while the cut happened
         # is dropped even if restore() came before its upstream connect finished.
         self._epoch = 0
+        self.dropped = 0
+        """Connections dropped on accept (while cut, or over ``max_connections``)."""
 
     @property
     def amqp_url(self) -> str:
@@ -191,6 +193,7 @@ class TCPProxy:
     ) -> None:
         epoch = self._epoch
         if self._refusing(epoch) or len(self._links) >= self._max_connections:
+            self.dropped += 1
             client.transport.abort()
             await _wait_closed(client)
             return

@@ -24,6 +24,7 @@ from amqp_queue import (
 from amqp_queue.api import error_status
 from tests.api_support import OTHER_TOKEN, TOKEN, Api, running
 from tests.rabbitmq_support import AMQP_URL
+from tests.support import FakeClock
 
 PROTECTED = [
     ("POST", "/devices/dev-1/commands"),
@@ -37,8 +38,8 @@ PROTECTED = [
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    async with running(tmp_path) as opened:
+async def api(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Api]:
+    async with running(tmp_path, clock=clock) as opened:
         yield opened
 
 
@@ -218,10 +219,12 @@ async def test_an_encoded_slash_in_a_path_parameter_is_a_clear_4xx_never_a_redir
     assert "UUID" in response.json()["detail"] or "'/'" in response.json()["detail"]
 
 
-async def test_confirming_or_cancelling_an_expired_command_is_a_410(api: Api) -> None:
-    waiting = await api.enqueue("dev-1", ttl=0.2, mode="confirm", command_type="unlock")
-    plain = await api.enqueue("dev-2", ttl=0.2)
-    await asyncio.sleep(0.3)
+async def test_confirming_or_cancelling_an_expired_command_is_a_410(
+    api: Api, clock: FakeClock
+) -> None:
+    waiting = await api.enqueue("dev-1", ttl=30, mode="confirm", command_type="unlock")
+    plain = await api.enqueue("dev-2", ttl=30)
+    clock.advance(30)
 
     confirmed = await api.client.post(f"/commands/{waiting.json()['id']}/confirm")
     cancelled = await api.client.post(f"/commands/{plain.json()['id']}/cancel")
@@ -275,14 +278,14 @@ def _sample(metrics: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-async def test_metrics_count_what_happens_to_commands(api: Api) -> None:
+async def test_metrics_count_what_happens_to_commands(api: Api, clock: FakeClock) -> None:
     await api.enqueue("dev-1", mode="latest", command_type="sp", payload="1")
     await api.enqueue("dev-1", mode="latest", command_type="sp", payload="2")
     cancelled = (await api.enqueue("dev-2")).json()["id"]
     await api.client.post(f"/commands/{cancelled}/cancel")
-    await api.enqueue("dev-3", ttl=0.1)
+    await api.enqueue("dev-3", ttl=30)
     await api.backends.store.drain_pending("dev-1")
-    await asyncio.sleep(0.2)
+    clock.advance(30)  # the others live for 60 s
     assert (await api.client.post("/cleanup")).json() == {"expired": 1}
 
     response = await api.client.get("/metrics", headers={"Authorization": ""})

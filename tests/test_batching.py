@@ -11,15 +11,22 @@ from amqp_queue.batching import Batcher
 
 async def test_submissions_made_during_a_flush_share_the_next_one() -> None:
     flushed: list[list[int]] = []
+    flushing = asyncio.Event()
+    finish = asyncio.Event()
 
     async def flush(items: list[int]) -> None:
         flushed.append(items)
-        await asyncio.sleep(0.01)
+        flushing.set()
+        await finish.wait()
 
     batcher = Batcher(flush, max_batch=3)
-    await asyncio.gather(*(batcher.submit(n) for n in range(7)))
+    first = asyncio.create_task(batcher.submit(0))
+    await flushing.wait()  # the first flush is under way with 0 alone
+    rest = [batcher.post(n) for n in range(1, 8)]  # queued at once, while it runs
+    finish.set()
+    await asyncio.gather(first, *rest)
 
-    assert flushed == [[0, 1, 2], [3, 4, 5], [6]]
+    assert flushed == [[0], [1, 2, 3], [4, 5, 6], [7]]
 
 
 async def test_a_failed_flush_fails_its_waiters_and_reports_detached_items_once() -> None:

@@ -10,14 +10,16 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
+from amqp_queue.state.clock import Clock, utc_now
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import unique
+from tests.support import FakeClock, unique
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,9 +59,12 @@ class Cli:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    async def store(self) -> RabbitMQStore:
+    async def store(self, clock: Clock = utc_now) -> RabbitMQStore:
         return await RabbitMQStore.connect(
-            AMQP_URL, state_url=self.state_url, config=RabbitMQConfig(exchange=self.exchange)
+            AMQP_URL,
+            state_url=self.state_url,
+            config=RabbitMQConfig(exchange=self.exchange),
+            clock=clock,
         )
 
 
@@ -211,10 +216,12 @@ def test_a_port_that_never_answers_is_given_up_on_at_the_connect_timeout(cli: Cl
 
 
 async def test_confirming_an_expired_command_exits_4(cli: Cli) -> None:
-    unlock = cli.json("enqueue", "gw-1", "door", "--mode", "confirm", "--type", "u", "--ttl", "0.1")
-    await asyncio.sleep(0.2)
+    # Written by a producer whose clock says an hour ago: expired by the CLI's clock.
+    an_hour_ago = FakeClock(datetime.now(UTC) - timedelta(hours=1))
+    async with await cli.store(an_hour_ago) as store:
+        unlock = await store.enqueue_with_confirmation("gw-1", "u", b"door", 60)
 
-    result = cli.run("confirm", unlock["id"])
+    result = cli.run("confirm", unlock)
 
     assert result.returncode == 4
     assert "expired" in result.stderr

@@ -11,6 +11,7 @@ the channel is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pytest
 from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore
 from amqp_queue.state import SqlStore, StateError
 from amqp_queue.state.sql import create_engine
+from amqp_queue.stream import CommandStream
 from tests.rabbitmq_support import queue_depth, store_on_index
+from tests.support import eventually
 
 
 class MarksFail(SqlStore):
@@ -38,17 +41,22 @@ class MarksFail(SqlStore):
 
 
 async def _consume(store: RabbitMQStore, count: int) -> list[str]:
-    """Consumes ``count`` commands; the device lingers on the second one, so the first one's
-    mark runs (and fails) in a batch of its own."""
+    """Consumes ``count`` commands; the device lingers on the second one until the first
+    one's mark has run (and failed) in a batch of its own."""
     seen: list[str] = []
     async with store.consume("dev-1") as stream:
         async for command in stream:
             seen.append(command.id)
             if len(seen) == 2:
-                await asyncio.sleep(0.2)
+                await _marks_written(stream)
             if len(seen) == count:
                 break
     return seen
+
+
+async def _marks_written(stream: CommandStream) -> None:
+    """Returns once the marks the stream has posted so far have run, failed or not."""
+    await stream._marks.drain()  # the stream's own batcher of delivery marks
 
 
 async def _statuses(store: RabbitMQStore, ids: list[str]) -> list[CommandStatus]:
@@ -71,31 +79,38 @@ async def test_a_command_whose_mark_failed_is_marked_with_the_next_batch(
 
 
 @pytest.mark.parametrize(
-    ("failures", "wait"),
+    "failures",
     [
         # The mark fails; the try before the stream waits for the broker succeeds.
-        (1, 0.5),
+        1,
         # That try fails too; the index is back a moment later, while the stream waits.
-        (2, 1.5),
+        2,
     ],
     ids=["tried-before-waiting", "tried-while-waiting"],
 )
 async def test_a_stream_that_waits_keeps_trying_a_failed_mark(
-    tmp_path: Path, failures: int, wait: float
+    tmp_path: Path, failures: int
 ) -> None:
     state = MarksFail(tmp_path / "state.db", failures=failures)
     async with store_on_index(state) as store:
         command_id = await store.enqueue("dev-1", b"only", 600)
 
+        async def marked() -> bool:
+            return await store.get_status(command_id) is CommandStatus.DELIVERED
+
         async with store.consume("dev-1") as stream:
             assert (await anext(stream)).id == command_id
             # Finishing it (asking for the next) posts its mark, which fails; nothing more
             # comes, so the stream waits, and retries meanwhile.
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await anext(stream)
+            waiting = asyncio.ensure_future(anext(stream))
+            try:
+                await eventually(marked, 10)
+                assert not waiting.done(), "the stream stopped waiting"
+            finally:
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
             assert state.failed == [[command_id]] * failures
-            assert await store.get_status(command_id) is CommandStatus.DELIVERED
 
         assert await queue_depth(store, "dev-1") == 0
 
@@ -114,7 +129,7 @@ async def test_a_prefetch_window_full_of_unmarked_commands_does_not_stall_the_st
             async with asyncio.timeout(10):
                 async for command in stream:
                     seen.append(command.id)
-                    await asyncio.sleep(0.05)  # each mark runs (and fails) by itself
+                    await _marks_written(stream)  # each mark runs (and fails) by itself
                     if len(seen) == len(ids):
                         break
 

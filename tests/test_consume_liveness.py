@@ -7,15 +7,38 @@ while the device works on an earlier one of the same window must not be handed o
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from amqp_queue import CommandStatus, RabbitMQStore
+from amqp_queue.stream import CommandStream
 from tests.rabbitmq_support import rabbitmq_store
-from tests.support import FakeClock
+from tests.support import FakeClock, eventually
 
 Meddle = Callable[[RabbitMQStore, str], Awaitable[None]]
+
+# 0: each command left in a window is asked about as it is handed out; 30: the window is
+# asked about together, once the device has been busy longer than that.
+RECHECK_AFTER = [0.0, 30.0]
+
+
+class Stopwatch:
+    """A monotonic clock for a stream, moved by the test: a device "works" for a minute
+    without the test waiting for it."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+
+    def __call__(self) -> float:
+        return self.elapsed
+
+
+def _timed(stream: CommandStream) -> Stopwatch:
+    stopwatch = Stopwatch()
+    stream._clock = stopwatch  # the stream's own time source, for the recheck interval
+    return stopwatch
 
 
 async def _consume_meddling_after_the_first(
@@ -24,28 +47,30 @@ async def _consume_meddling_after_the_first(
     """Consumes until ``last``; while handling the first command, calls ``meddle(victim)``."""
     received: list[bytes] = []
     async with store.consume("dev-1") as stream:
+        stopwatch = _timed(stream)
         async for command in stream:
             if not received:
                 await meddle(store, victim)
-                await _work_on_it(store)
+                _work_on_it(store, stopwatch)
             received.append(command.payload)
             if command.id == last:
                 break
     return received
 
 
-async def _work_on_it(store: RabbitMQStore) -> None:
+def _work_on_it(store: RabbitMQStore, stopwatch: Stopwatch) -> None:
     """A device busy with a command for longer than the stream trusts its window."""
-    await asyncio.sleep(store.config.recheck_after * 2)
+    stopwatch.elapsed += store.config.recheck_after * 2 + 1
 
 
+@pytest.mark.parametrize("recheck_after", RECHECK_AFTER)
 async def test_a_command_cancelled_while_the_device_handles_an_earlier_one_is_not_handed_out(
-    tmp_path: Path,
+    tmp_path: Path, recheck_after: float
 ) -> None:
     async def cancel(store: RabbitMQStore, command_id: str) -> None:
         await store.cancel_command(command_id)
 
-    async with rabbitmq_store(tmp_path) as store:
+    async with rabbitmq_store(tmp_path, recheck_after=recheck_after) as store:
         await store.enqueue("dev-1", b"first", 600)
         victim = await store.enqueue("dev-1", b"cancelled", 600)
         last = await store.enqueue("dev-1", b"last", 600)
@@ -56,25 +81,27 @@ async def test_a_command_cancelled_while_the_device_handles_an_earlier_one_is_no
         assert await store.get_status(victim) == CommandStatus.CANCELLED
 
 
+@pytest.mark.parametrize("recheck_after", RECHECK_AFTER)
 async def test_a_command_superseded_while_the_device_handles_an_earlier_one_is_not_handed_out(
-    tmp_path: Path,
+    tmp_path: Path, recheck_after: float
 ) -> None:
     replacement: list[str] = []
 
     async def supersede(store: RabbitMQStore, _: str) -> None:
         replacement.append(await store.enqueue_or_update("dev-1", "setpoint", b"21", 600))
 
-    async with rabbitmq_store(tmp_path) as store:
+    async with rabbitmq_store(tmp_path, recheck_after=recheck_after) as store:
         await store.enqueue("dev-1", b"first", 600)
         victim = await store.enqueue_or_update("dev-1", "setpoint", b"20", 600)
         await store.enqueue("dev-1", b"second", 600)
 
         received: list[bytes] = []
         async with store.consume("dev-1") as stream:
+            stopwatch = _timed(stream)
             async for command in stream:
                 if not received:
                     await supersede(store, victim)
-                    await _work_on_it(store)
+                    _work_on_it(store, stopwatch)
                 received.append(command.payload)
                 if replacement and command.id == replacement[0]:
                     break
@@ -83,15 +110,16 @@ async def test_a_command_superseded_while_the_device_handles_an_earlier_one_is_n
         assert await store.get_status(victim) == CommandStatus.SUPERSEDED
 
 
+@pytest.mark.parametrize("recheck_after", RECHECK_AFTER)
 async def test_a_command_that_expires_while_the_device_handles_an_earlier_one_is_not_handed_out(
-    tmp_path: Path,
+    tmp_path: Path, recheck_after: float
 ) -> None:
     clock = FakeClock()
 
     async def let_it_expire(store: RabbitMQStore, _: str) -> None:
         clock.advance(120)
 
-    async with rabbitmq_store(tmp_path, clock=clock) as store:
+    async with rabbitmq_store(tmp_path, clock=clock, recheck_after=recheck_after) as store:
         await store.enqueue("dev-1", b"first", 600)
         victim = await store.enqueue("dev-1", b"short-lived", 60)
         last = await store.enqueue("dev-1", b"last", 600)
@@ -111,16 +139,21 @@ async def test_a_command_the_device_finished_is_delivered_while_it_works_on_the_
         await store.enqueue("dev-1", b"second", 600)
         last = await store.enqueue("dev-1", b"last", 600)
 
-        statuses = []
+        async def first_delivered() -> bool:
+            return await store.get_status(first) == CommandStatus.DELIVERED
+
+        worked_on = []
         async with store.consume("dev-1") as stream:
             async for command in stream:
                 if command.id != first:
-                    await asyncio.sleep(0.2)  # the device at work; one write takes far less
-                    statuses.append(await store.get_status(first))
+                    # The device at work on this one: the first one's mark is written
+                    # meanwhile (one write takes far less than the deadline).
+                    await eventually(first_delivered, 5)
+                    worked_on.append(command.payload)
                 if command.id == last:
                     break
 
-        assert statuses == [CommandStatus.DELIVERED, CommandStatus.DELIVERED]
+        assert worked_on == [b"second", b"last"]
 
 
 async def test_a_command_cancelled_just_before_the_device_asks_for_it_is_not_handed_out(

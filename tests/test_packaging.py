@@ -6,6 +6,7 @@ a top-level ``state`` from this wheel would shadow it or be shadowed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -63,20 +64,25 @@ def test_the_wheel_holds_the_schema_revisions(wheel: Path) -> None:
 
 @pytest.mark.slow
 def test_import_state_fails_where_only_amqp_queue_is_installed(wheel: Path, tmp_path: Path) -> None:
+    # Without PYTHONPATH (a worktree run points it at the checkout): pip would find the
+    # checkout's amqp_queue installed, and the probe its state/.
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=clean)
     python = venv / "bin" / "python"
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
         check=True,
         capture_output=True,
         timeout=120,
+        env=clean,
     )
     # Run from an empty folder, so the repository's own state/ is not on the path.
     probe = "import importlib.util as u; print(u.find_spec('state'), u.find_spec('amqp_queue'))"
     found = subprocess.run(
         [str(python), "-c", probe],
         cwd=tmp_path,
+        env=clean,
         capture_output=True,
         text=True,
         timeout=60,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from amqp_queue import MemoryStore, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.messages import COMMAND_TYPE, EXPIRES_AT, REQUIRES_CONFIRMATION
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, queue_depth, rabbitmq_store
-from tests.support import FakeClock, unique
+from tests.support import FakeClock, eventually, unique
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ async def take_raw(store: RabbitMQStore, device_id: str) -> aio_pika.abc.Abstrac
 
 
 async def consume_for(store: RabbitMQStore, device_id: str, seconds: float) -> list[PendingCommand]:
-    """What ``consume`` hands out within ``seconds``."""
+    """What ``consume`` hands out within ``seconds``: for a test that nothing (more) comes."""
     received: list[PendingCommand] = []
     async with store.consume(device_id) as stream:
         try:
@@ -46,6 +47,20 @@ async def consume_for(store: RabbitMQStore, device_id: str, seconds: float) -> l
                     received.append(command)
         except TimeoutError:
             pass
+    return received
+
+
+async def consume_first(store: RabbitMQStore, device_id: str, count: int) -> list[PendingCommand]:
+    """The first ``count`` commands ``consume`` hands out (fewer if 5 s pass first): a wrong
+    one among them shows in the caller's assertion without waiting for a quiet window."""
+    received: list[PendingCommand] = []
+    async with store.consume(device_id) as stream:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                async for command in stream:
+                    received.append(command)
+                    if len(received) == count:
+                        break
     return received
 
 
@@ -120,7 +135,7 @@ async def test_stale_messages_in_the_queue_are_never_handed_out(
     clock.advance(60)
 
     assert await queue_depth(store, "dev-1") == 5
-    assert [c.payload for c in await consume_for(store, "dev-1", 1.0)] == [b"latest", b"live"]
+    assert [c.payload for c in await consume_first(store, "dev-1", 2)] == [b"latest", b"live"]
     assert await queue_depth(store, "dev-1") == 0
 
 
@@ -148,20 +163,28 @@ async def test_confirmation_command_is_published_only_on_confirm(store: RabbitMQ
     assert await queue_depth(store, "dev-1") == 1
     message = await take_raw(store, "dev-1")
     assert message.headers[REQUIRES_CONFIRMATION] is True
-    assert [c.id for c in await consume_for(store, "dev-1", 0.5)] == [command_id]
+    assert [c.id for c in await consume_first(store, "dev-1", 1)] == [command_id]
 
 
 async def test_expired_message_behind_a_long_lived_head_is_not_delivered(
-    tmp_path: Path,
+    tmp_path: Path, clock: FakeClock
 ) -> None:
-    async with rabbitmq_store(tmp_path) as store:
+    async with rabbitmq_store(tmp_path, clock=clock) as store:
         await store.enqueue("dev-1", b"long", 600)
         await store.enqueue("dev-1", b"short", 0.3)
-        await asyncio.sleep(0.6)
+        # The broker's TTL runs on its own clock: a witness with the same TTL, published
+        # after the short one and alone at its queue's head, is dropped once it has passed.
+        await store.enqueue("dev-2", b"witness", 0.3)
+        await eventually(lambda: _queue_is_empty(store, "dev-2"), 10)
+        clock.advance(0.3)
 
         # The broker only drops expired messages at the head: the short one is still there.
         assert await queue_depth(store, "dev-1") == 2
         assert await store.drain_pending("dev-1") == [b"long"]
+
+
+async def _queue_is_empty(store: RabbitMQStore, device_id: str) -> bool:
+    return await queue_depth(store, device_id) == 0
 
 
 async def test_a_failing_loop_body_leaves_the_command_queued_for_the_next_consume(
@@ -179,7 +202,7 @@ async def test_a_failing_loop_body_leaves_the_command_queued_for_the_next_consum
         await failing_device()
 
     assert await queue_depth(store, "dev-1") == 1
-    assert [c.id for c in await consume_for(store, "dev-1", 0.5)] == [command_id]
+    assert [c.id for c in await consume_first(store, "dev-1", 1)] == [command_id]
     assert await consume_for(store, "dev-1", 0.3) == []
     assert await store.get_status(command_id) == "delivered"
 
@@ -195,21 +218,25 @@ async def test_leaving_the_loop_normally_acks_the_last_command(store: RabbitMQSt
 
     assert await store.get_status(first) == "delivered"
     assert await store.get_status(second) == "pending"
-    assert [c.id for c in await consume_for(store, "dev-1", 0.5)] == [second]
+    assert [c.id for c in await consume_first(store, "dev-1", 1)] == [second]
 
 
 async def test_consume_hands_out_commands_enqueued_while_it_waits(store: RabbitMQStore) -> None:
     received: list[bytes] = []
+    waiting = asyncio.Event()
 
     async def device() -> None:
         async with store.consume("dev-1") as stream:
+            # Set just before the loop asks for a command: this task runs on, without a
+            # pause, into the empty queue's wait before the enqueues below start.
+            waiting.set()
             async for command in stream:
                 received.append(command.payload)
                 if len(received) == 3:
                     return
 
     consumer = asyncio.create_task(device())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(waiting.wait(), 5)
     for payload in (b"a", b"b", b"c"):
         await store.enqueue("dev-1", payload, 60)
     await asyncio.wait_for(consumer, 5)
@@ -225,7 +252,7 @@ async def test_a_device_whose_queue_was_never_declared_gets_its_command(tmp_path
             tmp_path, state_url=state_url, exchange=producer.config.exchange
         ) as gateway:
             assert gateway.declared_devices == []
-            received = await consume_for(gateway, "new-device", 0.5)
+            received = await consume_first(gateway, "new-device", 1)
 
     assert [c.id for c in received] == [command_id]
 

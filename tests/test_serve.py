@@ -61,7 +61,8 @@ async def test_serve_stops_on_sigterm_and_keeps_every_enqueue_it_accepted(tmp_pa
 
             first = await enqueue(0)
             burst = [asyncio.create_task(enqueue(number)) for number in range(1, 40)]
-            await asyncio.sleep(0.01)
+            # Stopped while the burst is under way: once the first of it is answered.
+            await asyncio.wait(burst, return_when=asyncio.FIRST_COMPLETED)
             process.send_signal(signal.SIGTERM)
             answers = await asyncio.gather(*burst, return_exceptions=True)
         async with asyncio.timeout(30):

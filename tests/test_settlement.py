@@ -65,12 +65,14 @@ async def test_a_drain_leaves_queued_a_command_whose_row_another_transaction_loc
     ):
         command_id = await store.enqueue(DEVICE, b"cmd", 600)
         locked = asyncio.Event()
+        drain_over = asyncio.Event()
 
         async def hold_the_row() -> None:
-            # Released after a while whatever the drain does (it may wait for the row).
             async with row_locked(shared.schema, command_id):
                 locked.set()
-                await asyncio.sleep(1.0)
+                # Until the drain is over; a second at most, should it wait for the row.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(drain_over.wait(), 1.0)
 
         holder = asyncio.create_task(hold_the_row())
         await asyncio.wait_for(locked.wait(), 5)
@@ -78,6 +80,7 @@ async def test_a_drain_leaves_queued_a_command_whose_row_another_transaction_loc
             # The claim skips the locked row; its message must not be acked.
             drained = await asyncio.wait_for(store.drain_pending(DEVICE), 5)
         finally:
+            drain_over.set()
             await holder
         drained += await drain_until(store, DEVICE, count=1 - len(drained), seconds=2)
 

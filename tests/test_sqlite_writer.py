@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -104,13 +105,14 @@ async def test_a_cancelled_caller_leaves_the_transaction_to_finish_by_itself(
     writer: _WriterThread,
 ) -> None:
     started = asyncio.Event()
+    finish = threading.Event()
     loop = asyncio.get_running_loop()
 
     def slow(connection: sqlite3.Connection) -> None:
         connection.execute("BEGIN IMMEDIATE")
         connection.execute(INSERT, ("slow",))
         loop.call_soon_threadsafe(started.set)
-        time.sleep(0.2)
+        assert finish.wait(5), "the test never let the transaction finish"
         connection.commit()
 
     call = asyncio.create_task(writer.run(slow))
@@ -118,6 +120,7 @@ async def test_a_cancelled_caller_leaves_the_transaction_to_finish_by_itself(
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
+    finish.set()  # only now: the caller was cancelled mid-transaction
 
     # The next transaction runs after it on the same thread, on a connection left clean.
     assert await writer.run(lambda connection: connection.in_transaction) is False
@@ -126,19 +129,21 @@ async def test_a_cancelled_caller_leaves_the_transaction_to_finish_by_itself(
 
 async def test_a_cancelled_close_still_closes_the_connection(writer: _WriterThread) -> None:
     started = asyncio.Event()
+    finish = threading.Event()
     loop = asyncio.get_running_loop()
 
     def slow(connection: sqlite3.Connection) -> None:
         loop.call_soon_threadsafe(started.set)
-        time.sleep(0.2)
+        assert finish.wait(5), "the test never let the call finish"
 
     call = asyncio.create_task(writer.run(slow))
     await started.wait()
     closing = asyncio.create_task(writer.close())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one step: the close is queued behind the slow call
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
+    finish.set()  # only now: the close was cancelled while queued
     await call
 
     # The close was queued behind the slow call; it runs once that returns.

@@ -10,7 +10,7 @@ import pytest
 from aio_pika.abc import AbstractConnection, AbstractQueue, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
 
-from tests.support import unique
+from tests.support import eventually, unique
 from tests.tcp_proxy import TCPProxy
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -132,7 +132,12 @@ async def test_robust_connection_recovers_after_restore_and_publishes_again(
         await proxy.cut()
         await asyncio.wait_for(lost, WAIT)
         # Several reconnect attempts fail against the cut proxy before it is restored.
-        await asyncio.sleep(1.2)
+        dropped = proxy.dropped
+
+        async def tried_again_twice() -> bool:
+            return proxy.dropped >= dropped + 2
+
+        await eventually(tried_again_twice, WAIT)
         assert not reconnected.is_set()
         await proxy.restore()
 

@@ -28,16 +28,26 @@ class HeldDeclaration(Topology):
     def __init__(self, channel: AbstractChannel, config: RabbitMQConfig) -> None:
         super().__init__(channel, config)
         self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        self.in_line = 0
+        self.three_in_line = asyncio.Event()
         self.order: list[str] = []
         self.latecomer: asyncio.Task[None] | None = None
 
     async def declare_queue(
         self, channel: AbstractChannel, device_id: str, *, robust: bool = True
     ) -> AbstractQueue:
+        self.held.set()
         await self.release.wait()
         queue = await super().declare_queue(channel, device_id, robust=robust)
         self.latecomer = asyncio.create_task(self.publish_in_turn(device_id, "latecomer"))
         return queue
+
+    async def _wait_in_line(self, device_id: str, declared: asyncio.Future[None]) -> None:
+        self.in_line += 1
+        if self.in_line == 3:
+            self.three_in_line.set()
+        await super()._wait_in_line(device_id, declared)
 
     async def publish_in_turn(self, device_id: str, name: str) -> None:
         await self.ensure_queue(device_id)
@@ -63,7 +73,8 @@ async def test_a_caller_arriving_as_the_declaration_ends_waits_behind_earlier_on
 ) -> None:
     names = ["declarer", "first", "second", "third"]
     callers = [asyncio.create_task(topology.publish_in_turn("dev-1", name)) for name in names]
-    await asyncio.sleep(0.05)  # all four are in: one declaring, three waiting
+    # All four are in: one declaring, three waiting.
+    await asyncio.wait_for(asyncio.gather(topology.held.wait(), topology.three_in_line.wait()), 5)
     topology.release.set()
     await asyncio.gather(*callers)
     assert topology.latecomer is not None
