@@ -175,7 +175,9 @@ async def bench_delivery(ctx: Context) -> None:
             await deliver(ctx, device, count, kind)
     for kind, target in DELIVERY_STATES.items():
         on = "" if kind == "sqlite" else f" ({kind} state)"
-        results.ratio(f"drain_pending / raw consumer{on}", _key("drain", kind), "raw.consume", target)
+        results.ratio(
+            f"drain_pending / raw consumer{on}", _key("drain", kind), "raw.consume", target
+        )
         results.ratio(f"consume / raw consumer{on}", _key("consume", kind), "raw.consume", target)
 
 
