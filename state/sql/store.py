@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -47,14 +46,17 @@ from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from ..model import CommandRecord
 from ..validation import DEFAULT_LIMITS, Limits
-from . import deadlock_retry, schema_versions, sqlite_direct, transactions
+from . import deadlock_retry, postgres_reads, schema_versions, sqlite_direct, transactions
 from . import statements as sql
 from .engine import READ_ONLY, create_engine
-from .schema import command_queue
+from .postgres_reads import PostgresReads
 from .schema_versions import SchemaChange
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
 from .sqlite_writer import SqliteWriter
 from .transactions import Transaction
+
+# What the drivers raise where the store runs statements on them directly.
+DIRECT_FAILURES = (*sqlite_direct.FAILURES, *postgres_reads.FAILURES)
 
 logger = logging.getLogger("amqp_queue.state.sql")
 
@@ -118,6 +120,7 @@ class SqlStore(IndexedStore):
         self._writer = SqliteWriter(engine) if direct else None
         self._reader = SqliteReader(engine) if direct else None
         self._live_check = SqliteLiveCheck(engine) if direct else None
+        self._pg_reads = PostgresReads(engine, schema) if postgres_reads.usable(engine) else None
 
     @classmethod
     async def connect(
@@ -142,6 +145,9 @@ class SqlStore(IndexedStore):
             # failed write of the schema, whatever the caller came to do.
             async with engine.connect():
                 pass
+            # Closed at once: left in the pool, the probe's SQLite connection was later
+            # collected unclosed (a ResourceWarning, tests/test_sql_store.py).
+            await engine.dispose()
         except (SQLAlchemyError, OSError) as exc:
             await engine.dispose()
             where = engine.url.render_as_string(hide_password=True)
@@ -194,7 +200,7 @@ class SqlStore(IndexedStore):
         """
         async with self._write() as conn:
             if conn.dialect.name == "postgresql":
-                key = _ddl_lock_key(self._schema)
+                key = schema_versions.ddl_lock_key(self._schema)
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
             return await conn.run_sync(schema_versions.bring_to, self._schema, revision)
 
@@ -244,24 +250,32 @@ class SqlStore(IndexedStore):
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}
-        if self._reader is not None:
-            # consume() and drains ask this of every window: one hop to the driver's thread.
-            try:
-                rows = await self._reader.deliverable(list(command_ids), self.clock())
-            except sqlite_direct.FAILURES as exc:
-                raise StateError(f"state index read failed: {_reason(exc)}") from exc
-        else:
-            rows = await self._select(sql.DELIVERABLE, ids=list(command_ids), now=self.clock())
+        ids, now = list(command_ids), self.clock()
+        rows: list[dict[str, Any]] | None = None
+        # consume() and drains ask this of every window: on the driver where one is kept.
+        try:
+            if self._reader is not None:
+                rows = await self._reader.deliverable(ids, now)
+            elif self._pg_reads is not None:
+                rows = await self._pg_reads.deliverable(ids, now)
+        except DIRECT_FAILURES as exc:
+            raise StateError(f"state index read failed: {_reason(exc)}") from exc
+        if rows is None:
+            rows = await self._select(sql.DELIVERABLE, ids=ids, now=now)
         return {record.id: record for record in map(sql.record_of, rows)}
 
     async def is_deliverable(self, command_id: str) -> bool:
-        if self._live_check is not None:
-            try:
+        live: bool | None = None
+        # consume() asks this before every hand-out: on the driver where one is kept.
+        try:
+            if self._live_check is not None:
                 live = self._live_check.is_live(command_id, self.clock())
-            except sqlite_direct.FAILURES as exc:
-                raise StateError(f"state index read failed: {_reason(exc)}") from exc
-            if live is not None:
-                return live
+            elif self._pg_reads is not None:
+                live = await self._pg_reads.is_live(command_id, self.clock())
+        except DIRECT_FAILURES as exc:
+            raise StateError(f"state index read failed: {_reason(exc)}") from exc
+        if live is not None:
+            return live
         return await super().is_deliverable(command_id)
 
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
@@ -385,12 +399,3 @@ def _take_write_lock(connection: sa.Connection) -> None:
     driver = connection.connection.driver_connection
     if driver is None or not driver.in_transaction:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _ddl_lock_key(schema: str | None) -> int:
-    """The advisory lock key for creating or upgrading ``command_queue`` in ``schema``: the
-    same in every process (a digest, not Python's per-process salted ``hash``), as the signed
-    64-bit integer ``pg_advisory_xact_lock`` takes. Unchanged since releases before schema
-    versions, so in a rolling deploy their replicas take turns with this one's."""
-    name = f"amqp_queue.create_table:{schema or ''}.{command_queue.name}"
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
