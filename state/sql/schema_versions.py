@@ -32,6 +32,7 @@ agree.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,3 +189,12 @@ def _alembic(
 
     run = {"upgrade": command.upgrade, "downgrade": command.downgrade, "stamp": command.stamp}
     run[action](_config(connection, schema), revision)
+
+
+def ddl_lock_key(schema: str | None) -> int:
+    """The advisory lock key for creating or upgrading ``command_queue`` in ``schema``: the
+    same in every process (a digest, not Python's per-process salted ``hash``), as the signed
+    64-bit integer ``pg_advisory_xact_lock`` takes. Unchanged since releases before schema
+    versions, so in a rolling deploy their replicas take turns with this one's."""
+    name = f"amqp_queue.create_table:{schema or ''}.{command_queue.name}"
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)

@@ -22,7 +22,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import statements as sql
-from .sqlite_direct import SqliteFile, SqliteSql
+from .compiled import DriverSql
+from .sqlite_direct import SqliteFile
 
 
 class _Dedicated:
@@ -67,7 +68,7 @@ class SqliteReader:
     """``deliverable`` in one statement and one hop; calls may run concurrently."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._sql = SqliteSql(engine.dialect)
+        self._sql = DriverSql(engine.dialect)
         self._connection = _Dedicated(engine)
 
     async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
@@ -96,7 +97,7 @@ class SqliteLiveCheck:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._file = SqliteFile.of(engine)
-        self._sql = SqliteSql(engine.dialect)
+        self._sql = DriverSql(engine.dialect)
         self._closed = False
         self._connection: sqlite3.Connection | None = None
 

@@ -4,7 +4,7 @@ A writer thread owns a sqlite3 connection to the engine's file, opened with the 
 pragmas; a transaction of :mod:`amqp_queue.state.sql.transactions` (enqueue, the publish and
 delivery marks, confirm, cancel) runs there as one function (``BEGIN IMMEDIATE``, its
 statements, ``COMMIT``), its statements compiled once
-(:class:`amqp_queue.state.sql.sqlite_direct.SqliteSql`). Through aiosqlite the same
+(:class:`amqp_queue.state.sql.compiled.DriverSql`). Through aiosqlite the same
 transaction costs a hop per statement, cursor and commit, each waiting for a turn of a busy
 event loop: with the broker's traffic on the loop, sequential enqueues and confirms run at
 about half the rate or less without it (bench: enqueue, confirm).
@@ -21,8 +21,9 @@ from typing import TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .compiled import DriverSql
 from .engine import sqlite_pragmas
-from .sqlite_direct import FAILURES, SqliteFile, SqliteSql
+from .sqlite_direct import FAILURES, SqliteFile
 from .transactions import Count, Fetch, Step, Transaction
 
 T = TypeVar("T")
@@ -32,7 +33,7 @@ class SqliteWriter:
     """Runs write transactions on the writer thread; the caller serialises the calls."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._sql = SqliteSql(engine.dialect)
+        self._sql = DriverSql(engine.dialect)
         self._thread = _WriterThread(engine)
 
     async def run(self, transaction: Transaction[T]) -> T:

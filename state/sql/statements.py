@@ -4,7 +4,7 @@ construct, and the rows they take and give.
 Every value a statement needs is a named bind parameter (``now``, ``ids``, ...), never a
 value built in: the constructs are made once, here, and each executor compiles them per
 dialect (SQLAlchemy's own compiled cache on an AsyncConnection,
-:class:`amqp_queue.state.sql.sqlite_direct.SqliteSql` on the SQLite driver), PostgreSQL and
+:class:`amqp_queue.state.sql.compiled.DriverSql` on the SQLite driver), PostgreSQL and
 SQLite alike. ``ids`` is an expanding list (``IN``).
 
 Only the ``ON CONFLICT`` inserts differ per dialect, in their construct, not their SQL
