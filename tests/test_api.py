@@ -373,6 +373,9 @@ async def test_an_enqueue_meeting_a_queue_of_another_type_is_a_409_naming_it(api
 
     assert (response.status_code, response.json()["error"]) == (409, "queue_mismatch")
     assert "x-queue-type" in response.json()["detail"]
+    # Declared before the write: nothing is written (docs/service.md says so).
+    listed = await api.client.get("/devices/dev-3/commands")
+    assert listed.json()["commands"] == []
 
 
 def _all_subclasses(kind: type[QueueError]) -> list[type[QueueError]]:
