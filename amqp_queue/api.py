@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -179,8 +180,9 @@ class OperatorApi:
 
     async def confirm(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
-        with _audited(operator, "confirm", command_id):
-            await self._store.confirm_command(command_id)
+        with _audited(operator, "confirm", command_id) as outcome:
+            if not await self._store.confirm_changed(command_id):
+                outcome.text = "ok, nothing changed (no confirmation needed)"
         status = await self._store.get_status(command_id)
         return JSONResponse({"id": command_id, "status": status.value})
 
@@ -260,17 +262,25 @@ class OperatorApi:
         return data
 
 
+@dataclass
+class _Outcome:
+    """What the audit line says of an action that succeeded; the action may refine it."""
+
+    text: str = "ok"
+
+
 @contextmanager
-def _audited(operator: str, action: str, command_id: str) -> Iterator[None]:
+def _audited(operator: str, action: str, command_id: str) -> Iterator[_Outcome]:
     """Logs an operator's action on a command with its outcome and the token's name."""
+    outcome = _Outcome()
     try:
-        yield
+        yield outcome
     except QueueError as exc:
         audit.info(
             "operator %s %s command %s: %s", operator, action, command_id, error_status(exc)[1]
         )
         raise
-    audit.info("operator %s %s command %s: ok", operator, action, command_id)
+    audit.info("operator %s %s command %s: %s", operator, action, command_id, outcome.text)
 
 
 def _commands(device_id: str, commands: list[PendingCommand]) -> JSONResponse:

@@ -49,8 +49,9 @@ class RabbitMQConfig:
         queue_type: classic (default) or quorum device queues. Quorum queues are always
             durable and replicated; pick them on a cluster where losing a node must not lose
             queued commands.
-        prefetch: how many unacknowledged messages a consumer or drain takes per window; the
-            state index is asked about a whole window in one query.
+        prefetch: how many messages a consumer takes per window (its unacknowledged
+            bound) and a drain claims per window (a drain reads without a bound and acks
+            when it hands over); the state index is asked about a whole window in one query.
         limits: device id, command type, payload and TTL bounds (rule 7). The payload bound
             must stay 4 KiB (for properties and headers) under ``max_message_size``.
         max_message_size: the largest message the broker accepts (its ``max_message_size``,

@@ -1,15 +1,25 @@
 """The AMQP message of a command: what any consumer on existing infrastructure can read.
 
-Properties: ``message_id`` = command id, persistent delivery, ``expiration`` = remaining TTL in
-milliseconds, ``timestamp`` = enqueue time, ``type`` = command type. The routing key of each
-delivery is the device id. Headers, for consumers that must judge a message without the state
-index:
+Properties:
+
+- ``message_id``: the command id.
+- ``delivery_mode``: 2 (persistent).
+- ``expiration``: the TTL left when the message is published, in milliseconds rounded up
+  (a command the relay publishes late gets what is left of its TTL, not all of it).
+- ``timestamp``: the enqueue time, in whole seconds (AMQP carries no fraction), so two
+  commands enqueued within a second share it: their order is the queue's order.
+- ``type``: the command type; absent for a plain ``enqueue``.
+
+The routing key of each delivery is the device id. Headers, for consumers that must judge a
+message without the state index:
 
 - ``x-command-type``: the command type; absent for a plain ``enqueue``.
 - ``x-expires-at``: absolute expiry, integer milliseconds since the Unix epoch (UTC). A
   consumer must drop a message whose expiry has passed: classic queues drop expired
   messages only when they reach the head of the queue.
-- ``x-requires-confirmation``: whether an operator approved it before it was published.
+- ``x-requires-confirmation``: a boolean, true for a command of
+  ``enqueue_with_confirmation`` (published only once an operator confirmed it), false
+  otherwise.
 
 Nothing else: every queued message stays in the broker's memory, once per device, so what a
 consumer can learn otherwise (the device id is the routing key) is not repeated.

@@ -235,6 +235,12 @@ class RabbitMQStore(Closing, BrokerStart, CommandIntake):
         )
 
     async def confirm_command(self, command_id: str) -> None:
+        await self.confirm_changed(command_id)
+
+    async def confirm_changed(self, command_id: str) -> bool:
+        """Confirms a command as :meth:`confirm_command` does, and tells whether this call
+        confirmed it (False when it needed no confirmation, was confirmed already or was
+        delivered: harmless, and nothing changed)."""
         if not self.broker_pending:
             await self._ready()
         # Shielded: a confirmation the index committed makes the command ready, and a
@@ -252,7 +258,7 @@ class RabbitMQStore(Closing, BrokerStart, CommandIntake):
         if self.broker_pending:
             if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
                 self._path.owe(record.id)
-            return
+            return changed
         # Confirming again is harmless (rule 4): a publish of the first confirm still under
         # way, or its mark not yet committed, is not repeated.
         if (
@@ -261,6 +267,7 @@ class RabbitMQStore(Closing, BrokerStart, CommandIntake):
             and record.id not in self._path.in_flight
         ):
             await self._path.publish(record)
+        return changed
 
     def _owe_if_confirmed(self, confirming: asyncio.Future[tuple[CommandRecord, bool]]) -> None:
         if confirming.cancelled() or confirming.exception() is not None:

@@ -1,4 +1,4 @@
-"""The command-store contract every backend implements (DESIGN.md, "The contract")."""
+"""The command-store contract every backend implements (docs/design.md, "The contract")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The command rules of DESIGN.md in one place.
+"""The command rules of docs/design.md in one place.
 
 Backends decide how to store and lock; what a status is, when a command may be confirmed or
 cancelled, and the order of delivery are decided here, for every backend alike.

@@ -1,4 +1,4 @@
-"""Input validation, written once and used by every backend (DESIGN.md rule 7)."""
+"""Input validation, written once and used by every backend (docs/design.md rule 7)."""
 
 from __future__ import annotations
 

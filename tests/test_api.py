@@ -255,6 +255,26 @@ async def test_a_confirmed_command_is_consumed_and_the_confirmation_is_audited(
     assert f"operator alice confirm command {command_id}: ok" in caplog.text
 
 
+async def test_the_audit_line_of_a_confirm_that_changed_nothing_says_so(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="amqp_queue.api.audit")
+    plain = (await api.enqueue("dev-1")).json()["id"]
+    unlock = (await api.enqueue("dev-1", mode="confirm", command_type="unlock")).json()["id"]
+
+    for command_id in (plain, unlock, unlock):
+        response = await api.client.post(f"/commands/{command_id}/confirm")
+        assert response.json() == {"id": command_id, "status": "pending"}
+
+    nothing = "ok, nothing changed (no confirmation needed)"
+    lines = [r.getMessage() for r in caplog.records if r.name == "amqp_queue.api.audit"]
+    assert lines[-3:] == [
+        f"operator alice confirm command {plain}: {nothing}",
+        f"operator alice confirm command {unlock}: ok",
+        f"operator alice confirm command {unlock}: {nothing}",
+    ]
+
+
 async def test_cancel_is_audited_and_a_second_cancel_is_a_404(
     api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -353,6 +373,9 @@ async def test_an_enqueue_meeting_a_queue_of_another_type_is_a_409_naming_it(api
 
     assert (response.status_code, response.json()["error"]) == (409, "queue_mismatch")
     assert "x-queue-type" in response.json()["detail"]
+    # Declared before the write: nothing is written (docs/service.md says so).
+    listed = await api.client.get("/devices/dev-3/commands")
+    assert listed.json()["commands"] == []
 
 
 def _all_subclasses(kind: type[QueueError]) -> list[type[QueueError]]:

@@ -3,7 +3,7 @@
 For a command in each status: what ``GET /commands/{id}``, ``POST .../confirm`` and
 ``POST .../cancel`` answer, that a refusal changes nothing, and that only a confirm which
 approves a command awaiting it counts in ``amqp_queue_commands_confirmed_total``
-(DESIGN.md rules 4, 5 and 8: confirming twice is harmless; cancelling a delivered or
+(docs/design.md rules 4, 5 and 8: confirming twice is harmless; cancelling a delivered or
 finished command is ``CommandNotFound``).
 """
 

@@ -108,6 +108,21 @@ async def test_plain_output_is_the_id_then_the_status(cli: Cli) -> None:
     assert cli.json("cleanup") == {"expired": 0}
 
 
+async def test_confirm_says_when_it_changed_nothing(cli: Cli) -> None:
+    plain = cli.json("enqueue", "gw-1", "reboot")["id"]
+    unlock = cli.json("enqueue", "gw-1", "door", "--mode", "confirm", "--type", "unlock")["id"]
+
+    first = cli.run("confirm", unlock)
+    again = cli.run("confirm", unlock)
+    of_plain = cli.run("confirm", plain)
+
+    assert first.stdout.strip() == f"confirmed {unlock}: pending"
+    nothing = "pending (no confirmation needed; nothing changed)"
+    assert again.stdout.strip() == f"{unlock}: {nothing}"
+    assert of_plain.stdout.strip() == f"{plain}: {nothing}"
+    assert (first.returncode, again.returncode, of_plain.returncode) == (0, 0, 0)
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

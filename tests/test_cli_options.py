@@ -1,5 +1,5 @@
-"""Every RabbitMQConfig knob and limit is a flag and an environment variable, and the README
-lists them all: parsed in-process with click's runner, no services needed."""
+"""Every RabbitMQConfig knob and limit is a flag and an environment variable, and
+docs/configuration.md lists them all: parsed in-process with click's runner, no services needed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.settings import Settings
 from amqp_queue.state.validation import Limits
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIGURATION = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 # For each knob: a value other than the default, as typed, and as the config then holds it.
 SAMPLES: dict[str, tuple[str, Any]] = {
@@ -162,14 +162,14 @@ def test_serve_and_every_verb_take_every_setting(verb: str) -> None:
     assert {"--amqp-url", "--state-url", "--connect-timeout", "--log-level"} <= flags
 
 
-def _readme_settings_rows() -> list[str]:
-    text = README.read_text()
-    section = text.split("## The sidecar service", 1)[1].split("\n## ", 1)[0]
-    return [line for line in section.splitlines() if line.startswith("| ")]
+def _settings_rows() -> list[str]:
+    # The settings table moved from the README to the documentation's configuration page.
+    text = CONFIGURATION.read_text()
+    return [line for line in text.splitlines() if line.startswith("| ")]
 
 
-def test_the_readme_lists_every_option_of_serve_with_its_variable_and_default() -> None:
-    rows = _readme_settings_rows()
+def test_the_configuration_page_lists_every_option_of_serve_with_its_variable_and_default() -> None:
+    rows = _settings_rows()
     serve = cli.commands["serve"]
 
     for param in serve.params:

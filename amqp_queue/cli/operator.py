@@ -128,12 +128,19 @@ def confirm(settings: Settings, command_id: str, as_json: bool) -> None:
     Confirming twice is harmless.
     """
 
-    async def action(store: RabbitMQStore) -> str:
-        await store.confirm_command(command_id)
-        return (await store.get_status(command_id)).value
+    async def action(store: RabbitMQStore) -> tuple[bool, str]:
+        changed = await store.confirm_changed(command_id)
+        return changed, (await store.get_status(command_id)).value
 
-    found = run_with_store(settings, action)
-    emit(as_json, {"id": command_id, "status": found}, f"confirmed {command_id}: {found}")
+    changed, found = run_with_store(settings, action)
+    # A plain, already confirmed or delivered command needs nothing: say so rather than
+    # "confirmed", which an operator reads as an approval given now.
+    line = (
+        f"confirmed {command_id}: {found}"
+        if changed
+        else f"{command_id}: {found} (no confirmation needed; nothing changed)"
+    )
+    emit(as_json, {"id": command_id, "status": found}, line)
 
 
 @click.command(epilog=EPILOG)

@@ -133,7 +133,11 @@ KNOBS: tuple[Knob, ...] = (
         "Device queues: classic, or quorum (replicated across a cluster; always durable).",
     ),
     Knob("durable", click.BOOL, "Declare the exchange and device queues durable."),
-    Knob("prefetch", AT_LEAST_ONE, "Unacknowledged messages a consumer or drain takes at once."),
+    Knob(
+        "prefetch",
+        AT_LEAST_ONE,
+        "Messages a consumer holds unacknowledged, and a drain claims, per window.",
+    ),
     Knob(
         "publish_timeout",
         POSITIVE,

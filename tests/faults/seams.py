@@ -15,7 +15,7 @@ few seconds: the relay's periodic pass is set a minute apart, so a command left 
 up as late (it is brought forward at the end, so the command is not counted as lost).
 
 Without a broker or network fault the contract leaves no room: nothing lost, no command handed
-out twice, none out of order or stale, each published exactly once (DESIGN.md, "RabbitMQ
+out twice, none out of order or stale, each published exactly once (docs/design.md, "RabbitMQ
 delivery"). Publishes are counted on the broker by a tap queue (:mod:`tests.faults.tap`).
 """
 

@@ -2,7 +2,7 @@
 
 No fault is injected, so the contract leaves no room at all: every command that reached the
 index is handed out exactly once, in its producer's order, within a few seconds, nothing
-stale, and each is published to the broker once (DESIGN.md, "RabbitMQ delivery").
+stale, and each is published to the broker once (docs/design.md, "RabbitMQ delivery").
 """
 
 from __future__ import annotations

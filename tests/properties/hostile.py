@@ -1,4 +1,4 @@
-"""Hypothesis strategies for input every store must reject (DESIGN.md rule 7).
+"""Hypothesis strategies for input every store must reject (docs/design.md rule 7).
 
 Each strategy yields only values that are invalid by construction, written from the rule's
 wording rather than from ``state.validation``: a device id names an AMQP queue, so it is

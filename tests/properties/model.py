@@ -1,9 +1,9 @@
-"""A small reference model of the rules in DESIGN.md, written from the text, not from the code.
+"""A small reference model of the rules in docs/design.md, written from the text, not from the code.
 
 It deliberately shares nothing with ``state.rules``: every backend is compared with it step by
 step, so a rule misread in one place shows up as a disagreement instead of being copied.
 
-Interpretations where DESIGN.md leaves room (each one also what a careful reader would pick):
+Interpretations where docs/design.md leaves room (each one also what a careful reader would pick):
 
 - A command is expired from the instant ``now >= created + ttl``.
 - An expired command stays "open" until ``cleanup`` (or a replacement of its type) notices it;
