@@ -130,6 +130,8 @@ class CommandStream(Closing):
                 await self._admit(window)
             elif self._unmarked:
                 retry_in = min(retry_in * 2, MARK_RETRY_MOST)
+        if self._closed:
+            raise StopAsyncIteration
         self._current = self._ready.popleft()
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
@@ -223,6 +225,10 @@ class CommandStream(Closing):
         """
         self._unadmitted.extend(window)
         live, finished = await split_live(self._state, self._device_id, self._unadmitted)
+        if self._closed:
+            # close() ran while the index answered (a query slower than the close grace):
+            # it requeued these messages, which are the next consumer's now.
+            return
         self._unadmitted = []
         self._checked_at = self._clock()
         # Every message is placed before anything is awaited: cancelled while acking the

@@ -227,3 +227,59 @@ async def test_a_cancelled_drain_leaves_the_queue_in_order_for_a_consumer(tmp_pa
                         break
             assert received == payloads
             assert await queue_depth(store, DEVICE) == 0
+
+
+class SlowWindows(SqlStore):
+    """An index whose window queries (``deliverable``) wait, once ``gate`` is armed, until
+    it is set: a database slower than the store's close grace."""
+
+    gate: asyncio.Event | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked = asyncio.Event()
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        if self.gate is not None:
+            self.asked.set()
+            await self.gate.wait()
+        return await super().deliverable(command_ids)
+
+
+async def test_close_while_a_window_query_outlasts_the_grace_hands_nothing_out(
+    tmp_path: Path,
+) -> None:
+    """close() requeues what a stream holds after CLOSE_GRACE; a window query still running
+    then must not hand its commands out when it returns (they are queued again, and would
+    reach the device twice)."""
+    async with shared_index("sqlite", tmp_path) as shared:
+        state = await shared.open_index(SlowWindows)
+        assert isinstance(state, SlowWindows)
+        context: AbstractAsyncContextManager[RabbitMQStore] = shared.store(state)
+        store = await context.__aenter__()
+        handed: list[bytes] = []
+        try:
+            await store.enqueue(DEVICE, b"once", 600)
+            state.gate = asyncio.Event()
+
+            async def device() -> None:
+                async with store.consume(DEVICE) as stream:
+                    async for command in stream:
+                        handed.append(command.payload)
+
+            consumer = asyncio.create_task(device())
+            await asyncio.wait_for(state.asked.wait(), 5)
+            await asyncio.wait_for(store.close(), 10)  # gives up on the stream after the grace
+            state.gate.set()
+            state.gate = None
+            await asyncio.wait([consumer], timeout=5)
+            assert consumer.done()
+            error = consumer.exception()
+            assert error is None or isinstance(error, QueueError), repr(error)
+        finally:
+            await context.__aexit__(None, None, None)
+        assert handed == [], "a command requeued by close() was handed out as well"
+
+        async with shared.store(state) as later:  # the next process: it gets it, once
+            assert await drain_until(later, DEVICE, count=1, seconds=5) == [b"once"]
+            assert await queue_depth(later, DEVICE) == 0
