@@ -81,7 +81,7 @@ async def node_loss_trial(
                 await cluster.start_app(victim)
             after = await cluster.leaders(victim)
             told.append(
-                f"{fault} {victim} (led {'/'.join(sorted(led))}), back in "
+                f"{fault} {victim} (led {'/'.join(sorted(led))}) at {began:.1f}, back in "
                 f"{time.monotonic() - began:.1f}s, leaders after: "
                 f"{'/'.join(sorted({after[queue] for queue in queues}))}"
             )

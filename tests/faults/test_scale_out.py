@@ -19,9 +19,7 @@ from tests.faults.sidecars import sidecar_loss_trial
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-async def test_enqueues_fail_with_state_error_while_postgres_is_down_nothing_accepted_lost() -> (
-    None
-):
+async def test_enqueues_fail_with_state_error_while_postgres_is_down_none_accepted_lost() -> None:
     tally = await pg_restart_trial("immediate", random.Random("pg-restart"), seconds=3.0)
 
     assert tally.accepted > 0
