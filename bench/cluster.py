@@ -322,18 +322,6 @@ async def _memory_per_device(ctx: Context, cluster: Any, queue_type: QueueType) 
 async def bench_cluster(ctx: Context) -> None:
     from tests.faults.cluster import local_cluster  # the suite's cluster helper
 
-    started = time.perf_counter()
-    async with local_cluster() as cluster:
-        ctx.results.note(
-            f"cluster: a local three-node cluster (scripts/cluster.sh) started in "
-            f"{time.perf_counter() - started:.0f} s, on the same 2-core machine as everything else"
-        )
-        for _ in range(ctx.sizes.runs):
-            for queue_type in (QueueType.CLASSIC, QueueType.QUORUM):
-                await _throughput(ctx, cluster.urls[0], queue_type)
-        for _ in range(ctx.sizes.runs):
-            for queue_type in (QueueType.CLASSIC, QueueType.QUORUM):
-                await _memory_per_device(ctx, cluster, queue_type)
     for queue_type in (QueueType.CLASSIC, QueueType.QUORUM):
         kind = queue_type.value
         for label, top, bottom in RATIOS:
@@ -350,3 +338,15 @@ async def bench_cluster(ctx: Context) -> None:
         "cluster.quorum.aq.concurrent",
         "cluster.classic.aq.concurrent",
     )
+    started = time.perf_counter()
+    async with local_cluster() as cluster:
+        ctx.results.note(
+            f"cluster: a local three-node cluster (scripts/cluster.sh) started in "
+            f"{time.perf_counter() - started:.0f} s, on the same 2-core machine as everything else"
+        )
+        for _ in range(ctx.sizes.runs):
+            for queue_type in (QueueType.CLASSIC, QueueType.QUORUM):
+                await _throughput(ctx, cluster.urls[0], queue_type)
+        for _ in range(ctx.sizes.runs):
+            for queue_type in (QueueType.CLASSIC, QueueType.QUORUM):
+                await _memory_per_device(ctx, cluster, queue_type)

@@ -158,7 +158,11 @@ def _brief(tally: Tally, seam: bool) -> str:
         f"drain_unseen={tally.drain_unseen} outbox_left={tally.outbox_left}"
     )
     # What only the scale-out trials measure (0 everywhere else).
-    brief += f" dup_publishes={tally.dup_publishes}" if not seam else ""
+    brief += (
+        f" dup_publishes={tally.dup_publishes} out_of_order={tally.out_of_order}"
+        if not seam
+        else ""
+    )
     brief += f" unclear_errors={tally.unclear_errors} orphans={tally.orphans}"
     if seam:  # what only the seam trials measure
         for name in ("out_of_order", "late", "dup_publishes", "cut_short", "slow_calls"):
