@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 
 from amqp_queue import QueueType, RabbitMQConfig
 from tests.faults.cluster import Cluster, cluster_store
 from tests.faults.crash import statuses_of
-from tests.faults.ledger import Tally, judge, out_of_order
+from tests.faults.ledger import ENQUEUES, Tally, judge, out_of_order
 from tests.faults.storms import storm
 from tests.faults.workload import MemoryRecorder
 from tests.rabbitmq_support import delete_namespace
@@ -104,4 +105,21 @@ async def node_loss_trial(
     tally = judge(recorder.ops, recorder.deliveries, statuses)
     tally.outbox_left = outbox_left
     tally.out_of_order = out_of_order(recorder.ops, recorder.deliveries)
+    accepted = [
+        op.returned
+        for op in recorder.ops
+        if op.kind in ENQUEUES and op.took_effect and op.returned is not None
+    ]
+    handed = [delivery.handed for delivery in recorder.deliveries]
+    told.append(
+        f"longest pause between accepted enqueues {_longest_gap(accepted):.1f}s, "
+        f"between hand-outs to devices {_longest_gap(handed):.1f}s"
+    )
     return tally, "; ".join(told)
+
+
+def _longest_gap(moments: list[float]) -> float:
+    """The longest time between two consecutive ``moments``: for accepted enqueues what the
+    loss cost producers, for hand-outs what it cost devices."""
+    ordered = sorted(moments)
+    return max((b - a for a, b in itertools.pairwise(ordered)), default=0.0)
