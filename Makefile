@@ -1,5 +1,5 @@
 # The README's commands are these targets; CI calls `make test` through .ci/run.
-.PHONY: demo test lint services bench bench-scale reliability cluster cluster-stop
+.PHONY: demo test lint services bench bench-scale reliability reliability-scale cluster cluster-stop
 
 demo:  ## run the main job
 	scripts/demo.sh
@@ -28,7 +28,9 @@ bench-scale:  ## fleet scale only: 10,000 device queues, and 10,000 consume() st
 	.venv/bin/python -m bench --only scale --only streams $(BENCH_ARGS)
 
 # Each broker-restart trial restarts a private RabbitMQ node started for it (scripts/rabbit-node.sh,
-# a few seconds), never the machine's broker, so it is safe on a shared one.
+# a few seconds), never the machine's broker, so it is safe on a shared one. The scale-out trials
+# likewise: a private PostgreSQL (scripts/pg-node.sh) for the database restarts, and a local
+# three-node cluster of their own (scripts/cluster.sh, 20-35 s to start) for the node losses.
 # PROPERTY_EXAMPLES sets the long property run (random seeds; CI runs a few, fixed).
 PROPERTY_EXAMPLES ?= 300
 reliability:  ## the full fault harness and long property runs; prints the totals (RELIABILITY_ARGS=...)
@@ -37,6 +39,13 @@ reliability:  ## the full fault harness and long property runs; prints the total
 	.venv/bin/python -m tests.faults $(RELIABILITY_ARGS)
 	AMQP_QUEUE_PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) .venv/bin/python -m pytest -q --timeout=0 \
 		-p no:cacheprovider --hypothesis-show-statistics tests/properties
+
+SCALE_ONLY = --producer-kills 0 --consumer-kills 0 --drain-kills 0 --storms 0 --broker-restarts 0 \
+	--busy-gateways 0 --cancelled-enqueues 0
+reliability-scale:  ## only the scale-out trials: PostgreSQL restarts, sidecar kills, cluster node losses
+	scripts/bootstrap.sh
+	scripts/services.sh rabbitmq postgres redis
+	.venv/bin/python -m tests.faults $(SCALE_ONLY) $(RELIABILITY_ARGS)
 
 # A local three-node RabbitMQ cluster of private nodes c1, c2, c3@localhost (AMQP ports 5681-5683,
 # CLUSTER_BASE_PORT=... for others); the last line printed is the nodes' URLs, comma-separated,

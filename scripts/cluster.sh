@@ -13,6 +13,10 @@
 #   scripts/cluster.sh status   cluster_status as c1 sees it
 #   scripts/cluster.sh urls     the AMQP URLs, comma-separated
 #   scripts/cluster.sh ctl NODE ARGS...   rabbitmqctl -n NODE@localhost ARGS (NODE: c1, c2, c3)
+#   scripts/cluster.sh kill NODE  SIGKILL to the node's Erlang VM (a crash: nothing is flushed,
+#                               no peer is told); its data directory stays
+#   scripts/cluster.sh revive NODE  starts a killed or stopped node again on its data; it
+#                               rejoins the cluster it was a member of
 #
 # Ports: CLUSTER_BASE_PORT (default 5681) for c1, +1 for c2, +2 for c3; distribution ports
 # 20000 above. CLUSTER_PREFIX (default c) names the nodes PREFIX1..PREFIX3, so a second
@@ -145,7 +149,39 @@ stop() {
   rmdir "$AMQP_QUEUE_NODES_DIR" 2>/dev/null || true
 }
 
-[ $# -ge 1 ] || die "usage: $0 start|stop|status|urls|ctl NODE ARGS..."
+# The OS pid of NODE's VM, checked against the pid file path in its environment (so a pid
+# reused by another process is never taken for it); empty if it does not run.
+vm_pid() {
+  local pid_file="$AMQP_QUEUE_NODES_DIR/$1/pid" pid
+  [ -s "$pid_file" ] || return 0
+  pid=$(tr -dc '0-9' <"$pid_file")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null &&
+    tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "RABBITMQ_PID_FILE=$pid_file"; then
+    echo "$pid"
+  fi
+}
+
+kill_node() {
+  local pid _
+  port_of "$1" >/dev/null
+  pid=$(vm_pid "$1")
+  [ -n "$pid" ] || die "$1@localhost is not running"
+  kill -KILL "$pid"
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "killed $1@localhost (pid $pid)"
+}
+
+revive() {
+  port_of "$1" >/dev/null
+  [ -z "$(vm_pid "$1")" ] || die "$1@localhost still runs"
+  node start "$1" "$(port_of "$1")" >/dev/null
+  echo "revived $1@localhost"
+}
+
+[ $# -ge 1 ] || die "usage: $0 start|stop|status|urls|ctl NODE ARGS...|kill NODE|revive NODE"
 command=$1
 shift
 case "$command" in
@@ -157,5 +193,13 @@ case "$command" in
     [ $# -ge 2 ] || die "usage: $0 ctl NODE ARGS..."
     node ctl "$@"
     ;;
-  *) die "unknown command '$command' (start, stop, status, urls, ctl)" ;;
+  kill)
+    [ $# -eq 1 ] || die "usage: $0 kill NODE"
+    kill_node "$1"
+    ;;
+  revive)
+    [ $# -eq 1 ] || die "usage: $0 revive NODE"
+    revive "$1"
+    ;;
+  *) die "unknown command '$command' (start, stop, status, urls, ctl, kill, revive)" ;;
 esac

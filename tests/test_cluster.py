@@ -28,6 +28,8 @@ from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.connection import FailoverConnection
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
 from tests.backends import POSTGRES_URL, postgres_schema
+from tests.faults.cluster import Cluster
+from tests.faults.nodes import node_loss_trial
 from tests.private_broker import AMQP_PORTS, DIST_OFFSET, _port_free
 from tests.support import eventually, unique
 
@@ -317,3 +319,24 @@ async def test_two_processes_on_one_postgres_index_deliver_each_command_once(
             channel = await connection.channel()
             await channel.queue_delete(RabbitMQConfig(exchange=exchange).queue_name(device))
             await channel.exchange_delete(exchange)
+
+
+async def test_killing_the_node_that_leads_the_device_queues_mid_storm_loses_nothing(
+    cluster_urls: list[str], tmp_path: Path
+) -> None:
+    """The short form of the node-loss trial (``make reliability`` runs more): producers and
+    devices on the address list while the leading node's VM is killed and started again."""
+    cluster = Cluster(PREFIX, ENV, cluster_urls)
+    spec = f"sqlite:{tmp_path / 'state.db'}"
+    tally, told = await node_loss_trial(
+        cluster, "leader-kill", random.Random("leader-kill"), spec, seconds=4.0
+    )
+
+    print(f"{told}; out of order: {tally.out_of_order}, repeats: {tally.duplicates}")
+    assert tally.accepted > 0
+    assert tally.delivered > 0
+    assert (tally.lost, tally.stale, tally.wrong_status, tally.outbox_left) == (0, 0, 0, 0)
+    # Not asserted here: order per device. In some runs commands enqueued after the failover
+    # are handed out after later ones (a known bug, counted as a failure by the long form,
+    # python -m tests.faults): the device's new consumer starts while its old channel still
+    # holds a window of unacked messages, which come back behind newer ones.

@@ -5,6 +5,11 @@ trial and the totals, and exits non-zero if anything was lost, stale, left unpub
 reported with a wrong status; in the seam trials (no fault injected) also if a command was
 handed out twice, out of order or late, or published twice. Trials rotate over SQLite,
 PostgreSQL and Redis state.
+
+The scale-out trials: a private PostgreSQL restarted under the stores (pg_restart.py), one of
+three sidecars on one PostgreSQL killed (sidecars.py), and a node of a local three-node
+cluster with quorum device queues killed or stopped (nodes.py; the cluster is started once,
+about 20-35 s, for all of them, and removed at the end).
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import NamedTuple
 
+from tests.faults.cluster import Cluster, local_cluster
 from tests.faults.crash import consumer_kill_trial, producer_kill_trial
 from tests.faults.ledger import Tally
+from tests.faults.nodes import node_loss_trial
+from tests.faults.pg_restart import pg_restart_trial
 from tests.faults.seams import busy_gateways_trial, cancelled_enqueues_trial
-from tests.faults.states import STATE_KINDS
+from tests.faults.sidecars import sidecar_loss_trial
+from tests.faults.states import STATE_KINDS, fresh_state
 from tests.faults.storms import storm_trial
 
 Trial = Callable[[random.Random, str, Path], Awaitable[Tally]]
@@ -35,12 +45,49 @@ class TrialKind(NamedTuple):
     trial: Trial
     exactly_once: bool = False
     """No fault is injected: a command handed out twice is a failure too."""
+    state: str | None = None
+    """The one state kind the trial runs on (None: rotated over STATE_KINDS)."""
 
     def failures(self, tally: Tally) -> int:
         return tally.failures + (tally.duplicates if self.exactly_once else 0)
 
 
-def _plan(options: argparse.Namespace) -> list[TrialKind]:
+class LazyCluster:
+    """The local cluster the node-loss trials share, started at the first one's need."""
+
+    def __init__(self, stack: AsyncExitStack) -> None:
+        self._stack = stack
+        self._cluster: Cluster | None = None
+
+    async def get(self) -> Cluster:
+        if self._cluster is None:
+            started = time.monotonic()
+            self._cluster = await self._stack.enter_async_context(local_cluster())
+            print(f"(a local cluster started in {time.monotonic() - started:.1f}s)")
+        return self._cluster
+
+
+def _plan(options: argparse.Namespace, cluster: LazyCluster) -> list[TrialKind]:
+    def pg_restart(mode: str) -> Trial:
+        return lambda rng, kind, directory: pg_restart_trial(
+            mode, rng, seconds=options.storm_seconds
+        )
+
+    async def sidecar(rng: random.Random, kind: str, directory: Path) -> Tally:
+        return await sidecar_loss_trial(rng, kind, directory, seconds=options.storm_seconds + 2)
+
+    def node_loss(fault: str) -> Trial:
+        async def trial(rng: random.Random, kind: str, directory: Path) -> Tally:
+            on = await cluster.get()
+            async with fresh_state(kind, directory) as spec:
+                tally, told = await node_loss_trial(
+                    on, fault, rng, spec, seconds=options.storm_seconds + 2
+                )
+            print(f"  ({told})")
+            return tally
+
+        return trial
+
     def storm(fault: str) -> Trial:
         return lambda rng, kind, directory: storm_trial(
             fault, rng, kind, directory, seconds=options.storm_seconds
@@ -64,6 +111,13 @@ def _plan(options: argparse.Namespace) -> list[TrialKind]:
         TrialKind("broker restart", options.broker_restarts, storm("broker-restart")),
         TrialKind("busy gateways", options.busy_gateways, busy, exactly_once=True),
         TrialKind("cancelled enqueues", options.cancelled_enqueues, cancelled, exactly_once=True),
+        TrialKind("pg stop -m fast", options.pg_restarts, pg_restart("fast"), state="private pg"),
+        TrialKind(
+            "pg stop -m immediate", options.pg_restarts, pg_restart("immediate"), state="private pg"
+        ),
+        TrialKind("sidecar killed", options.sidecar_kills, sidecar, state="postgres"),
+        TrialKind("leader node killed", options.node_losses, node_loss("leader-kill")),
+        TrialKind("follower stop_app", options.node_losses, node_loss("follower-stop")),
     ]
 
 
@@ -71,11 +125,12 @@ async def run(options: argparse.Namespace) -> tuple[Tally, int]:
     """Runs the plan; returns the grand total and how many failures it holds."""
     rng = random.Random(options.seed)
     totals: list[tuple[TrialKind, Tally]] = []
-    with tempfile.TemporaryDirectory(prefix="amqp-queue-faults-") as scratch:
-        for planned in _plan(options):
+    async with AsyncExitStack() as stack:  # the cluster, if a trial started one, goes last
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="amqp-queue-faults-"))
+        for planned in _plan(options, LazyCluster(stack)):
             tally = Tally()
             for number in range(planned.trials):
-                kind = STATE_KINDS[number % len(STATE_KINDS)]
+                kind = planned.state or STATE_KINDS[number % len(STATE_KINDS)]
                 started = time.monotonic()
                 result = await planned.trial(random.Random(rng.random()), kind, Path(scratch))
                 seconds = time.monotonic() - started
@@ -102,6 +157,13 @@ def _brief(tally: Tally, seam: bool) -> str:
         f"wrong_status={tally.wrong_status} raced={tally.raced} late_mark={tally.late_mark} "
         f"drain_unseen={tally.drain_unseen} outbox_left={tally.outbox_left}"
     )
+    # What only the scale-out trials measure (0 everywhere else).
+    brief += (
+        f" dup_publishes={tally.dup_publishes} out_of_order={tally.out_of_order}"
+        if not seam
+        else ""
+    )
+    brief += f" unclear_errors={tally.unclear_errors} orphans={tally.orphans}"
     if seam:  # what only the seam trials measure
         for name in ("out_of_order", "late", "dup_publishes", "cut_short", "slow_calls"):
             brief += f" {name}={getattr(tally, name)}"
@@ -138,6 +200,26 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--seam-seconds", type=float, default=4.0, help="seconds of enqueuing per seam trial"
+    )
+    parser.add_argument(
+        "--pg-restarts",
+        type=int,
+        default=2,
+        help="storms with a private PostgreSQL stopped and started again, per stop mode "
+        "(fast, immediate); the machine's server is never restarted",
+    )
+    parser.add_argument(
+        "--sidecar-kills",
+        type=int,
+        default=3,
+        help="storms over three sidecar processes on one PostgreSQL, one cut off and killed",
+    )
+    parser.add_argument(
+        "--node-losses",
+        type=int,
+        default=2,
+        help="storms on a local three-node cluster with quorum queues, per kind of loss (the "
+        "leading node killed, a follower's app stopped); 0 for both: no cluster is started",
     )
     parser.add_argument("--seed", type=int, default=random.randrange(2**32))
     options = parser.parse_args(argv)

@@ -23,14 +23,15 @@ class Child:
         self.stderr = ""
 
     @classmethod
-    async def start(cls, module: str, *args: str) -> Child:
+    async def start(cls, module: str, *args: str, stdin: bool = False) -> Child:
+        """``stdin``: keep a pipe to the child's standard input open for :meth:`send`."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             module,
             *args,
             cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -61,6 +62,18 @@ class Child:
         if not self._ready.is_set():
             await self.kill()
             raise RuntimeError(f"the child exited before it was ready:\n{self.stderr[-3000:]}")
+
+    async def send(self, line: str) -> None:
+        """Writes one line to the child's standard input (started with ``stdin=True``)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(line.encode() + b"\n")
+        await self._process.stdin.drain()
+
+    async def wait(self) -> int:
+        """Waits until the child exits by itself; its exit code."""
+        code = await self._process.wait()
+        await asyncio.gather(self._reader, self._stderr)
+        return code
 
     async def kill(self) -> None:
         """SIGKILL: no clean-up of any kind runs in the child."""

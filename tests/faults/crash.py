@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from amqp_queue import RabbitMQStore
-from amqp_queue.state import CommandStatus
+from amqp_queue.state import CommandStatus, Store
 from tests.faults.children import Child
 from tests.faults.ledger import ENQUEUES, Delivery, Op, Tally, from_lines, judge, required_keys
 from tests.faults.states import fresh_state, rabbitmq_on
@@ -74,7 +74,7 @@ async def producer_kill_trial(rng: random.Random, state_kind: str, directory: Pa
 
 
 async def _identify_in_flight(
-    store: RabbitMQStore, devices: list[str], ops: list[Op], deliveries: list[Delivery]
+    store: Store, devices: list[str], ops: list[Op], deliveries: list[Delivery]
 ) -> None:
     """Gives an enqueue that was in flight at the kill the id it got, if it reached the
     index (delivered, or still pending): payloads are unique, so they name the command."""

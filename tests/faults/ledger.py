@@ -114,6 +114,8 @@ class Tally:
     cut_short: int = 0  # enqueue calls cancelled by their caller (reached the index or not)
     slow_calls: int = 0  # short-lived stores' calls (open, one call, close) over a few seconds
     errors: int = 0  # calls that failed (reported, not judged)
+    unclear_errors: int = 0  # failed with another error than the fault calls for, or repeated
+    orphans: int = 0  # unpublished commands a killed sidecar left to the others' relays
 
     def __add__(self, other: Tally) -> Tally:
         return Tally(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Tally)))
@@ -130,6 +132,7 @@ class Tally:
             + self.out_of_order
             + self.late
             + self.dup_publishes
+            + self.unclear_errors
         )
 
     def lines(self) -> list[str]:

@@ -1,7 +1,8 @@
 """State indexes for fault trials, named by a spec string a child process can be handed.
 
 A spec is ``sqlite:<file>``, ``postgres:<schema>`` or ``redis:<key prefix>``. Each names an
-isolated location: :func:`fresh_state` creates one and removes it afterwards.
+isolated location: :func:`fresh_state` creates one and removes it afterwards. ``sql:<URL>``
+names a whole database of its own (a private PostgreSQL server's).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ async def open_state_spec(spec: str, clock: Clock = utc_now) -> IndexedStore:
         return await SqlStore.connect(f"sqlite+aiosqlite:///{where}", clock=clock)
     if kind == "postgres":
         return await SqlStore.connect(POSTGRES_URL, schema=where, clock=clock)
+    if kind == "sql":
+        return await SqlStore.connect(where, clock=clock)
     if kind == "redis":
         return await RedisStore.connect(REDIS_URL, prefix=where, clock=clock)
     raise ValueError(f"no state spec {spec!r}")

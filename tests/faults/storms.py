@@ -100,7 +100,7 @@ async def storm_trial(
                 rabbitmq_on(spec, urls[1], config) as device_store,
             ):
                 inject = _injector(fault, rng, proxy, names, node)
-                outbox_left = await _storm(
+                outbox_left = await storm(
                     producer_store,
                     device_store,
                     devices,
@@ -118,7 +118,7 @@ async def storm_trial(
     return tally
 
 
-async def _storm(
+async def storm(
     producer_store: RabbitMQStore,
     device_store: RabbitMQStore,
     devices: list[str],
