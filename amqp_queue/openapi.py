@@ -27,6 +27,8 @@ def _errors(*codes: int, not_found: str = "No such command (unknown or pruned)."
     meaning = {
         400: "Bad input (the detail says what is wrong); nothing was written.",
         401: "Missing or wrong bearer token.",
+        403: "The token's role lacks the right this call needs; the detail names the role "
+        "that has it. Audited.",
         404: not_found,
         409: "The device's queue exists with another queue type; the detail says which.",
         410: "The command expired.",
@@ -46,6 +48,9 @@ def _command() -> dict[str, Any]:
 
 
 def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    if "security" in extra:
+        # Every call that needs a token also needs a role with the route's right.
+        responses = {**responses, **_errors(403)}
     return {"summary": summary, "responses": responses, **extra}
 
 
@@ -154,6 +159,38 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
                         **_errors(401, 503),
                     },
                     **secured,
+                )
+            },
+            "/whoami": {
+                "get": _operation(
+                    "The calling token's name, role and rights (the console shows only the "
+                    "buttons these allow)",
+                    {
+                        "200": _json({"$ref": "#/components/schemas/Caller"}, "The caller."),
+                        **_errors(401),
+                    },
+                    **secured,
+                )
+            },
+            "/": {
+                "get": _operation(
+                    "The operator console, an HTML page (no token to load it; it asks for "
+                    "one and calls this API with it)",
+                    {"200": {"description": "HTML."}},
+                )
+            },
+            "/console/{asset}": {
+                "get": _operation(
+                    "The console's script and style sheet (no token)",
+                    {"200": {"description": "app.js or style.css."}, **_errors(404)},
+                    parameters=[
+                        {
+                            "name": "asset",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"enum": ["index.html", "app.js", "style.css"]},
+                        }
+                    ],
                 )
             },
             "/healthz": {
@@ -278,5 +315,16 @@ def _schemas(limits: Limits) -> dict[str, Any]:
         "Error": {
             "type": "object",
             "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+        },
+        "Caller": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "role": {"enum": ["viewer", "operator", "approver", "full"]},
+                "rights": {
+                    "type": "array",
+                    "items": {"enum": ["read", "operate", "confirm"]},
+                },
+            },
         },
     }
