@@ -129,6 +129,13 @@ class Tokens:
         """The configured token names (for start-up logs)."""
         return sorted(self._tokens)
 
+    def describe(self) -> str:
+        """The names with their roles, for start-up logs: ``alice, val (viewer)``."""
+        return ", ".join(
+            name if self._roles[name] is Role.FULL else f"{name} ({self._roles[name].value})"
+            for name in self.names
+        )
+
     def role(self, name: str) -> Role:
         """The role of a configured token name."""
         return self._roles[name]

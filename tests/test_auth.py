@@ -23,6 +23,7 @@ def test_an_entry_without_a_role_keeps_every_right_and_a_role_limits_them() -> N
     assert tokens.caller("Bearer t1") == Caller("v", Role.VIEWER)
     assert tokens.caller("Bearer t2") == Caller("o", Role.OPERATOR)
     assert tokens.caller("Bearer t3") == Caller("a", Role.APPROVER)
+    assert tokens.describe() == "a (approver), o (operator), root, v (viewer)"
     rights = {
         token: {r for r in Right if (c := tokens.caller(f"Bearer {token}")) and c.may(r)}
         for token in ("t0", "t1", "t2", "t3")
