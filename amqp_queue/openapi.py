@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from amqp_queue.console_page import ASSETS
 from amqp_queue.state.model import CommandStatus
 from amqp_queue.state.validation import COMMAND_TYPE_PATTERN, DEVICE_ID_PATTERN, Limits
 
@@ -181,14 +182,14 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
             },
             "/console/{asset}": {
                 "get": _operation(
-                    "The console's script and style sheet (no token)",
-                    {"200": {"description": "app.js or style.css."}, **_errors(404)},
+                    "The console's files: page, script, style sheet and icon (no token)",
+                    {"200": {"description": "The file."}, **_errors(404)},
                     parameters=[
                         {
                             "name": "asset",
                             "in": "path",
                             "required": True,
-                            "schema": {"enum": ["index.html", "app.js", "style.css"]},
+                            "schema": {"enum": sorted(ASSETS)},
                         }
                     ],
                 )

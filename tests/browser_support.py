@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from selenium import webdriver
@@ -52,8 +53,23 @@ def chromium() -> Iterator[webdriver.Chrome]:
         "--disable-extensions",
     ):
         options.add_argument(argument)
+    # The page's console messages (script errors, refused loads), for browser_errors().
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+def browser_errors(driver: webdriver.Chrome, *expected: str) -> list[str]:
+    """The page's errors since the last call (script errors, refused or failed loads), but
+    those holding one of the ``expected`` texts."""
+    # selenium leaves get_log untyped: each entry is {"level", "message", "source", "timestamp"}.
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [
+        entry["message"]
+        for entry in entries
+        if (entry["level"] == "SEVERE" or "Content-Security-Policy" in entry["message"])
+        and not any(text in entry["message"] for text in expected)
+    ]

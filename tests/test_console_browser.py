@@ -26,13 +26,16 @@ from selenium.webdriver.support.ui import WebDriverWait
 from amqp_queue import CommandStatus
 from amqp_queue.auth import Tokens
 from tests.api_support import Api, running
-from tests.browser_support import chromium
+from tests.browser_support import browser_errors, chromium
 
 APPROVER, VIEWER, OPERATOR = "approver-token-0123", "viewer-token-4567", "operator-token-89ab"
 TOKENS = Tokens.parse(f"ada:{APPROVER}:approver,val:{VIEWER}:viewer,otto:{OPERATOR}:operator")
 HOSTILE = "<img src=x onerror=alert(1)>"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "console-inbox.png"
 WAIT = 10
+NO_FLEET_LIST = (
+    "/confirmations - Failed to load resource: the server responded with a status of 404"
+)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +158,9 @@ async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_
         remaining = await asyncio.to_thread(console.rows, 1)
         assert await asyncio.to_thread(remaining[0].get_attribute, "data-id") == firmware
         assert console.no_alert()
+        # No script error, no refused load; the one failed load is the probe for a
+        # fleet-wide list this API does not have.
+        assert browser_errors(browser, NO_FLEET_LIST) == []
 
 
 async def test_a_viewer_sees_no_buttons_and_the_api_refuses_its_confirm(
@@ -186,6 +192,8 @@ async def test_a_viewer_sees_no_buttons_and_the_api_refuses_its_confirm(
             return status
 
         assert await asyncio.to_thread(look_and_try_to_confirm) == 403
+        refused = "/confirm - Failed to load resource: the server responded with a status of 403"
+        assert browser_errors(browser, NO_FLEET_LIST, refused) == []
         assert await api.backends.store.get_status(waiting) == CommandStatus.AWAITING_CONFIRMATION
 
 
@@ -232,3 +240,4 @@ async def test_an_operator_enqueues_from_the_form_and_stays_signed_in_across_a_r
         await asyncio.to_thread(enqueue_from_the_form)
         (command,) = await api.backends.store.get_pending_confirmations("dev-3")
         assert command.payload == b"gate-2"
+        assert browser_errors(browser, NO_FLEET_LIST) == []
