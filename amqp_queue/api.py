@@ -6,8 +6,10 @@ would only restate them and answer bad input with 422 instead of the 400 operato
 Starlette (with anyio) is the smallest ASGI toolkit that routes, streams a body we can cap,
 and runs on uvicorn; the OpenAPI document is written out in :mod:`amqp_queue.openapi`.
 
-Every endpoint but ``/healthz``, ``/metrics`` and ``/openapi.json`` needs a bearer token.
-Errors are translated to HTTP here, at the boundary, from the one :class:`QueueError` tree.
+Every endpoint but ``/healthz``, ``/metrics``, ``/openapi.json`` and the console's page and
+assets (:mod:`amqp_queue.console_page`) needs a bearer token, and the token's role must carry the
+right the route declares in :data:`PROTECTED` (else 403, audited). Errors are translated to
+HTTP here, at the boundary, from the one :class:`QueueError` tree.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from amqp_queue import command_io
-from amqp_queue.auth import Tokens
+from amqp_queue import command_io, console_page
+from amqp_queue.auth import CONFIGURABLE_ROLES, ROLE_RIGHTS, Caller, Right, Tokens
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
@@ -68,6 +70,18 @@ ERROR_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
     (BrokerError, 503, "broker_unavailable"),
 )
 """HTTP status and error code of each error; the first matching class wins."""
+
+PROTECTED: tuple[tuple[str, str, str, Right], ...] = (
+    ("/devices/{device_id}/commands", "POST", "enqueue", Right.OPERATE),
+    ("/devices/{device_id}/commands", "GET", "pending", Right.READ),
+    ("/devices/{device_id}/confirmations", "GET", "confirmations", Right.READ),
+    ("/commands/{command_id}", "GET", "status", Right.READ),
+    ("/commands/{command_id}/confirm", "POST", "confirm", Right.CONFIRM),
+    ("/commands/{command_id}/cancel", "POST", "cancel", Right.OPERATE),
+    ("/cleanup", "POST", "cleanup", Right.OPERATE),
+    ("/whoami", "GET", "whoami", Right.READ),
+)
+"""Every endpoint that needs a token: path, method, handler and the right its caller needs."""
 
 ENQUEUE_FIELDS = ("payload", "encoding", "ttl", "mode", "command_type")
 
@@ -113,18 +127,15 @@ class OperatorApi:
 
     def app(self) -> Starlette:
         """The ASGI application."""
-        guarded = self._guarded
-        routes = [
-            Route("/devices/{device_id}/commands", guarded(self.enqueue), methods=["POST"]),
-            Route("/devices/{device_id}/commands", guarded(self.pending), methods=["GET"]),
-            Route("/devices/{device_id}/confirmations", guarded(self.confirmations)),
-            Route("/commands/{command_id}", guarded(self.status)),
-            Route("/commands/{command_id}/confirm", guarded(self.confirm), methods=["POST"]),
-            Route("/commands/{command_id}/cancel", guarded(self.cancel), methods=["POST"]),
-            Route("/cleanup", guarded(self.cleanup), methods=["POST"]),
+        routes: list[BaseRoute] = [
+            Route(path, self._guarded(getattr(self, handler), right), methods=[method])
+            for path, method, handler, right in PROTECTED
+        ]
+        routes += [
             Route("/healthz", self.healthz),
             Route("/metrics", self.metrics),
             Route("/openapi.json", self.openapi),
+            *console_page.routes(),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
         # No redirects: a path parameter with an encoded '/' ("gw%2F7", "0%2F") decodes into
@@ -197,6 +208,12 @@ class OperatorApi:
         audit.info("operator %s ran cleanup: %d expired", operator, expired)
         return JSONResponse({"expired": expired})
 
+    async def whoami(self, request: Request, operator: str) -> Response:
+        # The console asks this once at sign-in, to show only the buttons the role allows.
+        role = self._tokens.role(operator)
+        rights = sorted(right.value for right in Right if Caller(operator, role).may(right))
+        return JSONResponse({"name": operator, "role": role.value, "rights": rights})
+
     # -- open endpoints ------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
@@ -215,18 +232,36 @@ class OperatorApi:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-        """Checks the bearer token, runs the handler and answers errors with their status."""
+    def _guarded(self, handler: Handler, right: Right) -> Callable[[Request], Awaitable[Response]]:
+        """Checks the bearer token and its right, runs the handler, answers errors with their
+        status."""
 
         async def endpoint(request: Request) -> Response:
-            operator = self._tokens.identify(request.headers.get("authorization"))
-            if operator is None:
+            caller = self._tokens.caller(request.headers.get("authorization"))
+            if caller is None:
                 return _error(
                     401,
                     "unauthorized",
                     "a valid bearer token is required (Authorization: Bearer <token>)",
                     **{"WWW-Authenticate": 'Bearer realm="amqp-queue"'},
                 )
+            if not caller.may(right):
+                audit.info(
+                    "operator %s refused: %s %s needs the %s right, role %s lacks it",
+                    caller.name,
+                    request.method,
+                    request.url.path,
+                    right.value,
+                    caller.role.value,
+                )
+                return _error(
+                    403,
+                    "forbidden",
+                    f"token {caller.name!r} has the role {caller.role.value}, which may not "
+                    f"{right.value}; {request.method} {request.url.path} needs "
+                    f"{_roles_with(right)}",
+                )
+            operator = caller.name
             try:
                 return await handler(request, operator)
             except QueueError as exc:
@@ -281,6 +316,11 @@ def _audited(operator: str, action: str, command_id: str) -> Iterator[_Outcome]:
         )
         raise
     audit.info("operator %s %s command %s: %s", operator, action, command_id, outcome.text)
+
+
+def _roles_with(right: Right) -> str:
+    names = [role.value for role in CONFIGURABLE_ROLES if right in ROLE_RIGHTS[role]]
+    return "the role " + " or ".join(names)
 
 
 def _commands(device_id: str, commands: list[PendingCommand]) -> JSONResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from amqp_queue.console_page import ASSETS
 from amqp_queue.state.model import CommandStatus
 from amqp_queue.state.validation import COMMAND_TYPE_PATTERN, DEVICE_ID_PATTERN, Limits
 
@@ -27,6 +28,8 @@ def _errors(*codes: int, not_found: str = "No such command (unknown or pruned)."
     meaning = {
         400: "Bad input (the detail says what is wrong); nothing was written.",
         401: "Missing or wrong bearer token.",
+        403: "The token's role lacks the right this call needs; the detail names the role "
+        "that has it. Audited.",
         404: not_found,
         409: "The device's queue exists with another queue type; the detail says which.",
         410: "The command expired.",
@@ -46,6 +49,9 @@ def _command() -> dict[str, Any]:
 
 
 def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    if "security" in extra:
+        # Every call that needs a token also needs a role with the route's right.
+        responses = {**responses, **_errors(403)}
     return {"summary": summary, "responses": responses, **extra}
 
 
@@ -154,6 +160,38 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
                         **_errors(401, 503),
                     },
                     **secured,
+                )
+            },
+            "/whoami": {
+                "get": _operation(
+                    "The calling token's name, role and rights (the console shows only the "
+                    "buttons these allow)",
+                    {
+                        "200": _json({"$ref": "#/components/schemas/Caller"}, "The caller."),
+                        **_errors(401),
+                    },
+                    **secured,
+                )
+            },
+            "/": {
+                "get": _operation(
+                    "The operator console, an HTML page (no token to load it; it asks for "
+                    "one and calls this API with it)",
+                    {"200": {"description": "HTML."}},
+                )
+            },
+            "/console/{asset}": {
+                "get": _operation(
+                    "The console's files: page, script, style sheet and icon (no token)",
+                    {"200": {"description": "The file."}, **_errors(404)},
+                    parameters=[
+                        {
+                            "name": "asset",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"enum": sorted(ASSETS)},
+                        }
+                    ],
                 )
             },
             "/healthz": {
@@ -278,5 +316,16 @@ def _schemas(limits: Limits) -> dict[str, Any]:
         "Error": {
             "type": "object",
             "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+        },
+        "Caller": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "role": {"enum": ["viewer", "operator", "approver", "full"]},
+                "rights": {
+                    "type": "array",
+                    "items": {"enum": ["read", "operate", "confirm"]},
+                },
+            },
         },
     }

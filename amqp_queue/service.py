@@ -256,7 +256,7 @@ async def serve(settings: Settings) -> None:
             "serving the operator API on http://%s:%d (tokens: %s), exchange %s",
             _url_host(settings.host),
             sock.getsockname()[1],
-            ", ".join(settings.tokens.names) or "none",
+            settings.tokens.describe() or "none",
             settings.exchange,
         )
         try:

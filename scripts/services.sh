@@ -2,7 +2,9 @@
 # Makes sure the local services the tests and the demo need are up: starts an installed but
 # stopped one, installs a missing one with apt-get when running as root, and otherwise stops
 # with a message naming what is missing.
-# Usage: scripts/services.sh [rabbitmq] [postgres] [redis] [mosquitto]
+# `chromium` is the headless browser the console's tests drive (Debian's chromium and
+# chromium-driver); it is installed, never started.
+# Usage: scripts/services.sh [rabbitmq] [postgres] [redis] [mosquitto] [chromium]
 set -euo pipefail
 
 wanted=("$@")
@@ -71,12 +73,20 @@ ensure_mosquitto() {
   wait_for_port Mosquitto 1883 30
 }
 
+ensure_chromium() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}"
+}
+
 for service in "${wanted[@]}"; do
   case "$service" in
     rabbitmq) ensure_rabbitmq ;;
     postgres) ensure_postgres ;;
     redis) ensure_redis ;;
     mosquitto) ensure_mosquitto ;;
+    chromium) ensure_chromium ;;
     *) echo "services: unknown service $service" >&2; exit 2 ;;
   esac
 done

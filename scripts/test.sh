@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/bootstrap.sh
-scripts/services.sh rabbitmq postgres redis mosquitto
+scripts/services.sh rabbitmq postgres redis mosquitto chromium
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -34,6 +34,7 @@ PROTECTED = [
     ("POST", "/commands/00000000-0000-0000-0000-000000000001/confirm"),
     ("POST", "/commands/00000000-0000-0000-0000-000000000001/cancel"),
     ("POST", "/cleanup"),
+    ("GET", "/whoami"),
 ]
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from amqp_queue.console_page import ASSETS
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,14 @@ def test_the_wheel_holds_the_schema_revisions(wheel: Path) -> None:
     assert "amqp_queue/state/sql/migrations/env.py" in expected
     assert len([name for name in expected if "/versions/r" in name]) >= 3
     assert expected <= names
+
+
+def test_the_wheel_holds_the_console_as_served(wheel: Path) -> None:
+    """``serve`` reads the console's files from the installed package."""
+    archive = zipfile.ZipFile(wheel)
+    for name in ASSETS:
+        shipped = archive.read(f"amqp_queue/console/{name}")
+        assert shipped == (REPOSITORY / "amqp_queue" / "console" / name).read_bytes(), name
 
 
 @pytest.mark.slow

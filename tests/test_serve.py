@@ -99,3 +99,18 @@ async def test_serve_refuses_a_malformed_token_list_without_echoing_it() -> None
     assert b"token entry 2 is not of the form name:token" in stderr
     assert b"secret" not in stderr
     assert b"fine" not in stderr
+
+
+async def test_serve_refuses_an_unknown_role_without_echoing_the_token() -> None:
+    env = {**os.environ, "AMQP_QUEUE_TOKENS": "ops:fine:viewer,ci:hidden-secret:admin"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "amqp_queue.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        _, stderr = await process.communicate()
+
+    assert process.returncode == 2
+    assert b"token entry 2 (name 'ci') ends in an unknown role" in stderr
+    assert b"viewer, operator, approver" in stderr
+    assert b"secret" not in stderr
+    assert b"admin" not in stderr

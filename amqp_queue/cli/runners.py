@@ -58,7 +58,8 @@ from amqp_queue.state.errors import QueueError
     envvar=ENV_TOKENS,
     show_envvar=True,
     default="",
-    help="Operator API bearer tokens, name:token,name2:token2. Prefer the environment "
+    help="Operator API bearer tokens, name:token,name2:token2:role; a role (viewer, operator, "
+    "approver) limits a token, none gives every right. Prefer the environment "
     f"variable {ENV_TOKENS}: flags are visible in the process list.",
 )
 @click.option(

@@ -1,0 +1,251 @@
+"""The operator console in a real headless Chromium, over the API on a socket, the real broker
+and SQLite state: sign in, approve, cancel, hostile payloads, a viewer's page.
+
+Selenium blocks, and the API serves in this test's event loop: every browser step runs in a
+thread (``asyncio.to_thread``) so the API answers the page meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from amqp_queue import CommandStatus
+from amqp_queue.auth import Tokens
+from tests.api_support import Api, running
+from tests.browser_support import browser_errors, chromium
+
+APPROVER, VIEWER, OPERATOR = "approver-token-0123", "viewer-token-4567", "operator-token-89ab"
+TOKENS = Tokens.parse(f"ada:{APPROVER}:approver,val:{VIEWER}:viewer,otto:{OPERATOR}:operator")
+HOSTILE = "<img src=x onerror=alert(1)>"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "console-inbox.png"
+WAIT = 10
+NO_FLEET_LIST = (
+    "/confirmations - Failed to load resource: the server responded with a status of 404"
+)
+
+
+@pytest.fixture(scope="module")
+def chromium_once() -> Iterator[webdriver.Chrome]:
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture
+def browser(chromium_once: webdriver.Chrome) -> Iterator[webdriver.Chrome]:
+    """The module's browser on a blank page: the last test's page, polling an API that has
+    stopped, is gone, and so are its failed loads."""
+    chromium_once.get("about:blank")
+    browser_errors(chromium_once)
+    yield chromium_once
+    chromium_once.get("about:blank")
+
+
+class Console:
+    """The console's page in the browser, as an operator uses it."""
+
+    def __init__(self, driver: webdriver.Chrome, url: str) -> None:
+        self.driver = driver
+        self.url = url
+
+    def wait(self) -> WebDriverWait[webdriver.Chrome]:
+        return WebDriverWait(self.driver, WAIT)
+
+    def sign_in(self, token: str) -> None:
+        self.driver.get(self.url + "/")
+        self.driver.find_element(By.ID, "token").send_keys(token)
+        self.driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+        self.wait().until(expected_conditions.visibility_of_element_located((By.ID, "console")))
+
+    def watch(self, *devices: str) -> None:
+        # This API has no fleet-wide list yet: the inbox offers its device picker.
+        self.wait().until(expected_conditions.visibility_of_element_located((By.ID, "picker")))
+        for device in devices:
+            self.driver.find_element(By.ID, "picker-device").send_keys(device)
+            self.driver.find_element(By.CSS_SELECTOR, "#picker button[type=submit]").click()
+
+    def rows(self, count: int) -> list[WebElement]:
+        def listed(driver: webdriver.Chrome) -> list[WebElement] | Literal[False]:
+            rows = driver.find_elements(By.CSS_SELECTOR, "#inbox tbody tr")
+            return rows if len(rows) == count else False
+
+        found: list[WebElement] = self.wait().until(listed)
+        return found
+
+    def text_of(self, command_id: str, column: str) -> str:
+        selector = f'#inbox tr[data-id="{command_id}"] td.{column}'
+        return self.driver.find_element(By.CSS_SELECTOR, selector).text
+
+    def click_and_confirm(self, command_id: str, button: str) -> str:
+        self.driver.find_element(
+            By.CSS_SELECTOR, f'#inbox tr[data-id="{command_id}"] button.{button}'
+        ).click()
+        dialog = self.wait().until(expected_conditions.alert_is_present())
+        question = dialog.text
+        dialog.accept()
+        self.wait().until(
+            expected_conditions.invisibility_of_element_located(
+                (By.CSS_SELECTOR, f'#inbox tr[data-id="{command_id}"]')
+            )
+        )
+        return question
+
+    def no_alert(self) -> bool:
+        try:
+            self.driver.switch_to.alert  # noqa: B018 - the property raises when there is none
+        except NoAlertPresentException:
+            return True
+        return False
+
+
+async def _enqueue(api: Api, device: str, payload: str, command_type: str, **body: str) -> str:
+    response = await api.enqueue(
+        device, payload=payload, mode="confirm", command_type=command_type, ttl=600, **body
+    )
+    assert response.status_code == 201, response.text
+    command_id: str = response.json()["id"]
+    return command_id
+
+
+async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_text(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    async with running(tmp_path, tokens=TOKENS) as api:
+        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+        unlock = await _enqueue(api, "dev-1", "door-1", "unlock")
+        hostile = await _enqueue(api, "dev-1", HOSTILE, "reboot")
+        binary = base64.b64encode(b"\x00\xff\x10firmware").decode()
+        firmware = await _enqueue(api, "dev-2", binary, "firmware", encoding="base64")
+        console = Console(browser, api.url)
+
+        def sign_in_and_look() -> None:
+            console.sign_in(APPROVER)
+            console.watch("dev-1", "dev-2")
+            rows = console.rows(3)
+            assert [row.get_attribute("data-id") for row in rows] == [unlock, hostile, firmware]
+            # The hostile payload is shown as its text; no element was made of it, nothing ran.
+            assert console.text_of(hostile, "payload") == HOSTILE
+            assert browser.find_elements(By.CSS_SELECTOR, "#inbox img") == []
+            assert console.no_alert()
+            assert console.text_of(firmware, "payload") == f"base64, 11 bytes: {binary}"
+            assert browser.find_element(By.ID, "who").text == "ada (approver)"
+            # The countdown runs: TTL 600 s reads just under 10 minutes, and goes down.
+            first = console.text_of(unlock, "time-left")
+            assert re.fullmatch(r"9 min \d+ s", first), first
+            assert console.wait().until(lambda _: console.text_of(unlock, "time-left") != first)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            assert browser.save_screenshot(str(SCREENSHOT))
+
+        await asyncio.to_thread(sign_in_and_look)
+
+        question = await asyncio.to_thread(console.click_and_confirm, unlock, "approve")
+        assert question == f"Approve command {unlock} for device dev-1?"
+        async with api.backends.store.consume("dev-1") as stream:
+            async with asyncio.timeout(10):
+                delivered = await anext(stream)
+        assert (delivered.id, delivered.payload) == (unlock, b"door-1")
+
+        await asyncio.to_thread(console.click_and_confirm, hostile, "cancel")
+        assert await api.backends.store.get_status(hostile) == CommandStatus.CANCELLED
+        assert await api.backends.store.get_status(firmware) == (
+            CommandStatus.AWAITING_CONFIRMATION
+        )
+        # The next polls keep the inbox at what is still waiting.
+        remaining = await asyncio.to_thread(console.rows, 1)
+        assert await asyncio.to_thread(remaining[0].get_attribute, "data-id") == firmware
+        assert console.no_alert()
+        # No script error, no refused load; the one failed load is the probe for a
+        # fleet-wide list this API does not have.
+        assert browser_errors(browser, NO_FLEET_LIST) == []
+
+
+async def test_a_viewer_sees_no_buttons_and_the_api_refuses_its_confirm(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    async with running(tmp_path, tokens=TOKENS) as api:
+        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+        waiting = await _enqueue(api, "dev-1", "door-1", "unlock")
+        console = Console(browser, api.url)
+
+        def look_and_try_to_confirm() -> int:
+            console.sign_in(VIEWER)
+            console.watch("dev-1")
+            console.rows(1)
+            assert browser.find_element(By.ID, "who").text == "val (viewer)"
+            assert browser.find_elements(By.CSS_SELECTOR, "#inbox button") == []
+            assert not browser.find_element(By.CSS_SELECTOR, "[data-view=enqueue]").is_displayed()
+            # The page's own token, used as the page would: the API says no.
+            status: int = browser.execute_async_script(
+                """
+                const done = arguments[arguments.length - 1];
+                fetch(`/commands/${arguments[0]}/confirm`, {
+                  method: "POST",
+                  headers: {Authorization: `Bearer ${sessionStorage.getItem("amqp-queue.token")}`},
+                }).then((response) => done(response.status));
+                """,
+                waiting,
+            )
+            return status
+
+        assert await asyncio.to_thread(look_and_try_to_confirm) == 403
+        refused = "/confirm - Failed to load resource: the server responded with a status of 403"
+        assert browser_errors(browser, NO_FLEET_LIST, refused) == []
+        assert await api.backends.store.get_status(waiting) == CommandStatus.AWAITING_CONFIRMATION
+
+
+async def test_an_operator_enqueues_from_the_form_and_stays_signed_in_across_a_reload(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    async with running(tmp_path, tokens=TOKENS) as api:
+        console = Console(browser, api.url)
+
+        def enqueue_from_the_form() -> None:
+            console.sign_in(OPERATOR)
+            browser.find_element(By.CSS_SELECTOR, "[data-view=enqueue]").click()
+            browser.find_element(By.ID, "enqueue-device").send_keys("dev-3")
+            browser.find_element(By.CSS_SELECTOR, "#enqueue-mode option[value=confirm]").click()
+            browser.find_element(By.ID, "enqueue-type").send_keys("unlock")
+            browser.find_element(By.ID, "enqueue-payload").send_keys("gate-2")
+            browser.find_element(By.CSS_SELECTOR, "#enqueue-form button").click()
+            assert console.wait().until(
+                expected_conditions.text_to_be_present_in_element(
+                    (By.ID, "enqueue-result"), "awaiting_confirmation"
+                )
+            )
+            # Signed in for the rest of the tab's session: a reload asks no token again.
+            browser.refresh()
+            console.wait().until(
+                expected_conditions.visibility_of_element_located((By.ID, "console"))
+            )
+            console.watch("dev-3")
+            (row,) = console.rows(1)
+            # An operator cancels but cannot approve.
+            buttons = row.find_elements(By.TAG_NAME, "button")
+            assert [button.text for button in buttons] == ["Cancel"]
+            # The device view lists what is pending for the device now.
+            browser.find_element(By.CSS_SELECTOR, "[data-view=device]").click()
+            browser.find_element(By.ID, "device-id").send_keys("dev-3")
+            browser.find_element(By.CSS_SELECTOR, "#device-form button").click()
+            state = (By.CSS_SELECTOR, "#device-commands tbody td.state")
+            assert console.wait().until(
+                expected_conditions.text_to_be_present_in_element(state, "awaiting confirmation")
+            )
+            payload = browser.find_element(By.CSS_SELECTOR, "#device-commands tbody td.payload")
+            assert payload.text == "gate-2"
+
+        await asyncio.to_thread(enqueue_from_the_form)
+        (command,) = await api.backends.store.get_pending_confirmations("dev-3")
+        assert command.payload == b"gate-2"
+        assert browser_errors(browser, NO_FLEET_LIST) == []
