@@ -22,8 +22,9 @@ from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
+from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.settlement import report_delivered, settle, split_live
-from amqp_queue.state.model import CommandRecord, PendingCommand
+from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.stream")
@@ -58,8 +59,10 @@ class CommandStream:
         config: RabbitMQConfig,
         device_id: str,
         observer: Observer,
+        reporter: OutcomeReporter,
     ) -> None:
         self._open_channel = open_channel
+        self._reporter = reporter
         self._observer = observer
         self._channel: AbstractChannel | None = None
         self._state = state
@@ -104,7 +107,7 @@ class CommandStream:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> PendingCommand:
+    async def __anext__(self) -> ReceivedCommand:
         if self._closed:
             raise StopAsyncIteration
         await self._open()
@@ -139,7 +142,18 @@ class CommandStream:
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
             self._handed.popitem(last=False)
-        return self._current[1].to_pending()
+        record = self._current[1]
+        return ReceivedCommand(
+            id=record.id,
+            device_id=record.device_id,
+            command_type=record.command_type,
+            payload=record.payload,
+            requires_confirmation=record.requires_confirmation,
+            confirmed=record.confirmed,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            reporter=self._reporter,
+        )
 
     @property
     def closed(self) -> bool:

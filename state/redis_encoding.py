@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from .errors import StateError
-from .model import CommandRecord, EndReason
+from .model import CommandRecord, CommandStatus, EndReason
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -47,10 +47,21 @@ def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
         fields["command_type"] = record.command_type
     if record.end_reason is not None:
         fields["end_reason"] = record.end_reason.value
+    if record.outcome is not None:
+        fields["outcome"] = record.outcome.value
+    if record.outcome_result is not None:
+        fields["outcome_result"] = record.outcome_result
+    if record.outcome_reason is not None:
+        fields["outcome_reason"] = record.outcome_reason
+    if record.outcome_timeout is not None:
+        fields["outcome_timeout"] = repr(record.outcome_timeout)
+    if record.rollout_id is not None:
+        fields["rollout_id"] = record.rollout_id
     for name, moment in (
         ("confirmed_at", record.confirmed_at),
         ("ended_at", record.ended_at),
         ("published_at", record.published_at),
+        ("outcome_at", record.outcome_at),
     ):
         if moment is not None:
             fields[name] = encode_time(moment)
@@ -94,6 +105,8 @@ def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
         return value
 
     reason = text("end_reason")
+    outcome = text("outcome")
+    timeout = text("outcome_timeout")
     record = CommandRecord(
         id=required(text("id"), "id"),
         device_id=required(text("device_id"), "device_id"),
@@ -108,6 +121,12 @@ def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
         end_reason=None if reason is None else EndReason(reason),
         ended_at=time("ended_at"),
         published_at=time("published_at"),
+        outcome=None if outcome is None else CommandStatus(outcome),
+        outcome_result=raw("outcome_result"),
+        outcome_reason=text("outcome_reason"),
+        outcome_at=time("outcome_at"),
+        outcome_timeout=None if timeout is None else float(timeout),
+        rollout_id=text("rollout_id"),
     )
     return int(required(raw("seq"), "seq")), record
 

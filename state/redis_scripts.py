@@ -16,6 +16,10 @@ Layout of a store's keys (``P`` is the store's prefix):
 - ``P outbox`` sorted set: open, ready, unpublished commands by ready time.
 - ``P finished`` sorted set: finished commands by ``ended_at`` (what ``prune`` deletes).
 - ``P seq`` counter: the write order.
+- ``P rollout:<id>`` sorted set: the commands of an ``enqueue_many`` call, scored by ``seq``
+  (pruned ones are skipped where it is read).
+- ``P outcome_due`` sorted set: delivered commands with an outcome deadline and no outcome
+  yet, by deadline; they join ``P finished`` only once they have an outcome.
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a
@@ -44,9 +48,14 @@ local function is_open(key)
     return state[1] == '0' and not state[2]
 end
 
--- A finished command leaves every open index and stays queryable until pruned.
+local function is_live(f)
+    return f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now)
+end
+
+-- A finished command leaves every open index and stays queryable until pruned. A delivered
+-- one with an outcome deadline waits in outcome_due instead: it is not final yet.
 local function finish(key, id, field, value)
-    local owner = redis.call('HMGET', key, 'device_id', 'command_type')
+    local owner = redis.call('HMGET', key, 'device_id', 'command_type', 'outcome_timeout')
     redis.call('HSET', key, field, value, 'ended_at', now)
     redis.call('ZREM', prefix .. 'dev:' .. owner[1], id)
     redis.call('ZREM', expiry_key, id)
@@ -57,8 +66,14 @@ local function finish(key, id, field, value)
             redis.call('HDEL', slots, owner[2])
         end
     end
-    redis.call('ZADD', finished_key, now, id)
-    redis.call('PEXPIRE', key, finished_ttl)
+    if field == 'delivered' and owner[3] then
+        local wait = math.ceil(tonumber(owner[3]) * 1000000)
+        redis.call('ZADD', prefix .. 'outcome_due', string.format('%.0f', tonumber(now) + wait), id)
+        redis.call('PEXPIRE', key, tonumber(finished_ttl) + math.ceil(wait / 1000))
+    else
+        redis.call('ZADD', finished_key, now, id)
+        redis.call('PEXPIRE', key, finished_ttl)
+    end
 end
 
 -- An index key must outlive every command it lists, so its TTL only ever grows.
@@ -72,18 +87,69 @@ end
 ADD = (
     _PRELUDE
     + """
--- KEYS[4]: the sequence counter. ARGV[4..]: groups of id, device, type ('' for none),
--- payload, requires_confirmation, created_at, expires_at, key TTL (ms).
--- Returns how many open commands were superseded.
+-- KEYS[4]: the sequence counter. ARGV[4]: the most open commands a device may hold.
+-- ARGV[5..]: groups of id, device, type ('' for none), payload, requires_confirmation,
+-- created_at, expires_at, key TTL (ms), outcome timeout in seconds ('' for none), rollout
+-- id ('' for none).
+-- Returns how many open commands were superseded, or {'full', device} having written
+-- nothing when a device would go over its limit (a replacement adds nothing).
+local limit = tonumber(ARGV[4])
+local added, slot_seen = {}, {}
+for i = 5, #ARGV, 10 do
+    local device, kind = ARGV[i + 1], ARGV[i + 2]
+    local adds = 1
+    if kind ~= '' then
+        local slot = device .. '|' .. kind
+        if slot_seen[slot] then
+            adds = 0
+        else
+            slot_seen[slot] = true
+            local holder = redis.call('HGET', prefix .. 'types:' .. device, kind)
+            if holder and is_live(redis.call('HMGET', command_key(holder), 'delivered',
+                                             'end_reason', 'expires_at')) then
+                adds = 0
+            end
+        end
+    end
+    added[device] = (added[device] or 0) + adds
+end
+for device, adds in pairs(added) do
+    local device_key = prefix .. 'dev:' .. device
+    if adds > 0 and redis.call('ZCARD', device_key) + adds > limit then
+        -- The set may still list expired commands cleanup has not swept: count the live.
+        local open = 0
+        for _, id in ipairs(redis.call('ZRANGE', device_key, 0, -1)) do
+            if is_live(redis.call('HMGET', command_key(id), 'delivered', 'end_reason',
+                                  'expires_at')) then
+                open = open + 1
+            end
+        end
+        if open + adds > limit then
+            return {'full', device}
+        end
+    end
+end
 local superseded = 0
-for i = 4, #ARGV, 8 do
-    local id, device, kind, payload, needs_ok, created, expires, ttl = unpack(ARGV, i, i + 7)
+for i = 5, #ARGV, 10 do
+    local id, device, kind, payload, needs_ok, created, expires, ttl, wait, rollout =
+        unpack(ARGV, i, i + 9)
     local seq = redis.call('INCR', KEYS[4])
     local fields = {
         'id', id, 'device_id', device, 'payload', payload,
         'requires_confirmation', needs_ok, 'confirmed', '0', 'delivered', '0',
         'created_at', created, 'expires_at', expires, 'seq', seq,
     }
+    if wait ~= '' then
+        fields[#fields + 1] = 'outcome_timeout'
+        fields[#fields + 1] = wait
+    end
+    if rollout ~= '' then
+        fields[#fields + 1] = 'rollout_id'
+        fields[#fields + 1] = rollout
+        local members = prefix .. 'rollout:' .. rollout
+        redis.call('ZADD', members, seq, id)
+        extend_ttl(members, ttl)
+    end
     if kind ~= '' then
         local slots = prefix .. 'types:' .. device
         local previous = redis.call('HGET', slots, kind)
@@ -324,6 +390,7 @@ for i = 6, #ARGV do
             redis.call('ZADD', device_key, f[6], id)
             redis.call('ZADD', expiry_key, expires, id)
             redis.call('ZREM', finished_key, id)
+            redis.call('ZREM', prefix .. 'outcome_due', id)
             if kind then
                 redis.call('HSET', slots, kind, id)
             end
@@ -340,5 +407,105 @@ for i = 6, #ARGV do
     end
 end
 return reopened
+"""
+)
+
+
+TIME_OUT = (
+    _PRELUDE
+    + """
+-- ARGV[4]: batch size. Ends TIMED_OUT the delivered commands whose outcome deadline passed
+-- and that have no outcome; they become final (pruned after the retention).
+-- Returns {ended, examined}.
+local due_key = prefix .. 'outcome_due'
+local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, ARGV[4])
+local ended = 0
+for _, id in ipairs(ids) do
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'outcome')
+    if f[1] == '1' and not f[2] then
+        redis.call('HSET', key, 'outcome', 'timed_out', 'outcome_at', now)
+        redis.call('ZADD', finished_key, now, id)
+        redis.call('PEXPIRE', key, finished_ttl)
+        ended = ended + 1
+    end
+    redis.call('ZREM', due_key, id)
+end
+return {ended, #ids}
+"""
+)
+
+CONFIRM_ROLLOUT = (
+    _PRELUDE
+    + """
+-- KEYS[4]: the rollout's set. Confirms its live commands awaiting confirmation; returns
+-- them (HGETALL replies).
+local confirmed = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at',
+                         'requires_confirmation', 'confirmed', 'published_at')
+    if is_live(f) and f[4] == '1' and f[5] == '0' then
+        redis.call('HSET', key, 'confirmed', '1', 'confirmed_at', now)
+        if not f[6] then
+            redis.call('ZADD', outbox_key, now, id)
+        end
+        confirmed[#confirmed + 1] = redis.call('HGETALL', key)
+    end
+end
+return confirmed
+"""
+)
+
+CANCEL_OPEN = (
+    _PRELUDE
+    + """
+-- KEYS[4]: a device's open set or a rollout's set. Ends its live commands CANCELLED;
+-- returns how many.
+local cancelled = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local key = command_key(id)
+    if is_live(redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at')) then
+        finish(key, id, 'end_reason', 'cancelled')
+        cancelled = cancelled + 1
+    end
+end
+return cancelled
+"""
+)
+
+ROLLOUT_COUNTS = (
+    _PRELUDE
+    + """
+-- KEYS[4]: the rollout's set. Read-only. Returns status, count, status, count, ... as
+-- rules.status_of decides each status; pruned members are skipped.
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local f = redis.call('HMGET', command_key(id), 'delivered', 'end_reason', 'expires_at',
+                         'requires_confirmation', 'confirmed', 'outcome')
+    local status = nil
+    if f[1] == '1' then
+        status = f[6] or 'delivered'
+    elseif f[1] == '0' then
+        if f[2] then
+            status = f[2]
+        elseif tonumber(f[3]) <= tonumber(now) then
+            status = 'expired'
+        elseif f[4] == '1' and f[5] ~= '1' then
+            status = 'awaiting_confirmation'
+        else
+            status = 'pending'
+        end
+    end
+    if status then
+        counts[status] = (counts[status] or 0) + 1
+    end
+end
+local flat = {}
+for status, count in pairs(counts) do
+    flat[#flat + 1] = status
+    flat[#flat + 1] = count
+end
+return flat
 """
 )

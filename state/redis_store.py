@@ -32,9 +32,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from . import redis_scripts as lua
 from . import rules
 from .clock import Clock, utc_now
-from .errors import StateError
+from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
-from .model import CommandRecord
+from .model import CommandRecord, CommandStatus
 from .redis_encoding import (
     changed_fields,
     decode_record,
@@ -103,6 +103,10 @@ class RedisStore(IndexedStore):
         self._mark_published = register(lua.MARK_PUBLISHED)
         self._release_script = register(lua.RELEASE)
         self._reject = register(lua.REJECT)
+        self._time_out = register(lua.TIME_OUT)
+        self._confirm_rollout_script = register(lua.CONFIRM_ROLLOUT)
+        self._cancel_open_script = register(lua.CANCEL_OPEN)
+        self._rollout_counts_script = register(lua.ROLLOUT_COUNTS)
 
     @classmethod
     async def connect(
@@ -182,11 +186,16 @@ class RedisStore(IndexedStore):
                 encode_time(record.created_at),
                 encode_time(record.expires_at),
                 str(_milliseconds(key_ttl)),
+                "" if record.outcome_timeout is None else repr(record.outcome_timeout),
+                record.rollout_id or "",
             ]
+        limit = str(self.limits.max_pending_per_device)
         async with self._errors("add"):
             superseded = await self._add(
-                keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, args)
+                keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, [limit, *args])
             )
+        if isinstance(superseded, list):
+            raise QueueFull(_text(superseded[1]), self.limits.max_pending_per_device)
         return int(superseded)
 
     async def get(self, command_id: str) -> CommandRecord | None:
@@ -250,6 +259,12 @@ class RedisStore(IndexedStore):
             pipe.pexpire(key, self._finished_ttl)
             if frees_slot and kind is not None:
                 pipe.hdel(slots_key, kind)
+        elif not updated.is_open and updated.pruned_after != current.pruned_after:
+            # An outcome came: the command is final from now, its retention starts now.
+            pipe.zrem(self._outcome_due_key, command_id)
+            if updated.pruned_after is not None:
+                pipe.zadd(self._indexes[2], {command_id: encode_time(updated.pruned_after)})
+                pipe.pexpire(key, self._finished_ttl)
         if updated.is_open and updated.is_ready and updated.published_at is None:
             pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
         else:
@@ -312,6 +327,40 @@ class RedisStore(IndexedStore):
         args = [encode_time(before), str(_SWEEP_BATCH)]
         return await self._sweep(self._prune, self.clock(), args, "prune")
 
+    async def time_out(self, now: datetime) -> int:
+        return await self._sweep(self._time_out, now, [str(_SWEEP_BATCH)], "time out")
+
+    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
+        async with self._errors("confirm rollout"):
+            confirmed = await self._confirm_rollout_script(
+                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
+            )
+        return [record for _, record in decode_replies(confirmed)]
+
+    async def _cancel_open(
+        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+    ) -> int:
+        members = (
+            self._device_key(device_id)
+            if device_id is not None
+            else self._rollout_key(str(rollout_id))
+        )
+        async with self._errors("cancel"):
+            cancelled = await self._cancel_open_script(
+                keys=[*self._indexes, members], args=self._args(now)
+            )
+        return int(cancelled)
+
+    async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
+        async with self._errors("rollout summary"):
+            flat = await self._rollout_counts_script(
+                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
+            )
+        return {
+            CommandStatus(_text(status)): int(count)
+            for status, count in zip(flat[::2], flat[1::2], strict=True)
+        }
+
     async def unpublished(self, limit: int) -> list[CommandRecord]:
         if limit <= 0:
             return []
@@ -364,6 +413,13 @@ class RedisStore(IndexedStore):
     def _device_key(self, device_id: str) -> str:
         return f"{self._prefix}dev:{device_id}"
 
+    def _rollout_key(self, rollout_id: str) -> str:
+        return f"{self._prefix}rollout:{rollout_id}"
+
+    @property
+    def _outcome_due_key(self) -> str:
+        return f"{self._prefix}outcome_due"
+
     def _slots_key(self, device_id: str) -> str:
         return f"{self._prefix}types:{device_id}"
 
@@ -375,6 +431,10 @@ class RedisStore(IndexedStore):
             yield
         except (RedisError, OSError) as exc:
             raise StateError(f"redis {action} failed: {exc}") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _milliseconds(span: timedelta) -> int:

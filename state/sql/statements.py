@@ -21,8 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..model import CommandRecord, EndReason
-from .schema import IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
+from ..model import CommandRecord, CommandStatus, EndReason
+from .schema import AWAITS_OUTCOME, IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
 
 c = command_queue.c
 
@@ -44,6 +44,7 @@ def row_of(record: CommandRecord) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies every value, the largest cost of a batch insert.
     row = {name: getattr(record, name) for name in FIELDS}
     row["end_reason"] = None if record.end_reason is None else record.end_reason.value
+    row["outcome"] = None if record.outcome is None else record.outcome.value
     return row
 
 
@@ -54,6 +55,12 @@ def record_of(row: Mapping[str, Any]) -> CommandRecord:
     values["payload"] = bytes(values["payload"])
     reason = values["end_reason"]
     values["end_reason"] = None if reason is None else EndReason(reason)
+    outcome = values["outcome"]
+    values["outcome"] = None if outcome is None else CommandStatus(outcome)
+    if values["outcome_result"] is not None:
+        values["outcome_result"] = bytes(values["outcome_result"])
+    if values["rollout_id"] is not None:
+        values["rollout_id"] = str(values["rollout_id"])
     return CommandRecord(**values)
 
 
@@ -210,9 +217,88 @@ EXPIRE = (
     .values(end_reason=EndReason.EXPIRED.value, ended_at=_NOW)
 )
 
+_BEFORE = sa.bindparam("before", type_=c.ended_at.type)
 PRUNE = sa.delete(command_queue).where(
-    c.ended_at.is_not(None), c.ended_at < sa.bindparam("before", type_=c.ended_at.type)
+    c.ended_at.is_not(None),
+    c.ended_at < _BEFORE,
+    sa.or_(c.outcome_at.is_(None), c.outcome_at < _BEFORE),
+    sa.not_(AWAITS_OUTCOME),
 )
+"""Deletes final commands whose retention started before ``before``: ended or delivered
+then, and their outcome too if they have one; never one still waiting for an outcome with
+a deadline (see ``CommandRecord.pruned_after``)."""
+
+# -- limits (rule 11) ----------------------------------------------------------------------
+
+_DEVICES: sa.BindParameter[Any] = sa.bindparam("devices", expanding=True)
+
+OPEN_PER_DEVICE = (
+    sa.select(c.device_id, sa.func.count().label("open"))
+    .where(c.device_id.in_(_DEVICES), IS_OPEN, c.expires_at > _NOW)
+    .group_by(c.device_id)
+)
+"""How many open, unexpired commands each of ``devices`` holds (no row for none)."""
+
+LOCK_DEVICES = sa.select(
+    sa.func.pg_advisory_xact_lock(
+        sa.func.hashtextextended(
+            sa.func.unnest(sa.bindparam("device_keys", type_=postgresql.ARRAY(sa.Text()))), 0
+        )
+    )
+)
+"""PostgreSQL only: takes a transaction-level advisory lock per key of ``device_keys``, in
+the order given (callers sort them, so concurrent writers lock alike). Enqueues of a device
+take turns on it, so the count they check the limit against cannot change under them."""
+
+# -- outcomes (rule 9) ---------------------------------------------------------------------
+
+AWAITING_OUTCOME = sa.select(c.id, c.ended_at, c.outcome_timeout).where(AWAITS_OUTCOME)
+"""Delivered commands with an outcome deadline and no outcome yet (their deadline is
+checked in Python: interval arithmetic differs between the databases)."""
+
+TIME_OUT = (
+    sa.update(command_queue)
+    .where(c.id.in_(_IDS), AWAITS_OUTCOME)
+    .values(outcome=CommandStatus.TIMED_OUT.value, outcome_at=_NOW)
+)
+"""Ends ``ids`` ``TIMED_OUT`` unless an outcome came meanwhile."""
+
+# -- rollouts (rule 10) and retiring a device --------------------------------------------
+
+_ROLLOUT = c.rollout_id == sa.bindparam("rollout", type_=c.rollout_id.type)
+_LIVE = sa.and_(IS_OPEN, c.expires_at > _NOW)
+
+CONFIRM_ROLLOUT = (
+    sa.update(command_queue)
+    .where(_ROLLOUT, _LIVE, c.requires_confirmation == sa.true(), c.confirmed == sa.false())
+    .values(confirmed=sa.true(), confirmed_at=_NOW)
+    .returning(c.seq, *RECORD_COLUMNS)
+)
+"""Confirms a rollout's (``rollout``) live commands awaiting confirmation; returns them."""
+
+CANCEL_ROLLOUT = (
+    sa.update(command_queue)
+    .where(_ROLLOUT, _LIVE)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW)
+)
+CANCEL_DEVICE = (
+    sa.update(command_queue)
+    .where(c.device_id == sa.bindparam("device"), _LIVE)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW)
+)
+
+_STATUS = sa.case(
+    (c.delivered == sa.true(), sa.func.coalesce(c.outcome, CommandStatus.DELIVERED.value)),
+    (c.end_reason.is_not(None), c.end_reason),
+    (c.expires_at <= _NOW, CommandStatus.EXPIRED.value),
+    (sa.not_(IS_READY), CommandStatus.AWAITING_CONFIRMATION.value),
+    else_=CommandStatus.PENDING.value,
+).label("status")
+ROLLOUT_COUNTS = (
+    sa.select(_STATUS, sa.func.count().label("count")).where(_ROLLOUT).group_by(sa.text("status"))
+)
+"""A rollout's commands counted by status (``rollout``, ``now``), as
+:func:`amqp_queue.state.rules.status_of` decides it."""
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -28,6 +28,7 @@ from .. import rules
 from ..errors import StateError
 from ..indexed_store import Change
 from ..model import CommandRecord, EndReason
+from ..validation import Limits
 from . import statements as sql
 
 T = TypeVar("T")
@@ -101,10 +102,21 @@ async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
 
 
 def write(
-    records: Sequence[CommandRecord], published: Collection[str], now: datetime, dialect: str
+    records: Sequence[CommandRecord],
+    published: Collection[str],
+    now: datetime,
+    dialect: str,
+    limits: Limits,
 ) -> Transaction[int]:
     """Inserts ``records`` in order, each typed one replacing the open command of its
     ``(device_id, command_type)`` slot (rule 3), and marks ``published`` commands published.
+
+    No device may end up over ``limits.max_pending_per_device`` open commands by it (rule
+    11): its open commands are counted before and after the inserts, and a write that adds
+    past the limit raises :class:`QueueFull`, which rolls the whole transaction back. On
+    PostgreSQL each device's enqueues take turns under an advisory lock first (see
+    :data:`~amqp_queue.state.sql.statements.LOCK_DEVICES`), so no concurrent write can add
+    between the count and the commit; SQLite's write lock already serialises them.
 
     Within the batch the last record of a slot wins: the earlier ones are written already
     ended, so they never hold the slot. Then per slot, in record order: end its open
@@ -121,6 +133,11 @@ def write(
         for index, record in enumerate(records)
         if record.command_type is not None
     }
+    devices = sorted({record.device_id for record in records})
+    if devices and dialect == "postgresql":
+        keys = [f"amqp_queue.device:{device}" for device in devices]
+        yield from fetch(sql.LOCK_DEVICES, {"device_keys": keys})
+    before = (yield from _open_per_device(devices, now)) if devices else {}
     superseded = 0
     plain: list[Row] = []
     for index, record in enumerate(records):
@@ -139,9 +156,18 @@ def write(
         plain.append(row)
     if plain:
         yield from many(sql.INSERT, plain)
+    if devices:
+        after = yield from _open_per_device(devices, now)
+        for device in devices:
+            rules.check_room(device, before.get(device, 0), after.get(device, 0), limits)
     if published:
         yield from count(sql.MARK_PUBLISHED, {"ids": list(published), "now": now})
     return superseded
+
+
+def _open_per_device(devices: list[str], now: datetime) -> Transaction[dict[str, int]]:
+    rows = yield from fetch(sql.OPEN_PER_DEVICE, {"devices": devices, "now": now})
+    return {str(row["device_id"]): int(row["open"]) for row in rows}
 
 
 def _replace(row: Row, now: datetime, dialect: str) -> Transaction[int]:
@@ -215,6 +241,30 @@ def expire(now: datetime) -> Transaction[int]:
 
 def prune(before: datetime) -> Transaction[int]:
     return (yield from count(sql.PRUNE, {"before": before}))
+
+
+def time_out(now: datetime) -> Transaction[int]:
+    """Ends ``TIMED_OUT`` the delivered commands whose outcome deadline passed."""
+    waiting = yield from fetch(sql.AWAITING_OUTCOME, {})
+    overdue = [
+        str(row["id"])
+        for row in waiting
+        if row["ended_at"] + timedelta(seconds=row["outcome_timeout"]) <= now
+    ]
+    if not overdue:
+        return 0
+    return (yield from count(sql.TIME_OUT, {"ids": overdue, "now": now}))
+
+
+def confirm_rollout(rollout_id: str, now: datetime) -> Transaction[list[CommandRecord]]:
+    rows = yield from fetch(sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now})
+    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+
+
+def cancel_open(now: datetime, device_id: str | None, rollout_id: str | None) -> Transaction[int]:
+    if device_id is not None:
+        return (yield from count(sql.CANCEL_DEVICE, {"device": device_id, "now": now}))
+    return (yield from count(sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now}))
 
 
 def hold_outbox(owner: str, dialect: str) -> Transaction[str]:
