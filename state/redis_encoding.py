@@ -7,6 +7,7 @@ scripts are in :mod:`amqp_queue.state.redis_scripts`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -25,6 +26,16 @@ Hash = Mapping[bytes | str, bytes | str]
 def encode_time(moment: datetime) -> str:
     """A datetime as integer microseconds since the epoch: exact, and sortable as a score."""
     return str((moment - _EPOCH) // _MICROSECOND)
+
+
+def milliseconds(span: timedelta) -> int:
+    """A key TTL: a duration in whole milliseconds, rounded up."""
+    return math.ceil(span / timedelta(milliseconds=1))
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply of the store's non-decoding client as text."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def encode_flag(value: bool) -> str:
@@ -66,6 +77,22 @@ def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
         if moment is not None:
             fields[name] = encode_time(moment)
     return fields
+
+
+def add_arguments(record: CommandRecord, key_ttl: timedelta) -> list[str | bytes]:
+    """A new record as the ADD script takes it (see :data:`~amqp_queue.state.redis_scripts.ADD`)."""
+    return [
+        record.id,
+        record.device_id,
+        record.command_type or "",
+        record.payload,
+        encode_flag(record.requires_confirmation),
+        encode_time(record.created_at),
+        encode_time(record.expires_at),
+        str(milliseconds(key_ttl)),
+        "" if record.outcome_timeout is None else repr(record.outcome_timeout),
+        record.rollout_id or "",
+    ]
 
 
 def changed_fields(

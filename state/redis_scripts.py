@@ -35,57 +35,10 @@ Times pass through the scripts as the strings the caller sent: Lua would print a
 
 from __future__ import annotations
 
-_PRELUDE = """
-local prefix, now, finished_ttl = ARGV[1], ARGV[2], ARGV[3]
-local expiry_key, outbox_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
-
-local function command_key(id)
-    return prefix .. 'cmd:' .. id
-end
-
-local function is_open(key)
-    local state = redis.call('HMGET', key, 'delivered', 'end_reason')
-    return state[1] == '0' and not state[2]
-end
-
-local function is_live(f)
-    return f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now)
-end
-
--- A finished command leaves every open index and stays queryable until pruned. A delivered
--- one with an outcome deadline waits in outcome_due instead: it is not final yet.
-local function finish(key, id, field, value)
-    local owner = redis.call('HMGET', key, 'device_id', 'command_type', 'outcome_timeout')
-    redis.call('HSET', key, field, value, 'ended_at', now)
-    redis.call('ZREM', prefix .. 'dev:' .. owner[1], id)
-    redis.call('ZREM', expiry_key, id)
-    redis.call('ZREM', outbox_key, id)
-    if owner[2] then
-        local slots = prefix .. 'types:' .. owner[1]
-        if redis.call('HGET', slots, owner[2]) == id then
-            redis.call('HDEL', slots, owner[2])
-        end
-    end
-    if field == 'delivered' and owner[3] then
-        local wait = math.ceil(tonumber(owner[3]) * 1000000)
-        redis.call('ZADD', prefix .. 'outcome_due', string.format('%.0f', tonumber(now) + wait), id)
-        redis.call('PEXPIRE', key, tonumber(finished_ttl) + math.ceil(wait / 1000))
-    else
-        redis.call('ZADD', finished_key, now, id)
-        redis.call('PEXPIRE', key, finished_ttl)
-    end
-end
-
--- An index key must outlive every command it lists, so its TTL only ever grows.
-local function extend_ttl(key, ttl)
-    if redis.call('PTTL', key) < tonumber(ttl) then
-        redis.call('PEXPIRE', key, ttl)
-    end
-end
-"""
+from .redis_lua import PRELUDE
 
 ADD = (
-    _PRELUDE
+    PRELUDE
     + """
 -- KEYS[4]: the sequence counter. ARGV[4]: the most open commands a device may hold.
 -- ARGV[5..]: groups of id, device, type ('' for none), payload, requires_confirmation,
@@ -187,7 +140,7 @@ return superseded
 )
 
 CLAIM = (
-    _PRELUDE
+    PRELUDE
     + """
 -- KEYS[4]: the device's open set. ARGV[4..]: the ids to consider; none: all of the device's.
 local candidates = ARGV
@@ -220,7 +173,7 @@ return claimed
 )
 
 MARK_DELIVERED = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4..]: command ids.
 local marked = 0
@@ -236,7 +189,7 @@ return marked
 )
 
 REJECT = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4..]: command ids the broker refused for good. Returns how many open ones ended.
 local rejected = 0
@@ -252,7 +205,7 @@ return rejected
 )
 
 EXPIRE = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: how many to look at in this call (the caller loops, so Redis is never blocked
 -- for long). Returns {ended, examined}.
@@ -273,7 +226,7 @@ return {ended, #ids}
 )
 
 PRUNE = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: prune what ended before this time (exclusive); ARGV[5]: batch size.
 -- Returns {deleted, examined}.
@@ -288,7 +241,7 @@ return {deleted, #ids}
 )
 
 OPEN_COMMANDS = (
-    _PRELUDE
+    PRELUDE
     + """
 -- KEYS[4]: the device's open set. Read-only: one consistent snapshot of the device's queue.
 local found = {}
@@ -304,7 +257,7 @@ return found
 )
 
 UNPUBLISHED = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: limit. Read-only. Walks the outbox in ready order, skipping expired commands,
 -- and returns at least `limit` (when there are so many) plus every tie of the last ready
@@ -336,7 +289,7 @@ end
 )
 
 MARK_PUBLISHED = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4..]: command ids. A pruned command is not brought back as a stub hash.
 for i = 4, #ARGV do
@@ -352,7 +305,7 @@ return 0
 
 
 RELEASE = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: '1' when the commands are to be published again; ARGV[5]: retention plus margin
 -- in ms (a reopened command's key lives that long past its expiry). ARGV[6..]: the ids.
@@ -407,105 +360,5 @@ for i = 6, #ARGV do
     end
 end
 return reopened
-"""
-)
-
-
-TIME_OUT = (
-    _PRELUDE
-    + """
--- ARGV[4]: batch size. Ends TIMED_OUT the delivered commands whose outcome deadline passed
--- and that have no outcome; they become final (pruned after the retention).
--- Returns {ended, examined}.
-local due_key = prefix .. 'outcome_due'
-local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, ARGV[4])
-local ended = 0
-for _, id in ipairs(ids) do
-    local key = command_key(id)
-    local f = redis.call('HMGET', key, 'delivered', 'outcome')
-    if f[1] == '1' and not f[2] then
-        redis.call('HSET', key, 'outcome', 'timed_out', 'outcome_at', now)
-        redis.call('ZADD', finished_key, now, id)
-        redis.call('PEXPIRE', key, finished_ttl)
-        ended = ended + 1
-    end
-    redis.call('ZREM', due_key, id)
-end
-return {ended, #ids}
-"""
-)
-
-CONFIRM_ROLLOUT = (
-    _PRELUDE
-    + """
--- KEYS[4]: the rollout's set. Confirms its live commands awaiting confirmation; returns
--- them (HGETALL replies).
-local confirmed = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    local key = command_key(id)
-    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at',
-                         'requires_confirmation', 'confirmed', 'published_at')
-    if is_live(f) and f[4] == '1' and f[5] == '0' then
-        redis.call('HSET', key, 'confirmed', '1', 'confirmed_at', now)
-        if not f[6] then
-            redis.call('ZADD', outbox_key, now, id)
-        end
-        confirmed[#confirmed + 1] = redis.call('HGETALL', key)
-    end
-end
-return confirmed
-"""
-)
-
-CANCEL_OPEN = (
-    _PRELUDE
-    + """
--- KEYS[4]: a device's open set or a rollout's set. Ends its live commands CANCELLED;
--- returns how many.
-local cancelled = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    local key = command_key(id)
-    if is_live(redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at')) then
-        finish(key, id, 'end_reason', 'cancelled')
-        cancelled = cancelled + 1
-    end
-end
-return cancelled
-"""
-)
-
-ROLLOUT_COUNTS = (
-    _PRELUDE
-    + """
--- KEYS[4]: the rollout's set. Read-only. Returns status, count, status, count, ... as
--- rules.status_of decides each status; pruned members are skipped.
-local counts = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    local f = redis.call('HMGET', command_key(id), 'delivered', 'end_reason', 'expires_at',
-                         'requires_confirmation', 'confirmed', 'outcome')
-    local status = nil
-    if f[1] == '1' then
-        status = f[6] or 'delivered'
-    elseif f[1] == '0' then
-        if f[2] then
-            status = f[2]
-        elseif tonumber(f[3]) <= tonumber(now) then
-            status = 'expired'
-        elseif f[4] == '1' and f[5] ~= '1' then
-            status = 'awaiting_confirmation'
-        else
-            status = 'pending'
-        end
-    end
-    if status then
-        counts[status] = (counts[status] or 0) + 1
-    end
-end
-local flat = {}
-for status, count in pairs(counts) do
-    flat[#flat + 1] = status
-    flat[#flat + 1] = count
-end
-return flat
 """
 )

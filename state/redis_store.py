@@ -22,7 +22,6 @@ restart of Redis; with persistence off they are lost with it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -34,14 +33,18 @@ from . import rules
 from .clock import Clock, utc_now
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
-from .model import CommandRecord, CommandStatus
+from .model import CommandRecord
 from .redis_encoding import (
+    add_arguments,
+    as_text,
     changed_fields,
     decode_record,
     decode_replies,
-    encode_flag,
     encode_time,
+    milliseconds,
 )
+from .redis_fleet import RedisFleetCalls
+from .redis_lua import SWEEP_BATCH
 from .validation import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:
@@ -57,11 +60,9 @@ DEFAULT_PREFIX = "amqp_queue:"
 KEY_TTL_MARGIN = timedelta(days=1)
 # A confirm or cancel that keeps losing its optimistic transaction means something is wrong.
 _MAX_WATCH_ATTEMPTS = 100
-# Sweeps run in slices so one script never blocks Redis for long.
-_SWEEP_BATCH = 500
 
 
-class RedisStore(IndexedStore):
+class RedisStore(RedisFleetCalls, IndexedStore):
     """The command store on Redis.
 
     Args:
@@ -91,7 +92,7 @@ class RedisStore(IndexedStore):
         self._owns_client = False
         self._prefix = prefix
         self._indexes = [f"{prefix}expiry", f"{prefix}outbox", f"{prefix}finished"]
-        self._finished_ttl = _milliseconds(retention + KEY_TTL_MARGIN)
+        self._finished_ttl = milliseconds(retention + KEY_TTL_MARGIN)
         register = client.register_script
         self._add = register(lua.ADD)
         self._claim_script = register(lua.CLAIM)
@@ -103,10 +104,7 @@ class RedisStore(IndexedStore):
         self._mark_published = register(lua.MARK_PUBLISHED)
         self._release_script = register(lua.RELEASE)
         self._reject = register(lua.REJECT)
-        self._time_out = register(lua.TIME_OUT)
-        self._confirm_rollout_script = register(lua.CONFIRM_ROLLOUT)
-        self._cancel_open_script = register(lua.CANCEL_OPEN)
-        self._rollout_counts_script = register(lua.ROLLOUT_COUNTS)
+        self._register_fleet_scripts(client)
 
     @classmethod
     async def connect(
@@ -177,25 +175,14 @@ class RedisStore(IndexedStore):
         args: list[str | bytes] = []
         for record in records:
             key_ttl = record.expires_at - now + self.retention + KEY_TTL_MARGIN
-            args += [
-                record.id,
-                record.device_id,
-                record.command_type or "",
-                record.payload,
-                encode_flag(record.requires_confirmation),
-                encode_time(record.created_at),
-                encode_time(record.expires_at),
-                str(_milliseconds(key_ttl)),
-                "" if record.outcome_timeout is None else repr(record.outcome_timeout),
-                record.rollout_id or "",
-            ]
+            args += add_arguments(record, key_ttl)
         limit = str(self.limits.max_pending_per_device)
         async with self._errors("add"):
             superseded = await self._add(
                 keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, [limit, *args])
             )
         if isinstance(superseded, list):
-            raise QueueFull(_text(superseded[1]), self.limits.max_pending_per_device)
+            raise QueueFull(as_text(superseded[1]), self.limits.max_pending_per_device)
         return int(superseded)
 
     async def get(self, command_id: str) -> CommandRecord | None:
@@ -283,7 +270,7 @@ class RedisStore(IndexedStore):
         return [record for _, record in decode_replies(claimed)]
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
-        keep = _milliseconds(self.retention + KEY_TTL_MARGIN)
+        keep = milliseconds(self.retention + KEY_TTL_MARGIN)
         args: list[str | bytes] = ["1" if unpublish else "0", str(keep), *command_ids]
         async with self._errors("release"):
             reopened = await self._release_script(
@@ -321,45 +308,11 @@ class RedisStore(IndexedStore):
         return int(marked)
 
     async def expire(self, now: datetime) -> int:
-        return await self._sweep(self._expire, now, [str(_SWEEP_BATCH)], "expire")
+        return await self._sweep(self._expire, now, [str(SWEEP_BATCH)], "expire")
 
     async def prune(self, before: datetime) -> int:
-        args = [encode_time(before), str(_SWEEP_BATCH)]
+        args = [encode_time(before), str(SWEEP_BATCH)]
         return await self._sweep(self._prune, self.clock(), args, "prune")
-
-    async def time_out(self, now: datetime) -> int:
-        return await self._sweep(self._time_out, now, [str(_SWEEP_BATCH)], "time out")
-
-    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
-        async with self._errors("confirm rollout"):
-            confirmed = await self._confirm_rollout_script(
-                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
-            )
-        return [record for _, record in decode_replies(confirmed)]
-
-    async def _cancel_open(
-        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
-    ) -> int:
-        members = (
-            self._device_key(device_id)
-            if device_id is not None
-            else self._rollout_key(str(rollout_id))
-        )
-        async with self._errors("cancel"):
-            cancelled = await self._cancel_open_script(
-                keys=[*self._indexes, members], args=self._args(now)
-            )
-        return int(cancelled)
-
-    async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
-        async with self._errors("rollout summary"):
-            flat = await self._rollout_counts_script(
-                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
-            )
-        return {
-            CommandStatus(_text(status)): int(count)
-            for status, count in zip(flat[::2], flat[1::2], strict=True)
-        }
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
         if limit <= 0:
@@ -400,7 +353,7 @@ class RedisStore(IndexedStore):
             while True:
                 done, examined = await script(keys=self._indexes, args=self._args(now, args))
                 total += int(done)
-                if int(examined) < _SWEEP_BATCH:
+                if int(examined) < SWEEP_BATCH:
                     return total
 
     def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]:
@@ -413,13 +366,6 @@ class RedisStore(IndexedStore):
     def _device_key(self, device_id: str) -> str:
         return f"{self._prefix}dev:{device_id}"
 
-    def _rollout_key(self, rollout_id: str) -> str:
-        return f"{self._prefix}rollout:{rollout_id}"
-
-    @property
-    def _outcome_due_key(self) -> str:
-        return f"{self._prefix}outcome_due"
-
     def _slots_key(self, device_id: str) -> str:
         return f"{self._prefix}types:{device_id}"
 
@@ -431,14 +377,6 @@ class RedisStore(IndexedStore):
             yield
         except (RedisError, OSError) as exc:
             raise StateError(f"redis {action} failed: {exc}") from exc
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _milliseconds(span: timedelta) -> int:
-    return math.ceil(span / timedelta(milliseconds=1))
 
 
 def _split_prefix(url: str) -> tuple[str, str | None]:
