@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable
 from typing import Protocol, TextIO
 
-from amqp_queue import RabbitMQConfig, RabbitMQStore
+from amqp_queue import OutcomeRejected, RabbitMQConfig, RabbitMQStore, ReceivedCommand
 from amqp_queue.state import Store
 from tests.faults.ledger import Delivery, Op, to_line
 
@@ -189,8 +189,21 @@ async def consume_forever(
                     finished = time.monotonic()
                     delivery = Delivery(device, key, command.id, asked, handed, finished)
                     recorder.delivered(delivery)
+                    # Recorded first: an outcome is never for a command the log lacks.
+                    await _report(command, rng)
         except Exception:  # a storm goes on: the device connects again
             await asyncio.sleep(0.2)
+
+
+async def _report(command: ReceivedCommand, rng: random.Random) -> None:
+    """The gateway reports how the command went (the judge checks it took the command)."""
+    try:
+        if rng.random() < 0.5:
+            await command.complete(b"done")
+        else:
+            await command.fail("the device said no")
+    except OutcomeRejected:
+        pass  # cancelled or replaced while the device was on it: an answer, not a fault
 
 
 async def drain_forever(store: RabbitMQStore, device: str, recorder: Recorder) -> None:
