@@ -239,6 +239,14 @@ OPEN_PER_DEVICE = (
 )
 """How many open, unexpired commands each of ``devices`` holds (no row for none)."""
 
+OPEN_PER_DEVICE_BOUND = (
+    sa.select(c.device_id, sa.func.count().label("open"))
+    .where(c.device_id.in_(_DEVICES), IS_OPEN)
+    .group_by(c.device_id)
+)
+""":data:`OPEN_PER_DEVICE` counting expired rows cleanup has not ended yet too: a bound,
+answered from the partial index ``ix_command_queue_device_open`` alone (``now`` unused)."""
+
 LOCK_DEVICES = sa.select(
     sa.func.pg_advisory_xact_lock(
         sa.func.hashtextextended(

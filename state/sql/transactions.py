@@ -17,6 +17,7 @@ factory, and what it calls back (a :data:`~amqp_queue.state.indexed_store.Change
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -112,11 +113,11 @@ def write(
     ``(device_id, command_type)`` slot (rule 3), and marks ``published`` commands published.
 
     No device may end up over ``limits.max_pending_per_device`` open commands by it (rule
-    11): its open commands are counted before and after the inserts, and a write that adds
-    past the limit raises :class:`QueueFull`, which rolls the whole transaction back. On
-    PostgreSQL each device's enqueues take turns under an advisory lock first (see
-    :data:`~amqp_queue.state.sql.statements.LOCK_DEVICES`), so no concurrent write can add
-    between the count and the commit; SQLite's write lock already serialises them.
+    11): after the inserts, a write that added past the limit raises :class:`QueueFull`,
+    which rolls the whole transaction back. On PostgreSQL each device's enqueues take turns
+    under an advisory lock first (see :data:`~amqp_queue.state.sql.statements.LOCK_DEVICES`),
+    so no concurrent write can add meanwhile; SQLite's write lock already serialises them.
+    See :func:`_check_room` for what the check costs.
 
     Within the batch the last record of a slot wins: the earlier ones are written already
     ended, so they never hold the slot. Then per slot, in record order: end its open
@@ -137,8 +138,10 @@ def write(
     if devices and dialect == "postgresql":
         keys = [f"amqp_queue.device:{device}" for device in devices]
         yield from fetch(sql.LOCK_DEVICES, {"device_keys": keys})
-    before = (yield from _open_per_device(devices, now)) if devices else {}
     superseded = 0
+    # Per device: open commands inserted, and open unexpired ones they replaced.
+    added: Counter[str] = Counter()
+    replaced: Counter[str] = Counter()
     plain: list[Row] = []
     for index, record in enumerate(records):
         row = sql.row_of(record)
@@ -147,26 +150,54 @@ def write(
             if plain:
                 yield from many(sql.INSERT, plain)
                 plain = []
-            superseded += yield from _replace(row, now, dialect)
+            ended = yield from _replace(row, now, dialect)
+            superseded += ended
+            added[record.device_id] += 1
+            replaced[record.device_id] += ended
             continue
         if record.command_type is not None:
             reason = rules.end_of_replaced(record, now)
             superseded += reason is EndReason.SUPERSEDED
             row["end_reason"], row["ended_at"] = reason.value, now
+        else:
+            added[record.device_id] += 1
         plain.append(row)
     if plain:
         yield from many(sql.INSERT, plain)
-    if devices:
-        after = yield from _open_per_device(devices, now)
-        for device in devices:
-            rules.check_room(device, before.get(device, 0), after.get(device, 0), limits)
+    yield from _check_room(added, replaced, now, limits)
     if published:
         yield from count(sql.MARK_PUBLISHED, {"ids": list(published), "now": now})
     return superseded
 
 
-def _open_per_device(devices: list[str], now: datetime) -> Transaction[dict[str, int]]:
-    rows = yield from fetch(sql.OPEN_PER_DEVICE, {"devices": devices, "now": now})
+def _check_room(
+    added: Counter[str], replaced: Counter[str], now: datetime, limits: Limits
+) -> Transaction[None]:
+    """Raises :class:`QueueFull` if a device holds more open commands than its limit now and
+    this write added to them (``added`` more than ``replaced``).
+
+    First a count of every open row per device, expired or not, which the partial index
+    ``ix_command_queue_device_open`` answers alone; only a device over the limit by that
+    bound is counted exactly (unexpired rows), and its count before this write is that
+    count less what the write added net.
+    """
+    growing = sorted(device for device in added if added[device] > replaced[device])
+    if not growing:
+        return
+    bound = yield from _per_device(sql.OPEN_PER_DEVICE_BOUND, growing, now)
+    crowded = [device for device in growing if bound.get(device, 0) > limits.max_pending_per_device]
+    if not crowded:
+        return
+    after = yield from _per_device(sql.OPEN_PER_DEVICE, crowded, now)
+    for device in crowded:
+        now_open = after.get(device, 0)
+        rules.check_room(device, now_open - added[device] + replaced[device], now_open, limits)
+
+
+def _per_device(
+    statement: sql.Statement, devices: list[str], now: datetime
+) -> Transaction[dict[str, int]]:
+    rows = yield from fetch(statement, {"devices": devices, "now": now})
     return {str(row["device_id"]): int(row["open"]) for row in rows}
 
 
