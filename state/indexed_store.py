@@ -174,7 +174,8 @@ class IndexedStore(CommandIntake, FleetCalls):
         message is back in the queue) or unpublished (``republish``: its message is gone, so
         the outbox publishes it again). One that expired meanwhile ends ``EXPIRED``; one whose
         ``(device_id, command_type)`` slot a newer command took meanwhile ends
-        ``SUPERSEDED`` (rule 3). Commands that are not delivered are left alone.
+        ``SUPERSEDED`` (rule 3). Commands that are not delivered, or have an outcome (proof the
+        device took them), are left alone.
 
         Returns:
             How many commands are open again.
@@ -187,7 +188,7 @@ class IndexedStore(CommandIntake, FleetCalls):
                 command_id,
                 lambda record: (
                     rules.released(record, now, slot_taken=True, unpublish=False)
-                    if record.delivered
+                    if record.delivered and record.outcome is None
                     else None
                 ),
             )
@@ -206,6 +207,8 @@ class IndexedStore(CommandIntake, FleetCalls):
         for command_id in command_ids:
             record = await self.get(command_id)
             if record is None or record.command_type is None or not record.delivered:
+                continue
+            if record.outcome is not None:
                 continue
             slot = (record.device_id, record.command_type)
             kept = newest.get(slot)

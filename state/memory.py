@@ -115,7 +115,7 @@ class MemoryStore(IndexedStore):
         reopened = 0
         for command_id in command_ids:
             record = self._records.get(command_id)
-            if record is None or not record.delivered:
+            if record is None or not record.delivered or record.outcome is not None:
                 continue
             slot = None if record.command_type is None else (record.device_id, record.command_type)
             taken = slot is not None and self._open_by_type.get(slot) not in (None, command_id)

@@ -317,8 +317,9 @@ for i = 6, #ARGV do
     local key = command_key(id)
     local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'device_id', 'command_type',
                          'expires_at', 'seq', 'requires_confirmation', 'confirmed',
-                         'confirmed_at', 'created_at', 'published_at')
-    if f[1] == '1' and not f[2] then
+                         'confirmed_at', 'created_at', 'published_at', 'outcome')
+    -- An outcome is proof the device took the command: such a one is never given back.
+    if f[1] == '1' and not f[2] and not f[12] then
         local device, kind, expires = f[3], f[4], f[5]
         local slots = prefix .. 'types:' .. device
         local taken = false

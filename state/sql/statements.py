@@ -182,7 +182,8 @@ CLAIM = _claim(among=False)
 CLAIM_AMONG = _claim(among=True)
 """:data:`CLAIM` of those among ``ids`` only."""
 
-_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true())
+# An outcome is proof the device took the command: such a one is never given back.
+_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true(), c.outcome.is_(None))
 _other = command_queue.alias("other")
 _SLOT_TAKEN = (
     sa.exists()
