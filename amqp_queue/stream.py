@@ -48,8 +48,10 @@ class CommandStream:
     ``RabbitMQConfig.recheck_after`` seconds, when that is set), so a command cancelled or
     superseded while the device worked on another is not handed out.
     If the body raises inside ``async with``, the command is requeued and comes again; the
-    id lets a device ignore a repeat. Use it as an async context manager so the channel is
-    released and an unfinished command is requeued promptly.
+    id lets a device ignore a repeat. Each command is a
+    :class:`~amqp_queue.received.ReceivedCommand`: ``await command.complete(result)`` or
+    ``await command.fail(reason)`` reports its outcome (rule 9). Use it as an async context
+    manager so the channel is released and an unfinished command is requeued promptly.
     """
 
     def __init__(

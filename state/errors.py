@@ -85,7 +85,7 @@ class OutcomeRejected(QueueError):
     The same report twice is not an error.
     """
 
-    def __init__(self, command_id: str, reason: str) -> None:
+    def __init__(self, command_id: str, reason: str = "not delivered") -> None:
         super().__init__(f"command {command_id!r}: outcome refused, {reason}")
         self.command_id = command_id
         self.reason = reason
@@ -95,9 +95,10 @@ class QueueFull(QueueError):
     """An enqueue would take a device over ``Limits.max_pending_per_device`` open commands
     (DESIGN.md rule 11); nothing was written."""
 
-    def __init__(self, device_id: str, limit: int) -> None:
+    def __init__(self, device_id: str, limit: int | None = None) -> None:
+        most = "its limit of" if limit is None else f"its limit of {limit}"
         super().__init__(
-            f"device {device_id!r} already holds its limit of {limit} open commands "
+            f"device {device_id!r} already holds {most} open commands "
             "(awaiting confirmation or pending)"
         )
         self.device_id = device_id
