@@ -173,10 +173,11 @@ async def consume_forever(
     rng: random.Random,
     *,
     work: float = 0.003,
+    reports: float = 0.0,
 ) -> None:
     """A device on ``consume()``: records each command at the end of its loop body, after
-    ``work`` (at most) seconds of handling it. Reconnects after a broker failure; runs until
-    cancelled."""
+    ``work`` (at most) seconds of handling it, then reports its outcome for a ``reports``
+    share of them. Reconnects after a broker failure; runs until cancelled."""
     while True:
         try:
             async with store.consume(device) as stream:
@@ -190,7 +191,8 @@ async def consume_forever(
                     delivery = Delivery(device, key, command.id, asked, handed, finished)
                     recorder.delivered(delivery)
                     # Recorded first: an outcome is never for a command the log lacks.
-                    await _report(command, rng)
+                    if rng.random() < reports:
+                        await _report(command, rng)
         except Exception:  # a storm goes on: the device connects again
             await asyncio.sleep(0.2)
 
