@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -248,16 +249,32 @@ OPEN_PER_DEVICE_BOUND = (
 """:data:`OPEN_PER_DEVICE` counting expired rows cleanup has not ended yet too: a bound,
 answered from the partial index ``ix_command_queue_device_open`` alone (``now`` unused)."""
 
+LOCK_BUCKETS = 256
+"""How many advisory locks stand for all devices: a device takes the lock of its bucket, so
+a fan-out to any number of devices takes at most this many (PostgreSQL's shared lock table
+holds ``max_locks_per_transaction`` times ``max_connections``, 6,400 by default)."""
+_LOCK_BASE = int.from_bytes(hashlib.sha256(b"amqp_queue.device").digest()[:4], "big") << 16
+
+
+def device_lock_keys(devices: Iterable[str]) -> list[int]:
+    """The advisory lock keys of these devices' buckets, sorted, each once: the same in
+    every process (a digest, not Python's salted ``hash``)."""
+    buckets = {
+        int.from_bytes(hashlib.sha256(device.encode()).digest()[:4], "big") % LOCK_BUCKETS
+        for device in devices
+    }
+    return sorted(_LOCK_BASE + bucket for bucket in buckets)
+
+
 LOCK_DEVICES = sa.select(
     sa.func.pg_advisory_xact_lock(
-        sa.func.hashtextextended(
-            sa.func.unnest(sa.bindparam("device_keys", type_=postgresql.ARRAY(sa.Text()))), 0
-        )
+        sa.func.unnest(sa.bindparam("lock_keys", type_=postgresql.ARRAY(sa.BigInteger())))
     )
 )
-"""PostgreSQL only: takes a transaction-level advisory lock per key of ``device_keys``, in
-the order given (callers sort them, so concurrent writers lock alike). Enqueues of a device
-take turns on it, so the count they check the limit against cannot change under them."""
+"""PostgreSQL only: takes the transaction-level advisory locks ``lock_keys``
+(:func:`device_lock_keys`), in the order given, so concurrent writers lock alike. Enqueues of
+a device take turns on its lock, so the count they check the limit against cannot change
+under them."""
 
 # -- outcomes (rule 9) ---------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ Row = dict[str, Any]
 
 # A replacement that keeps losing the race for its type's slot means something is wrong.
 MAX_REPLACE_ATTEMPTS = 200
+DEVICES_PER_STATEMENT = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +137,7 @@ def write(
     }
     devices = sorted({record.device_id for record in records})
     if devices and dialect == "postgresql":
-        keys = [f"amqp_queue.device:{device}" for device in devices]
-        yield from fetch(sql.LOCK_DEVICES, {"device_keys": keys})
+        yield from fetch(sql.LOCK_DEVICES, {"lock_keys": sql.device_lock_keys(devices)})
     superseded = 0
     # Per device: open commands inserted, and open unexpired ones they replaced.
     added: Counter[str] = Counter()
@@ -197,8 +197,14 @@ def _check_room(
 def _per_device(
     statement: sql.Statement, devices: list[str], now: datetime
 ) -> Transaction[dict[str, int]]:
-    rows = yield from fetch(statement, {"devices": devices, "now": now})
-    return {str(row["device_id"]): int(row["open"]) for row in rows}
+    counts: dict[str, int] = {}
+    # In slices: a fan-out to many devices would pass more bind parameters than a
+    # statement may hold (32,767 on PostgreSQL).
+    for start in range(0, len(devices), DEVICES_PER_STATEMENT):
+        some = devices[start : start + DEVICES_PER_STATEMENT]
+        rows = yield from fetch(statement, {"devices": some, "now": now})
+        counts.update((str(row["device_id"]), int(row["open"])) for row in rows)
+    return counts
 
 
 def _replace(row: Row, now: datetime, dialect: str) -> Transaction[int]:
