@@ -115,10 +115,10 @@ def write(
 
     No device may end up over ``limits.max_pending_per_device`` open commands by it (rule
     11): after the inserts, a write that added past the limit raises :class:`QueueFull`,
-    which rolls the whole transaction back. On PostgreSQL each device's enqueues take turns
-    under an advisory lock first (see :data:`~amqp_queue.state.sql.statements.LOCK_DEVICES`),
-    so no concurrent write can add meanwhile; SQLite's write lock already serialises them.
-    See :func:`_check_room` for what the check costs.
+    which rolls the whole transaction back. On PostgreSQL each device's enqueues then take
+    turns under an advisory lock (see :data:`~amqp_queue.state.sql.statements.LOCK_DEVICES`)
+    for the count and the commit, so no two can both count without the other; SQLite's write
+    lock already serialises them. See :func:`_check_room` for what the check costs.
 
     Within the batch the last record of a slot wins: the earlier ones are written already
     ended, so they never hold the slot. Then per slot, in record order: end its open
@@ -135,9 +135,6 @@ def write(
         for index, record in enumerate(records)
         if record.command_type is not None
     }
-    devices = sorted({record.device_id for record in records})
-    if devices and dialect == "postgresql":
-        yield from fetch(sql.LOCK_DEVICES, {"lock_keys": sql.device_lock_keys(devices)})
     superseded = 0
     # Per device: open commands inserted, and open unexpired ones they replaced.
     added: Counter[str] = Counter()
@@ -164,14 +161,14 @@ def write(
         plain.append(row)
     if plain:
         yield from many(sql.INSERT, plain)
-    yield from _check_room(added, replaced, now, limits)
+    yield from _check_room(added, replaced, now, limits, dialect)
     if published:
         yield from count(sql.MARK_PUBLISHED, {"ids": list(published), "now": now})
     return superseded
 
 
 def _check_room(
-    added: Counter[str], replaced: Counter[str], now: datetime, limits: Limits
+    added: Counter[str], replaced: Counter[str], now: datetime, limits: Limits, dialect: str
 ) -> Transaction[None]:
     """Raises :class:`QueueFull` if a device holds more open commands than its limit now and
     this write added to them (``added`` more than ``replaced``).
@@ -184,6 +181,11 @@ def _check_room(
     growing = sorted(device for device in added if added[device] > replaced[device])
     if not growing:
         return
+    if dialect == "postgresql":
+        # Taken here, after the inserts, so concurrent enqueues of a device wait for each
+        # other only for the count and the commit; the count after the lock is a statement
+        # of its own, so it sees what the writer before it committed (READ COMMITTED).
+        yield from fetch(sql.LOCK_DEVICES, {"lock_keys": sql.device_lock_keys(growing)})
     bound = yield from _per_device(sql.OPEN_PER_DEVICE_BOUND, growing, now)
     crowded = [device for device in growing if bound.get(device, 0) > limits.max_pending_per_device]
     if not crowded:
