@@ -8,22 +8,27 @@ one instead of each paying for their own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
+
+Refusals = Mapping[int, BaseException] | None
+"""What a flush may return: the exception of each item (by its index in the batch) that
+failed alone while the rest of the batch went through."""
 
 
 class Batcher(Generic[Item]):
     """Feeds submitted items to ``flush`` in batches; each caller learns its batch's outcome.
 
     While one flush runs, new submissions gather; the next flush takes them all (up to
-    ``max_batch``). A failed flush fails every caller of that batch with its exception.
+    ``max_batch``). A failed flush fails every caller of that batch with its exception; a
+    flush that returns :data:`Refusals` fails only those items' callers.
     """
 
     def __init__(
         self,
-        flush: Callable[[list[Item]], Awaitable[None]],
+        flush: Callable[[list[Item]], Awaitable[Refusals]],
         *,
         max_batch: int,
         on_detached_failure: Callable[[BaseException], None] | None = None,
@@ -64,7 +69,7 @@ class Batcher(Generic[Item]):
             batch = self._waiting[: self._max_batch]
             del self._waiting[: self._max_batch]
             try:
-                await self._flush([item for item, _ in batch])
+                refused = await self._flush([item for item, _ in batch]) or {}
             except Exception as exc:
                 for _, done in batch:
                     if done is not None and not done.done():
@@ -72,6 +77,10 @@ class Batcher(Generic[Item]):
                 if self._on_detached_failure is not None and any(d is None for _, d in batch):
                     self._on_detached_failure(exc)
             else:
-                for _, done in batch:
-                    if done is not None and not done.done():
+                for index, (_, done) in enumerate(batch):
+                    if done is None or done.done():
+                        continue
+                    if index in refused:
+                        done.set_exception(refused[index])
+                    else:
                         done.set_result(None)

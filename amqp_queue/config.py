@@ -53,7 +53,10 @@ class RabbitMQConfig:
             bound) and a drain claims per window (a drain reads without a bound and acks
             when it hands over); the state index is asked about a whole window in one query.
         limits: device id, command type, payload and TTL bounds (rule 7). The payload bound
-            must stay 4 KiB (for properties and headers) under ``max_message_size``.
+            must stay 4 KiB (for properties and headers) under ``max_message_size``. Its
+            ``max_pending_per_device`` (rule 11) is enforced by the state index with the
+            index's own limits: ``RabbitMQStore.connect`` opens the index with these; give
+            an index you build yourself the same.
         max_message_size: the largest message the broker accepts (its ``max_message_size``,
             128 MiB by default on RabbitMQ 3.10). If you raised the broker's, raise this to
             match before raising ``limits.max_payload_bytes``. A command the broker refuses

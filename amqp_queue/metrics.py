@@ -70,6 +70,12 @@ class PrometheusObserver(Observer):
             "commands_rejected",
             "Commands the broker refused for good (over its message size, say).",
         )
+        self._outcomes = Counter(
+            "amqp_queue_commands_outcomes",
+            "Outcomes of delivered commands, by outcome (succeeded, failed, timed_out).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._dropped = counter(
             "messages_dropped",
             "Stale messages (superseded, cancelled, expired, delivered) dropped at delivery.",
@@ -135,6 +141,13 @@ class PrometheusObserver(Observer):
     def rejected(self, record: CommandRecord) -> None:
         self._rejected.inc()
         self._pending.dec()
+
+    def outcome(self, record: CommandRecord) -> None:
+        if record.outcome is not None:
+            self._outcomes.labels(outcome=record.outcome.value).inc()
+
+    def timed_out(self, count: int) -> None:
+        self._outcomes.labels(outcome="timed_out").inc(count)
 
     def relay_failed(self) -> None:
         self._relay_failures.inc()

@@ -39,5 +39,11 @@ class Observer:
     def rejected(self, record: CommandRecord) -> None:
         """The broker refused a command for good; it ended ``REJECTED``."""
 
+    def outcome(self, record: CommandRecord) -> None:
+        """A gateway reported a delivered command's outcome (``record.outcome``)."""
+
+    def timed_out(self, count: int) -> None:
+        """``cleanup`` ended this many delivered commands ``TIMED_OUT`` (no outcome came)."""
+
     def relay_failed(self) -> None:
         """An outbox relay pass failed for an unexpected reason; the relay restarts."""

@@ -17,13 +17,13 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
-from amqp_queue.batching import Batcher
+from amqp_queue.batching import Batcher, Refusals
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
-from amqp_queue.state.errors import StateError
+from amqp_queue.state.errors import QueueFull, StateError
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.publish_path")
@@ -144,17 +144,43 @@ class PublishPath:
         # then, so the relay does not publish it again.
         self._writes.post_detached(record.id)
 
-    async def _write_batch(self, items: Sequence[CommandRecord | str]) -> None:
-        """One index round trip: new records, and ids of commands the broker confirmed."""
+    async def _write_batch(self, items: Sequence[CommandRecord | str]) -> Refusals:
+        """One index round trip: new records, and ids of commands the broker confirmed.
+
+        A batch a device's limit refuses (rule 11) is written again one record at a time,
+        so only the enqueues that would take their device over it fail (with the refusal).
+        """
         records = [item for item in items if isinstance(item, CommandRecord)]
         published = [item for item in items if isinstance(item, str)]
         try:
             superseded = await self._state.write(records, published)
+        except QueueFull:
+            if len(records) < 2:
+                raise
+            return await self._write_one_by_one(items, published)
         finally:
             # Marked, or the mark failed (the relay then publishes a copy after the lease).
             self.in_flight.difference_update(published)
         if records:
             self._observer.enqueued(records, superseded)
+        return None
+
+    async def _write_one_by_one(
+        self, items: Sequence[CommandRecord | str], published: list[str]
+    ) -> Refusals:
+        refused: dict[int, BaseException] = {}
+        if published:
+            await self._state.write((), published)
+        for index, item in enumerate(items):
+            if not isinstance(item, CommandRecord):
+                continue
+            try:
+                superseded = await self._state.write((item,), ())
+            except Exception as exc:  # each record's own fate, this one's only
+                refused[index] = exc
+            else:
+                self._observer.enqueued((item,), superseded)
+        return refused
 
 
 def _since(moment: datetime, now: datetime) -> float:

@@ -26,6 +26,7 @@ from amqp_queue.errors import (
     BROKER_FAILURES,
     BrokerError,
 )
+from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
@@ -37,14 +38,18 @@ from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.enqueue_calls import CommandIntake
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
-from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
+from amqp_queue.state.model import (
+    CommandRecord,
+    CommandStatus,
+    PendingCommand,
+)
 from amqp_queue.stream import CommandStream
 from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.store")
 
 
-class RabbitMQStore(Closing, BrokerStart, CommandIntake):
+class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     """The command store delivering over RabbitMQ, one durable queue per device.
 
     Args:
@@ -231,7 +236,7 @@ class RabbitMQStore(Closing, BrokerStart, CommandIntake):
             return channel, topology
 
         return self._running.stream(
-            CommandStream(open_channel, self.state, self.config, device, self.observer)
+            CommandStream(open_channel, self.state, self.config, device, self.observer, self)
         )
 
     async def confirm_command(self, command_id: str) -> None:
@@ -281,9 +286,13 @@ class RabbitMQStore(Closing, BrokerStart, CommandIntake):
         self.observer.cancelled(await self.state.cancel(command_id))
 
     async def cleanup(self) -> int:
-        expired = await self.state.cleanup()
-        self.observer.expired(expired)
-        return expired
+        """See :meth:`IndexedStore.cleanup`: returns how many commands expired; those it
+        ended ``TIMED_OUT`` are reported to the observer, not counted."""
+        sweep = await self.state.sweep()
+        self.observer.expired(sweep.expired)
+        if sweep.timed_out:
+            self.observer.timed_out(sweep.timed_out)
+        return sweep.expired
 
     async def get_status(self, command_id: str) -> CommandStatus:
         return await self.state.get_status(command_id)

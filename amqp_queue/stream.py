@@ -22,8 +22,9 @@ from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
+from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.settlement import report_delivered, settle, split_live
-from amqp_queue.state.model import CommandRecord, PendingCommand
+from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.stream")
@@ -47,8 +48,10 @@ class CommandStream(Closing):
     ``RabbitMQConfig.recheck_after`` seconds, when that is set), so a command cancelled or
     superseded while the device worked on another is not handed out.
     If the body raises inside ``async with``, the command is requeued and comes again; the
-    id lets a device ignore a repeat. Use it as an async context manager so the channel is
-    released and an unfinished command is requeued promptly.
+    id lets a device ignore a repeat. Each command is a
+    :class:`~amqp_queue.received.ReceivedCommand`: ``await command.complete(result)`` or
+    ``await command.fail(reason)`` reports its outcome (rule 9). Use it as an async context
+    manager so the channel is released and an unfinished command is requeued promptly.
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class CommandStream(Closing):
         config: RabbitMQConfig,
         device_id: str,
         observer: Observer,
+        reporter: OutcomeReporter,
     ) -> None:
         self._open_channel = open_channel
+        self._reporter = reporter
         self._observer = observer
         self._channel: AbstractChannel | None = None
         self._state = state
@@ -99,7 +104,7 @@ class CommandStream(Closing):
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> PendingCommand:
+    async def __anext__(self) -> ReceivedCommand:
         if self._closed:
             raise StopAsyncIteration
         await self._open()
@@ -136,7 +141,18 @@ class CommandStream(Closing):
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
             self._handed.popitem(last=False)
-        return self._current[1].to_pending()
+        record = self._current[1]
+        return ReceivedCommand(
+            id=record.id,
+            device_id=record.device_id,
+            command_type=record.command_type,
+            payload=record.payload,
+            requires_confirmation=record.requires_confirmation,
+            confirmed=record.confirmed,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            reporter=self._reporter,
+        )
 
     @property
     def closed(self) -> bool:

@@ -194,6 +194,20 @@ class Topology:
         """Makes the next :meth:`ensure_queue` declare the queue again."""
         self._declared.pop(device_id, None)
 
+    async def delete_queue(self, device_id: str) -> None:
+        """Deletes the device's queue, with the messages in it (a retired device).
+
+        Raises:
+            BrokerError: the broker failed or did not answer within ``publish_timeout``.
+        """
+        name = self._config.queue_name(self._config.validate_device(device_id))
+        self.forget(device_id)
+        self._devices.pop(device_id, None)
+        with broker_errors(f"deleting the queue of {device_id!r}"):
+            async with asyncio.timeout(self._config.publish_timeout):
+                await self._next_channel().queue_delete(name)
+        logger.info("deleted queue %s", name)
+
     async def declare_queue(
         self, channel: AbstractChannel, device_id: str, *, robust: bool = True
     ) -> AbstractQueue:

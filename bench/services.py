@@ -20,7 +20,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
 
-from amqp_queue import RabbitMQConfig, RabbitMQStore
+from amqp_queue import Limits, RabbitMQConfig, RabbitMQStore
 
 AMQP_URL = os.environ.get("AMQP_QUEUE_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get(
@@ -115,6 +115,11 @@ async def raw_namespace(devices: list[str]) -> AsyncIterator[RawNamespace]:
             await cleanup.exchange_delete(name)
 
 
+BENCH_LIMITS = Limits(max_pending_per_device=1_000_000)
+"""The drain benchmarks queue 10,000 commands on one device, over the default limit of
+open commands per device; the limit is still checked on every write."""
+
+
 @asynccontextmanager
 async def rabbitmq_store(
     *, state_url: str | None = None, **config: Any
@@ -125,7 +130,7 @@ async def rabbitmq_store(
         store = await RabbitMQStore.connect(
             AMQP_URL,
             state_url=state_url or sqlite_url(directory),
-            config=RabbitMQConfig(exchange=exchange, **config),
+            config=RabbitMQConfig(exchange=exchange, **{"limits": BENCH_LIMITS, **config}),
         )
         try:
             async with store:

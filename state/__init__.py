@@ -4,6 +4,7 @@
 """
 
 from .clock import Clock, utc_now
+from .enqueue_calls import OutcomeTimeout
 from .errors import (
     CommandExpired,
     CommandNotFound,
@@ -13,13 +14,25 @@ from .errors import (
     InvalidPayload,
     InvalidTTL,
     OutboxTaken,
+    OutcomeRejected,
     QueueError,
+    QueueFull,
+    RolloutNotFound,
     StateError,
 )
 from .factory import DEFAULT_STATE_URL, open_state
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .memory import MemoryStore
-from .model import CommandRecord, CommandStatus, EndReason, PendingCommand
+from .model import (
+    CommandRecord,
+    CommandStatus,
+    EndReason,
+    Outcome,
+    PendingCommand,
+    Rollout,
+    RolloutSummary,
+    Sweep,
+)
 from .protocol import Store
 from .redis_store import RedisStore
 from .sql import SqlStore
@@ -44,12 +57,20 @@ __all__ = [
     "Limits",
     "MemoryStore",
     "OutboxTaken",
+    "Outcome",
+    "OutcomeRejected",
+    "OutcomeTimeout",
     "PendingCommand",
     "QueueError",
+    "QueueFull",
     "RedisStore",
+    "Rollout",
+    "RolloutNotFound",
+    "RolloutSummary",
     "SqlStore",
     "StateError",
     "Store",
+    "Sweep",
     "Ttl",
     "open_state",
     "utc_now",

@@ -10,6 +10,9 @@
     │   └── InvalidTTL
     ├── CommandNotFound                         unknown, pruned or finished command id
     │   └── CommandExpired                      the command exists but its TTL ran out
+    ├── RolloutNotFound                         no command of this rollout is held
+    ├── OutcomeRejected                         not delivered, or another outcome is recorded
+    ├── QueueFull                               the device holds its maximum of open commands
     ├── StateError                              the state backend failed (SQL, Redis)
     ├── OutboxTaken                             the index publishes for another exchange
     ├── BrokerError          (amqp_queue.errors) RabbitMQ failed
@@ -65,6 +68,41 @@ class CommandExpired(CommandNotFound):
 
     def __init__(self, command_id: str) -> None:
         super().__init__(command_id, "expired")
+
+
+class RolloutNotFound(QueueError):
+    """No command of this rollout is held: never known, or every member was pruned."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(f"rollout {rollout_id!r}: not found")
+        self.rollout_id = rollout_id
+
+
+class OutcomeRejected(QueueError):
+    """An outcome report the command cannot take (DESIGN.md rule 9): it was never delivered
+    (awaiting, pending or ended without delivery), or it already has another outcome.
+
+    The same report twice is not an error.
+    """
+
+    def __init__(self, command_id: str, reason: str = "not delivered") -> None:
+        super().__init__(f"command {command_id!r}: outcome refused, {reason}")
+        self.command_id = command_id
+        self.reason = reason
+
+
+class QueueFull(QueueError):
+    """An enqueue would take a device over ``Limits.max_pending_per_device`` open commands
+    (DESIGN.md rule 11); nothing was written."""
+
+    def __init__(self, device_id: str, limit: int | None = None) -> None:
+        most = "its limit of" if limit is None else f"its limit of {limit}"
+        super().__init__(
+            f"device {device_id!r} already holds {most} open commands "
+            "(awaiting confirmation or pending)"
+        )
+        self.device_id = device_id
+        self.limit = limit
 
 
 class StateError(QueueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
@@ -19,21 +19,18 @@ from . import rules
 from .clock import Clock, utc_now
 from .enqueue_calls import CommandIntake
 from .errors import CommandNotFound, OutboxTaken
-from .model import CommandRecord, CommandStatus, PendingCommand
-from .validation import DEFAULT_LIMITS, Limits, is_command_id
+from .fleet import Change, FleetCalls, check_command_id
+from .model import CommandRecord, CommandStatus, PendingCommand, Sweep
+from .validation import DEFAULT_LIMITS, Limits
 
 logger = logging.getLogger("amqp_queue.state")
 
 DEFAULT_RETENTION = timedelta(days=7)
 
-Change = Callable[[CommandRecord], CommandRecord | None]
-"""Computes a command's new record from its current one (None: unchanged); may raise.
-
-It must be a pure function of the record: a backend may call it on another thread (SQLite's
-writer) or more than once (a PostgreSQL transaction run again after a deadlock)."""
+__all__ = ["DEFAULT_RETENTION", "Change", "IndexedStore"]
 
 
-class IndexedStore(CommandIntake):
+class IndexedStore(CommandIntake, FleetCalls):
     """A complete :class:`~state.protocol.Store` built on backend primitives.
 
     Args:
@@ -62,6 +59,9 @@ class IndexedStore(CommandIntake):
         await self.add([record])
         return record.id
 
+    async def _accept_many(self, records: Sequence[CommandRecord]) -> None:
+        await self.add(records)
+
     async def get_pending(self, device_id: str) -> list[PendingCommand]:
         device = self._validate_device(device_id)
         return [record.to_pending() for record in await self.open_commands(device)]
@@ -86,14 +86,30 @@ class IndexedStore(CommandIntake):
         await self.cancel(command_id)
 
     async def cleanup(self) -> int:
+        """Ends expired commands, times out overdue outcomes, prunes after the retention.
+
+        Returns:
+            How many commands it ended ``EXPIRED`` (as rule 6 says); the commands it ended
+            ``TIMED_OUT`` are not counted here: :meth:`sweep` reports both.
+        """
+        return (await self.sweep()).expired
+
+    async def sweep(self) -> Sweep:
+        """What :meth:`cleanup` does, with every count: expired, timed out, pruned."""
         now = self.clock()
         expired = await self.expire(now)
+        timed_out = await self.time_out(now)
         pruned = await self.prune(now - self.retention)
-        logger.info("cleanup: %d expired, %d finished commands pruned", expired, pruned)
-        return expired
+        logger.info(
+            "cleanup: %d expired, %d timed out, %d finished commands pruned",
+            expired,
+            timed_out,
+            pruned,
+        )
+        return Sweep(expired=expired, timed_out=timed_out, pruned=pruned)
 
     async def get_status(self, command_id: str) -> CommandStatus:
-        _check_command_id(command_id)
+        check_command_id(command_id)
         record = await self.get(command_id)
         if record is None:
             raise CommandNotFound(command_id)
@@ -154,7 +170,7 @@ class IndexedStore(CommandIntake):
     async def modify(self, command_id: str, change: Change) -> CommandRecord:
         """Applies ``change`` (pure: see :data:`Change`) to one command atomically; raises
         CommandNotFound if unknown."""
-        _check_command_id(command_id)
+        check_command_id(command_id)
         record = await self._modify(command_id, change)
         if record is None:
             raise CommandNotFound(command_id)
@@ -179,7 +195,8 @@ class IndexedStore(CommandIntake):
         message is back in the queue) or unpublished (``republish``: its message is gone, so
         the outbox publishes it again). One that expired meanwhile ends ``EXPIRED``; one whose
         ``(device_id, command_type)`` slot a newer command took meanwhile ends
-        ``SUPERSEDED`` (rule 3). Commands that are not delivered are left alone.
+        ``SUPERSEDED`` (rule 3). Commands that are not delivered, or have an outcome (proof the
+        device took them), are left alone.
 
         Returns:
             How many commands are open again.
@@ -192,7 +209,7 @@ class IndexedStore(CommandIntake):
                 command_id,
                 lambda record: (
                     rules.released(record, now, slot_taken=True, unpublish=False)
-                    if record.delivered
+                    if record.delivered and record.outcome is None
                     else None
                 ),
             )
@@ -211,6 +228,8 @@ class IndexedStore(CommandIntake):
         for command_id in command_ids:
             record = await self.get(command_id)
             if record is None or record.command_type is None or not record.delivered:
+                continue
+            if record.outcome is not None:
                 continue
             slot = (record.device_id, record.command_type)
             kept = newest.get(slot)
@@ -311,7 +330,13 @@ class IndexedStore(CommandIntake):
 
     @abc.abstractmethod
     async def prune(self, before: datetime) -> int:
-        """Deletes finished commands that ended before ``before``; returns how many."""
+        """Deletes final commands whose retention started before ``before``
+        (:attr:`CommandRecord.pruned_after`); returns how many."""
+
+    @abc.abstractmethod
+    async def time_out(self, now: datetime) -> int:
+        """Ends ``TIMED_OUT`` every delivered command whose outcome is overdue
+        (:func:`amqp_queue.state.rules.outcome_overdue`); returns how many."""
 
     @abc.abstractmethod
     async def unpublished(self, limit: int) -> list[CommandRecord]:
@@ -328,10 +353,3 @@ class IndexedStore(CommandIntake):
         Returns:
             How many open commands it ended; finished and unknown ids are left alone.
         """
-
-
-def _check_command_id(command_id: object) -> None:
-    """Ids are UUIDs; anything else cannot name a command (and must not reach a UUID column)."""
-    if not is_command_id(command_id):
-        shown = command_id if isinstance(command_id, str) else f"<{type(command_id).__name__}>"
-        raise CommandNotFound(shown, "not a command id")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -9,7 +10,7 @@ from datetime import datetime, timedelta
 from . import rules
 from .clock import Clock, utc_now
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
-from .model import CommandRecord, EndReason
+from .model import CommandRecord, CommandStatus, EndReason
 from .validation import DEFAULT_LIMITS, Limits
 
 
@@ -36,6 +37,12 @@ class MemoryStore(IndexedStore):
 
     async def add(self, records: Sequence[CommandRecord]) -> int:
         now = self.clock()
+        by_device: dict[str, list[CommandRecord]] = {}
+        for record in records:
+            by_device.setdefault(record.device_id, []).append(record)
+        for device, added in by_device.items():
+            before, after = rules.open_after_add(self._device_records(device), added, now)
+            rules.check_room(device, before, after, self.limits)
         superseded = 0
         for record in records:
             if record.command_type is not None:
@@ -108,7 +115,7 @@ class MemoryStore(IndexedStore):
         reopened = 0
         for command_id in command_ids:
             record = self._records.get(command_id)
-            if record is None or not record.delivered:
+            if record is None or not record.delivered or record.outcome is not None:
                 continue
             slot = None if record.command_type is None else (record.device_id, record.command_type)
             taken = slot is not None and self._open_by_type.get(slot) not in (None, command_id)
@@ -139,7 +146,7 @@ class MemoryStore(IndexedStore):
         doomed = [
             record
             for record in self._records.values()
-            if record.ended_at is not None and record.ended_at < before
+            if (start := record.pruned_after) is not None and start < before
         ]
         for record in doomed:
             del self._records[record.id]
@@ -174,6 +181,43 @@ class MemoryStore(IndexedStore):
                 self._store(replace(record, end_reason=EndReason.REJECTED, ended_at=now))
                 rejected += 1
         return rejected
+
+    async def time_out(self, now: datetime) -> int:
+        overdue = [
+            record for record in self._records.values() if rules.outcome_overdue(record, now)
+        ]
+        for record in overdue:
+            self._store(replace(record, outcome=CommandStatus.TIMED_OUT, outcome_at=now))
+        return len(overdue)
+
+    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
+        confirmed = []
+        for record in self._rollout(rollout_id):
+            if record.is_open and record.expires_at > now and not record.is_ready:
+                updated = replace(record, confirmed=True, confirmed_at=now)
+                self._store(updated)
+                confirmed.append(updated)
+        return confirmed
+
+    async def _cancel_open(
+        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+    ) -> int:
+        members = (
+            self._device_records(device_id) if device_id is not None else self._rollout(rollout_id)
+        )
+        cancelled = 0
+        for record in members:
+            if record.is_open and record.expires_at > now:
+                self._store(replace(record, end_reason=EndReason.CANCELLED, ended_at=now))
+                cancelled += 1
+        return cancelled
+
+    async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
+        return dict(Counter(rules.status_of(record, now) for record in self._rollout(rollout_id)))
+
+    def _rollout(self, rollout_id: str | None) -> list[CommandRecord]:
+        # A scan: the memory store is for tests and development, not for fleets.
+        return [record for record in self._records.values() if record.rollout_id == rollout_id]
 
     def _device_records(self, device_id: str) -> list[CommandRecord]:
         return [self._records[command_id] for command_id in self._by_device.get(device_id, [])]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 
 
 class CommandStatus(enum.StrEnum):
@@ -18,6 +20,16 @@ class CommandStatus(enum.StrEnum):
     SUPERSEDED = "superseded"
     REJECTED = "rejected"
     """The broker refused it for good (e.g. over its maximum message size)."""
+    SUCCEEDED = "succeeded"
+    """Delivered, and its gateway reported success (``complete_command``)."""
+    FAILED = "failed"
+    """Delivered, and its gateway reported failure (``fail_command``)."""
+    TIMED_OUT = "timed_out"
+    """Delivered, and no outcome came within its ``outcome_timeout`` (set by ``cleanup``)."""
+
+
+OUTCOMES = frozenset({CommandStatus.SUCCEEDED, CommandStatus.FAILED, CommandStatus.TIMED_OUT})
+"""The final statuses a delivered command can reach (DESIGN.md rule 9)."""
 
 
 class EndReason(enum.StrEnum):
@@ -47,11 +59,66 @@ class PendingCommand:
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a delivered command went, as its gateway reported it (or ``cleanup`` decided).
+
+    ``result`` is set only for ``SUCCEEDED`` (and may be None there too), ``reason`` only
+    for ``FAILED``; ``reported_at`` is when the store recorded it (timezone-aware UTC).
+    """
+
+    status: CommandStatus
+    result: bytes | None
+    reason: str | None
+    reported_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """What ``enqueue_many`` wrote: one command per device, ``command_ids`` in the order of
+    the device ids given."""
+
+    rollout_id: str
+    command_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutSummary:
+    """A rollout's commands counted by status; ``counts`` has every status, zeros included."""
+
+    rollout_id: str
+    counts: Mapping[CommandStatus, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @classmethod
+    def of(cls, rollout_id: str, counts: Mapping[CommandStatus, int]) -> RolloutSummary:
+        every = {status: counts.get(status, 0) for status in CommandStatus}
+        return cls(rollout_id, MappingProxyType(every))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sweep:
+    """What one ``cleanup`` did."""
+
+    expired: int
+    timed_out: int
+    pruned: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommandRecord:
     """Everything a backend keeps about one command, live or finished.
 
     ``delivered`` and ``end_reason`` are exclusive: a command is live while neither is set.
-    ``published_at`` is only used by the RabbitMQ delivery layer (the outbox).
+    ``ended_at`` is when it was delivered or ended. ``published_at`` is only used by the
+    RabbitMQ delivery layer (the outbox).
+
+    After delivery: ``outcome`` (``SUCCEEDED``, ``FAILED`` or ``TIMED_OUT``) with
+    ``outcome_result`` / ``outcome_reason`` and ``outcome_at``; ``outcome_timeout`` (seconds
+    after delivery) is the deadline the enqueue set, if any. ``rollout_id`` names the
+    ``enqueue_many`` call that wrote it.
     """
 
     id: str
@@ -67,6 +134,29 @@ class CommandRecord:
     end_reason: EndReason | None = None
     ended_at: datetime | None = None
     published_at: datetime | None = None
+    outcome: CommandStatus | None = None
+    outcome_result: bytes | None = None
+    outcome_reason: str | None = None
+    outcome_at: datetime | None = None
+    outcome_timeout: float | None = None
+    rollout_id: str | None = None
+
+    @property
+    def awaits_outcome(self) -> bool:
+        """Delivered with an outcome deadline and no outcome yet: not to be pruned."""
+        return self.delivered and self.outcome is None and self.outcome_timeout is not None
+
+    @property
+    def pruned_after(self) -> datetime | None:
+        """When the retention starts for this command (None: never, it is not final yet)."""
+        if self.awaits_outcome:
+            return None
+        return self.outcome_at or self.ended_at
+
+    def to_outcome(self) -> Outcome | None:
+        if self.outcome is None or self.outcome_at is None:
+            return None
+        return Outcome(self.outcome, self.outcome_result, self.outcome_reason, self.outcome_at)
 
     @property
     def is_open(self) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from .model import CommandStatus, PendingCommand
+from .enqueue_calls import OutcomeTimeout
+from .model import CommandStatus, Outcome, PendingCommand, Rollout, RolloutSummary
 from .validation import Ttl
 
 
@@ -14,23 +16,52 @@ class Store(Protocol):
     """An offline command queue for devices.
 
     Every enqueue returns the new command's id (a UUID string). ``ttl`` is seconds or a
-    ``timedelta``.
+    ``timedelta``; ``outcome_timeout`` (keyword-only, optional) is the outcome deadline
+    after delivery (rule 9). An enqueue that would take a device over
+    ``Limits.max_pending_per_device`` open commands raises ``QueueFull`` (rule 11).
     """
 
-    async def enqueue(self, device_id: str, payload: bytes, ttl: Ttl) -> str:
+    async def enqueue(
+        self, device_id: str, payload: bytes, ttl: Ttl, *, outcome_timeout: OutcomeTimeout = None
+    ) -> str:
         """Queues a command that is ready at once."""
         ...
 
     async def enqueue_or_update(
-        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
+        self,
+        device_id: str,
+        command_type: str,
+        payload: bytes,
+        ttl: Ttl,
+        *,
+        outcome_timeout: OutcomeTimeout = None,
     ) -> str:
         """Queues a command that replaces the undelivered one of the same type (latest wins)."""
         ...
 
     async def enqueue_with_confirmation(
-        self, device_id: str, command_type: str, payload: bytes, ttl: Ttl
+        self,
+        device_id: str,
+        command_type: str,
+        payload: bytes,
+        ttl: Ttl,
+        *,
+        outcome_timeout: OutcomeTimeout = None,
     ) -> str:
         """Queues a command that is delivered only after ``confirm_command``; replaces by type."""
+        ...
+
+    async def enqueue_many(
+        self,
+        device_ids: Iterable[str],
+        payload: bytes,
+        ttl: Ttl,
+        *,
+        command_type: str | None = None,
+        requires_confirmation: bool = False,
+        outcome_timeout: OutcomeTimeout = None,
+    ) -> Rollout:
+        """One command per device in one atomic write (rule 10); returns the rollout."""
         ...
 
     async def get_pending(self, device_id: str) -> list[PendingCommand]:
@@ -59,6 +90,34 @@ class Store(Protocol):
 
     async def get_status(self, command_id: str) -> CommandStatus:
         """The command's status."""
+        ...
+
+    async def complete_command(self, command_id: str, result: bytes | None = None) -> None:
+        """Records that a delivered command succeeded (rule 9)."""
+        ...
+
+    async def fail_command(self, command_id: str, reason: str) -> None:
+        """Records that a delivered command failed (rule 9)."""
+        ...
+
+    async def get_outcome(self, command_id: str) -> Outcome | None:
+        """The command's outcome, None while it has none."""
+        ...
+
+    async def confirm_rollout(self, rollout_id: str) -> int:
+        """Confirms the rollout's commands awaiting confirmation; returns how many."""
+        ...
+
+    async def cancel_rollout(self, rollout_id: str) -> int:
+        """Cancels the rollout's open commands; returns how many."""
+        ...
+
+    async def rollout_summary(self, rollout_id: str) -> RolloutSummary:
+        """The rollout's commands counted by status."""
+        ...
+
+    async def retire_device(self, device_id: str) -> int:
+        """Cancels the device's open commands (and drops its queue); returns how many."""
         ...
 
     async def close(self) -> None:

@@ -7,12 +7,13 @@ scripts are in :mod:`amqp_queue.state.redis_scripts`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from .errors import StateError
-from .model import CommandRecord, EndReason
+from .model import CommandRecord, CommandStatus, EndReason
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -25,6 +26,16 @@ Hash = Mapping[bytes | str, bytes | str]
 def encode_time(moment: datetime) -> str:
     """A datetime as integer microseconds since the epoch: exact, and sortable as a score."""
     return str((moment - _EPOCH) // _MICROSECOND)
+
+
+def milliseconds(span: timedelta) -> int:
+    """A key TTL: a duration in whole milliseconds, rounded up."""
+    return math.ceil(span / timedelta(milliseconds=1))
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply of the store's non-decoding client as text."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def encode_flag(value: bool) -> str:
@@ -47,14 +58,41 @@ def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
         fields["command_type"] = record.command_type
     if record.end_reason is not None:
         fields["end_reason"] = record.end_reason.value
+    if record.outcome is not None:
+        fields["outcome"] = record.outcome.value
+    if record.outcome_result is not None:
+        fields["outcome_result"] = record.outcome_result
+    if record.outcome_reason is not None:
+        fields["outcome_reason"] = record.outcome_reason
+    if record.outcome_timeout is not None:
+        fields["outcome_timeout"] = repr(record.outcome_timeout)
+    if record.rollout_id is not None:
+        fields["rollout_id"] = record.rollout_id
     for name, moment in (
         ("confirmed_at", record.confirmed_at),
         ("ended_at", record.ended_at),
         ("published_at", record.published_at),
+        ("outcome_at", record.outcome_at),
     ):
         if moment is not None:
             fields[name] = encode_time(moment)
     return fields
+
+
+def add_arguments(record: CommandRecord, key_ttl: timedelta) -> list[str | bytes]:
+    """A new record as the ADD script takes it (see :data:`~amqp_queue.state.redis_scripts.ADD`)."""
+    return [
+        record.id,
+        record.device_id,
+        record.command_type or "",
+        record.payload,
+        encode_flag(record.requires_confirmation),
+        encode_time(record.created_at),
+        encode_time(record.expires_at),
+        str(milliseconds(key_ttl)),
+        "" if record.outcome_timeout is None else repr(record.outcome_timeout),
+        record.rollout_id or "",
+    ]
 
 
 def changed_fields(
@@ -94,6 +132,8 @@ def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
         return value
 
     reason = text("end_reason")
+    outcome = text("outcome")
+    timeout = text("outcome_timeout")
     record = CommandRecord(
         id=required(text("id"), "id"),
         device_id=required(text("device_id"), "device_id"),
@@ -108,6 +148,12 @@ def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
         end_reason=None if reason is None else EndReason(reason),
         ended_at=time("ended_at"),
         published_at=time("published_at"),
+        outcome=None if outcome is None else CommandStatus(outcome),
+        outcome_result=raw("outcome_result"),
+        outcome_reason=text("outcome_reason"),
+        outcome_at=time("outcome_at"),
+        outcome_timeout=None if timeout is None else float(timeout),
+        rollout_id=text("rollout_id"),
     )
     return int(required(raw("seq"), "seq")), record
 

@@ -16,6 +16,10 @@ Layout of a store's keys (``P`` is the store's prefix):
 - ``P outbox`` sorted set: open, ready, unpublished commands by ready time.
 - ``P finished`` sorted set: finished commands by ``ended_at`` (what ``prune`` deletes).
 - ``P seq`` counter: the write order.
+- ``P rollout:<id>`` sorted set: the commands of an ``enqueue_many`` call, scored by ``seq``
+  (pruned ones are skipped where it is read).
+- ``P outcome_due`` sorted set: delivered commands with an outcome deadline and no outcome
+  yet, by deadline; they join ``P finished`` only once they have an outcome.
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a
@@ -31,59 +35,74 @@ Times pass through the scripts as the strings the caller sent: Lua would print a
 
 from __future__ import annotations
 
-_PRELUDE = """
-local prefix, now, finished_ttl = ARGV[1], ARGV[2], ARGV[3]
-local expiry_key, outbox_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
-
-local function command_key(id)
-    return prefix .. 'cmd:' .. id
-end
-
-local function is_open(key)
-    local state = redis.call('HMGET', key, 'delivered', 'end_reason')
-    return state[1] == '0' and not state[2]
-end
-
--- A finished command leaves every open index and stays queryable until pruned.
-local function finish(key, id, field, value)
-    local owner = redis.call('HMGET', key, 'device_id', 'command_type')
-    redis.call('HSET', key, field, value, 'ended_at', now)
-    redis.call('ZREM', prefix .. 'dev:' .. owner[1], id)
-    redis.call('ZREM', expiry_key, id)
-    redis.call('ZREM', outbox_key, id)
-    if owner[2] then
-        local slots = prefix .. 'types:' .. owner[1]
-        if redis.call('HGET', slots, owner[2]) == id then
-            redis.call('HDEL', slots, owner[2])
-        end
-    end
-    redis.call('ZADD', finished_key, now, id)
-    redis.call('PEXPIRE', key, finished_ttl)
-end
-
--- An index key must outlive every command it lists, so its TTL only ever grows.
-local function extend_ttl(key, ttl)
-    if redis.call('PTTL', key) < tonumber(ttl) then
-        redis.call('PEXPIRE', key, ttl)
-    end
-end
-"""
+from .redis_lua import PRELUDE
 
 ADD = (
-    _PRELUDE
+    PRELUDE
     + """
--- KEYS[4]: the sequence counter. ARGV[4..]: groups of id, device, type ('' for none),
--- payload, requires_confirmation, created_at, expires_at, key TTL (ms).
--- Returns how many open commands were superseded.
+-- KEYS[4]: the sequence counter. ARGV[4]: the most open commands a device may hold.
+-- ARGV[5..]: groups of id, device, type ('' for none), payload, requires_confirmation,
+-- created_at, expires_at, key TTL (ms), outcome timeout in seconds ('' for none), rollout
+-- id ('' for none).
+-- Returns how many open commands were superseded, or {'full', device} having written
+-- nothing when a device would go over its limit (a replacement adds nothing).
+local limit = tonumber(ARGV[4])
+local added, slot_seen = {}, {}
+for i = 5, #ARGV, 10 do
+    local device, kind = ARGV[i + 1], ARGV[i + 2]
+    local adds = 1
+    if kind ~= '' then
+        local slot = device .. '|' .. kind
+        if slot_seen[slot] then
+            adds = 0
+        else
+            slot_seen[slot] = true
+            local holder = redis.call('HGET', prefix .. 'types:' .. device, kind)
+            if holder and is_live(redis.call('HMGET', command_key(holder), 'delivered',
+                                             'end_reason', 'expires_at')) then
+                adds = 0
+            end
+        end
+    end
+    added[device] = (added[device] or 0) + adds
+end
+for device, adds in pairs(added) do
+    local device_key = prefix .. 'dev:' .. device
+    if adds > 0 and redis.call('ZCARD', device_key) + adds > limit then
+        -- The set may still list expired commands cleanup has not swept: count the live.
+        local open = 0
+        for _, id in ipairs(redis.call('ZRANGE', device_key, 0, -1)) do
+            if is_live(redis.call('HMGET', command_key(id), 'delivered', 'end_reason',
+                                  'expires_at')) then
+                open = open + 1
+            end
+        end
+        if open + adds > limit then
+            return {'full', device}
+        end
+    end
+end
 local superseded = 0
-for i = 4, #ARGV, 8 do
-    local id, device, kind, payload, needs_ok, created, expires, ttl = unpack(ARGV, i, i + 7)
+for i = 5, #ARGV, 10 do
+    local id, device, kind, payload, needs_ok, created, expires, ttl, wait, rollout =
+        unpack(ARGV, i, i + 9)
     local seq = redis.call('INCR', KEYS[4])
     local fields = {
         'id', id, 'device_id', device, 'payload', payload,
         'requires_confirmation', needs_ok, 'confirmed', '0', 'delivered', '0',
         'created_at', created, 'expires_at', expires, 'seq', seq,
     }
+    if wait ~= '' then
+        fields[#fields + 1] = 'outcome_timeout'
+        fields[#fields + 1] = wait
+    end
+    if rollout ~= '' then
+        fields[#fields + 1] = 'rollout_id'
+        fields[#fields + 1] = rollout
+        local members = prefix .. 'rollout:' .. rollout
+        redis.call('ZADD', members, seq, id)
+        extend_ttl(members, ttl)
+    end
     if kind ~= '' then
         local slots = prefix .. 'types:' .. device
         local previous = redis.call('HGET', slots, kind)
@@ -121,7 +140,7 @@ return superseded
 )
 
 CLAIM = (
-    _PRELUDE
+    PRELUDE
     + """
 -- KEYS[4]: the device's open set. ARGV[4..]: the ids to consider; none: all of the device's.
 local candidates = ARGV
@@ -154,7 +173,7 @@ return claimed
 )
 
 MARK_DELIVERED = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4..]: command ids.
 local marked = 0
@@ -170,7 +189,7 @@ return marked
 )
 
 REJECT = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4..]: command ids the broker refused for good. Returns how many open ones ended.
 local rejected = 0
@@ -186,7 +205,7 @@ return rejected
 )
 
 EXPIRE = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: how many to look at in this call (the caller loops, so Redis is never blocked
 -- for long). Returns {ended, examined}.
@@ -207,7 +226,7 @@ return {ended, #ids}
 )
 
 PRUNE = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: prune what ended before this time (exclusive); ARGV[5]: batch size.
 -- Returns {deleted, examined}.
@@ -222,7 +241,7 @@ return {deleted, #ids}
 )
 
 OPEN_COMMANDS = (
-    _PRELUDE
+    PRELUDE
     + """
 -- KEYS[4]: the device's open set. Read-only: one consistent snapshot of the device's queue.
 local found = {}
@@ -238,7 +257,7 @@ return found
 )
 
 UNPUBLISHED = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: limit. Read-only. Walks the outbox in ready order, skipping expired commands,
 -- and returns at least `limit` (when there are so many) plus every tie of the last ready
@@ -270,7 +289,7 @@ end
 )
 
 MARK_PUBLISHED = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4..]: command ids. A pruned command is not brought back as a stub hash.
 for i = 4, #ARGV do
@@ -286,7 +305,7 @@ return 0
 
 
 RELEASE = (
-    _PRELUDE
+    PRELUDE
     + """
 -- ARGV[4]: '1' when the commands are to be published again; ARGV[5]: retention plus margin
 -- in ms (a reopened command's key lives that long past its expiry). ARGV[6..]: the ids.
@@ -298,8 +317,9 @@ for i = 6, #ARGV do
     local key = command_key(id)
     local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'device_id', 'command_type',
                          'expires_at', 'seq', 'requires_confirmation', 'confirmed',
-                         'confirmed_at', 'created_at', 'published_at')
-    if f[1] == '1' and not f[2] then
+                         'confirmed_at', 'created_at', 'published_at', 'outcome')
+    -- An outcome is proof the device took the command: such a one is never given back.
+    if f[1] == '1' and not f[2] and not f[12] then
         local device, kind, expires = f[3], f[4], f[5]
         local slots = prefix .. 'types:' .. device
         local taken = false
@@ -324,6 +344,7 @@ for i = 6, #ARGV do
             redis.call('ZADD', device_key, f[6], id)
             redis.call('ZADD', expiry_key, expires, id)
             redis.call('ZREM', finished_key, id)
+            redis.call('ZREM', prefix .. 'outcome_due', id)
             if kind then
                 redis.call('HSET', slots, kind, id)
             end

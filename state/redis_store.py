@@ -22,7 +22,6 @@ restart of Redis; with persistence off they are lost with it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -32,16 +31,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from . import redis_scripts as lua
 from . import rules
 from .clock import Clock, utc_now
-from .errors import StateError
+from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from .model import CommandRecord
 from .redis_encoding import (
+    add_arguments,
+    as_text,
     changed_fields,
     decode_record,
     decode_replies,
-    encode_flag,
     encode_time,
+    milliseconds,
 )
+from .redis_fleet import RedisFleetCalls
+from .redis_lua import SWEEP_BATCH
 from .validation import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:
@@ -57,11 +60,9 @@ DEFAULT_PREFIX = "amqp_queue:"
 KEY_TTL_MARGIN = timedelta(days=1)
 # A confirm or cancel that keeps losing its optimistic transaction means something is wrong.
 _MAX_WATCH_ATTEMPTS = 100
-# Sweeps run in slices so one script never blocks Redis for long.
-_SWEEP_BATCH = 500
 
 
-class RedisStore(IndexedStore):
+class RedisStore(RedisFleetCalls, IndexedStore):
     """The command store on Redis.
 
     Args:
@@ -91,7 +92,7 @@ class RedisStore(IndexedStore):
         self._owns_client = False
         self._prefix = prefix
         self._indexes = [f"{prefix}expiry", f"{prefix}outbox", f"{prefix}finished"]
-        self._finished_ttl = _milliseconds(retention + KEY_TTL_MARGIN)
+        self._finished_ttl = milliseconds(retention + KEY_TTL_MARGIN)
         register = client.register_script
         self._add = register(lua.ADD)
         self._claim_script = register(lua.CLAIM)
@@ -103,6 +104,7 @@ class RedisStore(IndexedStore):
         self._mark_published = register(lua.MARK_PUBLISHED)
         self._release_script = register(lua.RELEASE)
         self._reject = register(lua.REJECT)
+        self._register_fleet_scripts(client)
 
     @classmethod
     async def connect(
@@ -173,20 +175,14 @@ class RedisStore(IndexedStore):
         args: list[str | bytes] = []
         for record in records:
             key_ttl = record.expires_at - now + self.retention + KEY_TTL_MARGIN
-            args += [
-                record.id,
-                record.device_id,
-                record.command_type or "",
-                record.payload,
-                encode_flag(record.requires_confirmation),
-                encode_time(record.created_at),
-                encode_time(record.expires_at),
-                str(_milliseconds(key_ttl)),
-            ]
+            args += add_arguments(record, key_ttl)
+        limit = str(self.limits.max_pending_per_device)
         async with self._errors("add"):
             superseded = await self._add(
-                keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, args)
+                keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, [limit, *args])
             )
+        if isinstance(superseded, list):
+            raise QueueFull(as_text(superseded[1]), self.limits.max_pending_per_device)
         return int(superseded)
 
     async def get(self, command_id: str) -> CommandRecord | None:
@@ -250,6 +246,12 @@ class RedisStore(IndexedStore):
             pipe.pexpire(key, self._finished_ttl)
             if frees_slot and kind is not None:
                 pipe.hdel(slots_key, kind)
+        elif not updated.is_open and updated.pruned_after != current.pruned_after:
+            # An outcome came: the command is final from now, its retention starts now.
+            pipe.zrem(self._outcome_due_key, command_id)
+            if updated.pruned_after is not None:
+                pipe.zadd(self._indexes[2], {command_id: encode_time(updated.pruned_after)})
+                pipe.pexpire(key, self._finished_ttl)
         if updated.is_open and updated.is_ready and updated.published_at is None:
             pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
         else:
@@ -268,7 +270,7 @@ class RedisStore(IndexedStore):
         return [record for _, record in decode_replies(claimed)]
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
-        keep = _milliseconds(self.retention + KEY_TTL_MARGIN)
+        keep = milliseconds(self.retention + KEY_TTL_MARGIN)
         args: list[str | bytes] = ["1" if unpublish else "0", str(keep), *command_ids]
         async with self._errors("release"):
             reopened = await self._release_script(
@@ -306,10 +308,10 @@ class RedisStore(IndexedStore):
         return int(marked)
 
     async def expire(self, now: datetime) -> int:
-        return await self._sweep(self._expire, now, [str(_SWEEP_BATCH)], "expire")
+        return await self._sweep(self._expire, now, [str(SWEEP_BATCH)], "expire")
 
     async def prune(self, before: datetime) -> int:
-        args = [encode_time(before), str(_SWEEP_BATCH)]
+        args = [encode_time(before), str(SWEEP_BATCH)]
         return await self._sweep(self._prune, self.clock(), args, "prune")
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
@@ -351,7 +353,7 @@ class RedisStore(IndexedStore):
             while True:
                 done, examined = await script(keys=self._indexes, args=self._args(now, args))
                 total += int(done)
-                if int(examined) < _SWEEP_BATCH:
+                if int(examined) < SWEEP_BATCH:
                     return total
 
     def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]:
@@ -375,10 +377,6 @@ class RedisStore(IndexedStore):
             yield
         except (RedisError, OSError) as exc:
             raise StateError(f"redis {action} failed: {exc}") from exc
-
-
-def _milliseconds(span: timedelta) -> int:
-    return math.ceil(span / timedelta(milliseconds=1))
 
 
 def _split_prefix(url: str) -> tuple[str, str | None]:

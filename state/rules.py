@@ -9,13 +9,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from .errors import CommandExpired, CommandNotFound
+from .errors import CommandExpired, CommandNotFound, OutcomeRejected, QueueFull
 from .model import CommandRecord, CommandStatus, EndReason
 from .validation import (
     Limits,
     validate_command_type,
+    validate_outcome_timeout,
     validate_payload,
     validate_ttl,
 )
@@ -30,6 +31,8 @@ def new_command(
     requires_confirmation: bool,
     now: datetime,
     limits: Limits,
+    outcome_timeout: object = None,
+    rollout_id: str | None = None,
 ) -> CommandRecord:
     """Validates every input and builds the record to insert, before anything is written.
 
@@ -39,6 +42,7 @@ def new_command(
     kind = None if command_type is None else validate_command_type(command_type, limits)
     data = validate_payload(payload, limits)
     lifetime = validate_ttl(ttl, limits)
+    deadline = validate_outcome_timeout(outcome_timeout, limits)
     return CommandRecord(
         id=str(uuid.uuid4()),
         device_id=device_id,
@@ -48,6 +52,8 @@ def new_command(
         confirmed=False,
         created_at=now,
         expires_at=now + lifetime,
+        outcome_timeout=deadline,
+        rollout_id=rollout_id,
     )
 
 
@@ -62,7 +68,7 @@ def is_deliverable(record: CommandRecord, now: datetime) -> bool:
 
 def status_of(record: CommandRecord, now: datetime) -> CommandStatus:
     if record.delivered:
-        return CommandStatus.DELIVERED
+        return record.outcome or CommandStatus.DELIVERED
     if record.end_reason is not None:
         return CommandStatus(record.end_reason.value)
     if record.expires_at <= now:
@@ -131,3 +137,80 @@ def released(
         ended_at=None,
         published_at=None if unpublish else record.published_at,
     )
+
+
+def reported(
+    record: CommandRecord,
+    outcome: CommandStatus,
+    now: datetime,
+    *,
+    result: bytes | None = None,
+    reason: str | None = None,
+) -> CommandRecord | None:
+    """The record after an outcome report (rule 9), or None when it was reported already.
+
+    Only a delivered command takes an outcome; the same report again (same status, result
+    and reason) changes nothing.
+
+    Raises:
+        OutcomeRejected: the command was not delivered, or holds another outcome (a report
+            after ``TIMED_OUT`` included).
+    """
+    if not record.delivered:
+        if record.end_reason is not None or record.expires_at <= now:
+            ended = record.end_reason.value if record.end_reason else "expired"
+            raise OutcomeRejected(record.id, f"it was never delivered (it ended {ended})")
+        raise OutcomeRejected(record.id, "it was not delivered yet")
+    if record.outcome is not None:
+        same = (record.outcome, record.outcome_result, record.outcome_reason) == (
+            outcome,
+            result,
+            reason,
+        )
+        if same:
+            return None
+        raise OutcomeRejected(record.id, f"its outcome is already {record.outcome.value}")
+    return replace(
+        record, outcome=outcome, outcome_result=result, outcome_reason=reason, outcome_at=now
+    )
+
+
+def outcome_overdue(record: CommandRecord, now: datetime) -> bool:
+    """Delivered, no outcome, and its deadline (delivery time + ``outcome_timeout``) passed."""
+    if not record.awaits_outcome or record.ended_at is None:
+        return False
+    assert record.outcome_timeout is not None
+    return record.ended_at + timedelta(seconds=record.outcome_timeout) <= now
+
+
+def check_room(device_id: str, before: int, after: int, limits: Limits) -> None:
+    """Refuses a write that takes a device's open commands from ``before`` to ``after`` over
+    ``limits.max_pending_per_device`` (rule 11). A replacement adds nothing, and a device
+    already over the limit (it was lowered) may still have its commands replaced.
+
+    Raises:
+        QueueFull: the write adds commands past the limit.
+    """
+    if after > before and after > limits.max_pending_per_device:
+        raise QueueFull(device_id, limits.max_pending_per_device)
+
+
+def open_after_add(
+    open_now: Iterable[CommandRecord], records: Iterable[CommandRecord], now: datetime
+) -> tuple[int, int]:
+    """A device's open, unexpired commands before and after adding ``records`` (its own, in
+    order): typed ones replace the open command of their slot (rule 3)."""
+    live = [record for record in open_now if record.is_open and record.expires_at > now]
+    slots = {record.command_type for record in live if record.command_type is not None}
+    after = len(live)
+    for record in records:
+        if record.command_type is None or record.command_type not in slots:
+            after += 1
+        if record.command_type is not None:
+            slots.add(record.command_type)
+    return len(live), after
+
+
+def sibling(record: CommandRecord, device_id: str) -> CommandRecord:
+    """The same command for another device (``enqueue_many``), with an id of its own."""
+    return replace(record, id=str(uuid.uuid4()), device_id=device_id)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeGuard
 
-from .errors import InvalidCommandType, InvalidDeviceId, InvalidPayload, InvalidTTL
+from .errors import InvalidCommandType, InvalidDeviceId, InvalidInput, InvalidPayload, InvalidTTL
 
 # A device id becomes part of a queue name (``<exchange>.<device_id>``) and of the regexes
 # operators write for RabbitMQ permissions, so it is kept to a plain ASCII alphabet.
@@ -35,12 +35,29 @@ class Limits:
 
     ``max_device_id_length`` leaves room for the exchange prefix within AMQP's 255-byte
     queue-name limit.
+
+    ``max_pending_per_device`` caps a device's open commands (awaiting confirmation or
+    pending; DESIGN.md rule 11): an enqueue past it raises ``QueueFull`` and writes nothing.
+    The default, 1000, is far above what a device works through between two connections
+    (Azure IoT Hub caps a device at 50 cloud-to-device messages), yet keeps one runaway
+    producer from growing a device's queue, its index rows and its drain without bound: a
+    drain of 1000 commands is still one bounded round trip. Raise it for devices that
+    legitimately batch more.
+
+    ``max_reason_length`` bounds the reason a gateway gives with ``fail_command``; an
+    outcome's result is bounded by ``max_payload_bytes`` like a payload.
     """
 
     max_device_id_length: int = 128
     max_command_type_length: int = 128
     max_payload_bytes: int = 256 * 1024
     max_ttl: timedelta = timedelta(days=30)
+    max_pending_per_device: int = 1000
+    max_reason_length: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_pending_per_device < 1:
+            raise ValueError("max_pending_per_device must be at least 1")
 
 
 DEFAULT_LIMITS = Limits()
@@ -129,6 +146,42 @@ def validate_ttl(ttl: object, limits: Limits = DEFAULT_LIMITS) -> timedelta:
         # It rounds to nothing: the command would be expired as it is written.
         raise InvalidTTL(f"ttl of {seconds:g}s is under the resolution of one microsecond")
     return lifetime
+
+
+def validate_outcome_timeout(timeout: object, limits: Limits = DEFAULT_LIMITS) -> float | None:
+    """An outcome deadline (seconds after delivery) as seconds, or None for no deadline.
+
+    Raises:
+        InvalidInput: not seconds or a timedelta, not positive and finite, or over
+            ``limits.max_ttl``.
+    """
+    if timeout is None:
+        return None
+    try:
+        return validate_ttl(timeout, limits).total_seconds()
+    except InvalidTTL as exc:
+        raise InvalidInput(f"outcome_timeout: {exc}") from None
+
+
+def validate_result(result: object, limits: Limits = DEFAULT_LIMITS) -> bytes | None:
+    """The result of ``complete_command``: None, or bytes within ``max_payload_bytes``."""
+    if result is None:
+        return None
+    try:
+        return validate_payload(result, limits)
+    except InvalidPayload as exc:
+        raise InvalidPayload(f"result: {exc}") from None
+
+
+def validate_reason(reason: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The reason of ``fail_command``: a str of at most ``max_reason_length`` characters."""
+    if not isinstance(reason, str):
+        raise InvalidInput(f"reason must be a str, not {type(reason).__name__}")
+    if len(reason) > limits.max_reason_length:
+        raise InvalidInput(
+            f"reason is {len(reason)} characters, over the limit of {limits.max_reason_length}"
+        )
+    return reason
 
 
 def is_command_id(value: object) -> TypeGuard[str]:

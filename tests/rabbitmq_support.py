@@ -11,7 +11,7 @@ from typing import Any
 
 import aio_pika
 
-from amqp_queue import RabbitMQConfig, RabbitMQStore
+from amqp_queue import Observer, RabbitMQConfig, RabbitMQStore
 from amqp_queue.state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits, SqlStore
 from amqp_queue.state.clock import utc_now
 from tests.support import unique
@@ -43,6 +43,7 @@ async def rabbitmq_store(
     retention: timedelta = DEFAULT_RETENTION,
     clock: Any = utc_now,
     amqp_url: str = AMQP_URL,
+    observer: Observer | None = None,
     **config: Any,
 ) -> AsyncIterator[RabbitMQStore]:
     """A RabbitMQStore with its own exchange (so its own queues) and SQLite state file."""
@@ -53,6 +54,7 @@ async def rabbitmq_store(
         config=RabbitMQConfig(exchange=exchange, limits=limits, **config),
         clock=clock,
         retention=retention,
+        observer=observer,
     )
     try:
         async with store:

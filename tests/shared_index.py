@@ -53,22 +53,27 @@ class SharedIndex:
     async def _delete_namespace(self) -> None:
         await delete_namespace(self.exchange, sorted(self.devices))
 
-    async def open_index(self, index_class: type[IndexedStore] | None = None) -> IndexedStore:
+    async def open_index(
+        self, index_class: type[IndexedStore] | None = None, **options: Any
+    ) -> IndexedStore:
         """One more client of the shared index (closed at the end); ``index_class`` a
-        subclass of the kind's store class, for failure injection."""
+        subclass of the kind's store class, for failure injection; ``options`` (``limits``,
+        say) go to its ``connect``."""
         index: IndexedStore
         if self.kind == "sqlite":
             sql = index_class or SqlStore
             assert issubclass(sql, SqlStore)
-            index = await sql.connect(f"sqlite+aiosqlite:///{self._tmp_path / 'state.db'}")
+            index = await sql.connect(
+                f"sqlite+aiosqlite:///{self._tmp_path / 'state.db'}", **options
+            )
         elif self.kind == "postgres":
             sql = index_class or SqlStore
             assert issubclass(sql, SqlStore)
-            index = await sql.connect(POSTGRES_URL, schema=self._where)
+            index = await sql.connect(POSTGRES_URL, schema=self._where, **options)
         else:
             redis = index_class or RedisStore
             assert issubclass(redis, RedisStore)
-            index = await redis.connect(REDIS_URL, prefix=self._where)
+            index = await redis.connect(REDIS_URL, prefix=self._where, **options)
         self._stack.push_async_callback(index.close)
         return index
 

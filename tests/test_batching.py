@@ -49,3 +49,18 @@ async def test_a_failed_flush_fails_its_waiters_and_reports_detached_items_once(
     batcher.post_detached("fine")
     await batcher.drain()
     assert len(reported) == 1
+
+
+async def test_a_flush_that_refuses_some_items_fails_only_their_waiters() -> None:
+    async def flush(items: list[str]) -> dict[int, BaseException]:
+        return {index: ValueError(item) for index, item in enumerate(items) if "full" in item}
+
+    batcher = Batcher(flush, max_batch=10)
+    results = await asyncio.gather(
+        batcher.submit("a"), batcher.submit("full-b"), batcher.submit("c"), return_exceptions=True
+    )
+
+    assert results[0] is None
+    assert isinstance(results[1], ValueError)
+    assert str(results[1]) == "full-b"
+    assert results[2] is None

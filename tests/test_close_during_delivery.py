@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from amqp_queue import CommandStatus, QueueError, RabbitMQStore
+from amqp_queue import CommandStatus, Limits, QueueError, RabbitMQStore
 from amqp_queue.state import CommandRecord, SqlStore, Store
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
 from tests.shared_index import drain_until, shared_index
@@ -142,7 +142,8 @@ async def test_close_ends_a_drain_of_a_large_backlog_and_hands_back_the_rest(
     count = 3000
     payloads = [f"c{n:04}".encode() for n in range(count)]
     async with shared_index("sqlite", tmp_path, prefetch=250) as shared:
-        state = await shared.open_index(SlowClaims)
+        # A backlog over the default limit of open commands per device.
+        state = await shared.open_index(SlowClaims, limits=Limits(max_pending_per_device=count))
         assert isinstance(state, SlowClaims)
         context: AbstractAsyncContextManager[RabbitMQStore] = shared.store(state)
         store = await context.__aenter__()

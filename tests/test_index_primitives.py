@@ -280,3 +280,19 @@ async def test_release_of_two_commands_of_one_slot_reopens_only_the_newer(
     assert await indexed.get_status(older) == CommandStatus.SUPERSEDED
     assert await indexed.get_status(newer) == CommandStatus.PENDING
     assert await indexed.drain_pending("dev-1") == [b"21"]
+
+
+async def test_release_never_gives_back_a_command_with_an_outcome(indexed: IndexedStore) -> None:
+    """An outcome is proof the device took the command: a drain cut short does not undo it."""
+    plain = await indexed.enqueue("dev-1", b"plain", 600)
+    typed = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    other = await indexed.enqueue_or_update("dev-1", "setpoint-2", b"x", 600)
+    await indexed.claim("dev-1")
+    await indexed.complete_command(plain, b"ok")
+    await indexed.fail_command(typed, "no")
+
+    assert await indexed.release([plain, other], [typed]) == 1
+
+    assert await indexed.get_status(plain) == CommandStatus.SUCCEEDED
+    assert await indexed.get_status(typed) == CommandStatus.FAILED
+    assert await indexed.get_status(other) == CommandStatus.PENDING

@@ -13,7 +13,14 @@ import aio_pika
 import pika
 import pytest
 
-from amqp_queue import MemoryStore, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
+from amqp_queue import (
+    Limits,
+    MemoryStore,
+    PendingCommand,
+    QueueType,
+    RabbitMQConfig,
+    RabbitMQStore,
+)
 from amqp_queue.messages import COMMAND_TYPE, EXPIRES_AT, REQUIRES_CONFIRMATION
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, queue_depth, rabbitmq_store
 from tests.support import FakeClock, eventually, unique
@@ -284,12 +291,14 @@ async def test_quorum_queues_on_request(tmp_path: Path) -> None:
 
 
 async def test_drain_hands_out_thousands_of_concurrently_enqueued_commands_in_order(
-    store: RabbitMQStore,
+    tmp_path: Path, clock: FakeClock
 ) -> None:
-    sent = [str(n).encode() for n in range(2500)]
-    await asyncio.gather(*(store.enqueue("dev-1", payload, 600) for payload in sent))
+    limits = Limits(max_pending_per_device=2500)  # over the default, to queue so many
+    async with rabbitmq_store(tmp_path, clock=clock, limits=limits) as store:
+        sent = [str(n).encode() for n in range(2500)]
+        await asyncio.gather(*(store.enqueue("dev-1", payload, 600) for payload in sent))
 
-    assert await store.drain_pending("dev-1") == sent
+        assert await store.drain_pending("dev-1") == sent
 
 
 async def test_a_store_on_caller_owned_connection_and_state_leaves_both_open(

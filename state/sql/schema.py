@@ -9,6 +9,9 @@ Added to the reference schema (``seed-go-package-doc.txt``):
   delivered (``delivered`` keeps its reference meaning), so ``get_status`` can tell the truth
   until ``cleanup`` prunes it after the retention.
 - ``published_at``: the RabbitMQ outbox; NULL while a ready command still has to be published.
+- ``outcome``, ``outcome_result``, ``outcome_reason``, ``outcome_at``: what the gateway
+  reported after delivery (rule 9); ``outcome_timeout``: the deadline after delivery, in
+  seconds; ``rollout_id``: the ``enqueue_many`` call that wrote the command (rule 10).
 
 The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
 becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded,
@@ -70,6 +73,12 @@ command_queue = sa.Table(
     sa.Column("end_reason", sa.Text()),
     sa.Column("ended_at", UtcDateTime()),
     sa.Column("published_at", UtcDateTime()),
+    sa.Column("outcome", sa.Text()),
+    sa.Column("outcome_result", sa.LargeBinary()),
+    sa.Column("outcome_reason", sa.Text()),
+    sa.Column("outcome_at", UtcDateTime()),
+    sa.Column("outcome_timeout", sa.Float()),
+    sa.Column("rollout_id", sa.Uuid(as_uuid=False)),
 )
 
 c = command_queue.c
@@ -128,4 +137,19 @@ sa.Index(
     c.seq,
     sqlite_where=_UNPUBLISHED,
     postgresql_where=_UNPUBLISHED,
+)
+# A rollout's members: its summary, confirmation and cancellation.
+IN_ROLLOUT = c.rollout_id.is_not(None)
+sa.Index(
+    "ix_command_queue_rollout", c.rollout_id, sqlite_where=IN_ROLLOUT, postgresql_where=IN_ROLLOUT
+)
+# cleanup's outcome deadline sweep: delivered, no outcome yet, a deadline set.
+AWAITS_OUTCOME = sa.and_(
+    c.delivered == sa.true(), c.outcome.is_(None), c.outcome_timeout.is_not(None)
+)
+sa.Index(
+    "ix_command_queue_awaiting_outcome",
+    c.ended_at,
+    sqlite_where=AWAITS_OUTCOME,
+    postgresql_where=AWAITS_OUTCOME,
 )

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..model import CommandRecord, EndReason
-from .schema import IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
+from ..model import CommandRecord, CommandStatus, EndReason
+from .schema import AWAITS_OUTCOME, IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
 
 c = command_queue.c
 
@@ -44,6 +45,7 @@ def row_of(record: CommandRecord) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies every value, the largest cost of a batch insert.
     row = {name: getattr(record, name) for name in FIELDS}
     row["end_reason"] = None if record.end_reason is None else record.end_reason.value
+    row["outcome"] = None if record.outcome is None else record.outcome.value
     return row
 
 
@@ -54,6 +56,12 @@ def record_of(row: Mapping[str, Any]) -> CommandRecord:
     values["payload"] = bytes(values["payload"])
     reason = values["end_reason"]
     values["end_reason"] = None if reason is None else EndReason(reason)
+    outcome = values["outcome"]
+    values["outcome"] = None if outcome is None else CommandStatus(outcome)
+    if values["outcome_result"] is not None:
+        values["outcome_result"] = bytes(values["outcome_result"])
+    if values["rollout_id"] is not None:
+        values["rollout_id"] = str(values["rollout_id"])
     return CommandRecord(**values)
 
 
@@ -175,7 +183,8 @@ CLAIM = _claim(among=False)
 CLAIM_AMONG = _claim(among=True)
 """:data:`CLAIM` of those among ``ids`` only."""
 
-_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true())
+# An outcome is proof the device took the command: such a one is never given back.
+_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true(), c.outcome.is_(None))
 _other = command_queue.alias("other")
 _SLOT_TAKEN = (
     sa.exists()
@@ -210,9 +219,112 @@ EXPIRE = (
     .values(end_reason=EndReason.EXPIRED.value, ended_at=_NOW)
 )
 
+_BEFORE = sa.bindparam("before", type_=c.ended_at.type)
 PRUNE = sa.delete(command_queue).where(
-    c.ended_at.is_not(None), c.ended_at < sa.bindparam("before", type_=c.ended_at.type)
+    c.ended_at.is_not(None),
+    c.ended_at < _BEFORE,
+    sa.or_(c.outcome_at.is_(None), c.outcome_at < _BEFORE),
+    sa.not_(AWAITS_OUTCOME),
 )
+"""Deletes final commands whose retention started before ``before``: ended or delivered
+then, and their outcome too if they have one; never one still waiting for an outcome with
+a deadline (see ``CommandRecord.pruned_after``)."""
+
+# -- limits (rule 11) ----------------------------------------------------------------------
+
+_DEVICES: sa.BindParameter[Any] = sa.bindparam("devices", expanding=True)
+
+OPEN_PER_DEVICE = (
+    sa.select(c.device_id, sa.func.count().label("open"))
+    .where(c.device_id.in_(_DEVICES), IS_OPEN, c.expires_at > _NOW)
+    .group_by(c.device_id)
+)
+"""How many open, unexpired commands each of ``devices`` holds (no row for none)."""
+
+OPEN_PER_DEVICE_BOUND = (
+    sa.select(c.device_id, sa.func.count().label("open"))
+    .where(c.device_id.in_(_DEVICES), IS_OPEN)
+    .group_by(c.device_id)
+)
+""":data:`OPEN_PER_DEVICE` counting expired rows cleanup has not ended yet too: a bound,
+answered from the partial index ``ix_command_queue_device_open`` alone (``now`` unused)."""
+
+LOCK_BUCKETS = 256
+"""How many advisory locks stand for all devices: a device takes the lock of its bucket, so
+a fan-out to any number of devices takes at most this many (PostgreSQL's shared lock table
+holds ``max_locks_per_transaction`` times ``max_connections``, 6,400 by default)."""
+_LOCK_BASE = int.from_bytes(hashlib.sha256(b"amqp_queue.device").digest()[:4], "big") << 16
+
+
+def device_lock_keys(devices: Iterable[str]) -> list[int]:
+    """The advisory lock keys of these devices' buckets, sorted, each once: the same in
+    every process (a digest, not Python's salted ``hash``)."""
+    buckets = {
+        int.from_bytes(hashlib.sha256(device.encode()).digest()[:4], "big") % LOCK_BUCKETS
+        for device in devices
+    }
+    return sorted(_LOCK_BASE + bucket for bucket in buckets)
+
+
+LOCK_DEVICES = sa.select(
+    sa.func.pg_advisory_xact_lock(
+        sa.func.unnest(sa.bindparam("lock_keys", type_=postgresql.ARRAY(sa.BigInteger())))
+    )
+)
+"""PostgreSQL only: takes the transaction-level advisory locks ``lock_keys``
+(:func:`device_lock_keys`), in the order given, so concurrent writers lock alike. Enqueues of
+a device take turns on its lock, so the count they check the limit against cannot change
+under them."""
+
+# -- outcomes (rule 9) ---------------------------------------------------------------------
+
+AWAITING_OUTCOME = sa.select(c.id, c.ended_at, c.outcome_timeout).where(AWAITS_OUTCOME)
+"""Delivered commands with an outcome deadline and no outcome yet (their deadline is
+checked in Python: interval arithmetic differs between the databases)."""
+
+TIME_OUT = (
+    sa.update(command_queue)
+    .where(c.id.in_(_IDS), AWAITS_OUTCOME)
+    .values(outcome=CommandStatus.TIMED_OUT.value, outcome_at=_NOW)
+)
+"""Ends ``ids`` ``TIMED_OUT`` unless an outcome came meanwhile."""
+
+# -- rollouts (rule 10) and retiring a device --------------------------------------------
+
+_ROLLOUT = c.rollout_id == sa.bindparam("rollout", type_=c.rollout_id.type)
+_LIVE = sa.and_(IS_OPEN, c.expires_at > _NOW)
+
+CONFIRM_ROLLOUT = (
+    sa.update(command_queue)
+    .where(_ROLLOUT, _LIVE, c.requires_confirmation == sa.true(), c.confirmed == sa.false())
+    .values(confirmed=sa.true(), confirmed_at=_NOW)
+    .returning(c.seq, *RECORD_COLUMNS)
+)
+"""Confirms a rollout's (``rollout``) live commands awaiting confirmation; returns them."""
+
+CANCEL_ROLLOUT = (
+    sa.update(command_queue)
+    .where(_ROLLOUT, _LIVE)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW)
+)
+CANCEL_DEVICE = (
+    sa.update(command_queue)
+    .where(c.device_id == sa.bindparam("device"), _LIVE)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW)
+)
+
+_STATUS = sa.case(
+    (c.delivered == sa.true(), sa.func.coalesce(c.outcome, CommandStatus.DELIVERED.value)),
+    (c.end_reason.is_not(None), c.end_reason),
+    (c.expires_at <= _NOW, CommandStatus.EXPIRED.value),
+    (sa.not_(IS_READY), CommandStatus.AWAITING_CONFIRMATION.value),
+    else_=CommandStatus.PENDING.value,
+).label("status")
+ROLLOUT_COUNTS = (
+    sa.select(_STATUS, sa.func.count().label("count")).where(_ROLLOUT).group_by(sa.text("status"))
+)
+"""A rollout's commands counted by status (``rollout``, ``now``), as
+:func:`amqp_queue.state.rules.status_of` decides it."""
 
 
 @functools.cache

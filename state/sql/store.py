@@ -44,7 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..clock import Clock, utc_now
 from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
-from ..model import CommandRecord
+from ..model import CommandRecord, CommandStatus
 from ..validation import DEFAULT_LIMITS, Limits
 from . import deadlock_retry, postgres_reads, schema_versions, sqlite_direct, transactions
 from . import statements as sql
@@ -226,7 +226,9 @@ class SqlStore(IndexedStore):
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         now, dialect = self.clock(), self._engine.dialect.name
-        return await self._hot("write", transactions.write, records, published, now, dialect)
+        return await self._hot(
+            "write", transactions.write, records, published, now, dialect, self.limits
+        )
 
     async def get(self, command_id: str) -> CommandRecord | None:
         rows = await self._select(sql.ONE, command_id=command_id)
@@ -297,6 +299,21 @@ class SqlStore(IndexedStore):
 
     async def prune(self, before: datetime) -> int:
         return await self._transaction(transactions.prune, before)
+
+    async def time_out(self, now: datetime) -> int:
+        return await self._transaction(transactions.time_out, now)
+
+    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
+        return await self._transaction(transactions.confirm_rollout, rollout_id, now)
+
+    async def _cancel_open(
+        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+    ) -> int:
+        return await self._transaction(transactions.cancel_open, now, device_id, rollout_id)
+
+    async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
+        rows = await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
+        return {CommandStatus(row["status"]): int(row["count"]) for row in rows}
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
         # Already in ready order: the query reads the outbox index in that order.

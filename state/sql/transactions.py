@@ -17,9 +17,10 @@ factory, and what it calls back (a :data:`~amqp_queue.state.indexed_store.Change
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -28,6 +29,7 @@ from .. import rules
 from ..errors import StateError
 from ..indexed_store import Change
 from ..model import CommandRecord, EndReason
+from ..validation import Limits
 from . import statements as sql
 
 T = TypeVar("T")
@@ -36,6 +38,7 @@ Row = dict[str, Any]
 
 # A replacement that keeps losing the race for its type's slot means something is wrong.
 MAX_REPLACE_ATTEMPTS = 200
+DEVICES_PER_STATEMENT = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +104,21 @@ async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
 
 
 def write(
-    records: Sequence[CommandRecord], published: Collection[str], now: datetime, dialect: str
+    records: Sequence[CommandRecord],
+    published: Collection[str],
+    now: datetime,
+    dialect: str,
+    limits: Limits,
 ) -> Transaction[int]:
     """Inserts ``records`` in order, each typed one replacing the open command of its
     ``(device_id, command_type)`` slot (rule 3), and marks ``published`` commands published.
+
+    No device may end up over ``limits.max_pending_per_device`` open commands by it (rule
+    11): after the inserts, a write that added past the limit raises :class:`QueueFull`,
+    which rolls the whole transaction back. On PostgreSQL each device's enqueues then take
+    turns under an advisory lock (see :data:`~amqp_queue.state.sql.statements.LOCK_DEVICES`)
+    for the count and the commit, so no two can both count without the other; SQLite's write
+    lock already serialises them. See :func:`_check_room` for what the check costs.
 
     Within the batch the last record of a slot wins: the earlier ones are written already
     ended, so they never hold the slot. Then per slot, in record order: end its open
@@ -122,6 +136,9 @@ def write(
         if record.command_type is not None
     }
     superseded = 0
+    # Per device: open commands inserted, and open unexpired ones they replaced.
+    added: Counter[str] = Counter()
+    replaced: Counter[str] = Counter()
     plain: list[Row] = []
     for index, record in enumerate(records):
         row = sql.row_of(record)
@@ -130,18 +147,66 @@ def write(
             if plain:
                 yield from many(sql.INSERT, plain)
                 plain = []
-            superseded += yield from _replace(row, now, dialect)
+            ended = yield from _replace(row, now, dialect)
+            superseded += ended
+            added[record.device_id] += 1
+            replaced[record.device_id] += ended
             continue
         if record.command_type is not None:
             reason = rules.end_of_replaced(record, now)
             superseded += reason is EndReason.SUPERSEDED
             row["end_reason"], row["ended_at"] = reason.value, now
+        else:
+            added[record.device_id] += 1
         plain.append(row)
     if plain:
         yield from many(sql.INSERT, plain)
+    yield from _check_room(added, replaced, now, limits, dialect)
     if published:
         yield from count(sql.MARK_PUBLISHED, {"ids": list(published), "now": now})
     return superseded
+
+
+def _check_room(
+    added: Counter[str], replaced: Counter[str], now: datetime, limits: Limits, dialect: str
+) -> Transaction[None]:
+    """Raises :class:`QueueFull` if a device holds more open commands than its limit now and
+    this write added to them (``added`` more than ``replaced``).
+
+    First a count of every open row per device, expired or not, which the partial index
+    ``ix_command_queue_device_open`` answers alone; only a device over the limit by that
+    bound is counted exactly (unexpired rows), and its count before this write is that
+    count less what the write added net.
+    """
+    growing = sorted(device for device in added if added[device] > replaced[device])
+    if not growing:
+        return
+    if dialect == "postgresql":
+        # Taken here, after the inserts, so concurrent enqueues of a device wait for each
+        # other only for the count and the commit; the count after the lock is a statement
+        # of its own, so it sees what the writer before it committed (READ COMMITTED).
+        yield from fetch(sql.LOCK_DEVICES, {"lock_keys": sql.device_lock_keys(growing)})
+    bound = yield from _per_device(sql.OPEN_PER_DEVICE_BOUND, growing, now)
+    crowded = [device for device in growing if bound.get(device, 0) > limits.max_pending_per_device]
+    if not crowded:
+        return
+    after = yield from _per_device(sql.OPEN_PER_DEVICE, crowded, now)
+    for device in crowded:
+        now_open = after.get(device, 0)
+        rules.check_room(device, now_open - added[device] + replaced[device], now_open, limits)
+
+
+def _per_device(
+    statement: sql.Statement, devices: list[str], now: datetime
+) -> Transaction[dict[str, int]]:
+    counts: dict[str, int] = {}
+    # In slices: a fan-out to many devices would pass more bind parameters than a
+    # statement may hold (32,767 on PostgreSQL).
+    for start in range(0, len(devices), DEVICES_PER_STATEMENT):
+        some = devices[start : start + DEVICES_PER_STATEMENT]
+        rows = yield from fetch(statement, {"devices": some, "now": now})
+        counts.update((str(row["device_id"]), int(row["open"])) for row in rows)
+    return counts
 
 
 def _replace(row: Row, now: datetime, dialect: str) -> Transaction[int]:
@@ -215,6 +280,30 @@ def expire(now: datetime) -> Transaction[int]:
 
 def prune(before: datetime) -> Transaction[int]:
     return (yield from count(sql.PRUNE, {"before": before}))
+
+
+def time_out(now: datetime) -> Transaction[int]:
+    """Ends ``TIMED_OUT`` the delivered commands whose outcome deadline passed."""
+    waiting = yield from fetch(sql.AWAITING_OUTCOME, {})
+    overdue = [
+        str(row["id"])
+        for row in waiting
+        if row["ended_at"] + timedelta(seconds=row["outcome_timeout"]) <= now
+    ]
+    if not overdue:
+        return 0
+    return (yield from count(sql.TIME_OUT, {"ids": overdue, "now": now}))
+
+
+def confirm_rollout(rollout_id: str, now: datetime) -> Transaction[list[CommandRecord]]:
+    rows = yield from fetch(sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now})
+    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+
+
+def cancel_open(now: datetime, device_id: str | None, rollout_id: str | None) -> Transaction[int]:
+    if device_id is not None:
+        return (yield from count(sql.CANCEL_DEVICE, {"device": device_id, "now": now}))
+    return (yield from count(sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now}))
 
 
 def hold_outbox(owner: str, dialect: str) -> Transaction[str]:

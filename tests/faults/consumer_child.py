@@ -2,7 +2,8 @@
 
 ``python -m tests.faults.consumer_child AMQP_URL STATE_SPEC EXCHANGE consume|drain SEED DEVICE...``
 
-Prints a JSON line for each command the device finished handling (flushed at once).
+Prints a JSON line for each command the device finished handling (flushed at once); on
+``consume`` it then reports the outcome of half of them (the judge checks it took them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ async def main(
         recorder.ready()
         if mode == "consume":
             loops = [
-                consume_forever(store, device, recorder, random.Random(f"{seed}/{device}"))
+                consume_forever(
+                    store, device, recorder, random.Random(f"{seed}/{device}"), reports=0.5
+                )
                 for device in devices
             ]
         else:

@@ -149,7 +149,8 @@ async def consume_until_quiet(
     required = required_keys(ops)
     rng = random.Random(0)
     tasks = [
-        asyncio.create_task(consume_forever(store, device, recorder, rng, work=0))
+        # Reporting some outcomes too: the judge checks each is for a command a device took.
+        asyncio.create_task(consume_forever(store, device, recorder, rng, work=0, reports=0.25))
         for device in devices
     ]
     try:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
 from amqp_queue.state import CommandStatus
+from amqp_queue.state.model import OUTCOMES
 
 ENQUEUES = ("plain", "update", "confirmable")
 """Kinds of operation that create a command: enqueue, enqueue_or_update, ..._with_confirmation."""
@@ -108,6 +109,8 @@ class Tally:
     late_mark: int = 0  # ... just after the device finished, before its mark was written
     drain_unseen: int = 0  # claimed by a drain whose caller was killed before it returned
     outbox_left: int = 0  # ready commands still unpublished after recovery
+    reported: int = 0  # delivered commands whose outcome the device reported (or timed out)
+    phantom_outcomes: int = 0  # an outcome recorded for a command no device took (rule 9)
     out_of_order: int = 0  # handed out, in its stream, after a later command of its producer
     late: int = 0  # handed out first more than the trial's few seconds after its enqueue
     dup_publishes: int = 0  # publishes of a command beyond its first (seen on the exchange)
@@ -129,6 +132,7 @@ class Tally:
             + self.stale
             + self.wrong_status
             + self.outbox_left
+            + self.phantom_outcomes
             + self.out_of_order
             + self.late
             + self.dup_publishes
@@ -231,6 +235,9 @@ def _check_status(
 ) -> None:
     if first is not None:
         ending = {"cancelled": CommandStatus.CANCELLED, "superseded": CommandStatus.SUPERSEDED}
+        if status in OUTCOMES:
+            tally.reported += 1
+            return
         if status is CommandStatus.DELIVERED:
             return
         ended_by = ending.get(fate.ended_by or "")
@@ -241,6 +248,10 @@ def _check_status(
             tally.late_mark += 1
         else:
             tally.wrong_status += 1
+        return
+    if status in OUTCOMES:
+        # Only a device's gateway reports, after taking the command: no device took this one.
+        tally.phantom_outcomes += 1
         return
     if status is CommandStatus.DELIVERED:
         if drained:

@@ -38,6 +38,8 @@ async def test_a_device_killed_mid_consume_gets_everything_after_a_restart_repea
     assert tally.delivered > 0
     # Repeats are allowed (at-least-once); the judge counts a repeat only under the same id.
     assert (tally.lost, tally.stale, tally.wrong_status) == (0, 0, 0)
+    assert tally.reported > 0
+    assert tally.phantom_outcomes == 0  # the device reports outcomes: only on what it took
 
 
 async def test_a_drain_killed_midway_loses_only_what_it_had_claimed_and_says_so(

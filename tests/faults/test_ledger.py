@@ -166,3 +166,13 @@ def test_a_call_cut_short_by_its_caller_is_not_an_error() -> None:
 
     tally = judge([cut], [], {})
     assert (tally.errors, tally.accepted, tally.lost) == (0, 0, 0)
+
+
+def test_an_outcome_for_a_command_no_device_took_is_a_phantom() -> None:
+    ops = [_enqueue("a", 1), _enqueue("b", 2)]
+    statuses = {"id-a": CommandStatus.SUCCEEDED, "id-b": CommandStatus.FAILED}
+
+    tally = judge(ops, [_got("a", 5)], statuses)
+
+    assert (tally.phantom_outcomes, tally.wrong_status) == (1, 0)
+    assert tally.failures == 2  # b: a phantom outcome, and lost

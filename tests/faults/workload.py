@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable
 from typing import Protocol, TextIO
 
-from amqp_queue import RabbitMQConfig, RabbitMQStore
+from amqp_queue import OutcomeRejected, RabbitMQConfig, RabbitMQStore, ReceivedCommand
 from amqp_queue.state import Store
 from tests.faults.ledger import Delivery, Op, to_line
 
@@ -173,10 +173,11 @@ async def consume_forever(
     rng: random.Random,
     *,
     work: float = 0.003,
+    reports: float = 0.0,
 ) -> None:
     """A device on ``consume()``: records each command at the end of its loop body, after
-    ``work`` (at most) seconds of handling it. Reconnects after a broker failure; runs until
-    cancelled."""
+    ``work`` (at most) seconds of handling it, then reports its outcome for a ``reports``
+    share of them. Reconnects after a broker failure; runs until cancelled."""
     while True:
         try:
             async with store.consume(device) as stream:
@@ -189,8 +190,22 @@ async def consume_forever(
                     finished = time.monotonic()
                     delivery = Delivery(device, key, command.id, asked, handed, finished)
                     recorder.delivered(delivery)
+                    # Recorded first: an outcome is never for a command the log lacks.
+                    if rng.random() < reports:
+                        await _report(command, rng)
         except Exception:  # a storm goes on: the device connects again
             await asyncio.sleep(0.2)
+
+
+async def _report(command: ReceivedCommand, rng: random.Random) -> None:
+    """The gateway reports how the command went (the judge checks it took the command)."""
+    try:
+        if rng.random() < 0.5:
+            await command.complete(b"done")
+        else:
+            await command.fail("the device said no")
+    except OutcomeRejected:
+        pass  # cancelled or replaced while the device was on it: an answer, not a fault
 
 
 async def drain_forever(store: RabbitMQStore, device: str, recorder: Recorder) -> None:

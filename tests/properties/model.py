@@ -10,6 +10,14 @@ Interpretations where docs/design.md leaves room (each one also what a careful r
   it finishes then, and the retention of rule 6 counts from then.
 - Confirming or cancelling a command that needs no confirmation, or confirming one that was
   delivered, is harmless (confirm) or "already delivered" (cancel).
+- Outcomes (rule 9): a report on a delivered command is kept and is its status from then; a
+  delivered command with a deadline and no report by ``delivered + outcome_timeout`` ends
+  ``timed_out`` at ``cleanup``; a final command's retention counts from its report (or its
+  end), and a delivered one still waiting for its deadline is not pruned.
+- Limits (rule 11): "open" is unexpired and not finished; an enqueue adds one unless it
+  replaces an open, unexpired command of its type.
+- Rollouts (rule 10): confirm/cancel touch only members still open and unexpired; a rollout
+  whose members were all pruned is unknown.
 """
 
 from __future__ import annotations
@@ -17,9 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from amqp_queue.state import CommandExpired, CommandNotFound, CommandStatus
+from amqp_queue.state import (
+    CommandExpired,
+    CommandNotFound,
+    CommandStatus,
+    OutcomeRejected,
+    QueueFull,
+    RolloutNotFound,
+)
 
 Outcome = str  # "delivered" | "cancelled" | "superseded" | "expired"
+Report = tuple[CommandStatus, bytes | None, str | None]
 
 
 @dataclass
@@ -35,6 +51,10 @@ class Command:
     confirmed_at: datetime | None = None
     outcome: Outcome | None = None
     finished_at: datetime | None = None
+    outcome_timeout: float | None = None
+    rollout: str | None = None
+    report: Report | None = None
+    reported_at: datetime | None = None
 
     def is_open(self) -> bool:
         return self.outcome is None
@@ -55,10 +75,27 @@ class Command:
 class Model:
     """Every command the system should still hold, by id."""
 
-    def __init__(self, retention: timedelta) -> None:
+    def __init__(self, retention: timedelta, limit: int) -> None:
         self.retention = retention
+        self.limit = limit
         self.commands: dict[str, Command] = {}
         self._writes = 0
+
+    def refusal(
+        self, devices: list[tuple[str, str | None]], now: datetime
+    ) -> type[Exception] | None:
+        """Rule 11, before an enqueue of these (device, type) pairs: QueueFull or None."""
+        for device in {device for device, _ in devices}:
+            held = [c for c in self.commands.values() if c.device == device]
+            live = [c for c in held if c.is_open() and now < c.expires]
+            types = {c.command_type for c in live if c.command_type is not None}
+            added = 0
+            for _, command_type in (pair for pair in devices if pair[0] == device):
+                if command_type is None or command_type not in types:
+                    added += 1
+            if added and len(live) + added > self.limit:
+                return QueueFull
+        return None
 
     def enqueue(
         self,
@@ -69,6 +106,8 @@ class Model:
         ttl: float,
         needs_confirmation: bool,
         now: datetime,
+        outcome_timeout: float | None = None,
+        rollout: str | None = None,
     ) -> None:
         assert command_id not in self.commands, "an enqueue returned an id already in use"
         if command_type is not None:
@@ -85,6 +124,8 @@ class Model:
             self._writes,
             now,
             now + timedelta(seconds=ttl),
+            outcome_timeout=outcome_timeout,
+            rollout=rollout,
         )
 
     def pending(self, device: str, now: datetime) -> list[str]:
@@ -133,20 +174,89 @@ class Model:
         return None
 
     def cleanup(self, now: datetime) -> int:
-        """Rule 6: ends the expired commands, counts them, prunes old finished ones."""
+        """Rule 6: ends the expired commands, counts them, prunes old finished ones; rule 9:
+        a delivered command silent past its deadline ends timed out."""
         expired = [c for c in self.commands.values() if c.is_open() and now >= c.expires]
         for command in expired:
             command.finish("expired", now)
+        for command in self.commands.values():
+            if self._waits_for_report(command):
+                assert command.finished_at is not None
+                assert command.outcome_timeout is not None
+                if command.finished_at + timedelta(seconds=command.outcome_timeout) <= now:
+                    command.report = (CommandStatus.TIMED_OUT, None, None)
+                    command.reported_at = now
         for command_id, command in list(self.commands.items()):
-            if command.finished_at is not None and command.finished_at < now - self.retention:
+            if self._waits_for_report(command):
+                continue
+            final = command.reported_at or command.finished_at
+            if final is not None and final < now - self.retention:
                 del self.commands[command_id]
         return len(expired)
+
+    @staticmethod
+    def _waits_for_report(command: Command) -> bool:
+        return (
+            command.outcome == "delivered"
+            and command.report is None
+            and command.outcome_timeout is not None
+        )
+
+    def report(self, command_id: str, report: Report, now: datetime) -> type[Exception] | None:
+        """Rule 9: only a delivered command takes a report; the same one again is harmless."""
+        command = self.commands.get(command_id)
+        if command is None:
+            return CommandNotFound
+        if command.outcome != "delivered":
+            return OutcomeRejected
+        if command.report is not None:
+            return None if command.report == report else OutcomeRejected
+        command.report, command.reported_at = report, now
+        return None
+
+    def members(self, rollout: str) -> list[Command]:
+        return [c for c in self.commands.values() if c.rollout == rollout]
+
+    def confirm_rollout(self, rollout: str, now: datetime) -> int | type[Exception]:
+        members = self.members(rollout)
+        if not members:
+            return RolloutNotFound
+        waiting = [
+            c
+            for c in members
+            if c.is_open() and now < c.expires and c.needs_confirmation and c.confirmed_at is None
+        ]
+        for command in waiting:
+            command.confirmed_at = now
+        return len(waiting)
+
+    def cancel_rollout(self, rollout: str, now: datetime) -> int | type[Exception]:
+        members = self.members(rollout)
+        if not members:
+            return RolloutNotFound
+        live = [c for c in members if c.is_open() and now < c.expires]
+        for command in live:
+            command.finish("cancelled", now)
+        return len(live)
+
+    def summary(self, rollout: str, now: datetime) -> dict[CommandStatus, int] | type[Exception]:
+        members = self.members(rollout)
+        if not members:
+            return RolloutNotFound
+        counts = dict.fromkeys(CommandStatus, 0)
+        for command in members:
+            status = self.status(command.id, now)
+            assert isinstance(status, CommandStatus)
+            counts[status] += 1
+        return counts
 
     def status(self, command_id: str, now: datetime) -> CommandStatus | type[Exception]:
         """Rule 8."""
         command = self.commands.get(command_id)
         if command is None:
             return CommandNotFound
+        if command.report is not None:
+            return command.report[0]
         if command.outcome is not None:
             return CommandStatus(command.outcome)
         if now >= command.expires:

@@ -1,0 +1,158 @@
+"""RabbitMQStore's fleet calls: outcomes (rule 9), rollouts (rule 10), retiring a device.
+
+The index decides (:mod:`amqp_queue.state.fleet`); this side publishes what a rollout made
+ready, deletes a retired device's queue and tells the observer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from amqp_queue.errors import QueueMismatch
+from amqp_queue.observer import Observer
+from amqp_queue.publish_path import PublishPath
+from amqp_queue.state import rules
+from amqp_queue.state.indexed_store import IndexedStore
+from amqp_queue.state.model import CommandRecord, CommandStatus, Outcome, RolloutSummary
+from amqp_queue.state.validation import Limits, validate_reason, validate_result
+
+if TYPE_CHECKING:
+    from amqp_queue.topology import Topology
+
+logger = logging.getLogger("amqp_queue.store")
+
+
+class FleetDelivery:
+    """The fleet calls of :class:`~amqp_queue.store.RabbitMQStore` (a mixin of it)."""
+
+    state: IndexedStore
+    observer: Observer
+    limits: Limits
+    _path: PublishPath
+
+    if TYPE_CHECKING:  # provided by RabbitMQStore and BrokerStart
+
+        @property
+        def broker_pending(self) -> bool: ...
+
+        async def _ready(self) -> Topology: ...
+
+        def _device(self, device_id: str) -> str: ...
+
+    # -- outcomes (rule 9) ----------------------------------------------------------------
+
+    async def complete_command(self, command_id: str, result: bytes | None = None) -> None:
+        """See :meth:`IndexedStore.complete_command`."""
+        data = validate_result(result, self.limits)
+        record = await self.state.report(command_id, CommandStatus.SUCCEEDED, result=data)
+        self.observer.outcome(record)
+
+    async def fail_command(self, command_id: str, reason: str) -> None:
+        """See :meth:`IndexedStore.fail_command`."""
+        text = validate_reason(reason, self.limits)
+        record = await self.state.report(command_id, CommandStatus.FAILED, reason=text)
+        self.observer.outcome(record)
+
+    async def complete_received(self, command_id: str, result: bytes | None) -> None:
+        """:meth:`complete_command` for a command ``consume`` handed out (see
+        :class:`~amqp_queue.received.ReceivedCommand`): marked delivered first."""
+        data = validate_result(result, self.limits)
+        await self.state.mark_delivered([command_id])
+        await self.complete_command(command_id, data)
+
+    async def fail_received(self, command_id: str, reason: str) -> None:
+        """:meth:`fail_command` for a command ``consume`` handed out."""
+        text = validate_reason(reason, self.limits)
+        await self.state.mark_delivered([command_id])
+        await self.fail_command(command_id, text)
+
+    async def get_outcome(self, command_id: str) -> Outcome | None:
+        """See :meth:`IndexedStore.get_outcome`."""
+        return await self.state.get_outcome(command_id)
+
+    async def get_command(self, command_id: str) -> CommandRecord:
+        """See :meth:`IndexedStore.get_command`."""
+        return await self.state.get_command(command_id)
+
+    # -- rollouts (rule 10) and retiring a device -----------------------------------------
+
+    async def confirm_rollout(self, rollout_id: str) -> int:
+        """See :meth:`IndexedStore.confirm_rollout`; the confirmed commands are published
+        together (pipelined)."""
+        if not self.broker_pending:
+            await self._ready()
+        confirmed = await self.state.confirm_members(rollout_id)
+        for record in confirmed:
+            self.observer.confirmed(record)
+        await self._publish_ready(confirmed, reachable=not self.broker_pending)
+        return len(confirmed)
+
+    async def cancel_rollout(self, rollout_id: str) -> int:
+        """See :meth:`IndexedStore.cancel_rollout`; messages already queued are dropped at
+        delivery."""
+        return await self.state.cancel_rollout(rollout_id)
+
+    async def rollout_summary(self, rollout_id: str) -> RolloutSummary:
+        """See :meth:`IndexedStore.rollout_summary`."""
+        return await self.state.rollout_summary(rollout_id)
+
+    async def retire_device(self, device_id: str) -> int:
+        """Cancels the device's open commands (they end ``CANCELLED``, still queryable) and
+        deletes its queue with whatever is in it.
+
+        A ``consume`` stream still open on the device ends when the broker cancels its
+        consumer.
+
+        Returns:
+            How many commands it cancelled.
+
+        Raises:
+            InvalidDeviceId: a bad device id.
+            BrokerError: the queue could not be deleted (the commands are cancelled all
+                the same; call again to delete the queue).
+        """
+        device = self._device(device_id)
+        cancelled = await self.state.retire_device(device)
+        topology = await self._ready()
+        await topology.delete_queue(device)
+        return cancelled
+
+    async def _accept_many(self, records: Sequence[CommandRecord]) -> None:
+        reachable = not self.broker_pending
+        if reachable:
+            topology = await self._ready()
+            declared = await asyncio.gather(
+                *(topology.ensure_queue(record.device_id) for record in records),
+                return_exceptions=True,
+            )
+            for outcome in declared:
+                if isinstance(outcome, QueueMismatch):
+                    raise outcome  # nothing written yet: a clear error, as for one enqueue
+                if isinstance(outcome, BaseException):
+                    logger.warning("queues of a rollout not declared: %s", outcome)
+                    reachable = False
+        # One transaction, all or nothing, outside the group commit: a refusal (a device at
+        # its limit) must fail this call alone, and whole.
+        superseded = await self.state.write(records, ())
+        self.observer.enqueued(records, superseded)
+        await self._publish_ready(records, reachable=reachable)
+
+    async def _publish_ready(self, records: Sequence[CommandRecord], *, reachable: bool) -> None:
+        """Publishes the ready ones of ``records`` at once, their confirms pipelined, or
+        leaves them to the relay."""
+        now = self.state.clock()
+        ready = [
+            record
+            for record in records
+            if rules.is_deliverable(record, now)
+            and record.published_at is None
+            and record.id not in self._path.in_flight
+        ]
+        if not reachable:
+            for record in ready:
+                self._path.owe(record.id)
+            return
+        await asyncio.gather(*(self._path.publish(record) for record in ready))

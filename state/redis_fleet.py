@@ -1,0 +1,190 @@
+"""RedisStore's outcome deadlines, rollouts and retiring: their Lua scripts and the calls
+that run them.
+
+Each runs on the server in one atomic step, as every multi-key change of
+:class:`~amqp_queue.state.redis_store.RedisStore` does; the key layout is in
+:mod:`amqp_queue.state.redis_scripts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from .model import CommandRecord, CommandStatus
+from .redis_encoding import as_text, decode_replies
+from .redis_lua import PRELUDE, SWEEP_BATCH
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+
+TIME_OUT = (
+    PRELUDE
+    + """
+-- ARGV[4]: batch size. Ends TIMED_OUT the delivered commands whose outcome deadline passed
+-- and that have no outcome; they become final (pruned after the retention).
+-- Returns {ended, examined}.
+local due_key = prefix .. 'outcome_due'
+local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, ARGV[4])
+local ended = 0
+for _, id in ipairs(ids) do
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'outcome')
+    if f[1] == '1' and not f[2] then
+        redis.call('HSET', key, 'outcome', 'timed_out', 'outcome_at', now)
+        redis.call('ZADD', finished_key, now, id)
+        redis.call('PEXPIRE', key, finished_ttl)
+        ended = ended + 1
+    end
+    redis.call('ZREM', due_key, id)
+end
+return {ended, #ids}
+"""
+)
+
+
+CONFIRM_ROLLOUT = (
+    PRELUDE
+    + """
+-- KEYS[4]: the rollout's set. Confirms its live commands awaiting confirmation; returns
+-- them (HGETALL replies).
+local confirmed = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at',
+                         'requires_confirmation', 'confirmed', 'published_at')
+    if is_live(f) and f[4] == '1' and f[5] == '0' then
+        redis.call('HSET', key, 'confirmed', '1', 'confirmed_at', now)
+        if not f[6] then
+            redis.call('ZADD', outbox_key, now, id)
+        end
+        confirmed[#confirmed + 1] = redis.call('HGETALL', key)
+    end
+end
+return confirmed
+"""
+)
+
+CANCEL_OPEN = (
+    PRELUDE
+    + """
+-- KEYS[4]: a device's open set or a rollout's set. Ends its live commands CANCELLED;
+-- returns how many.
+local cancelled = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local key = command_key(id)
+    if is_live(redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at')) then
+        finish(key, id, 'end_reason', 'cancelled')
+        cancelled = cancelled + 1
+    end
+end
+return cancelled
+"""
+)
+
+ROLLOUT_COUNTS = (
+    PRELUDE
+    + """
+-- KEYS[4]: the rollout's set. Read-only. Returns status, count, status, count, ... as
+-- rules.status_of decides each status; pruned members are skipped.
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local f = redis.call('HMGET', command_key(id), 'delivered', 'end_reason', 'expires_at',
+                         'requires_confirmation', 'confirmed', 'outcome')
+    local status = nil
+    if f[1] == '1' then
+        status = f[6] or 'delivered'
+    elseif f[1] == '0' then
+        if f[2] then
+            status = f[2]
+        elseif tonumber(f[3]) <= tonumber(now) then
+            status = 'expired'
+        elseif f[4] == '1' and f[5] ~= '1' then
+            status = 'awaiting_confirmation'
+        else
+            status = 'pending'
+        end
+    end
+    if status then
+        counts[status] = (counts[status] or 0) + 1
+    end
+end
+local flat = {}
+for status, count in pairs(counts) do
+    flat[#flat + 1] = status
+    flat[#flat + 1] = count
+end
+return flat
+"""
+)
+
+
+class RedisFleetCalls:
+    """The rollout and retiring primitives of ``IndexedStore`` on Redis (a mixin of
+    :class:`~amqp_queue.state.redis_store.RedisStore`, which provides the rest)."""
+
+    _prefix: str
+    _indexes: list[str]
+
+    if TYPE_CHECKING:  # provided by RedisStore
+
+        def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]: ...
+
+        def _errors(self, action: str) -> AbstractAsyncContextManager[None]: ...
+
+        def _device_key(self, device_id: str) -> str: ...
+
+        async def _sweep(
+            self, script: AsyncScript, now: datetime, args: Sequence[str | bytes], what: str
+        ) -> int: ...
+
+    def _register_fleet_scripts(self, client: Redis) -> None:
+        self._time_out: AsyncScript = client.register_script(TIME_OUT)
+        self._confirm_rollout_script: AsyncScript = client.register_script(CONFIRM_ROLLOUT)
+        self._cancel_open_script: AsyncScript = client.register_script(CANCEL_OPEN)
+        self._rollout_counts_script: AsyncScript = client.register_script(ROLLOUT_COUNTS)
+
+    async def time_out(self, now: datetime) -> int:
+        return await self._sweep(self._time_out, now, [str(SWEEP_BATCH)], "time out")
+
+    @property
+    def _outcome_due_key(self) -> str:
+        return f"{self._prefix}outcome_due"
+
+    def _rollout_key(self, rollout_id: str) -> str:
+        return f"{self._prefix}rollout:{rollout_id}"
+
+    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
+        async with self._errors("confirm rollout"):
+            confirmed = await self._confirm_rollout_script(
+                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
+            )
+        return [record for _, record in decode_replies(confirmed)]
+
+    async def _cancel_open(
+        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+    ) -> int:
+        members = (
+            self._device_key(device_id)
+            if device_id is not None
+            else self._rollout_key(str(rollout_id))
+        )
+        async with self._errors("cancel"):
+            cancelled = await self._cancel_open_script(
+                keys=[*self._indexes, members], args=self._args(now)
+            )
+        return int(cancelled)
+
+    async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
+        async with self._errors("rollout summary"):
+            flat = await self._rollout_counts_script(
+                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
+            )
+        return {
+            CommandStatus(as_text(status)): int(count)
+            for status, count in zip(flat[::2], flat[1::2], strict=True)
+        }

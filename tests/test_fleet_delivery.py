@@ -1,0 +1,110 @@
+"""consume() hands out commands that report their own outcome (rule 9), and a rollout
+fans out over RabbitMQ: published at once, delivered to every device's queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiormq
+import pytest
+
+from amqp_queue import CommandStatus, OutcomeRejected, RabbitMQStore, ReceivedCommand
+from amqp_queue.metrics import PrometheusObserver
+from tests.rabbitmq_support import queue_depth, rabbitmq_store
+
+
+async def test_a_consumed_command_reports_its_outcome_from_the_loop_body(tmp_path: Path) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        done = await store.enqueue("dev-1", b"open door", 60)
+        broken = await store.enqueue("dev-1", b"close door", 60)
+
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                assert isinstance(command, ReceivedCommand)
+                if command.id == done:
+                    await command.complete(b"opened")
+                else:
+                    await command.fail("jammed")
+                    break
+
+        assert await store.get_status(done) == CommandStatus.SUCCEEDED
+        assert await store.get_status(broken) == CommandStatus.FAILED
+        outcome = await store.get_outcome(done)
+        assert outcome is not None
+        assert outcome.result == b"opened"
+        assert await store.drain_pending("dev-1") == []
+
+
+async def test_a_command_cancelled_before_its_report_takes_no_outcome(tmp_path: Path) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        command_id = await store.enqueue("dev-1", b"x", 60)
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                await store.cancel_command(command.id)
+                with pytest.raises(OutcomeRejected):
+                    await command.complete()
+                break
+        assert await store.get_status(command_id) == CommandStatus.CANCELLED
+
+
+async def test_outcomes_are_counted_in_the_metrics(tmp_path: Path) -> None:
+    observer = PrometheusObserver()
+    async with rabbitmq_store(tmp_path, observer=observer) as store:
+        assert isinstance(store, RabbitMQStore)
+        first = await store.enqueue("dev-1", b"a", 60)
+        second = await store.enqueue("dev-1", b"b", 60)
+        await store.drain_pending("dev-1")
+        await store.complete_command(first)
+        await store.fail_command(second, "no")
+
+    text = observer.render().decode()
+    assert 'amqp_queue_commands_outcomes_total{outcome="succeeded"} 1.0' in text
+    assert 'amqp_queue_commands_outcomes_total{outcome="failed"} 1.0' in text
+
+
+async def test_a_rollout_is_published_to_every_devices_queue_at_once(tmp_path: Path) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        devices = [f"dev-{n}" for n in range(20)]
+
+        rollout = await store.enqueue_many(devices, b"fw", 60)
+
+        assert [await queue_depth(store, device) for device in devices] == [1] * 20
+        for device, command_id in zip(devices, rollout.command_ids, strict=True):
+            async with store.consume(device) as stream:
+                async for command in stream:
+                    assert command.id == command_id
+                    await command.complete()
+                    break
+        summary = await store.rollout_summary(rollout.rollout_id)
+        assert summary.counts[CommandStatus.SUCCEEDED] == 20
+
+
+async def test_a_confirmed_rollout_is_published_on_confirmation(tmp_path: Path) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        devices = ["dev-a", "dev-b"]
+        rollout = await store.enqueue_many(
+            devices, b"fw", 60, command_type="fw", requires_confirmation=True
+        )
+        assert [await queue_depth(store, device) for device in devices] == [0, 0]
+
+        assert await store.confirm_rollout(rollout.rollout_id) == 2
+
+        assert [await queue_depth(store, device) for device in devices] == [1, 1]
+
+
+async def test_retiring_a_device_deletes_its_queue(tmp_path: Path) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        command_id = await store.enqueue("dev-old", b"x", 60)
+        assert await queue_depth(store, "dev-old") == 1
+
+        assert await store.retire_device("dev-old") == 1
+
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await queue_depth(store, "dev-old")
+        assert await store.get_status(command_id) == CommandStatus.CANCELLED
+        assert "dev-old" not in store.declared_devices
