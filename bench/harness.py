@@ -69,7 +69,7 @@ QUICK = Sizes(
     latency=20,
     storm_devices=20,
     storm_commands=3,
-    api_requests=20,
+    api_requests=10,
     api_concurrency=5,
     decompose=20,
 )
