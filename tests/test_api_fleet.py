@@ -23,9 +23,7 @@ UNKNOWN = "00000000-0000-0000-0000-000000000001"
 
 @pytest.fixture
 async def api(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Api]:
-    config = RabbitMQConfig(
-        exchange=unique("test.api."), limits=Limits(max_pending_per_device=3)
-    )
+    config = RabbitMQConfig(exchange=unique("test.api."), limits=Limits(max_pending_per_device=3))
     async with running(tmp_path, clock=clock, rabbitmq=config) as opened:
         yield opened
 
@@ -61,7 +59,8 @@ async def test_a_reported_success_is_kept_with_its_result_and_shown_by_the_comma
     assert shown["outcome"]["encoding"] == "base64"
     assert "reported_at" in shown["outcome"]
     outcome = await api.backends.store.get_outcome(command_id)
-    assert outcome is not None and outcome.result == raw
+    assert outcome is not None
+    assert outcome.result == raw
     assert (
         f"operator alice reported the outcome of command {command_id}: ok, succeeded"
         in _audit_lines(caplog)

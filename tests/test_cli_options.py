@@ -42,6 +42,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_ttl": ("60", timedelta(seconds=60)),
     "max_device_id_length": ("40", 40),
     "max_command_type_length": ("20", 20),
+    "max_pending_per_device": ("50", 50),
+    "max_reason_length": ("200", 200),
 }
 
 
