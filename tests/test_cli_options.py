@@ -157,11 +157,14 @@ def test_a_bad_environment_value_names_its_variable() -> None:
 @pytest.mark.parametrize("verb", sorted(set(cli.commands) - {"demo", "migrate"}))
 def test_serve_and_every_verb_take_every_setting(verb: str) -> None:
     command = cli.commands[verb]
-    flags = {flag for param in command.params for flag in param.opts}
+    # A group of verbs (outcome, rollout): each of its verbs takes them.
+    verbs = list(command.commands.values()) if isinstance(command, click.Group) else [command]
 
-    for knob in KNOBS:
-        assert knob.flag in flags, f"{verb} has no {knob.flag}"
-    assert {"--amqp-url", "--state-url", "--connect-timeout", "--log-level"} <= flags
+    for each in verbs:
+        flags = {flag for param in each.params for flag in param.opts}
+        for knob in KNOBS:
+            assert knob.flag in flags, f"{verb} {each.name} has no {knob.flag}"
+        assert {"--amqp-url", "--state-url", "--connect-timeout", "--log-level"} <= flags
 
 
 def _settings_rows() -> list[str]:
