@@ -14,7 +14,17 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import alternatives, backends, cluster, commands, index, scale, streams, throughput
+from bench import (
+    alternatives,
+    backends,
+    cluster,
+    commands,
+    fleet,
+    index,
+    scale,
+    streams,
+    throughput,
+)
 from bench.harness import FULL, QUICK, Benchmark, Context, Results
 from bench.report import Run, machine, now, write
 
@@ -28,6 +38,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "scale": scale.bench_scale,
     "streams": streams.bench_streams,
     "index": index.bench_index,
+    "fleet": fleet.bench_fleet,
 }
 
 OPT_IN: dict[str, Benchmark] = {

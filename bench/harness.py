@@ -38,6 +38,8 @@ class Sizes:
     index_small: int = 10_000
     index_large: int = 1_000_000
     index_calls: int = 100
+    fanout: int = 10_000
+    rollout_summary: int = 100_000
 
 
 FULL = Sizes()
@@ -59,6 +61,8 @@ QUICK = Sizes(
     index_small=200,
     index_large=2_000,
     index_calls=5,
+    fanout=20,
+    rollout_summary=200,
 )
 
 
