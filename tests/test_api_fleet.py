@@ -147,6 +147,8 @@ async def test_an_outcome_timeout_given_at_enqueue_ends_the_command_timed_out(
 
     assert shown["status"] == "timed_out"
     assert shown["outcome"]["status"] == "timed_out"
+    text = (await api.client.get("/metrics")).text
+    assert 'amqp_queue_commands_outcomes_total{outcome="timed_out"} 1.0' in text
 
 
 async def test_a_bad_outcome_timeout_is_a_400_and_writes_nothing(api: Api) -> None:
