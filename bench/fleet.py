@@ -147,5 +147,6 @@ async def _summary(ctx: Context) -> None:
 
 
 async def bench_fleet(ctx: Context) -> None:
-    await _fanout(ctx)
+    # The summary needs no broker: first, so a slow broker cannot hold it up.
     await _summary(ctx)
+    await _fanout(ctx)
