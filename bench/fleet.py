@@ -3,8 +3,9 @@
 Fan-out: one ``enqueue_many`` of a command to 10,000 devices whose queues exist (declared
 first, untimed), side by side in the same run with raw aio-pika publishing of 10,000
 persistent messages to 10,000 queues of their own, pipelined with publisher confirms. Both
-sides end when the broker confirmed every message; amqp-queue also wrote the 10,000 index
-rows in one transaction before publishing.
+sides end when the broker confirmed every message (what ``enqueue_many`` left to the outbox
+relay after a publish timeout is flushed by the relay inside the timed span); amqp-queue
+also wrote the 10,000 index rows in one transaction before publishing.
 
 Summary: ``rollout_summary`` of a rollout of 100,000 commands (one per device) on SQLite and
 PostgreSQL. The rollout is written through the state's own write path (``enqueue_many`` of
@@ -20,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+from amqp_queue import BrokerError, RabbitMQStore
 from amqp_queue.state import SqlStore
 from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.validation import Limits
@@ -46,6 +48,8 @@ async def _fanout(ctx: Context) -> None:
         for _ in range(sizes.runs):
             started = time.perf_counter()
             rollout = await store.enqueue_many(devices, PAYLOAD, TTL)
+            returned = time.perf_counter() - started
+            owed = await _confirmed_by_broker(store)
             ours = time.perf_counter() - started
             if len(rollout.command_ids) != count:
                 raise RuntimeError(f"enqueue_many wrote {len(rollout.command_ids)} commands")
@@ -67,12 +71,31 @@ async def _fanout(ctx: Context) -> None:
                 f"{sizes.in_flight} in flight",
                 unit="msg/s",
             )
+            results.note(
+                f"Fan-out: enqueue_many returned after {returned:.1f} s; the relay then "
+                f"published what it had left over, done at {ours:.1f} s (the figure); "
+                f"{owed} relay passes were needed."
+            )
     results.ratio(
         "enqueue_many fan-out / raw pipelined publish",
         "fleet.fanout.aq",
         "fleet.fanout.raw",
         Target(0.8),
     )
+
+
+async def _confirmed_by_broker(store: RabbitMQStore) -> int:
+    """Waits until the broker confirmed every command: a publish that timed out inside
+    ``enqueue_many`` was left to the outbox relay, so the relay is flushed until it succeeds.
+    Returns how many relay passes that took."""
+    passes = 0
+    while True:
+        passes += 1
+        try:
+            await store.relay_outbox()
+        except BrokerError:
+            continue
+        return passes
 
 
 SUMMARY_LIMITS = Limits(max_pending_per_device=1_000_000)
