@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, Route
 from amqp_queue import command_io, console_page
 from amqp_queue.auth import CONFIGURABLE_ROLES, ROLE_RIGHTS, Caller, Right, Tokens
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
+from amqp_queue.fleet_api import FleetEndpoints, seconds
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
 from amqp_queue.state.errors import (
@@ -38,7 +39,10 @@ from amqp_queue.state.errors import (
     InvalidInput,
     InvalidTTL,
     OutboxTaken,
+    OutcomeRejected,
     QueueError,
+    QueueFull,
+    RolloutNotFound,
     StateError,
 )
 from amqp_queue.state.model import PendingCommand
@@ -63,6 +67,9 @@ ERROR_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
     (InvalidInput, 400, "invalid_input"),
     (CommandExpired, 410, "expired"),
     (CommandNotFound, 404, "not_found"),
+    (RolloutNotFound, 404, "rollout_not_found"),
+    (OutcomeRejected, 409, "outcome_rejected"),
+    (QueueFull, 429, "queue_full"),
     (QueueMismatch, 409, "queue_mismatch"),
     (OutboxTaken, 409, "outbox_taken"),
     (CommandRejected, 422, "rejected"),
@@ -80,10 +87,17 @@ PROTECTED: tuple[tuple[str, str, str, Right], ...] = (
     ("/commands/{command_id}/cancel", "POST", "cancel", Right.OPERATE),
     ("/cleanup", "POST", "cleanup", Right.OPERATE),
     ("/whoami", "GET", "whoami", Right.READ),
+    # Fleet operations (amqp_queue.fleet_api): a gateway reporting outcomes operates.
+    ("/commands/{command_id}/outcome", "POST", "outcome", Right.OPERATE),
+    ("/rollouts", "POST", "create_rollout", Right.OPERATE),
+    ("/rollouts/{rollout_id}", "GET", "rollout_status", Right.READ),
+    ("/rollouts/{rollout_id}/confirm", "POST", "confirm_rollout", Right.CONFIRM),
+    ("/rollouts/{rollout_id}/cancel", "POST", "cancel_rollout", Right.OPERATE),
+    ("/devices/{device_id}/retire", "POST", "retire", Right.OPERATE),
 )
 """Every endpoint that needs a token: path, method, handler and the right its caller needs."""
 
-ENQUEUE_FIELDS = ("payload", "encoding", "ttl", "mode", "command_type")
+ENQUEUE_FIELDS = ("payload", "encoding", "ttl", "mode", "command_type", "outcome_timeout")
 
 
 def error_status(exc: QueueError) -> tuple[int, str]:
@@ -98,7 +112,7 @@ def _error(status: int, code: str, detail: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-class OperatorApi:
+class OperatorApi(FleetEndpoints):
     """The API's endpoints over one store.
 
     Args:
@@ -168,6 +182,7 @@ class OperatorApi:
             ttl=ttl,
             mode=mode,
             command_type=body.get("command_type"),
+            outcome_timeout=seconds(body, "outcome_timeout", required=False),
         )
         audit.info("operator %s enqueued %s command %s", operator, mode.value, command_id)
         return JSONResponse(
@@ -185,9 +200,7 @@ class OperatorApi:
         return _commands(device, await self._store.get_pending_confirmations(device))
 
     async def status(self, request: Request, operator: str) -> Response:
-        command_id = request.path_params["command_id"]
-        status = await self._store.get_status(command_id)
-        return JSONResponse({"id": command_id, "status": status.value})
+        return await self.command_json(request.path_params["command_id"])
 
     async def confirm(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
@@ -231,6 +244,9 @@ class OperatorApi:
         return JSONResponse(self._openapi)
 
     # -- plumbing ------------------------------------------------------------------------
+
+    def _audit(self, operator: str, action: str, subject: str) -> AbstractContextManager[_Outcome]:
+        return _audited(operator, action, subject, kind="")
 
     def _guarded(self, handler: Handler, right: Right) -> Callable[[Request], Awaitable[Response]]:
         """Checks the bearer token and its right, runs the handler, answers errors with their
@@ -305,17 +321,19 @@ class _Outcome:
 
 
 @contextmanager
-def _audited(operator: str, action: str, command_id: str) -> Iterator[_Outcome]:
-    """Logs an operator's action on a command with its outcome and the token's name."""
+def _audited(
+    operator: str, action: str, command_id: str, *, kind: str = "command "
+) -> Iterator[_Outcome]:
+    """Logs an operator's action on a command (or on what ``kind`` names: ``""`` when
+    ``command_id`` names it itself, "rollout <id>") with its outcome and the token's name."""
     outcome = _Outcome()
+    subject = kind + command_id
     try:
         yield outcome
     except QueueError as exc:
-        audit.info(
-            "operator %s %s command %s: %s", operator, action, command_id, error_status(exc)[1]
-        )
+        audit.info("operator %s %s %s: %s", operator, action, subject, error_status(exc)[1])
         raise
-    audit.info("operator %s %s command %s: %s", operator, action, command_id, outcome.text)
+    audit.info("operator %s %s %s: %s", operator, action, subject, outcome.text)
 
 
 def _roles_with(right: Right) -> str:
@@ -339,6 +357,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         # a character queue names cannot hold is bad input (400).
         if raw_path.startswith(b"/commands/"):
             return _error(404, "not_found", "no such command: command ids are UUIDs")
+        if raw_path.startswith(b"/rollouts/"):
+            return _error(404, "rollout_not_found", "no such rollout: rollout ids are UUIDs")
         return _error(
             400,
             "invalid_input",

@@ -12,7 +12,13 @@ import enum
 from typing import Any
 
 from amqp_queue.state.errors import InvalidCommandType, InvalidInput, InvalidPayload
-from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
+from amqp_queue.state.model import (
+    CommandRecord,
+    CommandStatus,
+    Outcome,
+    PendingCommand,
+    RolloutSummary,
+)
 from amqp_queue.state.validation import Ttl
 from amqp_queue.store import RabbitMQStore
 
@@ -86,8 +92,12 @@ async def enqueue(
     ttl: Ttl,
     mode: Mode = Mode.PLAIN,
     command_type: str | None = None,
+    outcome_timeout: float | None = None,
 ) -> str:
     """Queues a command with the enqueue call ``mode`` names; returns its id.
+
+    ``outcome_timeout`` (seconds after delivery, None for none) is the outcome deadline of
+    DESIGN.md rule 9.
 
     Raises:
         InvalidCommandType: a plain command with a type, or a typed mode without one.
@@ -98,17 +108,43 @@ async def enqueue(
             raise InvalidCommandType(
                 "a plain command has no command type; use mode latest or confirm to give one"
             )
-        return await store.enqueue(device_id, payload, ttl)
+        return await store.enqueue(device_id, payload, ttl, outcome_timeout=outcome_timeout)
     if command_type is None:
         raise InvalidCommandType(f"mode {mode.value} needs a command type")
     if mode is Mode.LATEST:
-        return await store.enqueue_or_update(device_id, command_type, payload, ttl)
-    return await store.enqueue_with_confirmation(device_id, command_type, payload, ttl)
+        return await store.enqueue_or_update(
+            device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout
+        )
+    return await store.enqueue_with_confirmation(
+        device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout
+    )
 
 
 def initial_status(mode: Mode) -> CommandStatus:
     """The status of a command just enqueued in ``mode``."""
     return CommandStatus.AWAITING_CONFIRMATION if mode is Mode.CONFIRM else CommandStatus.PENDING
+
+
+def outcome_json(outcome: Outcome) -> dict[str, Any]:
+    """An outcome as JSON: its status, the result (with its encoding) or the reason, and when
+    it was reported (ISO-8601)."""
+    data: dict[str, Any] = {"status": outcome.status.value}
+    if outcome.result is not None:
+        shown = encode_payload(outcome.result)
+        data["result"], data["encoding"] = shown["payload"], shown["encoding"]
+    if outcome.reason is not None:
+        data["reason"] = outcome.reason
+    data["reported_at"] = outcome.reported_at.isoformat()
+    return data
+
+
+def rollout_json(summary: RolloutSummary) -> dict[str, Any]:
+    """A rollout summary as JSON: its id, its total and the count of every status."""
+    return {
+        "rollout_id": summary.rollout_id,
+        "total": summary.total,
+        "counts": {status.value: count for status, count in summary.counts.items()},
+    }
 
 
 def command_json(command: PendingCommand | CommandRecord) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from amqp_queue.console_page import ASSETS
+from amqp_queue.openapi_fleet import fleet_paths, fleet_schemas
 from amqp_queue.state.model import CommandStatus
 from amqp_queue.state.validation import COMMAND_TYPE_PATTERN, DEVICE_ID_PATTERN, Limits
 
@@ -173,6 +174,7 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
                     **secured,
                 )
             },
+            **fleet_paths(),
             "/": {
                 "get": _operation(
                     "The operator console, an HTML page (no token to load it; it asks for "
@@ -246,6 +248,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
     }
     command_type = {"$ref": "#/components/schemas/CommandType"}
     return {
+        **fleet_schemas(limits, payload),
         "DeviceId": {
             "type": "string",
             "minLength": 1,
@@ -273,6 +276,13 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                     "maximum": _number(limits.max_ttl.total_seconds()),
                     "description": "Seconds; at least one microsecond.",
                 },
+                "outcome_timeout": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": _number(limits.max_ttl.total_seconds()),
+                    "description": "Optional: seconds after delivery; a command with no "
+                    "outcome by then becomes timed_out at cleanup.",
+                },
                 "mode": {
                     "enum": ["plain", "latest", "confirm"],
                     "default": "plain",
@@ -291,6 +301,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "properties": {
                 "id": {"type": "string", "format": "uuid"},
                 "status": {"enum": [status.value for status in CommandStatus]},
+                "outcome": {"$ref": "#/components/schemas/Outcome"},
             },
         },
         "Command": {

@@ -20,6 +20,7 @@ from bench import (
     cluster,
     commands,
     decompose,
+    fleet,
     index,
     latency,
     operator_api,
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "decompose": decompose.bench_decompose,
     "reconnect": reconnect.bench_reconnect,
     "api": operator_api.bench_api,
+    "fleet": fleet.bench_fleet,
 }
 
 OPT_IN: dict[str, Benchmark] = {

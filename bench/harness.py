@@ -45,6 +45,8 @@ class Sizes:
     api_requests: int = 2_000
     api_concurrency: int = 50
     decompose: int = 1_000
+    fanout: int = 10_000
+    rollout_summary: int = 100_000
 
 
 FULL = Sizes()
@@ -72,6 +74,8 @@ QUICK = Sizes(
     api_requests=10,
     api_concurrency=5,
     decompose=20,
+    fanout=20,
+    rollout_summary=200,
 )
 
 

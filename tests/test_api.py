@@ -35,6 +35,12 @@ PROTECTED = [
     ("POST", "/commands/00000000-0000-0000-0000-000000000001/cancel"),
     ("POST", "/cleanup"),
     ("GET", "/whoami"),
+    ("POST", "/commands/00000000-0000-0000-0000-000000000001/outcome"),
+    ("POST", "/rollouts"),
+    ("GET", "/rollouts/00000000-0000-0000-0000-000000000001"),
+    ("POST", "/rollouts/00000000-0000-0000-0000-000000000001/confirm"),
+    ("POST", "/rollouts/00000000-0000-0000-0000-000000000001/cancel"),
+    ("POST", "/devices/dev-1/retire"),
 ]
 
 

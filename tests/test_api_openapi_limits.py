@@ -112,7 +112,7 @@ async def test_every_device_id_parameter_and_field_names_the_limited_schema(api:
     ]
     schemas = document["components"]["schemas"]
 
-    assert len(parameters) == 3  # enqueue, list, confirmations
+    assert len(parameters) == 4  # enqueue, list, confirmations, retire
     device_id = {"$ref": "#/components/schemas/DeviceId"}
     assert all(parameter["schema"] == device_id for parameter in parameters)
     assert schemas["Command"]["properties"]["device_id"] == device_id
@@ -120,6 +120,9 @@ async def test_every_device_id_parameter_and_field_names_the_limited_schema(api:
     command_type = {"$ref": "#/components/schemas/CommandType"}
     assert {"type": "null"} in schemas["EnqueueRequest"]["properties"]["command_type"]["oneOf"]
     assert command_type in schemas["EnqueueRequest"]["properties"]["command_type"]["oneOf"]
+    rollout = schemas["RolloutRequest"]["properties"]
+    assert rollout["device_ids"]["items"] == device_id
+    assert rollout["command_type"]["$ref"] == command_type["$ref"]
 
 
 # Valid characters of both alphabets, with the ones each refuses and a few that look alike.

@@ -41,8 +41,11 @@ async def api(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Api]:
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{device_id}", "dev-1").replace(
-        "{command_id}", "00000000-0000-0000-0000-000000000001"
+    unknown = "00000000-0000-0000-0000-000000000001"
+    return (
+        path.replace("{device_id}", "dev-1")
+        .replace("{command_id}", unknown)
+        .replace("{rollout_id}", unknown)
     )
 
 
@@ -64,8 +67,8 @@ async def test_every_route_answers_403_to_a_role_below_its_right_and_lets_the_ot
                 # Let in: whatever the call answers, it is not a refusal of the role.
                 assert response.status_code not in (401, 403), (method, path, role)
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    # viewer: 4 operate/confirm routes; operator: the confirm route.
-    assert len(refusals) == 5
+    # viewer: 9 operate/confirm routes; operator: the 2 confirm routes.
+    assert len(refusals) == 11
     assert (
         "operator val refused: POST /commands/00000000-0000-0000-0000-000000000001/confirm "
         "needs the confirm right, role viewer lacks it"

@@ -70,6 +70,30 @@ async def delivered_after_confirmation(api: Api, device: str) -> str:
     return command_id
 
 
+async def succeeded(api: Api, device: str) -> str:
+    command_id = await delivered(api, device)
+    report = {"outcome": "succeeded", "result": "done"}
+    response = await api.client.post(f"/commands/{command_id}/outcome", json=report)
+    assert response.status_code == 200, response.text
+    return command_id
+
+
+async def failed(api: Api, device: str) -> str:
+    command_id = await delivered(api, device)
+    report = {"outcome": "failed", "reason": "jammed"}
+    response = await api.client.post(f"/commands/{command_id}/outcome", json=report)
+    assert response.status_code == 200, response.text
+    return command_id
+
+
+async def timed_out(api: Api, device: str) -> str:
+    command_id = await _enqueued(api, device, outcome_timeout=0.2)
+    assert await api.backends.store.drain_pending(device) == [b"reboot"]
+    await asyncio.sleep(0.3)
+    await api.client.post("/cleanup")
+    return command_id
+
+
 async def expired(api: Api, device: str) -> str:
     command_id = await _enqueued(api, device, ttl=0.2)
     await asyncio.sleep(0.3)
@@ -137,6 +161,9 @@ ROWS = [
     Row(latest, "pending", (200, "pending"), (200, "cancelled")),
     Row(delivered, "delivered", (200, "delivered"), NOT_FOUND),
     Row(delivered_after_confirmation, "delivered", (200, "delivered"), NOT_FOUND),
+    Row(succeeded, "succeeded", (200, "succeeded"), NOT_FOUND),
+    Row(failed, "failed", (200, "failed"), NOT_FOUND),
+    Row(timed_out, "timed_out", (200, "timed_out"), NOT_FOUND),
     Row(expired, "expired", (410, "expired"), (410, "expired")),
     Row(expired_and_cleaned_up, "expired", (410, "expired"), (410, "expired")),
     Row(cancelled, "cancelled", NOT_FOUND, NOT_FOUND),

@@ -42,6 +42,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_ttl": ("60", timedelta(seconds=60)),
     "max_device_id_length": ("40", 40),
     "max_command_type_length": ("20", 20),
+    "max_pending_per_device": ("50", 50),
+    "max_reason_length": ("200", 200),
 }
 
 
@@ -155,11 +157,14 @@ def test_a_bad_environment_value_names_its_variable() -> None:
 @pytest.mark.parametrize("verb", sorted(set(cli.commands) - {"demo", "migrate"}))
 def test_serve_and_every_verb_take_every_setting(verb: str) -> None:
     command = cli.commands[verb]
-    flags = {flag for param in command.params for flag in param.opts}
+    # A group of verbs (outcome, rollout): each of its verbs takes them.
+    verbs = list(command.commands.values()) if isinstance(command, click.Group) else [command]
 
-    for knob in KNOBS:
-        assert knob.flag in flags, f"{verb} has no {knob.flag}"
-    assert {"--amqp-url", "--state-url", "--connect-timeout", "--log-level"} <= flags
+    for each in verbs:
+        flags = {flag for param in each.params for flag in param.opts}
+        for knob in KNOBS:
+            assert knob.flag in flags, f"{verb} {each.name} has no {knob.flag}"
+        assert {"--amqp-url", "--state-url", "--connect-timeout", "--log-level"} <= flags
 
 
 def _settings_rows() -> list[str]:

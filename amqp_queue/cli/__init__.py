@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 
 from amqp_queue.cli.common import EPILOG
+from amqp_queue.cli.fleet import outcome, retire, rollout
 from amqp_queue.cli.operator import (
     cancel,
     cleanup,
@@ -48,6 +49,9 @@ for _command in (
     cleanup,
     drain,
     consume,
+    outcome,
+    rollout,
+    retire,
     migrate,
     serve,
     demo,

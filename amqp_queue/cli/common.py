@@ -15,7 +15,15 @@ import click
 from amqp_queue import command_io
 from amqp_queue.cli.options import VERB_CONNECT_TIMEOUT, settings_from, settings_options
 from amqp_queue.settings import ENV_AMQP_URL, ENV_PREFIX, Settings
-from amqp_queue.state.errors import CommandExpired, CommandNotFound, InvalidInput, QueueError
+from amqp_queue.state.errors import (
+    CommandExpired,
+    CommandNotFound,
+    InvalidInput,
+    OutcomeRejected,
+    QueueError,
+    QueueFull,
+    RolloutNotFound,
+)
 from amqp_queue.state.factory import open_state
 from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import PendingCommand
@@ -28,10 +36,15 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2  # also click's exit code for a usage error
 EXIT_NOT_FOUND = 3
 EXIT_EXPIRED = 4
+EXIT_QUEUE_FULL = 5
+EXIT_OUTCOME_REFUSED = 6
 
 EPILOG = f"""\b
 Exit codes: 0 ok, {EXIT_FAILED} failed (broker or state unavailable, demo found a loss),
-{EXIT_INVALID} bad input or usage, {EXIT_NOT_FOUND} no such command, {EXIT_EXPIRED} command expired.
+{EXIT_INVALID} bad input or usage, {EXIT_NOT_FOUND} no such command or rollout,
+{EXIT_EXPIRED} command expired, {EXIT_QUEUE_FULL} device at its limit of open commands
+(--max-pending-per-device), {EXIT_OUTCOME_REFUSED} outcome refused (not delivered, or another
+outcome recorded).
 Settings come from flags or the environment: {ENV_AMQP_URL} for --amqp-url,
 {ENV_PREFIX}<NAME> for every other (--max-ttl: {ENV_PREFIX}MAX_TTL).
 """
@@ -53,8 +66,12 @@ def exit_code(exc: QueueError) -> int:
     """The exit code an error ends the CLI with."""
     if isinstance(exc, CommandExpired):
         return EXIT_EXPIRED
-    if isinstance(exc, CommandNotFound):
+    if isinstance(exc, CommandNotFound | RolloutNotFound):
         return EXIT_NOT_FOUND
+    if isinstance(exc, QueueFull):
+        return EXIT_QUEUE_FULL
+    if isinstance(exc, OutcomeRejected):
+        return EXIT_OUTCOME_REFUSED
     if isinstance(exc, InvalidInput):
         return EXIT_INVALID
     return EXIT_FAILED

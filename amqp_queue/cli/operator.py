@@ -47,6 +47,11 @@ from amqp_queue.store import RabbitMQStore
 )
 @click.option("--type", "command_type", help="The command type (needed by latest and confirm).")
 @click.option("--base64", "is_base64", is_flag=True, help="PAYLOAD is base64, not UTF-8 text.")
+@click.option(
+    "--outcome-timeout",
+    type=float,
+    help="Seconds after delivery to report an outcome by; then it is timed_out at cleanup.",
+)
 @json_option
 @with_settings
 def enqueue(
@@ -57,6 +62,7 @@ def enqueue(
     mode: str,
     command_type: str | None,
     is_base64: bool,
+    outcome_timeout: float | None,
     as_json: bool,
 ) -> None:
     """Queue PAYLOAD for DEVICE and print the command's id.
@@ -71,7 +77,13 @@ def enqueue(
     async def action(store: RabbitMQStore) -> str:
         data = command_io.decode_payload(payload, "base64" if is_base64 else "utf-8")
         return await command_io.enqueue(
-            store, device_id=device, payload=data, ttl=ttl, mode=kind, command_type=command_type
+            store,
+            device_id=device,
+            payload=data,
+            ttl=ttl,
+            mode=kind,
+            command_type=command_type,
+            outcome_timeout=outcome_timeout,
         )
 
     command_id = run_with_store(settings, action)

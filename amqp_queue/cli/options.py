@@ -184,6 +184,17 @@ KNOBS: tuple[Knob, ...] = (
     Knob("max_ttl", LONGEST_TTL, "The longest time to live a command may have, seconds."),
     Knob("max_device_id_length", AT_LEAST_ONE, "The longest device id, characters."),
     Knob("max_command_type_length", AT_LEAST_ONE, "The longest command type, characters."),
+    Knob(
+        "max_pending_per_device",
+        AT_LEAST_ONE,
+        "Open commands (awaiting confirmation or pending) a device may hold; an enqueue past "
+        "it is refused (QueueFull).",
+    ),
+    Knob(
+        "max_reason_length",
+        click.IntRange(min=0),
+        "The longest reason a failed outcome may give, characters.",
+    ),
 )
 """Every field of RabbitMQConfig but ``limits``, and every field of Limits."""
 
