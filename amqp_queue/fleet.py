@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from amqp_queue.errors import QueueMismatch
 from amqp_queue.observer import Observer
@@ -21,6 +21,8 @@ from amqp_queue.state.validation import Limits, validate_reason, validate_result
 
 if TYPE_CHECKING:
     from amqp_queue.topology import Topology
+
+T = TypeVar("T")
 
 logger = logging.getLogger("amqp_queue.store")
 
@@ -128,8 +130,8 @@ class FleetDelivery:
         reachable = not self.broker_pending
         if reachable:
             topology = await self._ready()
-            declared = await asyncio.gather(
-                *(topology.ensure_queue(record.device_id) for record in records),
+            declared = await _bounded(
+                [topology.ensure_queue(record.device_id) for record in records],
                 return_exceptions=True,
             )
             for outcome in declared:
@@ -159,4 +161,25 @@ class FleetDelivery:
             for record in ready:
                 self._path.owe(record.id)
             return
-        await asyncio.gather(*(self._path.publish(record) for record in ready))
+        await _bounded([self._path.publish(record) for record in ready])
+
+
+# Broker calls of one fan-out in flight at once. Started all together, 10,000 publishes of a
+# rollout outlasted their publish timeout on a busy broker and were left to the relay, which
+# published copies of what the broker had in fact received.
+FAN_OUT_IN_FLIGHT = 1_000
+
+
+async def _bounded(
+    calls: Sequence[Coroutine[Any, Any, T]], *, return_exceptions: bool = False
+) -> list[T | BaseException]:
+    """Awaits ``calls`` with at most :data:`FAN_OUT_IN_FLIGHT` running at once, in order."""
+    gate = asyncio.Semaphore(FAN_OUT_IN_FLIGHT)
+
+    async def gated(call: Coroutine[Any, Any, T]) -> T:
+        async with gate:
+            return await call
+
+    return await asyncio.gather(
+        *(gated(call) for call in calls), return_exceptions=return_exceptions
+    )
