@@ -33,6 +33,7 @@ local function finish(key, id, field, value)
     redis.call('ZREM', prefix .. 'dev:' .. owner[1], id)
     redis.call('ZREM', expiry_key, id)
     redis.call('ZREM', outbox_key, id)
+    redis.call('ZREM', prefix .. 'awaiting', id)
     if owner[2] then
         local slots = prefix .. 'types:' .. owner[1]
         if redis.call('HGET', slots, owner[2]) == id then
