@@ -30,6 +30,8 @@ from starlette.routing import BaseRoute, Route
 from amqp_queue import command_io, console_page
 from amqp_queue.auth import CONFIGURABLE_ROLES, ROLE_RIGHTS, Caller, Right, Tokens
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
+from amqp_queue.fleet_api import FleetViews, record_json
+from amqp_queue.four_eyes import SelfApproval, check_approver
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
 from amqp_queue.state.errors import (
@@ -66,6 +68,7 @@ ERROR_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
     (QueueMismatch, 409, "queue_mismatch"),
     (OutboxTaken, 409, "outbox_taken"),
     (CommandRejected, 422, "rejected"),
+    (SelfApproval, 403, "four_eyes"),
     (StateError, 503, "state_unavailable"),
     (BrokerError, 503, "broker_unavailable"),
 )
@@ -80,6 +83,10 @@ PROTECTED: tuple[tuple[str, str, str, Right], ...] = (
     ("/commands/{command_id}/cancel", "POST", "cancel", Right.OPERATE),
     ("/cleanup", "POST", "cleanup", Right.OPERATE),
     ("/whoami", "GET", "whoami", Right.READ),
+    # The console's fleet-wide views (amqp_queue.fleet_api).
+    ("/confirmations", "GET", "inbox", Right.READ),
+    ("/devices", "GET", "devices", Right.READ),
+    ("/devices/{device_id}/history", "GET", "history", Right.READ),
 )
 """Every endpoint that needs a token: path, method, handler and the right its caller needs."""
 
@@ -98,7 +105,7 @@ def _error(status: int, code: str, detail: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-class OperatorApi:
+class OperatorApi(FleetViews):
     """The API's endpoints over one store.
 
     Args:
@@ -107,6 +114,7 @@ class OperatorApi:
         metrics: the observer the store reports to; ``/metrics`` renders it.
         health: checks the broker and the state for ``/healthz``.
         max_body_bytes: the largest request body read; a larger one is answered with 413.
+        four_eyes: refuse a token confirming a command it enqueued (403, audited).
     """
 
     def __init__(
@@ -117,8 +125,10 @@ class OperatorApi:
         metrics: PrometheusObserver,
         health: HealthCheck,
         max_body_bytes: int,
+        four_eyes: bool = False,
     ) -> None:
         self._store = store
+        self._four_eyes = four_eyes
         self._tokens = tokens
         self._metrics = metrics
         self._health = health
@@ -168,6 +178,7 @@ class OperatorApi:
             ttl=ttl,
             mode=mode,
             command_type=body.get("command_type"),
+            by=operator,
         )
         audit.info("operator %s enqueued %s command %s", operator, mode.value, command_id)
         return JSONResponse(
@@ -186,13 +197,16 @@ class OperatorApi:
 
     async def status(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
-        status = await self._store.get_status(command_id)
-        return JSONResponse({"id": command_id, "status": status.value})
+        # The whole record; ``id`` and ``status`` first, as before it was whole.
+        record = await self._store.get_command(command_id)
+        return JSONResponse(record_json(record, self._store.state.clock()))
 
     async def confirm(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
         with _audited(operator, "confirm", command_id) as outcome:
-            if not await self._store.confirm_changed(command_id):
+            if self._four_eyes:
+                check_approver(await self._store.get_command(command_id), operator)
+            if not await self._store.confirm_changed(command_id, by=operator):
                 outcome.text = "ok, nothing changed (no confirmation needed)"
         status = await self._store.get_status(command_id)
         return JSONResponse({"id": command_id, "status": status.value})
@@ -200,7 +214,7 @@ class OperatorApi:
     async def cancel(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
         with _audited(operator, "cancel", command_id):
-            await self._store.cancel_command(command_id)
+            await self._store.cancel_command(command_id, by=operator)
         return JSONResponse({"id": command_id, "status": "cancelled"})
 
     async def cleanup(self, request: Request, operator: str) -> Response:

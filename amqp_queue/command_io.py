@@ -86,8 +86,9 @@ async def enqueue(
     ttl: Ttl,
     mode: Mode = Mode.PLAIN,
     command_type: str | None = None,
+    by: str | None = None,
 ) -> str:
-    """Queues a command with the enqueue call ``mode`` names; returns its id.
+    """Queues a command with the enqueue call ``mode`` names, ``by`` whom; returns its id.
 
     Raises:
         InvalidCommandType: a plain command with a type, or a typed mode without one.
@@ -98,12 +99,12 @@ async def enqueue(
             raise InvalidCommandType(
                 "a plain command has no command type; use mode latest or confirm to give one"
             )
-        return await store.enqueue(device_id, payload, ttl)
+        return await store.enqueue(device_id, payload, ttl, by=by)
     if command_type is None:
         raise InvalidCommandType(f"mode {mode.value} needs a command type")
     if mode is Mode.LATEST:
-        return await store.enqueue_or_update(device_id, command_type, payload, ttl)
-    return await store.enqueue_with_confirmation(device_id, command_type, payload, ttl)
+        return await store.enqueue_or_update(device_id, command_type, payload, ttl, by=by)
+    return await store.enqueue_with_confirmation(device_id, command_type, payload, ttl, by=by)
 
 
 def initial_status(mode: Mode) -> CommandStatus:
