@@ -22,8 +22,10 @@ Layout of a store's keys (``P`` is the store's prefix):
   yet, by deadline; they join ``P finished`` only once they have an outcome.
 - ``P awaiting`` sorted set: open commands awaiting confirmation, by ``created_at`` (ties by
   id): the fleet-wide confirmation inbox. A confirmation or an end removes a command.
-- ``P devices`` sorted set (all scores 0, so ordered by name): devices that were given
-  commands; one whose open set is empty is skipped where it is read.
+- ``P devices`` sorted set (all scores 0, so ordered by name): devices with open commands;
+  a script that ends a device's last one removes it, and one still listed whose commands
+  ended otherwise (a confirm or cancel of one command, or an expiry not swept yet) is
+  skipped where it is read.
 - ``P hist:<device>`` sorted set: every command of the device still held, by ``created_at``
   (pruned ones leave it).
 
