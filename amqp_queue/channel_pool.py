@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.robust_channel import RobustChannel
 from yarl import URL
 
 from amqp_queue.connection import FailoverConnection
-from amqp_queue.errors import BrokerError, broker_errors
+from amqp_queue.errors import BROKER_FAILURES, BrokerError, broker_errors
 
 logger = logging.getLogger("amqp_queue.channel_pool")
 
@@ -84,7 +84,18 @@ class ChannelPool:
                 try:
                     async with asyncio.timeout(self._timeout):
                         await connection.ready()
-                        channel = await connection.channel()
+                    # Without publisher confirms: a delivery channel only consumes and acks,
+                    # and Confirm.Select is one more round trip per open.
+                    opening = asyncio.ensure_future(connection.channel(publisher_confirms=False))
+                    try:
+                        async with asyncio.timeout(self._timeout):
+                            channel = await asyncio.shield(opening)
+                    except BaseException:
+                        # An open cut off half way leaves client and broker disagreeing about
+                        # the channel, and the broker closes the whole connection on the next
+                        # frame for it: the open finishes by itself and is closed again.
+                        opening.add_done_callback(_close_unwanted)
+                        raise
                 except RuntimeError as exc:
                     # aio-pika says "connection closed" with a bare RuntimeError.
                     raise BrokerError(f"{doing} failed: {exc}") from exc
@@ -172,3 +183,23 @@ def _channel_max(connection: AbstractRobustConnection) -> int | None:
     value = getattr(tune, "channel_max", None)
     # 0 means no limit in AMQP 0-9-1.
     return value if isinstance(value, int) and value > 0 else None
+
+
+def _close_unwanted(opening: asyncio.Future[AbstractRobustChannel]) -> None:
+    """Closes a channel whose opener gave up on it (timed out or cancelled)."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    task = asyncio.ensure_future(_close(opening.result()))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _close(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except BROKER_FAILURES as exc:
+        logger.warning("closing a channel opened too late: %s", exc)
+
+
+# Strong references to the background closes of unwanted channels (asyncio keeps weak ones).
+_closing: set[asyncio.Future[None]] = set()

@@ -53,8 +53,17 @@ async def drain(
     async def settle_window(window: list[AbstractIncomingMessage]) -> None:
         if not window:
             return
+        # Shielded: cancelled after its transaction committed but before its answer came,
+        # the claim would take commands nobody gives back; its records are awaited instead.
+        claim = asyncio.ensure_future(state.claim(device_id, command_ids(window)))
         try:
-            records = await state.claim(device_id, command_ids(window))
+            records = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            settlement.hold(window)
+            await asyncio.wait([claim])
+            if not claim.cancelled() and claim.exception() is None:
+                claimed.extend(claim.result())
+            raise
         except BaseException:
             settlement.hold(window)
             raise
@@ -83,11 +92,14 @@ async def drain(
         if failure is not None:
             raise failure
 
-    async def hand_over() -> None:
+    async def hand_over(*, in_order: bool) -> None:
+        # What goes back goes first: once the acks are sent, nothing is awaited before the
+        # drain returns, so no cancellation can fall between them and the caller.
+        await settlement.release()
         # Counted as acked before the acks are sent: cancelled half way, a message may be
         # gone or not, and a copy (dropped at delivery) is better than a loss.
         acked.extend(claimed)
-        await settlement.ack(settled)
+        await settlement.ack(settled, in_order=in_order)
 
     expected = inbox.queue.declaration_result.message_count or 0
     received = 0
@@ -113,17 +125,24 @@ async def drain(
         except (BrokerError, StateError) as exc:
             settlement.hold(inbox.take_buffered())
             if not claimed:
-                await settlement.ack(settled)  # stale messages only
+                await settlement.release()
+                # Stale messages only; one by one, as the consumer may still be receiving.
+                await settlement.ack(settled, in_order=False)
                 raise
             # What was claimed is delivered as far as the index goes: hand it out rather
             # than lose it. The rest stays queued for the next drain.
             logger.warning(
                 "drain of %s interrupted after %d commands: %s", device_id, len(claimed), exc
             )
-        await hand_over()
-    except asyncio.CancelledError:
-        # Nobody gets what this drain claimed: it goes back, never to DELIVERED. The channel
-        # closes (requeueing the unacked messages) only after the index has taken it back.
+            await hand_over(in_order=False)
+        else:
+            # The consumer is cancelled and its buffer taken: every delivery is settled or
+            # requeued by now, so one frame may ack them all.
+            await hand_over(in_order=True)
+    except BaseException:
+        # Nobody gets what this drain claimed (cancelled, or a failure it does not hand
+        # over): it goes back, never to DELIVERED. The channel closes only after the index
+        # has taken it back.
         gone = {record.id for record in acked}
         unacked = [record for record in claimed if record.id not in gone]
         inbox.settling = asyncio.ensure_future(
@@ -131,9 +150,6 @@ async def drain(
         )
         await asyncio.shield(inbox.settling)
         raise
-    finally:
-        if inbox.settling is None:
-            await settlement.release()
     return claimed
 
 
@@ -150,8 +166,9 @@ async def give_back(
     again. A failure is logged: the caller is being cancelled and cannot hear it.
 
     The index first: a message requeued while its command still said delivered would be
-    dropped as stale by the next consumer. The unacked messages of ``requeued`` go back
-    with the channel, which the caller closes after this."""
+    dropped as stale by the next consumer. Then every unsettled delivery goes back in one
+    frame (a multiple requeue up to the last one received), so a consumer already waiting
+    on the queue gets them in their order, not the held ones ahead of the claimed ones."""
     if requeued or republish:
         try:
             await state.release(
@@ -166,5 +183,11 @@ async def give_back(
         else:
             owe([record.id for record in republish])
             logger.info("a cancelled drain gave back %d commands", len(requeued) + len(republish))
-    settlement.hold(inbox.take_buffered())
-    await settlement.release()
+    try:
+        # No more deliveries to this drain: requeued while its consumer still ran, the
+        # broker would hand every other message straight back to it.
+        await inbox.stop()
+    except BrokerError as exc:
+        logger.warning("a cancelled drain could not cancel its consumer: %s", exc)
+    inbox.take_buffered()
+    await settlement.requeue_all(inbox.last)

@@ -54,14 +54,16 @@ class FleetDelivery:
     async def complete_command(self, command_id: str, result: bytes | None = None) -> None:
         """See :meth:`IndexedStore.complete_command`."""
         data = validate_result(result, self.limits)
-        record = await self.state.report(command_id, CommandStatus.SUCCEEDED, result=data)
-        self.observer.outcome(record)
+        record, changed = await self.state.report(command_id, CommandStatus.SUCCEEDED, result=data)
+        if changed:  # the same report again is harmless, and counted once
+            self.observer.outcome(record)
 
     async def fail_command(self, command_id: str, reason: str) -> None:
         """See :meth:`IndexedStore.fail_command`."""
         text = validate_reason(reason, self.limits)
-        record = await self.state.report(command_id, CommandStatus.FAILED, reason=text)
-        self.observer.outcome(record)
+        record, changed = await self.state.report(command_id, CommandStatus.FAILED, reason=text)
+        if changed:  # the same report again is harmless, and counted once
+            self.observer.outcome(record)
 
     async def complete_received(self, command_id: str, result: bytes | None) -> None:
         """:meth:`complete_command` for a command ``consume`` handed out (see
@@ -146,14 +148,16 @@ class FleetDelivery:
 
         Raises:
             InvalidDeviceId: a bad device id.
-            BrokerError: the queue could not be deleted (the commands are cancelled all
-                the same; call again to delete the queue).
+            BrokerError: the queue could not be deleted (nothing is cancelled; call
+                again).
         """
         device = self._device(device_id)
-        cancelled = await self.state.retire_device(device)
+        # The queue first: an enqueue accepted between the two steps is cancelled by the
+        # second (its message, if any, is stale in a new queue); cancelled first, it would
+        # stay pending with its message deleted, never to be delivered.
         topology = await self._ready()
         await topology.delete_queue(device)
-        return cancelled
+        return await self.state.retire_device(device)
 
     async def _accept_many(self, records: Sequence[CommandRecord]) -> None:
         reachable = not self.broker_pending

@@ -20,6 +20,8 @@ class Inbox:
         self._window = window
         # A drain's clean-up after a cancel; the channel closes only once it is done.
         self.settling: asyncio.Future[None] | None = None
+        self.last: AbstractIncomingMessage | None = None
+        """The latest delivery received (the highest delivery tag of the channel)."""
         # None is the wake-up of interrupt(): a reader waiting for the broker returns.
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._tag: ConsumerTag | None = None
@@ -30,6 +32,7 @@ class Inbox:
             self._tag = await self.queue.consume(self._on_message, no_ack=False)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.last = message
         self._buffer.put_nowait(message)
 
     def interrupt(self) -> None:

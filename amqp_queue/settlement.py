@@ -31,13 +31,13 @@ def command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
 
 
 async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
-    """Acks (or requeues) a message, or with ``multiple`` every delivery up to it; a lost
-    channel already requeued them on the broker."""
+    """Acks (or requeues) a message, or with ``multiple`` every unsettled delivery up to it;
+    a lost channel already requeued them on the broker."""
     try:
         if ack:
             await message.ack(multiple=multiple)
         else:
-            await message.nack(requeue=True)
+            await message.nack(multiple=multiple, requeue=True)
     except BROKER_FAILURES as exc:
         logger.warning(
             "could not %s message %s (%s); the broker requeues it with the lost channel",
@@ -92,6 +92,13 @@ class Settlement:
         held, self._held = self._held, []
         for message in held:
             await settle(message, ack=False)
+
+    async def requeue_all(self, last: AbstractIncomingMessage | None) -> None:
+        """Requeues every unsettled delivery of the channel up to ``last`` (held or not) in
+        one frame, so they go back together and keep their order."""
+        self._held = []
+        if last is not None:
+            await settle(last, ack=False, multiple=True)
 
 
 async def split_live(

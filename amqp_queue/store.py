@@ -372,7 +372,8 @@ async def _close_drain_channel(
     if settling is not None:
         # A cancelled drain's give-back: its unacked messages must not be requeued (by the
         # close) while the index still says delivered, or the next consumer drops them.
-        await asyncio.wait([settling])
+        # Bounded, so a hung index call cannot hold close() for ever.
+        await asyncio.wait([settling], timeout=config.publish_timeout)
     try:
         async with asyncio.timeout(config.publish_timeout):
             await channel.close()

@@ -202,6 +202,9 @@ class CommandStream(Closing):
         finally:
             self._ready.clear()
             self._current = None
+            if self._inbox is not None:
+                # A loop of another task waiting for the broker in __anext__ ends now.
+                self._inbox.interrupt()
             try:
                 if self._channel is not None:
                     async with asyncio.timeout(self._config.publish_timeout):

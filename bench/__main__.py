@@ -14,7 +14,20 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import alternatives, backends, cluster, commands, index, scale, streams, throughput
+from bench import (
+    alternatives,
+    backends,
+    cluster,
+    commands,
+    decompose,
+    index,
+    latency,
+    operator_api,
+    reconnect,
+    scale,
+    streams,
+    throughput,
+)
 from bench.harness import FULL, QUICK, Benchmark, Context, Results
 from bench.report import Run, machine, now, write
 
@@ -28,6 +41,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "scale": scale.bench_scale,
     "streams": streams.bench_streams,
     "index": index.bench_index,
+    "latency": latency.bench_latency,
+    "decompose": decompose.bench_decompose,
+    "reconnect": reconnect.bench_reconnect,
+    "api": operator_api.bench_api,
 }
 
 OPT_IN: dict[str, Benchmark] = {

@@ -7,6 +7,7 @@ drift between runs, ratios hold), and is summarised the same way.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,12 @@ class Sizes:
     index_small: int = 10_000
     index_large: int = 1_000_000
     index_calls: int = 100
+    latency: int = 2_000
+    storm_devices: int = 2_000
+    storm_commands: int = 10
+    api_requests: int = 2_000
+    api_concurrency: int = 50
+    decompose: int = 1_000
 
 
 FULL = Sizes()
@@ -59,6 +66,12 @@ QUICK = Sizes(
     index_small=200,
     index_large=2_000,
     index_calls=5,
+    latency=20,
+    storm_devices=20,
+    storm_commands=3,
+    api_requests=10,
+    api_concurrency=5,
+    decompose=20,
 )
 
 
@@ -166,3 +179,16 @@ async def timed(action: Awaitable[object]) -> float:
 
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of ``samples`` (``fraction`` 0.99 for p99).
+
+    A run's latencies are summarised by their percentiles, each recorded as a figure of
+    its own: the report then gives the median of the runs' p50s and p99s.
+    """
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]

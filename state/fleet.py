@@ -90,15 +90,23 @@ class FleetCalls(abc.ABC):
         *,
         result: bytes | None = None,
         reason: str | None = None,
-    ) -> CommandRecord:
-        """Records a validated outcome (rule 9); returns the record as it now stands."""
+    ) -> tuple[CommandRecord, bool]:
+        """Records a validated outcome (rule 9): the record as it now stands, and whether this
+        call recorded it (False for the same report again)."""
         now = self.clock()
-        record = await self.modify(
-            command_id,
-            lambda current: rules.reported(current, outcome, now, result=result, reason=reason),
-        )
-        logger.info("command %s for device %s: %s", command_id, record.device_id, outcome)
-        return record
+        changed = False
+
+        def reporting(current: CommandRecord) -> CommandRecord | None:
+            # As confirm_changed: the last call of a backend that retries sets the flag.
+            nonlocal changed
+            updated = rules.reported(current, outcome, now, result=result, reason=reason)
+            changed = updated is not None
+            return updated
+
+        record = await self.modify(command_id, reporting)
+        if changed:
+            logger.info("command %s for device %s: %s", command_id, record.device_id, outcome)
+        return record, changed
 
     async def get_outcome(self, command_id: str) -> Outcome | None:
         """The command's outcome; None while it has none (not delivered, or no report yet).

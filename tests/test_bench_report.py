@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bench.harness import Results, Target
+from bench.harness import Results, Target, percentile
 from bench.report import Run, as_json, markdown
 
 
@@ -33,3 +33,11 @@ def test_a_full_run_says_a_missed_target_is_missed() -> None:
 
     assert "| ours / raw | 0.50 | 0.50\u20130.50 | ≥ 0.7 | **no** |" in report
     assert as_json(_results(), _run("full"))["ratios"][0]["met"] is False
+
+
+def test_percentiles_are_nearest_rank_of_the_samples() -> None:
+    samples = [float(value) for value in range(100, 0, -1)]
+
+    assert percentile(samples, 0.50) == 50.0
+    assert percentile(samples, 0.99) == 99.0
+    assert percentile([7.0], 0.99) == 7.0

@@ -12,12 +12,14 @@ import asyncio
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 from amqp_queue import BrokerError, PendingCommand, RabbitMQStore
+from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.stream import CommandStream
 from tests.private_broker import private_broker
-from tests.rabbitmq_support import rabbitmq_store
+from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 
 PER_CONNECTION = 4
 CONNECTIONS = 3
@@ -82,3 +84,32 @@ async def test_a_broker_with_a_low_channel_max_serves_more_streams_than_it_allow
         got = await asyncio.gather(*(_next(stream) for stream in streams))
         assert [command.payload for command in got] == [d.encode() for d in devices]
         assert store._channels.connections >= 4
+
+
+async def test_a_channel_open_that_times_out_leaves_the_connection_working() -> None:
+    """Opens cut off by their timeout half way (thousands of streams opening at once on a
+    busy broker) used to leave client and broker disagreeing about a channel, and the broker
+    closed the whole connection; the late channels are now closed again, the connection
+    lives on."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        pool = ChannelPool(
+            connection, channels_per_connection=100, max_connections=1, reserved=0, timeout=1e-4
+        )
+        opened = await asyncio.gather(
+            *(pool.channel("opening a test channel") for _ in range(90)), return_exceptions=True
+        )
+        assert any(isinstance(result, BrokerError) for result in opened), "none was cut off"
+        for result in opened:
+            if not isinstance(result, BaseException):
+                await result.close()
+        # Cut-off opens finish and are closed by themselves: a round trip on a fresh channel
+        # comes after their frames on the connection.
+        assert not connection.is_closed
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue.name)
+        assert (await queue.get(timeout=5)).body == b"x"
+        await channel.close()
+    finally:
+        await connection.close()

@@ -82,6 +82,7 @@ class SlowClaims(SqlStore):
 
     delay = 0.0
     block_from: int | None = None
+    block_after_commit = False
     claims = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,11 +95,16 @@ class SlowClaims(SqlStore):
         self, device_id: str, command_ids: Collection[str] | None = None
     ) -> list[CommandRecord]:
         self.claims += 1
-        if self.block_from is not None and self.claims >= self.block_from:
+        blocking = self.block_from is not None and self.claims >= self.block_from
+        if blocking and not self.block_after_commit:
             self.blocked.set()
             await self.unblocked.wait()
         await asyncio.sleep(self.delay)
         records = await super().claim(device_id, command_ids)
+        if blocking and self.block_after_commit:
+            # Committed; the answer is what is late (a slow network back from the database).
+            self.blocked.set()
+            await self.unblocked.wait()
         self.claimed.set()
         return records
 
@@ -186,9 +192,11 @@ async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Pa
             drain = asyncio.create_task(store.drain_pending(DEVICE))
             await asyncio.wait_for(state.blocked.wait(), 5)
             drain.cancel()
-            await asyncio.wait([drain], timeout=5)
+            # The cancelled drain waits for the claim it started (it may commit) and gives
+            # back what that took too.
             state.block_from = None
             state.unblocked.set()
+            await asyncio.wait([drain], timeout=5)
             assert drain.cancelled()
 
             delivered = await _not_returned_but_delivered(state, ids, payloads, [])
@@ -214,18 +222,28 @@ async def test_a_cancelled_drain_leaves_the_queue_in_order_for_a_consumer(tmp_pa
             state.block_from = 3  # two windows claimed (and settled), the drain waits on the third
             drain = asyncio.create_task(store.drain_pending(DEVICE))
             await asyncio.wait_for(state.blocked.wait(), 5)
+
+            # A device already waiting on the queue when the drain is cancelled (the drain
+            # holds every message: it reads without a prefetch bound).
+            received: list[bytes] = []
+            listening = asyncio.Event()
+
+            async def device() -> None:
+                async with store.consume(DEVICE) as stream:
+                    listening.set()
+                    async for command in stream:
+                        received.append(command.payload)
+                        if len(received) == count:
+                            return
+
+            consumer = asyncio.create_task(device())
+            await asyncio.wait_for(listening.wait(), 5)
             drain.cancel()
-            await asyncio.wait([drain], timeout=5)
             state.block_from = None
             state.unblocked.set()
+            await asyncio.wait([drain], timeout=5)
             assert drain.cancelled()
-
-            received: list[bytes] = []
-            async with asyncio.timeout(10), store.consume(DEVICE) as stream:
-                async for command in stream:
-                    received.append(command.payload)
-                    if len(received) == count:
-                        break
+            await asyncio.wait_for(consumer, 10)
             assert received == payloads
             assert await queue_depth(store, DEVICE) == 0
 
@@ -284,3 +302,51 @@ async def test_close_while_a_window_query_outlasts_the_grace_hands_nothing_out(
         async with shared.store(state) as later:  # the next process: it gets it, once
             assert await drain_until(later, DEVICE, count=1, seconds=5) == [b"once"]
             assert await queue_depth(later, DEVICE) == 0
+
+
+async def test_a_drain_cancelled_after_its_claim_committed_gives_that_claim_back(
+    tmp_path: Path,
+) -> None:
+    """The claim's transaction committed, its answer had not come back when the drain was
+    cancelled: those commands are the drain's to give back, not DELIVERED to nobody."""
+    count = 10
+    payloads = [f"c{n:02}".encode() for n in range(count)]
+    async with shared_index("sqlite", tmp_path, prefetch=5) as shared:
+        state = await shared.open_index(SlowClaims)
+        assert isinstance(state, SlowClaims)
+        async with shared.store(state) as store:
+            ids = [await store.enqueue(DEVICE, payload, 600) for payload in payloads]
+            state.block_from = 1
+            state.block_after_commit = True
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(state.blocked.wait(), 5)
+            drain.cancel()
+            state.block_from = None
+            state.unblocked.set()
+            await asyncio.wait([drain], timeout=5)
+            assert drain.cancelled()
+
+            delivered = await _not_returned_but_delivered(state, ids, payloads, [])
+            assert delivered == 0, f"{delivered} commands a cancelled drain claimed are lost"
+            assert await drain_until(store, DEVICE, count=count, seconds=5) == payloads
+
+
+async def test_closing_a_stream_from_another_task_ends_its_waiting_loop(tmp_path: Path) -> None:
+    """A gateway's disconnect handler closes the stream its device loop waits on: the loop
+    ends (it used to wait for the broker for ever)."""
+    async with _store(tmp_path, "store") as store:
+        stream = store.consume(DEVICE)
+        waiting = asyncio.Event()
+
+        async def device() -> list[str]:
+            received: list[str] = []
+            async with stream:
+                waiting.set()
+                async for command in stream:
+                    received.append(command.id)
+            return received
+
+        loop_task = asyncio.create_task(device())
+        await asyncio.wait_for(waiting.wait(), 5)
+        await asyncio.wait_for(stream.close(), 5)
+        assert await asyncio.wait_for(loop_task, 5) == []

@@ -30,7 +30,7 @@ async def test_hot_reads_answer_as_the_sqlalchemy_path_in_the_stores_schema() ->
         postgres_schema() as schema,
         await SqlStore.connect(POSTGRES_URL, schema=schema, clock=clock) as store,
     ):
-        ready = await store.enqueue("gw-1", b"a", 60)
+        ready = await store.enqueue("gw-1", b"a", 60, outcome_timeout=30)
         waiting = await store.enqueue_with_confirmation("gw-1", "unlock", b"b", 60)
         cancelled = await store.enqueue("gw-1", b"c", 60)
         await store.cancel_command(cancelled)
@@ -44,6 +44,7 @@ async def test_hot_reads_answer_as_the_sqlalchemy_path_in_the_stores_schema() ->
         assert live == {command_id: command_id == ready for command_id in ids}
         records = await store.deliverable(ids)
         assert list(records) == [ready]
+        assert records[ready].outcome_timeout == 30.0  # a double precision column, read back
         # The SQLAlchemy path, as every other statement runs: the same record.
         rows = await store._select(sql.DELIVERABLE, ids=ids, now=clock.now)
         assert [sql.record_of(row) for row in rows] == [records[ready]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -281,3 +282,30 @@ async def test_a_sqlite_store_in_a_named_schema_goes_through_sqlalchemy(tmp_path
             assert await store.get_status(command_id) is CommandStatus.CANCELLED
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_cleanup_times_out_a_rollout_larger_than_one_statement_takes(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Overdue commands are ended in slices: in one IN list a large rollout's ids passed the
+    driver's parameter limit (32,767 on asyncpg) and every cleanup failed. The slice is made
+    small here so a few commands cross it."""
+    from amqp_queue.state.sql import transactions
+
+    monkeypatch.setattr(transactions, "_SLICE", 3)
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "sqlite":
+            store = await SqlStore.connect(sqlite_url(tmp_path), clock=clock)
+        else:
+            schema = await stack.enter_async_context(postgres_schema())
+            store = await SqlStore.connect(POSTGRES_URL, schema=schema, clock=clock)
+        await stack.enter_async_context(store)
+        devices = [f"dev-{n}" for n in range(7)]
+        rollout = await store.enqueue_many(devices, b"fw", 600, outcome_timeout=30)
+        for device in devices:
+            assert len(await store.drain_pending(device)) == 1
+        clock.advance(31)
+        await store.cleanup()
+        statuses = {await store.get_status(command_id) for command_id in rollout.command_ids}
+        assert statuses == {CommandStatus.TIMED_OUT}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
 from .statements import Statement
@@ -139,7 +140,12 @@ class DriverSql:
                 value = bind.effective_value
                 steps.append((None, None, None, value if process is None else process(value)))
         columns = [
-            (str(name), column.type.dialect_impl(dialect).result_processor(dialect, None))
+            (
+                str(name),
+                column.type.dialect_impl(dialect).result_processor(
+                    dialect, _type_code(dialect, column.type)
+                ),
+            )
             for name, column in statement.exported_columns.items()
         ]
         return Compiled(sql, steps, columns, expanding)
@@ -152,3 +158,19 @@ def _padded(values: list[Any]) -> list[Any]:
     if size > _MOST_PADDED:
         return values
     return values + values[:1] * (size - len(values))
+
+
+def _type_code(dialect: Dialect, column_type: sa.types.TypeEngine[Any]) -> int | None:
+    """The type code a driver's cursor would report for a column of ``column_type``.
+
+    Result processors are built without a cursor here, and PostgreSQL's numeric ones choose by
+    the server's type: the index's ``Float`` columns are ``double precision`` (OID 701), its
+    ``Numeric`` ones ``numeric`` (1700). Other types, and SQLite, take no code.
+    """
+    if dialect.name != "postgresql":
+        return None
+    if isinstance(column_type, sa.Float):
+        return 701
+    if isinstance(column_type, sa.Numeric):
+        return 1700
+    return None

@@ -107,3 +107,24 @@ def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) 
     def _on_begin(connection: sa.Connection) -> None:
         read_only = connection.get_execution_options().get(READ_ONLY, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def driver_reason(exc: BaseException) -> str:
+    """What the driver said, without SQLAlchemy's statement and link to its error pages (the
+    exception chained to the :class:`StateError` keeps both)."""
+    driver_error = getattr(exc, "orig", None)
+    return str(driver_error) if driver_error is not None else str(exc)
+
+
+def take_write_lock(connection: sa.Connection) -> None:
+    """Starts the SQLite transaction with ``BEGIN IMMEDIATE`` unless the engine's own
+    ``begin`` listener already began one (:func:`amqp_queue.state.sql.engine.configure_sqlite`).
+
+    On an engine without it the driver begins a transaction only before a write, so a read
+    and the write it decides (cancel, confirm, a replacement) would not be atomic. Should a
+    caller's engine begin deferred transactions itself, the store's run in them: SQLite then
+    refuses a write after a stale read ("database is locked"), never makes it.
+    """
+    driver = connection.connection.driver_connection
+    if driver is None or not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -48,7 +48,8 @@ from ..model import CommandRecord, CommandStatus
 from ..validation import DEFAULT_LIMITS, Limits
 from . import deadlock_retry, postgres_reads, schema_versions, sqlite_direct, transactions
 from . import statements as sql
-from .engine import READ_ONLY, create_engine
+from .engine import READ_ONLY, create_engine, driver_reason, take_write_lock
+from .fleet_writes import SqlFleetWrites
 from .lists import SqlLists
 from .postgres_reads import PostgresReads
 from .schema_versions import SchemaChange
@@ -65,7 +66,7 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-class SqlStore(SqlLists, IndexedStore):
+class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
     """The command store on a SQL database through SQLAlchemy 2 async.
 
     Args:
@@ -152,7 +153,9 @@ class SqlStore(SqlLists, IndexedStore):
         except (SQLAlchemyError, OSError) as exc:
             await engine.dispose()
             where = engine.url.render_as_string(hide_password=True)
-            raise StateError(f"cannot open the state index at {where}: {_reason(exc)}") from exc
+            raise StateError(
+                f"cannot open the state index at {where}: {driver_reason(exc)}"
+            ) from exc
         store = cls(engine, schema=schema, limits=limits, clock=clock, retention=retention)
         store._owns_engine = True
         try:
@@ -262,7 +265,7 @@ class SqlStore(SqlLists, IndexedStore):
             elif self._pg_reads is not None:
                 rows = await self._pg_reads.deliverable(ids, now)
         except DIRECT_FAILURES as exc:
-            raise StateError(f"state index read failed: {_reason(exc)}") from exc
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
         if rows is None:
             rows = await self._select(sql.DELIVERABLE, ids=ids, now=now)
         return {record.id: record for record in map(sql.record_of, rows)}
@@ -276,7 +279,7 @@ class SqlStore(SqlLists, IndexedStore):
             elif self._pg_reads is not None:
                 live = await self._pg_reads.is_live(command_id, self.clock())
         except DIRECT_FAILURES as exc:
-            raise StateError(f"state index read failed: {_reason(exc)}") from exc
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
         if live is not None:
             return live
         return await super().is_deliverable(command_id)
@@ -303,21 +306,6 @@ class SqlStore(SqlLists, IndexedStore):
 
     async def time_out(self, now: datetime) -> int:
         return await self._transaction(transactions.time_out, now)
-
-    async def _confirm_rollout(
-        self, rollout_id: str, now: datetime, by: str | None = None
-    ) -> list[CommandRecord]:
-        return await self._transaction(transactions.confirm_rollout, rollout_id, now, by)
-
-    async def _cancel_open(
-        self,
-        now: datetime,
-        *,
-        device_id: str | None = None,
-        rollout_id: str | None = None,
-        by: str | None = None,
-    ) -> int:
-        return await self._transaction(transactions.cancel_open, now, device_id, rollout_id, by)
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         rows = await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
@@ -356,7 +344,7 @@ class SqlStore(SqlLists, IndexedStore):
             async with self._writers:
                 return await self._writer.run(transaction(*args, **kwargs))
         except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
-            raise StateError(f"state index {what} failed: {_reason(exc)}") from exc
+            raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc
 
     async def _transaction(
         self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
@@ -380,7 +368,7 @@ class SqlStore(SqlLists, IndexedStore):
                     auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
                     return [dict(row._mapping) for row in await auto.execute(query, params)]
             except (SQLAlchemyError, OSError) as exc:
-                raise StateError(f"state index read failed: {_reason(exc)}") from exc
+                raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
         async with self._read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query, params)]
 
@@ -389,10 +377,10 @@ class SqlStore(SqlLists, IndexedStore):
         try:
             async with self._writers, self._engine.begin() as conn:
                 if self._sqlite:
-                    await conn.run_sync(_take_write_lock)
+                    await conn.run_sync(take_write_lock)
                 yield conn
         except (SQLAlchemyError, OSError) as exc:
-            raise StateError(f"state index write failed: {_reason(exc)}") from exc
+            raise StateError(f"state index write failed: {driver_reason(exc)}") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -402,25 +390,4 @@ class SqlStore(SqlLists, IndexedStore):
                 async with conn.begin():
                     yield conn
         except (SQLAlchemyError, OSError) as exc:
-            raise StateError(f"state index read failed: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """What the driver said, without SQLAlchemy's statement and link to its error pages (the
-    exception chained to the :class:`StateError` keeps both)."""
-    driver_error = getattr(exc, "orig", None)
-    return str(driver_error) if driver_error is not None else str(exc)
-
-
-def _take_write_lock(connection: sa.Connection) -> None:
-    """Starts the SQLite transaction with ``BEGIN IMMEDIATE`` unless the engine's own
-    ``begin`` listener already began one (:func:`amqp_queue.state.sql.engine.configure_sqlite`).
-
-    On an engine without it the driver begins a transaction only before a write, so a read
-    and the write it decides (cancel, confirm, a replacement) would not be atomic. Should a
-    caller's engine begin deferred transactions itself, the store's run in them: SQLite then
-    refuses a write after a stale read ("database is locked"), never makes it.
-    """
-    driver = connection.connection.driver_connection
-    if driver is None or not driver.in_transaction:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc

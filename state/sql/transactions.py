@@ -39,6 +39,8 @@ Row = dict[str, Any]
 # A replacement that keeps losing the race for its type's slot means something is wrong.
 MAX_REPLACE_ATTEMPTS = 200
 DEVICES_PER_STATEMENT = 5_000
+# Ids in one IN list: well under the drivers' parameter limits.
+_SLICE = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,9 +292,13 @@ def time_out(now: datetime) -> Transaction[int]:
         for row in waiting
         if row["ended_at"] + timedelta(seconds=row["outcome_timeout"]) <= now
     ]
-    if not overdue:
-        return 0
-    return (yield from count(sql.TIME_OUT, {"ids": overdue, "now": now}))
+    ended = 0
+    # In slices: one IN list of a whole rollout's ids would pass the drivers' parameter
+    # limits (32,767 on asyncpg, 32,766 on SQLite), and every cleanup would fail.
+    for start in range(0, len(overdue), _SLICE):
+        ids = overdue[start : start + _SLICE]
+        ended += yield from count(sql.TIME_OUT, {"ids": ids, "now": now})
+    return ended
 
 
 def confirm_rollout(
