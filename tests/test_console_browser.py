@@ -139,9 +139,10 @@ async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_
             assert console.no_alert()
             assert console.text_of(firmware, "payload") == f"base64, 11 bytes: {binary}"
             assert browser.find_element(By.ID, "who").text == "ada (approver)"
-            # The countdown runs: TTL 600 s reads just under 10 minutes, and goes down.
+            # The countdown runs: TTL 600 s reads 10 minutes or just under (the fleet-wide
+            # inbox may show it within half a second of the enqueue), and goes down.
             first = console.text_of(unlock, "time-left")
-            assert re.fullmatch(r"9 min \d+ s", first), first
+            assert re.fullmatch(r"9 min \d+ s|10 min 0 s", first), first
             assert console.wait().until(lambda _: console.text_of(unlock, "time-left") != first)
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             assert browser.save_screenshot(str(SCREENSHOT))
