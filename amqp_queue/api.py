@@ -31,6 +31,8 @@ from amqp_queue import command_io, console_page
 from amqp_queue.auth import CONFIGURABLE_ROLES, ROLE_RIGHTS, Caller, Right, Tokens
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.fleet_api import FleetEndpoints, seconds
+from amqp_queue.fleet_views import FleetViews, record_json
+from amqp_queue.four_eyes import SelfApproval, check_approver
 from amqp_queue.metrics import CONTENT_TYPE, PrometheusObserver
 from amqp_queue.openapi import document
 from amqp_queue.state.errors import (
@@ -73,6 +75,7 @@ ERROR_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
     (QueueMismatch, 409, "queue_mismatch"),
     (OutboxTaken, 409, "outbox_taken"),
     (CommandRejected, 422, "rejected"),
+    (SelfApproval, 403, "four_eyes"),
     (StateError, 503, "state_unavailable"),
     (BrokerError, 503, "broker_unavailable"),
 )
@@ -94,6 +97,10 @@ PROTECTED: tuple[tuple[str, str, str, Right], ...] = (
     ("/rollouts/{rollout_id}/confirm", "POST", "confirm_rollout", Right.CONFIRM),
     ("/rollouts/{rollout_id}/cancel", "POST", "cancel_rollout", Right.OPERATE),
     ("/devices/{device_id}/retire", "POST", "retire", Right.OPERATE),
+    # The console's fleet-wide views (amqp_queue.fleet_views).
+    ("/confirmations", "GET", "inbox", Right.READ),
+    ("/devices", "GET", "devices", Right.READ),
+    ("/devices/{device_id}/history", "GET", "history", Right.READ),
 )
 """Every endpoint that needs a token: path, method, handler and the right its caller needs."""
 
@@ -112,7 +119,7 @@ def _error(status: int, code: str, detail: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-class OperatorApi(FleetEndpoints):
+class OperatorApi(FleetEndpoints, FleetViews):
     """The API's endpoints over one store.
 
     Args:
@@ -121,6 +128,7 @@ class OperatorApi(FleetEndpoints):
         metrics: the observer the store reports to; ``/metrics`` renders it.
         health: checks the broker and the state for ``/healthz``.
         max_body_bytes: the largest request body read; a larger one is answered with 413.
+        four_eyes: refuse a token confirming a command it enqueued (403, audited).
     """
 
     def __init__(
@@ -131,8 +139,10 @@ class OperatorApi(FleetEndpoints):
         metrics: PrometheusObserver,
         health: HealthCheck,
         max_body_bytes: int,
+        four_eyes: bool = False,
     ) -> None:
         self._store = store
+        self._four_eyes = four_eyes
         self._tokens = tokens
         self._metrics = metrics
         self._health = health
@@ -183,6 +193,7 @@ class OperatorApi(FleetEndpoints):
             mode=mode,
             command_type=body.get("command_type"),
             outcome_timeout=seconds(body, "outcome_timeout", required=False),
+            by=operator,
         )
         audit.info("operator %s enqueued %s command %s", operator, mode.value, command_id)
         return JSONResponse(
@@ -200,12 +211,17 @@ class OperatorApi(FleetEndpoints):
         return _commands(device, await self._store.get_pending_confirmations(device))
 
     async def status(self, request: Request, operator: str) -> Response:
-        return await self.command_json(request.path_params["command_id"])
+        command_id = request.path_params["command_id"]
+        # The whole record; ``id`` and ``status`` first, as before it was whole.
+        record = await self._store.get_command(command_id)
+        return JSONResponse(record_json(record, self._store.state.clock()))
 
     async def confirm(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
         with _audited(operator, "confirm", command_id) as outcome:
-            if not await self._store.confirm_changed(command_id):
+            if self._four_eyes:
+                check_approver(await self._store.get_command(command_id), operator)
+            if not await self._store.confirm_changed(command_id, by=operator):
                 outcome.text = "ok, nothing changed (no confirmation needed)"
         status = await self._store.get_status(command_id)
         return JSONResponse({"id": command_id, "status": status.value})
@@ -213,7 +229,7 @@ class OperatorApi(FleetEndpoints):
     async def cancel(self, request: Request, operator: str) -> Response:
         command_id = request.path_params["command_id"]
         with _audited(operator, "cancel", command_id):
-            await self._store.cancel_command(command_id)
+            await self._store.cancel_command(command_id, by=operator)
         return JSONResponse({"id": command_id, "status": "cancelled"})
 
     async def cleanup(self, request: Request, operator: str) -> Response:

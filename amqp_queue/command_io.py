@@ -93,8 +93,9 @@ async def enqueue(
     mode: Mode = Mode.PLAIN,
     command_type: str | None = None,
     outcome_timeout: float | None = None,
+    by: str | None = None,
 ) -> str:
-    """Queues a command with the enqueue call ``mode`` names; returns its id.
+    """Queues a command with the enqueue call ``mode`` names, ``by`` whom; returns its id.
 
     ``outcome_timeout`` (seconds after delivery, None for none) is the outcome deadline of
     DESIGN.md rule 9.
@@ -108,15 +109,15 @@ async def enqueue(
             raise InvalidCommandType(
                 "a plain command has no command type; use mode latest or confirm to give one"
             )
-        return await store.enqueue(device_id, payload, ttl, outcome_timeout=outcome_timeout)
+        return await store.enqueue(device_id, payload, ttl, outcome_timeout=outcome_timeout, by=by)
     if command_type is None:
         raise InvalidCommandType(f"mode {mode.value} needs a command type")
     if mode is Mode.LATEST:
         return await store.enqueue_or_update(
-            device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout
+            device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout, by=by
         )
     return await store.enqueue_with_confirmation(
-        device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout
+        device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout, by=by
     )
 
 

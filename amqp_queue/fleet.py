@@ -16,7 +16,14 @@ from amqp_queue.observer import Observer
 from amqp_queue.publish_path import PublishPath
 from amqp_queue.state import rules
 from amqp_queue.state.indexed_store import IndexedStore
-from amqp_queue.state.model import CommandRecord, CommandStatus, Outcome, RolloutSummary
+from amqp_queue.state.model import (
+    CommandRecord,
+    CommandStatus,
+    DeviceSummary,
+    Outcome,
+    Position,
+    RolloutSummary,
+)
 from amqp_queue.state.validation import Limits, validate_reason, validate_result
 
 if TYPE_CHECKING:
@@ -81,23 +88,51 @@ class FleetDelivery:
         """See :meth:`IndexedStore.get_command`."""
         return await self.state.get_command(command_id)
 
+    # -- fleet-wide lists (the operator console) -------------------------------------------
+
+    async def awaiting_confirmation(
+        self,
+        *,
+        after: Position | None = None,
+        limit: int = 100,
+        device_prefix: str | None = None,
+        command_type: str | None = None,
+    ) -> list[CommandRecord]:
+        """See :meth:`IndexedStore.awaiting_confirmation`."""
+        return await self.state.awaiting_confirmation(
+            after=after, limit=limit, device_prefix=device_prefix, command_type=command_type
+        )
+
+    async def devices_with_open(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> list[DeviceSummary]:
+        """See :meth:`IndexedStore.devices_with_open`."""
+        return await self.state.devices_with_open(after=after, limit=limit)
+
+    async def device_history(
+        self, device_id: str, *, before: Position | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        """See :meth:`IndexedStore.device_history`."""
+        device = self._device(device_id)
+        return await self.state.device_history(device, before=before, limit=limit)
+
     # -- rollouts (rule 10) and retiring a device -----------------------------------------
 
-    async def confirm_rollout(self, rollout_id: str) -> int:
+    async def confirm_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """See :meth:`IndexedStore.confirm_rollout`; the confirmed commands are published
         together (pipelined)."""
         if not self.broker_pending:
             await self._ready()
-        confirmed = await self.state.confirm_members(rollout_id)
+        confirmed = await self.state.confirm_members(rollout_id, by=by)
         for record in confirmed:
             self.observer.confirmed(record)
         await self._publish_ready(confirmed, reachable=not self.broker_pending)
         return len(confirmed)
 
-    async def cancel_rollout(self, rollout_id: str) -> int:
+    async def cancel_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """See :meth:`IndexedStore.cancel_rollout`; messages already queued are dropped at
         delivery."""
-        return await self.state.cancel_rollout(rollout_id)
+        return await self.state.cancel_rollout(rollout_id, by=by)
 
     async def rollout_summary(self, rollout_id: str) -> RolloutSummary:
         """See :meth:`IndexedStore.rollout_summary`."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from amqp_queue.console_page import ASSETS
 from amqp_queue.openapi_fleet import fleet_paths, fleet_schemas
+from amqp_queue.openapi_views import view_paths, view_schemas
 from amqp_queue.state.model import CommandStatus
 from amqp_queue.state.validation import COMMAND_TYPE_PATTERN, DEVICE_ID_PATTERN, Limits
 
@@ -29,8 +30,9 @@ def _errors(*codes: int, not_found: str = "No such command (unknown or pruned)."
     meaning = {
         400: "Bad input (the detail says what is wrong); nothing was written.",
         401: "Missing or wrong bearer token.",
-        403: "The token's role lacks the right this call needs; the detail names the role "
-        "that has it. Audited.",
+        403: "The token's role lacks the right this call needs (the detail names the role "
+        "that has it), or, on a confirm with four eyes on, the token enqueued the command "
+        "itself (error four_eyes). Audited.",
         404: not_found,
         409: "The device's queue exists with another queue type; the detail says which.",
         410: "The command expired.",
@@ -60,6 +62,7 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
     """The OpenAPI document; ``max_body_bytes`` is stated on the enqueue body, and the store's
     ``limits`` on the device id, command type, payload and ttl."""
     status_ref = {"$ref": "#/components/schemas/Status"}
+    record_ref = {"$ref": "#/components/schemas/CommandRecord"}
     listing = {"$ref": "#/components/schemas/CommandList"}
     secured: dict[str, Any] = {"security": [{"bearer": []}]}
     return {
@@ -100,10 +103,15 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
                     **secured,
                 )
             },
+            **view_paths(_operation, _json, _errors, _device(), secured),
             "/commands/{command_id}": {
                 "get": _operation(
-                    "Get a command's status",
-                    {"200": _json(status_ref, "The status."), **_errors(401, 404, 503)},
+                    "Get a command's whole record: status, payload, times, who enqueued, "
+                    "confirmed or cancelled it",
+                    {
+                        "200": _json(record_ref, "The record."),
+                        **_errors(401, 404, 503),
+                    },
                     parameters=[_command()],
                     **secured,
                 )
@@ -219,7 +227,7 @@ def document(max_body_bytes: int, limits: Limits) -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(limits),
+            "schemas": {**_schemas(limits), **view_schemas()},
         },
     }
 

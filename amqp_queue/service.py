@@ -114,6 +114,7 @@ class Backends(Closing):
             metrics=self.metrics,
             health=self.health,
             max_body_bytes=self.settings.max_body_bytes,
+            four_eyes=self.settings.four_eyes,
         )
 
     async def close(self) -> None:

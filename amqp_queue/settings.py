@@ -25,6 +25,7 @@ ENV_TOKENS = f"{ENV_PREFIX}TOKENS"
 ENV_CLEANUP_INTERVAL = f"{ENV_PREFIX}CLEANUP_INTERVAL"
 ENV_CONNECT_TIMEOUT = f"{ENV_PREFIX}CONNECT_TIMEOUT"
 ENV_LOG_LEVEL = f"{ENV_PREFIX}LOG_LEVEL"
+ENV_FOUR_EYES = f"{ENV_PREFIX}FOUR_EYES"
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_EXCHANGE = RabbitMQConfig().exchange
@@ -55,6 +56,8 @@ class Settings:
         max_body_bytes: the largest request body the API reads.
         shutdown_timeout: seconds in-flight requests get to finish on SIGTERM.
         connect_timeout: seconds to keep trying to reach the broker at start-up.
+        four_eyes: the API refuses a token confirming a command it enqueued itself
+            (``AMQP_QUEUE_FOUR_EYES``).
     """
 
     amqp_url: str = DEFAULT_AMQP_URL
@@ -67,6 +70,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = 30.0
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    four_eyes: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -239,10 +239,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             CommandStream(open_channel, self.state, self.config, device, self.observer, self)
         )
 
-    async def confirm_command(self, command_id: str) -> None:
-        await self.confirm_changed(command_id)
+    async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:
+        await self.confirm_changed(command_id, by=by)
 
-    async def confirm_changed(self, command_id: str) -> bool:
+    async def confirm_changed(self, command_id: str, *, by: str | None = None) -> bool:
         """Confirms a command as :meth:`confirm_command` does, and tells whether this call
         confirmed it (False when it needed no confirmation, was confirmed already or was
         delivered: harmless, and nothing changed)."""
@@ -250,7 +250,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._ready()
         # Shielded: a confirmation the index committed makes the command ready, and a
         # cancelled caller must not leave it to wait out the relay's lease behind newer ones.
-        confirming = asyncio.ensure_future(self.state.confirm_changed(command_id))
+        confirming = asyncio.ensure_future(self.state.confirm_changed(command_id, by=by))
         try:
             record, changed = await asyncio.shield(confirming)
         except asyncio.CancelledError:
@@ -281,9 +281,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
             self._path.owe(record.id)
 
-    async def cancel_command(self, command_id: str) -> None:
+    async def cancel_command(self, command_id: str, *, by: str | None = None) -> None:
         # A message already in the queue stays there and is dropped at delivery.
-        self.observer.cancelled(await self.state.cancel(command_id))
+        self.observer.cancelled(await self.state.cancel(command_id, by=by))
 
     async def cleanup(self) -> int:
         """See :meth:`IndexedStore.cleanup`: returns how many commands expired; those it

@@ -26,6 +26,7 @@ from .memory import MemoryStore
 from .model import (
     CommandRecord,
     CommandStatus,
+    DeviceSummary,
     EndReason,
     Outcome,
     PendingCommand,
@@ -47,6 +48,7 @@ __all__ = [
     "CommandNotFound",
     "CommandRecord",
     "CommandStatus",
+    "DeviceSummary",
     "EndReason",
     "IndexedStore",
     "InvalidCommandType",

@@ -29,14 +29,22 @@ class CommandIntake(abc.ABC):
 
     Every enqueue takes an optional keyword-only ``outcome_timeout`` (seconds or a
     ``timedelta``, positive, at most ``Limits.max_ttl``): a command delivered and given no
-    outcome within it after delivery ends ``TIMED_OUT`` at ``cleanup`` (rule 9).
+    outcome within it after delivery ends ``TIMED_OUT`` at ``cleanup`` (rule 9). Each also
+    takes an optional keyword-only ``by``: who enqueues it, kept as the record's
+    ``enqueued_by`` (the API passes its token's name).
     """
 
     limits: Limits
     clock: Clock
 
     async def enqueue(
-        self, device_id: str, payload: bytes, ttl: Ttl, *, outcome_timeout: OutcomeTimeout = None
+        self,
+        device_id: str,
+        payload: bytes,
+        ttl: Ttl,
+        *,
+        outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> str:
         """Queues a command that is ready at once.
 
@@ -44,7 +52,7 @@ class CommandIntake(abc.ABC):
             InvalidInput: bad input (nothing written).
             QueueFull: the device holds ``Limits.max_pending_per_device`` open commands.
         """
-        record = self.build(device_id, None, payload, ttl, outcome_timeout=outcome_timeout)
+        record = self.build(device_id, None, payload, ttl, outcome_timeout=outcome_timeout, by=by)
         return await self._accept(record)
 
     async def enqueue_or_update(
@@ -55,6 +63,7 @@ class CommandIntake(abc.ABC):
         ttl: Ttl,
         *,
         outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> str:
         """Queues a command replacing the open one of its type (a replacement is not an
         addition to the device's limit).
@@ -64,7 +73,9 @@ class CommandIntake(abc.ABC):
             QueueFull: the device is at its limit and no command of this type is open.
         """
         validate_command_type(command_type, self.limits)
-        record = self.build(device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout)
+        record = self.build(
+            device_id, command_type, payload, ttl, outcome_timeout=outcome_timeout, by=by
+        )
         return await self._accept(record)
 
     async def enqueue_with_confirmation(
@@ -75,6 +86,7 @@ class CommandIntake(abc.ABC):
         ttl: Ttl,
         *,
         outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> str:
         """Queues a command delivered only after ``confirm_command``; replaces by type.
 
@@ -90,6 +102,7 @@ class CommandIntake(abc.ABC):
             ttl,
             requires_confirmation=True,
             outcome_timeout=outcome_timeout,
+            by=by,
         )
         return await self._accept(record)
 
@@ -102,6 +115,7 @@ class CommandIntake(abc.ABC):
         command_type: str | None = None,
         requires_confirmation: bool = False,
         outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> Rollout:
         """Queues one command (the same payload) for each device, in one atomic write (rule 10).
 
@@ -141,6 +155,7 @@ class CommandIntake(abc.ABC):
             requires_confirmation=requires_confirmation,
             outcome_timeout=outcome_timeout,
             rollout_id=rollout_id,
+            by=by,
         )
         records = [first, *(rules.sibling(first, device) for device in devices[1:])]
         await self._accept_many(records)
@@ -156,8 +171,12 @@ class CommandIntake(abc.ABC):
         requires_confirmation: bool = False,
         outcome_timeout: object = None,
         rollout_id: str | None = None,
+        by: object = None,
     ) -> CommandRecord:
-        """Validates input and builds a new record; raises before anything is written."""
+        """Validates input and builds a new record; raises before anything is written.
+
+        ``by`` names who enqueues it (``enqueued_by``): None or a short printable name.
+        """
         return rules.new_command(
             device_id=self._validate_device(device_id),
             command_type=command_type,
@@ -168,6 +187,7 @@ class CommandIntake(abc.ABC):
             limits=self.limits,
             outcome_timeout=outcome_timeout,
             rollout_id=rollout_id,
+            enqueued_by=by,
         )
 
     def _validate_device(self, device_id: object) -> str:

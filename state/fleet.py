@@ -17,7 +17,13 @@ from . import rules
 from .clock import Clock
 from .errors import CommandNotFound, RolloutNotFound
 from .model import CommandRecord, CommandStatus, Outcome, RolloutSummary
-from .validation import Limits, is_command_id, validate_reason, validate_result
+from .validation import (
+    Limits,
+    is_command_id,
+    validate_actor,
+    validate_reason,
+    validate_result,
+)
 
 logger = logging.getLogger("amqp_queue.state")
 
@@ -122,10 +128,11 @@ class FleetCalls(abc.ABC):
             raise CommandNotFound(command_id)
         return record
 
-    async def confirm_rollout(self, rollout_id: str) -> int:
+    async def confirm_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """Confirms every command of a rollout still awaiting confirmation, at once.
 
-        Members already confirmed, delivered, ended or expired are left as they are.
+        Members already confirmed, delivered, ended or expired are left as they are. ``by``
+        (who confirms) is kept as each confirmed one's ``confirmed_by``.
 
         Returns:
             How many commands this call confirmed.
@@ -133,22 +140,25 @@ class FleetCalls(abc.ABC):
         Raises:
             RolloutNotFound: no command of this rollout is held.
         """
-        return len(await self.confirm_members(rollout_id))
+        return len(await self.confirm_members(rollout_id, by=by))
 
-    async def confirm_members(self, rollout_id: str) -> list[CommandRecord]:
+    async def confirm_members(
+        self, rollout_id: str, *, by: str | None = None
+    ) -> list[CommandRecord]:
         """:meth:`confirm_rollout`, returning the confirmed records (in write order)."""
         _check_rollout_id(rollout_id)
-        confirmed = await self._confirm_rollout(rollout_id, self.clock())
+        by = validate_actor(by)
+        confirmed = await self._confirm_rollout(rollout_id, self.clock(), by)
         if not confirmed:
             await self.rollout_summary(rollout_id)  # raises for an unknown rollout
         logger.info("confirmed %d commands of rollout %s", len(confirmed), rollout_id)
         return confirmed
 
-    async def cancel_rollout(self, rollout_id: str) -> int:
+    async def cancel_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """Cancels every open, unexpired command of a rollout, at once.
 
         Members already delivered (with or without an outcome), ended or expired are left
-        as they are.
+        as they are. ``by`` (who cancels) is kept as each one's ``cancelled_by``.
 
         Returns:
             How many commands this call cancelled.
@@ -157,7 +167,8 @@ class FleetCalls(abc.ABC):
             RolloutNotFound: no command of this rollout is held.
         """
         _check_rollout_id(rollout_id)
-        cancelled = await self._cancel_open(self.clock(), rollout_id=rollout_id)
+        by = validate_actor(by)
+        cancelled = await self._cancel_open(self.clock(), rollout_id=rollout_id, by=by)
         if not cancelled:
             await self.rollout_summary(rollout_id)
         logger.info("cancelled %d commands of rollout %s", cancelled, rollout_id)
@@ -194,16 +205,25 @@ class FleetCalls(abc.ABC):
     # -- primitives a backend implements -----------------------------------------------
 
     @abc.abstractmethod
-    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
-        """Confirms the rollout's open, unexpired commands awaiting confirmation, atomically;
-        returns them as they now stand, in write order."""
+    async def _confirm_rollout(
+        self, rollout_id: str, now: datetime, by: str | None = None
+    ) -> list[CommandRecord]:
+        """Confirms the rollout's open, unexpired commands awaiting confirmation (setting
+        ``confirmed_by`` to ``by``), atomically; returns them as they now stand, in write
+        order."""
 
     @abc.abstractmethod
     async def _cancel_open(
-        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+        self,
+        now: datetime,
+        *,
+        device_id: str | None = None,
+        rollout_id: str | None = None,
+        by: str | None = None,
     ) -> int:
         """Ends ``CANCELLED`` the open, unexpired commands of a device or of a rollout
-        (exactly one is given), atomically; returns how many."""
+        (exactly one is given), setting ``cancelled_by`` to ``by``, atomically; returns how
+        many."""
 
     @abc.abstractmethod
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:

@@ -20,8 +20,8 @@ from .clock import Clock, utc_now
 from .enqueue_calls import CommandIntake
 from .errors import CommandNotFound, OutboxTaken
 from .fleet import Change, FleetCalls, check_command_id
-from .model import CommandRecord, CommandStatus, PendingCommand, Sweep
-from .validation import DEFAULT_LIMITS, Limits
+from .model import CommandRecord, CommandStatus, DeviceSummary, PendingCommand, Position, Sweep
+from .validation import DEFAULT_LIMITS, Limits, validate_actor
 
 logger = logging.getLogger("amqp_queue.state")
 
@@ -79,11 +79,11 @@ class IndexedStore(CommandIntake, FleetCalls):
         claimed = await self.claim(device)
         return [record.payload for record in rules.in_ready_order(claimed)]
 
-    async def confirm_command(self, command_id: str) -> None:
-        await self.confirm(command_id)
+    async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:
+        await self.confirm(command_id, by=by)
 
-    async def cancel_command(self, command_id: str) -> None:
-        await self.cancel(command_id)
+    async def cancel_command(self, command_id: str, *, by: str | None = None) -> None:
+        await self.cancel(command_id, by=by)
 
     async def cleanup(self) -> int:
         """Ends expired commands, times out overdue outcomes, prunes after the retention.
@@ -132,14 +132,18 @@ class IndexedStore(CommandIntake, FleetCalls):
 
     # -- helpers shared with the delivery layer ----------------------------------------
 
-    async def confirm(self, command_id: str) -> CommandRecord:
+    async def confirm(self, command_id: str, *, by: str | None = None) -> CommandRecord:
         """Confirms a command and returns its record as it now stands."""
-        record, _ = await self.confirm_changed(command_id)
+        record, _ = await self.confirm_changed(command_id, by=by)
         return record
 
-    async def confirm_changed(self, command_id: str) -> tuple[CommandRecord, bool]:
+    async def confirm_changed(
+        self, command_id: str, *, by: str | None = None
+    ) -> tuple[CommandRecord, bool]:
         """Confirms a command: its record as it now stands, and whether this call confirmed
-        it (False when it needed no confirmation, was confirmed already or was delivered)."""
+        it (False when it needed no confirmation, was confirmed already or was delivered).
+        ``by`` (who confirms) is kept as ``confirmed_by`` when this call confirms it."""
+        by = validate_actor(by)
         now = self.clock()
         changed = False
 
@@ -147,7 +151,7 @@ class IndexedStore(CommandIntake, FleetCalls):
             # The one impurity :data:`Change` allows for: when a backend calls it more than
             # once, the last call is the one whose result was stored, and it sets the flag.
             nonlocal changed
-            updated = rules.confirmed(current, now)
+            updated = rules.confirmed(current, now, by)
             changed = updated is not None
             return updated
 
@@ -160,10 +164,12 @@ class IndexedStore(CommandIntake, FleetCalls):
             )
         return record, changed
 
-    async def cancel(self, command_id: str) -> CommandRecord:
-        """Cancels a command and returns its record as it now stands."""
+    async def cancel(self, command_id: str, *, by: str | None = None) -> CommandRecord:
+        """Cancels a command and returns its record as it now stands; ``by`` (who cancels)
+        is kept as ``cancelled_by``."""
+        by = validate_actor(by)
         now = self.clock()
-        record = await self.modify(command_id, lambda current: rules.cancelled(current, now))
+        record = await self.modify(command_id, lambda current: rules.cancelled(current, now, by))
         logger.info("cancelled command %s for device %s", command_id, record.device_id)
         return record
 
@@ -345,6 +351,33 @@ class IndexedStore(CommandIntake, FleetCalls):
     @abc.abstractmethod
     async def mark_published(self, command_ids: Collection[str]) -> None:
         """Records that the broker confirmed these commands."""
+
+    @abc.abstractmethod
+    async def awaiting_confirmation(
+        self,
+        *,
+        after: Position | None = None,
+        limit: int = 100,
+        device_prefix: str | None = None,
+        command_type: str | None = None,
+    ) -> list[CommandRecord]:
+        """Open, unexpired commands awaiting confirmation across the fleet, oldest first
+        (by ``created_at``, then id), starting after ``after``; at most ``limit``.
+        ``device_prefix`` and ``command_type`` narrow it."""
+
+    @abc.abstractmethod
+    async def devices_with_open(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> list[DeviceSummary]:
+        """Devices holding open, unexpired commands, by device id, starting after ``after``;
+        at most ``limit``."""
+
+    @abc.abstractmethod
+    async def device_history(
+        self, device_id: str, *, before: Position | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        """The device's commands of any status still held, newest first (by ``created_at``,
+        then id, descending), starting before ``before``; at most ``limit``."""
 
     @abc.abstractmethod
     async def reject(self, command_ids: Collection[str]) -> int:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from . import rules
 from .clock import Clock, utc_now
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
-from .model import CommandRecord, CommandStatus, EndReason
+from .model import CommandRecord, CommandStatus, DeviceSummary, EndReason, Position
 from .validation import DEFAULT_LIMITS, Limits
 
 
@@ -190,17 +190,24 @@ class MemoryStore(IndexedStore):
             self._store(replace(record, outcome=CommandStatus.TIMED_OUT, outcome_at=now))
         return len(overdue)
 
-    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
+    async def _confirm_rollout(
+        self, rollout_id: str, now: datetime, by: str | None = None
+    ) -> list[CommandRecord]:
         confirmed = []
         for record in self._rollout(rollout_id):
             if record.is_open and record.expires_at > now and not record.is_ready:
-                updated = replace(record, confirmed=True, confirmed_at=now)
+                updated = replace(record, confirmed=True, confirmed_at=now, confirmed_by=by)
                 self._store(updated)
                 confirmed.append(updated)
         return confirmed
 
     async def _cancel_open(
-        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+        self,
+        now: datetime,
+        *,
+        device_id: str | None = None,
+        rollout_id: str | None = None,
+        by: str | None = None,
     ) -> int:
         members = (
             self._device_records(device_id) if device_id is not None else self._rollout(rollout_id)
@@ -208,12 +215,68 @@ class MemoryStore(IndexedStore):
         cancelled = 0
         for record in members:
             if record.is_open and record.expires_at > now:
-                self._store(replace(record, end_reason=EndReason.CANCELLED, ended_at=now))
+                ended = replace(record, end_reason=EndReason.CANCELLED, ended_at=now)
+                self._store(replace(ended, cancelled_by=by))
                 cancelled += 1
         return cancelled
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         return dict(Counter(rules.status_of(record, now) for record in self._rollout(rollout_id)))
+
+    # The fleet-wide lists scan too: the memory store is for tests and development.
+
+    async def awaiting_confirmation(
+        self,
+        *,
+        after: Position | None = None,
+        limit: int = 100,
+        device_prefix: str | None = None,
+        command_type: str | None = None,
+    ) -> list[CommandRecord]:
+        now = self.clock()
+        found = sorted(
+            (
+                record
+                for record in self._records.values()
+                if record.is_open
+                and record.expires_at > now
+                and not record.is_ready
+                and (device_prefix is None or record.device_id.startswith(device_prefix))
+                and (command_type is None or record.command_type == command_type)
+                and (after is None or (record.created_at, record.id) > after)
+            ),
+            key=lambda record: (record.created_at, record.id),
+        )
+        return found[:limit]
+
+    async def devices_with_open(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> list[DeviceSummary]:
+        summaries = []
+        for device in sorted(self._by_device):
+            if after is not None and device <= after:
+                continue
+            live = await self.open_commands(device)
+            if live:
+                waiting = sum(not record.is_ready for record in live)
+                summaries.append(DeviceSummary(device, len(live) - waiting, waiting))
+            if len(summaries) == limit:
+                break
+        return summaries
+
+    async def device_history(
+        self, device_id: str, *, before: Position | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        found = sorted(
+            (
+                record
+                for record in self._device_records(device_id)
+                if before is None or (record.created_at, record.id) < before
+            ),
+            key=lambda record: (record.created_at, record.id),
+            reverse=True,
+        )
+        return found[:limit]
 
     def _rollout(self, rollout_id: str | None) -> list[CommandRecord]:
         # A scan: the memory store is for tests and development, not for fleets.

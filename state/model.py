@@ -108,6 +108,21 @@ class Sweep:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceSummary:
+    """A device with open commands (``devices_with_open``): its open, unexpired commands
+    counted by status (``pending`` and ``awaiting_confirmation``)."""
+
+    device_id: str
+    pending: int
+    awaiting_confirmation: int
+
+
+Position = tuple[datetime, str]
+"""Where a page of a fleet-wide list ends: the last command's ``created_at`` and id (lists
+are ordered by both, so the next page starts right after it)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CommandRecord:
     """Everything a backend keeps about one command, live or finished.
 
@@ -118,7 +133,9 @@ class CommandRecord:
     After delivery: ``outcome`` (``SUCCEEDED``, ``FAILED`` or ``TIMED_OUT``) with
     ``outcome_result`` / ``outcome_reason`` and ``outcome_at``; ``outcome_timeout`` (seconds
     after delivery) is the deadline the enqueue set, if any. ``rollout_id`` names the
-    ``enqueue_many`` call that wrote it.
+    ``enqueue_many`` call that wrote it. ``enqueued_by``, ``confirmed_by`` and
+    ``cancelled_by`` name who did each (the API's token name, or what a library caller
+    passed as ``by``), None when nobody was named.
     """
 
     id: str
@@ -140,6 +157,9 @@ class CommandRecord:
     outcome_at: datetime | None = None
     outcome_timeout: float | None = None
     rollout_id: str | None = None
+    enqueued_by: str | None = None
+    confirmed_by: str | None = None
+    cancelled_by: str | None = None
 
     @property
     def awaits_outcome(self) -> bool:

@@ -7,7 +7,16 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 from .enqueue_calls import OutcomeTimeout
-from .model import CommandStatus, Outcome, PendingCommand, Rollout, RolloutSummary
+from .model import (
+    CommandRecord,
+    CommandStatus,
+    DeviceSummary,
+    Outcome,
+    PendingCommand,
+    Position,
+    Rollout,
+    RolloutSummary,
+)
 from .validation import Ttl
 
 
@@ -17,12 +26,20 @@ class Store(Protocol):
 
     Every enqueue returns the new command's id (a UUID string). ``ttl`` is seconds or a
     ``timedelta``; ``outcome_timeout`` (keyword-only, optional) is the outcome deadline
-    after delivery (rule 9). An enqueue that would take a device over
-    ``Limits.max_pending_per_device`` open commands raises ``QueueFull`` (rule 11).
+    after delivery (rule 9). ``by`` (keyword-only, optional) names who enqueues, confirms or
+    cancels, kept with the record (``enqueued_by``, ``confirmed_by``, ``cancelled_by``). An
+    enqueue that would take a device over ``Limits.max_pending_per_device`` open commands
+    raises ``QueueFull`` (rule 11).
     """
 
     async def enqueue(
-        self, device_id: str, payload: bytes, ttl: Ttl, *, outcome_timeout: OutcomeTimeout = None
+        self,
+        device_id: str,
+        payload: bytes,
+        ttl: Ttl,
+        *,
+        outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> str:
         """Queues a command that is ready at once."""
         ...
@@ -35,6 +52,7 @@ class Store(Protocol):
         ttl: Ttl,
         *,
         outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> str:
         """Queues a command that replaces the undelivered one of the same type (latest wins)."""
         ...
@@ -47,6 +65,7 @@ class Store(Protocol):
         ttl: Ttl,
         *,
         outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> str:
         """Queues a command that is delivered only after ``confirm_command``; replaces by type."""
         ...
@@ -60,6 +79,7 @@ class Store(Protocol):
         command_type: str | None = None,
         requires_confirmation: bool = False,
         outcome_timeout: OutcomeTimeout = None,
+        by: str | None = None,
     ) -> Rollout:
         """One command per device in one atomic write (rule 10); returns the rollout."""
         ...
@@ -76,11 +96,11 @@ class Store(Protocol):
         """Unexpired commands still waiting for confirmation, oldest write first."""
         ...
 
-    async def confirm_command(self, command_id: str) -> None:
+    async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:
         """Approves a command for delivery."""
         ...
 
-    async def cancel_command(self, command_id: str) -> None:
+    async def cancel_command(self, command_id: str, *, by: str | None = None) -> None:
         """Cancels an undelivered command."""
         ...
 
@@ -104,16 +124,43 @@ class Store(Protocol):
         """The command's outcome, None while it has none."""
         ...
 
-    async def confirm_rollout(self, rollout_id: str) -> int:
+    async def confirm_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """Confirms the rollout's commands awaiting confirmation; returns how many."""
         ...
 
-    async def cancel_rollout(self, rollout_id: str) -> int:
+    async def cancel_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """Cancels the rollout's open commands; returns how many."""
         ...
 
     async def rollout_summary(self, rollout_id: str) -> RolloutSummary:
         """The rollout's commands counted by status."""
+        ...
+
+    async def get_command(self, command_id: str) -> CommandRecord:
+        """Everything held about one command (who enqueued, confirmed, cancelled it too)."""
+        ...
+
+    async def awaiting_confirmation(
+        self,
+        *,
+        after: Position | None = None,
+        limit: int = 100,
+        device_prefix: str | None = None,
+        command_type: str | None = None,
+    ) -> list[CommandRecord]:
+        """Commands awaiting confirmation across the fleet, oldest first, after ``after``."""
+        ...
+
+    async def devices_with_open(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> list[DeviceSummary]:
+        """Devices holding open commands, by id, after ``after``, with counts by status."""
+        ...
+
+    async def device_history(
+        self, device_id: str, *, before: Position | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        """The device's commands still held, newest first, before ``before``."""
         ...
 
     async def retire_device(self, device_id: str) -> int:

@@ -68,6 +68,10 @@ def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
         fields["outcome_timeout"] = repr(record.outcome_timeout)
     if record.rollout_id is not None:
         fields["rollout_id"] = record.rollout_id
+    for who in ("enqueued_by", "confirmed_by", "cancelled_by"):
+        name = getattr(record, who)
+        if name is not None:
+            fields[who] = name
     for name, moment in (
         ("confirmed_at", record.confirmed_at),
         ("ended_at", record.ended_at),
@@ -92,6 +96,7 @@ def add_arguments(record: CommandRecord, key_ttl: timedelta) -> list[str | bytes
         str(milliseconds(key_ttl)),
         "" if record.outcome_timeout is None else repr(record.outcome_timeout),
         record.rollout_id or "",
+        record.enqueued_by or "",
     ]
 
 
@@ -154,6 +159,9 @@ def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
         outcome_at=time("outcome_at"),
         outcome_timeout=None if timeout is None else float(timeout),
         rollout_id=text("rollout_id"),
+        enqueued_by=text("enqueued_by"),
+        confirmed_by=text("confirmed_by"),
+        cancelled_by=text("cancelled_by"),
     )
     return int(required(raw("seq"), "seq")), record
 

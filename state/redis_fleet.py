@@ -50,8 +50,8 @@ return {ended, #ids}
 CONFIRM_ROLLOUT = (
     PRELUDE
     + """
--- KEYS[4]: the rollout's set. Confirms its live commands awaiting confirmation; returns
--- them (HGETALL replies).
+-- KEYS[4]: the rollout's set; ARGV[4]: who confirms ('' for nobody named). Confirms its live
+-- commands awaiting confirmation; returns them (HGETALL replies).
 local confirmed = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     local key = command_key(id)
@@ -59,6 +59,10 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
                          'requires_confirmation', 'confirmed', 'published_at')
     if is_live(f) and f[4] == '1' and f[5] == '0' then
         redis.call('HSET', key, 'confirmed', '1', 'confirmed_at', now)
+        if ARGV[4] ~= '' then
+            redis.call('HSET', key, 'confirmed_by', ARGV[4])
+        end
+        redis.call('ZREM', prefix .. 'awaiting', id)
         if not f[6] then
             redis.call('ZADD', outbox_key, now, id)
         end
@@ -72,13 +76,16 @@ return confirmed
 CANCEL_OPEN = (
     PRELUDE
     + """
--- KEYS[4]: a device's open set or a rollout's set. Ends its live commands CANCELLED;
--- returns how many.
+-- KEYS[4]: a device's open set or a rollout's set; ARGV[4]: who cancels ('' for nobody
+-- named). Ends its live commands CANCELLED; returns how many.
 local cancelled = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     local key = command_key(id)
     if is_live(redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at')) then
         finish(key, id, 'end_reason', 'cancelled')
+        if ARGV[4] ~= '' then
+            redis.call('HSET', key, 'cancelled_by', ARGV[4])
+        end
         cancelled = cancelled + 1
     end
 end
@@ -158,15 +165,23 @@ class RedisFleetCalls:
     def _rollout_key(self, rollout_id: str) -> str:
         return f"{self._prefix}rollout:{rollout_id}"
 
-    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
+    async def _confirm_rollout(
+        self, rollout_id: str, now: datetime, by: str | None = None
+    ) -> list[CommandRecord]:
         async with self._errors("confirm rollout"):
             confirmed = await self._confirm_rollout_script(
-                keys=[*self._indexes, self._rollout_key(rollout_id)], args=self._args(now)
+                keys=[*self._indexes, self._rollout_key(rollout_id)],
+                args=self._args(now, [by or ""]),
             )
         return [record for _, record in decode_replies(confirmed)]
 
     async def _cancel_open(
-        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
+        self,
+        now: datetime,
+        *,
+        device_id: str | None = None,
+        rollout_id: str | None = None,
+        by: str | None = None,
     ) -> int:
         members = (
             self._device_key(device_id)
@@ -175,7 +190,7 @@ class RedisFleetCalls:
         )
         async with self._errors("cancel"):
             cancelled = await self._cancel_open_script(
-                keys=[*self._indexes, members], args=self._args(now)
+                keys=[*self._indexes, members], args=self._args(now, [by or ""])
             )
         return int(cancelled)
 

@@ -30,9 +30,15 @@ end
 local function finish(key, id, field, value)
     local owner = redis.call('HMGET', key, 'device_id', 'command_type', 'outcome_timeout')
     redis.call('HSET', key, field, value, 'ended_at', now)
-    redis.call('ZREM', prefix .. 'dev:' .. owner[1], id)
+    local device_key = prefix .. 'dev:' .. owner[1]
+    redis.call('ZREM', device_key, id)
+    if redis.call('ZCARD', device_key) == 0 then
+        -- No open command left: the device leaves the list of devices with open ones.
+        redis.call('ZREM', prefix .. 'devices', owner[1])
+    end
     redis.call('ZREM', expiry_key, id)
     redis.call('ZREM', outbox_key, id)
+    redis.call('ZREM', prefix .. 'awaiting', id)
     if owner[2] then
         local slots = prefix .. 'types:' .. owner[1]
         if redis.call('HGET', slots, owner[2]) == id then

@@ -20,6 +20,14 @@ Layout of a store's keys (``P`` is the store's prefix):
   (pruned ones are skipped where it is read).
 - ``P outcome_due`` sorted set: delivered commands with an outcome deadline and no outcome
   yet, by deadline; they join ``P finished`` only once they have an outcome.
+- ``P awaiting`` sorted set: open commands awaiting confirmation, by ``created_at`` (ties by
+  id): the fleet-wide confirmation inbox. A confirmation or an end removes a command.
+- ``P devices`` sorted set (all scores 0, so ordered by name): devices with open commands;
+  a script that ends a device's last one removes it, and one still listed whose commands
+  ended otherwise (a confirm or cancel of one command, or an expiry not swept yet) is
+  skipped where it is read.
+- ``P hist:<device>`` sorted set: every command of the device still held, by ``created_at``
+  (pruned ones leave it).
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a
@@ -43,12 +51,12 @@ ADD = (
 -- KEYS[4]: the sequence counter. ARGV[4]: the most open commands a device may hold.
 -- ARGV[5..]: groups of id, device, type ('' for none), payload, requires_confirmation,
 -- created_at, expires_at, key TTL (ms), outcome timeout in seconds ('' for none), rollout
--- id ('' for none).
+-- id ('' for none), enqueued by ('' for none).
 -- Returns how many open commands were superseded, or {'full', device} having written
 -- nothing when a device would go over its limit (a replacement adds nothing).
 local limit = tonumber(ARGV[4])
 local added, slot_seen = {}, {}
-for i = 5, #ARGV, 10 do
+for i = 5, #ARGV, 11 do
     local device, kind = ARGV[i + 1], ARGV[i + 2]
     local adds = 1
     if kind ~= '' then
@@ -83,9 +91,9 @@ for device, adds in pairs(added) do
     end
 end
 local superseded = 0
-for i = 5, #ARGV, 10 do
-    local id, device, kind, payload, needs_ok, created, expires, ttl, wait, rollout =
-        unpack(ARGV, i, i + 9)
+for i = 5, #ARGV, 11 do
+    local id, device, kind, payload, needs_ok, created, expires, ttl, wait, rollout, by =
+        unpack(ARGV, i, i + 10)
     local seq = redis.call('INCR', KEYS[4])
     local fields = {
         'id', id, 'device_id', device, 'payload', payload,
@@ -95,6 +103,10 @@ for i = 5, #ARGV, 10 do
     if wait ~= '' then
         fields[#fields + 1] = 'outcome_timeout'
         fields[#fields + 1] = wait
+    end
+    if by ~= '' then
+        fields[#fields + 1] = 'enqueued_by'
+        fields[#fields + 1] = by
     end
     if rollout ~= '' then
         fields[#fields + 1] = 'rollout_id'
@@ -133,7 +145,13 @@ for i = 5, #ARGV, 10 do
     redis.call('ZADD', expiry_key, expires, id)
     if needs_ok == '0' then
         redis.call('ZADD', outbox_key, created, id)
+    else
+        redis.call('ZADD', prefix .. 'awaiting', created, id)
     end
+    redis.call('ZADD', prefix .. 'devices', 0, device)
+    local history = prefix .. 'hist:' .. device
+    redis.call('ZADD', history, created, id)
+    extend_ttl(history, ttl)
 end
 return superseded
 """
@@ -233,6 +251,10 @@ PRUNE = (
 local ids = redis.call('ZRANGEBYSCORE', finished_key, '-inf', '(' .. ARGV[4], 'LIMIT', 0, ARGV[5])
 local deleted = 0
 for _, id in ipairs(ids) do
+    local device = redis.call('HGET', command_key(id), 'device_id')
+    if device then
+        redis.call('ZREM', prefix .. 'hist:' .. device, id)
+    end
     deleted = deleted + redis.call('DEL', command_key(id))
     redis.call('ZREM', finished_key, id)
 end

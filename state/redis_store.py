@@ -44,6 +44,7 @@ from .redis_encoding import (
     milliseconds,
 )
 from .redis_fleet import RedisFleetCalls
+from .redis_lists import RedisLists
 from .redis_lua import SWEEP_BATCH
 from .validation import DEFAULT_LIMITS, Limits
 
@@ -62,7 +63,7 @@ KEY_TTL_MARGIN = timedelta(days=1)
 _MAX_WATCH_ATTEMPTS = 100
 
 
-class RedisStore(RedisFleetCalls, IndexedStore):
+class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
     """The command store on Redis.
 
     Args:
@@ -252,6 +253,8 @@ class RedisStore(RedisFleetCalls, IndexedStore):
             if updated.pruned_after is not None:
                 pipe.zadd(self._indexes[2], {command_id: encode_time(updated.pruned_after)})
                 pipe.pexpire(key, self._finished_ttl)
+        if current.is_open and not current.is_ready and (updated.is_ready or finishes):
+            pipe.zrem(self._awaiting_key, command_id)
         if updated.is_open and updated.is_ready and updated.published_at is None:
             pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
         else:

@@ -15,6 +15,7 @@ from .errors import CommandExpired, CommandNotFound, OutcomeRejected, QueueFull
 from .model import CommandRecord, CommandStatus, EndReason
 from .validation import (
     Limits,
+    validate_actor,
     validate_command_type,
     validate_outcome_timeout,
     validate_payload,
@@ -33,6 +34,7 @@ def new_command(
     limits: Limits,
     outcome_timeout: object = None,
     rollout_id: str | None = None,
+    enqueued_by: object = None,
 ) -> CommandRecord:
     """Validates every input and builds the record to insert, before anything is written.
 
@@ -54,6 +56,7 @@ def new_command(
         expires_at=now + lifetime,
         outcome_timeout=deadline,
         rollout_id=rollout_id,
+        enqueued_by=validate_actor(enqueued_by),
     )
 
 
@@ -83,7 +86,7 @@ def end_of_replaced(record: CommandRecord, now: datetime) -> EndReason:
     return EndReason.EXPIRED if record.expires_at <= now else EndReason.SUPERSEDED
 
 
-def confirmed(record: CommandRecord, now: datetime) -> CommandRecord | None:
+def confirmed(record: CommandRecord, now: datetime, by: str | None = None) -> CommandRecord | None:
     """The record after ``confirm_command``, or None when nothing changes.
 
     Confirming twice, or confirming a command that needs no confirmation or was already
@@ -99,10 +102,10 @@ def confirmed(record: CommandRecord, now: datetime) -> CommandRecord | None:
         raise CommandNotFound(record.id, record.end_reason.value)
     if record.delivered or not record.requires_confirmation or record.confirmed:
         return None
-    return replace(record, confirmed=True, confirmed_at=now)
+    return replace(record, confirmed=True, confirmed_at=now, confirmed_by=by)
 
 
-def cancelled(record: CommandRecord, now: datetime) -> CommandRecord:
+def cancelled(record: CommandRecord, now: datetime, by: str | None = None) -> CommandRecord:
     """The record after ``cancel_command``.
 
     Raises:
@@ -115,7 +118,7 @@ def cancelled(record: CommandRecord, now: datetime) -> CommandRecord:
         raise CommandExpired(record.id)
     if record.end_reason is not None:
         raise CommandNotFound(record.id, f"already {record.end_reason.value}")
-    return replace(record, end_reason=EndReason.CANCELLED, ended_at=now)
+    return replace(record, end_reason=EndReason.CANCELLED, ended_at=now, cancelled_by=by)
 
 
 def in_ready_order(records: Iterable[CommandRecord]) -> list[CommandRecord]:

@@ -196,3 +196,25 @@ def is_command_id(value: object) -> TypeGuard[str]:
         return str(uuid.UUID(value)) == value
     except ValueError:
         return False
+
+
+MAX_ACTOR_LENGTH = 200
+"""The longest name ``by`` may give (who enqueued, confirmed or cancelled a command)."""
+
+
+def validate_actor(by: object) -> str | None:
+    """Who does a call (``by=``): None, or a name of 1 to :data:`MAX_ACTOR_LENGTH` printable
+    characters.
+
+    Raises:
+        InvalidInput: anything else (nothing written).
+    """
+    if by is None:
+        return None
+    if not isinstance(by, str):
+        raise InvalidInput(f"by must be a str naming who acts, not {type(by).__name__}")
+    if not by or len(by) > MAX_ACTOR_LENGTH or not by.isprintable():
+        raise InvalidInput(
+            f"by must be 1 to {MAX_ACTOR_LENGTH} printable characters, not {by[:40]!r}"
+        )
+    return by

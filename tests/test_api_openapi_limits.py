@@ -112,7 +112,7 @@ async def test_every_device_id_parameter_and_field_names_the_limited_schema(api:
     ]
     schemas = document["components"]["schemas"]
 
-    assert len(parameters) == 4  # enqueue, list, confirmations, retire
+    assert len(parameters) == 5  # enqueue, list, confirmations, retire, history
     device_id = {"$ref": "#/components/schemas/DeviceId"}
     assert all(parameter["schema"] == device_id for parameter in parameters)
     assert schemas["Command"]["properties"]["device_id"] == device_id

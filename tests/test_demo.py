@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,8 @@ def test_a_small_fleet_loses_nothing_and_gets_nothing_twice() -> None:
     assert summary["rule violations"] == 0
     assert summary["ok"] is True
     assert summary["enqueued"] > 0
+    # The console's address is shown while the run goes on (on stderr with --json).
+    assert re.search(r"console: http://127\.0\.0\.1:\d+/ \(sign in with the token ", result.stderr)
     assert summary["delivered"] > 0
     assert summary["confirmed over HTTP"] > 0
     accounted = summary["delivered"] + summary["replaced (latest wins)"] + summary["expired (TTL)"]

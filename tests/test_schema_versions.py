@@ -331,3 +331,55 @@ def test_migrate_refuses_what_it_cannot_do(
     assert (exit_code, out) == (code, "")
     assert message in err
     assert "s3cret" not in err
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_0004_database_with_commands_upgrades_to_who_did_what(
+    kind: str, tmp_path: Path
+) -> None:
+    """Revision 0005 (who enqueued, confirmed, cancelled; the fleet-wide lists' indexes) on a
+    database at 0004 holding commands of every kind 0004 knows: they keep their fields and
+    statuses, name nobody, and take names from then on."""
+    clock = FakeClock(NOW)
+    async with database(kind, tmp_path, "at-0004") as (url, schema):
+        engine = create_async_engine(url)
+        try:
+            async with SqlStore(engine, schema=schema, clock=clock) as store:
+                await store.migrate("0004")
+                await run_sql(url, schema, insert_rows())
+                # Rows written by 0004's columns: a rollout awaiting confirmation, one
+                # delivered with an outcome.
+                await run_sql(
+                    url,
+                    schema,
+                    sa.text(
+                        "UPDATE command_queue SET rollout_id = :rollout, outcome_timeout = 60 "
+                        "WHERE requires_confirmation = :yes"
+                    ).bindparams(
+                        sa.bindparam(
+                            "rollout",
+                            "11111111-1111-1111-1111-111111111111",
+                            type_=sa.Uuid(as_uuid=False),
+                        ),
+                        sa.bindparam("yes", True),
+                    ),
+                )
+                change = await store.migrate(HEAD)
+                after = {name: await store.get_status(row.id) for name, row in OLD_ROWS.items()}
+                records = [await store.get_command(row.id) for row in OLD_ROWS.values()]
+                waiting = await store.awaiting_confirmation()
+                for record in waiting:
+                    await store.confirm_command(record.id, by="approver")
+                confirmed = [await store.get_command(record.id) for record in waiting]
+        finally:
+            await engine.dispose()
+
+    assert (change.before, change.after) == ("0004", HEAD)
+    assert after == OLD_STATUSES
+    assert all(
+        (record.enqueued_by, record.confirmed_by, record.cancelled_by) == (None, None, None)
+        for record in records
+    )
+    assert waiting
+    assert all(record.rollout_id is not None for record in waiting)
+    assert {record.confirmed_by for record in confirmed} == {"approver"}

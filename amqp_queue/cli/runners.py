@@ -36,6 +36,7 @@ from amqp_queue.settings import (
     DEFAULT_CLEANUP_INTERVAL,
     ENV_BIND,
     ENV_CLEANUP_INTERVAL,
+    ENV_FOUR_EYES,
     ENV_TOKENS,
     parse_bind,
 )
@@ -71,8 +72,23 @@ from amqp_queue.state.errors import QueueError
     show_default=True,
     help="Seconds between cleanup passes.",
 )
+@click.option(
+    "--four-eyes/--no-four-eyes",
+    envvar=ENV_FOUR_EYES,
+    show_envvar=True,
+    default=False,
+    show_default=True,
+    help="Refuse (403) a token confirming a command it enqueued itself.",
+)
 @settings_options(connect_timeout=SERVE_CONNECT_TIMEOUT, log_level="info")
-def serve(bind: str, tokens: str, cleanup_interval: float, log_level: str, **options: Any) -> None:
+def serve(
+    bind: str,
+    tokens: str,
+    cleanup_interval: float,
+    four_eyes: bool,
+    log_level: str,
+    **options: Any,
+) -> None:
     """Run the sidecar: HTTP API, outbox relay, periodic cleanup.
 
     Stops gracefully on SIGTERM or Ctrl-C: in-flight requests finish, then the store
@@ -88,6 +104,7 @@ def serve(bind: str, tokens: str, cleanup_interval: float, log_level: str, **opt
             port=port,
             tokens=Tokens.parse(tokens),
             cleanup_interval=cleanup_interval,
+            four_eyes=four_eyes,
         )
     except (TokenConfigError, ValueError) as exc:
         fail(str(exc), EXIT_INVALID)

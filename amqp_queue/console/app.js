@@ -16,6 +16,9 @@ const state = {
   fleetWide: null,
   devices: JSON.parse(sessionStorage.getItem(DEVICES_KEY) || "[]"),
   device: "",
+  command: "",
+  // How many devices the device list shows: "More devices" asks the next page.
+  devicePages: 1,
   timer: null,
 };
 
@@ -57,13 +60,33 @@ function cell(row, text, className) {
 }
 
 function payloadText(command) {
-  if (command.encoding === "base64") {
-    const bytes = Math.floor((command.payload.length * 3) / 4) -
-      (command.payload.endsWith("==") ? 2 : command.payload.endsWith("=") ? 1 : 0);
-    return `base64, ${bytes} bytes: ${command.payload}`;
-  }
-  return command.payload;
+  const shown = Math.floor((command.payload.length * 3) / 4) -
+    (command.payload.endsWith("==") ? 2 : command.payload.endsWith("=") ? 1 : 0);
+  // The inbox lists a preview: its payload_bytes says how long the whole payload is.
+  const bytes = command.payload_bytes === undefined ? shown : command.payload_bytes;
+  const cut = command.encoding === "base64" ? bytes > shown
+    : bytes > new TextEncoder().encode(command.payload).length;
+  const more = cut ? "…" : "";
+  if (command.encoding === "base64") return `base64, ${bytes} bytes: ${command.payload}${more}`;
+  return command.payload + more;
 }
+
+// A command's id as a link to its timeline (the command view).
+function commandLink(row, command) {
+  const td = cell(row, "", "id");
+  const link = document.createElement("a");
+  link.href = "#";
+  link.className = "command-link";
+  link.textContent = command.id;
+  link.addEventListener("click", (event) => {
+    event.preventDefault();
+    state.command = command.id;
+    showView("command");
+  });
+  td.appendChild(link);
+}
+
+const when = (time) => (time ? new Date(time).toLocaleString() : "");
 
 function duration(ms) {
   const seconds = Math.max(0, Math.round(ms / 1000));
@@ -110,7 +133,9 @@ function actionButton(label, className, command, action, question) {
       refresh();
     } catch (error) {
       button.disabled = false;
-      showStatus(`${action} failed: ${error.message}`, true);
+      // A refusal (a four-eyes self-approval, a role's limit) stays on screen until the next
+      // action: the next poll must not wipe it before the operator has read it.
+      showStatus(`${action} failed: ${error.message}`, true, true);
     }
   });
   return button;
@@ -142,10 +167,11 @@ function fill(tbody, commands, columns) {
   tbody.replaceChildren(...rows);
 }
 
-function showStatus(text, isError = false) {
+function showStatus(text, isError = false, sticky = false) {
   const status = $("#status");
   status.textContent = text;
   status.classList.toggle("error", isError);
+  status.dataset.sticky = sticky ? "yes" : "";
 }
 
 // -- the inbox ------------------------------------------------------------------------------
@@ -155,9 +181,16 @@ function showStatus(text, isError = false) {
 async function waitingCommands() {
   if (state.fleetWide !== false) {
     try {
-      const page = await api("GET", "/confirmations");
+      const page = await api("GET", "/confirmations?limit=500");
       state.fleetWide = true;
-      return page.commands;
+      // Age and time left are left out: the page counts them from the times itself, and a
+      // list that changed at every poll would rebuild its rows (and buttons) every time.
+      return page.commands.map(({ age_seconds, time_left_seconds, ...entry }) => ({
+        ...entry,
+        payload: entry.payload_preview,
+        requires_confirmation: true,
+        confirmed: false,
+      }));
     } catch (error) {
       if (error.status !== 404) throw error;
       state.fleetWide = false;
@@ -177,6 +210,7 @@ async function refreshInbox() {
     cell(row, command.device_id, "device");
     cell(row, command.command_type || "", "type");
     cell(row, payloadText(command), "payload");
+    cell(row, command.enqueued_by || "", "enqueued-by");
     timeCells(row, command);
     actions(row, command);
   });
@@ -202,11 +236,50 @@ function renderPicker() {
 
 // -- the device view --------------------------------------------------------------------------
 
+async function refreshDeviceList() {
+  const devices = [];
+  let next = null;
+  for (let page = 0; page < state.devicePages; page += 1) {
+    const query = next === null ? "" : `&after=${encodeURIComponent(next)}`;
+    const answer = await api("GET", `/devices?limit=100${query}`);
+    devices.push(...answer.devices);
+    next = answer.next;
+    if (next === null) break;
+  }
+  $("#devices-more").hidden = next === null;
+  fill($("#devices tbody"), devices, (row, device) => {
+    const td = cell(row, "", "device");
+    const link = document.createElement("a");
+    link.href = "#";
+    link.textContent = device.device_id;
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      $("#device-id").value = device.device_id;
+      state.device = device.device_id;
+      refresh();
+    });
+    td.appendChild(link);
+    cell(row, String(device.counts.pending), "pending");
+    cell(row, String(device.counts.awaiting_confirmation), "awaiting");
+  });
+}
+
 async function refreshDevice() {
+  await refreshDeviceList();
   if (!state.device) return;
-  const list = await api("GET", `/devices/${encodeDevice(state.device)}/commands`);
+  const path = `/devices/${encodeDevice(state.device)}`;
+  const [list, history] = await Promise.all([
+    api("GET", `${path}/commands`), api("GET", `${path}/history?limit=100`)]);
+  fill($("#device-history tbody"), history.commands, (row, command) => {
+    commandLink(row, command);
+    cell(row, command.command_type || "", "type");
+    cell(row, command.status.replace("_", " "), "status");
+    cell(row, when(command.created_at), "created");
+    cell(row, when(command.ended_at), "ended");
+    cell(row, command.enqueued_by || "", "enqueued-by");
+  });
   fill($("#device-commands tbody"), list.commands, (row, command) => {
-    cell(row, command.id, "id");
+    commandLink(row, command);
     cell(row, command.command_type || "", "type");
     cell(row, payloadText(command), "payload");
     cell(row, command.requires_confirmation && !command.confirmed ? "awaiting confirmation"
@@ -216,13 +289,58 @@ async function refreshDevice() {
   });
 }
 
+// -- the command view: its record as a timeline -------------------------------------------------
+
+function timeline(record) {
+  const by = (name) => (name ? ` by ${name}` : "");
+  const steps = [[record.created_at, `enqueued${by(record.enqueued_by)}`]];
+  if (record.confirmed_at) steps.push([record.confirmed_at, `confirmed${by(record.confirmed_by)}`]);
+  if (record.published_at) steps.push([record.published_at, "published to the broker"]);
+  if (record.delivered_at) steps.push([record.delivered_at, "delivered"]);
+  if (record.end_reason) {
+    const who = record.end_reason === "cancelled" ? by(record.cancelled_by) : "";
+    steps.push([record.ended_at, `${record.end_reason}${who}`]);
+  }
+  if (record.outcome_at) steps.push([record.outcome_at, `outcome: ${record.status}`]);
+  return steps.sort((a, b) => Date.parse(a[0]) - Date.parse(b[0]));
+}
+
+async function refreshCommand() {
+  if (!state.command) return;
+  const record = await api("GET", `/commands/${encodeURIComponent(state.command)}`);
+  $("#command-id").textContent = record.id;
+  const facts = [
+    ["device", record.device_id], ["type", record.command_type || "(plain)"],
+    ["status", record.status], ["payload", payloadText(record)],
+    ["expires", when(record.expires_at)],
+  ];
+  const key = JSON.stringify(record);
+  if ($("#command-facts").dataset.key === key) return;
+  $("#command-facts").dataset.key = key;
+  $("#command-facts").replaceChildren(...facts.flatMap(([name, value]) => {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    dd.className = name;
+    return [dt, dd];
+  }));
+  $("#command-timeline").replaceChildren(...timeline(record).map(([time, what]) => {
+    const li = document.createElement("li");
+    li.textContent = `${when(time)}: ${what}`;
+    return li;
+  }));
+}
+
 // -- polling, views, sign-in -------------------------------------------------------------------
 
 async function refresh() {
   try {
     if (state.view === "inbox") await refreshInbox();
     if (state.view === "device") await refreshDevice();
-    if (!$("#status").classList.contains("error")) return;
+    if (state.view === "command") await refreshCommand();
+    const status = $("#status");
+    if (!status.classList.contains("error") || status.dataset.sticky) return;
     showStatus("");
   } catch (error) {
     if (error.status === 401) return signOut("the token was refused");
@@ -238,6 +356,7 @@ function showView(view) {
   for (const button of document.querySelectorAll("nav [data-view]")) {
     button.classList.toggle("active", button.dataset.view === view);
   }
+  $("nav [data-view=command]").hidden = !state.command;
   refresh();
 }
 
@@ -323,6 +442,10 @@ document.addEventListener("DOMContentLoaded", () => {
     refresh();
   });
   $("#enqueue-form").addEventListener("submit", enqueue);
+  $("#devices-more").addEventListener("click", () => {
+    state.devicePages += 1;
+    refresh();
+  });
   setInterval(() => tick(document), 1000);
   if (state.token) signIn(state.token);
 });

@@ -96,6 +96,10 @@ async def run_demo(options: DemoOptions, out: TextIO, err: TextIO) -> Summary:
         async with await Backends.open(settings, wait_for_broker=True) as backends:
             try:
                 async with running_api(backends) as base_url:
+                    # The run's own token, on loopback, gone when the run ends: shown so the
+                    # console can be watched while the simulated operator approves.
+                    out.write(f"console: {base_url}/ (sign in with the token {token})\n")
+                    out.flush()
                     return await _simulate(backends.store, base_url, token, options, err)
             finally:
                 await _delete_queues(backends, _device_names(options))

@@ -1,8 +1,9 @@
 """The demo's operator: confirms commands over real HTTP, through the operator API.
 
-It watches the devices the producer sent a confirmation command to, lists each one's
-commands awaiting confirmation (``GET /devices/{id}/confirmations``) and confirms those that
-have waited long enough (``POST /commands/{id}/confirm``). The standard library's HTTP client
+It reads the fleet-wide confirmation inbox the console's page reads (``GET /confirmations``,
+page by page) and confirms what has waited long enough (``POST /commands/{id}/confirm``);
+it keeps note of the devices the producer sent a confirmation command to, to know when
+everything sent was seen. The standard library's HTTP client
 runs in worker threads, so the demo needs no HTTP client package.
 """
 
@@ -63,18 +64,30 @@ class HttpOperator:
             await self.sweep(0.0)
 
     async def sweep(self, hold: float) -> None:
-        """One pass over the watched devices."""
-        for device, generation in list(self._watching.items()):
-            listing = await self.request("GET", f"/devices/{device}/confirmations")
-            waiting = listing["commands"]
-            now = datetime.now(UTC)
-            for command in waiting:
-                age = (now - datetime.fromisoformat(command["created_at"])).total_seconds()
-                if age >= hold:
-                    await self.confirm(command["id"])
-            young = [c for c in waiting if c["id"] not in self._ledger.confirm_sent]
-            if not young and self._watching.get(device) == generation:
+        """One pass over the inbox."""
+        generations = dict(self._watching)
+        waiting = await self.inbox()
+        now = datetime.now(UTC)
+        for command in waiting:
+            age = (now - datetime.fromisoformat(command["created_at"])).total_seconds()
+            if age >= hold:
+                await self.confirm(command["id"])
+        young = {c["device_id"] for c in waiting if c["id"] not in self._ledger.confirm_sent}
+        for device, generation in generations.items():
+            # Dropped only if nothing new was sent to it while the inbox was being read.
+            if device not in young and self._watching.get(device) == generation:
                 del self._watching[device]
+
+    async def inbox(self) -> list[dict[str, Any]]:
+        """Every command awaiting confirmation, oldest first, read page by page."""
+        waiting: list[dict[str, Any]] = []
+        path = "/confirmations?limit=500"
+        while True:
+            page = await self.request("GET", path)
+            waiting += page["commands"]
+            if page["next"] is None:
+                return waiting
+            path = f"/confirmations?limit=500&after={page['next']}"
 
     async def confirm(self, command_id: str) -> None:
         self._ledger.confirm_sent.setdefault(command_id, datetime.now(UTC))

@@ -12,6 +12,8 @@ Added to the reference schema (``seed-go-package-doc.txt``):
 - ``outcome``, ``outcome_result``, ``outcome_reason``, ``outcome_at``: what the gateway
   reported after delivery (rule 9); ``outcome_timeout``: the deadline after delivery, in
   seconds; ``rollout_id``: the ``enqueue_many`` call that wrote the command (rule 10).
+- ``enqueued_by``, ``confirmed_by``, ``cancelled_by``: who did each (the API's token name or
+  a library caller's ``by``).
 
 The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
 becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded,
@@ -79,6 +81,9 @@ command_queue = sa.Table(
     sa.Column("outcome_at", UtcDateTime()),
     sa.Column("outcome_timeout", sa.Float()),
     sa.Column("rollout_id", sa.Uuid(as_uuid=False)),
+    sa.Column("enqueued_by", sa.Text()),
+    sa.Column("confirmed_by", sa.Text()),
+    sa.Column("cancelled_by", sa.Text()),
 )
 
 c = command_queue.c
@@ -153,3 +158,16 @@ sa.Index(
     sqlite_where=AWAITS_OUTCOME,
     postgresql_where=AWAITS_OUTCOME,
 )
+# The fleet-wide confirmation inbox: open commands awaiting confirmation, oldest first.
+AWAITS_CONFIRMATION = sa.and_(
+    IS_OPEN, c.requires_confirmation == sa.true(), c.confirmed == sa.false()
+)
+sa.Index(
+    "ix_command_queue_awaiting_confirmation",
+    c.created_at,
+    c.id,
+    sqlite_where=AWAITS_CONFIRMATION,
+    postgresql_where=AWAITS_CONFIRMATION,
+)
+# A device's history (every command still held), newest first.
+sa.Index("ix_command_queue_device_history", c.device_id, c.created_at, c.id)

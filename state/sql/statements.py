@@ -293,24 +293,26 @@ TIME_OUT = (
 
 _ROLLOUT = c.rollout_id == sa.bindparam("rollout", type_=c.rollout_id.type)
 _LIVE = sa.and_(IS_OPEN, c.expires_at > _NOW)
+_BY = sa.bindparam("by", type_=sa.Text())
 
 CONFIRM_ROLLOUT = (
     sa.update(command_queue)
     .where(_ROLLOUT, _LIVE, c.requires_confirmation == sa.true(), c.confirmed == sa.false())
-    .values(confirmed=sa.true(), confirmed_at=_NOW)
+    .values(confirmed=sa.true(), confirmed_at=_NOW, confirmed_by=_BY)
     .returning(c.seq, *RECORD_COLUMNS)
 )
-"""Confirms a rollout's (``rollout``) live commands awaiting confirmation; returns them."""
+"""Confirms a rollout's (``rollout``) live commands awaiting confirmation, ``by`` whom;
+returns them."""
 
 CANCEL_ROLLOUT = (
     sa.update(command_queue)
     .where(_ROLLOUT, _LIVE)
-    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW, cancelled_by=_BY)
 )
 CANCEL_DEVICE = (
     sa.update(command_queue)
     .where(c.device_id == sa.bindparam("device"), _LIVE)
-    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW, cancelled_by=_BY)
 )
 
 _STATUS = sa.case(

@@ -49,6 +49,8 @@ from ..validation import DEFAULT_LIMITS, Limits
 from . import deadlock_retry, postgres_reads, schema_versions, sqlite_direct, transactions
 from . import statements as sql
 from .engine import READ_ONLY, create_engine, driver_reason, take_write_lock
+from .fleet_writes import SqlFleetWrites
+from .lists import SqlLists
 from .postgres_reads import PostgresReads
 from .schema_versions import SchemaChange
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
@@ -64,7 +66,7 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-class SqlStore(IndexedStore):
+class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
     """The command store on a SQL database through SQLAlchemy 2 async.
 
     Args:
@@ -304,14 +306,6 @@ class SqlStore(IndexedStore):
 
     async def time_out(self, now: datetime) -> int:
         return await self._transaction(transactions.time_out, now)
-
-    async def _confirm_rollout(self, rollout_id: str, now: datetime) -> list[CommandRecord]:
-        return await self._transaction(transactions.confirm_rollout, rollout_id, now)
-
-    async def _cancel_open(
-        self, now: datetime, *, device_id: str | None = None, rollout_id: str | None = None
-    ) -> int:
-        return await self._transaction(transactions.cancel_open, now, device_id, rollout_id)
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         rows = await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)

@@ -301,15 +301,20 @@ def time_out(now: datetime) -> Transaction[int]:
     return ended
 
 
-def confirm_rollout(rollout_id: str, now: datetime) -> Transaction[list[CommandRecord]]:
-    rows = yield from fetch(sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now})
+def confirm_rollout(
+    rollout_id: str, now: datetime, by: str | None
+) -> Transaction[list[CommandRecord]]:
+    rows = yield from fetch(sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by})
     return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
 
 
-def cancel_open(now: datetime, device_id: str | None, rollout_id: str | None) -> Transaction[int]:
+def cancel_open(
+    now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
+) -> Transaction[int]:
     if device_id is not None:
-        return (yield from count(sql.CANCEL_DEVICE, {"device": device_id, "now": now}))
-    return (yield from count(sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now}))
+        params = {"device": device_id, "now": now, "by": by}
+        return (yield from count(sql.CANCEL_DEVICE, params))
+    return (yield from count(sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by}))
 
 
 def hold_outbox(owner: str, dialect: str) -> Transaction[str]:

@@ -1,0 +1,43 @@
+"""The SQL store's set-wide writes of rollouts and retiring (confirm a rollout, cancel a
+rollout's or a device's open commands), each one transaction of
+:mod:`amqp_queue.state.sql.transactions`; ``by`` names who does it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+from ..model import CommandRecord
+from . import transactions
+
+if TYPE_CHECKING:
+    from .transactions import Transaction
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class SqlFleetWrites:
+    """Mixin of :class:`~amqp_queue.state.sql.store.SqlStore`, which runs the transactions."""
+
+    if TYPE_CHECKING:  # provided by SqlStore
+
+        async def _transaction(
+            self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
+        ) -> T: ...
+
+    async def _confirm_rollout(
+        self, rollout_id: str, now: datetime, by: str | None = None
+    ) -> list[CommandRecord]:
+        return await self._transaction(transactions.confirm_rollout, rollout_id, now, by)
+
+    async def _cancel_open(
+        self,
+        now: datetime,
+        *,
+        device_id: str | None = None,
+        rollout_id: str | None = None,
+        by: str | None = None,
+    ) -> int:
+        return await self._transaction(transactions.cancel_open, now, device_id, rollout_id, by)
