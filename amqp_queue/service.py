@@ -23,12 +23,12 @@ import uvicorn
 from aio_pika.abc import AbstractRobustConnection
 
 from amqp_queue.api import OperatorApi
-from amqp_queue.closing import Closing
 from amqp_queue.connection import connect_robust, connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
 from amqp_queue.state.clock import Clock, utc_now
+from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import QueueError
 from amqp_queue.state.factory import open_state
 from amqp_queue.state.indexed_store import IndexedStore

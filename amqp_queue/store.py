@@ -18,7 +18,6 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.broker_start import BrokerStart
 from amqp_queue.channel_pool import ChannelPool
-from amqp_queue.closing import Closing
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
 from amqp_queue.drain import drain
@@ -35,6 +34,7 @@ from amqp_queue.publisher import Publisher
 from amqp_queue.running_deliveries import RunningDeliveries
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
+from amqp_queue.state.closing import Closing
 from amqp_queue.state.enqueue_calls import CommandIntake
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore

@@ -16,7 +16,6 @@ from typing import Self
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from amqp_queue.batching import Batcher
-from amqp_queue.closing import Closing
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
@@ -24,6 +23,7 @@ from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.settlement import report_delivered, settle, split_live
+from amqp_queue.state.closing import Closing
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
 

@@ -12,11 +12,10 @@ import abc
 import logging
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
-from types import TracebackType
-from typing import Self
 
 from . import rules
 from .clock import Clock, utc_now
+from .closing import Closing
 from .enqueue_calls import CommandIntake
 from .errors import CommandNotFound, OutboxTaken
 from .fleet import Change, FleetCalls, check_command_id
@@ -30,7 +29,7 @@ DEFAULT_RETENTION = timedelta(days=7)
 __all__ = ["DEFAULT_RETENTION", "Change", "IndexedStore"]
 
 
-class IndexedStore(CommandIntake, FleetCalls):
+class IndexedStore(CommandIntake, FleetCalls, Closing):
     """A complete :class:`~state.protocol.Store` built on backend primitives.
 
     Args:
@@ -118,17 +117,6 @@ class IndexedStore(CommandIntake, FleetCalls):
     async def close(self) -> None:
         """Releases what the store owns; the default owns nothing."""
         return None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- helpers shared with the delivery layer ----------------------------------------
 

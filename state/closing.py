@@ -1,5 +1,6 @@
-"""``async with`` for the objects that hold a connection, a channel or a file: leaving the
-block closes them (:class:`Closing`)."""
+"""``async with`` for the objects that hold a connection, a channel or a file (stores, streams,
+the service): leaving the block closes them (:class:`Closing`). In the state package, the lower
+layer, so the state index and the delivery side share it."""
 
 from __future__ import annotations
 
