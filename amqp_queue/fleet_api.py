@@ -130,6 +130,7 @@ class FleetEndpoints:
                 command_type=body.get("command_type"),
                 requires_confirmation=confirm,
                 outcome_timeout=timeout,
+                by=operator,
             )
             state = "awaiting confirmation" if confirm else "ready"
             note.text = f"ok, rollout {rollout.rollout_id}, {state}"
@@ -148,7 +149,7 @@ class FleetEndpoints:
         """``POST /rollouts/{id}/confirm``: approves every member awaiting confirmation."""
         rollout_id = request.path_params["rollout_id"]
         with self._audit(operator, "confirm", f"rollout {rollout_id}") as note:
-            confirmed = await self._store.confirm_rollout(rollout_id)
+            confirmed = await self._store.confirm_rollout(rollout_id, by=operator)
             note.text = f"ok, {confirmed} confirmed"
         return JSONResponse({"rollout_id": rollout_id, "confirmed": confirmed})
 
@@ -156,7 +157,7 @@ class FleetEndpoints:
         """``POST /rollouts/{id}/cancel``: cancels every open member."""
         rollout_id = request.path_params["rollout_id"]
         with self._audit(operator, "cancel", f"rollout {rollout_id}") as note:
-            cancelled = await self._store.cancel_rollout(rollout_id)
+            cancelled = await self._store.cancel_rollout(rollout_id, by=operator)
             note.text = f"ok, {cancelled} cancelled"
         return JSONResponse({"rollout_id": rollout_id, "cancelled": cancelled})
 

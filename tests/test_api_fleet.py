@@ -190,6 +190,15 @@ async def test_a_rollout_is_created_summarised_confirmed_and_cancelled_as_a_whol
 
     cancelled = await api.client.post(f"/rollouts/{rollout_id}/cancel")
     assert cancelled.json() == {"rollout_id": rollout_id, "cancelled": 2}
+    # The index keeps who did it, as for single commands.
+    first = (await api.client.get(f"/commands/{command_ids[0]}")).json()
+    last = (await api.client.get(f"/commands/{command_ids[2]}")).json()
+    assert (first["enqueued_by"], first["confirmed_by"], first["cancelled_by"]) == (
+        "alice",
+        "alice",
+        None,
+    )
+    assert last["cancelled_by"] == "alice"
     counts = (await api.client.get(f"/rollouts/{rollout_id}")).json()["counts"]
     assert (counts["delivered"], counts["cancelled"], counts["pending"]) == (1, 2, 0)
     lines = _audit_lines(caplog)
