@@ -18,7 +18,11 @@ from tests.backends import POSTGRES_URL, postgres_schema
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CURSOR = (NOW, "00000000-0000-0000-0000-000000000001")
 
-QUERIES: list[tuple[str, tuple[sa.Select[Any], dict[str, Any]], str]] = [
+# Two partial indexes on open commands lead with device_id, so either reads the devices in
+# order; PostgreSQL picks between them by their (nearly equal) sizes, so the test accepts both.
+OPEN_BY_DEVICE = ("ix_command_queue_device_open", "uq_command_queue_dedup")
+
+QUERIES: list[tuple[str, tuple[sa.Select[Any], dict[str, Any]], str | tuple[str, ...]]] = [
     (
         "inbox",
         lists.awaiting_confirmation(NOW, None, 50, None, None),
@@ -29,12 +33,8 @@ QUERIES: list[tuple[str, tuple[sa.Select[Any], dict[str, Any]], str]] = [
         lists.awaiting_confirmation(NOW, CURSOR, 50, "gw-", "unlock"),
         "ix_command_queue_awaiting_confirmation",
     ),
-    ("devices", lists.devices_with_open(NOW, None, 50), "ix_command_queue_device_open"),
-    (
-        "devices, next page",
-        lists.devices_with_open(NOW, "gw-1", 50),
-        "ix_command_queue_device_open",
-    ),
+    ("devices", lists.devices_with_open(NOW, None, 50), OPEN_BY_DEVICE),
+    ("devices, next page", lists.devices_with_open(NOW, "gw-1", 50), OPEN_BY_DEVICE),
     ("history", lists.device_history("gw-1", None, 50), "ix_command_queue_device_history"),
     (
         "history, next page",
@@ -46,7 +46,10 @@ QUERIES: list[tuple[str, tuple[sa.Select[Any], dict[str, Any]], str]] = [
 
 @pytest.mark.parametrize(("what", "query", "index"), QUERIES, ids=[q[0] for q in QUERIES])
 async def test_each_list_reads_its_index_in_order_on_sqlite(
-    tmp_path: Path, what: str, query: tuple[sa.Select[Any], dict[str, Any]], index: str
+    tmp_path: Path,
+    what: str,
+    query: tuple[sa.Select[Any], dict[str, Any]],
+    index: str | tuple[str, ...],
 ) -> None:
     statement, _ = query
     async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'plans.db'}") as store:
@@ -59,8 +62,12 @@ async def test_each_list_reads_its_index_in_order_on_sqlite(
             ).all()
 
     details = " ".join(str(row[-1]) for row in plan)
-    assert index in details, (what, details)
+    assert any(name in details for name in _names(index)), (what, details)
     assert "TEMP B-TREE" not in details, (what, details)
+
+
+def _names(index: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (index,) if isinstance(index, str) else index
 
 
 def _literal(value: object) -> str:
@@ -75,7 +82,7 @@ def _literal(value: object) -> str:
 
 @pytest.mark.parametrize(("what", "query", "index"), QUERIES, ids=[q[0] for q in QUERIES])
 async def test_each_list_can_use_its_index_without_sorting_on_postgres(
-    what: str, query: tuple[sa.Select[Any], dict[str, Any]], index: str
+    what: str, query: tuple[sa.Select[Any], dict[str, Any]], index: str | tuple[str, ...]
 ) -> None:
     statement, params = query
     async with (
@@ -95,5 +102,5 @@ async def test_each_list_can_use_its_index_without_sorting_on_postgres(
             plan = (await conn.exec_driver_sql(f"EXPLAIN EXECUTE listing({values})")).all()
 
     details = " ".join(str(row[0]) for row in plan)
-    assert index in details, (what, details)
+    assert any(name in details for name in _names(index)), (what, details)
     assert "Sort Key" not in details, (what, details)
