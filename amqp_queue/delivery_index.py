@@ -61,3 +61,7 @@ class DeliveryIndex(Protocol):
     async def claim_outbox(self, owner: str) -> None:
         """Makes ``owner`` the one publisher of this index's outbox."""
         ...
+
+    async def hold_relay(self, holder: str, seconds: float) -> bool:
+        """Takes or renews the lease on sweeping other processes' unpublished commands."""
+        ...

@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
@@ -37,6 +40,8 @@ logger = logging.getLogger("amqp_queue.outbox")
 
 # Seconds the relay pauses after a pass failed for an unexpected reason.
 _RESTART_PAUSE = 1.0
+# The shortest relay lease: a holder renews it at every pass that finds orphans.
+_SWEEP_LEASE_MIN = 5.0
 
 
 class OutboxRelay:
@@ -46,9 +51,11 @@ class OutboxRelay:
 
     - the commands this process owes (:meth:`owe`): a direct publish failed, was left behind
       the backlog, or its enqueue was cancelled; at once, whatever their age;
-    - any other unpublished command only once it is ``config.relay_lease`` seconds past
-      ready: until then its writer (another process, or this one before a restart) may
-      still be publishing it;
+    - any other unpublished command (an orphan) only once it is ``config.relay_lease``
+      seconds past ready: until then its writer (another process, or this one before a
+      restart) may still be publishing it; and only while this relay holds the index's
+      relay lease (:meth:`~amqp_queue.delivery_index.DeliveryIndex.hold_relay`), so with
+      several processes on one index each orphan is published once;
 
     and never a command of ``in_flight`` (this process's direct publishes, until their
     publish marks are committed).
@@ -82,6 +89,11 @@ class OutboxRelay:
         """Whether this process owes, or may hold, unpublished commands: a direct publish
         must then leave its command to the relay, or it would overtake them."""
         self._kicks = 0
+        # Who this relay is in the relay lease (an operator reading the index sees where it
+        # runs), whether it holds the lease, and for how long it takes it each time.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._sweeping = False
+        self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
 
     def kick(self) -> None:
         """Asks for a pass soon (a publish failed, the connection came back, or a command
@@ -178,14 +190,37 @@ class OutboxRelay:
         now = self._state.clock()
         lease = timedelta(seconds=self._config.relay_lease)
         self._next_due = None
+        orphans: list[CommandRecord] = []
         for record in await self._state.unpublished(self._config.relay_batch):
             if record.id in due or record.id in self._in_flight:
                 continue
-            if record.id in self._owed or now - record.ready_at >= lease:
+            if record.id in self._owed:
                 due[record.id] = record
-            elif self._next_due is None or record.ready_at + lease < self._next_due:
-                self._next_due = record.ready_at + lease
+            elif now - record.ready_at >= lease:
+                orphans.append(record)
+            else:
+                self._due_at(record.ready_at + lease)
+        if orphans:
+            await self._sweep(orphans, due)
         return rules.in_ready_order(due.values())
+
+    async def _sweep(self, orphans: list[CommandRecord], due: dict[str, CommandRecord]) -> None:
+        """Adds the orphans (unpublished past the writer's lease) this relay publishes: all
+        of them while it holds the relay lease, so several relays on one index publish each
+        orphan once; otherwise only those of devices it owes a command to, which must go
+        out ahead of it (a copy the holder publishes too is dropped at delivery)."""
+        self._sweeping = await self._state.hold_relay(self._holder, self._sweep_lease)
+        if self._sweeping:
+            due.update((record.id, record) for record in orphans)
+            return
+        owing = {record.device_id for record in due.values()}
+        due.update((record.id, record) for record in orphans if record.device_id in owing)
+        # Looked at again once the holder's lease may have lapsed (it died).
+        self._due_at(self._state.clock() + timedelta(seconds=self._sweep_lease))
+
+    def _due_at(self, moment: datetime) -> None:
+        if self._next_due is None or moment < self._next_due:
+            self._next_due = moment
 
     def start(self) -> None:
         if self._task is None:
@@ -197,6 +232,13 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._sweeping:
+            # Given up, so another relay sweeps at once rather than after the lease.
+            self._sweeping = False
+            try:
+                await self._state.hold_relay(self._holder, 0)
+            except StateError as exc:
+                logger.warning("giving up the relay lease failed (it lapses by itself): %s", exc)
 
     async def _backoff(self, seconds: float) -> None:
         """Sleeps between retries, cut short by a kick (the connection came back)."""

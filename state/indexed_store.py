@@ -249,6 +249,18 @@ class IndexedStore(CommandIntake, FleetCalls, Closing):
                 "exchange its own state (SQLite file, PostgreSQL ?schema=, Redis ?prefix=)"
             )
 
+    async def hold_relay(self, holder: str, seconds: float) -> bool:
+        """Takes or renews the relay lease for ``seconds``; returns whether ``holder`` has it.
+
+        Several processes (sidecars on one index) each run an outbox relay. Each publishes
+        what it owes itself; the commands nobody owes any more (their writer died between
+        its write and its publish) are swept by the one relay holding this lease, so each
+        is published once, not once per survivor. The lease is free once its holder let
+        ``seconds`` pass without renewing it (it died), or gave it up (``seconds`` = 0).
+        """
+        now = self.clock()
+        return await self._hold_relay(holder, now, now + timedelta(seconds=max(seconds, 0.0)))
+
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         """Adds ``records`` (see :meth:`add`) and marks ``published`` commands published.
 
@@ -317,6 +329,11 @@ class IndexedStore(CommandIntake, FleetCalls, Closing):
     @abc.abstractmethod
     async def _hold_outbox(self, owner: str) -> str:
         """Records ``owner`` as the outbox's unless one is recorded; returns the recorded one."""
+
+    @abc.abstractmethod
+    async def _hold_relay(self, holder: str, now: datetime, until: datetime) -> bool:
+        """Records ``holder`` as the relay lease's until ``until`` unless another holds it
+        past ``now``; returns whether ``holder`` holds it."""
 
     @abc.abstractmethod
     async def expire(self, now: datetime) -> int:

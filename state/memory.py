@@ -34,6 +34,7 @@ class MemoryStore(IndexedStore):
         self._by_device: dict[str, list[str]] = {}
         self._open_by_type: dict[tuple[str, str], str] = {}
         self._outbox_owner: str | None = None
+        self._relay_lease: tuple[str, datetime] | None = None
 
     async def add(self, records: Sequence[CommandRecord]) -> int:
         now = self.clock()
@@ -131,6 +132,13 @@ class MemoryStore(IndexedStore):
         if self._outbox_owner is None:
             self._outbox_owner = owner
         return self._outbox_owner
+
+    async def _hold_relay(self, holder: str, now: datetime, until: datetime) -> bool:
+        current = self._relay_lease
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._relay_lease = (holder, until)
+        return True
 
     async def expire(self, now: datetime) -> int:
         expired = [

@@ -385,3 +385,15 @@ end
 return reopened
 """
 )
+
+# No PRELUDE: one key of its own. Times are the store's clock, as everywhere else, not the
+# server's. Returns 1 when ARGV[1] holds the lease (until ARGV[3]), 0 when another does past
+# ARGV[2].
+RELAY_LEASE = """
+local lease = redis.call('HMGET', KEYS[1], 'holder', 'until')
+if lease[1] and lease[1] ~= ARGV[1] and tonumber(lease[2]) > tonumber(ARGV[2]) then
+    return 0
+end
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'until', ARGV[3])
+return 1
+"""

@@ -105,6 +105,7 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
         self._mark_published = register(lua.MARK_PUBLISHED)
         self._release_script = register(lua.RELEASE)
         self._reject = register(lua.REJECT)
+        self._relay_lease = register(lua.RELAY_LEASE)
         self._register_fleet_scripts(client)
 
     @classmethod
@@ -289,6 +290,14 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
         if holder is None:
             return owner
         return holder.decode() if isinstance(holder, bytes) else str(holder)
+
+    async def _hold_relay(self, holder: str, now: datetime, until: datetime) -> bool:
+        async with self._errors("relay lease"):
+            held = await self._relay_lease(
+                keys=[f"{self._prefix}relay-lease"],
+                args=[holder, encode_time(now), encode_time(until)],
+            )
+        return bool(held)
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:

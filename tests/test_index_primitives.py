@@ -264,6 +264,36 @@ async def test_the_outbox_belongs_to_the_first_owner_that_claims_it(
         await indexed.claim_outbox("other.exchange")
 
 
+async def test_one_relay_at_a_time_holds_the_relay_lease_until_it_lapses(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    assert await indexed.hold_relay("relay-a", 30)
+    assert not await indexed.hold_relay("relay-b", 30)
+    clock.advance(20)
+    assert await indexed.hold_relay("relay-a", 30)  # renewed: 30 s from now
+    clock.advance(20)
+    assert not await indexed.hold_relay("relay-b", 30)
+    clock.advance(11)  # relay-a stopped renewing (it died): the lease is free
+    assert await indexed.hold_relay("relay-b", 30)
+    assert not await indexed.hold_relay("relay-a", 30)
+
+
+async def test_a_relay_lease_given_up_is_free_at_once(indexed: IndexedStore) -> None:
+    assert await indexed.hold_relay("relay-a", 30)
+    await indexed.hold_relay("relay-a", 0)
+
+    assert await indexed.hold_relay("relay-b", 30)
+
+
+async def test_the_relay_lease_does_not_disturb_the_outbox_owner(indexed: IndexedStore) -> None:
+    await indexed.claim_outbox("ble.commands")
+    assert await indexed.hold_relay("relay-a", 30)
+
+    await indexed.claim_outbox("ble.commands")
+    with pytest.raises(OutboxTaken):
+        await indexed.claim_outbox("relay-a")
+
+
 async def test_release_of_two_commands_of_one_slot_reopens_only_the_newer(
     indexed: IndexedStore, clock: FakeClock
 ) -> None:

@@ -103,6 +103,28 @@ async def test_a_store_starting_up_does_not_republish_commands_being_published(
             assert await queue_depth(producer, DEVICE) == len(ids)
 
 
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+async def test_a_dead_writers_commands_are_published_once_by_several_relays(
+    kind: str, tmp_path: Path
+) -> None:
+    # relay_after=0: the commands are orphans at once (their writer died before publishing).
+    async with (
+        shared_index(kind, tmp_path, relay_after=0) as shared,
+        shared.store(await shared.open_index()) as first,
+        shared.store(await shared.open_index()) as second,
+        shared.store(await shared.open_index()) as third,
+    ):
+        await first.ensure_queue(DEVICE)
+        orphans = [first.build(DEVICE, None, f"o{n}".encode(), 600) for n in range(50)]
+        await (await shared.open_index()).add(orphans)
+
+        await asyncio.gather(*(s.relay_outbox() for s in (first, second, third)))
+        await asyncio.gather(*(s.relay_outbox() for s in (first, second, third)))
+
+        assert await queue_depth(first, DEVICE) == len(orphans)
+        assert [c.id for c in await first.get_pending(DEVICE)] == [r.id for r in orphans]
+
+
 async def test_a_command_confirmed_several_times_at_once_is_published_once(
     tmp_path: Path,
 ) -> None:

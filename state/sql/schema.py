@@ -88,12 +88,15 @@ command_queue = sa.Table(
 
 c = command_queue.c
 
-# Who publishes the outbox of this table (see IndexedStore.claim_outbox): one row.
+# Who publishes the outbox of this table (see IndexedStore.claim_outbox), and which relay
+# sweeps the commands other processes left unpublished until when (IndexedStore.hold_relay):
+# one row per role.
 outbox_owner = sa.Table(
     "command_queue_owner",
     metadata,
     sa.Column("role", sa.Text(), primary_key=True),
     sa.Column("owner", sa.Text(), nullable=False),
+    sa.Column("held_until", UtcDateTime()),
 )
 
 # One expression object for "live" so every query repeats the partial indexes' predicate to

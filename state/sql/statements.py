@@ -100,6 +100,7 @@ partial index ``ix_command_queue_outbox_ready`` serves without sorting.
 """
 
 OUTBOX_HOLDER = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "outbox")
+RELAY_HOLDER = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "relay")
 
 # -- writes --------------------------------------------------------------------------------
 
@@ -337,4 +338,24 @@ def insert_outbox_owner(dialect: str) -> sa.Insert:
         insert(outbox_owner)
         .values(role="outbox", owner=sa.bindparam("owner"))
         .on_conflict_do_nothing(index_elements=[outbox_owner.c.role])
+    )
+
+
+@functools.cache
+def take_relay_lease(dialect: str) -> sa.Insert:
+    """Makes ``holder`` the sweeping relay until ``until`` unless another holds the lease
+    past ``now``; a holder renews (or, with ``until`` = ``now``, gives up) its own."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(outbox_owner).values(
+        role="relay", owner=sa.bindparam("holder"), held_until=sa.bindparam("until")
+    )
+    row = outbox_owner.c
+    return statement.on_conflict_do_update(
+        index_elements=[row.role],
+        set_={"owner": statement.excluded.owner, "held_until": statement.excluded.held_until},
+        where=sa.or_(
+            row.owner == statement.excluded.owner,
+            row.held_until.is_(None),
+            row.held_until <= sa.bindparam("now", type_=row.held_until.type),
+        ),
     )

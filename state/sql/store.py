@@ -298,6 +298,10 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         dialect = self._engine.dialect.name
         return await self._transaction(transactions.hold_outbox, owner, dialect)
 
+    async def _hold_relay(self, holder: str, now: datetime, until: datetime) -> bool:
+        dialect = self._engine.dialect.name
+        return await self._transaction(transactions.hold_relay, holder, now, until, dialect)
+
     async def expire(self, now: datetime) -> int:
         return await self._transaction(transactions.expire, now)
 

@@ -53,12 +53,6 @@ async def test_a_killed_sidecars_unpublished_commands_are_relayed_by_the_others(
     assert (tally.outbox_left, tally.out_of_order) == (0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: every surviving sidecar's relay publishes a dead sidecar's orphaned "
-    "commands once they are past relay_after (no claim across processes), so with two "
-    "survivors each orphan is published twice; the copy is dropped at delivery",
-)
 async def test_no_orphan_of_a_killed_sidecar_is_published_twice(tmp_path: Path) -> None:
     tally = await _sidecar_loss(tmp_path)
 
