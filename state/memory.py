@@ -106,8 +106,9 @@ class MemoryStore(IndexedStore):
         marked = 0
         for command_id in command_ids:
             record = self._records.get(command_id)
-            if record is not None and record.is_open:
-                self._store(replace(record, delivered=True, ended_at=now))
+            delivered = None if record is None else rules.taken(record, now)
+            if delivered is not None:
+                self._store(delivered)
                 marked += 1
         return marked
 

@@ -193,11 +193,19 @@ return claimed
 MARK_DELIVERED = (
     PRELUDE
     + """
--- ARGV[4..]: command ids.
+-- ARGV[4..]: command ids a device took. rules.taken: an open one, or one cancelled,
+-- replaced or expired meanwhile, ends delivered.
+local taken_anyway = {superseded = true, cancelled = true, expired = true}
 local marked = 0
 for i = 4, #ARGV do
     local key = command_key(ARGV[i])
-    if is_open(key) then
+    local state = redis.call('HMGET', key, 'delivered', 'end_reason')
+    if state[1] == '0' and (not state[2] or taken_anyway[state[2]]) then
+        if state[2] then
+            -- Finished already: out of the finished index, to be filed again as delivered.
+            redis.call('HDEL', key, 'end_reason')
+            redis.call('ZREM', finished_key, ARGV[i])
+        end
         finish(key, ARGV[i], 'delivered', '1')
         marked = marked + 1
     end

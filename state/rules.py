@@ -81,6 +81,25 @@ def status_of(record: CommandRecord, now: datetime) -> CommandStatus:
     return CommandStatus.PENDING
 
 
+TAKEN_ANYWAY = frozenset({EndReason.SUPERSEDED, EndReason.CANCELLED, EndReason.EXPIRED})
+"""The ends a device's taking a command overrides (see :func:`taken`); a command the broker
+refused (``REJECTED``) never reached one."""
+
+
+def taken(record: CommandRecord, now: datetime) -> CommandRecord | None:
+    """The record once a device took it (``mark_delivered``), or None when nothing changes.
+
+    ``consume`` marks a command after the loop body for it finished. Cancelled, replaced or
+    expired meanwhile (a cancel racing the device, or a mark held up by an index outage),
+    the device has it all the same: it ends ``DELIVERED``, and its outcome can be reported.
+    """
+    if record.delivered or (
+        record.end_reason is not None and record.end_reason not in TAKEN_ANYWAY
+    ):
+        return None
+    return replace(record, delivered=True, end_reason=None, ended_at=now)
+
+
 def end_of_replaced(record: CommandRecord, now: datetime) -> EndReason:
     """How an open command ends when a newer one of its type replaces it."""
     return EndReason.EXPIRED if record.expires_at <= now else EndReason.SUPERSEDED

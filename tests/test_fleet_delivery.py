@@ -8,7 +8,7 @@ from pathlib import Path
 import aiormq
 import pytest
 
-from amqp_queue import CommandStatus, OutcomeRejected, RabbitMQStore, ReceivedCommand
+from amqp_queue import CommandStatus, RabbitMQStore, ReceivedCommand
 from amqp_queue.metrics import PrometheusObserver
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
 
@@ -36,17 +36,42 @@ async def test_a_consumed_command_reports_its_outcome_from_the_loop_body(tmp_pat
         assert await store.drain_pending("dev-1") == []
 
 
-async def test_a_command_cancelled_before_its_report_takes_no_outcome(tmp_path: Path) -> None:
+async def test_a_command_cancelled_while_the_device_has_it_keeps_its_outcome(
+    tmp_path: Path,
+) -> None:
+    # The cancel came after the hand-out: the device acted on the command all the same, so
+    # its report is the truth the index keeps, not a refusal and a CANCELLED that hides it.
     async with rabbitmq_store(tmp_path) as store:
         assert isinstance(store, RabbitMQStore)
         command_id = await store.enqueue("dev-1", b"x", 60)
         async with store.consume("dev-1") as stream:
             async for command in stream:
                 await store.cancel_command(command.id)
-                with pytest.raises(OutcomeRejected):
-                    await command.complete()
+                await command.complete(b"done")
                 break
-        assert await store.get_status(command_id) == CommandStatus.CANCELLED
+        assert await store.get_status(command_id) == CommandStatus.SUCCEEDED
+
+
+async def test_a_command_replaced_while_the_device_has_it_ends_delivered(
+    tmp_path: Path,
+) -> None:
+    # consume() marks a command once the loop body finished; a replacement coming first
+    # (or a mark held up by an index outage) does not make the status lie about it.
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        first = await store.enqueue_or_update("dev-1", "setpoint", b"20", 60)
+        received: list[bytes] = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                received.append(command.payload)
+                if command.id == first:
+                    second = await store.enqueue_or_update("dev-1", "setpoint", b"21", 60)
+                else:
+                    break
+
+        assert received == [b"20", b"21"]
+        assert await store.get_status(first) == CommandStatus.DELIVERED
+        assert await store.get_status(second) == CommandStatus.DELIVERED
 
 
 async def test_outcomes_are_counted_in_the_metrics(tmp_path: Path) -> None:

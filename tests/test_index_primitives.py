@@ -124,6 +124,43 @@ async def test_deliverable_claim_and_mark_delivered_by_id(
     assert await indexed.get_pending("dev-1") == []
 
 
+async def test_a_command_a_device_took_ends_delivered_though_ended_meanwhile(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    """consume() marks a command after the loop body for it: a cancel, a replacement or an
+    expiry sweep may come first (a mark held up by an index outage waits long). The device
+    has it: DELIVERED, with its outcome reportable; the replacement stays pending."""
+    replaced = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
+    cancelled = await indexed.enqueue("dev-1", b"c", 600)
+    expired = await indexed.enqueue("dev-1", b"e", 5)
+    handed = [replaced, cancelled, expired]
+    assert set(await indexed.deliverable(handed)) == set(handed)  # handed out now
+    replacement = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
+    await indexed.cancel_command(cancelled)
+    clock.advance(5)
+    await indexed.cleanup()
+    rejected = await indexed.enqueue("dev-1", b"r", 600)
+    await indexed.reject([rejected])
+
+    assert await indexed.mark_delivered([*handed, rejected]) == 3
+    assert await indexed.mark_delivered(handed) == 0
+
+    statuses = [await indexed.get_status(i) for i in (*handed, rejected, replacement)]
+    assert statuses == [CommandStatus.DELIVERED] * 3 + [
+        CommandStatus.REJECTED,
+        CommandStatus.PENDING,
+    ]
+    assert [c.id for c in await indexed.get_pending("dev-1")] == [replacement]
+    await indexed.complete_command(replaced, b"ok")
+    assert await indexed.get_status(replaced) == CommandStatus.SUCCEEDED
+    # Finished as delivered: kept for the retention from the mark, then pruned.
+    clock.advance(indexed.retention.total_seconds() + 1)
+    await indexed.cleanup()
+    for command_id in (cancelled, expired):
+        with pytest.raises(CommandNotFound):
+            await indexed.get_status(command_id)
+
+
 async def test_a_batch_that_replaces_a_type_twice_keeps_only_its_last_command(
     indexed: IndexedStore, clock: FakeClock
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .. import rules
 from ..model import CommandRecord, CommandStatus, EndReason
 from .schema import AWAITS_OUTCOME, IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
 
@@ -150,10 +151,22 @@ def update_by_id(columns: tuple[str, ...]) -> sa.Update:
 
 MARK_PUBLISHED = sa.update(command_queue).where(c.id.in_(_IDS)).values(published_at=_NOW)
 
+_TAKEN_ANYWAY = sorted(rules.TAKEN_ANYWAY)
+# rules.taken: open, or ended by what a device's taking overrides.
 MARK_DELIVERED = (
     sa.update(command_queue)
-    .where(c.id.in_(_IDS), IS_OPEN)
-    .values(delivered=sa.true(), ended_at=_NOW)
+    .where(
+        c.id.in_(_IDS),
+        c.delivered == sa.false(),
+        sa.or_(
+            c.end_reason.is_(None),
+            # Constants in the SQL text: the driver paths expand only the ids.
+            c.end_reason.in_(
+                [sa.literal(reason.value, literal_execute=True) for reason in _TAKEN_ANYWAY]
+            ),
+        ),
+    )
+    .values(delivered=sa.true(), end_reason=None, ended_at=_NOW)
 )
 
 REJECT = (
