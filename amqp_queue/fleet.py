@@ -129,6 +129,10 @@ class FleetDelivery:
         await self._publish_ready(confirmed, reachable=not self.broker_pending)
         return len(confirmed)
 
+    async def rollout_enqueuer(self, rollout_id: str) -> str | None:
+        """See :meth:`IndexedStore.rollout_enqueuer`."""
+        return await self.state.rollout_enqueuer(rollout_id)
+
     async def cancel_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """See :meth:`IndexedStore.cancel_rollout`; messages already queued are dropped at
         delivery."""

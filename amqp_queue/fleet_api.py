@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from amqp_queue import command_io
+from amqp_queue.four_eyes import check_rollout_approver
 from amqp_queue.state.errors import InvalidInput, InvalidTTL
 from amqp_queue.state.model import OUTCOMES, CommandStatus
 from amqp_queue.store import RabbitMQStore
@@ -58,6 +59,7 @@ class FleetEndpoints:
     """Outcome reports, rollouts and retiring a device, over the host's store."""
 
     _store: RabbitMQStore
+    _four_eyes: bool
 
     if TYPE_CHECKING:  # provided by OperatorApi
 
@@ -149,6 +151,10 @@ class FleetEndpoints:
         """``POST /rollouts/{id}/confirm``: approves every member awaiting confirmation."""
         rollout_id = request.path_params["rollout_id"]
         with self._audit(operator, "confirm", f"rollout {rollout_id}") as note:
+            if self._four_eyes:
+                summary = await self._store.rollout_summary(rollout_id)
+                enqueued_by = await self._store.rollout_enqueuer(rollout_id)
+                check_rollout_approver(summary, enqueued_by, operator)
             confirmed = await self._store.confirm_rollout(rollout_id, by=operator)
             note.text = f"ok, {confirmed} confirmed"
         return JSONResponse({"rollout_id": rollout_id, "confirmed": confirmed})

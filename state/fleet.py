@@ -188,6 +188,19 @@ class FleetCalls(abc.ABC):
             raise RolloutNotFound(rollout_id)
         return RolloutSummary.of(rollout_id, counts)
 
+    async def rollout_enqueuer(self, rollout_id: str) -> str | None:
+        """Who enqueued the rollout (its ``by``; None when nobody was named): the four-eyes
+        rule asks it before a confirmation.
+
+        Raises:
+            RolloutNotFound: no command of this rollout is held.
+        """
+        _check_rollout_id(rollout_id)
+        found, enqueued_by = await self._rollout_enqueuer(rollout_id)
+        if not found:
+            raise RolloutNotFound(rollout_id)
+        return enqueued_by
+
     async def retire_device(self, device_id: str) -> int:
         """Cancels every open, unexpired command of a device (they end ``CANCELLED``).
 
@@ -228,6 +241,11 @@ class FleetCalls(abc.ABC):
     @abc.abstractmethod
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         """The rollout's held commands counted by status (no entry for a zero)."""
+
+    @abc.abstractmethod
+    async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
+        """Whether a command of the rollout is held, and who enqueued it (one call enqueues
+        every command of a rollout, so any one answers for all)."""
 
 
 def check_command_id(command_id: object) -> None:

@@ -232,6 +232,11 @@ class MemoryStore(IndexedStore):
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         return dict(Counter(rules.status_of(record, now) for record in self._rollout(rollout_id)))
 
+    async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
+        for record in self._rollout(rollout_id):
+            return True, record.enqueued_by
+        return False, None
+
     # The fleet-wide lists scan too: the memory store is for tests and development.
 
     async def awaiting_confirmation(

@@ -136,6 +136,10 @@ class Store(Protocol):
         """The rollout's commands counted by status."""
         ...
 
+    async def rollout_enqueuer(self, rollout_id: str) -> str | None:
+        """Who enqueued the rollout (its ``by``), None when nobody was named."""
+        ...
+
     async def get_command(self, command_id: str) -> CommandRecord:
         """Everything held about one command (who enqueued, confirmed, cancelled it too)."""
         ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .model import CommandRecord, CommandStatus
 from .redis_encoding import as_text, decode_replies
@@ -136,6 +136,7 @@ class RedisFleetCalls:
 
     _prefix: str
     _indexes: list[str]
+    _client: Redis
 
     if TYPE_CHECKING:  # provided by RedisStore
 
@@ -193,6 +194,24 @@ class RedisFleetCalls:
                 keys=[*self._indexes, members], args=self._args(now, [by or ""])
             )
         return int(cancelled)
+
+    async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
+        # The first member still held answers (one call enqueued them all); a pruned one
+        # stays listed in the rollout's set, so the set is read a page at a time.
+        key, start, page = self._rollout_key(rollout_id), 0, 100
+        async with self._errors("rollout read"):
+            while members := await self._client.zrange(key, start, start + page - 1):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for member in members:
+                        # Without scores redis answers plain member names.
+                        command_id = as_text(cast(bytes, member))
+                        pipe.hmget(f"{self._prefix}cmd:{command_id}", ["device_id", "enqueued_by"])
+                    found = await pipe.execute()
+                for device_id, enqueued_by in found:
+                    if device_id is not None:
+                        return True, as_text(enqueued_by) if enqueued_by else None
+                start += page
+        return False, None
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         async with self._errors("rollout summary"):

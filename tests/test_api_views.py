@@ -144,6 +144,38 @@ async def test_four_eyes_refuses_a_self_approval_changes_nothing_and_audits_it(
     assert again.status_code == 200
 
 
+async def test_four_eyes_refuses_a_rollout_confirmed_by_its_creator(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="amqp_queue.api.audit")
+    created = await api.client.post(
+        "/rollouts",
+        json={
+            "device_ids": ["dev-1", "dev-2"],
+            "payload": "firmware 2",
+            "ttl": 600,
+            "command_type": "firmware",
+            "requires_confirmation": True,
+        },
+    )
+    assert created.status_code == 201, created.text
+    rollout = created.json()["rollout_id"]
+
+    refused = await api.client.post(f"/rollouts/{rollout}/confirm")
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "four_eyes"
+    assert "rollout" in refused.json()["detail"]
+    summary = (await api.client.get(f"/rollouts/{rollout}")).json()
+    assert summary["counts"]["awaiting_confirmation"] == 2
+    assert f"operator ann confirm rollout {rollout}: four_eyes" in caplog.text
+
+    approved = await api.client.post(f"/rollouts/{rollout}/confirm", headers=AS_BEN)
+    assert (approved.status_code, approved.json()["confirmed"]) == (200, 2)
+    # Nothing awaits any more: confirming again is harmless, even for its creator.
+    again = await api.client.post(f"/rollouts/{rollout}/confirm")
+    assert (again.status_code, again.json()["confirmed"]) == (200, 0)
+
+
 async def test_without_four_eyes_the_enqueuer_may_confirm(tmp_path: Path) -> None:
     async with running(tmp_path, tokens=TOKENS) as api:
         api.client.headers.update(AS_ANN)

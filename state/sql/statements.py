@@ -336,6 +336,9 @@ _STATUS = sa.case(
     (sa.not_(IS_READY), CommandStatus.AWAITING_CONFIRMATION.value),
     else_=CommandStatus.PENDING.value,
 ).label("status")
+ROLLOUT_ENQUEUER = sa.select(c.enqueued_by).where(_ROLLOUT).limit(1)
+"""Who enqueued a rollout (``rollout``): any one member says it, read from its index."""
+
 ROLLOUT_COUNTS = (
     sa.select(_STATUS, sa.func.count().label("count")).where(_ROLLOUT).group_by(sa.text("status"))
 )

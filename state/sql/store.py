@@ -311,6 +311,10 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
     async def time_out(self, now: datetime) -> int:
         return await self._transaction(transactions.time_out, now)
 
+    async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
+        rows = await self._select(sql.ROLLOUT_ENQUEUER, rollout=rollout_id)
+        return (True, rows[0]["enqueued_by"]) if rows else (False, None)
+
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         rows = await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
         return {CommandStatus(row["status"]): int(row["count"]) for row in rows}

@@ -155,6 +155,18 @@ async def test_an_unknown_rollout_is_a_clear_error(store: Store) -> None:
             await store.confirm_rollout(rollout_id)
         with pytest.raises(RolloutNotFound):
             await store.cancel_rollout(rollout_id)
+        with pytest.raises(RolloutNotFound):
+            await store.rollout_enqueuer(rollout_id)
+
+
+async def test_a_rollout_says_who_enqueued_it(store: Store) -> None:
+    named = await store.enqueue_many(
+        DEVICES, b"x", 600, command_type="firmware", requires_confirmation=True, by="ann"
+    )
+    anonymous = await store.enqueue_many(DEVICES, b"y", 600)
+
+    assert await store.rollout_enqueuer(named.rollout_id) == "ann"
+    assert await store.rollout_enqueuer(anonymous.rollout_id) is None
 
 
 async def test_retiring_a_device_cancels_its_open_commands(store: Store, clock: FakeClock) -> None:
