@@ -42,6 +42,8 @@ logger = logging.getLogger("amqp_queue.outbox")
 _RESTART_PAUSE = 1.0
 # The shortest relay lease: a holder renews it at every pass that finds orphans.
 _SWEEP_LEASE_MIN = 5.0
+# Seconds between passes while commands wait behind what the start-up read found.
+_START_RECHECK = 0.5
 
 
 class OutboxRelay:
@@ -58,7 +60,9 @@ class OutboxRelay:
       several processes on one index each orphan is published once;
 
     and never a command of ``in_flight`` (this process's direct publishes, until their
-    publish marks are committed).
+    publish marks are committed). What this process owes to a device waits behind the
+    commands of that device its first read found unpublished and not yet due (its own,
+    maybe, from before a restart), so a restart does not reorder a device's commands.
 
     Args:
         in_flight: ids whose direct publish is under way here; the store keeps it.
@@ -94,6 +98,10 @@ class OutboxRelay:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._sweeping = False
         self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
+        # What the first read found unpublished and not yet due (None before it), and the
+        # owed commands waiting behind it (see _hold_back).
+        self._found_at_start: set[str] | None = None
+        self._held_back: set[str] = set()
 
     def kick(self) -> None:
         """Asks for a pass soon (a publish failed, the connection came back, or a command
@@ -108,14 +116,15 @@ class OutboxRelay:
         self.kick()
 
     def _settled(self, kicks_before_read: int) -> bool:
-        """Clears ``pending`` unless a kick came after the pass's last read began.
+        """Ends a flush unless a kick came after the pass's last read began, and clears
+        ``pending`` unless commands are held back (:meth:`_hold_back`).
 
         A command that kicked after that read was committed too late for it; clearing
         ``pending`` then would let the next command be published directly, ahead of it.
         """
-        if self._kicks != kicks_before_read or self._owed:
+        if self._kicks != kicks_before_read or self._owed - self._held_back:
             return False
-        self.pending = False
+        self.pending = bool(self._found_at_start)
         return True
 
     async def flush(self) -> int:
@@ -191,6 +200,7 @@ class OutboxRelay:
         lease = timedelta(seconds=self._config.relay_lease)
         self._next_due = None
         orphans: list[CommandRecord] = []
+        young: dict[str, CommandRecord] = {}
         for record in await self._state.unpublished(self._config.relay_batch):
             if record.id in due or record.id in self._in_flight:
                 continue
@@ -199,10 +209,30 @@ class OutboxRelay:
             elif now - record.ready_at >= lease:
                 orphans.append(record)
             else:
+                young[record.id] = record
                 self._due_at(record.ready_at + lease)
+        self._hold_back(young, due)
         if orphans:
             await self._sweep(orphans, due)
         return rules.in_ready_order(due.values())
+
+    def _hold_back(self, young: dict[str, CommandRecord], due: dict[str, CommandRecord]) -> None:
+        """Keeps this process's commands behind what it found unpublished when it started.
+
+        The commands the first read finds, not yet past their writer's lease, may be this
+        process's own from before a restart (it died between write and publish), and
+        nobody publishes them until the lease runs out. Until each is published or due,
+        what this process owes to the same device waits (``pending`` stays set, so new
+        commands are owed too): published now, it would overtake them.
+        """
+        if self._found_at_start is None:
+            self._found_at_start = set(young)
+        else:
+            self._found_at_start.intersection_update(young)
+        devices = {young[command_id].device_id for command_id in self._found_at_start}
+        self._held_back = {i for i, record in due.items() if record.device_id in devices}
+        for command_id in self._held_back:
+            del due[command_id]
 
     async def _sweep(self, orphans: list[CommandRecord], due: dict[str, CommandRecord]) -> None:
         """Adds the orphans (unpublished past the writer's lease) this relay publishes: all
@@ -251,6 +281,10 @@ class OutboxRelay:
         """Seconds until the next pass: the relay interval, or sooner when a command left to
         its writer becomes due."""
         interval = self._config.relay_interval
+        if self._found_at_start:
+            # Their writers (other live processes) mark most of them published within
+            # moments: read again soon rather than at their due time.
+            interval = min(interval, _START_RECHECK)
         if self._next_due is not None:
             due_in = (self._next_due - self._state.clock()).total_seconds()
             interval = min(interval, max(due_in, 0.0) + 0.05)

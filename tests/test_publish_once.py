@@ -125,6 +125,27 @@ async def test_a_dead_writers_commands_are_published_once_by_several_relays(
         assert [c.id for c in await first.get_pending(DEVICE)] == [r.id for r in orphans]
 
 
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+async def test_a_command_left_unpublished_by_a_crash_keeps_its_place_after_a_restart(
+    kind: str, tmp_path: Path
+) -> None:
+    # The process died between its write and its publish, and came back at once: its
+    # command is younger than relay_after, so the new process must not publish the next
+    # command to that device ahead of it.
+    async with shared_index(kind, tmp_path, relay_after=1.0, relay_interval=0.2) as shared:
+        index = await shared.open_index()
+        async with shared.store(await shared.open_index()) as before:
+            await before.ensure_queue(DEVICE)
+            left = before.build(DEVICE, None, b"first", 600)
+            other = before.build("dev-2", None, b"other", 600)
+        await index.add([left, other])
+        async with shared.store(await shared.open_index()) as after:
+            await after.enqueue(DEVICE, b"second", 600)
+            received = await drain_until(after, DEVICE, count=2, seconds=5)
+
+        assert received == [b"first", b"second"]
+
+
 async def test_a_command_confirmed_several_times_at_once_is_published_once(
     tmp_path: Path,
 ) -> None:
