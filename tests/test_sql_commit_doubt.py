@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from amqp_queue.state import SqlStore, StateError
+from amqp_queue.state.sql import commit_doubt
 from tests.faults.private_pg import PrivatePostgres, private_postgres
+from tests.support import eventually
 from tests.tcp_proxy import TCPProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -139,3 +141,61 @@ async def test_an_enqueue_that_raised_wrote_nothing_and_one_that_returned_is_hel
         f"committed ({len(calls.returned)} returned, {len(calls.unknown)} unknown): "
         f"{sorted(set(written.values()))}"
     )
+
+
+async def _wait_for_sync_rep(admin: AsyncEngine) -> None:
+    """Returns once a COMMIT waits for the synchronous standby."""
+    waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+    async with asyncio.timeout(10):
+        while True:
+            async with admin.connect() as conn:
+                if await conn.scalar(waiting):
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def _set_standby(admin: AsyncEngine, names: str | None) -> None:
+    async with admin.connect() as conn:
+        if names is None:
+            await conn.execute(sa.text("ALTER SYSTEM RESET synchronous_standby_names"))
+        else:
+            await conn.execute(sa.text(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'"))
+        await conn.execute(sa.text("SELECT pg_reload_conf()"))
+
+
+async def test_a_commit_still_under_way_when_its_connection_died_is_reported_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A COMMIT that waits for a synchronous standby which never answers has not landed yet
+    # when the client's connection dies, and lands once the wait ends: "not written" would
+    # be wrong, and the table alone cannot tell while its server process still runs.
+    monkeypatch.setattr(commit_doubt, "BOUND", 1.0)
+    async with private_postgres() as server:
+        admin = create_async_engine(
+            server.url,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"server_settings": {"synchronous_commit": "local"}},
+        )
+        try:
+            url = make_url(server.url)
+            async with TCPProxy(url.port or 5432) as proxy:
+                through = url.set(port=proxy.port).render_as_string(hide_password=False)
+                store = await SqlStore.connect(through)
+                try:
+                    await _set_standby(admin, "nobody")
+                    enqueue = asyncio.create_task(store.enqueue("dev-1", b"held", 600))
+                    await _wait_for_sync_rep(admin)
+                    await proxy.cut()
+                    await proxy.restore()
+                    with pytest.raises(StateError, match=UNKNOWN):
+                        await enqueue
+                finally:
+                    await store.close()
+            await _set_standby(admin, None)  # the wait ends: the commit lands
+
+            async def landed() -> bool:
+                return b"held" in await _held(server.url)
+
+            await eventually(landed, 10)
+        finally:
+            await admin.dispose()
