@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -46,7 +47,14 @@ from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from ..model import CommandRecord, CommandStatus
 from ..validation import DEFAULT_LIMITS, Limits
-from . import deadlock_retry, postgres_reads, schema_versions, sqlite_direct, transactions
+from . import (
+    commit_doubt,
+    deadlock_retry,
+    postgres_reads,
+    schema_versions,
+    sqlite_direct,
+    transactions,
+)
 from . import statements as sql
 from .engine import READ_ONLY, create_engine, driver_reason, take_write_lock
 from .fleet_writes import SqlFleetWrites
@@ -230,9 +238,23 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         now, dialect = self.clock(), self._engine.dialect.name
-        return await self._hot(
-            "write", transactions.write, records, published, now, dialect, self.limits
-        )
+        if not records or dialect != "postgresql":
+            return await self._hot(
+                "write", transactions.write, records, published, now, dialect, self.limits
+            )
+        # New commands: a COMMIT whose answer was lost is resolved before answering.
+        commit = commit_doubt.Commit()
+        try:
+            return await self._committed(
+                functools.partial(
+                    transactions.write, records, published, now, dialect, self.limits
+                ),
+                commit,
+            )
+        except StateError as failure:
+            await commit.settle(self._engine, [record.id for record in records], failure)
+            # Written after all; how many it superseded went with the lost answer (metrics).
+            return 0
 
     async def get(self, command_id: str) -> CommandRecord | None:
         rows = await self._select(sql.ONE, command_id=command_id)
@@ -360,10 +382,21 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         """Runs ``transaction(*args, **kwargs)`` in one write transaction on a connection of the
         engine, built afresh and run again if PostgreSQL aborted it as a deadlock victim or
         a serialization failure (see :mod:`amqp_queue.state.sql.deadlock_retry`)."""
+        return await self._committed(functools.partial(transaction, *args, **kwargs))
+
+    async def _committed(
+        self, transaction: Callable[[], Transaction[T]], commit: commit_doubt.Commit | None = None
+    ) -> T:
+        """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way."""
         async for attempt in deadlock_retry.retrying():
             with attempt:
+                if commit is not None:
+                    commit.backend = None
                 async with self._write() as conn:
-                    return await transactions.run(conn, transaction(*args, **kwargs))
+                    result = await transactions.run(conn, transaction())
+                    if commit is not None:
+                        await commit.sending(conn)
+                    return result
         raise AssertionError("unreachable: the last failure is re-raised")
 
     async def _select(self, query: sa.Select[Any], **params: Any) -> list[transactions.Row]:
