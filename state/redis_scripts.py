@@ -55,8 +55,15 @@ ADD = (
 -- Returns how many open commands were superseded, or {'full', device} having written
 -- nothing when a device would go over its limit (a replacement adds nothing).
 local limit = tonumber(ARGV[4])
+-- A command already held was written by this very call sent before (redis-py resends a
+-- command whose reply was lost): it is left as it is, so a resend changes nothing.
+local fresh = {}
+for i = 5, #ARGV, 11 do
+    fresh[i] = redis.call('EXISTS', command_key(ARGV[i])) == 0
+end
 local added, slot_seen = {}, {}
 for i = 5, #ARGV, 11 do
+  if fresh[i] then
     local device, kind = ARGV[i + 1], ARGV[i + 2]
     local adds = 1
     if kind ~= '' then
@@ -73,6 +80,7 @@ for i = 5, #ARGV, 11 do
         end
     end
     added[device] = (added[device] or 0) + adds
+  end
 end
 for device, adds in pairs(added) do
     local device_key = prefix .. 'dev:' .. device
@@ -92,6 +100,7 @@ for device, adds in pairs(added) do
 end
 local superseded = 0
 for i = 5, #ARGV, 11 do
+  if fresh[i] then
     local id, device, kind, payload, needs_ok, created, expires, ttl, wait, rollout, by =
         unpack(ARGV, i, i + 10)
     local seq = redis.call('INCR', KEYS[4])
@@ -152,6 +161,7 @@ for i = 5, #ARGV, 11 do
     local history = prefix .. 'hist:' .. device
     redis.call('ZADD', history, created, id)
     extend_ttl(history, ttl)
+  end
 end
 return superseded
 """

@@ -144,6 +144,25 @@ async def test_cleanup_sweeps_expired_commands_in_batches(clock: FakeClock) -> N
         assert await store.client.zcard(f"{store.prefix}expiry") == 1
 
 
+async def test_a_write_sent_again_after_a_lost_reply_changes_nothing(clock: FakeClock) -> None:
+    # redis-py retries a command whose connection failed or timed out (3 times by default):
+    # a script that ran but whose reply was lost runs again with the same commands. It must
+    # not end the typed command as replaced by itself, reopen a delivered one, or add twice.
+    async with redis_store(clock=clock) as store:
+        typed = store.build("dev-1", "setpoint", b"20", 600)
+        plain = store.build("dev-1", None, b"p", 600)
+        await store.add([typed, plain])
+        assert await store.add([typed, plain]) == 0
+
+        assert await store.get_status(typed.id) == CommandStatus.PENDING
+        assert [c.id for c in await store.get_pending("dev-1")] == [typed.id, plain.id]
+        assert await store.drain_pending("dev-1") == [b"20", b"p"]
+        await store.add([typed, plain])
+        assert await store.get_status(typed.id) == CommandStatus.DELIVERED
+        assert await store.get_status(plain.id) == CommandStatus.DELIVERED
+        assert await store.get_pending("dev-1") == []
+
+
 async def test_cancel_racing_a_drain_has_exactly_one_winner() -> None:
     async with redis_store() as store:
         for n in range(40):
