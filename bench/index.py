@@ -1,10 +1,12 @@
-"""Whether the index's per-device reads stay flat as the table grows (10k vs 1M rows).
+"""Whether the index's reads stay flat as the table grows (10k vs 1M rows).
 
 Two tables per backend, filled with a fast bulk insert (not through the API): mostly
 finished commands of many devices, as a table looks after weeks of traffic within the
-retention, plus one probe device whose commands are written through the API. Each run
-times ``get_pending`` and ``drain_pending`` of the probe on the small and the large table
-back to back.
+retention, plus one probe device whose commands are written through the API and
+:data:`INBOX` commands awaiting confirmation across as many devices. Each run times
+``get_pending`` and ``drain_pending`` of the probe on the small and the large table back to
+back, and the console's inbox, ``GET /confirmations`` (a page of 50), over HTTP from
+``amqp-queue serve`` running on that same table.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ from amqp_queue.state import SqlStore
 from amqp_queue.state.sql import command_queue
 from bench.backends import postgres_state
 from bench.harness import Context, Target
-from bench.services import PAYLOAD, TTL, temp_dir
+from bench.http_client import KeepAliveClient
+from bench.operator_api import TOKEN, serving
+from bench.services import PAYLOAD, TTL, delete_namespace, sqlite_url, temp_dir, unique
 
 GROUP = "Index latency as the table grows"
+INBOX_GROUP = "GET /confirmations (the console's inbox) as the table grows"
+INBOX = 60
+INBOX_PAGE = 50
 PROBE = "probe"
 PROBE_DRAIN = "probe-drain"
 PER_DEVICE = 10
@@ -79,11 +86,18 @@ def _sqlite_fill(path: Path, total: int, dialect: sa.Dialect) -> None:
 @asynccontextmanager
 async def sqlite_table(total: int) -> AsyncIterator[SqlStore]:
     with temp_dir() as directory:
-        path = directory / "index.db"
-        store = await SqlStore.connect(f"sqlite+aiosqlite:///{path}")
+        store = await SqlStore.connect(sqlite_url(directory))
         async with store:
+            path = directory / "state.db"
             await asyncio.to_thread(_sqlite_fill, path, total, store.engine.dialect)
             yield store
+
+
+def _state_url(store: SqlStore) -> str:
+    """The URL ``amqp-queue serve`` opens the same table with."""
+    url = store.engine.url.render_as_string(hide_password=False)
+    schema = store.engine.get_execution_options().get("schema_translate_map", {}).get(None)
+    return f"{url}?schema={schema}" if schema else url
 
 
 @asynccontextmanager
@@ -133,6 +147,30 @@ async def _latencies(store: SqlStore, calls: int) -> tuple[float, float]:
 async def _probe(store: SqlStore) -> None:
     for _ in range(PER_DEVICE):
         await store.enqueue(PROBE, PAYLOAD, TTL)
+    for n in range(INBOX):
+        await store.enqueue_with_confirmation(f"inbox-{n:03d}", "unlock", PAYLOAD, TTL)
+
+
+async def _inbox_latency(store: SqlStore, calls: int) -> float:
+    """Median milliseconds of ``GET /confirmations?limit=50`` from ``amqp-queue serve`` on
+    the store's table (one keep-alive connection)."""
+    latencies: list[float] = []
+    exchange = unique("bench.inbox.")
+    with temp_dir() as directory:
+        try:
+            async with (
+                serving(directory, exchange, _state_url(store)) as served,
+                KeepAliveClient(served.host, served.port, TOKEN) as client,
+            ):
+                for _ in range(calls):
+                    started = time.perf_counter()
+                    status, body = await client.request("GET", f"/confirmations?limit={INBOX_PAGE}")
+                    latencies.append(time.perf_counter() - started)
+                    if status != 200 or body.count(b'"device_id"') != INBOX_PAGE:
+                        raise RuntimeError(f"GET /confirmations answered {status}: {body[:200]!r}")
+        finally:
+            await delete_namespace(exchange, ())
+    return statistics.median(latencies) * 1000
 
 
 async def bench_index(ctx: Context) -> None:
@@ -146,6 +184,14 @@ async def bench_index(ctx: Context) -> None:
                 await _probe(store)
             for _ in range(sizes.runs):
                 for rows, store in ((small, small_store), (large, large_store)):
+                    results.record(
+                        f"index.{name}.confirmations.{rows}",
+                        await _inbox_latency(store, sizes.index_calls),
+                        group=INBOX_GROUP,
+                        label=f"{name}: GET /confirmations (50 of {INBOX}), {rows:,} rows",
+                        unit="ms",
+                        better="lower",
+                    )
                     pending_ms, drain_ms = await _latencies(store, sizes.index_calls)
                     for what, value in (("get_pending", pending_ms), ("drain_pending", drain_ms)):
                         results.record(
@@ -160,7 +206,7 @@ async def bench_index(ctx: Context) -> None:
             f"Index tables ({name}): {small + large:,} rows bulk-loaded in {fill_seconds:.0f} s; "
             "90% finished commands, 10% open, ten per device."
         )
-        for what in ("get_pending", "drain_pending"):
+        for what in ("get_pending", "drain_pending", "confirmations"):
             results.ratio(
                 f"{name} {what} latency, {large:,} / {small:,} rows",
                 f"index.{name}.{what}.{large}",

@@ -67,14 +67,17 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def serving(directory: Path, exchange: str) -> AsyncIterator[Served]:
-    """``amqp-queue serve`` in a process of its own, until SIGTERM."""
+async def serving(
+    directory: Path, exchange: str, state: str | None = None
+) -> AsyncIterator[Served]:
+    """``amqp-queue serve`` in a process of its own, until SIGTERM; its state a SQLite file
+    in ``directory``, or the ``state`` URL given."""
     port = _free_port()
     log = directory / "serve.log"
     env = {
         **os.environ,
         "AMQP_URL": AMQP_URL,
-        "AMQP_QUEUE_STATE_URL": sqlite_url(directory),
+        "AMQP_QUEUE_STATE_URL": state or sqlite_url(directory),
         "AMQP_QUEUE_EXCHANGE": exchange,
         "AMQP_QUEUE_TOKENS": f"bench:{TOKEN}",
         "AMQP_QUEUE_BIND": f"127.0.0.1:{port}",
