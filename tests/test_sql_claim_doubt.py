@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state import SqlStore, StateError
+from amqp_queue.state.errors import ClaimOutcomeUnknown
 from tests.faults.private_pg import private_postgres
 from tests.pg_cuts import SLOW_COMMITS, cutting
 
@@ -64,6 +65,9 @@ async def _storm(
             ]
             try:
                 records = await store.claim(device, ids if worker % 2 else None)
+            except ClaimOutcomeUnknown as exc:
+                claims.unknown += 1
+                claims.handed.update(record.id for record in exc.records)
             except StateError:
                 claims.refused += 1
                 await asyncio.sleep(0.01)
