@@ -14,7 +14,7 @@ from amqp_queue.errors import BrokerError
 from amqp_queue.inbox import Inbox
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
-from amqp_queue.state.errors import StateError
+from amqp_queue.state.errors import ClaimOutcomeUnknown, StateError
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.drain")
@@ -38,8 +38,10 @@ async def drain(
     :class:`Settlement`). When the index or the broker fails after some commands were
     claimed, or the store closes (:meth:`Inbox.interrupt`), the drain returns those (they
     are delivered as far as the index goes) and leaves the rest queued; with nothing claimed
-    it raises. Cancelled, it gives back what it claimed (see :func:`give_back`; ``owe``
-    hands the commands whose messages were already acked to the outbox relay).
+    it raises. A claim whose outcome the index cannot tell (:class:`ClaimOutcomeUnknown`)
+    counts as claimed while its messages stay queued. Cancelled, it gives back what it
+    claimed (see :func:`give_back`; ``owe`` hands the commands whose messages were already
+    acked to the outbox relay).
     """
     settlement = Settlement(device_id)
     claimed: list[CommandRecord] = []
@@ -61,8 +63,20 @@ async def drain(
         except asyncio.CancelledError:
             settlement.hold(window)
             await asyncio.wait([claim])
-            if not claim.cancelled() and claim.exception() is None:
-                claimed.extend(claim.result())
+            if not claim.cancelled():
+                error = claim.exception()
+                if error is None:
+                    claimed.extend(claim.result())
+                elif isinstance(error, ClaimOutcomeUnknown):
+                    claimed.extend(error.records)  # given back, in case the claim landed
+            raise
+        except ClaimOutcomeUnknown as exc:
+            # The claim may have landed: its commands are handed out all the same and their
+            # messages stay queued, so the next drain drops them if it landed (delivered)
+            # and hands them out again if not: a copy at worst, where "not claimed" would
+            # lose every one that the claim did take (the next drain would drop them).
+            settlement.hold(window)
+            claimed.extend(exc.records)
             raise
         except BaseException:
             settlement.hold(window)

@@ -14,6 +14,7 @@
     ├── OutcomeRejected                         not delivered, or another outcome is recorded
     ├── QueueFull                               the device holds its maximum of open commands
     ├── StateError                              the state backend failed (SQL, Redis)
+    │   └── ClaimOutcomeUnknown                 a claim may or may not have taken effect
     ├── OutboxTaken                             the index publishes for another exchange
     ├── BrokerError          (amqp_queue.errors) RabbitMQ failed
     │   └── CommandRejected  (amqp_queue.errors) refused for good (over the message size)
@@ -28,6 +29,12 @@ catch ``QueueError`` and still see the original cause.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import CommandRecord
 
 
 class QueueError(Exception):
@@ -107,6 +114,20 @@ class QueueFull(QueueError):
 
 class StateError(QueueError):
     """The state backend (SQL database, Redis) failed; the operation did not take effect."""
+
+
+class ClaimOutcomeUnknown(StateError):
+    """A claim failed at its COMMIT and the index could not tell whether it landed.
+
+    ``records`` are the commands it claimed if it did: delivered as far as the index goes,
+    or still open. A drain hands them out and leaves their messages queued: if the claim
+    landed, the next drain drops those as delivered; if not, it hands the commands out
+    again. A copy at worst, rather than a loss.
+    """
+
+    def __init__(self, message: str, records: Sequence[CommandRecord]) -> None:
+        super().__init__(message)
+        self.records = list(records)
 
 
 class OutboxTaken(QueueError):

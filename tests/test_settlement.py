@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue import CommandStatus, RabbitMQStore
 from amqp_queue.state import CommandNotFound, CommandRecord, SqlStore, StateError
+from amqp_queue.state.errors import ClaimOutcomeUnknown
 from amqp_queue.state.sql import command_queue
 from tests.backends import POSTGRES_URL
 from tests.rabbitmq_support import queue_depth
@@ -294,4 +296,50 @@ async def test_a_drain_whose_index_fails_on_a_later_window_loses_no_claimed_comm
 
             assert first + rest == payloads
             assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * count
+            assert await queue_depth(store, DEVICE) == 0
+
+
+class ClaimUnheard(SqlStore):
+    """An index whose next claim fails saying its outcome is unknown, after claiming
+    (``landed``) or not."""
+
+    landed: bool | None = None
+    """None: claims work; else the next one fails so, then claims work again."""
+
+    async def claim(
+        self, device_id: str, command_ids: Collection[str] | None = None
+    ) -> list[CommandRecord]:
+        landed, self.landed = self.landed, None
+        if landed is None:
+            return await super().claim(device_id, command_ids)
+        if landed:
+            records = await super().claim(device_id, command_ids)
+        else:
+            records = list((await self.deliverable(command_ids or ())).values())
+        raise ClaimOutcomeUnknown("state index write failed: injected; outcome unknown", records)
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "not landed"])
+async def test_a_drain_hands_out_what_a_claim_of_unknown_outcome_may_have_claimed(
+    tmp_path: Path, landed: bool
+) -> None:
+    # Raised as "not claimed", a claim that landed made the next drain drop its commands
+    # (delivered): delivered to nobody. Handed out, their messages queued: a copy at worst.
+    payloads = [f"c{n:02}".encode() for n in range(5)]
+    async with shared_index("sqlite", tmp_path) as shared:
+        state = await shared.open_index(ClaimUnheard)
+        assert isinstance(state, ClaimUnheard)
+        async with shared.store(state) as store:
+            ids = [await store.enqueue(DEVICE, payload, 600) for payload in payloads]
+            state.landed = landed
+            first = await asyncio.wait_for(store.drain_pending(DEVICE), 5)
+            # The first window's messages stay queued: dropped if the claim landed (its
+            # commands are delivered), else handed out again.
+            twice = [] if landed else first
+            rest = await drain_until(store, DEVICE, count=len(payloads) - len(first), seconds=2)
+            rest += await store.drain_pending(DEVICE)
+
+            assert first, "the drain handed out nothing"
+            assert Counter(first + rest) == Counter(payloads + twice)
+            assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * len(ids)
             assert await queue_depth(store, DEVICE) == 0

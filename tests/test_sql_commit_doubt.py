@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from amqp_queue.state import SqlStore, StateError
 from amqp_queue.state.sql import commit_doubt
 from tests.faults.private_pg import PrivatePostgres, private_postgres
+from tests.pg_cuts import SLOW_COMMITS, Fault, cutting
 from tests.support import eventually
 from tests.tcp_proxy import TCPProxy
 
@@ -89,10 +90,6 @@ async def _held(url: str) -> dict[bytes, str]:
         await engine.dispose()
 
 
-Fault = tuple[str, Callable[[], Awaitable[None]]]
-"""The URL the store opens, and one injection of the fault (it waits a moment first)."""
-
-
 @asynccontextmanager
 async def _stopping(server: PrivatePostgres) -> AsyncIterator[Fault]:
     async def inject() -> None:
@@ -102,29 +99,15 @@ async def _stopping(server: PrivatePostgres) -> AsyncIterator[Fault]:
     yield server.url, inject
 
 
-@asynccontextmanager
-async def _cutting(server: PrivatePostgres) -> AsyncIterator[Fault]:
-    url = make_url(server.url)
-    async with TCPProxy(url.port or 5432, max_connections=100) as proxy:
-
-        async def inject() -> None:
-            await asyncio.sleep(random.uniform(0.1, 0.3))
-            await proxy.cut()
-            await proxy.restore()
-
-        yield url.set(port=proxy.port).render_as_string(hide_password=False), inject
-
-
 @pytest.mark.parametrize("fault", ["stop -m immediate", "connection cut"])
 async def test_an_enqueue_that_raised_wrote_nothing_and_one_that_returned_is_held(
     fault: str,
 ) -> None:
     cut = fault == "connection cut"
-    # Slow commits (as on a slow disk): many are in flight when the link is cut.
-    slow_commits = {"server_settings": {"commit_delay": "50000", "commit_siblings": "0"}}
     async with private_postgres() as server:
-        async with (_cutting if cut else _stopping)(server) as (url, inject):
-            store = await SqlStore.connect(url, connect_args=slow_commits if cut else {})
+        async with (cutting if cut else _stopping)(server) as (url, inject):
+            # Slow commits (as on a slow disk): many are in flight when the link is cut.
+            store = await SqlStore.connect(url, connect_args=SLOW_COMMITS if cut else {})
             try:
                 calls = await _storm(store, inject)
             finally:

@@ -18,26 +18,44 @@ store asks, on a fresh connection, retrying with jitter for at most :data:`BOUND
 - then whether the batch's command ids are in the table: all of them, it was written and the
   call returns; none, it was not, and the original StateError stands;
 - if it cannot tell within the bound, a StateError that says the outcome is unknown.
+
+A drain's claim (UPDATE ... RETURNING, which marks commands delivered) has the same doubt,
+and worse: "not claimed" makes the drain requeue messages the next drain drops as delivered,
+commands delivered to nobody (tests/test_sql_claim_doubt.py). Its rows come back before the
+COMMIT, each with ``xmin``, the id of the transaction that wrote it: once the server process
+is gone, a claimed row that still has that id and is delivered shows the claim committed,
+and the claim returns its records; every row still open shows it did not, and the original
+StateError stands; else (rows changed since, or no answer within the bound)
+:class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, which carries the records: the drain
+hands them out and leaves their messages queued, so that the next drain drops them if the
+claim landed and hands them out again if not (a copy at worst, never a loss).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
-from ..errors import StateError
+from ..errors import ClaimOutcomeUnknown, StateError
+from ..model import CommandRecord
+from . import statements as sql
 from .engine import driver_reason
 from .schema import command_queue
+from .transactions import Row
 
 logger = logging.getLogger("amqp_queue.state.sql")
+
+T = TypeVar("T")
+Answer = TypeVar("Answer")
 
 BOUND = 5.0
 """Seconds the store may spend finding out whether a write whose COMMIT failed landed."""
@@ -55,17 +73,22 @@ class _StillRunning(Exception):
 
 
 @dataclass
-class Commit:
-    """The COMMIT of one write transaction: whether it was sent, and by which server process."""
+class Commit(Generic[T]):
+    """The COMMIT of one write transaction: whether it was sent, by which server process,
+    and what the transaction returned before it."""
 
     backend: int | None = None
     """The server's process id of the transaction's connection once its COMMIT is under
     way (0 when the driver does not say); None before."""
+    result: T | None = None
+    """What the transaction returned, once its COMMIT is under way."""
 
-    async def sending(self, conn: AsyncConnection) -> None:
-        """Records that ``conn``'s transaction is about to commit (no round trip)."""
+    async def sending(self, conn: AsyncConnection, result: T) -> None:
+        """Records that ``conn``'s transaction, which returned ``result``, is about to commit
+        (no round trip)."""
         raw = await conn.get_raw_connection()
         self.backend = _server_pid(raw.driver_connection)
+        self.result = result
 
     async def settle(
         self, engine: AsyncEngine, command_ids: Sequence[str], failure: StateError
@@ -80,16 +103,8 @@ class Commit:
         if self.backend is None or not connection_level(failure):
             raise failure
         try:
-            async with asyncio.timeout(BOUND):
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type((SQLAlchemyError, OSError, _StillRunning)),
-                    wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                    reraise=True,
-                ):
-                    with attempt:
-                        found = await _count_held(engine, command_ids, self.backend)
-        except (TimeoutError, SQLAlchemyError, OSError, _StillRunning) as exc:
-            why = driver_reason(exc) or "timed out"
+            found = await _asking(engine, self.backend, functools.partial(_count_held, command_ids))
+        except _Unknown as why:
             raise StateError(
                 f"{failure}; the write's outcome is unknown, its commands may have been "
                 f"written (the index could not tell within {BOUND:g} s: {why})"
@@ -103,6 +118,78 @@ class Commit:
             f"{failure}; the write's outcome is unknown: {found} of its "
             f"{len(command_ids)} commands are in the index"
         ) from failure
+
+    async def settle_claim(
+        self,
+        engine: AsyncEngine,
+        records: Sequence[CommandRecord],
+        xmin: object,
+        failure: StateError,
+    ) -> None:
+        """Returns if the failed claim of ``records`` by transaction ``xmin`` was committed
+        after all: one of the rows still has that writer (and is delivered).
+
+        Raises:
+            StateError: ``failure`` if it was not: none has, and every one is still open (or
+                it failed before its COMMIT, or with an error the server reported).
+            ClaimOutcomeUnknown: none has, yet some are no longer open (another transaction
+                changed them since, after this claim or in its stead), or it cannot be told
+                within :data:`BOUND` seconds.
+        """
+        if self.backend is None or not connection_level(failure) or not records:
+            raise failure
+        ids = [record.id for record in records]
+        try:
+            rows = await _asking(engine, self.backend, functools.partial(_writers, ids))
+        except _Unknown as why:
+            raise ClaimOutcomeUnknown(
+                f"{failure}; the claim's outcome is unknown, its commands may be delivered "
+                f"(the index could not tell within {BOUND:g} s: {why})",
+                records,
+            ) from failure
+        if any(row["delivered"] and str(row["xmin"]) == str(xmin) for row in rows):
+            logger.warning("state index claim committed though its answer was lost: %s", failure)
+            return
+        if len(rows) == len(ids) and not any(row["delivered"] or row["end_reason"] for row in rows):
+            raise failure
+        raise ClaimOutcomeUnknown(
+            f"{failure}; the claim's outcome is unknown: none of its {len(ids)} commands "
+            "shows it, yet some were changed since",
+            records,
+        ) from failure
+
+
+class _Unknown(Exception):
+    """What the index could not answer within :data:`BOUND` seconds, and why."""
+
+
+async def _asking(
+    engine: AsyncEngine,
+    backend: int,
+    question: Callable[[AsyncConnection], Awaitable[Answer]],
+) -> Answer:
+    """``question``, asked on a fresh connection in autocommit once ``backend`` has ended,
+    retrying with jitter for at most :data:`BOUND` seconds.
+
+    Raises:
+        _Unknown: no answer within the bound.
+    """
+    try:
+        async with asyncio.timeout(BOUND):
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((SQLAlchemyError, OSError, _StillRunning)),
+                wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                reraise=True,
+            ):
+                with attempt:
+                    async with engine.connect() as conn:
+                        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                        if backend and not await auto.scalar(_BACKEND_GONE, {"pid": backend}):
+                            raise _StillRunning("the transaction's server process still runs")
+                        return await question(auto)
+    except (TimeoutError, SQLAlchemyError, OSError, _StillRunning) as exc:
+        raise _Unknown(driver_reason(exc) or "timed out") from exc
+    raise AssertionError("unreachable: the last failure is re-raised")
 
 
 def connection_level(failure: BaseException) -> bool:
@@ -119,19 +206,24 @@ def connection_level(failure: BaseException) -> bool:
     return False
 
 
-async def _count_held(engine: AsyncEngine, command_ids: Sequence[str], backend: int) -> int:
-    """How many of ``command_ids`` are in the table, once ``backend`` has ended."""
+async def _count_held(command_ids: Sequence[str], auto: AsyncConnection) -> int:
+    """How many of ``command_ids`` are in the table."""
     c = command_queue.c
-    async with engine.connect() as conn:
-        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        if backend and not await auto.scalar(_BACKEND_GONE, {"pid": backend}):
-            raise _StillRunning("the transaction's server process still runs")
-        found = 0
-        for start in range(0, len(command_ids), _SLICE):
-            ids = list(command_ids[start : start + _SLICE])
-            held = sa.select(sa.func.count()).select_from(command_queue).where(c.id.in_(ids))
-            found += int(await auto.scalar(held) or 0)
-        return found
+    found = 0
+    for start in range(0, len(command_ids), _SLICE):
+        ids = list(command_ids[start : start + _SLICE])
+        held = sa.select(sa.func.count()).select_from(command_queue).where(c.id.in_(ids))
+        found += int(await auto.scalar(held) or 0)
+    return found
+
+
+async def _writers(command_ids: Sequence[str], auto: AsyncConnection) -> list[Row]:
+    """Of ``command_ids``, each one's state and the transaction that last wrote it."""
+    rows: list[Row] = []
+    for start in range(0, len(command_ids), _SLICE):
+        ids = list(command_ids[start : start + _SLICE])
+        rows.extend(dict(row._mapping) for row in await auto.execute(sql.WRITERS, {"ids": ids}))
+    return rows
 
 
 def _server_pid(driver_connection: Any) -> int:

@@ -197,6 +197,15 @@ CLAIM = _claim(among=False)
 CLAIM_AMONG = _claim(among=True)
 """:data:`CLAIM` of those among ``ids`` only."""
 
+XMIN: sa.ColumnClause[Any] = sa.literal_column("xmin")
+"""PostgreSQL's id of the transaction that wrote a row's version (the driver's integer)."""
+CLAIM_MARKED = CLAIM.returning(XMIN)
+CLAIM_AMONG_MARKED = CLAIM_AMONG.returning(XMIN)
+""":data:`CLAIM` and :data:`CLAIM_AMONG` on PostgreSQL, each row also with the claiming
+transaction's id (``xmin``), to tell afterwards whether it committed."""
+WRITERS = sa.select(c.id, c.delivered, c.end_reason, XMIN).where(c.id.in_(_IDS))
+"""Of ``ids``, each command's state and the transaction that last wrote it (PostgreSQL)."""
+
 # An outcome is proof the device took the command: such a one is never given back.
 _GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true(), c.outcome.is_(None))
 _other = command_queue.alias("other")

@@ -243,7 +243,7 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
                 "write", transactions.write, records, published, now, dialect, self.limits
             )
         # New commands: a COMMIT whose answer was lost is resolved before answering.
-        commit = commit_doubt.Commit()
+        commit: commit_doubt.Commit[int] = commit_doubt.Commit()
         try:
             return await self._committed(
                 functools.partial(
@@ -273,7 +273,22 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         # On the engine's connection even on a SQLite file: cancelled, a claim must roll back
         # (nobody received what it claimed), which a transaction on the writer thread, left
         # to finish by itself, would not.
-        return await self._transaction(transactions.claim, device_id, now, command_ids)
+        if self._engine.dialect.name != "postgresql":
+            return await self._transaction(transactions.claim, device_id, now, command_ids)
+        # A COMMIT whose answer was lost is resolved before answering (see commit_doubt).
+        commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
+        try:
+            claimed = await self._committed(
+                functools.partial(transactions.claim_marked, device_id, now, command_ids), commit
+            )
+        except StateError as failure:
+            if commit.result is None:
+                raise
+            await commit.settle_claim(
+                self._engine, commit.result.records, commit.result.xmin, failure
+            )
+            claimed = commit.result
+        return claimed.records
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
@@ -385,17 +400,20 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         return await self._committed(functools.partial(transaction, *args, **kwargs))
 
     async def _committed(
-        self, transaction: Callable[[], Transaction[T]], commit: commit_doubt.Commit | None = None
+        self,
+        transaction: Callable[[], Transaction[T]],
+        commit: commit_doubt.Commit[T] | None = None,
     ) -> T:
-        """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way."""
+        """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
+        the transaction returned."""
         async for attempt in deadlock_retry.retrying():
             with attempt:
                 if commit is not None:
-                    commit.backend = None
+                    commit.backend, commit.result = None, None
                 async with self._write() as conn:
                     result = await transactions.run(conn, transaction())
                     if commit is not None:
-                        await commit.sending(conn)
+                        await commit.sending(conn, result)
                     return result
         raise AssertionError("unreachable: the last failure is re-raised")
 

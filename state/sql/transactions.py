@@ -250,12 +250,39 @@ def claim(
 ) -> Transaction[list[CommandRecord]]:
     """Marks the device's deliverable commands (of ``command_ids`` only, if given)
     delivered; returns them in write order."""
+    claimed = yield from _claim(device_id, now, command_ids, marked=False)
+    return claimed.records
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    records: list[CommandRecord]
+    """In write order."""
+    xmin: object = None
+    """The claiming transaction's id as the driver gives it (None if nothing was claimed)."""
+
+
+def claim_marked(
+    device_id: str, now: datetime, command_ids: Collection[str] | None
+) -> Transaction[Claimed]:
+    """:func:`claim` on PostgreSQL, with the id of the transaction that claimed (``xmin``):
+    once the transaction is over, a row that still has it shows that the claim committed."""
+    return (yield from _claim(device_id, now, command_ids, marked=True))
+
+
+def _claim(
+    device_id: str, now: datetime, command_ids: Collection[str] | None, *, marked: bool
+) -> Transaction[Claimed]:
     params: dict[str, Any] = {"device": device_id, "now": now}
     if command_ids is None:
-        rows = yield from fetch(sql.CLAIM, params)
+        rows = yield from fetch(sql.CLAIM_MARKED if marked else sql.CLAIM, params)
     else:
-        rows = yield from fetch(sql.CLAIM_AMONG, {**params, "ids": list(command_ids)})
-    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+        among = sql.CLAIM_AMONG_MARKED if marked else sql.CLAIM_AMONG
+        rows = yield from fetch(among, {**params, "ids": list(command_ids)})
+    rows.sort(key=lambda row: int(row["seq"]))
+    return Claimed(
+        [sql.record_of(row) for row in rows], rows[0]["xmin"] if marked and rows else None
+    )
 
 
 def mark_delivered(command_ids: Collection[str], now: datetime) -> Transaction[int]:
