@@ -98,9 +98,10 @@ class OutboxRelay:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._sweeping = False
         self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
-        # What the first read found unpublished and not yet due (None before it), and the
-        # owed commands waiting behind it (see _hold_back).
-        self._found_at_start: set[str] | None = None
+        # What was unpublished and not yet due when the first read ran (and when that was),
+        # and the owed commands waiting behind it (see _hold_back).
+        self._found_at_start: dict[str, tuple[str, datetime]] = {}
+        self._started_at: datetime | None = None
         self._held_back: set[str] = set()
 
     def kick(self) -> None:
@@ -124,7 +125,7 @@ class OutboxRelay:
         """
         if self._kicks != kicks_before_read or self._owed - self._held_back:
             return False
-        self.pending = bool(self._found_at_start)
+        self.pending = bool(self._found_at_start or self._held_back)
         return True
 
     async def flush(self) -> int:
@@ -179,6 +180,8 @@ class OutboxRelay:
                     and not isinstance(result, CommandRejected | QueueMismatch)
                 ]
                 if failures:
+                    # A relay that cannot publish must not keep the sweep from the others.
+                    await self._give_up_lease()
                     raise BrokerError(
                         f"outbox: {len(failures)} of {len(records)} publishes failed"
                     ) from failures[0]
@@ -201,7 +204,10 @@ class OutboxRelay:
         self._next_due = None
         orphans: list[CommandRecord] = []
         young: dict[str, CommandRecord] = {}
-        for record in await self._state.unpublished(self._config.relay_batch):
+        batch = await self._state.unpublished(self._config.relay_batch)
+        # A full read may have left older commands unread: nothing past its last is due yet.
+        horizon = batch[-1].ready_at if len(batch) >= self._config.relay_batch else None
+        for record in batch:
             if record.id in due or record.id in self._in_flight:
                 continue
             if record.id in self._owed:
@@ -211,13 +217,20 @@ class OutboxRelay:
             else:
                 young[record.id] = record
                 self._due_at(record.ready_at + lease)
-        self._hold_back(young, due)
+        self._hold_back(young, due, horizon, now)
         if orphans:
             await self._sweep(orphans, due)
         return rules.in_ready_order(due.values())
 
-    def _hold_back(self, young: dict[str, CommandRecord], due: dict[str, CommandRecord]) -> None:
-        """Keeps this process's commands behind what it found unpublished when it started.
+    def _hold_back(
+        self,
+        young: dict[str, CommandRecord],
+        due: dict[str, CommandRecord],
+        horizon: datetime | None,
+        now: datetime,
+    ) -> None:
+        """Keeps this process's commands behind what it found unpublished when it started,
+        and behind what a full read (``horizon``: the ready time of its last) left unread.
 
         The commands the first read finds, not yet past their writer's lease, may be this
         process's own from before a restart (it died between write and publish), and
@@ -225,12 +238,26 @@ class OutboxRelay:
         what this process owes to the same device waits (``pending`` stays set, so new
         commands are owed too): published now, it would overtake them.
         """
-        if self._found_at_start is None:
-            self._found_at_start = set(young)
-        else:
-            self._found_at_start.intersection_update(young)
-        devices = {young[command_id].device_id for command_id in self._found_at_start}
-        self._held_back = {i for i, record in due.items() if record.device_id in devices}
+        if self._started_at is None:
+            self._started_at = now
+        # Gone from the read: published, ended or due; unless beyond a full read's end.
+        self._found_at_start = {
+            command_id: (device, ready_at)
+            for command_id, (device, ready_at) in self._found_at_start.items()
+            if command_id in young or (horizon is not None and ready_at > horizon)
+        }
+        # Found now, but ready before the first read: a full first read left it unread.
+        self._found_at_start.update(
+            (command_id, (record.device_id, record.ready_at))
+            for command_id, record in young.items()
+            if record.ready_at <= self._started_at
+        )
+        devices = {device for device, _ in self._found_at_start.values()}
+        self._held_back = {
+            command_id
+            for command_id, record in due.items()
+            if record.device_id in devices or (horizon is not None and record.ready_at > horizon)
+        }
         for command_id in self._held_back:
             del due[command_id]
 
@@ -262,8 +289,11 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._give_up_lease()
+
+    async def _give_up_lease(self) -> None:
+        """Frees the relay lease this relay holds, so another sweeps now, not after it."""
         if self._sweeping:
-            # Given up, so another relay sweeps at once rather than after the lease.
             self._sweeping = False
             try:
                 await self._state.hold_relay(self._holder, 0)

@@ -158,6 +158,13 @@ class PublishPath:
             if len(records) < 2:
                 raise
             return await self._write_one_by_one(items, published)
+        except StateError:
+            # The write may have landed though its answer was lost (PostgreSQL says so when
+            # it cannot tell): owed, such a command is published before the next one to its
+            # device; one that was never written the relay finds missing and forgets.
+            for record in records:
+                self.owe(record.id)
+            raise
         finally:
             # Marked, or the mark failed (the relay then publishes a copy after the lease).
             self.in_flight.difference_update(published)

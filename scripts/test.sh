@@ -32,6 +32,8 @@ if ! wait "$bench_pid"; then
     echo "bench --quick failed" >&2
     exit 1
 fi
+# Reaped: from here on its pid may be another process's.
+trap 'rm -f "$bench_log"' EXIT
 tail -n 1 "$bench_log"
 # Last, so the run closes on pytest's summary line.
 .venv/bin/python -m pytest "$@"

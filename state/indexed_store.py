@@ -17,7 +17,7 @@ from . import rules
 from .clock import Clock, utc_now
 from .closing import Closing
 from .enqueue_calls import CommandIntake
-from .errors import CommandNotFound, OutboxTaken
+from .errors import ClaimOutcomeUnknown, CommandNotFound, OutboxTaken
 from .fleet import Change, FleetCalls, check_command_id
 from .model import CommandRecord, CommandStatus, DeviceSummary, PendingCommand, Position, Sweep
 from .validation import DEFAULT_LIMITS, Limits, validate_actor
@@ -75,7 +75,13 @@ class IndexedStore(CommandIntake, FleetCalls, Closing):
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
         device = self._validate_device(device_id)
-        claimed = await self.claim(device)
+        try:
+            claimed = await self.claim(device)
+        except ClaimOutcomeUnknown as exc:
+            # Maybe claimed: handed out all the same. If the claim did not land, they stay
+            # open and the next drain returns them again: a copy at worst, never a loss.
+            logger.warning("drain of %s: %s; returning what it may have claimed", device, exc)
+            claimed = exc.records
         return [record.payload for record in rules.in_ready_order(claimed)]
 
     async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:

@@ -99,8 +99,9 @@ def stop_if_started() -> None:
     """Removes the cluster if its start was begun (the module's end, or the session's)."""
     if _Start.process is not None and not _Start.stopped:
         _Start.stopped = True
-        if _Start.process.poll() is None:
-            _Start.process.wait(timeout=180)
+        if _Start.process.returncode is None:
+            # Read, not only waited for: a start that fails prints node logs into the pipe.
+            _Start.process.communicate(timeout=180)
         _cluster("stop")
 
 

@@ -146,6 +146,27 @@ async def test_a_command_left_unpublished_by_a_crash_keeps_its_place_after_a_res
         assert received == [b"first", b"second"]
 
 
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+async def test_a_backlog_longer_than_one_relay_read_keeps_its_place_after_a_restart(
+    kind: str, tmp_path: Path
+) -> None:
+    # More commands left unpublished than the relay reads at once (relay_batch): the ones
+    # past its first read must not be overtaken either.
+    options = {"relay_after": 1.0, "relay_interval": 0.2, "relay_batch": 3}
+    async with shared_index(kind, tmp_path, **options) as shared:
+        index = await shared.open_index()
+        async with shared.store(await shared.open_index()) as before:
+            await before.ensure_queue(DEVICE)
+            others = [before.build(f"dev-x{n}", None, b"x", 600) for n in range(4)]
+            left = [before.build(DEVICE, None, f"left-{n}".encode(), 600) for n in range(3)]
+        await index.add([*others, *left])
+        async with shared.store(await shared.open_index()) as after:
+            await after.enqueue(DEVICE, b"new", 600)
+            received = await drain_until(after, DEVICE, count=4, seconds=6)
+
+        assert received == [b"left-0", b"left-1", b"left-2", b"new"]
+
+
 async def test_a_command_confirmed_several_times_at_once_is_published_once(
     tmp_path: Path,
 ) -> None:

@@ -314,8 +314,10 @@ class ClaimUnheard(SqlStore):
             return await super().claim(device_id, command_ids)
         if landed:
             records = await super().claim(device_id, command_ids)
+        elif command_ids is None:  # what the claim of a whole device would have taken
+            records = [r for r in await self.open_commands(device_id) if r.is_ready]
         else:
-            records = list((await self.deliverable(command_ids or ())).values())
+            records = list((await self.deliverable(command_ids)).values())
         raise ClaimOutcomeUnknown("state index write failed: injected; outcome unknown", records)
 
 
@@ -343,3 +345,21 @@ async def test_a_drain_hands_out_what_a_claim_of_unknown_outcome_may_have_claime
             assert Counter(first + rest) == Counter(payloads + twice)
             assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * len(ids)
             assert await queue_depth(store, DEVICE) == 0
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "not landed"])
+async def test_an_index_drain_returns_what_a_claim_of_unknown_outcome_may_have_claimed(
+    tmp_path: Path, landed: bool
+) -> None:
+    # The index alone (no broker): a claim that landed but raised lost its commands.
+    async with await ClaimUnheard.connect(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}") as state:
+        assert isinstance(state, ClaimUnheard)
+        await state.enqueue(DEVICE, b"a", 600)
+        await state.enqueue(DEVICE, b"b", 600)
+        state.landed = landed
+
+        first = await state.drain_pending(DEVICE)
+        again = await state.drain_pending(DEVICE)
+
+        assert first == [b"a", b"b"]
+        assert again == ([] if landed else [b"a", b"b"])
