@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from amqp_queue.state import SqlStore
 from amqp_queue.state.sql import lists, statements
 from tests.backends import POSTGRES_URL, postgres_schema
+from tests.plans import sqlite_plan
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CURSOR = (NOW, "00000000-0000-0000-0000-000000000001")
@@ -53,15 +54,8 @@ async def test_each_list_reads_its_index_in_order_on_sqlite(
 ) -> None:
     statement, _ = query
     async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'plans.db'}") as store:
-        compiled = statement.compile(store.engine)
-        # The plan does not depend on the values: SQLite plans before it binds them.
-        placeholders = tuple(None for _ in compiled.positiontup or [])
-        async with store.engine.connect() as conn:
-            plan = (
-                await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", placeholders)
-            ).all()
+        details = await sqlite_plan(store, statement)
 
-    details = " ".join(str(row[-1]) for row in plan)
     assert any(name in details for name in _names(index)), (what, details)
     assert "TEMP B-TREE" not in details, (what, details)
 
@@ -108,12 +102,6 @@ async def test_each_list_can_use_its_index_without_sorting_on_postgres(
 
 async def test_a_rollout_summary_reads_the_rollout_index_alone_on_sqlite(tmp_path: Path) -> None:
     async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'plans.db'}") as store:
-        compiled = statements.ROLLOUT_COUNTS.compile(store.engine)
-        placeholders = tuple(None for _ in compiled.positiontup or [])
-        async with store.engine.connect() as conn:
-            plan = (
-                await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", placeholders)
-            ).all()
+        details = await sqlite_plan(store, statements.ROLLOUT_COUNTS)
 
-    details = " ".join(str(row[-1]) for row in plan)
     assert "USING COVERING INDEX ix_command_queue_rollout" in details, details

@@ -19,6 +19,7 @@ from amqp_queue.state.sql import command_queue, create_engine
 from amqp_queue.state.sql.sqlite_reads import SqliteLiveCheck
 from amqp_queue.state.sql.statements import UNPUBLISHED
 from tests.backends import POSTGRES_URL, postgres_schema
+from tests.plans import sqlite_plan
 from tests.support import FakeClock
 
 
@@ -258,14 +259,8 @@ def test_a_closed_liveness_check_never_reopens_its_connection(tmp_path: Path) ->
 async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:
     """A relay catching up on a large backlog must not sort the backlog on every pass."""
     async with await SqlStore.connect(sqlite_url(tmp_path)) as store:
-        compiled = UNPUBLISHED.compile(store.engine)
-        placeholders = tuple(None for _ in compiled.positiontup or [])
-        async with store.engine.connect() as conn:
-            plan = (
-                await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", placeholders)
-            ).all()
+        details = await sqlite_plan(store, UNPUBLISHED)
 
-    details = " ".join(str(row[-1]) for row in plan)
     assert "ix_command_queue_outbox_ready" in details
     assert "TEMP B-TREE" not in details
 
