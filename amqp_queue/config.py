@@ -64,7 +64,7 @@ class RabbitMQConfig:
         publish_timeout: seconds to wait for a publisher confirm before the command is left
             to the outbox relay.
         relay_interval: seconds between outbox relay passes when nothing wakes it sooner.
-        relay_batch: commands the relay publishes per pass of the index.
+        relay_batch: commands the relay reads, and publishes at once, per step of a pass.
         relay_after: seconds an unpublished command that this process does not owe waits
             before this store's relay publishes it: its writer (another process sharing the
             state, or this one before a restart) may still be publishing it, and publishing

@@ -139,7 +139,9 @@ class OutboxRelay:
             published = 0
             while True:
                 kicks = self._kicks
-                records = await self._due()
+                # At most relay_batch in flight, the oldest first: thousands at once (a
+                # fan-out left over) would all time out on a slow broker, pass after pass.
+                records = (await self._due())[: self._config.relay_batch]
                 if not records:
                     if self._settled(kicks):
                         return published

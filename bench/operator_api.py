@@ -96,7 +96,8 @@ async def serving(
         await _until_healthy(process, port, log)
         yield Served("127.0.0.1", port, log)
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             await process.wait()
 
