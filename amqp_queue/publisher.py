@@ -9,11 +9,12 @@ from aiormq import spec
 from aiormq.abc import ConfirmationFrameType, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
-from amqp_queue.config import RabbitMQConfig
+from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.errors import (
     BROKER_FAILURES,
     BrokerError,
     CommandRejected,
+    QueueMismatch,
     broker_error,
     size_refused,
 )
@@ -29,23 +30,63 @@ class Publisher:
     """Publishes one command and returns once the broker confirmed it.
 
     Publishes run concurrently on one confirming channel: each awaits only its own confirm,
-    so many are in flight at once.
+    so many are in flight at once. On quorum queues only one per device is: across a
+    leader change the broker nacks some publishes and confirms later ones to the same
+    queue, so a later command must not be sent before the earlier one is confirmed (see
+    :meth:`publish`).
     """
 
     def __init__(self, topology: Topology, config: RabbitMQConfig, clock: Clock) -> None:
         self._topology = topology
         self._config = config
         self._clock = clock
+        self._one_at_a_time = config.queue_type is QueueType.QUORUM
+        # Per device, the outcome of its latest publish under way (quorum queues): True once
+        # confirmed (or not needed), False once it failed.
+        self._latest: dict[str, asyncio.Future[bool]] = {}
 
     async def publish(self, record: CommandRecord) -> bool:
         """Publishes ``record``; False when it expired before it could be published.
+
+        On quorum queues it is sent only once the publish called before it for the same
+        device is confirmed; should that one fail, this one fails too, unsent: published
+        after it, it would overtake it in the queue once that one is published again.
 
         Raises:
             CommandRejected: the broker refused it for good (over its max_message_size);
                 publishing it again would fail the same way.
             QueueMismatch: the device's queue exists with another queue type or durability.
-            BrokerError: the broker did not confirm it (down, timed out, unroutable twice).
+            BrokerError: the broker did not confirm it (down, timed out, unroutable twice),
+                or did not confirm the command published before it to the same device.
         """
+        if not self._one_at_a_time:
+            return await self._publish(record)
+        device = record.device_id
+        # Taken in call order, before anything is awaited: the order the device's commands
+        # were handed to the publisher is the order they reach its queue.
+        ahead = self._latest.get(device)
+        mine = asyncio.get_running_loop().create_future()
+        self._latest[device] = mine
+        settled = False
+        try:
+            if ahead is not None and not await asyncio.shield(ahead):
+                raise BrokerError(
+                    f"command {record.id} not published: an earlier command to device "
+                    f"{device!r} was not confirmed"
+                )
+            published = await self._publish(record)
+            settled = True
+            return published
+        except (CommandRejected, QueueMismatch):
+            # Never published, and never will be: nothing to wait for behind it.
+            settled = True
+            raise
+        finally:
+            mine.set_result(settled)
+            if self._latest.get(device) is mine:
+                del self._latest[device]
+
+    async def _publish(self, record: CommandRecord) -> bool:
         for attempt in (1, 2):
             now = self._clock()
             if record.expires_at <= now:

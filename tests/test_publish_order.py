@@ -1,0 +1,134 @@
+"""Per-device order when the broker nacks one publish and confirms a later one.
+
+Across a quorum queue's leader change (its node killed) RabbitMQ 3.10 nacks some publishes
+to a device queue while it confirms later ones to the same queue on the same channel. Sent
+while the earlier one was unconfirmed, the later command is in the queue before the earlier
+one is published again: the device gets them out of order. So on quorum queues a device has
+one publish in flight at a time, and a command whose predecessor failed is not sent; classic
+queues keep many in flight. A fake channel plays the broker: it records what reaches the
+queue, and nacks the first publish only once the test lets it answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+from aiormq.exceptions import DeliveryError
+from pamqp import commands as spec
+
+from amqp_queue import BrokerError, MemoryStore, QueueType, RabbitMQConfig
+from amqp_queue.publisher import Publisher
+from amqp_queue.state.clock import utc_now
+from amqp_queue.state.model import CommandRecord
+
+
+class _Broker:
+    """A confirming channel whose answer to each publish the test decides."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.queue: list[bytes] = []
+        self.nack: set[bytes] = set()
+        self.answer = asyncio.Event()
+        self.is_closed = False
+
+    async def get_underlay_channel(self) -> _Broker:
+        return self
+
+    async def basic_publish(self, body: bytes, **_: Any) -> spec.Basic.Ack:
+        self.sent.append(body)
+        if body in self.nack:
+            await self.answer.wait()
+            raise DeliveryError(None, spec.Basic.Nack())
+        self.queue.append(body)
+        return spec.Basic.Ack()
+
+
+class _Topology:
+    def __init__(self, broker: _Broker) -> None:
+        self.channel = broker
+
+    async def ensure_queue(self, device_id: str) -> None:
+        pass
+
+
+def _publisher(queue_type: QueueType) -> tuple[Publisher, _Broker]:
+    broker = _Broker()
+    config = RabbitMQConfig(exchange="test.order", queue_type=queue_type)
+    return Publisher(_Topology(broker), config, utc_now), broker  # type: ignore[arg-type]
+
+
+def _commands(device: str, count: int) -> list[CommandRecord]:
+    store = MemoryStore()
+    return [store.build(device, None, f"{device}/{n}".encode(), 60) for n in range(count)]
+
+
+async def _answer_later(broker: _Broker) -> None:
+    for _ in range(20):  # long enough for every publish that may be sent to be sent
+        await asyncio.sleep(0)
+    broker.answer.set()
+
+
+async def test_on_quorum_queues_a_command_is_not_sent_before_the_earlier_one_is_confirmed() -> None:
+    publisher, broker = _publisher(QueueType.QUORUM)
+    first, second, third = _commands("dev-1", 3)
+    (other,) = _commands("dev-2", 1)
+    broker.nack.add(first.payload)
+
+    results = await asyncio.gather(
+        publisher.publish(first),
+        publisher.publish(second),
+        publisher.publish(other),
+        publisher.publish(third),
+        _answer_later(broker),
+        return_exceptions=True,
+    )
+
+    # The nacked command's successors were not sent; another device's command was.
+    assert all(isinstance(result, BrokerError) for result in results[:2]), results
+    assert results[2] is True
+    assert isinstance(results[3], BrokerError)
+    assert broker.sent == [first.payload, other.payload]
+    assert broker.queue == [other.payload]
+    # Published again in order (as the relay does), the device's queue holds them in order.
+    broker.nack.clear()
+    assert await asyncio.gather(*(publisher.publish(c) for c in (first, second, third))) == [
+        True,
+        True,
+        True,
+    ]
+    assert [body for body in broker.queue if body.startswith(b"dev-1")] == [
+        first.payload,
+        second.payload,
+        third.payload,
+    ]
+
+
+@pytest.mark.parametrize("queue_type", list(QueueType))
+async def test_a_command_refused_for_good_does_not_hold_back_the_next(
+    queue_type: QueueType,
+) -> None:
+    publisher, broker = _publisher(queue_type)
+    first, second = _commands("dev-1", 2)
+    expired = dataclasses.replace(first, expires_at=utc_now())
+    results = await asyncio.gather(publisher.publish(expired), publisher.publish(second))
+    assert list(results) == [False, True]
+    assert broker.queue == [second.payload]
+
+
+async def test_on_classic_queues_publishes_to_one_device_stay_concurrent() -> None:
+    publisher, broker = _publisher(QueueType.CLASSIC)
+    first, second = _commands("dev-1", 2)
+    broker.nack.add(first.payload)
+    results = await asyncio.gather(
+        publisher.publish(first),
+        publisher.publish(second),
+        _answer_later(broker),
+        return_exceptions=True,
+    )
+    assert broker.sent == [first.payload, second.payload]  # both in flight at once
+    assert isinstance(results[0], BrokerError)
+    assert results[1] is True
