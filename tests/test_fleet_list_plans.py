@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from amqp_queue.state import SqlStore
-from amqp_queue.state.sql import lists, statements
+from amqp_queue.state.sql import lists
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.plans import sqlite_plan
 
@@ -98,10 +98,3 @@ async def test_each_list_can_use_its_index_without_sorting_on_postgres(
     details = " ".join(str(row[0]) for row in plan)
     assert any(name in details for name in _names(index)), (what, details)
     assert "Sort Key" not in details, (what, details)
-
-
-async def test_a_rollout_summary_reads_the_rollout_index_alone_on_sqlite(tmp_path: Path) -> None:
-    async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'plans.db'}") as store:
-        details = await sqlite_plan(store, statements.ROLLOUT_COUNTS)
-
-    assert "USING COVERING INDEX ix_command_queue_rollout" in details, details

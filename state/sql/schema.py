@@ -146,20 +146,10 @@ sa.Index(
     sqlite_where=_UNPUBLISHED,
     postgresql_where=_UNPUBLISHED,
 )
-# A rollout's members: its summary, confirmation and cancellation. With the columns a
-# status is computed from, the summary reads the index alone.
+# A rollout's members: its summary, confirmation and cancellation.
 IN_ROLLOUT = c.rollout_id.is_not(None)
 sa.Index(
-    "ix_command_queue_rollout",
-    c.rollout_id,
-    c.delivered,
-    c.outcome,
-    c.end_reason,
-    c.expires_at,
-    c.requires_confirmation,
-    c.confirmed,
-    sqlite_where=IN_ROLLOUT,
-    postgresql_where=IN_ROLLOUT,
+    "ix_command_queue_rollout", c.rollout_id, sqlite_where=IN_ROLLOUT, postgresql_where=IN_ROLLOUT
 )
 # cleanup's outcome deadline sweep: delivered, no outcome yet, a deadline set.
 AWAITS_OUTCOME = sa.and_(
