@@ -125,7 +125,7 @@ class ClaimOutcomeUnknown(StateError):
     again. A copy at worst, rather than a loss.
     """
 
-    def __init__(self, message: str, records: Sequence[CommandRecord]) -> None:
+    def __init__(self, message: str, records: Sequence[CommandRecord] = ()) -> None:
         super().__init__(message)
         self.records = list(records)
 

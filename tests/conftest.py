@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -46,24 +45,3 @@ async def indexed(
     Store contract)."""
     async with indexed_store(request.param, tmp_path, clock=clock) as opened:
         yield opened
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # The local cluster takes 20-30 s to start: begun now, it is up by the time its module
-    # runs, instead of the whole run waiting for it.
-    if any(item.path == _CLUSTER_FILE for item in session.items):
-        import tests.test_cluster
-
-        tests.test_cluster.start_in_background()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    # A run that ended before the cluster's module did (a failure with -x, Ctrl-C) still
-    # removes the cluster it began.
-    module = sys.modules.get(_CLUSTER)
-    if module is not None:
-        module.stop_if_started()
-
-
-_CLUSTER = "tests.test_cluster"
-_CLUSTER_FILE = Path(__file__).with_name("test_cluster.py")

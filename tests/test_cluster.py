@@ -1,8 +1,7 @@
 """A three-node RabbitMQ cluster (scripts/cluster.sh): quorum device queues, and a store that
 carries on when the node it is connected to goes away.
 
-The module starts a cluster of its own (about 20 s; begun in the background as soon as the
-collection selected one of its tests) and removes it afterwards: private nodes
+The module starts a cluster of its own (about 20 s) and removes it afterwards: private nodes
 named after a unique prefix, on free ports, so it neither meets ``make cluster``'s c1..c3 nor
 another checkout's run. The machine's broker is not touched.
 """
@@ -75,50 +74,19 @@ def _cluster(*args: str, timeout: float = 180.0) -> str:
     return done.stdout
 
 
-class _Start:
-    """The cluster's start, begun early (see :func:`start_in_background`)."""
-
-    process: subprocess.Popen[str] | None = None
-    stopped = False
-
-
-def start_in_background() -> None:
-    """Begins starting the cluster (20-30 s) while the rest of the suite runs:
-    tests/conftest.py calls it once the collection selected a test of this module."""
-    if _Start.process is None:
-        _Start.process = subprocess.Popen(
-            [str(SCRIPT), "start"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=ENV,
-        )
-
-
-def stop_if_started() -> None:
-    """Removes the cluster if its start was begun (the module's end, or the session's)."""
-    if _Start.process is not None and not _Start.stopped:
-        _Start.stopped = True
-        if _Start.process.returncode is None:
-            # Read, not only waited for: a start that fails prints node logs into the pipe.
-            _Start.process.communicate(timeout=180)
-        _cluster("stop")
-
-
 @pytest.fixture(scope="module")
 def cluster_urls() -> Iterator[list[str]]:
-    """The cluster's node URLs, the first node's first; the cluster is removed afterwards."""
+    """The cluster's node URLs, the first node's first; the cluster is removed afterwards.
+
+    Not started early in the background: idle, three nodes' schedulers spin for CPU the
+    rest of the suite needs on two cores (the run took minutes longer)."""
     try:
-        start_in_background()
-        assert _Start.process is not None
-        output, _ = _Start.process.communicate(timeout=180)
-        if _Start.process.returncode != 0:
-            raise RuntimeError(f"cluster.sh start exited {_Start.process.returncode}:\n{output}")
+        output = _cluster("start")
         urls = output.strip().splitlines()[-1].split(",")
         assert len(urls) == len(NODES)
         yield urls
     finally:
-        stop_if_started()
+        _cluster("stop")
 
 
 def _node_of(url: str, urls: list[str]) -> str:
