@@ -139,87 +139,96 @@ class OutboxRelay:
             published = 0
             while True:
                 kicks = self._kicks
-                # At most relay_batch in flight, the oldest first: thousands at once (a
-                # fan-out left over) would all time out on a slow broker, pass after pass.
-                records = (await self._due())[: self._config.relay_batch]
+                records = await self._due()
                 if not records:
                     if self._settled(kicks):
                         return published
                     continue
-                results = await asyncio.gather(
-                    *(self._publisher.publish(record) for record in records),
-                    return_exceptions=True,
-                )
-                done = [
-                    record.id
-                    for record, result in zip(records, results, strict=True)
-                    if result is True
-                ]
-                await self._state.mark_published(done)
-                published += len(done)
-                # Published, or expired before it could be: nothing more is owed for them.
-                self._owed.difference_update(
-                    record.id
-                    for record, result in zip(records, results, strict=True)
-                    if not isinstance(result, BaseException)
-                )
-                refused = [
-                    (record, result)
-                    for record, result in zip(records, results, strict=True)
-                    if isinstance(result, CommandRejected | QueueMismatch)
-                ]
-                if refused:
-                    # Refused for good: ended, so they neither block the outbox nor come back.
-                    for record, refusal in refused:
-                        logger.error("command %s rejected: %s", record.id, refusal)
-                        self._observer.rejected(record)
-                    await self._state.reject([record.id for record, _ in refused])
-                    self._owed.difference_update(record.id for record, _ in refused)
-                failures = [
-                    result
-                    for result in results
-                    if isinstance(result, BaseException)
-                    and not isinstance(result, CommandRejected | QueueMismatch)
-                ]
-                if failures:
-                    # A relay that cannot publish must not keep the sweep from the others.
-                    await self._give_up_lease()
-                    raise BrokerError(
-                        f"outbox: {len(failures)} of {len(records)} publishes failed"
-                    ) from failures[0]
+                published += await self._publish(records)
+
+    async def _publish(self, records: list[CommandRecord]) -> int:
+        """Publishes these commands at once and marks them; returns how many were published.
+
+        Raises:
+            BrokerError: a publish failed; the others are marked (or ended) first.
+        """
+        results = await asyncio.gather(
+            *(self._publisher.publish(record) for record in records),
+            return_exceptions=True,
+        )
+        done = [
+            record.id for record, result in zip(records, results, strict=True) if result is True
+        ]
+        await self._state.mark_published(done)
+        # Published, or expired before it could be: nothing more is owed for them.
+        self._owed.difference_update(
+            record.id
+            for record, result in zip(records, results, strict=True)
+            if not isinstance(result, BaseException)
+        )
+        refused = [
+            (record, result)
+            for record, result in zip(records, results, strict=True)
+            if isinstance(result, CommandRejected | QueueMismatch)
+        ]
+        if refused:
+            # Refused for good: ended, so they neither block the outbox nor come back.
+            for record, refusal in refused:
+                logger.error("command %s rejected: %s", record.id, refusal)
+                self._observer.rejected(record)
+            await self._state.reject([record.id for record, _ in refused])
+            self._owed.difference_update(record.id for record, _ in refused)
+        failures = [
+            result
+            for result in results
+            if isinstance(result, BaseException)
+            and not isinstance(result, CommandRejected | QueueMismatch)
+        ]
+        if failures:
+            # A relay that cannot publish must not keep the sweep from the others.
+            await self._give_up_lease()
+            raise BrokerError(
+                f"outbox: {len(failures)} of {len(records)} publishes failed"
+            ) from failures[0]
+        return len(done)
 
     async def _due(self) -> list[CommandRecord]:
-        """The unpublished commands this pass publishes, in ready order."""
-        due: dict[str, CommandRecord] = {}
-        owed = set(self._owed)
-        if owed:
-            live = await self._state.deliverable(owed)
-            for command_id in owed:
-                record = live.get(command_id)
-                if record is None or record.published_at is not None:
-                    # Finished, expired, or published by another process meanwhile.
-                    self._owed.discard(command_id)
-                else:
-                    due[command_id] = record
+        """The unpublished commands this pass publishes, in ready order: at most
+        ``relay_batch``, the oldest first.
+
+        One outbox read serves both kinds: what this process owes is in it or, when the read
+        came back full, may lie past its end (held back until a read reaches it); owed and
+        missing from a read that was not full, a command was published (here or by another
+        process), ended or expired.
+        """
         now = self._state.clock()
         lease = timedelta(seconds=self._config.relay_lease)
         self._next_due = None
+        due: dict[str, CommandRecord] = {}
         orphans: list[CommandRecord] = []
         young: dict[str, CommandRecord] = {}
+        # Owed before the read began, so committed before it: a command owed during the read
+        # may be missing from it (a kick reads again).
+        owed = set(self._owed)
         batch = await self._state.unpublished(self._config.relay_batch)
         # A full read may have left older commands unread: nothing past its last is due yet.
         horizon = batch[-1].ready_at if len(batch) >= self._config.relay_batch else None
         for record in batch:
-            if record.id in due or record.id in self._in_flight:
-                continue
             if record.id in self._owed:
                 due[record.id] = record
+            elif record.id in self._in_flight:
+                continue
             elif now - record.ready_at >= lease:
                 orphans.append(record)
             else:
                 young[record.id] = record
                 self._due_at(record.ready_at + lease)
+        unread = owed.difference(record.id for record in batch)
+        if horizon is None:
+            self._owed -= unread
+            unread = set()
         self._hold_back(young, due, horizon, now)
+        self._held_back |= unread
         if orphans:
             await self._sweep(orphans, due)
         return rules.in_ready_order(due.values())
@@ -232,7 +241,7 @@ class OutboxRelay:
         now: datetime,
     ) -> None:
         """Keeps this process's commands behind what it found unpublished when it started,
-        and behind what a full read (``horizon``: the ready time of its last) left unread.
+        including what a full read (``horizon``: the ready time of its last) left unread.
 
         The commands the first read finds, not yet past their writer's lease, may be this
         process's own from before a restart (it died between write and publish), and
@@ -256,9 +265,7 @@ class OutboxRelay:
         )
         devices = {device for device, _ in self._found_at_start.values()}
         self._held_back = {
-            command_id
-            for command_id, record in due.items()
-            if record.device_id in devices or (horizon is not None and record.ready_at > horizon)
+            command_id for command_id, record in due.items() if record.device_id in devices
         }
         for command_id in self._held_back:
             del due[command_id]

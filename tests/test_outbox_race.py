@@ -10,12 +10,13 @@ an index whose outbox read is held open until the racing command has been accept
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from pathlib import Path
 
 from amqp_queue.state import SqlStore
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.state.sql import create_engine
-from tests.rabbitmq_support import store_on_index
+from tests.rabbitmq_support import queue_depth, store_on_index
 
 
 class HeldOutboxRead(SqlStore):
@@ -74,3 +75,47 @@ async def test_a_command_committed_during_the_relays_read_keeps_its_place(
 async def _all_published(state: SqlStore, *command_ids: str) -> bool:
     records = [await state.get(command_id) for command_id in command_ids]
     return all(record is not None and record.published_at is not None for record in records)
+
+
+class CountedReads(SqlStore):
+    """A SQLite index that counts the commands the relay reads, or asks about."""
+
+    asked = 0
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        self.asked += len(command_ids)
+        return await super().deliverable(command_ids)
+
+    async def unpublished(self, limit: int) -> list[CommandRecord]:
+        records = await super().unpublished(limit)
+        self.asked += len(records)
+        return records
+
+
+async def test_a_large_owed_backlog_is_read_once_per_pass_not_once_per_publish_batch(
+    tmp_path: Path,
+) -> None:
+    # 600 owed commands published 50 at a time: asking about all that is still owed before
+    # each 50 read 4,500 records; reading only the outbox's next 50 reads each about once.
+    state = CountedReads(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"))
+    devices = [f"dev-{n}" for n in range(10)]
+    async with store_on_index(state, relay_batch=50) as store:
+        for device in devices:
+            await store.ensure_queue(device)
+        records = [
+            store.build(device, None, f"{device}-{n}".encode(), 600)
+            for n in range(60)
+            for device in devices
+        ]
+        await state.add(records)
+        assert store._relay is not None
+        await store._relay.flush()  # whatever its start-up pass left
+        state.asked = 0
+
+        store._relay.owe(record.id for record in records)
+        published = await store._relay.flush()
+
+        assert published == len(records)
+        assert state.asked <= 2 * len(records)
+        for device in devices:
+            assert await queue_depth(store, device) == 60
