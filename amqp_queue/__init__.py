@@ -9,6 +9,7 @@ from amqp_queue.observer import Observer
 from amqp_queue.received import ReceivedCommand
 from amqp_queue.state import (
     DEFAULT_LIMITS,
+    ClaimOutcomeUnknown,
     CommandExpired,
     CommandNotFound,
     CommandStatus,
@@ -42,6 +43,7 @@ from amqp_queue.stream import CommandStream
 __all__ = [
     "DEFAULT_LIMITS",
     "BrokerError",
+    "ClaimOutcomeUnknown",
     "CommandExpired",
     "CommandNotFound",
     "CommandRejected",

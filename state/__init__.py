@@ -6,6 +6,7 @@
 from .clock import Clock, utc_now
 from .enqueue_calls import OutcomeTimeout
 from .errors import (
+    ClaimOutcomeUnknown,
     CommandExpired,
     CommandNotFound,
     InvalidCommandType,
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_RETENTION",
     "DEFAULT_STATE_URL",
+    "ClaimOutcomeUnknown",
     "Clock",
     "CommandExpired",
     "CommandNotFound",

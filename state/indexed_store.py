@@ -78,6 +78,8 @@ class IndexedStore(CommandIntake, FleetCalls, Closing):
         try:
             claimed = await self.claim(device)
         except ClaimOutcomeUnknown as exc:
+            if not exc.records:
+                raise
             # Maybe claimed: handed out all the same. If the claim did not land, they stay
             # open and the next drain returns them again: a copy at worst, never a loss.
             logger.warning("drain of %s: %s; returning what it may have claimed", device, exc)

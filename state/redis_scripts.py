@@ -170,14 +170,33 @@ return superseded
 CLAIM = (
     PRELUDE
     + """
--- KEYS[4]: the device's open set. ARGV[4..]: the ids to consider; none: all of the device's.
+-- KEYS[4]: the device's open set. ARGV[4]: this claim's token; ARGV[5]: how long (ms) its
+-- answer is kept; ARGV[6]: how many tokens follow whose answers arrived (their keys go);
+-- then those tokens; then the ids to consider (none: all of the device's).
+local answer_key = prefix .. 'claim:' .. ARGV[4]
+local answered = tonumber(ARGV[6])
+for i = 7, 6 + answered do
+    redis.call('DEL', prefix .. 'claim:' .. ARGV[i])
+end
+local earlier = redis.call('GET', answer_key)
+if earlier then
+    -- The same claim again (its reply was lost): the same commands, not "none left".
+    local claimed = {}
+    for _, id in ipairs(cjson.decode(earlier)) do
+        local record = redis.call('HGETALL', command_key(id))
+        if #record > 0 then
+            claimed[#claimed + 1] = record
+        end
+    end
+    return claimed
+end
 local candidates = ARGV
-local first = 4
-if #ARGV < 4 then
+local first = 7 + answered
+if #ARGV < first then
     candidates = redis.call('ZRANGE', KEYS[4], 0, -1)
     first = 1
 end
-local claimed = {}
+local claimed, ids = {}, {}
 for i = first, #candidates do
     local id = candidates[i]
     if redis.call('ZSCORE', KEYS[4], id) then
@@ -193,9 +212,12 @@ for i = first, #candidates do
                 and tonumber(f[5]) > tonumber(now) then
             finish(key, id, 'delivered', '1')
             claimed[#claimed + 1] = redis.call('HGETALL', key)
+            ids[#ids + 1] = id
         end
     end
 end
+-- An empty Lua table encodes as {}, which decodes as an empty table again.
+redis.call('SET', answer_key, cjson.encode(ids), 'PX', ARGV[5])
 return claimed
 """
 )

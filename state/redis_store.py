@@ -34,6 +34,7 @@ from .clock import Clock, utc_now
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from .model import CommandRecord
+from .redis_claims import Claims, answer_ttl
 from .redis_encoding import (
     add_arguments,
     as_text,
@@ -97,6 +98,7 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
         register = client.register_script
         self._add = register(lua.ADD)
         self._claim_script = register(lua.CLAIM)
+        self._claims = Claims()
         self._mark_delivered = register(lua.MARK_DELIVERED)
         self._expire = register(lua.EXPIRE)
         self._prune = register(lua.PRUNE)
@@ -266,12 +268,18 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
     ) -> list[CommandRecord]:
-        ids = [] if command_ids is None else list(command_ids)
-        async with self._errors("drain"):
-            claimed = await self._claim_script(
-                keys=[*self._indexes, self._device_key(device_id)], args=self._args(now, ids)
+        keys = [*self._indexes, self._device_key(device_id)]
+
+        async def send(
+            token: str, answered: Sequence[str], ids: Sequence[str]
+        ) -> Sequence[Sequence[bytes]]:
+            rest = [token, answer_ttl(), str(len(answered)), *answered, *ids]
+            replies: Sequence[Sequence[bytes]] = await self._claim_script(
+                keys=keys, args=self._args(now, rest)
             )
-        return [record for _, record in decode_replies(claimed)]
+            return replies
+
+        return await self._claims.claim(device_id, list(command_ids or ()), send)
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         keep = milliseconds(self.retention + KEY_TTL_MARGIN)

@@ -15,9 +15,17 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection as RedisConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from amqp_queue.state import CommandNotFound, CommandStatus, RedisStore, StateError, open_state
+from amqp_queue.state import (
+    ClaimOutcomeUnknown,
+    CommandNotFound,
+    CommandStatus,
+    RedisStore,
+    StateError,
+    open_state,
+)
 from amqp_queue.state.redis_store import KEY_TTL_MARGIN
 from tests.backends import REDIS_URL, redis_prefix
 from tests.support import FakeClock, unique
@@ -161,6 +169,60 @@ async def test_a_write_sent_again_after_a_lost_reply_changes_nothing(clock: Fake
         assert await store.get_status(typed.id) == CommandStatus.DELIVERED
         assert await store.get_status(plain.id) == CommandStatus.DELIVERED
         assert await store.get_pending("dev-1") == []
+
+
+class LosesReplies(RedisConnection):
+    """A connection to the real Redis that, while ``lose`` is above 0, drops the reply to
+    each command after Redis ran it: the connection dies as a reply is on its way."""
+
+    lose = 0
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = await super().read_response(*args, **kwargs)
+        if type(self).lose > 0:
+            type(self).lose -= 1
+            await self.disconnect()
+            raise RedisConnectionError("reply lost")
+        return response
+
+
+@pytest.fixture
+def loses_replies() -> type[LosesReplies]:
+    class Losing(LosesReplies):
+        pass
+
+    return Losing
+
+
+async def test_a_drain_whose_reply_is_lost_hands_out_its_commands_when_sent_again(
+    loses_replies: type[LosesReplies],
+) -> None:
+    # redis-py sends a command again when its connection failed (3 retries by default): a
+    # claim that ran, and ran again, must answer the same, not "nothing left to take".
+    async with redis_store(connection_class=loses_replies) as store:
+        await store.enqueue("dev-1", b"a", 600)
+        await store.enqueue("dev-1", b"b", 600)
+        loses_replies.lose = 1
+
+        assert await store.drain_pending("dev-1") == [b"a", b"b"]
+        assert await store.drain_pending("dev-1") == []
+
+
+async def test_a_drain_whose_replies_stay_lost_hands_its_commands_to_the_next_drain(
+    loses_replies: type[LosesReplies],
+) -> None:
+    # Every retry's reply lost too: the drain fails, saying the claim may have landed; the
+    # next drain of the device hands out what it took, rather than leaving them delivered
+    # to nobody.
+    async with redis_store(connection_class=loses_replies) as store:
+        await store.enqueue("dev-1", b"a", 600)
+        loses_replies.lose = 10
+        with pytest.raises(ClaimOutcomeUnknown):
+            await store.drain_pending("dev-1")
+        loses_replies.lose = 0
+        await store.enqueue("dev-1", b"b", 600)
+
+        assert await store.drain_pending("dev-1") == [b"a", b"b"]
 
 
 async def test_cancel_racing_a_drain_has_exactly_one_winner() -> None:

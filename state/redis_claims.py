@@ -1,0 +1,117 @@
+"""Drains on Redis that survive a lost reply: a claim sent again answers as it did.
+
+A claim (:data:`~amqp_queue.state.redis_scripts.CLAIM`) marks commands delivered. When the
+connection dies while its reply is on the way, the client cannot tell whether it ran; sent
+again, a plain claim would find the commands delivered and answer "none left", and they
+would be delivered to nobody. So each claim carries a token, and the script keeps its answer
+(the ids it took) under that token for :data:`ANSWER_TTL`: the same claim sent again returns
+the same commands. A claim whose reply stays lost after its retries raises
+:class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the store sends it again ahead of
+the device's next claim, which hands out what it took. The answer of a claim whose reply
+arrived is deleted by the store's next claim, so the kept answers stay few.
+
+What this cannot cover: the process ending before the device's next claim, or that claim
+coming after :data:`ANSWER_TTL`, while the lost claim had landed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from .errors import ClaimOutcomeUnknown, StateError
+from .model import CommandRecord
+from .redis_encoding import decode_replies, milliseconds
+
+logger = logging.getLogger("amqp_queue.state.redis")
+
+ANSWER_TTL = timedelta(minutes=10)
+"""How long Redis keeps a claim's answer for the claim to be sent again."""
+
+_ATTEMPTS = 3
+
+Send = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Sequence[Sequence[bytes]]]]
+"""Runs the claim script: ``(token, answered tokens, command ids)`` to its replies."""
+
+
+class Claims:
+    """Claim tokens: the answers to delete, and the claims whose outcome is not known yet."""
+
+    def __init__(self) -> None:
+        self._answered: list[str] = []
+        # By device: claims whose replies were lost, sent again ahead of its next claim.
+        self._doubtful: dict[str, list[tuple[str, list[str]]]] = {}
+
+    async def claim(
+        self, device_id: str, command_ids: Sequence[str], send: Send
+    ) -> list[CommandRecord]:
+        """Claims ``command_ids`` of the device (none: all of its open ones), after the
+        device's doubtful claims, and returns what they all took.
+
+        Raises:
+            ClaimOutcomeUnknown: a reply stayed lost; ``records`` holds what the claims
+                before it took (hand them out), and the lost one is sent again next time.
+            StateError: Redis failed otherwise.
+        """
+        taken: list[CommandRecord] = []
+        pending = [*self._doubtful.pop(device_id, []), (uuid.uuid4().hex, list(command_ids))]
+        for position, (token, ids) in enumerate(pending):
+            try:
+                taken.extend(await self._send(token, ids, send))
+            except ClaimOutcomeUnknown as exc:
+                self._doubtful.setdefault(device_id, []).extend(pending[position:])
+                raise ClaimOutcomeUnknown(str(exc), taken) from exc.__cause__
+            except StateError:
+                self._doubtful.setdefault(device_id, []).extend(pending[position:-1])
+                if taken:
+                    raise ClaimOutcomeUnknown(
+                        f"redis drain of {device_id} failed after handing out earlier claims",
+                        taken,
+                    ) from None
+                raise
+        return taken
+
+    async def _send(self, token: str, ids: Sequence[str], send: Send) -> list[CommandRecord]:
+        # redis-py is optional (see redis_store): imported where it is used.
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        # Errors after which the claim may or may not have run on the server.
+        doubt = (RedisConnectionError, RedisTimeoutError, OSError)
+        answered, self._answered = self._answered, []
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(doubt),
+                stop=stop_after_attempt(_ATTEMPTS),
+                wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
+                reraise=True,
+            ):
+                with attempt:
+                    replies = await send(token, answered, ids)
+        except doubt as exc:
+            logger.warning(
+                "redis claim %s: reply lost (%s); sent again at the next drain", token, exc
+            )
+            raise ClaimOutcomeUnknown(
+                f"redis drain failed and may have claimed commands: {exc}; the device's next "
+                "drain hands out what it took"
+            ) from exc
+        except RedisError as exc:
+            raise StateError(f"redis drain failed: {exc}") from exc
+        self._answered.append(token)
+        return [record for _, record in decode_replies(replies)]
+
+
+def answer_ttl() -> str:
+    """:data:`ANSWER_TTL` as the script's argument."""
+    return str(milliseconds(ANSWER_TTL))
