@@ -28,6 +28,10 @@ Layout of a store's keys (``P`` is the store's prefix):
   skipped where it is read.
 - ``P hist:<device>`` sorted set: every command of the device still held, by ``created_at``
   (pruned ones leave it).
+- ``P claim:<token>`` string: the ids a drain's claim took, kept ten minutes so the same
+  claim sent again after a lost reply answers the same (see
+  :mod:`amqp_queue.state.redis_claims`); the store's next claim deletes it once its reply
+  arrived.
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a
