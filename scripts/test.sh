@@ -35,5 +35,7 @@ fi
 # Reaped: from here on its pid may be another process's.
 trap 'rm -f "$bench_log"' EXIT
 tail -n 1 "$bench_log"
-# Last, so the run closes on pytest's summary line.
-.venv/bin/python -m pytest "$@"
+# Last, so the run closes on pytest's summary line. Three processes, each taking whole test
+# files (a module's private broker or cluster stays in one process); the tests wait on the
+# services most of the time, so three fit two cores.
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"

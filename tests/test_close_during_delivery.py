@@ -156,15 +156,15 @@ async def test_close_ends_a_drain_of_a_large_backlog_and_hands_back_the_rest(
         drain: asyncio.Task[list[bytes]] | None = None
         try:
             ids = await _enqueue_many(store, payloads)
-            state.delay = 0.25  # twelve windows: three seconds of drain at least
+            state.delay = 0.5  # twelve windows: six seconds of drain at least
             drain = asyncio.create_task(store.drain_pending(DEVICE))
             await asyncio.wait_for(state.claimed.wait(), 5)
 
             loop = asyncio.get_running_loop()
             closing = loop.time()
             await asyncio.wait_for(store.close(), 5)
-            done, _ = await asyncio.wait([drain], timeout=max(0.0, closing + 1.5 - loop.time()))
-            assert drain in done, "the drain still ran 1.5 s after close() was called"
+            done, _ = await asyncio.wait([drain], timeout=max(0.0, closing + 2.5 - loop.time()))
+            assert drain in done, "the drain still ran 2.5 s after close() was called"
             first = _outcome(drain)
             assert await _not_returned_but_delivered(state, ids, payloads, first) == 0
         finally:
