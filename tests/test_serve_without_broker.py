@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from aiormq.exceptions import ChannelNotFoundEntity
+
 from amqp_queue import CommandStatus
 from tests.api_support import running
 from tests.rabbitmq_support import queue_depth
@@ -48,7 +50,10 @@ async def test_serve_starts_without_its_broker_and_relays_once_it_appears(
                 return (await api.client.get("/healthz")).status_code == 200
 
             async def both_queued() -> bool:
-                return await queue_depth(store, "dev-1") == 2
+                try:
+                    return await queue_depth(store, "dev-1") == 2
+                except ChannelNotFoundEntity:
+                    return False  # healthy before the relay declared the queue: not yet
 
             await eventually(healthy, 20)
             await eventually(both_queued, 20)
