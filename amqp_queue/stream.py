@@ -37,6 +37,9 @@ MARK_RETRY_MOST = 30.0
 # How many handed-out ids a stream remembers to drop late copies of them.
 _HANDED_MEMORY = 10_000
 
+# Marked commands are acked together once they are this share of the prefetch window.
+_ACK_SHARE = 4
+
 
 class CommandStream(Closing):
     """The commands of one device as they arrive: ``async for command in stream``.
@@ -91,6 +94,10 @@ class CommandStream(Closing):
         self._ack_together = True
         # Finished commands whose delivery mark failed: unacked, tried again with the next.
         self._unmarked: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
+        # Marked commands not acked yet: acked together once they are a share of the window
+        # (see _ack_marked), or before the stream waits for the broker or closes.
+        self._marked: list[AbstractIncomingMessage] = []
+        self._ack_every = max(1, config.prefetch // _ACK_SHARE)
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -298,6 +305,8 @@ class CommandStream(Closing):
                 await self._mark_delivered([])
             except Exception as exc:  # as the Batcher: kept for the next try, and logged
                 self._log_mark_failure(exc)
+        # The broker's window is not held while the stream waits for it.
+        await self._ack_marked()
 
     def _log_mark_failure(self, exc: BaseException) -> None:
         logger.warning(
@@ -326,12 +335,29 @@ class CommandStream(Closing):
             self._ack_together = False
             raise
         report_delivered(self._observer, [record for _, record in batch], self._state.clock())
+        self._marked.extend(message for message, _ in batch)
+        if len(self._marked) >= self._ack_every:
+            await self._ack_marked()
+
+    async def _ack_marked(self) -> None:
+        """Acks the commands marked delivered so far.
+
+        Not after each mark: every ack frame lets the broker send as many deliveries, each
+        a wake-up of the connection's reader, and with a mark as fast as the next hand-out's
+        liveness read the stream acked, and was refilled, one message at a time. Marked
+        and not acked yet, a command the broker gives again (the channel lost) is dropped
+        as stale: the index no longer holds it as live.
+        """
+        marked, self._marked = self._marked, []
+        if not marked:
+            return
         if self._ack_together:
             # Handed out in delivery order, and every earlier delivery on this channel is
-            # settled (acked here or as stale, or in an earlier batch): one frame acks all.
-            await settle(batch[-1][0], ack=True, multiple=True)
+            # settled (acked here or as stale, or marked and acked by this frame): one frame
+            # acks all.
+            await settle(marked[-1], ack=True, multiple=True)
             return
-        for message, _ in batch:
+        for message in marked:
             await settle(message, ack=True)
 
 

@@ -74,6 +74,8 @@ async def postgres_state() -> AsyncIterator[IndexedStore]:
             await store.create_table()
             yield store
         finally:
+            # Hands back the connections its hot paths keep checked out, then the engine.
+            await store.close()
             await store.engine.dispose()
 
 

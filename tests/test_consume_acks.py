@@ -1,6 +1,7 @@
 """consume() acks finished commands a batch at a time, and never a command it failed to mark.
 
-A batch of finished commands is acked with one ``multiple`` ack. Should marking a batch
+Marked commands are acked together with one ``multiple`` ack once they are a quarter of the
+prefetch window, or before the stream waits for the broker or closes. Should marking a batch
 delivered fail, those commands stay unacked and are marked again with the next batch, or
 by themselves before the stream waits or closes: the device has them, so their status must
 come to say DELIVERED. From then on each command is acked by itself (a ``multiple`` ack
@@ -16,8 +17,10 @@ from collections.abc import Collection
 from pathlib import Path
 
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
-from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore
+from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore, settlement
+from amqp_queue import stream as stream_module
 from amqp_queue.state import SqlStore, StateError
 from amqp_queue.state.sql import create_engine
 from amqp_queue.stream import CommandStream
@@ -160,4 +163,47 @@ async def test_commands_never_marked_come_again_from_the_broker(tmp_path: Path) 
                     break
         assert [command.id for command in again] == ids
         assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * 4
+        assert await queue_depth(store, "dev-1") == 0
+
+
+async def test_marked_commands_are_acked_together_and_none_is_left_unacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Marks as fast as the hand-outs would each ack one message, and the broker refill the
+    # window one delivery at a time: the stream acks a quarter of the window at once.
+    frames: list[tuple[str | None, bool]] = []
+    settle = settlement.settle
+
+    async def counted(
+        message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False
+    ) -> None:
+        frames.append((message.message_id, multiple))
+        await settle(message, ack=ack, multiple=multiple)
+
+    monkeypatch.setattr(stream_module, "settle", counted)
+    state = MarksFail(tmp_path / "state.db", failures=0)
+    async with store_on_index(state, prefetch=8) as store:
+        ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(7)]
+        seen: list[str] = []
+        async with store.consume("dev-1") as stream:
+            inbox = stream._inbox
+            assert inbox is not None
+
+            async def all_arrived() -> bool:
+                return inbox._buffer.qsize() == len(ids)
+
+            await eventually(all_arrived, 10)  # one window: the stream waits for nothing
+            async for command in stream:
+                seen.append(command.id)
+                await _marks_written(stream)  # each mark by itself
+                if len(seen) == 2:
+                    # The first one marked, not acked yet.
+                    assert frames == []
+                if len(seen) == len(ids):
+                    break
+            assert frames == [(ids[1], True), (ids[3], True), (ids[5], True)]
+        # The last one: acked when the stream closed.
+        assert frames[-1] == (ids[6], True)
+        assert seen == ids
+        assert await _statuses(store, ids) == [CommandStatus.DELIVERED] * len(ids)
         assert await queue_depth(store, "dev-1") == 0

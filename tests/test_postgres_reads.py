@@ -1,14 +1,19 @@
-"""consume()'s reads on PostgreSQL run on asyncpg directly (state/sql/postgres_reads.py): they
-must answer exactly what the SQLAlchemy path answers, in the store's schema, and fail as a
-StateError."""
+"""consume()'s reads and delivery marks on PostgreSQL run on asyncpg directly
+(state/sql/postgres_reads.py), on pooled connections kept checked out: they must answer exactly
+what the SQLAlchemy path answers, in the store's schema, fail as a StateError, run a deadlock
+victim again, and hand their connections back when the store closes."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
-from amqp_queue.state import SqlStore, StateError
+from amqp_queue.state import CommandStatus, SqlStore, StateError
+from amqp_queue.state.sql import deadlock_retry, transactions
 from amqp_queue.state.sql import statements as sql
 from amqp_queue.state.sql.engine import create_engine
 from tests.backends import POSTGRES_URL, postgres_schema
@@ -60,3 +65,103 @@ async def test_a_failed_hot_read_is_a_state_error() -> None:
             await store.deliverable(["00000000-0000-4000-8000-000000000000"])
     finally:
         await engine.dispose()
+
+
+async def test_delivery_marks_on_the_driver_mark_as_the_sqlalchemy_path() -> None:
+    clock = Clock()
+    async with (
+        postgres_schema() as schema,
+        await SqlStore.connect(POSTGRES_URL, schema=schema, clock=clock) as store,
+    ):
+
+        async def commands() -> list[str]:
+            ready = await store.enqueue("gw-1", b"a", 60)
+            cancelled = await store.enqueue("gw-1", b"b", 60)
+            await store.cancel_command(cancelled)
+            delivered = await store.enqueue("gw-2", b"c", 60)
+            await store.drain_pending("gw-2")
+            return [ready, cancelled, delivered, "00000000-0000-4000-8000-000000000000"]
+
+        direct, through_sqlalchemy = await commands(), await commands()
+        marked = await store.mark_delivered(direct)
+        expected = await store._transaction(
+            transactions.mark_delivered, through_sqlalchemy, clock.now
+        )
+        assert marked == expected == 2  # the open one, and the one a device took anyway
+        assert [await store.get_status(command_id) for command_id in direct[:3]] == [
+            await store.get_status(command_id) for command_id in through_sqlalchemy[:3]
+        ]
+
+
+async def test_the_kept_connections_answer_concurrent_calls_and_go_back_on_close() -> None:
+    async with postgres_schema() as schema:
+        store = await SqlStore.connect(POSTGRES_URL, schema=schema)
+        pool = store.engine.sync_engine.pool
+        try:
+            ids = [await store.enqueue("gw-1", b"a", 60) for _ in range(6)]
+            # More calls than kept connections at once: the busy ones take pooled ones.
+            answers = await asyncio.gather(
+                *(store.is_deliverable(command_id) for command_id in ids),
+                store.mark_delivered(ids[:3]),
+                store.mark_delivered(ids[3:4]),
+            )
+            assert answers[:6] == [True] * 6  # each read is a snapshot of its own
+            assert sorted(answers[6:]) == [1, 3]
+            assert [await store.is_deliverable(command_id) for command_id in ids] == [
+                False,
+                False,
+                False,
+                False,
+                True,
+                True,
+            ]
+            assert pool.checkedout() == 2  # type: ignore[attr-defined]  # (QueuePool)
+        finally:
+            await store.close()
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_delivery_mark_chosen_as_deadlock_victim_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with (
+        postgres_schema() as schema,
+        await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
+    ):
+        command_id = await store.enqueue("gw-1", b"a", 60)
+        direct = store._pg_reads
+        assert direct is not None
+        mark = direct.mark_delivered
+        calls = 0
+
+        async def first_a_victim(command_ids: Sequence[str], now: datetime) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise asyncpg.DeadlockDetectedError("deadlock detected")
+            return await mark(command_ids, now)
+
+        monkeypatch.setattr(direct, "mark_delivered", first_a_victim)
+        assert await store.mark_delivered([command_id]) == 1
+        assert calls == 2
+        assert await store.get_status(command_id) is CommandStatus.DELIVERED
+
+        async def refused(command_ids: Sequence[str], now: datetime) -> int:
+            raise asyncpg.UniqueViolationError("not one to run again")
+
+        monkeypatch.setattr(direct, "mark_delivered", refused)
+        with pytest.raises(StateError, match="delivery mark failed: not one to run again"):
+            await store.mark_delivered([command_id])
+
+
+async def test_asyncpgs_own_deadlock_errors_count_as_transient() -> None:
+    connection = await asyncpg.connect(POSTGRES_URL.replace("+asyncpg", ""))
+    try:
+        for sqlstate, retried in (("40P01", True), ("40001", True), ("23505", False)):
+            with pytest.raises(asyncpg.PostgresError) as caught:
+                await connection.execute(
+                    f"DO $$ BEGIN RAISE EXCEPTION 'made here' USING ERRCODE = '{sqlstate}'; END $$"
+                )
+            assert deadlock_retry.is_transient(caught.value) is retried, sqlstate
+    finally:
+        await connection.close()

@@ -41,6 +41,10 @@ def is_transient(exc: BaseException) -> bool:
             orig = cause.orig
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
             return code in RETRY_SQLSTATES
+        # A driver's own error, where the store runs a statement on it directly (asyncpg's).
+        code = getattr(cause, "sqlstate", None)
+        if isinstance(code, str):
+            return code in RETRY_SQLSTATES
         cause = cause.__cause__
     return False
 

@@ -228,6 +228,8 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
             await self._reader.close()
         if self._live_check is not None:
             self._live_check.close()
+        if self._pg_reads is not None:
+            await self._pg_reads.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -325,7 +327,29 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         if not command_ids:
             return 0
         now = self.clock()
+        if self._pg_reads is not None:
+            # consume() marks what each loop body finished: one statement on the driver.
+            return await self._pg_mark_delivered(self._pg_reads, list(command_ids), now)
         return await self._hot("delivery mark", transactions.mark_delivered, command_ids, now)
+
+    async def _pg_mark_delivered(
+        self, direct: PostgresReads, command_ids: list[str], now: datetime
+    ) -> int:
+        try:
+            try:
+                return await direct.mark_delivered(command_ids, now)
+            except DIRECT_FAILURES as exc:
+                if not deadlock_retry.is_transient(exc):
+                    raise
+            # A deadlock victim: run again as every write transaction is (the retry loop
+            # only now, its set-up costs as much as the statement).
+            async for attempt in deadlock_retry.retrying():
+                with attempt:
+                    return await direct.mark_delivered(command_ids, now)
+            raise AssertionError("unreachable: the last failure is re-raised")
+        except DIRECT_FAILURES as exc:
+            reason = driver_reason(exc)
+            raise StateError(f"state index delivery mark failed: {reason}") from exc
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         now = self.clock()
