@@ -105,7 +105,7 @@ async def test_the_kept_connections_answer_concurrent_calls_and_go_back_on_close
                 store.mark_delivered(ids[:3]), store.mark_delivered(ids[3:4])
             )
             assert reads == [True] * 6
-            assert marks == [3, 1]
+            assert list(marks) == [3, 1]
             assert [await store.is_deliverable(command_id) for command_id in ids] == [
                 False,
                 False,
