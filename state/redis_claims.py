@@ -6,12 +6,14 @@ again, a plain claim would find the commands delivered and answer "none left", a
 would be delivered to nobody. So each claim carries a token, and the script keeps its answer
 (the ids it took) under that token for :data:`ANSWER_TTL`: the same claim sent again returns
 the same commands. A claim whose reply stays lost after its retries raises
-:class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the store sends it again ahead of
-the device's next claim, which hands out what it took. The answer of a claim whose reply
+:class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the store looks its answer up
+ahead of the device's next claim, which hands out what it took (with no answer kept, the claim
+never ran and its commands are still open). The answer of a claim whose reply
 arrived is deleted by the store's next claim, so the kept answers stay few.
 
-What this cannot cover: the process ending before the device's next claim, or that claim
-coming after :data:`ANSWER_TTL`, while the lost claim had landed.
+What this cannot cover, when the lost claim had landed: the process ending before the
+device's next drain, that drain running in another process (the doubt is this process's
+memory), or coming after :data:`ANSWER_TTL`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ ANSWER_TTL = timedelta(minutes=10)
 
 _ATTEMPTS = 3
 
-Send = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Sequence[Sequence[bytes]]]]
-"""Runs the claim script: ``(token, answered tokens, command ids)`` to its replies."""
+Send = Callable[[str, Sequence[str], Sequence[str], bool], Awaitable[Sequence[Sequence[bytes]]]]
+"""Runs the claim script: ``(token, answered tokens, command ids, only look the answer up)``
+to its replies."""
 
 
 class Claims:
@@ -48,39 +51,62 @@ class Claims:
 
     def __init__(self) -> None:
         self._answered: list[str] = []
-        # By device: claims whose replies were lost, sent again ahead of its next claim.
-        self._doubtful: dict[str, list[tuple[str, list[str]]]] = {}
+        # By device: claims whose replies were lost, looked up ahead of its next claim.
+        self._doubtful: dict[str, list[str]] = {}
 
     async def claim(
         self, device_id: str, command_ids: Sequence[str], send: Send
     ) -> list[CommandRecord]:
-        """Claims ``command_ids`` of the device (none: all of its open ones), after the
-        device's doubtful claims, and returns what they all took.
+        """Claims ``command_ids`` of the device (none: all of its open ones), after looking
+        up what the device's doubtful claims took, and returns all of it.
+
+        A doubtful claim is only looked up, never run again: with no answer kept it never
+        ran, and its commands are still open for this claim or a later one (run now, it
+        could take a command whose message another consumer is handing out).
 
         Raises:
             ClaimOutcomeUnknown: a reply stayed lost; ``records`` holds what the claims
-                before it took (hand them out), and the lost one is sent again next time.
+                before it took (hand them out), and the lost one is looked up next time.
             StateError: Redis failed otherwise.
         """
+        doubtful = self._doubtful.pop(device_id, [])
+        pending = [*((token, ()) for token in doubtful), (uuid.uuid4().hex, command_ids)]
         taken: list[CommandRecord] = []
-        pending = [*self._doubtful.pop(device_id, []), (uuid.uuid4().hex, list(command_ids))]
-        for position, (token, ids) in enumerate(pending):
-            try:
-                taken.extend(await self._send(token, ids, send))
-            except ClaimOutcomeUnknown as exc:
-                self._doubtful.setdefault(device_id, []).extend(pending[position:])
-                raise ClaimOutcomeUnknown(str(exc), taken) from exc.__cause__
-            except StateError:
-                self._doubtful.setdefault(device_id, []).extend(pending[position:-1])
-                if taken:
-                    raise ClaimOutcomeUnknown(
-                        f"redis drain of {device_id} failed after handing out earlier claims",
-                        taken,
-                    ) from None
-                raise
+        answered: list[str] = []
+        position = 0
+        try:
+            for position, (token, ids) in enumerate(pending):
+                lookup = position < len(doubtful)
+                taken.extend(await self._send(token, ids, send, lookup_only=lookup))
+                answered.append(token)
+        except (ClaimOutcomeUnknown, StateError) as exc:
+            # Still in doubt: the one that failed (if it could have run) and those not sent.
+            unsent = doubtful[position:]
+            if isinstance(exc, ClaimOutcomeUnknown) and position == len(doubtful):
+                unsent.append(pending[-1][0])
+            self._keep_doubtful(device_id, unsent)
+            self._answered.extend(answered)
+            if taken:
+                raise ClaimOutcomeUnknown(
+                    f"redis drain of {device_id} failed after taking commands: {exc}", taken
+                ) from exc
+            raise
+        except BaseException:
+            # Cancelled: what the looked-up claims took never reached the caller, so their
+            # answers stay, to be looked up again; the new claim may have run.
+            unsent = doubtful if position < len(doubtful) else [*doubtful, pending[-1][0]]
+            self._keep_doubtful(device_id, unsent)
+            raise
+        self._answered.extend(answered)
         return taken
 
-    async def _send(self, token: str, ids: Sequence[str], send: Send) -> list[CommandRecord]:
+    def _keep_doubtful(self, device_id: str, tokens: list[str]) -> None:
+        if tokens:
+            self._doubtful.setdefault(device_id, []).extend(tokens)
+
+    async def _send(
+        self, token: str, ids: Sequence[str], send: Send, *, lookup_only: bool
+    ) -> list[CommandRecord]:
         # redis-py is optional (see redis_store): imported where it is used.
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import RedisError
@@ -97,10 +123,12 @@ class Claims:
                 reraise=True,
             ):
                 with attempt:
-                    replies = await send(token, answered, ids)
+                    # Sent again within this drain, the claim may run: its messages are
+                    # still this drain's.
+                    replies = await send(token, answered, ids, lookup_only)
         except doubt as exc:
             logger.warning(
-                "redis claim %s: reply lost (%s); sent again at the next drain", token, exc
+                "redis claim %s: reply lost (%s); looked up at the next drain", token, exc
             )
             raise ClaimOutcomeUnknown(
                 f"redis drain failed and may have claimed commands: {exc}; the device's next "
@@ -108,7 +136,6 @@ class Claims:
             ) from exc
         except RedisError as exc:
             raise StateError(f"redis drain failed: {exc}") from exc
-        self._answered.append(token)
         return [record for _, record in decode_replies(replies)]
 
 

@@ -175,14 +175,19 @@ CLAIM = (
     PRELUDE
     + """
 -- KEYS[4]: the device's open set. ARGV[4]: this claim's token; ARGV[5]: how long (ms) its
--- answer is kept; ARGV[6]: how many tokens follow whose answers arrived (their keys go);
--- then those tokens; then the ids to consider (none: all of the device's).
+-- answer is kept; ARGV[6]: '1' to only look the answer up (a claim sent again by a later
+-- drain: with no answer it never ran, and claims nothing now); ARGV[7]: how many tokens
+-- follow whose answers arrived (their keys go); then those tokens; then the ids to consider
+-- (none: all of the device's).
 local answer_key = prefix .. 'claim:' .. ARGV[4]
-local answered = tonumber(ARGV[6])
-for i = 7, 6 + answered do
+local answered = tonumber(ARGV[7])
+for i = 8, 7 + answered do
     redis.call('DEL', prefix .. 'claim:' .. ARGV[i])
 end
 local earlier = redis.call('GET', answer_key)
+if not earlier and ARGV[6] == '1' then
+    return {}
+end
 if earlier then
     -- The same claim again (its reply was lost): the same commands, not "none left".
     local claimed = {}
@@ -195,7 +200,7 @@ if earlier then
     return claimed
 end
 local candidates = ARGV
-local first = 7 + answered
+local first = 8 + answered
 if #ARGV < first then
     candidates = redis.call('ZRANGE', KEYS[4], 0, -1)
     first = 1

@@ -271,9 +271,10 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
         keys = [*self._indexes, self._device_key(device_id)]
 
         async def send(
-            token: str, answered: Sequence[str], ids: Sequence[str]
+            token: str, answered: Sequence[str], ids: Sequence[str], lookup_only: bool
         ) -> Sequence[Sequence[bytes]]:
-            rest = [token, answer_ttl(), str(len(answered)), *answered, *ids]
+            lookup = "1" if lookup_only else "0"
+            rest = [token, answer_ttl(), lookup, str(len(answered)), *answered, *ids]
             replies: Sequence[Sequence[bytes]] = await self._claim_script(
                 keys=keys, args=self._args(now, rest)
             )

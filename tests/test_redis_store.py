@@ -173,11 +173,29 @@ async def test_a_write_sent_again_after_a_lost_reply_changes_nothing(clock: Fake
 
 class LosesReplies(RedisConnection):
     """A connection to the real Redis that, while ``lose`` is above 0, drops the reply to
-    each command after Redis ran it: the connection dies as a reply is on its way."""
+    each command after Redis ran it: the connection dies as a reply is on its way. While
+    ``refuse`` is above 0 a command fails before it is sent; while ``stall`` is set, a
+    reply never comes."""
 
     lose = 0
+    refuse = 0
+    stall = False
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        if type(self).refuse > 0:
+            type(self).refuse -= 1
+            await self.disconnect()
+            raise RedisConnectionError("connection refused")
+        await super().send_packed_command(*args, **kwargs)
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if type(self).stall:
+            try:
+                await asyncio.Event().wait()
+            except BaseException:
+                # As redis-py's own read does: a reply left unread must not answer the next.
+                await self.disconnect(nowait=True)
+                raise
         response = await super().read_response(*args, **kwargs)
         if type(self).lose > 0:
             type(self).lose -= 1
@@ -223,6 +241,41 @@ async def test_a_drain_whose_replies_stay_lost_hands_its_commands_to_the_next_dr
         await store.enqueue("dev-1", b"b", 600)
 
         assert await store.drain_pending("dev-1") == [b"a", b"b"]
+
+
+async def test_a_drain_cancelled_while_it_looks_up_a_lost_claim_leaves_it_to_the_next(
+    loses_replies: type[LosesReplies],
+) -> None:
+    async with redis_store(connection_class=loses_replies) as store:
+        await store.enqueue("dev-1", b"a", 600)
+        loses_replies.lose = 10
+        with pytest.raises(ClaimOutcomeUnknown):
+            await store.drain_pending("dev-1")
+        loses_replies.lose = 0
+        loses_replies.stall = True
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await store.drain_pending("dev-1")
+        loses_replies.stall = False
+
+        assert await store.drain_pending("dev-1") == [b"a"]
+
+
+async def test_a_lost_claim_that_never_ran_claims_nothing_when_looked_up_later(
+    loses_replies: type[LosesReplies],
+) -> None:
+    # Its commands stay open: a later drain's window must not take them (their messages
+    # may be another consumer's by then), only what that window holds.
+    async with redis_store(connection_class=loses_replies) as store:
+        first = await store.enqueue("dev-1", b"a", 600)
+        second = await store.enqueue("dev-1", b"b", 600)
+        loses_replies.refuse = 10
+        with pytest.raises(ClaimOutcomeUnknown):
+            await store.claim("dev-1", [first])
+        loses_replies.refuse = 0
+
+        assert [record.id for record in await store.claim("dev-1", [second])] == [second]
+        assert await store.get_status(first) == CommandStatus.PENDING
 
 
 async def test_cancel_racing_a_drain_has_exactly_one_winner() -> None:
