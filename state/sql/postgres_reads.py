@@ -21,6 +21,8 @@ The delivery mark is one ``UPDATE`` in autocommit: a transaction by itself, as a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -38,6 +40,10 @@ FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSEr
 
 T = TypeVar("T")
 
+# Seconds a closing store waits for a call on a kept connection to finish before it hands
+# the connection back regardless (the call then fails, as on any closed connection).
+_CLOSE_WAIT = 5.0
+
 
 def usable(engine: AsyncEngine) -> bool:
     """Whether ``engine`` reaches PostgreSQL through asyncpg."""
@@ -54,10 +60,13 @@ class _Kept:
         self._driver: Any = None
         self.busy = False
         self.closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def run(self, call: Callable[[Any], Awaitable[T]]) -> T:
         """``call`` on the kept asyncpg connection; the caller checked it is not busy."""
         self.busy = True
+        self._idle.clear()
         try:
             if self._driver is None:
                 connection = await self._engine.connect()
@@ -75,16 +84,16 @@ class _Kept:
                 raise
         finally:
             self.busy = False
-            if self.closed:
-                # The store closed while this call ran.
-                await self.close()
+            self._idle.set()
 
     async def close(self) -> None:
-        """Hands the connection back for good: a stream outliving its store takes pooled
+        """Hands the connection back for good, once a call running on it has finished (at
+        most ``_CLOSE_WAIT`` seconds): a stream outliving its store takes pooled
         connections of the engine, should it still be open, never keeps one again."""
         self.closed = True
-        if self.busy:
-            return  # handed back by the call running on it
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_WAIT):
+                await self._idle.wait()
         connection, self._connection, self._driver = self._connection, None, None
         if connection is not None:
             await connection.close()
