@@ -22,10 +22,10 @@ bench:  ## the benchmarks against the real services; tables in bench/results/ (B
 	scripts/services.sh rabbitmq postgres redis mosquitto
 	.venv/bin/python -m bench $(BENCH_ARGS)
 
-bench-scale:  ## fleet scale only: 10,000 device queues, and 10,000 consume() streams in one process
+bench-scale:  ## fleet scale: 10,000 and 100,000 device queues, and 10,000 consume() streams in one process
 	scripts/bootstrap.sh
 	scripts/services.sh rabbitmq postgres redis
-	.venv/bin/python -m bench --only scale --only streams $(BENCH_ARGS)
+	.venv/bin/python -m bench --only scale --only streams --only fleet-scale $(BENCH_ARGS)
 
 # Each broker-restart trial restarts a private RabbitMQ node started for it (scripts/rabbit-node.sh,
 # a few seconds), never the machine's broker, so it is safe on a shared one. The scale-out trials

@@ -21,6 +21,7 @@ from bench import (
     commands,
     decompose,
     fleet,
+    fleet_scale,
     index,
     latency,
     operator_api,
@@ -52,6 +53,8 @@ BENCHMARKS: dict[str, Benchmark] = {
 OPT_IN: dict[str, Benchmark] = {
     # Starts a local three-node cluster of its own (20-35 s): run with --only cluster.
     "cluster": cluster.bench_cluster,
+    # 10,000 and then 100,000 devices on the machine's broker, several minutes.
+    "fleet-scale": fleet_scale.bench_fleet_scale,
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -47,6 +47,7 @@ class Sizes:
     decompose: int = 1_000
     fanout: int = 10_000
     rollout_summary: int = 100_000
+    fleet_scale: tuple[int, int] = (10_000, 100_000)
 
 
 FULL = Sizes()
@@ -76,6 +77,7 @@ QUICK = Sizes(
     decompose=20,
     fanout=20,
     rollout_summary=200,
+    fleet_scale=(20, 100),
 )
 
 
