@@ -29,10 +29,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import statements as sql
 from .compiled import DriverSql
+from .kept_connection import KeptConnection
 from .statements import Statement
 
 FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSError)
@@ -51,36 +52,27 @@ def usable(engine: AsyncEngine) -> bool:
 
 
 class _Kept:
-    """One pooled connection kept checked out between calls, used by one call at a time;
-    handed back on close, or dropped after a failure."""
+    """A :class:`KeptConnection` used by one call at a time (the caller checks ``busy``),
+    handed back on close once the call running on it has finished."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._connection: AsyncConnection | None = None
-        self._driver: Any = None
+        self._kept = KeptConnection(engine)
         self.busy = False
         self.closed = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def run(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        """``call`` on the kept asyncpg connection; the caller checked it is not busy."""
+        """``call`` on the kept asyncpg connection."""
         self.busy = True
         self._idle.clear()
         try:
-            if self._driver is None:
-                connection = await self._engine.connect()
-                try:
-                    raw = await connection.get_raw_connection()
-                except BaseException:
-                    await connection.close()
-                    raise
-                self._connection, self._driver = connection, raw.driver_connection
+            driver = await self._kept.driver()
             try:
-                return await call(self._driver)
+                return await call(driver)
             except BaseException:
                 # Whatever state a failed or interrupted call left it in is not reused.
-                await self._discard()
+                await self._kept.discard()
                 raise
         finally:
             self.busy = False
@@ -94,17 +86,7 @@ class _Kept:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_WAIT):
                 await self._idle.wait()
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            await connection.close()
-
-    async def _discard(self) -> None:
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            try:
-                await connection.invalidate()
-            finally:
-                await connection.close()
+        await self._kept.close()
 
 
 class PostgresReads:

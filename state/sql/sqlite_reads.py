@@ -13,55 +13,17 @@ Both execute the constructs of :mod:`amqp_queue.state.sql.statements` (see
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import statements as sql
 from .compiled import DriverSql
+from .kept_connection import KeptConnection
 from .sqlite_direct import SqliteFile
-
-
-class _Dedicated:
-    """One pooled connection kept checked out; handed back on close or after a failure."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._connection: AsyncConnection | None = None
-        self._driver: Any = None
-        self._opening = asyncio.Lock()
-
-    async def driver(self) -> Any:
-        """The aiosqlite connection under it."""
-        if self._driver is None:
-            async with self._opening:
-                if self._driver is None:
-                    connection = await self._engine.connect()
-                    try:
-                        raw = await connection.get_raw_connection()
-                    except BaseException:
-                        await connection.close()
-                        raise
-                    self._connection, self._driver = connection, raw.driver_connection
-        return self._driver
-
-    async def close(self) -> None:
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            await connection.close()
-
-    async def discard(self) -> None:
-        """Drops the connection: after a failure, whatever state it is in is not reused."""
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            try:
-                await connection.invalidate()
-            finally:
-                await connection.close()
 
 
 class SqliteReader:
@@ -69,7 +31,7 @@ class SqliteReader:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._sql = DriverSql(engine.dialect)
-        self._connection = _Dedicated(engine)
+        self._connection = KeptConnection(engine)
 
     async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
         """Rows (column name to value) of the open, ready and unexpired commands among these."""
