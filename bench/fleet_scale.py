@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from bench.harness import Better, Context, Target, rate
-from bench.scale import _CATEGORY, _settled_memory, broker_memory
+from bench.scale import _settled_memory, broker_memory, memory_categories
 from bench.services import PAYLOAD, TTL, device_ids, rabbitmq_store
 
 GROUP = "Fleet scale: one pending command per device"
@@ -35,20 +35,7 @@ _RSS = "rabbit_vm:memory()."
 
 async def broker_rss() -> int:
     """The broker's resident memory as the OS reports it, with whatever garbage it holds."""
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "eval",
-        _RSS,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl eval failed: {err.decode(errors='replace')}")
-    found = {name.decode(): int(value) for name, value in _CATEGORY.findall(out)}
-    if "rss" not in found:
-        raise RuntimeError(f"no rss in rabbit_vm:memory(): {out[:200]!r}")
-    return found["rss"]
+    return (await memory_categories(_RSS))["rss"]
 
 
 async def _each(items: Iterable[str], call: Callable[[str], Awaitable[object]]) -> float:

@@ -32,14 +32,14 @@ _MEMORY_AFTER_GC = "[erlang:garbage_collect(P) || P <- erlang:processes()], rabb
 _CATEGORY = re.compile(rb"\{(\w+),(\d+)\}")
 
 
-async def broker_memory() -> int:
-    """Bytes the broker's memory categories hold after a full garbage collection (memory
-    allocated but unused, or reserved, left out)."""
+async def memory_categories(expression: str) -> dict[str, int]:
+    """The ``{name, bytes}`` pairs in what ``rabbitmqctl eval expression`` prints (the
+    categories of ``rabbit_vm:memory()``, with ``rss`` and the other totals)."""
     tool = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     process = await asyncio.create_subprocess_exec(
         tool,
         "eval",
-        _MEMORY_AFTER_GC,
+        expression,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -49,6 +49,13 @@ async def broker_memory() -> int:
     categories = {name.decode(): int(value) for name, value in _CATEGORY.findall(out)}
     if "queue_procs" not in categories:
         raise RuntimeError(f"unexpected rabbit_vm:memory() output: {out[:200]!r}")
+    return categories
+
+
+async def broker_memory() -> int:
+    """Bytes the broker's memory categories hold after a full garbage collection (memory
+    allocated but unused, or reserved, left out)."""
+    categories = await memory_categories(_MEMORY_AFTER_GC)
     return sum(value for name, value in categories.items() if name not in _NOT_IN_USE)
 
 
