@@ -5,11 +5,14 @@ connection dies while its reply is on the way, the client cannot tell whether it
 again, a plain claim would find the commands delivered and answer "none left", and they
 would be delivered to nobody. So each claim carries a token, and the script keeps its answer
 (the ids it took) under that token for :data:`ANSWER_TTL`: the same claim sent again returns
-the same commands. A claim whose reply stays lost after its retries raises
+the same commands (and a claim looked up and found never to have run leaves an empty answer,
+so a late copy of it, sent on a connection given up on while Redis stalled, claims nothing).
+A claim whose reply stays lost after its retries raises
 :class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the store looks its answer up
 ahead of the device's next claim, which hands out what it took (with no answer kept, the claim
 never ran and its commands are still open). The answer of a claim whose reply
-arrived is deleted by the store's next claim, so the kept answers stay few.
+arrived is emptied by the store's next claim and kept one more minute, so the kept answers
+stay few and small.
 
 What this cannot cover, when the lost claim had landed: the process ending before the
 device's next drain, that drain running in another process (the doubt is this process's

@@ -30,8 +30,8 @@ Layout of a store's keys (``P`` is the store's prefix):
   (pruned ones leave it).
 - ``P claim:<token>`` string: the ids a drain's claim took, kept ten minutes so the same
   claim sent again after a lost reply answers the same (see
-  :mod:`amqp_queue.state.redis_claims`); the store's next claim deletes it once its reply
-  arrived.
+  :mod:`amqp_queue.state.redis_claims`); the store's next claim empties it, for a minute, once
+  its reply arrived.
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a
@@ -177,15 +177,19 @@ CLAIM = (
 -- KEYS[4]: the device's open set. ARGV[4]: this claim's token; ARGV[5]: how long (ms) its
 -- answer is kept; ARGV[6]: '1' to only look the answer up (a claim sent again by a later
 -- drain: with no answer it never ran, and claims nothing now); ARGV[7]: how many tokens
--- follow whose answers arrived (their keys go); then those tokens; then the ids to consider
--- (none: all of the device's).
+-- follow whose answers arrived; then those tokens; then the ids to consider (none: all of
+-- the device's).
 local answer_key = prefix .. 'claim:' .. ARGV[4]
 local answered = tonumber(ARGV[7])
 for i = 8, 7 + answered do
-    redis.call('DEL', prefix .. 'claim:' .. ARGV[i])
+    -- Not deleted: emptied, for a minute, so a late copy of that claim (sent on a connection
+    -- given up on while Redis stalled) claims nothing.
+    redis.call('SET', prefix .. 'claim:' .. ARGV[i], '{}', 'PX', 60000)
 end
 local earlier = redis.call('GET', answer_key)
 if not earlier and ARGV[6] == '1' then
+    -- It never ran: should a late copy of it still come, it claims nothing either.
+    redis.call('SET', answer_key, '{}', 'PX', ARGV[5])
     return {}
 end
 if earlier then

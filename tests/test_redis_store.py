@@ -278,6 +278,33 @@ async def test_a_lost_claim_that_never_ran_claims_nothing_when_looked_up_later(
         assert await store.get_status(first) == CommandStatus.PENDING
 
 
+async def test_a_late_copy_of_a_claim_found_never_to_have_run_claims_nothing(
+    loses_replies: type[LosesReplies],
+) -> None:
+    # Redis stalled: the claim was given up on, and the next drain's lookup found no answer.
+    # A copy of the claim still queued on a dead connection may run after that lookup; it
+    # must not take the command, which nobody would then hand out.
+    async with redis_store(connection_class=loses_replies) as store:
+        command_id = await store.enqueue("dev-1", b"a", 600)
+        loses_replies.refuse = 10
+        with pytest.raises(ClaimOutcomeUnknown):
+            await store.claim("dev-1", [command_id])
+        loses_replies.refuse = 0
+        [token] = store._claims._doubtful["dev-1"]
+        # The lookup (no answer), then a window holding only another, unknown, command.
+        assert await store.claim("dev-1", ["6f1c2c1e-0000-4000-8000-000000000003"]) == []
+        assert await store.get_status(command_id) == CommandStatus.PENDING
+
+        late_copy = await store._claim_script(
+            keys=[*store._indexes, store._device_key("dev-1")],
+            args=store._args(store.clock(), [token, "600000", "0", "0", command_id]),
+        )
+
+        assert late_copy == []
+        assert await store.get_status(command_id) == CommandStatus.PENDING
+        assert await store.drain_pending("dev-1") == [b"a"]
+
+
 async def test_cancel_racing_a_drain_has_exactly_one_winner() -> None:
     async with redis_store() as store:
         for n in range(40):

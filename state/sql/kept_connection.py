@@ -23,7 +23,7 @@ class KeptConnection:
         self._opening = asyncio.Lock()
 
     async def driver(self) -> Any:
-        """The aiosqlite connection under it."""
+        """The driver connection under it (aiosqlite's or asyncpg's)."""
         if self._driver is None:
             async with self._opening:
                 if self._driver is None:
