@@ -226,6 +226,17 @@ async def test_a_drain_whose_reply_is_lost_hands_out_its_commands_when_sent_agai
         assert await store.drain_pending("dev-1") == []
 
 
+async def _a_drain_of_a_whose_replies_are_all_lost(
+    store: RedisStore, loses_replies: type[LosesReplies]
+) -> None:
+    """Enqueues ``a`` for dev-1 and drains it while every reply is lost (retries included)."""
+    await store.enqueue("dev-1", b"a", 600)
+    loses_replies.lose = 10
+    with pytest.raises(ClaimOutcomeUnknown):
+        await store.drain_pending("dev-1")
+    loses_replies.lose = 0
+
+
 async def test_a_drain_whose_replies_stay_lost_hands_its_commands_to_the_next_drain(
     loses_replies: type[LosesReplies],
 ) -> None:
@@ -233,11 +244,7 @@ async def test_a_drain_whose_replies_stay_lost_hands_its_commands_to_the_next_dr
     # next drain of the device hands out what it took, rather than leaving them delivered
     # to nobody.
     async with redis_store(connection_class=loses_replies) as store:
-        await store.enqueue("dev-1", b"a", 600)
-        loses_replies.lose = 10
-        with pytest.raises(ClaimOutcomeUnknown):
-            await store.drain_pending("dev-1")
-        loses_replies.lose = 0
+        await _a_drain_of_a_whose_replies_are_all_lost(store, loses_replies)
         await store.enqueue("dev-1", b"b", 600)
 
         assert await store.drain_pending("dev-1") == [b"a", b"b"]
@@ -247,11 +254,7 @@ async def test_a_drain_cancelled_while_it_looks_up_a_lost_claim_leaves_it_to_the
     loses_replies: type[LosesReplies],
 ) -> None:
     async with redis_store(connection_class=loses_replies) as store:
-        await store.enqueue("dev-1", b"a", 600)
-        loses_replies.lose = 10
-        with pytest.raises(ClaimOutcomeUnknown):
-            await store.drain_pending("dev-1")
-        loses_replies.lose = 0
+        await _a_drain_of_a_whose_replies_are_all_lost(store, loses_replies)
         loses_replies.stall = True
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
