@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection as RedisConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from amqp_queue.state import (
@@ -28,6 +27,7 @@ from amqp_queue.state import (
 )
 from amqp_queue.state.redis_store import KEY_TTL_MARGIN
 from tests.backends import REDIS_URL, redis_prefix
+from tests.redis_faults import LosesReplies
 from tests.support import FakeClock, unique
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,39 +169,6 @@ async def test_a_write_sent_again_after_a_lost_reply_changes_nothing(clock: Fake
         assert await store.get_status(typed.id) == CommandStatus.DELIVERED
         assert await store.get_status(plain.id) == CommandStatus.DELIVERED
         assert await store.get_pending("dev-1") == []
-
-
-class LosesReplies(RedisConnection):
-    """A connection to the real Redis that, while ``lose`` is above 0, drops the reply to
-    each command after Redis ran it: the connection dies as a reply is on its way. While
-    ``refuse`` is above 0 a command fails before it is sent; while ``stall`` is set, a
-    reply never comes."""
-
-    lose = 0
-    refuse = 0
-    stall = False
-
-    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        if type(self).refuse > 0:
-            type(self).refuse -= 1
-            await self.disconnect()
-            raise RedisConnectionError("connection refused")
-        await super().send_packed_command(*args, **kwargs)
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        if type(self).stall:
-            try:
-                await asyncio.Event().wait()
-            except BaseException:
-                # As redis-py's own read does: a reply left unread must not answer the next.
-                await self.disconnect(nowait=True)
-                raise
-        response = await super().read_response(*args, **kwargs)
-        if type(self).lose > 0:
-            type(self).lose -= 1
-            await self.disconnect()
-            raise RedisConnectionError("reply lost")
-        return response
 
 
 @pytest.fixture
