@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from amqp_queue import RabbitMQStore
+from amqp_queue import RabbitMQStore, StateError
 from amqp_queue.state import SqlStore, open_state
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.rabbitmq_support import rabbitmq_store
@@ -65,3 +66,24 @@ async def test_a_schema_on_a_sqlite_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="schema"):
         await open_state(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}?schema=queue")
     assert not (tmp_path / "c.db").exists()
+
+
+async def test_a_sqlite_file_that_cannot_open_leaves_no_driver_thread_behind(
+    tmp_path: Path,
+) -> None:
+    # aiosqlite stops its worker thread after a failed open without waiting for it; the
+    # thread then answers on the caller's loop, and a CLI whose loop has closed by then
+    # printed the thread's "Event loop is closed" traceback under its one-line error.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'no-such-dir' / 'state.db'}"
+    left_running = []
+    for _ in range(20):
+        before = set(threading.enumerate())
+        with pytest.raises(StateError, match="unable to open database file"):
+            await open_state(url)
+        left_running += [
+            t.name
+            for t in threading.enumerate()
+            if t not in before and "_connection_worker_thread" in t.name
+        ]
+
+    assert left_running == []

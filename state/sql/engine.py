@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from typing import Any
 
+import aiosqlite
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -51,9 +53,33 @@ def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
     synchronous = str(parsed.query.get("synchronous", SYNCHRONOUS[0])).lower()
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous={synchronous!r}: SQLite index accepts {SYNCHRONOUS}")
-    engine = create_async_engine(parsed.difference_update_query(["synchronous"]), **engine_options)
+    connect_args = {"async_creator_fn": _open_aiosqlite, **engine_options.pop("connect_args", {})}
+    engine = create_async_engine(
+        parsed.difference_update_query(["synchronous"]),
+        connect_args=connect_args,
+        **engine_options,
+    )
     configure_sqlite(engine, synchronous=synchronous)
     return engine
+
+
+async def _open_aiosqlite(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+    """What SQLAlchemy's aiosqlite dialect opens, but a failed open ends its worker thread
+    before it raises.
+
+    aiosqlite stops the thread of a connection that failed to open without waiting for it,
+    and the thread then answers on the caller's event loop: a CLI that reports the error and
+    exits closes that loop first, and the thread's "Event loop is closed" traceback lands
+    under the one-line error (omnilib/aiosqlite#241).
+    """
+    connection = aiosqlite.connect(*args, **kwargs)
+    # As the dialect does for its own: a thread left running must not keep a process alive.
+    connection._thread.daemon = True
+    try:
+        return await connection
+    except Exception:
+        await asyncio.to_thread(connection._thread.join)
+        raise
 
 
 # The pragmas each configured engine's connections run, for connections opened beside it.
