@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from amqp_queue.state import SqlStore
 from amqp_queue.state.sql import lists
+from amqp_queue.state.sql import statements as sql
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.plans import sqlite_plan
 
@@ -98,3 +99,16 @@ async def test_each_list_can_use_its_index_without_sorting_on_postgres(
     details = " ".join(str(row[0]) for row in plan)
     assert any(name in details for name in _names(index)), (what, details)
     assert "Sort Key" not in details, (what, details)
+
+
+async def test_a_rollout_summary_counts_from_its_index_without_sorting_on_sqlite(
+    tmp_path: Path,
+) -> None:
+    # Grouping 100,000 rows by a computed status sorted them in a temporary B-tree (60 ms
+    # against the 50 ms target); grouped by the index's own columns, and with what the
+    # status is computed from in the index, the summary reads the index and nothing else.
+    async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'plans.db'}") as store:
+        details = await sqlite_plan(store, sql.ROLLOUT_COUNTS)
+
+    assert "COVERING INDEX ix_command_queue_rollout" in details, details
+    assert "TEMP B-TREE" not in details, details

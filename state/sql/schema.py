@@ -146,10 +146,24 @@ sa.Index(
     sqlite_where=_UNPUBLISHED,
     postgresql_where=_UNPUBLISHED,
 )
-# A rollout's members: its summary, confirmation and cancellation.
+# A rollout's members: its summary, confirmation and cancellation. The summary groups by
+# the columns after rollout_id in their order and computes the rest of a status from the
+# last three, so it reads this index alone and sorts nothing (migration 0007).
 IN_ROLLOUT = c.rollout_id.is_not(None)
+ROLLOUT_INDEX_COLUMNS = (
+    c.rollout_id,
+    c.delivered,
+    c.outcome,
+    c.end_reason,
+    c.expires_at,
+    c.requires_confirmation,
+    c.confirmed,
+)
 sa.Index(
-    "ix_command_queue_rollout", c.rollout_id, sqlite_where=IN_ROLLOUT, postgresql_where=IN_ROLLOUT
+    "ix_command_queue_rollout",
+    *ROLLOUT_INDEX_COLUMNS,
+    sqlite_where=IN_ROLLOUT,
+    postgresql_where=IN_ROLLOUT,
 )
 # cleanup's outcome deadline sweep: delivered, no outcome yet, a deadline set.
 AWAITS_OUTCOME = sa.and_(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -338,21 +339,47 @@ CANCEL_DEVICE = (
     .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW, cancelled_by=_BY)
 )
 
-_STATUS = sa.case(
-    (c.delivered == sa.true(), sa.func.coalesce(c.outcome, CommandStatus.DELIVERED.value)),
-    (c.end_reason.is_not(None), c.end_reason),
-    (c.expires_at <= _NOW, CommandStatus.EXPIRED.value),
-    (sa.not_(IS_READY), CommandStatus.AWAITING_CONFIRMATION.value),
-    else_=CommandStatus.PENDING.value,
-).label("status")
 ROLLOUT_ENQUEUER = sa.select(c.enqueued_by).where(_ROLLOUT).limit(1)
 """Who enqueued a rollout (``rollout``): any one member says it, read from its index."""
 
+
+def _counted(condition: sa.ColumnElement[bool], label: str) -> sa.Label[Any]:
+    return sa.func.sum(sa.case((condition, 1), else_=0)).label(label)
+
+
+_GROUPS = (c.delivered, c.outcome, c.end_reason)
 ROLLOUT_COUNTS = (
-    sa.select(_STATUS, sa.func.count().label("count")).where(_ROLLOUT).group_by(sa.text("status"))
+    sa.select(
+        *_GROUPS,
+        sa.func.count().label("count"),
+        _counted(c.expires_at <= _NOW, "expired"),
+        _counted(sa.and_(c.expires_at > _NOW, sa.not_(IS_READY)), "awaiting"),
+    )
+    .where(_ROLLOUT)
+    .group_by(*_GROUPS)
 )
-"""A rollout's commands counted by status (``rollout``, ``now``), as
-:func:`amqp_queue.state.rules.status_of` decides it."""
+"""A rollout's commands (``rollout``, ``now``) grouped by what ends them, with how many of
+each group are past their TTL and how many are live and awaiting confirmation: what
+:func:`rollout_counts` needs to count them by status."""
+
+
+def rollout_counts(rows: Iterable[Mapping[str, Any]]) -> dict[CommandStatus, int]:
+    """:data:`ROLLOUT_COUNTS`' rows counted by status, as
+    :func:`amqp_queue.state.rules.status_of` decides it: delivered, then the outcome;
+    ended, then why; open, then expired, awaiting confirmation or pending."""
+    counts: Counter[CommandStatus] = Counter()
+    for row in rows:
+        count = int(row["count"])
+        if row["delivered"]:
+            counts[CommandStatus(row["outcome"] or CommandStatus.DELIVERED)] += count
+        elif row["end_reason"] is not None:
+            counts[CommandStatus(row["end_reason"])] += count
+        else:
+            expired, awaiting = int(row["expired"]), int(row["awaiting"])
+            counts[CommandStatus.EXPIRED] += expired
+            counts[CommandStatus.AWAITING_CONFIRMATION] += awaiting
+            counts[CommandStatus.PENDING] += count - expired - awaiting
+    return dict(counts)
 
 
 @functools.cache

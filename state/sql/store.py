@@ -377,8 +377,9 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         return (True, rows[0]["enqueued_by"]) if rows else (False, None)
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
-        rows = await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
-        return {CommandStatus(row["status"]): int(row["count"]) for row in rows}
+        return sql.rollout_counts(
+            await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
+        )
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:
         # Already in ready order: the query reads the outbox index in that order.

@@ -147,6 +147,33 @@ async def test_the_summary_counts_every_status(store: Store, clock: FakeClock) -
     assert summary.rollout_id == rollout.rollout_id
 
 
+async def test_the_summary_splits_open_commands_by_confirmation_and_ttl(
+    store: Store, clock: FakeClock
+) -> None:
+    devices = [f"dev-{n}" for n in range(5)]
+    rollout = await store.enqueue_many(
+        devices, b"x", 60, command_type="fw", requires_confirmation=True
+    )
+    ids = rollout.command_ids
+    await store.confirm_command(ids[0])
+    await store.confirm_command(ids[1])
+    await store.drain_pending("dev-1")
+
+    live = await store.rollout_summary(rollout.rollout_id)
+    clock.advance(61)
+    expired = await store.rollout_summary(rollout.rollout_id)
+
+    assert {s: n for s, n in live.counts.items() if n} == {
+        CommandStatus.DELIVERED: 1,
+        CommandStatus.PENDING: 1,
+        CommandStatus.AWAITING_CONFIRMATION: 3,
+    }
+    assert {s: n for s, n in expired.counts.items() if n} == {
+        CommandStatus.DELIVERED: 1,
+        CommandStatus.EXPIRED: 4,
+    }
+
+
 async def test_an_unknown_rollout_is_a_clear_error(store: Store) -> None:
     for rollout_id in (str(uuid.uuid4()), "not-a-uuid"):
         with pytest.raises(RolloutNotFound):
