@@ -187,7 +187,12 @@ start() {
   echo "$amqp_port" >"$dir/amqp_port"
   echo "$dist_port" >"$dir/dist_port"
   echo "[]." >"$dir/enabled_plugins" # no management, no prometheus: only AMQP 0-9-1
-  : >"$dir/rabbitmq-env.conf"         # instead of /etc/rabbitmq/rabbitmq-env.conf
+  # Instead of /etc/rabbitmq/rabbitmq-env.conf, sourced by the server's start script as the
+  # node's user. As root the node starts through su, whose PAM session resets the open-file
+  # soft limit to 1024: RabbitMQ then budgets 927 handles, a quorum queue takes about five
+  # on each node, and past ~300 of them (1,500 handles) the node stops accepting AMQP
+  # connections, each waiting for a handle. The soft limit is raised to the hard one.
+  echo 'ulimit -S -n "$(ulimit -H -n)" 2>/dev/null || true' >"$dir/rabbitmq-env.conf"
   cat >"$dir/rabbitmq.conf" <<EOF
 listeners.tcp.1 = 127.0.0.1:$amqp_port
 loopback_users.guest = true
