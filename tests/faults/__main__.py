@@ -6,8 +6,9 @@ reported with a wrong status; in the seam trials (no fault injected) also if a c
 handed out twice, out of order or late, or published twice. Trials rotate over SQLite,
 PostgreSQL and Redis state.
 
-The scale-out trials: a private PostgreSQL restarted under the stores (pg_restart.py), one of
-three sidecars on one PostgreSQL killed (sidecars.py), and a node of a local three-node
+The scale-out trials: a private PostgreSQL restarted under the stores (pg_restart.py), a
+private Redis killed or shut down under them and started again on its AOF (redis_restart.py),
+one of three sidecars on one PostgreSQL killed (sidecars.py), and a node of a local three-node
 cluster with quorum device queues killed or stopped (nodes.py; the cluster is started once,
 about 20-35 s, for all of them, and removed at the end).
 """
@@ -31,6 +32,7 @@ from tests.faults.crash import consumer_kill_trial, producer_kill_trial
 from tests.faults.ledger import Tally
 from tests.faults.nodes import node_loss_trial
 from tests.faults.pg_restart import pg_restart_trial
+from tests.faults.redis_restart import redis_restart_trial
 from tests.faults.seams import busy_gateways_trial, cancelled_enqueues_trial
 from tests.faults.sidecars import sidecar_loss_trial
 from tests.faults.states import STATE_KINDS, fresh_state
@@ -70,6 +72,11 @@ class LazyCluster:
 def _plan(options: argparse.Namespace, cluster: LazyCluster) -> list[TrialKind]:
     def pg_restart(mode: str) -> Trial:
         return lambda rng, kind, directory: pg_restart_trial(
+            mode, rng, seconds=options.storm_seconds
+        )
+
+    def redis_restart(mode: str) -> Trial:
+        return lambda rng, kind, directory: redis_restart_trial(
             mode, rng, seconds=options.storm_seconds
         )
 
@@ -114,6 +121,12 @@ def _plan(options: argparse.Namespace, cluster: LazyCluster) -> list[TrialKind]:
         TrialKind("pg stop -m fast", options.pg_restarts, pg_restart("fast"), state="private pg"),
         TrialKind(
             "pg stop -m immediate", options.pg_restarts, pg_restart("immediate"), state="private pg"
+        ),
+        TrialKind(
+            "redis kill -9", options.redis_restarts, redis_restart("kill"), state="private redis"
+        ),
+        TrialKind(
+            "redis SIGTERM", options.redis_restarts, redis_restart("term"), state="private redis"
         ),
         TrialKind("sidecar killed", options.sidecar_kills, sidecar, state="postgres"),
         TrialKind("leader node killed", options.node_losses, node_loss("leader-kill")),
@@ -207,6 +220,13 @@ def main(argv: list[str]) -> int:
         default=2,
         help="storms with a private PostgreSQL stopped and started again, per stop mode "
         "(fast, immediate); the machine's server is never restarted",
+    )
+    parser.add_argument(
+        "--redis-restarts",
+        type=int,
+        default=2,
+        help="storms with a private Redis (AOF, appendfsync always) taken down and started "
+        "again, per way down (SIGKILL, SIGTERM); the machine's Redis is never restarted",
     )
     parser.add_argument(
         "--sidecar-kills",

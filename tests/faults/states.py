@@ -2,7 +2,8 @@
 
 A spec is ``sqlite:<file>``, ``postgres:<schema>`` or ``redis:<key prefix>``. Each names an
 isolated location: :func:`fresh_state` creates one and removes it afterwards. ``sql:<URL>``
-names a whole database of its own (a private PostgreSQL server's).
+names a whole database of its own (a private PostgreSQL server's), ``redis-at:<URL>`` a Redis
+of its own (a private redis-server's; a ``?prefix=`` on the URL sets the key prefix).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ async def open_state_spec(spec: str, clock: Clock = utc_now) -> IndexedStore:
         return await SqlStore.connect(where, clock=clock)
     if kind == "redis":
         return await RedisStore.connect(REDIS_URL, prefix=where, clock=clock)
+    if kind == "redis-at":
+        return await RedisStore.connect(where, clock=clock)
     raise ValueError(f"no state spec {spec!r}")
 
 
