@@ -28,6 +28,9 @@ Layout of a store's keys (``P`` is the store's prefix):
   skipped where it is read.
 - ``P hist:<device>`` sorted set: every command of the device still held, by ``created_at``
   (pruned ones leave it).
+- ``P unwritten:<id>`` string: a fence, kept ten minutes, under the first id of an add whose
+  reply was lost and which was looked up and found never to have run (see
+  :mod:`amqp_queue.state.redis_add_doubt`): should that add still arrive, it writes nothing.
 - ``P claim:<token>`` string: the ids a drain's claim took, kept ten minutes so the same
   claim sent again after a lost reply answers the same (see
   :mod:`amqp_queue.state.redis_claims`); the store's next claim empties it, for a minute, once
@@ -59,6 +62,11 @@ ADD = (
 -- Returns how many open commands were superseded, or {'full', device} having written
 -- nothing when a device would go over its limit (a replacement adds nothing).
 local limit = tonumber(ARGV[4])
+-- A late copy of an add that was looked up after its reply was lost, and found never to have
+-- run: its caller was told nothing was written, so nothing is.
+if redis.call('EXISTS', prefix .. 'unwritten:' .. ARGV[5]) == 1 then
+    return 0
+end
 -- A command already held was written by this very call sent before (redis-py resends a
 -- command whose reply was lost): it is left as it is, so a resend changes nothing.
 local fresh = {}
@@ -168,6 +176,24 @@ for i = 5, #ARGV, 11 do
   end
 end
 return superseded
+"""
+)
+
+ADD_LOOKUP = (
+    PRELUDE
+    + """
+-- ARGV[4]: how long (ms) a fence is kept; ARGV[5..]: the ids of an add whose reply was lost.
+-- Returns how many of them are held. With none held the add never ran, and never will: a
+-- fence under its first id makes a late copy of it (sent on a connection the client gave up
+-- on while Redis stalled) write nothing, so the "not written" its caller is told stays true.
+local held = 0
+for i = 5, #ARGV do
+    held = held + redis.call('EXISTS', command_key(ARGV[i]))
+end
+if held == 0 then
+    redis.call('SET', prefix .. 'unwritten:' .. ARGV[5], '1', 'PX', ARGV[4])
+end
+return held
 """
 )
 

@@ -34,6 +34,7 @@ from .clock import Clock, utc_now
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from .model import CommandRecord
+from .redis_add_doubt import add_once
 from .redis_claims import Claims, answer_ttl
 from .redis_encoding import (
     add_arguments,
@@ -97,6 +98,7 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
         self._finished_ttl = milliseconds(retention + KEY_TTL_MARGIN)
         register = client.register_script
         self._add = register(lua.ADD)
+        self._add_lookup = register(lua.ADD_LOOKUP)
         self._claim_script = register(lua.CLAIM)
         self._claims = Claims()
         self._mark_delivered = register(lua.MARK_DELIVERED)
@@ -181,10 +183,16 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
             key_ttl = record.expires_at - now + self.retention + KEY_TTL_MARGIN
             args += add_arguments(record, key_ttl)
         limit = str(self.limits.max_pending_per_device)
-        async with self._errors("add"):
-            superseded = await self._add(
-                keys=[*self._indexes, f"{self._prefix}seq"], args=self._args(now, [limit, *args])
-            )
+        # A lost reply is resolved before answering: an error means nothing was written.
+        superseded = await add_once(
+            self._client,
+            self._add,
+            self._add_lookup,
+            [*self._indexes, f"{self._prefix}seq"],
+            self._args(now, [limit, *args]),
+            self._args(now),
+            [record.id for record in records],
+        )
         if isinstance(superseded, list):
             raise QueueFull(as_text(superseded[1]), self.limits.max_pending_per_device)
         return int(superseded)

@@ -1,0 +1,143 @@
+"""Whether an add whose reply was lost was written, found out before answering.
+
+Redis appends a script's writes to its AOF before it answers, and a shutdown handled in the
+same turn of its event loop (SIGTERM), or a crash between the two, answers nobody: the
+commands come back with the AOF while the client only sees its connection close. The store
+used to raise StateError, telling the caller nothing was written, for commands the outbox
+relay then published and devices received (tests/test_redis_add_doubt.py); a caller that
+enqueued again on the error sent the device the command twice. The promise is that an error
+means nothing was written, wherever we can tell (as on PostgreSQL: ``sql/commit_doubt.py``).
+
+So an add runs on a connection of its own, taken before it is sent: failing to get one, it
+was not sent, and the error stands at once (an outage keeps failing fast). When it fails
+after it was sent with a lost connection or a timeout (any other error is Redis refusing the
+script, which then wrote nothing), the store asks again, retrying with jitter for at most
+:data:`BOUND` seconds, whether the add's commands are held
+(:data:`~amqp_queue.state.redis_scripts.ADD_LOOKUP`): all of them, it was written and the
+call returns; none, it was not, and the original StateError stands; the lookup then leaves a
+fence, so the add, were it still on its way on a connection given up on, writes nothing. If
+it cannot tell within the bound, a StateError that says the outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from .errors import StateError
+from .redis_encoding import milliseconds
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+logger = logging.getLogger("amqp_queue.state.redis")
+
+BOUND = 5.0
+"""Seconds the store may spend finding out whether an add whose reply was lost was written."""
+
+FENCE_TTL = timedelta(minutes=10)
+"""How long a looked-up add found unwritten stays fenced off (a late copy writes nothing)."""
+
+
+async def add_once(
+    client: Redis,
+    add: AsyncScript,
+    lookup: AsyncScript,
+    keys: Sequence[str],
+    args: Sequence[str | bytes],
+    lookup_args: Sequence[str | bytes],
+    command_ids: Sequence[str],
+) -> Any:
+    """Runs the ADD script once with ``keys`` and ``args`` and returns its reply; after a
+    lost reply, what :func:`_settle` finds (0 superseded: that count went with the reply).
+
+    ``lookup_args`` are the leading arguments every script takes (prefix, now, finished TTL).
+
+    Raises:
+        StateError: Redis failed and nothing was written; or, saying its outcome is
+            unknown, the add may have been written.
+    """
+    from redis.exceptions import BusyLoadingError, RedisError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    sender = client.client()
+    try:
+        try:
+            await _connect(sender)
+        except (RedisError, OSError) as exc:
+            raise StateError(f"redis add failed: {exc}") from exc
+        try:
+            return await add(keys=keys, args=args, client=sender)
+        except BusyLoadingError as exc:
+            # Refused while Redis replays its AOF: it ran nothing.
+            raise StateError(f"redis add failed: {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            failure = StateError(f"redis add failed: {exc}")
+            failure.__cause__ = exc
+            fence = [*lookup_args, str(milliseconds(FENCE_TTL))]
+            await _settle(lookup, keys, fence, command_ids, failure)
+            return 0
+        except RedisError as exc:
+            raise StateError(f"redis add failed: {exc}") from exc
+    finally:
+        await sender.aclose(close_connection_pool=False)
+
+
+async def _connect(sender: Redis) -> None:
+    """Gives ``sender`` a connection that is open as far as the client can tell."""
+    await sender.initialize()
+    connection = sender.connection
+    # A pooled connection the server closed while it sat idle (Redis went down) is at EOF.
+    # With maintenance notifications on, redis-py's pool skips that check and hands it out:
+    # an add sent on it would be in doubt, and wait for Redis to come back, for nothing.
+    if connection is not None and await connection.can_read():
+        await connection.disconnect()
+        await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+
+async def _settle(
+    lookup: AsyncScript,
+    keys: Sequence[str],
+    args: Sequence[str | bytes],
+    command_ids: Sequence[str],
+    failure: StateError,
+) -> None:
+    """Returns if the add of ``command_ids`` whose reply was lost was written after all.
+
+    Raises:
+        StateError: ``failure`` if it was not (it is fenced off from now); one saying the
+            outcome is unknown if that cannot be told within :data:`BOUND` seconds.
+    """
+    from redis.exceptions import RedisError
+
+    try:
+        async with asyncio.timeout(BOUND):
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((RedisError, OSError)),
+                wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                reraise=True,
+            ):
+                with attempt:
+                    # The add's keys: the lookup reads only the leading ones all scripts take.
+                    held = int(await lookup(keys=keys, args=[*args, *command_ids]))
+    except (TimeoutError, RedisError, OSError) as exc:
+        raise StateError(
+            f"{failure}; the write's outcome is unknown, its commands may have been written "
+            f"(the index could not tell within {BOUND:g} s: {exc or 'timed out'})"
+        ) from failure
+    if held == len(command_ids):
+        logger.warning("redis add written though its reply was lost: %s", failure)
+        return
+    if held == 0:
+        raise failure
+    raise StateError(  # one script, all or nothing: never seen, said rather than hidden
+        f"{failure}; the write's outcome is unknown: {held} of its {len(command_ids)} "
+        "commands are in the index"
+    ) from failure
