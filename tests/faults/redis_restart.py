@@ -5,14 +5,17 @@ out on the machine's broker while Redis is taken down (SIGKILL: a crash, or SIGT
 shutdown), kept down a moment and started again on its append-only file, under the same
 processes. The server fsyncs every write (``appendfsync always``), which docs/stores.md
 ("Redis durability") says makes a returned enqueue survive a crash. While it is down an
-enqueue must fail with :class:`StateError` (never return an id it did not store);
-everything acknowledged before, during and after must reach its device, nothing stale may,
-and the stores must recover without a restart of their own.
+enqueue must fail with :class:`StateError` (never return an id it did not store), or, in
+flight when Redis went, wait until Redis can say whether it was written (a StateError that
+says "not written" of a command Redis holds is a command delivered though its enqueue
+failed: stale); everything acknowledged before, during and after must reach its device,
+nothing stale may, and the stores must recover without a restart of their own.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 from tests.faults.crash import statuses_of
 from tests.faults.ledger import _ANSWERS, CUT_SHORT, Tally, judge
@@ -30,11 +33,18 @@ CLEAR = ("StateError", CUT_SHORT, *_ANSWERS)
 
 
 async def redis_restart_trial(
-    mode: str, rng: random.Random, seconds: float = 4.0, down_for: tuple[float, float] = (1, 2)
+    mode: str,
+    rng: random.Random,
+    seconds: float = 4.0,
+    down_for: tuple[float, float] = (1, 2),
+    *,
+    met: list[int] | None = None,
 ) -> Tally:
     """One storm of ``seconds`` with one Redis restart in ``mode`` (down ``down_for`` seconds,
     drawn) at a random moment; returns the judged tally, with ``unclear_errors`` the calls
-    that failed with anything but StateError."""
+    that failed with anything but StateError. ``met`` gets how many calls were under way
+    while Redis was down: a call whose reply was lost waits for Redis to answer whether it
+    was written, so failures alone do not show that the outage was met."""
     exchange = unique("faults.")
     devices = [f"gw-{n}" for n in range(DEVICES)]
     names = [unique("faults-producer-"), unique("faults-device-")]
@@ -44,8 +54,12 @@ async def redis_restart_trial(
         urls = [f"{AMQP_URL}?name={name}&reconnect_interval=0.2" for name in names]
         config = trial_config(exchange)
 
+        outage: list[float] = []
+
         async def inject() -> None:
+            outage.append(time.monotonic())
             await server.restart(mode, rng.uniform(*down_for))
+            outage.append(time.monotonic())
 
         try:
             async with (
@@ -58,6 +72,9 @@ async def redis_restart_trial(
                 statuses = await statuses_of(producer_store, recorder.ops)
         finally:
             await delete_namespace(exchange, devices)
+    if met is not None and outage:
+        down, up = outage
+        met.append(sum(1 for op in recorder.ops if op.started < up and (op.returned or up) > down))
     tally = judge(recorder.ops, recorder.deliveries, statuses)
     tally.outbox_left = outbox_left
     tally.unclear_errors = sum(1 for op in recorder.ops if op.error not in (None, *CLEAR))
