@@ -17,6 +17,14 @@
 #                               no peer is told); its data directory stays
 #   scripts/cluster.sh revive NODE  starts a killed or stopped node again on its data; it
 #                               rejoins the cluster it was a member of
+#   scripts/cluster.sh partition NODE  cuts NODE off from the other two (a network partition
+#                               between Erlang nodes; AMQP clients still reach every node)
+#   scripts/cluster.sh heal NODE  ends that partition and waits until NODE runs again as one
+#                               of three members
+#
+# The nodes run with cluster_partition_handling = pause_minority, RabbitMQ's advice for a
+# cluster of three: a node cut off from the other two pauses (closes its client connections
+# and listeners) until it sees them again, so no client works on the minority side.
 #
 # Ports: CLUSTER_BASE_PORT (default 5681) for c1, +1 for c2, +2 for c3; distribution ports
 # 20000 above. CLUSTER_PREFIX (default c) names the nodes PREFIX1..PREFIX3, so a second
@@ -33,6 +41,10 @@ PREFIX=${CLUSTER_PREFIX:-c}
 [[ $PREFIX =~ ^[A-Za-z][A-Za-z0-9_-]{0,40}$ ]] || { echo "cluster: bad CLUSTER_PREFIX '$PREFIX'" >&2; exit 1; }
 NODES=("${PREFIX}1" "${PREFIX}2" "${PREFIX}3")
 FIRST=${NODES[0]}
+# For every start of a node, revive included (rabbit-node.sh writes its rabbitmq.conf then).
+PAUSE_MINORITY="cluster_partition_handling = pause_minority"
+export RABBIT_NODE_EXTRA_CONF="$PAUSE_MINORITY${RABBIT_NODE_EXTRA_CONF:+
+$RABBIT_NODE_EXTRA_CONF}"
 
 die() {
   echo "cluster: $*" >&2
@@ -181,7 +193,54 @@ revive() {
   echo "revived $1@localhost"
 }
 
-[ $# -ge 1 ] || die "usage: $0 start|stop|status|urls|ctl NODE ARGS...|kill NODE|revive NODE"
+# NODE's peers, as an Erlang list of node names.
+peers_of() {
+  local name out=()
+  port_of "$1" >/dev/null
+  for name in "${NODES[@]}"; do
+    [ "$name" = "$1" ] || out+=("'$name@localhost'")
+  done
+  (IFS=,; echo "[${out[*]}]")
+}
+
+# A partition without touching the network (no firewall here, and the machine's own services
+# share the loopback): each side is told a different Erlang cookie for the other, so every
+# distribution handshake between them fails both ways, and their connections are dropped.
+partition() {
+  local peers name
+  peers=$(peers_of "$1")
+  node ctl "$1" -q eval \
+    "[begin erlang:set_cookie(N, amqp_queue_cut_a), erlang:disconnect_node(N) end || N <- $peers], ok." \
+    >/dev/null
+  for name in "${NODES[@]}"; do
+    [ "$name" = "$1" ] && continue
+    node ctl "$name" -q eval \
+      "erlang:set_cookie('$1@localhost', amqp_queue_cut_b), erlang:disconnect_node('$1@localhost'), ok." \
+      >/dev/null
+  done
+  echo "partitioned $1@localhost from $peers"
+}
+
+heal() {
+  local peers name deadline
+  peers=$(peers_of "$1")
+  node ctl "$1" -q eval "[erlang:set_cookie(N, erlang:get_cookie()) || N <- $peers], ok." >/dev/null
+  for name in "${NODES[@]}"; do
+    [ "$name" = "$1" ] && continue
+    node ctl "$name" -q eval \
+      "erlang:set_cookie('$1@localhost', erlang:get_cookie()), net_kernel:connect_node('$1@localhost'), ok." \
+      >/dev/null
+  done
+  deadline=$(($(date +%s) + TIMEOUT))
+  until [ "$(node ctl "$1" -q eval 'rabbit:is_running().' 2>/dev/null)" = true ] &&
+    [ "$(running_members)" = 3 ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "$1@localhost did not rejoin within ${TIMEOUT}s"
+    sleep 0.5
+  done
+  echo "healed $1@localhost"
+}
+
+[ $# -ge 1 ] || die "usage: $0 start|stop|status|urls|ctl NODE ARGS...|kill NODE|revive NODE|partition NODE|heal NODE"
 command=$1
 shift
 case "$command" in
@@ -201,5 +260,13 @@ case "$command" in
     [ $# -eq 1 ] || die "usage: $0 revive NODE"
     revive "$1"
     ;;
-  *) die "unknown command '$command' (start, stop, status, urls, ctl, kill, revive)" ;;
+  partition)
+    [ $# -eq 1 ] || die "usage: $0 partition NODE"
+    partition "$1"
+    ;;
+  heal)
+    [ $# -eq 1 ] || die "usage: $0 heal NODE"
+    heal "$1"
+    ;;
+  *) die "unknown command '$command' (start, stop, status, urls, ctl, kill, revive, partition, heal)" ;;
 esac

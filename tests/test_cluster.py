@@ -342,3 +342,25 @@ async def test_killing_the_node_that_leads_the_device_queues_mid_storm_loses_not
     # Not asserted here: order per device. The publish-side cause (the broker nacks a publish
     # and confirms a later one to the same quorum queue) is fixed; a consumer-side one may be
     # left (docs/scaling.md), so the long form, python -m tests.faults, counts order.
+
+
+async def test_partitioning_the_node_that_leads_the_device_queues_mid_storm_loses_nothing(
+    cluster_urls: list[str], tmp_path: Path
+) -> None:
+    """The short form of the partition trial: the leading node, which both stores are
+    connected to, is cut off from the other two and pauses (pause_minority); the stores go on
+    through the majority, and the node rejoins when the partition heals."""
+    cluster = Cluster(PREFIX, ENV, cluster_urls)
+    spec = f"sqlite:{tmp_path / 'state.db'}"
+    tally, told = await node_loss_trial(
+        cluster, "leader-partition", random.Random("leader-partition"), spec, seconds=4.0
+    )
+
+    print(f"{told}; out of order: {tally.out_of_order}, repeats: {tally.duplicates}")
+    assert tally.accepted > 0
+    assert tally.delivered > 0
+    assert (tally.lost, tally.stale, tally.wrong_status, tally.outbox_left) == (0, 0, 0, 0)
+    # The paused node's leaderships went to the majority side.
+    victim = told.split()[1]
+    leaders_after = told.split("leaders after: ")[1].split(";")[0].split("/")
+    assert victim not in leaders_after, told

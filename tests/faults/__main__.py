@@ -131,6 +131,7 @@ def _plan(options: argparse.Namespace, cluster: LazyCluster) -> list[TrialKind]:
         TrialKind("sidecar killed", options.sidecar_kills, sidecar, state="postgres"),
         TrialKind("leader node killed", options.node_losses, node_loss("leader-kill")),
         TrialKind("follower stop_app", options.node_losses, node_loss("follower-stop")),
+        TrialKind("leader partitioned", options.node_losses, node_loss("leader-partition")),
     ]
 
 
@@ -239,7 +240,8 @@ def main(argv: list[str]) -> int:
         type=int,
         default=2,
         help="storms on a local three-node cluster with quorum queues, per kind of loss (the "
-        "leading node killed, a follower's app stopped); 0 for both: no cluster is started",
+        "leading node killed, a follower's app stopped, the leading node partitioned); 0 for "
+        "all: no cluster is started",
     )
     parser.add_argument("--seed", type=int, default=random.randrange(2**32))
     options = parser.parse_args(argv)

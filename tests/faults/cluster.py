@@ -100,6 +100,14 @@ class Cluster:
         """Starts a killed node again on its data; returns once its app runs."""
         await self.run("revive", node)
 
+    async def partition(self, node: str) -> None:
+        """Cuts the node off from the other two (its clients still reach it)."""
+        await self.run("partition", node)
+
+    async def heal(self, node: str) -> None:
+        """Ends the partition; returns once the node runs again as one of three."""
+        await self.run("heal", node)
+
     async def stop_app(self, node: str) -> None:
         await self.run("ctl", node, "-q", "stop_app")
 

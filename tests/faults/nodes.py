@@ -7,7 +7,10 @@ goes away and comes back:
 - ``leader-kill``: SIGKILL to the Erlang VM of the node that leads the device queues, then the
   node is started again on its data and rejoins;
 - ``follower-stop``: ``rabbitmqctl stop_app`` on a node that leads none of them (a follower of
-  every device queue), then ``start_app``.
+  every device queue), then ``start_app``;
+- ``leader-partition``: the node that leads the device queues (and that both stores are
+  connected to) is cut off from the other two (``scripts/cluster.sh partition``), so under
+  ``pause_minority`` it pauses and closes their connections, then the partition heals.
 
 The stores must carry on through another node; judged as the other storms (nothing accepted
 lost, nothing stale, statuses true, the outbox drained) plus order per hand-out stream.
@@ -30,7 +33,7 @@ from tests.faults.workload import MemoryRecorder
 from tests.rabbitmq_support import delete_namespace
 from tests.support import unique
 
-FAULTS = ("leader-kill", "follower-stop")
+FAULTS = ("leader-kill", "follower-stop", "leader-partition")
 DEVICES = 3
 
 
@@ -75,6 +78,11 @@ async def node_loss_trial(
                 await cluster.kill(victim)
                 await asyncio.sleep(rng.uniform(*down_for))
                 await cluster.revive(victim)
+            elif fault == "leader-partition":
+                victim = sorted(led)[0]
+                await cluster.partition(victim)
+                await asyncio.sleep(rng.uniform(*down_for))
+                await cluster.heal(victim)
             else:
                 victim = next(node for node in reversed(cluster.nodes) if node not in led)
                 await cluster.stop_app(victim)
