@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aio_pika.abc import AbstractChannel, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika import Channel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aio_pika.robust_channel import RobustChannel
 from yarl import URL
 
@@ -68,8 +69,15 @@ class ChannelPool:
         """Connections in use, the primary one included."""
         return len(self._open)
 
-    async def channel(self, doing: str) -> AbstractChannel:
+    async def channel(self, doing: str, *, robust: bool = True) -> AbstractChannel:
         """A new channel on a connection with room for it.
+
+        ``robust=False``: a plain channel, which dies with its connection or a channel error
+        instead of being restored. For a drain: aio-pika restores a robust channel closed
+        under it (as aiormq closes a channel whose RPC was cancelled, when a drain's caller
+        is cancelled) with its consumers, and a restore crossing the drain's own close
+        brought back a consumer nobody read, with no prefetch bound, holding every message
+        of the device queue unacknowledged for as long as the connection lived.
 
         Raises:
             BrokerError: the broker cannot be reached, or every connection the pool may open
@@ -84,9 +92,7 @@ class ChannelPool:
                 try:
                     async with asyncio.timeout(self._timeout):
                         await connection.ready()
-                    # Without publisher confirms: a delivery channel only consumes and acks,
-                    # and Confirm.Select is one more round trip per open.
-                    opening = asyncio.ensure_future(connection.channel(publisher_confirms=False))
+                    opening = asyncio.ensure_future(_open(connection, robust=robust))
                     try:
                         async with asyncio.timeout(self._timeout):
                             channel = await asyncio.shield(opening)
@@ -185,7 +191,15 @@ def _channel_max(connection: AbstractRobustConnection) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _close_unwanted(opening: asyncio.Future[AbstractRobustChannel]) -> None:
+async def _open(connection: AbstractRobustConnection, *, robust: bool) -> AbstractChannel:
+    # Without publisher confirms: a delivery channel only consumes and acks, and
+    # Confirm.Select is one more round trip per open.
+    if robust:
+        return await connection.channel(publisher_confirms=False)
+    return await Channel(connection, publisher_confirms=False)
+
+
+def _close_unwanted(opening: asyncio.Future[AbstractChannel]) -> None:
     """Closes a channel whose opener gave up on it (timed out or cancelled)."""
     if opening.cancelled() or opening.exception() is not None:
         return

@@ -31,7 +31,7 @@ from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publish_path import PublishPath
 from amqp_queue.publisher import Publisher
-from amqp_queue.running_deliveries import RunningDeliveries
+from amqp_queue.running_deliveries import CLOSE_GRACE, RunningDeliveries
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.closing import Closing
@@ -167,7 +167,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 except Exception as exc:  # it ended by itself; closing goes on regardless
                     logger.error("the background start had failed: %s", exc)
                 self._starter = None
-            await self._running.end()
+            await self._running.end(drain_grace=self.config.publish_timeout)
             await self._running.wait_background()
             await self._channels.close()
             if self._relay is not None:
@@ -177,9 +177,16 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._close_channels()
         finally:
             self._started = False
-            for resource in reversed(self._owned):
-                await resource.close()
-            self._owned = []
+            owned, self._owned = self._owned, []
+            for resource in reversed(owned):
+                if resource is not self.state:
+                    await resource.close()
+            # A drain that outlived the grace meets closed channels now; what it claimed
+            # goes back to the index before the index closes.
+            await self._running.wait_drains(CLOSE_GRACE)
+            if self.state in owned:
+                await self.state.close()
+            self._running.ended()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -201,26 +208,28 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     async def drain_commands(self, device_id: str) -> list[CommandRecord]:
         """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
         device = self._device(device_id)
-        topology = await self._ready()
-        assert self._relay is not None
-        if self._relay.pending:
-            await self._flush_outbox()
-        channel = await self._channels.channel(f"opening a channel to drain {device}")
-        inbox: Inbox | None = None
-        try:
-            inbox = await open_inbox(channel, topology, self.config, device, window_only=True)
-            self._running.drain_started(inbox)
+        with self._running.drain() as running:
+            topology = await self._ready()
+            assert self._relay is not None
+            if self._relay.pending:
+                await self._flush_outbox()
+            channel = await self._channels.channel(
+                f"opening a channel to drain {device}", robust=False
+            )
+            inbox: Inbox | None = None
             try:
+                inbox = await open_inbox(channel, topology, self.config, device, window_only=True)
+                running.consuming(inbox)
                 records = await drain(
                     inbox, self.state, self.config, device, self.observer, self._relay.owe
                 )
             finally:
-                self._running.drain_ended(inbox)
-        finally:
-            # Not awaited by the caller: once the drain has returned, a cancellation while
-            # the channel closes must not take the commands it claimed with it.
-            settling = inbox.settling if inbox is not None else None
-            self._running.background(_close_drain_channel(channel, device, self.config, settling))
+                # Not awaited by the caller: once the drain has returned, a cancellation
+                # while the channel closes must not take the commands it claimed with it.
+                settling = inbox.settling if inbox is not None else None
+                self._running.background(
+                    _close_drain_channel(channel, device, self.config, settling)
+                )
         return rules.in_ready_order(records)
 
     def consume(self, device_id: str) -> CommandStream:
