@@ -88,6 +88,11 @@ class RunningDeliveries:
         if running and grace > 0:
             await asyncio.wait(running, timeout=grace)
 
+    @property
+    def closing(self) -> bool:
+        """Whether the store is closing: a drain whose consumer starts now ends at once."""
+        return self._closing
+
     def ended(self) -> None:
         """The store has closed: a later start serves drains again."""
         self._closing = False
@@ -104,7 +109,7 @@ class RunningDrain:
     def consuming(self, inbox: Inbox) -> None:
         """The drain's consumer has started; interrupted at once if the store is closing."""
         self.inbox = inbox
-        if self._running._closing:
+        if self._running.closing:
             inbox.interrupt()
 
     def interrupt(self) -> None:
