@@ -32,7 +32,15 @@ from aio_pika.abc import AbstractConnection, AbstractExchange
 
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
 from bench.harness import Better, Context, rate
-from bench.services import PAYLOAD, TTL, device_ids, sqlite_url, temp_dir, unique
+from bench.services import (
+    BENCH_LIMITS,
+    PAYLOAD,
+    TTL,
+    device_ids,
+    sqlite_url,
+    temp_dir,
+    unique,
+)
 
 GROUP = "Cluster (3 nodes, local): {}"
 _NOT_IN_USE = {"reserved_unallocated", "allocated_unused", "erlang", "rss", "allocated", "total"}
@@ -129,7 +137,9 @@ async def _store(url: str, queue_type: QueueType, **config: Any) -> AsyncIterato
         store = await RabbitMQStore.connect(
             url,
             state_url=sqlite_url(directory),
-            config=RabbitMQConfig(exchange=exchange, queue_type=queue_type, **config),
+            config=RabbitMQConfig(
+                exchange=exchange, queue_type=queue_type, limits=BENCH_LIMITS, **config
+            ),
         )
         try:
             async with store:
