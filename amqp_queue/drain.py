@@ -179,10 +179,27 @@ async def give_back(
     requeued; commands whose messages it had acked go back to the outbox, to be published
     again. A failure is logged: the caller is being cancelled and cannot hear it.
 
-    The index first: a message requeued while its command still said delivered would be
+    The consumer is cancelled first: requeued while it still ran, the broker would hand
+    every other message straight back to it; and it tells whether the channel still holds
+    the drain's messages. One that is lost or closing (the broker requeues every unacked
+    message of a closed channel at once) gave them back while the index still said
+    delivered: another consumer may have dropped them as stale, so their commands go to the
+    outbox as well (a copy at worst, dropped at delivery).
+
+    Then the index: a message requeued while its command still said delivered would be
     dropped as stale by the next consumer. Then every unsettled delivery goes back in one
     frame (a multiple requeue up to the last one received), so a consumer already waiting
     on the queue gets them in their order, not the held ones ahead of the claimed ones."""
+    try:
+        await inbox.stop()
+    except BrokerError as exc:
+        logger.warning("a cancelled drain could not cancel its consumer: %s", exc)
+        if requeued:
+            logger.warning(
+                "its messages went back with the channel: %d commands are published again",
+                len(requeued),
+            )
+            requeued, republish = [], [*republish, *requeued]
     if requeued or republish:
         try:
             await state.release(
@@ -197,11 +214,5 @@ async def give_back(
         else:
             owe([record.id for record in republish])
             logger.info("a cancelled drain gave back %d commands", len(requeued) + len(republish))
-    try:
-        # No more deliveries to this drain: requeued while its consumer still ran, the
-        # broker would hand every other message straight back to it.
-        await inbox.stop()
-    except BrokerError as exc:
-        logger.warning("a cancelled drain could not cancel its consumer: %s", exc)
     inbox.take_buffered()
     await settlement.requeue_all(inbox.last)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_errors
 from amqp_queue.topology import Topology
+
+T = TypeVar("T")
 
 
 class Inbox:
@@ -25,6 +29,7 @@ class Inbox:
         # None is the wake-up of interrupt(): a reader waiting for the broker returns.
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._tag: ConsumerTag | None = None
+        self._stopping: asyncio.Future[object] | None = None
         self.interrupted = False
 
     async def start(self) -> None:
@@ -67,15 +72,37 @@ class Inbox:
         # Declared again with the same arguments (a robust channel answers a passive declare
         # from its cache, with a stale count).
         with broker_errors(f"inspecting {self.queue.name!r}"):
-            declared = await self.queue.declare()
+            declared = await _uncancelled(self.queue.declare())
         return declared.message_count or 0
 
     async def stop(self) -> None:
-        """Cancels the consumer; deliveries already received stay in the buffer."""
+        """Cancels the consumer; deliveries already received stay in the buffer. Called
+        again, it waits for the first call's cancel (which a cancelled caller left running)."""
         if self._tag is not None:
             tag, self._tag = self._tag, None
+            self._stopping = _started(self.queue.cancel(tag))
+        if self._stopping is not None:
             with broker_errors(f"cancelling consumer on {self.queue.name!r}"):
-                await self.queue.cancel(tag)
+                await _uncancelled(self._stopping)
+
+
+def _started(call: Awaitable[T]) -> asyncio.Future[T]:
+    future = asyncio.ensure_future(call)
+    # Its failure is heard by whoever awaits it; with nobody left, it is not "never retrieved".
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
+
+
+async def _uncancelled(call: Awaitable[T]) -> T:
+    """Awaits a broker RPC that a cancellation of the caller does not cut short.
+
+    aiormq closes a channel whose RPC is cancelled (or times out) half way, and the broker
+    then requeues every unacknowledged delivery of it at once: a drain's claimed messages
+    would go back while the index still says their commands are delivered, and the next
+    consumer would drop them as stale before the drain could give its claims back. The
+    caller is cancelled at once all the same; the RPC finishes by itself.
+    """
+    return await asyncio.shield(_started(call))
 
 
 async def open_inbox(

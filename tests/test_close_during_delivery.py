@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from amqp_queue import CommandStatus, Limits, QueueError, RabbitMQStore
+from amqp_queue.inbox import Inbox
 from amqp_queue.state import CommandRecord, SqlStore, Store
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
 from tests.shared_index import drain_until, shared_index
@@ -329,6 +330,61 @@ async def test_a_drain_cancelled_after_its_claim_committed_gives_that_claim_back
             delivered = await _not_returned_but_delivered(state, ids, payloads, [])
             assert delivered == 0, f"{delivered} commands a cancelled drain claimed are lost"
             assert await drain_until(store, DEVICE, count=count, seconds=5) == payloads
+
+
+class SlowReleases(SqlStore):
+    """An index whose releases (a cancelled drain giving its claims back) wait until let go."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.releasing = asyncio.Event()
+        self.let_go = asyncio.Event()
+
+    async def release(self, requeued: Collection[str], republish: Collection[str]) -> int:
+        self.releasing.set()
+        await self.let_go.wait()
+        return await super().release(requeued, republish)
+
+
+async def test_a_drain_cancelled_while_asking_the_broker_keeps_its_messages_until_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain cancelled while it asks the broker how many messages are ready (a queue
+    declare, once its windows are claimed) keeps its channel open until the index has its
+    claims back: the messages go back to the queue only then. A channel closed by the cancel
+    (aiormq closes one whose RPC is cancelled) requeued them while their commands still
+    said delivered: another process's drain dropped them as stale, and the give-back then
+    left the commands open with no message and nobody owing them, lost until they expire."""
+    payloads = [b"one", b"two", b"three"]
+    asking = asyncio.Event()
+    ready_count = Inbox.ready_count
+
+    async def announced(inbox: Inbox) -> int:
+        asking.set()
+        return await ready_count(inbox)
+
+    monkeypatch.setattr(Inbox, "ready_count", announced)
+    async with shared_index("sqlite", tmp_path) as shared:
+        state = await shared.open_index(SlowReleases)
+        assert isinstance(state, SlowReleases)
+        async with (
+            shared.store(state) as store,
+            shared.store(await shared.open_index()) as other,
+        ):
+            for payload in payloads:
+                await store.enqueue(DEVICE, payload, 600)
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(asking.wait(), 5)
+            drain.cancel()
+            await asyncio.wait_for(state.releasing.wait(), 5)
+            # Another process drains while the give-back waits for the index.
+            assert await other.drain_pending(DEVICE) == []
+            state.let_go.set()
+            await asyncio.wait([drain], timeout=5)
+            assert drain.cancelled()
+
+            got = await drain_until(other, DEVICE, count=len(payloads), seconds=5)
+            assert got == payloads, f"lost: {set(payloads) - set(got)}"
 
 
 async def test_closing_a_stream_from_another_task_ends_its_waiting_loop(tmp_path: Path) -> None:
