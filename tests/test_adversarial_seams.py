@@ -26,13 +26,14 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from amqp_queue import (
+    BrokerError,
     CommandNotFound,
     CommandStatus,
     RabbitMQConfig,
     RabbitMQStore,
 )
 from tests.backends import POSTGRES_URL, REDIS_URL, postgres_schema, redis_prefix
-from tests.rabbitmq_support import AMQP_URL, delete_namespace
+from tests.rabbitmq_support import AMQP_URL, delete_namespace, queue_depth
 from tests.support import unique
 
 BACKENDS = ["sqlite", "postgres", "redis"]
@@ -268,6 +269,69 @@ async def test_close_during_a_drain_returns_a_prefix_and_the_next_store_gets_the
     )
     got = await statuses(b, ids)
     assert set(got.values()) == {CommandStatus.DELIVERED}
+
+
+async def test_cancelled_drains_on_two_stores_racing_an_enqueuer_lose_and_repeat_nothing(
+    env: Env,
+) -> None:
+    """Two stores drain one device while one of them enqueues to it, and most drains are
+    cancelled at a random moment: every command is handed out exactly once, in order within
+    each drain. A command a cancelled drain gives back is either requeued or owed to its
+    store's relay; one left open with no message and nobody owing it shows as a timeout of
+    the last drain, with what the index and the queue hold."""
+    device = env.device()
+    a = await env.open(prefetch=10)
+    b = await env.open(prefetch=10)
+    n = 120
+    ids: list[str] = []
+    results: list[list[bytes]] = []
+    errors: list[str] = []
+
+    async def producer() -> None:
+        for i in range(n):
+            ids.append(await a.enqueue(device, numbered(i), LONG))
+            if i % 10 == 0:
+                await asyncio.sleep(0.005)
+
+    rng = random.Random()
+    producing = asyncio.create_task(producer())
+    async with asyncio.timeout(30):
+        while not producing.done() or rng.random() < 0.5:
+            tasks = [asyncio.create_task(s.drain_pending(device)) for s in (a, b)]
+            await asyncio.sleep(rng.uniform(0, 0.03))
+            for t in tasks:
+                if rng.random() < 0.6:
+                    t.cancel()
+            for t in tasks:
+                try:
+                    results.append(await t)
+                except asyncio.CancelledError:
+                    pass
+                except BrokerError as exc:
+                    # A drain that claimed nothing may fail (a slow broker's channel open
+                    # timing out on a busy machine): its commands stay queued.
+                    errors.append(repr(exc))
+    await producing
+    try:
+        results.append(await drain_until_empty(b, device))
+    except TimeoutError:
+        pending = [(p.id, p.payload) for p in await b.get_pending(device)]
+        depth = await queue_depth(b, device)
+        raise AssertionError(
+            f"open with no drain getting them: {pending}; {depth} messages ready; {errors}"
+        ) from None
+    flat = [p for r in results for p in r]
+    assert len(flat) == len(set(flat)), f"twice: {[p for p, c in Counter(flat).items() if c > 1]}"
+    missing = sorted(set(numbered(i) for i in range(n)) - set(flat))
+    if missing:
+        got = await statuses(a, ids)
+        by_payload = {numbered(i): cid for i, cid in enumerate(ids)}
+        raise AssertionError(f"lost: { {p: got[by_payload[p]] for p in missing} }; {errors}")
+    assert sorted(flat) == [numbered(i) for i in range(n)]
+    for r in results:
+        assert_ascending(r, "within one drain")
+    got = await statuses(a, ids)
+    assert set(got.values()) == {CommandStatus.DELIVERED}, Counter(got.values())
 
 
 async def test_a_replacement_while_the_loop_body_runs_is_what_comes_next(env: Env) -> None:
