@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from threading import Thread
 from typing import Any
 
 import aiosqlite
@@ -73,12 +74,14 @@ async def _open_aiosqlite(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
     under the one-line error (omnilib/aiosqlite#241).
     """
     connection = aiosqlite.connect(*args, **kwargs)
+    # Before aiosqlite 0.22 the connection was the thread itself (the dialect checks too).
+    thread = connection if isinstance(connection, Thread) else connection._thread
     # As the dialect does for its own: a thread left running must not keep a process alive.
-    connection._thread.daemon = True
+    thread.daemon = True
     try:
         return await connection
     except Exception:
-        await asyncio.to_thread(connection._thread.join)
+        await asyncio.to_thread(thread.join)
         raise
 
 
