@@ -155,7 +155,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         A drain under way returns what it claimed so far; a ``consume`` loop waiting for
         the next command ends, and one whose body is running ends when it asks for the next
         (its command is settled then), or after ``CLOSE_GRACE`` (2) seconds with the
-        command requeued.
+        command requeued. Drains are waited for while the broker and the index are still
+        open, up to ``publish_timeout`` seconds, so a close with a slow drain under way
+        takes that long (and at most about ``publish_timeout`` + 2 s more to close its
+        channels and wait for a cancelled drain's give-back).
         """
         try:
             if self._starter is not None:
@@ -178,15 +181,21 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         finally:
             self._started = False
             owned, self._owned = self._owned, []
-            for resource in reversed(owned):
-                if resource is not self.state:
-                    await resource.close()
-            # A drain that outlived the grace meets closed channels now; what it claimed
-            # goes back to the index before the index closes.
-            await self._running.wait_drains(CLOSE_GRACE)
-            if self.state in owned:
-                await self.state.close()
-            self._running.ended()
+            try:
+                for resource in reversed(owned):
+                    if resource is not self.state:
+                        await resource.close()
+                # A drain that outlived the grace meets closed channels now; what it claimed
+                # goes back to the index before the index closes, and so does the give-back
+                # of a drain cancelled meanwhile (its channel's close waits for it, bounded).
+                await self._running.wait_drains(CLOSE_GRACE)
+                await self._running.wait_background()
+            finally:
+                try:
+                    if self.state in owned:
+                        await self.state.close()
+                finally:
+                    self._running.ended()
 
     async def __aenter__(self) -> Self:
         await self.start()
