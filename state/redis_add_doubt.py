@@ -73,21 +73,32 @@ async def add_once(
             await _connect(sender)
         except (RedisError, OSError) as exc:
             raise StateError(f"redis add failed: {exc}") from exc
+        resends = _resends(sender)
         try:
             return await add(keys=keys, args=args, client=sender)
-        except BusyLoadingError as exc:
-            # Refused while Redis replays its AOF: it ran nothing.
-            raise StateError(f"redis add failed: {exc}") from exc
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisError, OSError) as exc:
+            lost = isinstance(
+                exc, RedisConnectionError | RedisTimeoutError | OSError
+            ) and not isinstance(exc, BusyLoadingError)
+            # A refusal (LOADING while Redis replays its AOF, READONLY, OOM, a script error)
+            # ran nothing, unless a client that resends had sent the add before and lost that
+            # reply: then only the index can say.
+            if not (lost or resends):
+                raise StateError(f"redis add failed: {exc}") from exc
             failure = StateError(f"redis add failed: {exc}")
             failure.__cause__ = exc
             fence = [*lookup_args, str(milliseconds(FENCE_TTL))]
             await _settle(lookup, keys, fence, command_ids, failure)
             return 0
-        except RedisError as exc:
-            raise StateError(f"redis add failed: {exc}") from exc
     finally:
         await sender.aclose(close_connection_pool=False)
+
+
+def _resends(sender: Redis) -> bool:
+    """Whether the client sends a command again after a lost reply (a client built with
+    ``Redis(host=...)`` retries, one from a URL does not, unless told to)."""
+    retry = getattr(sender.connection, "retry", None)
+    return retry is not None and retry.get_retries() > 0
 
 
 async def _connect(sender: Redis) -> None:

@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from amqp_queue.state import RedisStore, StateError
 from amqp_queue.state.redis_add_doubt import FENCE_TTL
@@ -109,6 +112,32 @@ async def test_an_enqueue_that_raised_wrote_nothing_and_one_that_returned_is_hel
         f"{len(written)} of {len(calls.refused)} enqueues raised 'not written' yet were "
         f"written ({len(calls.returned)} returned, {len(calls.unknown)} unknown): "
         f"{sorted(set(written.values()))}"
+    )
+
+
+@pytest.mark.parametrize("mode", sorted(STOPS))
+async def test_a_client_that_resends_never_hears_not_written_of_a_held_command(mode: str) -> None:
+    # Redis(host=...) resends a command whose reply was lost (ten times): its last attempt
+    # may meet a refusal (LOADING while the AOF replays) though an earlier one was written.
+    async with private_redis() as server:
+        client = redis.asyncio.Redis.from_url(
+            server.url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 10)
+        )
+        store = RedisStore(client)
+        try:
+            calls = await _storm(store, server, mode)
+            held = await _held(store)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    assert calls.returned, "no enqueue went through"
+    lost = {p for p, command_id in calls.returned.items() if held.get(p) != command_id}
+    written = {payload: calls.refused[payload] for payload in calls.refused if payload in held}
+    assert not lost
+    assert not written, (
+        f"{len(written)} of {len(calls.refused)} enqueues raised 'not written' yet were "
+        f"written: {sorted(set(written.values()))}"
     )
 
 
