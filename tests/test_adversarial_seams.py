@@ -663,9 +663,10 @@ def run_isolated(scenario: Callable[[], Awaitable[Any]], seconds: float) -> Any:
             except BaseException as exc:
                 box["error"] = exc
 
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(runner())
-        loop.run_until_complete(asyncio.wait([task]))
+        # asyncio.run closes its loop (and cancels what the scenario left running): a loop
+        # left open is found by the garbage collector in a later test, whose unraisable
+        # ResourceWarnings (the loop, its self-pipe sockets) then fail that test.
+        asyncio.run(runner())
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -675,44 +676,6 @@ def run_isolated(scenario: Callable[[], Awaitable[Any]], seconds: float) -> Any:
     if "result" not in box:
         pytest.fail(f"the scenario hung for {seconds} s", pytrace=False)
     return box["result"]
-
-
-def test_a_drain_started_just_before_close_returns_promptly_and_loses_nothing(env: Env) -> None:
-    """drain_pending() called, then close() at once (before the drain's first broker round
-    trip): close() says a drain under way returns what it claimed. The drain must end (return
-    or raise) within a few seconds, and a cancelled one too; and another store then gets every
-    command once, in order."""
-    n = 100
-
-    async def scenario() -> dict[str, Any]:
-        device = env.device()
-        a = await env.open(prefetch=20)
-        for i in range(n):
-            await a.enqueue(device, numbered(i), LONG)
-        draining = asyncio.create_task(a.drain_pending(device))
-        await asyncio.sleep(0)
-        await asyncio.wait_for(a.close(), 10)
-        done, _ = await asyncio.wait([draining], timeout=5)
-        report: dict[str, Any] = {"ended_after_close": bool(done)}
-        if not done:
-            draining.cancel()
-            done, _ = await asyncio.wait([draining], timeout=5)
-            report["ended_after_cancel"] = bool(done)
-        first: list[bytes] = []
-        if done and not draining.cancelled() and draining.exception() is None:
-            first = draining.result()
-        b = await env.open()
-        rest = await drain_until_empty(b, device)
-        await b.close()
-        report["handed"] = first + rest
-        return report
-
-    report = run_isolated(scenario, 45)
-    assert report["handed"] == [numbered(i) for i in range(n)]
-    assert report["ended_after_close"], (
-        "drain_pending() started just before close() never ended, even cancelled: "
-        f"{report.get('ended_after_cancel')}"
-    )
 
 
 def test_a_consume_opened_just_before_close_ends_promptly_and_loses_nothing(env: Env) -> None:
@@ -923,14 +886,16 @@ async def test_confirming_while_the_command_is_replaced_never_lets_the_replaceme
             assert status_old == CommandStatus.SUPERSEDED, (d, status_old, confirmed)
 
 
-@pytest.mark.parametrize("delay", [0.002, 0.005, 0.01])
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.005, 0.01])
 def test_close_during_a_drain_never_leaves_commands_delivered_that_nobody_got(
     env: Env, delay: float
 ) -> None:
-    """close() a few milliseconds into a drain of 150 commands. The drain returns what it
-    claimed (docs/delivery.md, Closing), or, if it is stuck and cancelled, gives its claims
-    back. Either way a second store must then get every command nobody got, and no command
-    may be DELIVERED without having been handed out."""
+    """close() at once (delay 0: before the drain's first broker round trip) or a few
+    milliseconds into a drain of 150 commands. The drain returns what it claimed
+    (docs/delivery.md, Closing) and ends within a few seconds (it used to hang on the closed
+    connection, even cancelled); had it stuck and been cancelled, it would give its claims
+    back. Either way a second store must then get every command nobody got, once, in order,
+    and no command may be DELIVERED without having been handed out."""
     n = 150
 
     async def scenario() -> dict[str, Any]:

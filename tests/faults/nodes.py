@@ -81,8 +81,11 @@ async def node_loss_trial(
             elif fault == "leader-partition":
                 victim = sorted(led)[0]
                 await cluster.partition(victim)
-                await asyncio.sleep(rng.uniform(*down_for))
-                await cluster.heal(victim)
+                try:
+                    await asyncio.sleep(rng.uniform(*down_for))
+                finally:
+                    # Never left cut off: the next trials share the cluster.
+                    await cluster.heal(victim)
             else:
                 victim = next(node for node in reversed(cluster.nodes) if node not in led)
                 await cluster.stop_app(victim)

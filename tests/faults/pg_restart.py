@@ -12,19 +12,11 @@ from __future__ import annotations
 
 import random
 
-from tests.faults.crash import statuses_of
-from tests.faults.ledger import _ANSWERS, CUT_SHORT, Tally, judge
+from tests.faults.index_restart import index_restart_storm
+from tests.faults.ledger import Tally
 from tests.faults.private_pg import private_postgres
-from tests.faults.states import rabbitmq_on
-from tests.faults.storms import storm
-from tests.faults.workload import MemoryRecorder, trial_config
-from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import unique
 
 MODES = ("fast", "immediate")
-DEVICES = 3
-CLEAR = ("StateError", CUT_SHORT, *_ANSWERS)
-"""What a call may fail with while the database is down: the index's own error."""
 
 
 async def pg_restart_trial(
@@ -33,30 +25,7 @@ async def pg_restart_trial(
     """One storm of ``seconds`` with one database restart in ``mode`` (down ``down_for``
     seconds, drawn) at a random moment; returns the judged tally, with ``unclear_errors``
     the calls that failed with anything but StateError."""
-    exchange = unique("faults.")
-    devices = [f"gw-{n}" for n in range(DEVICES)]
-    names = [unique("faults-producer-"), unique("faults-device-")]
-    recorder = MemoryRecorder()
     async with private_postgres() as server:
-        spec = f"sql:{server.url}"
-        urls = [f"{AMQP_URL}?name={name}&reconnect_interval=0.2" for name in names]
-        config = trial_config(exchange)
-
-        async def inject() -> None:
-            await server.restart(mode, rng.uniform(*down_for))
-
-        try:
-            async with (
-                rabbitmq_on(spec, urls[0], config) as producer_store,
-                rabbitmq_on(spec, urls[1], config) as device_store,
-            ):
-                outbox_left = await storm(
-                    producer_store, device_store, devices, recorder, inject, rng, seconds, once=True
-                )
-                statuses = await statuses_of(producer_store, recorder.ops)
-        finally:
-            await delete_namespace(exchange, devices)
-    tally = judge(recorder.ops, recorder.deliveries, statuses)
-    tally.outbox_left = outbox_left
-    tally.unclear_errors = sum(1 for op in recorder.ops if op.error not in (None, *CLEAR))
-    return tally
+        return await index_restart_storm(
+            server, f"sql:{server.url}", mode, rng, seconds=seconds, down_for=down_for
+        )
