@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from . import write_doubt
 from .errors import StateError
 from .redis_encoding import milliseconds
+from .write_doubt import BOUND
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -38,8 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("amqp_queue.state.redis")
 
-BOUND = 5.0
-"""Seconds the store may spend finding out whether an add whose reply was lost was written."""
 
 FENCE_TTL = timedelta(minutes=10)
 """How long a looked-up add found unwritten stays fenced off (a late copy writes nothing)."""
@@ -139,16 +139,5 @@ async def _settle(
                     # The add's keys: the lookup reads only the leading ones all scripts take.
                     held = int(await lookup(keys=keys, args=[*args, *command_ids]))
     except (TimeoutError, RedisError, OSError) as exc:
-        raise StateError(
-            f"{failure}; the write's outcome is unknown, its commands may have been written "
-            f"(the index could not tell within {BOUND:g} s: {exc or 'timed out'})"
-        ) from failure
-    if held == len(command_ids):
-        logger.warning("redis add written though its reply was lost: %s", failure)
-        return
-    if held == 0:
-        raise failure
-    raise StateError(  # one script, all or nothing: never seen, said rather than hidden
-        f"{failure}; the write's outcome is unknown: {held} of its {len(command_ids)} "
-        "commands are in the index"
-    ) from failure
+        raise write_doubt.unknown(failure, exc or "timed out") from failure
+    write_doubt.settle(failure, held, len(command_ids), logger)

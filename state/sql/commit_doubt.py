@@ -45,8 +45,10 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from .. import write_doubt
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
+from ..write_doubt import BOUND
 from . import statements as sql
 from .engine import driver_reason
 from .schema import command_queue
@@ -56,9 +58,6 @@ logger = logging.getLogger("amqp_queue.state.sql")
 
 T = TypeVar("T")
 Answer = TypeVar("Answer")
-
-BOUND = 5.0
-"""Seconds the store may spend finding out whether a write whose COMMIT failed landed."""
 
 _CONNECTION_LEVEL = ("08", "57P")
 """SQLSTATE prefixes that say the connection or the server went, not that a statement failed."""
@@ -105,19 +104,8 @@ class Commit(Generic[T]):
         try:
             found = await _asking(engine, self.backend, functools.partial(_count_held, command_ids))
         except _Unknown as why:
-            raise StateError(
-                f"{failure}; the write's outcome is unknown, its commands may have been "
-                f"written (the index could not tell within {BOUND:g} s: {why})"
-            ) from failure
-        if found == len(command_ids):
-            logger.warning("state index write committed though its answer was lost: %s", failure)
-            return
-        if found == 0:
-            raise failure
-        raise StateError(  # one transaction: never seen, said rather than hidden
-            f"{failure}; the write's outcome is unknown: {found} of its "
-            f"{len(command_ids)} commands are in the index"
-        ) from failure
+            raise write_doubt.unknown(failure, why) from failure
+        write_doubt.settle(failure, found, len(command_ids), logger)
 
     async def settle_claim(
         self,
