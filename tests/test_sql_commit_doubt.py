@@ -182,3 +182,34 @@ async def test_a_commit_still_under_way_when_its_connection_died_is_reported_unk
             await eventually(landed, 10)
         finally:
             await admin.dispose()
+
+
+async def test_an_enqueue_while_postgres_is_down_fails_at_once_with_state_error() -> None:
+    # Refused a connection, nothing was sent: no commit to wait on, so no wait for the server.
+    async with private_postgres() as server:
+        store = await SqlStore.connect(server.url)
+        try:
+            await store.enqueue("dev-1", b"before", 600)
+            await server.stop("immediate")
+            started = time.monotonic()
+            with pytest.raises(StateError) as raised:
+                await store.enqueue("dev-1", b"during", 600)
+            assert time.monotonic() - started < 2.0
+            assert UNKNOWN not in str(raised.value)
+            await server.start()
+            # The same store recovers without a restart of the process.
+            await eventually(lambda: _enqueues(store), 10)
+        finally:
+            await store.close()
+        held = await _held(server.url)
+
+    assert b"during" not in held
+    assert {b"before", b"after"} <= set(held)
+
+
+async def _enqueues(store: SqlStore) -> bool:
+    try:
+        await store.enqueue("dev-1", b"after", 600)
+    except StateError:
+        return False
+    return True

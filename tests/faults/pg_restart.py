@@ -20,12 +20,17 @@ MODES = ("fast", "immediate")
 
 
 async def pg_restart_trial(
-    mode: str, rng: random.Random, seconds: float = 4.0, down_for: tuple[float, float] = (1, 2)
+    mode: str,
+    rng: random.Random,
+    seconds: float = 4.0,
+    down_for: tuple[float, float] = (1, 2),
+    met: list[int] | None = None,
 ) -> Tally:
     """One storm of ``seconds`` with one database restart in ``mode`` (down ``down_for``
     seconds, drawn) at a random moment; returns the judged tally, with ``unclear_errors``
-    the calls that failed with anything but StateError."""
+    the calls that failed with anything but StateError, and ``met`` (when given) how many
+    calls were under way while the database was down."""
     async with private_postgres() as server:
         return await index_restart_storm(
-            server, f"sql:{server.url}", mode, rng, seconds=seconds, down_for=down_for
+            server, f"sql:{server.url}", mode, rng, seconds=seconds, down_for=down_for, met=met
         )

@@ -20,10 +20,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 async def test_enqueues_fail_with_state_error_while_postgres_is_down_none_accepted_lost() -> None:
-    tally = await pg_restart_trial("immediate", random.Random("pg-restart"), seconds=3.0)
+    met: list[int] = []
+    tally = await pg_restart_trial("immediate", random.Random("pg-restart"), seconds=3.0, met=met)
 
     assert tally.accepted > 0
-    assert tally.errors > 0, "no call met the outage"
+    # Not ``tally.errors``: a commit whose answer the outage took waits for the server to say
+    # whether it landed, so every call under way may end well. tests/test_sql_commit_doubt.py
+    # shows an enqueue made while the server is down fails at once.
+    assert met[0] > 0, "no call met the outage"
     # Every call that failed said StateError (or the answers a live index gives).
     assert tally.unclear_errors == 0
     assert (tally.lost, tally.stale, tally.outbox_left) == (0, 0, 0)
