@@ -212,7 +212,40 @@ async def give_back(
                 exc,
             )
         else:
+            if requeued and inbox.channel.is_closed:
+                republish = [*republish, *await _taken_back(state, requeued)]
             owe([record.id for record in republish])
             logger.info("a cancelled drain gave back %d commands", len(requeued) + len(republish))
     inbox.take_buffered()
     await settlement.requeue_all(inbox.last)
+
+
+async def _taken_back(
+    state: DeliveryIndex, reopened: Sequence[CommandRecord]
+) -> list[CommandRecord]:
+    """The reopened commands of a give-back whose channel was lost meanwhile, made
+    unpublished again; the ones another consumer took are left to it.
+
+    Lost before the index took them back, the channel requeued their messages while their
+    commands still said delivered, and another consumer may have dropped them as stale:
+    reopened as they were, they would wait for a message that is gone. Taken again and given
+    back unpublished, the outbox publishes them once more (if a message did survive, the
+    copy is dropped at delivery)."""
+    device_id = reopened[0].device_id
+    try:
+        again = await state.claim(device_id, [record.id for record in reopened])
+        if again:
+            await state.release([], [record.id for record in again])
+    except Exception as exc:
+        logger.error(
+            "a cancelled drain lost its channel while giving back %d commands, and could not "
+            "have them published again: %s",
+            len(reopened),
+            exc,
+        )
+        return []
+    logger.warning(
+        "a cancelled drain lost its channel while giving back: %d commands are published again",
+        len(again),
+    )
+    return again

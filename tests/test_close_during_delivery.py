@@ -387,6 +387,48 @@ async def test_a_drain_cancelled_while_asking_the_broker_keeps_its_messages_unti
             assert got == payloads, f"lost: {set(payloads) - set(got)}"
 
 
+async def test_a_drain_whose_channel_is_lost_while_it_gives_back_republishes_its_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The channel of a cancelled drain is lost while the index takes its claims back: the
+    broker requeued the messages while their commands still said delivered, and another
+    process's drain dropped them as stale. The commands the give-back reopens have no message
+    left, so they go to the outbox to be published again (they used to stay open with no
+    message, lost until they expired)."""
+    payloads = [b"one", b"two", b"three"]
+    inboxes: list[Inbox] = []
+    asking = asyncio.Event()
+    ready_count = Inbox.ready_count
+
+    async def announced(inbox: Inbox) -> int:
+        inboxes.append(inbox)
+        asking.set()
+        return await ready_count(inbox)
+
+    monkeypatch.setattr(Inbox, "ready_count", announced)
+    async with shared_index("sqlite", tmp_path) as shared:
+        state = await shared.open_index(SlowReleases)
+        assert isinstance(state, SlowReleases)
+        async with (
+            shared.store(state) as store,
+            shared.store(await shared.open_index()) as other,
+        ):
+            for payload in payloads:
+                await store.enqueue(DEVICE, payload, 600)
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(asking.wait(), 5)
+            drain.cancel()
+            await asyncio.wait_for(state.releasing.wait(), 5)
+            await inboxes[0].channel.close()  # lost: the broker requeues what it held
+            assert await other.drain_pending(DEVICE) == []  # dropped: still delivered
+            state.let_go.set()
+            await asyncio.wait([drain], timeout=5)
+            assert drain.cancelled()
+
+            got = await drain_until(other, DEVICE, count=len(payloads), seconds=5)
+            assert got == payloads, f"lost: {set(payloads) - set(got)}"
+
+
 async def test_closing_a_stream_from_another_task_ends_its_waiting_loop(tmp_path: Path) -> None:
     """A gateway's disconnect handler closes the stream its device loop waits on: the loop
     ends (it used to wait for the broker for ever)."""
