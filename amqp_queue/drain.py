@@ -121,7 +121,7 @@ async def drain(
         try:
             while not inbox.interrupted:
                 timeout = 0 if received >= expected else config.drain_idle
-                window = await inbox.window(timeout)
+                window = await inbox.window(timeout, fill=expected - received)
                 if window:
                     received += len(window)
                     await settle_window(window)

@@ -28,6 +28,7 @@ class Inbox:
         """The latest delivery received (the highest delivery tag of the channel)."""
         # None is the wake-up of interrupt(): a reader waiting for the broker returns.
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._arrived = asyncio.Event()
         self._tag: ConsumerTag | None = None
         self._stopping: asyncio.Future[object] | None = None
         self.interrupted = False
@@ -39,25 +40,47 @@ class Inbox:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.last = message
         self._buffer.put_nowait(message)
+        self._arrived.set()
 
     def interrupt(self) -> None:
         """Ends every wait for the broker at once (the store is closing)."""
         self.interrupted = True
         self._buffer.put_nowait(None)
+        self._arrived.set()
 
-    async def window(self, wait: float | None) -> list[AbstractIncomingMessage]:
+    async def window(self, wait: float | None, *, fill: int = 1) -> list[AbstractIncomingMessage]:
         """The next messages, at least one unless ``wait`` seconds pass first or the inbox
-        is interrupted."""
+        is interrupted.
+
+        ``fill``: how many messages the caller expects (a drain knows the queue's depth);
+        the window waits for up to that many (at most a window), as long as each next one
+        comes within ``wait`` seconds. Under load a queue's messages trickle in, and every
+        window is one claim in the index: a window of what happened to be buffered cost a
+        device several transactions where one does.
+        """
         if self.interrupted:
             return []
+        wanted = min(fill, self._window)
+        # Waits with the messages in the buffer, so a cancelled wait holds none of them.
+        # (qsize counts interrupt()'s wake-up too: it ends the wait like a message.)
         try:
             async with asyncio.timeout(wait):
-                first = await self._buffer.get()
+                await self._buffered(1)
         except TimeoutError:
             return []
-        if first is None:
-            return []
-        return [first, *self.take_buffered(self._window - 1)]
+        while self._buffer.qsize() < wanted and not self.interrupted:
+            try:
+                async with asyncio.timeout(wait):
+                    await self._buffered(self._buffer.qsize() + 1)
+            except TimeoutError:
+                break
+        return self.take_buffered(self._window)
+
+    async def _buffered(self, count: int) -> None:
+        """Returns once the buffer holds ``count`` items (or the inbox is interrupted)."""
+        while self._buffer.qsize() < count and not self.interrupted:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def take_buffered(self, limit: int | None = None) -> list[AbstractIncomingMessage]:
         taken: list[AbstractIncomingMessage] = []

@@ -272,10 +272,16 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
     ) -> list[CommandRecord]:
-        # On the engine's connection even on a SQLite file: cancelled, a claim must roll back
-        # (nobody received what it claimed), which a transaction on the writer thread, left
-        # to finish by itself, would not.
         if self._engine.dialect.name != "postgresql":
+            if command_ids is not None:
+                # A window of the delivery layer, whose caller awaits a cancelled claim and
+                # gives back what it took (drain.py): on the writer thread, in one hop. On
+                # the engine's connection a claim holds the write lock for a turn of the
+                # event loop per statement, and 2,000 drains at once queued behind it.
+                return await self._hot("claim", transactions.claim, device_id, now, command_ids)
+            # drain_pending of the index alone: cancelled, the claim must roll back (nobody
+            # received what it claimed), which a transaction on the writer thread, left to
+            # finish by itself, would not.
             return await self._transaction(transactions.claim, device_id, now, command_ids)
         # A COMMIT whose answer was lost is resolved before answering (see commit_doubt).
         commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
