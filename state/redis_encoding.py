@@ -112,6 +112,27 @@ def changed_fields(
     return written, [name for name in before if name not in after]
 
 
+LIVENESS_FIELDS = ("delivered", "end_reason", "requires_confirmation", "confirmed", "expires_at")
+"""The fields :func:`is_live` reads: what ``rules.is_deliverable`` looks at, and no payload."""
+
+
+def is_live(values: Sequence[bytes | str | None], now: datetime) -> bool:
+    """``rules.is_deliverable`` of a stored command, from its :data:`LIVENESS_FIELDS` (all
+    None for a command Redis does not hold).
+
+    consume() asks it before every hand-out: decoding the whole hash, payload and all, cost
+    more than the round trip.
+    """
+    delivered, end_reason, requires_confirmation, confirmed, expires_at = (
+        value.encode() if isinstance(value, str) else value for value in values
+    )
+    if expires_at is None or delivered == b"1" or end_reason is not None:
+        return False
+    if requires_confirmation == b"1" and confirmed != b"1":
+        return False
+    return _EPOCH + int(expires_at) * _MICROSECOND > now
+
+
 def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
     """A stored hash as (write order, record).
 

@@ -37,12 +37,14 @@ from .model import CommandRecord
 from .redis_add_doubt import add_once
 from .redis_claims import Claims, answer_ttl
 from .redis_encoding import (
+    LIVENESS_FIELDS,
     add_arguments,
     as_text,
     changed_fields,
     decode_record,
     decode_replies,
     encode_time,
+    is_live,
     milliseconds,
 )
 from .redis_fleet import RedisFleetCalls
@@ -326,6 +328,11 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
             found = await pipe.execute()
         records = (decode_record(fields)[1] for fields in found if fields)
         return {record.id: record for record in records if rules.is_deliverable(record, now)}
+
+    async def is_deliverable(self, command_id: str) -> bool:
+        async with self._errors("read"):
+            values = await self._client.hmget(self._command_key(command_id), LIVENESS_FIELDS)
+        return is_live(values, self.clock())
 
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
         if not command_ids:
