@@ -160,7 +160,9 @@ async def drain(
         gone = {record.id for record in acked}
         unacked = [record for record in claimed if record.id not in gone]
         inbox.settling = asyncio.ensure_future(
-            give_back(state, settlement, inbox, unacked, acked, owe)
+            give_back(
+                state, settlement, inbox, unacked, acked, owe, stop_within=config.publish_timeout
+            )
         )
         await asyncio.shield(inbox.settling)
         raise
@@ -174,6 +176,8 @@ async def give_back(
     requeued: Sequence[CommandRecord],
     republish: Sequence[CommandRecord],
     owe: Callable[[Sequence[str]], None],
+    *,
+    stop_within: float,
 ) -> None:
     """Undoes a cancelled drain: its claims are released in the index and its messages
     requeued; commands whose messages it had acked go back to the outbox, to be published
@@ -184,16 +188,19 @@ async def give_back(
     the drain's messages. One that is lost or closing (the broker requeues every unacked
     message of a closed channel at once) gave them back while the index still said
     delivered: another consumer may have dropped them as stale, so their commands go to the
-    outbox as well (a copy at worst, dropped at delivery).
+    outbox as well (a copy at worst, dropped at delivery). So do they when the broker does
+    not answer the cancel within ``stop_within`` seconds.
 
     Then the index: a message requeued while its command still said delivered would be
     dropped as stale by the next consumer. Then every unsettled delivery goes back in one
     frame (a multiple requeue up to the last one received), so a consumer already waiting
     on the queue gets them in their order, not the held ones ahead of the claimed ones."""
     try:
-        await inbox.stop()
-    except BrokerError as exc:
-        logger.warning("a cancelled drain could not cancel its consumer: %s", exc)
+        # Bounded: close() gives a give-back this long before it closes the channel anyway.
+        async with asyncio.timeout(stop_within):
+            await inbox.stop()
+    except (BrokerError, TimeoutError) as exc:
+        logger.warning("a cancelled drain could not cancel its consumer: %r", exc)
         if requeued:
             logger.warning(
                 "its messages went back with the channel: %d commands are published again",

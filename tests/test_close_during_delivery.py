@@ -429,6 +429,46 @@ async def test_a_drain_whose_channel_is_lost_while_it_gives_back_republishes_its
             assert got == payloads, f"lost: {set(payloads) - set(got)}"
 
 
+async def test_a_cancelled_drain_whose_consumer_cancel_never_answers_still_gives_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker never answers a cancelled drain's consumer cancel (a connection stuck
+    until its heartbeat fails): the give-back waits ``publish_timeout``, not for ever, and
+    hands the commands to the outbox, as if the channel were gone."""
+    payloads = [b"one", b"two", b"three"]
+    asking = asyncio.Event()
+    ready_count = Inbox.ready_count
+    stop = Inbox.stop
+
+    async def announced(inbox: Inbox) -> int:
+        asking.set()
+        return await ready_count(inbox)
+
+    async def unanswered(inbox: Inbox) -> None:
+        if asking.is_set():
+            await asyncio.Event().wait()
+        await stop(inbox)
+
+    monkeypatch.setattr(Inbox, "ready_count", announced)
+    monkeypatch.setattr(Inbox, "stop", unanswered)
+    async with (
+        shared_index("sqlite", tmp_path, publish_timeout=1.0) as shared,
+        shared.store(await shared.open_index()) as store,
+        shared.store(await shared.open_index()) as other,
+    ):
+        for payload in payloads:
+            await store.enqueue(DEVICE, payload, 600)
+        drain = asyncio.create_task(store.drain_pending(DEVICE))
+        await asyncio.wait_for(asking.wait(), 5)
+        drain.cancel()
+        await asyncio.wait([drain], timeout=5)
+        assert drain.cancelled(), "the give-back waited for the broker for ever"
+        monkeypatch.setattr(Inbox, "stop", stop)
+
+        got = await drain_until(other, DEVICE, count=len(payloads), seconds=5)
+        assert got == payloads, f"lost: {set(payloads) - set(got)}"
+
+
 async def test_closing_a_stream_from_another_task_ends_its_waiting_loop(tmp_path: Path) -> None:
     """A gateway's disconnect handler closes the stream its device loop waits on: the loop
     ends (it used to wait for the broker for ever)."""
