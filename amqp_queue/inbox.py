@@ -141,7 +141,25 @@ async def open_inbox(
     ``window_only``: the broker sends without a prefetch bound (for a drain, which acks
     only when it hands over and would otherwise stall on a full window); the window still
     bounds each index query.
+
+    The broker calls are not cut short by a cancellation of the caller (see
+    :func:`_uncancelled`): aiormq closes a channel whose RPC is cancelled half way, and an
+    owner closing it again then stopped the channel's reader before the broker's Close-Ok
+    came. Deliveries of the consumer just started kept arriving for it, filled its ten-frame
+    buffer, and the connection's reader, waiting for room there, stopped reading for every
+    channel of the connection: opens, acks and deliveries of all the store's other streams
+    and drains stalled until the heartbeat gave up on the connection.
     """
+    return await _uncancelled(_opened(channel, topology, config, device_id, window_only))
+
+
+async def _opened(
+    channel: AbstractChannel,
+    topology: Topology,
+    config: RabbitMQConfig,
+    device_id: str,
+    window_only: bool,
+) -> Inbox:
     with broker_errors("setting the prefetch window"):
         await channel.set_qos(prefetch_count=0 if window_only else config.prefetch)
     queue = await topology.declare_queue(channel, device_id)

@@ -469,6 +469,40 @@ async def test_a_cancelled_drain_whose_consumer_cancel_never_answers_still_gives
         assert got == payloads, f"lost: {set(payloads) - set(got)}"
 
 
+async def test_a_drain_cancelled_while_its_consumer_starts_leaves_the_connection_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the broker starts its consumer, a drain's channel used to be closed
+    half way by aiormq and then again by the drain, which stopped its reader before the
+    broker's Close-Ok; the deliveries still coming for it filled its frame buffer and the
+    connection stopped reading for every channel: the store's next drains timed out opening
+    theirs."""
+    payloads = [f"c{n:02}".encode() for n in range(40)]
+    starting = asyncio.Event()
+    start = Inbox.start
+
+    async def announced(inbox: Inbox) -> None:
+        starting.set()
+        await start(inbox)
+
+    monkeypatch.setattr(Inbox, "start", announced)
+    async with _store(tmp_path, "store") as store:
+        for payload in payloads:
+            await store.enqueue(DEVICE, payload, 600)
+        drain = asyncio.create_task(store.drain_pending(DEVICE))
+        await asyncio.wait_for(starting.wait(), 5)
+        drain.cancel()
+        await asyncio.wait([drain], timeout=5)
+        assert drain.cancelled()
+        monkeypatch.setattr(Inbox, "start", start)
+
+        async def drained() -> list[bytes]:
+            return await drain_until(store, DEVICE, count=len(payloads), seconds=5)
+
+        got = await asyncio.wait_for(drained(), 8)
+        assert got == payloads
+
+
 async def test_closing_a_stream_from_another_task_ends_its_waiting_loop(tmp_path: Path) -> None:
     """A gateway's disconnect handler closes the stream its device loop waits on: the loop
     ends (it used to wait for the broker for ever)."""
