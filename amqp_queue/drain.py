@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -62,7 +63,7 @@ async def drain(
             records = await asyncio.shield(claim)
         except asyncio.CancelledError:
             settlement.hold(window)
-            await asyncio.wait([claim])
+            await _outlasting(claim)
             if not claim.cancelled():
                 error = claim.exception()
                 if error is None:
@@ -256,3 +257,15 @@ async def _taken_back(
         len(again),
     )
     return again
+
+
+async def _outlasting(future: asyncio.Future[Any]) -> None:
+    """Waits until ``future`` is done, through further cancellations of the caller (whose
+    first one it is handling, and raises once this returns): a second cancel while a drain
+    waits for its claim (a timeout and a task group both cancelling) used to leave the
+    claim's commands out of what the drain gives back, delivered to nobody."""
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            continue
