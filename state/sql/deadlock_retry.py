@@ -31,8 +31,15 @@ ATTEMPTS = 5
 """How many times at most one write transaction runs; the last failure is raised."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc``, or the database error it wraps, is one PostgreSQL asks to retry."""
+UNIQUE_VIOLATION = frozenset({"23505"})
+"""unique_violation: retried only by a transaction whose next run sees what it collided with
+(a release, see ``SqlStore._release``)."""
+
+
+def is_transient(exc: BaseException, also: frozenset[str] = frozenset()) -> bool:
+    """Whether ``exc``, or the database error it wraps, is one PostgreSQL asks to retry (or
+    has one of the SQLSTATEs ``also``)."""
+    codes = RETRY_SQLSTATES | also
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, DBAPIError):
@@ -40,20 +47,21 @@ def is_transient(exc: BaseException) -> bool:
             # ``sqlstate``, psycopg2's as ``pgcode``.
             orig = cause.orig
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-            return code in RETRY_SQLSTATES
+            return code in codes
         # A driver's own error, where the store runs a statement on it directly (asyncpg's).
         code = getattr(cause, "sqlstate", None)
         if isinstance(code, str):
-            return code in RETRY_SQLSTATES
+            return code in codes
         cause = cause.__cause__
     return False
 
 
-def retrying() -> AsyncRetrying:
-    """A retry loop for one write transaction: transient failures only, jittered and short
-    (the other transaction has already gone on when PostgreSQL picks a victim)."""
+def retrying(also: frozenset[str] = frozenset()) -> AsyncRetrying:
+    """A retry loop for one write transaction: transient failures only (and ``also``),
+    jittered and short (the other transaction has already gone on when PostgreSQL picks a
+    victim)."""
     return AsyncRetrying(
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(lambda exc: is_transient(exc, also)),
         stop=stop_after_attempt(ATTEMPTS),
         wait=wait_random_exponential(multiplier=0.01, max=0.5),
         before_sleep=_log_retry,

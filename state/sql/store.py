@@ -359,7 +359,14 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         now = self.clock()
-        return await self._transaction(transactions.release, command_ids, now, unpublish=unpublish)
+        # On PostgreSQL a replacement committed between the release's statements (it ends
+        # what a newer command replaced, then reopens the rest) is seen by the reopening
+        # only, as a unique violation of the slot. Run again, the release sees it at once
+        # and ends the older command instead.
+        return await self._committed(
+            functools.partial(transactions.release, command_ids, now, unpublish=unpublish),
+            retry_also=deadlock_retry.UNIQUE_VIOLATION,
+        )
 
     async def _hold_outbox(self, owner: str) -> str:
         dialect = self._engine.dialect.name
@@ -434,10 +441,12 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         self,
         transaction: Callable[[], Transaction[T]],
         commit: commit_doubt.Commit[T] | None = None,
+        *,
+        retry_also: frozenset[str] = frozenset(),
     ) -> T:
         """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
-        the transaction returned."""
-        async for attempt in deadlock_retry.retrying():
+        the transaction returned; ``retry_also``: SQLSTATEs run again as well."""
+        async for attempt in deadlock_retry.retrying(retry_also):
             with attempt:
                 if commit is not None:
                     commit.backend, commit.result = None, None

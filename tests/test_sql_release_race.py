@@ -1,0 +1,69 @@
+"""A give-back on PostgreSQL racing another process's latest-wins replacement.
+
+A release ends the given-back commands whose slot a newer command took (rule 3), then opens
+the rest again, in two statements. On PostgreSQL each statement sees the commits made before
+it: a replacement committed between them (or still uncommitted at the first) is not seen by
+the first, and the second, reopening the older command of that slot, meets the partial unique
+index. The whole release rolled back, so every command of it, plain ones included, stayed
+DELIVERED to nobody (found by an adversarial review, with the public API, on its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from datetime import datetime
+
+import pytest
+import sqlalchemy as sa
+
+from amqp_queue import CommandStatus
+from amqp_queue.state import SqlStore
+from amqp_queue.state.sql import statements as sql
+from amqp_queue.state.sql import transactions
+from tests.backends import POSTGRES_URL, postgres_schema
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _paused_release(
+    command_ids: Collection[str], now: datetime, *, unpublish: bool
+) -> transactions.Transaction[int]:
+    """transactions.release with half a second between its ends and its reopening."""
+    params = {"ids": list(command_ids), "now": now}
+    for end in sql.RELEASE_ENDS:
+        yield from transactions.count(end, params)
+    yield from transactions.fetch(sa.select(sa.func.pg_sleep(0.5)), {})
+    reopen = sql.REOPEN_UNPUBLISHED if unpublish else sql.REOPEN
+    return (yield from transactions.count(reopen, params))
+
+
+async def test_a_give_back_racing_a_replacement_ends_the_older_and_reopens_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with postgres_schema() as schema:
+        one = await SqlStore.connect(POSTGRES_URL, schema=schema)
+        other = await SqlStore.connect(POSTGRES_URL, schema=schema)
+        try:
+            plain = await one.enqueue("dev-1", b"plain", 600)
+            old = await one.enqueue_or_update("dev-1", "setpoint", b"old", 600)
+            assert len(await one.claim("dev-1", [plain, old])) == 2
+            monkeypatch.setattr(transactions, "release", _paused_release)
+            giving_back = asyncio.create_task(one.release([plain, old], []))
+            await asyncio.sleep(0.2)
+            new = await other.enqueue_or_update("dev-1", "setpoint", b"new", 600)
+            assert await asyncio.wait_for(giving_back, 10) == 1
+
+            statuses = {
+                name: await one.get_status(command_id)
+                for name, command_id in (("plain", plain), ("old", old), ("new", new))
+            }
+        finally:
+            await one.close()
+            await other.close()
+
+    assert statuses == {
+        "plain": CommandStatus.PENDING,
+        "old": CommandStatus.SUPERSEDED,
+        "new": CommandStatus.PENDING,
+    }
