@@ -27,7 +27,11 @@ class DeliveryIndex(Protocol):
     async def claim(
         self, device_id: str, command_ids: Collection[str] | None = None
     ) -> list[CommandRecord]:
-        """Marks these deliverable commands of a device delivered, atomically; returns them."""
+        """Marks these deliverable commands of a device delivered, atomically; returns them.
+
+        A backend may finish a claim its cancelled caller left (SQLite's writer thread does):
+        the caller awaits a cancelled claim to its end and gives back what it took (see
+        ``drain.py``)."""
         ...
 
     async def release(self, requeued: Collection[str], republish: Collection[str]) -> int:

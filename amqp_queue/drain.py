@@ -220,10 +220,11 @@ async def give_back(
                 exc,
             )
         else:
+            given_back = len(requeued) + len(republish)
             if requeued and inbox.channel.is_closed:
                 republish = [*republish, *await _taken_back(state, requeued)]
             owe([record.id for record in republish])
-            logger.info("a cancelled drain gave back %d commands", len(requeued) + len(republish))
+            logger.info("a cancelled drain gave back %d commands", given_back)
     inbox.take_buffered()
     await settlement.requeue_all(inbox.last)
 
@@ -241,7 +242,12 @@ async def _taken_back(
     copy is dropped at delivery)."""
     device_id = reopened[0].device_id
     try:
-        again = await state.claim(device_id, [record.id for record in reopened])
+        try:
+            again = await state.claim(device_id, [record.id for record in reopened])
+        except ClaimOutcomeUnknown as exc:
+            # Taken or not: given back unpublished all the same (a release leaves alone
+            # what is not delivered), rather than left delivered to nobody.
+            again = exc.records
         if again:
             await state.release([], [record.id for record in again])
     except Exception as exc:

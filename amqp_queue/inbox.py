@@ -53,10 +53,10 @@ class Inbox:
         is interrupted.
 
         ``fill``: how many messages the caller expects (a drain knows the queue's depth);
-        the window waits for up to that many (at most a window), as long as each next one
-        comes within ``wait`` seconds. Under load a queue's messages trickle in, and every
-        window is one claim in the index: a window of what happened to be buffered cost a
-        device several transactions where one does.
+        after the first, the window waits up to ``wait`` seconds more for up to that many (at
+        most a window). Under load a queue's messages trickle in, and every window is one
+        claim in the index: a window of what happened to be buffered cost a device several
+        transactions where one does.
         """
         if self.interrupted:
             return []
@@ -68,12 +68,12 @@ class Inbox:
                 await self._buffered(1)
         except TimeoutError:
             return []
-        while self._buffer.qsize() < wanted and not self.interrupted:
+        if self._buffer.qsize() < wanted and not self.interrupted:
             try:
                 async with asyncio.timeout(wait):
-                    await self._buffered(self._buffer.qsize() + 1)
+                    await self._buffered(wanted)
             except TimeoutError:
-                break
+                pass
         return self.take_buffered(self._window)
 
     async def _buffered(self, count: int) -> None:
