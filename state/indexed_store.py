@@ -17,7 +17,7 @@ from . import rules
 from .clock import Clock, utc_now
 from .closing import Closing
 from .enqueue_calls import CommandIntake
-from .errors import ClaimOutcomeUnknown, CommandNotFound, OutboxTaken
+from .errors import ClaimOutcomeUnknown, CommandNotFound, OutboxTaken, StateError
 from .fleet import Change, FleetCalls, check_command_id
 from .model import CommandRecord, CommandStatus, DeviceSummary, PendingCommand, Position, Sweep
 from .validation import DEFAULT_LIMITS, Limits, validate_actor
@@ -278,10 +278,27 @@ class IndexedStore(CommandIntake, FleetCalls, Closing):
 
         Returns:
             How many open, unexpired commands the records superseded.
+
+        Raises:
+            StateError: the records were not written (or the error says the outcome is
+                unknown).
         """
         superseded = await self.add(records) if records else 0
         if published:
-            await self.mark_published(published)
+            try:
+                await self.mark_published(published)
+            except StateError as exc:
+                if not records:
+                    raise
+                # The records are written: raising would tell their callers "not written"
+                # for commands the relay then publishes and devices receive. A lost mark
+                # costs a second publish, dropped at delivery.
+                logger.warning(
+                    "%d commands written, but marking %d others published failed: %s",
+                    len(records),
+                    len(published),
+                    exc,
+                )
         return superseded
 
     # -- primitives a backend implements -----------------------------------------------

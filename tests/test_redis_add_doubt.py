@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import pytest
@@ -183,5 +184,30 @@ async def test_an_enqueue_while_redis_is_down_fails_at_once() -> None:
                 await store.enqueue("dev-1", b"during", 600)
             assert time.monotonic() - started < 1.0
             assert UNKNOWN not in str(raised.value)
+        finally:
+            await store.close()
+
+
+class _MarksFail(RedisStore):
+    """Redis gone between a write's publish marks and its add, as a kill lands."""
+
+    async def mark_published(self, command_ids: Collection[str]) -> None:
+        raise StateError("redis mark published failed: Connection closed by server.")
+
+
+async def test_a_write_whose_publish_marks_fail_after_its_add_says_it_was_written() -> None:
+    # The group commit's write carries new commands and the publish marks of earlier ones.
+    # With the marks failing after the add (Redis killed between the two), the write raised
+    # "not written" for commands Redis held, which the relay then published and devices
+    # received. The add's answer stands; the lost mark costs a second publish at most.
+    async with redis_prefix() as prefix:
+        store = await _MarksFail.connect(REDIS_URL, prefix=prefix)
+        try:
+            earlier = await store.enqueue("dev-1", b"earlier", 600)
+            record = store.build("dev-1", None, b"new", 600)
+            assert await store.write([record], [earlier]) == 0
+            assert await store.get(record.id) is not None
+            with pytest.raises(StateError):
+                await store.write([], [earlier])  # marks alone: their failure is the answer
         finally:
             await store.close()
