@@ -22,6 +22,7 @@ delivery"). Publishes are counted on the broker by a tap queue (:mod:`tests.faul
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -48,6 +49,8 @@ from tests.faults.workload import MemoryRecorder, Producer, trial_config
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
 
+logger = logging.getLogger("tests.faults.seams")
+
 LONG_TTL = 600.0
 PRODUCER_STORES = 3
 GATEWAY_STORES = 3
@@ -67,6 +70,11 @@ class _Run:
     recorder: MemoryRecorder = field(default_factory=MemoryRecorder)
     errors: int = 0
     slow_calls: int = 0
+
+    def failed(self, what: str, exc: Exception) -> None:
+        """Counts a failed call of a loop, and logs it (pytest shows it with a failure)."""
+        self.errors += 1
+        logger.warning("%s failed: %r", what, exc)
 
 
 # -- the loops ----------------------------------------------------------------------------
@@ -136,8 +144,8 @@ async def _consume(
                     finished = time.monotonic()
                     delivery = Delivery(device, key, command.id, asked, handed, finished, label)
                     run.recorder.delivered(delivery)
-        except Exception:  # counted; the device connects again
-            run.errors += 1
+        except Exception as exc:  # counted; the device connects again
+            run.failed("consume", exc)
             await asyncio.sleep(0.2)
 
 
@@ -153,8 +161,8 @@ async def _drain_once(
             got = [(payload, "") for payload in await store.drain_pending(device)]
         else:
             got = [(record.payload, record.id) for record in await store.drain_commands(device)]
-    except Exception:
-        run.errors += 1
+    except Exception as exc:
+        run.failed("drain", exc)
         return 0
     handed = time.monotonic()
     for payload, command_id in got:
@@ -186,8 +194,8 @@ async def _relay_calls(
     while not stop.is_set():
         try:
             await store.relay_outbox()
-        except Exception:
-            run.errors += 1
+        except Exception as exc:
+            run.failed("relay", exc)
         await asyncio.sleep(rng.uniform(0, 0.02))
 
 
@@ -218,8 +226,8 @@ async def _short_lived_stores(
                     pending = await store.get_pending(device)
                     if pending:
                         await store.get_status(rng.choice(pending).id)
-        except Exception:
-            run.errors += 1
+        except Exception as exc:
+            run.failed("short-lived store", exc)
         run.slow_calls += time.monotonic() - started > SLOW_CALL
         await asyncio.sleep(rng.uniform(0, 0.05))
 
