@@ -126,15 +126,26 @@ async def test_an_enqueue_that_raised_wrote_nothing_and_one_that_returned_is_hel
     )
 
 
-async def _wait_for_sync_rep(admin: AsyncEngine) -> None:
-    """Returns once a COMMIT waits for the synchronous standby."""
+async def _enqueue_waiting_for_standby(
+    store: SqlStore, admin: AsyncEngine
+) -> tuple[asyncio.Task[str], bytes]:
+    """An enqueue whose COMMIT waits for the synchronous standby, and its payload.
+
+    A server's backends take a configuration reload at their next command, and an enqueue
+    may start before its connection did (it then commits at once, as the test command saw
+    under load): those are let through and another is sent, until one waits."""
     waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
-    async with asyncio.timeout(10):
-        while True:
-            async with admin.connect() as conn:
-                if await conn.scalar(waiting):
-                    return
-            await asyncio.sleep(0.05)
+    async with asyncio.timeout(20):
+        for attempt in itertools.count():
+            payload = f"held-{attempt}".encode()
+            enqueue = asyncio.create_task(store.enqueue("dev-1", payload, 600))
+            while not enqueue.done():
+                async with admin.connect() as conn:
+                    if await conn.scalar(waiting):
+                        return enqueue, payload
+                await asyncio.sleep(0.05)
+            await enqueue  # committed before the reload reached its connection
+    raise AssertionError("unreachable")
 
 
 async def _set_standby(admin: AsyncEngine, names: str | None) -> None:
@@ -166,8 +177,7 @@ async def test_a_commit_still_under_way_when_its_connection_died_is_reported_unk
                 store = await SqlStore.connect(through)
                 try:
                     await _set_standby(admin, "nobody")
-                    enqueue = asyncio.create_task(store.enqueue("dev-1", b"held", 600))
-                    await _wait_for_sync_rep(admin)
+                    enqueue, payload = await _enqueue_waiting_for_standby(store, admin)
                     await proxy.cut()
                     await proxy.restore()
                     with pytest.raises(StateError, match=UNKNOWN):
@@ -177,7 +187,7 @@ async def test_a_commit_still_under_way_when_its_connection_died_is_reported_unk
             await _set_standby(admin, None)  # the wait ends: the commit lands
 
             async def landed() -> bool:
-                return b"held" in await _held(server.url)
+                return payload in await _held(server.url)
 
             await eventually(landed, 10)
         finally:
