@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from . import rules
 from .errors import StateError
 from .model import CommandRecord, CommandStatus, EndReason
 
@@ -126,11 +127,16 @@ def is_live(values: Sequence[bytes | str | None], now: datetime) -> bool:
     delivered, end_reason, requires_confirmation, confirmed, expires_at = (
         value.encode() if isinstance(value, str) else value for value in values
     )
-    if expires_at is None or delivered == b"1" or end_reason is not None:
+    if expires_at is None:
         return False
-    if requires_confirmation == b"1" and confirmed != b"1":
-        return False
-    return _EPOCH + int(expires_at) * _MICROSECOND > now
+    return rules.is_deliverable_state(
+        delivered=delivered == b"1",
+        ended=end_reason is not None,
+        requires_confirmation=requires_confirmation == b"1",
+        confirmed=confirmed == b"1",
+        expires_at=_EPOCH + int(expires_at) * _MICROSECOND,
+        now=now,
+    )
 
 
 def decode_record(fields: Hash) -> tuple[int, CommandRecord]:

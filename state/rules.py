@@ -66,7 +66,33 @@ def is_expired(record: CommandRecord, now: datetime) -> bool:
 
 def is_deliverable(record: CommandRecord, now: datetime) -> bool:
     """Open, ready and unexpired: the only commands a device may be handed."""
-    return record.is_open and record.is_ready and record.expires_at > now
+    return is_deliverable_state(
+        delivered=record.delivered,
+        ended=record.end_reason is not None,
+        requires_confirmation=record.requires_confirmation,
+        confirmed=record.confirmed,
+        expires_at=record.expires_at,
+        now=now,
+    )
+
+
+def is_deliverable_state(
+    *,
+    delivered: bool,
+    ended: bool,
+    requires_confirmation: bool,
+    confirmed: bool,
+    expires_at: datetime,
+    now: datetime,
+) -> bool:
+    """:func:`is_deliverable` from the fields it reads (a backend that reads only those, as
+    Redis does before each hand-out, asks this rather than restating it)."""
+    return (
+        not delivered
+        and not ended
+        and (not requires_confirmation or confirmed)
+        and (expires_at > now)
+    )
 
 
 def status_of(record: CommandRecord, now: datetime) -> CommandStatus:

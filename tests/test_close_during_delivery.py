@@ -351,9 +351,10 @@ class SlowReleases(SqlStore):
         return await super().release(requeued, republish)
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 @pytest.mark.parametrize("channel", ["kept", "lost"])
 async def test_a_drain_cancelled_while_asking_the_broker_keeps_its_messages_until_given_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channel: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channel: str, kind: str
 ) -> None:
     """A drain cancelled while it asks the broker how many messages are ready (a queue
     declare, once its windows are claimed) keeps its channel open until the index has its
@@ -377,7 +378,7 @@ async def test_a_drain_cancelled_while_asking_the_broker_keeps_its_messages_unti
         return await ready_count(inbox)
 
     monkeypatch.setattr(Inbox, "ready_count", announced)
-    async with shared_index("sqlite", tmp_path) as shared:
+    async with shared_index(kind, tmp_path) as shared:
         state = await shared.open_index(SlowReleases)
         assert isinstance(state, SlowReleases)
         async with (
