@@ -33,14 +33,14 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..clock import Clock, utc_now
 from ..errors import StateError
@@ -56,25 +56,19 @@ from . import (
     transactions,
 )
 from . import statements as sql
-from .engine import READ_ONLY, create_engine, driver_reason, take_write_lock
+from .delivery_calls import SqlDeliveryCalls
+from .engine import create_engine, driver_reason
 from .fleet_writes import SqlFleetWrites
 from .lists import SqlLists
 from .postgres_reads import PostgresReads
 from .schema_versions import SchemaChange
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
 from .sqlite_writer import SqliteWriter
-from .transactions import Transaction
-
-# What the drivers raise where the store runs statements on them directly.
-DIRECT_FAILURES = (*sqlite_direct.FAILURES, *postgres_reads.FAILURES)
 
 logger = logging.getLogger("amqp_queue.state.sql")
 
-T = TypeVar("T")
-P = ParamSpec("P")
 
-
-class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
+class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
     """The command store on a SQL database through SQLAlchemy 2 async.
 
     Args:
@@ -269,94 +263,6 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
         return await self._hot("change", transactions.modify, command_id, change)
 
-    async def _claim(
-        self, device_id: str, now: datetime, command_ids: Collection[str] | None
-    ) -> list[CommandRecord]:
-        if self._engine.dialect.name != "postgresql":
-            if command_ids is not None:
-                # A window of the delivery layer, whose caller awaits a cancelled claim and
-                # gives back what it took (drain.py): on the writer thread, in one hop. On
-                # the engine's connection a claim holds the write lock for a turn of the
-                # event loop per statement, and 2,000 drains at once queued behind it.
-                return await self._hot("claim", transactions.claim, device_id, now, command_ids)
-            # drain_pending of the index alone: cancelled, the claim must roll back (nobody
-            # received what it claimed), which a transaction on the writer thread, left to
-            # finish by itself, would not.
-            return await self._transaction(transactions.claim, device_id, now, command_ids)
-        # A COMMIT whose answer was lost is resolved before answering (see commit_doubt).
-        commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
-        try:
-            claimed = await self._committed(
-                functools.partial(transactions.claim_marked, device_id, now, command_ids), commit
-            )
-        except StateError as failure:
-            if commit.result is None:
-                raise
-            await commit.settle_claim(
-                self._engine, commit.result.records, commit.result.xmin, failure
-            )
-            claimed = commit.result
-        return claimed.records
-
-    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
-        if not command_ids:
-            return {}
-        ids, now = list(command_ids), self.clock()
-        rows: list[dict[str, Any]] | None = None
-        # consume() and drains ask this of every window: on the driver where one is kept.
-        try:
-            if self._reader is not None:
-                rows = await self._reader.deliverable(ids, now)
-            elif self._pg_reads is not None:
-                rows = await self._pg_reads.deliverable(ids, now)
-        except DIRECT_FAILURES as exc:
-            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
-        if rows is None:
-            rows = await self._select(sql.DELIVERABLE, ids=ids, now=now)
-        return {record.id: record for record in map(sql.record_of, rows)}
-
-    async def is_deliverable(self, command_id: str) -> bool:
-        live: bool | None = None
-        # consume() asks this before every hand-out: on the driver where one is kept.
-        try:
-            if self._live_check is not None:
-                live = self._live_check.is_live(command_id, self.clock())
-            elif self._pg_reads is not None:
-                live = await self._pg_reads.is_live(command_id, self.clock())
-        except DIRECT_FAILURES as exc:
-            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
-        if live is not None:
-            return live
-        return await super().is_deliverable(command_id)
-
-    async def mark_delivered(self, command_ids: Collection[str]) -> int:
-        if not command_ids:
-            return 0
-        now = self.clock()
-        if self._pg_reads is not None:
-            # consume() marks what each loop body finished: one statement on the driver.
-            return await self._pg_mark_delivered(self._pg_reads, list(command_ids), now)
-        return await self._hot("delivery mark", transactions.mark_delivered, command_ids, now)
-
-    async def _pg_mark_delivered(
-        self, direct: PostgresReads, command_ids: list[str], now: datetime
-    ) -> int:
-        try:
-            try:
-                return await direct.mark_delivered(command_ids, now)
-            except DIRECT_FAILURES as exc:
-                if not deadlock_retry.is_transient(exc):
-                    raise
-            # A deadlock victim: run again as every write transaction is (the retry loop
-            # only now, its set-up costs as much as the statement).
-            async for attempt in deadlock_retry.retrying():
-                with attempt:
-                    return await direct.mark_delivered(command_ids, now)
-            raise AssertionError("unreachable: the last failure is re-raised")
-        except DIRECT_FAILURES as exc:
-            reason = driver_reason(exc)
-            raise StateError(f"state index delivery mark failed: {reason}") from exc
-
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         now = self.clock()
         # On PostgreSQL a replacement committed between the release's statements (it ends
@@ -408,85 +314,3 @@ class SqlStore(SqlLists, SqlFleetWrites, IndexedStore):
         if not command_ids:
             return 0
         return await self._transaction(transactions.reject, command_ids, self.clock())
-
-    # -- transactions ----------------------------------------------------------------------
-
-    async def _hot(
-        self,
-        what: str,
-        transaction: Callable[P, Transaction[T]],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
-        confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
-        cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
-        if self._writer is None:
-            return await self._transaction(transaction, *args, **kwargs)
-        try:
-            async with self._writers:
-                return await self._writer.run(transaction(*args, **kwargs))
-        except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
-            raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc
-
-    async def _transaction(
-        self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """Runs ``transaction(*args, **kwargs)`` in one write transaction on a connection of the
-        engine, built afresh and run again if PostgreSQL aborted it as a deadlock victim or
-        a serialization failure (see :mod:`amqp_queue.state.sql.deadlock_retry`)."""
-        return await self._committed(functools.partial(transaction, *args, **kwargs))
-
-    async def _committed(
-        self,
-        transaction: Callable[[], Transaction[T]],
-        commit: commit_doubt.Commit[T] | None = None,
-        *,
-        retry_also: frozenset[str] = frozenset(),
-    ) -> T:
-        """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
-        the transaction returned; ``retry_also``: SQLSTATEs run again as well."""
-        async for attempt in deadlock_retry.retrying(retry_also):
-            with attempt:
-                if commit is not None:
-                    commit.backend, commit.result = None, None
-                async with self._write() as conn:
-                    result = await transactions.run(conn, transaction())
-                    if commit is not None:
-                        await commit.sending(conn, result)
-                    return result
-        raise AssertionError("unreachable: the last failure is re-raised")
-
-    async def _select(self, query: sa.Select[Any], **params: Any) -> list[transactions.Row]:
-        if self._engine.dialect.name == "postgresql":
-            # One statement is a consistent snapshot by itself: in autocommit it costs one
-            # round trip, where BEGIN, the query and COMMIT (and the pool's reset) cost
-            # three or four: consume() asks this before every hand-out.
-            try:
-                async with self._engine.connect() as conn:
-                    auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    return [dict(row._mapping) for row in await auto.execute(query, params)]
-            except (SQLAlchemyError, OSError) as exc:
-                raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
-        async with self._read() as conn:
-            return [dict(row._mapping) for row in await conn.execute(query, params)]
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self._writers, self._engine.begin() as conn:
-                if self._sqlite:
-                    await conn.run_sync(take_write_lock)
-                yield conn
-        except (SQLAlchemyError, OSError) as exc:
-            raise StateError(f"state index write failed: {driver_reason(exc)}") from exc
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self._engine.connect() as conn:
-                await conn.execution_options(**{READ_ONLY: True})
-                async with conn.begin():
-                    yield conn
-        except (SQLAlchemyError, OSError) as exc:
-            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc

@@ -1,0 +1,123 @@
+"""What ``consume`` and drains ask of the SQL store for every window and hand-out: claims,
+liveness and delivery marks, each on the driver connection the store keeps for it where it
+keeps one (:mod:`amqp_queue.state.sql.sqlite_reads`,
+:mod:`amqp_queue.state.sql.postgres_reads`), else through SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+from ..clock import Clock
+from ..errors import StateError
+from ..model import CommandRecord
+from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
+from . import statements as sql
+from .engine import driver_reason
+from .execution import SqlExecution
+from .postgres_reads import PostgresReads
+from .sqlite_reads import SqliteLiveCheck, SqliteReader
+
+DIRECT_FAILURES = (*sqlite_direct.FAILURES, *postgres_reads.FAILURES)
+"""What the drivers raise where the store runs statements on them directly."""
+
+
+class SqlDeliveryCalls(SqlExecution):
+    """The delivery primitives of :class:`~amqp_queue.state.sql.store.SqlStore`."""
+
+    clock: Clock
+    # The driver connections the store keeps (None where it keeps none: see SqlStore).
+    _reader: SqliteReader | None
+    _live_check: SqliteLiveCheck | None
+    _pg_reads: PostgresReads | None
+
+    async def _claim(
+        self, device_id: str, now: datetime, command_ids: Collection[str] | None
+    ) -> list[CommandRecord]:
+        if self._engine.dialect.name != "postgresql":
+            if command_ids is not None:
+                # A window of the delivery layer, whose caller awaits a cancelled claim and
+                # gives back what it took (drain.py): on the writer thread, in one hop. On
+                # the engine's connection a claim holds the write lock for a turn of the
+                # event loop per statement, and 2,000 drains at once queued behind it.
+                return await self._hot("claim", transactions.claim, device_id, now, command_ids)
+            # drain_pending of the index alone: cancelled, the claim must roll back (nobody
+            # received what it claimed), which a transaction on the writer thread, left to
+            # finish by itself, would not.
+            return await self._transaction(transactions.claim, device_id, now, command_ids)
+        # A COMMIT whose answer was lost is resolved before answering (see commit_doubt).
+        commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
+        try:
+            claimed = await self._committed(
+                functools.partial(transactions.claim_marked, device_id, now, command_ids), commit
+            )
+        except StateError as failure:
+            if commit.result is None:
+                raise
+            await commit.settle_claim(
+                self._engine, commit.result.records, commit.result.xmin, failure
+            )
+            claimed = commit.result
+        return claimed.records
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        if not command_ids:
+            return {}
+        ids, now = list(command_ids), self.clock()
+        rows: list[dict[str, Any]] | None = None
+        # consume() and drains ask this of every window: on the driver where one is kept.
+        try:
+            if self._reader is not None:
+                rows = await self._reader.deliverable(ids, now)
+            elif self._pg_reads is not None:
+                rows = await self._pg_reads.deliverable(ids, now)
+        except DIRECT_FAILURES as exc:
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        if rows is None:
+            rows = await self._select(sql.DELIVERABLE, ids=ids, now=now)
+        return {record.id: record for record in map(sql.record_of, rows)}
+
+    async def is_deliverable(self, command_id: str) -> bool:
+        live: bool | None = None
+        # consume() asks this before every hand-out: on the driver where one is kept.
+        try:
+            if self._live_check is not None:
+                live = self._live_check.is_live(command_id, self.clock())
+            elif self._pg_reads is not None:
+                live = await self._pg_reads.is_live(command_id, self.clock())
+        except DIRECT_FAILURES as exc:
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        if live is not None:
+            return live
+        return command_id in await self.deliverable([command_id])
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        if not command_ids:
+            return 0
+        now = self.clock()
+        if self._pg_reads is not None:
+            # consume() marks what each loop body finished: one statement on the driver.
+            return await self._pg_mark_delivered(self._pg_reads, list(command_ids), now)
+        return await self._hot("delivery mark", transactions.mark_delivered, command_ids, now)
+
+    async def _pg_mark_delivered(
+        self, direct: PostgresReads, command_ids: list[str], now: datetime
+    ) -> int:
+        try:
+            try:
+                return await direct.mark_delivered(command_ids, now)
+            except DIRECT_FAILURES as exc:
+                if not deadlock_retry.is_transient(exc):
+                    raise
+            # A deadlock victim: run again as every write transaction is (the retry loop
+            # only now, its set-up costs as much as the statement).
+            async for attempt in deadlock_retry.retrying():
+                with attempt:
+                    return await direct.mark_delivered(command_ids, now)
+            raise AssertionError("unreachable: the last failure is re-raised")
+        except DIRECT_FAILURES as exc:
+            reason = driver_reason(exc)
+            raise StateError(f"state index delivery mark failed: {reason}") from exc

@@ -1,0 +1,116 @@
+"""Where the SQL store's transactions and reads run: a connection of the engine, or on a
+SQLite file the writer thread for the hot paths, each failure raised as a ``StateError``.
+
+:class:`SqlExecution` is the half of :class:`~amqp_queue.state.sql.store.SqlStore` that
+every call goes through; the store sets its connections up (``__init__``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ..errors import StateError
+from . import commit_doubt, deadlock_retry, sqlite_direct, transactions
+from .engine import READ_ONLY, driver_reason, take_write_lock
+from .sqlite_writer import SqliteWriter
+from .transactions import Transaction
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class SqlExecution:
+    """Runs the SQL store's transactions and reads (see the module)."""
+
+    _engine: AsyncEngine
+    _sqlite: bool
+    # Orders this process's writers on SQLite (see SqlStore.__init__); a no-op elsewhere.
+    _writers: AbstractAsyncContextManager[Any]
+    _writer: SqliteWriter | None
+
+    async def _hot(
+        self,
+        what: str,
+        transaction: Callable[P, Transaction[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
+        confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
+        cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
+        if self._writer is None:
+            return await self._transaction(transaction, *args, **kwargs)
+        try:
+            async with self._writers:
+                return await self._writer.run(transaction(*args, **kwargs))
+        except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
+            raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc
+
+    async def _transaction(
+        self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Runs ``transaction(*args, **kwargs)`` in one write transaction on a connection of the
+        engine, built afresh and run again if PostgreSQL aborted it as a deadlock victim or
+        a serialization failure (see :mod:`amqp_queue.state.sql.deadlock_retry`)."""
+        return await self._committed(functools.partial(transaction, *args, **kwargs))
+
+    async def _committed(
+        self,
+        transaction: Callable[[], Transaction[T]],
+        commit: commit_doubt.Commit[T] | None = None,
+        *,
+        retry_also: frozenset[str] = frozenset(),
+    ) -> T:
+        """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
+        the transaction returned; ``retry_also``: SQLSTATEs run again as well."""
+        async for attempt in deadlock_retry.retrying(retry_also):
+            with attempt:
+                if commit is not None:
+                    commit.backend, commit.result = None, None
+                async with self._write() as conn:
+                    result = await transactions.run(conn, transaction())
+                    if commit is not None:
+                        await commit.sending(conn, result)
+                    return result
+        raise AssertionError("unreachable: the last failure is re-raised")
+
+    async def _select(self, query: sa.Select[Any], **params: Any) -> list[transactions.Row]:
+        if self._engine.dialect.name == "postgresql":
+            # One statement is a consistent snapshot by itself: in autocommit it costs one
+            # round trip, where BEGIN, the query and COMMIT (and the pool's reset) cost
+            # three or four: consume() asks this before every hand-out.
+            try:
+                async with self._engine.connect() as conn:
+                    auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return [dict(row._mapping) for row in await auto.execute(query, params)]
+            except (SQLAlchemyError, OSError) as exc:
+                raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        async with self._read() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query, params)]
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._writers, self._engine.begin() as conn:
+                if self._sqlite:
+                    await conn.run_sync(take_write_lock)
+                yield conn
+        except (SQLAlchemyError, OSError) as exc:
+            raise StateError(f"state index write failed: {driver_reason(exc)}") from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execution_options(**{READ_ONLY: True})
+                async with conn.begin():
+                    yield conn
+        except (SQLAlchemyError, OSError) as exc:
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
