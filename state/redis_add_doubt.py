@@ -13,7 +13,7 @@ was not sent, and the error stands at once (an outage keeps failing fast). When 
 after it was sent with a lost connection or a timeout (any other error is Redis refusing the
 script, which then wrote nothing), the store asks again, retrying with jitter for at most
 :data:`BOUND` seconds, whether the add's commands are held
-(:data:`~amqp_queue.state.redis_scripts.ADD_LOOKUP`): all of them, it was written and the
+(:data:`~amqp_queue.state.redis_add_scripts.ADD_LOOKUP`): all of them, it was written and the
 call returns; none, it was not, and the original StateError stands; the lookup then leaves a
 fence, so the add, were it still on its way on a connection given up on, writes nothing. If
 it cannot tell within the bound, a StateError that says the outcome is unknown.

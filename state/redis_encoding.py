@@ -85,7 +85,8 @@ def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
 
 
 def add_arguments(record: CommandRecord, key_ttl: timedelta) -> list[str | bytes]:
-    """A new record as the ADD script takes it (see :data:`~amqp_queue.state.redis_scripts.ADD`)."""
+    """A new record as the ADD script takes it
+    (:data:`~amqp_queue.state.redis_add_scripts.ADD`)."""
     return [
         record.id,
         record.device_id,

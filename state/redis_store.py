@@ -5,7 +5,8 @@ change that touches more than one key runs on the server in one atomic step: rep
 type, drains, expiry, delivery marks and the outbox are Lua scripts
 (:mod:`amqp_queue.state.redis_scripts`); confirm and cancel run their rule in Python inside a
 WATCH/MULTI
-transaction that retries when another client changed the command meanwhile.
+transaction that retries when another client changed the command meanwhile
+(:mod:`amqp_queue.state.redis_changes`).
 
 Expiry is decided at read time from the stored ``expires_at`` and the store's clock. Key TTLs
 only stop abandoned keys from piling up: they are computed from the store's clock and are a
@@ -28,19 +29,20 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from . import redis_add_scripts as add_lua
 from . import redis_scripts as lua
 from . import rules
 from .clock import Clock, utc_now
 from .errors import QueueFull, StateError
-from .indexed_store import DEFAULT_RETENTION, Change, IndexedStore
+from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
 from .redis_add_doubt import add_once
+from .redis_changes import RedisChanges
 from .redis_claims import Claims, answer_ttl
 from .redis_encoding import (
     LIVENESS_FIELDS,
     add_arguments,
     as_text,
-    changed_fields,
     decode_record,
     decode_replies,
     encode_time,
@@ -54,7 +56,6 @@ from .validation import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
     from redis.commands.core import AsyncScript
 
 logger = logging.getLogger("amqp_queue.state.redis")
@@ -63,11 +64,9 @@ DEFAULT_PREFIX = "amqp_queue:"
 # How much longer than the store needs them Redis keeps keys: room for clock skew between
 # the store's clock and Redis's, never a reason to expire a key early.
 KEY_TTL_MARGIN = timedelta(days=1)
-# A confirm or cancel that keeps losing its optimistic transaction means something is wrong.
-_MAX_WATCH_ATTEMPTS = 100
 
 
-class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
+class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
     """The command store on Redis.
 
     Args:
@@ -99,8 +98,8 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
         self._indexes = [f"{prefix}expiry", f"{prefix}outbox", f"{prefix}finished"]
         self._finished_ttl = milliseconds(retention + KEY_TTL_MARGIN)
         register = client.register_script
-        self._add = register(lua.ADD)
-        self._add_lookup = register(lua.ADD_LOOKUP)
+        self._add = register(add_lua.ADD)
+        self._add_lookup = register(add_lua.ADD_LOOKUP)
         self._claim_script = register(lua.CLAIM)
         self._claims = Claims()
         self._mark_delivered = register(lua.MARK_DELIVERED)
@@ -210,70 +209,6 @@ class RedisStore(RedisLists, RedisFleetCalls, IndexedStore):
                 keys=[*self._indexes, self._device_key(device_id)], args=self._args(self.clock())
             )
         return [record for _, record in decode_replies(found)]
-
-    async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
-        from redis.exceptions import WatchError
-
-        async with self._errors("update"), self._client.pipeline(transaction=True) as pipe:
-            for _ in range(_MAX_WATCH_ATTEMPTS):
-                try:
-                    return await self._modify_once(pipe, command_id, change)
-                except WatchError:
-                    # Another client changed the command between WATCH and EXEC: decide again
-                    # on what it wrote.
-                    logger.debug("command %s changed concurrently; retrying", command_id)
-        raise StateError(
-            f"could not update command {command_id!r}: lost the race {_MAX_WATCH_ATTEMPTS} times"
-        )
-
-    async def _modify_once(
-        self, pipe: Pipeline, command_id: str, change: Change
-    ) -> CommandRecord | None:
-        """One optimistic attempt: read under WATCH, decide in Python, write in MULTI/EXEC."""
-        key = self._command_key(command_id)
-        await pipe.watch(key)
-        fields = await pipe.hgetall(key)
-        if not fields:
-            return None
-        _, current = decode_record(fields)
-        updated = change(current)
-        if updated is None:
-            return current
-        finishes = current.is_open and not updated.is_open
-        slots_key = self._slots_key(current.device_id)
-        kind = current.command_type
-        frees_slot = False
-        if finishes and kind is not None:
-            await pipe.watch(slots_key)
-            frees_slot = await pipe.hget(slots_key, kind) == command_id.encode()
-        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-        written, erased = changed_fields(current, updated)
-        if written:
-            pipe.hset(key, items=written)
-        if erased:
-            pipe.hdel(key, *erased)
-        if finishes:
-            ended_at = updated.ended_at or self.clock()
-            pipe.zrem(self._device_key(current.device_id), command_id)
-            pipe.zrem(self._indexes[0], command_id)
-            pipe.zadd(self._indexes[2], {command_id: encode_time(ended_at)})
-            pipe.pexpire(key, self._finished_ttl)
-            if frees_slot and kind is not None:
-                pipe.hdel(slots_key, kind)
-        elif not updated.is_open and updated.pruned_after != current.pruned_after:
-            # An outcome came: the command is final from now, its retention starts now.
-            pipe.zrem(self._outcome_due_key, command_id)
-            if updated.pruned_after is not None:
-                pipe.zadd(self._indexes[2], {command_id: encode_time(updated.pruned_after)})
-                pipe.pexpire(key, self._finished_ttl)
-        if current.is_open and not current.is_ready and (updated.is_ready or finishes):
-            pipe.zrem(self._awaiting_key, command_id)
-        if updated.is_open and updated.is_ready and updated.published_at is None:
-            pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
-        else:
-            pipe.zrem(self._indexes[1], command_id)
-        await pipe.execute()
-        return updated
 
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None

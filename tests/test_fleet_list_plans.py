@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from amqp_queue.state import SqlStore
+from amqp_queue.state.sql import fleet_statements as fleet_sql
 from amqp_queue.state.sql import lists
-from amqp_queue.state.sql import statements as sql
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.plans import sqlite_plan
 
@@ -108,7 +108,7 @@ async def test_a_rollout_summary_counts_from_its_index_without_sorting_on_sqlite
     # against the 50 ms target); grouped by the index's own columns, and with what the
     # status is computed from in the index, the summary reads the index and nothing else.
     async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'plans.db'}") as store:
-        details = await sqlite_plan(store, sql.ROLLOUT_COUNTS)
+        details = await sqlite_plan(store, fleet_sql.ROLLOUT_COUNTS)
 
     assert "COVERING INDEX ix_command_queue_rollout" in details, details
     assert "TEMP B-TREE" not in details, details

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 c = command_queue.c
 
-_NOW = sa.bindparam("now", type_=c.ended_at.type)
 _AT = sa.bindparam("at", type_=c.created_at.type)
 _ID = sa.bindparam("id", type_=c.id.type)
 _KEY = sa.tuple_(c.created_at, c.id)
@@ -32,7 +31,7 @@ _CURSOR = sa.tuple_(_AT, _ID)
 @functools.cache
 def _awaiting(after: bool, prefix: bool, kind: bool) -> sa.Select[Any]:
     # Repeats the partial index's predicate to the letter (SQLite needs it to use the index).
-    query = sa.select(*sql.RECORD_COLUMNS).where(AWAITS_CONFIRMATION, c.expires_at > _NOW)
+    query = sa.select(*sql.RECORD_COLUMNS).where(AWAITS_CONFIRMATION, c.expires_at > sql.NOW)
     if after:
         query = query.where(_KEY > _CURSOR)
     if prefix:
@@ -70,7 +69,7 @@ def _devices(after: bool) -> sa.Select[Any]:
         c.device_id,
         sa.func.count().label("open"),
         sa.func.sum(sa.case((waiting, 1), else_=0)).label("awaiting"),
-    ).where(IS_OPEN, c.expires_at > _NOW)
+    ).where(IS_OPEN, c.expires_at > sql.NOW)
     if after:
         query = query.where(c.device_id > sa.bindparam("after", type_=sa.Text()))
     return query.group_by(c.device_id).order_by(c.device_id).limit(sa.bindparam("limit"))

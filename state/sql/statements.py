@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,10 +35,11 @@ FIELDS = tuple(field.name for field in dataclasses.fields(CommandRecord))
 """The columns of a record: every column but ``seq``."""
 RECORD_COLUMNS = tuple(c[name] for name in FIELDS)
 
-_NOW = sa.bindparam("now", type_=c.ended_at.type)
+NOW = sa.bindparam("now", type_=c.ended_at.type)
+"""The store clock's now, the one time every statement compares with."""
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
 _ONE = c.id == sa.bindparam("command_id")
-_DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > _NOW)
+_DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > NOW)
 
 
 def row_of(record: CommandRecord) -> dict[str, Any]:
@@ -77,7 +77,7 @@ ONE_LOCKED = ONE.with_for_update()
 
 OPEN_COMMANDS = (
     sa.select(*RECORD_COLUMNS)
-    .where(c.device_id == sa.bindparam("device"), IS_OPEN, c.expires_at > _NOW)
+    .where(c.device_id == sa.bindparam("device"), IS_OPEN, c.expires_at > NOW)
     .order_by(c.seq)
 )
 """A device's open, unexpired commands in write order (``device``, ``now``)."""
@@ -90,7 +90,7 @@ LIVE = sa.select(c.id).where(_ONE, _DELIVERABLE)
 
 UNPUBLISHED = (
     sa.select(*RECORD_COLUMNS)
-    .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > _NOW)
+    .where(IS_OPEN, c.published_at.is_(None), IS_READY, c.expires_at > NOW)
     .order_by(READY_AT, c.seq)
     .limit(sa.bindparam("limit"))
 )
@@ -132,10 +132,10 @@ END_SLOT = (
     .where(c.device_id == sa.bindparam("device"), c.command_type == sa.bindparam("kind"), IS_OPEN)
     .values(
         end_reason=sa.case(
-            (c.expires_at <= _NOW, EndReason.EXPIRED.value),
+            (c.expires_at <= NOW, EndReason.EXPIRED.value),
             else_=EndReason.SUPERSEDED.value,
         ),
-        ended_at=_NOW,
+        ended_at=NOW,
     )
     .returning(c.end_reason)
 )
@@ -150,7 +150,7 @@ def update_by_id(columns: tuple[str, ...]) -> sa.Update:
     return sa.update(command_queue).where(_ONE).values(values)
 
 
-MARK_PUBLISHED = sa.update(command_queue).where(c.id.in_(_IDS)).values(published_at=_NOW)
+MARK_PUBLISHED = sa.update(command_queue).where(c.id.in_(_IDS)).values(published_at=NOW)
 
 _TAKEN_ANYWAY = sorted(rules.TAKEN_ANYWAY)
 # rules.taken: open, or ended by what a device's taking overrides.
@@ -167,13 +167,13 @@ MARK_DELIVERED = (
             ),
         ),
     )
-    .values(delivered=sa.true(), end_reason=None, ended_at=_NOW)
+    .values(delivered=sa.true(), end_reason=None, ended_at=NOW)
 )
 
 REJECT = (
     sa.update(command_queue)
     .where(c.id.in_(_IDS), IS_OPEN)
-    .values(end_reason=EndReason.REJECTED.value, ended_at=_NOW)
+    .values(end_reason=EndReason.REJECTED.value, ended_at=NOW)
 )
 
 
@@ -188,7 +188,7 @@ def _claim(among: bool) -> sa.Update:
     return (
         sa.update(command_queue)
         .where(c.seq.in_(candidates.order_by(c.seq).with_for_update()))
-        .values(delivered=sa.true(), ended_at=_NOW)
+        .values(delivered=sa.true(), ended_at=NOW)
         .returning(c.seq, *RECORD_COLUMNS)
     )
 
@@ -222,7 +222,7 @@ _SLOT_TAKEN = (
 )
 RELEASE_ENDS = (
     sa.update(command_queue)
-    .where(_GIVEN_BACK, c.expires_at <= _NOW)
+    .where(_GIVEN_BACK, c.expires_at <= NOW)
     .values(delivered=sa.false(), end_reason=EndReason.EXPIRED.value),
     sa.update(command_queue)
     .where(_GIVEN_BACK, _SLOT_TAKEN)
@@ -239,8 +239,8 @@ REOPEN_UNPUBLISHED = REOPEN.values(published_at=sa.null())
 
 EXPIRE = (
     sa.update(command_queue)
-    .where(IS_OPEN, c.expires_at <= _NOW)
-    .values(end_reason=EndReason.EXPIRED.value, ended_at=_NOW)
+    .where(IS_OPEN, c.expires_at <= NOW)
+    .values(end_reason=EndReason.EXPIRED.value, ended_at=NOW)
 )
 
 _BEFORE = sa.bindparam("before", type_=c.ended_at.type)
@@ -260,7 +260,7 @@ _DEVICES: sa.BindParameter[Any] = sa.bindparam("devices", expanding=True)
 
 OPEN_PER_DEVICE = (
     sa.select(c.device_id, sa.func.count().label("open"))
-    .where(c.device_id.in_(_DEVICES), IS_OPEN, c.expires_at > _NOW)
+    .where(c.device_id.in_(_DEVICES), IS_OPEN, c.expires_at > NOW)
     .group_by(c.device_id)
 )
 """How many open, unexpired commands each of ``devices`` holds (no row for none)."""
@@ -309,77 +309,9 @@ checked in Python: interval arithmetic differs between the databases)."""
 TIME_OUT = (
     sa.update(command_queue)
     .where(c.id.in_(_IDS), AWAITS_OUTCOME)
-    .values(outcome=CommandStatus.TIMED_OUT.value, outcome_at=_NOW)
+    .values(outcome=CommandStatus.TIMED_OUT.value, outcome_at=NOW)
 )
 """Ends ``ids`` ``TIMED_OUT`` unless an outcome came meanwhile."""
-
-# -- rollouts (rule 10) and retiring a device --------------------------------------------
-
-_ROLLOUT = c.rollout_id == sa.bindparam("rollout", type_=c.rollout_id.type)
-_LIVE = sa.and_(IS_OPEN, c.expires_at > _NOW)
-_BY = sa.bindparam("by", type_=sa.Text())
-
-CONFIRM_ROLLOUT = (
-    sa.update(command_queue)
-    .where(_ROLLOUT, _LIVE, c.requires_confirmation == sa.true(), c.confirmed == sa.false())
-    .values(confirmed=sa.true(), confirmed_at=_NOW, confirmed_by=_BY)
-    .returning(c.seq, *RECORD_COLUMNS)
-)
-"""Confirms a rollout's (``rollout``) live commands awaiting confirmation, ``by`` whom;
-returns them."""
-
-CANCEL_ROLLOUT = (
-    sa.update(command_queue)
-    .where(_ROLLOUT, _LIVE)
-    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW, cancelled_by=_BY)
-)
-CANCEL_DEVICE = (
-    sa.update(command_queue)
-    .where(c.device_id == sa.bindparam("device"), _LIVE)
-    .values(end_reason=EndReason.CANCELLED.value, ended_at=_NOW, cancelled_by=_BY)
-)
-
-ROLLOUT_ENQUEUER = sa.select(c.enqueued_by).where(_ROLLOUT).limit(1)
-"""Who enqueued a rollout (``rollout``): any one member says it, read from its index."""
-
-
-def _counted(condition: sa.ColumnElement[bool], label: str) -> sa.Label[Any]:
-    return sa.func.sum(sa.case((condition, 1), else_=0)).label(label)
-
-
-_GROUPS = (c.delivered, c.outcome, c.end_reason)
-ROLLOUT_COUNTS = (
-    sa.select(
-        *_GROUPS,
-        sa.func.count().label("count"),
-        _counted(c.expires_at <= _NOW, "expired"),
-        _counted(sa.and_(c.expires_at > _NOW, sa.not_(IS_READY)), "awaiting"),
-    )
-    .where(_ROLLOUT)
-    .group_by(*_GROUPS)
-)
-"""A rollout's commands (``rollout``, ``now``) grouped by what ends them, with how many of
-each group are past their TTL and how many are live and awaiting confirmation: what
-:func:`rollout_counts` needs to count them by status."""
-
-
-def rollout_counts(rows: Iterable[Mapping[str, Any]]) -> dict[CommandStatus, int]:
-    """:data:`ROLLOUT_COUNTS`' rows counted by status, as
-    :func:`amqp_queue.state.rules.status_of` decides it: delivered, then the outcome;
-    ended, then why; open, then expired, awaiting confirmation or pending."""
-    counts: Counter[CommandStatus] = Counter()
-    for row in rows:
-        count = int(row["count"])
-        if row["delivered"]:
-            counts[CommandStatus(row["outcome"] or CommandStatus.DELIVERED)] += count
-        elif row["end_reason"] is not None:
-            counts[CommandStatus(row["end_reason"])] += count
-        else:
-            expired, awaiting = int(row["expired"]), int(row["awaiting"])
-            counts[CommandStatus.EXPIRED] += expired
-            counts[CommandStatus.AWAITING_CONFIRMATION] += awaiting
-            counts[CommandStatus.PENDING] += count - expired - awaiting
-    return dict(counts)
 
 
 @functools.cache

@@ -55,6 +55,7 @@ from . import (
     sqlite_direct,
     transactions,
 )
+from . import fleet_statements as fleet_sql
 from . import statements as sql
 from .delivery_calls import SqlDeliveryCalls
 from .engine import create_engine, driver_reason
@@ -292,12 +293,12 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         return await self._transaction(transactions.time_out, now)
 
     async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
-        rows = await self._select(sql.ROLLOUT_ENQUEUER, rollout=rollout_id)
+        rows = await self._select(fleet_sql.ROLLOUT_ENQUEUER, rollout=rollout_id)
         return (True, rows[0]["enqueued_by"]) if rows else (False, None)
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
-        return sql.rollout_counts(
-            await self._select(sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
+        return fleet_sql.rollout_counts(
+            await self._select(fleet_sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
         )
 
     async def unpublished(self, limit: int) -> list[CommandRecord]:

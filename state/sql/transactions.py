@@ -30,6 +30,7 @@ from ..errors import StateError
 from ..indexed_store import Change
 from ..model import CommandRecord, EndReason
 from ..validation import Limits
+from . import fleet_statements as fleet_sql
 from . import statements as sql
 
 T = TypeVar("T")
@@ -331,7 +332,9 @@ def time_out(now: datetime) -> Transaction[int]:
 def confirm_rollout(
     rollout_id: str, now: datetime, by: str | None
 ) -> Transaction[list[CommandRecord]]:
-    rows = yield from fetch(sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by})
+    rows = yield from fetch(
+        fleet_sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by}
+    )
     return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
 
 
@@ -340,8 +343,10 @@ def cancel_open(
 ) -> Transaction[int]:
     if device_id is not None:
         params = {"device": device_id, "now": now, "by": by}
-        return (yield from count(sql.CANCEL_DEVICE, params))
-    return (yield from count(sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by}))
+        return (yield from count(fleet_sql.CANCEL_DEVICE, params))
+    return (
+        yield from count(fleet_sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by})
+    )
 
 
 def hold_outbox(owner: str, dialect: str) -> Transaction[str]:

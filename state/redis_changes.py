@@ -1,0 +1,114 @@
+"""A change of one command on Redis decided in Python (confirm, cancel, an outcome): read
+under WATCH, decided by the rule the caller passes, written in MULTI/EXEC, and decided again
+when another client changed the command meanwhile."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+from .clock import Clock
+from .errors import StateError
+from .fleet import Change
+from .model import CommandRecord
+from .redis_encoding import changed_fields, decode_record, encode_time
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+logger = logging.getLogger("amqp_queue.state.redis")
+
+# A confirm or cancel that keeps losing its optimistic transaction means something is wrong.
+_MAX_WATCH_ATTEMPTS = 100
+
+
+class RedisChanges:
+    """``IndexedStore._modify`` on Redis (a mixin of
+    :class:`~amqp_queue.state.redis_store.RedisStore`, which provides the rest)."""
+
+    clock: Clock
+    _client: Redis
+    _indexes: list[str]
+    _finished_ttl: int
+
+    if TYPE_CHECKING:  # provided by RedisStore and its other mixins
+
+        def _errors(self, action: str) -> AbstractAsyncContextManager[None]: ...
+
+        def _command_key(self, command_id: str) -> str: ...
+
+        def _device_key(self, device_id: str) -> str: ...
+
+        def _slots_key(self, device_id: str) -> str: ...
+
+        @property
+        def _outcome_due_key(self) -> str: ...
+
+        @property
+        def _awaiting_key(self) -> str: ...
+
+    async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        from redis.exceptions import WatchError
+
+        async with self._errors("update"), self._client.pipeline(transaction=True) as pipe:
+            for _ in range(_MAX_WATCH_ATTEMPTS):
+                try:
+                    return await self._modify_once(pipe, command_id, change)
+                except WatchError:
+                    # Another client changed the command between WATCH and EXEC: decide again
+                    # on what it wrote.
+                    logger.debug("command %s changed concurrently; retrying", command_id)
+        raise StateError(
+            f"could not update command {command_id!r}: lost the race {_MAX_WATCH_ATTEMPTS} times"
+        )
+
+    async def _modify_once(
+        self, pipe: Pipeline, command_id: str, change: Change
+    ) -> CommandRecord | None:
+        """One optimistic attempt: read under WATCH, decide in Python, write in MULTI/EXEC."""
+        key = self._command_key(command_id)
+        await pipe.watch(key)
+        fields = await pipe.hgetall(key)
+        if not fields:
+            return None
+        _, current = decode_record(fields)
+        updated = change(current)
+        if updated is None:
+            return current
+        finishes = current.is_open and not updated.is_open
+        slots_key = self._slots_key(current.device_id)
+        kind = current.command_type
+        frees_slot = False
+        if finishes and kind is not None:
+            await pipe.watch(slots_key)
+            frees_slot = await pipe.hget(slots_key, kind) == command_id.encode()
+        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        written, erased = changed_fields(current, updated)
+        if written:
+            pipe.hset(key, items=written)
+        if erased:
+            pipe.hdel(key, *erased)
+        if finishes:
+            ended_at = updated.ended_at or self.clock()
+            pipe.zrem(self._device_key(current.device_id), command_id)
+            pipe.zrem(self._indexes[0], command_id)
+            pipe.zadd(self._indexes[2], {command_id: encode_time(ended_at)})
+            pipe.pexpire(key, self._finished_ttl)
+            if frees_slot and kind is not None:
+                pipe.hdel(slots_key, kind)
+        elif not updated.is_open and updated.pruned_after != current.pruned_after:
+            # An outcome came: the command is final from now, its retention starts now.
+            pipe.zrem(self._outcome_due_key, command_id)
+            if updated.pruned_after is not None:
+                pipe.zadd(self._indexes[2], {command_id: encode_time(updated.pruned_after)})
+                pipe.pexpire(key, self._finished_ttl)
+        if current.is_open and not current.is_ready and (updated.is_ready or finishes):
+            pipe.zrem(self._awaiting_key, command_id)
+        if updated.is_open and updated.is_ready and updated.published_at is None:
+            pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
+        else:
+            pipe.zrem(self._indexes[1], command_id)
+        await pipe.execute()
+        return updated

@@ -1,0 +1,83 @@
+"""The SQL of rollouts (rule 10) and of retiring a device: set-wide confirms and cancels,
+and a rollout's counts by status, each a SQLAlchemy Core construct as in
+:mod:`amqp_queue.state.sql.statements`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..model import CommandStatus, EndReason
+from .schema import IS_OPEN, IS_READY, command_queue
+from .statements import NOW, RECORD_COLUMNS
+
+c = command_queue.c
+
+_ROLLOUT = c.rollout_id == sa.bindparam("rollout", type_=c.rollout_id.type)
+_LIVE = sa.and_(IS_OPEN, c.expires_at > NOW)
+_BY = sa.bindparam("by", type_=sa.Text())
+
+CONFIRM_ROLLOUT = (
+    sa.update(command_queue)
+    .where(_ROLLOUT, _LIVE, c.requires_confirmation == sa.true(), c.confirmed == sa.false())
+    .values(confirmed=sa.true(), confirmed_at=NOW, confirmed_by=_BY)
+    .returning(c.seq, *RECORD_COLUMNS)
+)
+"""Confirms a rollout's (``rollout``) live commands awaiting confirmation, ``by`` whom;
+returns them."""
+
+CANCEL_ROLLOUT = (
+    sa.update(command_queue)
+    .where(_ROLLOUT, _LIVE)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=NOW, cancelled_by=_BY)
+)
+CANCEL_DEVICE = (
+    sa.update(command_queue)
+    .where(c.device_id == sa.bindparam("device"), _LIVE)
+    .values(end_reason=EndReason.CANCELLED.value, ended_at=NOW, cancelled_by=_BY)
+)
+
+ROLLOUT_ENQUEUER = sa.select(c.enqueued_by).where(_ROLLOUT).limit(1)
+"""Who enqueued a rollout (``rollout``): any one member says it, read from its index."""
+
+
+def _counted(condition: sa.ColumnElement[bool], label: str) -> sa.Label[Any]:
+    return sa.func.sum(sa.case((condition, 1), else_=0)).label(label)
+
+
+_GROUPS = (c.delivered, c.outcome, c.end_reason)
+ROLLOUT_COUNTS = (
+    sa.select(
+        *_GROUPS,
+        sa.func.count().label("count"),
+        _counted(c.expires_at <= NOW, "expired"),
+        _counted(sa.and_(c.expires_at > NOW, sa.not_(IS_READY)), "awaiting"),
+    )
+    .where(_ROLLOUT)
+    .group_by(*_GROUPS)
+)
+"""A rollout's commands (``rollout``, ``now``) grouped by what ends them, with how many of
+each group are past their TTL and how many are live and awaiting confirmation: what
+:func:`rollout_counts` needs to count them by status."""
+
+
+def rollout_counts(rows: Iterable[Mapping[str, Any]]) -> dict[CommandStatus, int]:
+    """:data:`ROLLOUT_COUNTS`' rows counted by status, as
+    :func:`amqp_queue.state.rules.status_of` decides it: delivered, then the outcome;
+    ended, then why; open, then expired, awaiting confirmation or pending."""
+    counts: Counter[CommandStatus] = Counter()
+    for row in rows:
+        count = int(row["count"])
+        if row["delivered"]:
+            counts[CommandStatus(row["outcome"] or CommandStatus.DELIVERED)] += count
+        elif row["end_reason"] is not None:
+            counts[CommandStatus(row["end_reason"])] += count
+        else:
+            expired, awaiting = int(row["expired"]), int(row["awaiting"])
+            counts[CommandStatus.EXPIRED] += expired
+            counts[CommandStatus.AWAITING_CONFIRMATION] += awaiting
+            counts[CommandStatus.PENDING] += count - expired - awaiting
+    return dict(counts)
