@@ -148,6 +148,11 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
             # The one impurity :data:`Change` allows for: when a backend calls it more than
             # once, the last call is the one whose result was stored, and it sets the flag.
             nonlocal changed
+            if rules.confirmed_by_call(current, now, by):
+                # This call's own confirm, met again by an attempt a backend retried after
+                # the reply was lost: it confirmed, and its caller publishes the command.
+                changed = True
+                return None
             updated = rules.confirmed(current, now, by)
             changed = updated is not None
             return updated
@@ -166,7 +171,15 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         is kept as ``cancelled_by``."""
         by = validate_actor(by)
         now = self.clock()
-        record = await self.modify(command_id, lambda current: rules.cancelled(current, now, by))
+
+        def cancelling(current: CommandRecord) -> CommandRecord | None:
+            if rules.cancelled_by_call(current, now, by):
+                # This call's own cancel, met again by an attempt a backend retried after
+                # the reply was lost (Redis: a WATCH whose EXEC answer never came).
+                return None
+            return rules.cancelled(current, now, by)
+
+        record = await self.modify(command_id, cancelling)
         logger.info("cancelled command %s for device %s", command_id, record.device_id)
         return record
 

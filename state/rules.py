@@ -150,6 +150,28 @@ def confirmed(record: CommandRecord, now: datetime, by: str | None = None) -> Co
     return replace(record, confirmed=True, confirmed_at=now, confirmed_by=by)
 
 
+def confirmed_by_call(record: CommandRecord, now: datetime, by: str | None) -> bool:
+    """Whether ``record`` holds the confirm of a call made at ``now`` by ``by`` (and is not
+    delivered yet): that call's own write, met again by an attempt it retried after its
+    reply was lost. Times are stored to the microsecond on every backend."""
+    return (
+        record.confirmed
+        and not record.delivered
+        and record.confirmed_at == now
+        and record.confirmed_by == by
+    )
+
+
+def cancelled_by_call(record: CommandRecord, now: datetime, by: str | None) -> bool:
+    """Whether ``record`` holds the cancel of a call made at ``now`` by ``by``: see
+    :func:`confirmed_by_call`."""
+    return (
+        record.end_reason is EndReason.CANCELLED
+        and record.ended_at == now
+        and record.cancelled_by == by
+    )
+
+
 def cancelled(record: CommandRecord, now: datetime, by: str | None = None) -> CommandRecord:
     """The record after ``cancel_command``.
 

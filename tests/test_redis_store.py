@@ -193,6 +193,41 @@ async def test_a_drain_whose_reply_is_lost_hands_out_its_commands_when_sent_agai
         assert await store.drain_pending("dev-1") == []
 
 
+async def test_a_cancel_whose_exec_reply_is_lost_succeeds(
+    loses_replies: type[LosesReplies],
+) -> None:
+    # The cancel ran, its reply was lost, and redis-py turns a connection lost while WATCHing
+    # into a WatchError: the retried attempt finds the command cancelled by this very call,
+    # which must answer as the cancel it is, not "already cancelled".
+    async with redis_store(connection_class=loses_replies) as store:
+        command_id = await store.enqueue("dev-1", b"a", 600)
+        loses_replies.only, loses_replies.lose = b"EXEC", 1
+
+        await store.cancel_command(command_id, by="ops")
+
+        assert loses_replies.lose == 0, "the EXEC reply was lost"
+        assert await store.get_status(command_id) == CommandStatus.CANCELLED
+        with pytest.raises(CommandNotFound, match="already cancelled"):
+            await store.cancel_command(command_id, by="ops")
+
+
+async def test_a_confirm_whose_exec_reply_is_lost_says_it_confirmed(
+    loses_replies: type[LosesReplies],
+) -> None:
+    # As above for a confirm: it must say it confirmed, or RabbitMQStore would leave the
+    # publish of the now ready command to the outbox relay.
+    async with redis_store(connection_class=loses_replies) as store:
+        command_id = await store.enqueue_with_confirmation("dev-1", "reboot", b"a", 600)
+        loses_replies.only, loses_replies.lose = b"EXEC", 1
+
+        record, changed = await store.confirm_changed(command_id, by="ops")
+
+        assert loses_replies.lose == 0, "the EXEC reply was lost"
+        assert changed
+        assert record.confirmed
+        assert not (await store.confirm_changed(command_id, by="ops"))[1]
+
+
 async def _a_drain_of_a_whose_replies_are_all_lost(
     store: RedisStore, loses_replies: type[LosesReplies]
 ) -> None:
