@@ -148,10 +148,9 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
             # The one impurity :data:`Change` allows for: when a backend calls it more than
             # once, the last call is the one whose result was stored, and it sets the flag.
             nonlocal changed
-            if rules.confirmed_by_call(current, now, by):
+            if changed and rules.confirmed_by_call(current, now, by):
                 # This call's own confirm, met again by an attempt a backend retried after
                 # the reply was lost: it confirmed, and its caller publishes the command.
-                changed = True
                 return None
             updated = rules.confirmed(current, now, by)
             changed = updated is not None
@@ -171,13 +170,17 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         is kept as ``cancelled_by``."""
         by = validate_actor(by)
         now = self.clock()
+        tried = False
 
         def cancelling(current: CommandRecord) -> CommandRecord | None:
-            if rules.cancelled_by_call(current, now, by):
+            nonlocal tried
+            if tried and rules.cancelled_by_call(current, now, by):
                 # This call's own cancel, met again by an attempt a backend retried after
                 # the reply was lost (Redis: a WATCH whose EXEC answer never came).
                 return None
-            return rules.cancelled(current, now, by)
+            updated = rules.cancelled(current, now, by)
+            tried = True
+            return updated
 
         record = await self.modify(command_id, cancelling)
         logger.info("cancelled command %s for device %s", command_id, record.device_id)

@@ -151,9 +151,9 @@ def confirmed(record: CommandRecord, now: datetime, by: str | None = None) -> Co
 
 
 def confirmed_by_call(record: CommandRecord, now: datetime, by: str | None) -> bool:
-    """Whether ``record`` holds the confirm of a call made at ``now`` by ``by`` (and is not
-    delivered yet): that call's own write, met again by an attempt it retried after its
-    reply was lost. Times are stored to the microsecond on every backend."""
+    """Whether ``record`` holds a confirm made at ``now`` by ``by`` (and is not delivered
+    yet): asked by a call whose earlier attempt wrote that confirm and lost the reply, it
+    is that call's own write. Times are stored to the microsecond on every backend."""
     return (
         record.confirmed
         and not record.delivered
