@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 
 from . import rules
@@ -142,21 +142,12 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         ``by`` (who confirms) is kept as ``confirmed_by`` when this call confirms it."""
         by = validate_actor(by)
         now = self.clock()
-        changed = False
-
-        def confirming(current: CommandRecord) -> CommandRecord | None:
-            # The one impurity :data:`Change` allows for: when a backend calls it more than
-            # once, the last call is the one whose result was stored, and it sets the flag.
-            nonlocal changed
-            if changed and rules.confirmed_by_call(current, now, by):
-                # This call's own confirm, met again by an attempt a backend retried after
-                # the reply was lost: it confirmed, and its caller publishes the command.
-                return None
-            updated = rules.confirmed(current, now, by)
-            changed = updated is not None
-            return updated
-
+        confirming = _OwnWriteAware(
+            lambda current: rules.confirmed(current, now, by),
+            lambda current: rules.confirmed_by_call(current, now, by),
+        )
         record = await self.modify(command_id, confirming)
+        changed = confirming.wrote
         if changed:
             logger.info("confirmed command %s for device %s", command_id, record.device_id)
         else:
@@ -170,18 +161,10 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         is kept as ``cancelled_by``."""
         by = validate_actor(by)
         now = self.clock()
-        tried = False
-
-        def cancelling(current: CommandRecord) -> CommandRecord | None:
-            nonlocal tried
-            if tried and rules.cancelled_by_call(current, now, by):
-                # This call's own cancel, met again by an attempt a backend retried after
-                # the reply was lost (Redis: a WATCH whose EXEC answer never came).
-                return None
-            updated = rules.cancelled(current, now, by)
-            tried = True
-            return updated
-
+        cancelling = _OwnWriteAware(
+            lambda current: rules.cancelled(current, now, by),
+            lambda current: rules.cancelled_by_call(current, now, by),
+        )
         record = await self.modify(command_id, cancelling)
         logger.info("cancelled command %s for device %s", command_id, record.device_id)
         return record
@@ -380,3 +363,30 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         Returns:
             How many open commands it ended; finished and unknown ids are left alone.
         """
+
+
+class _OwnWriteAware:
+    """A :data:`Change` that knows its own write when a backend runs it again.
+
+    A backend runs a change again when an attempt failed, also after it wrote and lost the
+    reply (Redis: a WATCH whose EXEC answer never came). Once an attempt of this call wrote,
+    a record that ``is_own`` recognises holds that write: the change is done, not refused
+    (``rule`` would say "already cancelled"). ``wrote``: the stored attempt changed the
+    record (the one impurity :data:`Change` allows for: the last run is the stored one).
+    """
+
+    def __init__(
+        self,
+        rule: Callable[[CommandRecord], CommandRecord | None],
+        is_own: Callable[[CommandRecord], bool],
+    ) -> None:
+        self._rule = rule
+        self._is_own = is_own
+        self.wrote = False
+
+    def __call__(self, current: CommandRecord) -> CommandRecord | None:
+        if self.wrote and self._is_own(current):
+            return None
+        updated = self._rule(current)
+        self.wrote = updated is not None
+        return updated
