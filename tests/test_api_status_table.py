@@ -20,6 +20,7 @@ import pytest
 
 from tests.api_support import Api, running
 from tests.backends import POSTGRES_URL, REDIS_URL, postgres_schema, redis_prefix
+from tests.support import FakeClock
 
 UNKNOWN = "00000000-0000-0000-0000-000000000042"
 CONFIRMED_TOTAL = "amqp_queue_commands_confirmed_total"
@@ -33,6 +34,13 @@ async def _enqueued(api: Api, device: str, **body: object) -> str:
     assert response.status_code == 201, response.text
     command_id: str = response.json()["id"]
     return command_id
+
+
+def _advance(api: Api, seconds: float) -> None:
+    """Moves the index's clock on: expiry and outcome deadlines without sleeping."""
+    clock = api.backends.store.state.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(seconds)
 
 
 async def _ok(api: Api, command_id: str, action: str) -> None:
@@ -89,14 +97,14 @@ async def failed(api: Api, device: str) -> str:
 async def timed_out(api: Api, device: str) -> str:
     command_id = await _enqueued(api, device, outcome_timeout=0.2)
     assert await api.backends.store.drain_pending(device) == [b"reboot"]
-    await asyncio.sleep(0.3)
+    _advance(api, 0.3)
     await api.client.post("/cleanup")
     return command_id
 
 
 async def expired(api: Api, device: str) -> str:
     command_id = await _enqueued(api, device, ttl=0.2)
-    await asyncio.sleep(0.3)
+    _advance(api, 0.3)
     return command_id
 
 
@@ -177,7 +185,7 @@ ROWS = [
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    async with running(tmp_path) as opened:
+    async with running(tmp_path, clock=FakeClock()) as opened:
         yield opened
 
 
