@@ -11,7 +11,7 @@ DELIVERED to nobody (found by an adversarial review, with the public API, on its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime
 
 import pytest
@@ -26,16 +26,27 @@ from tests.backends import POSTGRES_URL, postgres_schema
 pytestmark = pytest.mark.timeout(60)
 
 
+_HOLD = 0x5EA1  # the advisory lock a paused release waits on between its statements
+
+
 def _paused_release(
-    command_ids: Collection[str], now: datetime, *, unpublish: bool
-) -> transactions.Transaction[int]:
-    """transactions.release with half a second between its ends and its reopening."""
-    params = {"ids": list(command_ids), "now": now}
-    for end in sql.RELEASE_ENDS:
-        yield from transactions.count(end, params)
-    yield from transactions.fetch(sa.select(sa.func.pg_sleep(0.5)), {})
-    reopen = sql.REOPEN_UNPUBLISHED if unpublish else sql.REOPEN
-    return (yield from transactions.count(reopen, params))
+    reached: asyncio.Event,
+) -> Callable[..., transactions.Transaction[int]]:
+    """transactions.release that, between its ends and its reopening, sets ``reached`` and
+    waits for the test to let go of the advisory lock ``_HOLD``."""
+
+    def release(
+        command_ids: Collection[str], now: datetime, *, unpublish: bool
+    ) -> transactions.Transaction[int]:
+        params = {"ids": list(command_ids), "now": now}
+        for end in sql.RELEASE_ENDS:
+            yield from transactions.count(end, params)
+        reached.set()
+        yield from transactions.fetch(sa.select(sa.func.pg_advisory_xact_lock(_HOLD)), {})
+        reopen = sql.REOPEN_UNPUBLISHED if unpublish else sql.REOPEN
+        return (yield from transactions.count(reopen, params))
+
+    return release
 
 
 async def test_a_give_back_racing_a_replacement_ends_the_older_and_reopens_the_rest(
@@ -48,10 +59,14 @@ async def test_a_give_back_racing_a_replacement_ends_the_older_and_reopens_the_r
             plain = await one.enqueue("dev-1", b"plain", 600)
             old = await one.enqueue_or_update("dev-1", "setpoint", b"old", 600)
             assert len(await one.claim("dev-1", [plain, old])) == 2
-            monkeypatch.setattr(transactions, "release", _paused_release)
-            giving_back = asyncio.create_task(one.release([plain, old], []))
-            await asyncio.sleep(0.2)
-            new = await other.enqueue_or_update("dev-1", "setpoint", b"new", 600)
+            reached = asyncio.Event()
+            monkeypatch.setattr(transactions, "release", _paused_release(reached))
+            async with other.engine.connect() as holder:
+                await holder.execute(sa.select(sa.func.pg_advisory_lock(_HOLD)))
+                giving_back = asyncio.create_task(one.release([plain, old], []))
+                await asyncio.wait_for(reached.wait(), 10)
+                new = await other.enqueue_or_update("dev-1", "setpoint", b"new", 600)
+                await holder.execute(sa.select(sa.func.pg_advisory_unlock(_HOLD)))
             assert await asyncio.wait_for(giving_back, 10) == 1
 
             statuses = {
