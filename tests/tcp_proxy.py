@@ -8,10 +8,12 @@ behind the proxy see the outage.
 Only 127.0.0.1 is ever listened on or connected to: the proxy cannot be pointed elsewhere.
 
 Why not a maintained one: aiomisc's ``TCPProxy`` (what aio-pika's own suite uses) and
-toxiproxy were the candidates; neither is in the package index this project installs from
-(no network at run time), and toxiproxy needs a server binary besides. Should aiomisc become
-available, its ``TCPProxy`` with ``disconnect_all()`` and a refusing ``slowdown`` covers
-``cut()``/``restore()``.
+toxiproxy were the candidates. aiomisc 18 ships ``TCPProxy`` inside ``aiomisc.pytest``, the
+module of aiomisc's own pytest hooks and event-loop fixture (the test runner this suite would
+then share with pytest-asyncio), and it has no refusing mode: it can drop every connection
+(``disconnect_all``) or slow them down, but not refuse new ones until a restore, which an
+outage needs (a robust connection's reconnects must fail while the link is down). toxiproxy
+has that, but its server is a binary, and nothing here downloads one at run time.
 """
 
 from __future__ import annotations
