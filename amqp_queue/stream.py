@@ -148,18 +148,7 @@ class CommandStream(Closing):
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
             self._handed.popitem(last=False)
-        record = self._current[1]
-        return ReceivedCommand(
-            id=record.id,
-            device_id=record.device_id,
-            command_type=record.command_type,
-            payload=record.payload,
-            requires_confirmation=record.requires_confirmation,
-            confirmed=record.confirmed,
-            created_at=record.created_at,
-            expires_at=record.expires_at,
-            reporter=self._reporter,
-        )
+        return self._current[1].to_pending(ReceivedCommand, reporter=self._reporter)
 
     @property
     def closed(self) -> bool:

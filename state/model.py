@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
+from typing import Any, TypeVar, overload
 
 
 class CommandStatus(enum.StrEnum):
@@ -39,6 +40,9 @@ class EndReason(enum.StrEnum):
     SUPERSEDED = "superseded"
     EXPIRED = "expired"
     REJECTED = "rejected"
+
+
+Pending = TypeVar("Pending", bound="PendingCommand")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +199,19 @@ class CommandRecord:
             return self.confirmed_at
         return self.created_at
 
-    def to_pending(self) -> PendingCommand:
-        return PendingCommand(
+    @overload
+    def to_pending(self) -> PendingCommand: ...
+
+    @overload
+    def to_pending(self, kind: type[Pending], **extra: Any) -> Pending: ...
+
+    def to_pending(
+        self, kind: type[PendingCommand] = PendingCommand, **extra: Any
+    ) -> PendingCommand:
+        """The command as a :class:`PendingCommand`, or as ``kind`` (a subclass of it, given
+        its ``extra`` fields: what ``consume`` hands out)."""
+        return kind(
+            **extra,
             id=self.id,
             device_id=self.device_id,
             command_type=self.command_type,
