@@ -101,3 +101,27 @@ def test_import_state_fails_where_only_amqp_queue_is_installed(wheel: Path, tmp_
     state_spec, package_spec = found.stdout.split(" ", 1)
     assert state_spec == "None"
     assert "site-packages/amqp_queue" in package_spec
+
+
+def test_the_library_works_on_sqlite_without_the_optional_drivers(tmp_path: Path) -> None:
+    # asyncpg and redis come with the postgres and redis extras only: a plain install must
+    # import, and serve a SQLite index, without them.
+    probe = f"""
+import asyncio, sys
+sys.modules["asyncpg"] = None
+sys.modules["redis"] = None
+import amqp_queue, amqp_queue.cli
+from amqp_queue.state import open_state
+
+async def main():
+    async with await open_state("sqlite+aiosqlite:///{tmp_path / "state.db"}") as state:
+        command_id = await state.enqueue("dev-1", b"a", 60)
+        print(await state.get_status(command_id))
+
+asyncio.run(main())
+"""
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPOSITORY
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "pending"

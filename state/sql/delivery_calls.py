@@ -21,7 +21,7 @@ from .execution import SqlExecution
 from .postgres_reads import PostgresReads
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
 
-DIRECT_FAILURES = (*sqlite_direct.FAILURES, *postgres_reads.FAILURES)
+DIRECT_FAILURES: tuple[type[Exception], ...] = (*sqlite_direct.FAILURES, *postgres_reads.FAILURES)
 """What the drivers raise where the store runs statements on them directly."""
 
 

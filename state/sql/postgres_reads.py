@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -36,8 +35,14 @@ from .compiled import DriverSql
 from .kept_connection import KeptConnection
 from .statements import Statement
 
-FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSError)
+FAILURES: tuple[type[Exception], ...]
 """What a call raises when the database or the connection to it fails."""
+try:
+    import asyncpg
+except ImportError:  # the postgres extra is not installed: no asyncpg call can fail
+    FAILURES = (SQLAlchemyError, OSError)
+else:
+    FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSError)
 
 T = TypeVar("T")
 
