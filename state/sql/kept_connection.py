@@ -8,9 +8,17 @@ checking a pooled connection out and in again for each would cost more than the 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+T = TypeVar("T")
+
+# Seconds a closing store waits for a call on a kept connection to finish before it hands
+# the connection back regardless (the call then fails, as on any closed connection).
+_CLOSE_WAIT = 5.0
 
 
 class KeptConnection:
@@ -49,3 +57,59 @@ class KeptConnection:
                 await connection.invalidate()
             finally:
                 await connection.close()
+
+
+class KeptCalls:
+    """Calls on the driver connection of a :class:`KeptConnection`, one at a time: a call
+    that finds it busy (another stream's, another write) takes a pooled connection for
+    itself, never waits. After a call failed with one of ``failures`` (the database's or
+    the connection's) or was interrupted, its connection is not used again; after any other
+    error (a refused change, whose transaction rolled back) it is.
+    """
+
+    def __init__(self, engine: AsyncEngine, failures: tuple[type[Exception], ...]) -> None:
+        self._engine = engine
+        self._failures = failures
+        self._kept = KeptConnection(engine)
+        self._busy = False
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def call(self, call: Callable[[Any], Awaitable[T]]) -> T:
+        """``call`` on the kept driver connection, or on a pooled one while that is busy."""
+        if self._busy or self._closed:
+            async with self._engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                try:
+                    return await call(raw.driver_connection)
+                except BaseException as exc:
+                    if self._spoilt_by(exc):
+                        await conn.invalidate()
+                    raise
+        self._busy = True
+        self._idle.clear()
+        try:
+            driver = await self._kept.driver()
+            try:
+                return await call(driver)
+            except BaseException as exc:
+                if self._spoilt_by(exc):
+                    await self._kept.discard()
+                raise
+        finally:
+            self._busy = False
+            self._idle.set()
+
+    async def close(self) -> None:
+        """Hands the connection back for good, once a call running on it has finished (at
+        most ``_CLOSE_WAIT`` seconds): a stream outliving its store takes pooled
+        connections of the engine, should it still be open, never keeps one again."""
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_WAIT):
+                await self._idle.wait()
+        await self._kept.close()
+
+    def _spoilt_by(self, exc: BaseException) -> bool:
+        return not isinstance(exc, Exception) or isinstance(exc, self._failures)

@@ -10,7 +10,8 @@ any transaction: one statement is a consistent snapshot by itself.
 
 Checking a pooled connection out and in again (two hops into SQLAlchemy's greenlet, the
 pool's events and its reset) cost twice what the lookup itself does, so each kind of call
-keeps one pooled connection checked out between calls (:class:`_Kept`): the liveness
+keeps one pooled connection checked out between calls
+(:class:`~amqp_queue.state.sql.kept_connection.KeptCalls`): the liveness
 lookups one, the delivery marks another, since a stream's marks commit in the background
 while it looks up the next command. A call that finds its kept connection busy (another
 stream's) takes one from the pool as before, never waits for it.
@@ -21,18 +22,16 @@ The delivery mark is one ``UPDATE`` in autocommit: a transaction by itself, as a
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import statements as sql
 from .compiled import DriverSql
-from .kept_connection import KeptConnection
+from .kept_connection import KeptCalls
 from .statements import Statement
 
 FAILURES: tuple[type[Exception], ...]
@@ -44,54 +43,10 @@ except ImportError:  # the postgres extra is not installed: no asyncpg call can 
 else:
     FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSError)
 
-T = TypeVar("T")
-
-# Seconds a closing store waits for a call on a kept connection to finish before it hands
-# the connection back regardless (the call then fails, as on any closed connection).
-_CLOSE_WAIT = 5.0
-
 
 def usable(engine: AsyncEngine) -> bool:
     """Whether ``engine`` reaches PostgreSQL through asyncpg."""
     return engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg"
-
-
-class _Kept:
-    """A :class:`KeptConnection` used by one call at a time (the caller checks ``busy``),
-    handed back on close once the call running on it has finished."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._kept = KeptConnection(engine)
-        self.busy = False
-        self.closed = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def run(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        """``call`` on the kept asyncpg connection."""
-        self.busy = True
-        self._idle.clear()
-        try:
-            driver = await self._kept.driver()
-            try:
-                return await call(driver)
-            except BaseException:
-                # Whatever state a failed or interrupted call left it in is not reused.
-                await self._kept.discard()
-                raise
-        finally:
-            self.busy = False
-            self._idle.set()
-
-    async def close(self) -> None:
-        """Hands the connection back for good, once a call running on it has finished (at
-        most ``_CLOSE_WAIT`` seconds): a stream outliving its store takes pooled
-        connections of the engine, should it still be open, never keeps one again."""
-        self.closed = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_CLOSE_WAIT):
-                await self._idle.wait()
-        await self._kept.close()
 
 
 class PostgresReads:
@@ -101,8 +56,8 @@ class PostgresReads:
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         self._engine = engine
         self._sql = DriverSql(engine.dialect, schema)
-        self._reads = _Kept(engine)
-        self._marks = _Kept(engine)
+        self._reads = KeptCalls(engine, FAILURES)
+        self._marks = KeptCalls(engine, FAILURES)
 
     async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
         """Rows (column name to value) of the open, ready and unexpired commands among these."""
@@ -121,7 +76,7 @@ class PostgresReads:
         async def execute(driver: Any) -> str:
             return str(await driver.execute(compiled.sql, *params))
 
-        status = await self._run(self._marks, execute)
+        status = await self._marks.call(execute)
         # The command tag: "UPDATE <rows>".
         return int(status.rsplit(" ", 1)[-1])
 
@@ -135,15 +90,4 @@ class PostgresReads:
         async def fetch(driver: Any) -> Any:
             return await driver.fetch(compiled.sql, *params)
 
-        return compiled.rows(await self._run(self._reads, fetch))
-
-    async def _run(self, kept: _Kept, call: Callable[[Any], Awaitable[T]]) -> T:
-        if not kept.busy and not kept.closed:
-            return await kept.run(call)
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            try:
-                return await call(raw.driver_connection)
-            except BaseException:
-                await conn.invalidate()
-                raise
+        return compiled.rows(await self._reads.call(fetch))
