@@ -84,9 +84,10 @@ async def test_delivery_marks_on_the_driver_mark_as_the_sqlalchemy_path() -> Non
 
         direct, through_sqlalchemy = await commands(), await commands()
         marked = await store.mark_delivered(direct)
-        expected = await store._transaction(
-            transactions.mark_delivered, through_sqlalchemy, clock.now
-        )
+        async with store.engine.begin() as conn:
+            expected = await transactions.run(
+                conn, transactions.mark_delivered(through_sqlalchemy, clock.now)
+            )
         assert marked == expected == 2  # the open one, and the one a device took anyway
         assert [await store.get_status(command_id) for command_id in direct[:3]] == [
             await store.get_status(command_id) for command_id in through_sqlalchemy[:3]
@@ -114,7 +115,8 @@ async def test_the_kept_connections_answer_concurrent_calls_and_go_back_on_close
                 True,
                 True,
             ]
-            assert pool.checkedout() == 2  # type: ignore[attr-defined]  # (QueuePool)
+            # Kept: the liveness reads', the delivery marks' and the write transactions'.
+            assert pool.checkedout() == 3  # type: ignore[attr-defined]  # (QueuePool)
         finally:
             await store.close()
         assert pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -49,6 +49,7 @@ from .. import write_doubt
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
 from ..write_doubt import BOUND
+from . import postgres_reads
 from . import statements as sql
 from .engine import driver_reason
 from .schema import command_queue
@@ -88,6 +89,11 @@ class Commit(Generic[T]):
         raw = await conn.get_raw_connection()
         self.backend = _server_pid(raw.driver_connection)
         self.result = result
+
+    def sending_on(self, backend: int, result: T) -> None:
+        """Records that the transaction of server process ``backend``, which returned
+        ``result``, is about to commit (a transaction on the driver)."""
+        self.backend, self.result = backend, result
 
     async def settle(
         self, engine: AsyncEngine, command_ids: Sequence[str], failure: StateError
@@ -190,6 +196,11 @@ def connection_level(failure: BaseException) -> bool:
             return code is None or str(code).startswith(_CONNECTION_LEVEL)
         if isinstance(cause, OSError):
             return True
+        # A driver's own error, where the store ran the transaction on it directly: asyncpg's
+        # server errors carry a SQLSTATE; its InterfaceError (a connection gone) carries none.
+        if isinstance(cause, postgres_reads.FAILURES):
+            code = getattr(cause, "sqlstate", None)
+            return not isinstance(code, str) or code.startswith(_CONNECTION_LEVEL)
         cause = cause.__cause__
     return False
 

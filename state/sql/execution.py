@@ -17,8 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import StateError
-from . import commit_doubt, deadlock_retry, sqlite_direct, transactions
+from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from .engine import READ_ONLY, driver_reason, take_write_lock
+from .postgres_writes import PostgresWrites
 from .sqlite_writer import SqliteWriter
 from .transactions import Transaction
 
@@ -34,6 +35,8 @@ class SqlExecution:
     # Orders this process's writers on SQLite (see SqlStore.__init__); a no-op elsewhere.
     _writers: AbstractAsyncContextManager[Any]
     _writer: SqliteWriter | None
+    # PostgreSQL through asyncpg: write transactions on the driver (None elsewhere).
+    _pg_writes: PostgresWrites | None
 
     async def _hot(
         self,
@@ -74,12 +77,25 @@ class SqlExecution:
             with attempt:
                 if commit is not None:
                     commit.backend, commit.result = None, None
+                if self._pg_writes is not None:
+                    return await self._on_driver(self._pg_writes, transaction(), commit)
                 async with self._write() as conn:
                     result = await transactions.run(conn, transaction())
                     if commit is not None:
                         await commit.sending(conn, result)
                     return result
         raise AssertionError("unreachable: the last failure is re-raised")
+
+    async def _on_driver(
+        self,
+        writes: PostgresWrites,
+        transaction: Transaction[T],
+        commit: commit_doubt.Commit[T] | None,
+    ) -> T:
+        try:
+            return await writes.run(transaction, commit)
+        except postgres_reads.FAILURES as exc:
+            raise StateError(f"state index write failed: {driver_reason(exc)}") from exc
 
     async def _select(self, query: sa.Select[Any], **params: Any) -> list[transactions.Row]:
         if self._engine.dialect.name == "postgresql":

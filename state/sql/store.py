@@ -62,6 +62,7 @@ from .engine import create_engine, driver_reason
 from .fleet_writes import SqlFleetWrites
 from .lists import SqlLists
 from .postgres_reads import PostgresReads
+from .postgres_writes import PostgresWrites
 from .schema_versions import SchemaChange
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
 from .sqlite_writer import SqliteWriter
@@ -125,7 +126,9 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         self._writer = SqliteWriter(engine) if direct else None
         self._reader = SqliteReader(engine) if direct else None
         self._live_check = SqliteLiveCheck(engine) if direct else None
-        self._pg_reads = PostgresReads(engine, schema) if postgres_reads.usable(engine) else None
+        on_asyncpg = postgres_reads.usable(engine)
+        self._pg_reads = PostgresReads(engine, schema) if on_asyncpg else None
+        self._pg_writes = PostgresWrites(engine, schema) if on_asyncpg else None
 
     @classmethod
     async def connect(
@@ -225,6 +228,8 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
             self._live_check.close()
         if self._pg_reads is not None:
             await self._pg_reads.close()
+        if self._pg_writes is not None:
+            await self._pg_writes.close()
         if self._owns_engine:
             await self._engine.dispose()
 
