@@ -1,5 +1,7 @@
-"""Where the SQL store's transactions and reads run: a connection of the engine, or on a
-SQLite file the writer thread for the hot paths, each failure raised as a ``StateError``.
+"""Where the SQL store's transactions and reads run: a connection of the engine, on a SQLite
+file the writer thread for the hot paths, on PostgreSQL through asyncpg the driver connection
+for every write transaction (:mod:`amqp_queue.state.sql.postgres_writes`); each failure raised
+as a ``StateError``.
 
 :class:`SqlExecution` is the half of :class:`~amqp_queue.state.sql.store.SqlStore` that
 every call goes through; the store sets its connections up (``__init__``).
@@ -59,9 +61,10 @@ class SqlExecution:
     async def _transaction(
         self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Runs ``transaction(*args, **kwargs)`` in one write transaction on a connection of the
-        engine, built afresh and run again if PostgreSQL aborted it as a deadlock victim or
-        a serialization failure (see :mod:`amqp_queue.state.sql.deadlock_retry`)."""
+        """Runs ``transaction(*args, **kwargs)`` in one write transaction (on asyncpg's driver
+        connection, else a connection of the engine), built afresh and run again if
+        PostgreSQL aborted it as a deadlock victim or a serialization failure (see
+        :mod:`amqp_queue.state.sql.deadlock_retry`)."""
         return await self._committed(functools.partial(transaction, *args, **kwargs))
 
     async def _committed(
