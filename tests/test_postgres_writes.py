@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from amqp_queue.state import (
@@ -125,3 +126,23 @@ async def test_a_failed_write_on_the_driver_is_a_state_error() -> None:
             await store.enqueue("gw-1", b"a", 60)
     finally:
         await engine.dispose()
+
+
+async def test_a_write_the_driver_breaks_off_is_a_state_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # asyncpg raises InternalClientError, no InterfaceError, when the server goes in the middle
+    # of an operation (seen with `pg_ctl stop -m fast` under load): still the index failing.
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise asyncpg.InternalClientError("connection was closed in the middle of operation")
+
+    async with store_on(direct=True, clock=Clock()) as store:
+        await store.enqueue("gw-1", b"a", 60)
+        monkeypatch.setattr(asyncpg.Connection, "executemany", broken)
+
+        with pytest.raises(StateError, match="in the middle of operation"):
+            await store.enqueue("gw-1", b"b", 60)
+
+        monkeypatch.undo()
+        await store.enqueue("gw-1", b"c", 60)
+        assert [command.payload for command in await store.get_pending("gw-1")] == [b"a", b"c"]

@@ -41,7 +41,14 @@ try:
 except ImportError:  # the postgres extra is not installed: no asyncpg call can fail
     FAILURES = (SQLAlchemyError, OSError)
 else:
-    FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSError)
+    # InternalClientError: the server went in the middle of an operation (no InterfaceError).
+    FAILURES = (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        SQLAlchemyError,
+        OSError,
+    )
 
 
 def usable(engine: AsyncEngine) -> bool:
