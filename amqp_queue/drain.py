@@ -221,7 +221,9 @@ async def give_back(
             )
         else:
             given_back = len(requeued) + len(republish)
-            if requeued and inbox.channel.is_closed:
+            # The channel lost, or the queue deleted (a device retired): requeued into
+            # nothing, the reopened commands would wait for messages that are gone.
+            if requeued and await inbox.messages_gone():
                 republish = [*republish, *await _taken_back(state, requeued)]
             owe([record.id for record in republish])
             logger.info("a cancelled drain gave back %d commands", given_back)
@@ -232,8 +234,9 @@ async def give_back(
 async def _taken_back(
     state: DeliveryIndex, reopened: Sequence[CommandRecord]
 ) -> list[CommandRecord]:
-    """The reopened commands of a give-back whose channel was lost meanwhile, made
-    unpublished again; the ones another consumer took are left to it.
+    """The reopened commands of a give-back whose channel was lost meanwhile (or whose queue
+    was deleted, a device retired), made unpublished again; the ones another consumer took
+    are left to it.
 
     Lost before the index took them back, the channel requeued their messages while their
     commands still said delivered, and another consumer may have dropped them as stale:
@@ -252,14 +255,15 @@ async def _taken_back(
             await state.release([], [record.id for record in again])
     except Exception as exc:
         logger.error(
-            "a cancelled drain lost its channel while giving back %d commands, and could not "
-            "have them published again: %s",
+            "a cancelled drain lost its channel or queue while giving back %d commands, and "
+            "could not have them published again: %s",
             len(reopened),
             exc,
         )
         return []
     logger.warning(
-        "a cancelled drain lost its channel while giving back: %d commands are published again",
+        "a cancelled drain lost its channel or queue while giving back: %d commands are "
+        "published again",
         len(again),
     )
     return again

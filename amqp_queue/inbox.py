@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from pamqp.commands import Basic
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import BrokerError, broker_errors
 from amqp_queue.topology import Topology
 
 T = TypeVar("T")
+
+logger = logging.getLogger("amqp_queue.inbox")
 
 
 class Inbox:
@@ -30,12 +34,22 @@ class Inbox:
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._arrived = asyncio.Event()
         self._tag: ConsumerTag | None = None
+        self._consumer: ConsumerTag | None = None
         self._stopping: asyncio.Future[object] | None = None
         self.interrupted = False
+        self.cancelled_by_broker = False
+        """The broker cancelled the consumer: its queue was deleted (a device retired), with
+        every message the consumer held unsettled."""
 
     async def start(self) -> None:
         with broker_errors(f"consuming from {self.queue.name!r}"):
-            self._tag = await self.queue.consume(self._on_message, no_ack=False)
+            underlay = await self.channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            self._tag = self._consumer = await self.queue.consume(self._on_message, no_ack=False)
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        if frame.consumer_tag == self._consumer:
+            self.cancelled_by_broker = True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.last = message
@@ -91,12 +105,32 @@ class Inbox:
         return taken
 
     async def ready_count(self) -> int:
-        """Messages ready in the queue (unacknowledged ones held by consumers not counted)."""
-        # Declared again with the same arguments (a robust channel answers a passive declare
-        # from its cache, with a stale count).
+        """Messages ready in the queue (unacknowledged ones held by consumers not counted).
+
+        Raises:
+            BrokerError: the broker failed, or the queue is gone (deleted: a device retired;
+                never declared again here, which would bring a retired device's queue back).
+        """
+        # Passive, on aiormq's channel: aio-pika's robust channel answers a passive declare
+        # from its cache, with a stale count.
         with broker_errors(f"inspecting {self.queue.name!r}"):
-            declared = await _uncancelled(self.queue.declare())
+            underlay = await self.channel.get_underlay_channel()
+            declared = await _uncancelled(underlay.queue_declare(self.queue.name, passive=True))
         return declared.message_count or 0
+
+    async def messages_gone(self) -> bool:
+        """Whether the deliveries this consumer holds unsettled can no longer go back to its
+        queue: the channel is closed (the broker requeued them already), or the queue was
+        deleted (a device retired, its messages with it). Asked of a give-back; a failure to
+        tell counts as gone (the commands are then published again: a copy at worst)."""
+        if self.channel.is_closed or self.cancelled_by_broker:
+            return True
+        try:
+            await self.ready_count()
+        except BrokerError as exc:
+            logger.info("the queue of a cancelled drain is gone or unreachable: %s", exc)
+            return True
+        return False
 
     async def stop(self) -> None:
         """Cancels the consumer; deliveries already received stay in the buffer. Called

@@ -877,16 +877,6 @@ async def test_latest_wins_and_confirmation_of_one_type_mixed_while_consumed(env
 # -- 10. retiring a device while drains on another store are cancelled at random ---------------
 
 
-@pytest.mark.xfail(
-    strict=False,  # the race is hit in about one run of three
-    reason=(
-        "retire_device racing a drain that is cancelled: the drain's give-back reopens its "
-        "claimed commands (PENDING, still marked published) after the retire deleted the queue "
-        "with their messages and cancelled only the open commands; nothing ever delivers or ends "
-        "them (until their TTL): amqp_queue/drain.py give_back + state/give_back.py "
-        "GiveBack.release vs amqp_queue/fleet.py retire_device"
-    ),
-)
 async def test_retire_device_racing_cancelled_drains(env: Env) -> None:
     """Store B drains one device in tasks cancelled at random (each cancelled drain gives back
     what it claimed) while store A retires the device. Afterwards every command is DELIVERED
@@ -1156,16 +1146,6 @@ async def test_latest_wins_rollouts_from_two_stores_while_devices_consume(env: E
 # -- 15. minimal: a drain cancelled as the device is retired, while it held its claim ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "retire_device racing a drain that is cancelled: the drain's give-back reopens its "
-        "claimed commands (PENDING, still marked published) after the retire deleted the queue "
-        "with their messages and cancelled only the open commands; nothing ever delivers or ends "
-        "them (until their TTL): amqp_queue/drain.py give_back + state/give_back.py "
-        "GiveBack.release vs amqp_queue/fleet.py retire_device"
-    ),
-)
 async def test_a_drain_cancelled_as_its_device_is_retired_leaves_no_command_pending_for_ever(
     env: Env,
 ) -> None:
