@@ -7,11 +7,11 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
-from amqp_queue.errors import BrokerError
+from amqp_queue.errors import BROKER_FAILURES, BrokerError
 from amqp_queue.inbox import Inbox
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
@@ -279,3 +279,22 @@ async def _outlasting(future: asyncio.Future[Any]) -> None:
             await asyncio.wait([future])
         except asyncio.CancelledError:
             continue
+
+
+async def close_drain_channel(
+    channel: AbstractChannel,
+    device: str,
+    config: RabbitMQConfig,
+    settling: asyncio.Future[None] | None,
+) -> None:
+    """Closes a drain's channel once a cancelled drain's give-back (``settling``) is done."""
+    if settling is not None:
+        # A cancelled drain's give-back: its unacked messages must not be requeued (by the
+        # close) while the index still says delivered, or the next consumer drops them.
+        # Bounded, so a hung index call cannot hold close() for ever.
+        await asyncio.wait([settling], timeout=config.publish_timeout)
+    try:
+        async with asyncio.timeout(config.publish_timeout):
+            await channel.close()
+    except BROKER_FAILURES as exc:
+        logger.warning("closing the drain channel of %s: %s", device, exc)

@@ -20,9 +20,8 @@ from amqp_queue.broker_start import BrokerStart
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
-from amqp_queue.drain import drain
+from amqp_queue.drain import close_drain_channel, drain
 from amqp_queue.errors import (
-    BROKER_FAILURES,
     BrokerError,
 )
 from amqp_queue.fleet import FleetDelivery
@@ -85,6 +84,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         self._relay: OutboxRelay | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
+        # Set by close(): its connection is closed, and a call needing the broker fails at
+        # once rather than waiting publish_timeout for a channel that never opens.
+        self._closed = False
         self._path = PublishPath(state, self.observer)
         # Started without its broker: the task that starts the store once it is reachable.
         self._starter: asyncio.Task[None] | None = None
@@ -160,6 +162,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         takes that long (and at most about ``publish_timeout`` + 2 s more to close its
         channels and wait for a cancelled drain's give-back).
         """
+        self._closed = True
         try:
             if self._starter is not None:
                 self._starter.cancel()
@@ -237,7 +240,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 # while the channel closes must not take the commands it claimed with it.
                 settling = inbox.settling if inbox is not None else None
                 self._running.background(
-                    _close_drain_channel(channel, device, self.config, settling)
+                    close_drain_channel(channel, device, self.config, settling)
                 )
         return rules.in_ready_order(records)
 
@@ -341,6 +344,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         return self.config.validate_device(device_id)
 
     async def _ready(self) -> Topology:
+        if self._closed:
+            raise BrokerError("the store is closed; open a new one")
         if self.broker_pending:
             raise BrokerError("the broker is unreachable; the store keeps trying to connect")
         if not self._started:
@@ -379,21 +384,3 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._relay.flush()
         except BrokerError as exc:
             logger.warning("outbox not flushed before a drain: %s", exc)
-
-
-async def _close_drain_channel(
-    channel: AbstractChannel,
-    device: str,
-    config: RabbitMQConfig,
-    settling: asyncio.Future[None] | None,
-) -> None:
-    if settling is not None:
-        # A cancelled drain's give-back: its unacked messages must not be requeued (by the
-        # close) while the index still says delivered, or the next consumer drops them.
-        # Bounded, so a hung index call cannot hold close() for ever.
-        await asyncio.wait([settling], timeout=config.publish_timeout)
-    try:
-        async with asyncio.timeout(config.publish_timeout):
-            await channel.close()
-    except BROKER_FAILURES as exc:
-        logger.warning("closing the drain channel of %s: %s", device, exc)

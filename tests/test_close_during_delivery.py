@@ -496,3 +496,28 @@ async def test_closing_a_stream_from_another_task_ends_its_waiting_loop(tmp_path
         await asyncio.wait_for(waiting.wait(), 5)
         await asyncio.wait_for(stream.close(), 5)
         assert await asyncio.wait_for(loop_task, 5) == []
+
+
+async def _broker_call(store: RabbitMQStore, call: str) -> None:
+    if call == "enqueue":
+        await store.enqueue("dev-1", b"b", 60)
+    elif call == "drain":
+        await store.drain_pending("dev-1")
+    else:
+        async with store.consume("dev-1") as stream:
+            await anext(stream)
+
+
+@pytest.mark.parametrize("call", ["enqueue", "drain", "consume"])
+async def test_a_closed_store_refuses_broker_calls_at_once(tmp_path: Path, call: str) -> None:
+    # They waited publish_timeout (10 s) for a channel of the closed connection, then failed.
+    async with _store(tmp_path, "store") as store:
+        await store.enqueue("dev-1", b"a", 60)
+    started = asyncio.get_running_loop().time()
+
+    with pytest.raises(QueueError, match="closed"):
+        await _broker_call(store, call)
+
+    assert asyncio.get_running_loop().time() - started < 2
+    async with await SqlStore.connect(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}") as index:
+        assert [command.payload for command in await index.get_pending("dev-1")] == [b"a"]
