@@ -38,6 +38,10 @@ class DeliveryIndex(Protocol):
         """Opens claimed commands nobody received again (a cancelled drain)."""
         ...
 
+    async def cancel(self, command_id: str, *, by: str | None = None) -> CommandRecord:
+        """Cancels an open command (what retiring its device does to it)."""
+        ...
+
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         """Of these ids, the commands that are open, ready and unexpired now."""
         ...

@@ -15,7 +15,7 @@ from amqp_queue.errors import BROKER_FAILURES, BrokerError
 from amqp_queue.inbox import Inbox
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
-from amqp_queue.state.errors import ClaimOutcomeUnknown, StateError
+from amqp_queue.state.errors import ClaimOutcomeUnknown, CommandNotFound, StateError
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.drain")
@@ -221,22 +221,59 @@ async def give_back(
             )
         else:
             given_back = len(requeued) + len(republish)
-            # The channel lost, or the queue deleted (a device retired): requeued into
-            # nothing, the reopened commands would wait for messages that are gone.
-            if requeued and await inbox.messages_gone():
+            # Requeued into nothing, the reopened commands would wait for messages that are
+            # gone: with a lost channel they are published again; with their queue deleted
+            # (the device retired meanwhile) they end as retiring ends open commands.
+            fate = await _requeue_fate(inbox) if requeued else None
+            if fate == "lost":
                 republish = [*republish, *await _taken_back(state, requeued)]
+            elif fate == "deleted":
+                await _cancel_retired(state, requeued)
             owe([record.id for record in republish])
             logger.info("a cancelled drain gave back %d commands", given_back)
     inbox.take_buffered()
     await settlement.requeue_all(inbox.last)
 
 
+async def _requeue_fate(inbox: Inbox) -> str | None:
+    """What became of the queue a give-back requeues into: None (still there), "lost" (the
+    channel is gone, the broker requeued the messages already; or it cannot be told, and a
+    copy is better than a loss) or "deleted" (with its messages)."""
+    if inbox.channel.is_closed:
+        return "lost"
+    try:
+        return "deleted" if await inbox.queue_deleted() else None
+    except BrokerError as exc:
+        logger.info("a cancelled drain cannot tell what became of its queue: %s", exc)
+        return "lost"
+
+
+async def _cancel_retired(state: DeliveryIndex, reopened: Sequence[CommandRecord]) -> None:
+    """Ends the reopened commands of a give-back whose queue was deleted meanwhile (the
+    device retired: it cancels the open commands, and these were delivered then)."""
+    cancelled = 0
+    for record in reopened:
+        try:
+            await state.cancel(record.id)
+        except CommandNotFound:  # CommandExpired too
+            continue  # ended already: by the retiring itself, or otherwise
+        except Exception as exc:
+            logger.error(
+                "a cancelled drain could not cancel %s of a retired device: %s", record.id, exc
+            )
+            continue
+        cancelled += 1
+    logger.warning(
+        "a cancelled drain found its queue deleted (the device retired): %d commands cancelled",
+        cancelled,
+    )
+
+
 async def _taken_back(
     state: DeliveryIndex, reopened: Sequence[CommandRecord]
 ) -> list[CommandRecord]:
-    """The reopened commands of a give-back whose channel was lost meanwhile (or whose queue
-    was deleted, a device retired), made unpublished again; the ones another consumer took
-    are left to it.
+    """The reopened commands of a give-back whose channel was lost meanwhile, made
+    unpublished again; the ones another consumer took are left to it.
 
     Lost before the index took them back, the channel requeued their messages while their
     commands still said delivered, and another consumer may have dropped them as stale:
@@ -255,15 +292,14 @@ async def _taken_back(
             await state.release([], [record.id for record in again])
     except Exception as exc:
         logger.error(
-            "a cancelled drain lost its channel or queue while giving back %d commands, and "
-            "could not have them published again: %s",
+            "a cancelled drain lost its channel while giving back %d commands, and could not "
+            "have them published again: %s",
             len(reopened),
             exc,
         )
         return []
     logger.warning(
-        "a cancelled drain lost its channel or queue while giving back: %d commands are "
-        "published again",
+        "a cancelled drain lost its channel while giving back: %d commands are published again",
         len(again),
     )
     return again

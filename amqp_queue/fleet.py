@@ -49,6 +49,8 @@ class FleetDelivery:
 
         async def _ready(self) -> Topology: ...
 
+        def _refuse_if_closed(self) -> None: ...
+
         def _device(self, device_id: str) -> str: ...
 
     # -- outcomes (rule 9) ----------------------------------------------------------------
@@ -166,6 +168,7 @@ class FleetDelivery:
         return await self.state.retire_device(device)
 
     async def _accept_many(self, records: Sequence[CommandRecord]) -> None:
+        self._refuse_if_closed()
         reachable = not self.broker_pending
         if reachable:
             topology = await self._ready()

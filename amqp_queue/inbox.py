@@ -8,10 +8,11 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
-from pamqp.commands import Basic
+from aiormq.exceptions import ChannelNotFoundEntity
+from pamqp.commands import Basic, Queue
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import BrokerError, broker_errors
+from amqp_queue.errors import broker_errors
 from amqp_queue.topology import Topology
 
 T = TypeVar("T")
@@ -109,28 +110,33 @@ class Inbox:
 
         Raises:
             BrokerError: the broker failed, or the queue is gone (deleted: a device retired;
-                never declared again here, which would bring a retired device's queue back).
+                a passive declare, which does not bring it back).
         """
-        # Passive, on aiormq's channel: aio-pika's robust channel answers a passive declare
-        # from its cache, with a stale count.
         with broker_errors(f"inspecting {self.queue.name!r}"):
-            underlay = await self.channel.get_underlay_channel()
-            declared = await _uncancelled(underlay.queue_declare(self.queue.name, passive=True))
+            declared = await self._declared_passively()
         return declared.message_count or 0
 
-    async def messages_gone(self) -> bool:
-        """Whether the deliveries this consumer holds unsettled can no longer go back to its
-        queue: the channel is closed (the broker requeued them already), or the queue was
-        deleted (a device retired, its messages with it). Asked of a give-back; a failure to
-        tell counts as gone (the commands are then published again: a copy at worst)."""
-        if self.channel.is_closed or self.cancelled_by_broker:
+    async def queue_deleted(self) -> bool:
+        """Whether the queue was deleted (a device retired) with the deliveries this
+        consumer holds unsettled: the broker cancelled the consumer, or the queue is gone.
+
+        Raises:
+            BrokerError: the broker failed otherwise (the channel is then lost).
+        """
+        if self.cancelled_by_broker:
             return True
-        try:
-            await self.ready_count()
-        except BrokerError as exc:
-            logger.info("the queue of a cancelled drain is gone or unreachable: %s", exc)
-            return True
+        with broker_errors(f"inspecting {self.queue.name!r}"):
+            try:
+                await self._declared_passively()
+            except ChannelNotFoundEntity:
+                return True
         return False
+
+    async def _declared_passively(self) -> Queue.DeclareOk:
+        # On aiormq's channel: aio-pika's robust channel answers a passive declare from its
+        # cache, with a stale count. A missing queue closes the channel (404).
+        underlay = await self.channel.get_underlay_channel()
+        return await _uncancelled(underlay.queue_declare(self.queue.name, passive=True))
 
     async def stop(self) -> None:
         """Cancels the consumer; deliveries already received stay in the buffer. Called

@@ -343,9 +343,12 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         # The limits, and a queue name within AMQP's 255 bytes, before anything is written.
         return self.config.validate_device(device_id)
 
-    async def _ready(self) -> Topology:
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise BrokerError("the store is closed; open a new one")
+
+    async def _ready(self) -> Topology:
+        self._refuse_if_closed()
         if self.broker_pending:
             raise BrokerError("the broker is unreachable; the store keeps trying to connect")
         if not self._started:
@@ -354,6 +357,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         return self._topology
 
     async def _accept(self, record: CommandRecord) -> str:
+        self._refuse_if_closed()  # also while the broker was pending: its relay is gone
         if self.broker_pending:
             # The broker is known to be down: into the index at once, owed to the relay.
             await self._path.write(record)

@@ -4,8 +4,9 @@ The same constructs (:mod:`amqp_queue.state.sql.statements`) compiled by SQLAlch
 engine's dialect, every value going through the column type's own bind and result
 processors, so rows are stored and read exactly as on the SQLAlchemy path. Used where
 SQLAlchemy's per-call overhead outweighs the database's own work: the SQLite writer and reads
-(:mod:`amqp_queue.state.sql.sqlite_direct`) and PostgreSQL's hot reads
-(:mod:`amqp_queue.state.sql.postgres_reads`).
+(:mod:`amqp_queue.state.sql.sqlite_direct`), PostgreSQL's hot reads
+(:mod:`amqp_queue.state.sql.postgres_reads`) and its write transactions
+(:mod:`amqp_queue.state.sql.postgres_writes`).
 """
 
 from __future__ import annotations

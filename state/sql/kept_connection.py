@@ -1,6 +1,7 @@
 """A pooled connection kept checked out between calls.
 
-The reads and marks ``consume`` makes for every hand-out run on the driver directly
+The reads and marks ``consume`` makes for every hand-out, and on PostgreSQL every write
+transaction, run on the driver directly
 (:mod:`amqp_queue.state.sql.sqlite_reads`, :mod:`amqp_queue.state.sql.postgres_reads`):
 checking a pooled connection out and in again for each would cost more than the call.
 """
@@ -109,7 +110,19 @@ class KeptCalls:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_WAIT):
                 await self._idle.wait()
-        await self._kept.close()
+        if self._busy:
+            # Still in a call (a transaction, maybe): never handed to another pool user.
+            await self._kept.discard()
+        else:
+            await self._kept.close()
 
     def _spoilt_by(self, exc: BaseException) -> bool:
-        return not isinstance(exc, Exception) or isinstance(exc, self._failures)
+        if not isinstance(exc, Exception):
+            return True
+        # An error the server reported for a statement (a deadlock victim, a unique
+        # violation) leaves the connection sound, its transaction rolled back; one that says
+        # the connection or the server went (08, 57P) does not.
+        code = getattr(exc, "sqlstate", None)
+        if isinstance(code, str):
+            return code.startswith(("08", "57P"))
+        return isinstance(exc, self._failures)

@@ -9,8 +9,10 @@ decompose). :class:`PostgresWrites` runs the same transactions
 compiled for the driver by :class:`~amqp_queue.state.sql.compiled.DriverSql`, on the asyncpg
 connection under a pooled one, as the SQLite writer does on its own connection.
 
-The transaction's isolation is the connection's, READ COMMITTED, as on the SQLAlchemy path;
-what a transaction raises rolls it back. A deadlock victim is run again by the caller
+A transaction begins with a plain ``BEGIN``: the server's default isolation, READ COMMITTED
+unless the database or role sets another, as the store's own engine has it (an
+``isolation_level`` option of a caller's engine does not reach it). What a transaction
+raises rolls it back. A deadlock victim is run again by the caller
 (``SqlExecution._committed``), as any write transaction.
 """
 

@@ -4,8 +4,10 @@ A transaction is a generator: it yields the statements to execute (the construct
 :mod:`amqp_queue.state.sql.statements`) and is sent back each one's result, so one algorithm
 per operation runs
 
-- on an AsyncConnection (:func:`run`): PostgreSQL, and SQLite where the store has no direct
-  connection (in memory, a named schema);
+- on PostgreSQL through asyncpg, on the driver connection
+  (:class:`amqp_queue.state.sql.postgres_writes.PostgresWrites`);
+- on an AsyncConnection (:func:`run`): SQLite where the store has no direct connection (in
+  memory, a named schema), and PostgreSQL on another driver;
 - on the SQLite writer thread's own connection
   (:class:`amqp_queue.state.sql.sqlite_writer.SqliteWriter`): the whole transaction in one
   hop from the event loop.
