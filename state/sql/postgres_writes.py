@@ -18,7 +18,8 @@ raises rolls it back. A deadlock victim is run again by the caller
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+import functools
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,7 +27,7 @@ from .commit_doubt import Commit
 from .compiled import DriverSql
 from .kept_connection import KeptCalls
 from .postgres_reads import FAILURES
-from .transactions import Count, Fetch, Step, Transaction
+from .transactions import Count, Fetch, Step, Transaction, run_with
 
 T = TypeVar("T")
 
@@ -44,7 +45,7 @@ class PostgresWrites:
 
         async def call(driver: Any) -> T:
             async with driver.transaction():
-                result = await self._steps(driver, transaction)
+                result = await run_with(transaction, functools.partial(self._execute, driver))
                 if commit is not None:
                     commit.sending_on(int(driver.get_server_pid()), result)
             return result
@@ -53,15 +54,6 @@ class PostgresWrites:
 
     async def close(self) -> None:
         await self._kept.close()
-
-    async def _steps(self, driver: Any, transaction: Transaction[T]) -> T:
-        result: object = None
-        while True:
-            try:
-                step = transaction.send(result)
-            except StopIteration as done:
-                return cast(T, done.value)
-            result = await self._execute(driver, step)
 
     async def _execute(self, driver: Any, step: Step) -> object:
         if isinstance(step, Fetch):

@@ -20,7 +20,7 @@ factory, and what it calls back (a :data:`~amqp_queue.state.indexed_store.Change
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -86,23 +86,31 @@ def many(statement: sql.Statement, params: Sequence[Mapping[str, Any]]) -> Trans
     yield Many(statement, params)
 
 
-async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
-    """Runs ``transaction`` on ``conn``, in the transaction the caller began."""
+async def run_with(transaction: Transaction[T], execute: Callable[[Step], Awaitable[object]]) -> T:
+    """Runs ``transaction``, each step through ``execute`` (an executor's), in the
+    transaction the caller began."""
     result: object = None
     while True:
         try:
             step = transaction.send(result)
         except StopIteration as done:
             return cast(T, done.value)
+        result = await execute(step)
+
+
+async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
+    """Runs ``transaction`` on ``conn``, in the transaction the caller began."""
+
+    async def execute(step: Step) -> object:
         if isinstance(step, Many):
             await conn.execute(step.statement, list(step.params))
-            result = None
-        else:
-            executed = await conn.execute(step.statement, dict(step.params))
-            if isinstance(step, Count):
-                result = executed.rowcount
-            else:
-                result = [dict(row._mapping) for row in executed]
+            return None
+        executed = await conn.execute(step.statement, dict(step.params))
+        if isinstance(step, Count):
+            return executed.rowcount
+        return [dict(row._mapping) for row in executed]
+
+    return await run_with(transaction, execute)
 
 
 # -- the transactions ----------------------------------------------------------------------
