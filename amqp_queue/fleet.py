@@ -149,7 +149,8 @@ class FleetDelivery:
         deletes its queue with whatever is in it.
 
         A ``consume`` stream still open on the device ends when the broker cancels its
-        consumer.
+        consumer. A drain under way hands out what it claimed; cancelled, it finds its
+        queue gone and ends what it claimed ``CANCELLED`` too.
 
         Returns:
             How many commands it cancelled.
