@@ -63,9 +63,10 @@ class KeptConnection:
 class KeptCalls:
     """Calls on the driver connection of a :class:`KeptConnection`, one at a time: a call
     that finds it busy (another stream's, another write) takes a pooled connection for
-    itself, never waits. After a call failed with one of ``failures`` (the database's or
-    the connection's) or was interrupted, its connection is not used again; after any other
-    error (a refused change, whose transaction rolled back) it is.
+    itself, never waits. After a call was interrupted, or failed with one of ``failures``
+    that says the connection or the server went, its connection is not used again; after an
+    error the server reported for a statement, or one of the caller's own (a refused change),
+    the transaction rolled back and the connection is kept.
     """
 
     def __init__(self, engine: AsyncEngine, failures: tuple[type[Exception], ...]) -> None:
