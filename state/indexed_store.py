@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 
 from . import rules
-from .clock import Clock, utc_now
+from .clock import Clock, checked, utc_now
 from .closing import Closing
 from .enqueue_calls import CommandIntake
 from .errors import ClaimOutcomeUnknown, CommandNotFound, OutboxTaken, StateError
@@ -50,7 +50,7 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         if retention < timedelta(0):
             raise ValueError("retention must not be negative")
         self.limits = limits
-        self.clock = clock
+        self.clock = checked(clock)
         self.retention = retention
 
     # -- the Store contract ------------------------------------------------------------
