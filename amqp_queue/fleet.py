@@ -125,7 +125,9 @@ class FleetDelivery:
         together (pipelined)."""
         if not self.broker_pending:
             await self._ready()
-        confirmed = await self.state.confirm_members(rollout_id, by=by)
+        confirmed = await self._path.write_outside(
+            self.state.confirm_members(rollout_id, by=by), self._unpublished_ready
+        )
         for record in confirmed:
             self.observer.confirmed(record)
         await self._publish_ready(confirmed, reachable=not self.broker_pending)
@@ -185,26 +187,39 @@ class FleetDelivery:
                     reachable = False
         # One transaction, all or nothing, outside the group commit: a refusal (a device at
         # its limit) must fail this call alone, and whole.
-        superseded = await self.state.write(records, ())
+        superseded = await self._path.write_outside(
+            self.state.write(records, ()), lambda _: self._unpublished_ready(records)
+        )
         self.observer.enqueued(records, superseded)
         await self._publish_ready(records, reachable=reachable)
 
     async def _publish_ready(self, records: Sequence[CommandRecord], *, reachable: bool) -> None:
         """Publishes the ready ones of ``records`` at once, their confirms pipelined, or
         leaves them to the relay."""
-        now = self.state.clock()
         ready = [
             record
-            for record in records
-            if rules.is_deliverable(record, now)
-            and record.published_at is None
-            and record.id not in self._path.in_flight
+            for record in self._unpublished_ready(records)
+            if record.id not in self._path.in_flight
         ]
         if not reachable:
             for record in ready:
                 self._path.owe(record.id)
             return
-        await _bounded([self._path.publish(record) for record in ready])
+        try:
+            await _bounded([self._path.publish(record) for record in ready])
+        except asyncio.CancelledError:
+            # The publishes not started yet would wait out the relay's lease behind newer
+            # commands.
+            self._path.owe_unstarted(ready)
+            raise
+
+    def _unpublished_ready(self, records: Sequence[CommandRecord]) -> list[CommandRecord]:
+        now = self.state.clock()
+        return [
+            record
+            for record in records
+            if rules.is_deliverable(record, now) and record.published_at is None
+        ]
 
 
 # Broker calls of one fan-out in flight at once. Started all together, 10,000 publishes of a

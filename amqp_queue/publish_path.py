@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from amqp_queue.batching import Batcher, Refusals
 from amqp_queue.delivery_index import DeliveryIndex
@@ -27,6 +28,8 @@ from amqp_queue.state.errors import QueueFull, StateError
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.publish_path")
+
+T = TypeVar("T")
 
 # Commands (and publish marks) per index transaction.
 _WRITE_BATCH = 500
@@ -47,6 +50,8 @@ class PublishPath:
         self.in_flight: set[str] = set()
         """Direct publishes under way, until their publish marks are committed."""
         self._owed_early: set[str] = set()
+        # Index writes take turns: the group commit's and those outside it (write_outside).
+        self._turn = asyncio.Lock()
         self._writes: Batcher[CommandRecord | str] = Batcher(
             self._write_batch, max_batch=_WRITE_BATCH, on_detached_failure=_log_mark_failure
         )
@@ -71,6 +76,49 @@ class PublishPath:
         except asyncio.CancelledError:
             written.add_done_callback(functools.partial(self._owe_if_written, record))
             raise
+
+    async def write_outside(
+        self,
+        writing: Awaitable[T],
+        ready_of: Callable[[T], Iterable[CommandRecord]],
+    ) -> T:
+        """Awaits an index write made outside the group commit (a fan-out's one transaction,
+        a confirmation), which makes ``ready_of(result)`` commands ready.
+
+        It takes its turn with the group commit's writes: one written after it waits until
+        it is answered, so no command enqueued later is published ahead of the ones it made
+        ready. Cancelled, the caller leaves those commands owed to the relay once the write
+        commits (before the next write's turn), as :meth:`write` does.
+        """
+        abandoned: list[bool] = []
+
+        async def in_turn() -> T:
+            async with self._turn:
+                result = await writing
+                if abandoned:
+                    self._owe_ready(ready_of(result))
+                return result
+
+        written = asyncio.ensure_future(in_turn())
+        try:
+            return await asyncio.shield(written)
+        except asyncio.CancelledError:
+            if not written.done():
+                abandoned.append(True)
+            elif not written.cancelled() and written.exception() is None:
+                self._owe_ready(ready_of(written.result()))
+            raise
+
+    def _owe_ready(self, records: Iterable[CommandRecord]) -> None:
+        for record in records:
+            self.owe(record.id)
+
+    def owe_unstarted(self, records: Iterable[CommandRecord]) -> None:
+        """Leaves to the relay those of ``records`` whose direct publish never started (a
+        caller cancelled before it reached them); one under way settles itself."""
+        for record in records:
+            if record.id not in self.in_flight:
+                self.owe(record.id)
 
     async def publish(self, record: CommandRecord) -> None:
         """Publishes a ready command the index holds, or leaves it to the relay."""
@@ -145,6 +193,10 @@ class PublishPath:
         self._writes.post_detached(record.id)
 
     async def _write_batch(self, items: Sequence[CommandRecord | str]) -> Refusals:
+        async with self._turn:
+            return await self._write_in_turn(items)
+
+    async def _write_in_turn(self, items: Sequence[CommandRecord | str]) -> Refusals:
         """One index round trip: new records, and ids of commands the broker confirmed.
 
         A batch a device's limit refuses (rule 11) is written again one record at a time,

@@ -269,14 +269,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         delivered: harmless, and nothing changed)."""
         if not self.broker_pending:
             await self._ready()
-        # Shielded: a confirmation the index committed makes the command ready, and a
-        # cancelled caller must not leave it to wait out the relay's lease behind newer ones.
-        confirming = asyncio.ensure_future(self.state.confirm_changed(command_id, by=by))
-        try:
-            record, changed = await asyncio.shield(confirming)
-        except asyncio.CancelledError:
-            confirming.add_done_callback(self._owe_if_confirmed)
-            raise
+        # A confirmation the index committed makes the command ready: a cancelled caller
+        # must not leave it to wait out the relay's lease behind newer ones.
+        record, changed = await self._path.write_outside(
+            self.state.confirm_changed(command_id, by=by), self._ready_unpublished
+        )
         if changed:
             # A confirm that changed nothing (twice, a plain or a delivered command) is
             # harmless and is not an operator's approval: it is not counted.
@@ -295,12 +292,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._path.publish(record)
         return changed
 
-    def _owe_if_confirmed(self, confirming: asyncio.Future[tuple[CommandRecord, bool]]) -> None:
-        if confirming.cancelled() or confirming.exception() is not None:
-            return
-        record, _ = confirming.result()
+    def _ready_unpublished(self, confirmed: tuple[CommandRecord, bool]) -> list[CommandRecord]:
+        record, _ = confirmed
         if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
-            self._path.owe(record.id)
+            return [record]
+        return []
 
     async def cancel_command(self, command_id: str, *, by: str | None = None) -> None:
         # A message already in the queue stays there and is dropped at delivery.
