@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
@@ -21,13 +27,24 @@ from amqp_queue.state.model import CommandRecord
 logger = logging.getLogger("amqp_queue.drain")
 
 
+class Debts(Protocol):
+    """What a drain leaves to the outbox relay (:class:`~amqp_queue.outbox.OutboxRelay`)."""
+
+    def owe(self, command_ids: Iterable[str]) -> None:
+        """Publishes these commands again."""
+
+    def owe_release(self, command_ids: Iterable[str]) -> None:
+        """Gives these claimed commands back, to be published again, once the index takes
+        them."""
+
+
 async def drain(
     inbox: Inbox,
     state: DeliveryIndex,
     config: RabbitMQConfig,
     device_id: str,
     observer: Observer,
-    owe: Callable[[Sequence[str]], None],
+    outbox: Debts,
 ) -> list[CommandRecord]:
     """Empties a device queue, marks the live commands in it delivered and returns them.
 
@@ -41,8 +58,7 @@ async def drain(
     are delivered as far as the index goes) and leaves the rest queued; with nothing claimed
     it raises. A claim whose outcome the index cannot tell (:class:`ClaimOutcomeUnknown`)
     counts as claimed while its messages stay queued. Cancelled, it gives back what it
-    claimed (see :func:`give_back`; ``owe`` hands the commands whose messages were already
-    acked to the outbox relay).
+    claimed (see :func:`give_back`; ``outbox`` takes on what it cannot give back itself).
     """
     settlement = Settlement(device_id)
     claimed: list[CommandRecord] = []
@@ -162,7 +178,7 @@ async def drain(
         unacked = [record for record in claimed if record.id not in gone]
         inbox.settling = asyncio.ensure_future(
             give_back(
-                state, settlement, inbox, unacked, acked, owe, stop_within=config.publish_timeout
+                state, settlement, inbox, unacked, acked, outbox, stop_within=config.publish_timeout
             )
         )
         await asyncio.shield(inbox.settling)
@@ -176,7 +192,7 @@ async def give_back(
     inbox: Inbox,
     requeued: Sequence[CommandRecord],
     republish: Sequence[CommandRecord],
-    owe: Callable[[Sequence[str]], None],
+    outbox: Debts,
     *,
     stop_within: float,
 ) -> None:
@@ -210,15 +226,16 @@ async def give_back(
             requeued, republish = [], [*republish, *requeued]
     if requeued or republish:
         try:
-            await state.release(
-                [record.id for record in requeued], [record.id for record in republish]
-            )
+            await _release_retrying(state, requeued, republish, within=stop_within)
         except Exception as exc:
+            # Their messages go back now and the next reader drops them as delivered: the
+            # relay gives the commands back, published again, once the index takes them.
             logger.error(
-                "a cancelled drain could not give back %d commands, which stay delivered: %s",
+                "a cancelled drain could not give back %d commands; the outbox relay will: %s",
                 len(requeued) + len(republish),
                 exc,
             )
+            outbox.owe_release([record.id for record in [*requeued, *republish]])
         else:
             given_back = len(requeued) + len(republish)
             # Requeued into nothing, the reopened commands would wait for messages that are
@@ -229,10 +246,31 @@ async def give_back(
                 republish = [*republish, *await _taken_back(state, requeued)]
             elif fate == "deleted":
                 await _cancel_retired(state, requeued)
-            owe([record.id for record in republish])
+            outbox.owe([record.id for record in republish])
             logger.info("a cancelled drain gave back %d commands", given_back)
     inbox.take_buffered()
     await settlement.requeue_all(inbox.last)
+
+
+async def _release_retrying(
+    state: DeliveryIndex,
+    requeued: Sequence[CommandRecord],
+    republish: Sequence[CommandRecord],
+    *,
+    within: float,
+) -> None:
+    """Releases the give-back's commands, trying again for ``within`` seconds while the
+    index fails: the drain's messages wait, unacked, for it."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(StateError),
+        stop=stop_after_delay(within),
+        wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+        reraise=True,
+    ):
+        with attempt:
+            await state.release(
+                [record.id for record in requeued], [record.id for record in republish]
+            )
 
 
 async def _requeue_fate(inbox: Inbox) -> str | None:

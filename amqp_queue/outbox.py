@@ -87,6 +87,7 @@ class OutboxRelay:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._owed: set[str] = set()
+        self._owed_release: set[str] = set()
         # When the youngest command left to its writer becomes due (the state's clock).
         self._next_due: datetime | None = None
         self.pending = True
@@ -116,6 +117,14 @@ class OutboxRelay:
         self._owed.update(command_ids)
         self.kick()
 
+    def owe_release(self, command_ids: Iterable[str]) -> None:
+        """Takes on claimed commands nobody received, which a cancelled drain could not give
+        back (the index failed): the next pass releases them unpublished, retrying while the
+        index fails, and publishes them again. Their messages went back to the queue, and
+        whoever read them dropped them while the index said delivered."""
+        self._owed_release.update(command_ids)
+        self.kick()
+
     def _settled(self, kicks_before_read: int) -> bool:
         """Ends a flush unless a kick came after the pass's last read began, and clears
         ``pending`` unless commands are held back (:meth:`_hold_back`).
@@ -136,6 +145,11 @@ class OutboxRelay:
             StateError: the index could not be read or updated.
         """
         async with self._lock:
+            if self._owed_release:
+                releasing = set(self._owed_release)
+                await self._state.release((), releasing)
+                self._owed_release -= releasing
+                self._owed |= releasing
             published = 0
             while True:
                 kicks = self._kicks

@@ -233,7 +233,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 inbox = await open_inbox(channel, topology, self.config, device, window_only=True)
                 running.consuming(inbox)
                 records = await drain(
-                    inbox, self.state, self.config, device, self.observer, self._relay.owe
+                    inbox, self.state, self.config, device, self.observer, self._relay
                 )
             finally:
                 # Not awaited by the caller: once the drain has returned, a cancellation
