@@ -7,7 +7,9 @@ would be delivered to nobody. So each claim carries a token, and the script keep
 (the ids it took) under that token for :data:`ANSWER_TTL`: the same claim sent again returns
 the same commands (and a claim looked up and found never to have run leaves an empty answer,
 so a late copy of it, sent on a connection given up on while Redis stalled, claims nothing).
-A claim whose reply stays lost after its retries raises
+The claim is sent again, with the same token, for :data:`~amqp_queue.state.write_doubt.BOUND`
+seconds (a Redis restart or a dropped connection is over by then, and the drain learns what
+it took and hands it out). A claim whose reply stays lost past that raises
 :class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the store looks its answer up
 ahead of the device's next claim, which hands out what it took (with no answer kept, the claim
 never ran and its commands are still open). The answer of a claim whose reply
@@ -29,20 +31,20 @@ from datetime import timedelta
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
-    stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
 from .errors import ClaimOutcomeUnknown, StateError
 from .model import CommandRecord
 from .redis_encoding import decode_replies, milliseconds
+from .write_doubt import BOUND
 
 logger = logging.getLogger("amqp_queue.state.redis")
 
 ANSWER_TTL = timedelta(minutes=10)
 """How long Redis keeps a claim's answer for the claim to be sent again."""
 
-_ATTEMPTS = 3
 
 Send = Callable[[str, Sequence[str], Sequence[str], bool], Awaitable[Sequence[Sequence[bytes]]]]
 """Runs the claim script: ``(token, answered tokens, command ids, only look the answer up)``
@@ -121,7 +123,7 @@ class Claims:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(doubt),
-                stop=stop_after_attempt(_ATTEMPTS),
+                stop=stop_after_delay(BOUND),
                 wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
                 reraise=True,
             ):

@@ -283,10 +283,15 @@ for i = 6, #ARGV do
             local holder = redis.call('HGET', slots, kind)
             taken = holder and holder ~= id and is_open(command_key(holder))
         end
-        if tonumber(expires) <= tonumber(now) then
-            redis.call('HSET', key, 'delivered', '0', 'end_reason', 'expired')
-        elseif taken then
-            redis.call('HSET', key, 'delivered', '0', 'end_reason', 'superseded')
+        local expired = tonumber(expires) <= tonumber(now)
+        if expired or taken then
+            -- Ended, not delivered: no outcome is awaited, and pruning finds it as any other
+            -- finished command.
+            local reason = expired and 'expired' or 'superseded'
+            redis.call('HSET', key, 'delivered', '0', 'end_reason', reason, 'ended_at', now)
+            redis.call('ZREM', prefix .. 'outcome_due', id)
+            redis.call('ZADD', finished_key, now, id)
+            redis.call('PEXPIRE', key, finished_ttl)
         else
             reopened = reopened + 1
             redis.call('HSET', key, 'delivered', '0')
@@ -298,6 +303,8 @@ for i = 6, #ARGV do
             end
             local device_key = prefix .. 'dev:' .. device
             redis.call('ZADD', device_key, f[6], id)
+            -- Its claim's finish took the device out of the fleet's list if this was its last.
+            redis.call('ZADD', prefix .. 'devices', 0, device)
             redis.call('ZADD', expiry_key, expires, id)
             redis.call('ZREM', finished_key, id)
             redis.call('ZREM', prefix .. 'outcome_due', id)

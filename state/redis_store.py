@@ -33,7 +33,7 @@ from . import redis_add_scripts as add_lua
 from . import redis_scripts as lua
 from . import rules
 from .clock import Clock, utc_now
-from .errors import QueueFull, StateError
+from .errors import ClaimOutcomeUnknown, QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
 from .redis_add_doubt import add_once
@@ -225,7 +225,23 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
             )
             return replies
 
-        return await self._claims.claim(device_id, list(command_ids or ()), send)
+        try:
+            taken = await self._claims.claim(device_id, list(command_ids or ()), send)
+        except ClaimOutcomeUnknown as exc:
+            exc.records = await self._unexpired(exc.records, now)
+            raise
+        return await self._unexpired(taken, now)
+
+    async def _unexpired(
+        self, records: Sequence[CommandRecord], now: datetime
+    ) -> list[CommandRecord]:
+        """What a claim took, less what expired since: a claim looked up late (its reply was
+        lost) took commands that may have expired meanwhile; given back, they end EXPIRED
+        rather than reach the device."""
+        expired = [record.id for record in records if record.expires_at <= now]
+        if expired:
+            await self._release(expired, unpublish=False)
+        return [record for record in records if record.expires_at > now]
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         keep = milliseconds(self.retention + KEY_TTL_MARGIN)
