@@ -46,6 +46,10 @@ class DeliveryIndex(Protocol):
         """Of these ids, the commands that are open, ready and unexpired now."""
         ...
 
+    async def open_commands(self, device_id: str) -> list[CommandRecord]:
+        """A device's open, unexpired commands in write order."""
+        ...
+
     async def is_deliverable(self, command_id: str) -> bool:
         """Whether one command is open, ready and unexpired now."""
         ...

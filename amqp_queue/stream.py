@@ -16,14 +16,16 @@ from typing import Self
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from amqp_queue.batching import Batcher
-from amqp_queue.config import RabbitMQConfig
+from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
+from amqp_queue.requeue_order import WAIT, ReadyOrder
 from amqp_queue.settlement import report_delivered, settle, split_live
 from amqp_queue.state.closing import Closing
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
 
@@ -91,13 +93,18 @@ class CommandStream(Closing):
         self._handed: OrderedDict[str, None] = OrderedDict()
         self._clock = time.monotonic
         self._checked_at = 0.0
-        self._ack_together = True
         # Finished commands whose delivery mark failed: unacked, tried again with the next.
         self._unmarked: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
         # Marked commands not acked yet: acked together once they are a share of the window
         # (see _ack_marked), or before the stream waits for the broker or closes.
         self._marked: list[AbstractIncomingMessage] = []
         self._ack_every = max(1, config.prefetch // _ACK_SHARE)
+        self._order = (
+            ReadyOrder(state, device_id) if config.queue_type is QueueType.QUORUM else None
+        )
+        # Handed out in ready order there, not delivery order: a multiple ack could take a
+        # command still in hand with it.
+        self._ack_together = self._order is None
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -124,24 +131,22 @@ class CommandStream(Closing):
             await self._recheck_next()
         elif self._ready and self._clock() - self._checked_at > self._config.recheck_after:
             await self._recheck()
-        while self._ready and self._ready[0][1].expires_at <= self._state.clock():
-            await self._drop(self._ready.popleft()[0])
-        retry_in = MARK_RETRY_FIRST
-        while not self._ready:
-            await self._flush_finished()
-            assert self._inbox is not None
-            # With marks still failing, the wait is bounded: the device may have nothing
-            # more coming (or the broker holds back, the prefetch window being full of
-            # unacked commands), and their status must not say pending for ever.
-            window = await self._inbox.window(retry_in if self._unmarked else None)
-            if self._inbox.interrupted:
-                self._unadmitted.extend(window)
-                await self.close()
-                raise StopAsyncIteration
-            if window:
-                await self._admit(window)
-            elif self._unmarked:
-                retry_in = min(retry_in * 2, MARK_RETRY_MOST)
+        while True:
+            while self._ready and self._ready[0][1].expires_at <= self._state.clock():
+                await self._drop(self._ready.popleft()[0])
+            retry_in = MARK_RETRY_FIRST
+            while not self._ready:
+                await self._flush_finished()
+                # With marks still failing, the wait is bounded: the device may have nothing
+                # more coming (or the broker holds back, the prefetch window being full of
+                # unacked commands), and their status must not say pending for ever.
+                window = await self._next_window(retry_in if self._unmarked else None)
+                if window:
+                    await self._admit(window)
+                elif self._unmarked:
+                    retry_in = min(retry_in * 2, MARK_RETRY_MOST)
+            if self._order is None or await self._in_ready_order():
+                break
         if self._closed:
             raise StopAsyncIteration
         self._current = self._ready.popleft()
@@ -232,6 +237,37 @@ class CommandStream(Closing):
             self._marks.post_detached(self._current)
             self._current = None
 
+    async def _next_window(self, wait: float | None) -> list[AbstractIncomingMessage]:
+        """The next window; the stream ends here if its store is closing meanwhile."""
+        assert self._inbox is not None
+        window = await self._inbox.window(wait)
+        if self._inbox.interrupted:
+            self._unadmitted.extend(window)
+            await self.close()
+            raise StopAsyncIteration
+        return window
+
+    async def _in_ready_order(self) -> bool:
+        """On a quorum queue: whether the next command may go out, no older one missing from
+        the stream's hands (see :mod:`amqp_queue.requeue_order`); False: look again."""
+        assert self._order is not None
+        loop = asyncio.get_running_loop()
+        present = {record.id for _, record in self._ready}.union(self._handed)
+        if not self._order.missing_before(self._ready[0][1], present, loop.time()):
+            return True
+        # Acked, the finished commands free the window for the broker to send more.
+        await self._flush_finished()
+        if len(self._ready) >= self._config.prefetch:
+            # A full window: the broker sends nothing more until some go back, and they go
+            # behind the missing ones, in order.
+            ready, self._ready = self._ready, deque()
+            for message, _ in ready:
+                await settle(message, ack=False)
+        window = await self._next_window(WAIT)
+        if window:
+            await self._admit(window)
+        return False
+
     async def _admit(self, window: list[AbstractIncomingMessage]) -> None:
         """Keeps the window's live commands, in queue order, and drops the rest.
 
@@ -255,6 +291,12 @@ class CommandStream(Closing):
                 stale.append(message)
             else:
                 self._ready.append((message, record))
+        if self._order is not None:
+            self._ready = deque(sorted(self._ready, key=lambda item: item[1].ready_at))
+            try:
+                await self._order.refresh()
+            except StateError as exc:
+                logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
         await self._drop_all(stale)
 
     async def _recheck(self) -> None:

@@ -1,0 +1,78 @@
+"""Ready order on quorum queues, where a requeued message goes to the back of the queue.
+
+A classic queue puts a requeued message back at its place; a quorum queue (RabbitMQ 3.10 here)
+puts it behind every message queued since. A stream that closes with prefetched commands, or
+whose loop body raised, gives them back that way, and the next consumer would meet the newer
+commands first. So on quorum queues a stream hands out in the index's ready order: before
+handing out a command it checks that every older published command of the device, still
+open in the index, is in its hands (or was handed out); while one is missing it reads more of
+the queue, for at most :data:`WAIT` seconds, and then goes on without it (it may be in another
+consumer's hands, or beyond a full prefetch window).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.state import rules
+from amqp_queue.state.model import CommandRecord
+
+logger = logging.getLogger("amqp_queue.stream")
+
+WAIT = 0.5
+"""Seconds a quorum-queue stream reads on for an older command before it goes on without."""
+
+
+class ReadyOrder:
+    """The device's published, open commands in ready order, as the index last said, and
+    how long each older one has been waited for."""
+
+    def __init__(self, state: DeliveryIndex, device_id: str) -> None:
+        self._state = state
+        self._device_id = device_id
+        self._expected: list[str] = []
+        # When each missing older command was first waited for (the event loop's clock).
+        self._waiting_since: dict[str, float] = {}
+        # Waited for longer than WAIT: not waited for again.
+        self._given_up: set[str] = set()
+
+    async def refresh(self) -> None:
+        """Reads the device's open commands again (after a window came)."""
+        now = self._state.clock()
+        records = await self._state.open_commands(self._device_id)
+        self._expected = [
+            record.id
+            for record in rules.in_ready_order(records)
+            if record.published_at is not None and rules.is_deliverable(record, now)
+        ]
+
+    def missing_before(
+        self, record: CommandRecord, present: Collection[str], moment: float
+    ) -> list[str]:
+        """The older published commands of the device that are not ``present`` (in hand or
+        handed out): handing ``record`` out now would overtake them. Those waited for
+        longer than :data:`WAIT` by ``moment`` are given up on."""
+        missing: list[str] = []
+        for command_id in self._expected:
+            if command_id == record.id:
+                break
+            if command_id not in present and command_id not in self._given_up:
+                missing.append(command_id)
+        else:
+            # Not in the last read (it came after it): nothing known to be older.
+            return []
+        overdue = [
+            command_id
+            for command_id in missing
+            if moment - self._waiting_since.setdefault(command_id, moment) > WAIT
+        ]
+        if overdue:
+            logger.info(
+                "consumer of %s goes on without %d older commands that did not arrive",
+                self._device_id,
+                len(overdue),
+            )
+            self._given_up.update(overdue)
+        return [command_id for command_id in missing if command_id not in self._given_up]

@@ -1,0 +1,76 @@
+"""Ready order on quorum queues, where RabbitMQ puts a requeued message behind every message
+queued since (a classic queue puts it back at its place): a stream that ends with commands
+prefetched, or whose loop body raised, gives them back that way. The next stream must still
+hand the device its commands in order (see amqp_queue/requeue_order.py). Every state backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
+from tests.rabbitmq_support import AMQP_URL, delete_namespace
+from tests.support import unique
+from tests.test_adversarial_seams import BACKENDS, _state_url
+
+PAYLOADS = [f"c{n}".encode() for n in range(5)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RabbitMQStore]:
+    exchange = unique("test.")
+    async with _state_url(request.param, tmp_path) as url:
+        opened = await RabbitMQStore.connect(
+            AMQP_URL,
+            state_url=url,
+            config=RabbitMQConfig(exchange=exchange, queue_type=QueueType.QUORUM, prefetch=2),
+        )
+        try:
+            yield opened
+        finally:
+            await opened.close()
+            await delete_namespace(exchange, opened.declared_devices)
+
+
+async def _consume_all(store: RabbitMQStore, device: str) -> list[bytes]:
+    got: list[bytes] = []
+    async with store.consume(device) as stream:
+        while True:
+            try:
+                command = await asyncio.wait_for(stream.__anext__(), 2.0)
+            except (TimeoutError, StopAsyncIteration):
+                return got
+            got.append(command.payload)
+
+
+async def test_commands_prefetched_by_a_stream_that_ended_come_next_in_order(
+    store: RabbitMQStore,
+) -> None:
+    for payload in PAYLOADS:
+        await store.enqueue("dev-q", payload, 600)
+    got: list[bytes] = []
+    async with store.consume("dev-q") as stream:
+        async for command in stream:
+            got.append(command.payload)
+            break  # the device takes one command now, the rest later
+
+    got += await _consume_all(store, "dev-q")
+
+    assert got == PAYLOADS
+
+
+async def test_a_command_whose_body_raised_comes_again_before_newer_ones(
+    store: RabbitMQStore,
+) -> None:
+    for payload in PAYLOADS:
+        await store.enqueue("dev-q", payload, 600)
+    with pytest.raises(RuntimeError):
+        async with store.consume("dev-q") as stream:
+            async for _command in stream:
+                raise RuntimeError("the device dropped off")
+
+    assert await _consume_all(store, "dev-q") == PAYLOADS
