@@ -105,6 +105,24 @@ class Claims:
         self._answered.extend(answered)
         return taken
 
+    def in_doubt(self) -> list[str]:
+        """The devices with claims whose outcome is not known yet."""
+        return list(self._doubtful)
+
+    async def settle(self, device_id: str, send: Send) -> list[CommandRecord]:
+        """Looks up the device's doubtful claims (never runs them) and returns what they
+        took, for the caller to give back: their drains handed nothing out and requeued the
+        messages, which a ``consume`` would otherwise drop as delivered."""
+        doubtful = self._doubtful.pop(device_id, [])
+        taken: list[CommandRecord] = []
+        for position, token in enumerate(doubtful):
+            try:
+                taken.extend(await self._send(token, (), send, lookup_only=True))
+            except BaseException:
+                self._keep_doubtful(device_id, doubtful[position:])
+                raise
+        return taken
+
     def _keep_doubtful(self, device_id: str, tokens: list[str]) -> None:
         if tokens:
             self._doubtful.setdefault(device_id, []).extend(tokens)

@@ -38,7 +38,7 @@ from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
 from .redis_add_doubt import add_once
 from .redis_changes import RedisChanges
-from .redis_claims import Claims, answer_ttl
+from .redis_claims import Claims, Send, answer_ttl
 from .redis_encoding import (
     LIVENESS_FIELDS,
     add_arguments,
@@ -213,6 +213,15 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
     ) -> list[CommandRecord]:
+        send = self._claim_sender(device_id, now)
+        try:
+            taken = await self._claims.claim(device_id, list(command_ids or ()), send)
+        except ClaimOutcomeUnknown as exc:
+            exc.records = await self._unexpired(exc.records, now)
+            raise
+        return await self._unexpired(taken, now)
+
+    def _claim_sender(self, device_id: str, now: datetime) -> Send:
         keys = [*self._indexes, self._device_key(device_id)]
 
         async def send(
@@ -225,12 +234,19 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
             )
             return replies
 
-        try:
-            taken = await self._claims.claim(device_id, list(command_ids or ()), send)
-        except ClaimOutcomeUnknown as exc:
-            exc.records = await self._unexpired(exc.records, now)
-            raise
-        return await self._unexpired(taken, now)
+        return send
+
+    async def _settle_claims(self, device_id: str) -> None:
+        """Gives back what this process's doubtful claims of the device took (see
+        :meth:`Claims.settle`); the expired ones end EXPIRED."""
+        taken = await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()))
+        if taken:
+            await self._release([record.id for record in taken], unpublish=False)
+            logger.warning(
+                "redis: %d commands of %s taken by a drain whose reply was lost are open again",
+                len(taken),
+                device_id,
+            )
 
     async def _unexpired(
         self, records: Sequence[CommandRecord], now: datetime
@@ -272,6 +288,8 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}
+        for device_id in self._claims.in_doubt():
+            await self._settle_claims(device_id)
         now = self.clock()
         async with self._errors("read"), self._client.pipeline(transaction=False) as pipe:
             for command_id in command_ids:

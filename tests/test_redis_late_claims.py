@@ -126,3 +126,40 @@ async def test_a_released_expired_command_is_finished_and_awaits_no_outcome(
             assert await state.get_status(command_id) == CommandStatus.EXPIRED
         finally:
             await state.close()
+
+
+async def test_a_consume_after_a_claim_left_in_doubt_gets_its_commands() -> None:
+    """The replies stay lost past the drain's bound: the drain raises, having handed out
+    nothing, and requeues the messages. The device then reads with ``consume``, not a second
+    drain: the lost claim is looked up and what it took given back, so the stream hands the
+    commands out instead of dropping their messages as delivered to nobody."""
+    exchange = unique("test.")
+    async with redis_prefix() as prefix:
+        state = await RedisStore.connect(REDIS_URL, prefix=prefix, connection_class=_Losing)
+        connection = await aio_pika.connect_robust(AMQP_URL)
+        store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange), state=state)
+        try:
+            async with store:
+                payloads = [f"c{n}".encode() for n in range(3)]
+                ids = [await store.enqueue("dev-4", payload, 600) for payload in payloads]
+                _Losing.only = state._claim_script.sha.encode()
+                _Losing.lose = 100
+                with pytest.raises(ClaimOutcomeUnknown):
+                    await store.drain_pending("dev-4")
+                _Losing.lose = 0
+
+                got: list[bytes] = []
+                async with store.consume("dev-4") as stream:
+                    async for command in stream:
+                        got.append(command.payload)
+                        if len(got) == len(payloads):
+                            break
+
+                assert got == payloads
+                assert [await store.get_status(i) for i in ids] == [CommandStatus.DELIVERED] * 3
+        finally:
+            _Losing.lose = 0
+            _Losing.only = None
+            await connection.close()
+            await state.close()
+            await delete_namespace(exchange, ["dev-4"])
