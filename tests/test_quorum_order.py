@@ -47,6 +47,12 @@ async def _consume_all(store: RabbitMQStore, device: str) -> list[bytes]:
             got.append(command.payload)
 
 
+async def _fail_on_first(store: RabbitMQStore, device: str) -> None:
+    async with store.consume(device) as stream:
+        async for _command in stream:
+            raise RuntimeError("the device dropped off")
+
+
 async def test_commands_prefetched_by_a_stream_that_ended_come_next_in_order(
     store: RabbitMQStore,
 ) -> None:
@@ -69,8 +75,6 @@ async def test_a_command_whose_body_raised_comes_again_before_newer_ones(
     for payload in PAYLOADS:
         await store.enqueue("dev-q", payload, 600)
     with pytest.raises(RuntimeError):
-        async with store.consume("dev-q") as stream:
-            async for _command in stream:
-                raise RuntimeError("the device dropped off")
+        await _fail_on_first(store, "dev-q")
 
     assert await _consume_all(store, "dev-q") == PAYLOADS
