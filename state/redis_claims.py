@@ -112,12 +112,13 @@ class Claims:
     async def settle(self, device_id: str, send: Send) -> list[CommandRecord]:
         """Looks up the device's doubtful claims (never runs them) and returns what they
         took, for the caller to give back: their drains handed nothing out and requeued the
-        messages, which a ``consume`` would otherwise drop as delivered."""
+        messages, which a ``consume`` would otherwise drop as delivered. One try each: a
+        read that waits on it fails as soon as Redis does, and asks again next time."""
         doubtful = self._doubtful.pop(device_id, [])
         taken: list[CommandRecord] = []
         for position, token in enumerate(doubtful):
             try:
-                taken.extend(await self._send(token, (), send, lookup_only=True))
+                taken.extend(await self._send(token, (), send, lookup_only=True, within=0.0))
             except BaseException:
                 self._keep_doubtful(device_id, doubtful[position:])
                 raise
@@ -128,7 +129,13 @@ class Claims:
             self._doubtful.setdefault(device_id, []).extend(tokens)
 
     async def _send(
-        self, token: str, ids: Sequence[str], send: Send, *, lookup_only: bool
+        self,
+        token: str,
+        ids: Sequence[str],
+        send: Send,
+        *,
+        lookup_only: bool,
+        within: float = BOUND,
     ) -> list[CommandRecord]:
         # redis-py is optional (see redis_store): imported where it is used.
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -141,7 +148,7 @@ class Claims:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(doubt),
-                stop=stop_after_delay(BOUND),
+                stop=stop_after_delay(within),
                 wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
                 reraise=True,
             ):
