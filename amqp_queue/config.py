@@ -48,7 +48,9 @@ class RabbitMQConfig:
         durable: declare the exchange and device queues durable (survive a broker restart).
         queue_type: classic (default) or quorum device queues. Quorum queues are always
             durable and replicated; pick them on a cluster where losing a node must not lose
-            queued commands.
+            queued commands. They put a requeued message at the back, so ``consume`` there
+            hands out in the index's ready order (see :mod:`amqp_queue.requeue_order`) and
+            acks each command alone.
         prefetch: how many messages a consumer takes per window (its unacknowledged
             bound) and a drain claims per window (a drain reads without a bound and acks
             when it hands over); the state index is asked about a whole window in one query.
