@@ -23,6 +23,7 @@ memory), or coming after :data:`ANSWER_TTL`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,6 +59,7 @@ class Claims:
         self._answered: list[str] = []
         # By device: claims whose replies were lost, looked up ahead of its next claim.
         self._doubtful: dict[str, list[str]] = {}
+        self._settling = asyncio.Lock()
 
     async def claim(
         self, device_id: str, command_ids: Sequence[str], send: Send
@@ -74,6 +76,15 @@ class Claims:
                 before it took (hand them out), and the lost one is looked up next time.
             StateError: Redis failed otherwise.
         """
+        if device_id in self._doubtful:
+            # Not while settle() gives back what the device's doubtful claims took.
+            async with self._settling:
+                return await self._claim(device_id, command_ids, send)
+        return await self._claim(device_id, command_ids, send)
+
+    async def _claim(
+        self, device_id: str, command_ids: Sequence[str], send: Send
+    ) -> list[CommandRecord]:
         doubtful = self._doubtful.pop(device_id, [])
         pending = [*((token, ()) for token in doubtful), (uuid.uuid4().hex, command_ids)]
         taken: list[CommandRecord] = []
@@ -109,20 +120,27 @@ class Claims:
         """The devices with claims whose outcome is not known yet."""
         return list(self._doubtful)
 
-    async def settle(self, device_id: str, send: Send) -> list[CommandRecord]:
-        """Looks up the device's doubtful claims (never runs them) and returns what they
-        took, for the caller to give back: their drains handed nothing out and requeued the
-        messages, which a ``consume`` would otherwise drop as delivered. One try each: a
-        read that waits on it fails as soon as Redis does, and asks again next time."""
-        doubtful = self._doubtful.pop(device_id, [])
-        taken: list[CommandRecord] = []
-        for position, token in enumerate(doubtful):
-            try:
+    async def settle(
+        self,
+        device_id: str,
+        send: Send,
+        give_back: Callable[[list[CommandRecord]], Awaitable[object]],
+    ) -> None:
+        """Looks up the device's doubtful claims (never runs them) and has ``give_back``
+        open again what they took: their drains handed nothing out and requeued the messages,
+        which a ``consume`` would otherwise drop as delivered. One try each: a read that waits
+        on it fails as soon as Redis does, and asks again next time. The tokens stay doubtful
+        until what they took is given back, and the device's claims wait meanwhile (a drain
+        would otherwise drop those messages as delivered, the tokens gone)."""
+        async with self._settling:
+            doubtful = list(self._doubtful.get(device_id, ()))
+            taken: list[CommandRecord] = []
+            for token in doubtful:
                 taken.extend(await self._send(token, (), send, lookup_only=True, within=0.0))
-            except BaseException:
-                self._keep_doubtful(device_id, doubtful[position:])
-                raise
-        return taken
+            if taken:
+                await give_back(taken)
+            left = [token for token in self._doubtful.pop(device_id, []) if token not in doubtful]
+            self._keep_doubtful(device_id, left)
 
     def _keep_doubtful(self, device_id: str, tokens: list[str]) -> None:
         if tokens:

@@ -238,15 +238,19 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
 
     async def _settle_claims(self, device_id: str) -> None:
         """Gives back what this process's doubtful claims of the device took (see
-        :meth:`Claims.settle`); the expired ones end EXPIRED."""
-        taken = await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()))
-        if taken:
-            await self._release([record.id for record in taken], unpublish=False)
+        :meth:`Claims.settle`), unpublished: a process that read the requeued messages
+        meanwhile dropped them as delivered, and a copy is dropped at delivery where a loss
+        is not undone. The expired ones end EXPIRED."""
+
+        async def give_back(taken: list[CommandRecord]) -> None:
+            await self._release([record.id for record in taken], unpublish=True)
             logger.warning(
                 "redis: %d commands of %s taken by a drain whose reply was lost are open again",
                 len(taken),
                 device_id,
             )
+
+        await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
 
     async def _unexpired(
         self, records: Sequence[CommandRecord], now: datetime
@@ -256,7 +260,11 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         rather than reach the device."""
         expired = [record.id for record in records if record.expires_at <= now]
         if expired:
-            await self._release(expired, unpublish=False)
+            try:
+                await self._release(expired, unpublish=False)
+            except StateError as exc:
+                # Not handed out all the same; the claim's live commands are.
+                logger.warning("redis: %d expired commands stay delivered: %s", len(expired), exc)
         return [record for record in records if record.expires_at > now]
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
