@@ -88,6 +88,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._owed: set[str] = set()
         self._owed_release: set[str] = set()
+        self._closed = False
         # When the youngest command left to its writer becomes due (the state's clock).
         self._next_due: datetime | None = None
         self.pending = True
@@ -117,12 +118,32 @@ class OutboxRelay:
         self._owed.update(command_ids)
         self.kick()
 
+    async def _release_owed(self) -> bool:
+        """Gives back the claimed commands :meth:`owe_release` took on; a failure is logged
+        and tried again at the next pass, without holding up the rest of the outbox."""
+        if not self._owed_release:
+            return True
+        releasing = set(self._owed_release)
+        try:
+            await self._state.release((), releasing)
+        except StateError as exc:
+            logger.warning("giving back %d claimed commands failed: %s", len(releasing), exc)
+            return False
+        self._owed_release -= releasing
+        self._owed |= releasing
+        return True
+
     def owe_release(self, command_ids: Iterable[str]) -> None:
         """Takes on claimed commands nobody received, which a cancelled drain could not give
         back (the index failed): the next pass releases them unpublished, retrying while the
         index fails, and publishes them again. Their messages went back to the queue, and
         whoever read them dropped them while the index said delivered."""
         self._owed_release.update(command_ids)
+        if self._closed:
+            logger.error(
+                "the outbox relay is closed: %d claimed commands stay delivered to nobody",
+                len(self._owed_release),
+            )
         self.kick()
 
     def _settled(self, kicks_before_read: int) -> bool:
@@ -134,7 +155,8 @@ class OutboxRelay:
         """
         if self._kicks != kicks_before_read or self._owed - self._held_back:
             return False
-        self.pending = bool(self._found_at_start or self._held_back)
+        # Commands still to be given back (see owe_release) go before newer ones too.
+        self.pending = bool(self._found_at_start or self._held_back or self._owed_release)
         return True
 
     async def flush(self) -> int:
@@ -145,11 +167,7 @@ class OutboxRelay:
             StateError: the index could not be read or updated.
         """
         async with self._lock:
-            if self._owed_release:
-                releasing = set(self._owed_release)
-                await self._state.release((), releasing)
-                self._owed_release -= releasing
-                self._owed |= releasing
+            await self._release_owed()
             published = 0
             while True:
                 kicks = self._kicks
@@ -307,11 +325,17 @@ class OutboxRelay:
             self._task = asyncio.create_task(self._run(), name="amqp_queue.outbox")
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if not await self._release_owed():
+            logger.error(
+                "closing with %d claimed commands not given back: they stay delivered to nobody",
+                len(self._owed_release),
+            )
         await self._give_up_lease()
 
     async def _give_up_lease(self) -> None:

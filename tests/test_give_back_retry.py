@@ -182,3 +182,23 @@ async def test_a_give_back_whose_redis_connection_is_refused_once_loses_nothing(
             _Refusing.refuse = 0
             _Refusing.only = None
             await state.close()
+
+
+async def test_a_give_back_the_index_keeps_refusing_does_not_hold_up_other_devices(
+    tmp_path: Path,
+) -> None:
+    async with (
+        sql_index("sqlite", tmp_path) as state,
+        rabbitmq_over(state, publish_timeout=0.5, relay_interval=0.2) as store,
+    ):
+        for payload in PAYLOADS:
+            await store.enqueue("dev-1", payload, 600)
+        state.refuse_for = 4.0
+        await _cancel_a_drain_holding_its_claim(store, state.claimed)
+
+        await store.enqueue("dev-2", b"other", 600)
+        async with store.consume("dev-2") as stream:
+            command = await asyncio.wait_for(stream.__anext__(), 2.5)
+
+        assert command.payload == b"other"
+        assert sorted(await asyncio.wait_for(_consume(store, 3), 30)) == PAYLOADS
