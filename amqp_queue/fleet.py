@@ -201,12 +201,15 @@ class FleetDelivery:
             for record in self._unpublished_ready(records)
             if record.id not in self._path.in_flight
         ]
-        if not reachable:
+        if not reachable or len(ready) > FAN_OUT_IN_FLIGHT:
+            # Past FAN_OUT_IN_FLIGHT the publishes would wait their turn, and a command
+            # enqueued meanwhile to one of those devices would be published ahead of its
+            # fan-out command: the relay publishes a fan-out that large, in ready order.
             for record in ready:
                 self._path.owe(record.id)
             return
         try:
-            await _bounded([self._path.publish(record) for record in ready])
+            await asyncio.gather(*(self._path.publish(record) for record in ready))
         except asyncio.CancelledError:
             # The publishes not started yet would wait out the relay's lease behind newer
             # commands.

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue import RabbitMQStore
+from amqp_queue.fleet import FAN_OUT_IN_FLIGHT
 from amqp_queue.state import SqlStore
 from amqp_queue.state.model import CommandRecord
 from tests.rabbitmq_support import store_on_index
@@ -116,3 +117,24 @@ async def test_a_rollout_confirmation_cancelled_after_its_write_is_not_overtaken
         return lambda: store.confirm_rollout(rollout.rollout_id)
 
     assert await _cancelled_then_later(tmp_path, prepare) == [b"first", b"later"]
+
+
+async def test_a_command_enqueued_during_a_large_fan_out_comes_after_it(tmp_path: Path) -> None:
+    """Past FAN_OUT_IN_FLIGHT devices a fan-out's publishes waited their turn, and a command
+    enqueued meanwhile to one of the last devices was published ahead of its fan-out
+    command."""
+    devices = [f"dev-{n:05}" for n in range(FAN_OUT_IN_FLIGHT + 200)]
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    state = AnswersLate(engine)
+    async with store_on_index(state) as store:
+        state.late = True
+        fanning = asyncio.create_task(store.enqueue_many(devices, b"first", 600))
+        await asyncio.wait_for(state.committed.wait(), 20)
+        state.late = False
+        await store.enqueue(devices[-1], b"later", 600)
+        await asyncio.wait_for(fanning, 60)
+
+        assert await asyncio.wait_for(_received(store, devices[-1], 2), 20) == [
+            b"first",
+            b"later",
+        ]
