@@ -260,7 +260,9 @@ async def _release_retrying(
     within: float,
 ) -> None:
     """Releases the give-back's commands, trying again for ``within`` seconds while the
-    index fails: the drain's messages wait, unacked, for it."""
+    index fails. The drain's messages wait for it unacked while its channel lasts; should
+    the store close it first, the broker requeues them and the give-back finds the channel
+    lost (see :func:`_requeue_fate`)."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(StateError),
         stop=stop_after_delay(within),

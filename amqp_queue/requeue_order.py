@@ -49,17 +49,18 @@ class ReadyOrder:
         ]
 
     def missing_before(
-        self, record: CommandRecord, present: Collection[str], moment: float
+        self, record: CommandRecord, present: Collection[Collection[str]], moment: float
     ) -> list[str]:
-        """The older published commands of the device that are not ``present`` (in hand or
-        handed out): handing ``record`` out now would overtake them. Those waited for
+        """The older published commands of the device in none of the ``present`` ids (in
+        hand, handed out): handing ``record`` out now would overtake them. Those waited for
         longer than :data:`WAIT` by ``moment`` are given up on."""
         missing: list[str] = []
         for command_id in self._expected:
             if command_id == record.id:
                 break
-            if command_id not in present and command_id not in self._given_up:
-                missing.append(command_id)
+            if command_id in self._given_up or any(command_id in ids for ids in present):
+                continue
+            missing.append(command_id)
         else:
             # Not in the last read (it came after it): nothing known to be older.
             return []

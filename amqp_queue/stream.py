@@ -252,7 +252,7 @@ class CommandStream(Closing):
         the stream's hands (see :mod:`amqp_queue.requeue_order`); False: look again."""
         assert self._order is not None
         loop = asyncio.get_running_loop()
-        present = {record.id for _, record in self._ready}.union(self._handed)
+        present = ({record.id for _, record in self._ready}, self._handed)
         if not self._order.missing_before(self._ready[0][1], present, loop.time()):
             return True
         # Acked, the finished commands free the window for the broker to send more.
