@@ -15,8 +15,9 @@ def utc_now() -> datetime:
 
 
 def checked(clock: Clock) -> Clock:
-    """``clock``, once it has told an aware time: a naive one would fail later, deep in a
-    driver or a comparison, as whatever each backend makes of it.
+    """``clock``, once it has told an aware time (told in UTC if it is in another zone): a
+    naive one would fail later, deep in a driver or a comparison, as whatever each backend
+    makes of it.
 
     Raises:
         ValueError: ``clock`` is not callable, or returned something other than a
@@ -27,4 +28,7 @@ def checked(clock: Clock) -> Clock:
     now = clock()
     if not isinstance(now, datetime) or now.utcoffset() is None:
         raise ValueError(f"clock must return a timezone-aware UTC datetime, returned {now!r}")
+    if now.utcoffset():
+        # Aware in another zone: the same instants, told in UTC as every record keeps them.
+        return lambda: clock().astimezone(UTC)
     return clock
