@@ -187,8 +187,9 @@ class FleetDelivery:
                     reachable = False
         # One transaction, all or nothing, outside the group commit: a refusal (a device at
         # its limit) must fail this call alone, and whole.
+        ready = self._unpublished_ready(records)
         superseded = await self._path.write_outside(
-            self.state.write(records, ()), lambda _: self._unpublished_ready(records)
+            self.state.write(records, ()), lambda _: ready, if_unknown=ready
         )
         self.observer.enqueued(records, superseded)
         await self._publish_ready(records, reachable=reachable)

@@ -81,6 +81,8 @@ class PublishPath:
         self,
         writing: Awaitable[T],
         ready_of: Callable[[T], Iterable[CommandRecord]],
+        *,
+        if_unknown: Iterable[CommandRecord] = (),
     ) -> T:
         """Awaits an index write made outside the group commit (a fan-out's one transaction,
         a confirmation), which makes ``ready_of(result)`` commands ready.
@@ -88,13 +90,19 @@ class PublishPath:
         It takes its turn with the group commit's writes: one written after it waits until
         it is answered, so no command enqueued later is published ahead of the ones it made
         ready. Cancelled, the caller leaves those commands owed to the relay once the write
-        commits (before the next write's turn), as :meth:`write` does.
+        commits (before the next write's turn), as :meth:`write` does. Should the write fail
+        with the index unable to tell whether it landed, ``if_unknown`` is owed (the relay
+        forgets what is not there).
         """
         abandoned: list[bool] = []
 
         async def in_turn() -> T:
             async with self._turn:
-                result = await writing
+                try:
+                    result = await writing
+                except StateError:
+                    self._owe_ready(if_unknown)
+                    raise
                 if abandoned:
                     self._owe_ready(ready_of(result))
                 return result

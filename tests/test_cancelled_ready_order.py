@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from amqp_queue import RabbitMQStore
+from amqp_queue import RabbitMQStore, StateError
 from amqp_queue.fleet import FAN_OUT_IN_FLIGHT
 from amqp_queue.state import SqlStore
 from amqp_queue.state.model import CommandRecord
@@ -38,10 +38,17 @@ class AnswersLate(SqlStore):
             self.committed.set()
             await asyncio.sleep(0.3)
 
+    # Set: the next write of new commands commits, then raises as a lost COMMIT answer the
+    # index could not settle does.
+    unknown = False
+
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         superseded = await super().write(records, published)
         if records:
             await self._after_commit()
+            if self.unknown:
+                self.unknown = False
+                raise StateError("state index write failed; its outcome is unknown (injected)")
         return superseded
 
     async def confirm_changed(
@@ -138,3 +145,19 @@ async def test_a_command_enqueued_during_a_large_fan_out_comes_after_it(tmp_path
             b"first",
             b"later",
         ]
+
+
+async def test_a_fan_out_whose_write_outcome_is_unknown_is_owed_to_the_relay(
+    tmp_path: Path,
+) -> None:
+    """Written though the call raised: published by this process's relay at once, not left
+    for the orphan sweep after the relay lease (30 s here)."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    state = AnswersLate(engine)
+    async with store_on_index(state, relay_after=30.0, relay_interval=0.2) as store:
+        state.unknown = True
+        with pytest.raises(StateError):
+            await store.enqueue_many(["dev-m", "dev-n"], b"first", 600)
+        await store.enqueue("dev-m", b"later", 600)
+
+        assert await asyncio.wait_for(_received(store, "dev-m", 2), 10) == [b"first", b"later"]
