@@ -135,9 +135,8 @@ class OutboxRelay:
 
     def owe_release(self, command_ids: Iterable[str]) -> None:
         """Takes on claimed commands nobody received, which a cancelled drain could not give
-        back (the index failed): the next pass releases them unpublished, retrying while the
-        index fails, and publishes them again. Their messages went back to the queue, and
-        whoever read them dropped them while the index said delivered."""
+        back (the index failed): each pass tries to release them unpublished, and publishes
+        them again (whoever read their requeued messages dropped them as delivered)."""
         self._owed_release.update(command_ids)
         if self._closed:
             logger.error(

@@ -124,7 +124,7 @@ class Claims:
         self,
         device_id: str,
         send: Send,
-        give_back: Callable[[list[CommandRecord]], Awaitable[object]],
+        give_back: Callable[[list[str]], Awaitable[object]],
     ) -> None:
         """Looks up the device's doubtful claims (never runs them) and has ``give_back``
         open again what they took: their drains handed nothing out and requeued the messages,
@@ -138,7 +138,12 @@ class Claims:
             for token in doubtful:
                 taken.extend(await self._send(token, (), send, lookup_only=True, within=0.0))
             if taken:
-                await give_back(taken)
+                await give_back([record.id for record in taken])
+                logger.warning(
+                    "redis: %d commands of %s taken by a drain whose reply was lost are open again",
+                    len(taken),
+                    device_id,
+                )
             left = [token for token in self._doubtful.pop(device_id, []) if token not in doubtful]
             self._keep_doubtful(device_id, left)
 

@@ -22,6 +22,7 @@ restart of Redis; with persistence off they are lost with it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -241,15 +242,7 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         :meth:`Claims.settle`), unpublished: a process that read the requeued messages
         meanwhile dropped them as delivered, and a copy is dropped at delivery where a loss
         is not undone. The expired ones end EXPIRED."""
-
-        async def give_back(taken: list[CommandRecord]) -> None:
-            await self._release([record.id for record in taken], unpublish=True)
-            logger.warning(
-                "redis: %d commands of %s taken by a drain whose reply was lost are open again",
-                len(taken),
-                device_id,
-            )
-
+        give_back = functools.partial(self._release, unpublish=True)
         await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
 
     async def _unexpired(
