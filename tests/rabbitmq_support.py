@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 
 from amqp_queue import Observer, RabbitMQConfig, RabbitMQStore
-from amqp_queue.state import DEFAULT_LIMITS, DEFAULT_RETENTION, Limits, SqlStore
+from amqp_queue.state import DEFAULT_LIMITS, DEFAULT_RETENTION, IndexedStore, Limits, SqlStore
 from amqp_queue.state.clock import utc_now
 from tests.support import unique
 
@@ -70,8 +70,20 @@ async def store_on_index(state: SqlStore, **config: Any) -> AsyncIterator[Rabbit
     """A started RabbitMQStore in its own namespace over a caller's SQL index, for tests that
     instrument the index; the index, connection and namespace are closed afterwards.
     ``config`` goes to RabbitMQConfig."""
-    exchange = unique("test.")
     await state.create_table()
+    try:
+        async with store_over(state, **config) as store:
+            yield store
+    finally:
+        await state.close()
+        await state.engine.dispose()
+
+
+@asynccontextmanager
+async def store_over(state: IndexedStore, **config: Any) -> AsyncIterator[RabbitMQStore]:
+    """A started RabbitMQStore in its own namespace over a caller's index of any backend,
+    which the caller closes; ``config`` goes to RabbitMQConfig."""
+    exchange = unique("test.")
     connection = await aio_pika.connect_robust(AMQP_URL)
     store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange, **config), state=state)
     try:
@@ -79,8 +91,6 @@ async def store_on_index(state: SqlStore, **config: Any) -> AsyncIterator[Rabbit
             yield store
     finally:
         await connection.close()
-        await state.close()
-        await state.engine.dispose()
         await delete_namespace(exchange, store.declared_devices)
 
 

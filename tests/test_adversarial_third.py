@@ -27,7 +27,6 @@ from amqp_queue import (
     CommandNotFound,
     CommandStatus,
     RabbitMQConfig,
-    RabbitMQStore,
 )
 from tests import test_adversarial_seams
 from tests.rabbitmq_support import AMQP_URL
@@ -39,6 +38,7 @@ from tests.test_adversarial_seams import (
     assert_ascending,
     assert_once,
     consume_until,
+    drain_everything,
     drain_until_empty,
     number,
     numbered,
@@ -58,24 +58,6 @@ FINAL_DELIVERED = {
     CommandStatus.FAILED,
     CommandStatus.TIMED_OUT,
 }
-
-
-async def open_store(env: Env, url: str = AMQP_URL, **kwargs: Any) -> RabbitMQStore:
-    """Like Env.open, with the broker URL and connect()'s keywords (retention) of our choosing."""
-    config = kwargs.pop("config", {})
-    config.setdefault("relay_after", 1.0)
-    config.setdefault("relay_interval", 1.0)
-    store = await asyncio.wait_for(
-        RabbitMQStore.connect(
-            url,
-            state_url=env.state_url,
-            config=RabbitMQConfig(exchange=env.exchange, **config),
-            **kwargs,
-        ),
-        15,
-    )
-    env.stores.append(store)
-    return store
 
 
 # -- 2. short real TTLs under load: nothing expired handed out, statuses say EXPIRED ------------
@@ -232,8 +214,8 @@ async def test_cleanup_with_zero_retention_racing_a_stream_cancels_and_status_re
     each command once, in order, nothing cancelled before it was handed out; status reads
     never go back to open after a final status, nor come back after a prune."""
     device = env.device()
-    a = await open_store(env, retention=timedelta(0))
-    b = await open_store(env, retention=timedelta(0))
+    a = await env.open(retention=timedelta(0))
+    b = await env.open(retention=timedelta(0))
     rng = _seeded()
     n = 40
     ids = [await a.enqueue(device, numbered(i), LONG) for i in range(n)]
@@ -606,18 +588,8 @@ async def _child(env: Env, role: str, device: str, n: int = 0) -> asyncio.subpro
 
 @pytest.fixture(params=["postgres", "redis"])
 async def shared_env(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    async with test_adversarial_seams._state_url(request.param, tmp_path) as url:
-        from tests.rabbitmq_support import delete_namespace
-        from tests.support import unique
-
-        shared = Env(state_url=url, exchange=unique("adv3."))
-        try:
-            yield shared
-        finally:
-            for store in shared.stores:
-                with suppress(Exception):
-                    await asyncio.wait_for(store.close(), 10)
-            await delete_namespace(shared.exchange, sorted(shared.devices))
+    async with test_adversarial_seams.env_on(request.param, tmp_path, "adv3.") as shared:
+        yield shared
 
 
 async def test_latest_wins_written_in_one_process_read_by_two_other_processes_and_drains(
@@ -897,14 +869,7 @@ def test_enqueues_racing_close_are_not_overtaken_by_another_running_store(
             if c.done() and not c.cancelled() and c.exception() is None
         ]
         await b.enqueue(device, numbered(99), LONG)
-        got: list[bytes] = []
-        async with asyncio.timeout(15):
-            while True:
-                got.extend(await b.drain_pending(device))
-                if not await b.get_pending(device):
-                    break
-                await asyncio.sleep(0.2)
-        got.extend(await drain_until_empty(b, device, rounds=2))
+        got = await drain_everything(b, device)
         return {"accepted": accepted, "got": [number(p) for p in got]}
 
     report = test_adversarial_seams.run_isolated(scenario, 60)

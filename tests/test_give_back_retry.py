@@ -16,16 +16,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 
-from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore, StateError
+from amqp_queue import CommandStatus, RabbitMQStore, StateError
 from amqp_queue.state import RedisStore, SqlStore
 from amqp_queue.state.model import CommandRecord
 from tests.backends import POSTGRES_URL, REDIS_URL, postgres_schema, redis_prefix
-from tests.rabbitmq_support import AMQP_URL, delete_namespace
+from tests.rabbitmq_support import store_over
 from tests.redis_faults import LosesReplies
-from tests.support import unique
 
 
 class RefusesReleases(SqlStore):
@@ -77,19 +75,6 @@ async def sql_index(kind: str, tmp_path: Path) -> AsyncIterator[RefusesReleases]
             await store.close()
 
 
-@asynccontextmanager
-async def rabbitmq_over(state: Any, **config: Any) -> AsyncIterator[RabbitMQStore]:
-    exchange = unique("test.")
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange, **config), state=state)
-    try:
-        async with store:
-            yield store
-    finally:
-        await connection.close()
-        await delete_namespace(exchange, store.declared_devices)
-
-
 async def _cancel_a_drain_holding_its_claim(store: RabbitMQStore, claimed: asyncio.Event) -> None:
     draining = asyncio.create_task(store.drain_pending("dev-1"))
     await asyncio.wait_for(claimed.wait(), 10)
@@ -115,7 +100,7 @@ PAYLOADS = [f"c{n}".encode() for n in range(3)]
 async def test_a_give_back_refused_twice_is_tried_again_and_keeps_the_order(
     kind: str, tmp_path: Path
 ) -> None:
-    async with sql_index(kind, tmp_path) as state, rabbitmq_over(state) as store:
+    async with sql_index(kind, tmp_path) as state, store_over(state) as store:
         ids = [await store.enqueue("dev-1", payload, 600) for payload in PAYLOADS]
         state.refusals = 2
         await _cancel_a_drain_holding_its_claim(store, state.claimed)
@@ -131,7 +116,7 @@ async def test_a_give_back_refused_past_its_bound_is_finished_by_the_relay(
 ) -> None:
     async with (
         sql_index(kind, tmp_path) as state,
-        rabbitmq_over(state, publish_timeout=0.5, relay_interval=0.2) as store,
+        store_over(state, publish_timeout=0.5, relay_interval=0.2) as store,
     ):
         ids = [await store.enqueue("dev-1", payload, 600) for payload in PAYLOADS]
         # Longer than the drain's half second of tries: the relay's retries take the rest.
@@ -168,7 +153,7 @@ async def test_a_give_back_whose_redis_connection_is_refused_once_loses_nothing(
         assert isinstance(state, _SlowClaims)
         state.claimed = asyncio.Event()
         try:
-            async with rabbitmq_over(state) as store:
+            async with store_over(state) as store:
                 ids = [await store.enqueue("dev-1", payload, 600) for payload in PAYLOADS]
                 _Refusing.only = state._release_script.sha.encode()
                 _Refusing.refuse = 1
@@ -189,7 +174,7 @@ async def test_a_give_back_the_index_keeps_refusing_does_not_hold_up_other_devic
 ) -> None:
     async with (
         sql_index("sqlite", tmp_path) as state,
-        rabbitmq_over(state, publish_timeout=0.5, relay_interval=0.2) as store,
+        store_over(state, publish_timeout=0.5, relay_interval=0.2) as store,
     ):
         for payload in PAYLOADS:
             await store.enqueue("dev-1", payload, 600)
