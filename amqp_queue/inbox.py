@@ -12,7 +12,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic, Queue
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import BROKER_FAILURES, broker_errors
 from amqp_queue.topology import Topology
 
 T = TypeVar("T")
@@ -206,3 +206,13 @@ async def _opened(
     inbox = Inbox(channel, queue, config.prefetch)
     await inbox.start()
     return inbox
+
+
+async def close_channel(channel: AbstractChannel, give_up_after: float, what: str) -> None:
+    """Closes ``channel`` within ``give_up_after`` seconds; a failure is logged (closed by
+    the broker or with the connection, it needs nothing more)."""
+    try:
+        async with asyncio.timeout(give_up_after):
+            await channel.close()
+    except BROKER_FAILURES as exc:
+        logger.warning("closing %s: %s", what, exc)

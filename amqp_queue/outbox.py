@@ -31,6 +31,7 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
+from amqp_queue.owed_releases import OwedReleases
 from amqp_queue.publisher import Publisher
 from amqp_queue.state import rules
 from amqp_queue.state.errors import StateError
@@ -87,7 +88,7 @@ class OutboxRelay:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._owed: set[str] = set()
-        self._owed_release: set[str] = set()
+        self._owed_release = OwedReleases()
         self._closed = False
         # When the youngest command left to its writer becomes due (the state's clock).
         self._next_due: datetime | None = None
@@ -118,26 +119,19 @@ class OutboxRelay:
         self._owed.update(command_ids)
         self.kick()
 
-    async def _release_owed(self) -> bool:
-        """Gives back the claimed commands :meth:`owe_release` took on; a failure is logged
-        and tried again at the next pass, without holding up the rest of the outbox."""
-        if not self._owed_release:
-            return True
-        releasing = set(self._owed_release)
-        try:
-            await self._state.release((), releasing)
-        except StateError as exc:
-            logger.warning("giving back %d claimed commands failed: %s", len(releasing), exc)
-            return False
-        self._owed_release -= releasing
-        self._owed |= releasing
-        return True
+    async def _release_owed(self, *, within: float = 0.0) -> bool:
+        """Gives back what :meth:`owe_release` took on, to be published again; False while
+        the index refuses (tried again next pass, without holding up the rest)."""
+        released = await self._owed_release.release(self._state, within=within)
+        if released is not None:
+            self._owed |= released
+        return released is not None
 
     def owe_release(self, command_ids: Iterable[str]) -> None:
         """Takes on claimed commands nobody received, which a cancelled drain could not give
         back (the index failed): each pass tries to release them unpublished, and publishes
         them again (whoever read their requeued messages dropped them as delivered)."""
-        self._owed_release.update(command_ids)
+        self._owed_release.add(command_ids)
         if self._closed:
             logger.error(
                 "the outbox relay is closed: %d claimed commands stay delivered to nobody",
@@ -330,7 +324,8 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if not await self._release_owed():
+        # Tried again while the close allows: once closed, nobody gives these back.
+        if not await self._release_owed(within=self._config.publish_timeout):
             logger.error(
                 "closing with %d claimed commands not given back: they stay delivered to nobody",
                 len(self._owed_release),

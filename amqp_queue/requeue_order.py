@@ -13,7 +13,7 @@ consumer's hands, or beyond a full prefetch window).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.state import rules
@@ -37,6 +37,11 @@ class ReadyOrder:
         self._waiting_since: dict[str, float] = {}
         # Waited for longer than WAIT: not waited for again.
         self._given_up: set[str] = set()
+        # Per set of missing commands: how many more times a full window may go back.
+        self._rotations: dict[frozenset[str], int] = {}
+        self.waited = False
+        """Whether the stream read on for a missing command since its last hand-out: the
+        next one is checked against the index again before it goes out."""
 
     async def refresh(self) -> None:
         """Reads the device's open commands again (after a window came)."""
@@ -77,3 +82,16 @@ class ReadyOrder:
             )
             self._given_up.update(overdue)
         return [command_id for command_id in missing if command_id not in self._given_up]
+
+    async def may_rotate(
+        self, missing: Collection[str], queued: Callable[[], Awaitable[int]], window: int
+    ) -> bool:
+        """Whether a full window may go back once more for these missing commands: as often
+        as it takes to come round the queue once (``queued()`` messages behind it, asked the
+        first time), not for ever: a missing one in another consumer's hands would have the
+        same messages go round and round, each turn a redelivery."""
+        key = frozenset(missing)
+        if key not in self._rotations:
+            self._rotations[key] = await queued() // window + 1
+        self._rotations[key] -= 1
+        return self._rotations[key] >= 0

@@ -18,8 +18,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from amqp_queue.batching import Batcher
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
-from amqp_queue.errors import BROKER_FAILURES, BrokerError
-from amqp_queue.inbox import Inbox, open_inbox
+from amqp_queue.errors import BrokerError
+from amqp_queue.inbox import Inbox, close_channel, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import WAIT, ReadyOrder
@@ -206,12 +206,9 @@ class CommandStream(Closing):
             if self._inbox is not None:
                 # A loop of another task waiting for the broker in __anext__ ends now.
                 self._inbox.interrupt()
-            try:
-                if self._channel is not None:
-                    async with asyncio.timeout(self._config.publish_timeout):
-                        await self._channel.close()
-            except BROKER_FAILURES as exc:
-                logger.warning("closing the consumer channel of %s: %s", self._device_id, exc)
+            if self._channel is not None:
+                what = f"the consumer channel of {self._device_id}"
+                await close_channel(self._channel, self._config.publish_timeout, what)
 
     async def _open(self) -> None:
         if self._inbox is None:
@@ -224,7 +221,9 @@ class CommandStream(Closing):
                 # A channel (and maybe a consumer) of a stream that never opened: closed,
                 # so it neither leaks nor holds messages unacked.
                 channel, self._channel = self._channel, None
-                await asyncio.shield(_close_channel(channel, self._config.publish_timeout))
+                what = "the channel of a stream that did not open"
+                closing = close_channel(channel, self._config.publish_timeout, what)
+                await asyncio.shield(closing)
                 raise
             if self._interrupted:
                 self._inbox.interrupt()
@@ -251,15 +250,24 @@ class CommandStream(Closing):
         """On a quorum queue: whether the next command may go out, no older one missing from
         the stream's hands (see :mod:`amqp_queue.requeue_order`); False: look again."""
         assert self._order is not None
-        loop = asyncio.get_running_loop()
         present = ({record.id for _, record in self._ready}, self._handed)
-        if not self._order.missing_before(self._ready[0][1], present, loop.time()):
-            return True
-        # Acked, the finished commands free the window for the broker to send more.
-        await self._flush_finished()
-        if len(self._ready) >= self._config.prefetch:
-            # A full window: the broker sends nothing more until some go back, and they go
-            # behind the missing ones, in order.
+        front = self._ready[0]
+        missing = self._order.missing_before(front[1], present, asyncio.get_running_loop().time())
+        if not missing:
+            if not self._order.waited:
+                return True
+            # It may have been cancelled or replaced while the stream read on.
+            self._order.waited = False
+            await self._recheck_next()
+            return bool(self._ready) and self._ready[0] is front
+        self._order.waited = True
+        await self._flush_finished()  # acked, the finished ones free the window
+        assert self._inbox is not None
+        full = self._config.prefetch
+        if len(self._ready) >= full and await self._order.may_rotate(
+            missing, self._inbox.ready_count, full
+        ):
+            # A full window: nothing more comes until these go back, behind the missing ones.
             ready, self._ready = self._ready, deque()
             for message, _ in ready:
                 await settle(message, ack=False)
@@ -390,11 +398,3 @@ class CommandStream(Closing):
             return
         for message in marked:
             await settle(message, ack=True)
-
-
-async def _close_channel(channel: AbstractChannel, give_up_after: float) -> None:
-    try:
-        async with asyncio.timeout(give_up_after):
-            await channel.close()
-    except BROKER_FAILURES as exc:
-        logger.warning("closing the channel of a stream that did not open: %s", exc)

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from tenacity import (
     AsyncRetrying,
@@ -195,3 +195,21 @@ class Claims:
 def answer_ttl() -> str:
     """:data:`ANSWER_TTL` as the script's argument."""
     return str(milliseconds(ANSWER_TTL))
+
+
+async def unexpired(
+    records: Sequence[CommandRecord],
+    now: datetime,
+    release: Callable[..., Awaitable[object]],
+) -> list[CommandRecord]:
+    """What a claim took, less what expired since: a claim looked up late (its reply was
+    lost) took commands that may have expired meanwhile; given back (``release(ids,
+    unpublish=False)``), they end EXPIRED rather than reach the device."""
+    expired = [record.id for record in records if record.expires_at <= now]
+    if expired:
+        try:
+            await release(expired, unpublish=False)
+        except StateError as exc:
+            # Not handed out all the same; the claim's live commands are.
+            logger.warning("redis: %d expired commands stay delivered: %s", len(expired), exc)
+    return [record for record in records if record.expires_at > now]

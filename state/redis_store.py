@@ -39,7 +39,7 @@ from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
 from .redis_add_doubt import add_once
 from .redis_changes import RedisChanges
-from .redis_claims import Claims, Send, answer_ttl
+from .redis_claims import Claims, Send, answer_ttl, unexpired
 from .redis_encoding import (
     LIVENESS_FIELDS,
     add_arguments,
@@ -171,6 +171,8 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         return self._prefix
 
     async def close(self) -> None:
+        # Last chance: once closed, nobody knows these claims were in doubt.
+        await self._settle_all_claims()
         if self._owns_client:
             await self._client.aclose()
 
@@ -218,9 +220,9 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         try:
             taken = await self._claims.claim(device_id, list(command_ids or ()), send)
         except ClaimOutcomeUnknown as exc:
-            exc.records = await self._unexpired(exc.records, now)
+            exc.records = await unexpired(exc.records, now, self._release)
             raise
-        return await self._unexpired(taken, now)
+        return await unexpired(taken, now, self._release)
 
     def _claim_sender(self, device_id: str, now: datetime) -> Send:
         keys = [*self._indexes, self._device_key(device_id)]
@@ -237,6 +239,13 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
 
         return send
 
+    async def _settle_all_claims(self) -> None:
+        for device_id in self._claims.in_doubt():
+            try:
+                await self._settle_claims(device_id)
+            except StateError as exc:
+                logger.warning("redis: a lost claim of %s stays unsettled: %s", device_id, exc)
+
     async def _settle_claims(self, device_id: str) -> None:
         """Gives back what this process's doubtful claims of the device took (see
         :meth:`Claims.settle`), unpublished: a process that read the requeued messages
@@ -244,21 +253,6 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         is not undone. The expired ones end EXPIRED."""
         give_back = functools.partial(self._release, unpublish=True)
         await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
-
-    async def _unexpired(
-        self, records: Sequence[CommandRecord], now: datetime
-    ) -> list[CommandRecord]:
-        """What a claim took, less what expired since: a claim looked up late (its reply was
-        lost) took commands that may have expired meanwhile; given back, they end EXPIRED
-        rather than reach the device."""
-        expired = [record.id for record in records if record.expires_at <= now]
-        if expired:
-            try:
-                await self._release(expired, unpublish=False)
-            except StateError as exc:
-                # Not handed out all the same; the claim's live commands are.
-                logger.warning("redis: %d expired commands stay delivered: %s", len(expired), exc)
-        return [record for record in records if record.expires_at > now]
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         keep = milliseconds(self.retention + KEY_TTL_MARGIN)
@@ -289,15 +283,22 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}
-        for device_id in self._claims.in_doubt():
+        records = await self._records(command_ids)
+        # Commands of a device this process's lost claim may have taken: given back first.
+        doubtful = set(self._claims.in_doubt()).intersection(r.device_id for r in records)
+        for device_id in doubtful:
             await self._settle_claims(device_id)
+        if doubtful:
+            records = await self._records(command_ids)
         now = self.clock()
+        return {record.id: record for record in records if rules.is_deliverable(record, now)}
+
+    async def _records(self, command_ids: Collection[str]) -> list[CommandRecord]:
         async with self._errors("read"), self._client.pipeline(transaction=False) as pipe:
             for command_id in command_ids:
                 pipe.hgetall(self._command_key(command_id))
             found = await pipe.execute()
-        records = (decode_record(fields)[1] for fields in found if fields)
-        return {record.id: record for record in records if rules.is_deliverable(record, now)}
+        return [decode_record(fields)[1] for fields in found if fields]
 
     async def is_deliverable(self, command_id: str) -> bool:
         async with self._errors("read"):
@@ -323,6 +324,8 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
     async def unpublished(self, limit: int) -> list[CommandRecord]:
         if limit <= 0:
             return []
+        # Each relay pass gives back what claims in doubt took, not left delivered to nobody.
+        await self._settle_all_claims()
         async with self._errors("read outbox"):
             found = await self._unpublished(
                 keys=self._indexes, args=self._args(self.clock(), [str(limit)])
