@@ -283,22 +283,17 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         if not command_ids:
             return {}
-        records = await self._records(command_ids)
+        async with self._errors("read"):
+            records = await self._records(list(command_ids))
         # Commands of a device this process's lost claim may have taken: given back first.
         doubtful = set(self._claims.in_doubt()).intersection(r.device_id for r in records)
         for device_id in doubtful:
             await self._settle_claims(device_id)
         if doubtful:
-            records = await self._records(command_ids)
+            async with self._errors("read"):
+                records = await self._records(list(command_ids))
         now = self.clock()
         return {record.id: record for record in records if rules.is_deliverable(record, now)}
-
-    async def _records(self, command_ids: Collection[str]) -> list[CommandRecord]:
-        async with self._errors("read"), self._client.pipeline(transaction=False) as pipe:
-            for command_id in command_ids:
-                pipe.hgetall(self._command_key(command_id))
-            found = await pipe.execute()
-        return [decode_record(fields)[1] for fields in found if fields]
 
     async def is_deliverable(self, command_id: str) -> bool:
         async with self._errors("read"):
