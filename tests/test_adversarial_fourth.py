@@ -87,14 +87,6 @@ async def _statuses(store: RabbitMQStore, ids: list[str]) -> list[CommandStatus]
 # -- 2. a cancelled drain's give-back the index refuses, then the store closes ---------------
 
 
-async def _cancel_a_drain_holding_its_claim(store: RabbitMQStore, claimed: asyncio.Event) -> None:
-    draining = asyncio.create_task(store.drain_pending("dev-1"))
-    await asyncio.wait_for(claimed.wait(), 10)
-    draining.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await draining
-
-
 # -- 4. Redis: a claim whose reply stays lost past BOUND, and a second store ------------------
 
 

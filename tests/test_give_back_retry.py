@@ -75,7 +75,7 @@ async def sql_index(kind: str, tmp_path: Path) -> AsyncIterator[RefusesReleases]
             await store.close()
 
 
-async def _cancel_a_drain_holding_its_claim(store: RabbitMQStore, claimed: asyncio.Event) -> None:
+async def cancel_a_drain_holding_its_claim(store: RabbitMQStore, claimed: asyncio.Event) -> None:
     draining = asyncio.create_task(store.drain_pending("dev-1"))
     await asyncio.wait_for(claimed.wait(), 10)
     draining.cancel()
@@ -103,7 +103,7 @@ async def test_a_give_back_refused_twice_is_tried_again_and_keeps_the_order(
     async with sql_index(kind, tmp_path) as state, store_over(state) as store:
         ids = [await store.enqueue("dev-1", payload, 600) for payload in PAYLOADS]
         state.refusals = 2
-        await _cancel_a_drain_holding_its_claim(store, state.claimed)
+        await cancel_a_drain_holding_its_claim(store, state.claimed)
 
         assert [await store.get_status(i) for i in ids] == [CommandStatus.PENDING] * 3
         assert await asyncio.wait_for(_consume(store, 3), 10) == PAYLOADS
@@ -121,7 +121,7 @@ async def test_a_give_back_refused_past_its_bound_is_finished_by_the_relay(
         ids = [await store.enqueue("dev-1", payload, 600) for payload in PAYLOADS]
         # Longer than the drain's half second of tries: the relay's retries take the rest.
         state.refuse_for = 2.0
-        await _cancel_a_drain_holding_its_claim(store, state.claimed)
+        await cancel_a_drain_holding_its_claim(store, state.claimed)
 
         got = await asyncio.wait_for(_consume(store, 3), 30)
 
@@ -157,7 +157,7 @@ async def test_a_give_back_whose_redis_connection_is_refused_once_loses_nothing(
                 ids = [await store.enqueue("dev-1", payload, 600) for payload in PAYLOADS]
                 _Refusing.only = state._release_script.sha.encode()
                 _Refusing.refuse = 1
-                await _cancel_a_drain_holding_its_claim(store, state.claimed)
+                await cancel_a_drain_holding_its_claim(store, state.claimed)
                 _Refusing.refuse = 0
                 _Refusing.only = None
 
@@ -179,7 +179,7 @@ async def test_a_give_back_the_index_keeps_refusing_does_not_hold_up_other_devic
         for payload in PAYLOADS:
             await store.enqueue("dev-1", payload, 600)
         state.refuse_for = 4.0
-        await _cancel_a_drain_holding_its_claim(store, state.claimed)
+        await cancel_a_drain_holding_its_claim(store, state.claimed)
 
         await store.enqueue("dev-2", b"other", 600)
         async with store.consume("dev-2") as stream:
