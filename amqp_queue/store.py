@@ -293,10 +293,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         return changed
 
     def _ready_unpublished(self, confirmed: tuple[CommandRecord, bool]) -> list[CommandRecord]:
-        record, _ = confirmed
-        if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
-            return [record]
-        return []
+        return self._unpublished_ready([confirmed[0]])
 
     async def cancel_command(self, command_id: str, *, by: str | None = None) -> None:
         # A message already in the queue stays there and is dropped at delivery.
