@@ -36,7 +36,7 @@ from tests.backends import REDIS_URL, redis_prefix
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.redis_faults import LosesReplies
 from tests.support import unique
-from tests.test_adversarial_seams import BACKENDS, env_on
+from tests.test_adversarial_seams import BACKENDS, Env, env_on
 from tests.test_give_back_retry import PAYLOADS, sql_index
 
 pytestmark = [
@@ -511,64 +511,74 @@ async def test_quorum_requeued_commands_that_expired_meanwhile_are_not_handed_ou
         assert [s for n, s in enumerate(statuses) if n % 3 == 1] == [CommandStatus.EXPIRED] * 3
 
 
+@dataclass
+class _Waiting:
+    """S2's store, the device, B's id and S2's pending read while it waits for the older A."""
+
+    store: RabbitMQStore
+    device: str
+    b: str
+    read: asyncio.Task[Any]
+
+
+@asynccontextmanager
+async def _second_stream_waits_for_a(env: Env, prefetch: int) -> AsyncIterator[_Waiting]:
+    """Two gateways' streams on one device (quorum): S1 (prefetch 1) holds A, its body still
+    running; S2 (``prefetch``) receives B and waits for the older A (ready order). S2's read is
+    cancelled on the way out, then both streams close."""
+    one = await env.open(queue_type=QueueType.QUORUM, prefetch=1)
+    two = await env.open(queue_type=QueueType.QUORUM, prefetch=prefetch)
+    device = env.device()
+    a = await one.enqueue(device, b"A", LONG)
+    b = await one.enqueue(device, b"B", LONG)
+    async with one.consume(device) as s1:
+        first = await asyncio.wait_for(s1.__anext__(), 5)
+        assert first.id == a
+        async with two.consume(device) as s2:
+            read = asyncio.create_task(s2.__anext__())
+            try:
+                yield _Waiting(two, device, b, read)
+            finally:
+                read.cancel()
+                with suppress(BaseException):
+                    await read
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_quorum_command_cancelled_while_a_stream_waits_for_an_older_one_is_not_handed_out(
     backend: str, tmp_path: Path
 ) -> None:
-    """Two gateways' streams on one device (quorum): S1 (prefetch 1) holds A, its body still
-    running; S2 (prefetch 2) receives B and waits for the older A (ready order). B is
-    cancelled while S2 waits: S2 must not hand B out."""
-    async with env_on(backend, tmp_path, prefix="adv4.") as env:
-        one = await env.open(queue_type=QueueType.QUORUM, prefetch=1)
-        two = await env.open(queue_type=QueueType.QUORUM, prefetch=2)
-        device = env.device()
-        a = await one.enqueue(device, b"A", LONG)
-        b = await one.enqueue(device, b"B", LONG)
-        async with one.consume(device) as s1:
-            first = await asyncio.wait_for(s1.__anext__(), 5)
-            assert first.id == a
-            async with two.consume(device) as s2:
-                waiting = asyncio.create_task(s2.__anext__())
-                await asyncio.sleep(0.25)  # S2 holds B and waits for A
-                await two.cancel_command(b)
-                try:
-                    handed = await asyncio.wait_for(asyncio.shield(waiting), 3)
-                except TimeoutError:
-                    handed = None
-                waiting.cancel()
-                with suppress(BaseException):
-                    await waiting
-        assert handed is None, f"cancelled command {handed.id == b and 'B'} handed out"
-        assert await one.get_status(b) is CommandStatus.CANCELLED
+    """B is cancelled while S2 waits for A: S2 must not hand B out."""
+    async with (
+        env_on(backend, tmp_path, prefix="adv4.") as env,
+        _second_stream_waits_for_a(env, prefetch=2) as waiting,
+    ):
+        await asyncio.sleep(0.25)  # S2 holds B and waits for A
+        await waiting.store.cancel_command(waiting.b)
+        try:
+            handed = await asyncio.wait_for(asyncio.shield(waiting.read), 3)
+        except TimeoutError:
+            handed = None
+        assert handed is None, f"cancelled command {handed.id == waiting.b and 'B'} handed out"
+        assert await waiting.store.get_status(waiting.b) is CommandStatus.CANCELLED
 
 
 async def test_quorum_stream_waiting_for_an_older_command_does_not_spin_requeues(
     tmp_path: Path,
 ) -> None:
-    """S1 (prefetch 1) holds A; S2 (prefetch 1) receives B and waits for A: with a full window
-    it requeues B and reads again. No loop body failed, so B should not be redelivered more
-    than a few times; RabbitMQ 4 drops a quorum message past 20 deliveries by default."""
+    """S2 (prefetch 1) waits for A with a full window: it requeues B and reads again. No loop
+    body failed, so B should not be redelivered more than a few times; RabbitMQ 4 drops a
+    quorum message past 20 deliveries by default."""
     async with env_on("sqlite", tmp_path, prefix="adv4.") as env:
-        one = await env.open(queue_type=QueueType.QUORUM, prefetch=1)
-        two = await env.open(queue_type=QueueType.QUORUM, prefetch=1)
-        device = env.device()
-        a = await one.enqueue(device, b"A", LONG)
-        b = await one.enqueue(device, b"B", LONG)
-        async with one.consume(device) as s1:
-            first = await asyncio.wait_for(s1.__anext__(), 5)
-            assert first.id == a
-            async with two.consume(device) as s2:
-                waiting = asyncio.create_task(s2.__anext__())
-                await asyncio.sleep(0.4)  # under WAIT: S2 has not given up on A yet
-                waiting.cancel()
-                with suppress(BaseException):
-                    await waiting
+        async with _second_stream_waits_for_a(env, prefetch=1) as waiting:
+            await asyncio.sleep(0.4)  # under WAIT: S2 has not given up on A yet
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
             channel = await connection.channel()
-            queue = await channel.declare_queue(one.config.queue_name(device), passive=True)
+            queue_name = waiting.store.config.queue_name(waiting.device)
+            queue = await channel.declare_queue(queue_name, passive=True)
             message = await queue.get(timeout=5)
-            assert message.message_id == b
+            assert message.message_id == waiting.b
             deliveries = (message.headers or {}).get("x-delivery-count")
             await message.nack(requeue=True)
         assert deliveries is None or int(str(deliveries)) < 20, deliveries
