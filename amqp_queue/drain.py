@@ -26,6 +26,9 @@ from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.drain")
 
+CLAIM_MOST = 1000
+"""Commands a drain claims in one index statement (a deep queue takes several)."""
+
 
 class Debts(Protocol):
     """What a drain leaves to the outbox relay (:class:`~amqp_queue.outbox.OutboxRelay`)."""
@@ -48,16 +51,19 @@ async def drain(
 ) -> list[CommandRecord]:
     """Empties a device queue, marks the live commands in it delivered and returns them.
 
-    Each window of messages is claimed in the index in one atomic step, so concurrent drains
-    (and stale copies of a message) never hand a command out twice; the messages are acked
-    when the drain hands over, so the channel reads without a prefetch bound (``inbox``
-    comes from ``open_inbox(..., window_only=True)``).
+    The queue is read to the end first, then its messages are claimed in the index (one
+    atomic step for up to :data:`CLAIM_MOST`), so concurrent drains (and stale copies of a
+    message) never hand a command out twice, and a process that dies while the drain still
+    reads has claimed nothing; the messages are acked when the drain hands over, so the
+    channel reads without a prefetch bound (``inbox`` comes from
+    ``open_inbox(..., window_only=True)``).
     What the index failed on, and live commands another transaction held, stay queued (see
-    :class:`Settlement`). When the index or the broker fails after some commands were
-    claimed, or the store closes (:meth:`Inbox.interrupt`), the drain returns those (they
-    are delivered as far as the index goes) and leaves the rest queued; with nothing claimed
-    it raises. A claim whose outcome the index cannot tell (:class:`ClaimOutcomeUnknown`)
-    counts as claimed while its messages stay queued. Cancelled, it gives back what it
+    :class:`Settlement`). When the index fails after some commands were claimed (a deep
+    queue's later claim), the drain returns those (they are delivered as far as the index
+    goes) and leaves the rest queued; with nothing claimed it raises. The store closing
+    (:meth:`Inbox.interrupt`) ends the reading: what was read is claimed and returned. A
+    claim whose outcome the index cannot tell (:class:`ClaimOutcomeUnknown`) counts as
+    claimed while its messages stay queued. Cancelled, it gives back what it
     claimed (see :func:`give_back`; ``outbox`` takes on what it cannot give back itself).
     """
     settlement = Settlement(device_id)
@@ -134,6 +140,8 @@ async def drain(
 
     expected = inbox.queue.declaration_result.message_count or 0
     received = 0
+    # Read, not claimed yet: the drain claims only once it has read the queue to the end.
+    unclaimed: list[AbstractIncomingMessage] = []
     try:
         try:
             while not inbox.interrupted:
@@ -141,20 +149,27 @@ async def drain(
                 window = await inbox.window(timeout, fill=expected - received)
                 if window:
                     received += len(window)
-                    await settle_window(window)
+                    unclaimed.extend(window)
                     continue
                 if inbox.interrupted or await inbox.ready_count() == 0:
                     break
                 expected = received + 1
             await inbox.stop()
             if inbox.interrupted:
-                logger.info("drain of %s ended by close after %d commands", device_id, len(claimed))
+                logger.info("drain of %s ended by close after %d messages", device_id, received)
                 settlement.hold(inbox.take_buffered())
             else:
                 # Deliveries that crossed the cancel are ours too.
-                await settle_window(inbox.take_buffered())
+                unclaimed.extend(inbox.take_buffered())
+            # Claimed last, right before the hand-over: a process that dies while the drain
+            # still asks the broker (the queue's depth, the consumer's cancel) has claimed
+            # nothing, and the broker requeues it all; a death loses commands only while
+            # the claim's own answer is on its way.
+            while unclaimed:
+                chunk, unclaimed = unclaimed[:CLAIM_MOST], unclaimed[CLAIM_MOST:]
+                await settle_window(chunk)
         except (BrokerError, StateError) as exc:
-            settlement.hold(inbox.take_buffered())
+            settlement.hold([*unclaimed, *inbox.take_buffered()])
             if not claimed:
                 await settlement.release()
                 # Stale messages only; one by one, as the consumer may still be receiving.

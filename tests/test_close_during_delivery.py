@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from amqp_queue import CommandStatus, Limits, QueueError, RabbitMQStore
+from amqp_queue import drain as drain_module
 from amqp_queue.inbox import Inbox
 from amqp_queue.state import CommandRecord, SqlStore, Store
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
@@ -181,7 +182,12 @@ async def test_close_ends_a_drain_of_a_large_backlog_and_hands_back_the_rest(
             assert await queue_depth(later, DEVICE) == 0
 
 
-async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Path) -> None:
+async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deep queue is claimed in several statements (five at a time here): the drain is
+    cancelled with one claim committed and the next under way."""
+    monkeypatch.setattr(drain_module, "CLAIM_MOST", 5)
     count = 20
     payloads = [f"c{n:02}".encode() for n in range(count)]
     async with shared_index("sqlite", tmp_path, prefetch=5) as shared:
@@ -189,7 +195,7 @@ async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Pa
         assert isinstance(state, SlowClaims)
         async with shared.store(state) as store:
             ids = [await store.enqueue(DEVICE, payload, 600) for payload in payloads]
-            state.block_from = 2  # the first window is claimed, the drain waits on the next
+            state.block_from = 2  # the first five are claimed, the drain waits on the next claim
             drain = asyncio.create_task(store.drain_pending(DEVICE))
             await asyncio.wait_for(state.blocked.wait(), 5)
             drain.cancel()
@@ -209,9 +215,12 @@ async def test_a_cancelled_drain_leaves_what_it_claimed_undelivered(tmp_path: Pa
             assert await queue_depth(store, DEVICE) == 0
 
 
-async def test_a_cancelled_drain_leaves_the_queue_in_order_for_a_consumer(tmp_path: Path) -> None:
+async def test_a_cancelled_drain_leaves_the_queue_in_order_for_a_consumer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What a cancelled drain gives back keeps its place: a device consuming next gets every
     command in the order it was queued (a drain re-sorts what it returns; a stream cannot)."""
+    monkeypatch.setattr(drain_module, "CLAIM_MOST", 5)  # claimed five at a time
     count = 20
     payloads = [f"c{n:02}".encode() for n in range(count)]
     async with shared_index("sqlite", tmp_path, prefetch=5) as shared:
@@ -220,7 +229,7 @@ async def test_a_cancelled_drain_leaves_the_queue_in_order_for_a_consumer(tmp_pa
         async with shared.store(state) as store:
             for payload in payloads:
                 await store.enqueue(DEVICE, payload, 600)
-            state.block_from = 3  # two windows claimed (and settled), the drain waits on the third
+            state.block_from = 3  # two claims settled, the drain waits on the third
             drain = asyncio.create_task(store.drain_pending(DEVICE))
             await asyncio.wait_for(state.blocked.wait(), 5)
 
@@ -353,20 +362,15 @@ class SlowReleases(SqlStore):
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 @pytest.mark.parametrize("channel", ["kept", "lost"])
-async def test_a_drain_cancelled_while_asking_the_broker_keeps_its_messages_until_given_back(
+async def test_a_drain_cancelled_while_asking_the_broker_has_claimed_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channel: str, kind: str
 ) -> None:
     """A drain cancelled while it asks the broker how many messages are ready (a queue
-    declare, once its windows are claimed) keeps its channel open until the index has its
-    claims back: the messages go back to the queue only then. A channel closed by the cancel
-    (aiormq closes one whose RPC is cancelled) requeued them while their commands still
-    said delivered: another process's drain dropped them as stale, and the give-back then
-    left the commands open with no message and nobody owing them, lost until they expire.
-
-    ``lost``: the channel is lost all the same while the index takes the claims back, and
-    the other drain drops the requeued messages as stale. The commands the give-back then
-    reopens have no message left, so they go to the outbox to be published again (they used
-    to stay open with no message, lost until they expired)."""
+    declare, its windows read) has claimed nothing yet: its messages go back to the queue
+    and another process's drain gets every command, in order; also when the channel is lost
+    meanwhile (aiormq closes one whose RPC is cancelled, and the broker requeues what it
+    held). The drain used to claim each window as it came, and a channel lost before it had
+    given those claims back left their commands delivered to nobody."""
     payloads = [b"one", b"two", b"three"]
     asking = asyncio.Event()
     inboxes: list[Inbox] = []
@@ -379,20 +383,64 @@ async def test_a_drain_cancelled_while_asking_the_broker_keeps_its_messages_unti
 
     monkeypatch.setattr(Inbox, "ready_count", announced)
     async with shared_index(kind, tmp_path) as shared:
-        state = await shared.open_index(SlowReleases)
-        assert isinstance(state, SlowReleases)
+        state = await shared.open_index()
+        async with (
+            shared.store(state) as store,
+            shared.store(await shared.open_index()) as other,
+        ):
+            ids = [await store.enqueue(DEVICE, payload, 600) for payload in payloads]
+            drain = asyncio.create_task(store.drain_pending(DEVICE))
+            await asyncio.wait_for(asking.wait(), 5)
+            drain.cancel()
+            if channel == "lost":
+                await inboxes[0].channel.close()  # the broker requeues what it held
+            await asyncio.wait([drain], timeout=5)
+            assert drain.cancelled()
+            assert await _not_returned_but_delivered(state, ids, payloads, []) == 0
+
+            got = await drain_until(other, DEVICE, count=len(payloads), seconds=5)
+            assert got == payloads, f"lost: {set(payloads) - set(got)}"
+
+
+class SlowClaimsAndReleases(SlowClaims, SlowReleases):
+    """Claims that can be held up after their commit, releases that wait until let go."""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_cancelled_drain_whose_channel_is_lost_while_it_gives_back_republishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A drain cancelled once its claim committed gives the claim back; its channel is
+    lost while the index takes it back, so the broker requeued the messages while their
+    commands still said delivered, and another process's drain dropped them as stale. The
+    commands the give-back reopens have no message left: they go to the outbox to be
+    published again (they used to stay open with no message, lost until they expired)."""
+    payloads = [b"one", b"two", b"three"]
+    inboxes: list[Inbox] = []
+    ready_count = Inbox.ready_count
+
+    async def noted(inbox: Inbox) -> int:
+        inboxes.append(inbox)
+        return await ready_count(inbox)
+
+    monkeypatch.setattr(Inbox, "ready_count", noted)
+    async with shared_index(kind, tmp_path) as shared:
+        state = await shared.open_index(SlowClaimsAndReleases)
+        assert isinstance(state, SlowClaimsAndReleases)
         async with (
             shared.store(state) as store,
             shared.store(await shared.open_index()) as other,
         ):
             for payload in payloads:
                 await store.enqueue(DEVICE, payload, 600)
+            state.block_from = 1
+            state.block_after_commit = True
             drain = asyncio.create_task(store.drain_pending(DEVICE))
-            await asyncio.wait_for(asking.wait(), 5)
+            await asyncio.wait_for(state.blocked.wait(), 5)
             drain.cancel()
+            state.unblocked.set()
             await asyncio.wait_for(state.releasing.wait(), 5)
-            if channel == "lost":
-                await inboxes[0].channel.close()  # the broker requeues what it held
+            await inboxes[0].channel.close()  # the broker requeues what it held
             # Another process drains while the give-back waits for the index.
             assert await other.drain_pending(DEVICE) == []
             state.let_go.set()

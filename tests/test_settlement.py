@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue import CommandStatus, RabbitMQStore
+from amqp_queue import drain as drain_module
 from amqp_queue.state import CommandNotFound, CommandRecord, SqlStore, StateError
 from amqp_queue.state.errors import ClaimOutcomeUnknown
 from amqp_queue.state.sql import command_queue
@@ -268,9 +269,11 @@ class SecondClaimFails(SqlStore):
         return await super().claim(device_id, command_ids)
 
 
-async def test_a_drain_whose_index_fails_on_a_later_window_loses_no_claimed_command(
-    tmp_path: Path,
+async def test_a_drain_whose_index_fails_on_a_later_claim_loses_no_claimed_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A deep queue is claimed in several statements; the index fails on the second."""
+    monkeypatch.setattr(drain_module, "CLAIM_MOST", 5)
     count = 20
     payloads = [f"c{n:02}".encode() for n in range(count)]
     async with shared_index("sqlite", tmp_path, prefetch=5) as shared:
@@ -283,7 +286,7 @@ async def test_a_drain_whose_index_fails_on_a_later_window_loses_no_claimed_comm
             # A StateError is allowed: then nothing may have been taken from the queue.
             with contextlib.suppress(StateError):
                 first = await asyncio.wait_for(store.drain_pending(DEVICE), 5)
-            assert state.claims >= 2, "the drain never reached its second window"
+            assert state.claims >= 2, "the drain never reached its second claim"
             not_returned = [cid for cid, p in zip(ids, payloads, strict=True) if p not in first]
             statuses = await _statuses(store, not_returned)
             assert CommandStatus.DELIVERED not in statuses, (
