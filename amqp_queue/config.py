@@ -52,8 +52,9 @@ class RabbitMQConfig:
             hands out in the index's ready order (see :mod:`amqp_queue.requeue_order`) and
             acks each command alone.
         prefetch: how many messages a consumer takes per window (its unacknowledged
-            bound) and a drain claims per window (a drain reads without a bound and acks
-            when it hands over); the state index is asked about a whole window in one query.
+            bound); the state index is asked about a whole window in one query. A drain
+            reads without a bound, claims once it has read the queue to the end and acks
+            when it hands over.
         limits: device id, command type, payload and TTL bounds (rule 7). The payload bound
             must stay 4 KiB (for properties and headers) under ``max_message_size``. Its
             ``max_pending_per_device`` (rule 11) is enforced by the state index with the

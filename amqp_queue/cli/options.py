@@ -136,7 +136,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "prefetch",
         AT_LEAST_ONE,
-        "Messages a consumer holds unacknowledged, and a drain claims, per window.",
+        "Messages a consumer holds unacknowledged per window.",
     ),
     Knob(
         "publish_timeout",
