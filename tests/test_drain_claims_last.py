@@ -44,6 +44,7 @@ async def test_a_drain_claims_once_its_consumer_is_gone_and_hands_out_everything
     tmp_path: Path,
 ) -> None:
     state = await CountsConsumersAtClaim.connect(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    assert isinstance(state, CountsConsumersAtClaim)
     state.consumers_at_claim = []
     try:
         # Windows of two: the old drain claimed three times, its consumer still reading.
