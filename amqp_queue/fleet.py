@@ -11,10 +11,19 @@ import logging
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.publish_path import PublishPath
 from amqp_queue.state import rules
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import (
     CommandRecord,
@@ -40,6 +49,7 @@ class FleetDelivery:
     state: IndexedStore
     observer: Observer
     limits: Limits
+    config: RabbitMQConfig
     _path: PublishPath
 
     if TYPE_CHECKING:  # provided by RabbitMQStore and BrokerStart
@@ -161,6 +171,9 @@ class FleetDelivery:
             InvalidDeviceId: a bad device id.
             BrokerError: the queue could not be deleted (nothing is cancelled; call
                 again).
+            StateError: the queue is deleted, but the index refused to cancel the commands
+                for ``publish_timeout`` seconds: they are listed as pending with no message
+                until ``retire_device`` is called again.
         """
         device = self._device(device_id)
         # The queue first: an enqueue accepted between the two steps is cancelled by the
@@ -168,7 +181,23 @@ class FleetDelivery:
         # stay pending with its message deleted, never to be delivered.
         topology = await self._ready()
         await topology.delete_queue(device)
-        return await self.state.retire_device(device)
+        # With the queue gone, the commands must end now: tried again while the index
+        # refuses (a cut connection coming back), as long as a publish may take.
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(StateError),
+                stop=stop_after_delay(self.config.publish_timeout),
+                wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self.state.retire_device(device)
+        except StateError as exc:
+            raise StateError(
+                f"the queue of {device!r} is deleted but its commands are not cancelled "
+                f"({exc}): call retire_device again"
+            ) from exc
+        raise AssertionError("unreachable: tenacity returns or raises")
 
     async def _accept_many(self, records: Sequence[CommandRecord]) -> None:
         self._refuse_if_closed()
