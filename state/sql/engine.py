@@ -40,17 +40,45 @@ URL: ``sqlite+aiosqlite:///commands.db?synchronous=normal``.
 """
 
 
+COMMAND_TIMEOUT = 30.0
+"""Seconds a PostgreSQL statement may take (asyncpg's ``command_timeout``) before its call
+fails with ``StateError``.
+
+A link that stalls without a reset (a dead peer, a hung proxy) would otherwise hold every
+call on it, and ``close()``, for as long as TCP takes to give up. Long enough for a cleanup or
+a schema upgrade on a large table; the URL sets another (``?command_timeout=120``).
+"""
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds a new PostgreSQL connection may take to open (asyncpg's ``timeout``, 60 by
+default) before its call fails with ``StateError``; the URL sets another (``?timeout=30``)."""
+
+
 def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
     """An AsyncEngine for the state index at ``url``, with the SQLite set-up when it is one.
 
-    A SQLite URL may carry ``?synchronous=full|normal`` (see :data:`SYNCHRONOUS`).
+    A SQLite URL may carry ``?synchronous=full|normal`` (see :data:`SYNCHRONOUS`); a
+    PostgreSQL one ``?command_timeout=`` and ``?timeout=`` in seconds (see
+    :data:`COMMAND_TIMEOUT`, :data:`CONNECT_TIMEOUT`).
 
     Raises:
-        ValueError: an unknown ``synchronous`` level.
+        ValueError: an unknown ``synchronous`` level, or a timeout that is not a number.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(parsed, **engine_options)
+        connect_args = engine_options.pop("connect_args", {})
+        if parsed.get_driver_name() == "asyncpg":
+            # Numbers here: asyncpg adds to a connect timeout given as the URL's string.
+            bounds = {
+                name: float(str(parsed.query.get(name, default)))
+                for name, default in (
+                    ("command_timeout", COMMAND_TIMEOUT),
+                    ("timeout", CONNECT_TIMEOUT),
+                )
+            }
+            parsed = parsed.difference_update_query(bounds)
+            connect_args = {**bounds, **connect_args}
+        return create_async_engine(parsed, connect_args=connect_args, **engine_options)
     synchronous = str(parsed.query.get("synchronous", SYNCHRONOUS[0])).lower()
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous={synchronous!r}: SQLite index accepts {SYNCHRONOUS}")
