@@ -160,7 +160,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         command requeued. Drains are waited for while the broker and the index are still
         open, up to ``publish_timeout`` seconds, so a close with a slow drain under way
         takes that long (and at most about ``publish_timeout`` + 2 s more to close its
-        channels and wait for a cancelled drain's give-back).
+        channels and wait for a cancelled drain's give-back). A stream's delivery marks
+        are waited for up to ``publish_timeout`` too; with an index that does not answer at
+        all (a stalled link), each index call on the way out also waits for its own bound
+        (PostgreSQL's statement timeout, Redis's socket timeout).
         """
         self._closed = True
         try:

@@ -15,15 +15,15 @@ from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from amqp_queue.batching import Batcher
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.delivery_marks import DeliveryMarks
 from amqp_queue.errors import BrokerError
 from amqp_queue.inbox import Inbox, close_channel, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import WAIT, ReadyOrder
-from amqp_queue.settlement import report_delivered, settle, split_live
+from amqp_queue.settlement import settle, split_live
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -38,9 +38,6 @@ MARK_RETRY_MOST = 30.0
 
 # How many handed-out ids a stream remembers to drop late copies of them.
 _HANDED_MEMORY = 10_000
-
-# Marked commands are acked together once they are this share of the prefetch window.
-_ACK_SHARE = 4
 
 
 class CommandStream(Closing):
@@ -78,14 +75,12 @@ class CommandStream(Closing):
         self._inbox: Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
-        self._marks = Batcher(
-            self._mark_delivered,
-            max_batch=config.prefetch,
-            on_detached_failure=self._log_mark_failure,
-        )
         self._closed = False
         # Set by interrupt(): a stream still opening ends as soon as it is open.
         self._interrupted = False
+        # The consumer's set-up while it runs: close() cancels it (with the channel closed
+        # under it, its RPC would fail with a cancellation, or wait for ever).
+        self._opening: asyncio.Future[Inbox] | None = None
         # A window the index failed on: not handed out, not acked; admitted first next time.
         self._unadmitted: list[AbstractIncomingMessage] = []
         # Ids handed out lately: a copy of one (a publish repeated after a lost confirm) may
@@ -93,18 +88,14 @@ class CommandStream(Closing):
         self._handed: OrderedDict[str, None] = OrderedDict()
         self._clock = time.monotonic
         self._checked_at = 0.0
-        # Finished commands whose delivery mark failed: unacked, tried again with the next.
-        self._unmarked: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
-        # Marked commands not acked yet: acked together once they are a share of the window
-        # (see _ack_marked), or before the stream waits for the broker or closes.
-        self._marked: list[AbstractIncomingMessage] = []
-        self._ack_every = max(1, config.prefetch // _ACK_SHARE)
         self._order = (
             ReadyOrder(state, device_id) if config.queue_type is QueueType.QUORUM else None
         )
         # Handed out in ready order there, not delivery order: a multiple ack could take a
         # command still in hand with it.
-        self._ack_together = self._order is None
+        self._marks = DeliveryMarks(
+            state, observer, config, device_id, ack_together=self._order is None
+        )
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -136,14 +127,14 @@ class CommandStream(Closing):
                 await self._drop(self._ready.popleft()[0])
             retry_in = MARK_RETRY_FIRST
             while not self._ready:
-                await self._flush_finished()
+                await self._marks.flush()
                 # With marks still failing, the wait is bounded: the device may have nothing
                 # more coming (or the broker holds back, the prefetch window being full of
                 # unacked commands), and their status must not say pending for ever.
-                window = await self._next_window(retry_in if self._unmarked else None)
+                window = await self._next_window(retry_in if self._marks.unmarked else None)
                 if window:
                     await self._admit(window)
-                elif self._unmarked:
+                elif self._marks.unmarked:
                     retry_in = min(retry_in * 2, MARK_RETRY_MOST)
             if self._order is None or await self._in_ready_order():
                 break
@@ -180,6 +171,8 @@ class CommandStream(Closing):
         if self._closed:
             return
         self._closed = True
+        if self._opening is not None:
+            self._opening.cancel()
         try:
             if self._inbox is not None and not self._inbox.interrupted:
                 try:
@@ -189,7 +182,7 @@ class CommandStream(Closing):
                         await self._inbox.stop()
                 except (BrokerError, TimeoutError) as exc:
                     logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
-            await self._flush_finished()
+            await self._flush_within()
             unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
             self._unadmitted = []
             if self._current is not None:
@@ -210,13 +203,29 @@ class CommandStream(Closing):
                 what = f"the consumer channel of {self._device_id}"
                 await close_channel(self._channel, self._config.publish_timeout, what)
 
+    async def _flush_within(self) -> None:
+        """:meth:`DeliveryMarks.flush`, for ``publish_timeout`` at most: an index that does not
+        answer (a stalled link) must not hold the close. Marks that did not land leave their
+        commands unacked, requeued with the channel: handed out again (at-least-once)."""
+        try:
+            async with asyncio.timeout(self._config.publish_timeout):
+                await self._marks.flush()
+        except TimeoutError:
+            logger.warning(
+                "consumer of %s closed before its delivery marks landed: %d commands are "
+                "requeued and come again",
+                self._device_id,
+                len(self._marks.unmarked),
+            )
+
     async def _open(self) -> None:
         if self._inbox is None:
             self._channel, topology = await self._open_channel()
+            self._opening = asyncio.ensure_future(
+                open_inbox(self._channel, topology, self._config, self._device_id)
+            )
             try:
-                self._inbox = await open_inbox(
-                    self._channel, topology, self._config, self._device_id
-                )
+                self._inbox = await self._opening
             except BaseException:
                 # A channel (and maybe a consumer) of a stream that never opened: closed,
                 # so it neither leaks nor holds messages unacked.
@@ -224,7 +233,11 @@ class CommandStream(Closing):
                 what = "the channel of a stream that did not open"
                 closing = close_channel(channel, self._config.publish_timeout, what)
                 await asyncio.shield(closing)
+                if self._closed and not _being_cancelled():
+                    return  # close() ended it while it opened: the loop just ends
                 raise
+            finally:
+                self._opening = None
             if self._interrupted:
                 self._inbox.interrupt()
 
@@ -233,7 +246,7 @@ class CommandStream(Closing):
             # Marked and acked in the background at once (what finishes meanwhile shares the
             # write): a command the device is done with must not stay cancellable, or say
             # PENDING, while the device works on the next one.
-            self._marks.post_detached(self._current)
+            self._marks.post(self._current)
             self._current = None
 
     async def _next_window(self, wait: float | None) -> list[AbstractIncomingMessage]:
@@ -261,7 +274,7 @@ class CommandStream(Closing):
             await self._recheck_next()
             return bool(self._ready) and self._ready[0] is front
         self._order.waited = True
-        await self._flush_finished()  # acked, the finished ones free the window
+        await self._marks.flush()  # acked, the finished ones free the window
         assert self._inbox is not None
         full = self._config.prefetch
         if len(self._ready) >= full and await self._order.may_rotate(
@@ -335,66 +348,9 @@ class CommandStream(Closing):
         await settle(message, ack=True)
         self._observer.dropped(1)
 
-    async def _flush_finished(self) -> None:
-        await self._marks.drain()
-        if self._unmarked:
-            # Before the stream waits for the broker or closes, with nothing new to carry
-            # them: the commands whose mark failed get one more try by themselves.
-            try:
-                await self._mark_delivered([])
-            except Exception as exc:  # as the Batcher: kept for the next try, and logged
-                self._log_mark_failure(exc)
-        # The broker's window is not held while the stream waits for it.
-        await self._ack_marked()
 
-    def _log_mark_failure(self, exc: BaseException) -> None:
-        logger.warning(
-            "marking commands of %s delivered failed (%d waiting to be marked): %s",
-            self._device_id,
-            len(self._unmarked),
-            exc,
-        )
-
-    async def _mark_delivered(
-        self, finished: list[tuple[AbstractIncomingMessage, CommandRecord]]
-    ) -> None:
-        batch = [*self._unmarked, *finished]
-        if not batch:
-            return
-        self._unmarked = []
-        try:
-            await self._state.mark_delivered([record.id for _, record in batch])
-        except BaseException:
-            # The device has them: their status must come to say so, so they are marked
-            # again with the next batch. Unacked until then, they come again from the
-            # broker should the channel go first (at-least-once). From now on each is acked
-            # alone: a batch may then hold deliveries of a channel restored since, and one
-            # ack of several deliveries names only the channel of the last.
-            self._unmarked = batch
-            self._ack_together = False
-            raise
-        report_delivered(self._observer, [record for _, record in batch], self._state.clock())
-        self._marked.extend(message for message, _ in batch)
-        if len(self._marked) >= self._ack_every:
-            await self._ack_marked()
-
-    async def _ack_marked(self) -> None:
-        """Acks the commands marked delivered so far.
-
-        Not after each mark: every ack frame lets the broker send as many deliveries, each
-        a wake-up of the connection's reader, and with a mark as fast as the next hand-out's
-        liveness read the stream acked, and was refilled, one message at a time. Marked
-        and not acked yet, a command the broker gives again (the channel lost) is dropped
-        as stale: the index no longer holds it as live.
-        """
-        marked, self._marked = self._marked, []
-        if not marked:
-            return
-        if self._ack_together:
-            # Handed out in delivery order, and every earlier delivery on this channel is
-            # settled (acked here or as stale, or marked and acked by this frame): one frame
-            # acks all.
-            await settle(marked[-1], ack=True, multiple=True)
-            return
-        for message in marked:
-            await settle(message, ack=True)
+def _being_cancelled() -> bool:
+    """Whether the running task has a cancellation pending (its own, not one that a closed
+    channel's RPC raised into it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore, settlement
+from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore, delivery_marks, settlement
 from amqp_queue import stream as stream_module
 from amqp_queue.state import SqlStore, StateError
 from amqp_queue.state.sql import create_engine
@@ -59,7 +59,7 @@ async def _consume(store: RabbitMQStore, count: int) -> list[str]:
 
 async def _marks_written(stream: CommandStream) -> None:
     """Returns once the marks the stream has posted so far have run, failed or not."""
-    await stream._marks.drain()  # the stream's own batcher of delivery marks
+    await stream._marks.drain()  # the stream's delivery marks
 
 
 async def _statuses(store: RabbitMQStore, ids: list[str]) -> list[CommandStatus]:
@@ -181,6 +181,7 @@ async def test_marked_commands_are_acked_together_and_none_is_left_unacked(
         await settle(message, ack=ack, multiple=multiple)
 
     monkeypatch.setattr(stream_module, "settle", counted)
+    monkeypatch.setattr(delivery_marks, "settle", counted)
     state = MarksFail(tmp_path / "state.db", failures=0)
     async with store_on_index(state, prefetch=8) as store:
         ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(7)]

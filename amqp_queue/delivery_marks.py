@@ -1,0 +1,128 @@
+"""What a ``consume`` stream does with a command once its loop body finished: the delivery
+mark in the index, then the ack (one frame for several where it may)."""
+
+from __future__ import annotations
+
+import logging
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from amqp_queue.batching import Batcher
+from amqp_queue.config import RabbitMQConfig
+from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.observer import Observer
+from amqp_queue.settlement import report_delivered, settle
+from amqp_queue.state.model import CommandRecord
+
+logger = logging.getLogger("amqp_queue.stream")
+
+# Marked commands are acked together once they are this share of the prefetch window.
+_ACK_SHARE = 4
+
+Finished = tuple[AbstractIncomingMessage, CommandRecord]
+
+
+class DeliveryMarks:
+    """A stream's finished commands: marked delivered in the background (what finishes
+    meanwhile shares the write), then acked.
+
+    ``ack_together``: the stream hands out in delivery order, so one multiple ack may settle
+    several marked commands (not on quorum queues, which hand out in ready order).
+    """
+
+    def __init__(
+        self,
+        state: DeliveryIndex,
+        observer: Observer,
+        config: RabbitMQConfig,
+        device_id: str,
+        *,
+        ack_together: bool,
+    ) -> None:
+        self._state = state
+        self._observer = observer
+        self._device_id = device_id
+        self._batcher = Batcher(
+            self._mark_delivered,
+            max_batch=config.prefetch,
+            on_detached_failure=self._log_mark_failure,
+        )
+        self.unmarked: list[Finished] = []
+        """Finished commands whose delivery mark failed: unacked, tried again with the next."""
+        # Marked commands not acked yet: acked together once they are a share of the window
+        # (see _ack_marked), or before the stream waits for the broker or closes.
+        self._marked: list[AbstractIncomingMessage] = []
+        self._ack_every = max(1, config.prefetch // _ACK_SHARE)
+        self._ack_together = ack_together
+
+    def post(self, finished: Finished) -> None:
+        """Marks (and acks) a finished command in the background."""
+        self._batcher.post_detached(finished)
+
+    async def drain(self) -> None:
+        """Returns once the marks posted so far have run, failed or not."""
+        await self._batcher.drain()
+
+    async def flush(self) -> None:
+        """Marks and acks what has finished, before the stream waits for the broker or
+        closes."""
+        await self.drain()
+        if self.unmarked:
+            # Before the stream waits for the broker or closes, with nothing new to carry
+            # them: the commands whose mark failed get one more try by themselves.
+            try:
+                await self._mark_delivered([])
+            except Exception as exc:  # as the Batcher: kept for the next try, and logged
+                self._log_mark_failure(exc)
+        # The broker's window is not held while the stream waits for it.
+        await self._ack_marked()
+
+    def _log_mark_failure(self, exc: BaseException) -> None:
+        logger.warning(
+            "marking commands of %s delivered failed (%d waiting to be marked): %s",
+            self._device_id,
+            len(self.unmarked),
+            exc,
+        )
+
+    async def _mark_delivered(self, finished: list[Finished]) -> None:
+        batch = [*self.unmarked, *finished]
+        if not batch:
+            return
+        self.unmarked = []
+        try:
+            await self._state.mark_delivered([record.id for _, record in batch])
+        except BaseException:
+            # The device has them: their status must come to say so, so they are marked
+            # again with the next batch. Unacked until then, they come again from the
+            # broker should the channel go first (at-least-once). From now on each is acked
+            # alone: a batch may then hold deliveries of a channel restored since, and one
+            # ack of several deliveries names only the channel of the last.
+            self.unmarked = batch
+            self._ack_together = False
+            raise
+        report_delivered(self._observer, [record for _, record in batch], self._state.clock())
+        self._marked.extend(message for message, _ in batch)
+        if len(self._marked) >= self._ack_every:
+            await self._ack_marked()
+
+    async def _ack_marked(self) -> None:
+        """Acks the commands marked delivered so far.
+
+        Not after each mark: every ack frame lets the broker send as many deliveries, each
+        a wake-up of the connection's reader, and with a mark as fast as the next hand-out's
+        liveness read the stream acked, and was refilled, one message at a time. Marked
+        and not acked yet, a command the broker gives again (the channel lost) is dropped
+        as stale: the index no longer holds it as live.
+        """
+        marked, self._marked = self._marked, []
+        if not marked:
+            return
+        if self._ack_together:
+            # Handed out in delivery order, and every earlier delivery on this channel is
+            # settled (acked here or as stale, or marked and acked by this frame): one frame
+            # acks all.
+            await settle(marked[-1], ack=True, multiple=True)
+            return
+        for message in marked:
+            await settle(message, ack=True)
