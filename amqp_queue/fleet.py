@@ -63,6 +63,8 @@ class FleetDelivery:
 
         def _device(self, device_id: str) -> str: ...
 
+        async def _flush_outbox(self) -> None: ...
+
     # -- outcomes (rule 9) ----------------------------------------------------------------
 
     async def complete_command(self, command_id: str, result: bytes | None = None) -> None:
@@ -237,6 +239,11 @@ class FleetDelivery:
             # fan-out command: the relay publishes a fan-out that large, in ready order.
             for record in ready:
                 self._path.owe(record.id)
+            if reachable:
+                # Before the call returns, as a smaller fan-out is: a command another
+                # process enqueues after it (that process does not know what this one
+                # owes) would otherwise be published ahead of it.
+                await self._flush_outbox()
             return
         try:
             await asyncio.gather(*(self._path.publish(record) for record in ready))

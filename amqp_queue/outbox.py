@@ -107,6 +107,11 @@ class OutboxRelay:
         self._started_at: datetime | None = None
         self._held_back: set[str] = set()
 
+    @property
+    def owes(self) -> int:
+        """How many commands this process owes the broker (held back ones included)."""
+        return len(self._owed)
+
     def kick(self) -> None:
         """Asks for a pass soon (a publish failed, the connection came back, or a command
         was left behind the backlog)."""

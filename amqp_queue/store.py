@@ -28,6 +28,7 @@ from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
+from amqp_queue.owed_at_close import publish_owed
 from amqp_queue.publish_path import PublishPath
 from amqp_queue.publisher import Publisher
 from amqp_queue.running_deliveries import CLOSE_GRACE, RunningDeliveries
@@ -35,6 +36,7 @@ from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.enqueue_calls import CommandIntake
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
 from amqp_queue.state.model import (
@@ -180,6 +182,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._running.wait_background()
             await self._channels.close()
             if self._relay is not None:
+                await publish_owed(self._relay, self.config.publish_timeout)
                 await self._relay.close()
             await self._path.flush()
             self._connection.reconnect_callbacks.discard(self._on_reconnect)
@@ -382,5 +385,5 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         assert self._relay is not None
         try:
             await self._relay.flush()
-        except BrokerError as exc:
-            logger.warning("outbox not flushed before a drain: %s", exc)
+        except (BrokerError, StateError) as exc:
+            logger.warning("outbox not flushed (the relay goes on trying): %s", exc)
