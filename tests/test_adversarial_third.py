@@ -870,6 +870,11 @@ def test_enqueues_racing_close_are_not_overtaken_by_another_running_store(
         ]
         await b.enqueue(device, numbered(99), LONG)
         got = await drain_everything(b, device)
+        # Closed on this loop: the fixture's close would run on another, after this loop
+        # closed, and the SQLite connection's thread would fail to answer into it.
+        await asyncio.wait_for(b.close(), 10)
+        env.stores.remove(a)
+        env.stores.remove(b)
         return {"accepted": accepted, "got": [number(p) for p in got]}
 
     report = test_adversarial_seams.run_isolated(scenario, 60)
