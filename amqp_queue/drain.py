@@ -61,7 +61,8 @@ async def drain(
     :class:`Settlement`). When the index fails after some commands were claimed (a deep
     queue's later claim), the drain returns those (they are delivered as far as the index
     goes) and leaves the rest queued; with nothing claimed it raises. The store closing
-    (:meth:`Inbox.interrupt`) ends the reading: what was read is claimed and returned. A
+    (:meth:`Inbox.interrupt`) while the drain reads ends it: nothing is claimed, what was
+    read goes back to the queue, and the drain returns nothing. A
     claim whose outcome the index cannot tell (:class:`ClaimOutcomeUnknown`) counts as
     claimed while its messages stay queued. Cancelled, it gives back what it
     claimed (see :func:`give_back`; ``outbox`` takes on what it cannot give back itself).
@@ -156,15 +157,19 @@ async def drain(
                 expected = received + 1
             await inbox.stop()
             if inbox.interrupted:
+                # Nothing is claimed yet: all of it goes back, rather than claims that a
+                # close may not wait for (a deep queue, a slow index).
                 logger.info("drain of %s ended by close after %d messages", device_id, received)
-                settlement.hold(inbox.take_buffered())
+                settlement.hold([*unclaimed, *inbox.take_buffered()])
+                unclaimed = []
             else:
                 # Deliveries that crossed the cancel are ours too.
                 unclaimed.extend(inbox.take_buffered())
             # Claimed last, right before the hand-over: a process that dies while the drain
             # still asks the broker (the queue's depth, the consumer's cancel) has claimed
-            # nothing, and the broker requeues it all; a death loses commands only while
-            # the claim's own answer is on its way.
+            # nothing, and the broker requeues it all. A death loses commands while a claim
+            # runs or after it: its answer on the way, a deeper queue's later claims, the
+            # look at what a claim did not take (split_live), the acks.
             while unclaimed:
                 chunk, unclaimed = unclaimed[:CLAIM_MOST], unclaimed[CLAIM_MOST:]
                 await settle_window(chunk)

@@ -175,7 +175,8 @@ class FleetDelivery:
                 again).
             StateError: the queue is deleted, but the index refused to cancel the commands
                 for ``publish_timeout`` seconds: they are listed as pending with no message
-                until ``retire_device`` is called again.
+                until ``retire_device`` is called again. (A try whose outcome the index could
+                not tell may have cancelled them: the next one then counts 0.)
         """
         device = self._device(device_id)
         # The queue first: an enqueue accepted between the two steps is cancelled by the

@@ -21,25 +21,36 @@ logger = logging.getLogger("amqp_queue.outbox")
 
 # Seconds between tries while what is owed waits behind another process's publishes.
 _HELD_RETRY = 0.05
+# Seconds without progress after which the close stops waiting: what is held back waits
+# behind a command its writer will not publish (it died), and waiting longer gains nothing.
+_HELD_WAIT = 1.0
 
 
 async def publish_owed(relay: OutboxRelay, within: float) -> None:
-    """Publishes what ``relay`` owes, trying for ``within`` seconds at most; what is left
-    (the broker or the index failing, or another process's command still ahead of it
-    unpublished) is logged and left to the relay lease's sweep."""
+    """Publishes what ``relay`` owes, trying for ``within`` seconds at most, and for
+    :data:`_HELD_WAIT` seconds without progress; what is left (the broker or the index
+    failing, or another process's command still ahead of it unpublished) is logged and left
+    to the relay lease's sweep."""
     if not relay.owes:
         return
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(within):
+            owed, since = relay.owes, loop.time()
             while True:
                 await relay.flush()
                 if not relay.owes:
                     return
+                if relay.owes < owed:
+                    owed, since = relay.owes, loop.time()
+                elif loop.time() - since > _HELD_WAIT:
+                    raise TimeoutError
                 await asyncio.sleep(_HELD_RETRY)
     except (TimeoutError, BrokerError, StateError) as exc:
+        reason = str(exc) or f"still waiting behind other commands after {within:g} s"
         logger.warning(
             "closing with %d commands not published (%s): the relay of another process "
             "publishes them after relay_after",
             relay.owes,
-            exc or "still waiting behind another process's commands",
+            reason,
         )

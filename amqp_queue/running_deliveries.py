@@ -78,8 +78,8 @@ class RunningDeliveries:
             if loop.time() > deadline:
                 break
             await asyncio.sleep(0.01)
-        for stream in streams:
-            await stream.close()
+        # Together: each may wait up to publish_timeout for its delivery marks.
+        await asyncio.gather(*(stream.close() for stream in streams))
         await self.wait_drains(max(CLOSE_GRACE, drain_grace) - (loop.time() - started))
 
     async def wait_drains(self, grace: float) -> None:

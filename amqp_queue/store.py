@@ -156,7 +156,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         """Ends running streams and drains, stops the relay, flushes pending index updates
         and closes what the store owns.
 
-        A drain under way returns what it claimed so far; a ``consume`` loop waiting for
+        A drain still reading its queue returns nothing and leaves it queued (one already
+        claiming returns what it claimed); a ``consume`` loop waiting for
         the next command ends, and one whose body is running ends when it asks for the next
         (its command is settled then), or after ``CLOSE_GRACE`` (2) seconds with the
         command requeued. Drains are waited for while the broker and the index are still
@@ -182,7 +183,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._running.wait_background()
             await self._channels.close()
             if self._relay is not None:
-                await publish_owed(self._relay, self.config.publish_timeout)
+                if not self.broker_pending:
+                    await publish_owed(self._relay, self.config.publish_timeout)
                 await self._relay.close()
             await self._path.flush()
             self._connection.reconnect_callbacks.discard(self._on_reconnect)

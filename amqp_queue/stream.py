@@ -113,6 +113,8 @@ class CommandStream(Closing):
         if self._closed:
             raise StopAsyncIteration
         await self._open()
+        if self._closed:  # closed while it opened
+            raise StopAsyncIteration
         self._finish_current()
         if self._unadmitted:
             # Before anything newer: these came first.
@@ -212,15 +214,20 @@ class CommandStream(Closing):
                 await self._marks.flush()
         except TimeoutError:
             logger.warning(
-                "consumer of %s closed before its delivery marks landed: %d commands are "
-                "requeued and come again",
+                "consumer of %s closed before its delivery marks landed: the commands not "
+                "marked are requeued and come again",
                 self._device_id,
-                len(self._marks.unmarked),
             )
 
     async def _open(self) -> None:
         if self._inbox is None:
             self._channel, topology = await self._open_channel()
+            if self._closed:
+                # close() ran while the channel opened, and could not close it.
+                channel, self._channel = self._channel, None
+                what = "the channel of a stream closed while it opened"
+                await close_channel(channel, self._config.publish_timeout, what)
+                return
             self._opening = asyncio.ensure_future(
                 open_inbox(self._channel, topology, self._config, self._device_id)
             )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -54,6 +55,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 
+STORM_SECONDS = float(os.environ.get("AMQP_QUEUE_STORM_SECONDS", "3"))
+"""How long the storms last (the test command's short form; 8 s or more for a longer trial)."""
 LONG = 600.0
 WIRED = ["postgres", "redis"]
 
@@ -723,7 +726,7 @@ async def test_drains_on_two_stores_while_one_is_cut_off_again_and_again(backend
             asyncio.create_task(drains(cut, "cut")),
             asyncio.create_task(faults()),
         ]
-        await asyncio.sleep(8)
+        await asyncio.sleep(STORM_SECONDS)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
         wire.index.resume()
@@ -809,7 +812,7 @@ async def test_one_stream_through_a_storm_of_index_and_broker_faults_keeps_order
 
         tasks = [asyncio.create_task(produce()), asyncio.create_task(faults())]
         consuming = asyncio.create_task(consume())
-        await asyncio.sleep(8)
+        await asyncio.sleep(STORM_SECONDS)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
         wire.index.resume()

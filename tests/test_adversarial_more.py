@@ -11,6 +11,7 @@ Only ``amqp_queue``'s public names are used to act; tests/ helpers set up and te
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from contextlib import suppress
@@ -46,6 +47,9 @@ from tests.test_adversarial_seams import (
 
 # The seams' fixture: one state index (per backend) and one exchange that several stores share.
 env = test_adversarial_seams.env
+TRIALS = int(os.environ.get("AMQP_QUEUE_ADVERSARIAL_TRIALS", "5"))
+"""Trials of a racing scenario that repeats one (the test command's short form; more for a
+longer run)."""
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
@@ -1149,7 +1153,7 @@ async def test_latest_wins_rollouts_from_two_stores_while_devices_consume(env: E
 async def test_a_drain_cancelled_as_its_device_is_retired_leaves_no_command_pending_for_ever(
     env: Env,
 ) -> None:
-    """Minimal form of test_retire_device_racing_cancelled_drains, in up to 12 trials of one
+    """Minimal form of test_retire_device_racing_cancelled_drains, in ``TRIALS`` trials of one
     device each. Store B's drain has claimed its first window (every command of it DELIVERED;
     drain_idle keeps it waiting for more); store A retires the device and B's drain is
     cancelled at the same moment. Retiring deletes the queue and cancels the open commands
@@ -1161,7 +1165,7 @@ async def test_a_drain_cancelled_as_its_device_is_retired_leaves_no_command_pend
     b = await env.open(prefetch=10)
     report = []
     rng = _seeded()
-    for trial in range(10):
+    for trial in range(TRIALS):
         device = env.device()
         ids = [await a.enqueue(device, numbered(i), LONG) for i in range(40)]
         draining = asyncio.create_task(b.drain_pending(device))

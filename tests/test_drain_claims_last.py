@@ -5,8 +5,8 @@ between the two loses them from the device's view (``drain_pending`` is at-most-
 a crash). The drain used to claim each window as it arrived and then go on asking the broker
 (more windows, whether the queue was empty, the consumer's cancel): a death during any of
 those round trips lost the windows already claimed. Now the drain reads everything first
-and claims once, right before it hands over: the only moment a death loses commands is the
-claim's own answer.
+and claims right before it hands over (once, up to 1,000 commands): a death while it reads
+loses nothing.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 import click
-import uvloop
 
 from amqp_queue.auth import TokenConfigError, Tokens
 from amqp_queue.cli.common import (
@@ -112,7 +111,13 @@ def serve(
     try:
         # uvloop, as uvicorn's "standard" install runs: the same service answered 1.4 to
         # 1.8 times the requests per second on it (bench: api), nothing else changed.
-        uvloop.run(serve_forever(settings))
+        # Not installed on Windows: asyncio's own loop there.
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve_forever(settings))
+        else:
+            uvloop.run(serve_forever(settings))
     except QueueError as exc:
         fail(str(exc), exit_code(exc))
     except OSError as exc:

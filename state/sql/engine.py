@@ -40,13 +40,15 @@ URL: ``sqlite+aiosqlite:///commands.db?synchronous=normal``.
 """
 
 
-COMMAND_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 300.0
 """Seconds a PostgreSQL statement may take (asyncpg's ``command_timeout``) before its call
 fails with ``StateError``.
 
 A link that stalls without a reset (a dead peer, a hung proxy) would otherwise hold every
-call on it, and ``close()``, for as long as TCP takes to give up. Long enough for a cleanup or
-a schema upgrade on a large table; the URL sets another (``?command_timeout=120``).
+call on it for as long as TCP takes to give up (hours). Five minutes, since the same bound
+holds for a schema upgrade of a large table, a start waiting for another process's upgrade
+(under its advisory lock) and a cleanup pruning a large backlog in one statement; the URL sets
+another (``?command_timeout=30``).
 """
 
 CONNECT_TIMEOUT = 10.0
