@@ -6,6 +6,8 @@ dropping new ones until ``restore()``. The broker itself is never touched, so on
 behind the proxy see the outage.
 
 Only 127.0.0.1 is ever listened on or connected to: the proxy cannot be pointed elsewhere.
+:class:`StallProxy` can also stall its links (every byte held, no reset), as a dead peer does
+before TCP gives up.
 
 Why not a maintained one: aiomisc's ``TCPProxy`` (what aio-pika's own suite uses) and
 toxiproxy were the candidates. aiomisc 18 ships ``TCPProxy`` inside ``aiomisc.pytest``, the
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 LOOPBACK = "127.0.0.1"
 BROKER_PORT = 5672
@@ -190,6 +192,14 @@ class TCPProxy:
         finally:
             self._handlers.discard(task)
 
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carries what the client sends to the server (a subclass may hold it back)."""
+        await _pipe(reader, writer)
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carries what the server sends to the client (a subclass may hold it back)."""
+        await _pipe(reader, writer)
+
     async def _forward(
         self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
     ) -> None:
@@ -214,8 +224,8 @@ class TCPProxy:
             return
         self._links.add(link)
         pipes = (
-            asyncio.create_task(_pipe(client_reader, upstream)),
-            asyncio.create_task(_pipe(upstream_reader, client)),
+            asyncio.create_task(self._requests(client_reader, upstream)),
+            asyncio.create_task(self._replies(upstream_reader, client)),
         )
         try:
             # Either side ending ends the link: AMQP has no use for a half-open socket.
@@ -227,3 +237,43 @@ class TCPProxy:
                 pipe.cancel()
             await asyncio.gather(*pipes, return_exceptions=True)
             await link.wait_closed()
+
+
+class StallProxy(TCPProxy):
+    """A :class:`TCPProxy` whose links can also be stalled: while stalled, bytes are read
+    from either side and held (not forwarded) until ``resume()``; a ``cut()`` still drops
+    everything. A stall is what a dead link looks like before TCP gives up."""
+
+    def __init__(self, target_port: int, **kwargs: Any) -> None:
+        super().__init__(target_port, **kwargs)
+        self._requests_flow = asyncio.Event()
+        self._replies_flow = asyncio.Event()
+        self._requests_flow.set()
+        self._replies_flow.set()
+
+    def stall(self, *, replies_only: bool = False) -> None:
+        """Holds what the server sends (and, unless ``replies_only``, what the client
+        sends): with replies only held, the server runs what it gets (a COMMIT lands) while
+        its answer never reaches the client."""
+        self._replies_flow.clear()
+        if not replies_only:
+            self._requests_flow.clear()
+
+    def resume(self) -> None:
+        self._requests_flow.set()
+        self._replies_flow.set()
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(CHUNK_SIZE):
+                await gate.wait()
+                writer.write(chunk)
+                await writer.drain()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._pipe(reader, writer, self._requests_flow)
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._pipe(reader, writer, self._replies_flow)

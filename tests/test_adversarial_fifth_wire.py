@@ -48,7 +48,7 @@ from tests.backends import POSTGRES_URL, postgres_schema, redis_prefix
 from tests.faults.broker import close_connections_named
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
-from tests.tcp_proxy import CHUNK_SIZE, LOOPBACK, TCPProxy, _Link, _wait_closed
+from tests.tcp_proxy import LOOPBACK, StallProxy
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
@@ -59,80 +59,6 @@ STORM_SECONDS = float(os.environ.get("AMQP_QUEUE_STORM_SECONDS", "3"))
 """How long the storms last (the test command's short form; 8 s or more for a longer trial)."""
 LONG = 600.0
 WIRED = ["postgres", "redis"]
-
-
-# -- a proxy that can stall ---------------------------------------------------------------
-
-
-class StallProxy(TCPProxy):
-    """A :class:`TCPProxy` whose links can also be stalled: while stalled, bytes are read
-    from either side and held (not forwarded) until ``resume()``; a ``cut()`` still drops
-    everything. A stall is what a dead link looks like before TCP gives up."""
-
-    def __init__(self, target_port: int, **kwargs: Any) -> None:
-        super().__init__(target_port, **kwargs)
-        self._requests = asyncio.Event()
-        self._replies = asyncio.Event()
-        self._requests.set()
-        self._replies.set()
-
-    def stall(self, *, replies_only: bool = False) -> None:
-        """Holds what the server sends (and, unless ``replies_only``, what the client
-        sends): with replies only held, the server runs what it gets (a COMMIT lands) while
-        its answer never reaches the client."""
-        self._replies.clear()
-        if not replies_only:
-            self._requests.clear()
-
-    def resume(self) -> None:
-        self._requests.set()
-        self._replies.set()
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
-    ) -> None:
-        with suppress(OSError):
-            while chunk := await reader.read(CHUNK_SIZE):
-                await gate.wait()
-                writer.write(chunk)
-                await writer.drain()
-
-    async def _forward(
-        self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
-    ) -> None:
-        epoch = self._epoch
-        if self._refusing(epoch) or len(self._links) >= self._max_connections:
-            self.dropped += 1
-            client.transport.abort()
-            await _wait_closed(client)
-            return
-        try:
-            upstream_reader, upstream = await asyncio.wait_for(
-                asyncio.open_connection(LOOPBACK, self.target_port), self._connect_timeout
-            )
-        except (OSError, TimeoutError):
-            client.transport.abort()
-            await _wait_closed(client)
-            return
-        link = _Link(client, upstream)
-        if self._refusing(epoch):
-            link.abort()
-            await link.wait_closed()
-            return
-        self._links.add(link)
-        pipes = (
-            asyncio.create_task(self._pipe(client_reader, upstream, self._requests)),
-            asyncio.create_task(self._pipe(upstream_reader, client, self._replies)),
-        )
-        try:
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._links.discard(link)
-            link.close()
-            for pipe in pipes:
-                pipe.cancel()
-            await asyncio.gather(*pipes, return_exceptions=True)
-            await link.wait_closed()
 
 
 # -- the environment: one index, one exchange, stores direct or behind proxies ------------
@@ -309,6 +235,35 @@ async def drain_all(store: RabbitMQStore, device: str, seconds: float = 15) -> l
 
 async def statuses(store: RabbitMQStore, ids: list[str]) -> list[CommandStatus]:
     return [await store.get_status(i) for i in ids]
+
+
+async def produce(
+    stop: asyncio.Event, store: RabbitMQStore, device: str, accepted: list[str], rng: Any
+) -> None:
+    """Enqueues numbered commands to ``device`` until ``stop``, noting each accepted id."""
+    i = 0
+    while not stop.is_set():
+        accepted.append(await store.enqueue(device, numbered(i), LONG))
+        i += 1
+        await asyncio.sleep(rng.uniform(0, 0.02))
+
+
+async def fault_storm(wire: Wire, stop: asyncio.Event, rng: Any) -> None:
+    """Until ``stop``: the cut-off store's index link cut or stalled (replies only, at times)
+    and its broker connections closed, one or two at once, at random moments."""
+    while not stop.is_set():
+        await asyncio.sleep(rng.uniform(0.3, 0.8))
+        what = rng.choice(["cut", "stall", "broker", "both"])
+        if what in ("stall", "both"):
+            wire.index.stall(replies_only=rng.random() < 0.5)
+            await asyncio.sleep(rng.uniform(0.1, 0.6))
+        if what in ("broker", "both"):
+            await wire.close_broker()
+        if what in ("cut", "both"):
+            await wire.index.cut()
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            await wire.index.restore()
+        wire.index.resume()
 
 
 async def retried(wire: Wire, call: Any, attempts: int = 5) -> Any:
@@ -682,13 +637,6 @@ async def test_drains_on_two_stores_while_one_is_cut_off_again_and_again(backend
         batches: list[tuple[str, list[bytes]]] = []
         stop = asyncio.Event()
 
-        async def produce() -> None:
-            i = 0
-            while not stop.is_set():
-                accepted.append(await direct.enqueue(device, numbered(i), LONG))
-                i += 1
-                await asyncio.sleep(rng.uniform(0, 0.02))
-
         async def drains(store: RabbitMQStore, name: str) -> None:
             while not stop.is_set():
                 try:
@@ -705,26 +653,11 @@ async def test_drains_on_two_stores_while_one_is_cut_off_again_and_again(backend
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(rng.uniform(0, 0.1))
 
-        async def faults() -> None:
-            while not stop.is_set():
-                await asyncio.sleep(rng.uniform(0.3, 0.8))
-                what = rng.choice(["cut", "stall", "broker", "both"])
-                if what in ("stall", "both"):
-                    wire.index.stall(replies_only=rng.random() < 0.5)
-                    await asyncio.sleep(rng.uniform(0.1, 0.6))
-                if what in ("broker", "both"):
-                    await wire.close_broker()
-                if what in ("cut", "both"):
-                    await wire.index.cut()
-                    await asyncio.sleep(rng.uniform(0.05, 0.3))
-                    await wire.index.restore()
-                wire.index.resume()
-
         tasks = [
-            asyncio.create_task(produce()),
+            asyncio.create_task(produce(stop, direct, device, accepted, rng)),
             asyncio.create_task(drains(direct, "direct")),
             asyncio.create_task(drains(cut, "cut")),
-            asyncio.create_task(faults()),
+            asyncio.create_task(fault_storm(wire, stop, rng)),
         ]
         await asyncio.sleep(STORM_SECONDS)
         stop.set()
@@ -772,28 +705,6 @@ async def test_one_stream_through_a_storm_of_index_and_broker_faults_keeps_order
         got: list[tuple[str, bytes]] = []
         stop = asyncio.Event()
 
-        async def produce() -> None:
-            i = 0
-            while not stop.is_set():
-                accepted.append(await direct.enqueue(device, numbered(i), LONG))
-                i += 1
-                await asyncio.sleep(rng.uniform(0, 0.02))
-
-        async def faults() -> None:
-            while not stop.is_set():
-                await asyncio.sleep(rng.uniform(0.3, 0.8))
-                what = rng.choice(["cut", "stall", "broker", "both"])
-                if what in ("stall", "both"):
-                    wire.index.stall(replies_only=rng.random() < 0.5)
-                    await asyncio.sleep(rng.uniform(0.1, 0.6))
-                if what in ("broker", "both"):
-                    await wire.close_broker()
-                if what in ("cut", "both"):
-                    await wire.index.cut()
-                    await asyncio.sleep(rng.uniform(0.05, 0.3))
-                    await wire.index.restore()
-                wire.index.resume()
-
         async def consume() -> None:
             # The docs: a window the index failed on is kept and asked about again on the
             # next iteration, so the same stream is asked again after a library error.
@@ -810,7 +721,10 @@ async def test_one_stream_through_a_storm_of_index_and_broker_faults_keeps_order
                         continue
                     got.append((command.id, command.payload))
 
-        tasks = [asyncio.create_task(produce()), asyncio.create_task(faults())]
+        tasks = [
+            asyncio.create_task(produce(stop, direct, device, accepted, rng)),
+            asyncio.create_task(fault_storm(wire, stop, rng)),
+        ]
         consuming = asyncio.create_task(consume())
         await asyncio.sleep(STORM_SECONDS)
         stop.set()

@@ -18,8 +18,7 @@ from amqp_queue.state.sql.engine import COMMAND_TIMEOUT
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
-from tests.tcp_proxy import LOOPBACK
-from tests.test_adversarial_fifth_wire import StallProxy
+from tests.tcp_proxy import LOOPBACK, StallProxy
 
 
 async def test_a_postgres_index_bounds_every_statement_by_default() -> None:
