@@ -32,12 +32,15 @@ class Batcher(Generic[Item]):
         *,
         max_batch: int,
         on_detached_failure: Callable[[BaseException], None] | None = None,
+        linger: float = 0.0,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
         self._on_detached_failure = on_detached_failure
+        self._linger = linger
         self._waiting: list[tuple[Item, asyncio.Future[None] | None]] = []
         self._worker: asyncio.Task[None] | None = None
+        self._lingering: asyncio.TimerHandle | None = None
 
     async def submit(self, item: Item) -> None:
         """Waits until ``item`` has been flushed; raises what its batch's flush raised."""
@@ -51,16 +54,34 @@ class Batcher(Generic[Item]):
 
     def post_detached(self, item: Item) -> None:
         """Queues ``item`` with nobody waiting: a failed flush goes to ``on_detached_failure``
-        once per batch (no future per item, for items posted by the thousand)."""
-        self._queue(item, None)
+        once per batch (no future per item, for items posted by the thousand).
+
+        With a ``linger``, the item waits up to that many seconds for an item somebody
+        waits for, and rides along with its flush: with nothing else going on, a detached
+        item flushed at once is a round trip of its own that the next caller waits behind.
+        """
+        if not self._linger:
+            self._queue(item, None)
+            return
+        self._waiting.append((item, None))
+        if self._lingering is None and (self._worker is None or self._worker.done()):
+            loop = asyncio.get_running_loop()
+            self._lingering = loop.call_later(self._linger, self._start)
 
     def _queue(self, item: Item, done: asyncio.Future[None] | None) -> None:
         self._waiting.append((item, done))
-        if self._worker is None or self._worker.done():
+        self._start()
+
+    def _start(self) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+        if self._waiting and (self._worker is None or self._worker.done()):
             self._worker = asyncio.create_task(self._run(), name="amqp_queue.batcher")
 
     async def drain(self) -> None:
         """Waits until everything submitted so far has been flushed."""
+        self._start()  # what lingers goes now
         while self._worker is not None and not self._worker.done():
             await asyncio.wait({self._worker})
 

@@ -34,6 +34,11 @@ T = TypeVar("T")
 # Commands (and publish marks) per index transaction.
 _WRITE_BATCH = 500
 
+MARK_LINGER = 0.05
+"""Seconds a publish mark waits for the next enqueue's write to ride along with. Marked at
+once, each sequential enqueue waited behind the previous one's mark, a commit of its own;
+until its mark lands a command stays in flight, which the relay leaves alone."""
+
 
 class PublishPath:
     """Writes commands to the index and publishes them, or leaves them to the relay.
@@ -53,7 +58,10 @@ class PublishPath:
         # Index writes take turns: the group commit's and those outside it (write_outside).
         self._turn = asyncio.Lock()
         self._writes: Batcher[CommandRecord | str] = Batcher(
-            self._write_batch, max_batch=_WRITE_BATCH, on_detached_failure=_log_mark_failure
+            self._write_batch,
+            max_batch=_WRITE_BATCH,
+            on_detached_failure=_log_mark_failure,
+            linger=MARK_LINGER,
         )
 
     def attach(self, publisher: Publisher, relay: OutboxRelay) -> None:

@@ -4,10 +4,15 @@ A classic queue puts a requeued message back at its place; a quorum queue (Rabbi
 puts it behind every message queued since. A stream that closes with prefetched commands, or
 whose loop body raised, gives them back that way, and the next consumer would meet the newer
 commands first. So on quorum queues a stream hands out in the index's ready order: before
-handing out a command it checks that every older published command of the device, still
+handing out a command it checks that every older ready command of the device, still
 open in the index, is in its hands (or was handed out); while one is missing it reads more of
 the queue, for at most :data:`WAIT` seconds, and then goes on without it (it may be in another
-consumer's hands, or beyond a full prefetch window).
+consumer's hands, or beyond a full prefetch window, or unpublished: its writer died).
+
+"Published" is not read from the index: a publish mark rides along with a later write
+(:data:`~amqp_queue.publish_path.MARK_LINGER`), so a command in the queue may not be marked
+yet. Commands are published in ready order, so an older ready command is in the queue or
+about to be, unless its writer died before publishing it (then the wait runs out once).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ WAIT = 0.5
 
 
 class ReadyOrder:
-    """The device's published, open commands in ready order, as the index last said, and
-    how long each older one has been waited for."""
+    """The device's ready, open commands in ready order, as the index last said, and how
+    long each older one has been waited for."""
 
     def __init__(self, state: DeliveryIndex, device_id: str) -> None:
         self._state = state
@@ -50,13 +55,13 @@ class ReadyOrder:
         self._expected = [
             record.id
             for record in rules.in_ready_order(records)
-            if record.published_at is not None and rules.is_deliverable(record, now)
+            if rules.is_deliverable(record, now)
         ]
 
     def missing_before(
         self, record: CommandRecord, present: Collection[Collection[str]], moment: float
     ) -> list[str]:
-        """The older published commands of the device in none of the ``present`` ids (in
+        """The older ready commands of the device in none of the ``present`` ids (in
         hand, handed out): handing ``record`` out now would overtake them. Those waited for
         longer than :data:`WAIT` by ``moment`` are given up on."""
         missing: list[str] = []

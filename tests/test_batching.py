@@ -64,3 +64,44 @@ async def test_a_flush_that_refuses_some_items_fails_only_their_waiters() -> Non
     assert isinstance(results[1], ValueError)
     assert str(results[1]) == "full-b"
     assert results[2] is None
+
+
+async def test_a_lingering_detached_item_rides_with_the_next_waited_one() -> None:
+    flushed: list[list[str]] = []
+
+    async def flush(items: list[str]) -> None:
+        flushed.append(items)
+
+    batcher = Batcher(flush, max_batch=10, linger=60.0)
+    batcher.post_detached("mark-1")
+    await asyncio.sleep(0)  # no flush of its own starts
+    await batcher.submit("write-2")
+
+    assert flushed == [["mark-1", "write-2"]]
+
+
+async def test_a_lingering_detached_item_is_flushed_alone_after_the_linger() -> None:
+    flushed = asyncio.Queue[list[str]]()
+
+    async def flush(items: list[str]) -> None:
+        flushed.put_nowait(items)
+
+    batcher = Batcher(flush, max_batch=10, linger=0.01)
+    batcher.post_detached("mark-1")
+    batcher.post_detached("mark-2")
+    async with asyncio.timeout(5):
+        assert await flushed.get() == ["mark-1", "mark-2"]
+
+
+async def test_drain_flushes_what_lingers_at_once() -> None:
+    flushed: list[list[str]] = []
+
+    async def flush(items: list[str]) -> None:
+        flushed.append(items)
+
+    batcher = Batcher(flush, max_batch=10, linger=60.0)
+    batcher.post_detached("mark-1")
+    async with asyncio.timeout(5):
+        await batcher.drain()
+
+    assert flushed == [["mark-1"]]

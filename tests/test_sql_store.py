@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.sql import command_queue, create_engine
-from amqp_queue.state.sql.sqlite_reads import SqliteLiveCheck
+from amqp_queue.state.sql.sqlite_reads import FEW, SqliteLiveCheck
 from amqp_queue.state.sql.statements import UNPUBLISHED
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.plans import sqlite_plan
@@ -254,6 +254,30 @@ def test_a_closed_liveness_check_never_reopens_its_connection(tmp_path: Path) ->
 
     assert check.is_live(str(uuid.uuid4()), datetime.now(UTC)) is None
     assert not (tmp_path / "commands.db").exists()
+
+
+async def test_a_few_ids_are_read_on_the_loop_thread_as_the_driver_reads_them(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A window of a device online (one command, a few) is asked on the event loop's
+    thread, a hop to the driver's saved; the answer is the same as the driver's."""
+    async with await SqlStore.connect(sqlite_url(tmp_path), clock=clock) as store:
+        live = await store.enqueue("dev-1", b"live", 60)
+        cancelled = await store.enqueue("dev-1", b"cancelled", 60)
+        await store.cancel_command(cancelled)
+        waiting = await store.enqueue_with_confirmation("dev-1", "unlock", b"door", 60)
+        short = await store.enqueue("dev-1", b"short", 1)
+        clock.advance(2)
+        ids = [live, cancelled, waiting, short, str(uuid.uuid4())]
+        check = SqliteLiveCheck(store.engine)
+        try:
+            rows = check.deliverable(ids, clock())
+            assert check.deliverable([str(uuid.uuid4())] * (FEW + 1), clock()) is None
+        finally:
+            check.close()
+        assert rows is not None
+        assert [row["id"] for row in rows] == [live]
+        assert list(await store.deliverable(ids)) == [live]
 
 
 async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:

@@ -70,9 +70,12 @@ class SqlDeliveryCalls(SqlExecution):
         rows: list[dict[str, Any]] | None = None
         # consume() and drains ask this of every window: on the driver where one is kept.
         try:
-            if self._reader is not None:
+            if self._live_check is not None:
+                # A few ids (a device online): on this thread, no hop.
+                rows = self._live_check.deliverable(ids, now)
+            if rows is None and self._reader is not None:
                 rows = await self._reader.deliverable(ids, now)
-            elif self._pg_reads is not None:
+            if rows is None and self._pg_reads is not None:
                 rows = await self._pg_reads.deliverable(ids, now)
         except DIRECT_FAILURES as exc:
             raise StateError(f"state index read failed: {driver_reason(exc)}") from exc

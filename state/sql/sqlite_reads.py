@@ -4,8 +4,9 @@
   statement in autocommit mode, a consistent snapshot by itself (one hop), on a pooled
   connection the store keeps checked out.
 - :class:`SqliteLiveCheck`: whether one command is still deliverable (what ``consume`` asks
-  before each hand-out), read on the calling thread: a primary-key lookup in a WAL database
-  takes about ten microseconds, a tenth of one hop to a driver thread.
+  before each hand-out), and which of a few are (a window of a device online, one command
+  at a time), read on the calling thread: a primary-key lookup in a WAL database takes
+  about ten microseconds, a tenth of one hop to a driver thread.
 
 Both execute the constructs of :mod:`amqp_queue.state.sql.statements` (see
 :mod:`amqp_queue.state.sql.sqlite_direct`).
@@ -24,6 +25,11 @@ from . import statements as sql
 from .compiled import DriverSql
 from .kept_connection import KeptConnection
 from .sqlite_direct import SqliteFile
+
+FEW = 8
+"""The most ids :meth:`SqliteLiveCheck.deliverable` reads on the event loop's thread: a
+window of a device online holds one or a few, and blocking the loop for more would cost the
+other streams more than the hop it saves."""
 
 
 class SqliteReader:
@@ -66,6 +72,21 @@ class SqliteLiveCheck:
     def is_live(self, command_id: str, now: datetime) -> bool | None:
         """True or False; None when it cannot answer without waiting (SQLite busy) or at
         all (closed): the caller then asks on a driver thread."""
+        compiled, params = self._sql.prepare(sql.LIVE, {"command_id": command_id, "now": now})
+        rows = self._fetch(compiled.sql, params)
+        return None if rows is None else bool(rows)
+
+    def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]] | None:
+        """As :meth:`SqliteReader.deliverable`, for at most :data:`FEW` ids (a lookup each);
+        None as :meth:`is_live`, or for more ids."""
+        if len(command_ids) > FEW:
+            return None
+        values = {"ids": list(command_ids), "now": now}
+        compiled, params = self._sql.prepare(sql.DELIVERABLE, values)
+        rows = self._fetch(compiled.sql, params)
+        return None if rows is None else compiled.rows(rows)
+
+    def _fetch(self, statement: str, params: Any) -> list[Any] | None:
         if self._closed:
             return None
         if self._connection is None:
@@ -75,16 +96,14 @@ class SqliteLiveCheck:
                 ("PRAGMA query_only=ON", "PRAGMA busy_timeout=0"),
                 check_same_thread=False,
             )
-        compiled, params = self._sql.prepare(sql.LIVE, {"command_id": command_id, "now": now})
         try:
-            row = self._connection.execute(compiled.sql, params).fetchone()
+            return self._connection.execute(statement, params).fetchall()
         except sqlite3.OperationalError as exc:
             # The primary code is the low byte (SQLITE_BUSY_RECOVERY is a kind of SQLITE_BUSY).
             if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 return None
             self._drop()
             raise
-        return row is not None
 
     def close(self) -> None:
         """Closes the connection for good: a stream outliving its store never reopens it."""

@@ -1,0 +1,67 @@
+"""A direct publish's mark rides along with the next enqueue's index write.
+
+Marked in a transaction of its own at once, every sequential enqueue waited behind the
+previous command's publish mark: two commits per enqueue on the index's one writer where
+one does (bench: decompose, latency). The marks must all land all the same: a mark that
+never lands leaves its command to another process's relay, which publishes it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import pytest
+
+from amqp_queue.state import CommandRecord, IndexedStore, RedisStore, SqlStore
+from tests.rabbitmq_support import queue_depth
+from tests.shared_index import INDEX_KINDS, shared_index
+
+DEVICE = "dev-marks"
+COMMANDS = 20
+
+
+class _CountedSql(SqlStore):
+    writes: list[tuple[int, int]]
+
+    async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
+        self.writes.append((len(records), len(published)))
+        return await super().write(records, published)
+
+
+class _CountedRedis(RedisStore):
+    writes: list[tuple[int, int]]
+
+    async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
+        self.writes.append((len(records), len(published)))
+        return await super().write(records, published)
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+async def test_sequential_enqueues_write_once_each_and_every_mark_lands(
+    kind: str, tmp_path: Path
+) -> None:
+    # relay_after=0: a command left unmarked is an orphan at once for the second store.
+    async with shared_index(kind, tmp_path, relay_after=0) as shared:
+        counted: IndexedStore = await shared.open_index(
+            _CountedSql if kind != "redis" else _CountedRedis
+        )
+        assert isinstance(counted, _CountedSql | _CountedRedis)
+        counted.writes = []
+        async with shared.store(counted) as producer:
+            await producer.ensure_queue(DEVICE)
+            for n in range(COMMANDS):
+                await producer.enqueue(DEVICE, f"c{n}".encode(), 600)
+                # The caller does something else between its enqueues (a device's loop
+                # body, a request): the previous mark must still wait for the next write.
+                await asyncio.sleep(0.002)
+        writes = list(counted.writes)
+        # Closed: every publish mark has landed, so another store's relay finds no orphan.
+        async with shared.store(await shared.open_index()) as other:
+            await other.relay_outbox()
+            assert await queue_depth(other, DEVICE) == COMMANDS
+
+    assert len(writes) <= COMMANDS + 1, writes
+    assert sum(marks for _, marks in writes) == COMMANDS
+    assert sum(records for records, _ in writes) == COMMANDS
