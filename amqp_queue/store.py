@@ -286,22 +286,23 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             # A confirm that changed nothing (twice, a plain or a delivered command) is
             # harmless and is not an operator's approval: it is not counted.
             self.observer.confirmed(record)
-        if self.broker_pending:
-            if rules.is_deliverable(record, self.state.clock()) and record.published_at is None:
-                self._path.owe(record.id)
+        # Only the call that made it ready publishes it. Confirming again is harmless (rule
+        # 4): another confirm (here, or in another process on the same index) publishes it,
+        # and its publish mark may not have landed yet; what it fails to publish its relay
+        # owes, or any relay publishes once the lease runs out.
+        if not changed or not rules.is_deliverable(record, self.state.clock()):
             return changed
-        # Confirming again is harmless (rule 4): a publish of the first confirm still under
-        # way, or its mark not yet committed, is not repeated.
-        if (
-            rules.is_deliverable(record, self.state.clock())
-            and record.published_at is None
-            and record.id not in self._path.in_flight
-        ):
+        if record.published_at is not None or record.id in self._path.in_flight:
+            return changed
+        if self.broker_pending:
+            self._path.owe(record.id)
+        else:
             await self._path.publish(record)
         return changed
 
     def _ready_unpublished(self, confirmed: tuple[CommandRecord, bool]) -> list[CommandRecord]:
-        return self._unpublished_ready([confirmed[0]])
+        record, changed = confirmed
+        return self._unpublished_ready([record]) if changed else []
 
     async def cancel_command(self, command_id: str, *, by: str | None = None) -> None:
         # A message already in the queue stays there and is dropped at delivery.
