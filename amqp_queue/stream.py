@@ -125,8 +125,10 @@ class CommandStream(Closing):
         elif self._ready and self._clock() - self._checked_at > self._config.recheck_after:
             await self._recheck()
         while True:
-            while self._ready and self._ready[0][1].expires_at <= self._state.clock():
-                await self._drop(self._ready.popleft()[0])
+            if await self._drop_expired() and self._ready and not self._config.recheck_after:
+                # The front was asked about before it expired, not the one behind it.
+                await self._recheck_next()
+                continue
             retry_in = MARK_RETRY_FIRST
             while not self._ready:
                 await self._marks.flush()
@@ -340,6 +342,14 @@ class CommandStream(Closing):
         ack (stale, so that is their due) or requeued with the channel."""
         for message in messages:
             await self._drop(message)
+
+    async def _drop_expired(self) -> bool:
+        """Drops expired commands from the front; True if it dropped any."""
+        dropped = False
+        while self._ready and self._ready[0][1].expires_at <= self._state.clock():
+            await self._drop(self._ready.popleft()[0])
+            dropped = True
+        return dropped
 
     async def _recheck_next(self) -> None:
         """Drops stale commands from the front until the next one is live (a read each)."""
