@@ -33,6 +33,7 @@ from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.owed_releases import OwedReleases
 from amqp_queue.publisher import Publisher
+from amqp_queue.relay_holds import PublishWaits, StartHolds
 from amqp_queue.state import rules
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -44,7 +45,7 @@ _RESTART_PAUSE = 1.0
 # The shortest relay lease: a holder renews it at every pass that finds orphans.
 _SWEEP_LEASE_MIN = 5.0
 # Seconds between passes while commands wait behind what the start-up read found.
-_START_RECHECK = 0.5
+_START_RECHECK = 0.1
 
 
 class OutboxRelay:
@@ -101,11 +102,10 @@ class OutboxRelay:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._sweeping = False
         self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
-        # What was unpublished and not yet due when the first read ran (and when that was),
-        # and the owed commands waiting behind it (see _hold_back).
-        self._found_at_start: dict[str, tuple[str, datetime]] = {}
-        self._started_at: datetime | None = None
-        self._held_back: set[str] = set()
+        self._holds = StartHolds()
+        self._waits = PublishWaits()
+        self.failing = False
+        """Whether the last pass failed (the broker or the index): nobody waits for it."""
 
     @property
     def owes(self) -> int:
@@ -151,11 +151,17 @@ class OutboxRelay:
         A command that kicked after that read was committed too late for it; clearing
         ``pending`` then would let the next command be published directly, ahead of it.
         """
-        if self._kicks != kicks_before_read or self._owed - self._held_back:
+        if self._kicks != kicks_before_read or self._owed - self._holds.held_back:
             return False
         # Commands still to be given back (see owe_release) go before newer ones too.
-        self.pending = bool(self._found_at_start or self._held_back or self._owed_release)
+        self.pending = self._holds.holding or bool(self._owed_release)
         return True
+
+    async def published(self, command_id: str) -> None:
+        """Waits until this relay no longer owes the command (published, ended, or found
+        published elsewhere), for ``publish_timeout`` at most."""
+        if command_id in self._owed:
+            await self._waits.wait(command_id, self._config.publish_timeout)
 
     async def flush(self) -> int:
         """Publishes every due unpublished command now; returns how many were published.
@@ -165,16 +171,25 @@ class OutboxRelay:
             StateError: the index could not be read or updated.
         """
         async with self._lock:
-            await self._release_owed()
-            published = 0
-            while True:
-                kicks = self._kicks
-                records = await self._due()
-                if not records:
-                    if self._settled(kicks):
-                        return published
-                    continue
-                published += await self._publish(records)
+            try:
+                await self._release_owed()
+                published = 0
+                while True:
+                    kicks = self._kicks
+                    records = await self._due()
+                    if not records:
+                        if self._settled(kicks):
+                            self.failing = False
+                            return published
+                        continue
+                    published += await self._publish(records)
+            except (BrokerError, StateError):
+                # The broker or the index is failing: nobody waits for the retries.
+                self.failing = True
+                self._waits.end()
+                raise
+            finally:
+                self._waits.settle(self._owed)
 
     async def _publish(self, records: list[CommandRecord]) -> int:
         """Publishes these commands at once and marks them; returns how many were published.
@@ -257,48 +272,12 @@ class OutboxRelay:
         if horizon is None:
             self._owed -= unread
             unread = set()
-        self._hold_back(young, due, horizon, now)
-        self._held_back |= unread
+        self._holds.hold_back(young, due, horizon, now)
+        self._holds.held_back |= unread
+        self._holds.orphans_left = False
         if orphans:
             await self._sweep(orphans, due)
         return rules.in_ready_order(due.values())
-
-    def _hold_back(
-        self,
-        young: dict[str, CommandRecord],
-        due: dict[str, CommandRecord],
-        horizon: datetime | None,
-        now: datetime,
-    ) -> None:
-        """Keeps this process's commands behind what it found unpublished when it started,
-        including what a full read (``horizon``: the ready time of its last) left unread.
-
-        The commands the first read finds, not yet past their writer's lease, may be this
-        process's own from before a restart (it died between write and publish), and
-        nobody publishes them until the lease runs out. Until each is published or due,
-        what this process owes to the same device waits (``pending`` stays set, so new
-        commands are owed too): published now, it would overtake them.
-        """
-        if self._started_at is None:
-            self._started_at = now
-        # Gone from the read: published, ended or due; unless beyond a full read's end.
-        self._found_at_start = {
-            command_id: (device, ready_at)
-            for command_id, (device, ready_at) in self._found_at_start.items()
-            if command_id in young or (horizon is not None and ready_at > horizon)
-        }
-        # Found now, but ready before the first read: a full first read left it unread.
-        self._found_at_start.update(
-            (command_id, (record.device_id, record.ready_at))
-            for command_id, record in young.items()
-            if record.ready_at <= self._started_at
-        )
-        devices = {device for device, _ in self._found_at_start.values()}
-        self._held_back = {
-            command_id for command_id, record in due.items() if record.device_id in devices
-        }
-        for command_id in self._held_back:
-            del due[command_id]
 
     async def _sweep(self, orphans: list[CommandRecord], due: dict[str, CommandRecord]) -> None:
         """Adds the orphans (unpublished past the writer's lease) this relay publishes: all
@@ -311,6 +290,9 @@ class OutboxRelay:
             return
         owing = {record.device_id for record in due.values()}
         due.update((record.id, record) for record in orphans if record.device_id in owing)
+        # Left to the lease holder, which may have died: nothing goes out directly until
+        # they are published, or what is owed to their devices would overtake them.
+        self._holds.orphans_left = any(record.device_id not in owing for record in orphans)
         # Looked at again once the holder's lease may have lapsed (it died).
         self._due_at(self._state.clock() + timedelta(seconds=self._sweep_lease))
 
@@ -324,6 +306,7 @@ class OutboxRelay:
 
     async def close(self) -> None:
         self._closed = True
+        self._waits.end()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -357,7 +340,7 @@ class OutboxRelay:
         """Seconds until the next pass: the relay interval, or sooner when a command left to
         its writer becomes due."""
         interval = self._config.relay_interval
-        if self._found_at_start:
+        if self._holds.found:
             # Their writers (other live processes) mark most of them published within
             # moments: read again soon rather than at their due time.
             interval = min(interval, _START_RECHECK)

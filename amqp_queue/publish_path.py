@@ -143,6 +143,10 @@ class PublishPath:
             # publishing this one directly would overtake them in the device's queue. The
             # relay publishes the backlog in ready order, this one included.
             self.owe(record.id)
+            if self._relay is not None and not self._relay.failing:
+                # Returned only once published (as a direct publish does): a call another
+                # process starts after this one returned must not overtake it.
+                await self._relay.published(record.id)
             return
         self.in_flight.add(record.id)
         publishing = asyncio.ensure_future(self._publisher.publish(record))

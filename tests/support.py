@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+T = TypeVar("T")
+
+FULL_MATRIX = os.environ.get("AMQP_QUEUE_FULL_MATRIX") == "1"
+"""Set by ``make reliability``: the long adversarial rounds run every combination."""
+
+
+def matrix(every: Sequence[T], short: Sequence[T]) -> list[T]:
+    """A test's parameters: ``every`` combination under ``make reliability``, ``short`` (a
+    few, chosen to cover each backend once) in the test command, which must stay under
+    ten minutes."""
+    return list(every if FULL_MATRIX else short)
 
 
 class FakeClock:

@@ -1,0 +1,113 @@
+"""What the commands an outbox relay owes wait behind, so no device's commands are reordered.
+
+Two kinds of another writer's unpublished commands come before this process's own:
+
+- those the relay's first read found not yet due (their writer, maybe this process before a
+  restart, may still publish them): what this process owes to the same device waits until
+  each is published or due;
+- orphans (past their writer's lease) that another relay holds the lease to sweep, but does
+  not (it died holding it): until the lease lapses, this process publishes nothing
+  directly, so what it owes to a device goes out with that device's orphans ahead of it.
+
+Callers wait for what they are owed (:class:`PublishWaits`): a call that returned before a
+later call in another process began must not be published after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from datetime import datetime
+
+from amqp_queue.state.model import CommandRecord
+
+
+class StartHolds:
+    """The commands the relay's first read found unpublished and not yet due, and the owed
+    commands of their devices held back behind them."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, tuple[str, datetime]] = {}
+        self._started_at: datetime | None = None
+        self.held_back: set[str] = set()
+        self.orphans_left = False
+        """Whether the last read found orphans of devices this relay owes nothing to, which
+        it may not sweep (another relay holds the lease)."""
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.found or self.held_back or self.orphans_left)
+
+    def hold_back(
+        self,
+        young: dict[str, CommandRecord],
+        due: dict[str, CommandRecord],
+        horizon: datetime | None,
+        now: datetime,
+    ) -> None:
+        """Keeps this process's commands behind what it found unpublished when it started,
+        including what a full read (``horizon``: the ready time of its last) left unread:
+        removes them from ``due``.
+
+        The commands the first read finds, not yet past their writer's lease, may be this
+        process's own from before a restart (it died between write and publish), and
+        nobody publishes them until the lease runs out. Until each is published or due,
+        what this process owes to the same device waits (``pending`` stays set, so new
+        commands are owed too): published now, it would overtake them.
+        """
+        if self._started_at is None:
+            self._started_at = now
+        # Gone from the read: published, ended or due; unless beyond a full read's end.
+        self.found = {
+            command_id: (device, ready_at)
+            for command_id, (device, ready_at) in self.found.items()
+            if command_id in young or (horizon is not None and ready_at > horizon)
+        }
+        # Found now, but ready before the first read: a full first read left it unread.
+        self.found.update(
+            (command_id, (record.device_id, record.ready_at))
+            for command_id, record in young.items()
+            if record.ready_at <= self._started_at
+        )
+        devices = {device for device, _ in self.found.values()}
+        self.held_back = {
+            command_id for command_id, record in due.items() if record.device_id in devices
+        }
+        for command_id in self.held_back:
+            del due[command_id]
+
+
+class PublishWaits:
+    """Callers waiting until the relay no longer owes their command (published, ended, or
+    found published elsewhere)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+
+    async def wait(self, command_id: str, within: float) -> None:
+        """Returns once :meth:`settle` says the command is no longer owed, or after
+        ``within`` seconds (it stays owed: published by a later pass)."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(command_id, []).append(done)
+        try:
+            async with asyncio.timeout(within):
+                await done
+        except TimeoutError:
+            pass
+        finally:
+            waiting = self._waiting.get(command_id, [])
+            if done in waiting:
+                waiting.remove(done)
+                if not waiting:
+                    del self._waiting[command_id]
+
+    def settle(self, owed: Collection[str]) -> None:
+        """Wakes the callers of commands not in ``owed``."""
+        for command_id in [i for i in self._waiting if i not in owed]:
+            for done in self._waiting.pop(command_id):
+                if not done.done():
+                    done.set_result(None)
+
+    def end(self) -> None:
+        """Wakes every caller (the relay is closing)."""
+        self.settle(())
