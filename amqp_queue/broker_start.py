@@ -103,6 +103,7 @@ class BrokerStart:
                 self.config,
                 in_flight=self._path.in_flight,
                 observer=self.observer,
+                land_marks=self._path.flush,
             )
             self._path.attach(self._publisher, self._relay)
             self._connection.reconnect_callbacks.add(self._on_reconnect)

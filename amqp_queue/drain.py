@@ -37,8 +37,10 @@ class Debts(Protocol):
         """Publishes these commands again."""
 
     def owe_release(self, command_ids: Iterable[str]) -> None:
-        """Gives these claimed commands back, to be published again, once the index takes
-        them."""
+        """Gives these claimed commands back, republished, once the index takes them."""
+
+    async def land_marks(self) -> None:
+        """Commits the publish marks still waiting to ride along with a write."""
 
 
 async def drain(
@@ -246,6 +248,7 @@ async def give_back(
             requeued, republish = [], [*republish, *requeued]
     if requeued or republish:
         try:
+            await outbox.land_marks()  # landing later, a mark would undo the unpublish
             await _release_retrying(state, requeued, republish, within=stop_within)
         except Exception as exc:
             # Their messages go back now and the next reader drops them as delivered: the

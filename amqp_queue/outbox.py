@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime, timedelta
 
 from tenacity import (
@@ -69,6 +69,8 @@ class OutboxRelay:
     Args:
         in_flight: ids whose direct publish is under way here; the store keeps it.
         observer: told when a pass fails for an unexpected reason (see :meth:`_run`).
+        land_marks: commits the publish marks waiting to ride along with a later write
+            (:data:`~amqp_queue.publish_path.MARK_LINGER`); see :meth:`land_marks`.
     """
 
     def __init__(
@@ -79,7 +81,9 @@ class OutboxRelay:
         *,
         in_flight: Collection[str] = frozenset(),
         observer: Observer | None = None,
+        land_marks: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._land_marks = land_marks
         self._state = state
         self._publisher = publisher
         self._config = config
@@ -124,9 +128,18 @@ class OutboxRelay:
         self._owed.update(command_ids)
         self.kick()
 
+    async def land_marks(self) -> None:
+        """Commits this process's publish marks still waiting for a write to ride along
+        with. Before a command is given back unpublished: a mark landing after that would
+        say published a command whose message is gone, and nobody would publish it again."""
+        if self._land_marks is not None:
+            await self._land_marks()
+
     async def _release_owed(self, *, within: float = 0.0) -> bool:
         """Gives back what :meth:`owe_release` took on, to be published again; False while
         the index refuses (tried again next pass, without holding up the rest)."""
+        if self._owed_release:
+            await self.land_marks()
         released = await self._owed_release.release(self._state, within=within)
         if released is not None:
             self._owed |= released
