@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Collection
 from pathlib import Path
 
+from amqp_queue import RabbitMQStore
 from amqp_queue.state import SqlStore
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.state.sql import create_engine
@@ -51,13 +52,18 @@ async def test_a_command_committed_during_the_relays_read_keeps_its_place(
         assert store._relay is not None
         store._relay.kick()
         await asyncio.wait_for(first_read.wait(), 5)
-        first = await store.enqueue("dev-1", b"first", 600)  # after the pass read
+        # Owed to the relay, whose pass is under way, an enqueue returns once the relay
+        # published its command: each is let go once its command is written.
+        first_call = asyncio.create_task(store.enqueue("dev-1", b"first", 600))
+        await _written(store, 1)  # after the pass read
         first_release.set()
         # The relay reads again (it must: a command came in during its read); while
         # it does, the next command arrives.
         await asyncio.wait_for(next_read.wait(), 5)
-        second = await store.enqueue("dev-1", b"second", 600)
+        second_call = asyncio.create_task(store.enqueue("dev-1", b"second", 600))
+        await _written(store, 2)
         next_release.set()
+        first, second = await first_call, await second_call
 
         async with asyncio.timeout(5):
             # Polls the index the relay writes (within the relay's 30 s interval).
@@ -70,6 +76,12 @@ async def test_a_command_committed_during_the_relays_read_keeps_its_place(
                 if len(received) == 2:
                     break
         assert received == [b"first", b"second"]
+
+
+async def _written(store: RabbitMQStore, count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(await store.get_pending("dev-1")) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def _all_published(state: SqlStore, *command_ids: str) -> bool:
