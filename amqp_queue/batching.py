@@ -41,6 +41,10 @@ class Batcher(Generic[Item]):
         self._waiting: list[tuple[Item, asyncio.Future[None] | None]] = []
         self._worker: asyncio.Task[None] | None = None
         self._lingering: asyncio.TimerHandle | None = None
+        # Items queued and flushed so far, and the drains waiting for a count to be flushed.
+        self._queued = 0
+        self._flushed = 0
+        self._drains: list[tuple[int, asyncio.Future[None]]] = []
 
     async def submit(self, item: Item) -> None:
         """Waits until ``item`` has been flushed; raises what its batch's flush raised."""
@@ -64,12 +68,14 @@ class Batcher(Generic[Item]):
             self._queue(item, None)
             return
         self._waiting.append((item, None))
+        self._queued += 1
         if self._lingering is None and (self._worker is None or self._worker.done()):
             loop = asyncio.get_running_loop()
             self._lingering = loop.call_later(self._linger, self._start)
 
     def _queue(self, item: Item, done: asyncio.Future[None] | None) -> None:
         self._waiting.append((item, done))
+        self._queued += 1
         self._start()
 
     def _start(self) -> None:
@@ -80,12 +86,32 @@ class Batcher(Generic[Item]):
             self._worker = asyncio.create_task(self._run(), name="amqp_queue.batcher")
 
     async def drain(self) -> None:
-        """Waits until everything submitted so far has been flushed."""
+        """Waits until everything submitted so far has been flushed (not what is submitted
+        meanwhile: under a steady stream of items the worker never ends)."""
+        if self._flushed >= self._queued:
+            return
+        flushed = asyncio.get_running_loop().create_future()
+        self._drains.append((self._queued, flushed))
         self._start()  # what lingers goes now
-        while self._worker is not None and not self._worker.done():
-            await asyncio.wait({self._worker})
+        await asyncio.shield(flushed)
+
+    def _wake_drains(self, *, every: bool = False) -> None:
+        waiting, self._drains = self._drains, []
+        for target, flushed in waiting:
+            if every or target <= self._flushed:
+                if not flushed.done():
+                    flushed.set_result(None)
+            else:
+                self._drains.append((target, flushed))
 
     async def _run(self) -> None:
+        try:
+            await self._run_batches()
+        finally:
+            # Ended (everything flushed, or the task cancelled): nobody waits for ever.
+            self._wake_drains(every=True)
+
+    async def _run_batches(self) -> None:
         while self._waiting:
             batch = self._waiting[: self._max_batch]
             del self._waiting[: self._max_batch]
@@ -105,3 +131,5 @@ class Batcher(Generic[Item]):
                         done.set_exception(refused[index])
                     else:
                         done.set_result(None)
+            self._flushed += len(batch)
+            self._wake_drains()

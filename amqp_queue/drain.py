@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -39,8 +39,8 @@ class Debts(Protocol):
     def owe_release(self, command_ids: Iterable[str]) -> None:
         """Gives these claimed commands back, republished, once the index takes them."""
 
-    async def land_marks(self) -> None:
-        """Commits the publish marks still waiting to ride along with a write."""
+    async def land_marks(self, command_ids: Collection[str] = ()) -> None:
+        """Commits the publish marks, after the publishes of ``command_ids`` under way."""
 
 
 async def drain(
@@ -248,7 +248,8 @@ async def give_back(
             requeued, republish = [], [*republish, *requeued]
     if requeued or republish:
         try:
-            await outbox.land_marks()  # landing later, a mark would undo the unpublish
+            ids = [record.id for record in [*requeued, *republish]]
+            await outbox.land_marks(ids)  # landing later, a mark would undo the unpublish
             await _release_retrying(state, requeued, republish, within=stop_within)
         except Exception as exc:
             # Their messages go back now and the next reader drops them as delivered: the

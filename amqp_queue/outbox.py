@@ -33,7 +33,7 @@ from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.owed_releases import OwedReleases
 from amqp_queue.publisher import Publisher
-from amqp_queue.relay_holds import PublishWaits, StartHolds
+from amqp_queue.relay_holds import PublishWaits, StartHolds, land_marks
 from amqp_queue.state import rules
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -46,6 +46,10 @@ _RESTART_PAUSE = 1.0
 _SWEEP_LEASE_MIN = 5.0
 # Seconds between passes while commands wait behind what the start-up read found.
 _START_RECHECK = 0.1
+# Seconds a call waits for a command held back behind what the start-up read found: a live
+# writer marks its publishes within moments; past that it likely died (its commands wait
+# out their lease, and so would the call).
+_HELD_WAIT = 1.0
 
 
 class OutboxRelay:
@@ -62,15 +66,12 @@ class OutboxRelay:
       several processes on one index each orphan is published once;
 
     and never a command of ``in_flight`` (this process's direct publishes, until their
-    publish marks are committed). What this process owes to a device waits behind the
-    commands of that device its first read found unpublished and not yet due (its own,
-    maybe, from before a restart), so a restart does not reorder a device's commands.
+    publish marks are committed). What waits behind what: see :mod:`amqp_queue.relay_holds`.
 
     Args:
         in_flight: ids whose direct publish is under way here; the store keeps it.
         observer: told when a pass fails for an unexpected reason (see :meth:`_run`).
-        land_marks: commits the publish marks waiting to ride along with a later write
-            (:data:`~amqp_queue.publish_path.MARK_LINGER`); see :meth:`land_marks`.
+        land_marks: commits the publish marks waiting to ride along with a write.
     """
 
     def __init__(
@@ -95,14 +96,12 @@ class OutboxRelay:
         self._owed: set[str] = set()
         self._owed_release = OwedReleases()
         self._closed = False
-        # When the youngest command left to its writer becomes due (the state's clock).
         self._next_due: datetime | None = None
         self.pending = True
         """Whether this process owes, or may hold, unpublished commands: a direct publish
         must then leave its command to the relay, or it would overtake them."""
         self._kicks = 0
-        # Who this relay is in the relay lease (an operator reading the index sees where it
-        # runs), whether it holds the lease, and for how long it takes it each time.
+        # Who it is in the relay lease (an operator sees where it runs), whether it holds it.
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._sweeping = False
         self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
@@ -128,12 +127,11 @@ class OutboxRelay:
         self._owed.update(command_ids)
         self.kick()
 
-    async def land_marks(self) -> None:
-        """Commits this process's publish marks still waiting for a write to ride along
-        with. Before a command is given back unpublished: a mark landing after that would
-        say published a command whose message is gone, and nobody would publish it again."""
+    async def land_marks(self, command_ids: Collection[str] = ()) -> None:
+        """See :func:`~amqp_queue.relay_holds.land_marks`."""
         if self._land_marks is not None:
-            await self._land_marks()
+            within = self._config.publish_timeout
+            await land_marks(self._land_marks, self._in_flight, command_ids, within)
 
     async def _release_owed(self, *, within: float = 0.0) -> bool:
         """Gives back what :meth:`owe_release` took on, to be published again; False while
@@ -172,9 +170,16 @@ class OutboxRelay:
 
     async def published(self, command_id: str) -> None:
         """Waits until this relay no longer owes the command (published, ended, or found
-        published elsewhere), for ``publish_timeout`` at most."""
-        if command_id in self._owed:
-            await self._waits.wait(command_id, self._config.publish_timeout)
+        published elsewhere), for ``publish_timeout`` at most (``_HELD_WAIT`` while it holds
+        commands back behind what its first read found)."""
+        if command_id in self._owed and not self._closed:
+            bound = min(_HELD_WAIT, self._config.publish_timeout) if self._holds.found else None
+            await self._waits.wait(command_id, bound or self._config.publish_timeout)
+
+    def holds(self, device_id: str) -> bool:
+        """Whether a command to the device must go through the relay, behind the device's
+        orphans that another relay holds the lease to publish (it may have died)."""
+        return device_id in self._holds.orphan_devices
 
     async def flush(self) -> int:
         """Publishes every due unpublished command now; returns how many were published.
@@ -287,7 +292,7 @@ class OutboxRelay:
             unread = set()
         self._holds.hold_back(young, due, horizon, now)
         self._holds.held_back |= unread
-        self._holds.orphans_left = False
+        self._holds.orphan_devices = set()
         if orphans:
             await self._sweep(orphans, due)
         return rules.in_ready_order(due.values())
@@ -305,7 +310,7 @@ class OutboxRelay:
         due.update((record.id, record) for record in orphans if record.device_id in owing)
         # Left to the lease holder, which may have died: nothing goes out directly until
         # they are published, or what is owed to their devices would overtake them.
-        self._holds.orphans_left = any(record.device_id not in owing for record in orphans)
+        self._holds.orphan_devices = {r.device_id for r in orphans if r.device_id not in owing}
         # Looked at again once the holder's lease may have lapsed (it died).
         self._due_at(self._state.clock() + timedelta(seconds=self._sweep_lease))
 
@@ -353,9 +358,7 @@ class OutboxRelay:
         """Seconds until the next pass: the relay interval, or sooner when a command left to
         its writer becomes due."""
         interval = self._config.relay_interval
-        if self._holds.found:
-            # Their writers (other live processes) mark most of them published within
-            # moments: read again soon rather than at their due time.
+        if self._holds.found:  # live writers mark theirs within moments: read again soon
             interval = min(interval, _START_RECHECK)
         if self._next_due is not None:
             due_in = (self._next_due - self._state.clock()).total_seconds()

@@ -138,15 +138,21 @@ class PublishPath:
 
     async def publish(self, record: CommandRecord) -> None:
         """Publishes a ready command the index holds, or leaves it to the relay."""
-        if self._publisher is None or self._relay is None or self._relay.pending:
+        relay = self._relay
+        if (
+            self._publisher is None
+            or relay is None
+            or relay.pending
+            or relay.holds(record.device_id)
+        ):
             # Not started, or commands the broker has not confirmed yet are waiting:
             # publishing this one directly would overtake them in the device's queue. The
             # relay publishes the backlog in ready order, this one included.
             self.owe(record.id)
-            if self._relay is not None and not self._relay.failing:
+            if relay is not None and not relay.failing:
                 # Returned only once published (as a direct publish does): a call another
                 # process starts after this one returned must not overtake it.
-                await self._relay.published(record.id)
+                await relay.published(record.id)
             return
         self.in_flight.add(record.id)
         publishing = asyncio.ensure_future(self._publisher.publish(record))

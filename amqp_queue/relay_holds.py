@@ -6,8 +6,8 @@ Two kinds of another writer's unpublished commands come before this process's ow
   restart, may still publish them): what this process owes to the same device waits until
   each is published or due;
 - orphans (past their writer's lease) that another relay holds the lease to sweep, but does
-  not (it died holding it): until the lease lapses, this process publishes nothing
-  directly, so what it owes to a device goes out with that device's orphans ahead of it.
+  not (it died holding it): until the lease lapses, this process publishes nothing directly
+  to their devices, so what it owes to such a device goes out with its orphans ahead of it.
 
 Callers wait for what they are owed (:class:`PublishWaits`): a call that returned before a
 later call in another process began must not be published after it.
@@ -16,10 +16,17 @@ later call in another process began must not be published after it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 
 from amqp_queue.state.model import CommandRecord
+
+logger = logging.getLogger("amqp_queue.outbox")
+
+# Seconds between looks at a direct publish a give-back waits for (see land_marks).
+_IN_FLIGHT_POLL = 0.01
 
 
 class StartHolds:
@@ -30,13 +37,13 @@ class StartHolds:
         self.found: dict[str, tuple[str, datetime]] = {}
         self._started_at: datetime | None = None
         self.held_back: set[str] = set()
-        self.orphans_left = False
-        """Whether the last read found orphans of devices this relay owes nothing to, which
-        it may not sweep (another relay holds the lease)."""
+        self.orphan_devices: set[str] = set()
+        """The devices of orphans the last read found and this relay may not sweep (another
+        relay holds the lease), owing nothing to them."""
 
     @property
     def holding(self) -> bool:
-        return bool(self.found or self.held_back or self.orphans_left)
+        return bool(self.found or self.held_back)
 
     def hold_back(
         self,
@@ -111,3 +118,23 @@ class PublishWaits:
     def end(self) -> None:
         """Wakes every caller (the relay is closing)."""
         self.settle(())
+
+
+async def land_marks(
+    flush: Callable[[], Awaitable[None]],
+    in_flight: Collection[str],
+    command_ids: Collection[str],
+    within: float,
+) -> None:
+    """Commits this process's publish marks (``flush``), after the direct publishes of
+    ``command_ids`` under way (``in_flight`` until their marks land), for ``within`` seconds
+    at most. Before a command is given back unpublished: a mark landing later would say
+    published a command whose message is gone, and nobody would publish it again."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while True:
+                await flush()
+                if not any(command_id in in_flight for command_id in command_ids):
+                    return
+                await asyncio.sleep(_IN_FLIGHT_POLL)  # its confirm, then its mark
+    logger.warning("giving back commands whose publish marks have not landed yet")

@@ -105,3 +105,30 @@ async def test_drain_flushes_what_lingers_at_once() -> None:
         await batcher.drain()
 
     assert flushed == [["mark-1"]]
+
+
+async def test_drain_returns_under_a_steady_stream_of_items() -> None:
+    """drain() waits for what was submitted before it, not for what keeps coming: a worker
+    fed every millisecond never ends, and a drain waiting for it never returned."""
+
+    async def flush(items: list[int]) -> None:
+        await asyncio.sleep(0.005)
+
+    batcher = Batcher(flush, max_batch=10)
+    stop = asyncio.Event()
+
+    async def feed() -> None:
+        n = 0
+        while not stop.is_set():
+            batcher.post_detached(n)
+            n += 1
+            await asyncio.sleep(0.001)
+
+    feeding = asyncio.create_task(feed())
+    try:
+        await asyncio.sleep(0.02)
+        async with asyncio.timeout(2):
+            await batcher.drain()
+    finally:
+        stop.set()
+        await feeding
