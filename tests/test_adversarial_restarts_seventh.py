@@ -18,36 +18,20 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
-from tests.backends import POSTGRES_URL, REDIS_URL, postgres_schema, redis_prefix
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import matrix, unique
 from tests.tcp_proxy import BROKER_PORT, StallProxy, TCPProxy
+from tests.test_adversarial_seams import state_url_for
 
 BACKENDS = ["sqlite", "postgres", "redis"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@asynccontextmanager
-async def state_url_for(kind: str, tmp_path: Path) -> AsyncIterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    elif kind == "postgres":
-        async with postgres_schema() as schema:
-            url = make_url(POSTGRES_URL).update_query_dict({"schema": schema})
-            yield url.render_as_string(hide_password=False)
-    else:
-        async with redis_prefix() as prefix:
-            yield f"{REDIS_URL}?prefix={prefix}"
 
 
 class Child:

@@ -83,7 +83,7 @@ class Env:
 
 
 @asynccontextmanager
-async def _state_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+async def state_url_for(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     if backend == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
     elif backend == "postgres":
@@ -105,7 +105,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
 async def env_on(backend: str, tmp_path: Path, prefix: str = "adv.") -> AsyncIterator[Env]:
     """One shared index on ``backend`` and one exchange; the stores opened on them are
     closed and the exchange's queues deleted afterwards."""
-    async with _state_url(backend, tmp_path) as url:
+    async with state_url_for(backend, tmp_path) as url:
         shared = Env(state_url=url, exchange=unique(prefix))
         try:
             yield shared

@@ -15,7 +15,7 @@ import pytest
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
-from tests.test_adversarial_seams import BACKENDS, _state_url
+from tests.test_adversarial_seams import BACKENDS, state_url_for
 
 PAYLOADS = [f"c{n}".encode() for n in range(5)]
 
@@ -23,7 +23,7 @@ PAYLOADS = [f"c{n}".encode() for n in range(5)]
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RabbitMQStore]:
     exchange = unique("test.")
-    async with _state_url(request.param, tmp_path) as url:
+    async with state_url_for(request.param, tmp_path) as url:
         opened = await RabbitMQStore.connect(
             AMQP_URL,
             state_url=url,
