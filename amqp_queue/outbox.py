@@ -33,7 +33,7 @@ from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.owed_releases import OwedReleases
 from amqp_queue.publisher import Publisher
-from amqp_queue.relay_holds import PublishWaits, StartHolds, land_marks
+from amqp_queue.relay_holds import WRITER_GRACE, PublishWaits, StartHolds, land_marks
 from amqp_queue.state import rules
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -46,10 +46,6 @@ _RESTART_PAUSE = 1.0
 _SWEEP_LEASE_MIN = 5.0
 # Seconds between passes while commands wait behind what the start-up read found.
 _START_RECHECK = 0.1
-# Seconds a call waits for a command held back behind what the start-up read found: a live
-# writer marks its publishes within moments; past that it likely died (its commands wait
-# out their lease, and so would the call).
-_HELD_WAIT = 1.0
 
 
 class OutboxRelay:
@@ -170,11 +166,11 @@ class OutboxRelay:
 
     async def published(self, command_id: str) -> None:
         """Waits until this relay no longer owes the command (published, ended, or found
-        published elsewhere), for ``publish_timeout`` at most (``_HELD_WAIT`` while it holds
-        commands back behind what its first read found)."""
+        published elsewhere), for ``publish_timeout`` at most, after the grace of a writer
+        its first read found (:data:`~amqp_queue.relay_holds.WRITER_GRACE`)."""
         if command_id in self._owed and not self._closed:
-            bound = min(_HELD_WAIT, self._config.publish_timeout) if self._holds.found else None
-            await self._waits.wait(command_id, bound or self._config.publish_timeout)
+            grace = WRITER_GRACE if self._holds.found else 0.0
+            await self._waits.wait(command_id, grace + self._config.publish_timeout)
 
     def holds(self, device_id: str) -> bool:
         """Whether a command to the device must go through the relay, behind the device's

@@ -4,7 +4,9 @@ Two kinds of another writer's unpublished commands come before this process's ow
 
 - those the relay's first read found not yet due (their writer, maybe this process before a
   restart, may still publish them): what this process owes to the same device waits until
-  each is published or due;
+  each is published, or for :data:`WRITER_GRACE` at most, after which this relay publishes
+  them ahead of it (their writer likely died; a copy of one it did publish is dropped at
+  delivery);
 - orphans (past their writer's lease) that another relay holds the lease to sweep, but does
   not (it died holding it): until the lease lapses, this process publishes nothing directly
   to their devices, so what it owes to such a device goes out with its orphans ahead of it.
@@ -28,6 +30,11 @@ logger = logging.getLogger("amqp_queue.outbox")
 # Seconds between looks at a direct publish a give-back waits for (see land_marks).
 _IN_FLIGHT_POLL = 0.01
 
+WRITER_GRACE = 1.0
+"""Seconds a writer found at start-up has to mark what it published, while this process owes
+a command to the same device: a live writer marks within moments; past that it likely died,
+and its commands go out ahead of what this process owes."""
+
 
 class StartHolds:
     """The commands the relay's first read found unpublished and not yet due, and the owed
@@ -36,6 +43,7 @@ class StartHolds:
     def __init__(self) -> None:
         self.found: dict[str, tuple[str, datetime]] = {}
         self._started_at: datetime | None = None
+        self._started: float | None = None  # the event loop's time of the first read
         self.held_back: set[str] = set()
         self.orphan_devices: set[str] = set()
         """The devices of orphans the last read found and this relay may not sweep (another
@@ -64,6 +72,7 @@ class StartHolds:
         """
         if self._started_at is None:
             self._started_at = now
+            self._started = asyncio.get_running_loop().time()
         # Gone from the read: published, ended or due; unless beyond a full read's end.
         self.found = {
             command_id: (device, ready_at)
@@ -76,12 +85,33 @@ class StartHolds:
             for command_id, record in young.items()
             if record.ready_at <= self._started_at
         )
-        devices = {device for device, _ in self.found.values()}
-        self.held_back = {
-            command_id for command_id, record in due.items() if record.device_id in devices
-        }
+        self.held_back = self._behind_found(due)
+        if self.held_back and self._past_grace():
+            self._publish_found(young, due)
+            self.held_back = self._behind_found(due)
         for command_id in self.held_back:
             del due[command_id]
+
+    def _behind_found(self, due: dict[str, CommandRecord]) -> set[str]:
+        devices = {device for device, _ in self.found.values()}
+        return {command_id for command_id, record in due.items() if record.device_id in devices}
+
+    def _past_grace(self) -> bool:
+        assert self._started is not None
+        return asyncio.get_running_loop().time() - self._started >= WRITER_GRACE
+
+    def _publish_found(
+        self, young: dict[str, CommandRecord], due: dict[str, CommandRecord]
+    ) -> None:
+        """Adds to ``due`` the found commands of the devices this process owes to, past the
+        writer's grace: a caller waits for its command, and it must not return before its
+        command is published (a call another process begins then would overtake it), nor
+        wait out their lease. A copy of one the writer did publish is dropped at delivery."""
+        owing = {due[command_id].device_id for command_id in self.held_back}
+        for command_id, (device, _) in list(self.found.items()):
+            if device in owing and command_id in young:
+                due[command_id] = young[command_id]
+                del self.found[command_id]
 
 
 class PublishWaits:

@@ -746,13 +746,6 @@ async def _start_script(script: str, *args: str) -> tuple[Any, list[dict[str, An
     return proc, events
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox.py OutboxRelay.published bounds the wait at _HELD_WAIT (1 s) while the "
-    "relay holds a device behind commands its first read found unmarked (a killed writer's): "
-    "the call returns with its command unpublished until relay_after, and a call another "
-    "process begins after that return is published first (6 of 6 runs, every index)",
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_call_that_returned_on_a_restarted_store_is_not_overtaken(
     backend: str, tmp_path: Path
