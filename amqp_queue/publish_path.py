@@ -233,8 +233,10 @@ class PublishPath:
         try:
             superseded = await self._state.write(records, published)
         except QueueFull:
-            if len(records) < 2:
+            if len(records) < 2 and not published:
                 raise
+            # The marks riding along land all the same: lost with the refusal, their
+            # commands would be published again by a relay.
             return await self._write_one_by_one(items, published)
         except StateError:
             # The write may have landed though its answer was lost (PostgreSQL says so when

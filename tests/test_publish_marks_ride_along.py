@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from amqp_queue.state import CommandRecord, IndexedStore, RedisStore, SqlStore
+from amqp_queue.state import CommandRecord, IndexedStore, Limits, QueueFull, RedisStore, SqlStore
 from tests.rabbitmq_support import queue_depth
 from tests.shared_index import INDEX_KINDS, shared_index
 
@@ -65,3 +65,27 @@ async def test_sequential_enqueues_write_once_each_and_every_mark_lands(
     assert len(writes) <= COMMANDS + 1, writes
     assert sum(marks for _, marks in writes) == COMMANDS
     assert sum(records for records, _ in writes) == COMMANDS
+
+
+LIMIT = 3
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+async def test_an_enqueue_refused_at_the_limit_leaves_the_riding_marks_landed(
+    kind: str, tmp_path: Path
+) -> None:
+    """The enqueue past a device's limit (rule 11) fails alone: the publish mark of the
+    command before it, riding along with its write, still lands, so no relay publishes that
+    command a second time."""
+    async with shared_index(kind, tmp_path, relay_after=0) as shared:
+        index = await shared.open_index(limits=Limits(max_pending_per_device=LIMIT))
+        async with shared.store(index) as producer:
+            await producer.ensure_queue(DEVICE)
+            for n in range(LIMIT):
+                await producer.enqueue(DEVICE, f"c{n}".encode(), 600)
+            with pytest.raises(QueueFull):
+                await producer.enqueue(DEVICE, b"over the limit", 600)
+        # Closed: every publish mark has landed, so another store's relay finds no orphan.
+        async with shared.store(await shared.open_index()) as other:
+            await other.relay_outbox()
+            assert await queue_depth(other, DEVICE) == LIMIT
