@@ -221,7 +221,7 @@ class FleetDelivery:
         # its limit) must fail this call alone, and whole.
         ready = self._unpublished_ready(records)
         superseded = await self._path.write_outside(
-            self.state.write(records, ()), lambda _: ready, if_unknown=ready
+            self.state.write(records, ()), lambda _: ready, if_unknown=[r.id for r in ready]
         )
         self.observer.enqueued(records, superseded)
         await self._publish_ready(records, reachable=reachable)

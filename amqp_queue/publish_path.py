@@ -90,7 +90,7 @@ class PublishPath:
         writing: Awaitable[T],
         ready_of: Callable[[T], Iterable[CommandRecord]],
         *,
-        if_unknown: Iterable[CommandRecord] = (),
+        if_unknown: Iterable[str] = (),
     ) -> T:
         """Awaits an index write made outside the group commit (a fan-out's one transaction,
         a confirmation), which makes ``ready_of(result)`` commands ready.
@@ -99,8 +99,8 @@ class PublishPath:
         it is answered, so no command enqueued later is published ahead of the ones it made
         ready. Cancelled, the caller leaves those commands owed to the relay once the write
         commits (before the next write's turn), as :meth:`write` does. Should the write fail
-        with the index unable to tell whether it landed, ``if_unknown`` is owed (the relay
-        forgets what is not there).
+        with the index unable to tell whether it landed, the commands ``if_unknown`` names are
+        owed, in turn too (the relay forgets what is not there or not ready).
         """
         abandoned: list[bool] = []
 
@@ -109,7 +109,8 @@ class PublishPath:
                 try:
                     result = await writing
                 except StateError:
-                    self._owe_ready(if_unknown)
+                    for command_id in if_unknown:
+                        self.owe(command_id)
                     raise
                 if abandoned:
                     self._owe_ready(ready_of(result))

@@ -278,16 +278,15 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         if not self.broker_pending:
             await self._ready()
         # A confirmation the index committed makes the command ready: a cancelled caller
-        # must not leave it to wait out the relay's lease behind newer ones.
-        try:
-            record, changed = await self._path.write_outside(
-                self.state.confirm_changed(command_id, by=by), self._ready_unpublished
-            )
-        except StateError:
-            # It may have landed, its answer lost: a retry would find it confirmed and, not
-            # having changed it, not publish it. Owed, the relay forgets it if not ready.
-            self._path.owe(command_id)
-            raise
+        # must not leave it to wait out the relay's lease behind newer ones. Failed, it may
+        # have landed, its answer lost: a retry would find it confirmed and, not having
+        # changed it, not publish it; owed (before the next write's turn), the relay
+        # forgets it if not ready.
+        record, changed = await self._path.write_outside(
+            self.state.confirm_changed(command_id, by=by),
+            self._ready_unpublished,
+            if_unknown=(command_id,),
+        )
         if changed:
             # A confirm that changed nothing (twice, a plain or a delivered command) is
             # harmless and is not an operator's approval: it is not counted.

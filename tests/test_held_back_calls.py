@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from amqp_queue.state import CommandRecord, SqlStore, StateError
 from tests.shared_index import INDEX_KINDS, drain_until, shared_index
 
 DEVICE = "dev-held"
@@ -37,3 +38,31 @@ async def test_an_enqueue_behind_a_dead_writers_command_returns_soon_and_comes_a
 
     assert waited < 2.0, f"the enqueue waited {waited:.1f} s behind a dead writer's command"
     assert got == [b"left by the dead writer", b"after the restart"]
+
+
+class _ConfirmAnswerLost(SqlStore):
+    """Its confirmations land, and their answers are lost on the way back."""
+
+    async def confirm_changed(
+        self, command_id: str, *, by: str | None = None
+    ) -> tuple[CommandRecord, bool]:
+        await super().confirm_changed(command_id, by=by)
+        raise StateError("the confirmation's answer was lost")
+
+
+async def test_a_confirmation_whose_answer_was_lost_is_published_before_a_later_enqueue(
+    tmp_path: Path,
+) -> None:
+    """A confirm that landed though the caller was told it failed: a retry finds it confirmed
+    and changes nothing, so the relay must publish it; ahead of what is enqueued after."""
+    async with shared_index("sqlite", tmp_path) as shared:
+        async with shared.store(await shared.open_index()) as writer:
+            await writer.ensure_queue(DEVICE)
+            awaiting = await writer.enqueue_with_confirmation(DEVICE, "reboot", b"approved", 600)
+        async with shared.store(await shared.open_index(_ConfirmAnswerLost)) as operator:
+            with pytest.raises(StateError):
+                await operator.confirm_command(awaiting)
+            await operator.enqueue(DEVICE, b"after the approval", 600)
+            got = await drain_until(operator, DEVICE, count=2, seconds=10)
+
+    assert got == [b"approved", b"after the approval"]
