@@ -286,8 +286,7 @@ class OutboxRelay:
         if horizon is None:
             self._owed -= unread
             unread = set()
-        self._holds.hold_back(young, due, horizon, now)
-        self._holds.held_back |= unread
+        self._holds.hold_back(young, due, horizon, now, unread)
         self._holds.orphan_devices = set()
         if orphans:
             await self._sweep(orphans, due)

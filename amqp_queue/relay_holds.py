@@ -59,6 +59,7 @@ class StartHolds:
         due: dict[str, CommandRecord],
         horizon: datetime | None,
         now: datetime,
+        unread: set[str],
     ) -> None:
         """Keeps this process's commands behind what it found unpublished when it started,
         including what a full read (``horizon``: the ready time of its last) left unread:
@@ -68,7 +69,9 @@ class StartHolds:
         process's own from before a restart (it died between write and publish), and
         nobody publishes them until the lease runs out. Until each is published or due,
         what this process owes to the same device waits (``pending`` stays set, so new
-        commands are owed too): published now, it would overtake them.
+        commands are owed too): published now, it would overtake them. Owed commands a full
+        read left ``unread`` wait too. Past :data:`WRITER_GRACE` the found commands ahead of
+        what waits are published by this relay.
         """
         if self._started_at is None:
             self._started_at = now
@@ -86,11 +89,13 @@ class StartHolds:
             if record.ready_at <= self._started_at
         )
         self.held_back = self._behind_found(due)
-        if self.held_back and self._past_grace():
-            self._publish_found(young, due)
+        if (self.held_back or unread) and self._past_grace():
+            # Owed commands past a full read's end may be any device's: all it found goes.
+            self._publish_found(young, due, every_device=bool(unread))
             self.held_back = self._behind_found(due)
         for command_id in self.held_back:
             del due[command_id]
+        self.held_back |= unread
 
     def _behind_found(self, due: dict[str, CommandRecord]) -> set[str]:
         devices = {device for device, _ in self.found.values()}
@@ -101,15 +106,16 @@ class StartHolds:
         return asyncio.get_running_loop().time() - self._started >= WRITER_GRACE
 
     def _publish_found(
-        self, young: dict[str, CommandRecord], due: dict[str, CommandRecord]
+        self, young: dict[str, CommandRecord], due: dict[str, CommandRecord], *, every_device: bool
     ) -> None:
-        """Adds to ``due`` the found commands of the devices this process owes to, past the
-        writer's grace: a caller waits for its command, and it must not return before its
-        command is published (a call another process begins then would overtake it), nor
-        wait out their lease. A copy of one the writer did publish is dropped at delivery."""
+        """Adds to ``due`` the found commands of the devices this process owes to (of
+        ``every_device``), past the writer's grace: a caller waits for its command, and it
+        must not return before its command is published (a call another process begins then
+        would overtake it), nor wait out their lease. A copy of one the writer did publish is
+        dropped at delivery."""
         owing = {due[command_id].device_id for command_id in self.held_back}
         for command_id, (device, _) in list(self.found.items()):
-            if device in owing and command_id in young:
+            if (every_device or device in owing) and command_id in young:
                 due[command_id] = young[command_id]
                 del self.found[command_id]
 

@@ -167,14 +167,6 @@ async def test_held_call_behind_a_stalled_writer_is_not_overtaken(
     assert tail == [b"Y", b"Z"], f"Y's call returned after {took:.2f}s; got {tail}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay_holds.py StartHolds.hold_back: an owed command beyond a full first read "
-    "(relay_batch) is held back by outbox.py OutboxRelay._due (held_back |= unread) without "
-    "ever reaching _publish_found; OutboxRelay.published gives up after WRITER_GRACE + "
-    "publish_timeout and the call returns unpublished until relay_after: a call another "
-    "process begins after that return is handed out first",
-)
 @pytest.mark.parametrize("same_device", [True, False], ids=["same-device", "other-device"])
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_held_call_beyond_a_full_first_read_is_not_overtaken(
