@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -45,3 +46,10 @@ async def eventually(condition: Callable[[], Awaitable[bool]], seconds: float) -
     async with asyncio.timeout(seconds):
         while not await condition():  # noqa: ASYNC110 - polling a remote state, no event
             await asyncio.sleep(0.1)
+
+
+def seeded() -> random.Random:
+    """A random source whose seed the test prints, so a failing run can be told apart."""
+    seed = random.randrange(2**32)
+    print(f"random seed: {seed}")
+    return random.Random(seed)

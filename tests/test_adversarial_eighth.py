@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -33,8 +31,9 @@ from amqp_queue import (
     RabbitMQConfig,
     RabbitMQStore,
 )
+from tests.child_scripts import start_script
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import unique
+from tests.support import seeded, unique
 from tests.test_adversarial_seams import BACKENDS, Env, env_on, state_url_for
 
 pytestmark = [
@@ -42,7 +41,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 LONG = 600.0
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=BACKENDS)
@@ -55,12 +53,6 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
 def queue_type(request: pytest.FixtureRequest) -> QueueType:
     qt: QueueType = request.param
     return qt
-
-
-def seeded() -> random.Random:
-    seed = random.randrange(2**32)
-    print(f"random seed: {seed}")
-    return random.Random(seed)
 
 
 @dataclass
@@ -593,36 +585,7 @@ async def test_a_consumer_killed_beside_a_live_stream_loses_no_latest_or_plain_c
 
 
 async def _start_child(url: str, exchange: str, device: str) -> tuple[Any, list[dict[str, Any]]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CONSUMER,
-        AMQP_URL,
-        url,
-        exchange,
-        device,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    events: list[dict[str, Any]] = []
-    ready = asyncio.Event()
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            if not line.endswith(b"\n"):
-                break
-            event = json.loads(line)
-            if event["ev"] == "ready":
-                ready.set()
-            events.append(event)
-        ready.set()
-
-    reader = asyncio.create_task(read())
-    await asyncio.wait_for(ready.wait(), 20)
-    proc.reader = reader  # type: ignore[attr-defined]
-    return proc, events
+    return await start_script(CONSUMER, AMQP_URL, url, exchange, device)
 
 
 async def _killed_consumer_round(rng: random.Random, url: str, exchange: str, device: str) -> None:
@@ -717,35 +680,6 @@ asyncio.run(main())
 """
 
 
-async def _start_script(script: str, *args: str) -> tuple[Any, list[dict[str, Any]]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        script,
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    events: list[dict[str, Any]] = []
-    ready = asyncio.Event()
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            if not line.endswith(b"\n"):
-                break
-            event = json.loads(line)
-            if event["ev"] == "ready":
-                ready.set()
-            events.append(event)
-        ready.set()
-
-    proc.reader = asyncio.create_task(read())  # type: ignore[attr-defined]
-    await asyncio.wait_for(ready.wait(), 20)
-    return proc, events
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_call_that_returned_on_a_restarted_store_is_not_overtaken(
     backend: str, tmp_path: Path
@@ -765,7 +699,7 @@ async def test_a_call_that_returned_on_a_restarted_store_is_not_overtaken(
         restarted: RabbitMQStore | None = None
         try:
             await running.ensure_queue(device)
-            proc, events = await _start_script(PRODUCER, AMQP_URL, url, exchange, device)
+            proc, events = await start_script(PRODUCER, AMQP_URL, url, exchange, device)
             await asyncio.sleep(rng.uniform(0.3, 0.8))
             proc.send_signal(signal.SIGKILL)
             await proc.wait()

@@ -12,10 +12,7 @@ first, nothing stale.
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,8 +24,9 @@ from typing import Any
 import pytest
 
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
+from tests.child_scripts import start_script
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import unique
+from tests.support import seeded, unique
 from tests.tcp_proxy import StallProxy
 from tests.test_adversarial_fifth_wire import _urls
 from tests.test_adversarial_seams import BACKENDS, state_url_for
@@ -38,13 +36,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 LONG = 600.0
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def seeded() -> random.Random:
-    seed = random.randrange(2**32)
-    print(f"random seed: {seed}")
-    return random.Random(seed)
 
 
 @dataclass
@@ -347,35 +338,6 @@ class Call:
     start: float
     end: float
     kind: str = "plain"
-
-
-async def start_script(script: str, *args: str) -> tuple[Any, list[dict[str, Any]]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        script,
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    events: list[dict[str, Any]] = []
-    ready = asyncio.Event()
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            if not line.endswith(b"\n"):
-                break
-            event = json.loads(line)
-            if event["ev"] == "ready":
-                ready.set()
-            events.append(event)
-        ready.set()
-
-    proc.reader = asyncio.create_task(read())  # type: ignore[attr-defined]
-    await asyncio.wait_for(ready.wait(), 20)
-    return proc, events
 
 
 def judge_calls(got: list[Got], calls: list[Call], *, stale: set[bytes]) -> None:
