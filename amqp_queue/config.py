@@ -73,7 +73,9 @@ class RabbitMQConfig:
             state, or this one before a restart) may still be publishing it, and publishing
             it here too would put a copy in the device's queue. None (the default):
             ``publish_timeout``. Commands this process owes (a failed publish) are relayed
-            at once.
+            at once; so, a second after this store first saw them, are those found
+            unpublished at its start that hold back a command it owes (see
+            :data:`~amqp_queue.relay_holds.WRITER_GRACE`).
         channels_per_connection: the most channels the store opens on one connection for
             ``consume()`` streams and drains (one each); when its connections are full it
             opens another to the same broker. RabbitMQ closes a whole connection that opens

@@ -59,7 +59,9 @@ class OutboxRelay:
       seconds past ready: until then its writer (another process, or this one before a
       restart) may still be publishing it; and only while this relay holds the index's
       relay lease (:meth:`~amqp_queue.delivery_index.DeliveryIndex.hold_relay`), so with
-      several processes on one index each orphan is published once;
+      several processes on one index each orphan is published once; except those found
+      at this relay's start that hold back a command it owes, published a second after it
+      first saw them (:data:`~amqp_queue.relay_holds.WRITER_GRACE`);
 
     and never a command of ``in_flight`` (this process's direct publishes, until their
     publish marks are committed). What waits behind what: see :mod:`amqp_queue.relay_holds`.
@@ -153,7 +155,8 @@ class OutboxRelay:
 
     def _settled(self, kicks_before_read: int) -> bool:
         """Ends a flush unless a kick came after the pass's last read began, and clears
-        ``pending`` unless commands are held back (:meth:`_hold_back`).
+        ``pending`` unless commands are held back
+        (:meth:`~amqp_queue.relay_holds.StartHolds.hold_back`).
 
         A command that kicked after that read was committed too late for it; clearing
         ``pending`` then would let the next command be published directly, ahead of it.

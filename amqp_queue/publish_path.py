@@ -258,13 +258,18 @@ class PublishPath:
     ) -> Refusals:
         refused: dict[int, BaseException] = {}
         if published:
-            await self._state.write((), published)
+            try:
+                await self._state.write((), published)
+            except StateError as exc:  # the relay publishes them again: a copy, not a loss
+                _log_mark_failure(exc)
         for index, item in enumerate(items):
             if not isinstance(item, CommandRecord):
                 continue
             try:
                 superseded = await self._state.write((item,), ())
             except Exception as exc:  # each record's own fate, this one's only
+                if isinstance(exc, StateError):
+                    self.owe(item.id)  # it may have landed: as in _write_in_turn
                 refused[index] = exc
             else:
                 self._observer.enqueued((item,), superseded)

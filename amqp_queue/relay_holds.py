@@ -31,9 +31,10 @@ logger = logging.getLogger("amqp_queue.outbox")
 _IN_FLIGHT_POLL = 0.01
 
 WRITER_GRACE = 1.0
-"""Seconds a writer found at start-up has to mark what it published, while this process owes
-a command to the same device: a live writer marks within moments; past that it likely died,
-and its commands go out ahead of what this process owes."""
+"""Seconds a command found unpublished at start-up has, from when this relay first saw it, for
+its writer to mark it published while this process owes a command behind it: a live writer
+marks within moments; past that it likely died, and this relay publishes the command ahead of
+what it owes (a live writer slower than that leaves a copy, dropped at delivery)."""
 
 
 class StartHolds:
@@ -41,9 +42,9 @@ class StartHolds:
     commands of their devices held back behind them."""
 
     def __init__(self) -> None:
-        self.found: dict[str, tuple[str, datetime]] = {}
+        self.found: dict[str, tuple[str, datetime, float]] = {}
+        """By id: device, ready time, and the event loop's time this relay first saw it."""
         self._started_at: datetime | None = None
-        self._started: float | None = None  # the event loop's time of the first read
         self.held_back: set[str] = set()
         self.orphan_devices: set[str] = set()
         """The devices of orphans the last read found and this relay may not sweep (another
@@ -70,54 +71,61 @@ class StartHolds:
         nobody publishes them until the lease runs out. Until each is published or due,
         what this process owes to the same device waits (``pending`` stays set, so new
         commands are owed too): published now, it would overtake them. Owed commands a full
-        read left ``unread`` wait too. Past :data:`WRITER_GRACE` the found commands ahead of
+        read left ``unread`` wait too. Found commands past :data:`WRITER_GRACE` ahead of
         what waits are published by this relay.
         """
         if self._started_at is None:
             self._started_at = now
-            self._started = asyncio.get_running_loop().time()
+        seen = asyncio.get_running_loop().time()
         # Gone from the read: published, ended or due; unless beyond a full read's end.
         self.found = {
-            command_id: (device, ready_at)
-            for command_id, (device, ready_at) in self.found.items()
-            if command_id in young or (horizon is not None and ready_at > horizon)
+            command_id: entry
+            for command_id, entry in self.found.items()
+            if command_id in young or (horizon is not None and entry[1] > horizon)
         }
         # Found now, but ready before the first read: a full first read left it unread.
-        self.found.update(
-            (command_id, (record.device_id, record.ready_at))
-            for command_id, record in young.items()
-            if record.ready_at <= self._started_at
-        )
+        for command_id, record in young.items():
+            if record.ready_at <= self._started_at and command_id not in self.found:
+                self.found[command_id] = (record.device_id, record.ready_at, seen)
         self.held_back = self._behind_found(due)
-        if (self.held_back or unread) and self._past_grace():
+        if self.held_back or unread:
             # Owed commands past a full read's end may be any device's: all it found goes.
-            self._publish_found(young, due, every_device=bool(unread))
-            self.held_back = self._behind_found(due)
+            moved = self._publish_found(young, due, seen, every_device=bool(unread))
+            # Ahead of what is still found on their devices, the moved ones go out now.
+            self.held_back = self._behind_found(due) - moved
         for command_id in self.held_back:
             del due[command_id]
         self.held_back |= unread
 
     def _behind_found(self, due: dict[str, CommandRecord]) -> set[str]:
-        devices = {device for device, _ in self.found.values()}
+        devices = {device for device, _, _ in self.found.values()}
         return {command_id for command_id, record in due.items() if record.device_id in devices}
 
-    def _past_grace(self) -> bool:
-        assert self._started is not None
-        return asyncio.get_running_loop().time() - self._started >= WRITER_GRACE
-
     def _publish_found(
-        self, young: dict[str, CommandRecord], due: dict[str, CommandRecord], *, every_device: bool
-    ) -> None:
-        """Adds to ``due`` the found commands of the devices this process owes to (of
-        ``every_device``), past the writer's grace: a caller waits for its command, and it
-        must not return before its command is published (a call another process begins then
-        would overtake it), nor wait out their lease. A copy of one the writer did publish is
-        dropped at delivery."""
+        self,
+        young: dict[str, CommandRecord],
+        due: dict[str, CommandRecord],
+        now: float,
+        *,
+        every_device: bool,
+    ) -> set[str]:
+        """Moves to ``due`` the found commands past the writer's grace (at ``now``, the event
+        loop's time) of the devices this process owes to, or of every device; returns their
+        ids. A caller waits for its command, and it must not return before its command is
+        published (a call another process begins then would overtake it), nor wait out their
+        lease. A copy of one the writer did publish is dropped at delivery."""
         owing = {due[command_id].device_id for command_id in self.held_back}
-        for command_id, (device, _) in list(self.found.items()):
-            if (every_device or device in owing) and command_id in young:
+        moved: set[str] = set()
+        for command_id, (device, _, seen) in list(self.found.items()):
+            if (
+                (every_device or device in owing)
+                and command_id in young
+                and now - seen >= WRITER_GRACE
+            ):
                 due[command_id] = young[command_id]
                 del self.found[command_id]
+                moved.add(command_id)
+        return moved
 
 
 class PublishWaits:
