@@ -33,7 +33,7 @@ from amqp_queue import (
 )
 from tests.child_scripts import start_script
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import seeded, unique
+from tests.support import matrix, seeded, unique
 from tests.test_adversarial_seams import BACKENDS, Env, env_on, state_url_for
 
 pytestmark = [
@@ -49,7 +49,8 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         yield shared
 
 
-@pytest.fixture(params=[QueueType.CLASSIC, QueueType.QUORUM], ids=["classic", "quorum"])
+# Quorum queues (they requeue at the back) in the test command; both under make reliability.
+@pytest.fixture(params=matrix([QueueType.CLASSIC, QueueType.QUORUM], [QueueType.QUORUM]), ids=str)
 def queue_type(request: pytest.FixtureRequest) -> QueueType:
     qt: QueueType = request.param
     return qt

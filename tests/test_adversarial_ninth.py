@@ -26,10 +26,12 @@ import pytest
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
 from tests.child_scripts import start_script
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import seeded, unique
+from tests.support import matrix, seeded, unique
 from tests.tcp_proxy import StallProxy
 from tests.test_adversarial_fifth_wire import _urls
 from tests.test_adversarial_seams import BACKENDS, state_url_for
+
+QUEUES = [QueueType.CLASSIC, QueueType.QUORUM]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
@@ -244,8 +246,14 @@ def judge(got: list[Got], ordered: list[bytes], accepted: set[bytes]) -> None:
     assert not disorder, f"out of order: {disorder}"
 
 
-@pytest.mark.parametrize("queue_type", [QueueType.CLASSIC, QueueType.QUORUM], ids=str)
-@pytest.mark.parametrize("backend", ["postgres", "redis"])
+@pytest.mark.parametrize(
+    ("backend", "queue_type"),
+    matrix(
+        [(b, q) for b in ["postgres", "redis"] for q in QUEUES],
+        [("postgres", QueueType.CLASSIC), ("redis", QueueType.QUORUM)],
+    ),
+    ids=str,
+)
 async def test_a_second_store_beside_a_writer_with_stalled_marks_keeps_order_and_once(
     backend: str, queue_type: QueueType, tmp_path: Path
 ) -> None:
@@ -365,8 +373,18 @@ def judge_calls(got: list[Got], calls: list[Call], *, stale: set[bytes]) -> None
     assert not disorder, f"handed out before a call that returned before it began: {disorder[:5]}"
 
 
-@pytest.mark.parametrize("queue_type", [QueueType.CLASSIC, QueueType.QUORUM], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("backend", "queue_type"),
+    matrix(
+        [(b, q) for b in BACKENDS for q in QUEUES],
+        [
+            ("sqlite", QueueType.CLASSIC),
+            ("postgres", QueueType.QUORUM),
+            ("redis", QueueType.CLASSIC),
+        ],
+    ),
+    ids=str,
+)
 async def test_stores_starting_together_after_a_killed_producer_keep_order(
     backend: str, queue_type: QueueType, tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ from amqp_queue import (
     QueueType,
     RabbitMQStore,
 )
+from tests.support import matrix
 from tests.test_adversarial_fifth_wire import Wire, fault_storm, wire_on
 from tests.test_adversarial_ninth import space_on
 
@@ -52,6 +53,15 @@ LONG = 600.0
 STORM = float(os.environ.get("AMQP_QUEUE_STORM_SECONDS", "4"))
 WIRED = ["postgres", "redis"]
 QUEUES = [QueueType.CLASSIC, QueueType.QUORUM]
+# Each backend with each queue type under make reliability; each once in the test command.
+PAIRS = matrix(
+    [(backend, queue) for backend in WIRED for queue in QUEUES],
+    [("postgres", QueueType.QUORUM), ("redis", QueueType.CLASSIC)],
+)
+
+
+def pair_id(value: object) -> str:
+    return value.value if isinstance(value, QueueType) else str(value)
 
 
 def seeded() -> random.Random:
@@ -235,8 +245,7 @@ async def operate(
 # -- 1. a stream on a faulted store while another store operates on the device --------------------
 
 
-@pytest.mark.parametrize("queue_type", QUEUES, ids=["classic", "quorum"])
-@pytest.mark.parametrize("backend", WIRED)
+@pytest.mark.parametrize(("backend", "queue_type"), PAIRS, ids=pair_id)
 async def test_stream_on_faulted_index_with_operator_calls_on_another_store(
     backend: str, queue_type: QueueType
 ) -> None:
@@ -319,8 +328,7 @@ def judge(ledger: Ledger, wire: Wire, *, reader_twice_only: bool) -> None:
 # -- 2. drains on a faulted store while another store operates on the device ---------------------
 
 
-@pytest.mark.parametrize("queue_type", QUEUES, ids=["classic", "quorum"])
-@pytest.mark.parametrize("backend", WIRED)
+@pytest.mark.parametrize(("backend", "queue_type"), PAIRS, ids=pair_id)
 async def test_drains_on_faulted_index_with_operator_calls_on_another_store(
     backend: str, queue_type: QueueType
 ) -> None:
@@ -456,8 +464,7 @@ async def produce_under_faults(
         await asyncio.sleep(rng.uniform(0, 0.02))
 
 
-@pytest.mark.parametrize("queue_type", QUEUES, ids=["classic", "quorum"])
-@pytest.mark.parametrize("backend", WIRED)
+@pytest.mark.parametrize(("backend", "queue_type"), PAIRS, ids=pair_id)
 async def test_producer_on_faulted_index_latest_wins_fan_outs_and_confirms(
     backend: str, queue_type: QueueType
 ) -> None:
