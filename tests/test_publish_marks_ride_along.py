@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from amqp_queue.state import CommandRecord, IndexedStore, Limits, QueueFull, RedisStore, SqlStore
+from amqp_queue.state import (
+    CommandRecord,
+    IndexedStore,
+    Limits,
+    QueueFull,
+    RedisStore,
+    SqlStore,
+    StateError,
+)
 from tests.rabbitmq_support import queue_depth
-from tests.shared_index import INDEX_KINDS, shared_index
+from tests.shared_index import INDEX_KINDS, drain_until, shared_index
 
 DEVICE = "dev-marks"
 COMMANDS = 20
@@ -89,3 +97,40 @@ async def test_an_enqueue_refused_at_the_limit_leaves_the_riding_marks_landed(
         async with shared.store(await shared.open_index()) as other:
             await other.relay_outbox()
             assert await queue_depth(other, DEVICE) == LIMIT
+
+
+class _RefusedThenAnswerLost(SqlStore):
+    """Refuses the next batch that carries marks (as a device at its limit would), then
+    writes its record alone and loses the answer."""
+
+    trap = False
+
+    async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
+        if self.trap and records and published:
+            raise QueueFull("refused as a batch")
+        if self.trap and records:
+            self.trap = False
+            await super().write(records, published)
+            raise StateError("the answer was lost")
+        return await super().write(records, published)
+
+
+async def test_a_record_written_alone_after_a_refusal_with_its_answer_lost_is_not_overtaken(
+    tmp_path: Path,
+) -> None:
+    """Written again alone after its batch was refused, a record whose write landed with its
+    answer lost is owed to the relay (as in a batch), so the next enqueue is not published
+    ahead of it."""
+    async with shared_index("sqlite", tmp_path, relay_after=30) as shared:
+        index = await shared.open_index(_RefusedThenAnswerLost)
+        assert isinstance(index, _RefusedThenAnswerLost)
+        async with shared.store(index) as producer:
+            await producer.ensure_queue(DEVICE)
+            await producer.enqueue(DEVICE, b"c0", 600)  # its publish mark rides along next
+            index.trap = True
+            with pytest.raises(StateError):
+                await producer.enqueue(DEVICE, b"c1", 600)
+            await producer.enqueue(DEVICE, b"c2", 600)
+            got = await drain_until(producer, DEVICE, count=3, seconds=5)
+
+    assert got == [b"c0", b"c1", b"c2"]
