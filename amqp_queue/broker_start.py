@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import BROKER_FAILURES, BrokerError, broker_errors
+from amqp_queue.inbox import close_channel
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publish_path import PublishPath
@@ -151,11 +152,7 @@ class BrokerStart:
         self._channel = None
         for channel in channels:
             if channel is not None and not channel.is_closed:
-                try:
-                    async with asyncio.timeout(self.config.publish_timeout):
-                        await channel.close()
-                except BROKER_FAILURES as exc:
-                    logger.warning("closing a channel of the store: %s", exc)
+                await close_channel(channel, self.config.publish_timeout, "a channel of the store")
 
     async def _open_channel(
         self, doing: str, *, publisher_confirms: bool = False

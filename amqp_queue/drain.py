@@ -17,8 +17,8 @@ from tenacity import (
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
-from amqp_queue.errors import BROKER_FAILURES, BrokerError
-from amqp_queue.inbox import Inbox
+from amqp_queue.errors import BrokerError
+from amqp_queue.inbox import Inbox, close_channel
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
 from amqp_queue.state.errors import ClaimOutcomeUnknown, CommandNotFound, StateError
@@ -393,8 +393,4 @@ async def close_drain_channel(
         # close) while the index still says delivered, or the next consumer drops them.
         # Bounded, so a hung index call cannot hold close() for ever.
         await asyncio.wait([settling], timeout=config.publish_timeout)
-    try:
-        async with asyncio.timeout(config.publish_timeout):
-            await channel.close()
-    except BROKER_FAILURES as exc:
-        logger.warning("closing the drain channel of %s: %s", device, exc)
+    await close_channel(channel, config.publish_timeout, f"the drain channel of {device}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -208,11 +209,36 @@ async def _opened(
     return inbox
 
 
+# Channel closes the broker had not answered when their callers stopped waiting.
+_closing: set[asyncio.Future[None]] = set()
+
+
 async def close_channel(channel: AbstractChannel, give_up_after: float, what: str) -> None:
-    """Closes ``channel`` within ``give_up_after`` seconds; a failure is logged (closed by
-    the broker or with the connection, it needs nothing more)."""
+    """Closes ``channel``, waiting ``give_up_after`` seconds at most; a failure is logged
+    (closed by the broker or with the connection, it needs nothing more).
+
+    The close itself is never cancelled: aiormq answers a cancelled ``Channel.Close`` with a
+    second one, which RabbitMQ takes for a frame on a closed channel, and it closes the whole
+    connection (every stream and drain of the store with it; tests/test_channel_close.py).
+    Not answered in time, the close goes on in the background.
+    """
+    closing = asyncio.ensure_future(channel.close())
     try:
         async with asyncio.timeout(give_up_after):
-            await channel.close()
+            await asyncio.shield(closing)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        if not closing.done():
+            _closing.add(closing)
+            closing.add_done_callback(functools.partial(_closed_late, what))
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        logger.warning("closing %s: no answer in %s s; it goes on", what, give_up_after)
     except BROKER_FAILURES as exc:
         logger.warning("closing %s: %s", what, exc)
+
+
+def _closed_late(what: str, closing: asyncio.Future[None]) -> None:
+    _closing.discard(closing)
+    failure = None if closing.cancelled() else closing.exception()
+    if failure is not None:
+        logger.warning("closing %s: %s", what, failure)

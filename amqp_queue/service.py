@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractRobustConnection
 from amqp_queue.api import OperatorApi
 from amqp_queue.connection import connect_robust, connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
+from amqp_queue.inbox import close_channel
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
 from amqp_queue.state.clock import Clock, utc_now
@@ -137,9 +138,10 @@ class Backends(Closing):
         try:
             async with asyncio.timeout(_HEALTH_TIMEOUT):
                 channel = await self.connection.channel()
-                await channel.close()
         except _BROKER_DOWN as exc:
             return f"unreachable: {type(exc).__name__}: {exc}"
+        # Not cancelled half way (see close_channel): that would close the store's connection.
+        await close_channel(channel, _HEALTH_TIMEOUT, "the health check's channel")
         return "ok"
 
     async def _check_state(self) -> str:
