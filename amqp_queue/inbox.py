@@ -227,9 +227,8 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
         async with asyncio.timeout(give_up_after):
             await asyncio.shield(closing)
     except (TimeoutError, asyncio.CancelledError) as exc:
-        if not closing.done():
-            _closing.add(closing)
-            closing.add_done_callback(functools.partial(_closed_late, what))
+        _closing.add(closing)
+        closing.add_done_callback(functools.partial(_closed_late, what))
         if isinstance(exc, asyncio.CancelledError):
             raise
         logger.warning("closing %s: no answer in %s s; it goes on", what, give_up_after)
