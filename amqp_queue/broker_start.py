@@ -11,9 +11,9 @@ import logging
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import BROKER_FAILURES, BrokerError, broker_errors
-from amqp_queue.inbox import close_channel
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publish_path import PublishPath

@@ -15,10 +15,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError
-from amqp_queue.inbox import Inbox, close_channel
+from amqp_queue.inbox import Inbox
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
 from amqp_queue.state.errors import ClaimOutcomeUnknown, CommandNotFound, StateError

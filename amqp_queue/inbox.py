@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -13,7 +12,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic, Queue
 
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import BROKER_FAILURES, broker_errors
+from amqp_queue.errors import broker_errors
 from amqp_queue.topology import Topology
 
 T = TypeVar("T")
@@ -207,37 +206,3 @@ async def _opened(
     inbox = Inbox(channel, queue, config.prefetch)
     await inbox.start()
     return inbox
-
-
-# Channel closes the broker had not answered when their callers stopped waiting.
-_closing: set[asyncio.Future[None]] = set()
-
-
-async def close_channel(channel: AbstractChannel, give_up_after: float, what: str) -> None:
-    """Closes ``channel``, waiting ``give_up_after`` seconds at most; a failure is logged
-    (closed by the broker or with the connection, it needs nothing more).
-
-    The close itself is never cancelled: aiormq answers a cancelled ``Channel.Close`` with a
-    second one, which RabbitMQ takes for a frame on a closed channel, and it closes the whole
-    connection (every stream and drain of the store with it; tests/test_channel_close.py).
-    Not answered in time, the close goes on in the background.
-    """
-    closing = asyncio.ensure_future(channel.close())
-    try:
-        async with asyncio.timeout(give_up_after):
-            await asyncio.shield(closing)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        _closing.add(closing)
-        closing.add_done_callback(functools.partial(_closed_late, what))
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        logger.warning("closing %s: no answer in %s s; it goes on", what, give_up_after)
-    except BROKER_FAILURES as exc:
-        logger.warning("closing %s: %s", what, exc)
-
-
-def _closed_late(what: str, closing: asyncio.Future[None]) -> None:
-    _closing.discard(closing)
-    failure = None if closing.cancelled() else closing.exception()
-    if failure is not None:
-        logger.warning("closing %s: %s", what, failure)

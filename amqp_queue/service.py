@@ -23,9 +23,9 @@ import uvicorn
 from aio_pika.abc import AbstractRobustConnection
 
 from amqp_queue.api import OperatorApi
+from amqp_queue.channel_closing import close_channel
 from amqp_queue.connection import connect_robust, connecting_robust
 from amqp_queue.errors import BROKER_FAILURES
-from amqp_queue.inbox import close_channel
 from amqp_queue.metrics import PrometheusObserver
 from amqp_queue.settings import Settings
 from amqp_queue.state.clock import Clock, utc_now

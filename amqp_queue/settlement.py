@@ -15,6 +15,7 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from amqp_queue.channel_closing import closing
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.observer import Observer
@@ -32,7 +33,11 @@ def command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
 
 async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
     """Acks (or requeues) a message, or with ``multiple`` every unsettled delivery up to it;
-    a lost channel already requeued them on the broker."""
+    a lost channel already requeued them on the broker, and one being closed will (a frame
+    on it now would close the whole connection: see :mod:`amqp_queue.channel_closing`)."""
+    if closing(message):
+        logger.debug("message %s left to its closing channel", message.message_id)
+        return
     try:
         if ack:
             await message.ack(multiple=multiple)

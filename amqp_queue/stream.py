@@ -15,11 +15,12 @@ from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.delivery_marks import DeliveryMarks
 from amqp_queue.errors import BrokerError
-from amqp_queue.inbox import Inbox, close_channel, open_inbox
+from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import WAIT, ReadyOrder

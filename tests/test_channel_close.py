@@ -13,7 +13,8 @@ import asyncio
 
 import aio_pika
 
-from amqp_queue.inbox import close_channel
+from amqp_queue.channel_closing import close_channel
+from amqp_queue.settlement import settle
 from tests.tcp_proxy import StallProxy
 
 BOUND = 0.3
@@ -36,5 +37,32 @@ async def test_a_close_not_answered_in_time_leaves_the_connection_open() -> None
             assert not connection.is_closed, "the broker closed the whole connection"
             queue = await other.declare_queue(exclusive=True)
             assert queue.name
+        finally:
+            await connection.close()
+
+
+async def test_a_message_settled_while_its_channel_closes_leaves_the_connection_open() -> None:
+    """A delivery mark that lands after its stream began closing the channel (the index was
+    slow) acks on it: the ack is left out, and the broker requeues the message instead."""
+    async with StallProxy(5672) as broker:
+        connection = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{broker.port}/")
+        try:
+            channel = await connection.channel()
+            other = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await channel.default_exchange.publish(aio_pika.Message(b"x"), queue.name)
+            message = await queue.get(timeout=5)
+            assert message is not None
+            broker.stall(replies_only=True)
+            closing = asyncio.create_task(close_channel(channel, BOUND, "a closing channel"))
+            await asyncio.sleep(0.05)  # the Close is on its way
+            await settle(message, ack=True)
+            await closing
+            broker.resume()
+            await asyncio.sleep(1.0)
+
+            assert not connection.is_closed, "the broker closed the whole connection"
+            declared = await other.declare_queue(exclusive=True)
+            assert declared.name
         finally:
             await connection.close()

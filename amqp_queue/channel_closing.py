@@ -1,0 +1,73 @@
+"""Closing a channel without taking its connection with it.
+
+RabbitMQ closes the whole connection (``504 CHANNEL_ERROR - expected 'channel.open'``), every
+stream, drain and the publisher of a store with it, when a frame arrives on a channel after the
+client sent its ``Channel.Close``: a second ``Close`` (aiormq sends one when the first one's call
+is cancelled) or an ack or nack sent meanwhile (a delivery mark landing late, a stream closed from
+another task). So a close is never cancelled (:func:`close_channel`), and nothing is settled on a
+channel once its close has begun (:func:`closing`): the broker requeues those messages with the
+channel (tests/test_channel_close.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import weakref
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
+
+from amqp_queue.errors import BROKER_FAILURES
+
+logger = logging.getLogger("amqp_queue.inbox")
+
+# The underlying (aiormq) channels a close was begun on.
+_CLOSING: weakref.WeakSet[object] = weakref.WeakSet()
+# Closes the broker had not answered when their callers stopped waiting.
+_LATE: set[asyncio.Future[None]] = set()
+
+
+def closing(message: AbstractIncomingMessage) -> bool:
+    """Whether the close of the channel ``message`` came on has begun (and not ended: a
+    settle on a closed channel fails by itself, and says so)."""
+    try:
+        channel = message.channel
+    except ChannelInvalidStateError:  # closed
+        return False
+    return channel in _CLOSING
+
+
+async def close_channel(channel: AbstractChannel, give_up_after: float, what: str) -> None:
+    """Closes ``channel``, waiting ``give_up_after`` seconds at most; a failure is logged
+    (closed by the broker or with the connection, it needs nothing more). Not answered in time,
+    the close goes on in the background: it is never cancelled."""
+    underlay = _underlay(channel)
+    if underlay is not None:
+        _CLOSING.add(underlay)
+    ending = asyncio.ensure_future(channel.close())
+    try:
+        async with asyncio.timeout(give_up_after):
+            await asyncio.shield(ending)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        _LATE.add(ending)
+        ending.add_done_callback(functools.partial(_closed_late, what))
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        logger.warning("closing %s: no answer in %s s; it goes on", what, give_up_after)
+    except BROKER_FAILURES as exc:
+        logger.warning("closing %s: %s", what, exc)
+
+
+def _underlay(channel: AbstractChannel) -> object | None:
+    """The aiormq channel under an aio-pika one, without waiting (a robust channel's
+    ``get_underlay_channel`` waits for its connection to be back)."""
+    return getattr(getattr(channel, "_channel", None), "channel", None)
+
+
+def _closed_late(what: str, ending: asyncio.Future[None]) -> None:
+    _LATE.discard(ending)
+    failure = None if ending.cancelled() else ending.exception()
+    if failure is not None:
+        logger.warning("closing %s: %s", what, failure)
