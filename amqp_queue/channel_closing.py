@@ -21,7 +21,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.errors import BROKER_FAILURES
 
-logger = logging.getLogger("amqp_queue.inbox")
+logger = logging.getLogger("amqp_queue.channel_closing")
 
 # The underlying (aiormq) channels a close was begun on.
 _CLOSING: weakref.WeakSet[object] = weakref.WeakSet()

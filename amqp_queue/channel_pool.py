@@ -13,6 +13,7 @@ that asked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from aio_pika import Channel
@@ -20,8 +21,9 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aio_pika.robust_channel import RobustChannel
 from yarl import URL
 
+from amqp_queue.channel_closing import close_channel
 from amqp_queue.connection import FailoverConnection
-from amqp_queue.errors import BROKER_FAILURES, BrokerError, broker_errors
+from amqp_queue.errors import BrokerError, broker_errors
 
 logger = logging.getLogger("amqp_queue.channel_pool")
 
@@ -100,7 +102,7 @@ class ChannelPool:
                         # An open cut off half way leaves client and broker disagreeing about
                         # the channel, and the broker closes the whole connection on the next
                         # frame for it: the open finishes by itself and is closed again.
-                        opening.add_done_callback(_close_unwanted)
+                        opening.add_done_callback(functools.partial(_close_unwanted, self._timeout))
                         raise
                 except RuntimeError as exc:
                     # aio-pika says "connection closed" with a bare RuntimeError.
@@ -199,20 +201,14 @@ async def _open(connection: AbstractRobustConnection, *, robust: bool) -> Abstra
     return await Channel(connection, publisher_confirms=False)
 
 
-def _close_unwanted(opening: asyncio.Future[AbstractChannel]) -> None:
+def _close_unwanted(timeout: float, opening: asyncio.Future[AbstractChannel]) -> None:
     """Closes a channel whose opener gave up on it (timed out or cancelled)."""
     if opening.cancelled() or opening.exception() is not None:
         return
-    task = asyncio.ensure_future(_close(opening.result()))
+    closing = close_channel(opening.result(), timeout, "a channel opened too late")
+    task = asyncio.ensure_future(closing)
     _closing.add(task)
     task.add_done_callback(_closing.discard)
-
-
-async def _close(channel: AbstractChannel) -> None:
-    try:
-        await channel.close()
-    except BROKER_FAILURES as exc:
-        logger.warning("closing a channel opened too late: %s", exc)
 
 
 # Strong references to the background closes of unwanted channels (asyncio keeps weak ones).
