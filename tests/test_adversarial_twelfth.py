@@ -1,0 +1,106 @@
+"""Twelfth adversarial round: stores with different RabbitMQConfig knobs on one index, close()
+cut short by its caller, and stores opened and closed in a tight loop among busy devices.
+
+Public API only (``amqp_queue``'s ``__all__`` and RabbitMQStore's methods), on every state
+index, over the real broker; tests/ helpers set up and tear down. Each scenario judges a
+documented promise: an accepted command is never lost, never handed out twice (beyond
+``consume``'s at-least-once), in ready order per device, never stale, statuses true; a
+misconfigured store (its ``queue_type`` not the queues') fails with ``QueueMismatch`` and
+costs nobody else a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+
+from amqp_queue import CommandStatus, QueueMismatch, QueueType
+from tests.support import matrix
+from tests.tcp_proxy import StallProxy
+from tests.test_adversarial_ninth import LONG, space_on, take
+from tests.test_adversarial_seams import BACKENDS
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+
+# -- 1. a store whose queue_type is not the queues' on the same index ----------------------
+# FINDING (round 12, both tests fail on every index, every run): QueueMismatch is a fault of
+# the *store's* configuration, yet publish_path.publish and OutboxRelay._publish treat it as
+# the broker refusing the *command* for good and end it REJECTED, for every process.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_mismatched_store_confirming_costs_the_command_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    """Store A (classic, as the device queues are) enqueues a confirmation command; an
+    operator's store B, misconfigured with ``queue_type=QUORUM`` on the same index and
+    exchange, confirms it. "A queue the broker holds with other settings is a clear error
+    with nothing written" (``_accept``): B's confirm should raise ``QueueMismatch`` and
+    leave the command awaiting confirmation, or confirm it for A's relay to publish; it must
+    not end a command A accepted ``REJECTED`` (the broker never refused *it*: any correctly
+    configured process publishes it) while the confirm returns as if all went well."""
+    async with space_on(backend, tmp_path) as space:
+        a = await space.open(relay_after=1.0)
+        b = await space.open(relay_after=1.0, queue_type=QueueType.QUORUM)
+        device = space.device()
+        await a.enqueue(device, b"first", LONG)
+        door = await a.enqueue_with_confirmation(device, "unlock", b"door", LONG)
+        # B's own writes to that device are refused before anything is written.
+        with pytest.raises(QueueMismatch):
+            await b.enqueue(device, b"never", LONG)
+        with pytest.raises(QueueMismatch):
+            await b.enqueue_many([device], b"never", LONG)
+        raised: BaseException | None = None
+        try:
+            await b.confirm_command(door)
+        except QueueMismatch as exc:
+            raised = exc
+        status = await a.get_status(door)
+        print("B's confirm raised:", raised, "; status:", status)
+        assert status is not CommandStatus.REJECTED, (
+            f"a confirm on a misconfigured store returned normally ({raised=}) and ended "
+            "the command REJECTED: nobody will ever deliver it"
+        )
+        if status is CommandStatus.AWAITING_CONFIRMATION:
+            await a.confirm_command(door)
+        await a.relay_outbox()
+        got = await take(a, device, {b"first", b"door"}, 8)
+        assert [p for _, p in got] == [b"first", b"door"]
+        assert await a.get_status(door) is CommandStatus.DELIVERED
+
+
+@pytest.mark.parametrize("backend", matrix(BACKENDS, ["postgres"]))
+async def test_a_mismatched_stores_relay_does_not_reject_another_stores_commands(
+    backend: str, tmp_path: Path
+) -> None:
+    """Writer A's broker link stalls after its queue was declared (classic): its enqueue is
+    written and left to the relay. Store B, misconfigured (quorum), sweeps A's orphan after
+    its ``relay_after``. B's relay meets ``QueueMismatch``: the command must stay for a
+    correctly configured relay (A's, once its link is back), not end ``REJECTED``."""
+    async with StallProxy(5672, max_connections=16) as broker, space_on(backend, tmp_path) as space:
+        device = space.device()
+        a = await space.open(
+            f"{broker.amqp_url}?reconnect_interval=0.2", relay_after=30.0, publish_timeout=1.0
+        )
+        await a.ensure_queue(device)
+        b = await space.open(relay_after=0.5, queue_type=QueueType.QUORUM)
+        broker.stall()
+        try:
+            orphan = await asyncio.wait_for(a.enqueue(device, b"orphan", LONG), 10)
+            await asyncio.sleep(1.0)
+            with suppress(QueueMismatch):
+                await b.relay_outbox()
+            status = await b.get_status(orphan)
+        finally:
+            broker.resume()
+        print("after B's relay pass:", status)
+        assert status is CommandStatus.PENDING, status
+        got = await take(a, device, {b"orphan"}, 10)
+        assert [p for _, p in got] == [b"orphan"]
