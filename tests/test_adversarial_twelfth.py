@@ -12,13 +12,14 @@ costs nobody else a command.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
-from amqp_queue import CommandStatus, QueueMismatch, QueueType
-from tests.support import matrix
+from amqp_queue import BrokerError, CommandStatus, QueueMismatch, QueueType, RabbitMQStore
+from tests.support import matrix, seeded
 from tests.tcp_proxy import StallProxy
 from tests.test_adversarial_ninth import LONG, space_on, take
 from tests.test_adversarial_seams import BACKENDS
@@ -104,3 +105,94 @@ async def test_a_mismatched_stores_relay_does_not_reject_another_stores_commands
         assert status is CommandStatus.PENDING, status
         got = await take(a, device, {b"orphan"}, 10)
         assert [p for _, p in got] == [b"orphan"]
+
+
+# -- 2. close() cut short by its caller's deadline, streams, drains and enqueues running ----
+
+
+@pytest.mark.parametrize("backend", matrix(BACKENDS, ["sqlite", "redis"]))
+async def test_close_cut_short_by_a_deadline_loses_and_repeats_nothing_finished(
+    backend: str, tmp_path: Path
+) -> None:
+    """Store A runs a stream on each of three devices (short loop bodies), a drain loop on
+    two more, and enqueues to all five, while producer store P enqueues too. A's ``close()``
+    runs under ``asyncio.timeout`` of 0 to 0.3 s (the caller's deadline: the close is
+    cancelled half way), then is called again. Store C takes the rest. Every command that
+    was accepted reaches a device; one whose loop body had finished before ``close()`` was
+    called, or that a drain returned, never comes again; each reader in ready order; all
+    end DELIVERED."""
+    rng = seeded()
+    async with space_on(backend, tmp_path) as space:
+        a = await space.open(relay_after=1.0, prefetch=rng.choice([1, 5, 1000]))
+        p = await space.open(relay_after=1.0)
+        streamed = [space.device() for _ in range(3)]
+        drained = [space.device() for _ in range(2)]
+        accepted: dict[str, list[str]] = {d: [] for d in streamed + drained}
+        lane: dict[str, tuple[str, int]] = {}  # id: (producer, its call number)
+        finished: dict[str, list[str]] = {d: [] for d in streamed + drained}
+        stop = asyncio.Event()
+
+        async def produce(store: RabbitMQStore, tag: str) -> None:
+            n = 0
+            while not stop.is_set():
+                device = rng.choice(streamed + drained)
+                with suppress(BrokerError):  # A refuses once it is closing
+                    command_id = await store.enqueue(device, f"{tag}{n}".encode(), LONG)
+                    accepted[device].append(command_id)
+                    lane[command_id] = (tag, n)
+                n += 1
+                await asyncio.sleep(rng.uniform(0, 0.01))
+
+        async def stream(device: str) -> None:
+            async with a.consume(device) as commands:
+                async for command in commands:
+                    await asyncio.sleep(rng.uniform(0.002, 0.02))
+                    finished[device].append(command.id)
+
+        async def drains(device: str) -> None:
+            while not stop.is_set():
+                finished[device] += [r.id for r in await a.drain_commands(device)]
+                await asyncio.sleep(rng.uniform(0, 0.05))
+
+        for device in streamed + drained:
+            await a.ensure_queue(device)
+        readers = [asyncio.create_task(stream(d)) for d in streamed]
+        readers += [asyncio.create_task(drains(d)) for d in drained]
+        producers = [asyncio.create_task(produce(a, "a")), asyncio.create_task(produce(p, "p"))]
+        await asyncio.sleep(rng.uniform(0.8, 1.5))
+        before = {d: list(ids) for d, ids in finished.items()}
+        deadline = rng.uniform(0, 0.3)
+        print("close deadline", deadline)
+        with suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                await a.close()
+        stop.set()
+        await asyncio.gather(*producers)
+        await asyncio.wait_for(a.close(), 10)  # the second close finishes the job
+        ended = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 10)
+        print("readers ended with", ended)
+        c = await space.open(relay_after=1.0)
+        await c.relay_outbox()
+        for device, ids in accepted.items():
+            already = set(finished[device])
+            rest = [i for i in ids if i not in already]
+            got: list[str] = []
+            async with c.consume(device) as commands:
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(15 if rest else 0.5):
+                        async for command in commands:
+                            got.append(command.id)
+                            if rest and set(rest) <= set(got):
+                                break
+            again = [i for i in got if i in set(before[device])]
+            assert not again, f"{device}: finished before close() and handed out again: {again}"
+            if device in drained:
+                assert not [i for i in got if i in already], f"{device}: drained and again"
+            missing = set(ids) - already - set(got)
+            assert not missing, f"{device}: {len(missing)} accepted commands lost"
+            for reader in (finished[device], got):
+                for tag in "ap":
+                    seq = [lane[i][1] for i in dict.fromkeys(reader) if lane[i][0] == tag]
+                    assert seq == sorted(seq), f"{device}: {tag}'s commands out of order"
+            statuses = Counter([await c.get_status(i) for i in ids])
+            assert set(statuses) <= {CommandStatus.DELIVERED}, (device, statuses)
