@@ -196,3 +196,43 @@ async def test_close_cut_short_by_a_deadline_loses_and_repeats_nothing_finished(
                     assert seq == sorted(seq), f"{device}: {tag}'s commands out of order"
             statuses = Counter([await c.get_status(i) for i in ids])
             assert set(statuses) <= {CommandStatus.DELIVERED}, (device, statuses)
+
+
+@pytest.mark.parametrize("backend", matrix(BACKENDS, ["redis"]))
+async def test_a_mismatched_store_reading_fails_clearly_and_costs_its_other_devices_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    """Store B (quorum) runs a stream on its own device when it is asked to drain and to
+    consume a device whose queue store A declared classic: both fail with ``QueueMismatch``
+    (not a bare broker error, not a hang), B's stream goes on, and A still delivers all."""
+    async with space_on(backend, tmp_path) as space:
+        a = await space.open(relay_after=1.0)
+        b = await space.open(relay_after=1.0, queue_type=QueueType.QUORUM, prefetch=5)
+        classic, mine = space.device(), space.device()
+        ids = [await a.enqueue(classic, f"c{n}".encode(), LONG) for n in range(5)]
+        got: list[str] = []
+        async with b.consume(mine) as commands:
+
+            async def reading() -> None:
+                async for command in commands:
+                    got.append(command.payload.decode())
+
+            reader = asyncio.create_task(reading())
+            for n in range(3):
+                await b.enqueue(mine, f"m{n}".encode(), LONG)
+            with pytest.raises(QueueMismatch):
+                await asyncio.wait_for(b.drain_pending(classic), 10)
+            with pytest.raises(QueueMismatch):
+                async with asyncio.timeout(10), b.consume(classic) as other:
+                    await anext(aiter(other))
+            for n in range(3, 6):
+                await b.enqueue(mine, f"m{n}".encode(), LONG)
+            async with asyncio.timeout(10):
+                while len(got) < 6:  # noqa: ASYNC110 - polling the reader's list
+                    await asyncio.sleep(0.05)
+            reader.cancel()
+        assert got == [f"m{n}" for n in range(6)]
+        assert [await a.get_status(i) for i in ids] == [CommandStatus.PENDING] * 5
+        assert [c for _, c in await take(a, classic, {b"c4"}, 10)] == [
+            f"c{n}".encode() for n in range(5)
+        ]
