@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from contextlib import suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,78 @@ async def test_a_mismatched_store_reading_fails_clearly_and_costs_its_other_devi
         assert [c for _, c in await take(a, classic, {b"c4"}, 10)] == [
             f"c{n}".encode() for n in range(5)
         ]
+
+
+# -- 3. TTLs running out right at hand-out, a stream and drains on one device ---------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "queue_type"),
+    matrix(
+        [(b, q) for b in BACKENDS for q in QueueType],
+        [("postgres", QueueType.CLASSIC), ("sqlite", QueueType.QUORUM)],
+    ),
+)
+async def test_ttls_running_out_at_hand_out_are_never_handed_out_late(
+    backend: str, queue_type: QueueType, tmp_path: Path
+) -> None:
+    """Producer P enqueues commands living 0.05-0.4 s among long-lived ones, at random
+    moments; a stream on store A (prefetch 1 or 1000, a body of 0-150 ms) and a drain loop on
+    store B read the device. A hand-out asked for after the command's ``expires_at`` is
+    stale. Nothing is handed out twice; every long one arrives; after ``cleanup`` the short
+    ones not handed out read EXPIRED and every one handed out DELIVERED."""
+    rng = seeded()
+    async with space_on(backend, tmp_path) as space:
+        config = {"relay_after": 1.0, "queue_type": queue_type}
+        p = await space.open(**config)  # type: ignore[arg-type]
+        a = await space.open(prefetch=rng.choice([1, 1000]), **config)  # type: ignore[arg-type]
+        b = await space.open(drain_idle=0.01, **config)  # type: ignore[arg-type]
+        device = space.device()
+        await p.ensure_queue(device)
+        short: list[str] = []
+        long: list[str] = []
+        handed: list[tuple[str, datetime, datetime, str]] = []  # id, asked, expires_at, who
+        done = asyncio.Event()
+
+        async def produce() -> None:
+            for n in range(120):
+                if rng.random() < 0.6:
+                    ttl = rng.uniform(0.05, 0.4)
+                    short.append(await p.enqueue(device, f"s{n}".encode(), ttl))
+                else:
+                    long.append(await p.enqueue(device, f"l{n}".encode(), LONG))
+                await asyncio.sleep(rng.uniform(0, 0.04))
+            await asyncio.sleep(0.6)
+            done.set()
+
+        async def stream() -> None:
+            async with a.consume(device) as commands:
+                while not done.is_set():
+                    asked = datetime.now(UTC)
+                    with suppress(TimeoutError):
+                        command = await asyncio.wait_for(anext(commands), 0.3)
+                        handed.append((command.id, asked, command.expires_at, "stream"))
+                        await asyncio.sleep(rng.uniform(0, 0.15))
+
+        async def drains() -> None:
+            while not done.is_set():
+                asked = datetime.now(UTC)
+                for record in await b.drain_commands(device):
+                    handed.append((record.id, asked, record.expires_at, "drain"))
+                await asyncio.sleep(rng.uniform(0, 0.3))
+
+        await asyncio.gather(produce(), stream(), drains())
+        late = [(i, w, (asked - exp).total_seconds()) for i, asked, exp, w in handed if asked > exp]
+        assert not late, f"handed out after expiry (id, reader, seconds late): {late}"
+        counts = Counter(i for i, *_ in handed)
+        assert not [i for i, n in counts.items() if n > 1], "handed out twice"
+        rest = set(long) - set(counts)
+        if rest:
+            counts.update(r.id for r in await b.drain_commands(device))
+        assert set(long) <= set(counts), f"{len(set(long) - set(counts))} long ones lost"
+        await p.cleanup()
+        for command_id in short + long:
+            status = await p.get_status(command_id)
+            want = CommandStatus.DELIVERED if command_id in counts else CommandStatus.EXPIRED
+            assert status is want, (command_id, status, command_id in short)
+        print(f"{len(short)} short, {len([i for i in short if i in counts])} handed out")
