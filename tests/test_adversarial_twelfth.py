@@ -312,3 +312,73 @@ async def test_ttls_running_out_at_hand_out_are_never_handed_out_late(
             want = CommandStatus.DELIVERED if command_id in counts else CommandStatus.EXPIRED
             assert status is want, (command_id, status, command_id in short)
         print(f"{len(short)} short, {len([i for i in short if i in counts])} handed out")
+
+
+# -- 4. gateway stores with different knobs opened and closed in a tight loop ---------------
+
+
+@pytest.mark.parametrize("backend", matrix(BACKENDS, ["postgres"]))
+async def test_gateways_reopened_in_a_tight_loop_with_mixed_knobs_keep_each_device_whole(
+    backend: str, tmp_path: Path
+) -> None:
+    """Producer P enqueues numbered commands to eight devices throughout. Gateway stores,
+    each with other knobs on the same index (prefetch 1, 7 or 1000, ``recheck_after`` 0 or
+    0.2, ``drain_idle``), take turns: the next opens while the last still runs, starts
+    reading once the last one's ``close()`` returned, and reads each device by a stream
+    (short body) or a drain loop. Per device the hand-outs over all gateways are each
+    command once, in enqueue order; all DELIVERED."""
+    rng = seeded()
+    async with space_on(backend, tmp_path) as space:
+        p = await space.open(relay_after=1.0)
+        devices = [space.device() for _ in range(8)]
+        sent: dict[str, list[str]] = {d: [] for d in devices}
+        handed: dict[str, list[str]] = {d: [] for d in devices}
+        stop = asyncio.Event()
+
+        async def produce() -> None:
+            while not stop.is_set():
+                device = rng.choice(devices)
+                payload = str(sum(map(len, sent.values()))).encode()
+                sent[device].append(await p.enqueue(device, payload, LONG))
+                await asyncio.sleep(rng.uniform(0, 0.005))
+
+        def knobs() -> dict[str, float]:
+            return {
+                "prefetch": rng.choice([1, 7, 1000]),
+                "recheck_after": rng.choice([0.0, 0.2]),
+                "drain_idle": rng.choice([0.01, 0.05]),
+            }
+
+        async def read(store: RabbitMQStore, device: str, by_stream: bool) -> None:
+            with suppress(BrokerError):  # the store closed under a drain's next call
+                if not by_stream:
+                    while True:
+                        handed[device] += [r.id for r in await store.drain_commands(device)]
+                        await asyncio.sleep(rng.uniform(0, 0.03))
+                async with store.consume(device) as commands:
+                    async for command in commands:
+                        await asyncio.sleep(rng.uniform(0, 0.01))
+                        handed[device].append(command.id)
+
+        producer = asyncio.create_task(produce())
+        gateway = await space.open(relay_after=1.0, **knobs())  # type: ignore[arg-type]
+        for turn in range(10):
+            readers = [asyncio.create_task(read(gateway, d, rng.random() < 0.5)) for d in devices]
+            await asyncio.sleep(rng.uniform(0.05, 0.4))
+            following = await space.open(relay_after=1.0, **knobs())  # type: ignore[arg-type]
+            await asyncio.wait_for(gateway.close(), 15)
+            ended = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 10)
+            assert all(e is None for e in ended), (turn, ended)
+            space.stores.remove(gateway)
+            gateway = following
+        stop.set()
+        await producer
+        for device in devices:
+            if rest := [i for i in sent[device] if i not in set(handed[device])]:
+                want = {(await p.get_status(i), i) for i in rest}
+                print(device, "left for the last gateway:", len(rest), Counter(w for w, _ in want))
+                handed[device] += [i for i, _ in await take(gateway, device, {b"?"}, 2)]
+            assert Counter(handed[device]) == Counter(sent[device]), device
+            assert handed[device] == sent[device], f"{device}: out of enqueue order"
+            statuses = Counter([await p.get_status(i) for i in sent[device]])
+            assert set(statuses) == {CommandStatus.DELIVERED}, (device, statuses)
