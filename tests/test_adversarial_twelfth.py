@@ -6,7 +6,9 @@ index, over the real broker; tests/ helpers set up and tear down. Each scenario 
 documented promise: an accepted command is never lost, never handed out twice (beyond
 ``consume``'s at-least-once), in ready order per device, never stale, statuses true; a
 misconfigured store (its ``queue_type`` not the queues') fails with ``QueueMismatch`` and
-costs nobody else a command.
+costs nobody else a command. Found: it does not (section 1, failing on every index): a
+mismatched store's confirm (``confirm_rollout`` too) and relay end other stores' commands
+REJECTED. Everything else held.
 """
 
 from __future__ import annotations
