@@ -35,7 +35,9 @@ class QueueMismatch(QueueError):
     """A device's queue exists with other settings (queue type, durability) than the store's.
 
     Not a :class:`BrokerError`: no retry fixes it. Nothing reaches the device until the queue
-    is deleted or ``RabbitMQConfig`` matches it.
+    is deleted or ``RabbitMQConfig`` matches it. A fault of the store's configuration, not of
+    the command: a command already written stays unpublished for a process whose
+    configuration matches the queue (see :mod:`amqp_queue.foreign_queues`), never rejected.
     """
 
 

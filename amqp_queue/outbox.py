@@ -30,6 +30,7 @@ from tenacity import (
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
+from amqp_queue.foreign_queues import ForeignQueues
 from amqp_queue.observer import Observer
 from amqp_queue.owed_releases import OwedReleases
 from amqp_queue.publisher import Publisher
@@ -104,6 +105,8 @@ class OutboxRelay:
         self._sweeping = False
         self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
         self._holds = StartHolds()
+        self._foreign = ForeignQueues()
+        self._leave_lease = False
         self._waits = PublishWaits()
         self.failing = False
         """Whether the last pass failed (the broker or the index): nobody waits for it."""
@@ -194,12 +197,14 @@ class OutboxRelay:
                 while True:
                     kicks = self._kicks
                     records = await self._due()
-                    if not records:
-                        if self._settled(kicks):
-                            self.failing = False
-                            return published
-                        continue
-                    published += await self._publish(records)
+                    if records:
+                        published += await self._publish(records)
+                    if self._leave_lease:
+                        self._leave_lease = False
+                        await self._give_up_lease()
+                    if not records and self._settled(kicks):
+                        self.failing = False
+                        return published
             except (BrokerError, StateError):
                 # The broker or the index is failing: nobody waits for the retries.
                 self.failing = True
@@ -218,21 +223,17 @@ class OutboxRelay:
             *(self._publisher.publish(record) for record in records),
             return_exceptions=True,
         )
-        done = [
-            record.id for record, result in zip(records, results, strict=True) if result is True
-        ]
-        await self._state.mark_published(done)
-        # Published, or expired before it could be: nothing more is owed for them.
-        self._owed.difference_update(
-            record.id
-            for record, result in zip(records, results, strict=True)
-            if not isinstance(result, BaseException)
+        outcomes = list(zip(records, results, strict=True))
+        await self._state.mark_published(
+            [record.id for record, result in outcomes if result is True]
         )
-        refused = [
-            (record, result)
-            for record, result in zip(records, results, strict=True)
-            if isinstance(result, CommandRejected | QueueMismatch)
-        ]
+        # Published, or expired before it could be: nothing more is owed for them.
+        self._owed -= {r.id for r, result in outcomes if not isinstance(result, BaseException)}
+        foreign = [(r, result) for r, result in outcomes if isinstance(result, QueueMismatch)]
+        if foreign:
+            self._owed -= self._foreign.met(foreign)
+            self._leave_lease = True
+        refused = [(r, result) for r, result in outcomes if isinstance(result, CommandRejected)]
         if refused:
             # Refused for good: ended, so they neither block the outbox nor come back.
             for record, refusal in refused:
@@ -240,11 +241,9 @@ class OutboxRelay:
                 self._observer.rejected(record)
             await self._state.reject([record.id for record, _ in refused])
             self._owed.difference_update(record.id for record, _ in refused)
+        ended = CommandRejected | QueueMismatch
         failures = [
-            result
-            for result in results
-            if isinstance(result, BaseException)
-            and not isinstance(result, CommandRejected | QueueMismatch)
+            r for _, r in outcomes if isinstance(r, BaseException) and not isinstance(r, ended)
         ]
         if failures:
             # A relay that cannot publish must not keep the sweep from the others.
@@ -252,7 +251,7 @@ class OutboxRelay:
             raise BrokerError(
                 f"outbox: {len(failures)} of {len(records)} publishes failed"
             ) from failures[0]
-        return len(done)
+        return sum(result is True for _, result in outcomes)
 
     async def _due(self) -> list[CommandRecord]:
         """The unpublished commands this pass publishes, in ready order: at most
@@ -300,6 +299,11 @@ class OutboxRelay:
         of them while it holds the relay lease, so several relays on one index publish each
         orphan once; otherwise only those of devices it owes a command to, which must go
         out ahead of it (a copy the holder publishes too is dropped at delivery)."""
+        # Those whose queues refused this store's settings: the lease goes after this pass.
+        orphans, left = self._foreign.skip(orphans)
+        self._leave_lease = self._leave_lease or left
+        if not orphans:
+            return
         self._sweeping = await self._state.hold_relay(self._holder, self._sweep_lease)
         if self._sweeping:
             due.update((record.id, record) for record in orphans)
@@ -364,10 +368,9 @@ class OutboxRelay:
         return interval
 
     async def _run(self) -> None:
-        """Passes until closed. A pass failing for a reason other than the broker or the
-        index (a bug) is logged and counted, and the relay goes on after a pause: a relay
-        that ended silently would leave ``pending`` set, and every later command waiting
-        for a pass that never comes."""
+        """Passes until closed. A pass failing for another reason than the broker or the
+        index (a bug) is logged and counted, and the relay goes on after a pause: ended
+        silently, it would leave ``pending`` set and later commands waiting for ever."""
         while True:
             try:
                 await self._pass()

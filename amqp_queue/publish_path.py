@@ -166,7 +166,13 @@ class PublishPath:
         except asyncio.CancelledError:
             publishing.add_done_callback(functools.partial(self._published, record))
             raise
-        except (CommandRejected, QueueMismatch) as exc:
+        except QueueMismatch as exc:
+            # This store's configuration, not the command: a process configured as the
+            # device queue is publishes it (its relay, past ``relay_lease``).
+            self.in_flight.discard(record.id)
+            logger.error("command %s left unpublished: %s", record.id, exc)
+            return
+        except CommandRejected as exc:
             # Refused for good: no retry makes the broker take it.
             self.in_flight.discard(record.id)
             logger.error("command %s rejected: %s", record.id, exc)

@@ -78,7 +78,8 @@ class Publisher:
             settled = True
             return published
         except (CommandRejected, QueueMismatch):
-            # Never published, and never will be: nothing to wait for behind it.
+            # Not published by this process: nothing to wait for behind it (a queue of other
+            # settings refuses the commands behind it too).
             settled = True
             raise
         finally:

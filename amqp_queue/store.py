@@ -276,7 +276,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         confirmed it (False when it needed no confirmation, was confirmed already or was
         delivered: harmless, and nothing changed)."""
         if not self.broker_pending:
-            await self._ready()
+            await self._declare_first((await self.state.get_command(command_id)).device_id)
         # A confirmation the index committed makes the command ready: a cancelled caller
         # must not leave it to wait out the relay's lease behind newer ones. Failed, it may
         # have landed, its answer lost: a retry would find it confirmed and, not having
@@ -371,16 +371,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             if record.is_ready:
                 self._path.owe(record.id)
             return record.id
-        topology = await self._ready()
-        reachable = True
-        try:
-            # Declared before the write (once per device: cached after), so a queue the
-            # broker holds with other settings is a clear error with nothing written. When
-            # the broker is down the command is still accepted, for the relay to publish.
-            await topology.ensure_queue(record.device_id)
-        except BrokerError as exc:
-            logger.warning("queue of %s not declared: %s", record.device_id, exc)
-            reachable = False
+        reachable = await self._declare_first(record.device_id)
         await self._path.write(record)
         if record.is_ready:
             if reachable:
@@ -388,6 +379,18 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             else:
                 self._path.owe(record.id)
         return record.id
+
+    async def _declare_first(self, device_id: str) -> bool:
+        """Declares the device's queue before a write (once per device: cached after), so a
+        queue the broker holds with other settings is a clear error with nothing written.
+        False when the broker is down: the command is still accepted, for the relay."""
+        topology = await self._ready()
+        try:
+            await topology.ensure_queue(device_id)
+        except BrokerError as exc:
+            logger.warning("queue of %s not declared: %s", device_id, exc)
+            return False
+        return True
 
     async def _flush_outbox(self) -> None:
         assert self._relay is not None

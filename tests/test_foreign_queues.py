@@ -1,0 +1,40 @@
+"""A store whose ``queue_type`` is not the device queues' (a misconfigured process on a shared
+index) leaves the commands it cannot publish to a process that can: never rejected, and its
+relay does not keep the lease over them. Round 12 (tests/test_adversarial_twelfth.py) found
+such a store ending other stores' commands ``REJECTED``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from amqp_queue import CommandStatus, QueueType
+from tests.test_adversarial_ninth import LONG, space_on, take
+from tests.test_adversarial_seams import BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_mismatched_relay_leaves_a_dead_writers_command_to_a_matching_one(
+    backend: str, tmp_path: Path
+) -> None:
+    """A writer (classic queues) died between its write and its publish. A misconfigured
+    store (quorum) starts first, takes the relay lease and meets the queue's refusal; a
+    store configured as the queue is, started after it, must get the lease and publish the
+    command, the device receiving it once."""
+    async with space_on(backend, tmp_path) as space:
+        device = space.device()
+        writer = await space.open()
+        await writer.ensure_queue(device)
+        # Written and never published: what a writer killed after its commit leaves.
+        orphan = writer.build(device, None, b"orphan", LONG)
+        await writer.state.write([orphan], ())
+        await writer.close()
+        mismatched = await space.open(relay_after=0.3, queue_type=QueueType.QUORUM)
+        await asyncio.sleep(1.5)  # its relay's passes: the sweep and the refusal
+        assert await mismatched.get_status(orphan.id) is CommandStatus.PENDING
+        matching = await space.open(relay_after=0.3)
+        got = await take(matching, device, {b"orphan"}, 15)
+        assert [(command_id, payload) for command_id, payload in got] == [(orphan.id, b"orphan")]
+        assert await matching.get_status(orphan.id) is CommandStatus.DELIVERED
