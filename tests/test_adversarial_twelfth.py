@@ -6,8 +6,8 @@ index, over the real broker; tests/ helpers set up and tear down. Each scenario 
 documented promise: an accepted command is never lost, never handed out twice (beyond
 ``consume``'s at-least-once), in ready order per device, never stale, statuses true; a
 misconfigured store (its ``queue_type`` not the queues') fails with ``QueueMismatch`` and
-costs nobody else a command. Found: it does not (section 1, failing on every index): a
-mismatched store's confirm (``confirm_rollout`` too) and relay end other stores' commands
+costs nobody else a command. Found (section 1, failing on every index before fc8dd12): a
+mismatched store's confirm (``confirm_rollout`` too) and relay ended other stores' commands
 REJECTED. Everything else held.
 """
 
@@ -34,9 +34,9 @@ pytestmark = [
 
 
 # -- 1. a store whose queue_type is not the queues' on the same index ----------------------
-# FINDING (round 12, both tests fail on every index, every run): QueueMismatch is a fault of
-# the *store's* configuration, yet publish_path.publish and OutboxRelay._publish treat it as
-# the broker refusing the *command* for good and end it REJECTED, for every process.
+# Found by round 12 (both tests failed on every index, every run): QueueMismatch is a fault of
+# the *store's* configuration, yet publish_path.publish and OutboxRelay._publish treated it as
+# the broker refusing the *command* for good and ended it REJECTED, for every process.
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
