@@ -27,6 +27,9 @@ from amqp_queue.errors import BrokerError, broker_errors
 
 logger = logging.getLogger("amqp_queue.channel_pool")
 
+OPENS_IN_FLIGHT = 64
+"""Channel opens a store has before the broker at once; more wait their turn."""
+
 
 class ChannelPool:
     """Opens delivery channels on the store's connection, then on more of its own.
@@ -60,6 +63,11 @@ class ChannelPool:
         self._open: dict[AbstractRobustConnection, set[object]] = {primary: set()}
         self._owned: list[AbstractRobustConnection] = []
         self._adding = asyncio.Lock()
+        # Opens in flight at once: 2,000 streams starting together (a fleet reconnecting)
+        # put 2,000 opens before the broker and the event loop, and the last answers came
+        # past the timeout under load; in turns, the timeout bounds the broker's answer only.
+        self._turns = asyncio.Semaphore(OPENS_IN_FLIGHT)
+        self._opens_timed_out = 0
 
     @property
     def limit(self) -> int:
@@ -94,16 +102,7 @@ class ChannelPool:
                 try:
                     async with asyncio.timeout(self._timeout):
                         await connection.ready()
-                    opening = asyncio.ensure_future(_open(connection, robust=robust))
-                    try:
-                        async with asyncio.timeout(self._timeout):
-                            channel = await asyncio.shield(opening)
-                    except BaseException:
-                        # An open cut off half way leaves client and broker disagreeing about
-                        # the channel, and the broker closes the whole connection on the next
-                        # frame for it: the open finishes by itself and is closed again.
-                        opening.add_done_callback(functools.partial(_close_unwanted, self._timeout))
-                        raise
+                    channel = await self._open_in_turn(connection, doing, robust=robust)
                 except RuntimeError as exc:
                     # aio-pika says "connection closed" with a bare RuntimeError.
                     raise BrokerError(f"{doing} failed: {exc}") from exc
@@ -112,6 +111,28 @@ class ChannelPool:
         self._open[connection].add(channel)
         channel.close_callbacks.add(lambda *_: self._released(connection, channel))
         return channel
+
+    async def _open_in_turn(
+        self, connection: AbstractRobustConnection, doing: str, *, robust: bool
+    ) -> AbstractChannel:
+        timeouts = self._opens_timed_out
+        async with self._turns:
+            if self._opens_timed_out != timeouts:
+                # The broker left an open unanswered while this one waited: the opens in
+                # line fail together rather than one timeout after another.
+                raise BrokerError(f"{doing} failed: the broker did not answer a channel open")
+            opening = asyncio.ensure_future(_open(connection, robust=robust))
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await asyncio.shield(opening)
+            except BaseException as exc:
+                if isinstance(exc, TimeoutError):
+                    self._opens_timed_out += 1
+                # An open cut off half way leaves client and broker disagreeing about the
+                # channel, and the broker closes the whole connection on the next frame for
+                # it: the open finishes by itself and is closed again.
+                opening.add_done_callback(functools.partial(_close_unwanted, self._timeout))
+                raise
 
     async def close(self) -> None:
         """Closes the connections the pool opened (not the primary one)."""

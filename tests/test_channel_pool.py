@@ -113,3 +113,27 @@ async def test_a_channel_open_that_times_out_leaves_the_connection_working() -> 
         await channel.close()
     finally:
         await connection.close()
+
+
+async def test_opens_at_once_beyond_what_the_broker_answers_in_time_wait_their_turn() -> None:
+    """1,500 streams starting together (a fleet reconnecting through one gateway process)
+    put 1,500 channel opens before the broker at once; the last answers came after the
+    timeout, which failed nearly every call (1,500 of 1,500 here with a 0.3 s timeout).
+    Opens go in turns now and the timeout bounds the broker's answer to each."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        pool = ChannelPool(
+            connection, channels_per_connection=2_000, max_connections=1, reserved=6, timeout=0.3
+        )
+        opened = await asyncio.gather(
+            *(pool.channel("opening a test channel") for _ in range(1_500)),
+            return_exceptions=True,
+        )
+        failed = [result for result in opened if isinstance(result, BaseException)]
+        assert not failed, f"{len(failed)} of 1,500 opens failed, first: {failed[0]!r}"
+        await asyncio.gather(
+            *(channel.close() for channel in opened if not isinstance(channel, BaseException))
+        )
+        assert not connection.is_closed
+    finally:
+        await connection.close()
