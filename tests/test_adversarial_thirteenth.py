@@ -1,13 +1,9 @@
-"""Thirteenth adversarial round: the operator HTTP API beside library stores, and latest-wins
-fan-outs racing cancels, retirement and cleanup.
-
-Public API only: the sidecar over HTTP (``amqp-queue serve`` as a process, SIGKILLed and
-started again, or the same API in this process), ``amqp_queue``'s names and RabbitMQStore's
-methods; tests/ helpers set up and tear down. Every state index. Judged per the contract: a
-2xx answer's command is handed out (unless it was cancelled, replaced or expired, as the
-answers said), never stale, never twice in one reader, and a call that returned before
-another began is handed out first; statuses agree with what readers got.
-"""
+"""Thirteenth adversarial round: the operator HTTP API (``amqp-queue serve`` SIGKILLed and
+started again, or in this process) beside library stores, and latest-wins fan-outs racing
+cancels, retirement and cleanup. Public API only, every index. Judged: a 2xx answer's command
+is handed out (unless a 2xx said cancelled or replaced, or it expired), never stale, never twice
+in a reader, a call that returned before another began first; statuses true. Found: a confirm
+answered 200 pending is overtaken by a later enqueue (the first test)."""
 
 from __future__ import annotations
 
@@ -15,23 +11,26 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from collections.abc import Awaitable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
 
-from amqp_queue import QueueError, RabbitMQConfig, RabbitMQStore
+from amqp_queue import CommandStatus, QueueError, RabbitMQConfig, RabbitMQStore
 from amqp_queue.service import Backends, running_api
 from tests.api_support import TOKEN, settings_for
 from tests.support import matrix, seeded
 from tests.tcp_proxy import StallProxy
-from tests.test_adversarial_ninth import Space, space_on
+from tests.test_adversarial_ninth import space_on
 from tests.test_adversarial_restarts_seventh import Sidecar
 
 ALL = ["sqlite", "postgres", "redis"]
 LONG = 600.0
+DELIVERED = CommandStatus.DELIVERED
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
@@ -39,9 +38,7 @@ pytestmark = [
 
 
 @dataclass
-class Op:
-    """One command as its callers saw it (monotonic times)."""
-
+class Op:  # one command as its callers saw it (monotonic times)
     payload: bytes
     device: str
     slot: str | None = None  # the command type of a latest-wins or confirmation command
@@ -55,8 +52,7 @@ class Op:
     expires: float | None = None
 
 
-@dataclass
-class Hand:
+class Hand(NamedTuple):
     reader: str
     id: str
     payload: bytes
@@ -69,13 +65,12 @@ class Book:
     hands: list[Hand] = field(default_factory=list)
     n: itertools.count[int] = field(default_factory=itertools.count)
 
-    def new(self, device: str, tag: str, **kw: Any) -> Op:
-        op = Op(f"{tag}{next(self.n):05d}".encode(), device, start=time.monotonic(), **kw)
-        self.ops[op.payload] = op
+    def new(self, device: str, tag: str, at: bytes = b"", **kw: Any) -> Op:
+        payload = at or f"{tag}{next(self.n):05d}".encode()
+        op = self.ops[payload] = Op(payload, device, start=time.monotonic(), **kw)
         return op
 
     def written(self, op: Op, command_id: str | None, *, ready: bool = True) -> None:
-        """``op``'s write answered (``command_id``) or its answer was lost (None)."""
         now = time.monotonic()
         op.id = command_id
         if command_id is not None and ready:
@@ -89,12 +84,30 @@ class Book:
                 elif old.gone_at is None:
                     old.gone_at = now
 
+    def key(self, payload: bytes, device: str) -> bytes:
+        return payload if payload in self.ops else payload + b"@" + device.encode()
+
+    async def final(self, store: RabbitMQStore, devices: list[str], seconds: float) -> list[str]:
+        """Drains what is left; then each status must agree with who got the command."""
+        deadline, wrong = time.monotonic() + seconds, ["?"]
+        while wrong and time.monotonic() < deadline:
+            for d in devices:
+                for r in await store.drain_commands(d):
+                    key, now = self.key(r.payload, d), time.monotonic()
+                    self.hands.append(Hand(f"final:{d}:{deadline - now:.1f}", r.id, key, now))
+            got, wrong = {h.id for h in self.hands}, []
+            for o in self.ops.values():
+                if o.id is None:
+                    continue
+                st, took = await store.get_status(o.id), o.id in got
+                if st is not DELIVERED if took else st in (DELIVERED, CommandStatus.PENDING):
+                    wrong.append(f"{o.payload!r} {'got' if took else 'not got'} reads {st}")
+            await asyncio.sleep(0.5 if wrong else 0)
+        return wrong
+
     def owed(self) -> set[bytes]:
-        return {
-            p
-            for p, o in self.ops.items()
-            if o.ready and o.gone_at is None and not o.maybe_gone and o.expires is None
-        }
+        ok = [p for p, o in self.ops.items() if o.ready and o.gone_at is None and not o.maybe_gone]
+        return {p for p in ok if self.ops[p].expires is None}
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -108,9 +121,8 @@ class Book:
                 out.append(f"expired: {h.reader} got {h.payload!r}")
         for reader in sorted({h.reader for h in self.hands}):
             mine = [h for h in self.hands if h.reader == reader]
-            out += [
-                f"twice in {reader}: {i}" for i, k in Counter(h.id for h in mine).items() if k > 1
-            ]
+            twice = Counter(h.id for h in mine)
+            out += [f"twice in {reader}: {i}" for i, k in twice.items() if k > 1]
             seq = [self.ops[h.payload] for h in mine if self.ops[h.payload].ready]
             for i, a in enumerate(seq):
                 out += [
@@ -133,7 +145,7 @@ async def read(
                 asked = time.monotonic()
                 name = f"drain:{device}:{next(calls)}"
                 for r in await store.drain_commands(device):
-                    book.hands.append(Hand(name, r.id, r.payload, asked))
+                    book.hands.append(Hand(name, r.id, book.key(r.payload, device), asked))
                 await asyncio.sleep(0.02)
                 continue
             name = f"stream:{device}:{next(calls)}"
@@ -145,115 +157,57 @@ async def read(
                             c = await anext(commands)
                     except TimeoutError:
                         continue
-                    book.hands.append(Hand(name, c.id, c.payload, asked))
+                    book.hands.append(Hand(name, c.id, book.key(c.payload, device), asked))
         except (QueueError, StopAsyncIteration):
             await asyncio.sleep(0.05)
 
 
-async def settle(book: Book, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not book.owed() <= {h.payload for h in book.hands}:  # noqa: ASYNC110
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)
-
-
-# -- 1. a confirm that changed nothing answers before the confirm that did has published -----
-# FINDING (fails on every index): the confirm that changes nothing returns at once
-# (amqp_queue/store.py:298-301) while the command's publish by the confirm that made it
-# ready, in another process, is still on its way; a command enqueued after that 200 is
-# published directly and reaches a classic queue first.
-
-
-async def _approve_twice_then_enqueue(
-    space: Space,
-    tmp_path: Path,
-    a_http: httpx.AsyncClient | None,
-    a_store: RabbitMQStore | None,
-    trials: int,
-    stall: StallProxy | None = None,
-) -> list[list[bytes]]:
-    """A confirms (over HTTP or as a library store); once the index says confirmed, B's
-    ``POST .../confirm`` (answered 200 pending) and then B's POST of a plain command; a
-    stream on a library store reads both. Returns what the stream got, per trial."""
-    device = space.device()
-    reader = await space.open()
-    await reader.ensure_queue(device)
-    if a_store is not None:
-        await a_store.ensure_queue(device)
-    cfg = RabbitMQConfig(exchange=space.exchange)
-    settings = settings_for(tmp_path, state_url=space.url, rabbitmq=cfg)
-    orders: list[list[bytes]] = []
-    head = {"Authorization": f"Bearer {TOKEN}"}
-    async with (
-        await Backends.open(settings) as backends,
-        running_api(backends) as url,
-        httpx.AsyncClient(base_url=url, headers=head, timeout=20) as b,
-    ):
-        for t in range(trials):
-            body = {"payload": f"C{t}", "ttl": LONG, "mode": "confirm", "command_type": "u"}
-            cid = (await b.post(f"/devices/{device}/commands", json=body)).json()["id"]
-            if stall is not None:
-                stall.stall()
-            first = asyncio.create_task(
-                a_http.post(f"/commands/{cid}/confirm") if a_http else a_store.confirm_command(cid)  # type: ignore[union-attr]
-            )
-            async with asyncio.timeout(10):
-                while (await b.get(f"/commands/{cid}")).json()["confirmed"] is not True:  # noqa: ASYNC110
-                    await asyncio.sleep(0)
-            second = await b.post(f"/commands/{cid}/confirm")
-            assert (second.status_code, second.json()["status"]) == (200, "pending"), second.text
-            later = await b.post(
-                f"/devices/{device}/commands", json={"payload": f"X{t}", "ttl": LONG}
-            )
-            assert later.status_code == 201, later.text
-            if stall is not None:
-                await asyncio.sleep(0.3)
-                stall.resume()
-            await asyncio.wait_for(first, 15)
-            got: list[bytes] = []
-            async with reader.consume(device) as commands, asyncio.timeout(5):
-                async for c in commands:
-                    got.append(c.payload)
-                    if len(got) == 2:
-                        break
-            orders.append(got)
-    return orders
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", matrix(ALL, ["sqlite"]))
-async def test_a_confirm_answered_pending_is_not_overtaken_by_a_later_enqueue(
-    backend: str, tmp_path: Path
+async def reading(
+    book: Book, s: RabbitMQStore, d: RabbitMQStore, devices: list[str], work: Awaitable[object]
 ) -> None:
-    """FINDING. Two operators approve one command: A's confirm (a library store whose
-    broker link is slow: held 0.3 s) commits first; B's ``POST /commands/{id}/confirm`` then
-    answers ``200 pending`` (nothing changed: "confirming twice is harmless"), and B's
-    operator POSTs a plain command to the device. Rule 2 (ready order: a confirmed command
-    by its confirmation time) and "a call that returned before another began is handed out
-    first": the approved command must reach the device's stream first."""
-    async with StallProxy(5672, max_connections=8) as link, space_on(backend, tmp_path) as space:
-        a = await space.open(link.amqp_url)
-        orders = await _approve_twice_then_enqueue(space, tmp_path, None, a, 3, stall=link)
-    want = [[f"C{t}".encode(), f"X{t}".encode()] for t in range(3)]
-    assert orders == want, f"streamed {orders}: the approved command came after a later one"
+    """A stream on ``s``, drains on ``d``, per device: during ``work``, then until all came."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(read(book, st, v, stop, drain=st is d))
+        for st in (s, d)
+        for v in devices
+    ]
+    try:
+        await work
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not book.owed() <= {h.payload for h in book.hands}:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("backend", matrix(ALL, []))
-async def test_a_confirm_answered_pending_beside_a_busy_sidecar(
-    backend: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("backend", "how"),
+    matrix([(b, h) for b in ALL for h in ("stalled", "busy")], [("sqlite", "stalled")]),
+)
+async def test_a_confirm_answered_pending_is_not_overtaken_by_a_later_enqueue(
+    backend: str, how: str, tmp_path: Path
 ) -> None:
-    """FINDING, with no fault at all (full matrix only: 1-4 trials in 40 fail): A is
-    ``amqp-queue serve`` answering 24 clients that enqueue to other devices; its confirm
-    commits, B's confirm of the same command answers 200 pending, B's later enqueue reaches
-    the stream first."""
-    rng = seeded()
-    async with space_on(backend, tmp_path) as space:
-        others = [space.device() for _ in range(4)]
-        sidecar = Sidecar(space.url, space.exchange)
-        await sidecar.start()
-        stop = asyncio.Event()
+    """FINDING. Two operators approve one command. A's confirm commits first: A is a library
+    store whose broker link is held 0.3 s ("stalled": 3 of 3 trials fail), or ``amqp-queue
+    serve`` answering 24 clients that enqueue to other devices ("busy", no fault: 1-4 of 40
+    fail). B's ``POST /commands/{id}/confirm`` answers ``200 pending`` (nothing changed) and
+    B's operator POSTs a plain command, which a classic queue's stream gets first: B's
+    confirm returns at once (amqp_queue/store.py:298-301) while A's publish is on its way.
+    Rule 2 (ready at its confirmation): the approved command must come first."""
+    rng, trials, orders = seeded(), 3 if how == "stalled" else 40, []
+    async with StallProxy(5672, max_connections=8) as link, space_on(backend, tmp_path) as space:
+        device, others = space.device(), [space.device() for _ in range(4)]
+        path = f"/devices/{device}/commands"
+        reader, a = await space.open(), await space.open(link.amqp_url)
+        await asyncio.gather(reader.ensure_queue(device), a.ensure_queue(device))
+        sidecar, stop = Sidecar(space.url, space.exchange), asyncio.Event()
         head = {"Authorization": f"Bearer {Sidecar.TOKEN}"}
+        if how == "busy":
+            await sidecar.start()
 
         async def load() -> None:
             async with httpx.AsyncClient(base_url=sidecar.url, headers=head, timeout=20) as c:
@@ -261,13 +215,185 @@ async def test_a_confirm_answered_pending_beside_a_busy_sidecar(
                     body = {"payload": "l", "ttl": 30}
                     await c.post(f"/devices/{rng.choice(others)}/commands", json=body)
 
-        loads = [asyncio.create_task(load()) for _ in range(24)]
+        loads = [asyncio.create_task(load()) for _ in range(24 if how == "busy" else 0)]
+        cfg = RabbitMQConfig(exchange=space.exchange)
+        settings = settings_for(tmp_path, state_url=space.url, rabbitmq=cfg)
         try:
-            async with httpx.AsyncClient(base_url=sidecar.url, headers=head, timeout=20) as a:
-                orders = await _approve_twice_then_enqueue(space, tmp_path, a, None, 40)
+            async with (
+                await Backends.open(settings) as backends,
+                running_api(backends) as url,
+                httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as b,
+                httpx.AsyncClient(base_url=sidecar.url or url, headers=head, timeout=20) as ha,
+            ):
+                for t in range(trials):
+                    body = {"payload": f"C{t}", "ttl": LONG, "mode": "confirm", "command_type": "u"}
+                    cid = (await b.post(path, json=body)).json()["id"]
+                    if how == "stalled":
+                        link.stall()
+                    first = asyncio.create_task(
+                        a.confirm_command(cid)
+                        if how == "stalled"
+                        else ha.post(f"/commands/{cid}/confirm")
+                    )
+                    async with asyncio.timeout(10):
+                        while (await b.get(f"/commands/{cid}")).json()["confirmed"] is not True:  # noqa: ASYNC110
+                            await asyncio.sleep(0)
+                    second = await b.post(f"/commands/{cid}/confirm")
+                    assert second.json()["status"] == "pending", second.text
+                    body = {"payload": f"X{t}", "ttl": LONG}
+                    assert (await b.post(path, json=body)).status_code == 201
+                    await asyncio.sleep(0.3 if how == "stalled" else 0)
+                    link.resume()
+                    await asyncio.wait_for(first, 15)
+                    got: list[bytes] = []
+                    async with reader.consume(device) as commands, asyncio.timeout(5):
+                        async for c in commands:
+                            got.append(c.payload)
+                            if len(got) == 2:
+                                break
+                    orders.append(got)
         finally:
             stop.set()
             await asyncio.gather(*loads, return_exceptions=True)
-            await sidecar.kill()
+            if how == "busy":
+                await sidecar.kill()
     bad = [o for t, o in enumerate(orders) if o != [f"C{t}".encode(), f"X{t}".encode()]]
-    assert not bad, f"{len(bad)} of 40 trials: the approved command after a later one: {bad}"
+    assert not bad, f"{len(bad)} of {trials}: the approved command after a later one: {bad}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", matrix(ALL, ["postgres"]))
+async def test_http_modes_confirms_and_cancels_through_a_sidecar_kill(
+    backend: str, tmp_path: Path
+) -> None:
+    """Per device a lane POSTs plain, latest-wins and confirm-mode commands through sidecar A
+    or B (two ``amqp-queue serve`` on one index), confirms them (at times on both at once) or
+    cancels them over HTTP; A is SIGKILLed and started again mid-run; a stream and drain
+    loops on two library stores read."""
+    rng, book = seeded(), Book()
+    head = {"Authorization": f"Bearer {Sidecar.TOKEN}"}
+    async with space_on(backend, tmp_path) as space:
+        devices = [space.device() for _ in range(2)]
+        streams, drains = await space.open(relay_after=5.0), await space.open(relay_after=5.0)
+        cur = [Sidecar(space.url, space.exchange) for _ in range(2)]
+        await asyncio.gather(*(s.start() for s in cur), *(streams.ensure_queue(d) for d in devices))
+        slots = itertools.count()
+
+        async def post(side: int, path: str, body: Any = None) -> httpx.Response | None:
+            """The answer; None when it was lost; raises ConnectError when never sent."""
+            async with httpx.AsyncClient(base_url=cur[side].url, headers=head, timeout=20) as c:
+                try:
+                    return await c.post(path, json=body or {})
+                except httpx.HTTPError as exc:
+                    if isinstance(exc, httpx.ConnectError):
+                        raise
+                    return None
+
+        async def lane(device: str) -> None:
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                kind, side = rng.choices("PLC", [45, 20, 35])[0], rng.randrange(2)
+                slot = {"P": None, "L": "sp", "C": rng.choice(["door", f"c{next(slots)}"])}[kind]
+                op = book.new(device, kind, slot=slot, needs_confirm=kind == "C")
+                mode = {"P": "plain", "L": "latest", "C": "confirm"}[kind]
+                body = {"payload": op.payload.decode(), "ttl": LONG, "mode": mode}
+                body |= {"command_type": slot} if slot else {}
+                try:
+                    res = await post(side, f"/devices/{device}/commands", body)
+                except httpx.ConnectError:
+                    res = httpx.Response(599)
+                if res is not None and res.status_code != 201:
+                    del book.ops[op.payload]
+                    continue
+                book.written(op, res.json()["id"] if res else None, ready=not op.needs_confirm)
+                if op.id is None or rng.random() < 0.3:
+                    continue
+                t0, action = time.monotonic(), "cancel"
+                if op.needs_confirm and rng.random() < 0.75:
+                    action, op.confirm_began = "confirm", t0
+                sides = [0, 1] if action == "confirm" and rng.random() < 0.25 else [side]
+                with suppress(httpx.ConnectError):
+                    answers = await asyncio.gather(
+                        *(post(s, f"/commands/{op.id}/{action}") for s in sides)
+                    )
+                    ok = [a for a in answers if a is not None and a.status_code == 200]
+                    if len(ok) < len(answers) and None in answers:
+                        op.maybe_gone = op.maybe_gone or action == "cancel"
+                    elif len(ok) == len(answers):
+                        if action == "cancel":
+                            op.gone_at = time.monotonic()
+                        elif ok[0].json()["status"] == "pending":
+                            op.ready = (t0, time.monotonic())
+
+        async def killer() -> None:
+            await asyncio.sleep(rng.uniform(1.5, 3.0))
+            await cur[0].kill()
+            await (fresh := Sidecar(space.url, space.exchange)).start()
+            cur[0] = fresh
+
+        try:
+            work = asyncio.gather(killer(), *(lane(d) for d in devices))
+            await reading(book, streams, drains, devices, work)
+        finally:
+            await asyncio.gather(*(s.kill() for s in cur))
+        wrong = await book.final(drains, devices, 10)
+    assert not book.problems(), book.problems()
+    assert not wrong, f"statuses: {wrong}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", matrix(ALL, ["redis"]))
+async def test_latest_wins_fan_outs_racing_cancels_retires_and_cleanups(
+    backend: str, tmp_path: Path
+) -> None:
+    """Store P sends typed ``enqueue_many`` fan-outs (some living under a second) to subsets
+    of four devices, plain commands between; store O cancels members and at times retires a
+    device; store C runs ``cleanup()`` in a loop; a stream and drain loops read."""
+    rng, book = seeded(), Book()
+    async with space_on(backend, tmp_path) as space:
+        devices = [space.device() for _ in range(4)]
+        p, o, c, s, d = [await space.open() for _ in range(5)]
+        end = time.monotonic() + 5
+
+        async def produce() -> None:
+            while time.monotonic() < end:
+                targets = rng.sample(devices, rng.randint(2, 4))
+                ttl = rng.uniform(0.3, 0.9) if rng.random() < 0.25 else LONG
+                payload = f"F{next(book.n):05d}".encode()  # one per rollout: keyed payload@device
+                members = [book.new(t, "", payload + b"@" + t.encode(), slot="fw") for t in targets]
+                rollout = await p.enqueue_many(targets, payload, ttl, command_type="fw")
+                for m, cid in zip(members, rollout.command_ids, strict=True):
+                    book.written(m, cid)
+                    m.expires = time.monotonic() + ttl if ttl < LONG else None
+                for t in rng.sample(devices, 2):
+                    plain = book.new(t, "P")
+                    book.written(plain, await p.enqueue(t, plain.payload, LONG))
+
+        async def operate() -> None:
+            while time.monotonic() < end:
+                await asyncio.sleep(rng.uniform(0.02, 0.1))
+                if rng.random() < 0.12:
+                    device, began = rng.choice(devices), time.monotonic()
+                    await o.retire_device(device)
+                    for op in book.ops.values():  # begun before it returned
+                        if op.device == device and op.start < time.monotonic():
+                            if op.ready and op.ready[1] < began:
+                                op.gone_at = op.gone_at or time.monotonic()
+                            else:
+                                op.maybe_gone = True
+                    continue
+                live = [m for m in book.ops.values() if m.slot and m.id and m.gone_at is None]
+                if live:
+                    victim = rng.choice(live[-8:])
+                    with suppress(QueueError):  # not found: delivered, replaced, expired
+                        await o.cancel_command(victim.id or "")
+                        victim.gone_at = time.monotonic()
+
+        async def sweep() -> None:
+            while time.monotonic() < end:
+                await asyncio.gather(c.cleanup(), asyncio.sleep(0.05))
+
+        await reading(book, s, d, devices, asyncio.gather(produce(), operate(), sweep()))
+        wrong = await book.final(d, devices, 5)
+    assert not book.problems(), book.problems()
+    assert not wrong, f"statuses: {wrong}"
