@@ -190,6 +190,22 @@ class PublishPath:
             pass
         self._published(record, publishing)
 
+    async def published_elsewhere(self, record: CommandRecord, within: float) -> bool:
+        """Waits, for ``within`` seconds at most, until a ready command another call made
+        ready (perhaps in another process) is marked published or is no longer deliverable;
+        whether it was. A call that returns once such a command is ready must not let a
+        later one overtake it while its publish is still on its way."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + within, 0.005
+        while True:
+            live = (await self._state.deliverable([record.id])).get(record.id)
+            if live is None or live.published_at is not None:
+                return True
+            if loop.time() + pause > deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
     def owe(self, command_id: str) -> None:
         """Leaves a command to the relay: the attached one, or the one attached later."""
         if self._relay is not None:

@@ -31,6 +31,7 @@ from amqp_queue.outbox import OutboxRelay
 from amqp_queue.owed_at_close import publish_owed
 from amqp_queue.publish_path import PublishPath
 from amqp_queue.publisher import Publisher
+from amqp_queue.relay_holds import WRITER_GRACE
 from amqp_queue.running_deliveries import CLOSE_GRACE, RunningDeliveries
 from amqp_queue.state import rules
 from amqp_queue.state.clock import Clock, utc_now
@@ -127,9 +128,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         :func:`amqp_queue.state.open_state`.
 
         Raises:
-            ValueError: ``amqp_url`` holds no URL or one that is not ``amqp(s)://host``;
-                ``state_url`` names no known backend or a schema that is not a plain
-                identifier.
+            ValueError: ``amqp_url`` holds no URL or one not ``amqp(s)://host``; ``state_url``
+                names no known backend or a schema that is not a plain identifier.
             BrokerError: the broker could not be reached within ``connect_timeout`` seconds.
             StateError: the state index could not be opened.
         """
@@ -277,11 +277,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         delivered: harmless, and nothing changed)."""
         if not self.broker_pending:
             await self._declare_first((await self.state.get_command(command_id)).device_id)
-        # A confirmation the index committed makes the command ready: a cancelled caller
-        # must not leave it to wait out the relay's lease behind newer ones. Failed, it may
-        # have landed, its answer lost: a retry would find it confirmed and, not having
-        # changed it, not publish it; owed (before the next write's turn), the relay
-        # forgets it if not ready.
+        # Committed, the confirmation makes the command ready: a cancelled caller must not
+        # leave it to wait out the relay's lease behind newer ones. Failed, it may have
+        # landed, its answer lost: owed (before the next write's turn), the relay forgets
+        # it if not ready.
         record, changed = await self._path.write_outside(
             self.state.confirm_changed(command_id, by=by),
             self._ready_unpublished,
@@ -291,13 +290,15 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             # A confirm that changed nothing (twice, a plain or a delivered command) is
             # harmless and is not an operator's approval: it is not counted.
             self.observer.confirmed(record)
-        # Only the call that made it ready publishes it. Confirming again is harmless (rule
-        # 4): another confirm (here, or in another process on the same index) publishes it,
-        # and its publish mark may not have landed yet; what it fails to publish its relay
-        # owes, or any relay publishes once the lease runs out.
-        if not changed or not rules.is_deliverable(record, self.state.clock()):
+        # The call that made it ready publishes it. Confirming again (rule 4: harmless, here
+        # or in another process) waits for that publish: it returns only once the command is
+        # in its queue, or an enqueue begun after it would overtake it; past the writer's
+        # grace (that call stuck) it publishes it too, a copy dropped at delivery.
+        if not rules.is_deliverable(record, self.state.clock()) or record.published_at:
             return changed
-        if record.published_at is not None or record.id in self._path.in_flight:
+        if record.id in self._path.in_flight or (
+            not changed and await self._path.published_elsewhere(record, WRITER_GRACE)
+        ):
             return changed
         if self.broker_pending:
             self._path.owe(record.id)
@@ -381,9 +382,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         return record.id
 
     async def _declare_first(self, device_id: str) -> bool:
-        """Declares the device's queue before a write (once per device: cached after), so a
-        queue the broker holds with other settings is a clear error with nothing written.
-        False when the broker is down: the command is still accepted, for the relay."""
+        """Declares the device's queue before a write (cached after): a queue of other settings
+        is a clear error with nothing written. False: the broker is down (left to the relay)."""
         topology = await self._ready()
         try:
             await topology.ensure_queue(device_id)

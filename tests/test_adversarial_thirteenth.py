@@ -2,8 +2,8 @@
 started again, or in this process) beside library stores, and latest-wins fan-outs racing
 cancels, retirement and cleanup. Public API only, every index. Judged: a 2xx answer's command
 is handed out (unless a 2xx said cancelled or replaced, or it expired), never stale, never twice
-in a reader, a call that returned before another began first; statuses true. Found: a confirm
-answered 200 pending is overtaken by a later enqueue (the first test)."""
+in a reader, a call that returned before another began first; statuses true. Found (fixed): a
+confirm answered 200 pending was overtaken by a later enqueue (the first test)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ async def reading(
 async def test_a_confirm_answered_pending_is_not_overtaken_by_a_later_enqueue(
     backend: str, how: str, tmp_path: Path
 ) -> None:
-    """FINDING. Two operators approve one command. A's confirm commits first: A is a library
+    """Found by round 13, fixed. Two operators approve one command. A's confirm commits first: A is a library
     store whose broker link is held 0.3 s ("stalled": 3 of 3 trials fail), or ``amqp-queue
     serve`` answering 24 clients that enqueue to other devices ("busy", no fault: 1-4 of 40
     fail). B's ``POST /commands/{id}/confirm`` answers ``200 pending`` (nothing changed) and
