@@ -191,12 +191,12 @@ async def reading(
 async def test_a_confirm_answered_pending_is_not_overtaken_by_a_later_enqueue(
     backend: str, how: str, tmp_path: Path
 ) -> None:
-    """Found by round 13, fixed. Two operators approve one command. A's confirm commits first: A is a library
-    store whose broker link is held 0.3 s ("stalled": 3 of 3 trials fail), or ``amqp-queue
-    serve`` answering 24 clients that enqueue to other devices ("busy", no fault: 1-4 of 40
-    fail). B's ``POST /commands/{id}/confirm`` answers ``200 pending`` (nothing changed) and
-    B's operator POSTs a plain command, which a classic queue's stream gets first: B's
-    confirm returns at once (amqp_queue/store.py:298-301) while A's publish is on its way.
+    """Found by round 13, fixed. Two operators approve one command. A's confirm commits
+    first: A is a library store whose broker link is held 0.3 s ("stalled": 3 of 3 trials
+    failed), or ``amqp-queue serve`` answering 24 clients that enqueue to other devices
+    ("busy", no fault: 1-4 of 40 failed). B's ``POST /commands/{id}/confirm`` answers
+    ``200 pending`` (nothing changed) and B's operator POSTs a plain command, which a classic
+    queue's stream got first: B's confirm returned at once while A's publish was on its way.
     Rule 2 (ready at its confirmation): the approved command must come first."""
     rng, trials, orders = seeded(), 3 if how == "stalled" else 40, []
     async with StallProxy(5672, max_connections=8) as link, space_on(backend, tmp_path) as space:
