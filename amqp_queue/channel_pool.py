@@ -29,6 +29,8 @@ logger = logging.getLogger("amqp_queue.channel_pool")
 
 OPENS_IN_FLIGHT = 64
 """Channel opens a store has before the broker at once; more wait their turn."""
+# Seconds past its timeout an open unanswered keeps its turn (aio-pika's heartbeat is 60 s).
+_TURN_MOST = 120.0
 
 
 class ChannelPool:
@@ -42,7 +44,8 @@ class ChannelPool:
         max_connections: connections in all, the primary one included.
         reserved: channels of the primary connection the store keeps for its own
             (publishing, declaring queues).
-        timeout: seconds to wait for a connection to be up (a reconnect) before failing.
+        timeout: seconds to wait for a connection to be up (a reconnect), for a turn among
+            the opens in flight, and for the broker's answer to an open, before failing.
     """
 
     def __init__(
@@ -67,7 +70,7 @@ class ChannelPool:
         # put 2,000 opens before the broker and the event loop, and the last answers came
         # past the timeout under load; in turns, the timeout bounds the broker's answer only.
         self._turns = asyncio.Semaphore(OPENS_IN_FLIGHT)
-        self._opens_timed_out = 0
+        self._opens_timed_out: dict[AbstractRobustConnection, int] = {}
 
     @property
     def limit(self) -> int:
@@ -115,24 +118,33 @@ class ChannelPool:
     async def _open_in_turn(
         self, connection: AbstractRobustConnection, doing: str, *, robust: bool
     ) -> AbstractChannel:
-        timeouts = self._opens_timed_out
-        async with self._turns:
-            if self._opens_timed_out != timeouts:
-                # The broker left an open unanswered while this one waited: the opens in
-                # line fail together rather than one timeout after another.
-                raise BrokerError(f"{doing} failed: the broker did not answer a channel open")
-            opening = asyncio.ensure_future(_open(connection, robust=robust))
-            try:
-                async with asyncio.timeout(self._timeout):
-                    return await asyncio.shield(opening)
-            except BaseException as exc:
-                if isinstance(exc, TimeoutError):
-                    self._opens_timed_out += 1
-                # An open cut off half way leaves client and broker disagreeing about the
-                # channel, and the broker closes the whole connection on the next frame for
-                # it: the open finishes by itself and is closed again.
-                opening.add_done_callback(functools.partial(_close_unwanted, self._timeout))
-                raise
+        timeouts = self._opens_timed_out.get(connection, 0)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise BrokerError(
+                f"{doing} failed: no turn among the {OPENS_IN_FLIGHT} channel opens in flight "
+                f"within {self._timeout} s"
+            ) from None
+        if self._opens_timed_out.get(connection, 0) != timeouts:
+            # The broker left an open on this connection unanswered while this one waited:
+            # the opens in line fail together rather than one timeout after another.
+            self._turns.release()
+            raise BrokerError(f"{doing} failed: the broker did not answer a channel open")
+        opening = asyncio.ensure_future(_open(connection, robust=robust))
+        _Turn(self._turns, opening, self._timeout)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(opening)
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                self._opens_timed_out[connection] = timeouts + 1
+            # An open cut off half way leaves client and broker disagreeing about the
+            # channel, and the broker closes the whole connection on the next frame for
+            # it: the open finishes by itself and is closed again.
+            opening.add_done_callback(functools.partial(_close_unwanted, self._timeout))
+            raise
 
     async def close(self) -> None:
         """Closes the connections the pool opened (not the primary one)."""
@@ -199,6 +211,27 @@ def _nodes_of(connection: AbstractRobustConnection) -> list[URL]:
     if not isinstance(url, URL):
         raise BrokerError("another connection is needed, but the store's has no URL to copy")
     return [url]
+
+
+class _Turn:
+    """A place among the opens in flight, held by the open itself: given back when the
+    broker answers it, not when its caller stops waiting (the open goes on). An answer
+    that never comes ends with the connection (its heartbeat); should the open outlive
+    that, the place is given back after :data:`_TURN_MOST` seconds more than the timeout."""
+
+    def __init__(
+        self, turns: asyncio.Semaphore, opening: asyncio.Future[AbstractChannel], timeout: float
+    ) -> None:
+        self._turns = turns
+        self._held = True
+        self._backstop = asyncio.get_running_loop().call_later(_TURN_MOST + timeout, self.release)
+        opening.add_done_callback(lambda _: self.release())
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._backstop.cancel()
+            self._turns.release()
 
 
 class _Placeholder:
