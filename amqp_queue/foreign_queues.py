@@ -55,7 +55,11 @@ class ForeignQueues:
             return False
         return True
 
-    def skip(self, orphans: list[CommandRecord]) -> tuple[list[CommandRecord], bool]:
-        """The orphans this relay may publish, and whether it left any to another."""
-        kept = [record for record in orphans if record.device_id not in self]
-        return kept, len(kept) < len(orphans)
+    def skip(
+        self, orphans: list[CommandRecord], owing: set[str]
+    ) -> tuple[list[CommandRecord], set[str]]:
+        """The orphans this relay may publish, and the devices whose orphans it leaves to
+        another. Not those of a device it owes a command to: the queue took that one (it was
+        deleted and declared again), and its orphans go out ahead of it."""
+        kept = [r for r in orphans if r.device_id in owing or r.device_id not in self]
+        return kept, {r.device_id for r in orphans} - {r.device_id for r in kept}

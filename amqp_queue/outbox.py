@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime, timedelta
 
@@ -35,6 +32,7 @@ from amqp_queue.observer import Observer
 from amqp_queue.owed_releases import OwedReleases
 from amqp_queue.publisher import Publisher
 from amqp_queue.relay_holds import WRITER_GRACE, PublishWaits, StartHolds, land_marks
+from amqp_queue.relay_lease import RelayLease
 from amqp_queue.state import rules
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -43,8 +41,6 @@ logger = logging.getLogger("amqp_queue.outbox")
 
 # Seconds the relay pauses after a pass failed for an unexpected reason.
 _RESTART_PAUSE = 1.0
-# The shortest relay lease: a holder renews it at every pass that finds orphans.
-_SWEEP_LEASE_MIN = 5.0
 # Seconds between passes while commands wait behind what the start-up read found.
 _START_RECHECK = 0.1
 
@@ -100,13 +96,9 @@ class OutboxRelay:
         """Whether this process owes, or may hold, unpublished commands: a direct publish
         must then leave its command to the relay, or it would overtake them."""
         self._kicks = 0
-        # Who it is in the relay lease (an operator sees where it runs), whether it holds it.
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._sweeping = False
-        self._sweep_lease = max(2 * config.relay_lease, _SWEEP_LEASE_MIN)
+        self._lease = RelayLease(state, config)
         self._holds = StartHolds()
         self._foreign = ForeignQueues()
-        self._leave_lease = False
         self._waits = PublishWaits()
         self.failing = False
         """Whether the last pass failed (the broker or the index): nobody waits for it."""
@@ -191,6 +183,7 @@ class OutboxRelay:
             StateError: the index could not be read or updated.
         """
         async with self._lock:
+            self._lease.new_flush()
             try:
                 await self._release_owed()
                 published = 0
@@ -199,9 +192,7 @@ class OutboxRelay:
                     records = await self._due()
                     if records:
                         published += await self._publish(records)
-                    if self._leave_lease:
-                        self._leave_lease = False
-                        await self._give_up_lease()
+                    await self._lease.pass_done()
                     if not records and self._settled(kicks):
                         self.failing = False
                         return published
@@ -232,7 +223,7 @@ class OutboxRelay:
         foreign = [(r, result) for r, result in outcomes if isinstance(result, QueueMismatch)]
         if foreign:
             self._owed -= self._foreign.met(foreign)
-            self._leave_lease = True
+            self._lease.leave_after_pass()
         refused = [(r, result) for r, result in outcomes if isinstance(result, CommandRejected)]
         if refused:
             # Refused for good: ended, so they neither block the outbox nor come back.
@@ -247,7 +238,7 @@ class OutboxRelay:
         ]
         if failures:
             # A relay that cannot publish must not keep the sweep from the others.
-            await self._give_up_lease()
+            await self._lease.give_up()
             raise BrokerError(
                 f"outbox: {len(failures)} of {len(records)} publishes failed"
             ) from failures[0]
@@ -299,22 +290,24 @@ class OutboxRelay:
         of them while it holds the relay lease, so several relays on one index publish each
         orphan once; otherwise only those of devices it owes a command to, which must go
         out ahead of it (a copy the holder publishes too is dropped at delivery)."""
-        # Those whose queues refused this store's settings: the lease goes after this pass.
-        orphans, left = self._foreign.skip(orphans)
-        self._leave_lease = self._leave_lease or left
+        owing = {record.device_id for record in due.values()}
+        # Those whose queues refused this store's settings go to another process, with the
+        # lease after this pass; unless owed ones must follow them (the queue was deleted).
+        orphans, foreign = self._foreign.skip(orphans, owing)
+        if foreign:
+            self._lease.leave_after_pass()
+        # Left to another relay: nothing goes out directly until they are published, or
+        # what is owed to their devices would overtake them.
+        self._holds.orphan_devices = foreign
         if not orphans:
             return
-        self._sweeping = await self._state.hold_relay(self._holder, self._sweep_lease)
-        if self._sweeping:
+        if await self._lease.take():
             due.update((record.id, record) for record in orphans)
             return
-        owing = {record.device_id for record in due.values()}
         due.update((record.id, record) for record in orphans if record.device_id in owing)
-        # Left to the lease holder, which may have died: nothing goes out directly until
-        # they are published, or what is owed to their devices would overtake them.
-        self._holds.orphan_devices = {r.device_id for r in orphans if r.device_id not in owing}
+        self._holds.orphan_devices |= {r.device_id for r in orphans if r.device_id not in owing}
         # Looked at again once the holder's lease may have lapsed (it died).
-        self._due_at(self._state.clock() + timedelta(seconds=self._sweep_lease))
+        self._due_at(self._state.clock() + timedelta(seconds=self._lease.seconds))
 
     def _due_at(self, moment: datetime) -> None:
         if self._next_due is None or moment < self._next_due:
@@ -338,16 +331,7 @@ class OutboxRelay:
                 "closing with %d claimed commands not given back: they stay delivered to nobody",
                 len(self._owed_release),
             )
-        await self._give_up_lease()
-
-    async def _give_up_lease(self) -> None:
-        """Frees the relay lease this relay holds, so another sweeps now, not after it."""
-        if self._sweeping:
-            self._sweeping = False
-            try:
-                await self._state.hold_relay(self._holder, 0)
-            except StateError as exc:
-                logger.warning("giving up the relay lease failed (it lapses by itself): %s", exc)
+        await self._lease.give_up()
 
     async def _backoff(self, seconds: float) -> None:
         """Sleeps between retries, cut short by a kick (the connection came back)."""
