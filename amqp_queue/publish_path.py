@@ -195,6 +195,8 @@ class PublishPath:
         ready (perhaps in another process) is marked published or is no longer deliverable;
         whether it was. A call that returns once such a command is ready must not let a
         later one overtake it while its publish is still on its way."""
+        if self._relay is not None:
+            await self._relay.published(record.id)  # at once unless this process owes it
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + within, 0.005
         while True:

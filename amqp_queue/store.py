@@ -296,13 +296,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         # grace (that call stuck) it publishes it too, a copy dropped at delivery.
         if not rules.is_deliverable(record, self.state.clock()) or record.published_at:
             return changed
-        if record.id in self._path.in_flight or (
-            not changed and await self._path.published_elsewhere(record, WRITER_GRACE)
-        ):
+        if record.id in self._path.in_flight:
             return changed
         if self.broker_pending:
             self._path.owe(record.id)
-        else:
+        elif changed or not await self._path.published_elsewhere(record, WRITER_GRACE):
             await self._path.publish(record)
         return changed
 
