@@ -44,9 +44,9 @@ class ChannelPool:
         max_connections: connections in all, the primary one included.
         reserved: channels of the primary connection the store keeps for its own
             (publishing, declaring queues).
-        timeout: seconds to wait for a connection to be up (a reconnect), and for the
-            broker's answer to an open (not for a turn among the opens in flight), before
-            failing.
+        timeout: seconds to wait for a connection to be up (a reconnect), for the broker's
+            answer to an open, and for a turn among the opens in flight while the broker
+            answers none, before failing.
     """
 
     def __init__(
@@ -70,8 +70,7 @@ class ChannelPool:
         # Opens in flight at once: 2,000 streams starting together (a fleet reconnecting)
         # put 2,000 opens before the broker and the event loop, and the last answers came
         # past the timeout under load; in turns, the timeout bounds the broker's answer only.
-        self._turns = asyncio.Semaphore(OPENS_IN_FLIGHT)
-        self._opens_timed_out: dict[AbstractRobustConnection, int] = {}
+        self._turns = _Turns(timeout)
 
     @property
     def limit(self) -> int:
@@ -119,23 +118,13 @@ class ChannelPool:
     async def _open_in_turn(
         self, connection: AbstractRobustConnection, doing: str, *, robust: bool
     ) -> AbstractChannel:
-        timeouts = self._opens_timed_out.get(connection, 0)
-        # Not bounded: behind thousands of opens (a fleet reconnecting) the wait is long while
-        # each is answered in time; a broker that stops answering fails the line (below).
-        await self._turns.acquire()
-        if self._opens_timed_out.get(connection, 0) != timeouts:
-            # The broker left an open on this connection unanswered while this one waited:
-            # the opens in line fail together rather than one timeout after another.
-            self._turns.release()
-            raise BrokerError(f"{doing} failed: the broker did not answer a channel open")
+        await self._turns.take(doing)
         opening = asyncio.ensure_future(_open(connection, robust=robust))
-        _Turn(self._turns, opening, self._timeout)
+        self._turns.held_by(opening)
         try:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(opening)
-        except BaseException as exc:
-            if isinstance(exc, TimeoutError):
-                self._opens_timed_out[connection] = timeouts + 1
+        except BaseException:
             # An open cut off half way leaves client and broker disagreeing about the
             # channel, and the broker closes the whole connection on the next frame for
             # it: the open finishes by itself and is closed again.
@@ -209,25 +198,46 @@ def _nodes_of(connection: AbstractRobustConnection) -> list[URL]:
     return [url]
 
 
-class _Turn:
-    """A place among the opens in flight, held by the open itself: given back when the
-    broker answers it, not when its caller stops waiting (the open goes on). An answer
-    that never comes ends with the connection (its heartbeat); should the open outlive
-    that, the place is given back after :data:`_TURN_MOST` seconds more than the timeout."""
+class _Turns:
+    """Places among the channel opens in flight, each held by its open: given back when the
+    broker answers it, not when its caller stops waiting (the open goes on). An answer that
+    never comes ends with the connection (its heartbeat); should the open outlive that, its
+    place is given back :data:`_TURN_MOST` seconds past its timeout."""
 
-    def __init__(
-        self, turns: asyncio.Semaphore, opening: asyncio.Future[AbstractChannel], timeout: float
-    ) -> None:
-        self._turns = turns
-        self._held = True
-        self._backstop = asyncio.get_running_loop().call_later(_TURN_MOST + timeout, self.release)
-        opening.add_done_callback(lambda _: self.release())
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._free = asyncio.Semaphore(OPENS_IN_FLIGHT)
+        self._answered = 0
 
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._backstop.cancel()
-            self._turns.release()
+    async def take(self, doing: str) -> None:
+        """Waits for a place for as long as opens are answered (behind thousands of them,
+        a fleet reconnecting, that is long); when none was for ``timeout`` seconds, the
+        broker stopped answering and the wait fails."""
+        while True:
+            answered = self._answered
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._free.acquire()
+                return
+            except TimeoutError:
+                if self._answered == answered:
+                    raise BrokerError(
+                        f"{doing} failed: the broker answered no channel open in {self._timeout} s"
+                    ) from None
+
+    def held_by(self, opening: asyncio.Future[AbstractChannel]) -> None:
+        held = True
+
+        def release(*_: object) -> None:
+            nonlocal held
+            if held:
+                held = False
+                backstop.cancel()
+                self._answered += 1
+                self._free.release()
+
+        backstop = asyncio.get_running_loop().call_later(_TURN_MOST + self._timeout, release)
+        opening.add_done_callback(release)
 
 
 class _Placeholder:
