@@ -54,7 +54,7 @@ async def test_a_storm_of_opens_while_the_broker_link_fails(
     must hand out its command or fail with a QueueError within BOUND; afterwards the same
     store drains the rest, every command handed out once and DELIVERED."""
     rnd = seeded()
-    n_streams, n_drains = (240, 120) if FULL_MATRIX else (100, 60)
+    n_streams, n_drains = (240, 120) if FULL_MATRIX else (70, 40)
     async with StallProxy(5672, max_connections=64) as proxy, space_on(backend, tmp_path) as sp:
         name = unique("r14storm")
         gateway = await sp.open(
@@ -130,7 +130,7 @@ async def test_a_storm_of_opens_while_the_broker_link_fails(
     ("backend", "how"),
     matrix(
         [(b, h) for b in ALL for h in ("returns", "cancelled", "closed")],
-        [("redis", "returns"), ("sqlite", "cancelled"), ("postgres", "closed")],
+        [("sqlite", "cancelled"), ("redis", "closed")],
     ),
 )
 async def test_a_repeated_confirm_while_the_first_ones_publish_is_stalled(
