@@ -116,6 +116,27 @@ async def test_a_channel_open_that_times_out_leaves_the_connection_working() -> 
         await connection.close()
 
 
+class _CountedOpens:
+    """Counts the channel opens before the broker at once; each waits for ``gate`` first
+    (a broker slow to answer) while it is not set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.in_flight = self.most = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self._real = channel_pool._open
+        monkeypatch.setattr(channel_pool, "_open", self._open)
+
+    async def _open(self, connection: Any, *, robust: bool) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.gate.wait()
+            return await self._real(connection, robust=robust)
+        finally:
+            self.in_flight -= 1
+
+
 async def test_opens_at_once_beyond_what_the_broker_answers_in_time_wait_their_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -123,19 +144,7 @@ async def test_opens_at_once_beyond_what_the_broker_answers_in_time_wait_their_t
     put 1,500 channel opens before the broker at once; the last answers came after the
     timeout when the machine was busy (1,500 of 1,500 failed with a 0.3 s timeout on an idle
     machine). Opens go in turns now, so the timeout bounds the broker's answer to each."""
-    in_flight = most = 0
-    real_open = channel_pool._open
-
-    async def counted(connection: Any, *, robust: bool) -> Any:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        try:
-            return await real_open(connection, robust=robust)
-        finally:
-            in_flight -= 1
-
-    monkeypatch.setattr(channel_pool, "_open", counted)
+    opens = _CountedOpens(monkeypatch)
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         pool = ChannelPool(
@@ -147,7 +156,7 @@ async def test_opens_at_once_beyond_what_the_broker_answers_in_time_wait_their_t
         )
         failed = [result for result in opened if isinstance(result, BaseException)]
         assert not failed, f"{len(failed)} of 1,500 opens failed, first: {failed[0]!r}"
-        assert most <= channel_pool.OPENS_IN_FLIGHT, f"{most} opens at once"
+        assert opens.most <= channel_pool.OPENS_IN_FLIGHT, f"{opens.most} opens at once"
         await asyncio.gather(
             *(channel.close() for channel in opened if not isinstance(channel, BaseException))
         )
@@ -161,23 +170,10 @@ async def test_opens_cut_short_still_count_against_the_turns(
 ) -> None:
     """A turn given back when its caller stopped waiting, the open still before the broker,
     let more than OPENS_IN_FLIGHT opens at it after timeouts (192 in three waves of 64
-    against a slow broker: found by a review)."""
-    in_flight = most = 0
-    gate = asyncio.Event()
-    real_open = channel_pool._open
-
-    async def slow(connection: Any, *, robust: bool) -> Any:
-        # A broker slow to answer: each open stays before it until the gate opens.
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        try:
-            await gate.wait()
-            return await real_open(connection, robust=robust)
-        finally:
-            in_flight -= 1
-
-    monkeypatch.setattr(channel_pool, "_open", slow)
+    against a slow broker: found by a review). The callers behind them fail once no open
+    was answered for the timeout."""
+    opens = _CountedOpens(monkeypatch)
+    opens.gate.clear()
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         pool = ChannelPool(
@@ -185,13 +181,14 @@ async def test_opens_cut_short_still_count_against_the_turns(
         )
         n = channel_pool.OPENS_IN_FLIGHT
         for _ in range(3):  # three waves of callers, each timing out against a slow broker
-            await asyncio.gather(
+            results = await asyncio.gather(
                 *(pool.channel("opening a test channel") for _ in range(n)),
                 return_exceptions=True,
             )
-        gate.set()
+            assert all(isinstance(result, BrokerError) for result in results), results
+        opens.gate.set()
         await asyncio.sleep(1.0)  # the late opens finish and are closed again
-        assert most <= n, f"{most} opens before the broker at once, the turns allow {n}"
+        assert opens.most <= n, f"{opens.most} opens before the broker at once, the turns allow {n}"
     finally:
-        gate.set()
+        opens.gate.set()
         await connection.close()
