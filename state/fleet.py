@@ -188,6 +188,12 @@ class FleetCalls(abc.ABC):
             raise RolloutNotFound(rollout_id)
         return RolloutSummary.of(rollout_id, counts)
 
+    async def rollout_unpublished(self, rollout_id: str) -> list[str]:
+        """Ids of the rollout's deliverable commands the broker has not confirmed yet: a
+        confirm of the rollout waits for those another call made ready."""
+        _check_rollout_id(rollout_id)
+        return await self._rollout_unpublished(rollout_id, self.clock())
+
     async def rollout_enqueuer(self, rollout_id: str) -> str | None:
         """Who enqueued the rollout (its ``by``; None when nobody was named): the four-eyes
         rule asks it before a confirmation.
@@ -241,6 +247,10 @@ class FleetCalls(abc.ABC):
     @abc.abstractmethod
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         """The rollout's held commands counted by status (no entry for a zero)."""
+
+    @abc.abstractmethod
+    async def _rollout_unpublished(self, rollout_id: str, now: datetime) -> list[str]:
+        """Ids of the rollout's open, ready, unexpired commands without a publish mark."""
 
     @abc.abstractmethod
     async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:

@@ -232,6 +232,13 @@ class MemoryStore(IndexedStore):
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         return dict(Counter(rules.status_of(record, now) for record in self._rollout(rollout_id)))
 
+    async def _rollout_unpublished(self, rollout_id: str, now: datetime) -> list[str]:
+        return [
+            record.id
+            for record in self._rollout(rollout_id)
+            if rules.is_deliverable(record, now) and record.published_at is None
+        ]
+
     async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
         for record in self._rollout(rollout_id):
             return True, record.enqueued_by

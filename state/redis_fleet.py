@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
 from .model import CommandRecord, CommandStatus
-from .redis_encoding import as_text, decode_replies
+from .redis_encoding import LIVENESS_FIELDS, as_text, decode_replies, is_live
 from .redis_lua import PRELUDE, SWEEP_BATCH
 
 if TYPE_CHECKING:
@@ -212,6 +212,24 @@ class RedisFleetCalls:
                         return True, as_text(enqueued_by) if enqueued_by else None
                 start += page
         return False, None
+
+    async def _rollout_unpublished(self, rollout_id: str, now: datetime) -> list[str]:
+        key, start, page, found = self._rollout_key(rollout_id), 0, 500, []
+        fields = [*LIVENESS_FIELDS, "published_at"]
+        async with self._errors("rollout read"):
+            while members := await self._client.zrange(key, start, start + page - 1):
+                ids = [as_text(cast(bytes, member)) for member in members]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for command_id in ids:
+                        pipe.hmget(f"{self._prefix}cmd:{command_id}", fields)
+                    values = await pipe.execute()
+                found += [
+                    command_id
+                    for command_id, (*live, published_at) in zip(ids, values, strict=True)
+                    if published_at is None and is_live(live, now)
+                ]
+                start += page
+        return found
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         async with self._errors("rollout summary"):

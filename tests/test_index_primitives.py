@@ -363,3 +363,22 @@ async def test_release_never_gives_back_a_command_with_an_outcome(indexed: Index
     assert await indexed.get_status(plain) == CommandStatus.SUCCEEDED
     assert await indexed.get_status(typed) == CommandStatus.FAILED
     assert await indexed.get_status(other) == CommandStatus.PENDING
+
+
+async def test_a_rollouts_unpublished_members_are_its_deliverable_unmarked_ones(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    devices = [f"dev-{n}" for n in range(4)]
+    rollout = await indexed.enqueue_many(
+        devices, b"fw", 600, command_type="fw", requires_confirmation=True
+    )
+    assert await indexed.rollout_unpublished(rollout.rollout_id) == []  # none confirmed yet
+    await indexed.confirm_rollout(rollout.rollout_id)
+    published, cancelled, _delivered, unmarked = rollout.command_ids
+    await indexed.mark_published([published])
+    await indexed.cancel_command(cancelled)
+    await indexed.drain_pending("dev-2")
+    assert await indexed.rollout_unpublished(rollout.rollout_id) == [unmarked]
+    clock.advance(600)
+    assert await indexed.rollout_unpublished(rollout.rollout_id) == []
+    assert await indexed.rollout_unpublished(str(uuid.uuid4())) == []

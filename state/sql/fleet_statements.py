@@ -40,6 +40,9 @@ CANCEL_DEVICE = (
     .values(end_reason=EndReason.CANCELLED.value, ended_at=NOW, cancelled_by=_BY)
 )
 
+ROLLOUT_UNPUBLISHED = sa.select(c.id).where(_ROLLOUT, _LIVE, IS_READY, c.published_at.is_(None))
+"""A rollout's (``rollout``) deliverable commands the broker has not confirmed (``now``)."""
+
 ROLLOUT_ENQUEUER = sa.select(c.enqueued_by).where(_ROLLOUT).limit(1)
 """Who enqueued a rollout (``rollout``): any one member says it, read from its index."""
 

@@ -301,6 +301,10 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         rows = await self._select(fleet_sql.ROLLOUT_ENQUEUER, rollout=rollout_id)
         return (True, rows[0]["enqueued_by"]) if rows else (False, None)
 
+    async def _rollout_unpublished(self, rollout_id: str, now: datetime) -> list[str]:
+        rows = await self._select(fleet_sql.ROLLOUT_UNPUBLISHED, rollout=rollout_id, now=now)
+        return [str(row["id"]) for row in rows]
+
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         return fleet_sql.rollout_counts(
             await self._select(fleet_sql.ROLLOUT_COUNTS, rollout=rollout_id, now=now)
