@@ -22,6 +22,7 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.publish_path import PublishPath
+from amqp_queue.relay_holds import WRITER_GRACE
 from amqp_queue.state import rules
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.indexed_store import IndexedStore
@@ -143,6 +144,17 @@ class FleetDelivery:
         for record in confirmed:
             self.observer.confirmed(record)
         await self._publish_ready(confirmed, reachable=not self.broker_pending)
+        if not self.broker_pending:
+            # Members another call confirmed (the rollout confirmed twice at once, here or in
+            # another process): their publishes land before this call returns, as a repeated
+            # confirm of one command waits, or a command enqueued next would go first.
+            mine = {record.id for record in confirmed}
+            others = set(await self.state.rollout_unpublished(rollout_id)) - mine
+            stuck = await self._path.published_elsewhere(others, WRITER_GRACE)
+            if stuck:
+                await self._publish_ready(
+                    list((await self.state.deliverable(stuck)).values()), reachable=True
+                )
         return len(confirmed)
 
     async def rollout_enqueuer(self, rollout_id: str) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -54,6 +54,8 @@ class PublishPath:
         self._relay: OutboxRelay | None = None
         self.in_flight: set[str] = set()
         """Direct publishes under way, until their publish marks are committed."""
+        # Those of them the broker has not answered yet: a repeated confirm waits for one.
+        self._publishing: dict[str, asyncio.Future[bool]] = {}
         self._owed_early: set[str] = set()
         # Index writes take turns: the group commit's and those outside it (write_outside).
         self._turn = asyncio.Lock()
@@ -157,6 +159,8 @@ class PublishPath:
             return
         self.in_flight.add(record.id)
         publishing = asyncio.ensure_future(self._publisher.publish(record))
+        self._publishing[record.id] = publishing
+        publishing.add_done_callback(lambda _: self._publishing.pop(record.id, None))
         try:
             # Shielded: a cancelled caller leaves the publish to finish by itself. Cut short,
             # it would leave unknown whether the broker has the command (a copy from the
@@ -190,23 +194,45 @@ class PublishPath:
             pass
         self._published(record, publishing)
 
-    async def published_elsewhere(self, record: CommandRecord, within: float) -> bool:
-        """Waits, for ``within`` seconds at most, until a ready command another call made
-        ready (perhaps in another process) is marked published or is no longer deliverable;
-        whether it was. A call that returns once such a command is ready must not let a
-        later one overtake it while its publish is still on its way."""
+    async def published_here(self, command_id: str) -> None:
+        """Waits until this process's publish of a command in flight is answered, and, should
+        the broker have failed it, until the relay published it (or gave up for now)."""
+        publishing = self._publishing.get(command_id)
+        if publishing is not None:
+            # Not shielded: wait() leaves the publish alone when this caller is cancelled.
+            await asyncio.wait([publishing])
+            failure = None if publishing.cancelled() else publishing.exception()
+            lost = isinstance(failure, BrokerError) and not isinstance(failure, CommandRejected)
+            if publishing.cancelled() or lost:
+                # Owed by the first caller too once it resumes, maybe after this one.
+                self.owe(command_id)
         if self._relay is not None:
-            await self._relay.published(record.id)  # at once unless this process owes it
+            await self._relay.published(command_id)
+
+    async def published_elsewhere(self, command_ids: Collection[str], within: float) -> set[str]:
+        """Waits, for ``within`` seconds at most, until each ready command another call made
+        ready (here or in another process) is published or is no longer deliverable; returns
+        those still unpublished then. A call that returns once such a command is ready must
+        not let a later one overtake it while its publish is still on its way."""
+        here = [command_id for command_id in command_ids if command_id in self.in_flight]
+        await asyncio.gather(*(self.published_here(command_id) for command_id in here))
+        if self._relay is not None:
+            relay = self._relay  # each at once unless this process owes it
+            await asyncio.gather(*(relay.published(command_id) for command_id in command_ids))
+        waiting = set(command_ids).difference(here)
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + within, 0.005
-        while True:
-            live = (await self._state.deliverable([record.id])).get(record.id)
-            if live is None or live.published_at is not None:
-                return True
-            if loop.time() + pause > deadline:
-                return False
+        while waiting:
+            live: dict[str, CommandRecord] = {}
+            ids = sorted(waiting)
+            for at in range(0, len(ids), _WRITE_BATCH):
+                live |= await self._state.deliverable(ids[at : at + _WRITE_BATCH])
+            waiting = {command_id for command_id, r in live.items() if r.published_at is None}
+            if not waiting or loop.time() + pause > deadline:
+                break
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
+        return waiting
 
     def owe(self, command_id: str) -> None:
         """Leaves a command to the relay: the attached one, or the one attached later."""

@@ -294,13 +294,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         # or in another process) waits for that publish: it returns only once the command is
         # in its queue, or an enqueue begun after it would overtake it; past the writer's
         # grace (that call stuck) it publishes it too, a copy dropped at delivery.
-        if not rules.is_deliverable(record, self.state.clock()) or record.published_at:
-            return changed
-        if record.id in self._path.in_flight:
+        if not rules.is_deliverable(record, self.state.clock()) or record.published_at is not None:
             return changed
         if self.broker_pending:
             self._path.owe(record.id)
-        elif changed or not await self._path.published_elsewhere(record, WRITER_GRACE):
+        elif changed or await self._path.published_elsewhere([record.id], WRITER_GRACE):
             await self._path.publish(record)
         return changed
 
