@@ -36,7 +36,7 @@ class ForeignQueues:
         """Notes the refusals; returns the ids of the commands left unpublished."""
         left: set[str] = set()
         for record, refusal in refused:
-            if record.device_id not in self:
+            if not self.leaves(record.device_id):
                 logger.error(
                     "commands to %s are left unpublished for a process whose RabbitMQConfig "
                     "matches the device queue: %s",
@@ -47,8 +47,9 @@ class ForeignQueues:
             left.add(record.id)
         return left
 
-    def __contains__(self, device_id: object) -> bool:
-        if not isinstance(device_id, str) or device_id not in self._until:
+    def leaves(self, device_id: str) -> bool:
+        """Whether this relay leaves the device's commands to another (until its retry)."""
+        if device_id not in self._until:
             return False
         if self._until[device_id] <= self._clock():
             del self._until[device_id]
@@ -61,5 +62,5 @@ class ForeignQueues:
         """The orphans this relay may publish, and the devices whose orphans it leaves to
         another. Not those of a device it owes a command to: the queue took that one (it was
         deleted and declared again), and its orphans go out ahead of it."""
-        kept = [r for r in orphans if r.device_id in owing or r.device_id not in self]
+        kept = [r for r in orphans if r.device_id in owing or not self.leaves(r.device_id)]
         return kept, {r.device_id for r in orphans} - {r.device_id for r in kept}
