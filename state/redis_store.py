@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("amqp_queue.state.redis")
 
 DEFAULT_PREFIX = "amqp_queue:"
+# Connections a store opens at most (redis-py's default), and the seconds a call waits for a
+# free one before it fails with StateError.
+POOL_SIZE, POOL_WAIT = 100, 10.0
 # How much longer than the store needs them Redis keeps keys: room for clock skew between
 # the store's clock and Redis's, never a reason to expire a key early.
 KEY_TTL_MARGIN = timedelta(days=1)
@@ -134,16 +137,21 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
                 sets the key prefix when the ``prefix`` argument is not given.
             prefix: the key prefix; default: the URL's, else ``amqp_queue:``.
             limits, clock, retention: see :class:`amqp_queue.state.indexed_store.IndexedStore`.
-            client_options: passed on to ``redis.asyncio.Redis.from_url``.
+            client_options: passed on to redis-py's ``BlockingConnectionPool.from_url``:
+                ``max_connections`` (default :data:`POOL_SIZE`), ``timeout`` (seconds a call
+                waits for a free connection, default :data:`POOL_WAIT`), socket options.
 
         Raises:
             StateError: Redis cannot be reached.
         """
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
 
         url, url_prefix = _split_prefix(url)
         prefix = prefix if prefix is not None else url_prefix or DEFAULT_PREFIX
-        client = Redis.from_url(url, **client_options)
+        # redis-py's default pool refuses a call at once when every connection is in use:
+        # hundreds of streams' liveness checks failed ("Too many connections").
+        options = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT, **client_options}
+        client = Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
         try:
             store = cls(client, prefix=prefix, limits=limits, clock=clock, retention=retention)
             async with store._errors("ping"):
@@ -384,10 +392,7 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
 
 
 def _split_prefix(url: str) -> tuple[str, str | None]:
-    """Splits the optional ``prefix`` query parameter off a Redis URL.
-
-    redis-py would pass an unknown query parameter on to its connection and fail.
-    """
+    """Splits the optional ``prefix`` query parameter off a Redis URL (redis-py refuses it)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [value for name, value in query if name == "prefix"]

@@ -450,3 +450,15 @@ def test_importing_state_does_not_need_redis() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == "False"
+
+
+async def test_more_calls_at_once_than_the_pool_has_connections_wait_for_one() -> None:
+    """redis-py's pool holds 100 connections and refused the 101st call at once ("Too many
+    connections"): 400 streams' liveness checks, or an operator's burst, failed."""
+    async with (
+        redis_prefix() as prefix,
+        await RedisStore.connect(REDIS_URL, prefix=prefix) as store,
+    ):
+        ids = [await store.enqueue(f"dev-{n % 20}", b"x", 600) for n in range(40)]
+        statuses = await asyncio.gather(*(store.get_status(ids[n % 40]) for n in range(400)))
+        assert set(statuses) == {CommandStatus.PENDING}
