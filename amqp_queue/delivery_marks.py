@@ -4,6 +4,7 @@ mark in the index, then the ack (one frame for several where it may)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Collection
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -38,8 +39,10 @@ class DeliveryMarks:
         device_id: str,
         *,
         ack_together: bool,
+        mark: Callable[[Collection[str]], Awaitable[object]],
     ) -> None:
         self._state = state
+        self._mark = mark
         self._observer = observer
         self._device_id = device_id
         self._batcher = Batcher(
@@ -91,7 +94,7 @@ class DeliveryMarks:
             return
         self.unmarked = []
         try:
-            await self._state.mark_delivered([record.id for _, record in batch])
+            await self._mark([record.id for _, record in batch])
         except BaseException:
             # The device has them: their status must come to say so, so they are marked
             # again with the next batch. Unacked until then, they come again from the

@@ -26,6 +26,7 @@ from amqp_queue.errors import (
 )
 from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
+from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.owed_at_close import publish_owed
@@ -103,6 +104,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         )
         # What close() ends: running consume streams and drains.
         self._running = RunningDeliveries()
+        self._marks = MarkCommits(self.state)
 
     @classmethod
     async def connect(
@@ -264,8 +266,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             channel = await self._channels.channel(f"opening a channel to consume {device}")
             return channel, topology
 
+        mark = self._marks.mark_delivered
         return self._running.stream(
-            CommandStream(open_channel, self.state, self.config, device, self.observer, self)
+            CommandStream(open_channel, self.state, self.config, device, self.observer, self, mark)
         )
 
     async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -65,6 +65,7 @@ class CommandStream(Closing):
         device_id: str,
         observer: Observer,
         reporter: OutcomeReporter,
+        mark: Callable[[Collection[str]], Awaitable[object]],
     ) -> None:
         self._open_channel = open_channel
         self._reporter = reporter
@@ -95,7 +96,7 @@ class CommandStream(Closing):
         # Handed out in ready order there, not delivery order: a multiple ack could take a
         # command still in hand with it.
         self._marks = DeliveryMarks(
-            state, observer, config, device_id, ack_together=self._order is None
+            state, observer, config, device_id, ack_together=self._order is None, mark=mark
         )
 
     async def __aenter__(self) -> Self:
