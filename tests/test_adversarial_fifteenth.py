@@ -17,7 +17,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -544,3 +544,75 @@ async def test_a_producer_killed_mid_fan_out_while_another_store_consumes(
             f"the cut fan-out reached {len(cut_reached)} of {count} devices"
         )
         assert not problems, problems[:5]
+
+
+# -- 6. a call made right after a stalled link came back, before the relay's retry ----------
+
+STALE_FAILING = (
+    "OutboxRelay.failing stays True from the pass that failed while the link was stalled "
+    "until the next pass succeeds (amqp_queue/outbox.py flush); PublishPath.publish owes the "
+    "command and returns at once while it is set (amqp_queue/publish_path.py publish), though "
+    "the index and the broker answer again: the call returns unpublished and a call another "
+    "store begins after that return is published directly, ahead of it"
+)
+
+
+def _stale_failing_cases() -> list[Any]:
+    strict = pytest.mark.xfail(strict=True, reason=STALE_FAILING)
+    # The same path; whether the other store's publish wins the race is timing (seen on
+    # PostgreSQL 0 of 21 probes, its write slower than the relay's read; through a broker
+    # stall about half the time the relay was left failing).
+    racy = pytest.mark.xfail(strict=False, reason=STALE_FAILING)
+    every = [
+        pytest.param("redis", "index", marks=strict),
+        pytest.param("postgres", "index", marks=racy),
+        *(pytest.param(b, "broker", marks=racy) for b in ALL),
+    ]
+    return matrix(every, [pytest.param("redis", "index", marks=strict)])
+
+
+@pytest.mark.parametrize(("backend", "link"), _stale_failing_cases())
+async def test_a_call_right_after_a_stalled_link_came_back_is_not_overtaken(
+    backend: str, link: str, tmp_path: Path
+) -> None:
+    """Store P's index link (or broker link) stalls for 2.5 s; P's enqueue meanwhile fails
+    (or returns with its publish owed) and its relay's passes fail. The link comes back; P
+    enqueues A (its write lands at once), and once that call returned store Q enqueues B to
+    the same device. A must be handed out before B (up to three tries)."""
+    for attempt in range(3):
+        async with AsyncExitStack() as stack:
+            if link == "index":
+                ix = await stack.enter_async_context(indexed_space(backend, bound=1.0))
+                sp, faulted = ix.space, ix.index
+                p = await sp.open(state_url=ix.proxied, relay_after=1.0, publish_timeout=3.0)
+            else:
+                faulted = await stack.enter_async_context(StallProxy(5672, max_connections=16))
+                sp = await stack.enter_async_context(space_on(backend, tmp_path / str(attempt)))
+                p = await sp.open(
+                    f"{faulted.amqp_url}?reconnect_interval=0.2",
+                    relay_after=1.0,
+                    publish_timeout=1.0,
+                )
+            q = await sp.open(relay_after=1.0, publish_timeout=3.0)
+            device = sp.device()
+            await p.ensure_queue(device)
+            await q.ensure_queue(device)
+            await p.enqueue(device, b"first", LONG)
+            faulted.stall()
+            try:
+                x = asyncio.ensure_future(p.enqueue(device, b"X", LONG))
+                await ends(x, 10)
+                await asyncio.sleep(1.5)
+            finally:
+                faulted.resume()
+            began = time.monotonic()
+            a = await asyncio.wait_for(p.enqueue(device, b"A", LONG), BOUND)
+            took = time.monotonic() - began
+            b = await q.enqueue(device, b"B", LONG)
+            got = await take(q, device, {b"A", b"B"}, 10)
+            payloads = [x for _, x in got]
+            print(f"try {attempt}: A took {took * 1000:.1f} ms; {payloads}")
+            assert payloads.index(b"A") < payloads.index(b"B"), (
+                f"B, begun after A's call returned ({took * 1000:.1f} ms), came first: {payloads}"
+            )
+            assert [await q.get_status(i) for i in (a, b)] == [DELIVERED, DELIVERED]
