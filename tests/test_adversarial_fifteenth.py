@@ -616,3 +616,75 @@ async def test_a_call_right_after_a_stalled_link_came_back_is_not_overtaken(
                 f"B, begun after A's call returned ({took * 1000:.1f} ms), came first: {payloads}"
             )
             assert [await q.get_status(i) for i in (a, b)] == [DELIVERED, DELIVERED]
+
+
+# -- 7. a delivery mark held up past the command's expiry and another store's sweep ---------
+
+
+@pytest.mark.parametrize(
+    ("backend", "how", "outcome"),
+    matrix(
+        [(b, h, o) for b in WIRED for h in ("both", "replies") for o in ("complete", "timeout")],
+        [("redis", "both", "timeout")],
+    ),
+)
+async def test_a_delivery_mark_held_past_expiry_and_another_stores_sweep(
+    backend: str, how: str, outcome: str
+) -> None:
+    """Gateway G (index through the proxy, statements bounded at 3 s) hands out a command
+    living 1.5 s (with an outcome timeout of 1 s, or none); G's index link stalls as the
+    loop body ends, so its delivery mark waits. The command expires; store O's
+    ``cleanup()`` runs. The link comes back (before the bound) and the mark lands. The
+    device had the command: it reads DELIVERED, then SUCCEEDED once completed, or TIMED_OUT
+    after the outcome timeout and a sweep; it is never handed out again (the stream, a
+    drain), and the next command comes."""
+    async with indexed_space(backend, bound=3.0) as ix:
+        sp = ix.space
+        g = await sp.open(state_url=ix.proxied, publish_timeout=3.0)
+        o = await sp.open(publish_timeout=3.0)
+        device = sp.device()
+        await o.ensure_queue(device)
+        began = time.monotonic()
+        bound = 1.0 if outcome == "timeout" else None
+        short = await o.enqueue(device, b"C", 1.5, outcome_timeout=bound)
+        got: list[tuple[str, bytes]] = []
+        first: list[Any] = []
+        stalled = asyncio.Event()
+
+        async def stream() -> None:
+            async with g.consume(device) as commands:
+                async for command in commands:
+                    got.append((command.id, command.payload))
+                    if command.payload == b"C":
+                        first.append(command)
+                        ix.index.stall(replies_only=how == "replies")
+                        stalled.set()
+                    if command.payload == b"after":
+                        break
+
+        reader = asyncio.ensure_future(stream())
+        try:
+            await asyncio.wait_for(stalled.wait(), 10)
+            await asyncio.sleep(max(0.0, 1.8 - (time.monotonic() - began)))
+            swept = await asyncio.wait_for(o.cleanup(), BOUND)
+            mid = await o.get_status(short)
+            print(f"cleanup: {swept}; meanwhile {mid}")
+            await asyncio.sleep(0.5)
+        finally:
+            ix.index.resume()
+        await o.enqueue(device, b"after", LONG)
+        await ends(reader)
+        assert [p for _, p in got] == [b"C", b"after"], got
+        async with asyncio.timeout(10):
+            while (await o.get_status(short)) not in (DELIVERED, CommandStatus.TIMED_OUT):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        if outcome == "complete":
+            await asyncio.wait_for(first[0].complete(b"ok"), BOUND)
+            want = CommandStatus.SUCCEEDED
+        else:
+            await asyncio.sleep(1.2)
+            await o.cleanup()
+            want = CommandStatus.TIMED_OUT
+        assert await o.get_status(short) is want
+        assert await o.drain_pending(device) == []
+        assert await o.get_status(short) is want
