@@ -444,7 +444,8 @@ import asyncio, json, sys, time
 from amqp_queue import RabbitMQConfig, RabbitMQStore
 
 async def main() -> None:
-    amqp, state, exchange, count, prefix = sys.argv[1:6]
+    amqp, state, exchange, count, prefix, kind = sys.argv[1:7]
+    command_type = "cfg" if kind == "latest" else None
     devices = [f"{prefix}{n:04d}" for n in range(int(count))]
     store = await RabbitMQStore.connect(
         amqp, state_url=state,
@@ -457,8 +458,9 @@ async def main() -> None:
     while True:
         payload = f"F{n:04d}"
         print(json.dumps({"ev": "start", "payload": payload}), flush=True)
-        rollout = await store.enqueue_many(devices, payload.encode(), 600)
-        print(json.dumps({"ev": "done", "payload": payload,
+        rollout = await store.enqueue_many(devices, payload.encode(), 600,
+                                           command_type=command_type)
+        print(json.dumps({"ev": "done", "payload": payload, "end": time.monotonic(),
                           "ids": list(rollout.command_ids)}), flush=True)
         n += 1
 
@@ -483,7 +485,7 @@ async def test_a_producer_killed_mid_fan_out_while_another_store_consumes(
         devices = [f"{prefix}{n:04d}" for n in range(count)]
         sp.devices.update(devices)
         proc, events = await start_script(
-            FAN_OUT_PRODUCER, AMQP_URL, sp.url, sp.exchange, str(count), prefix
+            FAN_OUT_PRODUCER, AMQP_URL, sp.url, sp.exchange, str(count), prefix, "plain"
         )
         gateway = await sp.open(relay_after=1.0)
         watched = devices[:: max(1, count // 6)]
@@ -704,3 +706,75 @@ async def test_a_delivery_mark_held_past_expiry_and_another_stores_sweep(
         assert await o.get_status(short) is want
         assert await o.drain_pending(device) == []
         assert await o.get_status(short) is want
+
+
+@pytest.mark.parametrize("backend", matrix(ALL, ["sqlite"]))
+async def test_a_producer_killed_mid_latest_wins_fan_outs_while_streams_read(
+    backend: str, tmp_path: Path
+) -> None:
+    """As above with latest-wins fan-outs (one command type): each stream of a sample of
+    the devices hands out versions in fan-out order, never one a fan-out that returned
+    before the stream asked had replaced; after the kill and the relay, the last version
+    the index holds (the cut fan-out's, if written) reaches every device, and nothing
+    stays pending."""
+    rnd = seeded()
+    count = 120 if FULL_MATRIX else 40
+    async with space_on(backend, tmp_path) as sp:
+        prefix = unique("fl")
+        devices = [f"{prefix}{n:04d}" for n in range(count)]
+        sp.devices.update(devices)
+        proc, events = await start_script(
+            FAN_OUT_PRODUCER, AMQP_URL, sp.url, sp.exchange, str(count), prefix, "latest"
+        )
+        gateway = await sp.open(relay_after=1.0)
+        watched = devices[:: count // 8]
+        got: dict[str, list[tuple[str, bytes, float]]] = {d: [] for d in watched}
+
+        async def stream(d: str) -> None:
+            async with gateway.consume(d) as commands:
+                asked = time.monotonic()
+                async for command in commands:
+                    got[d].append((command.id, command.payload, asked))
+                    if command.payload == b"zend":
+                        break
+                    await asyncio.sleep(rnd.uniform(0, 0.05))  # the device works on it
+                    asked = time.monotonic()
+
+        streams = [asyncio.ensure_future(stream(d)) for d in watched]
+        try:
+            await asyncio.sleep(rnd.uniform(0.5, 2.5))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            await proc.reader
+        done = [e for e in events if e["ev"] == "done"]
+        started = [e for e in events if e["ev"] == "start"]
+        cut = started[-1]["payload"].encode() if len(started) > len(done) else None
+        relay = await sp.open(relay_after=1.0)
+        await asyncio.sleep(3.0)  # past the writer's grace: the relay publishes the orphans
+        last = {d: [c.payload for c in await relay.get_pending(d)] for d in watched}
+        for d in watched:
+            await relay.enqueue(d, b"zend", LONG)
+        for s in streams:
+            await ends(s)
+        ended = {e["payload"].encode(): e["end"] for e in done}
+        landed = cut is not None and any(
+            cut in [*last[d], *(x for _, x, _ in got[d])] for d in watched
+        )
+        final = cut if landed else max(ended, default=None)
+        problems: list[str] = []
+        for d in watched:
+            versions = [(x, asked) for _, x, asked in got[d] if x != b"zend"]
+            payloads = [x for x, _ in versions]
+            if payloads != sorted(set(payloads)):
+                problems.append(f"{d}: out of order or twice: {payloads}")
+            for x, asked in versions:
+                newer = [y for y, end in ended.items() if y > x and end < asked]
+                if newer:
+                    problems.append(f"{d}: {x!r} handed out after {newer[0]!r} returned")
+            if final is not None and (not payloads or payloads[-1] != final):
+                problems.append(f"{d}: the last version {final!r} never came: {payloads}")
+            if (pending := await relay.get_pending(d)) != []:
+                problems.append(f"{d}: still pending {[c.payload for c in pending]}")
+        print(f"{len(done)} fan-outs returned, cut {cut!r}, pending before the end: {last}")
+        assert not problems, problems[:5]
