@@ -100,8 +100,6 @@ class OutboxRelay:
         self._holds = StartHolds()
         self._foreign = ForeignQueues()
         self._waits = PublishWaits()
-        self.failing = False
-        """Whether the last pass failed (the broker or the index): nobody waits for it."""
 
     @property
     def owes(self) -> int:
@@ -184,6 +182,7 @@ class OutboxRelay:
         """
         async with self._lock:
             self._lease.new_flush()
+            number = self._waits.new_pass()
             try:
                 await self._release_owed()
                 published = 0
@@ -194,12 +193,11 @@ class OutboxRelay:
                         published += await self._publish(records)
                     await self._lease.pass_done()
                     if not records and self._settled(kicks):
-                        self.failing = False
                         return published
             except (BrokerError, StateError):
-                # The broker or the index is failing: nobody waits for the retries.
-                self.failing = True
-                self._waits.end()
+                # The broker or the index is failing: nobody waits for the retries, but
+                # a caller that began waiting meanwhile gets the next try, which it kicked.
+                self._waits.failed(number)
                 raise
             finally:
                 self._waits.settle(self._owed)
@@ -334,11 +332,12 @@ class OutboxRelay:
         await self._lease.give_up()
 
     async def _backoff(self, seconds: float) -> None:
-        """Sleeps between retries, cut short by a kick (the connection came back)."""
-        self._wake.clear()
+        """Sleeps between retries, cut short by a kick since the failed try began (the
+        connection came back, or a caller waits for its command)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
+        self._wake.clear()
 
     def _interval(self) -> float:
         """Seconds until the next pass: the relay interval, or sooner when a command left to

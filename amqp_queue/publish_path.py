@@ -152,9 +152,10 @@ class PublishPath:
             # publishing this one directly would overtake them in the device's queue. The
             # relay publishes the backlog in ready order, this one included.
             self.owe(record.id)
-            if relay is not None and not relay.failing:
+            if relay is not None:
                 # Returned only once published (as a direct publish does): a call another
-                # process starts after this one returned must not overtake it.
+                # process starts after this one returned must not overtake it. With the
+                # relay failing, its next try (which this owe kicks) decides.
                 await relay.published(record.id)
             return
         self.in_flight.add(record.id)

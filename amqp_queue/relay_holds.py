@@ -133,13 +133,22 @@ class PublishWaits:
     found published elsewhere)."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        # Each caller with the number of the last pass begun when it began waiting.
+        self._waiting: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._passes = 0
+
+    def new_pass(self) -> int:
+        """Counts a pass beginning; returns its number (see :meth:`failed`)."""
+        self._passes += 1
+        return self._passes
 
     async def wait(self, command_id: str, within: float) -> None:
-        """Returns once :meth:`settle` says the command is no longer owed, or after
-        ``within`` seconds (it stays owed: published by a later pass)."""
+        """Returns once :meth:`settle` says the command is no longer owed, a pass begun
+        after this call failed, or after ``within`` seconds (it stays owed: published by a
+        later pass)."""
         done = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(command_id, []).append(done)
+        waiter = (self._passes, done)
+        self._waiting.setdefault(command_id, []).append(waiter)
         try:
             async with asyncio.timeout(within):
                 await done
@@ -147,17 +156,29 @@ class PublishWaits:
             pass
         finally:
             waiting = self._waiting.get(command_id, [])
-            if done in waiting:
-                waiting.remove(done)
+            if waiter in waiting:
+                waiting.remove(waiter)
                 if not waiting:
                     del self._waiting[command_id]
 
-    def settle(self, owed: Collection[str]) -> None:
-        """Wakes the callers of commands not in ``owed``."""
-        for command_id in [i for i in self._waiting if i not in owed]:
-            for done in self._waiting.pop(command_id):
-                if not done.done():
+    def settle(self, owed: Collection[str], *, before: int | None = None) -> None:
+        """Wakes the callers of commands not in ``owed`` (only those that began waiting
+        before pass ``before`` began, when it is given)."""
+        for command_id in list(self._waiting):
+            if command_id in owed:
+                continue
+            waiting = self._waiting.pop(command_id)
+            for since, done in waiting:
+                if before is not None and since >= before:
+                    self._waiting.setdefault(command_id, []).append((since, done))
+                elif not done.done():
                     done.set_result(None)
+
+    def failed(self, number: int) -> None:
+        """Wakes the callers that began waiting before pass ``number``, which failed: those
+        that began during it wait for the next, which their own command kicked (the broker
+        or the index may be back by then)."""
+        self.settle((), before=number)
 
     def end(self) -> None:
         """Wakes every caller (the relay is closing)."""
