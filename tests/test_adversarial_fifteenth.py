@@ -573,10 +573,10 @@ async def test_a_call_right_after_a_stalled_link_came_back_is_not_overtaken(
     """Store P's index link (or broker link) stalls for 2.5 s; P's enqueue meanwhile fails
     (or returns with its publish owed) and its relay's passes fail. The link comes back; P
     enqueues A (its write lands at once), and once that call returned store Q enqueues B to
-    the same device. A must be handed out before B (up to three tries). A is a plain
+    the same device. A must be handed out before B (three tries in the full matrix). A is a plain
     enqueue, a confirm of a command written before the stall, or a fan-out to the device
     and another."""
-    for attempt in range(3):
+    for attempt in range(3 if FULL_MATRIX else 1):
         async with AsyncExitStack() as stack:
             if link == "index":
                 ix = await stack.enter_async_context(indexed_space(backend, bound=1.0))
