@@ -1,0 +1,56 @@
+"""Review of the removal of OutboxRelay.failing (02f6d7f): a call whose command goes through
+the relay always waits for the relay's next try. With the broker link stalled (a dead link,
+or a broker blocking publishers under a resource alarm), every try lasts publish_timeout, so
+EVERY enqueue now waits about publish_timeout before it returns its (owed) command; before,
+once a pass had failed, the calls returned at once and the relay published them in order
+when the broker came back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tcp_proxy import StallProxy
+from tests.test_adversarial_ninth import LONG, space_on, take
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+PUBLISH_TIMEOUT = 2.0
+CALLS = 6
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="every enqueue during a broker stall waits ~publish_timeout for the relay's next try",
+)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_enqueues_during_a_broker_stall_do_not_each_wait_publish_timeout(
+    backend: str, tmp_path: Path
+) -> None:
+    async with StallProxy(5672, max_connections=16) as link, space_on(backend, tmp_path) as sp:
+        store = await sp.open(link.amqp_url, publish_timeout=PUBLISH_TIMEOUT)
+        reader = await sp.open()
+        device = sp.device()
+        await store.ensure_queue(device)
+        link.stall()
+        took: list[float] = []
+        try:
+            for n in range(CALLS):
+                began = time.monotonic()
+                await asyncio.wait_for(store.enqueue(device, b"%d" % n, LONG), 30)
+                took.append(time.monotonic() - began)
+        finally:
+            link.resume()
+        print("enqueue durations during the stall:", [f"{t:.2f}" for t in took])
+        # Nothing lost, in order, once the link is back.
+        want = {b"%d" % n for n in range(CALLS)}
+        got = [p for _, p in await take(reader, device, want, 20)]
+        assert got == [b"%d" % n for n in range(CALLS)], got
+        # The first calls meet the stall; once the relay is known to be failing the rest
+        # return its owed commands at once (the old behaviour).
+        slow = [t for t in took[2:] if t > PUBLISH_TIMEOUT / 2]
+        assert not slow, f"{len(slow)} of {CALLS - 2} later enqueues waited: {took}"
