@@ -8,6 +8,7 @@ large and fails again."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,68 @@ async def test_forty_full_windows_marked_together_on_postgres(tmp_path: Path) ->
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         assert not failed, f"{len(failed)} of {STREAMS} streams' marks failed: {failed[0]!r}"
         assert await store.get_status(real) == CommandStatus.DELIVERED
+
+
+DEVICES, EACH = 48, 1000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after an index pause, 48 streams' full windows of marks go in one refused statement",
+)
+@pytest.mark.timeout(300)
+async def test_full_windows_marked_after_an_index_pause_on_postgres() -> None:
+    """48 devices with 1,000 commands each, consumed through one store (default prefetch of
+    1,000, ``recheck_after`` set so a window is asked about once). Each stream is handed its
+    first command, then the store's index link stalls for 5 s while the streams go through
+    their windows: every stream's marks wait. Once the link is back they should all land."""
+    from tests.test_adversarial_fifteenth import indexed_space
+
+    async with indexed_space("postgres", bound=30.0) as ix:
+        sp = ix.space
+        writer = await sp.open()
+        store = await sp.open(state_url=ix.proxied, recheck_after=60.0, publish_timeout=20.0)
+        devices = [sp.device() for _ in range(DEVICES)]
+        for device in devices:
+            await writer.ensure_queue(device)
+        for device in devices:
+            await asyncio.gather(*(writer.enqueue(device, b"c", LONG) for _ in range(EACH)))
+        failures: list[BaseException] = []
+        sizes: list[int] = []
+        mark_delivered = store.state.mark_delivered
+
+        async def watched(command_ids: Collection[str]) -> int:
+            sizes.append(len(command_ids))
+            try:
+                return await mark_delivered(command_ids)
+            except BaseException as exc:
+                failures.append(exc)
+                raise
+
+        store.state.mark_delivered = watched  # type: ignore[method-assign]
+        first = asyncio.Barrier(DEVICES + 1)
+        done = asyncio.Barrier(DEVICES + 1)
+
+        async def read(device: str) -> int:
+            got = 0
+            async with store.consume(device) as commands:
+                await asyncio.sleep(8.0)  # the broker fills the prefetch window meanwhile
+                async for _ in commands:
+                    got += 1
+                    if got == 1:
+                        await first.wait()
+                    if got == EACH:
+                        break
+            await done.wait()
+            return got
+
+        readers = [asyncio.create_task(read(d)) for d in devices]
+        await first.wait()
+        ix.index.stall()
+        await asyncio.sleep(5.0)
+        ix.index.resume()
+        await done.wait()
+        await asyncio.gather(*readers)
+        print(f"{len(sizes)} mark commits, largest {max(sizes)} ids")
+        why = [str(f)[:100] for f in failures]
+        assert not failures, f"{len(failures)} mark commits failed: {why[:2]}"
