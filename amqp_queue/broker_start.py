@@ -170,4 +170,4 @@ class BrokerStart:
     def _on_reconnect(self, *_: object) -> None:
         logger.info("broker connection restored; relaying the outbox")
         if self._relay is not None:
-            self._relay.kick()
+            self._relay.broker_back()

@@ -150,11 +150,13 @@ class FleetDelivery:
             # confirm of one command waits, or a command enqueued next would go first.
             mine = {record.id for record in confirmed}
             others = set(await self.state.rollout_unpublished(rollout_id)) - mine
-            stuck = await self._path.published_elsewhere(others, WRITER_GRACE)
+            # A fan-out publishes a relay batch at a time, each within publish_timeout:
+            # past that with no mark landing, its writer is stuck (or dead).
+            within = WRITER_GRACE + self.config.publish_timeout
+            stuck = await self._path.published_elsewhere(others, within)
             if stuck:
-                await self._publish_ready(
-                    list((await self.state.deliverable(stuck)).values()), reachable=True
-                )
+                stuck_records = await self._path.deliverable(stuck)
+                await self._publish_ready(list(stuck_records.values()), reachable=True)
         return len(confirmed)
 
     async def rollout_enqueuer(self, rollout_id: str) -> str | None:

@@ -43,6 +43,8 @@ logger = logging.getLogger("amqp_queue.outbox")
 _RESTART_PAUSE = 1.0
 # Seconds between passes while commands wait behind what the start-up read found.
 _START_RECHECK = 0.1
+# Seconds a call waits for its publish after a pass failed on the broker (see published()).
+BROKER_RETRY_WAIT = 0.25
 
 
 class OutboxRelay:
@@ -100,11 +102,19 @@ class OutboxRelay:
         self._holds = StartHolds()
         self._foreign = ForeignQueues()
         self._waits = PublishWaits()
+        # What failed the last pass; None once one succeeded (or the connection came back).
+        self.failed_on: type[BrokerError] | type[StateError] | None = None
 
     @property
     def owes(self) -> int:
         """How many commands this process owes the broker (held back ones included)."""
         return len(self._owed)
+
+    def broker_back(self) -> None:
+        """The connection came back: a broker failure is over, and a pass goes now."""
+        if self.failed_on is BrokerError:
+            self.failed_on = None
+        self.kick()
 
     def kick(self) -> None:
         """Asks for a pass soon (a publish failed, the connection came back, or a command
@@ -163,10 +173,15 @@ class OutboxRelay:
     async def published(self, command_id: str) -> None:
         """Waits until this relay no longer owes the command (published, ended, or found
         published elsewhere), for ``publish_timeout`` at most, after the grace of a writer
-        its first read found (:data:`~amqp_queue.relay_holds.WRITER_GRACE`)."""
+        its first read found (:data:`~amqp_queue.relay_holds.WRITER_GRACE`); after a broker
+        failure (no reconnect since) for :data:`BROKER_RETRY_WAIT`: a link back from a stall
+        publishes it within moments, one still stalled would hold each call that long."""
         if command_id in self._owed and not self._closed:
             grace = WRITER_GRACE if self._holds.found else 0.0
-            await self._waits.wait(command_id, grace + self._config.publish_timeout)
+            within = grace + self._config.publish_timeout
+            if self.failed_on is BrokerError:
+                within = min(within, BROKER_RETRY_WAIT)
+            await self._waits.wait(command_id, within)
 
     def holds(self, device_id: str) -> bool:
         """Whether a command to the device must go through the relay, behind the device's
@@ -193,10 +208,12 @@ class OutboxRelay:
                         published += await self._publish(records)
                     await self._lease.pass_done()
                     if not records and self._settled(kicks):
+                        self.failed_on = None
                         return published
-            except (BrokerError, StateError):
+            except (BrokerError, StateError) as exc:
                 # The broker or the index is failing: nobody waits for the retries, but
                 # a caller that began waiting meanwhile gets the next try, which it kicked.
+                self.failed_on = BrokerError if isinstance(exc, BrokerError) else StateError
                 self._waits.failed(number)
                 raise
             finally:

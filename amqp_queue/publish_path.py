@@ -155,13 +155,14 @@ class PublishPath:
             if relay is not None:
                 # Returned only once published (as a direct publish does): a call another
                 # process starts after this one returned must not overtake it. With the
-                # relay failing, its next try (which this owe kicks) decides.
+                # relay failing, its next try (which this owe kicks) decides (see
+                # OutboxRelay.published for how long that is waited for).
                 await relay.published(record.id)
             return
         self.in_flight.add(record.id)
         publishing = asyncio.ensure_future(self._publisher.publish(record))
         self._publishing[record.id] = publishing
-        publishing.add_done_callback(lambda _: self._publishing.pop(record.id, None))
+        publishing.add_done_callback(functools.partial(self._publish_answered, record.id))
         try:
             # Shielded: a cancelled caller leaves the publish to finish by itself. Cut short,
             # it would leave unknown whether the broker has the command (a copy from the
@@ -195,6 +196,11 @@ class PublishPath:
             pass
         self._published(record, publishing)
 
+    def _publish_answered(self, command_id: str, publishing: asyncio.Future[bool]) -> None:
+        # Not another publish of the same command begun since (a later repeated confirm).
+        if self._publishing.get(command_id) is publishing:
+            del self._publishing[command_id]
+
     async def published_here(self, command_id: str) -> None:
         """Waits until this process's publish of a command in flight is answered, and, should
         the broker have failed it, until the relay published it (or gave up for now)."""
@@ -224,16 +230,25 @@ class PublishPath:
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + within, 0.005
         while waiting:
-            live: dict[str, CommandRecord] = {}
-            ids = sorted(waiting)
-            for at in range(0, len(ids), _WRITE_BATCH):
-                live |= await self._state.deliverable(ids[at : at + _WRITE_BATCH])
-            waiting = {command_id for command_id, r in live.items() if r.published_at is None}
+            live = await self.deliverable(waiting)
+            left = {command_id for command_id, r in live.items() if r.published_at is None}
+            if len(left) < len(waiting):
+                # Still publishing (a fan-out of thousands takes seconds): not stuck.
+                deadline = loop.time() + within
+            waiting = left
             if not waiting or loop.time() + pause > deadline:
                 break
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
         return waiting
+
+    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
+        """:meth:`DeliveryIndex.deliverable`, a statement per :data:`_WRITE_BATCH` ids (an
+        SQL statement takes at most 32,767 parameters on PostgreSQL)."""
+        ids, live = sorted(command_ids), dict[str, CommandRecord]()
+        for at in range(0, len(ids), _WRITE_BATCH):
+            live |= await self._state.deliverable(ids[at : at + _WRITE_BATCH])
+        return live
 
     def owe(self, command_id: str) -> None:
         """Leaves a command to the relay: the attached one, or the one attached later."""

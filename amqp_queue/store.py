@@ -278,8 +278,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         """Confirms a command as :meth:`confirm_command` does, and tells whether this call
         confirmed it (False when it needed no confirmation, was confirmed already or was
         delivered: harmless, and nothing changed)."""
-        if not self.broker_pending:
-            await self._declare_first((await self.state.get_command(command_id)).device_id)
+        reachable = not self.broker_pending and await self._declare_first(
+            (await self.state.get_command(command_id)).device_id
+        )
         # Committed, the confirmation makes the command ready: a cancelled caller must not
         # leave it to wait out the relay's lease behind newer ones. Failed, it may have
         # landed, its answer lost: owed (before the next write's turn), the relay forgets
@@ -299,7 +300,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         # grace (that call stuck) it publishes it too, a copy dropped at delivery.
         if not rules.is_deliverable(record, self.state.clock()) or record.published_at is not None:
             return changed
-        if self.broker_pending:
+        if not reachable:
             self._path.owe(record.id)
         elif changed or await self._path.published_elsewhere([record.id], WRITER_GRACE):
             await self._path.publish(record)

@@ -151,7 +151,10 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         # redis-py's default pool refuses a call at once when every connection is in use:
         # hundreds of streams' liveness checks failed ("Too many connections").
         options = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT, **client_options}
-        client = Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
+        single = bool(options.pop("single_connection_client", False))  # the client's own
+        pool = BlockingConnectionPool.from_url(url, **options)
+        client = Redis(connection_pool=pool, single_connection_client=single)
+        client.auto_close_connection_pool = True
         try:
             store = cls(client, prefix=prefix, limits=limits, clock=clock, retention=retention)
             async with store._errors("ping"):
@@ -160,14 +163,8 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
             await client.aclose()
             raise
         store._owns_client = True
-        where = client.connection_pool.connection_kwargs
-        logger.info(
-            "state index on Redis %s:%s/%s, key prefix %r",
-            where.get("host"),
-            where.get("port"),
-            where.get("db"),
-            prefix,
-        )
+        at = [pool.connection_kwargs.get(key) for key in ("host", "port", "db")]
+        logger.info("state index on Redis %s:%s/%s, key prefix %r", *at, prefix)
         return store
 
     @property

@@ -5,15 +5,10 @@ connect() with a bare TypeError (not a StateError)."""
 
 from __future__ import annotations
 
-import pytest
-
 from amqp_queue.state.redis_store import RedisStore
 from tests.backends import redis_prefix
 
 
-@pytest.mark.xfail(
-    strict=True, reason="client-level Redis options now reach the connection: TypeError"
-)
 async def test_a_client_level_option_is_still_accepted() -> None:
     async with redis_prefix() as prefix:
         store = await RedisStore.connect(
