@@ -15,10 +15,8 @@ from collections.abc import Collection
 from amqp_queue.batching import Batcher
 from amqp_queue.delivery_index import DeliveryIndex
 
-# Streams' batches in one commit, and ids in one statement of it: PostgreSQL takes at most
-# 32,767 parameters, and a stream's batch is a prefetch window or more (marks it retries).
+# Streams' batches in one commit (the index splits a large one into statements).
 _STREAMS_PER_COMMIT = 64
-_IDS_PER_STATEMENT = 5_000
 
 
 class MarkCommits:
@@ -36,6 +34,4 @@ class MarkCommits:
         await self._commits.submit(command_ids)
 
     async def _commit(self, batches: list[Collection[str]]) -> None:
-        ids = [command_id for batch in batches for command_id in batch]
-        for at in range(0, len(ids), _IDS_PER_STATEMENT):
-            await self._state.mark_delivered(ids[at : at + _IDS_PER_STATEMENT])
+        await self._state.mark_delivered([command_id for ids in batches for command_id in ids])

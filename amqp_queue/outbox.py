@@ -178,10 +178,10 @@ class OutboxRelay:
         publishes it within moments, one still stalled would hold each call that long."""
         if command_id in self._owed and not self._closed:
             grace = WRITER_GRACE if self._holds.found else 0.0
-            within = grace + self._config.publish_timeout
-            if self.failed_on is BrokerError:
-                within = min(within, BROKER_RETRY_WAIT)
-            await self._waits.wait(command_id, within)
+            within, broker_failed = grace + self._config.publish_timeout, False
+            if self.failed_on is BrokerError:  # through failed tries: a reconnect is quick
+                within, broker_failed = min(within, BROKER_RETRY_WAIT), True
+            await self._waits.wait(command_id, within, through_failures=broker_failed)
 
     def holds(self, device_id: str) -> bool:
         """Whether a command to the device must go through the relay, behind the device's

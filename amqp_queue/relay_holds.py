@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 
@@ -142,12 +143,12 @@ class PublishWaits:
         self._passes += 1
         return self._passes
 
-    async def wait(self, command_id: str, within: float) -> None:
+    async def wait(self, command_id: str, within: float, *, through_failures: bool = False) -> None:
         """Returns once :meth:`settle` says the command is no longer owed, a pass begun
-        after this call failed, or after ``within`` seconds (it stays owed: published by a
-        later pass)."""
+        after this call failed (unless ``through_failures``), or after ``within`` seconds
+        (it stays owed: published by a later pass)."""
         done = asyncio.get_running_loop().create_future()
-        waiter = (self._passes, done)
+        waiter = (sys.maxsize if through_failures else self._passes, done)
         self._waiting.setdefault(command_id, []).append(waiter)
         try:
             async with asyncio.timeout(within):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
@@ -232,7 +233,7 @@ async def test_hundreds_of_streams_share_mark_commits_while_the_index_stalls(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("stall", matrix([1.0, 3.0, 6.0], []))
+@pytest.mark.parametrize("stall", matrix([1.0, 3.0, 6.0], [1.0]))
 async def test_more_calls_than_the_redis_pool_while_its_link_stalls(
     stall: float, tmp_path: Path
 ) -> None:
@@ -329,28 +330,24 @@ class Call:
 # Found by this round: a call that returns with its command owed (its publish timed out on
 # a stalled link, its wait for the relay ran out, or the relay's next try failed at once on
 # a closed connection: PublishWaits.failed wakes it) leaves the command to P's relay, and a
-# call store Q begins after that return publishes directly, ahead of it. docs/delivery.md
-# says "failing again, it returns with its command owed. Either way a call another process
-# begins after it returned is published after it"; design.md keeps the order only "without
-# a broker or network fault".
+# call store Q begins after that return publishes directly, ahead of it. The contract
+# (design.md) keeps that order "without a broker or network fault"; docs/delivery.md promised
+# it through one too, and now says where it ends. A call now waits through the relay's failed
+# tries for BROKER_RETRY_WAIT after a broker failure (a reconnect may come first).
 OVERTAKEN = pytest.mark.xfail(
     strict=True,
-    reason="a call returned with its command owed to a failing relay (publish_path.py "
-    "publish, relay_holds.py PublishWaits.failed); another store's later call goes first",
+    reason="known limit (docs/delivery.md): during a broker fault a call returns with its "
+    "command owed after BROKER_RETRY_WAIT, and another store's later call goes first",
 )
-
-
-# PostgreSQL's slower writes leave P fewer calls in a close's short window: 2 of 4 runs.
+# A closed connection comes back in moments, and the call waits through the failed tries for
+# BROKER_RETRY_WAIT: whether the reconnect comes first is timing (SQLite passed, Redis not).
 RACY = pytest.mark.xfail(strict=False, reason=OVERTAKEN.kwargs["reason"] + " (racy here)")
 
 
 def _relay_cases() -> list[Any]:
     every = [
         *(pytest.param(b, "broker-stall", marks=OVERTAKEN) for b in ALL),
-        *(
-            pytest.param(b, "broker-close", marks=RACY if b == "postgres" else OVERTAKEN)
-            for b in ALL
-        ),
+        *(pytest.param(b, "broker-close", marks=RACY) for b in ALL),
         *((b, f) for b in WIRED for f in ("index-stall", "index-cut")),
     ]
     return matrix(every, [pytest.param("sqlite", "broker-stall", marks=OVERTAKEN)])
@@ -474,7 +471,7 @@ async def test_enqueues_through_a_failing_relay_keep_the_bound_and_the_order(
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize(
     ("backend", "how"),
-    matrix([(b, h) for b in ALL for h in ("cancel", "close", "cut")], []),
+    matrix([(b, h) for b in ALL for h in ("cancel", "close", "cut")], [("redis", "cut")]),
 )
 async def test_repeated_rollout_confirms_while_the_first_confirmer_fails(
     backend: str, how: str, tmp_path: Path
@@ -545,24 +542,17 @@ async def test_repeated_rollout_confirms_while_the_first_confirmer_fails(
 
 # -- 5. one shared mark commit carries many streams' windows ---------------------------------
 
-# Found by this round (by reading, then on the index): MarkCommits (mark_commits.py) joins up
-# to 64 streams' batches, each up to a prefetch window (1,000 by default), into ONE
-# mark_delivered call; on PostgreSQL that is one statement with a bind parameter per id
-# (state/sql/postgres_reads.py mark_delivered, statements.MARK_DELIVERED ``id IN``), and
-# asyncpg refuses more than 32,767 ("the number of query arguments cannot exceed 32767").
-# Every stream of that commit then keeps its marks unmarked and tries them again together.
-TOO_MANY_IDS = pytest.mark.xfail(
-    strict=True,
-    reason="PostgreSQL: one delivery-mark commit of 64 streams' windows exceeds asyncpg's "
-    "32,767 bind parameters (mark_commits.py _commit, postgres_reads.py mark_delivered)",
-)
+# Found by this round and by a review (fixed): MarkCommits (mark_commits.py) joins up to 64
+# streams' batches, each up to a prefetch window (1,000 by default), into ONE mark_delivered
+# call; on PostgreSQL that was one statement with a bind parameter per id, and asyncpg refuses
+# more than 32,767. The SQL index now marks 5,000 ids per statement.
 
 
 @pytest.mark.parametrize(
     "backend",
     matrix(
-        [pytest.param("postgres", marks=TOO_MANY_IDS), "sqlite", "redis"],
-        [pytest.param("postgres", marks=TOO_MANY_IDS)],
+        ["postgres", "sqlite", "redis"],
+        ["postgres"],
     ),
 )
 async def test_one_mark_commit_of_full_windows_of_64_streams(backend: str, tmp_path: Path) -> None:
@@ -573,7 +563,7 @@ async def test_one_mark_commit_of_full_windows_of_64_streams(backend: str, tmp_p
     marked) rather than failing every stream of the commit with a StateError."""
     async with space_on(backend, tmp_path) as sp:
         store = await sp.open()
-        ids = [unique("m") for _ in range(64 * store.config.prefetch)]
+        ids = [str(uuid.uuid4()) for _ in range(64 * store.config.prefetch)]
         began = time.monotonic()
         assert await asyncio.wait_for(store.state.mark_delivered(ids), BOUND) == 0
         print(f"{len(ids)} ids in one mark: {time.monotonic() - began:.2f} s")

@@ -25,6 +25,9 @@ DIRECT_FAILURES: tuple[type[Exception], ...] = (*sqlite_direct.FAILURES, *postgr
 """What the drivers raise where the store runs statements on them directly."""
 
 
+_IDS_PER_STATEMENT = 5_000
+
+
 class SqlDeliveryCalls(SqlExecution):
     """The delivery primitives of :class:`~amqp_queue.state.sql.store.SqlStore`."""
 
@@ -98,13 +101,17 @@ class SqlDeliveryCalls(SqlExecution):
         return command_id in await self.deliverable([command_id])
 
     async def mark_delivered(self, command_ids: Collection[str]) -> int:
-        if not command_ids:
-            return 0
-        now = self.clock()
-        if self._pg_reads is not None:
-            # consume() marks what each loop body finished: one statement on the driver.
-            return await self._pg_mark_delivered(self._pg_reads, list(command_ids), now)
-        return await self._hot("delivery mark", transactions.mark_delivered, command_ids, now)
+        # A statement per _IDS_PER_STATEMENT ids: PostgreSQL binds 32,767 parameters at most,
+        # and a store's streams mark their windows together (marks are idempotent).
+        ids, marked, now = list(command_ids), 0, self.clock()
+        for at in range(0, len(ids), _IDS_PER_STATEMENT):
+            chunk = ids[at : at + _IDS_PER_STATEMENT]
+            if self._pg_reads is not None:
+                # consume() marks what each loop body finished: one statement on the driver.
+                marked += await self._pg_mark_delivered(self._pg_reads, chunk, now)
+            else:
+                marked += await self._hot("delivery mark", transactions.mark_delivered, chunk, now)
+        return marked
 
     async def _pg_mark_delivered(
         self, direct: PostgresReads, command_ids: list[str], now: datetime
