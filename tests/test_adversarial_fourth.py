@@ -35,7 +35,7 @@ from amqp_queue.state import IndexedStore, RedisStore
 from tests.backends import REDIS_URL, redis_prefix
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.redis_faults import LosesReplies
-from tests.support import unique
+from tests.support import matrix, unique
 from tests.test_adversarial_seams import BACKENDS, Env, env_on
 from tests.test_give_back_retry import PAYLOADS, sql_index
 
@@ -279,7 +279,7 @@ async def test_turns_with_random_cancellations_lose_nothing_and_keep_order(
 # -- 1. a fan-out past FAN_OUT_IN_FLIGHT racing plain enqueues to its devices -----------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", matrix(["sqlite", "postgres"], ["postgres"]))
 async def test_large_fan_out_racing_plain_enqueues_keeps_ready_order(
     backend: str, tmp_path: Path
 ) -> None:
