@@ -479,7 +479,7 @@ async def test_a_producer_killed_mid_fan_out_while_another_store_consumes(
     device, once, in fan-out order; the one cut short reaches all devices or none (the
     index holds it whole or not at all); nothing stays pending."""
     rnd = seeded()
-    count = 200 if FULL_MATRIX else 60
+    count = 200 if FULL_MATRIX else 30
     async with space_on(backend, tmp_path) as sp:
         prefix = unique("fk")
         devices = [f"{prefix}{n:04d}" for n in range(count)]
@@ -707,7 +707,7 @@ async def test_a_producer_killed_mid_latest_wins_fan_outs_while_streams_read(
     the index holds (the cut fan-out's, if written) reaches every device, and nothing
     stays pending."""
     rnd = seeded()
-    count = 120 if FULL_MATRIX else 40
+    count = 120 if FULL_MATRIX else 24
     async with space_on(backend, tmp_path) as sp:
         prefix = unique("fl")
         devices = [f"{prefix}{n:04d}" for n in range(count)]

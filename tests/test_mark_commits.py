@@ -36,11 +36,11 @@ async def _take(store: RabbitMQStore, device: str, count: int) -> list[str]:
 async def test_streams_ending_together_share_their_delivery_mark_commits(
     backend: str, tmp_path: Path
 ) -> None:
-    """300 devices with 3 commands each, every stream at once through one store: far fewer
+    """200 devices with 3 commands each, every stream at once through one store: far fewer
     index writes than streams carry the marks (each stream wrote at least one of its own,
     one after another on SQLite's one writer), and every command ends DELIVERED."""
     async with space_on(backend, tmp_path) as space:
-        devices = [space.device() for _ in range(300)]
+        devices = [space.device() for _ in range(200)]
         store = await space.open()
         ids = [await store.enqueue(device, b"c", LONG) for _ in range(3) for device in devices]
         writes = 0
