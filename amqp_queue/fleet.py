@@ -155,7 +155,7 @@ class FleetDelivery:
             within = WRITER_GRACE + self.config.publish_timeout
             stuck = await self._path.published_elsewhere(others, within)
             if stuck:
-                stuck_records = await self._path.deliverable(stuck)
+                stuck_records = await self.state.deliverable(stuck)
                 await self._publish_ready(list(stuck_records.values()), reachable=True)
         return len(confirmed)
 

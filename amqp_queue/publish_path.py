@@ -223,14 +223,14 @@ class PublishPath:
         not let a later one overtake it while its publish is still on its way."""
         here = [command_id for command_id in command_ids if command_id in self.in_flight]
         await asyncio.gather(*(self.published_here(command_id) for command_id in here))
+        waiting = set(command_ids).difference(here)
         if self._relay is not None:
             relay = self._relay  # each at once unless this process owes it
-            await asyncio.gather(*(relay.published(command_id) for command_id in command_ids))
-        waiting = set(command_ids).difference(here)
+            await asyncio.gather(*(relay.published(command_id) for command_id in waiting))
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + within, 0.005
         while waiting:
-            live = await self.deliverable(waiting)
+            live = await self._state.deliverable(waiting)
             left = {command_id for command_id, r in live.items() if r.published_at is None}
             if len(left) < len(waiting):
                 # Still publishing (a fan-out of thousands takes seconds): not stuck.
@@ -241,14 +241,6 @@ class PublishPath:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
         return waiting
-
-    async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
-        """:meth:`DeliveryIndex.deliverable`, a statement per :data:`_WRITE_BATCH` ids (an
-        SQL statement takes at most 32,767 parameters on PostgreSQL)."""
-        ids, live = sorted(command_ids), dict[str, CommandRecord]()
-        for at in range(0, len(ids), _WRITE_BATCH):
-            live |= await self._state.deliverable(ids[at : at + _WRITE_BATCH])
-        return live
 
     def owe(self, command_id: str) -> None:
         """Leaves a command to the relay: the attached one, or the one attached later."""

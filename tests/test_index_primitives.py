@@ -382,3 +382,15 @@ async def test_a_rollouts_unpublished_members_are_its_deliverable_unmarked_ones(
     clock.advance(600)
     assert await indexed.rollout_unpublished(rollout.rollout_id) == []
     assert await indexed.rollout_unpublished(str(uuid.uuid4())) == []
+
+
+async def test_deliverable_and_mark_delivered_take_more_ids_than_a_statement_binds(
+    indexed: IndexedStore,
+) -> None:
+    """PostgreSQL binds 32,767 parameters at most: a rollout's repeated confirm asks about
+    every member, a store's streams mark their windows together."""
+    live = await indexed.enqueue("dev-1", b"x", 600)
+    ids = [str(uuid.uuid4()) for _ in range(40_000)] + [live]
+    assert list(await indexed.deliverable(ids)) == [live]
+    assert await indexed.mark_delivered(ids) == 1
+    assert await indexed.get_status(live) == CommandStatus.DELIVERED

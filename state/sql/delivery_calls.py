@@ -67,9 +67,16 @@ class SqlDeliveryCalls(SqlExecution):
         return claimed.records
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
-        if not command_ids:
-            return {}
-        ids, now = list(command_ids), self.clock()
+        # A statement per _IDS_PER_STATEMENT ids (PostgreSQL binds 32,767 parameters at most).
+        ids, live = list(command_ids), dict[str, CommandRecord]()
+        if len(ids) <= _IDS_PER_STATEMENT:  # every window of consume() and drains
+            return await self._deliverable(ids) if ids else live
+        for at in range(0, len(ids), _IDS_PER_STATEMENT):
+            live |= await self._deliverable(ids[at : at + _IDS_PER_STATEMENT])
+        return live
+
+    async def _deliverable(self, ids: list[str]) -> dict[str, CommandRecord]:
+        now = self.clock()
         rows: list[dict[str, Any]] | None = None
         # consume() and drains ask this of every window: on the driver where one is kept.
         try:
