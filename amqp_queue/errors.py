@@ -54,8 +54,26 @@ BROKER_FAILURES: tuple[type[BaseException], ...] = (
 """What a call to the broker raises when the broker, the network or the channel fails."""
 
 
+def closed_under_the_call(exc: BaseException) -> bool:
+    """Whether ``exc`` is aiormq ending a call because its channel or connection closed.
+
+    aiormq rejects what waits on a closing channel or connection with ``CancelledError`` (its
+    default) or with a bare ``Exception`` (closed without a reason). Neither is the caller's
+    own cancellation (its task is not cancelling), so it is a broker failure like any other:
+    passed on as it is, a caller that was not cancelled would see itself cancelled.
+    """
+    if type(exc) is Exception:
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and not task.cancelling()
+    return False
+
+
 def broker_error(doing: str, exc: BaseException) -> BrokerError:
     """The :class:`BrokerError` for a broker failure ``exc`` while ``doing`` something."""
+    if type(exc) is Exception or isinstance(exc, asyncio.CancelledError):
+        return BrokerError(f"{doing} failed: its channel closed under it")
     return BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}")
 
 
@@ -96,6 +114,10 @@ def queue_declaration(name: str) -> Iterator[None]:
         ) from exc
     except BROKER_FAILURES as exc:
         raise broker_error(f"declaring queue {name!r}", exc) from exc
+    except BaseException as exc:
+        if closed_under_the_call(exc):
+            raise broker_error(f"declaring queue {name!r}", exc) from exc
+        raise
 
 
 @contextmanager
@@ -105,3 +127,7 @@ def broker_errors(doing: str) -> Iterator[None]:
         yield
     except BROKER_FAILURES as exc:
         raise broker_error(doing, exc) from exc
+    except BaseException as exc:
+        if closed_under_the_call(exc):
+            raise broker_error(doing, exc) from exc
+        raise

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from amqp_queue.batching import Batcher, Refusals
 from amqp_queue.delivery_index import DeliveryIndex
-from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
+from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch, closed_under_the_call
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.publisher import Publisher
@@ -169,9 +169,11 @@ class PublishPath:
             # relay, or a loss), and a queue declaration cancelled half way closes the
             # channel it runs on.
             await asyncio.shield(publishing)
-        except asyncio.CancelledError:
-            publishing.add_done_callback(functools.partial(self._published, record))
-            raise
+        except asyncio.CancelledError as exc:
+            if not (publishing.cancelled() and closed_under_the_call(exc)):
+                publishing.add_done_callback(functools.partial(self._published, record))
+                raise
+            # The publish was cancelled, not this caller: settled below, owed to the relay.
         except QueueMismatch as exc:
             # This store's configuration, not the command: a process configured as the
             # device queue is publishes it (its relay, past ``relay_lease``).

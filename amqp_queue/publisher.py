@@ -16,6 +16,7 @@ from amqp_queue.errors import (
     CommandRejected,
     QueueMismatch,
     broker_error,
+    closed_under_the_call,
     size_refused,
 )
 from amqp_queue.messages import to_properties
@@ -108,6 +109,12 @@ class Publisher:
                         f"max_message_size of {limit}",
                     ) from exc
                 raise broker_error(f"publishing command {record.id}", exc) from exc
+            except BaseException as exc:
+                # The store closing its channel under the publish: owed, not the caller's
+                # cancellation (see closed_under_the_call).
+                if closed_under_the_call(exc):
+                    raise broker_error(f"publishing command {record.id}", exc) from exc
+                raise
             if not isinstance(result, DeliveredMessage):
                 return True
             # Returned unroutable: the cached queue is gone (deleted behind our back).
