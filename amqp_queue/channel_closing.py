@@ -19,7 +19,7 @@ import weakref
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
-from amqp_queue.errors import BROKER_FAILURES
+from amqp_queue.errors import BROKER_FAILURES, closed_under_the_call
 
 logger = logging.getLogger("amqp_queue.channel_closing")
 
@@ -30,13 +30,14 @@ _LATE: set[asyncio.Future[None]] = set()
 
 
 def closing(message: AbstractIncomingMessage) -> bool:
-    """Whether the close of the channel ``message`` came on has begun (and not ended: a
-    settle on a closed channel fails by itself, and says so)."""
+    """Whether the close of the channel ``message`` came on, or of its connection, has begun
+    (and not ended: a settle on a closed channel fails by itself, and says so)."""
     try:
         channel = message.channel
     except ChannelInvalidStateError:  # closed
         return False
-    return channel in _CLOSING
+    # Its connection closed, nothing writes a frame on it any more: the broker requeues.
+    return channel in _CLOSING or channel.connection.is_closed
 
 
 async def close_channel(channel: AbstractChannel, give_up_after: float, what: str) -> None:
@@ -51,13 +52,19 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
         async with asyncio.timeout(give_up_after):
             await asyncio.shield(ending)
     except (TimeoutError, asyncio.CancelledError) as exc:
+        if ending.done() and (isinstance(exc, TimeoutError) or closed_under_the_call(exc)):
+            # The close itself ended so, not this caller: its connection closed under it.
+            logger.warning("closing %s: its connection closed under it", what)
+            return
         _LATE.add(ending)
         ending.add_done_callback(functools.partial(_closed_late, what))
         if isinstance(exc, asyncio.CancelledError):
             raise
         logger.warning("closing %s: no answer in %s s; it goes on", what, give_up_after)
-    except BROKER_FAILURES as exc:
-        logger.warning("closing %s: %s", what, exc)
+    except BaseException as exc:
+        if not isinstance(exc, BROKER_FAILURES) and not closed_under_the_call(exc):
+            raise
+        logger.warning("closing %s: %r", what, exc)
 
 
 def _underlay(channel: AbstractChannel) -> object | None:

@@ -132,11 +132,13 @@ class ChannelPool:
             raise
 
     async def close(self) -> None:
-        """Closes the connections the pool opened (not the primary one)."""
-        owned, self._owned = self._owned, []
-        for connection in owned:
+        """Closes the connections the pool opened (not the primary one). Each is forgotten
+        once closed: a close cut short (the caller's deadline) leaves the rest to the next."""
+        while self._owned:
+            connection = self._owned[0]
             self._open.pop(connection, None)
             await connection.close()
+            self._owned.remove(connection)
 
     def _released(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
         # A robust channel reports a close also when its connection drops and it will be

@@ -124,9 +124,19 @@ def queue_declaration(name: str) -> Iterator[None]:
 def broker_errors(doing: str) -> Iterator[None]:
     """Re-raises broker failures as :class:`BrokerError` naming what was being done."""
     try:
-        yield
+        with closed_under(doing):
+            yield
     except BROKER_FAILURES as exc:
         raise broker_error(doing, exc) from exc
+
+
+@contextmanager
+def closed_under(doing: str) -> Iterator[None]:
+    """Re-raises a channel or connection closed under the call (:func:`closed_under_the_call`)
+    as :class:`BrokerError`: around a public call, so that no path inside it that meets the
+    store's close passes aiormq's cancellation on to a caller that was not cancelled."""
+    try:
+        yield
     except BaseException as exc:
         if closed_under_the_call(exc):
             raise broker_error(doing, exc) from exc

@@ -9,6 +9,7 @@ head.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -17,12 +18,18 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from amqp_queue.channel_closing import closing
 from amqp_queue.delivery_index import DeliveryIndex
-from amqp_queue.errors import BROKER_FAILURES
+from amqp_queue.errors import BROKER_FAILURES, closed_under_the_call
 from amqp_queue.observer import Observer
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.state.validation import is_command_id
 
 logger = logging.getLogger("amqp_queue.settlement")
+
+SETTLE_WITHIN = 10.0
+"""Seconds an ack or requeue may wait for its frame to be written. aiormq waits for the
+connection's writer, and a connection closed under the call (a close cut short by the
+caller's deadline) has none left: unbounded, the drain or stream waited for ever. Whatever
+is left unsettled the broker requeues with the channel."""
 
 
 def command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
@@ -39,13 +46,16 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool 
         logger.debug("message %s left to its closing channel", message.message_id)
         return
     try:
-        if ack:
-            await message.ack(multiple=multiple)
-        else:
-            await message.nack(multiple=multiple, requeue=True)
-    except BROKER_FAILURES as exc:
+        async with asyncio.timeout(SETTLE_WITHIN):
+            if ack:
+                await message.ack(multiple=multiple)
+            else:
+                await message.nack(multiple=multiple, requeue=True)
+    except BaseException as exc:
+        if not isinstance(exc, BROKER_FAILURES) and not closed_under_the_call(exc):
+            raise
         logger.warning(
-            "could not %s message %s (%s); the broker requeues it with the lost channel",
+            "could not %s message %s (%r); the broker requeues it with the lost channel",
             "ack" if ack else "requeue",
             message.message_id,
             exc,

@@ -21,9 +21,7 @@ from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
 from amqp_queue.drain import close_drain_channel, drain
-from amqp_queue.errors import (
-    BrokerError,
-)
+from amqp_queue.errors import BrokerError, closed_under
 from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
@@ -193,11 +191,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._close_channels()
         finally:
             self._started = False
-            owned, self._owned = self._owned, []
             try:
-                for resource in reversed(owned):
-                    if resource is not self.state:
-                        await resource.close()
+                # Each forgotten once closed: a close cut short here leaves the rest to the next.
+                for resource in [r for r in reversed(self._owned) if r is not self.state]:
+                    await resource.close()
+                    self._owned.remove(resource)
                 # A drain that outlived the grace meets closed channels now; what it claimed
                 # goes back to the index before the index closes, and so does the give-back
                 # of a drain cancelled meanwhile (its channel's close waits for it, bounded).
@@ -205,8 +203,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 await self._running.wait_background()
             finally:
                 try:
-                    if self.state in owned:
+                    if self.state in self._owned:
                         await self.state.close()
+                        self._owned.remove(self.state)
                 finally:
                     self._running.ended()
 
@@ -230,7 +229,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     async def drain_commands(self, device_id: str) -> list[CommandRecord]:
         """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
         device = self._device(device_id)
-        with self._running.drain() as running:
+        with closed_under(f"draining {device}"), self._running.drain() as running:
             topology = await self._ready()
             assert self._relay is not None
             if self._relay.pending:
@@ -372,13 +371,14 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             if record.is_ready:
                 self._path.owe(record.id)
             return record.id
-        reachable = await self._declare_first(record.device_id)
-        await self._path.write(record)
-        if record.is_ready:
-            if reachable:
-                await self._path.publish(record)
-            else:
-                self._path.owe(record.id)
+        with closed_under(f"enqueueing command {record.id}"):
+            reachable = await self._declare_first(record.device_id)
+            await self._path.write(record)
+            if record.is_ready:
+                if reachable:
+                    await self._path.publish(record)
+                else:
+                    self._path.owe(record.id)
         return record.id
 
     async def _declare_first(self, device_id: str) -> bool:

@@ -19,7 +19,7 @@ from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.delivery_marks import DeliveryMarks
-from amqp_queue.errors import BrokerError
+from amqp_queue.errors import BrokerError, closed_under
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
@@ -236,7 +236,8 @@ class CommandStream(Closing):
                 open_inbox(self._channel, topology, self._config, self._device_id)
             )
             try:
-                self._inbox = await self._opening
+                with closed_under(f"opening the stream of {self._device_id}"):
+                    self._inbox = await self._opening
             except BaseException:
                 # A channel (and maybe a consumer) of a stream that never opened: closed,
                 # so it neither leaks nor holds messages unacked.

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import traceback
 from pathlib import Path
 
 import pytest
 
 from amqp_queue import QueueError
-from tests.support import matrix, seeded
+from tests.rabbitmq_support import AMQP_URL
+from tests.support import matrix, seeded, unique
 from tests.test_adversarial_ninth import LONG, space_on, take
 from tests.test_adversarial_seams import BACKENDS
 
@@ -84,3 +86,117 @@ async def test_an_enqueue_is_never_cancelled_by_close(
                 got += await take(c, device, want, 15)
         missing = set(accepted) - {i for i, _ in got}
         assert not missing, f"{len(missing)} accepted commands never came"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cut_short", matrix([False, True], [True]))
+async def test_every_call_in_flight_at_close_answers_and_loses_nothing(
+    backend: str, cut_short: bool, tmp_path: Path
+) -> None:
+    """Plain enqueues, fan-outs, confirmations, drains and streams all in flight when
+    ``close()`` runs (whole, or cut short by a deadline and called again): each call returns
+    or raises the library's own error, never a cancellation its caller did not ask for; every
+    command a call reported ready (an enqueue's id, a rollout's ids, a returned confirmation)
+    reaches its device through the next store."""
+    rng = seeded()
+    async with space_on(backend, tmp_path) as space:
+        name = unique("closing")
+        a = await space.open(f"{AMQP_URL}?name={name}", relay_after=1.0)
+        devices = [space.device() for _ in range(6)]
+        readers, fleet = devices[:2], devices[2:]
+        for device in devices:
+            await a.ensure_queue(device)
+        held = [await a.enqueue_with_confirmation(d, "hold", b"c", LONG) for d in fleet]
+        ready: dict[str, set[bytes]] = {d: set() for d in devices}
+        handed: dict[str, list[bytes]] = {d: [] for d in devices}
+
+        async def plain(n: int) -> object:
+            device = rng.choice(devices)
+            payload = f"p{n}".encode()
+            await a.enqueue(device, payload, LONG)
+            ready[device].add(payload)
+            return payload
+
+        async def fan_out(n: int) -> object:
+            payload = f"f{n}".encode()
+            await a.enqueue_many(fleet, payload, LONG)
+            for device in fleet:
+                ready[device].add(payload)
+            return payload
+
+        async def confirm(n: int) -> object:
+            await a.confirm_command(held[n])
+            ready[fleet[n]].add(b"c")
+            return held[n]
+
+        async def drain(n: int) -> object:
+            device = fleet[n % len(fleet)]
+            payloads = await a.drain_pending(device)
+            handed[device] += payloads
+            return payloads
+
+        async def stream(device: str) -> object:
+            async with a.consume(device) as commands:
+                async for command in commands:
+                    handed[device].append(command.payload)
+            return device
+
+        calls = [asyncio.create_task(stream(d), name=f"stream {d}") for d in readers]
+        for n in range(120):
+            make = (plain, plain, fan_out, drain)[n % 4]
+            calls.append(asyncio.create_task(make(n), name=f"{make.__name__} {n}"))
+            if n < len(held):
+                calls.append(asyncio.create_task(confirm(n), name=f"confirm {n}"))
+            if n % 10 == 0:
+                await asyncio.sleep(rng.uniform(0, 0.003))
+        if cut_short:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(rng.uniform(0, 0.05)):
+                    await a.close()
+        await asyncio.wait_for(a.close(), 30)
+        _, hung = await asyncio.wait(calls, timeout=30)
+        for task in hung:
+            print(task.get_name(), "waits in:", *_awaiting(task.get_coro()), sep="\n  ")
+        assert not hung, f"calls still running 30 s after close: {[t.get_name() for t in hung]}"
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        # The second close finished the job: no connection of the store is left open.
+        for _ in range(20):  # the broker forgets a closed connection within moments
+            if not (left := await asyncio.to_thread(_connections_named, name)):
+                break
+            await asyncio.sleep(0.25)
+        assert not left, f"{left} connections of the closed store are still open"
+        wrong = [
+            x for x in answers if isinstance(x, BaseException) and not isinstance(x, QueueError)
+        ]
+        named = [t.get_name() for t, x in zip(calls, answers, strict=True) if x in wrong]
+        assert not wrong, [named, *("".join(traceback.format_exception(w)) for w in wrong[:1])]
+
+        c = await space.open(relay_after=1.0)
+        for device in devices:
+            want = ready[device] - set(handed[device])
+            if want:
+                handed[device] += [p for _, p in await take(c, device, want, 15)]
+        missing = {d: ready[d] - set(handed[d]) for d in devices if ready[d] - set(handed[d])}
+        assert not missing, missing
+
+
+def _connections_named(name: str) -> int:
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return sum(1 for line in listing.splitlines() if name in line)
+
+
+def _awaiting(coro: object) -> list[str]:
+    """Where a suspended coroutine waits: each frame of its chain of awaits."""
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
