@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import traceback
 from pathlib import Path
 
 import pytest
 
 from amqp_queue import QueueError
+from tests.faults.broker import rabbitmqctl
 from tests.rabbitmq_support import AMQP_URL
 from tests.support import matrix, seeded, unique
 from tests.test_adversarial_ninth import LONG, space_on, take
@@ -181,13 +181,7 @@ async def test_every_call_in_flight_at_close_answers_and_loses_nothing(
 
 
 def _connections_named(name: str) -> int:
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    listing = rabbitmqctl("-q", "list_connections", "client_properties", timeout=30)
     return sum(1 for line in listing.splitlines() if name in line)
 
 
