@@ -147,6 +147,18 @@ class BrokerStart:
         """Whether the store started without its broker and is still waiting for it."""
         return not self._started and self._starter is not None
 
+    async def _stop_starter(self) -> None:
+        """Ends a background start (the store is closing)."""
+        if self._starter is not None:
+            self._starter.cancel()
+            try:
+                await self._starter
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # it ended by itself; closing goes on regardless
+                logger.error("the background start had failed: %s", exc)
+            self._starter = None
+
     async def _close_channels(self) -> None:
         channels, self._declaring = [self._channel, *self._declaring], []
         self._channel = None

@@ -12,6 +12,7 @@ channel (tests/test_channel_close.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import weakref
@@ -38,6 +39,13 @@ def closing(message: AbstractIncomingMessage) -> bool:
         return False
     # Its connection closed, nothing writes a frame on it any more: the broker requeues.
     return channel in _CLOSING or channel.connection.is_closed
+
+
+def give_up_on(message: AbstractIncomingMessage) -> None:
+    """Settles nothing more on the channel ``message`` came on: a settle there went
+    unanswered, and a later one could name its delivery again (a 406 closes the channel)."""
+    with contextlib.suppress(ChannelInvalidStateError):
+        _CLOSING.add(message.channel)
 
 
 async def close_channel(channel: AbstractChannel, give_up_after: float, what: str) -> None:

@@ -62,7 +62,7 @@ def closed_under_the_call(exc: BaseException) -> bool:
     own cancellation (its task is not cancelling), so it is a broker failure like any other:
     passed on as it is, a caller that was not cancelled would see itself cancelled.
     """
-    if type(exc) is Exception:
+    if type(exc) is Exception and not exc.args:  # aiormq's, not one with a message
         return True
     if isinstance(exc, asyncio.CancelledError):
         task = asyncio.current_task()
@@ -72,7 +72,7 @@ def closed_under_the_call(exc: BaseException) -> bool:
 
 def broker_error(doing: str, exc: BaseException) -> BrokerError:
     """The :class:`BrokerError` for a broker failure ``exc`` while ``doing`` something."""
-    if type(exc) is Exception or isinstance(exc, asyncio.CancelledError):
+    if (type(exc) is Exception and not exc.args) or isinstance(exc, asyncio.CancelledError):
         return BrokerError(f"{doing} failed: its channel closed under it")
     return BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}")
 

@@ -39,10 +39,8 @@ from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
 
-# Seconds the relay pauses after a pass failed for an unexpected reason.
-_RESTART_PAUSE = 1.0
-# Seconds between passes while commands wait behind what the start-up read found.
-_START_RECHECK = 0.1
+_RESTART_PAUSE = 1.0  # seconds the relay pauses after a pass failed for an unexpected reason
+_START_RECHECK = 0.1  # seconds between passes while commands wait behind the start-up read
 # Seconds a call waits for its publish after a pass failed on the broker (see published()).
 BROKER_RETRY_WAIT = 0.25
 
@@ -95,8 +93,7 @@ class OutboxRelay:
         self._closed = False
         self._next_due: datetime | None = None
         self.pending = True
-        """Whether this process owes, or may hold, unpublished commands: a direct publish
-        must then leave its command to the relay, or it would overtake them."""
+        """Whether this process owes, or may hold, unpublished commands (so none is direct)."""
         self._kicks = 0
         self._lease = RelayLease(state, config)
         self._holds = StartHolds()
@@ -117,8 +114,7 @@ class OutboxRelay:
         self.kick()
 
     def kick(self) -> None:
-        """Asks for a pass soon (a publish failed, the connection came back, or a command
-        was left behind the backlog)."""
+        """Asks for a pass soon (a publish failed, the link is back, a command left behind)."""
         self.pending = True
         self._kicks += 1
         self._wake.set()
@@ -145,9 +141,8 @@ class OutboxRelay:
         return released is not None
 
     def owe_release(self, command_ids: Iterable[str]) -> None:
-        """Takes on claimed commands nobody received, which a cancelled drain could not give
-        back (the index failed): each pass tries to release them unpublished, and publishes
-        them again (whoever read their requeued messages dropped them as delivered)."""
+        """Takes on claimed commands nobody received (a cancelled drain's give-back failed):
+        each pass tries to release them, then publishes them again (dropped as delivered)."""
         self._owed_release.add(command_ids)
         if self._closed:
             logger.error(
@@ -332,11 +327,16 @@ class OutboxRelay:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="amqp_queue.outbox")
 
-    async def close(self) -> None:
+    def halt(self) -> None:
+        """Stops the relay's task at once (a close cut short): it uses the index no more."""
         self._closed = True
         self._waits.end()
         if self._task is not None:
             self._task.cancel()
+
+    async def close(self) -> None:
+        self.halt()
+        if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

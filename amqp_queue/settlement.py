@@ -16,7 +16,7 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from amqp_queue.channel_closing import closing
+from amqp_queue.channel_closing import closing, give_up_on
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BROKER_FAILURES, closed_under_the_call
 from amqp_queue.observer import Observer
@@ -54,6 +54,8 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool 
     except BaseException as exc:
         if not isinstance(exc, BROKER_FAILURES) and not closed_under_the_call(exc):
             raise
+        if isinstance(exc, TimeoutError):
+            give_up_on(message)
         logger.warning(
             "could not %s message %s (%r); the broker requeues it with the lost channel",
             "ack" if ack else "requeue",

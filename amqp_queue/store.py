@@ -89,6 +89,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         # Set by close(): its connection is closed, and a call needing the broker fails at
         # once rather than waiting publish_timeout for a channel that never opens.
         self._closed = False
+        self._closed_all = False  # a close ran to its end: nothing is left to close
         self._path = PublishPath(state, self.observer)
         # Started without its broker: the task that starts the store once it is reachable.
         self._starter: asyncio.Task[None] | None = None
@@ -157,31 +158,23 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         and closes what the store owns.
 
         A drain still reading its queue returns nothing and leaves it queued (one already
-        claiming returns what it claimed); a ``consume`` loop waiting for
-        the next command ends, and one whose body is running ends when it asks for the next
-        (its command is settled then), or after ``CLOSE_GRACE`` (2) seconds with the
-        command requeued. Drains are waited for while the broker and the index are still
-        open, up to ``publish_timeout`` seconds, so a close with a slow drain under way
-        takes that long (and at most about ``publish_timeout`` + 2 s more to close its
-        channels and wait for a cancelled drain's give-back). A stream's delivery marks
-        are waited for up to ``publish_timeout`` too; with an index that does not answer at
-        all (a stalled link), each index call on the way out also waits for its own bound
-        (PostgreSQL's statement timeout, Redis's socket timeout).
+        claiming returns what it claimed); a ``consume`` loop waiting for the next command
+        ends, one whose body runs ends when it asks for the next (its command settled), or
+        after ``CLOSE_GRACE`` (2) s with the command requeued. Drains are waited for up to
+        ``publish_timeout`` s while the broker and index are open, then about 2 s more for
+        channels and a cancelled drain's give-back; a stream's delivery marks up to
+        ``publish_timeout`` too. An index that does not answer (a stalled link) holds each
+        call on the way out for its own bound (PostgreSQL's statement timeout, Redis's
+        socket timeout). Cut short (the caller's deadline), a close still stops the relay
+        and closes what the store owns; called again, it finishes what is left.
         """
+        if self._closed_all:
+            return
         self._closed = True
         try:
-            if self._starter is not None:
-                self._starter.cancel()
-                try:
-                    await self._starter
-                except asyncio.CancelledError:
-                    pass
-                except Exception as exc:  # it ended by itself; closing goes on regardless
-                    logger.error("the background start had failed: %s", exc)
-                self._starter = None
+            await self._stop_starter()
             await self._running.end(drain_grace=self.config.publish_timeout)
             await self._running.wait_background()
-            await self._channels.close()
             if self._relay is not None:
                 if not self.broker_pending:
                     await publish_owed(self._relay, self.config.publish_timeout)
@@ -191,21 +184,26 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._close_channels()
         finally:
             self._started = False
+            if self._relay is not None:
+                self._relay.halt()  # cut short above: it must not use what closes below
             try:
+                await self._channels.close()
                 # Each forgotten once closed: a close cut short here leaves the rest to the next.
                 for resource in [r for r in reversed(self._owned) if r is not self.state]:
                     await resource.close()
-                    self._owned.remove(resource)
+                    self._owned = [r for r in self._owned if r is not resource]
                 # A drain that outlived the grace meets closed channels now; what it claimed
                 # goes back to the index before the index closes, and so does the give-back
                 # of a drain cancelled meanwhile (its channel's close waits for it, bounded).
                 await self._running.wait_drains(CLOSE_GRACE)
                 await self._running.wait_background()
+                await self._path.flush()  # the marks of publishes answered meanwhile
             finally:
                 try:
                     if self.state in self._owned:
                         await self.state.close()
-                        self._owned.remove(self.state)
+                        self._owned = [r for r in self._owned if r is not self.state]
+                    self._closed_all = not self._owned
                 finally:
                     self._running.ended()
 

@@ -130,6 +130,7 @@ async def test_a_storm_of_opens_while_the_broker_link_fails(
                     left.discard(d)
                 if not left:
                     break
+                await asyncio.sleep(0.5)  # the pool reopening its connections
         twice = {k: n for k, n in Counter(got).items() if n > 1}
         assert not twice, f"handed out twice: {list(twice)[:3]}"
         missing = sorted(d for d in devices if (d, d.encode()) not in got)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import traceback
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from tests.support import matrix, seeded, unique
 from tests.test_adversarial_ninth import LONG, space_on, take
 from tests.test_adversarial_seams import BACKENDS
 
+# A call still on its way when the store closed may reach the index after it closed, and
+# SQLAlchemy and redis-py open a connection for it that nobody closes (a known limit: see
+# docs/reliability.md). Each test collects the garbage at its end, under these filters, so
+# what leaked is not reported in a later test of the worker, which has none.
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
@@ -86,6 +91,7 @@ async def test_an_enqueue_is_never_cancelled_by_close(
                 got += await take(c, device, want, 15)
         missing = set(accepted) - {i for i, _ in got}
         assert not missing, f"{len(missing)} accepted commands never came"
+    gc.collect()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,6 +184,7 @@ async def test_every_call_in_flight_at_close_answers_and_loses_nothing(
                 handed[device] += [p for _, p in await take(c, device, want, 15)]
         missing = {d: ready[d] - set(handed[d]) for d in devices if ready[d] - set(handed[d])}
         assert not missing, missing
+    gc.collect()
 
 
 def _connections_named(name: str) -> int:
