@@ -201,3 +201,17 @@ def _awaiting(coro: object) -> list[str]:
             frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return frames
+
+
+async def test_two_closes_at_once_both_return(tmp_path: Path) -> None:
+    """Two tasks closing the same store at once (a signal handler and a ``finally``) both
+    return, and the store refuses calls afterwards with the library's error."""
+    async with space_on("sqlite", tmp_path) as space:
+        a = await space.open(relay_after=1.0)
+        device = space.device()
+        await a.enqueue(device, b"x", LONG)
+        await asyncio.wait_for(asyncio.gather(a.close(), a.close()), 30)
+        await a.close()
+        with pytest.raises(QueueError):
+            await a.enqueue(device, b"y", LONG)
+    gc.collect()
