@@ -1,13 +1,29 @@
 """A change of one command on Redis decided in Python (confirm, cancel, an outcome): read
 under WATCH, decided by the rule the caller passes, written in MULTI/EXEC, and decided again
-when another client changed the command meanwhile."""
+when another client changed the command meanwhile.
+
+An EXEC whose answer was lost (the connection closed or timed out after it was sent) may have
+been written: Redis appends it to its AOF before it answers, and a shutdown in the same turn
+of its event loop (SIGTERM), or a crash between the two, answers nobody. Raising StateError
+then told the caller "not written" of a change Redis held: a confirm that "failed" let its
+device get the command (tests/test_redis_change_doubt.py). So the change is run again, retried
+with jitter while Redis is away, for at most :data:`~amqp_queue.state.write_doubt.BOUND`
+seconds: a change recognises its own earlier write (``indexed_store._OwnWriteAware``), so the
+rerun either finds it or makes it, and the call returns; if Redis does not answer within the
+bound, a StateError that says the outcome is unknown. A late copy of the lost EXEC cannot land
+after a rerun that wrote: the rerun changed the key the copy's WATCH guards.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from . import write_doubt
 from .clock import Clock
 from .errors import StateError
 from .fleet import Change
@@ -50,6 +66,26 @@ class RedisChanges:
         def _awaiting_key(self) -> str: ...
 
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
+        try:
+            return await self._modify_watched(command_id, change)
+        except _ReplyLost as lost:
+            failure = StateError(f"redis update failed: {lost.__cause__}")
+            failure.__cause__ = lost.__cause__
+        logger.warning("%s; running the change of %s again to find out", failure, command_id)
+        try:
+            async with asyncio.timeout(write_doubt.BOUND):
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type((StateError, _ReplyLost)),
+                    wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                    reraise=True,
+                ):
+                    with attempt:
+                        record = await self._modify_watched(command_id, change)
+        except (TimeoutError, StateError, _ReplyLost) as exc:
+            raise write_doubt.unknown(failure, exc or "timed out") from failure
+        return record
+
+    async def _modify_watched(self, command_id: str, change: Change) -> CommandRecord | None:
         from redis.exceptions import WatchError
 
         async with self._errors("update"), self._client.pipeline(transaction=True) as pipe:
@@ -110,5 +146,28 @@ class RedisChanges:
             pipe.zadd(self._indexes[1], {command_id: encode_time(updated.ready_at)})
         else:
             pipe.zrem(self._indexes[1], command_id)
-        await pipe.execute()
+        await _execute(pipe)
         return updated
+
+
+class _ReplyLost(Exception):
+    """An EXEC failed after it may have been sent: its change may be in (``__cause__`` says
+    why)."""
+
+
+async def _execute(pipe: Pipeline) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import WatchError
+
+    lost = (RedisConnectionError, RedisTimeoutError, OSError)
+    try:
+        await pipe.execute()
+    except WatchError as exc:
+        # redis-py reports a connection lost under WATCH as a WatchError raised while
+        # handling it; a watched key changed by another client has no such context.
+        if isinstance(exc.__context__, lost):
+            raise _ReplyLost() from exc.__context__
+        raise
+    except lost as exc:
+        raise _ReplyLost() from exc
