@@ -113,6 +113,38 @@ class Commit(Generic[T]):
             raise write_doubt.unknown(failure, why) from failure
         write_doubt.settle(failure, found, len(command_ids), logger)
 
+    async def rerun(
+        self, engine: AsyncEngine, failure: StateError, again: Callable[[], Awaitable[T]]
+    ) -> T:
+        """For a change of one command (confirm, cancel, an outcome) whose COMMIT lost its
+        answer: once the server process that ran it has ended (its outcome is final), runs it
+        ``again``, retrying with jitter while the server is away: a change recognises its own
+        earlier write (``indexed_store._OwnWriteAware``), so the rerun finds it or makes it.
+
+        Raises:
+            StateError: ``failure`` if it failed before its COMMIT or with an error the
+                server reported; one saying the outcome is unknown if no rerun got through
+                within :data:`BOUND` seconds.
+        """
+        if self.backend is None or not connection_level(failure):
+            raise failure
+        logger.warning("%s; running the change again to find out", failure)
+        try:
+            async with asyncio.timeout(BOUND):
+                await _asking(engine, self.backend, _nothing)
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(StateError),
+                    wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                    reraise=True,
+                ):
+                    with attempt:
+                        result = await again()
+        except _Unknown as why:
+            raise write_doubt.unknown(failure, why) from failure
+        except (TimeoutError, StateError) as exc:
+            raise write_doubt.unknown(failure, exc or "timed out") from failure
+        return result
+
     async def settle_claim(
         self,
         engine: AsyncEngine,
@@ -151,6 +183,10 @@ class Commit(Generic[T]):
             "shows it, yet some were changed since",
             records,
         ) from failure
+
+
+async def _nothing(_: AsyncConnection) -> None:
+    """No question: :func:`_asking` only waits for the transaction's process to end."""
 
 
 class _Unknown(Exception):
