@@ -20,7 +20,7 @@ import weakref
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
-from amqp_queue.errors import BROKER_FAILURES, closed_under_the_call
+from amqp_queue.errors import broker_failure, closed_under_the_call
 
 logger = logging.getLogger("amqp_queue.channel_closing")
 
@@ -70,7 +70,7 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
             raise
         logger.warning("closing %s: no answer in %s s; it goes on", what, give_up_after)
     except BaseException as exc:
-        if not isinstance(exc, BROKER_FAILURES) and not closed_under_the_call(exc):
+        if not broker_failure(exc):
             raise
         logger.warning("closing %s: %r", what, exc)
 

@@ -70,6 +70,12 @@ def closed_under_the_call(exc: BaseException) -> bool:
     return False
 
 
+def broker_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker, the network or the channel failing a call (one of
+    :data:`BROKER_FAILURES`, or :func:`closed_under_the_call`), not the caller's own error."""
+    return isinstance(exc, BROKER_FAILURES) or closed_under_the_call(exc)
+
+
 def broker_error(doing: str, exc: BaseException) -> BrokerError:
     """The :class:`BrokerError` for a broker failure ``exc`` while ``doing`` something."""
     if (type(exc) is Exception and not exc.args) or isinstance(exc, asyncio.CancelledError):
@@ -102,22 +108,20 @@ def queue_declaration(name: str) -> Iterator[None]:
     The refusal closes the channel under every declaration in flight on it, with the same
     exception; the broker's reason names the queue, so only that queue's is a mismatch.
     """
+    doing = f"declaring queue {name!r}"
     try:
-        yield
+        with closed_under(doing):
+            yield
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         reason = " ".join(map(str, exc.args))
         if f"queue '{name}'" not in reason:
-            raise broker_error(f"declaring queue {name!r}", exc) from exc
+            raise broker_error(doing, exc) from exc
         raise QueueMismatch(
             f"queue {name!r} exists with other settings than RabbitMQConfig asks for "
             f"({reason}); delete the queue or set queue_type and durable to match it"
         ) from exc
     except BROKER_FAILURES as exc:
-        raise broker_error(f"declaring queue {name!r}", exc) from exc
-    except BaseException as exc:
-        if closed_under_the_call(exc):
-            raise broker_error(f"declaring queue {name!r}", exc) from exc
-        raise
+        raise broker_error(doing, exc) from exc
 
 
 @contextmanager

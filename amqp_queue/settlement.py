@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from amqp_queue.channel_closing import closing, give_up_on
 from amqp_queue.delivery_index import DeliveryIndex
-from amqp_queue.errors import BROKER_FAILURES, closed_under_the_call
+from amqp_queue.errors import broker_failure
 from amqp_queue.observer import Observer
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.state.validation import is_command_id
@@ -52,7 +52,7 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool 
             else:
                 await message.nack(multiple=multiple, requeue=True)
     except BaseException as exc:
-        if not isinstance(exc, BROKER_FAILURES) and not closed_under_the_call(exc):
+        if not broker_failure(exc):
             raise
         if isinstance(exc, TimeoutError):
             give_up_on(message)
