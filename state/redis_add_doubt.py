@@ -70,10 +70,10 @@ async def add_once(
     sender = client.client()
     try:
         try:
-            await _connect(sender)
+            await open_sender(sender)
         except (RedisError, OSError) as exc:
             raise StateError(f"redis add failed: {exc}") from exc
-        resends = _resends(sender)
+        resent = resends(sender)
         try:
             return await add(keys=keys, args=args, client=sender)
         except (RedisError, OSError) as exc:
@@ -83,7 +83,7 @@ async def add_once(
             # A refusal (LOADING while Redis replays its AOF, READONLY, OOM, a script error)
             # ran nothing, unless a client that resends had sent the add before and lost that
             # reply: then only the index can say.
-            if not (lost or resends):
+            if not (lost or resent):
                 raise StateError(f"redis add failed: {exc}") from exc
             failure = StateError(f"redis add failed: {exc}")
             failure.__cause__ = exc
@@ -94,14 +94,14 @@ async def add_once(
         await sender.aclose(close_connection_pool=False)
 
 
-def _resends(sender: Redis) -> bool:
+def resends(sender: Redis) -> bool:
     """Whether the client sends a command again after a lost reply (a client built with
     ``Redis(host=...)`` retries, one from a URL does not, unless told to)."""
     retry = getattr(sender.connection, "retry", None)
     return retry is not None and retry.get_retries() > 0
 
 
-async def _connect(sender: Redis) -> None:
+async def open_sender(sender: Redis) -> None:
     """Gives ``sender`` a connection that is open as far as the client can tell."""
     await sender.initialize()
     connection = sender.connection

@@ -3,7 +3,8 @@ that run them.
 
 Each runs on the server in one atomic step, as every multi-key change of
 :class:`~amqp_queue.state.redis_store.RedisStore` does; the key layout is in
-:mod:`amqp_queue.state.redis_scripts`.
+:mod:`amqp_queue.state.redis_scripts`. A rollout's confirm or cancel and a retirement whose
+reply was lost are run again (:mod:`amqp_queue.state.redis_rerun`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 from .model import CommandRecord, CommandStatus
 from .redis_encoding import LIVENESS_FIELDS, as_text, decode_replies, is_live
 from .redis_lua import PRELUDE, SWEEP_BATCH
+from .redis_rerun import run_rerunnable
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -169,11 +171,13 @@ class RedisFleetCalls:
     async def _confirm_rollout(
         self, rollout_id: str, now: datetime, by: str | None = None
     ) -> list[CommandRecord]:
-        async with self._errors("confirm rollout"):
-            confirmed = await self._confirm_rollout_script(
-                keys=[*self._indexes, self._rollout_key(rollout_id)],
-                args=self._args(now, [by or ""]),
-            )
+        confirmed = await run_rerunnable(
+            self._client,
+            self._confirm_rollout_script,
+            [*self._indexes, self._rollout_key(rollout_id)],
+            self._args(now, [by or ""]),
+            "confirm rollout",
+        )
         return [record for _, record in decode_replies(confirmed)]
 
     async def _cancel_open(
@@ -189,10 +193,13 @@ class RedisFleetCalls:
             if device_id is not None
             else self._rollout_key(str(rollout_id))
         )
-        async with self._errors("cancel"):
-            cancelled = await self._cancel_open_script(
-                keys=[*self._indexes, members], args=self._args(now, [by or ""])
-            )
+        cancelled = await run_rerunnable(
+            self._client,
+            self._cancel_open_script,
+            [*self._indexes, members],
+            self._args(now, [by or ""]),
+            "cancel",
+        )
         return int(cancelled)
 
     async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:

@@ -8,17 +8,19 @@ back with the AOF while the client only sees its connection close. On PostgreSQL
 in flight lands on the server all the same. The store raised StateError for such a change,
 telling the caller nothing was written: a confirm that "failed" let the device get a command
 its operator was told stayed unconfirmed (the fault harness's ``redis_restart[term]`` trial
-counted it stale in CI), a cancel that "failed" took a command from its device.
+counted it stale in CI), a cancel that "failed" took a command from its device. A rollout's
+confirm or cancel (one script or transaction over all its members) had the same doubt.
 
-Many confirm and cancel loops run while the index's private server is restarted (Redis) or
-every connection to it cut with commits in flight (PostgreSQL); afterwards every call that
-returned holds its change, and no call that raised StateError without saying its outcome is
-unknown does.
+Many confirm and cancel loops, of single commands and of whole rollouts, run while the index's
+private server is restarted (Redis) or every connection to it cut with commits in flight
+(PostgreSQL); afterwards every call that returned holds its change, and no call that raised
+StateError without saying its outcome is unknown does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,39 +47,65 @@ UNKNOWN = "outcome is unknown"
 
 @dataclass
 class Calls:
+    members: dict[str, list[str]] = field(default_factory=dict)
+    """What each call changed: a command's id (one command) or a rollout's (its members)."""
     returned: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)
-    """Ids of commands whose change raised StateError saying nothing was written."""
+    """Calls that raised StateError saying nothing was written, with the message."""
     met: int = 0
 
 
 async def _storm(
     store: IndexedStore, inject: Callable[[], Awaitable[None]], ids: list[str]
 ) -> Calls:
-    """``WORKERS`` loops, each confirming (even workers) or cancelling (odd) commands of its
-    own, for ``SECONDS``, while ``inject`` runs ``OUTAGES`` times, half a second apart."""
+    """``WORKERS`` loops for ``SECONDS`` while ``inject`` runs ``OUTAGES`` times, half a
+    second apart: half of them confirm or cancel commands of ``ids``, one at a time; the
+    other half make three-device rollouts and confirm or cancel each whole."""
     calls = Calls()
     spans: list[tuple[float, float]] = []
     faults: list[tuple[float, float]] = []
     stop = time.monotonic() + SECONDS
+    singles = WORKERS // 2
+
+    async def call(key: str, changing: Awaitable[object]) -> None:
+        started = time.monotonic()
+        try:
+            await changing
+            calls.returned.add(key)
+        except StateError as exc:
+            if UNKNOWN not in str(exc):
+                calls.refused[key] = str(exc)
+            await asyncio.sleep(0.01)
+        finally:
+            spans.append((started, time.monotonic()))
 
     async def change(worker: int) -> None:
-        for command_id in ids[worker::WORKERS]:
+        for command_id in ids[worker::singles]:
             if time.monotonic() >= stop:
                 return
-            started = time.monotonic()
+            calls.members[command_id] = [command_id]
+            cancel = worker % 2
+            await call(
+                command_id,
+                store.cancel_command(command_id) if cancel else store.confirm_command(command_id),
+            )
+
+    async def roll_out(worker: int) -> None:
+        for n in itertools.count():
+            if time.monotonic() >= stop:
+                return
+            devices = [f"roll-{worker}-{n}-{k}" for k in range(3)]
             try:
-                if worker % 2:
-                    await store.cancel_command(command_id)
-                else:
-                    await store.confirm_command(command_id)
-                calls.returned.add(command_id)
-            except StateError as exc:
-                if UNKNOWN not in str(exc):
-                    calls.refused[command_id] = str(exc)
+                rollout = await store.enqueue_many(
+                    devices, b"r", 3600, command_type="fw", requires_confirmation=True
+                )
+            except StateError:
                 await asyncio.sleep(0.01)
-            finally:
-                spans.append((started, time.monotonic()))
+                continue
+            key = rollout.rollout_id
+            calls.members[key] = list(rollout.command_ids)
+            cancel = worker % 2
+            await call(key, (store.cancel_rollout if cancel else store.confirm_rollout)(key))
 
     async def injecting() -> None:
         for _ in range(OUTAGES):
@@ -86,7 +114,11 @@ async def _storm(
             await inject()
             faults.append((began, time.monotonic()))
 
-    await asyncio.gather(injecting(), *(change(worker) for worker in range(WORKERS)))
+    await asyncio.gather(
+        injecting(),
+        *(change(worker) for worker in range(singles)),
+        *(roll_out(worker) for worker in range(singles, WORKERS)),
+    )
     calls.met = sum(
         1 for started, ended in spans for down, up in faults if started < up and ended > down
     )
@@ -104,21 +136,28 @@ async def _changes(store: IndexedStore, inject: Callable[[], Awaitable[None]]) -
         await store.add(records)
         ids += [record.id for record in records]
     calls = await _storm(store, inject, ids)
-    held = {command_id: await store.get(command_id) for command_id in ids}
+    held = {
+        command_id: await store.get(command_id)
+        for members in calls.members.values()
+        for command_id in members
+    }
 
     assert calls.returned, "no change went through"
     assert calls.met, "no change met the fault"
+    assert any(len(calls.members[key]) > 1 for key in calls.returned), "no rollout went through"
 
     def changed(command_id: str) -> bool:
         record = held[command_id]
         assert record is not None
         return record.confirmed or record.end_reason is EndReason.CANCELLED
 
-    lost = {command_id for command_id in calls.returned if not changed(command_id)}
-    written = {command_id: why for command_id, why in calls.refused.items() if changed(command_id)}
+    lost = {key for key in calls.returned if not all(map(changed, calls.members[key]))}
+    written = {
+        key: why for key, why in calls.refused.items() if any(map(changed, calls.members[key]))
+    }
     assert not lost
     assert not written, (
-        f"{len(written)} of {len(calls.refused)} changes raised 'not written' yet were "
+        f"{len(written)} of {len(calls.refused)} calls raised 'not written' yet were "
         f"written ({len(calls.returned)} returned): {sorted(set(written.values()))}"
     )
 

@@ -1,6 +1,9 @@
 """The SQL store's set-wide writes of rollouts and retiring (confirm a rollout, cancel a
 rollout's or a device's open commands), each one transaction of
-:mod:`amqp_queue.state.sql.transactions`; ``by`` names who does it."""
+:mod:`amqp_queue.state.sql.transactions`; ``by`` names who does it.
+
+Each is run again after a COMMIT whose answer was lost (``SqlExecution._rerunnable``): the
+rerun changes what the lost one did not, and returns (counts) what it changed itself."""
 
 from __future__ import annotations
 
@@ -23,14 +26,14 @@ class SqlFleetWrites:
 
     if TYPE_CHECKING:  # provided by SqlStore
 
-        async def _transaction(
+        async def _rerunnable(
             self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
         ) -> T: ...
 
     async def _confirm_rollout(
         self, rollout_id: str, now: datetime, by: str | None = None
     ) -> list[CommandRecord]:
-        return await self._transaction(transactions.confirm_rollout, rollout_id, now, by)
+        return await self._rerunnable(transactions.confirm_rollout, rollout_id, now, by)
 
     async def _cancel_open(
         self,
@@ -40,4 +43,4 @@ class SqlFleetWrites:
         rollout_id: str | None = None,
         by: str | None = None,
     ) -> int:
-        return await self._transaction(transactions.cancel_open, now, device_id, rollout_id, by)
+        return await self._rerunnable(transactions.cancel_open, now, device_id, rollout_id, by)

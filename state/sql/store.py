@@ -269,13 +269,7 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
         if self._engine.dialect.name != "postgresql":
             return await self._hot("change", transactions.modify, command_id, change)
-        # A COMMIT whose answer was lost may have landed: the change is run again to find out.
-        commit: commit_doubt.Commit[CommandRecord | None] = commit_doubt.Commit()
-        modify = functools.partial(transactions.modify, command_id, change)
-        try:
-            return await self._committed(modify, commit)
-        except StateError as failure:
-            return await commit.rerun(self._engine, failure, lambda: self._committed(modify))
+        return await self._rerunnable(transactions.modify, command_id, change)
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         now = self.clock()

@@ -1,0 +1,86 @@
+"""A set-wide change on Redis whose reply was lost, run again: a rollout's confirm or cancel, a
+device's retirement.
+
+One Lua script changes every open member at once. Its reply can be lost after it ran, as a
+single change's can (:mod:`amqp_queue.state.redis_changes`): raising StateError then told the
+caller "not written" of commands Redis had confirmed, which devices then received. So the
+script runs on a connection of its own, taken before it is sent (failing to get one, it was
+not sent: the error stands at once, an outage keeps failing fast); failing after it was sent
+with a lost connection or a timeout, it is run again, retried with jitter while Redis is away,
+for at most :data:`~amqp_queue.state.write_doubt.BOUND` seconds. The rerun changes what the
+lost run did not; what that run changed is no longer open, so the rerun neither changes nor
+returns it: the call answers with what the rerun changed. If Redis does not answer within the
+bound, a StateError that says the outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from . import write_doubt
+from .errors import StateError
+from .redis_add_doubt import open_sender, resends
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+logger = logging.getLogger("amqp_queue.state.redis")
+
+
+async def run_rerunnable(
+    client: Redis,
+    script: AsyncScript,
+    keys: Sequence[str],
+    args: Sequence[str | bytes],
+    action: str,
+) -> Any:
+    """Runs ``script`` (one that can run again with the same effect) and returns its reply;
+    after a lost reply, the reply of a rerun.
+
+    Raises:
+        StateError: Redis failed and the script did not run; or, saying its outcome is
+            unknown, no rerun got through within the bound.
+    """
+    from redis.exceptions import BusyLoadingError, RedisError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    sender = client.client()
+    try:
+        try:
+            await open_sender(sender)
+        except (RedisError, OSError) as exc:
+            raise StateError(f"redis {action} failed: {exc}") from exc
+        try:
+            return await script(keys=keys, args=args, client=sender)
+        except (RedisError, OSError) as exc:
+            lost = isinstance(
+                exc, RedisConnectionError | RedisTimeoutError | OSError
+            ) and not isinstance(exc, BusyLoadingError)
+            # A refusal (LOADING while Redis replays its AOF, a script error) ran nothing,
+            # unless a client that resends had sent the script before and lost that reply.
+            if not (lost or resends(sender)):
+                raise StateError(f"redis {action} failed: {exc}") from exc
+            failure = StateError(f"redis {action} failed: {exc}")
+            failure.__cause__ = exc
+    finally:
+        await sender.aclose(close_connection_pool=False)
+    logger.warning("%s; running it again to find out", failure)
+    try:
+        async with asyncio.timeout(write_doubt.BOUND):
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((RedisError, OSError)),
+                wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                reraise=True,
+            ):
+                with attempt:
+                    reply = await script(keys=keys, args=args)
+    except (TimeoutError, RedisError, OSError) as exc:
+        raise write_doubt.unknown(failure, exc or "timed out") from failure
+    return reply
