@@ -9,8 +9,8 @@ reply was lost are run again (:mod:`amqp_queue.state.redis_rerun`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
@@ -203,40 +203,44 @@ class RedisFleetCalls:
         return int(cancelled)
 
     async def _rollout_enqueuer(self, rollout_id: str) -> tuple[bool, str | None]:
-        # The first member still held answers (one call enqueued them all); a pruned one
-        # stays listed in the rollout's set, so the set is read a page at a time.
-        key, start, page = self._rollout_key(rollout_id), 0, 100
+        # The first member still held answers (one call enqueued them all).
         async with self._errors("rollout read"):
-            while members := await self._client.zrange(key, start, start + page - 1):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for member in members:
-                        # Without scores redis answers plain member names.
-                        command_id = as_text(cast(bytes, member))
-                        pipe.hmget(f"{self._prefix}cmd:{command_id}", ["device_id", "enqueued_by"])
-                    found = await pipe.execute()
-                for device_id, enqueued_by in found:
-                    if device_id is not None:
-                        return True, as_text(enqueued_by) if enqueued_by else None
-                start += page
+            pages = self._rollout_fields(rollout_id, ["device_id", "enqueued_by"], page=100)
+            async with aclosing(pages):
+                async for _, values in pages:
+                    for device_id, enqueued_by in values:
+                        if device_id is not None:
+                            return True, as_text(enqueued_by) if enqueued_by else None
         return False, None
 
     async def _rollout_unpublished(self, rollout_id: str, now: datetime) -> list[str]:
-        key, start, page, found = self._rollout_key(rollout_id), 0, 500, []
-        fields = [*LIVENESS_FIELDS, "published_at"]
+        found: list[str] = []
         async with self._errors("rollout read"):
-            while members := await self._client.zrange(key, start, start + page - 1):
-                ids = [as_text(cast(bytes, member)) for member in members]
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for command_id in ids:
-                        pipe.hmget(f"{self._prefix}cmd:{command_id}", fields)
-                    values = await pipe.execute()
+            fields = [*LIVENESS_FIELDS, "published_at"]
+            async for ids, values in self._rollout_fields(rollout_id, fields, page=500):
                 found += [
                     command_id
                     for command_id, (*live, published_at) in zip(ids, values, strict=True)
                     if published_at is None and is_live(live, now)
                 ]
-                start += page
         return found
+
+    async def _rollout_fields(
+        self, rollout_id: str, fields: list[str], *, page: int
+    ) -> AsyncGenerator[tuple[list[str], list[list[bytes | None]]], None]:
+        """The members of a rollout and ``fields`` of each, a page at a time (one pipelined
+        round trip each). A pruned member stays listed in the rollout's set: its fields are
+        None."""
+        key, start = self._rollout_key(rollout_id), 0
+        while members := await self._client.zrange(key, start, start + page - 1):
+            # Without scores redis answers plain member names.
+            ids = [as_text(cast(bytes, member)) for member in members]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command_id in ids:
+                    pipe.hmget(f"{self._prefix}cmd:{command_id}", fields)
+                values = await pipe.execute()
+            yield ids, values
+            start += page
 
     async def _rollout_counts(self, rollout_id: str, now: datetime) -> dict[CommandStatus, int]:
         async with self._errors("rollout summary"):
