@@ -51,6 +51,9 @@ class Inbox:
     def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
         if frame.consumer_tag == self._consumer:
             self.cancelled_by_broker = True
+            # Nothing more comes: a reader waiting for the broker returns (see window()).
+            self._buffer.put_nowait(None)
+            self._arrived.set()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.last = message
@@ -64,8 +67,8 @@ class Inbox:
         self._arrived.set()
 
     async def window(self, wait: float | None, *, fill: int = 1) -> list[AbstractIncomingMessage]:
-        """The next messages, at least one unless ``wait`` seconds pass first or the inbox
-        is interrupted.
+        """The next messages, at least one unless ``wait`` seconds pass first, the inbox is
+        interrupted or the broker cancelled the consumer.
 
         ``fill``: how many messages the caller expects (a drain knows the queue's depth);
         after the first, the window waits up to ``wait`` seconds more for up to that many (at
@@ -93,7 +96,7 @@ class Inbox:
 
     async def _buffered(self, count: int) -> None:
         """Returns once the buffer holds ``count`` items (or the inbox is interrupted)."""
-        while self._buffer.qsize() < count and not self.interrupted:
+        while self._buffer.qsize() < count and not (self.interrupted or self.cancelled_by_broker):
             self._arrived.clear()
             await self._arrived.wait()
 

@@ -262,10 +262,13 @@ class CommandStream(Closing):
             self._current = None
 
     async def _next_window(self, wait: float | None) -> list[AbstractIncomingMessage]:
-        """The next window; the stream ends here if its store is closing meanwhile."""
+        """The next window; the stream ends here if its store is closing meanwhile, or the
+        broker cancelled its consumer (the queue was deleted: the device retired)."""
         assert self._inbox is not None
         window = await self._inbox.window(wait)
-        if self._inbox.interrupted:
+        if self._inbox.interrupted or self._inbox.cancelled_by_broker:
+            # The broker cancels a consumer whose queue is deleted (the device retired): the
+            # stream ends, as it does for a closing store; a new stream reads a new queue.
             self._unadmitted.extend(window)
             await self.close()
             raise StopAsyncIteration
