@@ -139,5 +139,5 @@ async def _settle(
                     # The add's keys: the lookup reads only the leading ones all scripts take.
                     held = int(await lookup(keys=keys, args=[*args, *command_ids]))
     except (TimeoutError, RedisError, OSError) as exc:
-        raise write_doubt.unknown(failure, exc or "timed out") from failure
+        raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
     write_doubt.settle(failure, held, len(command_ids), logger)

@@ -6,7 +6,7 @@ An EXEC whose answer was lost (the connection closed or timed out after it was s
 been written: Redis appends it to its AOF before it answers, and a shutdown in the same turn
 of its event loop (SIGTERM), or a crash between the two, answers nobody. Raising StateError
 then told the caller "not written" of a change Redis held: a confirm that "failed" let its
-device get the command (tests/test_redis_change_doubt.py). So the change is run again, retried
+device get the command (tests/test_change_doubt.py). So the change is run again, retried
 with jitter while Redis is away, for at most :data:`~amqp_queue.state.write_doubt.BOUND`
 seconds: a change recognises its own earlier write (``indexed_store._OwnWriteAware``), so the
 rerun either finds it or makes it, and the call returns; if Redis does not answer within the
@@ -82,7 +82,7 @@ class RedisChanges:
                     with attempt:
                         record = await self._modify_watched(command_id, change)
         except (TimeoutError, StateError, _ReplyLost) as exc:
-            raise write_doubt.unknown(failure, exc or "timed out") from failure
+            raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
         return record
 
     async def _modify_watched(self, command_id: str, change: Change) -> CommandRecord | None:
@@ -165,8 +165,8 @@ async def _execute(pipe: Pipeline) -> None:
         await pipe.execute()
     except WatchError as exc:
         # redis-py reports a connection lost under WATCH as a WatchError raised while
-        # handling it; a watched key changed by another client has no such context.
-        if isinstance(exc.__context__, lost):
+        # handling it; a watched key changed by another client is raised without one.
+        if "while watching" in str(exc) and isinstance(exc.__context__, lost):
             raise _ReplyLost() from exc.__context__
         raise
     except lost as exc:

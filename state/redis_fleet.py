@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 from .model import CommandRecord, CommandStatus
 from .redis_encoding import LIVENESS_FIELDS, as_text, decode_replies, is_live
 from .redis_lua import PRELUDE, SWEEP_BATCH
-from .redis_rerun import run_rerunnable
+from .redis_rerun import once, run_rerunnable
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -53,8 +53,21 @@ CONFIRM_ROLLOUT = (
     PRELUDE
     + """
 -- KEYS[4]: the rollout's set; ARGV[4]: who confirms ('' for nobody named). Confirms its live
--- commands awaiting confirmation; returns them (HGETALL replies).
-local confirmed = {}
+-- commands awaiting confirmation; returns them (HGETALL replies). ARGV[5], ARGV[6]: the call's
+-- token and how long (ms) its answer is kept (see redis_rerun).
+local done_key = prefix .. 'done:' .. ARGV[5]
+local done = redis.call('GET', done_key)
+if done then
+    local again = {}
+    for _, id in ipairs(cjson.decode(done)) do
+        local record = redis.call('HGETALL', command_key(id))
+        if #record > 0 then
+            again[#again + 1] = record
+        end
+    end
+    return again
+end
+local confirmed, ids = {}, {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     local key = command_key(id)
     local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at',
@@ -69,8 +82,10 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
             redis.call('ZADD', outbox_key, now, id)
         end
         confirmed[#confirmed + 1] = redis.call('HGETALL', key)
+        ids[#ids + 1] = id
     end
 end
+redis.call('SET', done_key, cjson.encode(ids), 'PX', ARGV[6])
 return confirmed
 """
 )
@@ -79,7 +94,13 @@ CANCEL_OPEN = (
     PRELUDE
     + """
 -- KEYS[4]: a device's open set or a rollout's set; ARGV[4]: who cancels ('' for nobody
--- named). Ends its live commands CANCELLED; returns how many.
+-- named). Ends its live commands CANCELLED; returns how many. ARGV[5], ARGV[6]: the call's
+-- token and how long (ms) its answer is kept (see redis_rerun).
+local done_key = prefix .. 'done:' .. ARGV[5]
+local done = redis.call('GET', done_key)
+if done then
+    return tonumber(done)
+end
 local cancelled = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     local key = command_key(id)
@@ -91,6 +112,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
         cancelled = cancelled + 1
     end
 end
+redis.call('SET', done_key, cancelled, 'PX', ARGV[6])
 return cancelled
 """
 )
@@ -175,7 +197,7 @@ class RedisFleetCalls:
             self._client,
             self._confirm_rollout_script,
             [*self._indexes, self._rollout_key(rollout_id)],
-            self._args(now, [by or ""]),
+            self._args(now, [by or "", *once()]),
             "confirm rollout",
         )
         return [record for _, record in decode_replies(confirmed)]
@@ -197,7 +219,7 @@ class RedisFleetCalls:
             self._client,
             self._cancel_open_script,
             [*self._indexes, members],
-            self._args(now, [by or ""]),
+            self._args(now, [by or "", *once()]),
             "cancel",
         )
         return int(cancelled)

@@ -7,17 +7,21 @@ caller "not written" of commands Redis had confirmed, which devices then receive
 script runs on a connection of its own, taken before it is sent (failing to get one, it was
 not sent: the error stands at once, an outage keeps failing fast); failing after it was sent
 with a lost connection or a timeout, it is run again, retried with jitter while Redis is away,
-for at most :data:`~amqp_queue.state.write_doubt.BOUND` seconds. The rerun changes what the
-lost run did not; what that run changed is no longer open, so the rerun neither changes nor
-returns it: the call answers with what the rerun changed. If Redis does not answer within the
-bound, a StateError that says the outcome is unknown.
+for at most :data:`~amqp_queue.state.write_doubt.BOUND` seconds. Each call carries a token
+(:func:`once`) under which the script keeps its answer for a while: a rerun of a run that
+landed answers what that run did and changes nothing more, and a late copy of the first run
+(sent on a connection the client gave up on while Redis stalled) arriving after a rerun that
+wrote changes nothing either. If Redis does not answer within the bound, a StateError that says
+the outcome is unknown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
@@ -25,12 +29,22 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from . import write_doubt
 from .errors import StateError
 from .redis_add_doubt import open_sender, resends
+from .redis_encoding import milliseconds
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 logger = logging.getLogger("amqp_queue.state.redis")
+
+ANSWER_KEPT = timedelta(minutes=10)
+"""How long a set-wide change's answer is kept under its call's token."""
+
+
+def once() -> list[str]:
+    """The arguments a rerunnable script takes last: a fresh token for this call, and how
+    long (ms) its answer is kept."""
+    return [uuid.uuid4().hex, str(milliseconds(ANSWER_KEPT))]
 
 
 async def run_rerunnable(
@@ -82,5 +96,5 @@ async def run_rerunnable(
                 with attempt:
                     reply = await script(keys=keys, args=args)
     except (TimeoutError, RedisError, OSError) as exc:
-        raise write_doubt.unknown(failure, exc or "timed out") from failure
+        raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
     return reply

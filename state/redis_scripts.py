@@ -35,6 +35,9 @@ Layout of a store's keys (``P`` is the store's prefix):
   claim sent again after a lost reply answers the same (see
   :mod:`amqp_queue.state.redis_claims`); the store's next claim empties it, for a minute, once
   its reply arrived.
+- ``P done:<token>`` string: the answer of a rollout's confirm (its ids, JSON) or cancel, or of
+  a retirement (a count), kept ten minutes so the call run again after a lost reply answers the
+  same and changes nothing more (see :mod:`amqp_queue.state.redis_rerun`).
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a

@@ -50,6 +50,8 @@ class Calls:
     members: dict[str, list[str]] = field(default_factory=dict)
     """What each call changed: a command's id (one command) or a rollout's (its members)."""
     returned: set[str] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=dict)
+    """What each rollout call that returned said it changed."""
     refused: dict[str, str] = field(default_factory=dict)
     """Calls that raised StateError saying nothing was written, with the message."""
     met: int = 0
@@ -70,8 +72,10 @@ async def _storm(
     async def call(key: str, changing: Awaitable[object]) -> None:
         started = time.monotonic()
         try:
-            await changing
+            answer = await changing
             calls.returned.add(key)
+            if isinstance(answer, int):
+                calls.counts[key] = answer
         except StateError as exc:
             if UNKNOWN not in str(exc):
                 calls.refused[key] = str(exc)
@@ -156,6 +160,9 @@ async def _changes(store: IndexedStore, inject: Callable[[], Awaitable[None]]) -
         key: why for key, why in calls.refused.items() if any(map(changed, calls.members[key]))
     }
     assert not lost
+    # Each rollout's three members awaited confirmation, and one call changed them: after a
+    # lost answer too, the call counts what its lost run did.
+    assert all(count == 3 for count in calls.counts.values()), calls.counts
     assert not written, (
         f"{len(written)} of {len(calls.refused)} calls raised 'not written' yet were "
         f"written ({len(calls.returned)} returned): {sorted(set(written.values()))}"

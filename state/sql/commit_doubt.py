@@ -116,10 +116,12 @@ class Commit(Generic[T]):
     async def rerun(
         self, engine: AsyncEngine, failure: StateError, again: Callable[[], Awaitable[T]]
     ) -> T:
-        """For a change of one command (confirm, cancel, an outcome) whose COMMIT lost its
-        answer: once the server process that ran it has ended (its outcome is final), runs it
-        ``again``, retrying with jitter while the server is away: a change recognises its own
-        earlier write (``indexed_store._OwnWriteAware``), so the rerun finds it or makes it.
+        """For a write that can run again whose COMMIT lost its answer (a change of one
+        command, which recognises its own earlier write: ``indexed_store._OwnWriteAware``; a
+        rollout's or device's set-wide change, which finds done what the lost run did): once
+        the server process that ran it has ended (its outcome is final), runs it ``again``,
+        retrying with jitter while the server is away. Waiting for that process and the
+        reruns share the :data:`BOUND`.
 
         Raises:
             StateError: ``failure`` if it failed before its COMMIT or with an error the
@@ -142,7 +144,7 @@ class Commit(Generic[T]):
         except _Unknown as why:
             raise write_doubt.unknown(failure, why) from failure
         except (TimeoutError, StateError) as exc:
-            raise write_doubt.unknown(failure, exc or "timed out") from failure
+            raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
         return result
 
     async def settle_claim(

@@ -68,21 +68,21 @@ class SqlExecution:
         return await self._committed(functools.partial(transaction, *args, **kwargs))
 
     async def _rerunnable(
-        self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
+        self, transaction: Callable[[], Transaction[T]], again: Callable[[], Transaction[T]]
     ) -> T:
         """:meth:`_transaction` for a write that can be run again with the same effect (a
         change of a command, which recognises its own earlier write; a rollout's or device's
         set-wide change, which finds done what an earlier run did): on PostgreSQL a COMMIT
-        whose answer was lost is run again once its server process ended, to find out
+        whose answer was lost is run again as ``again`` (which answers for both runs) once
+        its server process ended, to find out
         (:meth:`~amqp_queue.state.sql.commit_doubt.Commit.rerun`)."""
-        built = functools.partial(transaction, *args, **kwargs)
         if self._engine.dialect.name != "postgresql":
-            return await self._committed(built)
+            return await self._committed(transaction)
         commit: commit_doubt.Commit[T] = commit_doubt.Commit()
         try:
-            return await self._committed(built, commit)
+            return await self._committed(transaction, commit)
         except StateError as failure:
-            return await commit.rerun(self._engine, failure, lambda: self._committed(built))
+            return await commit.rerun(self._engine, failure, lambda: self._committed(again))
 
     async def _committed(
         self,

@@ -29,6 +29,11 @@ CONFIRM_ROLLOUT = (
 """Confirms a rollout's (``rollout``) live commands awaiting confirmation, ``by`` whom;
 returns them."""
 
+CONFIRMED_BY_CALL = sa.select(c.seq, *RECORD_COLUMNS).where(
+    _ROLLOUT, c.confirmed_at == NOW, c.confirmed_by.is_not_distinct_from(_BY)
+)
+"""A rollout's commands confirmed at ``now`` by ``by``: one call's confirms, over its runs."""
+
 CANCEL_ROLLOUT = (
     sa.update(command_queue)
     .where(_ROLLOUT, _LIVE)
@@ -39,6 +44,18 @@ CANCEL_DEVICE = (
     .where(c.device_id == sa.bindparam("device"), _LIVE)
     .values(end_reason=EndReason.CANCELLED.value, ended_at=NOW, cancelled_by=_BY)
 )
+
+_CANCELLED_BY_CALL = sa.and_(
+    c.end_reason == EndReason.CANCELLED.value,
+    c.ended_at == NOW,
+    c.cancelled_by.is_not_distinct_from(_BY),
+)
+ROLLOUT_CANCELLED_BY_CALL = sa.select(sa.func.count()).where(_ROLLOUT, _CANCELLED_BY_CALL)
+DEVICE_CANCELLED_BY_CALL = sa.select(sa.func.count()).where(
+    c.device_id == sa.bindparam("device"), _CANCELLED_BY_CALL
+)
+"""How many of a rollout's (a device's) commands were cancelled at ``now`` by ``by``: one
+call's cancels, over its runs."""
 
 ROLLOUT_UNPUBLISHED = sa.select(c.id).where(_ROLLOUT, _LIVE, IS_READY, c.published_at.is_(None))
 """A rollout's (``rollout``) deliverable commands the broker has not confirmed (``now``)."""

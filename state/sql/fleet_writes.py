@@ -3,13 +3,15 @@ rollout's or a device's open commands), each one transaction of
 :mod:`amqp_queue.state.sql.transactions`; ``by`` names who does it.
 
 Each is run again after a COMMIT whose answer was lost (``SqlExecution._rerunnable``): the
-rerun changes what the lost one did not, and returns (counts) what it changed itself."""
+rerun changes what the lost one did not, and answers for both (the commands confirmed or
+cancelled at the call's ``now`` by its ``by``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..model import CommandRecord
 from . import transactions
@@ -17,7 +19,6 @@ from . import transactions
 if TYPE_CHECKING:
     from .transactions import Transaction
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -27,13 +28,16 @@ class SqlFleetWrites:
     if TYPE_CHECKING:  # provided by SqlStore
 
         async def _rerunnable(
-            self, transaction: Callable[P, Transaction[T]], *args: P.args, **kwargs: P.kwargs
+            self, transaction: Callable[[], Transaction[T]], again: Callable[[], Transaction[T]]
         ) -> T: ...
 
     async def _confirm_rollout(
         self, rollout_id: str, now: datetime, by: str | None = None
     ) -> list[CommandRecord]:
-        return await self._rerunnable(transactions.confirm_rollout, rollout_id, now, by)
+        return await self._rerunnable(
+            functools.partial(transactions.confirm_rollout, rollout_id, now, by),
+            functools.partial(transactions.confirm_rollout_again, rollout_id, now, by),
+        )
 
     async def _cancel_open(
         self,
@@ -43,4 +47,7 @@ class SqlFleetWrites:
         rollout_id: str | None = None,
         by: str | None = None,
     ) -> int:
-        return await self._rerunnable(transactions.cancel_open, now, device_id, rollout_id, by)
+        return await self._rerunnable(
+            functools.partial(transactions.cancel_open, now, device_id, rollout_id, by),
+            functools.partial(transactions.cancel_open_again, now, device_id, rollout_id, by),
+        )

@@ -269,7 +269,8 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
         if self._engine.dialect.name != "postgresql":
             return await self._hot("change", transactions.modify, command_id, change)
-        return await self._rerunnable(transactions.modify, command_id, change)
+        modify = functools.partial(transactions.modify, command_id, change)
+        return await self._rerunnable(modify, modify)
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         now = self.clock()

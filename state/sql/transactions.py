@@ -348,6 +348,17 @@ def confirm_rollout(
     return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
 
 
+def confirm_rollout_again(
+    rollout_id: str, now: datetime, by: str | None
+) -> Transaction[list[CommandRecord]]:
+    """:func:`confirm_rollout` run again after a COMMIT whose answer was lost: what it
+    confirms now and what the lost run confirmed (at the same ``now``, by the same ``by``)."""
+    yield from confirm_rollout(rollout_id, now, by)
+    params = {"rollout": rollout_id, "now": now, "by": by}
+    rows = yield from fetch(fleet_sql.CONFIRMED_BY_CALL, params)
+    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+
+
 def cancel_open(
     now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
 ) -> Transaction[int]:
@@ -357,6 +368,18 @@ def cancel_open(
     return (
         yield from count(fleet_sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by})
     )
+
+
+def cancel_open_again(
+    now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
+) -> Transaction[int]:
+    """:func:`cancel_open` run again after a COMMIT whose answer was lost: how many it
+    cancels now and the lost run cancelled (at the same ``now``, by the same ``by``)."""
+    yield from cancel_open(now, device_id, rollout_id, by)
+    params = {"device": device_id, "rollout": rollout_id, "now": now, "by": by}
+    own = fleet_sql.DEVICE_CANCELLED_BY_CALL if device_id else fleet_sql.ROLLOUT_CANCELLED_BY_CALL
+    rows = yield from fetch(own, params)
+    return int(next(iter(rows[0].values())))
 
 
 def hold_outbox(owner: str, dialect: str) -> Transaction[str]:
