@@ -124,6 +124,10 @@ async def test_a_repeated_confirm_while_the_first_confirmers_index_link_stalls(
         first = asyncio.ensure_future(a.confirm_command(door))
         await asyncio.sleep(rnd.uniform(0.0, 0.015))
         ix.index.stall(replies_only=how == "replies")
+        # The link comes back after 2.5 s whatever B does: held with A's next statement in
+        # it, A's transaction keeps the command's row locked (as on a dead link, until the
+        # server gives up on it), and B's confirm waits for that row.
+        resuming = asyncio.get_running_loop().call_later(2.5, ix.index.resume)
         try:
             began = time.monotonic()
             await asyncio.wait_for(b.confirm_command(door), BOUND)
@@ -132,6 +136,7 @@ async def test_a_repeated_confirm_while_the_first_confirmers_index_link_stalls(
             got = await take(c, device, {b"door", b"after"}, 15)
             await asyncio.sleep(max(0.0, 2.5 - (time.monotonic() - began)))
         finally:
+            resuming.cancel()
             ix.index.resume()
         failed = await ends(first)
         print(f"A's confirm: {failed!r}")

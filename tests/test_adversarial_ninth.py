@@ -412,6 +412,9 @@ async def test_stores_starting_together_after_a_killed_producer_keep_order(
             str(queue_type),
         )
         await asyncio.sleep(rng.uniform(0.3, 0.9))
+        if proc.returncode is not None:
+            # It loops until killed: ended by itself, it failed (its error is not kept).
+            pytest.fail(f"the producer ended by itself with {proc.returncode} before the kill")
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         await proc.reader
