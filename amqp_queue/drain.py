@@ -155,16 +155,9 @@ async def drain(
                     received += len(window)
                     unclaimed.extend(window)
                     continue
-                if inbox.interrupted:
-                    break
-                if inbox.cancelled_by_broker:
-                    # Its queue was deleted (the device retired), as a look at its depth
-                    # would say; one declared again since is another queue, not this drain's.
-                    raise BrokerError(
-                        f"draining {device_id}: the broker cancelled the consumer (its queue "
-                        "was deleted)"
-                    )
-                if await inbox.ready_count() == 0:
+                if inbox.cancelled_by_broker and not inbox.interrupted:  # its queue deleted
+                    raise BrokerError(f"draining {device_id}: its queue was deleted")
+                if inbox.interrupted or await inbox.ready_count() == 0:
                     break
                 expected = received + 1
             await inbox.stop()
