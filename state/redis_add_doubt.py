@@ -12,7 +12,7 @@ So an add runs on a connection of its own, taken before it is sent: failing to g
 was not sent, and the error stands at once (an outage keeps failing fast). When it fails
 after it was sent with a lost connection or a timeout (any other error is Redis refusing the
 script, which then wrote nothing), the store asks again, retrying with jitter for at most
-:data:`BOUND` seconds, whether the add's commands are held
+:data:`~amqp_queue.state.write_doubt.BOUND` seconds, whether the add's commands are held
 (:data:`~amqp_queue.state.redis_add_scripts.ADD_LOOKUP`): all of them, it was written and the
 call returns; none, it was not, and the original StateError stands; the lookup then leaves a
 fence, so the add, were it still on its way on a connection given up on, writes nothing. If
@@ -21,18 +21,14 @@ it cannot tell within the bound, a StateError that says the outcome is unknown.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
-
 from . import write_doubt
 from .errors import StateError
 from .redis_encoding import milliseconds
-from .write_doubt import BOUND
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -63,6 +59,37 @@ async def add_once(
         StateError: Redis failed and nothing was written; or, saying its outcome is
             unknown, the add may have been written.
     """
+    try:
+        return await send_once(client, add, keys, args, "add")
+    except ReplyLost as lost:
+        fence = [*lookup_args, str(milliseconds(FENCE_TTL))]
+        await _settle(lookup, keys, fence, command_ids, lost.failure)
+        return 0
+
+
+class ReplyLost(Exception):
+    """A script failed after it may have run (its reply was lost); ``failure`` is what to
+    raise should it not have."""
+
+    def __init__(self, failure: StateError) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+async def send_once(
+    client: Redis,
+    script: AsyncScript,
+    keys: Sequence[str],
+    args: Sequence[str | bytes],
+    action: str,
+) -> Any:
+    """Runs ``script`` once, on a connection of its own taken before it is sent, and returns
+    its reply.
+
+    Raises:
+        StateError: it did not run (no connection; Redis refused it).
+        ReplyLost: it may have run: the connection was lost or timed out after it was sent.
+    """
     from redis.exceptions import BusyLoadingError, RedisError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -72,24 +99,22 @@ async def add_once(
         try:
             await open_sender(sender)
         except (RedisError, OSError) as exc:
-            raise StateError(f"redis add failed: {exc}") from exc
+            raise StateError(f"redis {action} failed: {exc}") from exc
         resent = resends(sender)
         try:
-            return await add(keys=keys, args=args, client=sender)
+            return await script(keys=keys, args=args, client=sender)
         except (RedisError, OSError) as exc:
             lost = isinstance(
                 exc, RedisConnectionError | RedisTimeoutError | OSError
             ) and not isinstance(exc, BusyLoadingError)
+            failure = StateError(f"redis {action} failed: {exc}")
             # A refusal (LOADING while Redis replays its AOF, READONLY, OOM, a script error)
-            # ran nothing, unless a client that resends had sent the add before and lost that
-            # reply: then only the index can say.
+            # ran nothing, unless a client that resends had sent the script before and lost
+            # that reply: then only the index can say.
             if not (lost or resent):
-                raise StateError(f"redis add failed: {exc}") from exc
-            failure = StateError(f"redis add failed: {exc}")
+                raise failure from exc
             failure.__cause__ = exc
-            fence = [*lookup_args, str(milliseconds(FENCE_TTL))]
-            await _settle(lookup, keys, fence, command_ids, failure)
-            return 0
+            raise ReplyLost(failure) from exc
     finally:
         await sender.aclose(close_connection_pool=False)
 
@@ -124,20 +149,17 @@ async def _settle(
 
     Raises:
         StateError: ``failure`` if it was not (it is fenced off from now); one saying the
-            outcome is unknown if that cannot be told within :data:`BOUND` seconds.
+            outcome is unknown if that cannot be told within the bound.
     """
     from redis.exceptions import RedisError
 
     try:
-        async with asyncio.timeout(BOUND):
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((RedisError, OSError)),
-                wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                reraise=True,
-            ):
-                with attempt:
-                    # The add's keys: the lookup reads only the leading ones all scripts take.
-                    held = int(await lookup(keys=keys, args=[*args, *command_ids]))
+        # The add's keys: the lookup reads only the leading ones all scripts take.
+        held = int(
+            await write_doubt.within_bound(
+                lambda: lookup(keys=keys, args=[*args, *command_ids]), (RedisError, OSError)
+            )
+        )
     except (TimeoutError, RedisError, OSError) as exc:
         raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
     write_doubt.settle(failure, held, len(command_ids), logger)

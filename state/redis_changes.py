@@ -16,12 +16,9 @@ after a rerun that wrote: the rerun changed the key the copy's WATCH guards.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
-
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from . import write_doubt
 from .clock import Clock
@@ -73,17 +70,11 @@ class RedisChanges:
             failure.__cause__ = lost.__cause__
         logger.warning("%s; running the change of %s again to find out", failure, command_id)
         try:
-            async with asyncio.timeout(write_doubt.BOUND):
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type((StateError, _ReplyLost)),
-                    wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                    reraise=True,
-                ):
-                    with attempt:
-                        record = await self._modify_watched(command_id, change)
+            return await write_doubt.within_bound(
+                lambda: self._modify_watched(command_id, change), (StateError, _ReplyLost)
+            )
         except (TimeoutError, StateError, _ReplyLost) as exc:
             raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
-        return record
 
     async def _modify_watched(self, command_id: str, change: Change) -> CommandRecord | None:
         from redis.exceptions import WatchError

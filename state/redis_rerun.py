@@ -17,18 +17,14 @@ the outcome is unknown.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
-
 from . import write_doubt
-from .errors import StateError
-from .redis_add_doubt import open_sender, resends
+from .redis_add_doubt import ReplyLost, send_once
 from .redis_encoding import milliseconds
 
 if TYPE_CHECKING:
@@ -61,40 +57,16 @@ async def run_rerunnable(
         StateError: Redis failed and the script did not run; or, saying its outcome is
             unknown, no rerun got through within the bound.
     """
-    from redis.exceptions import BusyLoadingError, RedisError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import RedisError
 
-    sender = client.client()
     try:
-        try:
-            await open_sender(sender)
-        except (RedisError, OSError) as exc:
-            raise StateError(f"redis {action} failed: {exc}") from exc
-        try:
-            return await script(keys=keys, args=args, client=sender)
-        except (RedisError, OSError) as exc:
-            lost = isinstance(
-                exc, RedisConnectionError | RedisTimeoutError | OSError
-            ) and not isinstance(exc, BusyLoadingError)
-            # A refusal (LOADING while Redis replays its AOF, a script error) ran nothing,
-            # unless a client that resends had sent the script before and lost that reply.
-            if not (lost or resends(sender)):
-                raise StateError(f"redis {action} failed: {exc}") from exc
-            failure = StateError(f"redis {action} failed: {exc}")
-            failure.__cause__ = exc
-    finally:
-        await sender.aclose(close_connection_pool=False)
+        return await send_once(client, script, keys, args, action)
+    except ReplyLost as lost:
+        failure = lost.failure
     logger.warning("%s; running it again to find out", failure)
     try:
-        async with asyncio.timeout(write_doubt.BOUND):
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((RedisError, OSError)),
-                wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                reraise=True,
-            ):
-                with attempt:
-                    reply = await script(keys=keys, args=args)
+        return await write_doubt.within_bound(
+            lambda: script(keys=keys, args=args), (RedisError, OSError)
+        )
     except (TimeoutError, RedisError, OSError) as exc:
         raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
-    return reply

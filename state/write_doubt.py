@@ -8,9 +8,16 @@ the write's commands are held, and decide the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from .errors import StateError
+
+T = TypeVar("T")
 
 BOUND = 5.0
 """Seconds a store may spend finding out whether a write whose answer was lost was written."""
@@ -39,3 +46,23 @@ def settle(failure: StateError, held: int, written: int, logger: logging.Logger)
         f"{failure}; the write's outcome is unknown: {held} of its {written} commands are in "
         "the index"
     ) from failure
+
+
+async def within_bound(
+    call: Callable[[], Awaitable[T]], retry_on: tuple[type[BaseException], ...]
+) -> T:
+    """``call()``, run again with jitter while it fails with one of ``retry_on`` (the index
+    still away), for at most :data:`BOUND` seconds.
+
+    Raises:
+        TimeoutError: the bound passed; or the last failure, one of ``retry_on``.
+    """
+    async with asyncio.timeout(BOUND):
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(retry_on),
+            wait=wait_random_exponential(multiplier=0.05, max=0.5),
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+    raise AssertionError("unreachable: the last failure is re-raised")

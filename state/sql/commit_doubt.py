@@ -33,7 +33,6 @@ claim landed and hands them out again if not (a copy at worst, never a loss).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,7 +42,6 @@ from typing import Any, Generic, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from .. import write_doubt
 from ..errors import ClaimOutcomeUnknown, StateError
@@ -120,32 +118,24 @@ class Commit(Generic[T]):
         command, which recognises its own earlier write: ``indexed_store._OwnWriteAware``; a
         rollout's or device's set-wide change, which finds done what the lost run did): once
         the server process that ran it has ended (its outcome is final), runs it ``again``,
-        retrying with jitter while the server is away. Waiting for that process and the
-        reruns share the :data:`BOUND`.
+        retrying with jitter while the server is away: each for :data:`BOUND` seconds at
+        most.
 
         Raises:
             StateError: ``failure`` if it failed before its COMMIT or with an error the
-                server reported; one saying the outcome is unknown if no rerun got through
-                within :data:`BOUND` seconds.
+                server reported; one saying the outcome is unknown if the process was not
+                seen to end, or no rerun got through, within the bound.
         """
         if self.backend is None or not connection_level(failure):
             raise failure
         logger.warning("%s; running the change again to find out", failure)
         try:
-            async with asyncio.timeout(BOUND):
-                await _asking(engine, self.backend, _nothing)
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(StateError),
-                    wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                    reraise=True,
-                ):
-                    with attempt:
-                        result = await again()
+            await _asking(engine, self.backend, _nothing)
+            return await write_doubt.within_bound(again, (StateError,))
         except _Unknown as why:
             raise write_doubt.unknown(failure, why) from failure
         except (TimeoutError, StateError) as exc:
             raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
-        return result
 
     async def settle_claim(
         self,
@@ -206,22 +196,18 @@ async def _asking(
     Raises:
         _Unknown: no answer within the bound.
     """
+
+    async def ask() -> Answer:
+        async with engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            if backend and not await auto.scalar(_BACKEND_GONE, {"pid": backend}):
+                raise _StillRunning("the transaction's server process still runs")
+            return await question(auto)
+
     try:
-        async with asyncio.timeout(BOUND):
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((SQLAlchemyError, OSError, _StillRunning)),
-                wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                reraise=True,
-            ):
-                with attempt:
-                    async with engine.connect() as conn:
-                        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                        if backend and not await auto.scalar(_BACKEND_GONE, {"pid": backend}):
-                            raise _StillRunning("the transaction's server process still runs")
-                        return await question(auto)
+        return await write_doubt.within_bound(ask, (SQLAlchemyError, OSError, _StillRunning))
     except (TimeoutError, SQLAlchemyError, OSError, _StillRunning) as exc:
         raise _Unknown(driver_reason(exc) or "timed out") from exc
-    raise AssertionError("unreachable: the last failure is re-raised")
 
 
 def connection_level(failure: BaseException) -> bool:
