@@ -97,8 +97,11 @@ class FleetCalls(abc.ABC):
         changed = False
 
         def reporting(current: CommandRecord) -> CommandRecord | None:
-            # As confirm_changed: the last call of a backend that retries sets the flag.
+            # As confirm_changed: run again after a lost answer, a change finds its own
+            # earlier write (and it still counts as this call's); else the last run decides.
             nonlocal changed
+            if changed and current.outcome is outcome and current.outcome_at == now:
+                return None
             updated = rules.reported(current, outcome, now, result=result, reason=reason)
             changed = updated is not None
             return updated
