@@ -156,7 +156,7 @@ async def drain(
                     unclaimed.extend(window)
                     continue
                 if inbox.cancelled_by_broker and not inbox.interrupted:  # its queue deleted
-                    raise BrokerError(f"draining {device_id}: its queue was deleted")
+                    raise BrokerError(f"draining {device_id}: the broker cancelled its consumer")
                 if inbox.interrupted or await inbox.ready_count() == 0:
                     break
                 expected = received + 1

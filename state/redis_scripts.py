@@ -37,7 +37,8 @@ Layout of a store's keys (``P`` is the store's prefix):
   its reply arrived.
 - ``P done:<token>`` string: the answer of a rollout's confirm (its ids, JSON) or cancel, or of
   a retirement (a count), kept ten minutes so the call run again after a lost reply answers the
-  same and changes nothing more (see :mod:`amqp_queue.state.redis_rerun`).
+  same and changes nothing more (see :mod:`amqp_queue.state.redis_rerun`); evicted early (an
+  ``allkeys-*`` policy), a rerun counts only what it changed itself.
 
 Every script is called with the same leading arguments: ``KEYS[1..3]`` are the expiry, outbox
 and finished sets, ``ARGV[1..3]`` the prefix, the store clock's now and the key TTL of a

@@ -55,7 +55,7 @@ async def within_bound(
     still away), for at most :data:`BOUND` seconds.
 
     Raises:
-        TimeoutError: the bound passed; or the last failure, one of ``retry_on``.
+        TimeoutError: the bound passed (the last failure is then not kept).
     """
     async with asyncio.timeout(BOUND):
         async for attempt in AsyncRetrying(

@@ -32,7 +32,9 @@ returns them."""
 CONFIRMED_BY_CALL = sa.select(c.seq, *RECORD_COLUMNS).where(
     _ROLLOUT, c.confirmed_at == NOW, c.confirmed_by.is_not_distinct_from(_BY)
 )
-"""A rollout's commands confirmed at ``now`` by ``by``: one call's confirms, over its runs."""
+"""A rollout's commands confirmed at ``now`` by ``by``: one call's confirms, over its runs (two
+calls by the same actor at the same microsecond, as with a frozen test clock, would count each
+other's; only a rerun asks)."""
 
 CANCEL_ROLLOUT = (
     sa.update(command_queue)

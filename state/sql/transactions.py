@@ -377,7 +377,11 @@ def cancel_open_again(
     cancels now and the lost run cancelled (at the same ``now``, by the same ``by``)."""
     yield from cancel_open(now, device_id, rollout_id, by)
     params = {"device": device_id, "rollout": rollout_id, "now": now, "by": by}
-    own = fleet_sql.DEVICE_CANCELLED_BY_CALL if device_id else fleet_sql.ROLLOUT_CANCELLED_BY_CALL
+    own = (
+        fleet_sql.DEVICE_CANCELLED_BY_CALL
+        if device_id is not None
+        else fleet_sql.ROLLOUT_CANCELLED_BY_CALL
+    )
     rows = yield from fetch(own, params)
     return int(next(iter(rows[0].values())))
 
