@@ -58,14 +58,7 @@ CONFIRM_ROLLOUT = (
 local done_key = prefix .. 'done:' .. ARGV[5]
 local done = redis.call('GET', done_key)
 if done then
-    local again = {}
-    for _, id in ipairs(cjson.decode(done)) do
-        local record = redis.call('HGETALL', command_key(id))
-        if #record > 0 then
-            again[#again + 1] = record
-        end
-    end
-    return again
+    return held_records(done)
 end
 local confirmed, ids = {}, {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do

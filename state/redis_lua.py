@@ -61,4 +61,17 @@ local function extend_ttl(key, ttl)
         redis.call('PEXPIRE', key, ttl)
     end
 end
+
+-- The records (HGETALL replies) of the ids in a JSON list still held: what a call kept as
+-- its answer, asked again after its reply was lost (pruned commands are left out).
+local function held_records(ids_json)
+    local records = {}
+    for _, id in ipairs(cjson.decode(ids_json)) do
+        local record = redis.call('HGETALL', command_key(id))
+        if #record > 0 then
+            records[#records + 1] = record
+        end
+    end
+    return records
+end
 """

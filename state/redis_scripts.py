@@ -79,14 +79,7 @@ if not earlier and ARGV[6] == '1' then
 end
 if earlier then
     -- The same claim again (its reply was lost): the same commands, not "none left".
-    local claimed = {}
-    for _, id in ipairs(cjson.decode(earlier)) do
-        local record = redis.call('HGETALL', command_key(id))
-        if #record > 0 then
-            claimed[#claimed + 1] = record
-        end
-    end
-    return claimed
+    return held_records(earlier)
 end
 local candidates = ARGV
 local first = 8 + answered
