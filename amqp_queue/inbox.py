@@ -95,7 +95,8 @@ class Inbox:
         return self.take_buffered(self._window)
 
     async def _buffered(self, count: int) -> None:
-        """Returns once the buffer holds ``count`` items (or the inbox is interrupted)."""
+        """Returns once the buffer holds ``count`` items (or the inbox is interrupted, or the
+        broker cancelled the consumer)."""
         while self._buffer.qsize() < count and not (self.interrupted or self.cancelled_by_broker):
             self._arrived.clear()
             await self._arrived.wait()

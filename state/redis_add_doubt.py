@@ -161,5 +161,5 @@ async def _settle(
             )
         )
     except (TimeoutError, RedisError, OSError) as exc:
-        raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
+        raise write_doubt.unknown(failure, exc) from failure
     write_doubt.settle(failure, held, len(command_ids), logger)

@@ -74,7 +74,7 @@ class RedisChanges:
                 lambda: self._modify_watched(command_id, change), (StateError, _ReplyLost)
             )
         except (TimeoutError, StateError, _ReplyLost) as exc:
-            raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
+            raise write_doubt.unknown(failure, exc) from failure
 
     async def _modify_watched(self, command_id: str, change: Change) -> CommandRecord | None:
         from redis.exceptions import WatchError

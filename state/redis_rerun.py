@@ -69,4 +69,4 @@ async def run_rerunnable(
             lambda: script(keys=keys, args=args), (RedisError, OSError)
         )
     except (TimeoutError, RedisError, OSError) as exc:
-        raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
+        raise write_doubt.unknown(failure, exc) from failure

@@ -24,10 +24,11 @@ BOUND = 5.0
 
 
 def unknown(failure: StateError, why: object) -> StateError:
-    """The error for a write the index could not be asked about within :data:`BOUND`."""
+    """The error for a write the index could not be asked about within :data:`BOUND`;
+    ``why`` is the last failure (a bound that ran out says nothing: "timed out")."""
     error = StateError(
         f"{failure}; the write's outcome is unknown, its commands may have been written "
-        f"(the index could not tell within {BOUND:g} s: {why})"
+        f"(the index could not tell within {BOUND:g} s: {str(why) or 'timed out'})"
     )
     error.__cause__ = failure
     return error

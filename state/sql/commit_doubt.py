@@ -135,7 +135,7 @@ class Commit(Generic[T]):
         except _Unknown as why:
             raise write_doubt.unknown(failure, why) from failure
         except (TimeoutError, StateError) as exc:
-            raise write_doubt.unknown(failure, str(exc) or "timed out") from failure
+            raise write_doubt.unknown(failure, exc) from failure
 
     async def settle_claim(
         self,
