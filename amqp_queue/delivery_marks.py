@@ -57,10 +57,39 @@ class DeliveryMarks:
         self._marked: list[AbstractIncomingMessage] = []
         self._ack_every = max(1, config.prefetch // _ACK_SHARE)
         self._ack_together = ack_together
+        # Ids posted whose mark has not run yet (or runs now), and deliveries of them that
+        # came again meanwhile: settled by how that mark ends.
+        self._posted: set[str] = set()
+        self._copies: dict[str, AbstractIncomingMessage] = {}
 
     def post(self, finished: Finished) -> None:
         """Marks (and acks) a finished command in the background."""
+        self._posted.add(finished[1].id)
         self._batcher.post_detached(finished)
+
+    def adopt(
+        self, message: AbstractIncomingMessage, command_id: str
+    ) -> AbstractIncomingMessage | None:
+        """A new delivery of a command the stream handed out; returns what to drop as stale.
+
+        The broker gives a command again when the channel holding it was lost (and restored).
+        While its delivery mark has not landed, the new delivery is the one to keep unacked:
+        the lost channel's is gone, and should the mark never land, the command must come
+        again (at-least-once). Marked, or never posted here, it is the new delivery's due.
+        """
+        # Each _ack_together = False: deliveries of two channels are held now, and one
+        # multiple ack would name only the last's.
+        for at, (older, record) in enumerate(self.unmarked):
+            if record.id == command_id:
+                self._ack_together = False
+                self.unmarked[at] = (message, record)
+                return older
+        if command_id in self._posted:
+            self._ack_together = False
+            older_copy = self._copies.get(command_id)
+            self._copies[command_id] = message
+            return older_copy
+        return message
 
     async def drain(self) -> None:
         """Returns once the marks posted so far have run, failed or not."""
@@ -93,6 +122,7 @@ class DeliveryMarks:
         if not batch:
             return
         self.unmarked = []
+        self._posted.update(record.id for _, record in batch)
         try:
             await self._mark([record.id for _, record in batch])
         except BaseException:
@@ -101,13 +131,38 @@ class DeliveryMarks:
             # broker should the channel go first (at-least-once). From now on each is acked
             # alone: a batch may then hold deliveries of a channel restored since, and one
             # ack of several deliveries names only the channel of the last.
-            self.unmarked = batch
+            self.unmarked, replaced = self._latest(batch)
             self._ack_together = False
+            # Acked, one at a time, with the next marked ones (see _latest).
+            self._marked.extend(replaced)
             raise
         report_delivered(self._observer, [record for _, record in batch], self._state.clock())
         self._marked.extend(message for message, _ in batch)
+        # Copies of commands marked now are theirs to ack too.
+        self._marked.extend(
+            self._copies.pop(record.id) for _, record in batch if record.id in self._copies
+        )
+        self._posted.difference_update(record.id for _, record in batch)
         if len(self._marked) >= self._ack_every:
             await self._ack_marked()
+
+    def _latest(
+        self, batch: list[Finished]
+    ) -> tuple[list[Finished], list[AbstractIncomingMessage]]:
+        """The batch with each command's latest delivery (see :meth:`adopt`), and the
+        deliveries it replaced: stale (their channel lost, or a copy of a repeated
+        publish)."""
+        latest: list[Finished] = []
+        replaced: list[AbstractIncomingMessage] = []
+        for message, record in batch:
+            self._posted.discard(record.id)
+            copy = self._copies.pop(record.id, None)
+            if copy is None:
+                latest.append((message, record))
+            else:
+                latest.append((copy, record))
+                replaced.append(message)
+        return latest, replaced
 
     async def _ack_marked(self) -> None:
         """Acks the commands marked delivered so far.

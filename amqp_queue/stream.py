@@ -322,9 +322,18 @@ class CommandStream(Closing):
         # stale ones, the live ones are still here to hand out (or requeue on close), never
         # orphaned for a later multiple ack to take.
         stale = list(finished)
+        waiting = {record.id: at for at, (_, record) in enumerate(self._ready)}
         for message, record in live:
             if record.id in self._handed:
-                stale.append(message)
+                # Dropped, unless its delivery mark has not landed (see DeliveryMarks.adopt).
+                if (dropped := self._marks.adopt(message, record.id)) is not None:
+                    stale.append(dropped)
+            elif (at := waiting.get(record.id)) is not None:
+                # A copy of a command waiting here (a repeated publish, or the broker's
+                # redelivery to a restored channel): kept once, as its latest delivery, the
+                # one a lost channel did not take with it.
+                stale.append(self._ready[at][0])
+                self._ready[at] = (message, record)
             else:
                 self._ready.append((message, record))
         if self._order is not None:

@@ -66,13 +66,16 @@ async def rabbitmq_store(
 
 
 @asynccontextmanager
-async def store_on_index(state: SqlStore, **config: Any) -> AsyncIterator[RabbitMQStore]:
+async def store_on_index(
+    state: SqlStore, *, amqp_url: str = AMQP_URL, **config: Any
+) -> AsyncIterator[RabbitMQStore]:
     """A started RabbitMQStore in its own namespace over a caller's SQL index, for tests that
     instrument the index; the index, connection and namespace are closed afterwards.
+    ``amqp_url``: the machine's broker, maybe with a connection name (to close it by);
     ``config`` goes to RabbitMQConfig."""
     await state.create_table()
     try:
-        async with store_over(state, **config) as store:
+        async with store_over(state, amqp_url=amqp_url, **config) as store:
             yield store
     finally:
         await state.close()
@@ -80,11 +83,13 @@ async def store_on_index(state: SqlStore, **config: Any) -> AsyncIterator[Rabbit
 
 
 @asynccontextmanager
-async def store_over(state: IndexedStore, **config: Any) -> AsyncIterator[RabbitMQStore]:
+async def store_over(
+    state: IndexedStore, *, amqp_url: str = AMQP_URL, **config: Any
+) -> AsyncIterator[RabbitMQStore]:
     """A started RabbitMQStore in its own namespace over a caller's index of any backend,
     which the caller closes; ``config`` goes to RabbitMQConfig."""
     exchange = unique("test.")
-    connection = await aio_pika.connect_robust(AMQP_URL)
+    connection = await aio_pika.connect_robust(amqp_url)
     store = RabbitMQStore(connection, RabbitMQConfig(exchange=exchange, **config), state=state)
     try:
         async with store:

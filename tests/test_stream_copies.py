@@ -1,0 +1,156 @@
+"""A consume() stream hands a command out once, however many copies of it the broker gives.
+
+Copies of one command reach its queue when a publish is repeated after a lost confirm (the
+relay publishes again what it cannot tell landed), and when a robust channel is restored: the
+broker requeues what the lost channel held, the restored consumer receives it again, and the
+stream still has the first delivery waiting in its window. Both copies are live in the index
+until the first one's delivery mark lands; the stream must not hand out the second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from amqp_queue import CommandStatus, QueueType, RabbitMQStore
+from tests.faults.broker import close_connections_named
+from tests.rabbitmq_support import AMQP_URL, queue_depth, rabbitmq_store, store_on_index
+from tests.support import eventually, unique
+from tests.test_consume_acks import MarksFail
+
+COPIES = 3
+
+
+async def _taken(store: RabbitMQStore, device: str) -> dict[str, aio_pika.Message]:
+    """Takes every message out of the device queue: a copy of each by command id, as a
+    repeated publish would queue it again (same body, id, headers and properties)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(store.config.queue_name(device))
+        taken: dict[str, aio_pika.Message] = {}
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            assert message.message_id is not None
+            taken[message.message_id] = aio_pika.Message(
+                message.body,
+                headers=message.headers,
+                message_id=message.message_id,
+                delivery_mode=message.delivery_mode,
+                expiration=message.expiration,
+                timestamp=message.timestamp,
+                type=message.type,
+            )
+            await message.ack()
+        return taken
+
+
+async def _queued(store: RabbitMQStore, device: str, messages: list[aio_pika.Message]) -> None:
+    """Publishes the messages, in this order, straight to the device queue."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for message in messages:
+            await channel.default_exchange.publish(
+                message, routing_key=store.config.queue_name(device)
+            )
+
+
+async def _copied(store: RabbitMQStore, device: str, copies: int) -> None:
+    """Replaces each message in the device queue by ``copies`` identical ones."""
+    taken = await _taken(store, device)
+    await _queued(store, device, [copy for copy in taken.values() for _ in range(copies)])
+
+
+@pytest.mark.parametrize("queue_type", [QueueType.CLASSIC, QueueType.QUORUM])
+async def test_copies_of_a_command_in_one_window_are_handed_out_once(
+    tmp_path: Path, queue_type: QueueType
+) -> None:
+    async with rabbitmq_store(tmp_path, queue_type=queue_type, prefetch=16) as store:
+        device = "dev-copies"
+        ids = [await store.enqueue(device, f"c{i}".encode(), 600) for i in range(4)]
+        await _copied(store, device, COPIES)
+
+        handed: list[str] = []
+        async with store.consume(device) as stream:
+            async for command in stream:
+                handed.append(command.id)
+                if set(handed) == set(ids):
+                    break
+
+        assert handed == ids
+        for command_id in ids:
+            assert await store.get_status(command_id) is CommandStatus.DELIVERED
+
+
+async def test_a_copy_arriving_while_the_first_waits_in_the_window_is_not_handed_out_again(
+    tmp_path: Path,
+) -> None:
+    """On a quorum queue the stream reads on while an older command is missing, with the
+    newer ones waiting in its window; a copy of one of them arriving then (a repeated
+    publish, or the broker's redelivery to a restored channel) is the same command."""
+    async with rabbitmq_store(tmp_path, queue_type=QueueType.QUORUM, prefetch=16) as store:
+        device = "dev-copies"
+        first, second, third = [await store.enqueue(device, b"c", 600) for _ in range(3)]
+        taken = await _taken(store, device)
+        # The older command missing: the stream waits for it with the two newer in hand.
+        await _queued(store, device, [taken[second], taken[third]])
+
+        async def late() -> None:
+            await asyncio.sleep(0.1)  # well within the stream's wait (requeue_order.WAIT)
+            await _queued(store, device, [taken[second], taken[first]])
+
+        handed: list[str] = []
+        arriving = asyncio.create_task(late())
+        async with store.consume(device) as stream:
+            async for command in stream:
+                handed.append(command.id)
+                if command.id == third:
+                    break
+        await arriving
+
+        assert handed == [first, second, third]
+
+
+async def test_a_handed_out_command_whose_mark_failed_stays_queued_across_a_restored_channel(
+    tmp_path: Path,
+) -> None:
+    """The device has the command, its delivery mark fails, and the broker connection is
+    lost: the broker requeues the command and gives it again to the restored consumer. The
+    stream does not hand it out again, but must not ack that delivery either: the mark has
+    not landed, so should the stream close before it does, the command has to come again
+    (at-least-once), not stay PENDING with no message left in the broker."""
+    state = MarksFail(tmp_path / "state.db", failures=10**6)
+    name = unique("copies.")
+    url = f"{AMQP_URL}?name={name}&reconnect_interval=0.2"
+    async with store_on_index(state, amqp_url=url) as store:
+        command_id = await store.enqueue("dev-1", b"only", 600)
+
+        async with store.consume("dev-1") as stream:
+            assert (await anext(stream)).id == command_id
+            assert stream._current is not None
+            first = stream._current[0]  # its delivery on the channel about to be lost
+            # Finishing it posts its mark, which fails; the stream waits for the broker.
+            waiting = asyncio.ensure_future(anext(stream))
+
+            async def mark_failed() -> bool:
+                return bool(state.failed)
+
+            await eventually(mark_failed, 10)
+            assert await asyncio.to_thread(close_connections_named, name) == 1
+
+            async def held_again() -> bool:
+                # The restored channel's delivery is the one the stream keeps unacked.
+                held = stream._marks.unmarked
+                return bool(held) and held[0][0] is not first
+
+            await eventually(held_again, 15)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+
+        assert await store.get_status(command_id) is CommandStatus.PENDING
+        assert await queue_depth(store, "dev-1") == 1
