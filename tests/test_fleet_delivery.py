@@ -3,14 +3,18 @@ fans out over RabbitMQ: published at once, delivered to every device's queue."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiormq
 import pytest
 
-from amqp_queue import CommandStatus, RabbitMQStore, ReceivedCommand
+from amqp_queue import BrokerError, CommandStatus, RabbitMQStore, ReceivedCommand
+from amqp_queue.inbox import Inbox
 from amqp_queue.metrics import PrometheusObserver
 from tests.rabbitmq_support import queue_depth, rabbitmq_store
+from tests.support import eventually
 
 
 async def test_a_consumed_command_reports_its_outcome_from_the_loop_body(tmp_path: Path) -> None:
@@ -133,3 +137,35 @@ async def test_retiring_a_device_deletes_its_queue(tmp_path: Path) -> None:
             await queue_depth(store, "dev-old")
         assert await store.get_status(command_id) == CommandStatus.CANCELLED
         assert "dev-old" not in store.declared_devices
+
+
+async def test_a_drain_whose_device_retires_while_it_reads_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is deleted under the drain's consumer (the broker cancels it): the drain
+    raises BrokerError at once, with nothing claimed, instead of asking a queue that is
+    gone (or one declared again) how deep it is; the retire cancelled every command."""
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        ids = [await store.enqueue("dev-1", f"c{n}".encode(), 60) for n in range(5)]
+        retired: list[int] = []
+        reading = Inbox.window
+
+        async def retired_first(inbox: Inbox, wait: float | None, *, fill: int = 1) -> list[Any]:
+            if not retired:
+                retired.append(await store.retire_device("dev-1"))
+
+                async def cancelled() -> bool:
+                    return inbox.cancelled_by_broker
+
+                await eventually(cancelled, 5)
+            return await reading(inbox, wait, fill=fill)
+
+        monkeypatch.setattr(Inbox, "window", retired_first)
+        with pytest.raises(BrokerError, match="cancelled its consumer"):
+            await asyncio.wait_for(store.drain_pending("dev-1"), 10)
+
+        assert retired == [5]
+        assert [await store.get_status(c) for c in ids] == [CommandStatus.CANCELLED] * 5
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await queue_depth(store, "dev-1")  # not declared again
