@@ -38,6 +38,7 @@ class ReadyOrder:
         self._state = state
         self._device_id = device_id
         self._expected: list[str] = []
+        self._listed: frozenset[str] = frozenset()
         # When each missing older command was first waited for (the event loop's clock).
         self._waiting_since: dict[str, float] = {}
         # Waited for longer than WAIT: not waited for again.
@@ -57,6 +58,12 @@ class ReadyOrder:
             for record in rules.in_ready_order(records)
             if rules.is_deliverable(record, now)
         ]
+        self._listed = frozenset(self._expected)
+
+    def ended_since(self, command_ids: Collection[str]) -> set[str]:
+        """Of commands found deliverable before the last read, those it no longer lists:
+        cancelled, replaced, expired or delivered by another consumer since."""
+        return {command_id for command_id in command_ids if command_id not in self._listed}
 
     def missing_before(
         self, record: CommandRecord, present: Collection[Collection[str]], moment: float

@@ -336,13 +336,24 @@ class CommandStream(Closing):
                 self._ready[at] = (message, record)
             else:
                 self._ready.append((message, record))
+        await self._drop_all(stale)
         if self._order is not None:
             self._ready = deque(sorted(self._ready, key=lambda item: item[1].ready_at))
-            try:
-                await self._order.refresh()
-            except StateError as exc:
-                logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
-        await self._drop_all(stale)
+            await self._refresh_order()
+
+    async def _refresh_order(self) -> None:
+        """Reads the device's ready order again (quorum queues). The read comes after the
+        window's check: a command it no longer lists ended meanwhile (a cancel that has
+        returned), and is dropped, not handed out."""
+        assert self._order is not None
+        try:
+            await self._order.refresh()
+        except StateError as exc:
+            logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
+            return
+        ended = self._order.ended_since([record.id for _, record in self._ready])
+        waiting, self._ready = self._ready, deque(i for i in self._ready if i[1].id not in ended)
+        await self._drop_all([message for message, record in waiting if record.id in ended])
 
     async def _recheck(self) -> None:
         """Asks the index again, in one query, about every command still waiting."""

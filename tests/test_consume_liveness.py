@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from amqp_queue import CommandStatus, RabbitMQStore
+from amqp_queue import CommandStatus, QueueType, RabbitMQStore
+from amqp_queue.state import SqlStore
+from amqp_queue.state.model import CommandRecord
+from amqp_queue.state.sql import create_engine
 from amqp_queue.stream import CommandStream
-from tests.rabbitmq_support import rabbitmq_store
+from tests.rabbitmq_support import rabbitmq_store, store_on_index
 from tests.support import FakeClock, eventually
 
 Meddle = Callable[[RabbitMQStore, str], Awaitable[None]]
@@ -175,3 +178,41 @@ async def test_a_command_cancelled_just_before_the_device_asks_for_it_is_not_han
                     break
 
         assert received == [b"first", b"last"]
+
+
+class CancelsDuringOrderRead(SqlStore):
+    """A SQLite index on which a command is cancelled (by an operator on another store, say)
+    just as a quorum-queue stream reads the device's ready order, after it found the
+    command's window live."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(create_engine(f"sqlite+aiosqlite:///{path}"))
+        self.victim: str | None = None
+        self.cancelled = False
+
+    async def open_commands(self, device_id: str) -> list[CommandRecord]:
+        if self.victim is not None and not self.cancelled:
+            await self.cancel_command(self.victim)
+            self.cancelled = True
+        return await super().open_commands(device_id)
+
+
+async def test_a_command_cancelled_as_a_quorum_stream_reads_its_ready_order_is_not_handed_out(
+    tmp_path: Path,
+) -> None:
+    state = CancelsDuringOrderRead(tmp_path / "state.db")
+    async with store_on_index(state, queue_type=QueueType.QUORUM) as store:
+        victim = await store.enqueue("dev-1", b"cancelled", 600)
+        state.victim = victim
+        last = await store.enqueue("dev-1", b"last", 600)
+
+        received: list[str] = []
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                received.append(command.id)
+                if command.id == last:
+                    break
+
+        assert state.cancelled
+        assert received == [last]
+        assert await store.get_status(victim) is CommandStatus.CANCELLED
