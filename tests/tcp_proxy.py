@@ -7,7 +7,8 @@ behind the proxy see the outage.
 
 Only 127.0.0.1 is ever listened on or connected to: the proxy cannot be pointed elsewhere.
 :class:`StallProxy` can also stall its links (every byte held, no reset), as a dead peer does
-before TCP gives up.
+before TCP gives up; :class:`LosesAnswer` can drop the one reply to a request the server ran
+(an answer lost after a commit).
 
 Why not a maintained one: aiomisc's ``TCPProxy`` (what aio-pika's own suite uses) and
 toxiproxy were the candidates. aiomisc 18 ships ``TCPProxy`` inside ``aiomisc.pytest``, the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -277,3 +279,64 @@ class StallProxy(TCPProxy):
 
     async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._pipe(reader, writer, self._replies_flow)
+
+
+class LosesAnswer(TCPProxy):
+    """A :class:`TCPProxy` that loses one answer once armed (:meth:`arm`): on the first link whose
+    requests carry each of ``steps`` in turn (a script's SHA; a statement, then its
+    ``COMMIT``), the server runs the last one, but its reply never reaches the client: the
+    link dies as it arrives, as when the server went down, or the link was cut, between
+    running a request and answering it. ``lost`` is set then."""
+
+    def __init__(self, target_port: int, **kwargs: Any) -> None:
+        super().__init__(target_port, **kwargs)
+        self._steps: tuple[bytes, ...] = ()
+        self._on_loss: Callable[[], Awaitable[None]] | None = None
+        self._progress: dict[_Link, int] = {}
+        self._doomed: _Link | None = None
+        self.lost = asyncio.Event()
+
+    def arm(self, *steps: bytes, on_loss: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Loses the reply to the last of ``steps``; ``on_loss`` (say, the server killed) is
+        awaited once that reply reached the proxy, before the client's link dies."""
+        if not steps:
+            raise ValueError("arm() needs at least one step")
+        self._steps, self._on_loss = steps, on_loss
+        self._progress.clear()
+        self._doomed = None
+        self.lost.clear()
+
+    def _link_of(self, writer: asyncio.StreamWriter) -> _Link | None:
+        return next((k for k in self._links if writer in (k.client, k.upstream)), None)
+
+    def _advance(self, link: _Link | None, chunk: bytes) -> None:
+        if link is None or not self._steps or self._doomed is not None or self.lost.is_set():
+            return
+        done, at = self._progress.get(link, 0), 0
+        while done < len(self._steps) and (found := chunk.find(self._steps[done], at)) >= 0:
+            done, at = done + 1, found + len(self._steps[done])
+        self._progress[link] = done
+        if done == len(self._steps):
+            self._doomed = link  # the reply to this chunk (the client waits for it) is lost
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = self._link_of(writer)
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(CHUNK_SIZE):
+                self._advance(link, chunk)
+                writer.write(chunk)
+                await writer.drain()
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = self._link_of(writer)
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(CHUNK_SIZE):
+                if link is not None and link is self._doomed:
+                    self._doomed = None
+                    if self._on_loss is not None:
+                        await self._on_loss()
+                    self.lost.set()
+                    link.abort()
+                    return
+                writer.write(chunk)
+                await writer.drain()
