@@ -11,12 +11,14 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from amqp_queue.state import CommandStatus, SqlStore, StateError
 from amqp_queue.state.sql import deadlock_retry, transactions
 from amqp_queue.state.sql import statements as sql
 from amqp_queue.state.sql.engine import create_engine
 from tests.backends import POSTGRES_URL, postgres_schema
+from tests.tcp_proxy import TCPProxy
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -166,3 +168,35 @@ async def test_asyncpgs_own_deadlock_errors_count_as_transient() -> None:
             assert deadlock_retry.is_transient(caught.value) is retried, sqlstate
     finally:
         await connection.close()
+
+
+async def test_calls_after_the_index_link_died_idle_answer_at_once() -> None:
+    """PostgreSQL restarted, or every link to it cut, while the store's connections sat idle
+    (pooled, or kept for the hot reads, the marks and the writes): once it answers again, a
+    call answers. The dead connection is the pool's to replace, not the caller's failure."""
+    async with (
+        postgres_schema() as schema,
+        TCPProxy(make_url(POSTGRES_URL).port or 5432, max_connections=50) as proxy,
+    ):
+        through = make_url(POSTGRES_URL).set(port=proxy.port).render_as_string(False)
+        async with await SqlStore.connect(through, schema=schema) as store:
+            first, second = [await store.enqueue("gw-1", b"a", 60) for _ in range(2)]
+            # Every kind of call once: the connections they use stay open between calls.
+            assert await store.get_status(first) is CommandStatus.PENDING
+            assert await store.is_deliverable(first)
+            assert list(await store.deliverable([first])) == [first]
+            assert await store.mark_delivered([second]) == 1
+            assert len(await store.get_pending("gw-1")) == 1
+
+            await proxy.cut()
+            await proxy.restore()
+
+            assert await store.get_status(first) is CommandStatus.PENDING
+            assert await store.is_deliverable(first)
+            assert list(await store.deliverable([first])) == [first]
+            assert len(await store.get_pending("gw-1")) == 1
+            assert [record.id for record in await store.open_commands("gw-1")] == [first]
+            third = await store.enqueue("gw-1", b"c", 60)
+            await store.cancel_command(third)
+            assert await store.mark_delivered([first]) == 1
+            assert await store.get_status(first) is CommandStatus.DELIVERED

@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import StateError
@@ -122,12 +122,18 @@ class SqlExecution:
             # One statement is a consistent snapshot by itself: in autocommit it costs one
             # round trip, where BEGIN, the query and COMMIT (and the pool's reset) cost
             # three or four: consume() asks this before every hand-out.
-            try:
-                async with self._engine.connect() as conn:
-                    auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    return [dict(row._mapping) for row in await auto.execute(query, params)]
-            except (SQLAlchemyError, OSError) as exc:
-                raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+            for last in (False, True):
+                try:
+                    async with self._engine.connect() as conn:
+                        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                        return [dict(row._mapping) for row in await auto.execute(query, params)]
+                except (SQLAlchemyError, OSError) as exc:
+                    # A pooled connection that died idle (the server restarted, the link
+                    # was cut): SQLAlchemy has dropped every connection pooled before it,
+                    # and the read runs again once on a new one.
+                    if not last and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                        continue
+                    raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
         async with self._read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query, params)]
 

@@ -78,30 +78,55 @@ class KeptCalls:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def call(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        """``call`` on the kept driver connection, or on a pooled one while that is busy."""
+    async def call(self, call: Callable[[Any], Awaitable[T]], *, rerun: bool = False) -> T:
+        """``call`` on the kept driver connection, or on a pooled one while that is busy.
+
+        After a server restart or a cut link, the kept connection and every idle pooled one
+        died unused. One the driver already knows is closed is dropped and another taken,
+        nothing having been sent on it; with ``rerun`` (a read), so is one found dead by the
+        call itself (not one that timed out). The budget: one more try than the connections
+        idle in the pool when the first one failed (each is found dead at once).
+        """
+        tries: int | None = None
+        while True:
+            try:
+                return await self._call_once(call)
+            except _LinkLost as lost:
+                if tries is None:
+                    tries = self._idle_pooled()
+                if tries == 0 or not (lost.unsent or (rerun and lost.found_dead)):
+                    raise lost.failure from None
+                tries -= 1
+
+    async def _call_once(self, call: Callable[[Any], Awaitable[T]]) -> T:
         if self._busy or self._closed:
             async with self._engine.connect() as conn:
                 raw = await conn.get_raw_connection()
                 try:
-                    return await call(raw.driver_connection)
+                    return await call(_open(raw.driver_connection))
                 except BaseException as exc:
                     if self._spoilt_by(exc):
                         await conn.invalidate()
+                        _raise_lost(exc)
                     raise
         self._busy = True
         self._idle.clear()
         try:
             driver = await self._kept.driver()
             try:
-                return await call(driver)
+                return await call(_open(driver))
             except BaseException as exc:
                 if self._spoilt_by(exc):
                     await self._kept.discard()
+                    _raise_lost(exc)
                 raise
         finally:
             self._busy = False
             self._idle.set()
+
+    def _idle_pooled(self) -> int:
+        checked_in = getattr(self._engine.pool, "checkedin", None)
+        return int(checked_in()) + 1 if callable(checked_in) else 1
 
     async def close(self) -> None:
         """Hands the connection back for good, once a call running on it has finished (at
@@ -127,3 +152,33 @@ class KeptCalls:
         if isinstance(code, str):
             return code.startswith(("08", "57P"))
         return isinstance(exc, self._failures)
+
+
+class _Unsent(ConnectionError):
+    """The driver knew its connection closed before the call: nothing was sent on it."""
+
+
+class _LinkLost(Exception):
+    """A call failed because its connection (or the server) went: ``failure`` says how."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.unsent = isinstance(failure, _Unsent)
+        # Not a link that stalled (it timed out): another through it would stall as long.
+        self.found_dead = not isinstance(failure, TimeoutError)
+
+
+def _open(driver: Any) -> Any:
+    """``driver``, unless it knows its connection closed (asyncpg's, after the server or
+    the link went while it sat idle)."""
+    is_closed = getattr(driver, "is_closed", None)
+    if callable(is_closed) and is_closed():
+        raise _Unsent("the connection to the index is closed")
+    return driver
+
+
+def _raise_lost(exc: BaseException) -> None:
+    """Raises :class:`_LinkLost` for a failure of the link (a cancellation stays itself)."""
+    if isinstance(exc, Exception):
+        raise _LinkLost(exc) from exc

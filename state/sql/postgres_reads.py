@@ -97,4 +97,5 @@ class PostgresReads:
         async def fetch(driver: Any) -> Any:
             return await driver.fetch(compiled.sql, *params)
 
-        return compiled.rows(await self._reads.call(fetch))
+        # A read runs again on another connection should its own have died idle.
+        return compiled.rows(await self._reads.call(fetch, rerun=True))
