@@ -67,6 +67,12 @@ class DeliveryMarks:
         self._posted.add(finished[1].id)
         self._batcher.post_detached(finished)
 
+    def ack_singly(self) -> None:
+        """From now on each command is acked by itself: the stream holds deliveries out of
+        tag order (a copy in an earlier one's place, or deliveries of two channels), and one
+        multiple ack would take deliveries still in hand, or name only the last channel's."""
+        self._ack_together = False
+
     def adopt(
         self, message: AbstractIncomingMessage, command_id: str
     ) -> AbstractIncomingMessage | None:
@@ -77,15 +83,13 @@ class DeliveryMarks:
         the lost channel's is gone, and should the mark never land, the command must come
         again (at-least-once). Marked, or never posted here, it is the new delivery's due.
         """
-        # Each _ack_together = False: deliveries of two channels are held now, and one
-        # multiple ack would name only the last's.
         for at, (older, record) in enumerate(self.unmarked):
             if record.id == command_id:
-                self._ack_together = False
+                self.ack_singly()
                 self.unmarked[at] = (message, record)
                 return older
         if command_id in self._posted:
-            self._ack_together = False
+            self.ack_singly()
             older_copy = self._copies.get(command_id)
             self._copies[command_id] = message
             return older_copy
@@ -132,13 +136,15 @@ class DeliveryMarks:
             # alone: a batch may then hold deliveries of a channel restored since, and one
             # ack of several deliveries names only the channel of the last.
             self.unmarked, replaced = self._latest(batch)
-            self._ack_together = False
-            # Acked, one at a time, with the next marked ones (see _latest).
+            self.ack_singly()
+            # Stale, but on a live channel (a repeated publish's copy) one holds a place in the
+            # prefetch window: acked with the next marked ones, each by itself.
             self._marked.extend(replaced)
             raise
         report_delivered(self._observer, [record for _, record in batch], self._state.clock())
         self._marked.extend(message for message, _ in batch)
-        # Copies of commands marked now are theirs to ack too.
+        # A copy that came while the mark ran is as delivered as the command: acked too, or
+        # it would hold a place in the prefetch window until the channel closes.
         self._marked.extend(
             self._copies.pop(record.id) for _, record in batch if record.id in self._copies
         )

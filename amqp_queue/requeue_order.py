@@ -38,7 +38,6 @@ class ReadyOrder:
         self._state = state
         self._device_id = device_id
         self._expected: list[str] = []
-        self._listed: frozenset[str] = frozenset()
         # When each missing older command was first waited for (the event loop's clock).
         self._waiting_since: dict[str, float] = {}
         # Waited for longer than WAIT: not waited for again.
@@ -49,8 +48,11 @@ class ReadyOrder:
         """Whether the stream read on for a missing command since its last hand-out: the
         next one is checked against the index again before it goes out."""
 
-    async def refresh(self) -> None:
-        """Reads the device's open commands again (after a window came)."""
+    async def refresh(self, held: Collection[str]) -> set[str]:
+        """Reads the device's open commands again (after a window came). Returns those of
+        ``held``, found live before the read, that have ended since (a cancel returned
+        meanwhile): not to be handed out. Those the read no longer lists are asked about
+        again with the liveness query, the one the settlement rule acks by."""
         now = self._state.clock()
         records = await self._state.open_commands(self._device_id)
         self._expected = [
@@ -58,12 +60,12 @@ class ReadyOrder:
             for record in rules.in_ready_order(records)
             if rules.is_deliverable(record, now)
         ]
-        self._listed = frozenset(self._expected)
-
-    def ended_since(self, command_ids: Collection[str]) -> set[str]:
-        """Of commands found deliverable before the last read, those it no longer lists:
-        cancelled, replaced, expired or delivered by another consumer since."""
-        return {command_id for command_id in command_ids if command_id not in self._listed}
+        listed = set(self._expected)
+        unlisted = [command_id for command_id in held if command_id not in listed]
+        if not unlisted:
+            return set()
+        live = await self._state.deliverable(unlisted)
+        return {command_id for command_id in unlisted if command_id not in live}
 
     def missing_before(
         self, record: CommandRecord, present: Collection[Collection[str]], moment: float

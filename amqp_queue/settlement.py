@@ -122,23 +122,32 @@ async def split_live(
     state: DeliveryIndex,
     device_id: str,
     messages: Sequence[AbstractIncomingMessage],
+    *,
+    latest: bool = False,
 ) -> tuple[list[tuple[AbstractIncomingMessage, CommandRecord]], list[AbstractIncomingMessage]]:
     """The messages whose commands the index holds as live (one query), and the rest.
 
     A live command of another device (a foreign publish) counts as not live here, and so
-    does a second message of one command (a copy): only the first is kept.
+    does a second message of one command (a copy): only the first is kept, or with
+    ``latest`` the last delivery in the first one's place (after a lost channel the first
+    may be its delivery, which can no longer be settled: the broker gave it again).
     """
     live = await state.deliverable(command_ids(messages))
     kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
     finished: list[AbstractIncomingMessage] = []
-    seen: set[str] = set()
+    place: dict[str, int] = {}
     for message in messages:
         record = live.get(message.message_id or "")
-        if record is None or record.device_id != device_id or record.id in seen:
+        if record is None or record.device_id != device_id:
             finished.append(message)
-            continue
-        seen.add(record.id)
-        kept.append((message, record))
+        elif record.id not in place:
+            place[record.id] = len(kept)
+            kept.append((message, record))
+        elif latest:
+            finished.append(kept[place[record.id]][0])
+            kept[place[record.id]] = (message, record)
+        else:
+            finished.append(message)
     return kept, finished
 
 

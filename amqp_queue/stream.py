@@ -311,7 +311,11 @@ class CommandStream(Closing):
         first on the next ``__anext__`` (or requeued by ``close``): never acked unasked.
         """
         self._unadmitted.extend(window)
-        live, finished = await split_live(self._state, self._device_id, self._unadmitted)
+        if len({message.message_id for message in self._unadmitted}) < len(self._unadmitted):
+            self._marks.ack_singly()  # copies: one kept in an earlier one's place
+        live, finished = await split_live(
+            self._state, self._device_id, self._unadmitted, latest=True
+        )
         if self._closed:
             # close() ran while the index answered (a query slower than the close grace):
             # it requeued these messages, which are the next consumer's now.
@@ -334,26 +338,22 @@ class CommandStream(Closing):
                 # one a lost channel did not take with it.
                 stale.append(self._ready[at][0])
                 self._ready[at] = (message, record)
+                self._marks.ack_singly()
             else:
                 self._ready.append((message, record))
         await self._drop_all(stale)
         if self._order is not None:
             self._ready = deque(sorted(self._ready, key=lambda item: item[1].ready_at))
-            await self._refresh_order()
-
-    async def _refresh_order(self) -> None:
-        """Reads the device's ready order again (quorum queues). The read comes after the
-        window's check: a command it no longer lists ended meanwhile (a cancel that has
-        returned), and is dropped, not handed out."""
-        assert self._order is not None
-        try:
-            await self._order.refresh()
-        except StateError as exc:
-            logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
-            return
-        ended = self._order.ended_since([record.id for _, record in self._ready])
-        waiting, self._ready = self._ready, deque(i for i in self._ready if i[1].id not in ended)
-        await self._drop_all([message for message, record in waiting if record.id in ended])
+            try:
+                # After the window's check: what ended since (a cancel that returned) is
+                # dropped, not handed out.
+                ended = await self._order.refresh([record.id for _, record in self._ready])
+            except StateError as exc:
+                logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
+                return
+            gone = [message for message, record in self._ready if record.id in ended]
+            self._ready = deque(item for item in self._ready if item[1].id not in ended)
+            await self._drop_all(gone)
 
     async def _recheck(self) -> None:
         """Asks the index again, in one query, about every command still waiting."""

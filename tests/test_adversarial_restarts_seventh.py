@@ -27,7 +27,7 @@ import pytest
 
 from amqp_queue import CommandStatus, RabbitMQConfig, RabbitMQStore
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
-from tests.support import matrix, unique
+from tests.support import eventually, matrix, unique
 from tests.tcp_proxy import BROKER_PORT, StallProxy, TCPProxy
 from tests.test_adversarial_seams import state_url_for
 
@@ -693,12 +693,14 @@ async def test_sidecar_killed_under_http_enqueues_delivers_every_answered_comman
                 await fresh.start()
                 current[0] = fresh
             await asyncio.sleep(1.0)
+
             # Enough answered to judge, however slowly the last sidecar came up under load
             # (a busy machine answered 30 in one run).
+            async def enough() -> bool:
+                return sum(1 for e in events if e["ev"] == "done") > 30
+
             with suppress(TimeoutError):
-                async with asyncio.timeout(20):
-                    while sum(1 for e in events if e["ev"] == "done") <= 30:  # noqa: ASYNC110
-                        await asyncio.sleep(0.1)
+                await eventually(enough, 20)
             stop.set()
             await asyncio.gather(*lanes)
             await current[0].kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
 import aio_pika
@@ -99,13 +100,17 @@ async def test_a_copy_arriving_while_the_first_waits_in_the_window_is_not_handed
         # The older command missing: the stream waits for it with the two newer in hand.
         await _queued(store, device, [taken[second], taken[third]])
 
-        async def late() -> None:
-            await asyncio.sleep(0.1)  # well within the stream's wait (requeue_order.WAIT)
-            await _queued(store, device, [taken[second], taken[first]])
-
         handed: list[str] = []
-        arriving = asyncio.create_task(late())
         async with store.consume(device) as stream:
+
+            async def late() -> None:
+                async def both_waiting() -> bool:
+                    return len(stream._ready) == 2  # the stream reads on for the first
+
+                await eventually(both_waiting, 5)
+                await _queued(store, device, [taken[second], taken[first]])
+
+            arriving = asyncio.create_task(late())
             async for command in stream:
                 handed.append(command.id)
                 if command.id == third:
@@ -148,6 +153,97 @@ async def test_a_handed_out_command_whose_mark_failed_stays_queued_across_a_rest
                 return bool(held) and held[0][0] is not first
 
             await eventually(held_again, 15)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+
+        assert await store.get_status(command_id) is CommandStatus.PENDING
+        assert await queue_depth(store, "dev-1") == 1
+
+
+class Boom(Exception):
+    """The loop body fails: its command must be requeued."""
+
+
+async def test_a_lost_channels_delivery_and_its_copy_in_one_window_keep_the_live_one(
+    tmp_path: Path,
+) -> None:
+    """A stream's buffer still holds a delivery of the lost channel when the restored
+    consumer's copy of it arrives: both come in one window. The stream must keep the copy
+    (the one it can still settle): the body of that command fails, and the command has to
+    come again, not stay PENDING with no message in the broker. (Found by a review.)"""
+    state = MarksFail(tmp_path / "state.db", failures=0)
+    name = unique("copies.")
+    url = f"{AMQP_URL}?name={name}&reconnect_interval=0.2"
+    async with store_on_index(state, amqp_url=url, prefetch=16) as store:
+        first = await store.enqueue("dev-1", b"a", 600)
+        second = await store.enqueue("dev-1", b"b", 600)
+        handed: list[str] = []
+
+        async def fail_on_the_third() -> None:
+            async with store.consume("dev-1") as stream:
+                handed.append((await anext(stream)).id)  # the second waits in the window
+                await store.enqueue("dev-1", b"c", 600)  # into the inbox's buffer
+
+                def buffered(count: int) -> Callable[[], Awaitable[bool]]:
+                    async def holds() -> bool:
+                        assert stream._inbox is not None
+                        return stream._inbox._buffer.qsize() >= count
+
+                    return holds
+
+                await eventually(buffered(1), 5)
+                assert await asyncio.to_thread(close_connections_named, name) == 1
+                await eventually(buffered(4), 15)  # the restored consumer's three copies
+                handed.append((await anext(stream)).id)
+                handed.append((await anext(stream)).id)
+                raise Boom
+
+        with pytest.raises(Boom):
+            await fail_on_the_third()
+
+        assert handed[:2] == [first, second]
+        assert await store.get_status(handed[2]) is CommandStatus.PENDING
+        assert await queue_depth(store, "dev-1") == 1
+
+
+class SlowFailingMarks(MarksFail):
+    """Every delivery mark takes a second, then fails."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, failures=10**6)
+        self.marking = asyncio.Event()
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        self.marking.set()
+        await asyncio.sleep(1.0)
+        return await super().mark_delivered(command_ids)
+
+
+async def test_a_copy_arriving_while_the_mark_runs_stays_queued_should_the_mark_fail(
+    tmp_path: Path,
+) -> None:
+    """A repeated publish's copy of a handed-out command arrives while its delivery mark
+    runs, and the mark fails: the copy is what keeps the command in the broker (the device
+    has it; should the mark never land, it comes again). (Written by a review.)"""
+    state = SlowFailingMarks(tmp_path / "state.db")
+    async with store_on_index(state) as store:
+        command_id = await store.enqueue("dev-1", b"x", 600)
+        taken = await _taken(store, "dev-1")
+        await _queued(store, "dev-1", [taken[command_id]])
+        async with store.consume("dev-1") as stream:
+            assert (await anext(stream)).id == command_id
+            assert stream._current is not None
+            first = stream._current[0]
+            waiting = asyncio.ensure_future(anext(stream))
+            await asyncio.wait_for(state.marking.wait(), 5)
+            await _queued(store, "dev-1", [taken[command_id]])
+
+            async def held_again() -> bool:
+                held = stream._marks.unmarked
+                return bool(held) and held[0][0] is not first
+
+            await eventually(held_again, 10)
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waiting
