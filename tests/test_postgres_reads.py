@@ -191,6 +191,12 @@ async def test_calls_after_the_index_link_died_idle_answer_at_once() -> None:
             await proxy.cut()
             await proxy.restore()
 
+            # At once from many callers: most find the kept connection busy and take pooled
+            # ones, dead too.
+            lives = await asyncio.gather(*(store.is_deliverable(first) for _ in range(40)))
+            statuses = await asyncio.gather(*(store.get_status(first) for _ in range(20)))
+            assert all(lives)
+            assert set(statuses) == {CommandStatus.PENDING}
             assert await store.get_status(first) is CommandStatus.PENDING
             assert await store.is_deliverable(first)
             assert list(await store.deliverable([first])) == [first]
