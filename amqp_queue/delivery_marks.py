@@ -4,13 +4,13 @@ mark in the index, then the ack (one frame for several where it may)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection
 
 from aio_pika.abc import AbstractIncomingMessage
 
 from amqp_queue.batching import Batcher
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import report_delivered, settle
 from amqp_queue.state.model import CommandRecord
@@ -39,10 +39,12 @@ class DeliveryMarks:
         device_id: str,
         *,
         ack_together: bool,
-        mark: Callable[[Collection[str]], Awaitable[object]],
+        commits: MarkCommits,
     ) -> None:
         self._state = state
-        self._mark = mark
+        # The store's: marks of every stream share its commits, and what a closed stream
+        # could not land is the store's to land (see owe_unlanded).
+        self._commits = commits
         self._observer = observer
         self._device_id = device_id
         self._batcher = Batcher(
@@ -95,6 +97,14 @@ class DeliveryMarks:
             return older_copy
         return message
 
+    def owe_unlanded(self) -> None:
+        """Hands the store the marks this closing stream has not landed: those that failed,
+        and any still running past the close's bound (landing twice does no harm). The
+        device has these commands: DELIVERED, also if replaced or cancelled meanwhile."""
+        unlanded = [record.id for _, record in self.unmarked] + sorted(self._posted)
+        if unlanded:
+            self._commits.owe(unlanded)
+
     async def drain(self) -> None:
         """Returns once the marks posted so far have run, failed or not."""
         await self._batcher.drain()
@@ -128,7 +138,7 @@ class DeliveryMarks:
         self.unmarked = []
         self._posted.update(record.id for _, record in batch)
         try:
-            await self._mark([record.id for _, record in batch])
+            await self._commits.mark_delivered([record.id for _, record in batch])
         except BaseException:
             # The device has them: their status must come to say so, so they are marked
             # again with the next batch. Unacked until then, they come again from the

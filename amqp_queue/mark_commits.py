@@ -6,14 +6,29 @@ streams of 10 commands), those were 4,000 write transactions queued on the index
 writer, each waiting seconds for its turn, and a closing stream's last marks could outwait
 its bound (its commands then come again). One commit carries every stream's marks that
 waited meanwhile, as enqueues share theirs (:mod:`amqp_queue.batching`).
+
+Marks a stream could not land before it closed (the index down) are the store's to land:
+the device has those commands, and a mark wins over a replacement, a cancel or an expiry
+that came meanwhile (``rules.taken``), so they are tried again in the background until the
+index takes them. Left to the requeued messages, a command replaced meanwhile was dropped
+as superseded by the next stream and ended SUPERSEDED though the device ran it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Collection
 
 from amqp_queue.batching import Batcher
 from amqp_queue.delivery_index import DeliveryIndex
+
+logger = logging.getLogger("amqp_queue.stream")
+
+OWED_RETRY_FIRST = 0.25
+"""Seconds before a closed stream's owed marks are tried again; the wait doubles up to
+:data:`OWED_RETRY_MOST` while the index keeps failing (as a waiting stream's retries)."""
+OWED_RETRY_MOST = 30.0
 
 # Streams' batches in one commit (the index splits a large one into statements).
 _STREAMS_PER_COMMIT = 64
@@ -28,10 +43,61 @@ class MarkCommits:
         self._commits: Batcher[Collection[str]] = Batcher(
             self._commit, max_batch=_STREAMS_PER_COMMIT
         )
+        # Marks of closed streams the index has not taken yet (insertion order).
+        self._owed: dict[str, None] = {}
+        self._landing: asyncio.Task[None] | None = None
+        self._halted = False  # the store has closed: nothing lands on its index any more
 
     async def mark_delivered(self, command_ids: Collection[str]) -> None:
         """Marks these commands delivered; raises what the commit carrying them raised."""
         await self._commits.submit(command_ids)
+
+    def owe(self, command_ids: Collection[str]) -> None:
+        """Marks a closing stream could not land: tried again in the background until the
+        index takes them (a copy the broker hands out before that is at-least-once)."""
+        if self._halted:
+            return  # a stream closed after its store: the broker hands them out again
+        self._owed.update(dict.fromkeys(command_ids))
+        if self._owed and (self._landing is None or self._landing.done()):
+            self._landing = asyncio.create_task(self._land_owed())
+
+    async def _land_owed(self) -> None:
+        wait = OWED_RETRY_FIRST
+        while self._owed:
+            await asyncio.sleep(wait)
+            landed = await self._try_owed()
+            wait = OWED_RETRY_FIRST if landed else min(wait * 2, OWED_RETRY_MOST)
+
+    async def _try_owed(self) -> bool:
+        owed = list(self._owed)
+        try:
+            await self.mark_delivered(owed)
+        except Exception as exc:  # kept for the next try, and logged
+            logger.warning(
+                "marking %d commands of closed streams delivered failed: %s", len(owed), exc
+            )
+            return False
+        for command_id in owed:
+            self._owed.pop(command_id, None)
+        return True
+
+    def halt(self) -> None:
+        """Stops the background tries (the index is about to close)."""
+        self._halted = True
+        if self._landing is not None:
+            self._landing.cancel()
+            self._landing = None
+
+    async def close(self, within: float) -> None:
+        """Stops the background tries, and tries what is still owed once more, for
+        ``within`` seconds at most: left unmarked, those commands come again."""
+        self.halt()
+        if self._owed:
+            try:
+                async with asyncio.timeout(within):
+                    await self._try_owed()
+            except TimeoutError:
+                logger.warning("%d delivery marks left unlanded at close", len(self._owed))
 
     async def _commit(self, batches: list[Collection[str]]) -> None:
         await self._state.mark_delivered([command_id for ids in batches for command_id in ids])

@@ -175,6 +175,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._stop_starter()
             await self._running.end(drain_grace=self.config.publish_timeout)
             await self._running.wait_background()
+            await self._marks.close(self.config.publish_timeout)  # what closed streams owe
             if self._relay is not None:
                 if not self.broker_pending:
                     await publish_owed(self._relay, self.config.publish_timeout)
@@ -186,6 +187,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             self._started = False
             if self._relay is not None:
                 self._relay.halt()  # cut short above: it must not use what closes below
+            self._marks.halt()  # likewise: no background mark on a closed index
             try:
                 await self._channels.close()
                 # Each forgotten once closed: a close cut short here leaves the rest to the next.
@@ -263,9 +265,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             channel = await self._channels.channel(f"opening a channel to consume {device}")
             return channel, topology
 
-        mark = self._marks.mark_delivered
+        marks = self._marks
         return self._running.stream(
-            CommandStream(open_channel, self.state, self.config, device, self.observer, self, mark)
+            CommandStream(open_channel, self.state, self.config, device, self.observer, self, marks)
         )
 
     async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from typing import Self
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -21,6 +21,7 @@ from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.delivery_marks import DeliveryMarks
 from amqp_queue.errors import BrokerError, closed_under
 from amqp_queue.inbox import Inbox, open_inbox
+from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import WAIT, ReadyOrder
@@ -65,7 +66,7 @@ class CommandStream(Closing):
         device_id: str,
         observer: Observer,
         reporter: OutcomeReporter,
-        mark: Callable[[Collection[str]], Awaitable[object]],
+        marks: MarkCommits,
     ) -> None:
         self._open_channel = open_channel
         self._reporter = reporter
@@ -96,7 +97,7 @@ class CommandStream(Closing):
         # Handed out in ready order there, not delivery order: a multiple ack could take a
         # command still in hand with it.
         self._marks = DeliveryMarks(
-            state, observer, config, device_id, ack_together=self._order is None, mark=mark
+            state, observer, config, device_id, ack_together=self._order is None, commits=marks
         )
 
     async def __aenter__(self) -> Self:
@@ -189,6 +190,7 @@ class CommandStream(Closing):
                 except (BrokerError, TimeoutError) as exc:
                     logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
             await self._flush_within()
+            self._marks.owe_unlanded()
             unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
             self._unadmitted = []
             if self._current is not None:
@@ -393,7 +395,6 @@ class CommandStream(Closing):
 
 
 def _being_cancelled() -> bool:
-    """Whether the running task has a cancellation pending (its own, not one that a closed
-    channel's RPC raised into it)."""
+    """Whether the running task is being cancelled (not by a closed channel's failed RPC)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0

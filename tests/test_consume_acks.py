@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from amqp_queue import CommandStatus, PendingCommand, RabbitMQStore, delivery_marks, settlement
+from amqp_queue import (
+    CommandStatus,
+    PendingCommand,
+    RabbitMQStore,
+    delivery_marks,
+    mark_commits,
+    settlement,
+)
 from amqp_queue import stream as stream_module
 from amqp_queue.state import SqlStore, StateError
 from amqp_queue.state.sql import create_engine
@@ -142,8 +149,13 @@ async def test_a_prefetch_window_full_of_unmarked_commands_does_not_stall_the_st
         assert await queue_depth(store, "dev-1") == 0
 
 
-async def test_commands_never_marked_come_again_from_the_broker(tmp_path: Path) -> None:
-    # Every mark fails while the stream is open: the index is down until it closed.
+async def test_commands_never_marked_come_again_from_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every mark fails while the stream is open: the index is down until it closed. The
+    # store keeps trying those marks (test_marks_after_close.py); read again before they
+    # land, the commands come again (at-least-once).
+    monkeypatch.setattr(mark_commits, "OWED_RETRY_FIRST", 60.0)
     state = MarksFail(tmp_path / "state.db", failures=1_000)
     async with store_on_index(state) as store:
         ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(4)]

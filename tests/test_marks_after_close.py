@@ -1,0 +1,79 @@
+"""A command a device took ends DELIVERED, even when its stream closed before the mark landed.
+
+Seen in the Redis-restart fault trials (``python -m tests.faults --redis-restarts``, seed
+486107278, a SIGTERM trial): a ``consume()`` stream handed a latest-wins command out, the
+loop body finished, and Redis went down before the delivery mark landed. The stream's next
+read failed (StateError), the gateway left the ``async with``, and the one more try at close
+failed too: the message went back to the broker with the command still PENDING. Redis back,
+a newer command of that type replaced it, and the next stream dropped the requeued message as
+superseded: the command the device ran ended SUPERSEDED (a wrong status), although the mark
+wins over a replacement, a cancel or an expiry (``rules.taken``). Had nothing replaced it, the
+next stream handed it out a second time (the harness's duplicates in those trials).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amqp_queue import CommandStatus, RabbitMQStore, mark_commits
+from tests.rabbitmq_support import queue_depth, store_on_index
+from tests.support import eventually
+from tests.test_consume_acks import MarksFail
+
+
+async def _ended_by(how: str, store: RabbitMQStore, command_id: str) -> str | None:
+    """Ends the command as an operator or a producer would; returns the replacement's id."""
+    if how == "cancel":
+        await store.cancel_command(command_id)
+        return None
+    return await store.enqueue_or_update("dev-1", "setpoint", b"21.5", 600)
+
+
+@pytest.mark.parametrize("how", ["replace", "cancel"])
+async def test_a_command_taken_before_its_stream_closed_unmarked_ends_delivered(
+    tmp_path: Path, how: str
+) -> None:
+    state = MarksFail(tmp_path / "state.db", failures=10**6)  # the index down
+    async with store_on_index(state) as store:
+        taken = await store.enqueue_or_update("dev-1", "setpoint", b"20.0", 600)
+
+        async with store.consume("dev-1") as stream:
+            assert (await anext(stream)).id == taken
+            # The device is done with it; the block ends, and so does every try of its mark.
+        assert state.failed
+        assert all(ids == [taken] for ids in state.failed)
+        assert await store.get_status(taken) is CommandStatus.PENDING
+
+        # Replaced or cancelled while the marks still fail (the store keeps trying them).
+        newer = await _ended_by(how, store, taken)
+        assert await store.get_status(taken) is not CommandStatus.DELIVERED
+        state.failures = 0  # the index is back
+
+        async def delivered() -> bool:
+            return await store.get_status(taken) is CommandStatus.DELIVERED
+
+        await eventually(delivered, 10)
+        # The requeued message is dropped (delivered), never handed out again.
+        assert await store.drain_pending("dev-1") == ([] if newer is None else [b"21.5"])
+        assert await queue_depth(store, "dev-1") == 0
+
+
+async def test_a_closing_store_lands_what_its_closed_streams_owe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index is back before the store's next background try: the store's close tries
+    the owed marks once more, rather than leaving the commands to come again."""
+    monkeypatch.setattr(mark_commits, "OWED_RETRY_FIRST", 60.0)
+    state = MarksFail(tmp_path / "state.db", failures=10**6)
+    async with store_on_index(state) as store:
+        command_id = await store.enqueue("dev-1", b"x", 600)
+        async with store.consume("dev-1") as stream:
+            assert (await anext(stream)).id == command_id
+        assert await store.get_status(command_id) is CommandStatus.PENDING
+        state.failures = 0
+
+        await store.close()
+
+        assert await state.get_status(command_id) is CommandStatus.DELIVERED
