@@ -29,6 +29,9 @@ OWED_RETRY_FIRST = 0.25
 """Seconds before a closed stream's owed marks are tried again; the wait doubles up to
 :data:`OWED_RETRY_MOST` while the index keeps failing (as a waiting stream's retries)."""
 OWED_RETRY_MOST = 30.0
+CLOSE_TRY = 1.0
+"""Seconds a closing store gives the owed marks' last try at most: one commit where the
+index answers, and no more than a second of a close where it does not (a stalled link)."""
 
 # Streams' batches in one commit (the index splits a large one into statements).
 _STREAMS_PER_COMMIT = 64
@@ -90,11 +93,12 @@ class MarkCommits:
 
     async def close(self, within: float) -> None:
         """Stops the background tries, and tries what is still owed once more, for
-        ``within`` seconds at most: left unmarked, those commands come again."""
+        ``within`` (or :data:`CLOSE_TRY`) seconds at most: left unmarked, those commands
+        come again."""
         self.halt()
         if self._owed:
             try:
-                async with asyncio.timeout(within):
+                async with asyncio.timeout(min(within, CLOSE_TRY)):
                     await self._try_owed()
             except TimeoutError:
                 logger.warning("%d delivery marks left unlanded at close", len(self._owed))

@@ -163,9 +163,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         after ``CLOSE_GRACE`` (2) s with the command requeued. Drains are waited for up to
         ``publish_timeout`` s while the broker and index are open, then about 2 s more for
         channels and a cancelled drain's give-back; a stream's delivery marks up to
-        ``publish_timeout`` too. An index that does not answer (a stalled link) holds each
-        call on the way out for its own bound (PostgreSQL's statement timeout, Redis's
-        socket timeout). Cut short (the caller's deadline), a close still stops the relay
+        ``publish_timeout`` too, then 1 s for the marks closed streams owe. A stalled index
+        holds each call on the way out for its own bound (PostgreSQL's statement timeout,
+        Redis's socket timeout). Cut short (the caller's deadline), a close still stops the relay
         and closes what the store owns; called again, it finishes what is left.
         """
         if self._closed_all:
