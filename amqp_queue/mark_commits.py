@@ -17,6 +17,8 @@ as superseded by the next stream and ended SUPERSEDED though the device ran it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import Collection
 
@@ -29,6 +31,9 @@ OWED_RETRY_FIRST = 0.25
 """Seconds before a closed stream's owed marks are tried again; the wait doubles up to
 :data:`OWED_RETRY_MOST` while the index keeps failing (as a waiting stream's retries)."""
 OWED_RETRY_MOST = 30.0
+OWED_PER_COMMIT = 1_000
+"""Owed marks landed per commit: after a long outage a whole fleet's, and on Redis one
+commit is one script that holds the server while it runs."""
 CLOSE_TRY = 1.0
 """Seconds a closing store gives the owed marks' last try at most: one commit where the
 index answers, and no more than a second of a close where it does not (a stalled link)."""
@@ -49,6 +54,8 @@ class MarkCommits:
         # Marks of closed streams the index has not taken yet (insertion order).
         self._owed: dict[str, None] = {}
         self._landing: asyncio.Task[None] | None = None
+        # Set by a commit that landed: the index is back, the owed marks need not wait.
+        self._index_back = asyncio.Event()
         self._halted = False  # the store has closed: nothing lands on its index any more
 
     async def mark_delivered(self, command_ids: Collection[str]) -> None:
@@ -59,29 +66,42 @@ class MarkCommits:
         """Marks a closing stream could not land: tried again in the background until the
         index takes them (a copy the broker hands out before that is at-least-once)."""
         if self._halted:
-            return  # a stream closed after its store: the broker hands them out again
+            # A stream that closed after its store: the broker hands these out again.
+            logger.warning(
+                "%d delivery marks of a stream closed after its store are lost", len(command_ids)
+            )
+            return
         self._owed.update(dict.fromkeys(command_ids))
         if self._owed and (self._landing is None or self._landing.done()):
-            self._landing = asyncio.create_task(self._land_owed())
+            self._landing = asyncio.create_task(self._land_owed(), name="amqp_queue.owed_marks")
 
     async def _land_owed(self) -> None:
         wait = OWED_RETRY_FIRST
         while self._owed:
-            await asyncio.sleep(wait)
+            self._index_back.clear()
+            # Woken early by another stream's mark that landed: a new stream reading the
+            # requeued commands before these land hands them out again.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._index_back.wait()
             landed = await self._try_owed()
             wait = OWED_RETRY_FIRST if landed else min(wait * 2, OWED_RETRY_MOST)
 
     async def _try_owed(self) -> bool:
-        owed = list(self._owed)
-        try:
-            await self.mark_delivered(owed)
-        except Exception as exc:  # kept for the next try, and logged
-            logger.warning(
-                "marking %d commands of closed streams delivered failed: %s", len(owed), exc
-            )
-            return False
-        for command_id in owed:
-            self._owed.pop(command_id, None)
+        while self._owed:
+            owed = list(itertools.islice(self._owed, OWED_PER_COMMIT))
+            try:
+                await self.mark_delivered(owed)
+            except Exception as exc:  # kept for the next try, and logged
+                logger.warning(
+                    "marking %d commands of closed streams delivered failed: %s",
+                    len(self._owed),
+                    exc,
+                )
+                return False
+            for command_id in owed:
+                self._owed.pop(command_id, None)
+            logger.info("marked %d commands of closed streams delivered", len(owed))
         return True
 
     def halt(self) -> None:
@@ -97,11 +117,12 @@ class MarkCommits:
         come again."""
         self.halt()
         if self._owed:
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(within, CLOSE_TRY)):
                     await self._try_owed()
-            except TimeoutError:
+            if self._owed:
                 logger.warning("%d delivery marks left unlanded at close", len(self._owed))
 
     async def _commit(self, batches: list[Collection[str]]) -> None:
         await self._state.mark_delivered([command_id for ids in batches for command_id in ids])
+        self._index_back.set()

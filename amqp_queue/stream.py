@@ -190,7 +190,6 @@ class CommandStream(Closing):
                 except (BrokerError, TimeoutError) as exc:
                     logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
             await self._flush_within()
-            self._marks.owe_unlanded()
             unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
             self._unadmitted = []
             if self._current is not None:
@@ -202,6 +201,7 @@ class CommandStream(Closing):
         except BrokerError as exc:
             logger.warning("consumer of %s closed after a broker failure: %s", self._device_id, exc)
         finally:
+            self._marks.owe_unlanded()  # also when the close is cancelled
             self._ready.clear()
             self._current = None
             if self._inbox is not None:

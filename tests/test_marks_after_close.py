@@ -13,6 +13,9 @@ next stream handed it out a second time (the harness's duplicates in those trial
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,42 @@ async def test_a_closing_store_lands_what_its_closed_streams_owe(
         await store.close()
 
         assert await state.get_status(command_id) is CommandStatus.DELIVERED
+
+
+async def test_a_stream_whose_close_is_cancelled_still_hands_over_its_unlanded_marks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's shutdown cancels the stream's close while its last mark hangs: the mark
+    is the store's to land all the same. (Found by a review.)"""
+    monkeypatch.setattr(mark_commits, "OWED_RETRY_FIRST", 60.0)
+    state = MarksHang(tmp_path / "state.db")
+    async with store_on_index(state) as store:
+        command_id = await store.enqueue("dev-1", b"x", 600)
+        stream = store.consume("dev-1")
+        await stream.__aenter__()
+        assert (await anext(stream)).id == command_id
+        closing = asyncio.ensure_future(stream.__aexit__(None, None, None))
+        await asyncio.wait_for(state.hanging.wait(), 5)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        state.answering.set()
+
+        await store.close()  # the owed mark's last try
+
+        assert await state.get_status(command_id) is CommandStatus.DELIVERED
+
+
+class MarksHang(MarksFail):
+    """Delivery marks wait until released, then fail: an index that stopped answering."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, failures=1)
+        self.hanging = asyncio.Event()
+        self.answering = asyncio.Event()
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        if not self.answering.is_set():
+            self.hanging.set()
+            await self.answering.wait()
+        return await super().mark_delivered(command_ids)

@@ -250,3 +250,33 @@ async def test_a_copy_arriving_while_the_mark_runs_stays_queued_should_the_mark_
 
         assert await store.get_status(command_id) is CommandStatus.PENDING
         assert await queue_depth(store, "dev-1") == 1
+
+
+async def test_a_copy_kept_in_an_earlier_place_does_not_take_the_next_command_with_its_ack(
+    tmp_path: Path,
+) -> None:
+    """[A, B, A'] in one window of a classic queue: A' is kept in A's place, and from then on
+    each command is acked by itself. A multiple ack of A' (the highest tag) would also ack
+    B, still in hand: B's body fails, and B must come again. (Written by a review.)"""
+    state = MarksFail(tmp_path / "state.db", failures=0)
+    async with store_on_index(state, prefetch=4) as store:
+        first = await store.enqueue("dev-1", b"a", 600)
+        second = await store.enqueue("dev-1", b"b", 600)
+        taken = await _taken(store, "dev-1")
+        await _queued(store, "dev-1", [taken[first], taken[second], taken[first]])
+        handed: list[str] = []
+
+        async def fail_on_the_second() -> None:
+            async with store.consume("dev-1") as stream:
+                async for command in stream:
+                    handed.append(command.id)
+                    if command.id == second:
+                        raise Boom
+
+        with pytest.raises(Boom):
+            await fail_on_the_second()
+
+        assert handed == [first, second]
+        assert await store.get_status(first) is CommandStatus.DELIVERED
+        assert await store.get_status(second) is CommandStatus.PENDING
+        assert await queue_depth(store, "dev-1") == 1
