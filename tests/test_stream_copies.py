@@ -16,8 +16,10 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
-from amqp_queue import CommandStatus, QueueType, RabbitMQStore
+from amqp_queue import CommandStatus, QueueType, RabbitMQStore, ReceivedCommand
+from amqp_queue.stream import CommandStream
 from tests.faults.broker import close_connections_named
 from tests.rabbitmq_support import AMQP_URL, queue_depth, rabbitmq_store, store_on_index
 from tests.support import eventually, unique
@@ -64,6 +66,25 @@ async def _copied(store: RabbitMQStore, device: str, copies: int) -> None:
     """Replaces each message in the device queue by ``copies`` identical ones."""
     taken = await _taken(store, device)
     await _queued(store, device, [copy for copy in taken.values() for _ in range(copies)])
+
+
+async def _held_again_then_stopped(
+    stream: CommandStream,
+    first: AbstractIncomingMessage,
+    waiting: asyncio.Future[ReceivedCommand],
+    seconds: float,
+) -> None:
+    """Waits until the stream keeps another delivery than ``first`` of its command whose
+    mark failed, then ends the stream's wait for its next command."""
+
+    async def held_again() -> bool:
+        held = stream._marks.unmarked
+        return bool(held) and held[0][0] is not first
+
+    await eventually(held_again, seconds)
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
 
 
 @pytest.mark.parametrize("queue_type", [QueueType.CLASSIC, QueueType.QUORUM])
@@ -147,15 +168,8 @@ async def test_a_handed_out_command_whose_mark_failed_stays_queued_across_a_rest
             await eventually(mark_failed, 10)
             assert await asyncio.to_thread(close_connections_named, name) == 1
 
-            async def held_again() -> bool:
-                # The restored channel's delivery is the one the stream keeps unacked.
-                held = stream._marks.unmarked
-                return bool(held) and held[0][0] is not first
-
-            await eventually(held_again, 15)
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiting
+            # The restored channel's delivery is the one the stream keeps unacked.
+            await _held_again_then_stopped(stream, first, waiting, 15)
 
         assert await store.get_status(command_id) is CommandStatus.PENDING
         assert await queue_depth(store, "dev-1") == 1
@@ -239,14 +253,7 @@ async def test_a_copy_arriving_while_the_mark_runs_stays_queued_should_the_mark_
             await asyncio.wait_for(state.marking.wait(), 5)
             await _queued(store, "dev-1", [taken[command_id]])
 
-            async def held_again() -> bool:
-                held = stream._marks.unmarked
-                return bool(held) and held[0][0] is not first
-
-            await eventually(held_again, 10)
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiting
+            await _held_again_then_stopped(stream, first, waiting, 10)
 
         assert await store.get_status(command_id) is CommandStatus.PENDING
         assert await queue_depth(store, "dev-1") == 1
