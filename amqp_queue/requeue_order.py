@@ -6,8 +6,10 @@ whose loop body raised, gives them back that way, and the next consumer would me
 commands first. So on quorum queues a stream hands out in the index's ready order: before
 handing out a command it checks that every older ready command of the device, still
 open in the index, is in its hands (or was handed out); while one is missing it reads more of
-the queue, for at most :data:`WAIT` seconds, and then goes on without it (it may be in another
-consumer's hands, or beyond a full prefetch window, or unpublished: its writer died).
+the queue, for at most :data:`WAIT` seconds of waiting on the broker, and then goes on
+without it (it may be in another consumer's hands, or beyond a full prefetch window, or
+unpublished: its writer died). The index's time to mark and check does not count: a loaded
+index is not a missing command.
 
 "Published" is not read from the index: a publish mark rides along with a later write
 (:data:`~amqp_queue.publish_path.MARK_LINGER`), so a command in the queue may not be marked
@@ -17,14 +19,18 @@ about to be, unless its writer died before publishing it (then the wait runs out
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from typing import TypeVar
 
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.state import rules
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.stream")
+
+T = TypeVar("T")
 
 WAIT = 0.5
 """Seconds a quorum-queue stream reads on for an older command before it goes on without."""
@@ -38,8 +44,8 @@ class ReadyOrder:
         self._state = state
         self._device_id = device_id
         self._expected: list[str] = []
-        # When each missing older command was first waited for (the event loop's clock).
-        self._waiting_since: dict[str, float] = {}
+        # Seconds spent reading the broker while each older command was missing.
+        self._waited_for: dict[str, float] = {}
         # Waited for longer than WAIT: not waited for again.
         self._given_up: set[str] = set()
         # Per set of missing commands: how many more times a full window may go back.
@@ -68,11 +74,11 @@ class ReadyOrder:
         return {command_id for command_id in unlisted if command_id not in live}
 
     def missing_before(
-        self, record: CommandRecord, present: Collection[Collection[str]], moment: float
+        self, record: CommandRecord, present: Collection[Collection[str]]
     ) -> list[str]:
         """The older ready commands of the device in none of the ``present`` ids (in
         hand, handed out): handing ``record`` out now would overtake them. Those waited for
-        longer than :data:`WAIT` by ``moment`` are given up on."""
+        (:meth:`read_on`) for :data:`WAIT` are given up on."""
         missing: list[str] = []
         for command_id in self._expected:
             if command_id == record.id:
@@ -84,9 +90,7 @@ class ReadyOrder:
             # Not in the last read (it came after it): nothing known to be older.
             return []
         overdue = [
-            command_id
-            for command_id in missing
-            if moment - self._waiting_since.setdefault(command_id, moment) > WAIT
+            command_id for command_id in missing if self._waited_for.get(command_id, 0.0) >= WAIT
         ]
         if overdue:
             logger.info(
@@ -96,6 +100,20 @@ class ReadyOrder:
             )
             self._given_up.update(overdue)
         return [command_id for command_id in missing if command_id not in self._given_up]
+
+    async def read_on(
+        self, missing: Collection[str], next_window: Callable[[float], Awaitable[T]]
+    ) -> T:
+        """The next window, read for at most :data:`WAIT`; the time it takes counts as
+        waiting for each of the ``missing`` commands."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await next_window(WAIT)
+        finally:
+            for command_id in missing:
+                waited = self._waited_for.get(command_id, 0.0)
+                self._waited_for[command_id] = waited + loop.time() - started
 
     async def may_rotate(
         self, missing: Collection[str], queued: Callable[[], Awaitable[int]], window: int

@@ -24,7 +24,7 @@ from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
-from amqp_queue.requeue_order import WAIT, ReadyOrder
+from amqp_queue.requeue_order import ReadyOrder
 from amqp_queue.settlement import settle, split_live
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
@@ -282,7 +282,7 @@ class CommandStream(Closing):
         assert self._order is not None
         present = ({record.id for _, record in self._ready}, self._handed)
         front = self._ready[0]
-        missing = self._order.missing_before(front[1], present, asyncio.get_running_loop().time())
+        missing = self._order.missing_before(front[1], present)
         if not missing:
             if not self._order.waited:
                 return True
@@ -301,7 +301,7 @@ class CommandStream(Closing):
             ready, self._ready = self._ready, deque()
             for message, _ in ready:
                 await settle(message, ack=False)
-        window = await self._next_window(WAIT)
+        window = await self._order.read_on(missing, self._next_window)
         if window:
             await self._admit(window)
         return False
