@@ -76,7 +76,8 @@ class MarkCommits:
             self._landing = asyncio.create_task(self._land_owed(), name="amqp_queue.owed_marks")
 
     async def _land_owed(self) -> None:
-        wait = OWED_RETRY_FIRST
+        loop = asyncio.get_running_loop()
+        wait, tried = OWED_RETRY_FIRST, loop.time() - OWED_RETRY_FIRST
         while self._owed:
             self._index_back.clear()
             # Woken early by another stream's mark that landed: a new stream reading the
@@ -84,6 +85,10 @@ class MarkCommits:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._index_back.wait()
+            # But not once per other commit while the index refuses these: one try per
+            # OWED_RETRY_FIRST at most.
+            await asyncio.sleep(tried + OWED_RETRY_FIRST - loop.time())
+            tried = loop.time()
             landed = await self._try_owed()
             wait = OWED_RETRY_FIRST if landed else min(wait * 2, OWED_RETRY_MOST)
 

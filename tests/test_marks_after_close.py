@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import CommandStatus, RabbitMQStore, mark_commits
+from amqp_queue.state import MemoryStore, StateError
 from tests.rabbitmq_support import queue_depth, store_on_index
 from tests.support import eventually
 from tests.test_consume_acks import MarksFail
@@ -119,3 +120,35 @@ class MarksHang(MarksFail):
             self.hanging.set()
             await self.answering.wait()
         return await super().mark_delivered(command_ids)
+
+
+class RefusesSome(MemoryStore):
+    """An index that refuses marks of the ``refused`` commands (as a row it cannot write
+    would) and takes every other mark."""
+
+    def __init__(self, refused: set[str]) -> None:
+        super().__init__()
+        self.refused = refused
+        self.refusals = 0
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        if self.refused & set(command_ids):
+            self.refusals += 1
+            raise StateError("state index delivery mark failed")
+        return await super().mark_delivered(command_ids)
+
+
+async def test_owed_marks_the_index_refuses_are_not_retried_each_time_another_mark_lands() -> None:
+    # A review: every landed mark wakes the owed marks' retry at once, with no floor, so
+    # owed marks the index keeps refusing were tried (and logged) once per other commit.
+    state = RefusesSome({"owed"})
+    commits = mark_commits.MarkCommits(state)
+    commits.owe(["owed"])
+    for n in range(40):  # others' marks landing every 25 ms for a second
+        with contextlib.suppress(StateError):  # refused too when it shares a commit
+            await commits.mark_delivered([f"other-{n}"])
+        await asyncio.sleep(0.025)
+    commits.halt()
+
+    # Backing off from OWED_RETRY_FIRST: 0.25, 0.5 s... at most one try per 0.25 s.
+    assert 1 <= state.refusals <= 1 / mark_commits.OWED_RETRY_FIRST + 1
