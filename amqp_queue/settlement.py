@@ -38,6 +38,13 @@ def command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
     return [message.message_id for message in messages if is_command_id(message.message_id)]
 
 
+def has_copies(messages: Sequence[AbstractIncomingMessage]) -> bool:
+    """Whether two of the messages carry one command (foreign messages, with no command id
+    or none at all, are no copies of each other)."""
+    ids = command_ids(messages)
+    return len(set(ids)) < len(ids)
+
+
 async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
     """Acks (or requeues) a message, or with ``multiple`` every unsettled delivery up to it;
     a lost channel already requeued them on the broker, and one being closed will (a frame

@@ -25,7 +25,7 @@ from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import ReadyOrder
-from amqp_queue.settlement import settle, split_live
+from amqp_queue.settlement import has_copies, settle, split_live
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -313,7 +313,7 @@ class CommandStream(Closing):
         first on the next ``__anext__`` (or requeued by ``close``): never acked unasked.
         """
         self._unadmitted.extend(window)
-        if len({message.message_id for message in self._unadmitted}) < len(self._unadmitted):
+        if has_copies(self._unadmitted):
             self._marks.ack_singly()  # copies: one kept in an earlier one's place
         live, finished = await split_live(
             self._state, self._device_id, self._unadmitted, latest=True

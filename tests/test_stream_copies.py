@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from amqp_queue import CommandStatus, QueueType, RabbitMQStore, ReceivedCommand
+from amqp_queue.settlement import has_copies
 from amqp_queue.stream import CommandStream
 from tests.faults.broker import close_connections_named
 from tests.rabbitmq_support import AMQP_URL, queue_depth, rabbitmq_store, store_on_index
@@ -287,3 +291,14 @@ async def test_a_copy_kept_in_an_earlier_place_does_not_take_the_next_command_wi
         assert await store.get_status(first) is CommandStatus.DELIVERED
         assert await store.get_status(second) is CommandStatus.PENDING
         assert await queue_depth(store, "dev-1") == 1
+
+
+def test_foreign_messages_with_no_id_are_no_copies_of_each_other() -> None:
+    # A review: the stream counted distinct message ids, so two foreign messages with no id
+    # in one window counted as a copy and the stream acked singly from then on.
+    def messages(*ids: str | None) -> list[AbstractIncomingMessage]:
+        return [cast(AbstractIncomingMessage, SimpleNamespace(message_id=i)) for i in ids]
+
+    command = str(uuid.uuid4())
+    assert not has_copies(messages(None, None, "not-a-command", "not-a-command", command))
+    assert has_copies(messages(None, command, command))
