@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import CommandStatus, RabbitMQStore, mark_commits
-from amqp_queue.state import MemoryStore, StateError
-from tests.rabbitmq_support import queue_depth, store_on_index
+from amqp_queue.state import IndexedStore, MemoryStore, StateError
+from tests.rabbitmq_support import queue_depth, rabbitmq_store, store_on_index
 from tests.support import eventually
+from tests.test_adversarial_seams import BACKENDS, state_url_for
 from tests.test_consume_acks import MarksFail
 
 
@@ -35,12 +36,33 @@ async def _ended_by(how: str, store: RabbitMQStore, command_id: str) -> str | No
     return await store.enqueue_or_update("dev-1", "setpoint", b"21.5", 600)
 
 
+class FailingMarks:
+    """Fails an index's delivery marks while ``down``, as an index that is down would,
+    whatever its backend."""
+
+    def __init__(self, state: IndexedStore) -> None:
+        self.down = True
+        self.failed: list[list[str]] = []
+        self._mark = state.mark_delivered
+        state.mark_delivered = self  # type: ignore[method-assign]
+
+    async def __call__(self, command_ids: Collection[str]) -> int:
+        if self.down:
+            self.failed.append(list(command_ids))
+            raise StateError("state index delivery mark failed: connection refused")
+        return await self._mark(command_ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["replace", "cancel"])
 async def test_a_command_taken_before_its_stream_closed_unmarked_ends_delivered(
-    tmp_path: Path, how: str
+    tmp_path: Path, how: str, backend: str
 ) -> None:
-    state = MarksFail(tmp_path / "state.db", failures=10**6)  # the index down
-    async with store_on_index(state) as store:
+    async with (
+        state_url_for(backend, tmp_path) as url,
+        rabbitmq_store(tmp_path, state_url=url) as store,
+    ):
+        state = FailingMarks(store.state)  # the index down for marks
         taken = await store.enqueue_or_update("dev-1", "setpoint", b"20.0", 600)
 
         async with store.consume("dev-1") as stream:
@@ -53,7 +75,7 @@ async def test_a_command_taken_before_its_stream_closed_unmarked_ends_delivered(
         # Replaced or cancelled while the marks still fail (the store keeps trying them).
         newer = await _ended_by(how, store, taken)
         assert await store.get_status(taken) is not CommandStatus.DELIVERED
-        state.failures = 0  # the index is back
+        state.down = False  # the index is back
 
         async def delivered() -> bool:
             return await store.get_status(taken) is CommandStatus.DELIVERED
