@@ -20,6 +20,7 @@ import weakref
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
+from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_failure, closed_under_the_call
 
 logger = logging.getLogger("amqp_queue.channel_closing")
@@ -86,3 +87,18 @@ def _closed_late(what: str, ending: asyncio.Future[None]) -> None:
     failure = None if ending.cancelled() else ending.exception()
     if failure is not None:
         logger.warning("closing %s: %s", what, failure)
+
+
+async def close_drain_channel(
+    channel: AbstractChannel,
+    device: str,
+    config: RabbitMQConfig,
+    settling: asyncio.Future[None] | None,
+) -> None:
+    """Closes a drain's channel once a cancelled drain's give-back (``settling``) is done."""
+    if settling is not None:
+        # A cancelled drain's give-back: its unacked messages must not be requeued (by the
+        # close) while the index still says delivered, or the next consumer drops them.
+        # Bounded, so a hung index call cannot hold close() for ever.
+        await asyncio.wait([settling], timeout=config.publish_timeout)
+    await close_channel(channel, config.publish_timeout, f"the drain channel of {device}")

@@ -4,6 +4,7 @@ mark in the index, then the ack (one frame for several where it may)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -12,7 +13,7 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
-from amqp_queue.settlement import report_delivered, settle
+from amqp_queue.settlement import command_ids, report_delivered, settle, split_live
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.stream")
@@ -96,6 +97,15 @@ class DeliveryMarks:
             self._copies[command_id] = message
             return older_copy
         return message
+
+    async def split_live(
+        self, messages: Sequence[AbstractIncomingMessage]
+    ) -> tuple[list[Finished], list[AbstractIncomingMessage]]:
+        """``settlement.split_live`` (keeping each command's latest delivery), once the
+        store's owed marks among these commands landed: the requeued message of a command a
+        closed stream handed out is dropped as delivered, not handed out again."""
+        await self._commits.land_owed_among(command_ids(messages))
+        return await split_live(self._state, self._device_id, messages, latest=True)
 
     def owe_unlanded(self) -> None:
         """Hands the store the marks this closing stream has not landed: those that failed,

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -15,11 +15,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError
 from amqp_queue.inbox import Inbox
+from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
 from amqp_queue.state.errors import ClaimOutcomeUnknown, CommandNotFound, StateError
@@ -51,6 +51,7 @@ async def drain(
     device_id: str,
     observer: Observer,
     outbox: Debts,
+    marks: MarkCommits,
 ) -> list[CommandRecord]:
     """Empties a device queue, marks the live commands in it delivered and returns them.
 
@@ -84,7 +85,8 @@ async def drain(
             return
         # Shielded: cancelled after its transaction committed but before its answer came,
         # the claim would take commands nobody gives back; its records are awaited instead.
-        claim = asyncio.ensure_future(state.claim(device_id, command_ids(window)))
+        # Through ``marks``: a command a closed stream handed out is not claimed again.
+        claim = asyncio.ensure_future(marks.claim(device_id, command_ids(window)))
         try:
             records = await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -382,18 +384,3 @@ async def _outlasting(future: asyncio.Future[Any]) -> None:
             await asyncio.wait([future])
         except asyncio.CancelledError:
             continue
-
-
-async def close_drain_channel(
-    channel: AbstractChannel,
-    device: str,
-    config: RabbitMQConfig,
-    settling: asyncio.Future[None] | None,
-) -> None:
-    """Closes a drain's channel once a cancelled drain's give-back (``settling``) is done."""
-    if settling is not None:
-        # A cancelled drain's give-back: its unacked messages must not be requeued (by the
-        # close) while the index still says delivered, or the next consumer drops them.
-        # Bounded, so a hung index call cannot hold close() for ever.
-        await asyncio.wait([settling], timeout=config.publish_timeout)
-    await close_channel(channel, config.publish_timeout, f"the drain channel of {device}")

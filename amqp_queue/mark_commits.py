@@ -11,7 +11,10 @@ Marks a stream could not land before it closed (the index down) are the store's 
 the device has those commands, and a mark wins over a replacement, a cancel or an expiry
 that came meanwhile (``rules.taken``), so they are tried again in the background until the
 index takes them. Left to the requeued messages, a command replaced meanwhile was dropped
-as superseded by the next stream and ended SUPERSEDED though the device ran it.
+as superseded by the next stream and ended SUPERSEDED though the device ran it. A stream or
+drain of the store that reads the requeued message of an owed command lands the owed marks
+first (:meth:`MarkCommits.land_owed_among`, :meth:`MarkCommits.claim`): it finds the command
+DELIVERED rather than handing it out again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Collection
 
 from amqp_queue.batching import Batcher
 from amqp_queue.delivery_index import DeliveryIndex
+from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.stream")
 
@@ -89,25 +93,39 @@ class MarkCommits:
             # OWED_RETRY_FIRST at most.
             await asyncio.sleep(tried + OWED_RETRY_FIRST - loop.time())
             tried = loop.time()
-            landed = await self._try_owed()
+            landed = await self._try_owed_logged()
             wait = OWED_RETRY_FIRST if landed else min(wait * 2, OWED_RETRY_MOST)
 
-    async def _try_owed(self) -> bool:
+    async def land_owed_among(self, command_ids: Collection[str]) -> None:
+        """Lands the owed marks now if any of ``command_ids`` is owed one: a requeued
+        message of a command a closed stream handed out, which a stream or drain is about to
+        ask the index about. Raises what the index raised (the caller keeps the messages, as
+        for any index failure)."""
+        if self._owed and not self._owed.keys().isdisjoint(command_ids):
+            await self._try_owed()
+
+    async def claim(self, device_id: str, command_ids: Collection[str]) -> list[CommandRecord]:
+        """A drain's claim, after the owed marks among ``command_ids`` landed."""
+        await self.land_owed_among(command_ids)
+        return await self._state.claim(device_id, command_ids)
+
+    async def _try_owed_logged(self) -> bool:
+        try:
+            await self._try_owed()
+        except Exception as exc:  # kept for the next try, and logged
+            logger.warning(
+                "marking %d commands of closed streams delivered failed: %s", len(self._owed), exc
+            )
+            return False
+        return True
+
+    async def _try_owed(self) -> None:
         while self._owed:
             owed = list(itertools.islice(self._owed, OWED_PER_COMMIT))
-            try:
-                await self.mark_delivered(owed)
-            except Exception as exc:  # kept for the next try, and logged
-                logger.warning(
-                    "marking %d commands of closed streams delivered failed: %s",
-                    len(self._owed),
-                    exc,
-                )
-                return False
+            await self.mark_delivered(owed)
             for command_id in owed:
                 self._owed.pop(command_id, None)
             logger.info("marked %d commands of closed streams delivered", len(owed))
-        return True
 
     def halt(self) -> None:
         """Stops the background tries (the index is about to close)."""
@@ -124,7 +142,7 @@ class MarkCommits:
         if self._owed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(within, CLOSE_TRY)):
-                    await self._try_owed()
+                    await self._try_owed_logged()
             if self._owed:
                 logger.warning("%d delivery marks left unlanded at close", len(self._owed))
 

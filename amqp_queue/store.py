@@ -17,10 +17,11 @@ from typing import Self
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.broker_start import BrokerStart
+from amqp_queue.channel_closing import close_drain_channel
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
-from amqp_queue.drain import close_drain_channel, drain
+from amqp_queue.drain import drain
 from amqp_queue.errors import BrokerError, closed_under
 from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
@@ -39,11 +40,7 @@ from amqp_queue.state.enqueue_calls import CommandIntake
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.factory import DEFAULT_STATE_URL, open_state
 from amqp_queue.state.indexed_store import DEFAULT_RETENTION, IndexedStore
-from amqp_queue.state.model import (
-    CommandRecord,
-    CommandStatus,
-    PendingCommand,
-)
+from amqp_queue.state.model import CommandRecord, CommandStatus, PendingCommand
 from amqp_queue.stream import CommandStream
 from amqp_queue.topology import Topology
 
@@ -242,7 +239,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 inbox = await open_inbox(channel, topology, self.config, device, window_only=True)
                 running.consuming(inbox)
                 records = await drain(
-                    inbox, self.state, self.config, device, self.observer, self._relay
+                    inbox, self.state, self.config, device, self.observer, self._relay, self._marks
                 )
             finally:
                 # Not awaited by the caller: once the drain has returned, a cancellation

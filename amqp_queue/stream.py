@@ -25,7 +25,7 @@ from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import ReadyOrder
-from amqp_queue.settlement import has_copies, settle, split_live
+from amqp_queue.settlement import has_copies, settle
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -315,9 +315,7 @@ class CommandStream(Closing):
         self._unadmitted.extend(window)
         if has_copies(self._unadmitted):
             self._marks.ack_singly()  # copies: one kept in an earlier one's place
-        live, finished = await split_live(
-            self._state, self._device_id, self._unadmitted, latest=True
-        )
+        live, finished = await self._marks.split_live(self._unadmitted)
         if self._closed:
             # close() ran while the index answered (a query slower than the close grace):
             # it requeued these messages, which are the next consumer's now.
