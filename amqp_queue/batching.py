@@ -73,6 +73,18 @@ class Batcher(Generic[Item]):
             loop = asyncio.get_running_loop()
             self._lingering = loop.call_later(self._linger, self._start)
 
+    def withdraw(self, done: asyncio.Future[None]) -> bool:
+        """Takes back the item of ``done`` if no flush has taken it yet (its future is then
+        cancelled); False once a flush has it, or it is flushed."""
+        for at, (_, waiting) in enumerate(self._waiting):
+            if waiting is done:
+                del self._waiting[at]
+                self._flushed += 1  # counted as settled: a drain does not wait for it
+                done.cancel()
+                self._wake_drains()
+                return True
+        return False
+
     def _queue(self, item: Item, done: asyncio.Future[None] | None) -> None:
         self._waiting.append((item, done))
         self._queued += 1

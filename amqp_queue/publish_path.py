@@ -12,6 +12,7 @@ in ready order, so nothing overtakes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -33,6 +34,9 @@ T = TypeVar("T")
 
 # Commands (and publish marks) per index transaction.
 _WRITE_BATCH = 500
+
+CANCELLED_WRITE_WAIT = 10.0
+"""Seconds a cancelled enqueue waits for its index transaction under way to settle."""
 
 MARK_LINGER = 0.05
 """Seconds a publish mark waits for the next enqueue's write to ride along with. Marked at
@@ -76,15 +80,25 @@ class PublishPath:
     async def write(self, record: CommandRecord) -> None:
         """Writes ``record`` to the index (with whatever else is waiting to be written).
 
-        Cancelled, the caller still leaves its command owed to the relay once the write
-        commits: run as the write's callback, before any later command of the batch is
-        published directly (their callers resume after this), so none overtakes it.
+        Cancelled before a transaction took the write, nothing is written. Cancelled after,
+        the call raises once the write landed or failed (:data:`CANCELLED_WRITE_WAIT` at
+        most), leaving its command owed to the relay if it landed: run as the write's
+        callback, before any later command of the batch is published directly (their callers
+        resume after this), so none overtakes it.
         """
         written = self._writes.post(record)
         try:
             await asyncio.shield(written)
         except asyncio.CancelledError:
+            if self._writes.withdraw(written):
+                raise  # no transaction has it: nothing is written
             written.add_done_callback(functools.partial(self._owe_if_written, record))
+            # Its transaction is under way: the call ends once it landed (or failed), so a
+            # call begun after this one raised, on any store, is written after it (an older
+            # replacement never lands over a newer one). Bounded: a stalled index must not
+            # hold the cancellation for ever.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([written], timeout=CANCELLED_WRITE_WAIT)
             raise
 
     async def write_outside(
@@ -124,7 +138,11 @@ class PublishPath:
         except asyncio.CancelledError:
             if not written.done():
                 abandoned.append(True)
-            elif not written.cancelled() and written.exception() is None:
+                # As in write(): the call ends once its write landed or failed (bounded).
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([written], timeout=CANCELLED_WRITE_WAIT)
+                raise
+            if not written.cancelled() and written.exception() is None:
                 self._owe_ready(ready_of(written.result()))
             raise
 
