@@ -78,8 +78,16 @@ class Batcher(Generic[Item]):
         cancelled); False once a flush has it, or it is flushed."""
         for at, (_, waiting) in enumerate(self._waiting):
             if waiting is done:
+                # Its place in queue order (every item before _waiting was taken by a flush):
+                # the counts are positions, so a later item must not count as an earlier one
+                # flushed. Forgotten instead: a drain that counted it waits for one less.
+                place = self._queued - len(self._waiting) + at
                 del self._waiting[at]
-                self._flushed += 1  # counted as settled: a drain does not wait for it
+                self._queued -= 1
+                self._drains = [
+                    (target - 1 if target > place else target, flushed)
+                    for target, flushed in self._drains
+                ]
                 done.cancel()
                 self._wake_drains()
                 return True

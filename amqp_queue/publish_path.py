@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
@@ -36,7 +37,8 @@ T = TypeVar("T")
 _WRITE_BATCH = 500
 
 CANCELLED_WRITE_WAIT = 10.0
-"""Seconds a cancelled enqueue waits for its index transaction under way to settle."""
+"""Seconds a cancelled call waits at most for its index write under way to land (the store
+passes its ``publish_timeout``, the bound its calls keep)."""
 
 MARK_LINGER = 0.05
 """Seconds a publish mark waits for the next enqueue's write to ride along with. Marked at
@@ -51,9 +53,16 @@ class PublishPath:
     broker), every ready command written is owed, and handed to the relay on attach.
     """
 
-    def __init__(self, state: DeliveryIndex, observer: Observer) -> None:
+    def __init__(
+        self,
+        state: DeliveryIndex,
+        observer: Observer,
+        *,
+        cancelled_wait: float = CANCELLED_WRITE_WAIT,
+    ) -> None:
         self._state = state
         self._observer = observer
+        self._cancelled_wait = cancelled_wait
         self._publisher: Publisher | None = None
         self._relay: OutboxRelay | None = None
         self.in_flight: set[str] = set()
@@ -81,7 +90,7 @@ class PublishPath:
         """Writes ``record`` to the index (with whatever else is waiting to be written).
 
         Cancelled before a transaction took the write, nothing is written. Cancelled after,
-        the call raises once the write landed or failed (:data:`CANCELLED_WRITE_WAIT` at
+        the call raises once the write landed or failed (``cancelled_wait`` at
         most), leaving its command owed to the relay if it landed: run as the write's
         callback, before any later command of the batch is published directly (their callers
         resume after this), so none overtakes it.
@@ -98,7 +107,7 @@ class PublishPath:
             # replacement never lands over a newer one). Bounded: a stalled index must not
             # hold the cancellation for ever.
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([written], timeout=CANCELLED_WRITE_WAIT)
+                await asyncio.wait([written], timeout=self._cancelled_wait)
             raise
 
     async def write_outside(
@@ -119,9 +128,11 @@ class PublishPath:
         owed, in turn too (the relay forgets what is not there or not ready).
         """
         abandoned: list[bool] = []
+        started: list[bool] = []
 
         async def in_turn() -> T:
             async with self._turn:
+                started.append(True)
                 try:
                     result = await writing
                 except StateError:
@@ -136,11 +147,17 @@ class PublishPath:
         try:
             return await asyncio.shield(written)
         except asyncio.CancelledError:
+            if not written.done() and not started and inspect.iscoroutine(writing):
+                # Still waiting for its turn, its write not begun: taken back, as write()
+                # takes back a write no transaction has (nothing lands after the call raised).
+                written.cancel()
+                writing.close()
+                raise
             if not written.done():
                 abandoned.append(True)
                 # As in write(): the call ends once its write landed or failed (bounded).
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([written], timeout=CANCELLED_WRITE_WAIT)
+                    await asyncio.wait([written], timeout=self._cancelled_wait)
                 raise
             if not written.cancelled() and written.exception() is None:
                 self._owe_ready(ready_of(written.result()))

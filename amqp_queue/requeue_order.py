@@ -104,12 +104,13 @@ class ReadyOrder:
     async def read_on(
         self, missing: Collection[str], next_window: Callable[[float], Awaitable[T]]
     ) -> T:
-        """The next window, read for at most :data:`WAIT`; the time it takes counts as
-        waiting for each of the ``missing`` commands."""
+        """The next window, read for what is left of :data:`WAIT` for the ``missing``
+        command waited for longest; the time it takes counts as waiting for each of them."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        waited = max((self._waited_for.get(command_id, 0.0) for command_id in missing), default=0.0)
         try:
-            return await next_window(WAIT)
+            return await next_window(max(0.0, WAIT - waited))
         finally:
             for command_id in missing:
                 waited = self._waited_for.get(command_id, 0.0)

@@ -87,7 +87,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         # once rather than waiting publish_timeout for a channel that never opens.
         self._closed = False
         self._closed_all = False  # a close ran to its end: nothing is left to close
-        self._path = PublishPath(state, self.observer)
+        self._path = PublishPath(state, self.observer, cancelled_wait=self.config.publish_timeout)
         # Started without its broker: the task that starts the store once it is reachable.
         self._starter: asyncio.Task[None] | None = None
         self._channels = ChannelPool(

@@ -132,3 +132,36 @@ async def test_drain_returns_under_a_steady_stream_of_items() -> None:
     finally:
         stop.set()
         await feeding
+
+
+async def test_a_withdrawn_item_is_not_flushed_and_a_drain_waits_for_all_before_it() -> None:
+    # A review: withdraw counted the item as flushed, so a drain begun before a later item
+    # was withdrawn returned while an earlier one still waited for its flush.
+    flushed: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def flush(items: list[str]) -> None:
+        await gate.wait()
+        gate.clear()
+        flushed.append(items)
+
+    batcher = Batcher(flush, max_batch=10)
+    batcher.post("a")
+    await asyncio.sleep(0)  # a's flush is under way
+    batcher.post("b")
+    before = batcher.post("x")  # withdrawn, counted by the drain
+    drained = asyncio.ensure_future(batcher.drain())
+    await asyncio.sleep(0)  # the drain counts a, b and x
+    after = batcher.post("c")  # withdrawn, after the drain
+    assert batcher.withdraw(after)
+    assert batcher.withdraw(before)
+    assert after.cancelled()
+    assert before.cancelled()
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert flushed == [["a"]]
+    assert not drained.done()  # b is still to flush
+    gate.set()
+    await asyncio.wait_for(drained, 1)
+    assert flushed == [["a"], ["b"]]
+    assert not batcher.withdraw(after)  # once only

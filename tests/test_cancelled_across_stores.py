@@ -11,12 +11,12 @@ sometimes). The later call had returned; the device got the older setpoint.
 from __future__ import annotations
 
 import asyncio
-import random
 from contextlib import suppress
 
 import pytest
 
 from amqp_queue import CommandStatus
+from tests.support import seeded
 from tests.test_adversarial_seams import Env, env  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -29,7 +29,7 @@ async def test_a_cut_replacement_never_lands_over_a_later_call_on_another_store(
 ) -> None:
     one = await env.open()
     other = await env.open()
-    rng = random.Random()
+    rng = seeded()
     wrong: list[str] = []
     for attempt in range(30):
         device = env.device()

@@ -205,3 +205,46 @@ async def test_a_command_a_closed_stream_owes_a_mark_for_is_not_handed_out_again
 
         assert got == [b"newer"]
         assert await store.get_status(taken) is CommandStatus.DELIVERED
+
+
+class CountsMarks(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.marked: list[list[str]] = []
+
+    async def mark_delivered(self, command_ids: Collection[str]) -> int:
+        self.marked.append(list(command_ids))
+        await asyncio.sleep(0.01)
+        return await super().mark_delivered(command_ids)
+
+
+async def test_streams_reading_owed_commands_land_only_those(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review: each stream landed every owed mark of the store, so a fleet's streams back
+    # after an outage landed the same thousands of marks once per stream.
+    monkeypatch.setattr(mark_commits, "OWED_RETRY_FIRST", 60.0)  # no background try
+    state = CountsMarks()
+    commits = mark_commits.MarkCommits(state)
+    owed = {d: [f"{d}-c{n}" for n in range(10)] for d in (f"dev-{i}" for i in range(200))}
+    commits.owe([command_id for ids in owed.values() for command_id in ids])
+    await asyncio.gather(*(commits.land_owed_among(ids) for ids in owed.values()))
+    commits.halt()
+
+    # The streams' own, and at most one background commit woken by the first of theirs.
+    assert sum(len(ids) for ids in state.marked) <= 2_000 + mark_commits.OWED_PER_COMMIT
+
+
+async def test_a_mark_the_index_refuses_does_not_fail_other_devices_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review: a window with one owed command landed every owed mark, in order, so one
+    # the index kept refusing (another device's) failed that window's read each time.
+    monkeypatch.setattr(mark_commits, "OWED_RETRY_FIRST", 60.0)  # no background try
+    state = RefusesSome({"x1"})
+    commits = mark_commits.MarkCommits(state)
+    commits.owe(["x1", "y1"])
+    await commits.land_owed_among(["y1", "y2"])  # device y's window: no StateError
+    commits.halt()
+
+    assert state.refusals == 0  # x1's mark was not tried with y's window
