@@ -55,9 +55,9 @@ async def _fail_on_first(store: RabbitMQStore, device: str) -> None:
             raise RuntimeError("the device dropped off")
 
 
-async def test_commands_prefetched_by_a_stream_that_ended_come_next_in_order(
-    store: RabbitMQStore,
-) -> None:
+async def _one_then_the_rest(store: RabbitMQStore) -> list[bytes]:
+    """Enqueues PAYLOADS; a stream takes one and ends with more prefetched; the next takes
+    the rest. What the device got, in order."""
     for payload in PAYLOADS:
         await store.enqueue("dev-q", payload, 600)
     got: list[bytes] = []
@@ -65,8 +65,13 @@ async def test_commands_prefetched_by_a_stream_that_ended_come_next_in_order(
         async for command in stream:
             got.append(command.payload)
             break  # the device takes one command now, the rest later
+    return got + await _consume_all(store, "dev-q")
 
-    got += await _consume_all(store, "dev-q")
+
+async def test_commands_prefetched_by_a_stream_that_ended_come_next_in_order(
+    store: RabbitMQStore,
+) -> None:
+    got = await _one_then_the_rest(store)
 
     assert got == PAYLOADS
 
@@ -101,13 +106,6 @@ async def test_time_the_index_takes_does_not_count_as_waiting_for_an_older_comma
     # command on the broker; marks and acks on a slow index are not that wait.
     state = SlowMarks(tmp_path / "state.db", delay=0.7)
     async with store_on_index(state, queue_type=QueueType.QUORUM, prefetch=2) as store:
-        for payload in PAYLOADS:
-            await store.enqueue("dev-q", payload, 600)
-        got: list[bytes] = []
-        async with store.consume("dev-q") as stream:
-            async for command in stream:
-                got.append(command.payload)
-                break
-        got += await _consume_all(store, "dev-q")
+        got = await _one_then_the_rest(store)
 
     assert got == PAYLOADS
