@@ -39,6 +39,6 @@ tail -n 1 "$bench_log"
 # files (a module's private broker or cluster stays in one process); the tests wait on the
 # services most of the time (with six, the pytest processes used 1.1 of the two cores on
 # average), so six fit two cores and keep the command under ten minutes (four: 12:05 from a
-# fresh clone at 875573d; six: 9:19 at 04a777a). Seven since the suite grew to 3,257 s of test
-# time (six: pytest alone 9:20 to 9:38 at 40f73c8 and 622892b).
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-7}" --dist loadfile "$@"
+# fresh clone at 875573d; six: 9:19 at 04a777a; seven: 11:45 of pytest alone at 3bc806e, with
+# one trial timing out under the load, against 9:20-9:38 with six).
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-6}" --dist loadfile "$@"

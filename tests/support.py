@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,18 @@ async def eventually(condition: Callable[[], Awaitable[bool]], seconds: float) -
     async with asyncio.timeout(seconds):
         while not await condition():  # noqa: ASYNC110 - polling a remote state, no event
             await asyncio.sleep(0.1)
+
+
+async def dumping_tasks_after(seconds: float, awaitable: Awaitable[T]) -> T:
+    """Awaits ``awaitable``; past ``seconds``, prints every asyncio task's stack (what a hang
+    waits on, which pytest-timeout's thread dump does not show) and fails the test."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stdout)
+        raise
 
 
 def seeded() -> random.Random:
