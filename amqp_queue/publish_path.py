@@ -18,7 +18,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from amqp_queue.batching import Batcher, Refusals
 from amqp_queue.delivery_index import DeliveryIndex
@@ -102,13 +102,16 @@ class PublishPath:
             if self._writes.withdraw(written):
                 raise  # no transaction has it: nothing is written
             written.add_done_callback(functools.partial(self._owe_if_written, record))
-            # Its transaction is under way: the call ends once it landed (or failed), so a
-            # call begun after this one raised, on any store, is written after it (an older
-            # replacement never lands over a newer one). Bounded: a stalled index must not
-            # hold the cancellation for ever.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([written], timeout=self._cancelled_wait)
+            await self._until_landed(written)
             raise
+
+    async def _until_landed(self, written: asyncio.Future[Any]) -> None:
+        """What a cancelled call waits for once its write is under way: that write landed
+        (or failed), so a call begun after this one raised, on any store, is written after
+        it (an older replacement never lands over a newer one). Bounded by
+        ``cancelled_wait``: a stalled index must not hold the cancellation for ever."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([written], timeout=self._cancelled_wait)
 
     async def write_outside(
         self,
@@ -155,9 +158,7 @@ class PublishPath:
                 raise
             if not written.done():
                 abandoned.append(True)
-                # As in write(): the call ends once its write landed or failed (bounded).
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([written], timeout=self._cancelled_wait)
+                await self._until_landed(written)
                 raise
             if not written.cancelled() and written.exception() is None:
                 self._owe_ready(ready_of(written.result()))
