@@ -13,7 +13,7 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
-from amqp_queue.settlement import command_ids, report_delivered, settle, split_live
+from amqp_queue.settlement import command_ids, report_delivered, settle, settle_each, split_live
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.stream")
@@ -208,5 +208,4 @@ class DeliveryMarks:
             # acks all.
             await settle(marked[-1], ack=True, multiple=True)
             return
-        for message in marked:
-            await settle(message, ack=True)
+        await settle_each(marked, ack=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import datetime
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -48,7 +49,47 @@ def has_copies(messages: Sequence[AbstractIncomingMessage]) -> bool:
 async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
     """Acks (or requeues) a message, or with ``multiple`` every unsettled delivery up to it;
     a lost channel already requeued them on the broker, and one being closed will (a frame
-    on it now would close the whole connection: see :mod:`amqp_queue.channel_closing`)."""
+    on it now would close the whole connection: see :mod:`amqp_queue.channel_closing`).
+
+    Runs to its end even if the caller is cancelled meanwhile (see :func:`settle_each`)."""
+    await _to_the_end(_settle(message, ack=ack, multiple=multiple))
+
+
+async def settle_each(messages: Sequence[AbstractIncomingMessage], *, ack: bool) -> None:
+    """Acks (or requeues) each of ``messages``, in order, one frame each.
+
+    All of them, even if the caller is cancelled half way (a deadline around a stream's next
+    command, as a gateway polls): the caller has taken them off its books, and one left
+    unsettled would hold a place in the channel's prefetch window, its command out of the
+    device's reach, until the channel closed.
+    """
+    if messages:
+        await _to_the_end(_settle_in_order(list(messages), ack=ack))
+
+
+async def _settle_in_order(messages: list[AbstractIncomingMessage], *, ack: bool) -> None:
+    for message in messages:
+        await _settle(message, ack=ack)
+
+
+async def _to_the_end(settling: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(settling)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            task.add_done_callback(_log_unexpected)
+        raise
+
+
+def _log_unexpected(task: asyncio.Future[None]) -> None:
+    # Broker failures are logged by _settle itself; anything else is a bug, and its caller
+    # is gone: said here rather than as "exception never retrieved".
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error("settling messages after their caller was cancelled failed", exc_info=error)
+
+
+async def _settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
     if closing(message):
         logger.debug("message %s left to its closing channel", message.message_id)
         return
@@ -108,14 +149,12 @@ class Settlement:
         if in_order and not self._held:
             await settle(messages[-1], ack=True, multiple=True)
             return
-        for message in messages:
-            await settle(message, ack=True)
+        await settle_each(messages, ack=True)
 
     async def release(self) -> None:
         """Requeues every held message."""
         held, self._held = self._held, []
-        for message in held:
-            await settle(message, ack=False)
+        await settle_each(held, ack=False)
 
     async def requeue_all(self, last: AbstractIncomingMessage | None) -> None:
         """Requeues every unsettled delivery of the channel up to ``last`` (held or not) in

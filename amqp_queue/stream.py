@@ -25,7 +25,7 @@ from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import ReadyOrder
-from amqp_queue.settlement import has_copies, settle
+from amqp_queue.settlement import has_copies, settle, settle_each
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -196,8 +196,7 @@ class CommandStream(Closing):
                 unfinished.insert(0, self._current[0])
             if self._inbox is not None:
                 unfinished.extend(self._inbox.take_buffered())
-            for message in unfinished:
-                await settle(message, ack=False)
+            await settle_each(unfinished, ack=False)
         except BrokerError as exc:
             logger.warning("consumer of %s closed after a broker failure: %s", self._device_id, exc)
         finally:
@@ -299,8 +298,7 @@ class CommandStream(Closing):
         ):
             # A full window: nothing more comes until these go back, behind the missing ones.
             ready, self._ready = self._ready, deque()
-            for message, _ in ready:
-                await settle(message, ack=False)
+            await settle_each([message for message, _ in ready], ack=False)
         window = await self._order.read_on(missing, self._next_window)
         if window:
             await self._admit(window)
@@ -364,10 +362,11 @@ class CommandStream(Closing):
         await self._drop_all([message for message, record in waiting if record.id not in live])
 
     async def _drop_all(self, messages: list[AbstractIncomingMessage]) -> None:
-        """Acks stale messages; cancelled half way, the rest are acked by the next multiple
-        ack (stale, so that is their due) or requeued with the channel."""
-        for message in messages:
-            await self._drop(message)
+        """Acks stale messages (every one, also when the caller is cancelled half way)."""
+        if messages:
+            logger.debug("dropping %d stale messages", len(messages))
+            await settle_each(messages, ack=True)
+            self._observer.dropped(len(messages))
 
     async def _drop_expired(self) -> bool:
         """Drops expired commands from the front; True if it dropped any."""

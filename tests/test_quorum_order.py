@@ -7,9 +7,12 @@ hand the device its commands in order (see amqp_queue/requeue_order.py). Every s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
+from typing import Any
 
+import aio_pika
 import pytest
 
 from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
@@ -109,3 +112,45 @@ async def test_time_the_index_takes_does_not_count_as_waiting_for_an_older_comma
         got = await _one_then_the_rest(store)
 
     assert got == PAYLOADS
+
+
+async def test_a_stream_cut_short_while_it_gives_a_window_back_still_hands_out_every_command(
+    store: RabbitMQStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a helper's probe (consume cut short by random deadlines, quorum queues, one
+    command never handed out in 15 runs). A stream waiting for an older command gives a full
+    window back to the queue, one requeue frame per message; cancelled between those frames
+    (a deadline around ``__anext__``, as a gateway polls), the messages not requeued yet had
+    left the stream's books: unacked on its channel, out of the device's reach (and out of
+    order after) until the stream closed."""
+    for payload in PAYLOADS:
+        await store.enqueue("dev-q", payload, 600)
+    async with store.consume("dev-q") as stream:
+        first = [(await stream.__anext__()).payload]  # c1 prefetched, back behind c4 on close
+
+    requeuing = asyncio.Event()
+    nack = aio_pika.IncomingMessage.nack
+
+    async def slow_nack(message: aio_pika.IncomingMessage, *args: Any, **kwargs: Any) -> None:
+        requeuing.set()
+        await asyncio.sleep(0.2)  # a busy connection's writer
+        await nack(message, *args, **kwargs)
+
+    got: list[bytes] = []
+    async with store.consume("dev-q") as stream:
+        monkeypatch.setattr(aio_pika.IncomingMessage, "nack", slow_nack)
+        cut = asyncio.ensure_future(stream.__anext__())
+        await asyncio.wait(
+            [cut, asyncio.ensure_future(requeuing.wait())],
+            timeout=10,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        assert requeuing.is_set(), "the stream gave no window back (the scenario needs one)"
+        cut.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cut
+        monkeypatch.undo()
+        while len(first) + len(got) < len(PAYLOADS):
+            got.append((await asyncio.wait_for(stream.__anext__(), 10)).payload)
+
+    assert first + got == PAYLOADS
