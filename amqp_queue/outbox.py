@@ -153,8 +153,7 @@ class OutboxRelay:
 
     def _settled(self, kicks_before_read: int) -> bool:
         """Ends a flush unless a kick came after the pass's last read began, and clears
-        ``pending`` unless commands are held back
-        (:meth:`~amqp_queue.relay_holds.StartHolds.hold_back`).
+        ``pending`` unless commands are held back (:meth:`StartHolds.hold_back`).
 
         A command that kicked after that read was committed too late for it; clearing
         ``pending`` then would let the next command be published directly, ahead of it.
@@ -206,10 +205,11 @@ class OutboxRelay:
                         self.failed_on = None
                         return published
             except (BrokerError, StateError) as exc:
-                # The broker or the index is failing: nobody waits for the retries, but
-                # a caller that began waiting meanwhile gets the next try, which it kicked.
-                self.failed_on = BrokerError if isinstance(exc, BrokerError) else StateError
-                self._waits.failed(number)
+                # Failing: nobody waits for the retries, but a caller that began waiting
+                # meanwhile gets the next try (on the broker, what published() gives now).
+                broker = isinstance(exc, BrokerError)
+                self.failed_on = BrokerError if broker else StateError
+                self._waits.failed(number, cut_to=BROKER_RETRY_WAIT if broker else None)
                 raise
             finally:
                 self._waits.settle(self._owed)

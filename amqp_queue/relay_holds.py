@@ -22,6 +22,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime
 
 from amqp_queue.state.model import CommandRecord
@@ -129,13 +130,24 @@ class StartHolds:
         return moved
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A caller waiting for its command (see :class:`PublishWaits`)."""
+
+    since: int
+    """The number of the last pass begun when it began waiting (``sys.maxsize``: through
+    failed passes)."""
+    done: asyncio.Future[None]
+    timeout: asyncio.Timeout | None = None
+
+
 class PublishWaits:
     """Callers waiting until the relay no longer owes their command (published, ended, or
     found published elsewhere)."""
 
     def __init__(self) -> None:
         # Each caller with the number of the last pass begun when it began waiting.
-        self._waiting: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._waiting: dict[str, list[_Waiter]] = {}
         self._passes = 0
 
     def new_pass(self) -> int:
@@ -148,10 +160,10 @@ class PublishWaits:
         after this call failed (unless ``through_failures``), or after ``within`` seconds
         (it stays owed: published by a later pass)."""
         done = asyncio.get_running_loop().create_future()
-        waiter = (sys.maxsize if through_failures else self._passes, done)
+        waiter = _Waiter(sys.maxsize if through_failures else self._passes, done)
         self._waiting.setdefault(command_id, []).append(waiter)
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout(within) as waiter.timeout:
                 await done
         except TimeoutError:
             pass
@@ -169,17 +181,36 @@ class PublishWaits:
             if command_id in owed:
                 continue
             waiting = self._waiting.pop(command_id)
-            for since, done in waiting:
-                if before is not None and since >= before:
-                    self._waiting.setdefault(command_id, []).append((since, done))
-                elif not done.done():
-                    done.set_result(None)
+            for waiter in waiting:
+                if before is not None and waiter.since >= before:
+                    self._waiting.setdefault(command_id, []).append(waiter)
+                elif not waiter.done.done():
+                    waiter.done.set_result(None)
 
-    def failed(self, number: int) -> None:
+    def failed(self, number: int, *, cut_to: float | None = None) -> None:
         """Wakes the callers that began waiting before pass ``number``, which failed: those
-        that began during it wait for the next, which their own command kicked (the broker
-        or the index may be back by then)."""
+        that began during it wait for the next try, which they kicked (the broker
+        or the index may be back by then).
+
+        ``cut_to``: the pass failed on the broker, and the callers that began waiting during
+        it wait that many seconds more at most, through the tries that fail, as a call begun
+        now does (see ``OutboxRelay.published``). Their wait was decided when it began,
+        before the relay knew the broker failing: on a stalled link each would otherwise wait
+        ``publish_timeout``, however soon after it began the relay knew.
+        """
         self.settle((), before=number)
+        if cut_to is None:
+            return
+        deadline = asyncio.get_running_loop().time() + cut_to
+        for waiting in self._waiting.values():
+            for waiter in waiting:
+                waiter.since = sys.maxsize
+                timeout = waiter.timeout
+                if timeout is None or timeout.expired():
+                    continue
+                when = timeout.when()
+                if when is None or when > deadline:
+                    timeout.reschedule(deadline)
 
     def end(self) -> None:
         """Wakes every caller (the relay is closing)."""
