@@ -70,6 +70,15 @@ def closed_under_the_call(exc: BaseException) -> bool:
     return False
 
 
+def queue_vanished(exc: BaseException) -> bool:
+    """Whether opening a consumer failed because its queue was deleted under it, between
+    its declaration and its binding or consumer (a ``retire_device`` meanwhile, by any
+    process): declared again, the queue is new and empty, and a stream or drain opens on
+    it."""
+    cause = exc.__cause__ if isinstance(exc, BrokerError) else exc
+    return isinstance(cause, aiormq.exceptions.ChannelNotFoundEntity) and "no queue" in str(cause)
+
+
 def broker_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the broker, the network or the channel failing a call (one of
     :data:`BROKER_FAILURES`, or :func:`closed_under_the_call`), not the caller's own error."""

@@ -22,7 +22,7 @@ from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
 from amqp_queue.drain import drain
-from amqp_queue.errors import BrokerError, closed_under
+from amqp_queue.errors import BrokerError, closed_under, queue_vanished
 from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
@@ -70,8 +70,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     ) -> None:
         self.config = config or RabbitMQConfig()
         self.state = state
-        # What the shared intake validates with, and the index's time.
-        self.limits = self.config.limits
+        self.limits = self.config.limits  # what the shared intake validates with
         self.clock = state.clock
         self.observer = observer or Observer()
         self._connection = connection
@@ -83,9 +82,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         self._relay: OutboxRelay | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
-        # Set by close(): its connection is closed, and a call needing the broker fails at
-        # once rather than waiting publish_timeout for a channel that never opens.
-        self._closed = False
+        self._closed = False  # close(): a call needing the broker fails at once
         self._closed_all = False  # a close ran to its end: nothing is left to close
         self._path = PublishPath(state, self.observer, cancelled_wait=self.config.publish_timeout)
         # Started without its broker: the task that starts the store once it is reachable.
@@ -98,8 +95,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             reserved=2 + self.config.declare_channels,
             timeout=self.config.publish_timeout,
         )
-        # What close() ends: running consume streams and drains.
-        self._running = RunningDeliveries()
+        self._running = RunningDeliveries()  # what close() ends: streams and drains
         self._marks = MarkCommits(self.state)
 
     @classmethod
@@ -226,6 +222,15 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     async def drain_commands(self, device_id: str) -> list[CommandRecord]:
         """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
         device = self._device(device_id)
+        try:
+            return await self._drain(device)
+        except BrokerError as exc:
+            if not queue_vanished(exc):
+                raise
+            logger.info("queue of %s deleted as a drain opened: draining again", device)
+            return await self._drain(device)
+
+    async def _drain(self, device: str) -> list[CommandRecord]:
         with closed_under(f"draining {device}"), self._running.drain() as running:
             topology = await self._ready()
             assert self._relay is not None
@@ -277,10 +282,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         reachable = not self.broker_pending and await self._declare_first(
             (await self.state.get_command(command_id)).device_id
         )
-        # Committed, the confirmation makes the command ready: a cancelled caller must not
-        # leave it to wait out the relay's lease behind newer ones. Failed, it may have
-        # landed, its answer lost: owed (before the next write's turn), the relay forgets
-        # it if not ready.
+        # Committed, the command is ready: a cancelled caller must not leave it to wait out
+        # the relay's lease behind newer ones. Failed, it may have landed (answer lost):
+        # owed, before the next write's turn; the relay forgets it if not ready.
         record, changed = await self._path.write_outside(
             self.state.confirm_changed(command_id, by=by),
             self._ready_unpublished,
@@ -290,10 +294,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             # A confirm that changed nothing (twice, a plain or a delivered command) is
             # harmless and is not an operator's approval: it is not counted.
             self.observer.confirmed(record)
-        # The call that made it ready publishes it. Confirming again (rule 4: harmless, here
-        # or in another process) waits for that publish: it returns only once the command is
-        # in its queue, or an enqueue begun after it would overtake it; past the writer's
-        # grace (that call stuck) it publishes it too, a copy dropped at delivery.
+        # The call that made it ready publishes it. Confirming again (rule 4, any process)
+        # returns only once it is in its queue, or a later enqueue would overtake it; past
+        # the writer's grace (that call stuck) it publishes it too (a copy, dropped).
         if not rules.is_deliverable(record, self.state.clock()) or record.published_at is not None:
             return changed
         if not reachable:

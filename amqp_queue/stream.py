@@ -19,7 +19,7 @@ from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.delivery_marks import DeliveryMarks
-from amqp_queue.errors import BrokerError, closed_under
+from amqp_queue.errors import BrokerError, closed_under, queue_vanished
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
@@ -79,23 +79,18 @@ class CommandStream(Closing):
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
         self._closed = False
-        # Set by interrupt(): a stream still opening ends as soon as it is open.
-        self._interrupted = False
-        # The consumer's set-up while it runs: close() cancels it (with the channel closed
-        # under it, its RPC would fail with a cancellation, or wait for ever).
+        self._interrupted = False  # interrupt(): a stream still opening ends once open
+        # The consumer's set-up while it runs: close() cancels it (its RPC would hang).
         self._opening: asyncio.Future[Inbox] | None = None
         # A window the index failed on: not handed out, not acked; admitted first next time.
         self._unadmitted: list[AbstractIncomingMessage] = []
-        # Ids handed out lately: a copy of one (a publish repeated after a lost confirm) may
-        # arrive before its delivery mark is committed, and must not be handed out again.
+        # Ids handed out lately: a copy of one (a repeated publish) is not handed out again.
         self._handed: OrderedDict[str, None] = OrderedDict()
         self._clock = time.monotonic
         self._checked_at = 0.0
-        self._order = (
-            ReadyOrder(state, device_id) if config.queue_type is QueueType.QUORUM else None
-        )
-        # Handed out in ready order there, not delivery order: a multiple ack could take a
-        # command still in hand with it.
+        quorum = config.queue_type is QueueType.QUORUM
+        self._order = ReadyOrder(state, device_id) if quorum else None
+        # Handed out in ready order there: a multiple ack could take one still in hand.
         self._marks = DeliveryMarks(
             state, observer, config, device_id, ack_together=self._order is None, commits=marks
         )
@@ -226,33 +221,41 @@ class CommandStream(Closing):
 
     async def _open(self) -> None:
         if self._inbox is None:
-            self._channel, topology = await self._open_channel()
-            if self._closed:
-                # close() ran while the channel opened, and could not close it.
-                channel, self._channel = self._channel, None
-                what = "the channel of a stream closed while it opened"
-                await close_channel(channel, self._config.publish_timeout, what)
-                return
-            self._opening = asyncio.ensure_future(
-                open_inbox(self._channel, topology, self._config, self._device_id)
-            )
             try:
-                with closed_under(f"opening the stream of {self._device_id}"):
-                    self._inbox = await self._opening
-            except BaseException:
-                # A channel (and maybe a consumer) of a stream that never opened: closed,
-                # so it neither leaks nor holds messages unacked.
-                channel, self._channel = self._channel, None
-                what = "the channel of a stream that did not open"
-                closing = close_channel(channel, self._config.publish_timeout, what)
-                await asyncio.shield(closing)
-                if self._closed and not _being_cancelled():
-                    return  # close() ended it while it opened: the loop just ends
-                raise
-            finally:
-                self._opening = None
-            if self._interrupted:
-                self._inbox.interrupt()
+                await self._open_inbox()
+            except BrokerError as exc:
+                if not queue_vanished(exc) or self._closed:
+                    raise
+                logger.info("queue of %s deleted as it opened: opening again", self._device_id)
+                await self._open_inbox()
+
+    async def _open_inbox(self) -> None:
+        self._channel, topology = await self._open_channel()
+        if self._closed:
+            # close() ran while the channel opened, and could not close it.
+            channel, self._channel = self._channel, None
+            what = "the channel of a stream closed while it opened"
+            await close_channel(channel, self._config.publish_timeout, what)
+            return
+        self._opening = asyncio.ensure_future(
+            open_inbox(self._channel, topology, self._config, self._device_id)
+        )
+        try:
+            with closed_under(f"opening the stream of {self._device_id}"):
+                self._inbox = await self._opening
+        except BaseException:
+            # Closed, so a stream that never opened neither leaks nor holds messages unacked.
+            channel, self._channel = self._channel, None
+            what = "the channel of a stream that did not open"
+            closing = close_channel(channel, self._config.publish_timeout, what)
+            await asyncio.shield(closing)
+            if self._closed and not _being_cancelled():
+                return  # close() ended it while it opened: the loop just ends
+            raise
+        finally:
+            self._opening = None
+        if self._interrupted:
+            self._inbox.interrupt()
 
     def _finish_current(self) -> None:
         if self._current is not None:
