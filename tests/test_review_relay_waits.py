@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from amqp_queue import RabbitMQStore
 from amqp_queue.relay_holds import PublishWaits
 from amqp_queue.state.model import CommandRecord
 from tests.support import matrix
@@ -26,6 +27,23 @@ CALLS = 6
 
 
 @pytest.mark.timeout(120)
+async def timed_enqueues(
+    store: RabbitMQStore, device: str, calls: int, link: StallProxy
+) -> list[float]:
+    """Enqueues b"0", b"1", ... one after another through the faulty ``link``; how long
+    each call took. The link is restored after, whatever happened."""
+    took: list[float] = []
+    try:
+        for n in range(calls):
+            began = time.monotonic()
+            await asyncio.wait_for(store.enqueue(device, b"%d" % n, LONG), 30)
+            took.append(time.monotonic() - began)
+    finally:
+        link.resume()
+        await link.restore()
+    return took
+
+
 @pytest.mark.parametrize(
     ("backend", "fault"),
     matrix(
@@ -52,15 +70,7 @@ async def test_enqueues_during_a_broker_stall_do_not_each_wait_publish_timeout(
             link.stall()
         else:
             await link.cut()
-        took: list[float] = []
-        try:
-            for n in range(CALLS):
-                began = time.monotonic()
-                await asyncio.wait_for(store.enqueue(device, b"%d" % n, LONG), 30)
-                took.append(time.monotonic() - began)
-        finally:
-            link.resume()
-            await link.restore()
+        took = await timed_enqueues(store, device, CALLS, link)
         print("enqueue durations during the stall:", [f"{t:.2f}" for t in took])
         # Nothing lost, in order, once the link is back.
         want = {b"%d" % n for n in range(CALLS)}
@@ -95,15 +105,7 @@ async def test_a_call_waiting_when_the_relay_first_fails_on_the_broker_stops_wai
 
         store.state.unpublished = slow_read  # type: ignore[method-assign]
         link.stall()
-        took: list[float] = []
-        try:
-            for n in range(3):
-                began = time.monotonic()
-                await asyncio.wait_for(store.enqueue(device, b"%d" % n, LONG), 30)
-                took.append(time.monotonic() - began)
-        finally:
-            link.resume()
-            await link.restore()
+        took = await timed_enqueues(store, device, 3, link)
         want = {b"%d" % n for n in range(3)}
         got = [p for _, p in await take(reader, device, want, 20)]
         assert got == [b"0", b"1", b"2"], got
