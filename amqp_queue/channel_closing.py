@@ -16,6 +16,8 @@ import contextlib
 import functools
 import logging
 import weakref
+from collections.abc import Coroutine
+from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
@@ -29,6 +31,31 @@ logger = logging.getLogger("amqp_queue.channel_closing")
 _CLOSING: weakref.WeakSet[object] = weakref.WeakSet()
 # Closes the broker had not answered when their callers stopped waiting.
 _LATE: set[asyncio.Future[None]] = set()
+# Per underlying channel, the last batch of acks or requeues begun on it (see
+# amqp_queue.settlement): each runs once the one before it ended, so one channel's frames go
+# out in the order their calls began, and the channel's close waits for them.
+_SETTLING: weakref.WeakKeyDictionary[object, asyncio.Future[None]] = weakref.WeakKeyDictionary()
+
+
+def in_turn(channel: object, settling: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """Runs ``settling`` as a task of its own, once the settles begun on ``channel`` (the
+    aiormq channel of the messages) before it ended.
+
+    A settle the caller stopped waiting for (cancelled) goes on in the background; in turn, a
+    multiple ack begun after it cannot go first and leave it naming a delivery the broker
+    no longer knows (406 ``unknown delivery tag``: the channel closed)."""
+    previous = _SETTLING.get(channel)
+    turn = asyncio.ensure_future(_after(previous, settling))
+    _SETTLING[channel] = turn
+    return turn
+
+
+async def _after(
+    previous: asyncio.Future[None] | None, settling: Coroutine[Any, Any, None]
+) -> None:
+    if previous is not None and not previous.done():
+        await asyncio.wait([previous])
+    await settling
 
 
 def closing(message: AbstractIncomingMessage) -> bool:
@@ -55,6 +82,10 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
     the close goes on in the background: it is never cancelled."""
     underlay = _underlay(channel)
     if underlay is not None:
+        if (settling := _SETTLING.get(underlay)) is not None:
+            # A settle that began before the close goes out first: a frame after its
+            # Channel.Close would close the whole connection.
+            await asyncio.wait([settling], timeout=give_up_after)
         _CLOSING.add(underlay)
     ending = asyncio.ensure_future(channel.close())
     try:

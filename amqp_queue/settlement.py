@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
 
-from amqp_queue.channel_closing import closing, give_up_on
+from amqp_queue.channel_closing import closing, give_up_on, in_turn
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import broker_failure
 from amqp_queue.observer import Observer
@@ -52,7 +52,7 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool 
     on it now would close the whole connection: see :mod:`amqp_queue.channel_closing`).
 
     Runs to its end even if the caller is cancelled meanwhile (see :func:`settle_each`)."""
-    await _to_the_end(_settle(message, ack=ack, multiple=multiple))
+    await _to_the_end([in_turn(_channel_of(message), _settle(message, ack=ack, multiple=multiple))])
 
 
 async def settle_each(messages: Sequence[AbstractIncomingMessage], *, ack: bool) -> None:
@@ -61,10 +61,31 @@ async def settle_each(messages: Sequence[AbstractIncomingMessage], *, ack: bool)
     All of them, even if the caller is cancelled half way (a deadline around a stream's next
     command, as a gateway polls): the caller has taken them off its books, and one left
     unsettled would hold a place in the channel's prefetch window, its command out of the
-    device's reach, until the channel closed.
+    device's reach, until the channel closed. Each channel's settles go out in the order
+    they began (:func:`~amqp_queue.channel_closing.in_turn`).
     """
-    if messages:
-        await _to_the_end(_settle_in_order(list(messages), ack=ack))
+    by_channel: dict[object, list[AbstractIncomingMessage]] = {}
+    for message in messages:
+        by_channel.setdefault(_channel_of(message), []).append(message)
+    turns = [
+        in_turn(channel, _settle_in_order(mine, ack=ack)) for channel, mine in by_channel.items()
+    ]
+    if turns:
+        await _to_the_end(turns)
+
+
+def _channel_of(message: AbstractIncomingMessage) -> object:
+    try:
+        return message.channel
+    except ChannelInvalidStateError:  # closed: its settle fails by itself, and says so
+        return _CLOSED
+
+
+class _Closed:
+    """The key of messages whose channel is closed (weakly referenced, as channels are)."""
+
+
+_CLOSED = _Closed()
 
 
 async def _settle_in_order(messages: list[AbstractIncomingMessage], *, ack: bool) -> None:
@@ -72,20 +93,20 @@ async def _settle_in_order(messages: list[AbstractIncomingMessage], *, ack: bool
         await _settle(message, ack=ack)
 
 
-async def _to_the_end(settling: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.ensure_future(settling)
+async def _to_the_end(turns: list[asyncio.Future[None]]) -> None:
+    together = asyncio.gather(*turns)
     try:
-        await asyncio.shield(task)
+        await asyncio.shield(together)
     except asyncio.CancelledError:
-        if not task.done():
-            task.add_done_callback(_log_unexpected)
+        if not together.done():
+            together.add_done_callback(_log_unexpected)
         raise
 
 
-def _log_unexpected(task: asyncio.Future[None]) -> None:
+def _log_unexpected(together: asyncio.Future[list[None]]) -> None:
     # Broker failures are logged by _settle itself; anything else is a bug, and its caller
     # is gone: said here rather than as "exception never retrieved".
-    if not task.cancelled() and (error := task.exception()) is not None:
+    if not together.cancelled() and (error := together.exception()) is not None:
         logger.error("settling messages after their caller was cancelled failed", exc_info=error)
 
 

@@ -368,8 +368,8 @@ class CommandStream(Closing):
         """Acks stale messages (every one, also when the caller is cancelled half way)."""
         if messages:
             logger.debug("dropping %d stale messages", len(messages))
+            self._observer.dropped(len(messages))  # acked in the background if cancelled
             await settle_each(messages, ack=True)
-            self._observer.dropped(len(messages))
 
     async def _drop_expired(self) -> bool:
         """Drops expired commands from the front; True if it dropped any."""

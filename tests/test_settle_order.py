@@ -1,0 +1,72 @@
+"""One channel's acks and requeues go out in the order they began, also when the caller of
+one was cancelled while it was being sent.
+
+Found by a review helper: after the acks of a cancelled call were made to run to their end
+(8c15f75), a stale message's single ack, still waiting on a busy connection's writer, went out
+after the multiple ack that a later hand-out's mark sent for the whole window, which had
+covered it: the broker answered ``406 PRECONDITION_FAILED - unknown delivery tag`` and closed
+the stream's channel (everything unacked came again; nothing was lost, but a closed channel is
+what amqp_queue.channel_closing exists to avoid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from tests.rabbitmq_support import rabbitmq_store
+
+
+async def test_a_stale_ack_cut_short_is_not_overtaken_by_the_windows_multiple_ack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with rabbitmq_store(tmp_path, prefetch=10) as store:
+        device = "dev-order"
+        stale = [await store.enqueue(device, b"stale-%d" % n, 600) for n in range(2)]
+        for payload in (b"c2", b"c3"):
+            await store.enqueue(device, payload, 600)
+        for command_id in stale:
+            await store.cancel_command(command_id)
+
+        ack = aio_pika.IncomingMessage.ack
+        slow = asyncio.Event()
+
+        async def slow_first_stale_ack(
+            message: aio_pika.IncomingMessage, multiple: bool = False
+        ) -> None:
+            await ack(message, multiple)  # the frame is queued here
+            if message.message_id == stale[0] and not multiple:
+                slow.set()
+                await asyncio.sleep(1.0)  # then waits on a busy connection's writer
+
+        closes: list[BaseException | None] = []
+        got: list[bytes] = []
+        async with store.consume(device) as stream:
+            monkeypatch.setattr(aio_pika.IncomingMessage, "ack", slow_first_stale_ack)
+            cut = asyncio.ensure_future(stream.__anext__())
+            waiting = asyncio.ensure_future(slow.wait())
+            await asyncio.wait([cut, waiting], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            assert slow.is_set(), "the stale ack was not sent (the scenario needs it)"
+            cut.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cut
+            channel: Any = stream._channel
+            underlay = await channel.get_underlay_channel()
+            underlay.closing.add_done_callback(
+                lambda done: closes.append(None if done.cancelled() else done.exception())
+            )
+            for _ in range(2):
+                got.append((await asyncio.wait_for(stream.__anext__(), 5)).payload)
+            with contextlib.suppress(TimeoutError):
+                # The next ask marks c3 delivered: the window's one multiple ack.
+                await asyncio.wait_for(stream.__anext__(), 1.5)
+            await asyncio.sleep(0.5)  # the stale ack's frame, had it gone last
+            refused = [c for c in closes if "PRECONDITION_FAILED" in str(c)]
+
+    assert got == [b"c2", b"c3"]
+    assert not refused, refused
