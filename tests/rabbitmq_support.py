@@ -32,17 +32,16 @@ async def delete_namespace(
         # The broker runs one channel's methods one after another: a fan-out test's thousand
         # queues took four seconds to delete over one channel, so each of a few channels
         # deletes its share.
-        lanes = max(1, min(DELETE_LANES, len(names)))
+        lanes = min(DELETE_LANES, len(names))
 
         async def delete(share: list[str]) -> None:
-            channel = await connection.channel()
-            for name in share:
-                await channel.queue_delete(name)
-            await channel.close()
+            async with await connection.channel() as channel:
+                for name in share:
+                    await channel.queue_delete(name)
 
         await asyncio.gather(*(delete(names[lane::lanes]) for lane in range(lanes)))
-        channel = await connection.channel()
-        await channel.exchange_delete(exchange)
+        async with await connection.channel() as channel:
+            await channel.exchange_delete(exchange)
 
 
 DELETE_LANES = 8
