@@ -3,6 +3,7 @@ mark in the index, then the ack (one frame for several where it may)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -118,6 +119,21 @@ class DeliveryMarks:
     async def drain(self) -> None:
         """Returns once the marks posted so far have run, failed or not."""
         await self._batcher.drain()
+
+    async def flush_within(self, seconds: float) -> None:
+        """:meth:`flush`, for ``seconds`` at most (a closing stream's): an index that
+        does not answer (a stalled link) must not hold the close. Marks that did not land
+        leave their commands unacked, requeued with the channel: handed out again
+        (at-least-once)."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.flush()
+        except TimeoutError:
+            logger.warning(
+                "consumer of %s closed before its delivery marks landed: the commands not "
+                "marked are requeued and come again",
+                self._device_id,
+            )
 
     async def flush(self) -> None:
         """Marks and acks what has finished, before the stream waits for the broker or

@@ -53,6 +53,9 @@ class ReadyOrder:
         self.waited = False
         """Whether the stream read on for a missing command since its last hand-out: the
         next one is checked against the index again before it goes out."""
+        self.stale = False
+        """Whether a window came since the last read (:meth:`refresh`) ended: read again
+        before anything is handed out (a read cut short left the order unknown)."""
 
     async def refresh(self, held: Collection[str]) -> set[str]:
         """Reads the device's open commands again (after a window came). Returns those of
@@ -68,9 +71,8 @@ class ReadyOrder:
         ]
         listed = set(self._expected)
         unlisted = [command_id for command_id in held if command_id not in listed]
-        if not unlisted:
-            return set()
-        live = await self._state.deliverable(unlisted)
+        live = await self._state.deliverable(unlisted) if unlisted else {}
+        self.stale = False
         return {command_id for command_id in unlisted if command_id not in live}
 
     def missing_before(

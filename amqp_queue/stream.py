@@ -184,7 +184,7 @@ class CommandStream(Closing):
                         await self._inbox.stop()
                 except (BrokerError, TimeoutError) as exc:
                     logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
-            await self._flush_within()
+            await self._marks.flush_within(self._config.publish_timeout)
             unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
             self._unadmitted = []
             if self._current is not None:
@@ -204,20 +204,6 @@ class CommandStream(Closing):
             if self._channel is not None:
                 what = f"the consumer channel of {self._device_id}"
                 await close_channel(self._channel, self._config.publish_timeout, what)
-
-    async def _flush_within(self) -> None:
-        """:meth:`DeliveryMarks.flush`, for ``publish_timeout`` at most: an index that does not
-        answer (a stalled link) must not hold the close. Marks that did not land leave their
-        commands unacked, requeued with the channel: handed out again (at-least-once)."""
-        try:
-            async with asyncio.timeout(self._config.publish_timeout):
-                await self._marks.flush()
-        except TimeoutError:
-            logger.warning(
-                "consumer of %s closed before its delivery marks landed: the commands not "
-                "marked are requeued and come again",
-                self._device_id,
-            )
 
     async def _open(self) -> None:
         if self._inbox is None:
@@ -282,6 +268,9 @@ class CommandStream(Closing):
         """On a quorum queue: whether the next command may go out, no older one missing from
         the stream's hands (see :mod:`amqp_queue.requeue_order`); False: look again."""
         assert self._order is not None
+        await self._reorder()  # read by a call cut short
+        if not self._ready:
+            return False
         present = ({record.id for _, record in self._ready}, self._handed)
         front = self._ready[0]
         missing = self._order.missing_before(front[1], present)
@@ -342,19 +331,28 @@ class CommandStream(Closing):
                 self._marks.ack_singly()
             else:
                 self._ready.append((message, record))
-        await self._drop_all(stale)
         if self._order is not None:
+            # Before anything is awaited: a call cut short from here on leaves the order to
+            # be read by the next (see _reorder), never a window handed out unordered.
             self._ready = deque(sorted(self._ready, key=lambda item: item[1].ready_at))
-            try:
-                # After the window's check: what ended since (a cancel that returned) is
-                # dropped, not handed out.
-                ended = await self._order.refresh([record.id for _, record in self._ready])
-            except StateError as exc:
-                logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
-                return
-            gone = [message for message, record in self._ready if record.id in ended]
-            self._ready = deque(item for item in self._ready if item[1].id not in ended)
-            await self._drop_all(gone)
+            self._order.stale = True
+        await self._drop_all(stale)
+        await self._reorder()
+
+    async def _reorder(self) -> None:
+        """On a quorum queue, after a window came: the index's ready order read again, and
+        what ended since the window's check (a cancel that returned) dropped."""
+        if self._order is None or not self._order.stale:
+            return
+        try:
+            ended = await self._order.refresh([record.id for _, record in self._ready])
+        except StateError as exc:
+            logger.warning("consumer of %s keeps queue order: %s", self._device_id, exc)
+            self._order.stale = False
+            return
+        gone = [message for message, record in self._ready if record.id in ended]
+        self._ready = deque(item for item in self._ready if item[1].id not in ended)
+        await self._drop_all(gone)
 
     async def _recheck(self) -> None:
         """Asks the index again, in one query, about every command still waiting."""
