@@ -46,7 +46,8 @@ reliability:  ## the full fault harness and long property runs; prints the total
 		tests/test_adversarial_sixteenth.py tests/test_repeated_confirms.py tests/test_mark_commits.py \
 		tests/test_review_mark_commits.py tests/test_review_rollout_twice.py \
 		tests/test_review_relay_waits.py tests/test_adversarial_fourth.py \
-		tests/test_close_under_publish.py tests/test_sql_concurrent_start.py
+		tests/test_close_under_publish.py tests/test_sql_concurrent_start.py \
+		tests/test_cancelled_across_stores.py
 	AMQP_QUEUE_PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) .venv/bin/python -m pytest -q --timeout=0 \
 		-p no:cacheprovider --hypothesis-show-statistics tests/properties
 
