@@ -80,14 +80,7 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
     """Closes ``channel``, waiting ``give_up_after`` seconds at most; a failure is logged
     (closed by the broker or with the connection, it needs nothing more). Not answered in time,
     the close goes on in the background: it is never cancelled."""
-    underlay = _underlay(channel)
-    if underlay is not None:
-        if (settling := _SETTLING.get(underlay)) is not None:
-            # A settle that began before the close goes out first: a frame after its
-            # Channel.Close would close the whole connection.
-            await asyncio.wait([settling], timeout=give_up_after)
-        _CLOSING.add(underlay)
-    ending = asyncio.ensure_future(channel.close())
+    ending = asyncio.ensure_future(_close_after_settles(channel, give_up_after))
     try:
         async with asyncio.timeout(give_up_after):
             await asyncio.shield(ending)
@@ -105,6 +98,17 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
         if not broker_failure(exc):
             raise
         logger.warning("closing %s: %r", what, exc)
+
+
+async def _close_after_settles(channel: AbstractChannel, wait: float) -> None:
+    underlay = _underlay(channel)
+    if underlay is not None:
+        if (settling := _SETTLING.get(underlay)) is not None:
+            # A settle that began before the close goes out first: a frame after its
+            # Channel.Close would close the whole connection.
+            await asyncio.wait([settling], timeout=wait)
+        _CLOSING.add(underlay)
+    await channel.close()
 
 
 def _underlay(channel: AbstractChannel) -> object | None:

@@ -388,8 +388,8 @@ class CommandStream(Closing):
 
     async def _drop(self, message: AbstractIncomingMessage) -> None:
         logger.debug("dropping stale message %s", message.message_id)
+        self._observer.dropped(1)  # acked in the background if cancelled
         await settle(message, ack=True)
-        self._observer.dropped(1)
 
 
 def _being_cancelled() -> bool:

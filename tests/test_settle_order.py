@@ -19,7 +19,10 @@ from typing import Any
 import aio_pika
 import pytest
 
-from tests.rabbitmq_support import rabbitmq_store
+from amqp_queue.channel_closing import close_channel
+from amqp_queue.settlement import settle
+from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
+from tests.support import unique
 
 
 async def test_a_stale_ack_cut_short_is_not_overtaken_by_the_windows_multiple_ack(
@@ -70,3 +73,43 @@ async def test_a_stale_ack_cut_short_is_not_overtaken_by_the_windows_multiple_ac
 
     assert got == [b"c2", b"c3"]
     assert not refused, refused
+
+
+async def test_a_close_cancelled_while_it_waits_for_the_channels_settles_still_closes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a second review: the close waited for the channel's settles before it began,
+    and a caller cancelled in that wait (a deadline around a stream's close) left the channel
+    open for good. The wait and the close are one task now, never cancelled."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(unique("test.settle."), auto_delete=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"x", message_id="m"), routing_key=queue.name
+        )
+        message = await queue.get(timeout=5)
+        assert message is not None
+        ack = aio_pika.IncomingMessage.ack
+
+        async def busy_writer_ack(
+            message: aio_pika.IncomingMessage, multiple: bool = False
+        ) -> None:
+            await asyncio.sleep(1.0)
+            await ack(message, multiple)
+
+        monkeypatch.setattr(aio_pika.IncomingMessage, "ack", busy_writer_ack)
+        settling = asyncio.ensure_future(settle(message, ack=True))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(close_channel(channel, 5.0, "a test channel"))
+        await asyncio.sleep(0.1)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        await settling
+        for _ in range(50):
+            if channel.is_closed:
+                break
+            await asyncio.sleep(0.1)
+
+        assert channel.is_closed
