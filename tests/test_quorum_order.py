@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from amqp_queue import QueueType, RabbitMQConfig, RabbitMQStore
+from amqp_queue import CommandStream, PendingCommand, QueueType, RabbitMQConfig, RabbitMQStore
 from amqp_queue.state import SqlStore
 from amqp_queue.state.sql import create_engine
 from tests.rabbitmq_support import AMQP_URL, delete_namespace, store_on_index
@@ -132,6 +132,22 @@ async def test_time_the_index_takes_does_not_count_as_waiting_for_an_older_comma
     assert got == PAYLOADS
 
 
+async def cut_when(
+    stream: CommandStream, reached: asyncio.Event, otherwise: str
+) -> PendingCommand | None:
+    """Asks ``stream`` for its next command and cancels the ask once it has ``reached`` a
+    point (a slowed call signals it); the command, if one came before the cut."""
+    ask = asyncio.ensure_future(stream.__anext__())
+    waiting = asyncio.ensure_future(reached.wait())
+    await asyncio.wait([ask, waiting], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    assert reached.is_set(), f"{otherwise} (the scenario needs it)"
+    ask.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await ask
+    return None
+
+
 async def test_a_stream_cut_short_while_it_gives_a_window_back_still_hands_out_every_command(
     store: RabbitMQStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,17 +173,9 @@ async def test_a_stream_cut_short_while_it_gives_a_window_back_still_hands_out_e
     got: list[bytes] = []
     async with store.consume("dev-q") as stream:
         monkeypatch.setattr(aio_pika.IncomingMessage, "nack", slow_nack)
-        cut = asyncio.ensure_future(stream.__anext__())
-        await asyncio.wait(
-            [cut, asyncio.ensure_future(requeuing.wait())],
-            timeout=10,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        assert requeuing.is_set(), "the stream gave no window back (the scenario needs one)"
-        cut.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await cut
+        handed = await cut_when(stream, requeuing, "the stream gave no window back")
         monkeypatch.undo()
+        first += [handed.payload] if handed is not None else []
         while len(first) + len(got) < len(PAYLOADS):
             got.append((await asyncio.wait_for(stream.__anext__(), 10)).payload)
 
@@ -211,17 +219,9 @@ async def test_a_stream_cut_short_as_it_reads_the_order_still_hands_out_the_olde
         async with store.consume(device) as stream:
             if cut_at == "order read":
                 monkeypatch.setattr(state, "open_commands", slow_read)
-                cut = asyncio.ensure_future(stream.__anext__())
-                await asyncio.wait(
-                    [cut, asyncio.ensure_future(reading.wait())],
-                    timeout=10,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                assert reading.is_set(), "the stream read no order (the scenario needs it)"
-                cut.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    got.append((await cut).payload)  # came before the cut: fine too
+                handed = await cut_when(stream, reading, "the stream read no order")
                 monkeypatch.undo()
+                got += [handed.payload] if handed is not None else []
             for ask in range(1000):
                 if len(got) == 2:
                     break
