@@ -10,7 +10,6 @@ write, no RDB snapshots. Starting one takes a few milliseconds; a restart replay
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import shutil
 import signal
@@ -20,6 +19,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis.asyncio
+import redis.exceptions
 
 from tests.private_broker import _port_free
 from tests.support import unique
@@ -85,7 +87,7 @@ class PrivateRedis:
                     f"redis-server on port {self.port} exited {self._process.returncode}:\n"
                     f"{self.log[-3000:]}"
                 )
-            if await _answers_ping(self.port):
+            if await _answers_as(self.port, self._process.pid):
                 return
             await asyncio.sleep(0.02)
         raise PrivateRedisError(f"redis-server on port {self.port} did not answer:\n{self.log}")
@@ -114,24 +116,19 @@ class PrivateRedis:
             await self.start()
 
 
-async def _answers_ping(port: int) -> bool:
-    """Whether the server takes commands: while it replays its AOF it answers ``-LOADING``."""
+async def _answers_as(port: int, pid: int) -> bool:
+    """Whether the server on ``port`` is process ``pid`` and takes commands (while it replays
+    its AOF it answers ``-LOADING``). Another worker's private server may hold the port while
+    this one is down: answering PING, it would have this test talk to that server's data
+    while this one's start failed."""
+    client = redis.asyncio.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    try:
-        writer.write(b"PING\r\n")
-        await writer.drain()
-        async with asyncio.timeout(1.0):
-            reply = await reader.readline()
-        return reply.startswith(b"+PONG")
-    except (OSError, TimeoutError):
+        info = await client.info("server")
+    except (redis.exceptions.RedisError, OSError):  # refused, loading or silent
         return False
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await client.aclose()
+    return info.get("process_id") == pid
 
 
 async def _start(directory: Path) -> PrivateRedis:
