@@ -33,21 +33,19 @@ bench-scale:  ## fleet scale: 10,000 and 100,000 device queues, and 10,000 consu
 # three-node cluster of their own (scripts/cluster.sh, 20-35 s to start) for the node losses.
 # PROPERTY_EXAMPLES sets the long property run (random seeds; CI runs a few, fixed).
 PROPERTY_EXAMPLES ?= 300
+# Every adversarial scenario on every state backend (the test command runs each on two):
+# two processes, each taking whole files, fit two cores with the broker's and databases' work.
+RELIABILITY_WORKERS ?= 2
 reliability:  ## the full fault harness and long property runs; prints the totals (RELIABILITY_ARGS=...)
 	scripts/bootstrap.sh
 	scripts/services.sh rabbitmq postgres redis
 	.venv/bin/python -m tests.faults $(RELIABILITY_ARGS)
 	AMQP_QUEUE_FULL_MATRIX=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_adversarial_seventh.py tests/test_adversarial_restarts_seventh.py \
-		tests/test_adversarial_eighth.py tests/test_adversarial_ninth.py \
-		tests/test_adversarial_tenth.py tests/test_adversarial_eleventh.py \
-		tests/test_adversarial_twelfth.py tests/test_adversarial_thirteenth.py \
-		tests/test_adversarial_fourteenth.py tests/test_adversarial_fifteenth.py \
-		tests/test_adversarial_sixteenth.py tests/test_repeated_confirms.py tests/test_mark_commits.py \
+		-n $(RELIABILITY_WORKERS) --dist loadfile \
+		tests/test_adversarial_*.py tests/test_repeated_confirms.py tests/test_mark_commits.py \
 		tests/test_review_mark_commits.py tests/test_review_rollout_twice.py \
-		tests/test_review_relay_waits.py tests/test_adversarial_fourth.py \
-		tests/test_close_under_publish.py tests/test_sql_concurrent_start.py \
-		tests/test_cancelled_across_stores.py
+		tests/test_review_relay_waits.py tests/test_close_under_publish.py \
+		tests/test_sql_concurrent_start.py tests/test_cancelled_across_stores.py
 	AMQP_QUEUE_PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) .venv/bin/python -m pytest -q --timeout=0 \
 		-p no:cacheprovider --hypothesis-show-statistics tests/properties
 

@@ -9,9 +9,14 @@ import pytest
 
 from amqp_queue.state import IndexedStore, Store
 from tests.backends import BACKENDS, INDEX_BACKENDS, indexed_store
+from tests.quick_backends import deselect_left_out
 from tests.support import FakeClock
 
 OpenStore = Callable[..., AbstractAsyncContextManager[Store]]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    deselect_left_out(config, items)
 
 
 @pytest.fixture

@@ -1,0 +1,70 @@
+"""The test command's short form of the adversarial scenarios: each on two of its three state
+backends, the one left out turning from scenario to scenario.
+
+The adversarial modules (``tests/test_adversarial_*.py``) run most scenarios on SQLite,
+PostgreSQL and Redis state, and together they took about half of the suite's time: more than
+the ten minutes the test command has. In the short form every scenario still runs on two
+backends and every backend still meets about two thirds of the scenarios; ``make reliability``
+(``AMQP_QUEUE_FULL_MATRIX=1``) runs every combination. The choice is a pure function of the
+collected names, so every xdist worker collects the same tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+from tests.support import FULL_MATRIX
+
+ROTATED = ("sqlite", "postgres", "redis")
+"""The backends a scenario must run on all of to be rotated (in this order)."""
+
+_BACKEND_PARAMS = ("env", "backend", "kind")
+"""The parameter names the adversarial modules give their state backend."""
+
+
+def _backend(item: pytest.Item) -> str | None:
+    if not isinstance(item, pytest.Function) or not hasattr(item, "callspec"):
+        return None
+    for name in _BACKEND_PARAMS:
+        value = item.callspec.params.get(name)
+        if value in ROTATED:
+            return str(value)
+    return None
+
+
+def _scenario(item: pytest.Function, backend: str) -> tuple[str, str]:
+    """The test's module and name with every parameter but the backend."""
+    others = ",".join(
+        f"{name}={value!r}"
+        for name, value in sorted(item.callspec.params.items())
+        if value != backend or name not in _BACKEND_PARAMS
+    )
+    return item.nodeid.split("::", 1)[0], f"{item.originalname}[{others}]"
+
+
+def left_out(items: Iterable[pytest.Item]) -> list[pytest.Item]:
+    """The adversarial tests the short form does not run: for each scenario collected on all
+    three backends, one of them, turning in the order the scenarios come."""
+    backends: dict[tuple[str, str], dict[str, pytest.Item]] = {}
+    for item in items:
+        if not item.nodeid.startswith("tests/test_adversarial_"):
+            continue
+        if (backend := _backend(item)) is not None:
+            assert isinstance(item, pytest.Function)
+            backends.setdefault(_scenario(item, backend), {})[backend] = item
+    out = []
+    for turn, on in enumerate(on for on in backends.values() if set(on) == set(ROTATED)):
+        out.append(on[ROTATED[turn % len(ROTATED)]])
+    return out
+
+
+def deselect_left_out(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselects what :func:`left_out` names, unless the full matrix was asked for."""
+    if FULL_MATRIX:
+        return
+    out = {id(item) for item in left_out(items)}
+    if out:
+        config.hook.pytest_deselected(items=[item for item in items if id(item) in out])
+        items[:] = [item for item in items if id(item) not in out]

@@ -1,0 +1,76 @@
+"""The test command's short form of the adversarial scenarios (tests/quick_backends.py): every
+scenario on two backends, each backend left out of about a third, everything in the full run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("sqlite", "postgres", "redis")
+BACKEND = re.compile(r"\b(sqlite|postgres|redis)\b")
+DESELECTED = "deselected: "
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """This module is also the collecting subprocess's plugin (``-p``): it names what the
+    short form left out."""
+    for item in items:
+        print(f"{DESELECTED}{item.nodeid}")
+
+
+def _collected(full: bool) -> tuple[set[str], set[str]]:
+    """The adversarial tests collected and those deselected."""
+    env = {**os.environ, "AMQP_QUEUE_FULL_MATRIX": "1" if full else "0"}
+    modules = sorted(str(path.relative_to(ROOT)) for path in ROOT.glob("tests/test_adversarial_*"))
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(
+        [*command, "-p", "tests.test_quick_backends", *modules],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    left_out = {line.removeprefix(DESELECTED) for line in lines if line.startswith(DESELECTED)}
+    kept = {line for line in lines if "::" in line and not line.startswith(DESELECTED)}
+    return kept, left_out
+
+
+def _scenario(nodeid: str) -> tuple[str, str] | None:
+    """The test with its backend as ``*``, and the backend; None without one."""
+    name, _, params = nodeid.partition("[")
+    if match := BACKEND.search(params):
+        return f"{name}[{BACKEND.sub('*', params, count=1)}", match.group(1)
+    return None
+
+
+def test_each_scenario_on_every_backend_runs_on_two_and_the_one_left_out_turns() -> None:
+    kept, left_out = _collected(full=False)
+    on: dict[str, set[str]] = {}
+    for nodeid in kept | left_out:
+        if (found := _scenario(nodeid)) is not None:
+            on.setdefault(found[0], set()).add(found[1])
+    rotated = {scenario for scenario, backends in on.items() if set(backends) == set(BACKENDS)}
+
+    turns: Counter[str] = Counter()
+    for scenario in rotated:
+        [out] = [b for b in BACKENDS if scenario.replace("*", b) in left_out]
+        turns[out] += 1
+    assert len(rotated) > 30
+    assert len(left_out) == len(rotated)  # nothing else left out
+    assert max(turns.values()) - min(turns.values()) <= 1, turns  # each a third
+
+
+def test_the_full_matrix_leaves_nothing_out() -> None:
+    kept, left_out = _collected(full=True)
+
+    assert left_out == set()
+    assert len(kept) > 400
