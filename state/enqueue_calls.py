@@ -1,8 +1,8 @@
 """The enqueue calls of the contract, written once for every store.
 
 Each store differs only in how it accepts validated records (:meth:`CommandIntake._accept`,
-:meth:`CommandIntake._accept_many`): an index backend writes them, RabbitMQStore writes them
-and then publishes those that are ready.
+:meth:`CommandIntake._accept_many`): an index backend writes them; a store built on an index
+(the delivery side's) writes them there and then hands on those that are ready.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class CommandIntake(abc.ABC):
     """The enqueue calls over ``_accept`` and ``_accept_many``.
 
     A subclass sets ``limits`` and ``clock`` and implements both; it may tighten
-    :meth:`_validate_device` (RabbitMQStore: the device's queue name must fit).
+    :meth:`_validate_device` (the delivery side: the device's queue name must fit).
 
     Every enqueue takes an optional keyword-only ``outcome_timeout`` (seconds or a
     ``timedelta``, positive, at most ``Limits.max_ttl``): a command delivered and given no

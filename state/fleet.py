@@ -192,7 +192,7 @@ class FleetCalls(abc.ABC):
         return RolloutSummary.of(rollout_id, counts)
 
     async def rollout_unpublished(self, rollout_id: str) -> list[str]:
-        """Ids of the rollout's deliverable commands the broker has not confirmed yet: a
+        """Ids of the rollout's deliverable commands not yet marked published: a
         confirm of the rollout waits for those another call made ready."""
         _check_rollout_id(rollout_id)
         return await self._rollout_unpublished(rollout_id, self.clock())

@@ -2,7 +2,7 @@
 
 A backend subclasses :class:`IndexedStore` and implements only how records are stored and
 locked. The rules (validation, replacement, confirmation, expiry, ordering) come from
-:mod:`amqp_queue.state.rules`. The RabbitMQ delivery layer drives the same primitives
+:mod:`amqp_queue.state.rules`. The delivery layer drives the same primitives
 directly, which is why the outbox and batch methods are public.
 """
 
@@ -183,15 +183,15 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
     ) -> list[CommandRecord]:
         """Marks deliverable commands of a device delivered, atomically, and returns them.
 
-        With ``command_ids`` only those are considered (the delivery layer passes the ids of a
-        window of broker messages). Concurrent claims never return a command twice.
+        With ``command_ids`` only those are considered (the delivery layer passes the ids of the
+        messages it holds). Concurrent claims never return a command twice.
         """
         if command_ids is not None and not command_ids:
             return []
         return await self._claim(device_id, self.clock(), command_ids)
 
     async def claim_outbox(self, owner: str) -> None:
-        """Makes ``owner`` (a publisher's namespace: RabbitMQStore's exchange) the one that
+        """Makes ``owner`` (the namespace the outbox is published into) the one that
         publishes this index's outbox; the first claim on an index sets it for good.
 
         Raises:
@@ -323,11 +323,11 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
 
     @abc.abstractmethod
     async def unpublished(self, limit: int) -> list[CommandRecord]:
-        """Deliverable commands not yet published to the broker, in ready order (outbox)."""
+        """The outbox: deliverable commands not yet marked published, in ready order."""
 
     @abc.abstractmethod
     async def mark_published(self, command_ids: Collection[str]) -> None:
-        """Records that the broker confirmed these commands."""
+        """Marks these commands published: the outbox handed them on."""
 
     @abc.abstractmethod
     async def awaiting_confirmation(
@@ -358,7 +358,7 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
 
     @abc.abstractmethod
     async def reject(self, command_ids: Collection[str]) -> int:
-        """Ends open commands ``REJECTED``: the broker refused them for good (the outbox).
+        """Ends open commands ``REJECTED``: the outbox could not hand them on, for good.
 
         Returns:
             How many open commands it ended; finished and unknown ids are left alone.

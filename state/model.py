@@ -20,7 +20,8 @@ class CommandStatus(enum.StrEnum):
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
     REJECTED = "rejected"
-    """The broker refused it for good (e.g. over its maximum message size)."""
+    """Refused for good on its way to the device (e.g. over the message size the transport
+    takes)."""
     SUCCEEDED = "succeeded"
     """Delivered, and its gateway reported success (``complete_command``)."""
     FAILED = "failed"
@@ -132,7 +133,7 @@ class CommandRecord:
 
     ``delivered`` and ``end_reason`` are exclusive: a command is live while neither is set.
     ``ended_at`` is when it was delivered or ended. ``published_at`` is only used by the
-    RabbitMQ delivery layer (the outbox).
+    outbox: when the command was handed on for delivery.
 
     After delivery: ``outcome`` (``SUCCEEDED``, ``FAILED`` or ``TIMED_OUT``) with
     ``outcome_result`` / ``outcome_reason`` and ``outcome_at``; ``outcome_timeout`` (seconds

@@ -140,7 +140,7 @@ return marked
 REJECT = (
     PRELUDE
     + """
--- ARGV[4..]: command ids the broker refused for good. Returns how many open ones ended.
+-- ARGV[4..]: command ids the outbox could not hand on, for good. Returns how many open ones ended.
 local rejected = 0
 for i = 4, #ARGV do
     local key = command_key(ARGV[i])

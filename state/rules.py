@@ -108,8 +108,8 @@ def status_of(record: CommandRecord, now: datetime) -> CommandStatus:
 
 
 TAKEN_ANYWAY = frozenset({EndReason.SUPERSEDED, EndReason.CANCELLED, EndReason.EXPIRED})
-"""The ends a device's taking a command overrides (see :func:`taken`); a command the broker
-refused (``REJECTED``) never reached one."""
+"""The ends a device's taking a command overrides (see :func:`taken`); a command refused for
+good on its way out (``REJECTED``) never reached one."""
 
 
 def taken(record: CommandRecord, now: datetime) -> CommandRecord | None:

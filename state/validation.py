@@ -12,7 +12,7 @@ from typing import TypeGuard
 from .errors import InvalidCommandType, InvalidDeviceId, InvalidInput, InvalidPayload, InvalidTTL
 
 # A device id becomes part of a queue name (``<exchange>.<device_id>``) and of the regexes
-# operators write for RabbitMQ permissions, so it is kept to a plain ASCII alphabet.
+# operators write for queue permissions, so it is kept to a plain ASCII alphabet.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
 _COMMAND_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
 RESERVED_PREFIX = "amq."

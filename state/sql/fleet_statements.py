@@ -60,7 +60,7 @@ DEVICE_CANCELLED_BY_CALL = sa.select(sa.func.count()).where(
 call's cancels, over its runs."""
 
 ROLLOUT_UNPUBLISHED = sa.select(c.id).where(_ROLLOUT, _LIVE, IS_READY, c.published_at.is_(None))
-"""A rollout's (``rollout``) deliverable commands the broker has not confirmed (``now``)."""
+"""A rollout's (``rollout``) deliverable commands not yet marked published (``now``)."""
 
 ROLLOUT_ENQUEUER = sa.select(c.enqueued_by).where(_ROLLOUT).limit(1)
 """Who enqueued a rollout (``rollout``): any one member says it, read from its index."""

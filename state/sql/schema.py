@@ -8,7 +8,7 @@ Added to the reference schema (``seed-go-package-doc.txt``):
 - ``end_reason`` and ``ended_at``: why and when a command left the queue without being
   delivered (``delivered`` keeps its reference meaning), so ``get_status`` can tell the truth
   until ``cleanup`` prunes it after the retention.
-- ``published_at``: the RabbitMQ outbox; NULL while a ready command still has to be published.
+- ``published_at``: the outbox; NULL while a ready command still has to be published.
 - ``outcome``, ``outcome_result``, ``outcome_reason``, ``outcome_at``: what the gateway
   reported after delivery (rule 9); ``outcome_timeout``: the deadline after delivery, in
   seconds; ``rollout_id``: the ``enqueue_many`` call that wrote the command (rule 10).
@@ -137,7 +137,7 @@ sa.Index(
 # CommandRecord.ready_at: only a confirmation sets confirmed_at, and only on a command that
 # requires one, so the confirmation time where there is one, else the enqueue time.
 READY_AT = sa.func.coalesce(c.confirmed_at, c.created_at)
-# The outbox relay reads open commands the broker has not confirmed yet, in ready order.
+# The outbox is read as open commands not yet marked published, in ready order.
 _UNPUBLISHED = sa.and_(IS_OPEN, c.published_at.is_(None))
 sa.Index(
     "ix_command_queue_outbox_ready",

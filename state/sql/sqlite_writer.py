@@ -6,7 +6,7 @@ delivery marks, confirm, cancel) runs there as one function (``BEGIN IMMEDIATE``
 statements, ``COMMIT``), its statements compiled once
 (:class:`amqp_queue.state.sql.compiled.DriverSql`). Through aiosqlite the same
 transaction costs a hop per statement, cursor and commit, each waiting for a turn of a busy
-event loop: with the broker's traffic on the loop, sequential enqueues and confirms run at
+event loop: with delivery traffic on the loop, sequential enqueues and confirms run at
 about half the rate or less without it (bench: enqueue, confirm).
 """
 

@@ -94,7 +94,7 @@ UNPUBLISHED = (
     .order_by(READY_AT, c.seq)
     .limit(sa.bindparam("limit"))
 )
-"""The outbox: ready, unexpired commands the broker has not confirmed, in ready order
+"""The outbox: ready, unexpired commands not yet marked published, in ready order
 (``now``, ``limit``).
 
 The limit must cut in ready order (a command confirmed late was written early), which the
