@@ -3,8 +3,9 @@
 click rather than typer: uvicorn already depends on click, so the CLI adds no package, and
 click's explicit decorators type-check cleanly under mypy --strict.
 
-Every command talks to the broker and the state index directly, configured by the same flags
-and environment variables as ``serve``. Errors go to stderr with a non-zero exit code;
+Every command talks to the state index directly, and to the broker only when it must
+(``pending``, ``confirmations``, ``status``, ``cancel`` and ``cleanup`` never do), configured by
+the same flags and environment variables as ``serve``. Errors go to stderr with a non-zero exit code;
 ``--json`` prints machine-readable output on stdout.
 """
 
