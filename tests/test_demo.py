@@ -7,8 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 
-def test_a_small_fleet_loses_nothing_and_gets_nothing_twice() -> None:
+
+# The demo takes every knob of the store but the exchange (its own, named for the run).
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_small_fleet_loses_nothing_and_gets_nothing_twice(queue_type: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -20,6 +24,8 @@ def test_a_small_fleet_loses_nothing_and_gets_nothing_twice() -> None:
             "--seconds",
             "2.5",
             "--json",
+            "--queue-type",
+            queue_type,
         ],
         capture_output=True,
         text=True,
@@ -34,6 +40,7 @@ def test_a_small_fleet_loses_nothing_and_gets_nothing_twice() -> None:
     assert summary["rule violations"] == 0
     assert summary["ok"] is True
     assert summary["enqueued"] > 0
+    assert f"({queue_type} queues)" in result.stderr
     # The console's address is shown while the run goes on (on stderr with --json).
     assert re.search(r"console: http://127\.0\.0\.1:\d+/ \(sign in with the token ", result.stderr)
     assert summary["delivered"] > 0

@@ -187,7 +187,7 @@ def test_the_configuration_table_has_every_setting_as_flag_and_variable() -> Non
         for param in command.params
         if isinstance(param, click.Option) and isinstance(param.envvar, str)
     }
-    rows = (ROOT / "docs" / "configuration.md").read_text().splitlines()
+    rows = (ROOT / "README.md").read_text().splitlines()
 
     missing = {
         (flag, variable)

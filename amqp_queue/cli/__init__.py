@@ -5,8 +5,8 @@ click's explicit decorators type-check cleanly under mypy --strict.
 
 Every command talks to the state index directly, and to the broker only when it must
 (``pending``, ``confirmations``, ``status``, ``cancel`` and ``cleanup`` never do), configured by
-the same flags and environment variables as ``serve``. Errors go to stderr with a non-zero exit code;
-``--json`` prints machine-readable output on stdout.
+the same flags and environment variables as ``serve``. Errors go to stderr with a non-zero exit
+code; ``--json`` prints machine-readable output on stdout.
 """
 
 from __future__ import annotations

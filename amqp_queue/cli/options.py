@@ -11,7 +11,7 @@ are not durable), which :class:`RabbitMQConfig` refuses when :func:`settings_fro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -257,12 +257,25 @@ def settings_options(*, connect_timeout: float, log_level: str) -> Callable[[F],
         state_url_option,
         connect_timeout_option(connect_timeout),
         log_level_option(log_level),
-        *(knob.option() for knob in KNOBS),
     ]
 
     def decorate(function: F) -> F:
+        function = knob_options()(function)
         for option in reversed(options):
             function = option(function)
+        return function
+
+    return decorate
+
+
+def knob_options(*, leaving_out: Collection[str] = ()) -> Callable[[F], F]:
+    """Adds the option of every knob but those named in ``leaving_out``;
+    :func:`rabbitmq_from` turns what they parsed into a RabbitMQConfig."""
+
+    def decorate(function: F) -> F:
+        for knob in reversed(KNOBS):
+            if knob.name not in leaving_out:
+                function = knob.option()(function)
         return function
 
     return decorate
@@ -276,19 +289,28 @@ def settings_from(options: dict[str, Any], **extra: Any) -> Settings:
     Raises:
         click.UsageError: the values do not fit together (exit code 2).
     """
+    return Settings(
+        amqp_url=options.pop("amqp_url"),
+        state_url=options.pop("state_url"),
+        rabbitmq=rabbitmq_from(options),
+        connect_timeout=options.pop("connect_timeout"),
+        **extra,
+    )
+
+
+def rabbitmq_from(options: dict[str, Any]) -> RabbitMQConfig:
+    """Takes the knobs' options out of ``options``; a knob left out keeps its default.
+
+    Raises:
+        click.UsageError: the values do not fit together (exit code 2).
+    """
     config: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     try:
         for knob in KNOBS:
-            given = knob.value(options.pop(knob.name))
-            (limits if knob.in_limits else config)[knob.name] = given
-        rabbitmq = RabbitMQConfig(limits=Limits(**limits), **config)
+            if knob.name in options:
+                given = knob.value(options.pop(knob.name))
+                (limits if knob.in_limits else config)[knob.name] = given
+        return RabbitMQConfig(limits=Limits(**limits), **config)
     except ValueError as exc:
         raise click.UsageError(str(exc), ctx=click.get_current_context(silent=True)) from exc
-    return Settings(
-        amqp_url=options.pop("amqp_url"),
-        state_url=options.pop("state_url"),
-        rabbitmq=rabbitmq,
-        connect_timeout=options.pop("connect_timeout"),
-        **extra,
-    )

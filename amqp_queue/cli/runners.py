@@ -25,7 +25,9 @@ from amqp_queue.cli.options import (
     VERB_CONNECT_TIMEOUT,
     amqp_url_option,
     connect_timeout_option,
+    knob_options,
     log_level_option,
+    rabbitmq_from,
     settings_from,
     settings_options,
 )
@@ -139,6 +141,8 @@ def serve(
 @connect_timeout_option(VERB_CONNECT_TIMEOUT)
 @log_level_option("warning")
 @json_option
+# Its exchange is its own, named for the run, so it never meets another's queues.
+@knob_options(leaving_out={"exchange"})
 def demo(
     devices: int,
     seconds: float,
@@ -148,11 +152,13 @@ def demo(
     connect_timeout: float,
     log_level: str,
     as_json: bool,
+    **knobs: Any,
 ) -> None:
     """Run simulated devices over the broker; check what they got.
 
     Exits non-zero unless nothing was lost and nothing was delivered twice.
     """
+    rabbitmq = rabbitmq_from(knobs)
     logging_to_stderr(log_level, quiet_broker_client=True)
     options = DemoOptions(
         devices=devices,
@@ -161,6 +167,7 @@ def demo(
         amqp_url=amqp_url,
         state_url=state_url,
         connect_timeout=connect_timeout,
+        rabbitmq=rabbitmq,
     )
     out = sys.stderr if as_json else sys.stdout
     try:

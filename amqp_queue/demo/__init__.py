@@ -20,7 +20,7 @@ import random
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -53,6 +53,8 @@ class DemoOptions:
         state_url: the state index; a temporary SQLite file by default.
         connect_timeout: seconds to keep trying to reach the broker.
         hold: seconds an unlock waits before the operator confirms it.
+        rabbitmq: the store's configuration (queue type, timings, limits); its exchange is
+            replaced by one of the run's own.
     """
 
     devices: int = 50
@@ -62,6 +64,7 @@ class DemoOptions:
     state_url: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     hold: float = 0.3
+    rabbitmq: RabbitMQConfig = field(default_factory=RabbitMQConfig)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -83,14 +86,14 @@ async def run_demo(options: DemoOptions, out: TextIO, err: TextIO) -> Summary:
         settings = Settings(
             amqp_url=options.amqp_url,
             state_url=state_url,
-            rabbitmq=RabbitMQConfig(exchange=exchange),
+            rabbitmq=replace(options.rabbitmq, exchange=exchange),
             tokens=Tokens({"demo-operator": token}),
             connect_timeout=options.connect_timeout,
         )
         where = state_url if options.state_url else "SQLite (temporary file)"
         out.write(
             f"amqp-queue demo: {options.devices} devices for {options.seconds:g}s on exchange "
-            f"{exchange}, state {where}\n"
+            f"{exchange} ({settings.rabbitmq.queue_type.value} queues), state {where}\n"
         )
         out.flush()
         async with await Backends.open(settings, wait_for_broker=True) as backends:
