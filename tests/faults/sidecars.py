@@ -179,4 +179,18 @@ def _judge(
     tally.dup_publishes = tap.duplicates
     tally.out_of_order = out_of_order(ops, deliveries)
     tally.orphans = orphans
+    _show_copies(ops, tap)
     return tally
+
+
+def _show_copies(ops: list[Op], tap: PublishTap) -> None:
+    """Prints (captured, shown with a failure) whose commands were published twice and when
+    their calls ran: the victim's, cut off mid-publish, or a live writer's slower than
+    ``relay_after`` (once, under three times the usual load, in the test command)."""
+    calls = {op.command_id: op for op in ops if op.command_id is not None}
+    for command_id, count in tap.counts.items():
+        if count > 1:
+            op = calls.get(command_id)
+            writer = "unknown" if op is None else f"{op.producer} ({op.device})"
+            took = "?" if op is None or op.returned is None else f"{op.returned - op.started:.2f}"
+            print(f"published {count} times: {command_id}, written by {writer}, call {took} s")
