@@ -415,15 +415,17 @@ async def test_a_rollout_confirmed_elsewhere_goes_ahead_of_later_commands(env: E
     devices = [env.device() for _ in range(6)]
     live = devices[0]
     got: list[bytes] = []
+    attached = asyncio.Event()
 
     async def stream() -> None:
         async with gateway.consume(live) as commands:
+            attached.set()  # entered: its consumer is on the queue (Consume-Ok came)
             async for command in commands:
                 got.append(command.payload)
 
     streaming = asyncio.create_task(stream())
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(attached.wait(), 15)
         for round_ in range(3):
             first = await a.enqueue_many(
                 devices,
