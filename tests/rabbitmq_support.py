@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +15,7 @@ import aio_pika
 from amqp_queue import Observer, RabbitMQConfig, RabbitMQStore
 from amqp_queue.state import DEFAULT_LIMITS, DEFAULT_RETENTION, IndexedStore, Limits, SqlStore
 from amqp_queue.state.clock import utc_now
-from tests.support import unique
+from tests.support import eventually, unique
 
 AMQP_URL = os.environ.get("AMQP_QUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -120,3 +120,31 @@ async def queue_depth(store: RabbitMQStore, device_id: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(store.config.queue_name(device_id), passive=True)
         return queue.declaration_result.message_count or 0
+
+
+async def outbox_emptied(store: RabbitMQStore, seconds: float) -> None:
+    """Waits until the store's index holds no ready command unpublished: whatever a dead
+    writer or a failed call left has been swept by a relay (past its ``relay_after``), and
+    what a store owed is published. Fails after ``seconds``."""
+
+    async def empty() -> bool:
+        return not await store.state.unpublished(1)
+
+    await eventually(empty, seconds)
+
+
+async def relays_leave(stores: Sequence[RabbitMQStore], devices: Sequence[str]) -> None:
+    """Waits until each store's relay has swept the devices' orphans, met their queues'
+    refusal of its settings (QueueMismatch) and ended that pass: it leaves those orphans,
+    and the relay lease (given up in that pass), to a process that can publish them, and a
+    command it is given for one of the devices goes behind them. Fails after 15 s."""
+
+    async def leaving() -> bool:
+        for store in stores:
+            relay = store._relay
+            assert relay is not None
+            if not all(relay._foreign.leaves(d) and relay.holds(d) for d in devices):
+                return False
+        return True
+
+    await eventually(leaving, 15)

@@ -5,14 +5,13 @@ such a store ending other stores' commands ``REJECTED``."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aio_pika
 import pytest
 
 from amqp_queue import CommandStatus, QueueType, foreign_queues
-from tests.rabbitmq_support import AMQP_URL
+from tests.rabbitmq_support import AMQP_URL, relays_leave
 from tests.test_adversarial_ninth import LONG, space_on, take
 from tests.test_adversarial_seams import BACKENDS
 
@@ -34,7 +33,7 @@ async def test_a_mismatched_relay_leaves_a_dead_writers_command_to_a_matching_on
         await writer.state.write([orphan], ())
         await writer.close()
         mismatched = await space.open(relay_after=0.3, queue_type=QueueType.QUORUM)
-        await asyncio.sleep(1.5)  # its relay's passes: the sweep and the refusal
+        await relays_leave([mismatched], [device])  # its relay's sweep met the refusal
         assert await mismatched.get_status(orphan.id) is CommandStatus.PENDING
         matching = await space.open(relay_after=0.3)
         got = await take(matching, device, {b"orphan"}, 15)
@@ -59,13 +58,12 @@ async def test_after_the_mismatched_queue_is_deleted_a_new_command_does_not_over
         name = writer.config.queue_name(device)
         await writer.close()
         a = await space.open(relay_after=0.3, queue_type=QueueType.QUORUM)
-        await asyncio.sleep(1.5)  # a's relay sweeps the orphan and meets QueueMismatch
+        await relays_leave([a], [device])  # a's relay swept the orphan, met QueueMismatch
         # The operator does what the error says: deletes the classic queue.
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
             channel = await connection.channel()
-            await channel.queue_delete(name)
-        await asyncio.sleep(0.2)
+            await channel.queue_delete(name)  # Delete-Ok: gone for every connection
         later = await a.enqueue(device, b"new", LONG)  # declares a quorum queue, publishes
         got = await take(a, device, {b"orphan", b"new"}, 15)
         assert [p for _, p in got] == [b"orphan", b"new"], got
