@@ -28,7 +28,7 @@ from amqp_queue import (
     RabbitMQStore,
 )
 from tests.faults.broker import close_connections_named
-from tests.rabbitmq_support import AMQP_URL
+from tests.rabbitmq_support import AMQP_URL, relays_leave
 from tests.support import FULL_MATRIX, matrix, seeded, unique
 from tests.tcp_proxy import StallProxy
 from tests.test_adversarial_ninth import LONG, space_on, take
@@ -237,7 +237,7 @@ async def test_both_queue_types_on_one_index_with_orphans_and_a_deleted_queue(
         await writer.close()
         m1 = await space.open(relay_after=0.3, **quorum)
         m2 = await space.open(relay_after=0.3, **quorum)
-        await asyncio.sleep(1.0)  # their relays sweep the orphans and meet the refusal
+        await relays_leave([m1, m2], [d0, d1, d2])  # their sweeps met the refusal
         with pytest.raises(QueueMismatch):
             await m1.enqueue(d1, b"refused", LONG)
         assert await m1.get_status(next(iter(await m1.get_pending(d0))).id) is (
