@@ -298,7 +298,9 @@ async def test_a_repeat_after_a_raised_body_keeps_the_outcome_reported_meanwhile
             break
     # The repeat is allowed (the body raised before any report); it must be the same id.
     assert repeat in ([cid], []), repeat
-    await asyncio.sleep(0.3)  # delivery marks are written in the background
+    # B's delivery mark must have landed before the status is read: its stream's close
+    # flushes it, bounded, and what a bound cut off the store owes and lands on close.
+    await b.close()
     assert await a.get_status(cid) == CommandStatus.SUCCEEDED
     outcome = await a.get_outcome(cid)
     assert outcome is not None
