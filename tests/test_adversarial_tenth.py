@@ -40,6 +40,7 @@ from amqp_queue import (
     QueueType,
     RabbitMQStore,
 )
+from tests.rabbitmq_support import queue_depth
 from tests.support import matrix
 from tests.test_adversarial_fifth_wire import Wire, fault_storm, wire_on
 from tests.test_adversarial_ninth import space_on
@@ -528,18 +529,32 @@ async def test_producer_on_faulted_index_latest_wins_fan_outs_and_confirms(
             later = [v for v in versions if (v.seq or 0) >= (last.seq or 0)]
             return any(v.payload in ledger.got() for v in later)
 
+        async def ready_left() -> list[tuple[bytes, CommandStatus]]:
+            pending = [
+                (p.payload, await helper.get_status(p.id)) for p in await helper.get_pending(device)
+            ]
+            return [(p, s) for p, s in pending if s is CommandStatus.PENDING]
+
+        async def settled() -> bool:
+            """What a failed call wrote has been swept (a relay publishes it past relay_after,
+            1 s) and handed out: nothing ready pending, nothing left for a relay to publish,
+            and nothing published (a late copy) still waiting in the device's queue."""
+            return (
+                not await ready_left()
+                and not await helper.state.unpublished(1)
+                and await queue_depth(helper, device) == 0
+            )
+
         owed = {p for p in ledger.owed() if ledger.by_payload[p].kind != "latest"}
         deadline = time.monotonic() + 20
-        while (owed - ledger.got() or not slot_ok()) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while time.monotonic() < deadline and (  # noqa: ASYNC110 - polling index and queue
+            owed - ledger.got() or not slot_ok() or not await settled()
+        ):
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1.5)  # what a failed call wrote has its relay_after to come
         done.set()
         with suppress(TimeoutError):
             await asyncio.wait_for(reading, 10)
-        pending = [
-            (p.payload, await helper.get_status(p.id)) for p in await helper.get_pending(device)
-        ]
-        left = [(p, s) for p, s in pending if s is CommandStatus.PENDING]
+        left = await ready_left()
         report(wire, ledger, producer_errors)
         maybe_got = sorted(p for p, c in ledger.by_payload.items() if c.maybe and p in ledger.got())
         print(f"failed calls whose commands were handed out: {maybe_got}")
