@@ -171,6 +171,8 @@ async def test_a_rollout_confirm_whose_answer_was_lost_publishes_each_member_onc
             return all(record.published_at is not None for record in held)
 
         await eventually(marked, RELAY_AFTER + 10)
+        # Real time on purpose: a copy that must not come has no event to wait for, and the
+        # relay's lease runs on the index's clock, the real one here.
         await asyncio.sleep(RELAY_AFTER + 0.5)
         assert await _depths(store, devices) == expected
 
