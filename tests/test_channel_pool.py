@@ -21,6 +21,7 @@ from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.stream import CommandStream
 from tests.private_broker import private_broker
 from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
+from tests.support import eventually
 
 PER_CONNECTION = 4
 CONNECTIONS = 3
@@ -122,6 +123,7 @@ class _CountedOpens:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.in_flight = self.most = 0
+        self.opened: list[Any] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self._real = channel_pool._open
@@ -132,7 +134,9 @@ class _CountedOpens:
         self.most = max(self.most, self.in_flight)
         try:
             await self.gate.wait()
-            return await self._real(connection, robust=robust)
+            channel = await self._real(connection, robust=robust)
+            self.opened.append(channel)
+            return channel
         finally:
             self.in_flight -= 1
 
@@ -187,7 +191,11 @@ async def test_opens_cut_short_still_count_against_the_turns(
             )
             assert all(isinstance(result, BrokerError) for result in results), results
         opens.gate.set()
-        await asyncio.sleep(1.0)  # the late opens finish and are closed again
+
+        async def late_opens_closed() -> bool:
+            return opens.in_flight == 0 and all(channel.is_closed for channel in opens.opened)
+
+        await eventually(late_opens_closed, 10)  # the late opens finish and are closed again
         assert opens.most <= n, f"{opens.most} opens before the broker at once, the turns allow {n}"
     finally:
         opens.gate.set()
