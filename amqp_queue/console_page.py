@@ -1,4 +1,4 @@
-"""The operator console: a static page and its two assets, shipped in the package.
+"""The operator console: a static page and its assets, shipped in the package.
 
 The page holds no data and needs no token to load; everything it shows comes from the API,
 called with the token the operator enters (sent as a bearer header, never a cookie, so there
@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 ASSETS = {
     "index.html": "text/html; charset=utf-8",
+    "render.js": "text/javascript; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",

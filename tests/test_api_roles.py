@@ -110,7 +110,7 @@ async def test_the_console_loads_without_a_token_and_allows_only_its_own_scripts
 ) -> None:
     async with httpx.AsyncClient(base_url=api.url) as anonymous:
         page = await anonymous.get("/")
-        script = await anonymous.get("/console/app.js")
+        scripts = [await anonymous.get(f"/console/{name}") for name in ("render.js", "app.js")]
         style = await anonymous.get("/console/style.css")
         missing = await anonymous.get("/console/../api.py")
         unknown = await anonymous.get("/console/secrets.txt")
@@ -118,12 +118,14 @@ async def test_the_console_loads_without_a_token_and_allows_only_its_own_scripts
 
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
+    assert '<script src="/console/render.js"' in page.text
     assert '<script src="/console/app.js"' in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
-    assert script.headers["content-type"].startswith("text/javascript")
-    # The script never hands data to the HTML parser (the browser test shows it stays text).
+    # The scripts never hand data to the HTML parser (the browser test shows it stays text).
     parsers = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write")
-    assert [word for word in parsers if word in script.text] == []
+    for script in scripts:
+        assert script.headers["content-type"].startswith("text/javascript")
+        assert [word for word in parsers if word in script.text] == []
     assert style.headers["content-type"].startswith("text/css")
     assert missing.status_code == 404
     assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")
