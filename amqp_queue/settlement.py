@@ -179,10 +179,17 @@ class Settlement:
 
     async def requeue_all(self, last: AbstractIncomingMessage | None) -> None:
         """Requeues every unsettled delivery of the channel up to ``last`` (held or not) in
-        one frame, so they go back together and keep their order."""
-        self._held = []
-        if last is not None:
-            await settle(last, ack=False, multiple=True)
+        one frame, so they go back together and keep their order.
+
+        Should ``last`` be settled already (acked by itself after something was held), the
+        frame names the newest held delivery instead: aio-pika sends nothing for a settled
+        one, and the held would wait for the channel to close.
+        """
+        held, self._held = self._held, []
+        unsettled = [message for message in [*held, last] if message and not message.processed]
+        if unsettled:
+            newest = max(unsettled, key=lambda message: message.delivery_tag or 0)
+            await settle(newest, ack=False, multiple=True)
 
 
 async def split_live(

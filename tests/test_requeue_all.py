@@ -1,0 +1,55 @@
+"""A drain's give-back requeues what it holds in one frame, also when the channel's newest
+delivery was already settled by itself.
+
+Found by a helper's probe of PostgreSQL restarts under drains: after an index failure a drain
+holds some messages and acks the others one at a time; its give-back then sent a multiple
+requeue for the channel's newest delivery, which aio-pika refuses locally once that delivery is
+acked ("Message already processed"), so no frame went out and the held messages waited,
+unacknowledged, for the channel to close (logged as "could not requeue").
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from amqp_queue.settlement import Settlement
+from tests.rabbitmq_support import AMQP_URL
+from tests.support import unique
+
+
+async def _ready_count(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
+    queue = await channel.declare_queue(name, passive=True)
+    return queue.declaration_result.message_count or 0
+
+
+async def test_held_messages_go_back_at_once_when_the_newest_delivery_was_acked() -> None:
+    name = unique("test.requeue-all.")
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel()
+        await channel.declare_queue(name, auto_delete=False)
+        try:
+            for n in range(3):
+                await channel.default_exchange.publish(aio_pika.Message(b"%d" % n), name)
+            reader = await connection.channel()
+            queue = await reader.get_queue(name)
+            got: list[AbstractIncomingMessage] = []
+            for _ in range(3):
+                message = await queue.get(no_ack=False, timeout=5)
+                assert message is not None
+                got.append(message)
+            settlement = Settlement("dev")
+            settlement.hold(got[:2])
+            await got[2].ack()  # the newest, settled by itself
+
+            await settlement.requeue_all(got[2])
+            async with asyncio.timeout(5):
+                while await _ready_count(channel, name) < 2:
+                    await asyncio.sleep(0.05)
+
+            assert await _ready_count(channel, name) == 2  # back, with the channel still open
+            assert not reader.is_closed
+        finally:
+            await channel.queue_delete(name)
