@@ -10,14 +10,12 @@ unacknowledged, for the channel to close (logged as "could not requeue").
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from amqp_queue.settlement import Settlement
 from tests.rabbitmq_support import AMQP_URL
-from tests.support import unique
+from tests.support import eventually, unique
 
 
 async def _ready_count(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
@@ -45,9 +43,11 @@ async def test_held_messages_go_back_at_once_when_the_newest_delivery_was_acked(
             await got[2].ack()  # the newest, settled by itself
 
             await settlement.requeue_all(got[2])
-            async with asyncio.timeout(5):
-                while await _ready_count(channel, name) < 2:
-                    await asyncio.sleep(0.05)
+
+            async def back() -> bool:
+                return await _ready_count(channel, name) >= 2
+
+            await eventually(back, 5)
 
             assert await _ready_count(channel, name) == 2  # back, with the channel still open
             assert not reader.is_closed
