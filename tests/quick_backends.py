@@ -5,12 +5,14 @@ The adversarial modules (``tests/test_adversarial_*.py``) run most scenarios on 
 PostgreSQL and Redis state, and together they took about half of the suite's time: more than
 the ten minutes the test command has. In the short form every scenario still runs on two
 backends and every backend still meets about two thirds of the scenarios; ``make reliability``
-(``AMQP_QUEUE_FULL_MATRIX=1``) runs every combination. The choice is a pure function of the
-collected names, so every xdist worker collects the same tests.
+(``AMQP_QUEUE_FULL_MATRIX=1``) runs every combination. The one left out is picked by a checksum
+of the scenario's own name and parameters, so every xdist worker, and a rerun of one file,
+leaves out the same tests.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 import pytest
@@ -46,7 +48,8 @@ def _scenario(item: pytest.Function, backend: str) -> tuple[str, str]:
 
 def left_out(items: Iterable[pytest.Item]) -> list[pytest.Item]:
     """The adversarial tests the short form does not run: for each scenario collected on all
-    three backends, one of them, turning in the order the scenarios come."""
+    three backends, the one its name picks (a checksum), so running one file or one test
+    leaves out what the whole suite does."""
     backends: dict[tuple[str, str], dict[str, pytest.Item]] = {}
     for item in items:
         if not item.nodeid.startswith("tests/test_adversarial_"):
@@ -54,10 +57,11 @@ def left_out(items: Iterable[pytest.Item]) -> list[pytest.Item]:
         if (backend := _backend(item)) is not None:
             assert isinstance(item, pytest.Function)
             backends.setdefault(_scenario(item, backend), {})[backend] = item
-    out = []
-    for turn, on in enumerate(on for on in backends.values() if set(on) == set(ROTATED)):
-        out.append(on[ROTATED[turn % len(ROTATED)]])
-    return out
+    return [
+        on[ROTATED[zlib.crc32(repr(scenario).encode()) % len(ROTATED)]]
+        for scenario, on in backends.items()
+        if set(on) == set(ROTATED)
+    ]
 
 
 def deselect_left_out(config: pytest.Config, items: list[pytest.Item]) -> None:
