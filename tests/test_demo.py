@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from amqp_queue.cli.common import EXIT_QUEUE_FULL
+
 
 # The demo takes every knob of the store but the exchange (its own, named for the run).
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
@@ -47,3 +49,28 @@ def test_a_small_fleet_loses_nothing_and_gets_nothing_twice(queue_type: str) -> 
     assert summary["confirmed over HTTP"] > 0
     accounted = summary["delivered"] + summary["replaced (latest wins)"] + summary["expired (TTL)"]
     assert accounted == summary["enqueued"]
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "amqp_queue.cli", "demo", "--devices", "2", "--seconds", "1"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=50, check=False
+    )
+
+
+def test_a_limit_below_what_the_demos_commands_need_is_a_usage_error() -> None:
+    result = _demo("--max-ttl", "60")
+
+    assert result.returncode == 2
+    assert "the demo needs --max-ttl of at least 120, got 60" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_limit_met_mid_run_ends_it_with_one_error_line() -> None:
+    result = _demo("--max-pending-per-device", "1")
+
+    assert result.returncode == EXIT_QUEUE_FULL
+    [error] = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert error.startswith("amqp-queue: error: device 'demo-00")
+    assert "already holds its limit of 1 open commands" in error
+    assert "Traceback" not in result.stderr

@@ -158,17 +158,19 @@ def demo(
 
     Exits non-zero unless nothing was lost and nothing was delivered twice.
     """
-    rabbitmq = rabbitmq_from(knobs)
+    try:
+        options = DemoOptions(
+            devices=devices,
+            seconds=seconds,
+            seed=seed,
+            amqp_url=amqp_url,
+            state_url=state_url,
+            connect_timeout=connect_timeout,
+            rabbitmq=rabbitmq_from(knobs),
+        )
+    except ValueError as exc:  # a limit below what the demo's own commands need
+        raise click.UsageError(str(exc)) from exc
     logging_to_stderr(log_level, quiet_broker_client=True)
-    options = DemoOptions(
-        devices=devices,
-        seconds=seconds,
-        seed=seed,
-        amqp_url=amqp_url,
-        state_url=state_url,
-        connect_timeout=connect_timeout,
-        rabbitmq=rabbitmq,
-    )
     out = sys.stderr if as_json else sys.stdout
     try:
         summary = asyncio.run(run_demo(options, out, sys.stderr))

@@ -26,13 +26,14 @@ from typing import TextIO
 
 from amqp_queue.auth import Tokens
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.demo.fleet import Device, Producer
+from amqp_queue.demo.fleet import COMMAND_TYPES, LONG_TTL, LONGEST_PAYLOAD, Device, Producer
 from amqp_queue.demo.ledger import Ledger, Summary, judge
 from amqp_queue.demo.operator import HttpOperator
 from amqp_queue.demo.report import progress, table
 from amqp_queue.errors import BROKER_FAILURES
 from amqp_queue.service import Backends, running_api
 from amqp_queue.settings import DEFAULT_AMQP_URL, DEFAULT_CONNECT_TIMEOUT, Settings
+from amqp_queue.state.errors import QueueError
 from amqp_queue.state.model import CommandStatus
 from amqp_queue.store import RabbitMQStore
 
@@ -71,6 +72,19 @@ class DemoOptions:
             raise ValueError("the demo needs at least one device")
         if not self.seconds > 0:
             raise ValueError("seconds must be positive")
+        limits = self.rabbitmq.limits
+        # What its own commands need, refused before it connects rather than mid-run.
+        longest_name = len(_device_name(self.devices - 1))
+        longest_type = max(map(len, COMMAND_TYPES))
+        needs = [
+            ("--max-ttl", limits.max_ttl.total_seconds(), LONG_TTL),
+            ("--max-payload-bytes", limits.max_payload_bytes, LONGEST_PAYLOAD),
+            ("--max-device-id-length", limits.max_device_id_length, longest_name),
+            ("--max-command-type-length", limits.max_command_type_length, longest_type),
+        ]
+        for flag, given, needed in needs:
+            if given < needed:
+                raise ValueError(f"the demo needs {flag} of at least {needed:g}, got {given:g}")
 
 
 async def run_demo(options: DemoOptions, out: TextIO, err: TextIO) -> Summary:
@@ -104,6 +118,10 @@ async def run_demo(options: DemoOptions, out: TextIO, err: TextIO) -> Summary:
                     out.write(f"console: {base_url}/ (sign in with the token {token})\n")
                     out.flush()
                     return await _simulate(backends.store, base_url, token, options, err)
+            except* QueueError as errors:
+                # A limit met mid-run (or the broker lost) ends the run with its own error,
+                # not a group of every device's.
+                raise errors.exceptions[0] from None
             finally:
                 await _delete_queues(backends, _device_names(options))
 
@@ -157,7 +175,11 @@ async def _statuses(store: RabbitMQStore, command_ids: list[str]) -> dict[str, C
 
 
 def _device_names(options: DemoOptions) -> list[str]:
-    return [f"demo-{number:03d}" for number in range(options.devices)]
+    return [_device_name(number) for number in range(options.devices)]
+
+
+def _device_name(number: int) -> str:
+    return f"demo-{number:03d}"
 
 
 async def _delete_queues(backends: Backends, devices: list[str]) -> None:

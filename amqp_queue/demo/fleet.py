@@ -20,6 +20,10 @@ from amqp_queue.store import RabbitMQStore
 
 LONG_TTL = 120.0
 """Seconds a job, set-point or unlock lives: longer than any demo run."""
+COMMAND_TYPES = ("setpoint", "unlock")
+"""The latest-wins and confirmation commands' types."""
+LONGEST_PAYLOAD = 32
+"""Bytes a payload may take: a word and a sequence number."""
 
 
 class Device:
@@ -117,7 +121,7 @@ class Producer:
                 seq = next(self._seq)
                 asked_at = datetime.now(UTC)
                 command_id = await self._store.enqueue_or_update(
-                    device, "setpoint", f"setpoint {seq}".encode(), LONG_TTL
+                    device, COMMAND_TYPES[0], f"setpoint {seq}".encode(), LONG_TTL
                 )
                 self._issue(
                     Issued(command_id, device, Kind.SETPOINT, seq, asked_at, datetime.now(UTC))
@@ -130,7 +134,7 @@ class Producer:
         else:
             seq = next(self._seq)
             command_id = await self._store.enqueue_with_confirmation(
-                device, "unlock", f"unlock {seq}".encode(), LONG_TTL
+                device, COMMAND_TYPES[1], f"unlock {seq}".encode(), LONG_TTL
             )
             self._issue(Issued(command_id, device, Kind.UNLOCK, seq, asked_at, datetime.now(UTC)))
             self._operator.watch(device)
