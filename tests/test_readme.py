@@ -180,6 +180,16 @@ async def test_every_docs_example_runs(example: Example, tmp_path: Path) -> None
     assert output.strip()
 
 
+def test_the_configuration_page_includes_the_readmes_settings_table() -> None:
+    # Written once, in the README; the documentation site includes it (pymdownx.snippets).
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+
+    assert '--8<-- "README.md:settings"' in page
+    assert "<!-- --8<-- [start:settings] -->" in readme
+    assert "<!-- --8<-- [end:settings] -->" in readme
+
+
 def test_the_configuration_table_has_every_setting_as_flag_and_variable() -> None:
     settings = {
         (param.opts[0], param.envvar)

@@ -1,11 +1,13 @@
-"""A drain's give-back requeues what it holds in one frame, also when the channel's newest
-delivery was already settled by itself.
+"""A give-back requeues what is unsettled in one frame, also when the channel's newest delivery
+was already settled by itself.
 
-Found by a helper's probe of PostgreSQL restarts under drains: after an index failure a drain
-holds some messages and acks the others one at a time; its give-back then sent a multiple
-requeue for the channel's newest delivery, which aio-pika refuses locally once that delivery is
-acked ("Message already processed"), so no frame went out and the held messages waited,
-unacknowledged, for the channel to close (logged as "could not requeue").
+Found by a helper's probe of PostgreSQL restarts under drains, which logged "could not requeue
+... Message already processed" up to 18 times a run: after an index failure a drain acks some
+messages one at a time, and its give-back sent the multiple requeue for the channel's newest
+delivery, which aio-pika refuses locally once that delivery is acked, so no frame went out. In
+the drain the held messages had gone back one by one before that (``Settlement.release``), so
+the cost was the warning; ``Settlement.requeue_all`` itself left anything still held waiting for
+the channel to close, which this test shows on a real channel.
 """
 
 from __future__ import annotations
