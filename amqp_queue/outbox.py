@@ -41,8 +41,7 @@ logger = logging.getLogger("amqp_queue.outbox")
 
 _RESTART_PAUSE = 1.0  # seconds the relay pauses after a pass failed for an unexpected reason
 _START_RECHECK = 0.1  # seconds between passes while commands wait behind the start-up read
-# Seconds a call waits for its publish after a pass failed on the broker (see published()).
-BROKER_RETRY_WAIT = 0.25
+BROKER_RETRY_WAIT = 0.25  # seconds a call waits for its publish after a broker failure
 
 
 class OutboxRelay:
@@ -152,12 +151,9 @@ class OutboxRelay:
         self.kick()
 
     def _settled(self, kicks_before_read: int) -> bool:
-        """Ends a flush unless a kick came after the pass's last read began, and clears
-        ``pending`` unless commands are held back (:meth:`StartHolds.hold_back`).
-
-        A command that kicked after that read was committed too late for it; clearing
-        ``pending`` then would let the next command be published directly, ahead of it.
-        """
+        """Ends a flush unless a kick came after the pass's last read began (its command,
+        committed too late for that read, would be overtaken by a direct publish), and clears
+        ``pending`` unless commands are held back (:meth:`StartHolds.hold_back`)."""
         if self._kicks != kicks_before_read or self._owed - self._holds.held_back:
             return False
         # Commands still to be given back (see owe_release) go before newer ones too.
@@ -328,18 +324,22 @@ class OutboxRelay:
             self._task = asyncio.create_task(self._run(), name="amqp_queue.outbox")
 
     def halt(self) -> None:
-        """Stops the relay's task at once (a close cut short): it uses the index no more."""
+        """Stops the relay's task at once (a close cut short): it uses the index no more. Told
+        by ``_closed`` too, it ends at its next step should a pass lose the cancellation."""
         self._closed = True
         self._waits.end()
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
 
     async def close(self) -> None:
         self.halt()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            task = self._task
+            await asyncio.wait([task])  # a CancelledError here is the caller's own: passed on
             self._task = None
+            if not task.cancelled() and (error := task.exception()) is not None:
+                logger.error("the outbox relay ended with an error", exc_info=error)
         # Tried again while the close allows: once closed, nobody gives these back.
         if not await self._release_owed(within=self._config.publish_timeout):
             logger.error(
@@ -357,8 +357,7 @@ class OutboxRelay:
         self._wake.clear()
 
     def _interval(self) -> float:
-        """Seconds until the next pass: the relay interval, or sooner when a command left to
-        its writer becomes due."""
+        """Seconds to the next pass: the interval, or when a writer's command is due."""
         interval = self._config.relay_interval
         if self._holds.found:  # live writers mark theirs within moments: read again soon
             interval = min(interval, _START_RECHECK)
@@ -368,10 +367,9 @@ class OutboxRelay:
         return interval
 
     async def _run(self) -> None:
-        """Passes until closed. A pass failing for another reason than the broker or the
-        index (a bug) is logged and counted, and the relay goes on after a pause: ended
-        silently, it would leave ``pending`` set and later commands waiting for ever."""
-        while True:
+        """Passes until closed. A pass failing for another reason (a bug) is logged, counted
+        and followed by a pause: ended silently, it would leave later commands waiting."""
+        while not self._closed:
             try:
                 await self._pass()
             except asyncio.CancelledError:
@@ -386,6 +384,8 @@ class OutboxRelay:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._interval()):
                 await self._wake.wait()
+        if self._closed:
+            return
         self._wake.clear()
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((BrokerError, StateError)),
