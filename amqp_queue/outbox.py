@@ -161,11 +161,10 @@ class OutboxRelay:
         return True
 
     async def published(self, command_id: str) -> None:
-        """Waits until this relay no longer owes the command (published, ended, or found
-        published elsewhere), for ``publish_timeout`` at most, after the grace of a writer
-        its first read found (:data:`~amqp_queue.relay_holds.WRITER_GRACE`); after a broker
-        failure (no reconnect since) for :data:`BROKER_RETRY_WAIT`: a link back from a stall
-        publishes it within moments, one still stalled would hold each call that long."""
+        """Waits until this relay no longer owes the command (published, ended, or published
+        elsewhere): ``publish_timeout`` at most, after a found writer's grace (:data:`~amqp_queue.
+        relay_holds.WRITER_GRACE`); after a broker failure :data:`BROKER_RETRY_WAIT` (a link
+        back publishes it within moments, a stalled one would hold each call that long)."""
         if command_id in self._owed and not self._closed:
             grace = WRITER_GRACE if self._holds.found else 0.0
             within, broker_failed = grace + self._config.publish_timeout, False
@@ -251,23 +250,17 @@ class OutboxRelay:
         return sum(result is True for _, result in outcomes)
 
     async def _due(self) -> list[CommandRecord]:
-        """The unpublished commands this pass publishes, in ready order: at most
-        ``relay_batch``, the oldest first.
-
-        One outbox read serves both kinds: what this process owes is in it or, when the read
-        came back full, may lie past its end (held back until a read reaches it); owed and
-        missing from a read that was not full, a command was published (here or by another
-        process), ended or expired.
-        """
+        """The unpublished commands this pass publishes, in ready order (``relay_batch``, the
+        oldest first). Owed ones are in the read or, when it came back full, past its end
+        (held back until a read reaches them); missing from a read that was not full, a
+        command was published (here or elsewhere), ended or expired."""
         now = self._state.clock()
         lease = timedelta(seconds=self._config.relay_lease)
         self._next_due = None
         due: dict[str, CommandRecord] = {}
         orphans: list[CommandRecord] = []
         young: dict[str, CommandRecord] = {}
-        # Owed before the read began, so committed before it: a command owed during the read
-        # may be missing from it (a kick reads again).
-        owed = set(self._owed)
+        owed = set(self._owed)  # committed before the read (one owed during it: a kick reads again)
         batch = await self._state.unpublished(self._config.relay_batch)
         # A full read may have left older commands unread: nothing past its last is due yet.
         horizon = batch[-1].ready_at if len(batch) >= self._config.relay_batch else None
@@ -320,7 +313,7 @@ class OutboxRelay:
             self._next_due = moment
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is None and not self._closed:
             self._task = asyncio.create_task(self._run(), name="amqp_queue.outbox")
 
     def halt(self) -> None:
@@ -336,7 +329,11 @@ class OutboxRelay:
         self.halt()
         if self._task is not None:
             task = self._task
-            await asyncio.wait([task])  # a CancelledError here is the caller's own: passed on
+            try:
+                await asyncio.wait([task])  # a CancelledError here is the caller's own
+            except asyncio.CancelledError:
+                logger.warning("close cut short: %d claims not given back", len(self._owed_release))
+                raise
             self._task = None
             if not task.cancelled() and (error := task.exception()) is not None:
                 logger.error("the outbox relay ended with an error", exc_info=error)
@@ -349,8 +346,7 @@ class OutboxRelay:
         await self._lease.give_up()
 
     async def _backoff(self, seconds: float) -> None:
-        """Sleeps between retries, cut short by a kick since the failed try began (the
-        connection came back, or a caller waits for its command)."""
+        """Sleeps between retries, cut short by a kick (the link is back, a caller waits)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
@@ -394,6 +390,8 @@ class OutboxRelay:
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=True,
         ):
+            if self._closed:  # its cancellation lost in a failed try (halt woke it)
+                return
             with attempt:
                 published = await self.flush()
         if published:
