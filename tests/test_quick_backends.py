@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,13 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
         print(f"{DESELECTED}{item.nodeid}")
 
 
-def _collected(full: bool, modules: list[str] | None = None) -> tuple[set[str], set[str]]:
+@cache  # a collection of every adversarial module takes seconds of CPU: once per setting
+def _collected(full: bool, modules: tuple[str, ...] | None = None) -> tuple[set[str], set[str]]:
     """The adversarial tests (or ``modules``') collected and those deselected."""
     env = {**os.environ, "AMQP_QUEUE_FULL_MATRIX": "1" if full else "0"}
     if modules is None:
-        modules = sorted(
-            str(path.relative_to(ROOT)) for path in ROOT.glob("tests/test_adversarial_*")
+        modules = tuple(
+            sorted(str(path.relative_to(ROOT)) for path in ROOT.glob("tests/test_adversarial_*"))
         )
     command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(
@@ -77,7 +79,7 @@ def test_each_scenario_on_every_backend_runs_on_two_and_the_one_left_out_turns()
 def test_one_file_collected_alone_leaves_out_what_the_whole_suite_does() -> None:
     _, whole = _collected(full=False)
     alone = "tests/test_adversarial_ninth.py"
-    _, left_out = _collected(full=False, modules=[alone])
+    _, left_out = _collected(full=False, modules=(alone,))
 
     assert left_out
     assert left_out == {nodeid for nodeid in whole if nodeid.startswith(alone)}
