@@ -162,9 +162,9 @@ class OutboxRelay:
 
     async def published(self, command_id: str) -> None:
         """Waits until this relay no longer owes the command (published, ended, or published
-        elsewhere): ``publish_timeout`` at most, after a found writer's grace (:data:`~amqp_queue.
-        relay_holds.WRITER_GRACE`); after a broker failure :data:`BROKER_RETRY_WAIT` (a link
-        back publishes it within moments, a stalled one would hold each call that long)."""
+        elsewhere): ``publish_timeout`` at most, after a found writer's grace (``WRITER_GRACE``);
+        after a broker failure :data:`BROKER_RETRY_WAIT` (a link back publishes it within
+        moments, a stalled one would hold each call that long)."""
         if command_id in self._owed and not self._closed:
             grace = WRITER_GRACE if self._holds.found else 0.0
             within, broker_failed = grace + self._config.publish_timeout, False
