@@ -27,15 +27,25 @@ class DeliveryIndex(Protocol):
     async def claim(
         self, device_id: str, command_ids: Collection[str] | None = None
     ) -> list[CommandRecord]:
-        """Marks these deliverable commands of a device delivered, atomically; returns them.
+        """Claims these deliverable commands of a device, atomically; returns them. Claimed,
+        they stay open to every reader but delivery until :meth:`hand_over`.
 
         A backend may finish a claim its cancelled caller left (SQLite's writer thread does):
         the caller awaits a cancelled claim to its end and gives back what it took (see
         ``drain.py``)."""
         ...
 
+    async def hand_over(self, claimed: Sequence[CommandRecord]) -> list[CommandRecord]:
+        """Marks claimed commands delivered; returns those still the claim's (not cancelled,
+        replaced or expired since). A cancelled caller awaits it as it does a claim."""
+        ...
+
+    async def end_claims(self, command_ids: Collection[str]) -> int:
+        """Ends the claims on these open commands (their drain is presumed dead)."""
+        ...
+
     async def release(self, requeued: Collection[str], republish: Collection[str]) -> int:
-        """Opens claimed commands nobody received again (a cancelled drain)."""
+        """Opens claimed or handed-over commands nobody received again (a cancelled drain)."""
         ...
 
     async def cancel(self, command_id: str, *, by: str | None = None) -> CommandRecord:

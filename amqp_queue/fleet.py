@@ -177,8 +177,9 @@ class FleetDelivery:
         deletes its queue with whatever is in it.
 
         A ``consume`` stream still open on the device ends when the broker cancels its
-        consumer. A drain under way hands out what it claimed; cancelled, it finds its
-        queue gone and ends what it claimed ``CANCELLED`` too.
+        consumer. A drain under way hands out what it handed over before the retiring (its
+        claims are open commands, which the retiring cancels); cancelled, it finds its queue
+        gone and ends what it handed over ``CANCELLED`` too.
 
         Returns:
             How many commands it cancelled.

@@ -1,9 +1,10 @@
 """Claimed commands a cancelled drain could not give back, which the outbox relay gives back.
 
-A drain claims commands (marks them delivered) before it hands them over; cancelled, it gives
-them back. When the index refuses that for longer than the drain may wait, their requeued
-messages are dropped as delivered by whoever reads them next, so the relay takes the release
-on (:meth:`~amqp_queue.outbox.OutboxRelay.owe_release`): it releases them unpublished and
+A drain claims commands and, just before it hands them over, marks them delivered;
+cancelled, it gives them back. When the index refuses that for longer than the drain may wait,
+the requeued messages of handed-over commands are dropped as delivered by whoever reads them
+next, so the relay takes their release on
+(:meth:`~amqp_queue.outbox.OutboxRelay.owe_release`): it releases them unpublished and
 publishes them again.
 """
 

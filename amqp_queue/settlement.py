@@ -207,6 +207,16 @@ async def split_live(
     may be its delivery, which can no longer be settled: the broker gave it again).
     """
     live = await state.deliverable(command_ids(messages))
+    # Back from a closed channel unacked, the message of a claimed command was its drain's:
+    # that drain most likely died between its claim and its hand-over, and the claim would
+    # keep the command from every device until it lapsed; dropped here, it would be lost.
+    orphaned = [
+        message.message_id
+        for message in messages
+        if message.redelivered and message.message_id and message.message_id not in live
+    ]
+    if orphaned and await state.end_claims(orphaned):
+        live |= await state.deliverable(orphaned)
     kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
     finished: list[AbstractIncomingMessage] = []
     place: dict[str, int] = {}

@@ -16,8 +16,9 @@ from datetime import datetime, timedelta
 from . import rules
 from .clock import Clock, checked, utc_now
 from .closing import Closing
+from .drain_claims import DrainClaims
 from .enqueue_calls import CommandIntake
-from .errors import ClaimOutcomeUnknown, CommandNotFound, OutboxTaken, StateError
+from .errors import CommandNotFound, OutboxTaken, StateError
 from .fleet import Change, FleetCalls, check_command_id
 from .give_back import GiveBack
 from .model import CommandRecord, CommandStatus, DeviceSummary, PendingCommand, Position, Sweep
@@ -30,7 +31,7 @@ DEFAULT_RETENTION = timedelta(days=7)
 __all__ = ["DEFAULT_RETENTION", "Change", "IndexedStore"]
 
 
-class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
+class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
     """A complete :class:`~state.protocol.Store` built on backend primitives.
 
     Args:
@@ -73,19 +74,6 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
             for record in await self.open_commands(device)
             if not record.is_ready
         ]
-
-    async def drain_pending(self, device_id: str) -> list[bytes]:
-        device = self._validate_device(device_id)
-        try:
-            claimed = await self.claim(device)
-        except ClaimOutcomeUnknown as exc:
-            if not exc.records:
-                raise
-            # Maybe claimed: handed out all the same. If the claim did not land, they stay
-            # open and the next drain returns them again: a copy at worst, never a loss.
-            logger.warning("drain of %s: %s; returning what it may have claimed", device, exc)
-            claimed = exc.records
-        return [record.payload for record in rules.in_ready_order(claimed)]
 
     async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:
         await self.confirm(command_id, by=by)
@@ -178,18 +166,6 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
             raise CommandNotFound(command_id)
         return record
 
-    async def claim(
-        self, device_id: str, command_ids: Collection[str] | None = None
-    ) -> list[CommandRecord]:
-        """Marks deliverable commands of a device delivered, atomically, and returns them.
-
-        With ``command_ids`` only those are considered (the delivery layer passes the ids of the
-        messages it holds). Concurrent claims never return a command twice.
-        """
-        if command_ids is not None and not command_ids:
-            return []
-        return await self._claim(device_id, self.clock(), command_ids)
-
     async def claim_outbox(self, owner: str) -> None:
         """Makes ``owner`` (the namespace the outbox is published into) the one that
         publishes this index's outbox; the first claim on an index sets it for good.
@@ -274,12 +250,6 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
         """Loads one record under lock, applies ``change`` and stores the result."""
 
     @abc.abstractmethod
-    async def _claim(
-        self, device_id: str, now: datetime, command_ids: Collection[str] | None
-    ) -> list[CommandRecord]:
-        """Atomically marks deliverable records delivered and returns them."""
-
-    @abc.abstractmethod
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         """Of these ids, the commands that are open, ready and unexpired now."""
 
@@ -296,7 +266,8 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, Closing):
 
     @abc.abstractmethod
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
-        """Opens delivered commands again (see :meth:`release`); returns how many."""
+        """Ends the claims of open commands and opens delivered ones again (see
+        :meth:`release`); returns how many are open again."""
 
     @abc.abstractmethod
     async def _hold_outbox(self, owner: str) -> str:

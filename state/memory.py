@@ -87,10 +87,33 @@ class MemoryStore(IndexedStore):
         claimed = []
         for record in self._device_records(device_id):
             if (wanted is None or record.id in wanted) and rules.is_deliverable(record, now):
-                delivered = replace(record, delivered=True, ended_at=now)
-                self._store(delivered)
-                claimed.append(delivered)
+                held = replace(record, claimed_until=now + rules.CLAIM_LEASE)
+                self._store(held)
+                claimed.append(held)
         return claimed
+
+    async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:
+        ended = 0
+        for command_id in command_ids:
+            record = self._records.get(command_id)
+            if record is None or record.claimed_until is None or record.expires_at <= now:
+                continue
+            if record.is_open:
+                self._store(replace(record, claimed_until=None))
+                ended += 1
+        return ended
+
+    async def _hand_over(
+        self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
+    ) -> list[CommandRecord]:
+        handed = []
+        for command_id in command_ids:
+            record = self._records.get(command_id)
+            delivered = None if record is None else rules.handed_over(record, claimed_until, now)
+            if delivered is not None:
+                self._store(delivered)
+                handed.append(delivered)
+        return handed
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         now = self.clock()
@@ -117,6 +140,12 @@ class MemoryStore(IndexedStore):
         reopened = 0
         for command_id in command_ids:
             record = self._records.get(command_id)
+            if record is not None and record.is_open and record.claimed_until is not None:
+                self._records[command_id] = rules.released(
+                    record, now, slot_taken=False, unpublish=unpublish
+                )
+                reopened += record.expires_at > now  # expired: the expiry sweep ends it
+                continue
             if record is None or not record.delivered or record.outcome is not None:
                 continue
             slot = None if record.command_type is None else (record.device_id, record.command_type)

@@ -141,6 +141,10 @@ class CommandRecord:
     ``enqueue_many`` call that wrote it. ``enqueued_by``, ``confirmed_by`` and
     ``cancelled_by`` name who did each (the API's token name, or what a library caller
     passed as ``by``), None when nobody was named.
+
+    ``claimed_until``: a drain has claimed this open command and holds it until then, to
+    hand it over (``delivered``) or give it back; the first phase of a drain's two-phase
+    claim, invisible to every reader but delivery (see ``IndexedStore.claim``).
     """
 
     id: str
@@ -165,6 +169,7 @@ class CommandRecord:
     enqueued_by: str | None = None
     confirmed_by: str | None = None
     cancelled_by: str | None = None
+    claimed_until: datetime | None = None
 
     @property
     def awaits_outcome(self) -> bool:

@@ -78,6 +78,7 @@ def record_fields(record: CommandRecord) -> dict[str, str | bytes]:
         ("ended_at", record.ended_at),
         ("published_at", record.published_at),
         ("outcome_at", record.outcome_at),
+        ("claimed_until", record.claimed_until),
     ):
         if moment is not None:
             fields[name] = encode_time(moment)
@@ -114,7 +115,14 @@ def changed_fields(
     return written, [name for name in before if name not in after]
 
 
-LIVENESS_FIELDS = ("delivered", "end_reason", "requires_confirmation", "confirmed", "expires_at")
+LIVENESS_FIELDS = (
+    "delivered",
+    "end_reason",
+    "requires_confirmation",
+    "confirmed",
+    "expires_at",
+    "claimed_until",
+)
 """The fields :func:`is_live` reads: what ``rules.is_deliverable`` looks at, and no payload."""
 
 
@@ -125,7 +133,7 @@ def is_live(values: Sequence[bytes | str | None], now: datetime) -> bool:
     consume() asks it before every hand-out: decoding the whole hash, payload and all, cost
     more than the round trip.
     """
-    delivered, end_reason, requires_confirmation, confirmed, expires_at = (
+    delivered, end_reason, requires_confirmation, confirmed, expires_at, claimed_until = (
         value.encode() if isinstance(value, str) else value for value in values
     )
     if expires_at is None:
@@ -136,6 +144,7 @@ def is_live(values: Sequence[bytes | str | None], now: datetime) -> bool:
         requires_confirmation=requires_confirmation == b"1",
         confirmed=confirmed == b"1",
         expires_at=_EPOCH + int(expires_at) * _MICROSECOND,
+        claimed_until=None if claimed_until is None else _EPOCH + int(claimed_until) * _MICROSECOND,
         now=now,
     )
 
@@ -190,6 +199,7 @@ def decode_record(fields: Hash) -> tuple[int, CommandRecord]:
         enqueued_by=text("enqueued_by"),
         confirmed_by=text("confirmed_by"),
         cancelled_by=text("cancelled_by"),
+        claimed_until=time("claimed_until"),
     )
     return int(required(raw("seq"), "seq")), record
 

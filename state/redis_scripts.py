@@ -54,10 +54,14 @@ Times pass through the scripts as the strings the caller sent: Lua would print a
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from .redis_lua import PRELUDE
+from .rules import CLAIM_LEASE
 
 CLAIM = (
     PRELUDE
+    + f"local CLAIM_LEASE_US = {CLAIM_LEASE // timedelta(microseconds=1)}\n"
     + """
 -- KEYS[4]: the device's open set. ARGV[4]: this claim's token; ARGV[5]: how long (ms) its
 -- answer is kept; ARGV[6]: '1' to only look the answer up (a claim sent again by a later
@@ -65,6 +69,7 @@ CLAIM = (
 -- follow whose answers arrived; then those tokens; then the ids to consider (none: all of
 -- the device's).
 local answer_key = prefix .. 'claim:' .. ARGV[4]
+local claim_until = string.format('%.0f', tonumber(now) + CLAIM_LEASE_US)
 local answered = tonumber(ARGV[7])
 for i = 8, 7 + answered do
     -- Not deleted: emptied, for a minute, so a late copy of that claim (sent on a connection
@@ -93,15 +98,17 @@ for i = first, #candidates do
     if redis.call('ZSCORE', KEYS[4], id) then
         local key = command_key(id)
         local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'requires_confirmation',
-                             'confirmed', 'expires_at')
+                             'confirmed', 'expires_at', 'claimed_until')
         if not f[1] then
             -- The hash outlived its key TTL: drop what still points at it.
             redis.call('ZREM', KEYS[4], id)
             redis.call('ZREM', expiry_key, id)
             redis.call('ZREM', outbox_key, id)
         elseif f[1] == '0' and not f[2] and (f[3] == '0' or f[4] == '1')
-                and tonumber(f[5]) > tonumber(now) then
-            finish(key, id, 'delivered', '1')
+                and tonumber(f[5]) > tonumber(now)
+                and (not f[6] or tonumber(f[6]) <= tonumber(now)) then
+            -- Claimed, still open (rules.CLAIM_LEASE): HAND_OVER delivers it.
+            redis.call('HSET', key, 'claimed_until', claim_until)
             claimed[#claimed + 1] = redis.call('HGETALL', key)
             ids[#ids + 1] = id
         end
@@ -110,6 +117,43 @@ end
 -- An empty Lua table encodes as {}, which decodes as an empty table again.
 redis.call('SET', answer_key, cjson.encode(ids), 'PX', ARGV[5])
 return claimed
+"""
+)
+
+HAND_OVER = (
+    PRELUDE
+    + """
+-- ARGV[4]: the claim's claimed_until; ARGV[5..]: the ids it claimed. rules.handed_over: those
+-- still open, unexpired and claimed until then end delivered; returns them.
+local handed = {}
+for i = 5, #ARGV do
+    local id = ARGV[i]
+    local key = command_key(id)
+    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at', 'claimed_until')
+    if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] == ARGV[4] then
+        redis.call('HDEL', key, 'claimed_until')
+        finish(key, id, 'delivered', '1')
+        handed[#handed + 1] = redis.call('HGETALL', key)
+    end
+end
+return handed
+"""
+)
+
+END_CLAIMS = (
+    PRELUDE
+    + """
+-- ARGV[4..]: command ids. The claims on those open and unexpired end; returns how many.
+local ended = 0
+for i = 4, #ARGV do
+    local key = command_key(ARGV[i])
+    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at', 'claimed_until')
+    if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] then
+        redis.call('HDEL', key, 'claimed_until')
+        ended = ended + 1
+    end
+end
+return ended
 """
 )
 
@@ -270,9 +314,23 @@ for i = 6, #ARGV do
     local key = command_key(id)
     local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'device_id', 'command_type',
                          'expires_at', 'seq', 'requires_confirmation', 'confirmed',
-                         'confirmed_at', 'created_at', 'published_at', 'outcome')
+                         'confirmed_at', 'created_at', 'published_at', 'outcome',
+                         'claimed_until')
+    if f[1] == '0' and not f[2] and f[13] then
+        -- Claimed and still open: the claim ends, the command never left the open indexes
+        -- (expired, it is not counted: the expiry sweep ends it).
+        if tonumber(f[5]) > tonumber(now) then
+            reopened = reopened + 1
+        end
+        redis.call('HDEL', key, 'claimed_until')
+        if unpublish then
+            redis.call('HDEL', key, 'published_at')
+            if f[7] == '0' or f[8] == '1' then
+                redis.call('ZADD', outbox_key, f[9] or f[10], id)
+            end
+        end
     -- An outcome is proof the device took the command: such a one is never given back.
-    if f[1] == '1' and not f[2] and not f[12] then
+    elseif f[1] == '1' and not f[2] and not f[12] then
         local device, kind, expires = f[3], f[4], f[5]
         local slots = prefix .. 'types:' .. device
         local taken = false

@@ -22,7 +22,6 @@ restart of Redis; with persistence off they are lost with it.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -34,12 +33,13 @@ from . import redis_add_scripts as add_lua
 from . import redis_scripts as lua
 from . import rules
 from .clock import Clock, utc_now
-from .errors import ClaimOutcomeUnknown, QueueFull, StateError
+from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
 from .redis_add_doubt import add_once
 from .redis_changes import RedisChanges
-from .redis_claims import Claims, Send, answer_ttl, unexpired
+from .redis_claims import Claims
+from .redis_drain_claims import RedisDrainClaims
 from .redis_encoding import (
     LIVENESS_FIELDS,
     add_arguments,
@@ -70,7 +70,7 @@ POOL_SIZE, POOL_WAIT = 100, 10.0
 KEY_TTL_MARGIN = timedelta(days=1)
 
 
-class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
+class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, IndexedStore):
     """The command store on Redis.
 
     Args:
@@ -105,6 +105,8 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
         self._add = register(add_lua.ADD)
         self._add_lookup = register(add_lua.ADD_LOOKUP)
         self._claim_script = register(lua.CLAIM)
+        self._hand_over_script = register(lua.HAND_OVER)
+        self._end_claims_script = register(lua.END_CLAIMS)
         self._claims = Claims()
         self._mark_delivered = register(lua.MARK_DELIVERED)
         self._expire = register(lua.EXPIRE)
@@ -217,47 +219,6 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, IndexedStore):
                 keys=[*self._indexes, self._device_key(device_id)], args=self._args(self.clock())
             )
         return [record for _, record in decode_replies(found)]
-
-    async def _claim(
-        self, device_id: str, now: datetime, command_ids: Collection[str] | None
-    ) -> list[CommandRecord]:
-        send = self._claim_sender(device_id, now)
-        try:
-            taken = await self._claims.claim(device_id, list(command_ids or ()), send)
-        except ClaimOutcomeUnknown as exc:
-            exc.records = await unexpired(exc.records, now, self._release)
-            raise
-        return await unexpired(taken, now, self._release)
-
-    def _claim_sender(self, device_id: str, now: datetime) -> Send:
-        keys = [*self._indexes, self._device_key(device_id)]
-
-        async def send(
-            token: str, answered: Sequence[str], ids: Sequence[str], lookup_only: bool
-        ) -> Sequence[Sequence[bytes]]:
-            lookup = "1" if lookup_only else "0"
-            rest = [token, answer_ttl(), lookup, str(len(answered)), *answered, *ids]
-            replies: Sequence[Sequence[bytes]] = await self._claim_script(
-                keys=keys, args=self._args(now, rest)
-            )
-            return replies
-
-        return send
-
-    async def _settle_all_claims(self) -> None:
-        for device_id in self._claims.in_doubt():
-            try:
-                await self._settle_claims(device_id)
-            except StateError as exc:
-                logger.warning("redis: a lost claim of %s stays unsettled: %s", device_id, exc)
-
-    async def _settle_claims(self, device_id: str) -> None:
-        """Gives back what this process's doubtful claims of the device took (see
-        :meth:`Claims.settle`), unpublished: a process that read the requeued messages
-        meanwhile dropped them as delivered, and a copy is dropped at delivery where a loss
-        is not undone. The expired ones end EXPIRED."""
-        give_back = functools.partial(self._release, unpublish=True)
-        await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
 
     async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
         keep = milliseconds(self.retention + KEY_TTL_MARGIN)

@@ -65,13 +65,15 @@ def is_expired(record: CommandRecord, now: datetime) -> bool:
 
 
 def is_deliverable(record: CommandRecord, now: datetime) -> bool:
-    """Open, ready and unexpired: the only commands a device may be handed."""
+    """Open, ready, unexpired and not claimed by a drain: the only commands a device may be
+    handed."""
     return is_deliverable_state(
         delivered=record.delivered,
         ended=record.end_reason is not None,
         requires_confirmation=record.requires_confirmation,
         confirmed=record.confirmed,
         expires_at=record.expires_at,
+        claimed_until=record.claimed_until,
         now=now,
     )
 
@@ -83,6 +85,7 @@ def is_deliverable_state(
     requires_confirmation: bool,
     confirmed: bool,
     expires_at: datetime,
+    claimed_until: datetime | None,
     now: datetime,
 ) -> bool:
     """:func:`is_deliverable` from the fields it reads (a backend that reads only those, as
@@ -92,7 +95,28 @@ def is_deliverable_state(
         and not ended
         and (not requires_confirmation or confirmed)
         and (expires_at > now)
+        and (claimed_until is None or claimed_until <= now)
     )
+
+
+CLAIM_LEASE = timedelta(seconds=30)
+"""How long a drain's claim holds its commands for the drain's hand-over or give-back.
+
+Only a drain whose process died between the two leaves a claim to lapse: its messages go
+back to the queue with its channel, and once the lease is over the commands are deliverable
+again. A drain slower than this cannot hand out twice: its hand-over takes only what is
+still claimed under its own ``claimed_until``, which a later claim changes."""
+
+
+def handed_over(
+    record: CommandRecord, claimed_until: datetime, now: datetime
+) -> CommandRecord | None:
+    """A claimed command once its drain hands it over (``DELIVERED``), or None when it is no
+    longer that drain's to hand out: cancelled, replaced or expired since the claim (which
+    win, as they do over an open command), or given back and claimed again."""
+    if not record.is_open or record.claimed_until != claimed_until or record.expires_at <= now:
+        return None
+    return replace(record, delivered=True, ended_at=now, claimed_until=None)
 
 
 def status_of(record: CommandRecord, now: datetime) -> CommandStatus:
@@ -196,7 +220,12 @@ def in_ready_order(records: Iterable[CommandRecord]) -> list[CommandRecord]:
 def released(
     record: CommandRecord, now: datetime, *, slot_taken: bool, unpublish: bool
 ) -> CommandRecord:
-    """A delivered command given back by a cancelled drain (see ``IndexedStore.release``)."""
+    """A command given back by a cancelled drain (see ``IndexedStore.release``): claimed and
+    still open, its claim ends (expired meanwhile, the expiry sweep ends it); delivered, it
+    is open again unless it ended meanwhile."""
+    if record.is_open:
+        published_at = None if unpublish else record.published_at
+        return replace(record, claimed_until=None, published_at=published_at)
     if record.expires_at <= now:
         return replace(record, delivered=False, end_reason=EndReason.EXPIRED)
     if slot_taken:

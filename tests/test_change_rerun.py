@@ -13,6 +13,7 @@ from __future__ import annotations
 from amqp_queue.state import CommandStatus, MemoryStore
 from amqp_queue.state.fleet import Change
 from amqp_queue.state.model import CommandRecord, EndReason
+from tests.drain_claims import drained
 
 
 class _LosesFirstAnswers(MemoryStore):
@@ -44,7 +45,7 @@ async def test_a_cancel_run_again_succeeds_instead_of_saying_already_cancelled()
 async def test_an_outcome_report_run_again_counts_as_this_calls() -> None:
     store = _LosesFirstAnswers()
     command_id = await store.enqueue("gw-1", b"x", 60)
-    assert [record.id for record in await store.claim("gw-1")] == [command_id]
+    assert [record.id for record in await drained(store, "gw-1")] == [command_id]
     record, changed = await store.report(command_id, CommandStatus.SUCCEEDED, result=b"ok")
     assert changed
     assert record.outcome is CommandStatus.SUCCEEDED

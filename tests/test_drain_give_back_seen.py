@@ -1,19 +1,21 @@
 """What other stores see while a drain cut short gives its claim back (found by a helper's
-probes in the sixteenth session; a known limit, docs/reliability.md).
+probes in the sixteenth session, fixed in the seventeenth: docs/reliability.md).
 
-A drain claims its commands in the index (marks them delivered) before it hands them over; cut
-short (a deadline, a cancelled task) it gives them back, open again. Between the two, every
-other store reads the claim as a delivery: ``get_status`` says DELIVERED, an outcome reported
-meanwhile is accepted (and keeps the command from ever being handed out), and the device's
-open commands do not count the claimed ones, so enqueues meanwhile take it over its limit once
-they are back. The probes saw each within seconds on every backend, with drains cut at random;
-here the drain's claim is held open once committed, so each effect shows every time. The fix
-is a two-phase claim (claimed, then handed over), which turns these into XPASS failures.
+A drain claims its commands in the index before it hands them over; cut short (a deadline, a
+cancelled task) it gives them back, open again. When the claim marked them delivered, every
+other store read it as a delivery meanwhile: ``get_status`` said DELIVERED, an outcome
+reported meanwhile was accepted (and kept the command from ever being handed out), and the
+device's open commands did not count the claimed ones, so enqueues meanwhile took it over its
+limit once they were back. The probes saw each within seconds on every backend, with drains
+cut at random; here the drain's claim is held open once committed, so each effect showed
+every time. A claim now holds its commands open, and only the hand-over marks them delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -22,14 +24,11 @@ from typing import Any
 import pytest
 
 from amqp_queue import CommandStatus, Limits, QueueError, QueueFull, RabbitMQStore
-from tests.test_adversarial_seams import env_on
+from amqp_queue.state import rules
+from tests.rabbitmq_support import AMQP_URL
+from tests.test_adversarial_seams import Handout, consume_until, env_on
 
 BACKENDS = ["sqlite", "postgres", "redis"]
-LIMIT = (
-    "known limit (docs/reliability.md): a drain's claim reads as a delivery to other stores "
-    "until the drain hands it over or gives it back; the fix is a two-phase claim"
-)
-xfail_limit = pytest.mark.xfail(strict=True, raises=AssertionError, reason=LIMIT)
 
 
 @asynccontextmanager
@@ -61,7 +60,6 @@ async def drain_cut_after_its_claim(
         monkeypatch.setattr(store.state, "claim", claim)
 
 
-@xfail_limit
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_command_being_claimed_reads_pending_to_others(
     backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -79,7 +77,6 @@ async def test_a_command_being_claimed_reads_pending_to_others(
         assert during == after, "DELIVERED while claimed, then PENDING: delivered to nobody"
 
 
-@xfail_limit
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_an_outcome_is_refused_for_a_command_no_device_got(
     backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -103,7 +100,6 @@ async def test_an_outcome_is_refused_for_a_command_no_device_got(
         )
 
 
-@xfail_limit
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_device_never_holds_more_open_commands_than_its_limit(
     backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -122,3 +118,98 @@ async def test_a_device_never_holds_more_open_commands_than_its_limit(
         pending = await reader.get_pending(device)
 
         assert len(pending) <= most, f"{len(pending)} open commands, over the limit of {most}"
+
+
+async def _drain_held_while(
+    drainer: RabbitMQStore, device: str, monkeypatch: pytest.MonkeyPatch, meanwhile: Any
+) -> list[bytes]:
+    """A drain of ``device`` whose claim, once committed, waits for ``meanwhile()``; then it
+    goes on to its hand-over and returns."""
+    claim = drainer.state.claim
+    claimed = asyncio.Event()
+
+    async def held(device_id: str, command_ids: Any = None) -> Any:
+        records = await claim(device_id, command_ids)
+        claimed.set()
+        await meanwhile()
+        return records
+
+    monkeypatch.setattr(drainer.state, "claim", held)
+    try:
+        drain = asyncio.create_task(drainer.drain_pending(device))
+        async with asyncio.timeout(10):
+            await claimed.wait()
+            return await drain
+    finally:
+        monkeypatch.setattr(drainer.state, "claim", claim)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_command_cancelled_or_replaced_while_claimed_is_not_handed_out(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim leaves its commands open: an operator's cancel or a replacement between the
+    claim and the hand-over wins, and the drain hands out neither."""
+    async with env_on(backend, tmp_path, prefix="giveback.") as env:
+        operator, drainer = await env.open(), await env.open()
+        device = env.device()
+        kept = await operator.enqueue(device, b"kept", 600)
+        cancelled = await operator.enqueue(device, b"cancelled", 600)
+        replaced = await operator.enqueue_or_update(device, "setpoint", b"20", 600)
+        newer: list[str] = []
+
+        async def meanwhile() -> None:
+            await operator.cancel_command(cancelled)
+            newer.append(await operator.enqueue_or_update(device, "setpoint", b"21", 600))
+
+        got = await _drain_held_while(drainer, device, monkeypatch, meanwhile)
+        statuses = [await operator.get_status(i) for i in (kept, cancelled, replaced, *newer)]
+        then = await drainer.drain_pending(device)
+
+        assert got == [b"kept"]
+        assert statuses == [
+            CommandStatus.DELIVERED,
+            CommandStatus.CANCELLED,
+            CommandStatus.SUPERSEDED,
+            CommandStatus.PENDING,
+        ]
+        assert then == [b"21"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_what_a_drain_that_died_after_its_claim_held_reaches_the_device_at_once(
+    backend: str, tmp_path: Path
+) -> None:
+    """The claim of a process that died before its hand-over would keep its commands from
+    every device until it lapsed, and a stream reading their requeued messages meanwhile
+    would drop them as not deliverable: lost. A reader that gets a claimed command's message
+    redelivered ends the claim and hands the command out."""
+    async with env_on(backend, tmp_path, prefix="giveback.") as env:
+        producer = await env.open()
+        device = env.device()
+        payloads = [b"%d" % n for n in range(5)]
+        for payload in payloads:
+            await producer.enqueue(device, payload, 600)
+
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.drain_dies_child",
+            AMQP_URL,
+            env.state_url,
+            env.exchange,
+            device,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(child.communicate(), 30)
+        assert out.decode().split() == ["claimed", "5"]
+        assert [await producer.get_status(c.id) for c in await producer.get_pending(device)] == [
+            CommandStatus.PENDING
+        ] * 5
+
+        got: list[Handout] = []
+        started = time.monotonic()
+        await consume_until(producer, device, got, done=lambda: len(got) == len(payloads), idle=10)
+
+        assert [handout.payload for handout in got] == payloads
+        assert time.monotonic() - started < rules.CLAIM_LEASE.total_seconds() / 2

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from amqp_queue.state import CommandNotFound, CommandStatus, EndReason, OutboxTaken
+from amqp_queue.state import CommandNotFound, CommandStatus, EndReason, OutboxTaken, rules
 from amqp_queue.state.indexed_store import IndexedStore
 from tests.backends import INDEX_BACKENDS, indexed_store
+from tests.drain_claims import drained
 from tests.support import FakeClock
 
 
@@ -116,7 +117,17 @@ async def test_deliverable_claim_and_mark_delivered_by_id(
 
     claimed = await indexed.claim("dev-1", [b, waiting, expired, other])
     assert [r.id for r in claimed] == [b]
-    assert claimed[0].delivered
+    # Claimed: open to every reader, skipped by delivery, until the drain hands it over.
+    assert not claimed[0].delivered
+    assert claimed[0].claimed_until is not None
+    assert await indexed.get_status(b) == CommandStatus.PENDING
+    assert [c.id for c in await indexed.get_pending("dev-1")] == [a, b, waiting]
+    assert await indexed.deliverable([b]) == {}
+    assert not await indexed.is_deliverable(b)
+    assert await indexed.claim("dev-1", [b]) == []
+    handed = await indexed.hand_over(claimed)
+    assert [(r.id, r.delivered, r.claimed_until) for r in handed] == [(b, True, None)]
+    assert await indexed.hand_over(claimed) == []  # handed over once
 
     assert await indexed.mark_delivered([a, b, waiting]) == 2
     assert await indexed.mark_delivered([a, waiting]) == 0
@@ -188,13 +199,17 @@ async def test_a_batch_that_replaces_a_type_twice_keeps_only_its_last_command(
     assert await indexed.drain_pending("dev-1") == [b"plain", b"second", b"eco"]
 
 
+@pytest.mark.parametrize("handed_over", [False, True], ids=["claimed", "handed over"])
 async def test_release_opens_claimed_commands_again_as_they_were(
-    indexed: IndexedStore, clock: FakeClock
+    indexed: IndexedStore, clock: FakeClock, handed_over: bool
 ) -> None:
     kept = await indexed.enqueue("dev-1", b"kept", 600)
     gone = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
     await indexed.mark_published([kept, gone])
-    assert {r.id for r in await indexed.claim("dev-1", [kept, gone])} == {kept, gone}
+    claimed = await indexed.claim("dev-1", [kept, gone])
+    assert {r.id for r in claimed} == {kept, gone}
+    if handed_over:
+        assert len(await indexed.hand_over(claimed)) == 2
 
     # kept's message is back in the queue; gone's was acked, so the outbox owes it again.
     assert await indexed.release([kept], [gone]) == 2
@@ -215,7 +230,7 @@ async def test_release_leaves_a_taken_slot_and_an_expired_command_finished(
 ) -> None:
     replaced = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
     expiring = await indexed.enqueue("dev-1", b"soon", 5)
-    await indexed.claim("dev-1", [replaced, expiring])
+    await drained(indexed, "dev-1", [replaced, expiring])
     newer = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
     clock.advance(5)
 
@@ -354,7 +369,7 @@ async def test_release_never_gives_back_a_command_with_an_outcome(indexed: Index
     plain = await indexed.enqueue("dev-1", b"plain", 600)
     typed = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
     other = await indexed.enqueue_or_update("dev-1", "setpoint-2", b"x", 600)
-    await indexed.claim("dev-1")
+    await drained(indexed, "dev-1")
     await indexed.complete_command(plain, b"ok")
     await indexed.fail_command(typed, "no")
 
@@ -394,3 +409,22 @@ async def test_deliverable_and_mark_delivered_take_more_ids_than_a_statement_bin
     assert list(await indexed.deliverable(ids)) == [live]
     assert await indexed.mark_delivered(ids) == 1
     assert await indexed.get_status(live) == CommandStatus.DELIVERED
+
+
+async def test_a_claim_nobody_hands_over_lapses_and_its_hand_over_then_fails(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    """A drain that died between its claim and its hand-over: once the lease is over the
+    command is deliverable again, and the dead claim can no longer hand it out."""
+    command_id = await indexed.enqueue("dev-1", b"x", 600)
+    dead = await indexed.claim("dev-1")
+    clock.advance(rules.CLAIM_LEASE.total_seconds() - 1)
+    assert await indexed.claim("dev-1") == []
+    clock.advance(1)
+
+    assert await indexed.is_deliverable(command_id)
+    again = await indexed.claim("dev-1")
+    assert [record.id for record in again] == [command_id]
+    assert await indexed.hand_over(dead) == []
+    assert [record.id for record in await indexed.hand_over(again)] == [command_id]
+    assert await indexed.get_status(command_id) == CommandStatus.DELIVERED

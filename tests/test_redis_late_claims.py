@@ -13,6 +13,7 @@ import pytest
 from amqp_queue import ClaimOutcomeUnknown, CommandStatus, RabbitMQConfig, RabbitMQStore
 from amqp_queue.state import RedisStore, StateError
 from tests.backends import REDIS_URL, redis_prefix
+from tests.drain_claims import drained
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.redis_faults import LosesReplies
 from tests.support import unique
@@ -93,7 +94,7 @@ async def test_a_released_commands_device_is_listed_again() -> None:
         state = await RedisStore.connect(REDIS_URL, prefix=prefix)
         try:
             command_id = await state.enqueue("dev-r", b"x", 600)
-            assert [record.id for record in await state.claim("dev-r", [command_id])] == [
+            assert [record.id for record in await drained(state, "dev-r", [command_id])] == [
                 command_id
             ]
             assert await state.devices_with_open() == []
@@ -114,7 +115,7 @@ async def test_a_released_expired_command_is_finished_and_awaits_no_outcome(
         state = await RedisStore.connect(REDIS_URL, prefix=prefix, clock=clock)
         try:
             command_id = await state.enqueue("dev-e", b"x", 60, outcome_timeout=30)
-            await state.claim("dev-e", [command_id])
+            await drained(state, "dev-e", [command_id])
             clock.now += timedelta(seconds=90)
             if published_again:
                 await state.release([], [command_id])

@@ -1,16 +1,16 @@
-"""A claim whose COMMIT lost its answer: no command ends DELIVERED that no claim handed out.
+"""A claim whose COMMIT lost its answer: no command ends claimed that no claim handed out.
 
-A drain's claim marks a device's commands delivered and returns them (UPDATE ... RETURNING).
-If its COMMIT lands while the client only sees its connection die, a claim that raises
-:class:`StateError` as "nothing claimed" makes the drain requeue the messages, and the next
-drain finds the commands delivered and drops them: delivered to nobody, lost.
+A drain's claim holds a device's commands for its hand-over and returns them (UPDATE ...
+RETURNING). If its COMMIT lands while the client only sees its connection die, a claim that
+raises :class:`StateError` as "nothing claimed" makes the drain requeue the messages, and the
+next reader finds the commands claimed and drops them: delivered to nobody, lost.
 
 Claims run on a private PostgreSQL while every connection to it is cut by a proxy, commits
 slowed so that many are in flight at a cut (tests/pg_cuts.py); the commands are enqueued
 beforehand on a connection of their own, never cut. Afterwards every command is either handed
 out by a claim (one that returned, or one that raised saying its outcome is unknown, with
-the records it may have claimed) or still open: never DELIVERED without having been handed
-out.
+the records it may have claimed) or still open and unclaimed: never claimed without having
+been handed out.
 """
 
 from __future__ import annotations
@@ -84,21 +84,24 @@ async def _storm(
 
 
 async def _states(url: str) -> dict[str, tuple[bool, str | None]]:
-    """Every command in the index: id to (delivered, end reason)."""
+    """Every command in the index: id to (claimed or delivered, end reason)."""
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
             rows = await conn.execute(
-                sa.text("SELECT id, delivered, end_reason FROM command_queue")
+                sa.text("SELECT id, delivered, claimed_until, end_reason FROM command_queue")
             )
             return {
-                str(command_id): (bool(delivered), reason) for command_id, delivered, reason in rows
+                str(command_id): (bool(delivered) or claimed is not None, reason)
+                for command_id, delivered, claimed, reason in rows
             }
     finally:
         await engine.dispose()
 
 
-async def test_a_claim_that_raised_claimed_nothing_and_one_that_returned_is_delivered() -> None:
+async def test_a_claim_that_raised_claimed_nothing_and_one_that_returned_holds_its_commands() -> (
+    None
+):
     async with private_postgres() as server:
         writer = await SqlStore.connect(server.url)
         try:
@@ -114,11 +117,11 @@ async def test_a_claim_that_raised_claimed_nothing_and_one_that_returned_is_deli
 
     assert claims.returned, "no claim went through"
     assert claims.refused, "no claim met a cut"
-    delivered = {command_id for command_id, (done, _) in states.items() if done}
-    not_open = {command_id for command_id, (done, reason) in states.items() if done or reason}
-    lost = delivered - claims.handed
+    claimed = {command_id for command_id, (taken, _) in states.items() if taken}
+    not_open = {command_id for command_id, (taken, reason) in states.items() if taken or reason}
+    lost = claimed - claims.handed
     assert not lost, (
-        f"{len(lost)} commands DELIVERED that no claim handed out ({claims.returned} claims "
+        f"{len(lost)} commands claimed that no claim handed out ({claims.returned} claims "
         f"returned, {claims.refused} refused, {claims.unknown} unknown)"
     )
-    assert claims.handed <= not_open, "a command a claim handed out is open again"
+    assert claims.handed <= not_open, "a command a claim handed out is unclaimed again"

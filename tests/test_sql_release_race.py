@@ -22,6 +22,7 @@ from amqp_queue.state import SqlStore
 from amqp_queue.state.sql import statements as sql
 from amqp_queue.state.sql import transactions
 from tests.backends import POSTGRES_URL, postgres_schema
+from tests.drain_claims import drained
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,7 +59,7 @@ async def test_a_give_back_racing_a_replacement_ends_the_older_and_reopens_the_r
         try:
             plain = await one.enqueue("dev-1", b"plain", 600)
             old = await one.enqueue_or_update("dev-1", "setpoint", b"old", 600)
-            assert len(await one.claim("dev-1", [plain, old])) == 2
+            assert len(await drained(one, "dev-1", [plain, old])) == 2
             reached = asyncio.Event()
             monkeypatch.setattr(transactions, "release", _paused_release(reached))
             async with other.engine.connect() as holder:

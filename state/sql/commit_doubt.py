@@ -19,16 +19,17 @@ store asks, on a fresh connection, retrying with jitter for at most :data:`BOUND
   call returns; none, it was not, and the original StateError stands;
 - if it cannot tell within the bound, a StateError that says the outcome is unknown.
 
-A drain's claim (UPDATE ... RETURNING, which marks commands delivered) has the same doubt,
-and worse: "not claimed" makes the drain requeue messages the next drain drops as delivered,
-commands delivered to nobody (tests/test_sql_claim_doubt.py). Its rows come back before the
-COMMIT, each with ``xmin``, the id of the transaction that wrote it: once the server process
-is gone, a claimed row that still has that id and is delivered shows the claim committed,
-and the claim returns its records; every row still open shows it did not, and the original
-StateError stands; else (rows changed since, or no answer within the bound)
+A drain's claim (UPDATE ... RETURNING, which claims commands until ``claimed_until``) has
+the same doubt, and worse: "not claimed" makes the drain requeue messages the next reader
+drops while the claim holds them, commands delivered to nobody
+(tests/test_sql_claim_doubt.py). Its rows come back before the COMMIT, each with ``xmin``,
+the id of the transaction that wrote it: once the server process is gone, a row that still
+has that id and that claim shows the claim committed, and the claim returns its records;
+every row still open and not under that claim shows it did not, and the original StateError
+stands; else (rows changed since, or no answer within the bound)
 :class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, which carries the records: the drain
-hands them out and leaves their messages queued, so that the next drain drops them if the
-claim landed and hands them out again if not (a copy at worst, never a loss).
+hands over what its claim did take (the hand-over leaves the rest alone) and leaves their
+messages queued, for the next drain to drop or hand out.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Commit(Generic[T]):
         failure: StateError,
     ) -> None:
         """Returns if the failed claim of ``records`` by transaction ``xmin`` was committed
-        after all: one of the rows still has that writer (and is delivered).
+        after all: one of the rows still has that writer (and is claimed by it).
 
         Raises:
             StateError: ``failure`` if it was not: none has, and every one is still open (or
@@ -165,10 +166,16 @@ class Commit(Generic[T]):
                 f"(the index could not tell within {BOUND:g} s: {why})",
                 records,
             ) from failure
-        if any(row["delivered"] and str(row["xmin"]) == str(xmin) for row in rows):
+        claimed_until = records[0].claimed_until
+        if any(
+            row["claimed_until"] == claimed_until and str(row["xmin"]) == str(xmin) for row in rows
+        ):
             logger.warning("state index claim committed though its answer was lost: %s", failure)
             return
-        if len(rows) == len(ids) and not any(row["delivered"] or row["end_reason"] for row in rows):
+        if len(rows) == len(ids) and not any(
+            row["delivered"] or row["end_reason"] or row["claimed_until"] == claimed_until
+            for row in rows
+        ):
             raise failure
         raise ClaimOutcomeUnknown(
             f"{failure}; the claim's outcome is unknown: none of its {len(ids)} commands "

@@ -7,7 +7,7 @@ keeps one (:mod:`amqp_queue.state.sql.sqlite_reads`,
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -65,6 +65,20 @@ class SqlDeliveryCalls(SqlExecution):
             )
             claimed = commit.result
         return claimed.records
+
+    async def _hand_over(
+        self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
+    ) -> list[CommandRecord]:
+        # A COMMIT whose answer was lost fails the hand-over: the drain gives its claim back,
+        # which opens the commands again if it did land (nobody received them).
+        hand_over = transactions.hand_over
+        if self._engine.dialect.name != "postgresql":
+            # On the writer thread, as the claim: the drain awaits a cancelled hand-over.
+            return await self._hot("hand-over", hand_over, command_ids, claimed_until, now)
+        return await self._transaction(hand_over, command_ids, claimed_until, now)
+
+    async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:
+        return await self._hot("claim end", transactions.end_claims, list(command_ids), now)
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:
         # A statement per _IDS_PER_STATEMENT ids (PostgreSQL binds 32,767 parameters at most).

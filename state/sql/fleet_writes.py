@@ -4,7 +4,8 @@ rollout's or a device's open commands), each one transaction of
 
 Each is run again after a COMMIT whose answer was lost (``SqlExecution._rerunnable``): the
 rerun changes what the lost one did not, and answers for both (the commands confirmed or
-cancelled at the call's ``now`` by its ``by``)."""
+cancelled at the call's ``now`` by its ``by``). The transactions are written here, as the
+generators :mod:`amqp_queue.state.sql.transactions` describes."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from ..model import CommandRecord
-from . import transactions
-
-if TYPE_CHECKING:
-    from .transactions import Transaction
+from . import fleet_statements as fleet_sql
+from . import statements as sql
+from .transactions import Transaction, count, fetch
 
 T = TypeVar("T")
 
@@ -35,8 +35,8 @@ class SqlFleetWrites:
         self, rollout_id: str, now: datetime, by: str | None = None
     ) -> list[CommandRecord]:
         return await self._rerunnable(
-            functools.partial(transactions.confirm_rollout, rollout_id, now, by),
-            functools.partial(transactions.confirm_rollout_again, rollout_id, now, by),
+            functools.partial(confirm_rollout, rollout_id, now, by),
+            functools.partial(confirm_rollout_again, rollout_id, now, by),
         )
 
     async def _cancel_open(
@@ -48,6 +48,53 @@ class SqlFleetWrites:
         by: str | None = None,
     ) -> int:
         return await self._rerunnable(
-            functools.partial(transactions.cancel_open, now, device_id, rollout_id, by),
-            functools.partial(transactions.cancel_open_again, now, device_id, rollout_id, by),
+            functools.partial(cancel_open, now, device_id, rollout_id, by),
+            functools.partial(cancel_open_again, now, device_id, rollout_id, by),
         )
+
+
+def confirm_rollout(
+    rollout_id: str, now: datetime, by: str | None
+) -> Transaction[list[CommandRecord]]:
+    rows = yield from fetch(
+        fleet_sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by}
+    )
+    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+
+
+def confirm_rollout_again(
+    rollout_id: str, now: datetime, by: str | None
+) -> Transaction[list[CommandRecord]]:
+    """:func:`confirm_rollout` run again after a COMMIT whose answer was lost: what it
+    confirms now and what the lost run confirmed (at the same ``now``, by the same ``by``)."""
+    yield from confirm_rollout(rollout_id, now, by)
+    params = {"rollout": rollout_id, "now": now, "by": by}
+    rows = yield from fetch(fleet_sql.CONFIRMED_BY_CALL, params)
+    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
+
+
+def cancel_open(
+    now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
+) -> Transaction[int]:
+    if device_id is not None:
+        params = {"device": device_id, "now": now, "by": by}
+        return (yield from count(fleet_sql.CANCEL_DEVICE, params))
+    return (
+        yield from count(fleet_sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by})
+    )
+
+
+def cancel_open_again(
+    now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
+) -> Transaction[int]:
+    """:func:`cancel_open` run again after a COMMIT whose answer was lost: how many it
+    cancels now and the lost run cancelled (at the same ``now``, by the same ``by``)."""
+    yield from cancel_open(now, device_id, rollout_id, by)
+    params = {"device": device_id, "rollout": rollout_id, "now": now, "by": by}
+    own = (
+        fleet_sql.DEVICE_CANCELLED_BY_CALL
+        if device_id is not None
+        else fleet_sql.ROLLOUT_CANCELLED_BY_CALL
+    )
+    rows = yield from fetch(own, params)
+    return int(next(iter(rows[0].values())))

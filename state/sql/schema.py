@@ -14,6 +14,8 @@ Added to the reference schema (``seed-go-package-doc.txt``):
   seconds; ``rollout_id``: the ``enqueue_many`` call that wrote the command (rule 10).
 - ``enqueued_by``, ``confirmed_by``, ``cancelled_by``: who did each (the API's token name or
   a library caller's ``by``).
+- ``claimed_until``: a drain's claim on an open command, until its hand-over marks it
+  delivered (see ``IndexedStore.claim``).
 
 The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
 becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded,
@@ -84,6 +86,7 @@ command_queue = sa.Table(
     sa.Column("enqueued_by", sa.Text()),
     sa.Column("confirmed_by", sa.Text()),
     sa.Column("cancelled_by", sa.Text()),
+    sa.Column("claimed_until", UtcDateTime()),
 )
 
 c = command_queue.c

@@ -39,7 +39,8 @@ NOW = sa.bindparam("now", type_=c.ended_at.type)
 """The store clock's now, the one time every statement compares with."""
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
 _ONE = c.id == sa.bindparam("command_id")
-_DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > NOW)
+_UNCLAIMED = sa.or_(c.claimed_until.is_(None), c.claimed_until <= NOW)
+_DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > NOW, _UNCLAIMED)
 
 
 def row_of(record: CommandRecord) -> dict[str, Any]:
@@ -188,13 +189,14 @@ def _claim(among: bool) -> sa.Update:
     return (
         sa.update(command_queue)
         .where(c.seq.in_(candidates.order_by(c.seq).with_for_update()))
-        .values(delivered=sa.true(), ended_at=NOW)
+        .values(claimed_until=sa.bindparam("until", type_=c.claimed_until.type))
         .returning(c.seq, *RECORD_COLUMNS)
     )
 
 
 CLAIM = _claim(among=False)
-"""Marks a device's deliverable commands delivered and returns them (``device``, ``now``)."""
+"""Claims a device's deliverable commands until ``until`` and returns them (``device``,
+``now``, ``until``)."""
 CLAIM_AMONG = _claim(among=True)
 """:data:`CLAIM` of those among ``ids`` only."""
 
@@ -204,7 +206,21 @@ CLAIM_MARKED = CLAIM.returning(XMIN)
 CLAIM_AMONG_MARKED = CLAIM_AMONG.returning(XMIN)
 """:data:`CLAIM` and :data:`CLAIM_AMONG` on PostgreSQL, each row also with the claiming
 transaction's id (``xmin``), to tell afterwards whether it committed."""
-WRITERS = sa.select(c.id, c.delivered, c.end_reason, XMIN).where(c.id.in_(_IDS))
+HAND_OVER = (
+    sa.update(command_queue)
+    .where(
+        c.id.in_(_IDS),
+        IS_OPEN,
+        c.expires_at > NOW,
+        c.claimed_until == sa.bindparam("claimed", type_=c.claimed_until.type),
+    )
+    .values(delivered=sa.true(), ended_at=NOW, claimed_until=sa.null())
+    .returning(c.seq, *RECORD_COLUMNS)
+)
+"""Of ``ids``, those still open, unexpired and claimed until ``claimed`` end delivered
+(:func:`amqp_queue.state.rules.handed_over`); returns them (``now``)."""
+
+WRITERS = sa.select(c.id, c.delivered, c.end_reason, c.claimed_until, XMIN).where(c.id.in_(_IDS))
 """Of ``ids``, each command's state and the transaction that last wrote it (PostgreSQL)."""
 
 # An outcome is proof the device took the command: such a one is never given back.
@@ -230,6 +246,22 @@ RELEASE_ENDS = (
 )
 """A given-back command (of ``ids``) ends, in rule order: expired at ``now``, else its slot
 is a newer command's (see :func:`amqp_queue.state.rules.released`)."""
+_CLAIM_GIVEN_BACK = sa.and_(c.id.in_(_IDS), IS_OPEN, c.claimed_until.is_not(None))
+END_EXPIRED_CLAIMS = (
+    sa.update(command_queue)
+    .where(_CLAIM_GIVEN_BACK, c.expires_at <= NOW)
+    .values(claimed_until=sa.null())
+)
+"""The given-back commands (of ``ids``) claimed, open and expired at ``now``: their claims
+end, not counted as open again (the expiry sweep ends them)."""
+END_CLAIMS = (
+    sa.update(command_queue)
+    .where(_CLAIM_GIVEN_BACK, c.expires_at > NOW)
+    .values(claimed_until=sa.null())
+)
+"""The given-back commands (of ``ids``) claimed and still open: their claims end."""
+END_CLAIMS_UNPUBLISHED = END_CLAIMS.values(published_at=sa.null())
+""":data:`END_CLAIMS`, for the outbox to publish them again."""
 REOPEN = (
     sa.update(command_queue).where(_GIVEN_BACK).values(delivered=sa.false(), ended_at=sa.null())
 )

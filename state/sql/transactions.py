@@ -32,7 +32,6 @@ from ..errors import StateError
 from ..indexed_store import Change
 from ..model import CommandRecord, EndReason
 from ..validation import Limits
-from . import fleet_statements as fleet_sql
 from . import statements as sql
 
 T = TypeVar("T")
@@ -284,7 +283,7 @@ def claim_marked(
 def _claim(
     device_id: str, now: datetime, command_ids: Collection[str] | None, *, marked: bool
 ) -> Transaction[Claimed]:
-    params: dict[str, Any] = {"device": device_id, "now": now}
+    params: dict[str, Any] = {"device": device_id, "now": now, "until": now + rules.CLAIM_LEASE}
     if command_ids is None:
         rows = yield from fetch(sql.CLAIM_MARKED if marked else sql.CLAIM, params)
     else:
@@ -296,6 +295,19 @@ def _claim(
     )
 
 
+def hand_over(
+    command_ids: Collection[str], claimed_until: datetime, now: datetime
+) -> Transaction[list[CommandRecord]]:
+    """Marks the claim's commands still its own delivered; returns them."""
+    params = {"ids": list(command_ids), "claimed": claimed_until, "now": now}
+    rows = yield from fetch(sql.HAND_OVER, params)
+    return [sql.record_of(row) for row in rows]
+
+
+def end_claims(command_ids: Collection[str], now: datetime) -> Transaction[int]:
+    return (yield from count(sql.END_CLAIMS, {"ids": list(command_ids), "now": now}))
+
+
 def mark_delivered(command_ids: Collection[str], now: datetime) -> Transaction[int]:
     return (yield from count(sql.MARK_DELIVERED, {"ids": list(command_ids), "now": now}))
 
@@ -305,13 +317,16 @@ def reject(command_ids: Collection[str], now: datetime) -> Transaction[int]:
 
 
 def release(command_ids: Collection[str], now: datetime, *, unpublish: bool) -> Transaction[int]:
-    """Gives back delivered commands; returns how many are open again."""
+    """Gives back claimed and delivered commands; returns how many are open again."""
     params = {"ids": list(command_ids), "now": now}
+    yield from count(sql.END_EXPIRED_CLAIMS, params)
+    ended = yield from count(sql.END_CLAIMS_UNPUBLISHED if unpublish else sql.END_CLAIMS, params)
     # In rule order: an expired command stays finished, a taken slot stays its newer
     # command's; only then is the rest opened again.
     for end in sql.RELEASE_ENDS:
         yield from count(end, params)
-    return (yield from count(sql.REOPEN_UNPUBLISHED if unpublish else sql.REOPEN, params))
+    reopened = yield from count(sql.REOPEN_UNPUBLISHED if unpublish else sql.REOPEN, params)
+    return ended + reopened
 
 
 def expire(now: datetime) -> Transaction[int]:
@@ -337,53 +352,6 @@ def time_out(now: datetime) -> Transaction[int]:
         ids = overdue[start : start + _SLICE]
         ended += yield from count(sql.TIME_OUT, {"ids": ids, "now": now})
     return ended
-
-
-def confirm_rollout(
-    rollout_id: str, now: datetime, by: str | None
-) -> Transaction[list[CommandRecord]]:
-    rows = yield from fetch(
-        fleet_sql.CONFIRM_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by}
-    )
-    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
-
-
-def confirm_rollout_again(
-    rollout_id: str, now: datetime, by: str | None
-) -> Transaction[list[CommandRecord]]:
-    """:func:`confirm_rollout` run again after a COMMIT whose answer was lost: what it
-    confirms now and what the lost run confirmed (at the same ``now``, by the same ``by``)."""
-    yield from confirm_rollout(rollout_id, now, by)
-    params = {"rollout": rollout_id, "now": now, "by": by}
-    rows = yield from fetch(fleet_sql.CONFIRMED_BY_CALL, params)
-    return [sql.record_of(row) for row in sorted(rows, key=lambda row: int(row["seq"]))]
-
-
-def cancel_open(
-    now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
-) -> Transaction[int]:
-    if device_id is not None:
-        params = {"device": device_id, "now": now, "by": by}
-        return (yield from count(fleet_sql.CANCEL_DEVICE, params))
-    return (
-        yield from count(fleet_sql.CANCEL_ROLLOUT, {"rollout": rollout_id, "now": now, "by": by})
-    )
-
-
-def cancel_open_again(
-    now: datetime, device_id: str | None, rollout_id: str | None, by: str | None
-) -> Transaction[int]:
-    """:func:`cancel_open` run again after a COMMIT whose answer was lost: how many it
-    cancels now and the lost run cancelled (at the same ``now``, by the same ``by``)."""
-    yield from cancel_open(now, device_id, rollout_id, by)
-    params = {"device": device_id, "rollout": rollout_id, "now": now, "by": by}
-    own = (
-        fleet_sql.DEVICE_CANCELLED_BY_CALL
-        if device_id is not None
-        else fleet_sql.ROLLOUT_CANCELLED_BY_CALL
-    )
-    rows = yield from fetch(own, params)
-    return int(next(iter(rows[0].values())))
 
 
 def hold_outbox(owner: str, dialect: str) -> Transaction[str]:

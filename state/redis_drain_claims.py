@@ -1,0 +1,104 @@
+"""A drain's two-phase claim on Redis: the claim (through
+:class:`~amqp_queue.state.redis_claims.Claims`, which survives a lost reply), the hand-over,
+and giving back what claims in doubt took."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from .errors import ClaimOutcomeUnknown, StateError
+from .model import CommandRecord
+from .redis_claims import Claims, Send, answer_ttl, unexpired
+from .redis_encoding import decode_replies, encode_time
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
+    from .clock import Clock
+
+logger = logging.getLogger("amqp_queue.state.redis")
+
+
+class RedisDrainClaims:
+    """``_claim`` and ``_hand_over`` of :class:`~amqp_queue.state.redis_store.RedisStore` (a
+    mixin of it, which provides the rest)."""
+
+    clock: Clock
+    _indexes: list[str]
+    _claims: Claims
+    _claim_script: AsyncScript
+    _hand_over_script: AsyncScript
+    _end_claims_script: AsyncScript
+
+    if TYPE_CHECKING:  # provided by RedisStore
+
+        def _errors(self, action: str) -> AbstractAsyncContextManager[None]: ...
+
+        def _device_key(self, device_id: str) -> str: ...
+
+        def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]: ...
+
+        async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int: ...
+
+    async def _claim(
+        self, device_id: str, now: datetime, command_ids: Collection[str] | None
+    ) -> list[CommandRecord]:
+        send = self._claim_sender(device_id, now)
+        try:
+            taken = await self._claims.claim(device_id, list(command_ids or ()), send)
+        except ClaimOutcomeUnknown as exc:
+            exc.records = await unexpired(exc.records, now, self._release)
+            raise
+        return await unexpired(taken, now, self._release)
+
+    def _claim_sender(self, device_id: str, now: datetime) -> Send:
+        keys = [*self._indexes, self._device_key(device_id)]
+
+        async def send(
+            token: str, answered: Sequence[str], ids: Sequence[str], lookup_only: bool
+        ) -> Sequence[Sequence[bytes]]:
+            lookup = "1" if lookup_only else "0"
+            rest = [token, answer_ttl(), lookup, str(len(answered)), *answered, *ids]
+            replies: Sequence[Sequence[bytes]] = await self._claim_script(
+                keys=keys, args=self._args(now, rest)
+            )
+            return replies
+
+        return send
+
+    async def _settle_all_claims(self) -> None:
+        for device_id in self._claims.in_doubt():
+            try:
+                await self._settle_claims(device_id)
+            except StateError as exc:
+                logger.warning("redis: a lost claim of %s stays unsettled: %s", device_id, exc)
+
+    async def _settle_claims(self, device_id: str) -> None:
+        """Gives back what this process's doubtful claims of the device took (see
+        :meth:`Claims.settle`), unpublished: a process that read the requeued messages
+        meanwhile dropped them as delivered, and a copy is dropped at delivery where a loss
+        is not undone. The expired ones end EXPIRED."""
+        give_back = functools.partial(self._release, unpublish=True)
+        await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
+
+    async def _hand_over(
+        self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
+    ) -> list[CommandRecord]:
+        # A reply lost on the way fails the hand-over: the drain gives its claim back, which
+        # opens the commands again if the hand-over did land (nobody received them).
+        args = [encode_time(claimed_until), *command_ids]
+        async with self._errors("hand-over"):
+            replies = await self._hand_over_script(keys=self._indexes, args=self._args(now, args))
+        return [record for _, record in decode_replies(replies)]
+
+    async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:
+        async with self._errors("claim end"):
+            ended = await self._end_claims_script(
+                keys=self._indexes, args=self._args(now, list(command_ids))
+            )
+        return int(ended)

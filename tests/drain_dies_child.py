@@ -1,0 +1,33 @@
+"""A drain process that dies between its claim and its hand-over (``os._exit``, as a kill).
+
+``python -m tests.drain_dies_child AMQP_URL STATE_URL EXCHANGE DEVICE``: prints ``claimed N``
+once its claim of the device's N commands committed, then ends at once, its channel's
+messages unacked (the broker requeues them) and its claim left in the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from amqp_queue import RabbitMQConfig, RabbitMQStore
+from amqp_queue.state.model import CommandRecord
+
+
+async def main(amqp_url: str, state_url: str, exchange: str, device: str) -> None:
+    store = await RabbitMQStore.connect(
+        amqp_url, state_url=state_url, config=RabbitMQConfig(exchange=exchange)
+    )
+
+    async def dies(claimed: Sequence[CommandRecord]) -> list[CommandRecord]:
+        print(f"claimed {len(claimed)}", flush=True)
+        os._exit(9)
+
+    store.state.hand_over = dies  # type: ignore[method-assign]
+    await store.drain_pending(device)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:5]))
