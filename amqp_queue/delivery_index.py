@@ -44,7 +44,9 @@ class DeliveryIndex(Protocol):
         """Ends the claims on these open commands (their drain is presumed dead)."""
         ...
 
-    async def release(self, requeued: Collection[str], republish: Collection[str]) -> int:
+    async def release(
+        self, requeued: Sequence[CommandRecord], republish: Sequence[CommandRecord]
+    ) -> int:
         """Opens claimed or handed-over commands nobody received again (a cancelled drain)."""
         ...
 

@@ -15,7 +15,13 @@ from amqp_queue.errors import BrokerError
 from amqp_queue.inbox import Inbox
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
-from amqp_queue.settlement import Settlement, command_ids, report_delivered, split_live
+from amqp_queue.settlement import (
+    Settlement,
+    command_ids,
+    end_orphaned_claims,
+    report_delivered,
+    split_live,
+)
 from amqp_queue.state.errors import ClaimOutcomeUnknown, StateError
 from amqp_queue.state.model import CommandRecord
 
@@ -70,7 +76,15 @@ async def drain(
         # Shielded: cancelled after its transaction committed but before its answer came,
         # the claim would take commands nobody gives back; its records are awaited instead.
         # Through ``marks``: a command a closed stream handed out is not claimed again.
-        claim = asyncio.ensure_future(marks.claim(device_id, command_ids(window)))
+        own = {record.id for record in claimed}
+
+        async def claim_window() -> list[CommandRecord]:
+            # A dead drain's claims first, so that this claim takes its commands in their
+            # place, not requeued behind what this drain hands out now.
+            await end_orphaned_claims(state, window, own)
+            return await marks.claim(device_id, command_ids(window))
+
+        claim = asyncio.ensure_future(claim_window())
         try:
             records = await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -95,7 +109,8 @@ async def drain(
             settlement.hold(window)
             raise
         claimed.extend(records)
-        taken = {record.id for record in records}
+        # This drain's claims so far: a copy of one in a later window is not live to it.
+        taken = {record.id for record in claimed}
         # A copy of a claimed command (its id twice in the window) is finished: not in rest.
         rest = [message for message in window if message.message_id not in taken]
         failure: StateError | None = None
@@ -103,7 +118,7 @@ async def drain(
         held: list[AbstractIncomingMessage] = []
         if rest:
             try:
-                live, finished = await split_live(state, device_id, rest)
+                live, finished = await split_live(state, device_id, rest, revive=False)
             except StateError as exc:
                 held, failure = rest, exc
             else:
@@ -181,9 +196,10 @@ async def drain(
                 unclaimed.extend(inbox.take_buffered())
             # Claimed last, right before the hand-over: a process that dies while the drain
             # still asks the broker (the queue's depth, the consumer's cancel) has claimed
-            # nothing, and the broker requeues it all. A death loses commands while a claim
-            # runs or after it: its answer on the way, a deeper queue's later claims, the
-            # look at what a claim did not take (split_live), the acks.
+            # nothing, and the broker requeues it all. A death between a claim and the
+            # hand-over leaves claims that the next reader of the requeued messages ends
+            # (see end_orphaned_claims); a death after the hand-over loses its commands (the
+            # acks, the caller using the result).
             while unclaimed:
                 chunk, unclaimed = unclaimed[:CLAIM_MOST], unclaimed[CLAIM_MOST:]
                 await settle_window(chunk)
@@ -201,6 +217,8 @@ async def drain(
                 "drain of %s interrupted after %d commands: %s", device_id, len(claimed), exc
             )
             await hand_over(in_order=False)
+            if not claimed:
+                raise  # the hand-over left every claimed command out: nothing to return
         else:
             # The consumer is cancelled and its buffer taken: every delivery is settled or
             # requeued by now, so one frame may ack them all.

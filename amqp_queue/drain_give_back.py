@@ -32,7 +32,7 @@ class Debts(Protocol):
     def owe(self, command_ids: Iterable[str]) -> None:
         """Publishes these commands again."""
 
-    def owe_release(self, command_ids: Iterable[str]) -> None:
+    def owe_release(self, claimed: Iterable[CommandRecord]) -> None:
         """Gives these claimed commands back, republished, once the index takes them."""
 
     async def land_marks(self, command_ids: Collection[str] = ()) -> None:
@@ -57,13 +57,16 @@ async def give_back(
     The consumer is cancelled first: requeued while it still ran, the broker would hand
     every other message straight back to it; and it tells whether the channel still holds
     the drain's messages. One that is lost or closing (the broker requeues every unacked
-    message of a closed channel at once) gave them back while the index still said
-    delivered: another consumer may have dropped them as stale, so their commands go to the
-    outbox as well (a copy at worst, dropped at delivery). So do they when the broker does
+    message of a closed channel at once) gave them back while the index still said claimed
+    or delivered: another consumer may have dropped the handed-over ones as delivered (the
+    claimed ones it takes over: see ``settlement.end_orphaned_claims``), so their commands
+    go to the outbox as well (a copy at worst, dropped at delivery); the release leaves
+    alone whatever another consumer took over meanwhile. So do they when the broker does
     not answer the cancel within ``stop_within`` seconds.
 
     Then the index: a message requeued while its command still said delivered would be
-    dropped as stale by the next consumer. Then every unsettled delivery goes back in one
+    dropped as stale by the next consumer, and one still claimed would cost a write to end
+    the claim. Then every unsettled delivery goes back in one
     frame (a multiple requeue up to the last one received), so a consumer already waiting
     on the queue gets them in their order, not the held ones ahead of the claimed ones.
     ``claimed_only``: the ids whose hand-over surely did not land (only claimed)."""
@@ -90,9 +93,7 @@ async def give_back(
             # A command only claimed (its hand-over surely never landed) is not owed: the
             # next reader of its requeued message ends the claim (see settlement.split_live)
             # and hands it out, which a later release would undo into a second delivery.
-            owed = [
-                record.id for record in [*requeued, *republish] if record.id not in claimed_only
-            ]
+            owed = [record for record in [*requeued, *republish] if record.id not in claimed_only]
             logger.error(
                 "a cancelled drain could not give back %d commands; the outbox relay will "
                 "give back %d, the claims of the rest end with their next reader: %s",
@@ -135,9 +136,7 @@ async def _release_retrying(
         reraise=True,
     ):
         with attempt:
-            await state.release(
-                [record.id for record in requeued], [record.id for record in republish]
-            )
+            await state.release(requeued, republish)
 
 
 async def _requeue_fate(inbox: Inbox) -> str | None:
@@ -181,7 +180,7 @@ async def _taken_back(
     unpublished again; the ones another consumer took are left to it.
 
     Lost before the index took them back, the channel requeued their messages while their
-    commands still said delivered, and another consumer may have dropped them as stale:
+    commands were still claimed or delivered, and another consumer may have dropped them:
     reopened as they were, they would wait for a message that is gone. Taken again and given
     back unpublished, the outbox publishes them once more (if a message did survive, the
     copy is dropped at delivery)."""
@@ -194,7 +193,7 @@ async def _taken_back(
             # what is not delivered), rather than left delivered to nobody.
             again = exc.records
         if again:
-            await state.release([], [record.id for record in again])
+            await state.release([], again)
     except Exception as exc:
         logger.error(
             "a cancelled drain lost its channel while giving back %d commands, and could not "

@@ -139,10 +139,10 @@ class OutboxRelay:
             self._owed |= released
         return released is not None
 
-    def owe_release(self, command_ids: Iterable[str]) -> None:
+    def owe_release(self, claimed: Iterable[CommandRecord]) -> None:
         """Takes on claimed commands nobody received (a cancelled drain's give-back failed):
         each pass tries to release them, then publishes them again (dropped as delivered)."""
-        self._owed_release.add(command_ids)
+        self._owed_release.add(claimed)
         if self._closed:
             logger.error(
                 "the outbox relay is closed: %d claimed commands stay delivered to nobody",

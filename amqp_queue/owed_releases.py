@@ -17,28 +17,30 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.state.errors import StateError
+from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
 
 
 class OwedReleases:
-    """The ids owed a release, until the index takes it."""
+    """The claimed or handed-over commands owed a release (by id, as their drain's records
+    name their claims), until the index takes it."""
 
     def __init__(self) -> None:
-        self._ids: set[str] = set()
+        self._records: dict[str, CommandRecord] = {}
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._records)
 
-    def add(self, command_ids: Iterable[str]) -> None:
-        self._ids.update(command_ids)
+    def add(self, claimed: Iterable[CommandRecord]) -> None:
+        self._records.update((record.id, record) for record in claimed)
 
     async def release(self, state: DeliveryIndex, *, within: float = 0.0) -> set[str] | None:
         """Releases them all unpublished, trying for ``within`` seconds; returns the ids
         released (to publish again), or None when the index refused (logged, kept)."""
-        releasing = set(self._ids)
+        releasing = dict(self._records)
         if not releasing:
-            return releasing
+            return set()
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(StateError),
@@ -47,9 +49,10 @@ class OwedReleases:
                 reraise=True,
             ):
                 with attempt:
-                    await state.release((), releasing)
+                    await state.release((), list(releasing.values()))
         except StateError as exc:
             logger.warning("giving back %d claimed commands failed: %s", len(releasing), exc)
             return None
-        self._ids -= releasing
-        return releasing
+        for command_id in releasing:
+            self._records.pop(command_id, None)
+        return set(releasing)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -198,6 +198,7 @@ async def split_live(
     messages: Sequence[AbstractIncomingMessage],
     *,
     latest: bool = False,
+    revive: bool = True,
 ) -> tuple[list[tuple[AbstractIncomingMessage, CommandRecord]], list[AbstractIncomingMessage]]:
     """The messages whose commands the index holds as live (one query), and the rest.
 
@@ -205,18 +206,19 @@ async def split_live(
     does a second message of one command (a copy): only the first is kept, or with
     ``latest`` the last delivery in the first one's place (after a lost channel the first
     may be its delivery, which can no longer be settled: the broker gave it again).
+
+    ``revive``: a redelivered message of a claimed command ends the claim first (see
+    :func:`end_orphaned_claims`); a drain does that before its own claim, and not here.
     """
     live = await state.deliverable(command_ids(messages))
     # Back from a closed channel unacked, the message of a claimed command was its drain's:
     # that drain most likely died between its claim and its hand-over, and the claim would
     # keep the command from every device until it lapsed; dropped here, it would be lost.
-    orphaned = [
-        message.message_id
-        for message in messages
-        if message.redelivered and message.message_id and message.message_id not in live
-    ]
-    if orphaned and await state.end_claims(orphaned):
-        live |= await state.deliverable(orphaned)
+    if revive:
+        redelivered = command_ids([message for message in messages if message.redelivered])
+        orphaned = [command_id for command_id in redelivered if command_id not in live]
+        if orphaned and await state.end_claims(orphaned):
+            live |= await state.deliverable(orphaned)
     kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
     finished: list[AbstractIncomingMessage] = []
     place: dict[str, int] = {}
@@ -233,6 +235,21 @@ async def split_live(
         else:
             finished.append(message)
     return kept, finished
+
+
+async def end_orphaned_claims(
+    state: DeliveryIndex, messages: Sequence[AbstractIncomingMessage], own: Collection[str]
+) -> None:
+    """Ends the claims on the commands of the redelivered ``messages`` (but ``own``, the
+    caller's claims): back from a closed channel unacked, such a message was the claiming
+    drain's, and that drain most likely died between its claim and its hand-over. Its claim
+    would keep the command from every device until it lapsed, and the message would be
+    dropped meanwhile as not deliverable: lost. A claiming drain alive after all finds the
+    command no longer its own at its hand-over and leaves it out."""
+    redelivered = command_ids([message for message in messages if message.redelivered])
+    orphaned = [command_id for command_id in redelivered if command_id not in own]
+    if orphaned:
+        await state.end_claims(orphaned)
 
 
 def report_delivered(observer: Observer, records: Sequence[CommandRecord], now: datetime) -> None:

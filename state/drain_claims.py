@@ -35,7 +35,9 @@ class DrainClaims(abc.ABC):
 
         def _validate_device(self, device_id: str) -> str: ...
 
-        async def release(self, requeued: Collection[str], republish: Collection[str]) -> int: ...
+        async def release(
+            self, requeued: Sequence[CommandRecord], republish: Sequence[CommandRecord]
+        ) -> int: ...
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
         device = self._validate_device(device_id)
@@ -52,7 +54,7 @@ class DrainClaims(abc.ABC):
             handed = await self.hand_over(claimed)
         except BaseException:
             # Nobody receives them: open to the next drain now, not when the claim lapses.
-            await asyncio.shield(self.release([record.id for record in claimed], ()))
+            await asyncio.shield(self.release(claimed, ()))
             raise
         return [record.payload for record in rules.in_ready_order(handed)]
 
@@ -85,7 +87,9 @@ class DrainClaims(abc.ABC):
         for claimed_until, command_ids in by_claim.items():
             for record in await self._hand_over(command_ids, claimed_until, now):
                 handed[record.id] = record
-        return [handed[record.id] for record in claimed if record.id in handed]
+        # Once each: a claim looked up late (Redis, a lost reply) and a new one may both
+        # name a command, and only one of them still holds it.
+        return [handed.pop(record.id) for record in claimed if record.id in handed]
 
     async def end_claims(self, command_ids: Collection[str]) -> int:
         """Ends the claims on these commands that are open and claimed, however long their

@@ -119,10 +119,10 @@ class StateError(QueueError):
 class ClaimOutcomeUnknown(StateError):
     """A claim failed at its COMMIT and the index could not tell whether it landed.
 
-    ``records`` are the commands it claimed if it did: delivered as far as the index goes,
-    or still open. A drain hands them out and leaves their messages queued: if the claim
-    landed, the next drain drops those as delivered; if not, it hands the commands out
-    again. A copy at worst, rather than a loss.
+    ``records`` are the commands it claimed if it did: claimed as far as the index goes, or
+    still open. A drain hands over what the claim did take (the hand-over leaves the rest
+    alone) and leaves their messages queued: the next drain drops the handed-over ones as
+    delivered and hands out the rest. Neither a loss nor a copy.
     """
 
     def __init__(self, message: str, records: Sequence[CommandRecord] = ()) -> None:

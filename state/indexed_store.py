@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from . import rules
@@ -265,8 +265,9 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
         """Marks open commands delivered (after a device took them); returns how many."""
 
     @abc.abstractmethod
-    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
-        """Ends the claims of open commands and opens delivered ones again (see
+    async def _release(self, claims: Mapping[str, datetime], *, unpublish: bool) -> int:
+        """Of ``claims`` (ids to the ``claimed_until`` of the claim giving them back), ends
+        those claims on open commands and opens again what their hand-overs delivered (see
         :meth:`release`); returns how many are open again."""
 
     @abc.abstractmethod

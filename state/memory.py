@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -135,18 +135,20 @@ class MemoryStore(IndexedStore):
                 marked += 1
         return marked
 
-    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+    async def _release(self, claims: Mapping[str, datetime], *, unpublish: bool) -> int:
         now = self.clock()
         reopened = 0
-        for command_id in command_ids:
+        for command_id, claimed_until in claims.items():
             record = self._records.get(command_id)
-            if record is not None and record.is_open and record.claimed_until is not None:
+            if record is None or record.claimed_until != claimed_until:
+                continue
+            if record.is_open:
                 self._records[command_id] = rules.released(
                     record, now, slot_taken=False, unpublish=unpublish
                 )
                 reopened += record.expires_at > now  # expired: the expiry sweep ends it
                 continue
-            if record is None or not record.delivered or record.outcome is not None:
+            if not rules.given_back_delivered(record):
                 continue
             slot = None if record.command_type is None else (record.device_id, record.command_type)
             taken = slot is not None and self._open_by_type.get(slot) not in (None, command_id)

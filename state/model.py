@@ -144,7 +144,9 @@ class CommandRecord:
 
     ``claimed_until``: a drain has claimed this open command and holds it until then, to
     hand it over (``delivered``) or give it back; the first phase of a drain's two-phase
-    claim, invisible to every reader but delivery (see ``IndexedStore.claim``).
+    claim, invisible to every reader but delivery (see :mod:`amqp_queue.state.drain_claims`).
+    The hand-over keeps it, as the token a give-back matches: only what that claim's
+    hand-over delivered is reopened, never what a device's mark did (which clears it).
     """
 
     id: str

@@ -1,20 +1,20 @@
 """Drains on Redis that survive a lost reply: a claim sent again answers as it did.
 
-A claim (:data:`~amqp_queue.state.redis_scripts.CLAIM`) marks commands delivered. When the
-connection dies while its reply is on the way, the client cannot tell whether it ran; sent
-again, a plain claim would find the commands delivered and answer "none left", and they
-would be delivered to nobody. So each claim carries a token, and the script keeps its answer
-(the ids it took) under that token for :data:`ANSWER_TTL`: the same claim sent again returns
-the same commands (and a claim looked up and found never to have run leaves an empty answer,
-so a late copy of it, sent on a connection given up on while Redis stalled, claims nothing).
-The claim is sent again, with the same token, for :data:`~amqp_queue.state.write_doubt.BOUND`
-seconds (a Redis restart or a dropped connection is over by then, and the drain learns what
-it took and hands it out). A claim whose reply stays lost past that raises
-:class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the store looks its answer up
-ahead of the device's next claim, which hands out what it took (with no answer kept, the claim
-never ran and its commands are still open). The answer of a claim whose reply
-arrived is emptied by the store's next claim and kept one more minute, so the kept answers
-stay few and small.
+A claim (:data:`~amqp_queue.state.redis_scripts.CLAIM`) holds commands for its drain's
+hand-over. When the connection dies while its reply is on the way, the client cannot tell whether
+it ran; sent again, a plain claim would find the commands claimed and answer "none left",
+and they would be delivered to nobody. So each claim carries a token, and the script keeps
+its answer (the ids it took) under that token for :data:`ANSWER_TTL`: the same claim sent
+again returns the same commands (and a claim looked up and found never to have run leaves an
+empty answer, so a late copy of it, sent on a connection given up on while Redis stalled,
+claims nothing). The claim is sent again, with the same token, for
+:data:`~amqp_queue.state.write_doubt.BOUND` seconds (a Redis restart or a dropped connection
+is over by then, and the drain learns what it took and hands it out). A claim whose reply
+stays lost past that raises :class:`~amqp_queue.state.errors.ClaimOutcomeUnknown`, and the
+store looks its answer up ahead of the device's next claim, which hands out what it took
+(with no answer kept, the claim never ran and its commands are still open). The answer of a
+claim whose reply arrived is emptied by the store's next claim and kept one more minute, so
+the kept answers stay few and small.
 
 What this cannot cover, when the lost claim had landed: the process ending before the
 device's next drain, that drain running in another process (the doubt is this process's
@@ -124,11 +124,11 @@ class Claims:
         self,
         device_id: str,
         send: Send,
-        give_back: Callable[[list[str]], Awaitable[object]],
+        give_back: Callable[[list[CommandRecord]], Awaitable[object]],
     ) -> None:
         """Looks up the device's doubtful claims (never runs them) and has ``give_back``
         open again what they took: their drains handed nothing out and requeued the messages,
-        which a ``consume`` would otherwise drop as delivered. One try each: a read that waits
+        which a ``consume`` would otherwise find still claimed. One try each: a read that waits
         on it fails as soon as Redis does, and asks again next time. The tokens stay doubtful
         until what they took is given back, and the device's claims wait meanwhile (a drain
         would otherwise drop those messages as delivered, the tokens gone)."""
@@ -138,7 +138,7 @@ class Claims:
             for token in doubtful:
                 taken.extend(await self._send(token, (), send, lookup_only=True, within=0.0))
             if taken:
-                await give_back([record.id for record in taken])
+                await give_back(taken)
                 logger.warning(
                     "redis: %d commands of %s taken by a drain whose reply was lost are open again",
                     len(taken),
@@ -203,13 +203,17 @@ async def unexpired(
     release: Callable[..., Awaitable[object]],
 ) -> list[CommandRecord]:
     """What a claim took, less what expired since: a claim looked up late (its reply was
-    lost) took commands that may have expired meanwhile; given back (``release(ids,
-    unpublish=False)``), they end EXPIRED rather than reach the device."""
-    expired = [record.id for record in records if record.expires_at <= now]
+    lost) took commands that may have expired meanwhile; given back (``release(claims,
+    unpublish=False)``), their claims end and they are not handed out."""
+    expired = {
+        record.id: record.claimed_until
+        for record in records
+        if record.expires_at <= now and record.claimed_until is not None
+    }
     if expired:
         try:
             await release(expired, unpublish=False)
         except StateError as exc:
             # Not handed out all the same; the claim's live commands are.
-            logger.warning("redis: %d expired commands stay delivered: %s", len(expired), exc)
+            logger.warning("redis: %d expired commands stay claimed: %s", len(expired), exc)
     return [record for record in records if record.expires_at > now]

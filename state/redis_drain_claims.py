@@ -4,9 +4,8 @@ and giving back what claims in doubt took."""
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -43,7 +42,7 @@ class RedisDrainClaims:
 
         def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]: ...
 
-        async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int: ...
+        async def _release(self, claims: Mapping[str, datetime], *, unpublish: bool) -> int: ...
 
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
@@ -83,7 +82,11 @@ class RedisDrainClaims:
         :meth:`Claims.settle`), unpublished: a process that read the requeued messages
         meanwhile dropped them as delivered, and a copy is dropped at delivery where a loss
         is not undone. The expired ones end EXPIRED."""
-        give_back = functools.partial(self._release, unpublish=True)
+
+        async def give_back(records: list[CommandRecord]) -> int:
+            claims = {r.id: r.claimed_until for r in records if r.claimed_until is not None}
+            return await self._release(claims, unpublish=True)
+
         await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
 
     async def _hand_over(

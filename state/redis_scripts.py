@@ -131,7 +131,7 @@ for i = 5, #ARGV do
     local key = command_key(id)
     local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at', 'claimed_until')
     if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] == ARGV[4] then
-        redis.call('HDEL', key, 'claimed_until')
+        -- claimed_until stays: a give-back reopens only what a hand-over delivered.
         finish(key, id, 'delivered', '1')
         handed[#handed + 1] = redis.call('HGETALL', key)
     end
@@ -173,6 +173,8 @@ for i = 4, #ARGV do
             redis.call('HDEL', key, 'end_reason')
             redis.call('ZREM', finished_key, ARGV[i])
         end
+        -- A device's mark: never reopened by a drain's give-back (rules.taken).
+        redis.call('HDEL', key, 'claimed_until')
         finish(key, ARGV[i], 'delivered', '1')
         marked = marked + 1
     end
@@ -305,18 +307,19 @@ RELEASE = (
     PRELUDE
     + """
 -- ARGV[4]: '1' when the commands are to be published again; ARGV[5]: retention plus margin
--- in ms (a reopened command's key lives that long past its expiry). ARGV[6..]: the ids.
--- Returns how many commands are open again.
+-- in ms (a reopened command's key lives that long past its expiry). ARGV[6..]: pairs of an
+-- id and the claimed_until of the claim giving it back (only what that claim holds or handed
+-- over goes back). Returns how many commands are open again.
 local unpublish, keep = ARGV[4] == '1', tonumber(ARGV[5])
 local reopened = 0
-for i = 6, #ARGV do
-    local id = ARGV[i]
+for i = 6, #ARGV, 2 do
+    local id, claim = ARGV[i], ARGV[i + 1]
     local key = command_key(id)
     local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'device_id', 'command_type',
                          'expires_at', 'seq', 'requires_confirmation', 'confirmed',
                          'confirmed_at', 'created_at', 'published_at', 'outcome',
                          'claimed_until')
-    if f[1] == '0' and not f[2] and f[13] then
+    if f[1] == '0' and not f[2] and f[13] == claim then
         -- Claimed and still open: the claim ends, the command never left the open indexes
         -- (expired, it is not counted: the expiry sweep ends it).
         if tonumber(f[5]) > tonumber(now) then
@@ -329,8 +332,10 @@ for i = 6, #ARGV do
                 redis.call('ZADD', outbox_key, f[9] or f[10], id)
             end
         end
-    -- An outcome is proof the device took the command: such a one is never given back.
-    elseif f[1] == '1' and not f[2] and not f[12] then
+    -- An outcome is proof the device took the command: such a one is never given back; nor
+    -- is one a device's mark delivered (no claim: rules.given_back_delivered).
+    elseif f[1] == '1' and not f[2] and not f[12] and f[13] == claim then
+        redis.call('HDEL', key, 'claimed_until')
         local device, kind, expires = f[3], f[4], f[5]
         local slots = prefix .. 'types:' .. device
         local taken = false

@@ -23,7 +23,7 @@ restart of Redis; with persistence off they are lost with it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -220,9 +220,11 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
             )
         return [record for _, record in decode_replies(found)]
 
-    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+    async def _release(self, claims: Mapping[str, datetime], *, unpublish: bool) -> int:
         keep = milliseconds(self.retention + KEY_TTL_MARGIN)
-        args: list[str | bytes] = ["1" if unpublish else "0", str(keep), *command_ids]
+        args: list[str | bytes] = ["1" if unpublish else "0", str(keep)]
+        for command_id, claimed_until in claims.items():
+            args += [command_id, encode_time(claimed_until)]
         async with self._errors("release"):
             reopened = await self._release_script(
                 keys=self._indexes, args=self._args(self.clock(), args)

@@ -113,10 +113,12 @@ def handed_over(
 ) -> CommandRecord | None:
     """A claimed command once its drain hands it over (``DELIVERED``), or None when it is no
     longer that drain's to hand out: cancelled, replaced or expired since the claim (which
-    win, as they do over an open command), or given back and claimed again."""
+    win, as they do over an open command), or given back and claimed again. The command keeps
+    its ``claimed_until``: a give-back reopens only what a drain's hand-over delivered, never
+    what a device's mark did (:func:`taken` clears it)."""
     if not record.is_open or record.claimed_until != claimed_until or record.expires_at <= now:
         return None
-    return replace(record, delivered=True, ended_at=now, claimed_until=None)
+    return replace(record, delivered=True, ended_at=now)
 
 
 def status_of(record: CommandRecord, now: datetime) -> CommandStatus:
@@ -147,7 +149,7 @@ def taken(record: CommandRecord, now: datetime) -> CommandRecord | None:
         record.end_reason is not None and record.end_reason not in TAKEN_ANYWAY
     ):
         return None
-    return replace(record, delivered=True, end_reason=None, ended_at=now)
+    return replace(record, delivered=True, end_reason=None, ended_at=now, claimed_until=None)
 
 
 def end_of_replaced(record: CommandRecord, now: datetime) -> EndReason:
@@ -217,6 +219,12 @@ def in_ready_order(records: Iterable[CommandRecord]) -> list[CommandRecord]:
     return sorted(records, key=lambda record: record.ready_at)
 
 
+def given_back_delivered(record: CommandRecord) -> bool:
+    """Whether a give-back reopens this delivered command: a drain's hand-over delivered it
+    (it still holds its claim's ``claimed_until``) and no outcome proves a device took it."""
+    return record.delivered and record.outcome is None and record.claimed_until is not None
+
+
 def released(
     record: CommandRecord, now: datetime, *, slot_taken: bool, unpublish: bool
 ) -> CommandRecord:
@@ -227,14 +235,15 @@ def released(
         published_at = None if unpublish else record.published_at
         return replace(record, claimed_until=None, published_at=published_at)
     if record.expires_at <= now:
-        return replace(record, delivered=False, end_reason=EndReason.EXPIRED)
+        return replace(record, delivered=False, end_reason=EndReason.EXPIRED, claimed_until=None)
     if slot_taken:
-        return replace(record, delivered=False, end_reason=EndReason.SUPERSEDED)
+        return replace(record, delivered=False, end_reason=EndReason.SUPERSEDED, claimed_until=None)
     return replace(
         record,
         delivered=False,
         ended_at=None,
         published_at=None if unpublish else record.published_at,
+        claimed_until=None,
     )
 
 

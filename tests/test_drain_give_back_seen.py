@@ -176,14 +176,15 @@ async def test_a_command_cancelled_or_replaced_while_claimed_is_not_handed_out(
         assert then == [b"21"]
 
 
+@pytest.mark.parametrize("reader", ["consume", "drain"])
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_what_a_drain_that_died_after_its_claim_held_reaches_the_device_at_once(
-    backend: str, tmp_path: Path
+    backend: str, reader: str, tmp_path: Path
 ) -> None:
     """The claim of a process that died before its hand-over would keep its commands from
-    every device until it lapsed, and a stream reading their requeued messages meanwhile
-    would drop them as not deliverable: lost. A reader that gets a claimed command's message
-    redelivered ends the claim and hands the command out."""
+    every device until it lapsed, and a stream or drain reading their requeued messages
+    meanwhile would drop them as not deliverable: lost. A reader that gets a claimed
+    command's message redelivered ends the claim and hands the command out, in its place."""
     async with env_on(backend, tmp_path, prefix="giveback.") as env:
         producer = await env.open()
         device = env.device()
@@ -207,9 +208,15 @@ async def test_what_a_drain_that_died_after_its_claim_held_reaches_the_device_at
             CommandStatus.PENDING
         ] * 5
 
-        got: list[Handout] = []
         started = time.monotonic()
-        await consume_until(producer, device, got, done=lambda: len(got) == len(payloads), idle=10)
+        if reader == "consume":
+            got: list[Handout] = []
+            done = lambda: len(got) == len(payloads)  # noqa: E731
+            await consume_until(producer, device, got, done=done, idle=10)
+            received = [handout.payload for handout in got]
+        else:
+            # One drain, in order: the dead claims end before this drain's own claim.
+            received = await producer.drain_pending(device)
 
-        assert [handout.payload for handout in got] == payloads
+        assert received == payloads
         assert time.monotonic() - started < rules.CLAIM_LEASE.total_seconds() / 2

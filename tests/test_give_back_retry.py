@@ -11,7 +11,7 @@ again, once the index takes them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,9 @@ class RefusesReleases(SqlStore):
             await asyncio.sleep(0.5)
         return records
 
-    async def release(self, requeued: Collection[str], republish: Collection[str]) -> int:
+    async def release(
+        self, requeued: Sequence[CommandRecord], republish: Sequence[CommandRecord]
+    ) -> int:
         now = asyncio.get_running_loop().time()
         if self.refuse_for and self._refusing_until is None:
             self._refusing_until = now + self.refuse_for

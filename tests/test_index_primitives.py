@@ -126,7 +126,10 @@ async def test_deliverable_claim_and_mark_delivered_by_id(
     assert not await indexed.is_deliverable(b)
     assert await indexed.claim("dev-1", [b]) == []
     handed = await indexed.hand_over(claimed)
-    assert [(r.id, r.delivered, r.claimed_until) for r in handed] == [(b, True, None)]
+    # The hand-over keeps the claim's claimed_until: a give-back reopens only its own.
+    assert [(r.id, r.delivered, r.claimed_until) for r in handed] == [
+        (b, True, claimed[0].claimed_until)
+    ]
     assert await indexed.hand_over(claimed) == []  # handed over once
 
     assert await indexed.mark_delivered([a, b, waiting]) == 2
@@ -209,10 +212,12 @@ async def test_release_opens_claimed_commands_again_as_they_were(
     claimed = await indexed.claim("dev-1", [kept, gone])
     assert {r.id for r in claimed} == {kept, gone}
     if handed_over:
-        assert len(await indexed.hand_over(claimed)) == 2
+        claimed = await indexed.hand_over(claimed)
+        assert len(claimed) == 2
+    by_id = {record.id: record for record in claimed}
 
     # kept's message is back in the queue; gone's was acked, so the outbox owes it again.
-    assert await indexed.release([kept], [gone]) == 2
+    assert await indexed.release([by_id[kept]], [by_id[gone]]) == 2
 
     assert await indexed.get_status(kept) == CommandStatus.PENDING
     assert await indexed.get_status(gone) == CommandStatus.PENDING
@@ -230,11 +235,12 @@ async def test_release_leaves_a_taken_slot_and_an_expired_command_finished(
 ) -> None:
     replaced = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
     expiring = await indexed.enqueue("dev-1", b"soon", 5)
-    await drained(indexed, "dev-1", [replaced, expiring])
+    handed = await drained(indexed, "dev-1", [replaced, expiring])
     newer = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
     clock.advance(5)
 
-    assert await indexed.release([replaced], [expiring]) == 0
+    assert [record.id for record in handed] == [replaced, expiring]
+    assert await indexed.release(handed[:1], handed[1:]) == 0
 
     assert await indexed.get_status(replaced) == CommandStatus.SUPERSEDED
     assert await indexed.get_status(expiring) == CommandStatus.EXPIRED
@@ -352,12 +358,12 @@ async def test_release_of_two_commands_of_one_slot_reopens_only_the_newer(
     """A drain claimed A, then B replaced it as the slot's open command and was claimed
     too; the drain is cancelled: B is the latest intent, A stays replaced."""
     older = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
-    await indexed.claim("dev-1", [older])
+    first = await indexed.claim("dev-1", [older])
     clock.advance(1)
     newer = await indexed.enqueue_or_update("dev-1", "setpoint", b"21", 600)
-    await indexed.claim("dev-1", [newer])
+    second = await indexed.claim("dev-1", [newer])
 
-    assert await indexed.release([], [older, newer]) == 1
+    assert await indexed.release([], [*first, *second]) == 1
 
     assert await indexed.get_status(older) == CommandStatus.SUPERSEDED
     assert await indexed.get_status(newer) == CommandStatus.PENDING
@@ -369,11 +375,11 @@ async def test_release_never_gives_back_a_command_with_an_outcome(indexed: Index
     plain = await indexed.enqueue("dev-1", b"plain", 600)
     typed = await indexed.enqueue_or_update("dev-1", "setpoint", b"20", 600)
     other = await indexed.enqueue_or_update("dev-1", "setpoint-2", b"x", 600)
-    await drained(indexed, "dev-1")
+    by_id = {record.id: record for record in await drained(indexed, "dev-1")}
     await indexed.complete_command(plain, b"ok")
     await indexed.fail_command(typed, "no")
 
-    assert await indexed.release([plain, other], [typed]) == 1
+    assert await indexed.release([by_id[plain], by_id[other]], [by_id[typed]]) == 1
 
     assert await indexed.get_status(plain) == CommandStatus.SUCCEEDED
     assert await indexed.get_status(typed) == CommandStatus.FAILED
@@ -427,4 +433,37 @@ async def test_a_claim_nobody_hands_over_lapses_and_its_hand_over_then_fails(
     assert [record.id for record in again] == [command_id]
     assert await indexed.hand_over(dead) == []
     assert [record.id for record in await indexed.hand_over(again)] == [command_id]
+    assert await indexed.get_status(command_id) == CommandStatus.DELIVERED
+
+
+async def test_a_give_back_leaves_alone_what_a_device_took_after_its_claim_ended(
+    indexed: IndexedStore,
+) -> None:
+    """A drain's claim ended by a reader of its redelivered message (the drain seemed dead),
+    the reader's device took the command; the drain, alive after all, gives back: the
+    command stays DELIVERED, where reopening it would deliver it a second time."""
+    command_id = await indexed.enqueue("dev-1", b"x", 600)
+    claimed = await indexed.claim("dev-1")
+    assert await indexed.end_claims([command_id]) == 1
+    assert await indexed.is_deliverable(command_id)
+    assert await indexed.mark_delivered([command_id]) == 1
+
+    assert await indexed.hand_over(claimed) == []
+    assert await indexed.release(claimed, claimed) == 0
+    assert await indexed.get_status(command_id) == CommandStatus.DELIVERED
+    assert await indexed.unpublished(10) == []
+
+
+async def test_a_give_back_leaves_alone_what_another_drain_claimed_and_handed_over(
+    indexed: IndexedStore, clock: FakeClock
+) -> None:
+    """A drain slower than its lease: its claim lapsed, another drain claimed the command
+    and handed it over. The slow drain's give-back leaves that delivery alone."""
+    command_id = await indexed.enqueue("dev-1", b"x", 600)
+    slow = await indexed.claim("dev-1")
+    clock.advance(rules.CLAIM_LEASE.total_seconds())
+    other = await drained(indexed, "dev-1")
+    assert [record.id for record in other] == [command_id]
+
+    assert await indexed.release(slow, []) == 0
     assert await indexed.get_status(command_id) == CommandStatus.DELIVERED

@@ -67,7 +67,9 @@ async def workload(store: SqlStore, clock: Clock) -> list[object]:
     with pytest.raises(QueueFull):
         await store.enqueue("gw-3", b"over", 60)
     seen.append(await store.drain_pending("gw-1"))
-    seen.append(await store.release([plain], []))
+    given_back = await store.get(plain)
+    assert given_back is not None
+    seen.append(await store.release([given_back], []))
     await store.mark_published([waiting])
     clock.now += timedelta(seconds=10)
     seen.append(await store.cleanup())

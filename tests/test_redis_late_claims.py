@@ -94,11 +94,10 @@ async def test_a_released_commands_device_is_listed_again() -> None:
         state = await RedisStore.connect(REDIS_URL, prefix=prefix)
         try:
             command_id = await state.enqueue("dev-r", b"x", 600)
-            assert [record.id for record in await drained(state, "dev-r", [command_id])] == [
-                command_id
-            ]
+            handed = await drained(state, "dev-r", [command_id])
+            assert [record.id for record in handed] == [command_id]
             assert await state.devices_with_open() == []
-            await state.release([command_id], [])
+            await state.release(handed, [])
 
             assert await state.get_status(command_id) == CommandStatus.PENDING
             assert [d.device_id for d in await state.devices_with_open()] == ["dev-r"]
@@ -115,12 +114,12 @@ async def test_a_released_expired_command_is_finished_and_awaits_no_outcome(
         state = await RedisStore.connect(REDIS_URL, prefix=prefix, clock=clock)
         try:
             command_id = await state.enqueue("dev-e", b"x", 60, outcome_timeout=30)
-            await drained(state, "dev-e", [command_id])
+            handed = await drained(state, "dev-e", [command_id])
             clock.now += timedelta(seconds=90)
             if published_again:
-                await state.release([], [command_id])
+                await state.release([], handed)
             else:
-                await state.release([command_id], [])
+                await state.release(handed, [])
             clock.now += timedelta(seconds=60)  # past the outcome deadline
             await state.cleanup()
 

@@ -11,7 +11,7 @@ DELIVERED to nobody (found by an adversarial review, with the public API, on its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import pytest
@@ -37,9 +37,10 @@ def _paused_release(
     waits for the test to let go of the advisory lock ``_HOLD``."""
 
     def release(
-        command_ids: Collection[str], now: datetime, *, unpublish: bool
+        claims: Mapping[str, datetime], now: datetime, *, unpublish: bool
     ) -> transactions.Transaction[int]:
-        params = {"ids": list(command_ids), "now": now}
+        (claimed,) = set(claims.values())  # one drain's claim
+        params = {"ids": list(claims), "now": now, "claimed": claimed}
         for end in sql.RELEASE_ENDS:
             yield from transactions.count(end, params)
         reached.set()
@@ -59,12 +60,13 @@ async def test_a_give_back_racing_a_replacement_ends_the_older_and_reopens_the_r
         try:
             plain = await one.enqueue("dev-1", b"plain", 600)
             old = await one.enqueue_or_update("dev-1", "setpoint", b"old", 600)
-            assert len(await drained(one, "dev-1", [plain, old])) == 2
+            handed = await drained(one, "dev-1", [plain, old])
+            assert len(handed) == 2
             reached = asyncio.Event()
             monkeypatch.setattr(transactions, "release", _paused_release(reached))
             async with other.engine.connect() as holder:
                 await holder.execute(sa.select(sa.func.pg_advisory_lock(_HOLD)))
-                giving_back = asyncio.create_task(one.release([plain, old], []))
+                giving_back = asyncio.create_task(one.release(handed, []))
                 await asyncio.wait_for(reached.wait(), 10)
                 new = await other.enqueue_or_update("dev-1", "setpoint", b"new", 600)
                 await holder.execute(sa.select(sa.func.pg_advisory_unlock(_HOLD)))

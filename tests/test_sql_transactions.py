@@ -75,8 +75,10 @@ async def _scenario(store: SqlStore, clock: FakeClock) -> list[Any]:
     batch = [plain, first, build("dev-2", "mode", 60), second, build("dev-1", "mode", 60)]
     outcomes.append(await store.write(batch, [plain.id]))
     outcomes.append((await store.confirm(second.id)).confirmed)
-    outcomes.append(await store.mark_delivered([plain.id, second.id, older.id]))
-    outcomes.append(await store.release([plain.id], [second.id]))
+    handed = await store.hand_over(await store.claim("dev-1", [plain.id, second.id]))
+    outcomes.append([(record.id, record.delivered) for record in handed])
+    outcomes.append(await store.mark_delivered([older.id]))
+    outcomes.append(await store.release(handed[:1], handed[1:]))
     outcomes.append(await store.reject([batch[2].id, older.id]))
     outcomes.append((await store.cancel(batch[4].id)).end_reason)
     clock.advance(120)

@@ -15,7 +15,7 @@ Added to the reference schema (``seed-go-package-doc.txt``):
 - ``enqueued_by``, ``confirmed_by``, ``cancelled_by``: who did each (the API's token name or
   a library caller's ``by``).
 - ``claimed_until``: a drain's claim on an open command, until its hand-over marks it
-  delivered (see ``IndexedStore.claim``).
+  delivered (see ``DrainClaims.claim``, :mod:`amqp_queue.state.drain_claims`).
 
 The reference's partial unique index ``(device_id, command_type) WHERE delivered = false``
 becomes ``... WHERE delivered = false AND end_reason IS NULL``: a cancelled, superseded,

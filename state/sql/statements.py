@@ -40,6 +40,8 @@ NOW = sa.bindparam("now", type_=c.ended_at.type)
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
 _ONE = c.id == sa.bindparam("command_id")
 _UNCLAIMED = sa.or_(c.claimed_until.is_(None), c.claimed_until <= NOW)
+_CLAIMED = c.claimed_until == sa.bindparam("claimed", type_=c.claimed_until.type)
+"""Under the claim whose ``claimed_until`` is ``claimed``."""
 _DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > NOW, _UNCLAIMED)
 
 
@@ -168,7 +170,7 @@ MARK_DELIVERED = (
             ),
         ),
     )
-    .values(delivered=sa.true(), end_reason=None, ended_at=NOW)
+    .values(delivered=sa.true(), end_reason=None, ended_at=NOW, claimed_until=sa.null())
 )
 
 REJECT = (
@@ -212,9 +214,9 @@ HAND_OVER = (
         c.id.in_(_IDS),
         IS_OPEN,
         c.expires_at > NOW,
-        c.claimed_until == sa.bindparam("claimed", type_=c.claimed_until.type),
+        _CLAIMED,
     )
-    .values(delivered=sa.true(), ended_at=NOW, claimed_until=sa.null())
+    .values(delivered=sa.true(), ended_at=NOW)
     .returning(c.seq, *RECORD_COLUMNS)
 )
 """Of ``ids``, those still open, unexpired and claimed until ``claimed`` end delivered
@@ -224,7 +226,8 @@ WRITERS = sa.select(c.id, c.delivered, c.end_reason, c.claimed_until, XMIN).wher
 """Of ``ids``, each command's state and the transaction that last wrote it (PostgreSQL)."""
 
 # An outcome is proof the device took the command: such a one is never given back.
-_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true(), c.outcome.is_(None))
+# Only what a drain's hand-over delivered (rules.given_back_delivered), never a stream's mark.
+_GIVEN_BACK = sa.and_(c.id.in_(_IDS), c.delivered == sa.true(), c.outcome.is_(None), _CLAIMED)
 _other = command_queue.alias("other")
 _SLOT_TAKEN = (
     sa.exists()
@@ -239,14 +242,14 @@ _SLOT_TAKEN = (
 RELEASE_ENDS = (
     sa.update(command_queue)
     .where(_GIVEN_BACK, c.expires_at <= NOW)
-    .values(delivered=sa.false(), end_reason=EndReason.EXPIRED.value),
+    .values(delivered=sa.false(), end_reason=EndReason.EXPIRED.value, claimed_until=sa.null()),
     sa.update(command_queue)
     .where(_GIVEN_BACK, _SLOT_TAKEN)
-    .values(delivered=sa.false(), end_reason=EndReason.SUPERSEDED.value),
+    .values(delivered=sa.false(), end_reason=EndReason.SUPERSEDED.value, claimed_until=sa.null()),
 )
 """A given-back command (of ``ids``) ends, in rule order: expired at ``now``, else its slot
 is a newer command's (see :func:`amqp_queue.state.rules.released`)."""
-_CLAIM_GIVEN_BACK = sa.and_(c.id.in_(_IDS), IS_OPEN, c.claimed_until.is_not(None))
+_CLAIM_GIVEN_BACK = sa.and_(c.id.in_(_IDS), IS_OPEN, _CLAIMED)
 END_EXPIRED_CLAIMS = (
     sa.update(command_queue)
     .where(_CLAIM_GIVEN_BACK, c.expires_at <= NOW)
@@ -262,8 +265,17 @@ END_CLAIMS = (
 """The given-back commands (of ``ids``) claimed and still open: their claims end."""
 END_CLAIMS_UNPUBLISHED = END_CLAIMS.values(published_at=sa.null())
 """:data:`END_CLAIMS`, for the outbox to publish them again."""
+END_ANY_CLAIMS = (
+    sa.update(command_queue)
+    .where(c.id.in_(_IDS), IS_OPEN, c.claimed_until.is_not(None), c.expires_at > NOW)
+    .values(claimed_until=sa.null())
+)
+"""The claims on those of ``ids`` open and unexpired end, whoever's they are (a reader of
+their redelivered messages: ``IndexedStore.end_claims``)."""
 REOPEN = (
-    sa.update(command_queue).where(_GIVEN_BACK).values(delivered=sa.false(), ended_at=sa.null())
+    sa.update(command_queue)
+    .where(_GIVEN_BACK)
+    .values(delivered=sa.false(), ended_at=sa.null(), claimed_until=sa.null())
 )
 """The given-back commands (of ``ids``) that did not end are open again, still published."""
 REOPEN_UNPUBLISHED = REOPEN.values(published_at=sa.null())

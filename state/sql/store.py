@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Any
@@ -272,14 +272,14 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         modify = functools.partial(transactions.modify, command_id, change)
         return await self._rerunnable(modify, modify)
 
-    async def _release(self, command_ids: Collection[str], *, unpublish: bool) -> int:
+    async def _release(self, claims: Mapping[str, datetime], *, unpublish: bool) -> int:
         now = self.clock()
         # On PostgreSQL a replacement committed between the release's statements (it ends
         # what a newer command replaced, then reopens the rest) is seen by the reopening
         # only, as a unique violation of the slot. Run again, the release sees it at once
         # and ends the older command instead.
         return await self._committed(
-            functools.partial(transactions.release, command_ids, now, unpublish=unpublish),
+            functools.partial(transactions.release, claims, now, unpublish=unpublish),
             retry_also=deadlock_retry.UNIQUE_VIOLATION,
         )
 

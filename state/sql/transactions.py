@@ -305,7 +305,7 @@ def hand_over(
 
 
 def end_claims(command_ids: Collection[str], now: datetime) -> Transaction[int]:
-    return (yield from count(sql.END_CLAIMS, {"ids": list(command_ids), "now": now}))
+    return (yield from count(sql.END_ANY_CLAIMS, {"ids": list(command_ids), "now": now}))
 
 
 def mark_delivered(command_ids: Collection[str], now: datetime) -> Transaction[int]:
@@ -316,9 +316,19 @@ def reject(command_ids: Collection[str], now: datetime) -> Transaction[int]:
     return (yield from count(sql.REJECT, {"ids": list(command_ids), "now": now}))
 
 
-def release(command_ids: Collection[str], now: datetime, *, unpublish: bool) -> Transaction[int]:
-    """Gives back claimed and delivered commands; returns how many are open again."""
-    params = {"ids": list(command_ids), "now": now}
+def release(claims: Mapping[str, datetime], now: datetime, *, unpublish: bool) -> Transaction[int]:
+    """Gives back what these claims hold or handed over; returns how many are open again."""
+    opened = 0
+    by_claim: dict[datetime, list[str]] = {}
+    for command_id, claimed_until in claims.items():
+        by_claim.setdefault(claimed_until, []).append(command_id)
+    for claimed_until, command_ids in by_claim.items():
+        params = {"ids": command_ids, "now": now, "claimed": claimed_until}
+        opened += yield from _release(params, unpublish=unpublish)
+    return opened
+
+
+def _release(params: dict[str, Any], *, unpublish: bool) -> Transaction[int]:
     yield from count(sql.END_EXPIRED_CLAIMS, params)
     ended = yield from count(sql.END_CLAIMS_UNPUBLISHED if unpublish else sql.END_CLAIMS, params)
     # In rule order: an expired command stays finished, a taken slot stays its newer
