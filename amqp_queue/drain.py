@@ -150,13 +150,15 @@ async def drain(
             maybe_handed.update(record.id for record in claimed)  # it may have landed
             raise
         kept = {record.id for record in handed}
-        # No longer the claim's (cancelled, replaced or expired since): not handed out. Their
-        # messages go back to the queue rather than be acked, for the next reader to judge.
-        lapsed = {record.id for record in claimed} - kept
-        if lapsed:
-            settlement.hold([message for message in settled if message.message_id in lapsed])
-            settled[:] = [message for message in settled if message.message_id not in lapsed]
+        lapsed = [record.id for record in claimed if record.id not in kept]
         claimed[:] = handed
+        if lapsed:
+            # No longer the claim's: not handed out. Cancelled, replaced, expired or taken
+            # over by another reader (which holds a copy of its own), the message is acked;
+            # open and free again (given back meanwhile), it goes back to the queue.
+            free = await state.deliverable(lapsed)
+            settlement.hold([message for message in settled if message.message_id in free])
+            settled[:] = [message for message in settled if message.message_id not in free]
         report_delivered(observer, handed, state.clock())
         # What goes back goes first: once the acks are sent, nothing is awaited before the
         # drain returns, so no cancellation can fall between them and the caller.

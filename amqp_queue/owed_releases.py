@@ -27,13 +27,13 @@ class OwedReleases:
     name their claims), until the index takes it."""
 
     def __init__(self) -> None:
-        self._records: dict[str, CommandRecord] = {}
+        self._records: dict[tuple[str, object], CommandRecord] = {}
 
     def __len__(self) -> int:
         return len(self._records)
 
     def add(self, claimed: Iterable[CommandRecord]) -> None:
-        self._records.update((record.id, record) for record in claimed)
+        self._records.update(((record.id, record.claimed_until), record) for record in claimed)
 
     async def release(self, state: DeliveryIndex, *, within: float = 0.0) -> set[str] | None:
         """Releases them all unpublished, trying for ``within`` seconds; returns the ids
@@ -53,6 +53,6 @@ class OwedReleases:
         except StateError as exc:
             logger.warning("giving back %d claimed commands failed: %s", len(releasing), exc)
             return None
-        for command_id in releasing:
-            self._records.pop(command_id, None)
-        return set(releasing)
+        for key in releasing:
+            self._records.pop(key, None)
+        return {command_id for command_id, _ in releasing}

@@ -21,6 +21,7 @@ from amqp_queue.channel_closing import closing, give_up_on, in_turn
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import broker_failure
 from amqp_queue.observer import Observer
+from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
 from amqp_queue.state.validation import is_command_id
 
@@ -248,8 +249,16 @@ async def end_orphaned_claims(
     command no longer its own at its hand-over and leaves it out."""
     redelivered = command_ids([message for message in messages if message.redelivered])
     orphaned = [command_id for command_id in redelivered if command_id not in own]
-    if orphaned:
+    if not orphaned:
+        return
+    try:
         await state.end_claims(orphaned)
+    except StateError as exc:
+        # Best effort: the claims lapse by themselves, and the claim that follows meets the
+        # index's state on its own.
+        logger.warning(
+            "ending the claims of %d redelivered commands failed: %s", len(orphaned), exc
+        )
 
 
 def report_delivered(observer: Observer, records: Sequence[CommandRecord], now: datetime) -> None:

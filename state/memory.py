@@ -84,10 +84,11 @@ class MemoryStore(IndexedStore):
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
     ) -> list[CommandRecord]:
         wanted = None if command_ids is None else set(command_ids)
+        until = rules.claim_until(now)
         claimed = []
         for record in self._device_records(device_id):
             if (wanted is None or record.id in wanted) and rules.is_deliverable(record, now):
-                held = replace(record, claimed_until=now + rules.CLAIM_LEASE)
+                held = replace(record, claimed_until=until)
                 self._store(held)
                 claimed.append(held)
         return claimed

@@ -1,6 +1,6 @@
 """Drains on Redis that survive a lost reply: a claim sent again answers as it did.
 
-A claim (:data:`~amqp_queue.state.redis_scripts.CLAIM`) holds commands for its drain's
+A claim (:data:`~amqp_queue.state.redis_claim_scripts.CLAIM`) holds commands for its drain's
 hand-over. When the connection dies while its reply is on the way, the client cannot tell whether
 it ran; sent again, a plain claim would find the commands claimed and answer "none left",
 and they would be delivered to nobody. So each claim carries a token, and the script keeps

@@ -3,7 +3,8 @@ scripts.
 
 Redis runs a script atomically, so a replacement, a drain, an expiry sweep or an outbox update
 is never seen half done by another client or process. The hash encoding both sides agree on
-field for field is in :mod:`amqp_queue.state.redis_encoding`.
+field for field is in :mod:`amqp_queue.state.redis_encoding`; a drain's claim, hand-over and
+claim ends are in :mod:`amqp_queue.state.redis_claim_scripts`.
 
 Layout of a store's keys (``P`` is the store's prefix):
 
@@ -54,108 +55,7 @@ Times pass through the scripts as the strings the caller sent: Lua would print a
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from .redis_lua import PRELUDE
-from .rules import CLAIM_LEASE
-
-CLAIM = (
-    PRELUDE
-    + f"local CLAIM_LEASE_US = {CLAIM_LEASE // timedelta(microseconds=1)}\n"
-    + """
--- KEYS[4]: the device's open set. ARGV[4]: this claim's token; ARGV[5]: how long (ms) its
--- answer is kept; ARGV[6]: '1' to only look the answer up (a claim sent again by a later
--- drain: with no answer it never ran, and claims nothing now); ARGV[7]: how many tokens
--- follow whose answers arrived; then those tokens; then the ids to consider (none: all of
--- the device's).
-local answer_key = prefix .. 'claim:' .. ARGV[4]
-local claim_until = string.format('%.0f', tonumber(now) + CLAIM_LEASE_US)
-local answered = tonumber(ARGV[7])
-for i = 8, 7 + answered do
-    -- Not deleted: emptied, for a minute, so a late copy of that claim (sent on a connection
-    -- given up on while Redis stalled) claims nothing.
-    redis.call('SET', prefix .. 'claim:' .. ARGV[i], '{}', 'PX', 60000)
-end
-local earlier = redis.call('GET', answer_key)
-if not earlier and ARGV[6] == '1' then
-    -- It never ran: should a late copy of it still come, it claims nothing either.
-    redis.call('SET', answer_key, '{}', 'PX', ARGV[5])
-    return {}
-end
-if earlier then
-    -- The same claim again (its reply was lost): the same commands, not "none left".
-    return held_records(earlier)
-end
-local candidates = ARGV
-local first = 8 + answered
-if #ARGV < first then
-    candidates = redis.call('ZRANGE', KEYS[4], 0, -1)
-    first = 1
-end
-local claimed, ids = {}, {}
-for i = first, #candidates do
-    local id = candidates[i]
-    if redis.call('ZSCORE', KEYS[4], id) then
-        local key = command_key(id)
-        local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'requires_confirmation',
-                             'confirmed', 'expires_at', 'claimed_until')
-        if not f[1] then
-            -- The hash outlived its key TTL: drop what still points at it.
-            redis.call('ZREM', KEYS[4], id)
-            redis.call('ZREM', expiry_key, id)
-            redis.call('ZREM', outbox_key, id)
-        elseif f[1] == '0' and not f[2] and (f[3] == '0' or f[4] == '1')
-                and tonumber(f[5]) > tonumber(now)
-                and (not f[6] or tonumber(f[6]) <= tonumber(now)) then
-            -- Claimed, still open (rules.CLAIM_LEASE): HAND_OVER delivers it.
-            redis.call('HSET', key, 'claimed_until', claim_until)
-            claimed[#claimed + 1] = redis.call('HGETALL', key)
-            ids[#ids + 1] = id
-        end
-    end
-end
--- An empty Lua table encodes as {}, which decodes as an empty table again.
-redis.call('SET', answer_key, cjson.encode(ids), 'PX', ARGV[5])
-return claimed
-"""
-)
-
-HAND_OVER = (
-    PRELUDE
-    + """
--- ARGV[4]: the claim's claimed_until; ARGV[5..]: the ids it claimed. rules.handed_over: those
--- still open, unexpired and claimed until then end delivered; returns them.
-local handed = {}
-for i = 5, #ARGV do
-    local id = ARGV[i]
-    local key = command_key(id)
-    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at', 'claimed_until')
-    if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] == ARGV[4] then
-        -- claimed_until stays: a give-back reopens only what a hand-over delivered.
-        finish(key, id, 'delivered', '1')
-        handed[#handed + 1] = redis.call('HGETALL', key)
-    end
-end
-return handed
-"""
-)
-
-END_CLAIMS = (
-    PRELUDE
-    + """
--- ARGV[4..]: command ids. The claims on those open and unexpired end; returns how many.
-local ended = 0
-for i = 4, #ARGV do
-    local key = command_key(ARGV[i])
-    local f = redis.call('HMGET', key, 'delivered', 'end_reason', 'expires_at', 'claimed_until')
-    if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] then
-        redis.call('HDEL', key, 'claimed_until')
-        ended = ended + 1
-    end
-end
-return ended
-"""
-)
 
 MARK_DELIVERED = (
     PRELUDE

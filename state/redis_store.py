@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import redis_add_scripts as add_lua
+from . import redis_claim_scripts as claim_lua
 from . import redis_scripts as lua
 from . import rules
 from .clock import Clock, utc_now
@@ -104,9 +105,9 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
         register = client.register_script
         self._add = register(add_lua.ADD)
         self._add_lookup = register(add_lua.ADD_LOOKUP)
-        self._claim_script = register(lua.CLAIM)
-        self._hand_over_script = register(lua.HAND_OVER)
-        self._end_claims_script = register(lua.END_CLAIMS)
+        self._claim_script = register(claim_lua.CLAIM)
+        self._hand_over_script = register(claim_lua.HAND_OVER)
+        self._end_claims_script = register(claim_lua.END_CLAIMS)
         self._claims = Claims()
         self._mark_delivered = register(lua.MARK_DELIVERED)
         self._expire = register(lua.EXPIRE)

@@ -6,6 +6,7 @@ cancelled, and the order of delivery are decided here, for every backend alike.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import replace
@@ -106,6 +107,14 @@ Only a drain whose process died between the two leaves a claim to lapse: its mes
 back to the queue with its channel, and once the lease is over the commands are deliverable
 again. A drain slower than this cannot hand out twice: its hand-over takes only what is
 still claimed under its own ``claimed_until``, which a later claim changes."""
+
+
+def claim_until(now: datetime) -> datetime:
+    """The ``claimed_until`` of a claim made at ``now``: :data:`CLAIM_LEASE` on, plus a random
+    part under a second. It is also the claim's token (a hand-over or give-back acts only on
+    what is still under it): two claims of one command at one instant of a coarse or frozen
+    clock, the first ended by a reader, would otherwise share it."""
+    return now + CLAIM_LEASE + timedelta(microseconds=secrets.randbelow(1_000_000))
 
 
 def handed_over(

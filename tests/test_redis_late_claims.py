@@ -163,3 +163,36 @@ async def test_a_consume_after_a_claim_left_in_doubt_gets_its_commands() -> None
             await connection.close()
             await state.close()
             await delete_namespace(exchange, ["dev-4"])
+
+
+class _LosesClaims(LosesReplies):
+    lose = 0
+    only: bytes | None = None
+
+
+async def test_a_lost_claim_looked_up_later_leaves_alone_what_another_process_took_over() -> None:
+    """A claim whose reply was lost took X; another process read X's redelivered message,
+    ended that claim, claimed X and handed it over. Looked up afterwards (any read of the
+    device settles the doubt), the lost claim must not give X back: its answer names X, but
+    X is no longer under its claim. Giving it back reopened X, and the relay published it
+    again: a second delivery (found by a review)."""
+    async with redis_prefix() as prefix:
+        lost = await RedisStore.connect(REDIS_URL, prefix=prefix, connection_class=_LosesClaims)
+        other = await RedisStore.connect(REDIS_URL, prefix=prefix)
+        try:
+            command_id = await lost.enqueue("dev-1", b"x", 600)
+            _LosesClaims.only, _LosesClaims.lose = lost._claim_script.sha.encode(), 10**6
+            with pytest.raises(StateError):
+                await lost.claim("dev-1", [command_id])
+            _LosesClaims.only, _LosesClaims.lose = None, 0
+
+            assert await other.end_claims([command_id]) == 1
+            handed = await drained(other, "dev-1", [command_id])
+            assert [record.id for record in handed] == [command_id]
+            await lost.deliverable([command_id])  # settles the doubtful claim
+
+            assert await other.get_status(command_id) == CommandStatus.DELIVERED
+            assert not await other.is_deliverable(command_id)
+        finally:
+            await lost.close()
+            await other.close()

@@ -283,7 +283,7 @@ def claim_marked(
 def _claim(
     device_id: str, now: datetime, command_ids: Collection[str] | None, *, marked: bool
 ) -> Transaction[Claimed]:
-    params: dict[str, Any] = {"device": device_id, "now": now, "until": now + rules.CLAIM_LEASE}
+    params: dict[str, Any] = {"device": device_id, "now": now, "until": rules.claim_until(now)}
     if command_ids is None:
         rows = yield from fetch(sql.CLAIM_MARKED if marked else sql.CLAIM, params)
     else:
