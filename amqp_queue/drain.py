@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -56,8 +57,10 @@ async def drain(
     (:meth:`Inbox.interrupt`) while the drain reads ends it: nothing is claimed, what was
     read goes back to the queue, and the drain returns nothing. A
     claim whose outcome the index cannot tell (:class:`ClaimOutcomeUnknown`) counts as
-    claimed while its messages stay queued. Cancelled, it gives back what it
-    claimed (see :func:`give_back`; ``outbox`` takes on what it cannot give back itself).
+    claimed while its messages stay queued. Cancelled before its hand-over landed, it gives
+    back what it claimed (see :func:`give_back`; ``outbox`` takes on what it cannot give back
+    itself); cancelled once it landed, it finishes and returns what it handed over, as the
+    call had completed (every other store reads those commands as delivered already).
     """
     settlement = Settlement(device_id)
     claimed: list[CommandRecord] = []
@@ -134,29 +137,49 @@ async def drain(
             raise failure
 
     async def hand_over(*, in_order: bool) -> None:
-        # The claim's second phase: until it lands, every other reader sees the commands
-        # open. Shielded as the claim is: a hand-over that landed is given back if cancelled.
+        # The claim's second phase, and the point of no return: once it lands every other
+        # store reads the commands as delivered, and may report outcomes for them or enqueue
+        # past them, so they are never given back. Shielded, it is awaited to its end; a
+        # cancellation that comes once it landed is too late, and the drain finishes and
+        # returns what it handed over (giving it back showed DELIVERED, then PENDING).
         handing = asyncio.ensure_future(state.hand_over(claimed))
+        cut = False
         try:
             handed = await asyncio.shield(handing)
         except asyncio.CancelledError:
             await _outlasting(handing)
-            if not handing.cancelled() and handing.exception() is None:
-                claimed[:] = handing.result()  # delivered: what the give-back reopens
-            else:
+            if handing.cancelled() or handing.exception() is not None:
                 maybe_handed.update(record.id for record in claimed)
-            raise
+                raise
+            handed, cut = handing.result(), True
         except BaseException:
             maybe_handed.update(record.id for record in claimed)  # it may have landed
             raise
-        kept = {record.id for record in handed}
-        lapsed = [record.id for record in claimed if record.id not in kept]
+        lapsed = [record.id for record in claimed if record.id not in {r.id for r in handed}]
         claimed[:] = handed
+        finishing = asyncio.ensure_future(finish(handed, lapsed, in_order=in_order))
+        try:
+            await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            cut = True
+            await _outlasting(finishing)
+            finishing.result()  # the acks' failure, if they failed: given back as before
+        if cut:
+            logger.info(
+                "drain of %s cancelled after its hand-over: returns its %d commands",
+                device_id,
+                len(handed),
+            )
+
+    async def finish(handed: list[CommandRecord], lapsed: list[str], *, in_order: bool) -> None:
         if lapsed:
             # No longer the claim's: not handed out. Cancelled, replaced, expired or taken
             # over by another reader (which holds a copy of its own), the message is acked;
             # open and free again (given back meanwhile), it goes back to the queue.
-            free = await state.deliverable(lapsed)
+            try:
+                free: Collection[str] = await state.deliverable(lapsed)
+            except StateError:
+                free = lapsed  # not known: back to the queue, for the next reader to judge
             settlement.hold([message for message in settled if message.message_id in free])
             settled[:] = [message for message in settled if message.message_id not in free]
         report_delivered(observer, handed, state.clock())

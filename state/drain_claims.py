@@ -41,6 +41,12 @@ class DrainClaims(abc.ABC):
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
         device = self._validate_device(device_id)
+        handed = await self._drain_index(device)
+        return [record.payload for record in rules.in_ready_order(handed)]
+
+    async def _drain_index(self, device: str) -> list[CommandRecord]:
+        """A drain of the index alone: claimed and handed over at once, as nothing is read
+        in between. Here in two steps; a backend that can runs both in one transaction."""
         try:
             claimed = await self.claim(device)
         except ClaimOutcomeUnknown as exc:
@@ -56,7 +62,7 @@ class DrainClaims(abc.ABC):
             # Nobody receives them: open to the next drain now, not when the claim lapses.
             await asyncio.shield(self.release(claimed, ()))
             raise
-        return [record.payload for record in rules.in_ready_order(handed)]
+        return handed
 
     async def claim(
         self, device_id: str, command_ids: Collection[str] | None = None
@@ -78,15 +84,15 @@ class DrainClaims(abc.ABC):
         """Marks claimed commands delivered, atomically per claim, and returns them as they
         now stand, in the order given. A command no longer this claim's (see the module) is
         left as it is and not returned: its drain must not hand it out."""
-        by_claim: dict[datetime, list[str]] = {}
+        by_claim: dict[datetime, dict[str, CommandRecord]] = {}
         for record in claimed:
             if record.claimed_until is not None:
-                by_claim.setdefault(record.claimed_until, []).append(record.id)
+                by_claim.setdefault(record.claimed_until, {})[record.id] = record
         now = self.clock()
         handed: dict[str, CommandRecord] = {}
-        for claimed_until, command_ids in by_claim.items():
-            for record in await self._hand_over(command_ids, claimed_until, now):
-                handed[record.id] = record
+        for claimed_until, records in by_claim.items():
+            for command_id in await self._hand_over(list(records), claimed_until, now):
+                handed[command_id] = rules.delivered_by_hand_over(records[command_id], now)
         # Once each: a claim looked up late (Redis, a lost reply) and a new one may both
         # name a command, and only one of them still holds it.
         return [handed.pop(record.id) for record in claimed if record.id in handed]
@@ -107,10 +113,10 @@ class DrainClaims(abc.ABC):
     @abc.abstractmethod
     async def _hand_over(
         self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
-    ) -> list[CommandRecord]:
+    ) -> list[str]:
         """Marks delivered, in one atomic step, those of ``command_ids`` still open, unexpired
         and claimed until ``claimed_until`` (:func:`~amqp_queue.state.rules.handed_over`);
-        returns them."""
+        returns their ids."""
 
     @abc.abstractmethod
     async def _claim(

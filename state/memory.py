@@ -106,14 +106,14 @@ class MemoryStore(IndexedStore):
 
     async def _hand_over(
         self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
-    ) -> list[CommandRecord]:
+    ) -> list[str]:
         handed = []
         for command_id in command_ids:
             record = self._records.get(command_id)
             delivered = None if record is None else rules.handed_over(record, claimed_until, now)
             if delivered is not None:
                 self._store(delivered)
-                handed.append(delivered)
+                handed.append(command_id)
         return handed
 
     async def deliverable(self, command_ids: Collection[str]) -> dict[str, CommandRecord]:

@@ -87,7 +87,7 @@ HAND_OVER = (
     PRELUDE
     + """
 -- ARGV[4]: the claim's claimed_until; ARGV[5..]: the ids it claimed. rules.handed_over: those
--- still open, unexpired and claimed until then end delivered; returns them.
+-- still open, unexpired and claimed until then end delivered; returns their ids.
 local handed = {}
 for i = 5, #ARGV do
     local id = ARGV[i]
@@ -96,7 +96,7 @@ for i = 5, #ARGV do
     if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] == ARGV[4] then
         -- claimed_until stays: a give-back reopens only what a hand-over delivered.
         finish(key, id, 'delivered', '1')
-        handed[#handed + 1] = redis.call('HGETALL', key)
+        handed[#handed + 1] = id
     end
 end
 return handed

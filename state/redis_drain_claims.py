@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .errors import ClaimOutcomeUnknown, StateError
 from .model import CommandRecord
 from .redis_claims import Claims, Send, answer_ttl, unexpired
-from .redis_encoding import decode_replies, encode_time
+from .redis_encoding import as_text, encode_time
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -91,13 +91,13 @@ class RedisDrainClaims:
 
     async def _hand_over(
         self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
-    ) -> list[CommandRecord]:
+    ) -> list[str]:
         # A reply lost on the way fails the hand-over: the drain gives its claim back, which
         # opens the commands again if the hand-over did land (nobody received them).
         args = [encode_time(claimed_until), *command_ids]
         async with self._errors("hand-over"):
-            replies = await self._hand_over_script(keys=self._indexes, args=self._args(now, args))
-        return [record for _, record in decode_replies(replies)]
+            handed = await self._hand_over_script(keys=self._indexes, args=self._args(now, args))
+        return [as_text(command_id) for command_id in handed]
 
     async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:
         async with self._errors("claim end"):

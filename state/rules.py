@@ -127,6 +127,12 @@ def handed_over(
     what a device's mark did (:func:`taken` clears it)."""
     if not record.is_open or record.claimed_until != claimed_until or record.expires_at <= now:
         return None
+    return delivered_by_hand_over(record, now)
+
+
+def delivered_by_hand_over(record: CommandRecord, now: datetime) -> CommandRecord:
+    """A claimed record as its hand-over at ``now`` leaves it (the checks are the
+    backend's: :func:`handed_over`)."""
     return replace(record, delivered=True, ended_at=now)
 
 

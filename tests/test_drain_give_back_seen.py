@@ -220,3 +220,44 @@ async def test_what_a_drain_that_died_after_its_claim_held_reaches_the_device_at
 
         assert received == payloads
         assert time.monotonic() - started < rules.CLAIM_LEASE.total_seconds() / 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_drain_cancelled_once_its_hand_over_landed_returns_what_it_handed_over(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-over is the point of no return (found by a helper's probes): once it landed,
+    every other store reads the commands as delivered, and may report their outcomes or
+    enqueue past them. A drain cancelled then used to give them back (DELIVERED, then
+    PENDING; an outcome accepted for a command no device got). It now finishes and returns
+    them: the cancellation came too late to take them back."""
+    async with env_on(backend, tmp_path, prefix="giveback.") as env:
+        producer, reporter, drainer = await env.open(), await env.open(), await env.open()
+        device = env.device()
+        ids = [await producer.enqueue(device, b"%d" % n, 600) for n in range(3)]
+        hand_over = drainer.state.hand_over
+        landed, release = asyncio.Event(), asyncio.Event()
+
+        async def held(claimed: Any) -> Any:
+            handed = await hand_over(claimed)
+            landed.set()
+            await release.wait()
+            return handed
+
+        monkeypatch.setattr(drainer.state, "hand_over", held)
+        drain = asyncio.create_task(drainer.drain_pending(device))
+        async with asyncio.timeout(10):
+            await landed.wait()
+        await reporter.complete_command(ids[0], b"done")  # accepted: it reads delivered
+        drain.cancel()
+        release.set()
+        async with asyncio.timeout(10):
+            got = await drain
+
+        assert got == [b"0", b"1", b"2"]
+        assert [await reporter.get_status(i) for i in ids] == [
+            CommandStatus.SUCCEEDED,
+            CommandStatus.DELIVERED,
+            CommandStatus.DELIVERED,
+        ]
+        assert await drainer.drain_pending(device) == []

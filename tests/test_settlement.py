@@ -23,8 +23,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue import CommandStatus, RabbitMQStore
 from amqp_queue import drain as drain_module
-from amqp_queue.state import CommandNotFound, CommandRecord, SqlStore, StateError
+from amqp_queue.state import CommandNotFound, CommandRecord, MemoryStore, SqlStore, StateError
 from amqp_queue.state.errors import ClaimOutcomeUnknown
+from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.sql import command_queue
 from tests.backends import POSTGRES_URL
 from tests.rabbitmq_support import queue_depth
@@ -302,7 +303,7 @@ async def test_a_drain_whose_index_fails_on_a_later_claim_loses_no_claimed_comma
             assert await queue_depth(store, DEVICE) == 0
 
 
-class ClaimUnheard(SqlStore):
+class _UnheardClaims(IndexedStore):
     """An index whose next claim fails saying its outcome is unknown, after claiming
     (``landed``) or not."""
 
@@ -322,6 +323,16 @@ class ClaimUnheard(SqlStore):
         else:
             records = list((await self.deliverable(command_ids)).values())
         raise ClaimOutcomeUnknown("state index write failed: injected; outcome unknown", records)
+
+
+class ClaimUnheard(_UnheardClaims, SqlStore):
+    """:class:`_UnheardClaims` on SQL."""
+
+
+class MemoryClaimUnheard(_UnheardClaims, MemoryStore):
+    """:class:`_UnheardClaims` in memory, which drains the index alone in two steps (SQL
+    claims and hands over in one transaction there, whose doubt tests/test_sql_claim_doubt.py
+    covers)."""
 
 
 @pytest.mark.parametrize("landed", [True, False], ids=["landed", "not landed"])
@@ -362,8 +373,7 @@ async def test_an_index_drain_returns_what_a_claim_of_unknown_outcome_did_claim(
     tmp_path: Path, landed: bool
 ) -> None:
     # The index alone (no broker): a claim that landed but raised lost its commands.
-    async with await ClaimUnheard.connect(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}") as state:
-        assert isinstance(state, ClaimUnheard)
+    async with MemoryClaimUnheard() as state:
         await state.enqueue(DEVICE, b"a", 600)
         await state.enqueue(DEVICE, b"b", 600)
         state.landed = landed

@@ -64,7 +64,11 @@ async def _storm(
                 for _ in range(PER_ROUND)
             ]
             try:
-                records = await store.claim(device, ids if worker % 2 else None)
+                if worker % 3 == 0:
+                    # A drain of the index alone: claim and hand-over in one transaction.
+                    records = await store._drain_index(device)
+                else:
+                    records = await store.claim(device, ids if worker % 2 else None)
             except ClaimOutcomeUnknown as exc:
                 claims.unknown += 1
                 claims.handed.update(record.id for record in exc.records)

@@ -7,12 +7,13 @@ keeps one (:mod:`amqp_queue.state.sql.sqlite_reads`,
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
 from ..clock import Clock
-from ..errors import StateError
+from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from . import statements as sql
@@ -20,6 +21,8 @@ from .engine import driver_reason
 from .execution import SqlExecution
 from .postgres_reads import PostgresReads
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
+
+logger = logging.getLogger("amqp_queue.state.sql")
 
 DIRECT_FAILURES: tuple[type[Exception], ...] = (*sqlite_direct.FAILURES, *postgres_reads.FAILURES)
 """What the drivers raise where the store runs statements on them directly."""
@@ -66,9 +69,37 @@ class SqlDeliveryCalls(SqlExecution):
             claimed = commit.result
         return claimed.records
 
+    async def _drain_index(self, device: str) -> list[CommandRecord]:
+        # Not on the writer thread: cancelled, the transaction must roll back (nobody
+        # received what it took), which one left to the writer would not.
+        now = self.clock()
+        if self._engine.dialect.name != "postgresql":
+            return await self._transaction(transactions.drain_index, device, now)
+        # A COMMIT whose answer was lost is resolved as a claim's is (see commit_doubt): its
+        # rows keep the claim's claimed_until and its transaction id once handed over.
+        commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
+        try:
+            drained = await self._committed(
+                functools.partial(transactions.drain_index_marked, device, now), commit
+            )
+        except StateError as failure:
+            if commit.result is None:
+                raise
+            try:
+                await commit.settle_claim(
+                    self._engine, commit.result.records, commit.result.xmin, failure
+                )
+            except ClaimOutcomeUnknown as exc:
+                # Maybe delivered: returned all the same. If the drain did not land, they
+                # stay open and the next drain returns them again: a copy at worst.
+                logger.warning("drain of %s: %s; returning what it may have taken", device, exc)
+                return exc.records
+            drained = commit.result
+        return drained.records
+
     async def _hand_over(
         self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
-    ) -> list[CommandRecord]:
+    ) -> list[str]:
         # A COMMIT whose answer was lost fails the hand-over: the drain gives its claim back,
         # which opens the commands again if it did land (nobody received them).
         hand_over = transactions.hand_over

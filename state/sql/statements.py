@@ -217,10 +217,11 @@ HAND_OVER = (
         _CLAIMED,
     )
     .values(delivered=sa.true(), ended_at=NOW)
-    .returning(c.seq, *RECORD_COLUMNS)
+    .returning(c.id)
 )
 """Of ``ids``, those still open, unexpired and claimed until ``claimed`` end delivered
-(:func:`amqp_queue.state.rules.handed_over`); returns them (``now``)."""
+(:func:`amqp_queue.state.rules.handed_over`); returns their ids (``now``): the caller has
+their records as claimed, and a second copy of every row cost as much as the claim."""
 
 WRITERS = sa.select(c.id, c.delivered, c.end_reason, c.claimed_until, XMIN).where(c.id.in_(_IDS))
 """Of ``ids``, each command's state and the transaction that last wrote it (PostgreSQL)."""

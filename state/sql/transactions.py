@@ -297,15 +297,36 @@ def _claim(
 
 def hand_over(
     command_ids: Collection[str], claimed_until: datetime, now: datetime
-) -> Transaction[list[CommandRecord]]:
-    """Marks the claim's commands still its own delivered; returns them."""
+) -> Transaction[list[str]]:
+    """Marks the claim's commands still its own delivered; returns their ids."""
     params = {"ids": list(command_ids), "claimed": claimed_until, "now": now}
     rows = yield from fetch(sql.HAND_OVER, params)
-    return [sql.record_of(row) for row in rows]
+    return [str(row["id"]) for row in rows]
 
 
 def end_claims(command_ids: Collection[str], now: datetime) -> Transaction[int]:
     return (yield from count(sql.END_ANY_CLAIMS, {"ids": list(command_ids), "now": now}))
+
+
+def drain_index(device_id: str, now: datetime) -> Transaction[list[CommandRecord]]:
+    """A drain of the index alone: its claim and hand-over in one transaction."""
+    drained = yield from _drain_index(device_id, now, marked=False)
+    return drained.records
+
+
+def drain_index_marked(device_id: str, now: datetime) -> Transaction[Claimed]:
+    """:func:`drain_index` on PostgreSQL, with the transaction's id (see :func:`claim_marked`)."""
+    return (yield from _drain_index(device_id, now, marked=True))
+
+
+def _drain_index(device_id: str, now: datetime, *, marked: bool) -> Transaction[Claimed]:
+    claimed = yield from _claim(device_id, now, None, marked=marked)
+    if not claimed.records or claimed.records[0].claimed_until is None:
+        return claimed
+    ids = [record.id for record in claimed.records]
+    handed = set((yield from hand_over(ids, claimed.records[0].claimed_until, now)))
+    records = [rules.delivered_by_hand_over(r, now) for r in claimed.records if r.id in handed]
+    return Claimed(records, claimed.xmin)
 
 
 def mark_delivered(command_ids: Collection[str], now: datetime) -> Transaction[int]:
