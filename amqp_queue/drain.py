@@ -148,27 +148,47 @@ async def drain(
             handed = await asyncio.shield(handing)
         except asyncio.CancelledError:
             await _outlasting(handing)
-            if handing.cancelled() or handing.exception() is not None:
-                maybe_handed.update(record.id for record in claimed)
-                raise
+            if handing.cancelled() or handing.exception() is not None or not handing.result():
+                if not handing.cancelled() and handing.exception() is not None:
+                    maybe_handed.update(record.id for record in claimed)
+                raise  # nothing handed over: the cancellation stands
             handed, cut = handing.result(), True
         except BaseException:
             maybe_handed.update(record.id for record in claimed)  # it may have landed
             raise
-        lapsed = [record.id for record in claimed if record.id not in {r.id for r in handed}]
+        kept = {record.id for record in handed}
+        lapsed = [record.id for record in claimed if record.id not in kept]
         claimed[:] = handed
         finishing = asyncio.ensure_future(finish(handed, lapsed, in_order=in_order))
         try:
             await asyncio.shield(finishing)
         except asyncio.CancelledError:
-            cut = True
+            cut = cut or bool(handed)
             await _outlasting(finishing)
-            finishing.result()  # the acks' failure, if they failed: given back as before
+            if not cut:
+                raise
+        except Exception:
+            pass  # logged below, as a failure after a cut is
+        if not finishing.cancelled() and finishing.exception() is not None:
+            # Past the point of no return: the acks' messages come back with the channel
+            # and are dropped as delivered; the commands are the caller's all the same.
+            logger.error(
+                "drain of %s: settling after its hand-over failed",
+                device_id,
+                exc_info=finishing.exception(),
+            )
         if cut:
-            logger.info(
-                "drain of %s cancelled after its hand-over: returns its %d commands",
+            # Consumed, so taken back (asyncio.timeout and wait_for then find nothing left to
+            # take back). A caller that cancelled and drops the result (a cancelled gather,
+            # a TaskGroup aborting) loses these: logged with their ids.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            logger.warning(
+                "drain of %s cancelled after its hand-over: returns its %d commands %s",
                 device_id,
                 len(handed),
+                [record.id for record in handed],
             )
 
     async def finish(handed: list[CommandRecord], lapsed: list[str], *, in_order: bool) -> None:
