@@ -357,6 +357,8 @@ class OutboxRelay:
         interval = self._config.relay_interval
         if self._holds.found:  # live writers mark theirs within moments: read again soon
             interval = min(interval, _START_RECHECK)
+        if self._owed_release:  # refused last pass: tried again soon, backing off
+            interval = min(interval, self._owed_release.retry_in)
         if self._next_due is not None:
             due_in = (self._next_due - self._state.clock()).total_seconds()
             interval = min(interval, max(due_in, 0.0) + 0.05)

@@ -21,6 +21,11 @@ from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.outbox")
 
+RETRY_FIRST, RETRY_MOST = 0.2, 5.0
+"""Seconds between the relay's tries while the index refuses a release: doubling from the
+first to the most. Meanwhile a handed-over command reads delivered to nobody, so the relay
+does not wait for its next regular pass (``relay_interval``, 30 s by default)."""
+
 
 class OwedReleases:
     """The claimed or handed-over commands owed a release (by id, as their drain's records
@@ -28,6 +33,8 @@ class OwedReleases:
 
     def __init__(self) -> None:
         self._records: dict[tuple[str, object], CommandRecord] = {}
+        self.retry_in = RETRY_FIRST
+        """Seconds until the relay should try again (see :data:`RETRY_MOST`)."""
 
     def __len__(self) -> int:
         return len(self._records)
@@ -52,7 +59,9 @@ class OwedReleases:
                     await state.release((), list(releasing.values()))
         except StateError as exc:
             logger.warning("giving back %d claimed commands failed: %s", len(releasing), exc)
+            self.retry_in = min(self.retry_in * 2, RETRY_MOST)
             return None
+        self.retry_in = RETRY_FIRST
         for key in releasing:
             self._records.pop(key, None)
         return {command_id for command_id, _ in releasing}

@@ -1,8 +1,9 @@
 """A drain process that dies between its claim and its hand-over (``os._exit``, as a kill).
 
-``python -m tests.drain_dies_child AMQP_URL STATE_URL EXCHANGE DEVICE``: prints ``claimed N``
-once its claim of the device's N commands committed, then ends at once, its channel's
-messages unacked (the broker requeues them) and its claim left in the index.
+``python -m tests.drain_dies_child AMQP_URL STATE_URL EXCHANGE DEVICE [HOLD]``: prints
+``claimed N`` once its claim of the device's N commands committed, then (after ``HOLD``
+seconds, 0 unless given) ends at once, its channel's messages unacked (the broker requeues
+them) and its claim left in the index.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from amqp_queue import RabbitMQConfig, RabbitMQStore
 from amqp_queue.state.model import CommandRecord
 
 
-async def main(amqp_url: str, state_url: str, exchange: str, device: str) -> None:
+async def main(amqp_url: str, state_url: str, exchange: str, device: str, hold: float) -> None:
     store = await RabbitMQStore.connect(
         amqp_url, state_url=state_url, config=RabbitMQConfig(exchange=exchange)
     )
 
     async def dies(claimed: Sequence[CommandRecord]) -> list[CommandRecord]:
         print(f"claimed {len(claimed)}", flush=True)
+        await asyncio.sleep(hold)
         os._exit(9)
 
     store.state.hand_over = dies  # type: ignore[method-assign]
@@ -30,4 +32,6 @@ async def main(amqp_url: str, state_url: str, exchange: str, device: str) -> Non
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    amqp_url, state_url, exchange, device = sys.argv[1:5]
+    hold = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    asyncio.run(main(amqp_url, state_url, exchange, device, hold))

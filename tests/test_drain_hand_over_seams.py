@@ -1,0 +1,153 @@
+"""A drain between its claim and its hand-over, where it meets a closing store, a failing
+index or another process's reader (the combinations the seventeenth session's re-read listed
+as untested). Whatever the order of events: every command reaches a device exactly once, in
+the end delivered, none left claimed or open for nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amqp_queue import CommandStatus, StateError
+from amqp_queue.state import rules
+from amqp_queue.state.model import CommandRecord
+from tests.rabbitmq_support import AMQP_URL
+from tests.test_adversarial_seams import (
+    Env,
+    Handout,
+    consume_until,
+    drain_until_empty,
+    env_on,
+)
+
+BACKENDS = ["sqlite", "postgres", "redis"]
+
+
+async def _all_delivered_once(
+    env: Env, device: str, ids: Sequence[str], first: list[bytes]
+) -> None:
+    """What ``first`` (a drain cut short) returned and what a fresh store drains from here on
+    are every command, each once; and the index says each was delivered."""
+    reader = await env.open()
+    # Rounds enough for a relay backing off from refused releases to have tried again.
+    later = await drain_until_empty(reader, device, rounds=10)
+    payloads = [b"%d" % n for n in range(len(ids))]
+    assert sorted(first + later) == payloads, f"first {first}, later {later}"
+    assert [await reader.get_status(i) for i in ids] == [CommandStatus.DELIVERED] * len(ids)
+
+
+@pytest.mark.parametrize("phase", ["claim", "hand_over"])
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_close_while_a_drain_is_between_its_phases(
+    backend: str, phase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` while the drain's claim (or its hand-over) has committed and not answered
+    yet: the drain either returns the commands or gives them back, never neither or both."""
+    async with env_on(backend, tmp_path, prefix="handover.") as env:
+        producer, drainer = await env.open(), await env.open()
+        device = env.device()
+        ids = [await producer.enqueue(device, b"%d" % n, 600) for n in range(4)]
+        real = getattr(drainer.state, phase)
+        landed, release = asyncio.Event(), asyncio.Event()
+
+        async def held(*args: Any) -> Any:
+            answer = await real(*args)
+            landed.set()
+            await release.wait()
+            return answer
+
+        monkeypatch.setattr(drainer.state, phase, held)
+        drain = asyncio.create_task(drainer.drain_pending(device))
+        async with asyncio.timeout(10):
+            await landed.wait()
+        closing = asyncio.create_task(drainer.close())
+        await asyncio.sleep(0.2)  # close() is under way: the drain is told to stop
+        release.set()
+        first: list[bytes] = []
+        async with asyncio.timeout(30):
+            with suppress(Exception):  # a drain ended by close() may raise; it returned none
+                first = await drain
+            await closing
+
+        await _all_delivered_once(env, device, ids, first)
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["not-landed", "landed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_failed_hand_over_whose_give_back_fails_too(
+    backend: str, landed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index fails the hand-over (before its write, or after it committed: an answer
+    lost) and then the give-back's release for a while. The drain raises; its store's relay
+    gives back once the index answers, and the commands reach a device once each."""
+    async with env_on(backend, tmp_path, prefix="handover.") as env:
+        producer, drainer = await env.open(), await env.open()
+        device = env.device()
+        ids = [await producer.enqueue(device, b"%d" % n, 600) for n in range(4)]
+        hand_over, release = drainer.state.hand_over, drainer.state.release
+        index_back = asyncio.Event()
+
+        async def failing_hand_over(claimed: Sequence[CommandRecord]) -> Any:
+            if landed:
+                await hand_over(claimed)
+            raise StateError("state index write failed: injected")
+
+        async def failing_release(*args: Any) -> Any:
+            if not index_back.is_set():
+                raise StateError("state index write failed: injected")
+            return await release(*args)
+
+        monkeypatch.setattr(drainer.state, "hand_over", failing_hand_over)
+        monkeypatch.setattr(drainer.state, "release", failing_release)
+        with pytest.raises(StateError):
+            await drainer.drain_pending(device)
+        index_back.set()
+
+        await _all_delivered_once(env, device, ids, [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_stream_open_when_another_process_dies_at_its_hand_over(
+    backend: str, tmp_path: Path
+) -> None:
+    """A device's stream is already waiting on its queue when another process's drain,
+    holding the device's messages under its claim, dies before its hand-over: the stream gets
+    the redelivered messages, ends the dead claims and hands every command out, in order,
+    long before the claims would lapse."""
+    async with env_on(backend, tmp_path, prefix="handover.") as env:
+        producer = await env.open()
+        device = env.device()
+        payloads = [b"%d" % n for n in range(5)]
+        for payload in payloads:
+            await producer.enqueue(device, payload, 600)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.drain_dies_child",
+            AMQP_URL,
+            env.state_url,
+            env.exchange,
+            device,
+            "1.5",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 30)
+        assert line.decode().split() == ["claimed", "5"]
+
+        got: list[Handout] = []
+        started = time.monotonic()
+        # Opened while the child holds every message unacked: it waits for the redelivery.
+        await consume_until(producer, device, got, done=lambda: len(got) == len(payloads))
+        await asyncio.wait_for(child.wait(), 10)
+
+        assert [handout.payload for handout in got] == payloads
+        assert time.monotonic() - started < rules.CLAIM_LEASE.total_seconds() / 2
+        assert [await producer.get_status(h.id) for h in got] == [CommandStatus.DELIVERED] * 5
