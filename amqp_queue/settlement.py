@@ -216,8 +216,7 @@ async def split_live(
     # that drain most likely died between its claim and its hand-over, and the claim would
     # keep the command from every device until it lapsed; dropped here, it would be lost.
     if revive:
-        redelivered = command_ids([message for message in messages if message.redelivered])
-        orphaned = [command_id for command_id in redelivered if command_id not in live]
+        orphaned = _redelivered_ids(messages, excluding=live)
         if orphaned and await state.end_claims(orphaned):
             live |= await state.deliverable(orphaned)
     kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
@@ -247,8 +246,7 @@ async def end_orphaned_claims(
     would keep the command from every device until it lapsed, and the message would be
     dropped meanwhile as not deliverable: lost. A claiming drain alive after all finds the
     command no longer its own at its hand-over and leaves it out."""
-    redelivered = command_ids([message for message in messages if message.redelivered])
-    orphaned = [command_id for command_id in redelivered if command_id not in own]
+    orphaned = _redelivered_ids(messages, excluding=own)
     if not orphaned:
         return
     try:
@@ -259,6 +257,15 @@ async def end_orphaned_claims(
         logger.warning(
             "ending the claims of %d redelivered commands failed: %s", len(orphaned), exc
         )
+
+
+def _redelivered_ids(
+    messages: Sequence[AbstractIncomingMessage], *, excluding: Collection[str]
+) -> list[str]:
+    """The command ids of the redelivered ``messages`` (a closed channel's, maybe a dead
+    drain's), but ``excluding``."""
+    redelivered = command_ids([message for message in messages if message.redelivered])
+    return [command_id for command_id in redelivered if command_id not in excluding]
 
 
 def report_delivered(observer: Observer, records: Sequence[CommandRecord], now: datetime) -> None:
