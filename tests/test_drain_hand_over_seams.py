@@ -23,7 +23,6 @@ from tests.test_adversarial_seams import (
     Env,
     Handout,
     consume_until,
-    drain_until_empty,
     env_on,
 )
 
@@ -34,11 +33,16 @@ async def _all_delivered_once(
     env: Env, device: str, ids: Sequence[str], first: list[bytes]
 ) -> None:
     """What ``first`` (a drain cut short) returned and what a fresh store drains from here on
-    are every command, each once; and the index says each was delivered."""
+    are every command, each once, within seconds; and the index says each was delivered."""
     reader = await env.open()
-    # Rounds enough for a relay backing off from refused releases to have tried again.
-    later = await drain_until_empty(reader, device, rounds=10)
     payloads = [b"%d" % n for n in range(len(ids))]
+    later: list[bytes] = []
+    # Seconds: a refused give-back's relay tries again within one (not at its next pass).
+    async with asyncio.timeout(10):
+        while len(first) + len(later) < len(payloads):
+            later += await reader.drain_pending(device)
+            await asyncio.sleep(0.1)
+    later += await reader.drain_pending(device)  # a copy, were anything given back twice
     assert sorted(first + later) == payloads, f"first {first}, later {later}"
     assert [await reader.get_status(i) for i in ids] == [CommandStatus.DELIVERED] * len(ids)
 
@@ -88,11 +92,14 @@ async def test_a_failed_hand_over_whose_give_back_fails_too(
     lost) and then the give-back's release for a while. The drain raises; its store's relay
     gives back once the index answers, and the commands reach a device once each."""
     async with env_on(backend, tmp_path, prefix="handover.") as env:
-        producer, drainer = await env.open(), await env.open()
+        # Its give-back tries the release for publish_timeout before it owes it to the relay,
+        # whose regular passes come at the default interval (the suite's stores: 1 s).
+        producer = await env.open()
+        drainer = await env.open(publish_timeout=1.0, relay_interval=30.0)
         device = env.device()
         ids = [await producer.enqueue(device, b"%d" % n, 600) for n in range(4)]
         hand_over, release = drainer.state.hand_over, drainer.state.release
-        index_back = asyncio.Event()
+        index_back, drain_ended, relay_refused = asyncio.Event(), False, asyncio.Event()
 
         async def failing_hand_over(claimed: Sequence[CommandRecord]) -> Any:
             if landed:
@@ -101,6 +108,8 @@ async def test_a_failed_hand_over_whose_give_back_fails_too(
 
         async def failing_release(*args: Any) -> Any:
             if not index_back.is_set():
+                if drain_ended:
+                    relay_refused.set()  # the relay's try, once the drain owed it the release
                 raise StateError("state index write failed: injected")
             return await release(*args)
 
@@ -108,6 +117,11 @@ async def test_a_failed_hand_over_whose_give_back_fails_too(
         monkeypatch.setattr(drainer.state, "release", failing_release)
         with pytest.raises(StateError):
             await drainer.drain_pending(device)
+        drain_ended = True
+        # The index comes back only after the relay was refused once: when it tries again
+        # decides how long the commands stay delivered to nobody.
+        async with asyncio.timeout(10):
+            await relay_refused.wait()
         index_back.set()
 
         await _all_delivered_once(env, device, ids, [])
