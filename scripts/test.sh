@@ -41,4 +41,5 @@ tail -n 1 "$bench_log"
 # average), so six fit two cores and keep the command under ten minutes (four: 12:05 from a
 # fresh clone at 875573d; six: 9:19 at 04a777a; seven: 11:45 of pytest alone at 3bc806e, with
 # one trial timing out under the load, against 9:20-9:38 with six).
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-6}" --dist loadfile "$@"
+# Files go out longest first (tests/file_order.py), not by their number of tests.
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-6}" --dist loadfile --no-loadscope-reorder "$@"

@@ -9,6 +9,7 @@ import pytest
 
 from amqp_queue.state import IndexedStore, Store
 from tests.backends import BACKENDS, INDEX_BACKENDS, indexed_store
+from tests.file_order import longest_first
 from tests.quick_backends import deselect_left_out
 from tests.support import FakeClock
 
@@ -17,6 +18,7 @@ OpenStore = Callable[..., AbstractAsyncContextManager[Store]]
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     deselect_left_out(config, items)
+    longest_first(items)
 
 
 @pytest.fixture
