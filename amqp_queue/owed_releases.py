@@ -33,6 +33,7 @@ class OwedReleases:
 
     def __init__(self) -> None:
         self._records: dict[tuple[str, object], CommandRecord] = {}
+        self._refused = 0  # tries the index refused in a row
         self.retry_in = RETRY_FIRST
         """Seconds until the relay should try again (see :data:`RETRY_MOST`)."""
 
@@ -59,9 +60,10 @@ class OwedReleases:
                     await state.release((), list(releasing.values()))
         except StateError as exc:
             logger.warning("giving back %d claimed commands failed: %s", len(releasing), exc)
-            self.retry_in = min(self.retry_in * 2, RETRY_MOST)
+            self.retry_in = min(RETRY_FIRST * 2**self._refused, RETRY_MOST)
+            self._refused += 1
             return None
-        self.retry_in = RETRY_FIRST
+        self._refused, self.retry_in = 0, RETRY_FIRST
         for key in releasing:
             self._records.pop(key, None)
         return {command_id for command_id, _ in releasing}

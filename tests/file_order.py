@@ -42,8 +42,12 @@ def seconds_per_file(junit_xml: Path) -> dict[str, float]:
         name = case.get("file")
         if name:
             seconds[name] += float(case.get("time") or 0.0)
+    if not seconds:
+        raise SystemExit(f"{junit_xml} names no case's file: run with -o junit_family=xunit1")
     return {name: round(total, 1) for name, total in sorted(seconds.items())}
 
 
 if __name__ == "__main__":
-    WEIGHTS.write_text(json.dumps(seconds_per_file(Path(sys.argv[1])), indent=1) + "\n")
+    written = WEIGHTS.with_suffix(".tmp")
+    written.write_text(json.dumps(seconds_per_file(Path(sys.argv[1])), indent=1) + "\n")
+    written.replace(WEIGHTS)  # whole, for a run collecting meanwhile

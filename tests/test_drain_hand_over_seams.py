@@ -21,8 +21,6 @@ from amqp_queue.state.model import CommandRecord
 from tests.rabbitmq_support import AMQP_URL
 from tests.test_adversarial_seams import (
     Env,
-    Handout,
-    consume_until,
     env_on,
 )
 
@@ -71,8 +69,16 @@ async def test_close_while_a_drain_is_between_its_phases(
         drain = asyncio.create_task(drainer.drain_pending(device))
         async with asyncio.timeout(10):
             await landed.wait()
+        end, ending = drainer._running.end, asyncio.Event()
+
+        async def ends(drain_grace: float) -> None:
+            ending.set()
+            await end(drain_grace)
+
+        monkeypatch.setattr(drainer._running, "end", ends)
         closing = asyncio.create_task(drainer.close())
-        await asyncio.sleep(0.2)  # close() is under way: the drain is told to stop
+        async with asyncio.timeout(10):
+            await ending.wait()  # close() is under way: it ends the running drains
         release.set()
         first: list[bytes] = []
         async with asyncio.timeout(30):
@@ -149,19 +155,32 @@ async def test_a_stream_open_when_another_process_dies_at_its_hand_over(
             env.state_url,
             env.exchange,
             device,
-            "1.5",
+            "stdin",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        assert child.stdin is not None
         assert child.stdout is not None
-        line = await asyncio.wait_for(child.stdout.readline(), 30)
-        assert line.decode().split() == ["claimed", "5"]
+        got: list[bytes] = []
+        try:
+            line = await asyncio.wait_for(child.stdout.readline(), 30)
+            assert line.decode().split() == ["claimed", "5"]
+            # Open while the child holds every message unacked: it waits for the redelivery.
+            async with producer.consume(device) as stream:
+                child.stdin.write(b"die\n")  # the child dies once this stream waits
+                await child.stdin.drain()
+                started = time.monotonic()
+                async with asyncio.timeout(rules.CLAIM_LEASE.total_seconds() / 2):
+                    async for command in stream:
+                        got.append(command.payload)
+                        if len(got) == len(payloads):
+                            break
+            await asyncio.wait_for(child.wait(), 10)
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
 
-        got: list[Handout] = []
-        started = time.monotonic()
-        # Opened while the child holds every message unacked: it waits for the redelivery.
-        await consume_until(producer, device, got, done=lambda: len(got) == len(payloads))
-        await asyncio.wait_for(child.wait(), 10)
-
-        assert [handout.payload for handout in got] == payloads
+        assert got == payloads
         assert time.monotonic() - started < rules.CLAIM_LEASE.total_seconds() / 2
-        assert [await producer.get_status(h.id) for h in got] == [CommandStatus.DELIVERED] * 5
+        assert await producer.get_pending(device) == [], "handed out, and still pending"
