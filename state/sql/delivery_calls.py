@@ -138,6 +138,19 @@ class SqlDeliveryCalls(SqlExecution):
             rows = await self._select(sql.DELIVERABLE, ids=ids, now=now)
         return {record.id: record for record in map(sql.record_of, rows)}
 
+    async def _one_direct(self, command_id: str) -> list[dict[str, Any]] | None:
+        """``sql.ONE`` on the driver where one is kept, as the liveness checks read: a status
+        read or a confirm's lookup of its device costs a tenth of a read through SQLAlchemy.
+        None where none is kept (or SQLite answers busy): the caller reads as usual."""
+        try:
+            if self._live_check is not None:
+                return self._live_check.one(command_id)
+            if self._pg_reads is not None:
+                return await self._pg_reads.one(command_id)
+        except DIRECT_FAILURES as exc:
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        return None
+
     async def is_deliverable(self, command_id: str) -> bool:
         live: bool | None = None
         # consume() asks this before every hand-out: on the driver where one is kept.

@@ -74,6 +74,10 @@ class PostgresReads:
         """Whether the command is open, ready and unexpired."""
         return bool(await self._fetch(sql.LIVE, {"command_id": command_id, "now": now}))
 
+    async def one(self, command_id: str) -> list[dict[str, Any]]:
+        """The command's row, whatever its status (``sql.ONE``), if the index holds it."""
+        return await self._fetch(sql.ONE, {"command_id": command_id})
+
     async def mark_delivered(self, command_ids: Sequence[str], now: datetime) -> int:
         """Marks these commands delivered (``MARK_DELIVERED``); returns how many it marked."""
         compiled, params = self._sql.prepare(

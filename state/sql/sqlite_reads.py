@@ -76,6 +76,12 @@ class SqliteLiveCheck:
         rows = self._fetch(compiled.sql, params)
         return None if rows is None else bool(rows)
 
+    def one(self, command_id: str) -> list[dict[str, Any]] | None:
+        """The command's row, whatever its status (``sql.ONE``); None as :meth:`is_live`."""
+        compiled, params = self._sql.prepare(sql.ONE, {"command_id": command_id})
+        rows = self._fetch(compiled.sql, params)
+        return None if rows is None else compiled.rows(rows)
+
     def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]] | None:
         """As :meth:`SqliteReader.deliverable`, for at most :data:`FEW` ids (a lookup each);
         None as :meth:`is_live`, or for more ids."""

@@ -259,7 +259,9 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
             return 0
 
     async def get(self, command_id: str) -> CommandRecord | None:
-        rows = await self._select(sql.ONE, command_id=command_id)
+        rows = await self._one_direct(command_id)
+        if rows is None:
+            rows = await self._select(sql.ONE, command_id=command_id)
         return sql.record_of(rows[0]) if rows else None
 
     async def open_commands(self, device_id: str) -> list[CommandRecord]:
