@@ -55,6 +55,10 @@ async def test_hot_reads_answer_as_the_sqlalchemy_path_in_the_stores_schema() ->
         # The SQLAlchemy path, as every other statement runs: the same record.
         rows = await store._select(sql.DELIVERABLE, ids=ids, now=clock.now)
         assert [sql.record_of(row) for row in rows] == [records[ready]]
+        # One command by id (status reads, a confirm's lookup), whatever its status.
+        for command_id in ids:
+            one = await store._select(sql.ONE, command_id=command_id)
+            assert await store.get(command_id) == (sql.record_of(one[0]) if one else None)
 
 
 async def test_a_failed_hot_read_is_a_state_error() -> None:
@@ -65,6 +69,8 @@ async def test_a_failed_hot_read_is_a_state_error() -> None:
             await store.is_deliverable("00000000-0000-4000-8000-000000000000")
         with pytest.raises(StateError, match="no_such_database_here"):
             await store.deliverable(["00000000-0000-4000-8000-000000000000"])
+        with pytest.raises(StateError, match="no_such_database_here"):
+            await store.get("00000000-0000-4000-8000-000000000000")
     finally:
         await engine.dispose()
 

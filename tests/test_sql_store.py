@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from amqp_queue.state import CommandStatus, SqlStore, StateError
-from amqp_queue.state.sql import command_queue, create_engine
+from amqp_queue.state.sql import command_queue, create_engine, statements
 from amqp_queue.state.sql.sqlite_reads import FEW, SqliteLiveCheck
 from amqp_queue.state.sql.statements import UNPUBLISHED
 from tests.backends import POSTGRES_URL, postgres_schema
@@ -278,6 +278,10 @@ async def test_a_few_ids_are_read_on_the_loop_thread_as_the_driver_reads_them(
         assert rows is not None
         assert [row["id"] for row in rows] == [live]
         assert list(await store.deliverable(ids)) == [live]
+        # One command by id, whatever its status, read there too: as the driver reads it.
+        for command_id in ids:
+            one = await store._select(statements.ONE, command_id=command_id)
+            assert await store.get(command_id) == (statements.record_of(one[0]) if one else None)
 
 
 async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:
