@@ -167,12 +167,13 @@ class Topology:
         line.waiting += 1
         try:
             await asyncio.shield(ahead)
+            # The one ahead may have left the line cancelled, before the declaration ended.
+            await asyncio.shield(declared)
         finally:
             line.waiting -= 1
             if line.waiting == 0 and self._lines.get(device_id) is line:
                 del self._lines[device_id]
             mine.set_result(None)
-        declared.result()  # the declaration's failure, for every caller that waited on it
 
     def _forget_least_recent(self) -> None:
         """Keeps ``declared_cache`` devices, dropping the least recently used first.

@@ -94,3 +94,24 @@ async def test_once_the_line_has_passed_a_caller_takes_the_fast_path(
     # Declared, nobody waiting: it returns without suspending once (StopIteration).
     with pytest.raises(StopIteration):
         topology.ensure_queue("dev-1").send(None)
+
+
+async def test_a_caller_behind_one_cancelled_in_line_waits_for_the_declaration(
+    topology: HeldDeclaration,
+) -> None:
+    """Found by the full adversarial matrix (cancelled confirms, eighteenth session): the
+    first caller in line, cancelled while the declaration still ran, let the one behind it go
+    on, which then read the declaration's result before there was one (InvalidStateError)."""
+    names = ["declarer", "first", "second", "third"]
+    callers = {name: asyncio.create_task(topology.publish_in_turn("dev-1", name)) for name in names}
+    await asyncio.wait_for(asyncio.gather(topology.held.wait(), topology.three_in_line.wait()), 5)
+    callers["first"].cancel()
+    await asyncio.sleep(0)  # the cancelled caller leaves the line; the declaration still runs
+    await asyncio.sleep(0)
+    assert topology.order == []
+    topology.release.set()
+    await asyncio.gather(callers["declarer"], callers["second"], callers["third"])
+    assert topology.latecomer is not None
+    await topology.latecomer
+    assert callers["first"].cancelled()
+    assert topology.order == ["declarer", "second", "third", "latecomer"]
