@@ -94,6 +94,7 @@ class Publisher:
             if record.expires_at <= now:
                 return False
             await self._topology.ensure_queue(record.device_id)
+            declaration = self._topology.declaration(record.device_id)
             properties = to_properties(record, now)
             # Not broker_errors(): on the path of every enqueue, the message is built only
             # when there is a failure to name.
@@ -124,7 +125,7 @@ class Publisher:
                 attempt,
                 self._config.queue_name(record.device_id),
             )
-            self._topology.forget(record.device_id)
+            self._topology.forget(record.device_id, declaration)
         raise BrokerError(f"command {record.id} is unroutable to device {record.device_id!r}")
 
     async def _basic_publish(

@@ -191,9 +191,17 @@ class Topology:
         self._declarations += 1
         return self._declaring[self._declarations % len(self._declaring)]
 
-    def forget(self, device_id: str) -> None:
-        """Makes the next :meth:`ensure_queue` declare the queue again."""
-        self._declared.pop(device_id, None)
+    def declaration(self, device_id: str) -> object | None:
+        """A token for the device's cached declaration, for :meth:`forget`."""
+        return self._declared.get(device_id)
+
+    def forget(self, device_id: str, declaration: object | None = None) -> None:
+        """Makes the next :meth:`ensure_queue` declare the queue again. Given the
+        ``declaration`` a publish went out under, only that one is forgotten: a later
+        unroutable return must not drop the re-declaration an earlier command of the device
+        waits on (a second declaration would let the later command overtake it)."""
+        if declaration is None or self._declared.get(device_id) is declaration:
+            self._declared.pop(device_id, None)
 
     async def delete_queue(self, device_id: str) -> None:
         """Deletes the device's queue, with the messages in it (a retired device).

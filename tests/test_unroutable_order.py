@@ -1,0 +1,61 @@
+"""Owed commands republished after their queue was deleted behind the publisher's cache keep
+their order (found by the full adversarial matrix, eighteenth session; reproduced by a helper):
+a later unroutable return forgot the re-declaration an earlier command waited on, and the later
+command's own declaration let it overtake."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.test_adversarial_ninth import space_on, take
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "redis"])
+async def test_owed_commands_after_a_retire_keep_their_order(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with space_on(backend, tmp_path) as space:
+        device = space.device()
+        p = await space.open(publish_timeout=0.5)
+        o, d = await space.open(), await space.open()
+        await p.ensure_queue(device)  # p caches the queue as declared
+        await o.retire_device(device)  # deleted behind p's cache (nothing open to cancel)
+
+        # p's relay is behind (a pass slow under load): enqueue waits publish_timeout for it
+        # (OutboxRelay.published) and returns with its command still owed.
+        relay = p._relay
+        assert relay is not None
+        gate, real_flush = asyncio.Event(), relay.flush
+
+        async def held_flush() -> int:
+            await gate.wait()
+            return await real_flush()
+
+        monkeypatch.setattr(relay, "flush", held_flush)
+        relay.kick()
+        first = await p.enqueue(device, b"1", 600)
+        second = await p.enqueue(device, b"2", 600)  # began after the first returned
+
+        # The first re-declaration after the unroutable returns is a little slower.
+        topology = await p._ready()
+        real_declare, calls = topology._declare, []
+
+        async def declare(device_id: str) -> None:
+            calls.append(device_id)
+            if len(calls) == 1:
+                await asyncio.sleep(0.3)
+            await real_declare(device_id)
+
+        monkeypatch.setattr(topology, "_declare", declare)
+        gate.set()
+        relay.kick()
+        for _ in range(100):
+            if relay.owes == 0:
+                break
+            await asyncio.sleep(0.05)
+        got = await take(d, device, {b"1", b"2"}, 5)  # a stream hands out in queue order
+        assert got == [(first, b"1"), (second, b"2")], (got, calls)
