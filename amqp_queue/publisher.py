@@ -93,8 +93,7 @@ class Publisher:
             now = self._clock()
             if record.expires_at <= now:
                 return False
-            await self._topology.ensure_queue(record.device_id)
-            declaration = self._topology.declaration(record.device_id)
+            declaration = await self._topology.ensure_queue(record.device_id)
             properties = to_properties(record, now)
             # Not broker_errors(): on the path of every enqueue, the message is built only
             # when there is a failure to name.

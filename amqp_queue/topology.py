@@ -97,8 +97,9 @@ class Topology:
             )
         return self._exchange
 
-    async def ensure_queue(self, device_id: str) -> None:
-        """Declares and binds the device's queue once per process; idempotent.
+    async def ensure_queue(self, device_id: str) -> asyncio.Future[None]:
+        """Declares and binds the device's queue once per process; idempotent. Returns the
+        declaration the caller waited for, for :meth:`forget`.
 
         Raises:
             QueueMismatch: the queue exists with another type or durability.
@@ -118,13 +119,14 @@ class Topology:
                 functools.partial(self._declaration_done, device_id, declared)
             )
             await asyncio.shield(declaring)
-            return
+            return declared
         self._declared.move_to_end(device_id)
         if device_id not in self._lines and declared.done():
             # The hot path of every publish: no shield, no extra future.
             declared.result()
-            return
+            return declared
         await self._wait_in_line(device_id, declared)
+        return declared
 
     async def _declare(self, device_id: str) -> None:
         # Not robust: a declaring channel need not re-declare every device queue after a
@@ -191,15 +193,12 @@ class Topology:
         self._declarations += 1
         return self._declaring[self._declarations % len(self._declaring)]
 
-    def declaration(self, device_id: str) -> object | None:
-        """A token for the device's cached declaration, for :meth:`forget`."""
-        return self._declared.get(device_id)
-
-    def forget(self, device_id: str, declaration: object | None = None) -> None:
+    def forget(self, device_id: str, declaration: asyncio.Future[None] | None = None) -> None:
         """Makes the next :meth:`ensure_queue` declare the queue again. Given the
-        ``declaration`` a publish went out under, only that one is forgotten: a later
-        unroutable return must not drop the re-declaration an earlier command of the device
-        waits on (a second declaration would let the later command overtake it)."""
+        ``declaration`` a publish went out under (what ``ensure_queue`` returned), only that
+        one is forgotten: a later unroutable return must not drop the re-declaration an
+        earlier command of the device waits on (a second declaration would let the later
+        command overtake it)."""
         if declaration is None or self._declared.get(device_id) is declaration:
             self._declared.pop(device_id, None)
 

@@ -54,9 +54,6 @@ class _Topology:
     async def ensure_queue(self, device_id: str) -> None:
         pass
 
-    def declaration(self, device_id: str) -> object | None:
-        return None
-
 
 def _publisher(queue_type: QueueType) -> tuple[Publisher, _Broker]:
     broker = _Broker()

@@ -6,6 +6,7 @@ command's own declaration let it overtake."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ async def test_owed_commands_after_a_retire_keep_their_order(
 ) -> None:
     async with space_on(backend, tmp_path) as space:
         device = space.device()
-        p = await space.open(publish_timeout=0.5)
+        p = await space.open(publish_timeout=1.0)
         o, d = await space.open(), await space.open()
         await p.ensure_queue(device)  # p caches the queue as declared
         await o.retire_device(device)  # deleted behind p's cache (nothing open to cancel)
@@ -29,33 +30,38 @@ async def test_owed_commands_after_a_retire_keep_their_order(
         # (OutboxRelay.published) and returns with its command still owed.
         relay = p._relay
         assert relay is not None
-        gate, real_flush = asyncio.Event(), relay.flush
+        gate, flushed, real_flush = asyncio.Event(), asyncio.Event(), relay.flush
 
         async def held_flush() -> int:
             await gate.wait()
-            return await real_flush()
+            published = await real_flush()
+            if not relay.owes:
+                flushed.set()
+            return published
 
         monkeypatch.setattr(relay, "flush", held_flush)
         relay.kick()
         first = await p.enqueue(device, b"1", 600)
         second = await p.enqueue(device, b"2", 600)  # began after the first returned
 
-        # The first re-declaration after the unroutable returns is a little slower.
+        # The first re-declaration after the unroutable returns ends only once a second one
+        # (the old code's) has: at most a second later, where there is no second one.
         topology = await p._ready()
-        real_declare, calls = topology._declare, []
+        real_declare, calls, second_done = topology._declare, list[str](), asyncio.Event()
 
         async def declare(device_id: str) -> None:
             calls.append(device_id)
             if len(calls) == 1:
-                await asyncio.sleep(0.3)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(second_done.wait(), 1.0)
             await real_declare(device_id)
+            if len(calls) > 1:
+                second_done.set()
 
         monkeypatch.setattr(topology, "_declare", declare)
         gate.set()
         relay.kick()
-        for _ in range(100):
-            if relay.owes == 0:
-                break
-            await asyncio.sleep(0.05)
-        got = await take(d, device, {b"1", b"2"}, 5)  # a stream hands out in queue order
+        await asyncio.wait_for(flushed.wait(), 15)
+        assert calls, "no publish came back unroutable: the queue was not gone"
+        got = await take(d, device, {b"1", b"2"}, 10)  # a stream hands out in queue order
         assert got == [(first, b"1"), (second, b"2")], (got, calls)
