@@ -17,6 +17,24 @@ from amqp_queue import RabbitMQConfig, RabbitMQStore
 from amqp_queue.state.model import CommandRecord
 
 
+async def spawn(
+    amqp_url: str, state_url: str, exchange: str, device: str, *, hold: bool = False
+) -> asyncio.subprocess.Process:
+    """Starts this child on ``device`` (stdout piped; with ``hold``, stdin too)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.drain_dies_child",
+        amqp_url,
+        state_url,
+        exchange,
+        device,
+        *(["stdin"] if hold else []),
+        stdin=asyncio.subprocess.PIPE if hold else None,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
 async def main(amqp_url: str, state_url: str, exchange: str, device: str, hold: bool) -> None:
     store = await RabbitMQStore.connect(
         amqp_url, state_url=state_url, config=RabbitMQConfig(exchange=exchange)

@@ -14,7 +14,6 @@ every time. A claim now holds its commands open, and only the hand-over marks th
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -25,6 +24,7 @@ import pytest
 
 from amqp_queue import CommandStatus, Limits, QueueError, QueueFull, RabbitMQStore
 from amqp_queue.state import rules
+from tests import drain_dies_child
 from tests.rabbitmq_support import AMQP_URL
 from tests.test_adversarial_seams import Handout, consume_until, env_on
 
@@ -192,16 +192,7 @@ async def test_what_a_drain_that_died_after_its_claim_held_reaches_the_device_at
         for payload in payloads:
             await producer.enqueue(device, payload, 600)
 
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.drain_dies_child",
-            AMQP_URL,
-            env.state_url,
-            env.exchange,
-            device,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        child = await drain_dies_child.spawn(AMQP_URL, env.state_url, env.exchange, device)
         out, _ = await asyncio.wait_for(child.communicate(), 30)
         assert out.decode().split() == ["claimed", "5"]
         assert [await producer.get_status(c.id) for c in await producer.get_pending(device)] == [

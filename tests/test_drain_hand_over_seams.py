@@ -6,7 +6,6 @@ the end delivered, none left claimed or open for nobody."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -18,6 +17,7 @@ import pytest
 from amqp_queue import CommandStatus, StateError
 from amqp_queue.state import rules
 from amqp_queue.state.model import CommandRecord
+from tests import drain_dies_child
 from tests.rabbitmq_support import AMQP_URL
 from tests.test_adversarial_seams import (
     Env,
@@ -147,17 +147,8 @@ async def test_a_stream_open_when_another_process_dies_at_its_hand_over(
         payloads = [b"%d" % n for n in range(5)]
         for payload in payloads:
             await producer.enqueue(device, payload, 600)
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.drain_dies_child",
-            AMQP_URL,
-            env.state_url,
-            env.exchange,
-            device,
-            "stdin",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        child = await drain_dies_child.spawn(
+            AMQP_URL, env.state_url, env.exchange, device, hold=True
         )
         assert child.stdin is not None
         assert child.stdout is not None
