@@ -42,6 +42,8 @@ class Child:
         self.args = args
         self.events: list[dict[str, Any]] = []
         self.ready = asyncio.Event()
+        # Set once the child finished enough calls to judge (a kill before that judges none).
+        self.judgeable = asyncio.Event()
         self.stderr = b""
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -71,6 +73,8 @@ class Child:
             self.events.append(event)
             if event["ev"] == "ready":
                 self.ready.set()
+            elif event["ev"] == "done" and sum(e["ev"] == "done" for e in self.events) > 20:
+                self.judgeable.set()
         if not self.ready.is_set():
             assert self._proc.stderr is not None
             self.stderr = await self._proc.stderr.read()
@@ -401,7 +405,11 @@ async def test_producer_killed_then_restarted_delivers_every_accepted_command_on
             child = Child("producer", AMQP_URL, state_url, exchange, seed, mode, ",".join(devices))
             await child.start()
             assert not child.stderr, child.stderr.decode()
-            await asyncio.sleep(rng.uniform(0.3, 2.5))
+            # Killed at a random moment once it made enough calls to judge: a child slow to
+            # start (six test processes starting together) made 3 in 0.3 s.
+            async with asyncio.timeout(30):
+                await child.judgeable.wait()
+            await asyncio.sleep(rng.uniform(0.0, 2.2))
             await child.kill()
             events = child.events
             box = [build_units(events, devices)]
