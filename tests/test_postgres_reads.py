@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -55,10 +56,20 @@ async def test_hot_reads_answer_as_the_sqlalchemy_path_in_the_stores_schema() ->
         # The SQLAlchemy path, as every other statement runs: the same record.
         rows = await store._select(sql.DELIVERABLE, ids=ids, now=clock.now)
         assert [sql.record_of(row) for row in rows] == [records[ready]]
-        # One command by id (status reads, a confirm's lookup), whatever its status.
+        # One command by id (status reads, a confirm's lookup), whatever its status: there.
+        reads = store._pg_reads
+        assert reads is not None
+        direct, read_there = reads.one, list[str]()
+
+        async def one_there(command_id: str) -> Any:
+            read_there.append(command_id)
+            return await direct(command_id)
+
+        reads.one = one_there  # type: ignore[method-assign]
         for command_id in ids:
             one = await store._select(sql.ONE, command_id=command_id)
             assert await store.get(command_id) == (sql.record_of(one[0]) if one else None)
+        assert read_there == ids
 
 
 async def test_a_failed_hot_read_is_a_state_error() -> None:

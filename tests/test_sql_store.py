@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -279,9 +280,18 @@ async def test_a_few_ids_are_read_on_the_loop_thread_as_the_driver_reads_them(
         assert [row["id"] for row in rows] == [live]
         assert list(await store.deliverable(ids)) == [live]
         # One command by id, whatever its status, read there too: as the driver reads it.
+        assert store._live_check is not None
+        direct, read_there = store._live_check.one, list[str]()
+
+        def one_there(command_id: str) -> Any:
+            read_there.append(command_id)
+            return direct(command_id)
+
+        store._live_check.one = one_there  # type: ignore[method-assign]
         for command_id in ids:
             one = await store._select(statements.ONE, command_id=command_id)
             assert await store.get(command_id) == (statements.record_of(one[0]) if one else None)
+        assert read_there == ids
 
 
 async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:
