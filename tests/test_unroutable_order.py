@@ -31,8 +31,10 @@ async def test_owed_commands_after_a_retire_keep_their_order(
         relay = p._relay
         assert relay is not None
         gate, flushed, real_flush = asyncio.Event(), asyncio.Event(), relay.flush
+        entered = asyncio.Event()
 
         async def held_flush() -> int:
+            entered.set()
             await gate.wait()
             published = await real_flush()
             if not relay.owes:
@@ -41,6 +43,9 @@ async def test_owed_commands_after_a_retire_keep_their_order(
 
         monkeypatch.setattr(relay, "flush", held_flush)
         relay.kick()
+        # A pass is under way and held, with the kick pending: the enqueues go to the relay
+        # (a pass that ended just before would let them publish directly, in order).
+        await asyncio.wait_for(entered.wait(), 10)
         first = await p.enqueue(device, b"1", 600)
         second = await p.enqueue(device, b"2", 600)  # began after the first returned
 
