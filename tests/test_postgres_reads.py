@@ -70,6 +70,20 @@ async def test_hot_reads_answer_as_the_sqlalchemy_path_in_the_stores_schema() ->
             one = await store._select(sql.ONE, command_id=command_id)
             assert await store.get(command_id) == (sql.record_of(one[0]) if one else None)
         assert read_there == ids
+        # A device's open commands (get_pending, the operators' list), in write order: there.
+        listed = list[str]()
+        open_direct = reads.open_commands
+
+        async def open_there(device_id: str, now: datetime) -> Any:
+            listed.append(device_id)
+            return await open_direct(device_id, now)
+
+        reads.open_commands = open_there  # type: ignore[method-assign]
+        for device in ("gw-1", "gw-2", "gw-3"):
+            rows = await store._select(sql.OPEN_COMMANDS, device=device, now=clock.now)
+            assert await store.open_commands(device) == [sql.record_of(row) for row in rows]
+        assert [command.id for command in await store.get_pending("gw-1")] == [ready, waiting]
+        assert listed == ["gw-1", "gw-2", "gw-3", "gw-1"]
 
 
 async def test_a_failed_hot_read_is_a_state_error() -> None:

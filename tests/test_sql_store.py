@@ -292,6 +292,20 @@ async def test_a_few_ids_are_read_on_the_loop_thread_as_the_driver_reads_them(
             one = await store._select(statements.ONE, command_id=command_id)
             assert await store.get(command_id) == (statements.record_of(one[0]) if one else None)
         assert read_there == ids
+        # A device's open commands (get_pending), in write order: on the driver's thread.
+        assert store._reader is not None
+        open_direct, listed = store._reader.open_commands, list[str]()
+
+        async def open_there(device_id: str, now: datetime) -> Any:
+            listed.append(device_id)
+            return await open_direct(device_id, now)
+
+        store._reader.open_commands = open_there  # type: ignore[method-assign]
+        for device in ("dev-1", "dev-2"):
+            rows = await store._select(statements.OPEN_COMMANDS, device=device, now=clock())
+            assert await store.open_commands(device) == [statements.record_of(r) for r in rows]
+        assert [command.id for command in await store.get_pending("dev-1")] == [live, waiting]
+        assert listed == ["dev-1", "dev-2", "dev-1"]
 
 
 async def test_the_outbox_reads_its_index_in_ready_order_without_sorting(tmp_path: Path) -> None:

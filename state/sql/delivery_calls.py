@@ -151,6 +151,20 @@ class SqlDeliveryCalls(SqlExecution):
             raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
         return None
 
+    async def _open_direct(self, device_id: str, now: datetime) -> list[dict[str, Any]] | None:
+        """``sql.OPEN_COMMANDS`` on a kept driver connection (a SQLite file's driver thread,
+        PostgreSQL's asyncpg), as the liveness checks read: ``get_pending`` and the
+        operators' list read through SQLAlchemy at a fifth of that rate. None where none
+        is kept: the caller reads as usual."""
+        try:
+            if self._reader is not None:
+                return await self._reader.open_commands(device_id, now)
+            if self._pg_reads is not None:
+                return await self._pg_reads.open_commands(device_id, now)
+        except DIRECT_FAILURES as exc:
+            raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        return None
+
     async def is_deliverable(self, command_id: str) -> bool:
         live: bool | None = None
         # consume() asks this before every hand-out: on the driver where one is kept.

@@ -57,8 +57,8 @@ def usable(engine: AsyncEngine) -> bool:
 
 
 class PostgresReads:
-    """``deliverable``, the one-command liveness check and the delivery mark, each one
-    round trip."""
+    """``deliverable``, the one-command liveness check, a device's open commands and the
+    delivery mark, each one round trip."""
 
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         self._engine = engine
@@ -77,6 +77,10 @@ class PostgresReads:
     async def one(self, command_id: str) -> list[dict[str, Any]]:
         """The command's row, whatever its status (``sql.ONE``), if the index holds it."""
         return await self._fetch(sql.ONE, {"command_id": command_id})
+
+    async def open_commands(self, device_id: str, now: datetime) -> list[dict[str, Any]]:
+        """Rows of the device's open, unexpired commands in write order (``get_pending``)."""
+        return await self._fetch(sql.OPEN_COMMANDS, {"device": device_id, "now": now})
 
     async def mark_delivered(self, command_ids: Sequence[str], now: datetime) -> int:
         """Marks these commands delivered (``MARK_DELIVERED``); returns how many it marked."""

@@ -1,7 +1,8 @@
 """The reads ``consume`` makes of every window and hand-out, straight on the SQLite driver.
 
-- :class:`SqliteReader`: ``deliverable`` (what ``consume`` asks of each window) as one
-  statement in autocommit mode, a consistent snapshot by itself (one hop), on a pooled
+- :class:`SqliteReader`: ``deliverable`` (what ``consume`` asks of each window), and a
+  device's open commands (``get_pending``, the operators' list), each as one statement in
+  autocommit mode, a consistent snapshot by itself (one hop), on a pooled
   connection the store keeps checked out.
 - :class:`SqliteLiveCheck`: whether one command is still deliverable (what ``consume`` asks
   before each hand-out), and which of a few are (a window of a device online, one command
@@ -25,6 +26,7 @@ from . import statements as sql
 from .compiled import DriverSql
 from .kept_connection import KeptConnection
 from .sqlite_direct import SqliteFile
+from .statements import Statement
 
 FEW = 8
 """The most ids :meth:`SqliteLiveCheck.deliverable` reads on the event loop's thread: a
@@ -33,7 +35,8 @@ other streams more than the hop it saves."""
 
 
 class SqliteReader:
-    """``deliverable`` in one statement and one hop; calls may run concurrently."""
+    """``deliverable`` and a device's open commands, each in one statement and one hop;
+    calls may run concurrently."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._sql = DriverSql(engine.dialect)
@@ -41,8 +44,14 @@ class SqliteReader:
 
     async def deliverable(self, command_ids: Sequence[str], now: datetime) -> list[dict[str, Any]]:
         """Rows (column name to value) of the open, ready and unexpired commands among these."""
-        values = {"ids": list(command_ids), "now": now}
-        compiled, params = self._sql.prepare(sql.DELIVERABLE, values)
+        return await self._fetch(sql.DELIVERABLE, {"ids": list(command_ids), "now": now})
+
+    async def open_commands(self, device_id: str, now: datetime) -> list[dict[str, Any]]:
+        """Rows of the device's open, unexpired commands in write order (``get_pending``)."""
+        return await self._fetch(sql.OPEN_COMMANDS, {"device": device_id, "now": now})
+
+    async def _fetch(self, statement: Statement, values: dict[str, Any]) -> list[dict[str, Any]]:
+        compiled, params = self._sql.prepare(statement, values)
         driver = await self._connection.driver()
         try:
             rows = await driver.execute_fetchall(compiled.sql, params)

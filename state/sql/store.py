@@ -265,7 +265,10 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         return sql.record_of(rows[0]) if rows else None
 
     async def open_commands(self, device_id: str) -> list[CommandRecord]:
-        rows = await self._select(sql.OPEN_COMMANDS, device=device_id, now=self.clock())
+        now = self.clock()
+        rows = await self._open_direct(device_id, now)
+        if rows is None:
+            rows = await self._select(sql.OPEN_COMMANDS, device=device_id, now=now)
         return [sql.record_of(row) for row in rows]
 
     async def _modify(self, command_id: str, change: Change) -> CommandRecord | None:
