@@ -9,6 +9,11 @@ device, ``get_status`` of a command), and how fast ``retire_device`` takes the f
 (cancel its commands, delete its queue). The cost per device must stay flat from the small
 fleet to the large one (ratios ≤ 1.2).
 
+Beside each fleet, the same with bare aio-pika on the same broker: a durable queue bound to
+a direct exchange and one persistent message for each device (the same 100 workers, over as
+many channels as the store declares on), then every queue deleted. Its delete rate tells
+how much of a retire's cost, and of its growth with the fleet, is the broker's own.
+
 Opt-in (``make bench-scale``, or ``--only fleet-scale``): it runs for several minutes and
 holds up to 100,000 queues on the broker while it does.
 """
@@ -22,9 +27,12 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
+import aio_pika
+
+from amqp_queue import RabbitMQConfig
 from bench.harness import Better, Context, Target, rate
 from bench.scale import _settled_memory, broker_memory, memory_categories
-from bench.services import PAYLOAD, TTL, device_ids, rabbitmq_store
+from bench.services import PAYLOAD, TTL, connection, device_ids, rabbitmq_store, unique
 
 GROUP = "Fleet scale: one pending command per device"
 PRODUCERS = 100
@@ -62,6 +70,36 @@ async def _latency_ms(calls: list[Callable[[], Awaitable[object]]]) -> tuple[flo
     return statistics.median(seconds) * 1000, cuts[98] * 1000
 
 
+async def _bare_fleet(count: int) -> tuple[float, float]:
+    """Seconds to give ``count`` bare queues their first message (declare, bind, publish
+    with a confirm) and to delete them again, each with ``PRODUCERS`` workers."""
+    devices = device_ids(count)
+    name = unique("bench.bare-fleet")
+    names = RabbitMQConfig(exchange=name)
+    spread = RabbitMQConfig().declare_channels
+    async with connection() as conn:
+        channels = [await conn.channel(publisher_confirms=True) for _ in range(spread)]
+        exchange = await channels[0].declare_exchange(
+            name, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        turn = iter(range(2 * count))
+
+        async def first_message(device: str) -> None:
+            channel = channels[next(turn) % spread]
+            queue = await channel.declare_queue(names.queue_name(device), durable=True)
+            await queue.bind(name, routing_key=device)
+            message = aio_pika.Message(PAYLOAD, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await exchange.publish(message, routing_key=device)
+
+        async def delete(device: str) -> None:
+            await channels[next(turn) % spread].queue_delete(names.queue_name(device))
+
+        declare = await _each(devices, first_message)
+        deleted = await _each(devices, delete)
+        await channels[0].exchange_delete(name)
+    return declare, deleted
+
+
 async def _one_fleet(ctx: Context, count: int) -> None:
     devices = device_ids(count)
     name = f"{count // 1000}k" if count >= 1000 else str(count)
@@ -82,6 +120,7 @@ async def _one_fleet(ctx: Context, count: int) -> None:
         status = await _latency_ms([functools.partial(store.get_status, ids[d]) for d in sample])
         retire = await _each(devices, store.retire_device)
         after_retire = await broker_memory()
+    bare_declare, bare_delete = await _bare_fleet(count)
     for key, label, value, unit in (
         (
             f"fleet.{name}.declare",
@@ -113,6 +152,18 @@ async def _one_fleet(ctx: Context, count: int) -> None:
             f"fleet.{name}.retire",
             f"{name}: retire_device (cancel, delete the queue)",
             rate(count, retire),
+            "devices/s",
+        ),
+        (
+            f"fleet.{name}.bare_declare",
+            f"{name}: bare aio-pika, first message to a new queue (declare, bind, publish)",
+            rate(count, bare_declare),
+            "devices/s",
+        ),
+        (
+            f"fleet.{name}.bare_delete",
+            f"{name}: bare aio-pika, queue.delete",
+            rate(count, bare_delete),
             "devices/s",
         ),
     ):
@@ -150,3 +201,16 @@ async def bench_fleet_scale(ctx: Context) -> None:
         f"fleet.{big}.retire",
         Target(1.2, "lower"),
     )
+    # The broker's own part: how its queue deletion alone slows with the fleet, and how a
+    # retire compares with a bare delete at each size.
+    ctx.results.ratio(
+        f"bare queue.delete rate, {s} / {big} (the broker's own growth)",
+        f"fleet.{s}.bare_delete",
+        f"fleet.{big}.bare_delete",
+    )
+    for size in (s, big):
+        ctx.results.ratio(
+            f"retire rate / bare queue.delete rate, {size}",
+            f"fleet.{size}.retire",
+            f"fleet.{size}.bare_delete",
+        )
