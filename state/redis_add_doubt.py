@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import write_doubt
+from .cancellation import cancellation_kept
 from .errors import StateError
 from .redis_encoding import milliseconds
 
@@ -97,12 +98,14 @@ async def send_once(
     sender = client.client()
     try:
         try:
-            await open_sender(sender)
+            with cancellation_kept():
+                await open_sender(sender)
         except (RedisError, OSError) as exc:
             raise StateError(f"redis {action} failed: {exc}") from exc
         resent = resends(sender)
         try:
-            return await script(keys=keys, args=args, client=sender)
+            with cancellation_kept():
+                return await script(keys=keys, args=args, client=sender)
         except (RedisError, OSError) as exc:
             lost = isinstance(
                 exc, RedisConnectionError | RedisTimeoutError | OSError

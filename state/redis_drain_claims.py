@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from .cancellation import cancellation_kept
 from .errors import ClaimOutcomeUnknown, StateError
 from .model import CommandRecord
 from .redis_claims import Claims, Send, answer_ttl, unexpired
@@ -63,9 +64,10 @@ class RedisDrainClaims:
         ) -> Sequence[Sequence[bytes]]:
             lookup = "1" if lookup_only else "0"
             rest = [token, answer_ttl(), lookup, str(len(answered)), *answered, *ids]
-            replies: Sequence[Sequence[bytes]] = await self._claim_script(
-                keys=keys, args=self._args(now, rest)
-            )
+            with cancellation_kept():
+                replies: Sequence[Sequence[bytes]] = await self._claim_script(
+                    keys=keys, args=self._args(now, rest)
+                )
             return replies
 
         return send

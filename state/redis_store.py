@@ -33,6 +33,7 @@ from . import redis_add_scripts as add_lua
 from . import redis_claim_scripts as claim_lua
 from . import redis_scripts as lua
 from . import rules
+from .cancellation import cancellation_kept
 from .clock import Clock, utc_now
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
@@ -344,10 +345,13 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
 
     @asynccontextmanager
     async def _errors(self, action: str) -> AsyncIterator[None]:
+        """Redis's failures as StateError; a cancellation redis-py dropped raised again
+        (see :mod:`~amqp_queue.state.cancellation`)."""
         from redis.exceptions import RedisError
 
         try:
-            yield
+            with cancellation_kept():
+                yield
         except (RedisError, OSError) as exc:
             raise StateError(f"redis {action} failed: {exc}") from exc
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from .cancellation import cancellation_kept
 from .errors import StateError
 
 T = TypeVar("T")
@@ -64,6 +65,7 @@ async def within_bound(
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
             reraise=True,
         ):
-            with attempt:
+            # A Redis call's dropped cancellation (its deadline's, too) raised again.
+            with attempt, cancellation_kept():
                 return await call()
     raise AssertionError("unreachable: the last failure is re-raised")

@@ -1,0 +1,77 @@
+"""What the index does about its callers' cancellations.
+
+- :func:`cancellation_kept`: a cancellation redis-py dropped, raised again where the Redis
+  call returns. redis-py sends each command (a pipeline, a script) under
+  ``asyncio.wait_for(send, socket_timeout)``. On Python 3.11 ``wait_for`` returns the inner
+  result when a cancellation arrives as that (all but instant) send finishes, and the
+  cancellation is gone: a ``consume()`` loop cancelled while it asked the index went on
+  handing out commands, its task never ending, and an ``asyncio.timeout()`` around a call
+  could lose its deadline (``tests/test_redis_cancellation.py``). The task still counts the
+  request (``Task.cancelling()``), so a call that returns with more requests pending than
+  it began with had one dropped: it is raised there, as if it had come while the reply was
+  read, which a caller meets anyway and handles. Python 3.12's ``wait_for`` drops none.
+- :func:`run_through`: a write run to its end through its caller's cancellation. Cut at its
+  COMMIT, a transaction may have landed all the same (PostgreSQL), and one abandoned half way
+  on a SQLite connection of the pool keeps the write lock until the garbage collector finds
+  the connection (``tests/test_cancelled_bare_drains.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@contextmanager
+def cancellation_kept() -> Iterator[None]:
+    """Raises ``CancelledError`` when the block (Redis calls) ends, normally or by an
+    error, with a cancellation of the running task requested and dropped inside it."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except BaseException as failure:
+        if task is not None and task.cancelling() > before:
+            raise asyncio.CancelledError from failure
+        raise
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+
+
+async def run_through(
+    work: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None
+) -> T:
+    """Runs ``work`` to its end and returns its answer.
+
+    The caller's cancellation (each one: a deadline and a task group may both cancel) waits
+    for that end, then ``undo`` of the answer if ``work`` did answer (what a cancelled call
+    took goes back; run to its end too), and is raised after them. A failure of ``undo`` is
+    chained to the ``CancelledError``; ``undo`` logs what it could not do.
+    """
+    running = asyncio.ensure_future(work)
+    cancelled = await _through_cancellations(running)
+    if not cancelled:
+        return running.result()
+    if running.cancelled() or running.exception() is not None or undo is None:
+        raise asyncio.CancelledError
+    undoing = asyncio.ensure_future(undo(running.result()))
+    await _through_cancellations(undoing)
+    failure = None if undoing.cancelled() else undoing.exception()
+    raise asyncio.CancelledError from failure
+
+
+async def _through_cancellations(running: asyncio.Future[Any]) -> bool:
+    """Waits until ``running`` is done; returns whether the caller was cancelled meanwhile."""
+    cancelled = False
+    while not running.done():
+        try:
+            await asyncio.wait([running])
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
