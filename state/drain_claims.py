@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import rules
+from .cancellation import run_through
 from .clock import Clock
 from .errors import ClaimOutcomeUnknown
 from .model import CommandRecord
@@ -41,11 +42,25 @@ class DrainClaims(abc.ABC):
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
         device = self._validate_device(device_id)
-        # Not shielded: a drain of the index alone waits on nothing but the index, and a
-        # caller's deadline must be able to cut it while the index stalls (a cancelled SQL
-        # transaction rolls back; the two steps give back what they took).
-        handed = await self._drain_index(device)
+        # Run to its end, the caller's deadline waiting for it (the index's own timeouts
+        # bound it): cut short, a drain may have handed over all the same (a COMMIT whose
+        # answer the cancellation took), and nobody would receive what it took. A cancelled
+        # drain returns nothing, so that goes back.
+        handed = await run_through(self._drain_index(device), self._give_back_drained)
         return [record.payload for record in rules.in_ready_order(handed)]
+
+    async def _give_back_drained(self, handed: list[CommandRecord]) -> None:
+        if not handed:
+            return
+        try:
+            await self.release(handed, ())
+        except Exception:
+            logger.exception(
+                "a cancelled drain could not give back %d commands, delivered to nobody: %s",
+                len(handed),
+                [record.id for record in handed],
+            )
+            raise
 
     async def _drain_index(self, device: str) -> list[CommandRecord]:
         """A drain of the index alone: claimed and handed over at once, as nothing is read

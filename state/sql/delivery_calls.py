@@ -70,11 +70,11 @@ class SqlDeliveryCalls(SqlExecution):
         return claimed.records
 
     async def _drain_index(self, device: str) -> list[CommandRecord]:
-        # Not on the writer thread: cancelled, the transaction must roll back (nobody
-        # received what it took), which one left to the writer would not.
+        # Run to its end by drain_pending, which gives back what a cancelled one took: on a
+        # SQLite file on the writer thread, in one hop.
         now = self.clock()
         if self._engine.dialect.name != "postgresql":
-            return await self._transaction(transactions.drain_index, device, now)
+            return await self._hot("drain", transactions.drain_index, device, now)
         # A COMMIT whose answer was lost is resolved as a claim's is (see commit_doubt): its
         # rows keep the claim's claimed_until and its transaction id once handed over.
         commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()

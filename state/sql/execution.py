@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..cancellation import run_through
 from ..errors import StateError
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from .engine import READ_ONLY, driver_reason, take_write_lock
@@ -99,12 +100,19 @@ class SqlExecution:
                     commit.backend, commit.result = None, None
                 if self._pg_writes is not None:
                     return await self._on_driver(self._pg_writes, transaction(), commit)
-                async with self._write() as conn:
-                    result = await transactions.run(conn, transaction())
-                    if commit is not None:
-                        await commit.sending(conn, result)
-                    return result
+                return await run_through(self._on_engine(transaction(), commit))
         raise AssertionError("unreachable: the last failure is re-raised")
+
+    async def _on_engine(
+        self, transaction: Transaction[T], commit: commit_doubt.Commit[T] | None
+    ) -> T:
+        # Run to its end through the caller's cancellation (see run_through): a pooled
+        # SQLite connection left half way through a transaction keeps the write lock.
+        async with self._write() as conn:
+            result = await transactions.run(conn, transaction)
+            if commit is not None:
+                await commit.sending(conn, result)
+            return result
 
     async def _on_driver(
         self,
