@@ -137,11 +137,16 @@ def write(
     command, insert the winner unless the slot is taken again, until it is in. Only on
     PostgreSQL can a slot be taken again (a concurrent transaction committed a command of
     that type after the end's snapshot); the next end (READ COMMITTED: a fresh snapshot)
-    ends that one. Rows keep the records' order, so ``seq`` is write order.
+    ends that one. A device's rows keep its records' order, so ``seq`` is write order.
+
+    The records are written device by device (in their order within a device, the only
+    order delivery keeps): two fan-outs naming the same devices in different orders lock
+    their slots in one order, where each in its caller's order deadlocked on PostgreSQL.
 
     Returns:
         How many open, unexpired commands the records superseded, theirs included.
     """
+    records = sorted(records, key=lambda record: record.device_id)  # stable
     winners: dict[tuple[str, str | None], int] = {
         (record.device_id, record.command_type): index
         for index, record in enumerate(records)
