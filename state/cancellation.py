@@ -13,7 +13,8 @@
 - :func:`run_through`: a write run to its end through its caller's cancellation. Cut at its
   COMMIT, a transaction may have landed all the same (PostgreSQL), and one abandoned half way
   on a SQLite connection of the pool keeps the write lock until the garbage collector finds
-  the connection (``tests/test_cancelled_bare_drains.py``).
+  the connection (``tests/test_cancelled_bare_drains.py``). The caller waits for it a second
+  at most; an index that stalls longer ends it by its own timeouts, in the background.
 """
 
 from __future__ import annotations
@@ -44,34 +45,77 @@ def cancellation_kept() -> Iterator[None]:
         raise asyncio.CancelledError
 
 
+CANCEL_WAIT = 1.0
+"""Seconds a cancelled caller of :func:`run_through` waits for its call's end, before it
+leaves the call to end in the background (the index stalls: its own timeouts end it)."""
+
+# The calls left to end in the background, and their undoing: kept from the garbage collector.
+_left: set[asyncio.Future[Any]] = set()
+
+
 async def run_through(
-    work: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None
+    work: Awaitable[T],
+    undo: Callable[[T], Awaitable[object]] | None = None,
+    *,
+    within: float = CANCEL_WAIT,
 ) -> T:
     """Runs ``work`` to its end and returns its answer.
 
     The caller's cancellation (each one: a deadline and a task group may both cancel) waits
-    for that end, then ``undo`` of the answer if ``work`` did answer (what a cancelled call
-    took goes back; run to its end too), and is raised after them. A failure of ``undo`` is
-    chained to the ``CancelledError``; ``undo`` logs what it could not do.
+    up to ``within`` seconds for that end, then for ``undo`` of the answer if ``work`` did
+    answer (what a cancelled call took goes back), and is raised after them. A call still
+    running then is left to end in the background, and undone when it answers. A failure of
+    ``undo`` is chained to the ``CancelledError``; ``undo`` logs what it could not do.
     """
     running = asyncio.ensure_future(work)
-    cancelled = await _through_cancellations(running)
-    if not cancelled:
-        return running.result()
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if running.cancelled():  # the call itself (the loop shutting down), not its caller
+            raise
+    await _waited(running, within)
+    if not running.done():
+        _leave(running, undo)
+        raise asyncio.CancelledError
     if running.cancelled() or running.exception() is not None or undo is None:
         raise asyncio.CancelledError
     undoing = asyncio.ensure_future(undo(running.result()))
-    await _through_cancellations(undoing)
+    await _waited(undoing, None)
     failure = None if undoing.cancelled() else undoing.exception()
     raise asyncio.CancelledError from failure
 
 
-async def _through_cancellations(running: asyncio.Future[Any]) -> bool:
-    """Waits until ``running`` is done; returns whether the caller was cancelled meanwhile."""
-    cancelled = False
+async def _waited(running: asyncio.Future[Any], within: float | None) -> None:
+    """Waits until ``running`` is done, or ``within`` seconds, through the caller's
+    cancellations."""
+    loop = asyncio.get_running_loop()
+    deadline = None if within is None else loop.time() + within
     while not running.done():
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            return
         try:
-            await asyncio.wait([running])
+            await asyncio.wait([running], timeout=left)
         except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
+            continue
+
+
+def _leave(running: asyncio.Future[T], undo: Callable[[T], Awaitable[object]] | None) -> None:
+    """Lets ``running`` end in the background; ``undo`` of its answer once it answers."""
+    _left.add(running)
+
+    def ended(done: asyncio.Future[T]) -> None:
+        _left.discard(done)
+        if done.cancelled() or done.exception() is not None or undo is None:
+            return
+        undoing = asyncio.ensure_future(undo(done.result()))
+        _left.add(undoing)
+        undoing.add_done_callback(_undone)
+
+    running.add_done_callback(ended)
+
+
+def _undone(undoing: asyncio.Future[Any]) -> None:
+    _left.discard(undoing)
+    if not undoing.cancelled():
+        undoing.exception()  # retrieved: undo logs its own failure

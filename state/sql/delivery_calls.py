@@ -10,8 +10,9 @@ import functools
 import logging
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..cancellation import run_through
 from ..clock import Clock
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
@@ -39,6 +40,10 @@ class SqlDeliveryCalls(SqlExecution):
     _reader: SqliteReader | None
     _live_check: SqliteLiveCheck | None
     _pg_reads: PostgresReads | None
+
+    if TYPE_CHECKING:  # provided by DrainClaims, through IndexedStore
+
+        async def _give_back_drained(self, handed: list[CommandRecord]) -> None: ...
 
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
@@ -70,8 +75,12 @@ class SqlDeliveryCalls(SqlExecution):
         return claimed.records
 
     async def _drain_index(self, device: str) -> list[CommandRecord]:
-        # Run to its end by drain_pending, which gives back what a cancelled one took: on a
-        # SQLite file on the writer thread, in one hop.
+        # One transaction, run to its end when the caller is cancelled, and what it took
+        # given back: cut at its COMMIT it may have landed (PostgreSQL), and nobody would
+        # receive its commands. On a SQLite file on the writer thread, in one hop.
+        return await run_through(self._drain_index_once(device), self._give_back_drained)
+
+    async def _drain_index_once(self, device: str) -> list[CommandRecord]:
         now = self.clock()
         if self._engine.dialect.name != "postgresql":
             return await self._hot("drain", transactions.drain_index, device, now)

@@ -1,0 +1,125 @@
+"""``run_through`` and ``cancellation_kept`` (``amqp_queue.state.cancellation``) on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from amqp_queue.state.cancellation import cancellation_kept, run_through
+
+
+async def test_an_uncancelled_call_answers_or_raises_as_itself() -> None:
+    async def answer() -> int:
+        return 7
+
+    async def fail() -> int:
+        raise ValueError("no")
+
+    assert await run_through(answer()) == 7
+    with pytest.raises(ValueError, match="no"):
+        await run_through(fail())
+
+
+async def test_a_cancelled_caller_waits_for_the_call_then_undoes_its_answer() -> None:
+    finished = asyncio.Event()
+    undone: list[int] = []
+
+    async def call() -> int:
+        await asyncio.sleep(0.05)
+        finished.set()
+        return 3
+
+    async def undo(answer: int) -> None:
+        undone.append(answer)
+
+    task = asyncio.create_task(run_through(call(), undo))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Raised only once the call ended and its answer went back.
+    assert finished.is_set()
+    assert undone == [3]
+
+
+async def test_a_call_that_outlasts_the_wait_is_undone_in_the_background() -> None:
+    release = asyncio.Event()
+    undone = asyncio.Event()
+
+    async def call() -> str:
+        await release.wait()
+        return "taken"
+
+    async def undo(answer: str) -> None:
+        assert answer == "taken"
+        undone.set()
+
+    task = asyncio.create_task(run_through(call(), undo, within=0.1))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 1  # the caller's deadline held, near enough
+    assert not undone.is_set()
+    release.set()
+    await asyncio.wait_for(undone.wait(), 2)
+
+
+async def test_a_second_cancellation_does_not_cut_the_wait_short() -> None:
+    undone: list[int] = []
+
+    async def call() -> int:
+        await asyncio.sleep(0.05)
+        return 1
+
+    async def undo(answer: int) -> None:
+        await asyncio.sleep(0.02)
+        undone.append(answer)
+
+    task = asyncio.create_task(run_through(call(), undo))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert undone == [1]
+
+
+async def test_a_cancellation_dropped_inside_the_block_is_raised_when_it_ends() -> None:
+    dropped = asyncio.Event()
+
+    async def drops_one() -> None:
+        # What Python 3.11's wait_for does when the inner call finishes as it is cancelled.
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            dropped.set()
+
+    async def caller() -> str:
+        with cancellation_kept():
+            await drops_one()
+        return "went on"
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert dropped.is_set()
+
+
+async def test_a_cancellation_handled_inside_the_block_is_not_raised_again() -> None:
+    async def caller() -> str:
+        with cancellation_kept():
+            try:
+                async with asyncio.timeout(0.01):  # cancels the task, then takes it back
+                    await asyncio.sleep(10)
+            except TimeoutError:
+                pass
+        return "went on"
+
+    assert await caller() == "went on"
