@@ -20,11 +20,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger("amqp_queue.state")
 
 
 @contextmanager
@@ -106,7 +109,13 @@ def _leave(running: asyncio.Future[T], undo: Callable[[T], Awaitable[object]] | 
 
     def ended(done: asyncio.Future[T]) -> None:
         _left.discard(done)
-        if done.cancelled() or done.exception() is not None or undo is None:
+        if done.cancelled():
+            return
+        if (failure := done.exception()) is not None:
+            # Its caller heard CancelledError long ago; that the call failed is still news.
+            logger.info("a call left to end after its caller was cancelled failed: %r", failure)
+            return
+        if undo is None:
             return
         undoing = asyncio.ensure_future(undo(done.result()))
         _left.add(undoing)
