@@ -26,25 +26,37 @@ from tests.test_adversarial_ninth import space_on
 ROUNDS = 40
 
 
-async def _cancelled_rounds(call: Callable[[], Awaitable[object]]) -> int:
-    """Runs ``call`` in a loop in a task, cancels it at a random moment, ``ROUNDS`` times;
-    returns how many tasks were still running 2 s after their cancel."""
+async def _stuck_after_cancel(
+    work: Callable[[], Awaitable[object]],
+    *,
+    rounds: int = ROUNDS,
+    before_cancel: tuple[float, float] = (0.001, 0.01),
+    wait: float = 2.0,
+    between: Callable[[], Awaitable[object]] | None = None,
+) -> int:
+    """Runs ``work()`` in a task and cancels it at a random moment, ``rounds`` times;
+    returns how many tasks were still running ``wait`` seconds after their cancel."""
     stuck = 0
-    for _ in range(ROUNDS):
-
-        async def loop() -> None:
-            while True:
-                await call()
-
-        task = asyncio.create_task(loop())
-        await asyncio.sleep(random.uniform(0.001, 0.01))
+    for _ in range(rounds):
+        task = asyncio.ensure_future(work())
+        await asyncio.sleep(random.uniform(*before_cancel))
         task.cancel()
-        done, _ = await asyncio.wait([task], timeout=2)
+        done, _ = await asyncio.wait([task], timeout=wait)
         if not done:
             stuck += 1
             task.cancel()
-            await asyncio.wait([task], timeout=2)
+            await asyncio.wait([task], timeout=wait)
+        if between is not None:
+            await between()
     return stuck
+
+
+def _forever(call: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+    async def loop() -> None:
+        while True:
+            await call()
+
+    return loop
 
 
 @pytest.mark.parametrize("made_by", ["url", "client"])
@@ -61,9 +73,11 @@ async def test_a_task_cancelled_while_it_reads_the_redis_index_ends(made_by: str
             command_id = await store.enqueue("dev-1", b"x", 60)
             unknown = str(uuid.uuid4())
 
-            assert await _cancelled_rounds(lambda: store.is_deliverable(command_id)) == 0
-            assert await _cancelled_rounds(lambda: store.get(unknown)) == 0
-            assert await _cancelled_rounds(lambda: store.get_pending("dev-1")) == 0
+            assert (
+                await _stuck_after_cancel(_forever(lambda: store.is_deliverable(command_id))) == 0
+            )
+            assert await _stuck_after_cancel(_forever(lambda: store.get(unknown))) == 0
+            assert await _stuck_after_cancel(_forever(lambda: store.get_pending("dev-1"))) == 0
 
 
 async def test_a_cancelled_consume_loop_on_redis_state_ends(tmp_path: Path) -> None:
@@ -78,16 +92,11 @@ async def test_a_cancelled_consume_loop_on_redis_state_ends(tmp_path: Path) -> N
                 async for _ in stream:
                     pass
 
-        stuck = 0
-        for _ in range(30):
-            task = asyncio.create_task(consume())
-            await asyncio.sleep(random.uniform(0.005, 0.03))
-            task.cancel()
-            done, _ = await asyncio.wait([task], timeout=5)
-            if not done:
-                stuck += 1
-                task.cancel()
-                await asyncio.wait([task], timeout=5)
+        async def five_more() -> None:
             for m in range(5):
                 await producer.enqueue(device, b"more%d" % m, 60)
+
+        stuck = await _stuck_after_cancel(
+            consume, rounds=30, before_cancel=(0.005, 0.03), wait=5.0, between=five_more
+        )
         assert stuck == 0, f"{stuck} of 30 cancelled consume tasks still ran 5 s later"
