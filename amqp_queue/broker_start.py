@@ -162,9 +162,15 @@ class BrokerStart:
     async def _close_channels(self) -> None:
         channels, self._declaring = [self._channel, *self._declaring], []
         self._channel = None
-        for channel in channels:
-            if channel is not None and not channel.is_closed:
-                await close_channel(channel, self.config.publish_timeout, "a channel of the store")
+        # At once, not one after another: on a stalled link each waits publish_timeout, and
+        # the close is bounded by one publish_timeout, not one per channel.
+        await asyncio.gather(
+            *(
+                close_channel(channel, self.config.publish_timeout, "a channel of the store")
+                for channel in channels
+                if channel is not None and not channel.is_closed
+            )
+        )
 
     async def _open_channel(
         self, doing: str, *, publisher_confirms: bool = False
