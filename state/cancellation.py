@@ -13,21 +13,17 @@
 - :func:`run_through`: a write run to its end through its caller's cancellation. Cut at its
   COMMIT, a transaction may have landed all the same (PostgreSQL), and one abandoned half way
   on a SQLite connection of the pool keeps the write lock until the garbage collector finds
-  the connection (``tests/test_cancelled_bare_drains.py``). The caller waits for it a second
-  at most; an index that stalls longer ends it by its own timeouts, in the background.
+  the connection (``tests/test_cancelled_bare_drains.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-logger = logging.getLogger("amqp_queue.state")
 
 
 @contextmanager
@@ -48,27 +44,18 @@ def cancellation_kept() -> Iterator[None]:
         raise asyncio.CancelledError
 
 
-CANCEL_WAIT = 1.0
-"""Seconds a cancelled caller of :func:`run_through` waits for its call's end, before it
-leaves the call to end in the background (the index stalls: its own timeouts end it)."""
-
-# The calls left to end in the background, and their undoing: kept from the garbage collector.
-_left: set[asyncio.Future[Any]] = set()
-
-
 async def run_through(
-    work: Awaitable[T],
-    undo: Callable[[T], Awaitable[object]] | None = None,
-    *,
-    within: float = CANCEL_WAIT,
+    work: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None
 ) -> T:
     """Runs ``work`` to its end and returns its answer.
 
     The caller's cancellation (each one: a deadline and a task group may both cancel) waits
-    up to ``within`` seconds for that end, then for ``undo`` of the answer if ``work`` did
-    answer (what a cancelled call took goes back), and is raised after them. A call still
-    running then is left to end in the background, and undone when it answers. A failure of
-    ``undo`` is chained to the ``CancelledError``; ``undo`` logs what it could not do.
+    for that end, then for ``undo`` of the answer if ``work`` did answer (what a cancelled
+    call took goes back), and is raised after them. Nothing is left running behind the
+    caller: a later call of its own never overtakes the cut one, nor its undoing, and a
+    store closing after it finds nothing under way. The index's own timeouts bound the wait
+    (SQLite's busy timeout, asyncpg's ``command_timeout``). A failure of ``undo`` is chained
+    to the ``CancelledError``; ``undo`` logs what it could not do.
     """
     running = asyncio.ensure_future(work)
     try:
@@ -76,55 +63,19 @@ async def run_through(
     except asyncio.CancelledError:
         if running.cancelled():  # the call itself (the loop shutting down), not its caller
             raise
-    await _waited(running, within)
-    if not running.done():
-        _leave(running, undo)
-        raise asyncio.CancelledError
+    await _through_cancellations(running)
     if running.cancelled() or running.exception() is not None or undo is None:
         raise asyncio.CancelledError
     undoing = asyncio.ensure_future(undo(running.result()))
-    await _waited(undoing, None)
+    await _through_cancellations(undoing)
     failure = None if undoing.cancelled() else undoing.exception()
     raise asyncio.CancelledError from failure
 
 
-async def _waited(running: asyncio.Future[Any], within: float | None) -> None:
-    """Waits until ``running`` is done, or ``within`` seconds, through the caller's
-    cancellations."""
-    loop = asyncio.get_running_loop()
-    deadline = None if within is None else loop.time() + within
+async def _through_cancellations(running: asyncio.Future[Any]) -> None:
+    """Waits until ``running`` is done, through the caller's cancellations."""
     while not running.done():
-        left = None if deadline is None else deadline - loop.time()
-        if left is not None and left <= 0:
-            return
         try:
-            await asyncio.wait([running], timeout=left)
+            await asyncio.wait([running])
         except asyncio.CancelledError:
             continue
-
-
-def _leave(running: asyncio.Future[T], undo: Callable[[T], Awaitable[object]] | None) -> None:
-    """Lets ``running`` end in the background; ``undo`` of its answer once it answers."""
-    _left.add(running)
-
-    def ended(done: asyncio.Future[T]) -> None:
-        _left.discard(done)
-        if done.cancelled():
-            return
-        if (failure := done.exception()) is not None:
-            # Its caller heard CancelledError long ago; that the call failed is still news.
-            logger.info("a call left to end after its caller was cancelled failed: %r", failure)
-            return
-        if undo is None:
-            return
-        undoing = asyncio.ensure_future(undo(done.result()))
-        _left.add(undoing)
-        undoing.add_done_callback(_undone)
-
-    running.add_done_callback(ended)
-
-
-def _undone(undoing: asyncio.Future[Any]) -> None:
-    _left.discard(undoing)
-    if not undoing.cancelled():
-        undoing.exception()  # retrieved: undo logs its own failure

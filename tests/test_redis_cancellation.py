@@ -35,7 +35,8 @@ async def _stuck_after_cancel(
     between: Callable[[], Awaitable[object]] | None = None,
 ) -> int:
     """Runs ``work()`` in a task and cancels it at a random moment, ``rounds`` times;
-    returns how many tasks were still running ``wait`` seconds after their cancel."""
+    returns how many tasks were still running ``wait`` seconds after their cancel, or ended
+    otherwise than cancelled."""
     stuck = 0
     for _ in range(rounds):
         task = asyncio.ensure_future(work())
@@ -46,6 +47,9 @@ async def _stuck_after_cancel(
             stuck += 1
             task.cancel()
             await asyncio.wait([task], timeout=wait)
+        elif not task.cancelled():
+            stuck += 1  # it ended by a failure, not by its cancellation
+            task.exception()
         if between is not None:
             await between()
     return stuck

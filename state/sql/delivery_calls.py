@@ -55,9 +55,8 @@ class SqlDeliveryCalls(SqlExecution):
                 # the engine's connection a claim holds the write lock for a turn of the
                 # event loop per statement, and 2,000 drains at once queued behind it.
                 return await self._hot("claim", transactions.claim, device_id, now, command_ids)
-            # drain_pending of the index alone: cancelled, the claim must roll back (nobody
-            # received what it claimed), which a transaction on the writer thread, left to
-            # finish by itself, would not.
+            # A whole device's claim (drain_pending runs its own transaction): cut short by
+            # its caller it still runs to its end, and what it claimed waits for the lease.
             return await self._transaction(transactions.claim, device_id, now, command_ids)
         # A COMMIT whose answer was lost is resolved before answering (see commit_doubt).
         commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()

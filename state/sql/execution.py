@@ -100,15 +100,18 @@ class SqlExecution:
                     commit.backend, commit.result = None, None
                 if self._pg_writes is not None:
                     return await self._on_driver(self._pg_writes, transaction(), commit)
-                return await run_through(self._on_engine(transaction(), commit))
+                async with self._writers:
+                    # From its BEGIN, run to its end through the caller's cancellation (see
+                    # run_through): a pooled SQLite connection left half way through a
+                    # transaction keeps the write lock. Cut while it waits its turn, it
+                    # never runs.
+                    return await run_through(self._on_engine(transaction(), commit))
         raise AssertionError("unreachable: the last failure is re-raised")
 
     async def _on_engine(
         self, transaction: Transaction[T], commit: commit_doubt.Commit[T] | None
     ) -> T:
-        # Run to its end through the caller's cancellation (see run_through): a pooled
-        # SQLite connection left half way through a transaction keeps the write lock.
-        async with self._write() as conn:
+        async with self._begun() as conn:
             result = await transactions.run(conn, transaction)
             if commit is not None:
                 await commit.sending(conn, result)
@@ -147,8 +150,14 @@ class SqlExecution:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._writers, self._begun() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _begun(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction on a connection of the engine (the caller holds its turn)."""
         try:
-            async with self._writers, self._engine.begin() as conn:
+            async with self._engine.begin() as conn:
                 if self._sqlite:
                     await conn.run_sync(take_write_lock)
                 yield conn

@@ -122,8 +122,8 @@ def write(
     dialect: str,
     limits: Limits,
 ) -> Transaction[int]:
-    """Inserts ``records`` in order, each typed one replacing the open command of its
-    ``(device_id, command_type)`` slot (rule 3), and marks ``published`` commands published.
+    """Inserts ``records`` device by device, each typed one replacing the open command of
+    its ``(device_id, command_type)`` slot (rule 3); marks ``published`` commands published.
 
     No device may end up over ``limits.max_pending_per_device`` open commands by it (rule
     11): after the inserts, a write that added past the limit raises :class:`QueueFull`,
@@ -137,11 +137,8 @@ def write(
     command, insert the winner unless the slot is taken again, until it is in. Only on
     PostgreSQL can a slot be taken again (a concurrent transaction committed a command of
     that type after the end's snapshot); the next end (READ COMMITTED: a fresh snapshot)
-    ends that one. A device's rows keep its records' order, so ``seq`` is write order.
-
-    The records are written device by device (in their order within a device, the only
-    order delivery keeps): two fan-outs naming the same devices in different orders lock
-    their slots in one order, where each in its caller's order deadlocked on PostgreSQL.
+    ends that one. A device's rows keep its records' order, so ``seq`` is write order;
+    devices go in id order, so fan-outs naming them in other orders lock slots alike.
 
     Returns:
         How many open, unexpired commands the records superseded, theirs included.
