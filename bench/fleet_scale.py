@@ -94,9 +94,12 @@ async def _bare_fleet(count: int) -> tuple[float, float]:
         async def delete(device: str) -> None:
             await channels[next(turn) % spread].queue_delete(names.queue_name(device))
 
-        declare = await _each(devices, first_message)
-        deleted = await _each(devices, delete)
-        await channels[0].exchange_delete(name)
+        try:
+            declare = await _each(devices, first_message)
+        finally:
+            # Deleted also when the run fails half way: no queues left on the broker.
+            deleted = await _each(devices, delete)
+            await channels[0].exchange_delete(name)
     return declare, deleted
 
 
