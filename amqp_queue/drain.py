@@ -178,12 +178,11 @@ async def drain(
                 exc_info=finishing.exception(),
             )
         if cut:
-            # Consumed, so taken back (asyncio.timeout and wait_for then find nothing left to
-            # take back). A caller that cancelled and drops the result (a cancelled gather,
-            # a TaskGroup aborting) loses these: logged with their ids.
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            # Returned all the same (wait_for and asyncio.timeout hand it to their caller). The
+            # cancellation stays requested, not taken back: the task's next drain raises it
+            # (see refuse_if_cancelled), so a loop of drains ends. A caller that
+            # cancelled and drops the result (a cancelled gather, a TaskGroup aborting) loses
+            # these: logged with their ids.
             logger.warning(
                 "drain of %s cancelled after its hand-over: returns its %d commands %s",
                 device_id,
@@ -294,6 +293,15 @@ async def drain(
         await asyncio.shield(inbox.settling)
         raise
     return claimed
+
+
+def refuse_if_cancelled() -> None:
+    """Raises the cancellation of the running task, if one is requested: a drain cancelled
+    once it had handed over returned what it handed over and left the cancellation
+    requested, so a task draining in a loop ends at its next drain."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _outlasting(future: asyncio.Future[Any]) -> None:

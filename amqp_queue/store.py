@@ -2,9 +2,8 @@
 
 The index (a :mod:`state` backend) is written first and holds dedup, confirmation and
 delivery state, so nothing of it is lost on a restart. A command is published only when it
-is ready: plain and replacing commands at once, confirmation commands on confirm. The
-broker carries each command to its device's queue; at delivery only ids the index holds as
-live are handed out.
+is ready (plain and replacing commands at once, confirmation commands on confirm) to its
+device's queue; at delivery only ids the index holds as live are handed out.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from amqp_queue.channel_closing import close_drain_channel
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
-from amqp_queue.drain import drain
+from amqp_queue.drain import drain, refuse_if_cancelled
 from amqp_queue.errors import BrokerError, closed_under, queue_vanished
 from amqp_queue.fleet import FleetDelivery
 from amqp_queue.inbox import Inbox, open_inbox
@@ -222,6 +221,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     async def drain_commands(self, device_id: str) -> list[CommandRecord]:
         """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
         device = self._device(device_id)
+        refuse_if_cancelled()
         try:
             return await self._drain(device)
         except BrokerError as exc:
