@@ -73,8 +73,10 @@ class Child:
             self.events.append(event)
             if event["ev"] == "ready":
                 self.ready.set()
-            elif event["ev"] == "done" and sum(e["ev"] == "done" for e in self.events) > 20:
-                self.judgeable.set()
+            elif event["ev"] in ("done", "body_done") and (
+                sum(e["ev"] == event["ev"] for e in self.events) > 20
+            ):
+                self.judgeable.set()  # a producer's calls, or a consumer's loop bodies
         if not self.ready.is_set():
             assert self._proc.stderr is not None
             self.stderr = await self._proc.stderr.read()
@@ -516,7 +518,11 @@ async def test_consumer_killed_mid_stream_then_restarted_loses_nothing_repeats_n
             ids = [await producer.enqueue(device, f"c{n}".encode(), 600) for n in range(600)]
             child = Child("consumer", AMQP_URL, state_url, exchange, device, seed)
             await child.start()
-            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            # Killed at a random moment once a few loop bodies ended: a kill in the child's
+            # start-up (six workers starting beside it) marked nothing to judge.
+            async with asyncio.timeout(30):
+                await child.judgeable.wait()
+            await asyncio.sleep(rng.uniform(0.0, 0.5))
             await child.kill()
             await asyncio.sleep(0.5)
             after_kill = {cid: await producer.get_status(cid) for cid in ids}
