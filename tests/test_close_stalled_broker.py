@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
-PUBLISH_TIMEOUT = 4.0
+PUBLISH_TIMEOUT = 2.0
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])  # the broker side: any state

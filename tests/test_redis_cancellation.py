@@ -23,7 +23,7 @@ from amqp_queue.state import RedisStore
 from tests.backends import REDIS_URL, redis_prefix
 from tests.test_adversarial_ninth import space_on
 
-ROUNDS = 40
+ROUNDS = 25
 
 
 async def _stuck_after_cancel(
