@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -75,12 +77,7 @@ async def test_a_failed_undo_is_chained_to_the_cancellation() -> None:
     async def undo(answer: int) -> None:
         raise RuntimeError("index away")
 
-    task = asyncio.create_task(run_through(call(), undo))
-    await asyncio.sleep(0.005)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError) as raised:
-        await task
-    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert isinstance(await _cause_of_cancelled(run_through(call(), undo), 0.005), RuntimeError)
 
 
 async def test_a_second_cancellation_does_not_cut_the_wait_short() -> None:
@@ -137,12 +134,7 @@ async def test_a_failure_after_a_dropped_cancellation_is_raised_as_the_cancellat
         with cancellation_kept():
             await drops_one_then_fails()
 
-    task = asyncio.create_task(caller())
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError) as raised:
-        await task
-    assert isinstance(raised.value.__cause__, ConnectionError)
+    assert isinstance(await _cause_of_cancelled(caller(), 0.01), ConnectionError)
 
 
 async def test_a_cancellation_handled_inside_the_block_is_not_raised_again() -> None:
@@ -156,3 +148,14 @@ async def test_a_cancellation_handled_inside_the_block_is_not_raised_again() -> 
         return "went on"
 
     assert await caller() == "went on"
+
+
+async def _cause_of_cancelled(work: Coroutine[Any, Any, Any], after: float) -> object:
+    """Runs ``work`` in a task, cancels it ``after`` seconds, and returns the cause chained to
+    the ``CancelledError`` it ends with."""
+    task = asyncio.create_task(work)
+    await asyncio.sleep(after)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+    return raised.value.__cause__
