@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection
-from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -23,6 +22,7 @@ from amqp_queue.settlement import (
     report_delivered,
     split_live,
 )
+from amqp_queue.state.cancellation import outlasting
 from amqp_queue.state.errors import ClaimOutcomeUnknown, StateError
 from amqp_queue.state.model import CommandRecord
 
@@ -92,7 +92,7 @@ async def drain(
             records = await asyncio.shield(claim)
         except asyncio.CancelledError:
             settlement.hold(window)
-            await _outlasting(claim)
+            await outlasting(claim)
             if not claim.cancelled():
                 error = claim.exception()
                 if error is None:
@@ -147,7 +147,7 @@ async def drain(
         try:
             handed = await asyncio.shield(handing)
         except asyncio.CancelledError:
-            await _outlasting(handing)
+            await outlasting(handing)
             if handing.cancelled() or handing.exception() is not None or not handing.result():
                 if not handing.cancelled() and handing.exception() is not None:
                     maybe_handed.update(record.id for record in claimed)
@@ -164,7 +164,7 @@ async def drain(
             await asyncio.shield(finishing)
         except asyncio.CancelledError:
             cut = cut or bool(handed)
-            await _outlasting(finishing)
+            await outlasting(finishing)
             if not cut:
                 raise
         except Exception:
@@ -302,15 +302,3 @@ def refuse_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-async def _outlasting(future: asyncio.Future[Any]) -> None:
-    """Waits until ``future`` is done, through further cancellations of the caller (whose
-    first one it is handling, and raises once this returns): a second cancel while a drain
-    waits for its claim (a timeout and a task group both cancelling) used to leave the
-    claim's commands out of what the drain gives back, delivered to nobody."""
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError:
-            continue

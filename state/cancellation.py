@@ -63,17 +63,19 @@ async def run_through(
     except asyncio.CancelledError:
         if running.cancelled():  # the call itself (the loop shutting down), not its caller
             raise
-    await _through_cancellations(running)
+    await outlasting(running)
     if running.cancelled() or running.exception() is not None or undo is None:
         raise asyncio.CancelledError
     undoing = asyncio.ensure_future(undo(running.result()))
-    await _through_cancellations(undoing)
+    await outlasting(undoing)
     failure = None if undoing.cancelled() else undoing.exception()
     raise asyncio.CancelledError from failure
 
 
-async def _through_cancellations(running: asyncio.Future[Any]) -> None:
-    """Waits until ``running`` is done, through the caller's cancellations."""
+async def outlasting(running: asyncio.Future[Any]) -> None:
+    """Waits until ``running`` is done, through the caller's cancellations (a caller handling
+    its first one raises it once this returns: a deadline and a task group may both cancel,
+    and the second must not cut the wait short)."""
     while not running.done():
         try:
             await asyncio.wait([running])
