@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -57,18 +57,39 @@ async def run_through(
     (SQLite's busy timeout, asyncpg's ``command_timeout``). A failure of ``undo`` is chained
     to the ``CancelledError``; ``undo`` logs what it could not do.
     """
+    answer, cut = await finished(work)
+    if cut:
+        await undone(undo, answer)
+    return answer
+
+
+async def finished(work: Awaitable[T]) -> tuple[T, bool]:
+    """Runs ``work`` to its end through the caller's cancellations; its answer, and whether
+    the caller was cancelled meanwhile (then :func:`undone` must follow). Raises what
+    ``work`` raised, or ``CancelledError`` where the caller was cancelled and ``work``
+    did not answer."""
     running = asyncio.ensure_future(work)
     try:
-        return await asyncio.shield(running)
+        return await asyncio.shield(running), False
     except asyncio.CancelledError:
         if running.cancelled():  # the call itself (the loop shutting down), not its caller
             raise
     await outlasting(running)
-    if running.cancelled() or running.exception() is not None or undo is None:
+    if running.cancelled() or running.exception() is not None:
         raise asyncio.CancelledError
-    undoing = asyncio.ensure_future(undo(running.result()))
-    await outlasting(undoing)
-    failure = None if undoing.cancelled() else undoing.exception()
+    return running.result(), True
+
+
+async def undone(undo: Callable[[T], Awaitable[object]] | None, answer: T) -> NoReturn:
+    """Runs ``undo`` of a cancelled caller's ``answer`` to its end (none: nothing to undo),
+    then raises the caller's cancellation, chained to ``undo``'s failure. Separate from
+    :func:`finished` so that a call holding a turn (SQLite's one writer) gives it up
+    before its undoing, which waits for a turn of its own."""
+    failure = None
+    if undo is not None:
+        undoing = asyncio.ensure_future(undo(answer))
+        await outlasting(undoing)
+        failure = None if undoing.cancelled() else undoing.exception()
     raise asyncio.CancelledError from failure
 
 

@@ -10,7 +10,7 @@ every call goes through; the store sets its connections up (``__init__``).
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..cancellation import run_through
+from ..cancellation import finished, run_through, undone
 from ..errors import StateError
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from .engine import READ_ONLY, driver_reason, take_write_lock
@@ -51,11 +51,30 @@ class SqlExecution:
         """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
         confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
         cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
+        return await self._hot_undone(what, None, transaction, *args, **kwargs)
+
+    async def _hot_undone(
+        self,
+        what: str,
+        undo: Callable[[T], Awaitable[object]] | None,
+        transaction: Callable[P, Transaction[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """:meth:`_hot`; with ``undo``, a caller cancelled once the transaction began waits for
+        its end and for ``undo`` of its answer (see run_through). Cut while it waits its
+        turn, it never runs, and nothing is undone."""
         if self._writer is None:
-            return await self._transaction(transaction, *args, **kwargs)
+            return await self._committed(functools.partial(transaction, *args, **kwargs), undo=undo)
         try:
             async with self._writers:
-                return await self._writer.run(transaction(*args, **kwargs))
+                running = self._writer.run(transaction(*args, **kwargs))
+                if undo is None:
+                    return await running
+                answer, cut = await finished(running)
+            if cut:
+                await undone(undo, answer)  # its turn given up: the undoing takes its own
+            return answer
         except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
             raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc
 
@@ -91,9 +110,11 @@ class SqlExecution:
         commit: commit_doubt.Commit[T] | None = None,
         *,
         retry_also: frozenset[str] = frozenset(),
+        undo: Callable[[T], Awaitable[object]] | None = None,
     ) -> T:
         """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
-        the transaction returned; ``retry_also``: SQLSTATEs run again as well."""
+        the transaction returned; ``retry_also``: SQLSTATEs run again as well; ``undo``
+        (engine path only): as :meth:`_hot_undone`'s."""
         async for attempt in deadlock_retry.retrying(retry_also):
             with attempt:
                 if commit is not None:
@@ -105,7 +126,10 @@ class SqlExecution:
                     # run_through): a pooled SQLite connection left half way through a
                     # transaction keeps the write lock. Cut while it waits its turn, it
                     # never runs.
-                    return await run_through(self._on_engine(transaction(), commit))
+                    answer, cut = await finished(self._on_engine(transaction(), commit))
+                if cut:
+                    await undone(undo, answer)  # its turn given up (see _hot_undone)
+                return answer
         raise AssertionError("unreachable: the last failure is re-raised")
 
     async def _on_engine(
@@ -145,6 +169,14 @@ class SqlExecution:
                     if not last and isinstance(exc, DBAPIError) and exc.connection_invalidated:
                         continue
                     raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        # Run to its end through the caller's cancellation: a read cut half way makes
+        # SQLAlchemy throw its pooled connection away, and with it an in-memory database
+        # (every table gone: tests/test_cancelled_reads.py).
+        return await run_through(self._read_rows(query, params))
+
+    async def _read_rows(
+        self, query: sa.Select[Any], params: dict[str, Any]
+    ) -> list[transactions.Row]:
         async with self._read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query, params)]
 
