@@ -115,3 +115,35 @@ async def test_writes_cut_short_by_their_callers_leave_the_store_working(
         assert set(statuses) <= {CommandStatus.DELIVERED, CommandStatus.AWAITING_CONFIRMATION}
         assert await store.drain_pending("d3") == [b"late"]
         assert await store.get_status(late) is CommandStatus.DELIVERED
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "file"])
+async def test_a_drain_cut_while_it_waits_its_turn_never_runs(url: str, tmp_path: Path) -> None:
+    """Cut while other writes hold the SQLite writer, a drain ends at once and never runs:
+    its commands are never read ``DELIVERED`` (it used to wait its turn, run, and give them
+    back, and a reader in between met them delivered)."""
+    if url == "file":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'turn.db'}"
+    async with await SqlStore.connect(url) as store:
+        command_id = await store.enqueue("d1", b"x", 600)
+        seen: set[CommandStatus] = set()
+        async with store._writers:  # other writes hold the writer meanwhile
+            drain = asyncio.ensure_future(store.drain_pending("d1"))
+            await asyncio.sleep(0.05)
+            drain.cancel()
+            done, _ = await asyncio.wait([drain], timeout=2)
+            assert done, "the cancelled drain waited for its turn"
+        assert drain.cancelled()
+
+        async def read() -> None:
+            while True:
+                seen.add(await store.get_status(command_id))
+                await asyncio.sleep(0)
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.3)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        assert seen == {CommandStatus.PENDING}
+        assert await store.drain_pending("d1") == [b"x"]

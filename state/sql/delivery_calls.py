@@ -76,13 +76,17 @@ class SqlDeliveryCalls(SqlExecution):
     async def _drain_index(self, device: str) -> list[CommandRecord]:
         # One transaction, run to its end when the caller is cancelled, and what it took
         # given back: cut at its COMMIT it may have landed (PostgreSQL), and nobody would
-        # receive its commands. On a SQLite file on the writer thread, in one hop.
+        # receive its commands. On SQLite (a file's writer thread, in one hop) a drain cut
+        # while it waits its turn behind other writes never runs: nothing to give back, and
+        # no reader meets its commands DELIVERED in between.
+        if self._engine.dialect.name != "postgresql":
+            give_back = self._give_back_drained
+            drain = transactions.drain_index
+            return await self._hot_undone("drain", give_back, drain, device, self.clock())
         return await run_through(self._drain_index_once(device), self._give_back_drained)
 
     async def _drain_index_once(self, device: str) -> list[CommandRecord]:
         now = self.clock()
-        if self._engine.dialect.name != "postgresql":
-            return await self._hot("drain", transactions.drain_index, device, now)
         # A COMMIT whose answer was lost is resolved as a claim's is (see commit_doubt): its
         # rows keep the claim's claimed_until and its transaction id once handed over.
         commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
