@@ -37,6 +37,8 @@ class SqlExecution:
     _sqlite: bool
     # Orders this process's writers on SQLite (see SqlStore.__init__); a no-op elsewhere.
     _writers: AbstractAsyncContextManager[Any]
+    # What reads wait for: the writers' turn on an in-memory database, else nothing.
+    _readers: AbstractAsyncContextManager[Any]
     _writer: SqliteWriter | None
     # PostgreSQL through asyncpg: write transactions on the driver (None elsewhere).
     _pg_writes: PostgresWrites | None
@@ -172,7 +174,8 @@ class SqlExecution:
         # Run to its end through the caller's cancellation: a read cut half way makes
         # SQLAlchemy throw its pooled connection away, and with it an in-memory database
         # (every table gone: tests/test_cancelled_reads.py).
-        return await run_through(self._read_rows(query, params))
+        async with self._readers:
+            return await run_through(self._read_rows(query, params))
 
     async def _read_rows(
         self, query: sa.Select[Any], params: dict[str, Any]

@@ -38,8 +38,14 @@ def usable(engine: AsyncEngine) -> bool:
         and ":memory:" not in database
         and "mode=memory" not in database
         and url.query.get("mode") != "memory"
-        and not isinstance(engine.sync_engine.pool, StaticPool | SingletonThreadPool)
+        and not one_connection(engine)
     )
+
+
+def one_connection(engine: AsyncEngine) -> bool:
+    """Whether ``engine``'s pool hands one connection to every checkout (an in-memory
+    database lives in it)."""
+    return isinstance(engine.sync_engine.pool, StaticPool | SingletonThreadPool)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,12 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         self._writers: AbstractAsyncContextManager[Any] = (
             asyncio.Lock() if self._sqlite else contextlib.nullcontext()
         )
+        # An in-memory database lives in the one connection its pool hands to every
+        # checkout: a read beside a write would run inside the write's transaction ("cannot
+        # start a transaction within a transaction", an enqueue that returned lost with
+        # the write it joined). There reads take their turns with the writes.
+        shared = self._sqlite and sqlite_direct.one_connection(engine)
+        self._readers = self._writers if shared else contextlib.nullcontext()
         # On a SQLite file the hot paths run on driver connections of their own
         # (sqlite_direct). Their SQL names the table without a schema, and their
         # connections run no ATTACH: with a schema, every statement goes through SQLAlchemy.
