@@ -121,6 +121,11 @@ async def connect_robust(url: BrokerUrls, give_up_after: float) -> AbstractRobus
                 except BROKER_FAILURES as exc:
                     await _discard(connection)
                     raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
+                except asyncio.CancelledError:
+                    # Cut by the caller: what the attempt opened would stay open, with its
+                    # tasks, for the life of the process.
+                    await asyncio.shield(_discard(connection))
+                    raise
     except BrokerError as exc:
         tries = retrying.statistics.get("attempt_number", 1)
         raise BrokerError(
