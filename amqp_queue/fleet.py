@@ -291,8 +291,11 @@ async def _bounded(
     gate = asyncio.Semaphore(FAN_OUT_IN_FLIGHT)
 
     async def gated(call: Coroutine[Any, Any, T]) -> T:
-        async with gate:
-            return await call
+        try:
+            async with gate:
+                return await call
+        finally:
+            call.close()  # cancelled while it waited for the gate: never started, never run
 
     return await asyncio.gather(
         *(gated(call) for call in calls), return_exceptions=return_exceptions

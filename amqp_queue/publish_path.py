@@ -150,6 +150,8 @@ class PublishPath:
         try:
             return await asyncio.shield(written)
         except asyncio.CancelledError:
+            # Its failure, once it ends, is no longer the caller's (nobody reads it).
+            written.add_done_callback(_unread_failure)
             if not written.done() and not started and inspect.iscoroutine(writing):
                 # Still waiting for its turn, its write not begun: taken back, as write()
                 # takes back a write no transaction has (nothing lands after the call raised).
@@ -378,3 +380,9 @@ def _since(moment: datetime, now: datetime) -> float:
 
 def _log_mark_failure(exc: BaseException) -> None:
     logger.warning("marking commands published failed; the relay will republish: %s", exc)
+
+
+def _unread_failure(written: asyncio.Future[Any]) -> None:
+    """Logs the failure of a write whose caller was cancelled (it had nobody to raise to)."""
+    if not written.cancelled() and (failure := written.exception()) is not None:
+        logger.debug("a write went on after its caller was cancelled and failed: %r", failure)
