@@ -82,7 +82,7 @@ class SqlDeliveryCalls(SqlExecution):
         if self._engine.dialect.name != "postgresql":
             give_back = self._give_back_drained
             drain = transactions.drain_index
-            return await self._hot_undone("drain", give_back, drain, device, self.clock())
+            return await self._hot_undone("drain", give_back, drain, device, self.clock)
         return await run_through(self._drain_index_once(device), self._give_back_drained)
 
     async def _drain_index_once(self, device: str) -> list[CommandRecord]:
@@ -117,8 +117,9 @@ class SqlDeliveryCalls(SqlExecution):
         hand_over = transactions.hand_over
         if self._engine.dialect.name != "postgresql":
             # On the writer thread, as the claim: the drain awaits a cancelled hand-over.
-            return await self._hot("hand-over", hand_over, command_ids, claimed_until, now)
-        return await self._transaction(hand_over, command_ids, claimed_until, now)
+            # Its expiry checked at the clock's time once it holds the file's write lock.
+            return await self._hot("hand-over", hand_over, command_ids, claimed_until, self.clock)
+        return await self._transaction(_locked_hand_over, command_ids, claimed_until, now)
 
     async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:
         return await self._hot("claim end", transactions.end_claims, list(command_ids), now)
@@ -222,3 +223,12 @@ class SqlDeliveryCalls(SqlExecution):
         except DIRECT_FAILURES as exc:
             reason = driver_reason(exc)
             raise StateError(f"state index delivery mark failed: {reason}") from exc
+
+
+def _locked_hand_over(
+    command_ids: Sequence[str], claimed_until: datetime, now: datetime
+) -> transactions.Transaction[list[str]]:
+    """A hand-over on PostgreSQL: its rows locked first, so that expiry is checked once
+    another writer's lock on them is granted (see :class:`~.now.NowAfterLocks`)."""
+    yield from transactions.fetch(sql.LOCK, {"ids": list(command_ids)})
+    return (yield from transactions.hand_over(command_ids, claimed_until, now))

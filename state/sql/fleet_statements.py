@@ -11,8 +11,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..model import CommandStatus, EndReason
+from .now import NOW
 from .schema import IS_OPEN, IS_READY, command_queue
-from .statements import NOW, RECORD_COLUMNS
+from .statements import RECORD_COLUMNS
 
 c = command_queue.c
 

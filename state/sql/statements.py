@@ -24,6 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .. import rules
 from ..model import CommandRecord, CommandStatus, EndReason
+from .now import NOW as NOW  # every statement module compares with it
+from .now import NowAfterLocks
 from .schema import AWAITS_OUTCOME, IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
 
 c = command_queue.c
@@ -35,14 +37,14 @@ FIELDS = tuple(field.name for field in dataclasses.fields(CommandRecord))
 """The columns of a record: every column but ``seq``."""
 RECORD_COLUMNS = tuple(c[name] for name in FIELDS)
 
-NOW = sa.bindparam("now", type_=c.ended_at.type)
-"""The store clock's now, the one time every statement compares with."""
+_UNEXPIRED = c.expires_at > NowAfterLocks()
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
 _ONE = c.id == sa.bindparam("command_id")
 _UNCLAIMED = sa.or_(c.claimed_until.is_(None), c.claimed_until <= NOW)
 _CLAIMED = c.claimed_until == sa.bindparam("claimed", type_=c.claimed_until.type)
 """Under the claim whose ``claimed_until`` is ``claimed``."""
 _DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > NOW, _UNCLAIMED)
+_CLAIMABLE = sa.and_(IS_OPEN, IS_READY, _UNEXPIRED, _UNCLAIMED)
 
 
 def row_of(record: CommandRecord) -> dict[str, Any]:
@@ -185,7 +187,7 @@ def _claim(among: bool) -> sa.Update:
     # confirm, and a drain that skipped the row would miss a ready command. In seq order,
     # so concurrent claims lock alike; once the lock is granted PostgreSQL checks the row
     # again, so a command another drain just claimed is not claimed twice.
-    candidates = sa.select(c.seq).where(c.device_id == sa.bindparam("device"), _DELIVERABLE)
+    candidates = sa.select(c.seq).where(c.device_id == sa.bindparam("device"), _CLAIMABLE)
     if among:
         candidates = candidates.where(c.id.in_(_IDS))
     return (
@@ -208,12 +210,14 @@ CLAIM_MARKED = CLAIM.returning(XMIN)
 CLAIM_AMONG_MARKED = CLAIM_AMONG.returning(XMIN)
 """:data:`CLAIM` and :data:`CLAIM_AMONG` on PostgreSQL, each row also with the claiming
 transaction's id (``xmin``), to tell afterwards whether it committed."""
+LOCK = sa.select(c.id).where(c.id.in_(_IDS)).with_for_update()
+"""Locks the rows of ``ids`` (PostgreSQL; SQLite locks the whole file at BEGIN)."""
 HAND_OVER = (
     sa.update(command_queue)
     .where(
         c.id.in_(_IDS),
         IS_OPEN,
-        c.expires_at > NOW,
+        _UNEXPIRED,
         _CLAIMED,
     )
     .values(delivered=sa.true(), ended_at=NOW)

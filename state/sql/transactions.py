@@ -33,6 +33,7 @@ from ..indexed_store import Change
 from ..model import CommandRecord, EndReason
 from ..validation import Limits
 from . import statements as sql
+from .now import When, read
 
 T = TypeVar("T")
 
@@ -86,8 +87,7 @@ def many(statement: sql.Statement, params: Sequence[Mapping[str, Any]]) -> Trans
 
 
 async def run_with(transaction: Transaction[T], execute: Callable[[Step], Awaitable[object]]) -> T:
-    """Runs ``transaction``, each step through ``execute`` (an executor's), in the
-    transaction the caller began."""
+    """Runs ``transaction``, each step through an executor's ``execute``, in its transaction."""
     result: object = None
     while True:
         try:
@@ -298,10 +298,10 @@ def _claim(
 
 
 def hand_over(
-    command_ids: Collection[str], claimed_until: datetime, now: datetime
+    command_ids: Collection[str], claimed_until: datetime, now: When
 ) -> Transaction[list[str]]:
     """Marks the claim's commands still its own delivered; returns their ids."""
-    params = {"ids": list(command_ids), "claimed": claimed_until, "now": now}
+    params = {"ids": list(command_ids), "claimed": claimed_until, "now": read(now)}
     rows = yield from fetch(sql.HAND_OVER, params)
     return [str(row["id"]) for row in rows]
 
@@ -310,10 +310,9 @@ def end_claims(command_ids: Collection[str], now: datetime) -> Transaction[int]:
     return (yield from count(sql.END_ANY_CLAIMS, {"ids": list(command_ids), "now": now}))
 
 
-def drain_index(device_id: str, now: datetime) -> Transaction[list[CommandRecord]]:
+def drain_index(device_id: str, now: When) -> Transaction[list[CommandRecord]]:
     """A drain of the index alone: its claim and hand-over in one transaction."""
-    drained = yield from _drain_index(device_id, now, marked=False)
-    return drained.records
+    return (yield from _drain_index(device_id, now, marked=False)).records
 
 
 def drain_index_marked(device_id: str, now: datetime) -> Transaction[Claimed]:
@@ -321,7 +320,8 @@ def drain_index_marked(device_id: str, now: datetime) -> Transaction[Claimed]:
     return (yield from _drain_index(device_id, now, marked=True))
 
 
-def _drain_index(device_id: str, now: datetime, *, marked: bool) -> Transaction[Claimed]:
+def _drain_index(device_id: str, when: When, *, marked: bool) -> Transaction[Claimed]:
+    now = read(when)  # its lock held: on SQLite, after BEGIN IMMEDIATE waited for it
     claimed = yield from _claim(device_id, now, None, marked=marked)
     if not claimed.records or claimed.records[0].claimed_until is None:
         return claimed

@@ -1,0 +1,48 @@
+"""The time statements compare with: the store clock's now, a bind parameter of each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+
+from .schema import command_queue
+
+NOW = sa.bindparam("now", type_=command_queue.c.ended_at.type)
+"""The store clock's now, the one time every statement compares with."""
+
+
+class NowAfterLocks(sa.sql.expression.ColumnElement[Any]):
+    """:data:`NOW`, on PostgreSQL plus the time its transaction has run so far: a claim or
+    a hand-over that waited for a row lock (another writer's, up to a deadlock timeout),
+    here or in an earlier statement of its transaction, compares expiry with the time it
+    got the lock, not the time ``now`` was read, so a command that expired meanwhile is not
+    handed out. A row another transaction only locked, never changed, is not checked again
+    once its lock is granted: a hand-over of its own takes its rows' locks first
+    (:data:`~amqp_queue.state.sql.statements.LOCK`). SQLite takes its lock at a
+    transaction's BEGIN, and a drain reads the clock after it (``transactions``)."""
+
+    type = command_queue.c.ended_at.type
+    inherit_cache = True
+
+
+@compiles(NowAfterLocks)
+def _now_after_locks(element: NowAfterLocks, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(NOW, **kw))
+
+
+@compiles(NowAfterLocks, "postgresql")
+def _now_after_locks_pg(element: NowAfterLocks, compiler: Any, **kw: Any) -> str:
+    return f"({compiler.process(NOW, **kw)} + (clock_timestamp() - transaction_timestamp()))"
+
+
+When = datetime | Callable[[], datetime]
+"""A transaction's now: a time, or the store's clock, read once the transaction holds its
+lock (a SQLite drain waits for the file's write lock: up to the busy timeout)."""
+
+
+def read(when: When) -> datetime:
+    return when() if callable(when) else when
