@@ -5,6 +5,7 @@ and giving back what claims in doubt took."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -73,11 +74,22 @@ class RedisDrainClaims:
         return send
 
     async def _settle_all_claims(self) -> None:
-        for device_id in self._claims.in_doubt():
+        doubtful = self._claims.in_doubt()
+        random.shuffle(doubtful)  # a device that keeps failing does not hold the rest back
+        for settled, device_id in enumerate(doubtful):
             try:
                 await self._settle_claims(device_id)
             except StateError as exc:
-                logger.warning("redis: a lost claim of %s stays unsettled: %s", device_id, exc)
+                # The rest wait for the next pass (their claims lapse meanwhile, see
+                # rules.CLAIM_LEASE): on a stalled link each would wait out the socket
+                # timeout, and close() took one per device.
+                logger.warning(
+                    "redis: lost claims of %d devices stay unsettled (%s: %s)",
+                    len(doubtful) - settled,
+                    device_id,
+                    exc,
+                )
+                return
 
     async def _settle_claims(self, device_id: str) -> None:
         """Gives back what this process's doubtful claims of the device took (see
