@@ -85,12 +85,14 @@ class KeptCalls:
         died unused. One the driver already knows is closed is dropped and another taken,
         nothing having been sent on it; with ``rerun`` (a read), so is one found dead by the
         call itself (not one that timed out). The budget: one more try than the connections
-        idle in the pool when the first one failed (each is found dead at once).
+        idle in the pool when the first one failed (each is found dead at once). A read
+        whose caller is cancelled finishes by itself on the kept connection (see
+        :meth:`_on_kept`).
         """
         tries: int | None = None
         while True:
             try:
-                return await self._call_once(call)
+                return await self._call_once(call, finish_if_cut=rerun)
             except _LinkLost as lost:
                 if tries is None:
                     tries = self._idle_pooled()
@@ -98,7 +100,7 @@ class KeptCalls:
                     raise lost.failure from None
                 tries -= 1
 
-    async def _call_once(self, call: Callable[[Any], Awaitable[T]]) -> T:
+    async def _call_once(self, call: Callable[[Any], Awaitable[T]], *, finish_if_cut: bool) -> T:
         if self._busy or self._closed:
             async with self._engine.connect() as conn:
                 raw = await conn.get_raw_connection()
@@ -111,6 +113,20 @@ class KeptCalls:
                     raise
         self._busy = True
         self._idle.clear()
+        if not finish_if_cut:
+            return await self._on_kept(call)
+        running = asyncio.ensure_future(self._on_kept(call))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            running.add_done_callback(_unread)
+            raise
+
+    async def _on_kept(self, call: Callable[[Any], Awaitable[T]]) -> T:
+        """``call`` on the kept connection, which is busy until it ends. A read cut by its
+        caller runs on by itself (shielded): interrupted, it would spoil the connection,
+        and a gateway polling ``consume()`` with a short deadline opened a new one to
+        PostgreSQL at nearly every poll. Meanwhile other calls take pooled connections."""
         try:
             driver = await self._kept.driver()
             try:
@@ -182,3 +198,9 @@ def _raise_lost(exc: BaseException) -> None:
     """Raises :class:`_LinkLost` for a failure of the link (a cancellation stays itself)."""
     if isinstance(exc, Exception):
         raise _LinkLost(exc) from exc
+
+
+def _unread(running: asyncio.Future[Any]) -> None:
+    """Reads the failure of a read its caller left (it spoilt the connection, now dropped)."""
+    if not running.cancelled():
+        running.exception()
