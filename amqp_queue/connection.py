@@ -19,6 +19,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from yarl import URL
 
 from amqp_queue.errors import BROKER_FAILURES, BrokerError
+from amqp_queue.state.cancellation import finished, undone
 
 # Even the last attempt gets this long: a broker that is up answers a connect well within it.
 _SHORTEST_ATTEMPT = 0.5
@@ -113,8 +114,11 @@ async def connect_robust(url: BrokerUrls, give_up_after: float) -> AbstractRobus
                 tried = retrying.statistics.get("attempt_number", 1) - 1
                 connection = FailoverConnection(nodes, first=tried)
                 try:
-                    await connection.connect(timeout=timeout)
-                    return connection
+                    # Run to its end (bounded by timeout) through the caller's cancellation,
+                    # then closed: a handshake cut half way left a connection nothing could
+                    # close any more, open on the broker with its tasks for the life of the
+                    # process.
+                    _, cut = await finished(connection.connect(timeout=timeout))
                 except TimeoutError as exc:
                     await _discard(connection)
                     raise BrokerError(f"no answer in {timeout:.1f}s") from exc
@@ -122,10 +126,10 @@ async def connect_robust(url: BrokerUrls, give_up_after: float) -> AbstractRobus
                     await _discard(connection)
                     raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
                 except asyncio.CancelledError:
-                    # Cut by the caller: what the attempt opened would stay open, with its
-                    # tasks, for the life of the process.
-                    await asyncio.shield(_discard(connection))
-                    raise
+                    cut = True
+                if cut:
+                    await undone(_discard, connection)
+                return connection
     except BrokerError as exc:
         tries = retrying.statistics.get("attempt_number", 1)
         raise BrokerError(
