@@ -383,6 +383,9 @@ def _log_mark_failure(exc: BaseException) -> None:
 
 
 def _unread_failure(written: asyncio.Future[Any]) -> None:
-    """Logs the failure of a write whose caller was cancelled (it had nobody to raise to)."""
-    if not written.cancelled() and (failure := written.exception()) is not None:
-        logger.debug("a write went on after its caller was cancelled and failed: %r", failure)
+    """Logs the failure of a write whose caller was cancelled (it had nobody to raise to):
+    a refusal (the command no longer open) at debug, an index failure as a warning."""
+    if written.cancelled() or (failure := written.exception()) is None:
+        return
+    level = logging.WARNING if isinstance(failure, StateError) else logging.DEBUG
+    logger.log(level, "a write went on after its caller was cancelled and failed: %r", failure)

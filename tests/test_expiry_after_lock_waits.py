@@ -19,7 +19,6 @@ import asyncpg
 
 from amqp_queue import CommandStatus, SqlStore
 from tests.backends import POSTGRES_URL, postgres_schema
-from tests.rabbitmq_support import rabbitmq_store
 
 _TTL = 1.0
 _HELD = 1.2  # past every command's TTL
@@ -51,63 +50,72 @@ async def test_a_bare_drain_waiting_for_sqlite_s_write_lock(tmp_path: Path) -> N
 
 
 async def test_a_bare_drain_waiting_for_postgresql_row_locks() -> None:
-    async with postgres_schema() as schema:
-        async with await SqlStore.connect(POSTGRES_URL, schema=schema) as store:
-            ids = [await store.enqueue("dev", b"%d" % n, _TTL) for n in range(3)]
-            other = await asyncpg.connect(_asyncpg_url())
-            try:
-                locks = other.transaction()
-                await locks.start()
-                await other.fetch(f'SELECT id FROM "{schema}".command_queue FOR UPDATE')
+    async with (
+        postgres_schema() as schema,
+        await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
+    ):
+        ids = [await store.enqueue("dev", b"%d" % n, _TTL) for n in range(3)]
+        other = await asyncpg.connect(_asyncpg_url())
+        try:
+            locks = other.transaction()
+            await locks.start()
+            await other.fetch(f'SELECT id FROM "{schema}".command_queue FOR UPDATE')
 
-                async def release() -> None:
-                    await asyncio.sleep(_HELD)
-                    await locks.commit()
+            async def release() -> None:
+                await asyncio.sleep(_HELD)
+                await locks.commit()
 
-                releasing = asyncio.ensure_future(release())
-                assert await store.drain_pending("dev") == []
-                await releasing
-            finally:
-                await other.close()
-            assert [await store.get_status(i) for i in ids] == [CommandStatus.EXPIRED] * 3
+            releasing = asyncio.ensure_future(release())
+            assert await store.drain_pending("dev") == []
+            await releasing
+        finally:
+            await other.close()
+        assert [await store.get_status(i) for i in ids] == [CommandStatus.EXPIRED] * 3
 
 
-async def test_a_hand_over_waiting_for_postgresql_row_locks(tmp_path: Path) -> None:
-    """RabbitMQStore's drain: another transaction locks the rows the moment they are
-    claimed, and holds them past their TTL; the hand-over hands none of them out."""
-    async with postgres_schema() as schema:
-        state_url = f"{POSTGRES_URL}?schema={schema}"
-        async with rabbitmq_store(tmp_path, state_url=state_url) as store:
-            ids = [await store.enqueue("dev", b"%d" % n, _TTL) for n in range(5)]
-            other = await asyncpg.connect(_asyncpg_url())
-            caught = asyncio.Event()
+async def test_a_hand_over_waiting_for_postgresql_row_locks() -> None:
+    """The second phase of a drain (RabbitMQStore's): another transaction locks the claimed
+    rows without changing them, and holds them past their TTL; the hand-over waiting for
+    them hands none of them out."""
+    async with (
+        postgres_schema() as schema,
+        await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
+    ):
+        ids = [await store.enqueue("dev", b"%d" % n, _TTL) for n in range(5)]
+        claimed = await store.claim("dev")
+        assert [record.id for record in claimed] == ids
+        other = await asyncpg.connect(_asyncpg_url())
+        try:
+            locks = other.transaction()
+            await locks.start()
+            await other.fetch(f'SELECT id FROM "{schema}".command_queue FOR UPDATE')
 
-            async def lock_once_claimed() -> None:
-                while True:
-                    async with other.transaction():
-                        try:
-                            rows = await other.fetch(
-                                f'SELECT id FROM "{schema}".command_queue WHERE '
-                                "claimed_until IS NOT NULL AND NOT delivered "
-                                "AND end_reason IS NULL FOR UPDATE NOWAIT"
-                            )
-                        except asyncpg.LockNotAvailableError:
-                            rows = []
-                        if rows:
-                            caught.set()
-                            await asyncio.sleep(_HELD)
-                            return
-                    await asyncio.sleep(0)
+            async def release() -> None:
+                await asyncio.sleep(_HELD)
+                await locks.commit()
 
-            try:
-                locker = asyncio.ensure_future(lock_once_claimed())
-                await asyncio.sleep(0.2)
-                drained = await store.drain_commands("dev")
-                returned_at = datetime.now(UTC)
-                await asyncio.wait_for(locker, 5)
-            finally:
-                await other.close()
-            assert caught.is_set()
-            assert [r.id for r in drained if r.expires_at <= returned_at] == []
-            statuses = {await store.get_status(i) for i in ids}
-            assert statuses <= {CommandStatus.EXPIRED, CommandStatus.DELIVERED}
+            releasing = asyncio.ensure_future(release())
+            assert await store.hand_over(claimed) == []
+            await releasing
+        finally:
+            await other.close()
+        await store.release(claimed, ())
+        assert [await store.get_status(i) for i in ids] == [CommandStatus.EXPIRED] * 5
+
+
+async def test_the_store_s_clock_is_read_on_the_event_loop_only(tmp_path: Path) -> None:
+    """A drain reads its now once it holds SQLite's write lock, on the writer thread: from
+    the store's clock read on the loop, advanced by the time elapsed (the application's
+    clock may need the event loop; a first version called it on the writer thread)."""
+
+    def loop_clock() -> datetime:
+        asyncio.get_running_loop()  # raises off the event loop's thread
+        return datetime.now(UTC)
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'clock.db'}"
+    async with await SqlStore.connect(url, clock=loop_clock) as store:
+        await store.enqueue("dev", b"x", 600)
+        assert await store.drain_pending("dev") == [b"x"]
+        await store.enqueue("dev", b"y", 600)
+        claimed = await store.claim("dev")
+        assert [record.payload for record in await store.hand_over(claimed)] == [b"y"]

@@ -20,6 +20,7 @@ from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, trans
 from . import statements as sql
 from .engine import driver_reason
 from .execution import SqlExecution
+from .now import Advancing, When
 from .postgres_reads import PostgresReads
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
 
@@ -82,11 +83,12 @@ class SqlDeliveryCalls(SqlExecution):
         if self._engine.dialect.name != "postgresql":
             give_back = self._give_back_drained
             drain = transactions.drain_index
-            return await self._hot_undone("drain", give_back, drain, device, self.clock)
+            now = Advancing(self.clock())  # read once it holds the write lock
+            return await self._hot_undone("drain", give_back, drain, device, now)
         return await run_through(self._drain_index_once(device), self._give_back_drained)
 
     async def _drain_index_once(self, device: str) -> list[CommandRecord]:
-        now = self.clock()
+        now = Advancing(self.clock())  # read by each attempt (a deadlock's is run again)
         # A COMMIT whose answer was lost is resolved as a claim's is (see commit_doubt): its
         # rows keep the claim's claimed_until and its transaction id once handed over.
         commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
@@ -115,11 +117,12 @@ class SqlDeliveryCalls(SqlExecution):
         # A COMMIT whose answer was lost fails the hand-over: the drain gives its claim back,
         # which opens the commands again if it did land (nobody received them).
         hand_over = transactions.hand_over
+        # Its expiry is checked at the time it holds its locks (see now.Advancing). On
+        # SQLite on the writer thread, as the claim: the drain awaits a cut hand-over.
+        later = Advancing(now)
         if self._engine.dialect.name != "postgresql":
-            # On the writer thread, as the claim: the drain awaits a cancelled hand-over.
-            # Its expiry checked at the clock's time once it holds the file's write lock.
-            return await self._hot("hand-over", hand_over, command_ids, claimed_until, self.clock)
-        return await self._transaction(_locked_hand_over, command_ids, claimed_until, now)
+            return await self._hot("hand-over", hand_over, command_ids, claimed_until, later)
+        return await self._transaction(_locked_hand_over, command_ids, claimed_until, later)
 
     async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:
         return await self._hot("claim end", transactions.end_claims, list(command_ids), now)
@@ -226,7 +229,7 @@ class SqlDeliveryCalls(SqlExecution):
 
 
 def _locked_hand_over(
-    command_ids: Sequence[str], claimed_until: datetime, now: datetime
+    command_ids: Sequence[str], claimed_until: datetime, now: When
 ) -> transactions.Transaction[list[str]]:
     """A hand-over on PostgreSQL: its rows locked first, so that expiry is checked once
     another writer's lock on them is granted (see :class:`~.now.NowAfterLocks`)."""

@@ -129,10 +129,12 @@ class SqlExecution:
                     # transaction keeps the write lock. Cut while it waits its turn, it
                     # never runs.
                     answer, cut = await finished(self._on_engine(transaction(), commit))
-                if cut:
-                    await undone(undo, answer)  # its turn given up (see _hot_undone)
-                return answer
-        raise AssertionError("unreachable: the last failure is re-raised")
+                break
+        else:
+            raise AssertionError("unreachable: the last failure is re-raised")
+        if cut:  # outside the retries: its cancellation is not a failure to run again
+            await undone(undo, answer)  # its turn given up (see _hot_undone)
+        return answer
 
     async def _on_engine(
         self, transaction: Transaction[T], commit: commit_doubt.Commit[T] | None

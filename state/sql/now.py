@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,14 +17,15 @@ NOW = sa.bindparam("now", type_=command_queue.c.ended_at.type)
 
 
 class NowAfterLocks(sa.sql.expression.ColumnElement[Any]):
-    """:data:`NOW`, on PostgreSQL plus the time its transaction has run so far: a claim or
-    a hand-over that waited for a row lock (another writer's, up to a deadlock timeout),
-    here or in an earlier statement of its transaction, compares expiry with the time it
+    """:data:`NOW`, on PostgreSQL plus the time its transaction has run so far: a hand-over
+    that waited for a row lock (another writer's, up to a deadlock timeout), here or in an
+    earlier statement of its transaction (a drain's claim), compares expiry with the time it
     got the lock, not the time ``now`` was read, so a command that expired meanwhile is not
     handed out. A row another transaction only locked, never changed, is not checked again
     once its lock is granted: a hand-over of its own takes its rows' locks first
-    (:data:`~amqp_queue.state.sql.statements.LOCK`). SQLite takes its lock at a
-    transaction's BEGIN, and a drain reads the clock after it (``transactions``)."""
+    (:data:`~amqp_queue.state.sql.statements.LOCK`). (A claim need not: every claim is handed
+    over before its commands go out.) SQLite takes its lock at a transaction's BEGIN, and a
+    drain reads its :class:`Advancing` now after it."""
 
     type = command_queue.c.ended_at.type
     inherit_cache = True
@@ -40,9 +42,23 @@ def _now_after_locks_pg(element: NowAfterLocks, compiler: Any, **kw: Any) -> str
 
 
 When = datetime | Callable[[], datetime]
-"""A transaction's now: a time, or the store's clock, read once the transaction holds its
-lock (a SQLite drain waits for the file's write lock: up to the busy timeout)."""
+"""A transaction's now: a time, or one read when the transaction runs (once it holds its
+lock: a SQLite drain waits for the file's write lock up to the busy timeout, a transaction
+run again after a deadlock waited for one): see :class:`Advancing`."""
 
 
 def read(when: When) -> datetime:
     return when() if callable(when) else when
+
+
+class Advancing:
+    """The store clock's now when made, advanced by the time elapsed since (monotonic): what
+    a transaction reads when it runs, on SQLite's writer thread too, where the store's own
+    clock (the application's, maybe bound to the event loop) is not called."""
+
+    def __init__(self, now: datetime) -> None:
+        self._now = now
+        self._made = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._now + timedelta(seconds=time.monotonic() - self._made)

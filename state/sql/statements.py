@@ -44,7 +44,6 @@ _UNCLAIMED = sa.or_(c.claimed_until.is_(None), c.claimed_until <= NOW)
 _CLAIMED = c.claimed_until == sa.bindparam("claimed", type_=c.claimed_until.type)
 """Under the claim whose ``claimed_until`` is ``claimed``."""
 _DELIVERABLE = sa.and_(IS_OPEN, IS_READY, c.expires_at > NOW, _UNCLAIMED)
-_CLAIMABLE = sa.and_(IS_OPEN, IS_READY, _UNEXPIRED, _UNCLAIMED)
 
 
 def row_of(record: CommandRecord) -> dict[str, Any]:
@@ -187,7 +186,7 @@ def _claim(among: bool) -> sa.Update:
     # confirm, and a drain that skipped the row would miss a ready command. In seq order,
     # so concurrent claims lock alike; once the lock is granted PostgreSQL checks the row
     # again, so a command another drain just claimed is not claimed twice.
-    candidates = sa.select(c.seq).where(c.device_id == sa.bindparam("device"), _CLAIMABLE)
+    candidates = sa.select(c.seq).where(c.device_id == sa.bindparam("device"), _DELIVERABLE)
     if among:
         candidates = candidates.where(c.id.in_(_IDS))
     return (

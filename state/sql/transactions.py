@@ -315,13 +315,13 @@ def drain_index(device_id: str, now: When) -> Transaction[list[CommandRecord]]:
     return (yield from _drain_index(device_id, now, marked=False)).records
 
 
-def drain_index_marked(device_id: str, now: datetime) -> Transaction[Claimed]:
+def drain_index_marked(device_id: str, now: When) -> Transaction[Claimed]:
     """:func:`drain_index` on PostgreSQL, with the transaction's id (see :func:`claim_marked`)."""
     return (yield from _drain_index(device_id, now, marked=True))
 
 
 def _drain_index(device_id: str, when: When, *, marked: bool) -> Transaction[Claimed]:
-    now = read(when)  # its lock held: on SQLite, after BEGIN IMMEDIATE waited for it
+    now = read(when)  # on SQLite after BEGIN IMMEDIATE, which waited for the lock
     claimed = yield from _claim(device_id, now, None, marked=marked)
     if not claimed.records or claimed.records[0].claimed_until is None:
         return claimed
