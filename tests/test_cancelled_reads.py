@@ -94,3 +94,32 @@ async def test_a_stream_polled_with_short_deadlines_keeps_its_postgresql_connect
                         got.append((await asyncio.wait_for(anext(stream), deadline)).payload)
             assert got == [b"%02d" % n for n in range(20)], f"{len(got)} in {polls} polls"
             assert len(opened) <= 3, f"{len(opened)} connections opened in {polls} polls"
+
+
+async def test_streams_polled_with_short_deadlines_all_get_their_commands(tmp_path: Path) -> None:
+    """Gateways polling at once: the kept connection busy, reads run on pooled ones, which a
+    cut used to spoil as well (six streams had not handed out their 120 commands after
+    30,000 polls). A cut read there also finishes by itself."""
+    rnd = random.Random(6)
+    devices = [f"d{n}" for n in range(4)]
+    async with postgres_schema() as schema:
+        state_url = f"{POSTGRES_URL}?schema={schema}"
+        async with rabbitmq_store(tmp_path, state_url=state_url) as store:
+            for n in range(20):
+                for device in devices:
+                    await store.enqueue(device, b"%02d" % n, 600)
+            polls = 0
+
+            async def gateway(device: str) -> list[bytes]:
+                nonlocal polls
+                got: list[bytes] = []
+                async with store.consume(device) as stream:
+                    while len(got) < 20 and polls < 12_000:
+                        polls += 1
+                        with contextlib.suppress(TimeoutError):
+                            deadline = rnd.uniform(0, 0.004)
+                            got.append((await asyncio.wait_for(anext(stream), deadline)).payload)
+                return got
+
+            got = await asyncio.gather(*map(gateway, devices))
+            assert got == [[b"%02d" % n for n in range(20)]] * 4, f"after {polls} polls"

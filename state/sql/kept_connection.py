@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
+
+logger = logging.getLogger("amqp_queue.state.sql")
 
 # Seconds a closing store waits for a call on a kept connection to finish before it hands
 # the connection back regardless (the call then fails, as on any closed connection).
@@ -102,31 +105,37 @@ class KeptCalls:
 
     async def _call_once(self, call: Callable[[Any], Awaitable[T]], *, finish_if_cut: bool) -> T:
         if self._busy or self._closed:
-            async with self._engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                try:
-                    return await call(_open(raw.driver_connection))
-                except BaseException as exc:
-                    if self._spoilt_by(exc):
-                        await conn.invalidate()
-                        _raise_lost(exc)
-                    raise
-        self._busy = True
-        self._idle.clear()
+            on_its_own = self._on_pooled(call)
+        else:
+            self._busy = True
+            self._idle.clear()
+            on_its_own = self._on_kept(call)
         if not finish_if_cut:
-            return await self._on_kept(call)
-        running = asyncio.ensure_future(self._on_kept(call))
+            return await on_its_own
+        # A read cut by its caller runs on by itself: interrupted, it would spoil its
+        # connection, and a gateway polling consume() with a short deadline opened a new
+        # one to PostgreSQL at nearly every poll.
+        running = asyncio.ensure_future(on_its_own)
         try:
             return await asyncio.shield(running)
         except asyncio.CancelledError:
             running.add_done_callback(_unread)
             raise
 
+    async def _on_pooled(self, call: Callable[[Any], Awaitable[T]]) -> T:
+        async with self._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                return await call(_open(raw.driver_connection))
+            except BaseException as exc:
+                if self._spoilt_by(exc):
+                    await conn.invalidate()
+                    _raise_lost(exc)
+                raise
+
     async def _on_kept(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        """``call`` on the kept connection, which is busy until it ends. A read cut by its
-        caller runs on by itself (shielded): interrupted, it would spoil the connection,
-        and a gateway polling ``consume()`` with a short deadline opened a new one to
-        PostgreSQL at nearly every poll. Meanwhile other calls take pooled connections."""
+        """``call`` on the kept connection, which is busy until it ends (meanwhile other
+        calls take pooled connections)."""
         try:
             driver = await self._kept.driver()
             try:
@@ -202,5 +211,5 @@ def _raise_lost(exc: BaseException) -> None:
 
 def _unread(running: asyncio.Future[Any]) -> None:
     """Reads the failure of a read its caller left (it spoilt the connection, now dropped)."""
-    if not running.cancelled():
-        running.exception()
+    if not running.cancelled() and (failure := running.exception()) is not None:
+        logger.debug("a read went on after its caller was cancelled and failed: %r", failure)
