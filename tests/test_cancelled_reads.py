@@ -114,7 +114,7 @@ async def test_streams_polled_with_short_deadlines_all_get_their_commands(tmp_pa
                 nonlocal polls
                 got: list[bytes] = []
                 async with store.consume(device) as stream:
-                    while len(got) < 20 and polls < 12_000:
+                    while len(got) < 20 and polls < 4_000:
                         polls += 1
                         with contextlib.suppress(TimeoutError):
                             deadline = rnd.uniform(0, 0.004)
