@@ -12,6 +12,8 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,8 +26,25 @@ _TTL = 1.0
 _HELD = 1.2  # past every command's TTL
 
 
-def _asyncpg_url() -> str:
-    return POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")
+@asynccontextmanager
+async def _rows_locked_by_another_transaction(schema: str) -> AsyncIterator[None]:
+    """Every row locked (not changed) by another connection's transaction for ``_HELD``
+    seconds from now; the block runs meanwhile, and its end waits for the release."""
+    other = await asyncpg.connect(POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        locks = other.transaction()
+        await locks.start()
+        await other.fetch(f'SELECT id FROM "{schema}".command_queue FOR UPDATE')
+
+        async def release() -> None:
+            await asyncio.sleep(_HELD)
+            await locks.commit()
+
+        releasing = asyncio.ensure_future(release())
+        yield
+        await releasing
+    finally:
+        await other.close()
 
 
 async def test_a_bare_drain_waiting_for_sqlite_s_write_lock(tmp_path: Path) -> None:
@@ -55,21 +74,8 @@ async def test_a_bare_drain_waiting_for_postgresql_row_locks() -> None:
         await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
     ):
         ids = [await store.enqueue("dev", b"%d" % n, _TTL) for n in range(3)]
-        other = await asyncpg.connect(_asyncpg_url())
-        try:
-            locks = other.transaction()
-            await locks.start()
-            await other.fetch(f'SELECT id FROM "{schema}".command_queue FOR UPDATE')
-
-            async def release() -> None:
-                await asyncio.sleep(_HELD)
-                await locks.commit()
-
-            releasing = asyncio.ensure_future(release())
+        async with _rows_locked_by_another_transaction(schema):
             assert await store.drain_pending("dev") == []
-            await releasing
-        finally:
-            await other.close()
         assert [await store.get_status(i) for i in ids] == [CommandStatus.EXPIRED] * 3
 
 
@@ -84,21 +90,8 @@ async def test_a_hand_over_waiting_for_postgresql_row_locks() -> None:
         ids = [await store.enqueue("dev", b"%d" % n, _TTL) for n in range(5)]
         claimed = await store.claim("dev")
         assert [record.id for record in claimed] == ids
-        other = await asyncpg.connect(_asyncpg_url())
-        try:
-            locks = other.transaction()
-            await locks.start()
-            await other.fetch(f'SELECT id FROM "{schema}".command_queue FOR UPDATE')
-
-            async def release() -> None:
-                await asyncio.sleep(_HELD)
-                await locks.commit()
-
-            releasing = asyncio.ensure_future(release())
+        async with _rows_locked_by_another_transaction(schema):
             assert await store.hand_over(claimed) == []
-            await releasing
-        finally:
-            await other.close()
         await store.release(claimed, ())
         assert [await store.get_status(i) for i in ids] == [CommandStatus.EXPIRED] * 5
 
