@@ -6,8 +6,10 @@ import asyncio
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -18,9 +20,25 @@ from aio_pika.abc import (
 from aiormq.abc import FieldTable
 
 from amqp_queue.config import QueueType, RabbitMQConfig
-from amqp_queue.errors import broker_errors, queue_declaration
+from amqp_queue.errors import (
+    BrokerError,
+    broker_errors,
+    closed_under_the_call,
+    queue_declaration,
+)
 
 logger = logging.getLogger("amqp_queue.topology")
+
+T = TypeVar("T")
+
+# Tries of a declaration or deletion whose shared declaring channel closed under it (each on
+# the next channel, 0.3 s of pauses in all; within the call's publish_timeout).
+_CHANNEL_TRIES = 5
+_CHANNEL_CUT: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+)
 
 
 class _Line:
@@ -135,7 +153,32 @@ class Topology:
         # must return and leave its command to the outbox.
         with broker_errors(f"declaring the queue of {device_id!r}"):
             async with asyncio.timeout(self._config.publish_timeout):
-                await self.declare_queue(self._next_channel(), device_id, robust=False)
+                await self._on_a_declaring_channel(
+                    lambda channel: self.declare_queue(channel, device_id, robust=False)
+                )
+
+    async def _on_a_declaring_channel(self, call: Callable[[AbstractChannel], Awaitable[T]]) -> T:
+        """``call`` on a declaring channel, made again on the next one when the channel closed
+        under it. The declaring channels are shared, and the broker closes one over any of
+        its calls' refusals, failing every call waiting on it: a retire by another store
+        deleting a queue between its declaration and its binding here failed the
+        declarations and deletions of other devices, naming the retired device's queue."""
+        for attempt in range(_CHANNEL_TRIES):
+            try:
+                return await call(self._next_channel())
+            except BaseException as exc:
+                # As aiormq raises it, or as declare_queue passes it on (a BrokerError).
+                cause = exc.__cause__ if isinstance(exc, BrokerError) else exc
+                cut = isinstance(cause, _CHANNEL_CUT) or (
+                    cause is not None and closed_under_the_call(cause)
+                )
+                if not cut or attempt + 1 == _CHANNEL_TRIES:
+                    raise
+                logger.debug("a declaring channel closed under a call, again: %r", exc)
+                # The broker may have closed the others as well: their reopening takes a
+                # round trip or two.
+                await asyncio.sleep(0.02 * 2**attempt)
+        raise AssertionError("unreachable: the last try raises")
 
     def _declaration_done(
         self, device_id: str, declared: asyncio.Future[None], declaring: asyncio.Task[None]
@@ -213,7 +256,7 @@ class Topology:
         self._devices.pop(device_id, None)
         with broker_errors(f"deleting the queue of {device_id!r}"):
             async with asyncio.timeout(self._config.publish_timeout):
-                await self._next_channel().queue_delete(name)
+                await self._on_a_declaring_channel(lambda channel: channel.queue_delete(name))
         logger.info("deleted queue %s", name)
 
     async def declare_queue(
