@@ -38,7 +38,6 @@ async def test_a_cut_confirm_leaves_no_unread_failure(
                 except CommandNotFound:
                     pass
                 await asyncio.sleep(0.02)
-                gc.collect()
             await asyncio.sleep(0.5)
             gc.collect()
     assert cut
