@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from amqp_queue.channel_closing import close_drain_channel
+from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.drain_give_back import Debts, give_back
-from amqp_queue.errors import BrokerError
-from amqp_queue.inbox import Inbox
+from amqp_queue.errors import BrokerError, open_again_because
+from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.settlement import (
@@ -25,11 +28,35 @@ from amqp_queue.settlement import (
 from amqp_queue.state.cancellation import outlasting
 from amqp_queue.state.errors import ClaimOutcomeUnknown, StateError
 from amqp_queue.state.model import CommandRecord
+from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.drain")
 
 CLAIM_MOST = 1000
 """Commands a drain claims in one index statement (a deep queue takes several)."""
+
+
+async def open_drain(
+    channels: ChannelPool,
+    topology: Topology,
+    config: RabbitMQConfig,
+    device_id: str,
+    background: Callable[[Coroutine[Any, Any, None]], None],
+) -> tuple[AbstractChannel, Inbox]:
+    """A drain's channel and its consumer on the device queue, opened again once if the
+    queue or the connection went away under them (see :func:`open_again_because`).
+    ``background`` closes a channel whose consumer did not open, nobody waiting for it."""
+    for again in (False, True):
+        channel = await channels.channel(f"opening a channel to drain {device_id}", robust=False)
+        try:
+            return channel, await open_inbox(channel, topology, config, device_id, window_only=True)
+        except BaseException as exc:
+            background(close_drain_channel(channel, device_id, config, None))
+            reason = open_again_because(exc) if isinstance(exc, BrokerError) else None
+            if again or reason is None:
+                raise
+            logger.info("drain of %s: %s as it opened; opening again", device_id, reason)
+    raise AssertionError("unreachable: the second failure is raised")
 
 
 async def drain(

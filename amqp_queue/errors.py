@@ -79,6 +79,32 @@ def queue_vanished(exc: BaseException) -> bool:
     return isinstance(cause, aiormq.exceptions.ChannelNotFoundEntity) and "no queue" in str(cause)
 
 
+_NOT_A_LOSS = (
+    aiormq.exceptions.AuthenticationError,
+    aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.IncompatibleProtocolError,
+)
+
+
+def open_again_because(exc: BrokerError) -> str | None:
+    """Why a stream or drain whose consumer failed to open opens it again at once, or None.
+
+    Its queue was deleted under it (:func:`queue_vanished`); or its connection died under it:
+    the link, or the broker closing the whole connection, as RabbitMQ 3.10 does with
+    ``INTERNAL_ERROR`` when a consume reaches a new quorum queue before its Raft member runs
+    (rabbitmq-server#13625). A stream already open survives its connection dying (the store
+    reconnects and its consumer comes back); one opening at that moment should too. A second
+    failure is raised: the broker is really away, or refuses.
+    """
+    if queue_vanished(exc):
+        return "its queue was deleted"
+    cause = exc.__cause__
+    lost = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError)
+    if isinstance(cause, lost) and not isinstance(cause, _NOT_A_LOSS):
+        return f"its connection was lost ({type(cause).__name__})"
+    return None
+
+
 def broker_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the broker, the network or the channel failing a call (one of
     :data:`BROKER_FAILURES`, or :func:`closed_under_the_call`), not the caller's own error."""

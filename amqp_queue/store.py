@@ -20,10 +20,9 @@ from amqp_queue.channel_closing import close_drain_channel
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
-from amqp_queue.drain import drain, refuse_if_cancelled
-from amqp_queue.errors import BrokerError, closed_under, queue_vanished
+from amqp_queue.drain import drain, open_drain, refuse_if_cancelled
+from amqp_queue.errors import BrokerError, closed_under
 from amqp_queue.fleet import FleetDelivery
-from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.outbox import OutboxRelay
@@ -222,26 +221,15 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         """Like :meth:`drain_pending`, with the whole records (ids, types, expiry)."""
         device = self._device(device_id)
         refuse_if_cancelled()
-        try:
-            return await self._drain(device)
-        except BrokerError as exc:
-            if not queue_vanished(exc):
-                raise
-            logger.info("queue of %s deleted as a drain opened: draining again", device)
-            return await self._drain(device)
-
-    async def _drain(self, device: str) -> list[CommandRecord]:
         with closed_under(f"draining {device}"), self._running.drain() as running:
             topology = await self._ready()
             assert self._relay is not None
             if self._relay.pending:
                 await self._flush_outbox()
-            channel = await self._channels.channel(
-                f"opening a channel to drain {device}", robust=False
+            channel, inbox = await open_drain(
+                self._channels, topology, self.config, device, self._running.background
             )
-            inbox: Inbox | None = None
             try:
-                inbox = await open_inbox(channel, topology, self.config, device, window_only=True)
                 running.consuming(inbox)
                 records = await drain(
                     inbox, self.state, self.config, device, self.observer, self._relay, self._marks
@@ -249,9 +237,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             finally:
                 # Not awaited by the caller: once the drain has returned, a cancellation
                 # while the channel closes must not take the commands it claimed with it.
-                settling = inbox.settling if inbox is not None else None
                 self._running.background(
-                    close_drain_channel(channel, device, self.config, settling)
+                    close_drain_channel(channel, device, self.config, inbox.settling)
                 )
         return rules.in_ready_order(records)
 

@@ -19,7 +19,7 @@ from amqp_queue.channel_closing import close_channel
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.delivery_marks import DeliveryMarks
-from amqp_queue.errors import BrokerError, closed_under, queue_vanished
+from amqp_queue.errors import BrokerError, closed_under, open_again_because
 from amqp_queue.inbox import Inbox, open_inbox
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
@@ -210,9 +210,10 @@ class CommandStream(Closing):
             try:
                 await self._open_inbox()
             except BrokerError as exc:
-                if not queue_vanished(exc) or self._closed:
+                reason = open_again_because(exc)
+                if reason is None or self._closed:
                     raise
-                logger.info("queue of %s deleted as it opened: opening again", self._device_id)
+                logger.info("stream of %s: %s as it opened; opening again", self._device_id, reason)
                 await self._open_inbox()
 
     async def _open_inbox(self) -> None:
