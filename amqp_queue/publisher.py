@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from aiormq import spec
@@ -45,6 +46,9 @@ class Publisher:
         # Per device, the outcome of its latest publish under way (quorum queues): True once
         # confirmed (or not needed), False once it failed.
         self._latest: dict[str, asyncio.Future[bool]] = {}
+        # By command id, its send under way (see _sent): timed out for its caller, it goes on.
+        self._sending: dict[str, asyncio.Future[ConfirmationFrameType | DeliveredMessage | None]]
+        self._sending = {}
 
     async def publish(self, record: CommandRecord) -> bool:
         """Publishes ``record``; False when it expired before it could be published.
@@ -98,8 +102,7 @@ class Publisher:
             # Not broker_errors(): on the path of every enqueue, the message is built only
             # when there is a failure to name.
             try:
-                async with asyncio.timeout(self._config.publish_timeout):
-                    result = await self._basic_publish(record, properties)
+                result = await self._sent(record, properties)
             except BROKER_FAILURES as exc:
                 limit = size_refused(exc)
                 if limit is not None and len(record.payload) > limit:
@@ -126,6 +129,33 @@ class Publisher:
             )
             self._topology.forget(record.device_id, declaration)
         raise BrokerError(f"command {record.id} is unroutable to device {record.device_id!r}")
+
+    async def _sent(
+        self, record: CommandRecord, properties: spec.Basic.Properties
+    ) -> ConfirmationFrameType | DeliveredMessage | None:
+        """Sends the command (or joins its send still under way: the relay publishing it
+        again) and waits ``publish_timeout`` at most for the broker's answer.
+
+        A send whose time runs out goes on: it keeps its turn on the channel. aiormq sends
+        one publish at a time and holds the channel until the frame is written, so over a
+        congested link publishes wait their turn; withdrawn while it waited (unsent), a
+        command let the one behind it, to the same device, go out first, and published
+        again after it, reached the queue second (tests/test_publish_turn_timeout.py). It
+        ends with the channel at the latest.
+        """
+        sending = self._sending.get(record.id)
+        if sending is None:
+            sending = asyncio.ensure_future(self._basic_publish(record, properties))
+            self._sending[record.id] = sending
+            sending.add_done_callback(functools.partial(self._send_ended, record.id))
+        async with asyncio.timeout(self._config.publish_timeout):
+            return await asyncio.shield(sending)
+
+    def _send_ended(self, command_id: str, sending: asyncio.Future[object]) -> None:
+        if self._sending.get(command_id) is sending:
+            del self._sending[command_id]
+        if not sending.cancelled():
+            sending.exception()  # retrieved: its callers were told, or had left
 
     async def _basic_publish(
         self, record: CommandRecord, properties: spec.Basic.Properties
