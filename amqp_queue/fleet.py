@@ -24,6 +24,7 @@ from amqp_queue.observer import Observer
 from amqp_queue.publish_path import PublishPath
 from amqp_queue.relay_holds import WRITER_GRACE
 from amqp_queue.state import rules
+from amqp_queue.state.cancellation import run_through
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.indexed_store import IndexedStore
 from amqp_queue.state.model import (
@@ -179,7 +180,9 @@ class FleetDelivery:
         A ``consume`` stream still open on the device ends when the broker cancels its
         consumer. A drain under way hands out what it handed over before the retiring (its
         claims are open commands, which the retiring cancels); cancelled, it finds its queue
-        gone and ends what it handed over ``CANCELLED`` too.
+        gone and ends what it handed over ``CANCELLED`` too. Cancelled by its caller once
+        the queue's deletion began, the retire runs to its end (the index's retries
+        included) before the cancellation is raised.
 
         Returns:
             How many commands it cancelled.
@@ -194,10 +197,15 @@ class FleetDelivery:
                 not tell may have cancelled them: the next one then counts 0.)
         """
         device = self._device(device_id)
+        topology = await self._ready()
+        # To its end once begun, through the caller's cancellation (raised after it): cut
+        # between its two steps, the commands stayed pending with their messages deleted.
+        return await run_through(self._retire(topology, device))
+
+    async def _retire(self, topology: Topology, device: str) -> int:
         # The queue first: an enqueue accepted between the two steps is cancelled by the
         # second (its message, if any, is stale in a new queue); cancelled first, it would
         # stay pending with its message deleted, never to be delivered.
-        topology = await self._ready()
         await topology.delete_queue(device)
         # With the queue gone, the commands must end now: tried again while the index
         # refuses (a cut connection coming back), as long as a publish may take.
