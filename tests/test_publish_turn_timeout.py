@@ -16,6 +16,7 @@ import asyncio
 from pathlib import Path
 
 import aio_pika
+import aiormq
 import pytest
 
 from amqp_queue import BrokerError
@@ -48,6 +49,7 @@ async def test_a_publish_timed_out_waiting_its_turn_still_goes_out_before_the_ne
         assert publisher is not None
         assert topology is not None
         underlay = await topology.channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
         busy, done = asyncio.Event(), asyncio.Event()
 
         async def long_frame() -> None:
