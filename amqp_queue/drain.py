@@ -320,12 +320,3 @@ async def drain(
         await asyncio.shield(inbox.settling)
         raise
     return claimed
-
-
-def refuse_if_cancelled() -> None:
-    """Raises the cancellation of the running task, if one is requested: a drain cancelled
-    once it had handed over returned what it handed over and left the cancellation
-    requested, so a task draining in a loop ends at its next drain."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

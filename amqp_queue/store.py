@@ -20,7 +20,7 @@ from amqp_queue.channel_closing import close_drain_channel
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.connection import BrokerUrls, broker_urls, connect_robust
-from amqp_queue.drain import drain, open_drain, refuse_if_cancelled
+from amqp_queue.drain import drain, open_drain
 from amqp_queue.errors import BrokerError, closed_under
 from amqp_queue.fleet import FleetDelivery
 from amqp_queue.mark_commits import MarkCommits
@@ -32,6 +32,7 @@ from amqp_queue.publisher import Publisher
 from amqp_queue.relay_holds import WRITER_GRACE
 from amqp_queue.running_deliveries import CLOSE_GRACE, RunningDeliveries
 from amqp_queue.state import rules
+from amqp_queue.state.cancellation import refuse_if_cancelled
 from amqp_queue.state.clock import Clock, utc_now
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.enqueue_calls import CommandIntake

@@ -102,3 +102,12 @@ async def outlasting(running: asyncio.Future[Any]) -> None:
             await asyncio.wait([running])
         except asyncio.CancelledError:
             continue
+
+
+def refuse_if_cancelled() -> None:
+    """Raises the cancellation of the running task, if one is requested: a drain cancelled
+    once it had handed over returned what it handed over and left the cancellation
+    requested, so a task draining in a loop ends at its next drain."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

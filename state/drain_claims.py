@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import rules
+from .cancellation import finished, refuse_if_cancelled
 from .clock import Clock
 from .errors import ClaimOutcomeUnknown
 from .model import CommandRecord
@@ -41,29 +42,21 @@ class DrainClaims(abc.ABC):
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
         device = self._validate_device(device_id)
+        refuse_if_cancelled()
         # Not shielded here: a caller's deadline must be able to cut a drain while the index
-        # stalls (the two steps below give back what they took; SQL's one transaction runs
-        # to its end and gives back: see SqlDeliveryCalls._drain_index).
+        # stalls before its hand-over. Once that began it runs to its end, and its commands
+        # are returned through the caller's cancellation (see _drain_index).
         handed = await self._drain_index(device)
         return [record.payload for record in rules.in_ready_order(handed)]
 
-    async def _give_back_drained(self, handed: list[CommandRecord]) -> None:
-        """Gives back what a drain cut short by its caller handed over: nobody got it."""
-        if not handed:
-            return
-        try:
-            await self.release(handed, ())
-        except Exception:
-            logger.exception(
-                "a cancelled drain could not give back %d commands, delivered to nobody: %s",
-                len(handed),
-                [record.id for record in handed],
-            )
-            raise
-
     async def _drain_index(self, device: str) -> list[CommandRecord]:
         """A drain of the index alone: claimed and handed over at once, as nothing is read
-        in between. Here in two steps; a backend that can runs both in one transaction."""
+        in between. Here in two steps; a backend that can runs both in one transaction.
+
+        A hand-over that landed is returned, its caller cancelled meanwhile or not (the
+        call completed, as ``RabbitMQStore``'s drain does): given back instead, its commands
+        would open again after other calls took them as delivered (a replacement left the
+        old command alone, a retire skipped it) and be handed out after those returned."""
         try:
             claimed = await self.claim(device)
         except ClaimOutcomeUnknown as exc:
@@ -74,7 +67,7 @@ class DrainClaims(abc.ABC):
             logger.warning("drain of %s: %s; handing over what it may have claimed", device, exc)
             claimed = exc.records
         try:
-            handed = await self.hand_over(claimed)
+            handed, _ = await finished(self.hand_over(claimed))
         except BaseException:
             # Nobody receives them: open to the next drain now, not when the claim lapses.
             await asyncio.shield(self.release(claimed, ()))

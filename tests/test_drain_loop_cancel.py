@@ -5,7 +5,8 @@ its hand-over landed returns what it handed over (nobody else would get it) and 
 cancellation back with ``Task.uncancel()``: the loop went on draining, ``task.cancel()``
 never ended the task (6 of 6 cases) and an ``asyncio.timeout()`` around the loop never
 fired. The drain still returns what it handed over; the cancellation stays requested, and
-the task's next drain raises it.
+the task's next drain raises it. A bare store's drain, which returns what it handed over
+likewise since the twenty-first session, must do the same.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import Store
-from tests.backends import BACKENDS
+from tests.backends import BACKENDS, INDEX_BACKENDS
 from tests.support import unique
 
 ATTEMPTS = 15
@@ -37,7 +38,7 @@ async def _while_fed(store: Store, device: str, attempts: Callable[[], Awaitable
         await asyncio.gather(feeding, return_exceptions=True)
 
 
-@pytest.mark.parametrize("backend", ["rabbitmq", "rabbitmq-redis"])
+@pytest.mark.parametrize("backend", ["rabbitmq", "rabbitmq-redis", *INDEX_BACKENDS])
 async def test_a_cancelled_drain_loop_ends_and_keeps_what_it_got(
     backend: str, tmp_path: Path
 ) -> None:
@@ -68,7 +69,8 @@ async def test_a_cancelled_drain_loop_ends_and_keeps_what_it_got(
         assert numbers == list(range(len(numbers)))
 
 
-@pytest.mark.parametrize("backend", ["rabbitmq"])  # the delivery layer's drain: any state
+# The delivery layer's drain (any state), and the index's own.
+@pytest.mark.parametrize("backend", ["rabbitmq", *INDEX_BACKENDS])
 async def test_a_deadline_around_a_drain_loop_fires(backend: str, tmp_path: Path) -> None:
     async with BACKENDS[backend](tmp_path) as store:
         device = unique("d")

@@ -10,9 +10,9 @@ import functools
 import logging
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..cancellation import run_through
+from ..cancellation import finished
 from ..clock import Clock
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
@@ -41,10 +41,6 @@ class SqlDeliveryCalls(SqlExecution):
     _reader: SqliteReader | None
     _live_check: SqliteLiveCheck | None
     _pg_reads: PostgresReads | None
-
-    if TYPE_CHECKING:  # provided by DrainClaims, through IndexedStore
-
-        async def _give_back_drained(self, handed: list[CommandRecord]) -> None: ...
 
     async def _claim(
         self, device_id: str, now: datetime, command_ids: Collection[str] | None
@@ -75,17 +71,17 @@ class SqlDeliveryCalls(SqlExecution):
         return claimed.records
 
     async def _drain_index(self, device: str) -> list[CommandRecord]:
-        # One transaction, run to its end when the caller is cancelled, and what it took
-        # given back: cut at its COMMIT it may have landed (PostgreSQL), and nobody would
-        # receive its commands. On SQLite (a file's writer thread, in one hop) a drain cut
-        # while it waits its turn behind other writes never runs: nothing to give back, and
-        # no reader meets its commands DELIVERED in between.
+        # One transaction, run to its end when the caller is cancelled, and its commands
+        # returned all the same (the call completed): cut at its COMMIT it may have landed
+        # (PostgreSQL), and given back, what other calls took as delivered meanwhile (a
+        # replacement, a retire) would be handed out after them. On SQLite (a file's writer
+        # thread, in one hop) a drain cut while it waits its turn behind other writes never
+        # runs.
         if self._engine.dialect.name != "postgresql":
-            give_back = self._give_back_drained
-            drain = transactions.drain_index
             now = Advancing(self.clock())  # read once it holds the write lock
-            return await self._hot_undone("drain", give_back, drain, device, now)
-        return await run_through(self._drain_index_once(device), self._give_back_drained)
+            return await self._hot_run("drain", True, transactions.drain_index, device, now)
+        drained, _ = await finished(self._drain_index_once(device))
+        return drained
 
     async def _drain_index_once(self, device: str) -> list[CommandRecord]:
         now = Advancing(self.clock())  # read by each attempt (a deadlock's is run again)

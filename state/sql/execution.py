@@ -10,7 +10,7 @@ every call goes through; the store sets its connections up (``__init__``).
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
@@ -53,29 +53,30 @@ class SqlExecution:
         """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
         confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
         cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
-        return await self._hot_undone(what, None, transaction, *args, **kwargs)
+        return await self._hot_run(what, False, transaction, *args, **kwargs)
 
-    async def _hot_undone(
+    async def _hot_run(
         self,
         what: str,
-        undo: Callable[[T], Awaitable[object]] | None,
+        through: bool,
         transaction: Callable[P, Transaction[T]],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """:meth:`_hot`; with ``undo``, a caller cancelled once the transaction began waits for
-        its end and for ``undo`` of its answer (see run_through). Cut while it waits its
-        turn, it never runs, and nothing is undone."""
+        """:meth:`_hot`; ``through``: a caller cancelled once the transaction began waits for
+        its end and gets its answer, the call having completed (a drain: what it took is
+        delivered, and nothing is given back that other calls may have taken as delivered
+        meanwhile). Cut while it waits its turn, it never runs."""
         if self._writer is None:
-            return await self._committed(functools.partial(transaction, *args, **kwargs), undo=undo)
+            return await self._committed(
+                functools.partial(transaction, *args, **kwargs), through=through
+            )
         try:
             async with self._writers:
                 running = self._writer.run(transaction(*args, **kwargs))
-                if undo is None:
+                if not through:
                     return await running
-                answer, cut = await finished(running)
-            if cut:
-                await undone(undo, answer)  # its turn given up: the undoing takes its own
+                answer, _ = await finished(running)
             return answer
         except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
             raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc
@@ -112,11 +113,11 @@ class SqlExecution:
         commit: commit_doubt.Commit[T] | None = None,
         *,
         retry_also: frozenset[str] = frozenset(),
-        undo: Callable[[T], Awaitable[object]] | None = None,
+        through: bool = False,
     ) -> T:
         """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
-        the transaction returned; ``retry_also``: SQLSTATEs run again as well; ``undo``
-        (engine path only): as :meth:`_hot_undone`'s."""
+        the transaction returned; ``retry_also``: SQLSTATEs run again as well; ``through``
+        (engine path only): as :meth:`_hot_run`'s."""
         async for attempt in deadlock_retry.retrying(retry_also):
             with attempt:
                 if commit is not None:
@@ -132,8 +133,8 @@ class SqlExecution:
                 break
         else:
             raise AssertionError("unreachable: the last failure is re-raised")
-        if cut:  # outside the retries: its cancellation is not a failure to run again
-            await undone(undo, answer)  # its turn given up (see _hot_undone)
+        if cut and not through:  # outside the retries: its cancellation is not a failure
+            await undone(None, answer)  # to run again; raised once its turn is given up
         return answer
 
     async def _on_engine(
