@@ -26,6 +26,7 @@ from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import ReadyOrder
 from amqp_queue.settlement import has_copies, settle, settle_each
+from amqp_queue.state.cancellation import being_cancelled
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
 from amqp_queue.state.model import CommandRecord
@@ -88,6 +89,8 @@ class CommandStream(Closing):
         self._handed: OrderedDict[str, None] = OrderedDict()
         self._clock = time.monotonic
         self._checked_at = 0.0
+        # Whether nothing was awaited on the broker since the front command's last look.
+        self._looked = False
         quorum = config.queue_type is QueueType.QUORUM
         self._order = ReadyOrder(state, device_id) if quorum else None
         # Handed out in ready order there: a multiple ack could take one still in hand.
@@ -118,15 +121,12 @@ class CommandStream(Closing):
             # Before anything newer: these came first.
             await self._admit([])
         # Commands left over from a window may have gone stale while the loop body ran.
-        if self._ready and not self._config.recheck_after:
-            await self._recheck_next()
-        elif self._ready and self._clock() - self._checked_at > self._config.recheck_after:
+        self._looked = False
+        recheck = self._config.recheck_after
+        if self._ready and recheck and self._clock() - self._checked_at > recheck:
             await self._recheck()
         while True:
-            if await self._drop_expired() and self._ready and not self._config.recheck_after:
-                # The front was asked about before it expired, not the one behind it.
-                await self._recheck_next()
-                continue
+            await self._drop_expired()
             retry_in = MARK_RETRY_FIRST
             while not self._ready:
                 await self._marks.flush()
@@ -139,7 +139,11 @@ class CommandStream(Closing):
                 elif self._marks.unmarked:
                     retry_in = min(retry_in * 2, MARK_RETRY_MOST)
             if self._order is None or await self._in_ready_order():
-                break
+                if self._looked or recheck:
+                    break
+                # The front was looked at before the loop body ran or stale messages were
+                # dropped: a cancel that returned meanwhile is seen before the hand-out.
+                await self._recheck_next()
         if self._closed:
             raise StopAsyncIteration
         self._current = self._ready.popleft()
@@ -236,7 +240,7 @@ class CommandStream(Closing):
             what = "the channel of a stream that did not open"
             closing = close_channel(channel, self._config.publish_timeout, what)
             await asyncio.shield(closing)
-            if self._closed and not _being_cancelled():
+            if self._closed and not being_cancelled():
                 return  # close() ended it while it opened: the loop just ends
             raise
         finally:
@@ -313,6 +317,7 @@ class CommandStream(Closing):
             return
         self._unadmitted = []
         self._checked_at = self._clock()
+        self._looked = True
         # Every message is placed before anything is awaited: cancelled while acking the
         # stale ones, the live ones are still here to hand out (or requeue on close), never
         # orphaned for a later multiple ack to take.
@@ -366,34 +371,28 @@ class CommandStream(Closing):
     async def _drop_all(self, messages: list[AbstractIncomingMessage]) -> None:
         """Acks stale messages (every one, also when the caller is cancelled half way)."""
         if messages:
+            self._looked = False
             logger.debug("dropping %d stale messages", len(messages))
             self._observer.dropped(len(messages))  # acked in the background if cancelled
             await settle_each(messages, ack=True)
 
-    async def _drop_expired(self) -> bool:
-        """Drops expired commands from the front; True if it dropped any."""
-        dropped = False
+    async def _drop_expired(self) -> None:
+        """Drops expired commands from the front."""
         while self._ready and self._ready[0][1].expires_at <= self._state.clock():
             await self._drop(self._ready.popleft()[0])
-            dropped = True
-        return dropped
 
     async def _recheck_next(self) -> None:
         """Drops stale commands from the front until the next one is live (a read each)."""
         while self._ready:
             message, record = self._ready[0]
             if await self._state.is_deliverable(record.id):
+                self._looked = True
                 return
             self._ready.popleft()
             await self._drop(message)
 
     async def _drop(self, message: AbstractIncomingMessage) -> None:
+        self._looked = False
         logger.debug("dropping stale message %s", message.message_id)
         self._observer.dropped(1)  # acked in the background if cancelled
         await settle(message, ack=True)
-
-
-def _being_cancelled() -> bool:
-    """Whether the running task is being cancelled (not by a closed channel's failed RPC)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

@@ -104,10 +104,15 @@ async def outlasting(running: asyncio.Future[Any]) -> None:
             continue
 
 
+def being_cancelled() -> bool:
+    """Whether the running task is being cancelled (not by a closed channel's failed RPC)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def refuse_if_cancelled() -> None:
     """Raises the cancellation of the running task, if one is requested: a drain cancelled
     once it had handed over returned what it handed over and left the cancellation
     requested, so a task draining in a loop ends at its next drain."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if being_cancelled():
         raise asyncio.CancelledError
