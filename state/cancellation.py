@@ -19,11 +19,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger("amqp_queue.state")
 
 
 @contextmanager
@@ -116,3 +119,21 @@ def refuse_if_cancelled() -> None:
     requested, so a task draining in a loop ends at its next drain."""
     if being_cancelled():
         raise asyncio.CancelledError
+
+
+async def left_to_finish(read: Awaitable[T]) -> T:
+    """Runs ``read``; a caller cancelled meanwhile leaves it to finish by itself (its
+    failure logged at debug level). Interrupted half way, a read spoils its connection to
+    PostgreSQL: thrown away, the next read opens a new one, and asyncpg's lost future is
+    reported as an error nobody retrieved."""
+    running = asyncio.ensure_future(read)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        running.add_done_callback(_unread)
+        raise
+
+
+def _unread(running: asyncio.Future[Any]) -> None:
+    if not running.cancelled() and (failure := running.exception()) is not None:
+        logger.debug("a read went on after its caller was cancelled and failed: %r", failure)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..cancellation import finished, run_through, undone
+from ..cancellation import finished, left_to_finish, run_through, undone
 from ..errors import StateError
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from .engine import READ_ONLY, driver_reason, take_write_lock
@@ -162,23 +162,29 @@ class SqlExecution:
             # One statement is a consistent snapshot by itself: in autocommit it costs one
             # round trip, where BEGIN, the query and COMMIT (and the pool's reset) cost
             # three or four: consume() asks this before every hand-out.
-            for last in (False, True):
-                try:
-                    async with self._engine.connect() as conn:
-                        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                        return [dict(row._mapping) for row in await auto.execute(query, params)]
-                except (SQLAlchemyError, OSError) as exc:
-                    # A pooled connection that died idle (the server restarted, the link
-                    # was cut): SQLAlchemy has dropped every connection pooled before it,
-                    # and the read runs again once on a new one.
-                    if not last and isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                        continue
-                    raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+            return await left_to_finish(self._autocommit_read(query, params))
         # Run to its end through the caller's cancellation: a read cut half way makes
         # SQLAlchemy throw its pooled connection away, and with it an in-memory database
         # (every table gone: tests/test_cancelled_reads.py).
         async with self._readers:
             return await run_through(self._read_rows(query, params))
+
+    async def _autocommit_read(
+        self, query: sa.Select[Any], params: dict[str, Any]
+    ) -> list[transactions.Row]:
+        for last in (False, True):
+            try:
+                async with self._engine.connect() as conn:
+                    auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return [dict(row._mapping) for row in await auto.execute(query, params)]
+            except (SQLAlchemyError, OSError) as exc:
+                # A pooled connection that died idle (the server restarted, the link was
+                # cut): SQLAlchemy has dropped every connection pooled before it, and the
+                # read runs again once on a new one.
+                if not last and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                    continue
+                raise StateError(f"state index read failed: {driver_reason(exc)}") from exc
+        raise AssertionError("unreachable: the last failure is raised")
 
     async def _read_rows(
         self, query: sa.Select[Any], params: dict[str, Any]

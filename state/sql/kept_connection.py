@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-T = TypeVar("T")
+from ..cancellation import left_to_finish
 
-logger = logging.getLogger("amqp_queue.state.sql")
+T = TypeVar("T")
 
 # Seconds a closing store waits for a call on a kept connection to finish before it hands
 # the connection back regardless (the call then fails, as on any closed connection).
@@ -112,15 +111,9 @@ class KeptCalls:
             on_its_own = self._on_kept(call)
         if not finish_if_cut:
             return await on_its_own
-        # A read cut by its caller runs on by itself: interrupted, it would spoil its
-        # connection, and a gateway polling consume() with a short deadline opened a new
-        # one to PostgreSQL at nearly every poll.
-        running = asyncio.ensure_future(on_its_own)
-        try:
-            return await asyncio.shield(running)
-        except asyncio.CancelledError:
-            running.add_done_callback(_unread)
-            raise
+        # A gateway polling consume() with a short deadline opened a new connection to
+        # PostgreSQL at nearly every poll, each cut read spoiling its own.
+        return await left_to_finish(on_its_own)
 
     async def _on_pooled(self, call: Callable[[Any], Awaitable[T]]) -> T:
         async with self._engine.connect() as conn:
@@ -207,9 +200,3 @@ def _raise_lost(exc: BaseException) -> None:
     """Raises :class:`_LinkLost` for a failure of the link (a cancellation stays itself)."""
     if isinstance(exc, Exception):
         raise _LinkLost(exc) from exc
-
-
-def _unread(running: asyncio.Future[Any]) -> None:
-    """Reads the failure of a read its caller left (it spoilt the connection, now dropped)."""
-    if not running.cancelled() and (failure := running.exception()) is not None:
-        logger.debug("a read went on after its caller was cancelled and failed: %r", failure)
