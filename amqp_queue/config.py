@@ -65,7 +65,8 @@ class RabbitMQConfig:
             match before raising ``limits.max_payload_bytes``. A command the broker refuses
             anyway (its limit is lower than this says) ends ``REJECTED``.
         publish_timeout: seconds to wait for a publisher confirm before the command is left
-            to the outbox relay.
+            to the outbox relay. The publish itself goes on in its turn on the channel (a
+            command withdrawn unsent would let the next one to its device overtake it).
         relay_interval: seconds between outbox relay passes when nothing wakes it sooner.
         relay_batch: commands the relay reads, and publishes at once, per step of a pass.
         relay_after: seconds an unpublished command that this process does not owe waits
