@@ -42,9 +42,11 @@ async def open_drain(
     config: RabbitMQConfig,
     device_id: str,
     background: Callable[[Coroutine[Any, Any, None]], None],
+    closing: Callable[[], bool],
 ) -> tuple[AbstractChannel, Inbox]:
     """A drain's channel and its consumer on the device queue, opened again once if the
-    queue or the connection went away under them (see :func:`open_again_because`).
+    queue or the connection went away under them (see :func:`open_again_because`), unless
+    the store is ``closing`` (its own close takes the connection away).
     ``background`` closes a channel whose consumer did not open, nobody waiting for it."""
     for again in (False, True):
         channel = await channels.channel(f"opening a channel to drain {device_id}", robust=False)
@@ -53,7 +55,7 @@ async def open_drain(
         except BaseException as exc:
             background(close_drain_channel(channel, device_id, config, None))
             reason = open_again_because(exc) if isinstance(exc, BrokerError) else None
-            if again or reason is None:
+            if again or reason is None or closing():
                 raise
             logger.info("drain of %s: %s as it opened; opening again", device_id, reason)
     raise AssertionError("unreachable: the second failure is raised")

@@ -200,7 +200,12 @@ class FleetDelivery:
         topology = await self._ready()
         # To its end once begun, through the caller's cancellation (raised after it): cut
         # between its two steps, the commands stayed pending with their messages deleted.
-        return await run_through(self._retire(topology, device))
+        try:
+            return await run_through(self._retire(topology, device))
+        except asyncio.CancelledError as cut:
+            if isinstance(cut.__cause__, StateError):  # nobody else hears of it
+                logger.error("retire_device(%r) cut short: %s", device, cut.__cause__)
+            raise
 
     async def _retire(self, topology: Topology, device: str) -> int:
         # The queue first: an enqueue accepted between the two steps is cancelled by the

@@ -141,7 +141,8 @@ class Publisher:
         congested link publishes wait their turn; withdrawn while it waited (unsent), a
         command let the one behind it, to the same device, go out first, and published
         again after it, reached the queue second (tests/test_publish_turn_timeout.py). It
-        ends with the channel at the latest.
+        ends with the channel at the latest. A call that joins a send gets that send's
+        message as it was built (its TTL worked out then: the index judges expiry anyway).
         """
         sending = self._sending.get(record.id)
         if sending is None:

@@ -228,7 +228,12 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             if self._relay.pending:
                 await self._flush_outbox()
             channel, inbox = await open_drain(
-                self._channels, topology, self.config, device, self._running.background
+                self._channels,
+                topology,
+                self.config,
+                device,
+                self._running.background,
+                lambda: self._closed,
             )
             try:
                 running.consuming(inbox)

@@ -68,9 +68,10 @@ async def run_through(
 
 async def finished(work: Awaitable[T]) -> tuple[T, bool]:
     """Runs ``work`` to its end through the caller's cancellations; its answer, and whether
-    the caller was cancelled meanwhile (then :func:`undone` must follow). Raises what
-    ``work`` raised, or ``CancelledError`` where the caller was cancelled and ``work``
-    did not answer."""
+    the caller was cancelled meanwhile (then :func:`undone` follows, unless the call counts
+    as completed: a drain's hand-over that landed). Raises what ``work`` raised, or
+    ``CancelledError`` (chained to ``work``'s failure) where the caller was cancelled and
+    ``work`` did not answer."""
     running = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(running), False
@@ -78,8 +79,10 @@ async def finished(work: Awaitable[T]) -> tuple[T, bool]:
         if running.cancelled():  # the call itself (the loop shutting down), not its caller
             raise
     await outlasting(running)
-    if running.cancelled() or running.exception() is not None:
+    if running.cancelled():
         raise asyncio.CancelledError
+    if (failure := running.exception()) is not None:
+        raise asyncio.CancelledError from failure  # the failure stays visible
     return running.result(), True
 
 

@@ -89,7 +89,12 @@ class Store(Protocol):
         ...
 
     async def drain_pending(self, device_id: str) -> list[bytes]:
-        """Payloads of every ready command in readiness order, marked delivered."""
+        """Payloads of every ready command in readiness order, marked delivered.
+
+        Cancelled once it began marking them, it runs to its end and returns them all the
+        same (nobody else would get them); the cancellation stays requested, and the task's
+        next drain raises it. Other awaits in between are not cancelled again, so bound a
+        drain loop by a deadline around each drain, or by the loop's next drain."""
         ...
 
     async def get_pending_confirmations(self, device_id: str) -> list[PendingCommand]:

@@ -11,12 +11,13 @@ retire either did nothing or cancelled the commands, as a retire that returned d
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from pathlib import Path
 
 import pytest
 
-from amqp_queue import CommandStatus
+from amqp_queue import CommandStatus, StateError
 from tests.rabbitmq_support import rabbitmq_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -43,3 +44,28 @@ async def test_a_cut_retire_leaves_no_command_pending_without_its_message(tmp_pa
                     stranded.append(f"{device}: {[s.value for s in statuses]}, drained {drained}")
     assert cut, "no retire was cut: the test proves nothing"
     assert not stranded, f"{len(stranded)} of {cut} cut retires left commands stranded: {stranded}"
+
+
+async def test_a_cut_retire_the_index_refuses_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue is deleted, the index refuses the cancel, and the caller is cut meanwhile:
+    the failure is chained to the cancellation and logged, not dropped (a reviewer's probe:
+    a bare CancelledError and nothing logged, the command pending with its queue gone)."""
+    async with rabbitmq_store(tmp_path, publish_timeout=1.0) as store:
+        device = "gw-1"
+        await store.enqueue(device, b"x", 60)
+
+        async def refusing(device_id: str) -> int:
+            raise StateError("state index unreachable")
+
+        store.state.retire_device = refusing  # type: ignore[method-assign]
+        retiring = asyncio.create_task(store.retire_device(device))
+        await asyncio.sleep(0.3)  # the queue is deleted; the index is being tried again
+        retiring.cancel()
+        with pytest.raises(asyncio.CancelledError) as cut:
+            await retiring
+        assert isinstance(cut.value.__cause__, StateError)
+        assert "call retire_device again" in str(cut.value.__cause__)
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("retire_device" in r.getMessage() for r in logged)

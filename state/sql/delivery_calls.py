@@ -79,7 +79,7 @@ class SqlDeliveryCalls(SqlExecution):
         # runs.
         if self._engine.dialect.name != "postgresql":
             now = Advancing(self.clock())  # read once it holds the write lock
-            return await self._hot_run("drain", True, transactions.drain_index, device, now)
+            return await self._hot_through("drain", transactions.drain_index, device, now)
         drained, _ = await finished(self._drain_index_once(device))
         return drained
 

@@ -9,6 +9,7 @@ every call goes through; the store sets its connections up (``__init__``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..cancellation import finished, left_to_finish, run_through, undone
+from ..cancellation import finished, left_to_finish, run_through
 from ..errors import StateError
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from .engine import READ_ONLY, driver_reason, take_write_lock
@@ -53,27 +54,29 @@ class SqlExecution:
         """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
         confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
         cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
-        return await self._hot_run(what, False, transaction, *args, **kwargs)
+        return await self._hot_run(what, False, functools.partial(transaction, *args, **kwargs))
 
-    async def _hot_run(
+    async def _hot_through(
         self,
         what: str,
-        through: bool,
         transaction: Callable[P, Transaction[T]],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """:meth:`_hot`; ``through``: a caller cancelled once the transaction began waits for
-        its end and gets its answer, the call having completed (a drain: what it took is
-        delivered, and nothing is given back that other calls may have taken as delivered
-        meanwhile). Cut while it waits its turn, it never runs."""
+        """:meth:`_hot`, where a caller cancelled once the transaction began waits for its end
+        and gets its answer, the call having completed (a drain: what it took is delivered,
+        and nothing is given back that other calls may have taken as delivered meanwhile).
+        Cut while it waits its turn, it never runs."""
+        return await self._hot_run(what, True, functools.partial(transaction, *args, **kwargs))
+
+    async def _hot_run(
+        self, what: str, through: bool, transaction: Callable[[], Transaction[T]]
+    ) -> T:
         if self._writer is None:
-            return await self._committed(
-                functools.partial(transaction, *args, **kwargs), through=through
-            )
+            return await self._committed(transaction, through=through)
         try:
             async with self._writers:
-                running = self._writer.run(transaction(*args, **kwargs))
+                running = self._writer.run(transaction())
                 if not through:
                     return await running
                 answer, _ = await finished(running)
@@ -117,7 +120,7 @@ class SqlExecution:
     ) -> T:
         """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
         the transaction returned; ``retry_also``: SQLSTATEs run again as well; ``through``
-        (engine path only): as :meth:`_hot_run`'s."""
+        (engine path only): as :meth:`_hot_through`."""
         async for attempt in deadlock_retry.retrying(retry_also):
             with attempt:
                 if commit is not None:
@@ -133,8 +136,9 @@ class SqlExecution:
                 break
         else:
             raise AssertionError("unreachable: the last failure is re-raised")
-        if cut and not through:  # outside the retries: its cancellation is not a failure
-            await undone(None, answer)  # to run again; raised once its turn is given up
+        if cut and not through:
+            # Raised here, outside the retries: a cancellation is not a failure to run again.
+            raise asyncio.CancelledError
         return answer
 
     async def _on_engine(
