@@ -124,19 +124,38 @@ def refuse_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-async def left_to_finish(read: Awaitable[T]) -> T:
-    """Runs ``read``; a caller cancelled meanwhile leaves it to finish by itself (its
-    failure logged at debug level). Interrupted half way, a read spoils its connection to
-    PostgreSQL: thrown away, the next read opens a new one, and asyncpg's lost future is
-    reported as an error nobody retrieved."""
-    running = asyncio.ensure_future(read)
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        running.add_done_callback(_unread)
-        raise
+class LeftToFinish:
+    """Reads whose callers were cancelled, running on by themselves (:meth:`run`), until
+    their store's close waits for them (:meth:`wait`): none outlives the store holding a
+    connection of its engine."""
 
+    def __init__(self) -> None:
+        self._running: set[asyncio.Future[Any]] = set()
 
-def _unread(running: asyncio.Future[Any]) -> None:
-    if not running.cancelled() and (failure := running.exception()) is not None:
-        logger.debug("a read went on after its caller was cancelled and failed: %r", failure)
+    async def run(self, read: Awaitable[T]) -> T:
+        """Runs ``read``; a caller cancelled meanwhile leaves it to finish by itself (its
+        failure logged at debug level). Interrupted half way, a read spoils its connection
+        to PostgreSQL: thrown away, the next read opens a new one, and asyncpg's lost future
+        is reported as an error nobody retrieved."""
+        running = asyncio.ensure_future(read)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            self._running.add(running)
+            running.add_done_callback(self._ended)
+            raise
+
+    def _ended(self, running: asyncio.Future[Any]) -> None:
+        self._running.discard(running)
+        if not running.cancelled() and (failure := running.exception()) is not None:
+            logger.debug("a read went on after its caller was cancelled and failed: %r", failure)
+
+    async def wait(self, seconds: float) -> None:
+        """Waits for the reads still running, ``seconds`` at most, then cancels the rest."""
+        if not self._running:
+            return
+        _, late = await asyncio.wait(set(self._running), timeout=seconds)
+        for running in late:
+            running.cancel()
+        if late:
+            await asyncio.wait(late)

@@ -54,7 +54,7 @@ class DrainClaims(abc.ABC):
         in between. Here in two steps; a backend that can runs both in one transaction.
 
         A hand-over that landed is returned, its caller cancelled meanwhile or not (the
-        call completed, as ``RabbitMQStore``'s drain does): given back instead, its commands
+        call completed, as the delivery layer's drain does): given back instead, its commands
         would open again after other calls took them as delivered (a replacement left the
         old command alone, a retire skipped it) and be handed out after those returned."""
         try:

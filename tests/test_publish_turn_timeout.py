@@ -24,7 +24,7 @@ from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 
 pytestmark = pytest.mark.timeout(30)
 
-TIMEOUT = 0.3
+TIMEOUT = 1.0
 
 
 async def _queued(queue_name: str) -> list[bytes]:

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..cancellation import finished, left_to_finish, run_through
+from ..cancellation import LeftToFinish, finished, run_through
 from ..errors import StateError
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from .engine import READ_ONLY, driver_reason, take_write_lock
@@ -43,6 +43,8 @@ class SqlExecution:
     _writer: SqliteWriter | None
     # PostgreSQL through asyncpg: write transactions on the driver (None elsewhere).
     _pg_writes: PostgresWrites | None
+    # Reads whose callers were cancelled, finishing by themselves before the store closes.
+    _left: LeftToFinish
 
     async def _hot(
         self,
@@ -166,7 +168,7 @@ class SqlExecution:
             # One statement is a consistent snapshot by itself: in autocommit it costs one
             # round trip, where BEGIN, the query and COMMIT (and the pool's reset) cost
             # three or four: consume() asks this before every hand-out.
-            return await left_to_finish(self._autocommit_read(query, params))
+            return await self._left.run(self._autocommit_read(query, params))
         # Run to its end through the caller's cancellation: a read cut half way makes
         # SQLAlchemy throw its pooled connection away, and with it an in-memory database
         # (every table gone: tests/test_cancelled_reads.py).

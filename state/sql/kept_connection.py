@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..cancellation import left_to_finish
+from ..cancellation import LeftToFinish
 
 T = TypeVar("T")
 
 # Seconds a closing store waits for a call on a kept connection to finish before it hands
 # the connection back regardless (the call then fails, as on any closed connection).
-_CLOSE_WAIT = 5.0
+CLOSE_WAIT = 5.0
 
 
 class KeptConnection:
@@ -79,6 +79,7 @@ class KeptCalls:
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._left = LeftToFinish()
 
     async def call(self, call: Callable[[Any], Awaitable[T]], *, rerun: bool = False) -> T:
         """``call`` on the kept driver connection, or on a pooled one while that is busy.
@@ -113,7 +114,7 @@ class KeptCalls:
             return await on_its_own
         # A gateway polling consume() with a short deadline opened a new connection to
         # PostgreSQL at nearly every poll, each cut read spoiling its own.
-        return await left_to_finish(on_its_own)
+        return await self._left.run(on_its_own)
 
     async def _on_pooled(self, call: Callable[[Any], Awaitable[T]]) -> T:
         async with self._engine.connect() as conn:
@@ -148,12 +149,13 @@ class KeptCalls:
 
     async def close(self) -> None:
         """Hands the connection back for good, once a call running on it has finished (at
-        most ``_CLOSE_WAIT`` seconds): a stream outliving its store takes pooled
+        most ``CLOSE_WAIT`` seconds): a stream outliving its store takes pooled
         connections of the engine, should it still be open, never keeps one again."""
         self._closed = True
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_CLOSE_WAIT):
+            async with asyncio.timeout(CLOSE_WAIT):
                 await self._idle.wait()
+        await self._left.wait(CLOSE_WAIT)  # reads their callers left, on it or pooled
         if self._busy:
             # Still in a call (a transaction, maybe): never handed to another pool user.
             await self._kept.discard()

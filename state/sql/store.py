@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..cancellation import LeftToFinish
 from ..clock import Clock, utc_now
 from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
@@ -60,6 +61,7 @@ from . import statements as sql
 from .delivery_calls import SqlDeliveryCalls
 from .engine import create_engine, driver_reason
 from .fleet_writes import SqlFleetWrites
+from .kept_connection import CLOSE_WAIT
 from .lists import SqlLists
 from .postgres_reads import PostgresReads
 from .postgres_writes import PostgresWrites
@@ -133,6 +135,7 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         self._reader = SqliteReader(engine) if direct else None
         self._live_check = SqliteLiveCheck(engine) if direct else None
         on_asyncpg = postgres_reads.usable(engine)
+        self._left = LeftToFinish()
         self._pg_reads = PostgresReads(engine, schema) if on_asyncpg else None
         self._pg_writes = PostgresWrites(engine, schema) if on_asyncpg else None
 
@@ -236,6 +239,7 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
             await self._pg_reads.close()
         if self._pg_writes is not None:
             await self._pg_writes.close()
+        await self._left.wait(CLOSE_WAIT)  # before the engine goes: they hold its connections
         if self._owns_engine:
             await self._engine.dispose()
 
