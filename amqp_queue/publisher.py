@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import OrderedDict
 
 from aiormq import spec
 from aiormq.abc import ConfirmationFrameType, DeliveredMessage
@@ -26,6 +27,9 @@ from amqp_queue.state.model import CommandRecord
 from amqp_queue.topology import Topology
 
 logger = logging.getLogger("amqp_queue.publisher")
+
+_CONFIRMED_LATE_MOST = 10_000
+"""Late confirms remembered: one per command still owed, far more than a relay pass holds."""
 
 
 class Publisher:
@@ -49,6 +53,8 @@ class Publisher:
         # By command id, its send under way (see _sent): timed out for its caller, it goes on.
         self._sending: dict[str, asyncio.Future[ConfirmationFrameType | DeliveredMessage | None]]
         self._sending = {}
+        # Sends confirmed after their callers stopped waiting (see _sent), oldest first.
+        self._confirmed_late: OrderedDict[str, ConfirmationFrameType | None] = OrderedDict()
 
     async def publish(self, record: CommandRecord) -> bool:
         """Publishes ``record``; False when it expired before it could be published.
@@ -144,19 +150,29 @@ class Publisher:
         ends with the channel at the latest. A call that joins a send gets that send's
         message as it was built (its TTL worked out then: the index judges expiry anyway).
         """
+        if record.id in self._confirmed_late:  # its caller had left: not sent again
+            return self._confirmed_late.pop(record.id)
         sending = self._sending.get(record.id)
         if sending is None:
             sending = asyncio.ensure_future(self._basic_publish(record, properties))
             self._sending[record.id] = sending
             sending.add_done_callback(functools.partial(self._send_ended, record.id))
         async with asyncio.timeout(self._config.publish_timeout):
-            return await asyncio.shield(sending)
+            answer = await asyncio.shield(sending)
+        self._confirmed_late.pop(record.id, None)  # answered in time
+        return answer
 
     def _send_ended(self, command_id: str, sending: asyncio.Future[object]) -> None:
         if self._sending.get(command_id) is sending:
             del self._sending[command_id]
-        if not sending.cancelled():
-            sending.exception()  # retrieved: its callers were told, or had left
+        if sending.cancelled() or sending.exception() is not None:
+            return  # retrieved: its callers were told, or had left
+        answer = sending.result()
+        if not isinstance(answer, DeliveredMessage):
+            # Until its caller takes it, or, its caller gone, the relay's next publish of it.
+            self._confirmed_late[command_id] = answer  # type: ignore[assignment]
+            while len(self._confirmed_late) > _CONFIRMED_LATE_MOST:
+                self._confirmed_late.popitem(last=False)
 
     async def _basic_publish(
         self, record: CommandRecord, properties: spec.Basic.Properties
