@@ -13,13 +13,16 @@ time runs out and a later one's does not.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aio_pika
 import aiormq
 import pytest
 
-from amqp_queue import BrokerError
+from amqp_queue import BrokerError, RabbitMQStore
+from amqp_queue.publisher import Publisher
 from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 
 pytestmark = pytest.mark.timeout(30)
@@ -38,6 +41,31 @@ async def _queued(queue_name: str) -> list[bytes]:
         return bodies
 
 
+@asynccontextmanager
+async def _busy_channel(store: RabbitMQStore) -> AsyncIterator[Publisher]:
+    """The store's publisher, its channel held busy (as a long frame over a slow link holds
+    it) until the block ends."""
+    publisher, topology = store._publisher, store._topology
+    assert publisher is not None
+    assert topology is not None
+    underlay = await topology.channel.get_underlay_channel()
+    assert isinstance(underlay, aiormq.Channel)
+    busy, done = asyncio.Event(), asyncio.Event()
+
+    async def long_frame() -> None:
+        async with underlay.lock:
+            busy.set()
+            await done.wait()
+
+    holder = asyncio.create_task(long_frame())
+    await busy.wait()
+    try:
+        yield publisher
+    finally:
+        done.set()
+        await holder
+
+
 async def test_a_publish_timed_out_waiting_its_turn_still_goes_out_before_the_next(
     tmp_path: Path,
 ) -> None:
@@ -45,32 +73,17 @@ async def test_a_publish_timed_out_waiting_its_turn_still_goes_out_before_the_ne
         device = "gw-1"
         await store.ensure_queue(device)
         first, second = (store.state.build(device, None, body, 60) for body in (b"1", b"2"))
-        publisher, topology = store._publisher, store._topology
-        assert publisher is not None
-        assert topology is not None
-        underlay = await topology.channel.get_underlay_channel()
-        assert isinstance(underlay, aiormq.Channel)
-        busy, done = asyncio.Event(), asyncio.Event()
-
-        async def long_frame() -> None:
-            async with underlay.lock:  # the channel busy writing a long frame
-                busy.set()
-                await done.wait()
-
-        holder = asyncio.create_task(long_frame())
-        await busy.wait()
-        earlier = asyncio.create_task(publisher.publish(first))
-        await asyncio.sleep(TIMEOUT / 3)
-        later = asyncio.create_task(publisher.publish(second))
-        await asyncio.sleep(TIMEOUT * 5 / 6)  # the first one's time ran out, not the second's
-        assert earlier.done()
-        with pytest.raises(BrokerError):
-            await earlier
-        # As the relay's next pass does while the first send still waits: it joins it.
-        again = asyncio.create_task(publisher.publish(first))
-        await asyncio.sleep(0)
-        done.set()
-        await holder
+        async with _busy_channel(store) as publisher:
+            earlier = asyncio.create_task(publisher.publish(first))
+            await asyncio.sleep(TIMEOUT / 3)
+            later = asyncio.create_task(publisher.publish(second))
+            await asyncio.sleep(TIMEOUT * 5 / 6)  # the first one's time ran out, not the second's
+            assert earlier.done()
+            with pytest.raises(BrokerError):
+                await earlier
+            # As the relay's next pass does while the first send still waits: it joins it.
+            again = asyncio.create_task(publisher.publish(first))
+            await asyncio.sleep(0)
         assert await later
         assert await again
         bodies = await _queued(store.config.queue_name(device))
@@ -85,24 +98,9 @@ async def test_a_send_confirmed_after_its_caller_left_is_not_sent_again(tmp_path
         device = "gw-1"
         await store.ensure_queue(device)
         record = store.state.build(device, None, b"1", 60)
-        publisher, topology = store._publisher, store._topology
-        assert publisher is not None
-        assert topology is not None
-        underlay = await topology.channel.get_underlay_channel()
-        assert isinstance(underlay, aiormq.Channel)
-        busy, done = asyncio.Event(), asyncio.Event()
-
-        async def long_frame() -> None:
-            async with underlay.lock:
-                busy.set()
-                await done.wait()
-
-        holder = asyncio.create_task(long_frame())
-        await busy.wait()
-        with pytest.raises(BrokerError):
-            await publisher.publish(record)  # its time runs out while it waits its turn
-        done.set()
-        await holder
+        async with _busy_channel(store) as publisher:
+            with pytest.raises(BrokerError):
+                await publisher.publish(record)  # its time runs out while it waits its turn
         await asyncio.sleep(0.3)  # sent and confirmed, its caller gone
         assert await publisher.publish(record)  # the relay's next pass
         bodies = await _queued(store.config.queue_name(device))
