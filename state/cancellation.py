@@ -124,6 +124,11 @@ def refuse_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+LEFT_WAIT = 0.25
+"""Seconds a closing store waits for each set of reads left to finish (a healthy index ends
+them in milliseconds)."""
+
+
 class LeftToFinish:
     """Reads whose callers were cancelled, running on by themselves (:meth:`run`), until
     their store's close waits for them (:meth:`wait`): none outlives the store holding a
@@ -150,12 +155,13 @@ class LeftToFinish:
         if not running.cancelled() and (failure := running.exception()) is not None:
             logger.debug("a read went on after its caller was cancelled and failed: %r", failure)
 
-    async def wait(self, seconds: float) -> None:
-        """Waits for the reads still running, ``seconds`` at most, then cancels the rest."""
+    async def wait(self, seconds: float = LEFT_WAIT) -> None:
+        """Waits for the reads still running, ``seconds`` at most, then cancels the rest (on
+        a stalled index they would hold a close for as long as the index's own timeouts)."""
         if not self._running:
             return
         _, late = await asyncio.wait(set(self._running), timeout=seconds)
         for running in late:
             running.cancel()
         if late:
-            await asyncio.wait(late)
+            await asyncio.wait(late, timeout=seconds)

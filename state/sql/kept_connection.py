@@ -155,7 +155,7 @@ class KeptCalls:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_WAIT):
                 await self._idle.wait()
-        await self._left.wait(CLOSE_WAIT)  # reads their callers left, on it or pooled
+        await self._left.wait()  # reads their callers left, on it or pooled
         if self._busy:
             # Still in a call (a transaction, maybe): never handed to another pool user.
             await self._kept.discard()

@@ -61,7 +61,6 @@ from . import statements as sql
 from .delivery_calls import SqlDeliveryCalls
 from .engine import create_engine, driver_reason
 from .fleet_writes import SqlFleetWrites
-from .kept_connection import CLOSE_WAIT
 from .lists import SqlLists
 from .postgres_reads import PostgresReads
 from .postgres_writes import PostgresWrites
@@ -239,7 +238,7 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
             await self._pg_reads.close()
         if self._pg_writes is not None:
             await self._pg_writes.close()
-        await self._left.wait(CLOSE_WAIT)  # before the engine goes: they hold its connections
+        await self._left.wait()  # before the engine goes: they hold its connections
         if self._owns_engine:
             await self._engine.dispose()
 
