@@ -41,6 +41,8 @@ class Inbox:
         self.cancelled_by_broker = False
         """The broker cancelled the consumer: its queue was deleted (a device retired), with
         every message the consumer held unsettled."""
+        self.queue_gone = False
+        """A look at the queue found it deleted; the broker closed the channel then."""
 
     async def start(self) -> None:
         with broker_errors(f"consuming from {self.queue.name!r}"):
@@ -120,21 +122,27 @@ class Inbox:
             declared = await self._declared_passively()
         return declared.message_count or 0
 
-    async def queue_deleted(self) -> bool:
-        """Whether the queue was deleted (a device retired) with the deliveries this
-        consumer holds unsettled: the broker cancelled the consumer, or the queue is gone.
+    async def ready_unless_deleted(self) -> int | None:
+        """Messages ready in the queue, or None if it was deleted (a device retired) with
+        the deliveries this consumer holds unsettled: the broker cancelled the consumer, or
+        the queue is gone (the broker then closes the channel, which settles nothing more).
 
         Raises:
             BrokerError: the broker failed otherwise (the channel is then lost).
         """
-        if self.cancelled_by_broker:
-            return True
+        if self.cancelled_by_broker or self.queue_gone:
+            return None
         with broker_errors(f"inspecting {self.queue.name!r}"):
             try:
-                await self._declared_passively()
+                declared = await self._declared_passively()
             except ChannelNotFoundEntity:
-                return True
-        return False
+                self.queue_gone = True
+                return None
+        return declared.message_count or 0
+
+    async def queue_deleted(self) -> bool:
+        """Whether the queue was deleted (see :meth:`ready_unless_deleted`)."""
+        return await self.ready_unless_deleted() is None
 
     async def _declared_passively(self) -> Queue.DeclareOk:
         # On aiormq's channel: aio-pika's robust channel answers a passive declare from its
@@ -145,6 +153,8 @@ class Inbox:
     async def stop(self) -> None:
         """Cancels the consumer; deliveries already received stay in the buffer. Called
         again, it waits for the first call's cancel (which a cancelled caller left running)."""
+        if self._tag is not None and (self.cancelled_by_broker or self.queue_gone):
+            self._tag = None  # its queue deleted, the broker ended the consumer itself
         if self._tag is not None:
             tag, self._tag = self._tag, None
             self._stopping = _started(self.queue.cancel(tag))

@@ -376,14 +376,14 @@ async def test_a_drain_cancelled_while_asking_the_broker_has_claimed_nothing(
     payloads = [b"one", b"two", b"three"]
     asking = asyncio.Event()
     inboxes: list[Inbox] = []
-    ready_count = Inbox.ready_count
+    ready_count = Inbox.ready_unless_deleted
 
-    async def announced(inbox: Inbox) -> int:
+    async def announced(inbox: Inbox) -> int | None:
         inboxes.append(inbox)
         asking.set()
         return await ready_count(inbox)
 
-    monkeypatch.setattr(Inbox, "ready_count", announced)
+    monkeypatch.setattr(Inbox, "ready_unless_deleted", announced)
     async with shared_index(kind, tmp_path) as shared:
         state = await shared.open_index()
         async with (
@@ -420,13 +420,13 @@ async def test_a_cancelled_drain_whose_channel_is_lost_while_it_gives_back_repub
     delivery alone: nothing comes twice."""
     payloads = [b"one", b"two", b"three"]
     inboxes: list[Inbox] = []
-    ready_count = Inbox.ready_count
+    ready_count = Inbox.ready_unless_deleted
 
-    async def noted(inbox: Inbox) -> int:
+    async def noted(inbox: Inbox) -> int | None:
         inboxes.append(inbox)
         return await ready_count(inbox)
 
-    monkeypatch.setattr(Inbox, "ready_count", noted)
+    monkeypatch.setattr(Inbox, "ready_unless_deleted", noted)
     async with shared_index(kind, tmp_path) as shared:
         state = await shared.open_index(SlowClaimsAndReleases)
         assert isinstance(state, SlowClaimsAndReleases)
@@ -461,10 +461,10 @@ async def test_a_cancelled_drain_whose_consumer_cancel_never_answers_still_gives
     hands the commands to the outbox, as if the channel were gone."""
     payloads = [b"one", b"two", b"three"]
     asking = asyncio.Event()
-    ready_count = Inbox.ready_count
+    ready_count = Inbox.ready_unless_deleted
     stop = Inbox.stop
 
-    async def announced(inbox: Inbox) -> int:
+    async def announced(inbox: Inbox) -> int | None:
         asking.set()
         return await ready_count(inbox)
 
@@ -473,7 +473,7 @@ async def test_a_cancelled_drain_whose_consumer_cancel_never_answers_still_gives
             await asyncio.Event().wait()
         await stop(inbox)
 
-    monkeypatch.setattr(Inbox, "ready_count", announced)
+    monkeypatch.setattr(Inbox, "ready_unless_deleted", announced)
     monkeypatch.setattr(Inbox, "stop", unanswered)
     async with (
         shared_index("sqlite", tmp_path, publish_timeout=1.0) as shared,
