@@ -1,0 +1,74 @@
+"""A ``consume()`` loop cut while its consumer is being set up.
+
+The set-up runs to its end by itself (``inbox._uncancelled``): a broker RPC cut half way
+closes the channel. The cut caller closes the stream's channel meanwhile. Found by the
+twenty-first session's chaos probe ("Task was destroyed but it is pending" for
+``inbox._opened``): a set-up that reached its queue declaration after that close waited for
+the robust channel to reopen (``topology._reopened``), which a channel closed by its owner
+never does, so the set-up never ended. It now ends with the channel's close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from amqp_queue import RabbitMQStore
+from amqp_queue import inbox as inbox_module
+from tests.rabbitmq_support import rabbitmq_store
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_set_up_cut_after_its_prefetch_ends_once_the_channel_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    armed = asyncio.Event()  # the store's own channels set theirs as it connects
+    qos_set = asyncio.Event()
+    go_on = asyncio.Event()
+    set_ups: list[asyncio.Future[Any]] = []
+    set_qos = aio_pika.RobustChannel.set_qos
+
+    async def held_after_qos(channel: aio_pika.RobustChannel, *args: Any, **kwargs: Any) -> Any:
+        answer = await set_qos(channel, *args, **kwargs)
+        if armed.is_set() and not qos_set.is_set():
+            qos_set.set()
+            await go_on.wait()
+        return answer
+
+    opened = inbox_module._opened
+
+    def noted(*args: Any) -> Any:
+        set_up = asyncio.ensure_future(opened(*args))
+        set_ups.append(set_up)
+        return set_up
+
+    monkeypatch.setattr(aio_pika.RobustChannel, "set_qos", held_after_qos)
+    monkeypatch.setattr(inbox_module, "_opened", noted)
+    async with rabbitmq_store(tmp_path, publish_timeout=2.0) as store:
+        assert isinstance(store, RabbitMQStore)
+        await store.enqueue("gw-1", b"reboot", 60)
+        armed.set()
+        async def read_one() -> Any:
+            async with store.consume("gw-1") as commands:
+                return await anext(commands)
+
+        reading = asyncio.ensure_future(read_one())
+        await asyncio.wait_for(qos_set.wait(), 10)
+        reading.cancel()
+        await asyncio.wait([reading], timeout=10)
+        assert reading.cancelled()
+        # The stream and its channel are closed; the set-up goes on to its declaration.
+        go_on.set()
+        assert len(set_ups) == 1
+        done, _ = await asyncio.wait(set_ups, timeout=5)
+        assert done, "the consumer's set-up never ended after its channel closed"
+        monkeypatch.undo()
+        # The command is the next stream's, once.
+        async with store.consume("gw-1") as commands:
+            got = await asyncio.wait_for(anext(commands), 10)
+        assert got.payload == b"reboot"
