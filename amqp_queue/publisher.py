@@ -31,6 +31,9 @@ logger = logging.getLogger("amqp_queue.publisher")
 _CONFIRMED_LATE_MOST = 10_000
 """Late confirms remembered: one per command still owed, far more than a relay pass holds."""
 
+_Send = asyncio.Future[ConfirmationFrameType | DeliveredMessage | None]
+"""A command's send: the broker's confirmation, or the message back (unroutable)."""
+
 
 class Publisher:
     """Publishes one command and returns once the broker confirmed it.
@@ -51,10 +54,11 @@ class Publisher:
         # confirmed (or not needed), False once it failed.
         self._latest: dict[str, asyncio.Future[bool]] = {}
         # By command id, its send under way (see _sent): timed out for its caller, it goes on.
-        self._sending: dict[str, asyncio.Future[ConfirmationFrameType | DeliveredMessage | None]]
-        self._sending = {}
+        self._sending: dict[str, _Send] = {}
         # Sends confirmed after their callers stopped waiting (see _sent), oldest first.
         self._confirmed_late: OrderedDict[str, ConfirmationFrameType | None] = OrderedDict()
+        # Sends under way whose callers stopped waiting: remembered once they are confirmed.
+        self._left: set[str] = set()
 
     async def publish(self, record: CommandRecord) -> bool:
         """Publishes ``record``; False when it expired before it could be published.
@@ -157,20 +161,33 @@ class Publisher:
             sending = asyncio.ensure_future(self._basic_publish(record, properties))
             self._sending[record.id] = sending
             sending.add_done_callback(functools.partial(self._send_ended, record.id))
-        async with asyncio.timeout(self._config.publish_timeout):
-            answer = await asyncio.shield(sending)
-        self._confirmed_late.pop(record.id, None)  # answered in time
-        return answer
+        try:
+            async with asyncio.timeout(self._config.publish_timeout):
+                return await asyncio.shield(sending)
+        except BaseException:
+            # Timed out or cancelled: the send goes on, and its answer is kept for the
+            # relay's next publish of it (only then: a send answered in time costs nothing).
+            if sending.done():
+                self._remember(record.id, sending)
+            else:
+                self._left.add(record.id)
+            raise
 
-    def _send_ended(self, command_id: str, sending: asyncio.Future[object]) -> None:
+    def _send_ended(self, command_id: str, sending: _Send) -> None:
         if self._sending.get(command_id) is sending:
             del self._sending[command_id]
+        if command_id in self._left:
+            self._left.discard(command_id)
+            self._remember(command_id, sending)
+
+    def _remember(self, command_id: str, sending: _Send) -> None:
+        """Keeps a send's confirmation for the relay's next publish of the command."""
         if sending.cancelled() or sending.exception() is not None:
             return  # retrieved: its callers were told, or had left
         answer = sending.result()
         if not isinstance(answer, DeliveredMessage):
-            # Until its caller takes it, or, its caller gone, the relay's next publish of it.
-            self._confirmed_late[command_id] = answer  # type: ignore[assignment]
+            # Until the relay's next publish of it takes it; the oldest go first.
+            self._confirmed_late[command_id] = answer
             while len(self._confirmed_late) > _CONFIRMED_LATE_MOST:
                 self._confirmed_late.popitem(last=False)
 
