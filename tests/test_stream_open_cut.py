@@ -53,6 +53,7 @@ async def test_a_set_up_cut_after_its_prefetch_ends_once_the_channel_closes(
         assert isinstance(store, RabbitMQStore)
         await store.enqueue("gw-1", b"reboot", 60)
         armed.set()
+
         async def read_one() -> Any:
             async with store.consume("gw-1") as commands:
                 return await anext(commands)
