@@ -19,17 +19,24 @@ import pytest
 
 from amqp_queue import CommandStatus, StateError
 from tests.rabbitmq_support import rabbitmq_store
+from tests.test_adversarial_seams import BACKENDS, state_url_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 ROUNDS = 30
 
 
-async def test_a_cut_retire_leaves_no_command_pending_without_its_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_cut_retire_leaves_no_command_pending_without_its_message(
+    tmp_path: Path, backend: str
+) -> None:
     rng = random.Random(20261207)
     stranded = []
     cut = 0
-    async with rabbitmq_store(tmp_path) as store:
+    async with (
+        state_url_for(backend, tmp_path) as state_url,
+        rabbitmq_store(tmp_path, state_url=state_url) as store,
+    ):
         for n in range(ROUNDS):
             device = f"gw-{n}"
             ids = [await store.enqueue(device, b"c%d" % k, 60) for k in range(3)]
