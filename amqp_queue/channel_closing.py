@@ -16,8 +16,8 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
@@ -25,7 +25,12 @@ from aiormq.exceptions import ChannelInvalidStateError
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_failure, closed_under_the_call
 
+T = TypeVar("T")
+
 logger = logging.getLogger("amqp_queue.channel_closing")
+
+CLOSED_LOOK = 0.1
+"""Seconds between looks at whether a channel under a call was closed for good."""
 
 # The underlying (aiormq) channels a close was begun on.
 _CLOSING: weakref.WeakSet[object] = weakref.WeakSet()
@@ -137,3 +142,36 @@ async def close_drain_channel(
         # Bounded, so a hung index call cannot hold close() for ever.
         await asyncio.wait([settling], timeout=config.publish_timeout)
     await close_channel(channel, config.publish_timeout, f"the drain channel of {device}")
+
+
+def closed_for_good(channel: AbstractChannel) -> bool:
+    """Whether ``close()`` was called on the channel or on its connection: a robust channel
+    then never reopens, and its calls (which wait for it to be restored) wait for ever."""
+    # aio-pika says so only in attributes of its own; its public is_closed stays False
+    # while the close waits for the broker's answer.
+    connection = getattr(channel, "_connection", None)
+    return bool(getattr(channel, "_close_called", False)) or bool(
+        getattr(connection, "close_called", False)
+    )
+
+
+async def unless_closed_for_good(channel: AbstractChannel, call: Awaitable[T]) -> T:
+    """Awaits ``call`` on ``channel``, which fails with the channel's error once the channel
+    is closed for good (see :func:`closed_for_good`) rather than wait for ever.
+
+    Raises:
+        ChannelInvalidStateError: the channel was closed for good before ``call`` ended.
+    """
+    running = asyncio.ensure_future(call)
+    try:
+        while not running.done():
+            await asyncio.wait([running], timeout=CLOSED_LOOK)
+            if not running.done() and closed_for_good(channel):
+                running.cancel()
+                await asyncio.wait([running])
+                if running.cancelled():
+                    raise ChannelInvalidStateError(f"{channel} was closed")
+        return running.result()
+    finally:
+        if not running.done():
+            running.cancel()  # the caller's own cancellation

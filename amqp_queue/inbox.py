@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic, Queue
 
+from amqp_queue.channel_closing import unless_closed_for_good
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_errors
 from amqp_queue.topology import Topology
@@ -204,7 +205,10 @@ async def open_inbox(
     channel of the connection: opens, acks and deliveries of all the store's other streams
     and drains stalled until the heartbeat gave up on the connection.
     """
-    return await _uncancelled(_opened(channel, topology, config, device_id, window_only))
+    # Closed for good meanwhile (a cut stream closes its channel), it ends: a robust
+    # channel's calls would wait for ever for a restore that never comes.
+    set_up = _opened(channel, topology, config, device_id, window_only)
+    return await _uncancelled(unless_closed_for_good(channel, set_up))
 
 
 async def _opened(

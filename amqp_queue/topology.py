@@ -302,32 +302,9 @@ async def _reopened(channel: AbstractRobustChannel) -> None:
     The broker closes a channel on a refusal (a declaration that meets a queue of another
     type); the channel reopens in the background. Right after the refusal ``ready()`` may
     still answer at once, before the channel has noticed it is closed, so it is asked again
-    after a turn of the loop. A channel its owner closed, or whose connection was closed,
-    never reopens: that ends the wait with the channel's failure, also when it comes during
-    the wait (a stream cut while its consumer was set up closes its channel).
-
-    Raises:
-        ChannelInvalidStateError: the channel was closed for good.
+    after a turn of the loop. (A channel closed for good never reopens: see
+    :func:`~amqp_queue.channel_closing.unless_closed_for_good`.)
     """
     while channel.is_closed:
-        if _closed_for_good(channel):
-            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel} is closed")
-        try:
-            async with asyncio.timeout(REOPEN_LOOK):
-                await channel.ready()
-        except TimeoutError:
-            continue
+        await channel.ready()
         await asyncio.sleep(0)
-
-
-REOPEN_LOOK = 0.1
-"""Seconds between looks at whether a closed robust channel was closed for good."""
-
-
-def _closed_for_good(channel: AbstractRobustChannel) -> bool:
-    # aio-pika says so only in attributes of its own: a robust channel's ``ready()`` waits
-    # for ever once ``close()`` was called on it or on its connection.
-    connection = getattr(channel, "_connection", None)
-    return bool(getattr(channel, "_close_called", False)) or bool(
-        getattr(connection, "close_called", False)
-    )

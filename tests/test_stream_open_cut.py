@@ -5,7 +5,9 @@ closes the channel. The cut caller closes the stream's channel meanwhile. Found 
 twenty-first session's chaos probe ("Task was destroyed but it is pending" for
 ``inbox._opened``): a set-up that reached its queue declaration after that close waited for
 the robust channel to reopen (``topology._reopened``), which a channel closed by its owner
-never does, so the set-up never ended. It now ends with the channel's close.
+never does, so the set-up never ended; so did one that reached any call of the channel after
+its owner began to close it (aio-pika's robust calls wait for the channel to be restored). It
+now ends with the channel's close.
 """
 
 from __future__ import annotations
@@ -24,18 +26,26 @@ from tests.rabbitmq_support import rabbitmq_store
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_a_set_up_cut_after_its_prefetch_ends_once_the_channel_closes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("held", ["before", "after"])
+async def test_a_set_up_cut_around_its_prefetch_ends_once_the_channel_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: str
 ) -> None:
+    """Held before its prefetch is set, the set-up then waits in aio-pika's own ``ready()``
+    (a robust channel's calls wait for it to be restored); held after, in the queue's
+    declaration."""
     armed = asyncio.Event()  # the store's own channels set theirs as it connects
     qos_set = asyncio.Event()
     go_on = asyncio.Event()
     set_ups: list[asyncio.Future[Any]] = []
     set_qos = aio_pika.RobustChannel.set_qos
 
-    async def held_after_qos(channel: aio_pika.RobustChannel, *args: Any, **kwargs: Any) -> Any:
+    async def held_around_qos(channel: aio_pika.RobustChannel, *args: Any, **kwargs: Any) -> Any:
+        hold = armed.is_set() and not qos_set.is_set()
+        if hold and held == "before":
+            qos_set.set()
+            await go_on.wait()
         answer = await set_qos(channel, *args, **kwargs)
-        if armed.is_set() and not qos_set.is_set():
+        if hold and held == "after":
             qos_set.set()
             await go_on.wait()
         return answer
@@ -47,7 +57,7 @@ async def test_a_set_up_cut_after_its_prefetch_ends_once_the_channel_closes(
         set_ups.append(set_up)
         return set_up
 
-    monkeypatch.setattr(aio_pika.RobustChannel, "set_qos", held_after_qos)
+    monkeypatch.setattr(aio_pika.RobustChannel, "set_qos", held_around_qos)
     monkeypatch.setattr(inbox_module, "_opened", noted)
     async with rabbitmq_store(tmp_path, publish_timeout=2.0) as store:
         assert isinstance(store, RabbitMQStore)
