@@ -12,15 +12,15 @@ in ready order, so nothing overtakes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from amqp_queue.batching import Batcher, Refusals
+from amqp_queue.cut_calls import despite_the_cut, landed, unread_failure, until_landed
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch, closed_under_the_call
 from amqp_queue.observer import Observer
@@ -93,7 +93,9 @@ class PublishPath:
         the call raises once the write landed or failed (``cancelled_wait`` at
         most), leaving its command owed to the relay if it landed: run as the write's
         callback, before any later command of the batch is published directly (their callers
-        resume after this), so none overtakes it.
+        resume after this), so none overtakes it. Landed, it raises once the relay published
+        the command (see :mod:`amqp_queue.cut_calls`), so no call begun after it on another
+        store does either.
         """
         written = self._writes.post(record)
         try:
@@ -102,16 +104,15 @@ class PublishPath:
             if self._writes.withdraw(written):
                 raise  # no transaction has it: nothing is written
             written.add_done_callback(functools.partial(self._owe_if_written, record))
-            await self._until_landed(written)
+            await until_landed(written, self._cancelled_wait)
+            if landed(written) and record.is_ready:
+                await despite_the_cut(self._relayed([record.id]))
             raise
 
-    async def _until_landed(self, written: asyncio.Future[Any]) -> None:
-        """What a cancelled call waits for once its write is under way: that write landed
-        (or failed), so a call begun after this one raised, on any store, is written after
-        it (an older replacement never lands over a newer one). Bounded by
-        ``cancelled_wait``: a stalled index must not hold the cancellation for ever."""
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait([written], timeout=self._cancelled_wait)
+    async def _relayed(self, command_ids: Iterable[str]) -> None:
+        relay = self._relay
+        if relay is not None:
+            await asyncio.gather(*(relay.published(command_id) for command_id in command_ids))
 
     async def write_outside(
         self,
@@ -126,7 +127,8 @@ class PublishPath:
         It takes its turn with the group commit's writes: one written after it waits until
         it is answered, so no command enqueued later is published ahead of the ones it made
         ready. Cancelled, the caller leaves those commands owed to the relay once the write
-        commits (before the next write's turn), as :meth:`write` does. Should the write fail
+        commits (before the next write's turn), and waits for them to be published, as
+        :meth:`write` does. Should the write fail
         with the index unable to tell whether it landed, the commands ``if_unknown`` names are
         owed, in turn too (the relay forgets what is not there or not ready).
         """
@@ -151,7 +153,7 @@ class PublishPath:
             return await asyncio.shield(written)
         except asyncio.CancelledError:
             # Its failure, once it ends, is no longer the caller's (nobody reads it).
-            written.add_done_callback(_unread_failure)
+            written.add_done_callback(unread_failure)
             if not written.done() and not started and inspect.iscoroutine(writing):
                 # Still waiting for its turn, its write not begun: taken back, as write()
                 # takes back a write no transaction has (nothing lands after the call raised).
@@ -160,10 +162,12 @@ class PublishPath:
                 raise
             if not written.done():
                 abandoned.append(True)
-                await self._until_landed(written)
-                raise
-            if not written.cancelled() and written.exception() is None:
+                await until_landed(written, self._cancelled_wait)
+            elif landed(written):
                 self._owe_ready(ready_of(written.result()))
+            if landed(written):
+                ready = [record.id for record in ready_of(written.result())]
+                await despite_the_cut(self._relayed(ready))
             raise
 
     def _owe_ready(self, records: Iterable[CommandRecord]) -> None:
@@ -195,7 +199,11 @@ class PublishPath:
                 # process starts after this one returned must not overtake it. With the
                 # relay failing, its next try (which this owe kicks) decides (see
                 # OutboxRelay.published for how long that is waited for).
-                await relay.published(record.id)
+                try:
+                    await relay.published(record.id)
+                except asyncio.CancelledError:
+                    await despite_the_cut(relay.published(record.id))
+                    raise
             return
         self.in_flight.add(record.id)
         publishing = asyncio.ensure_future(self._publisher.publish(record))
@@ -210,6 +218,7 @@ class PublishPath:
         except asyncio.CancelledError as exc:
             if not (publishing.cancelled() and closed_under_the_call(exc)):
                 publishing.add_done_callback(functools.partial(self._published, record))
+                await despite_the_cut(self.published_here(record.id))
                 raise
             # The publish was cancelled, not this caller: settled below, owed to the relay.
         except QueueMismatch as exc:
@@ -380,12 +389,3 @@ def _since(moment: datetime, now: datetime) -> float:
 
 def _log_mark_failure(exc: BaseException) -> None:
     logger.warning("marking commands published failed; the relay will republish: %s", exc)
-
-
-def _unread_failure(written: asyncio.Future[Any]) -> None:
-    """Logs the failure of a write whose caller was cancelled (it had nobody to raise to):
-    a refusal (the command no longer open) at debug, an index failure as a warning."""
-    if written.cancelled() or (failure := written.exception()) is None:
-        return
-    level = logging.WARNING if isinstance(failure, StateError) else logging.DEBUG
-    logger.log(level, "a write went on after its caller was cancelled and failed: %r", failure)
