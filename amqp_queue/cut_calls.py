@@ -10,14 +10,13 @@ hold the cancellation for ever; a further cancellation ends them (not the write 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any
 
 from amqp_queue.state.errors import StateError
 
-logger = logging.getLogger("amqp_queue.publish_path")
+logger = logging.getLogger("amqp_queue.cut_calls")
 
 
 def landed(written: asyncio.Future[Any]) -> bool:
@@ -25,25 +24,33 @@ def landed(written: asyncio.Future[Any]) -> bool:
     return written.done() and not written.cancelled() and written.exception() is None
 
 
-async def until_landed(written: asyncio.Future[Any], within: float) -> None:
+async def until_landed(written: asyncio.Future[Any], within: float) -> bool:
     """Waits until ``written`` landed or failed (``within`` seconds at most), so an older
-    replacement never lands over a newer one begun after the cut call raised."""
-    with contextlib.suppress(asyncio.CancelledError):
+    replacement never lands over a newer one begun after the cut call raised. False if the
+    caller was cancelled again meanwhile: it then raises at once, waiting for nothing more."""
+    try:
         await asyncio.wait([written], timeout=within)
+    except asyncio.CancelledError:
+        return False
+    return True
 
 
-async def despite_the_cut(waiting: Awaitable[object]) -> None:
-    """Awaits ``waiting`` (the cut call's commands published, bounded by ``publish_timeout``:
-    see :meth:`~amqp_queue.outbox.OutboxRelay.published`) though the caller was cancelled.
+async def despite_the_cut(waiting: Awaitable[object], within: float) -> None:
+    """Awaits ``waiting`` (the cut call's commands published) though the caller was
+    cancelled, ``within`` seconds at most; a further cancellation ends the wait.
 
     The relay the commands were left to may take a pass to publish them, while the next
-    call to the device on another store publishes directly: it went first (the twenty-second
-    session's probe; tests/test_cut_enqueue_order.py)."""
+    call to the device on another store publishes directly: it went first
+    (tests/test_cut_enqueue_order.py)."""
     running = asyncio.ensure_future(waiting)
+    # Its failure is nobody's to hear: not "never retrieved".
+    running.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
-        await asyncio.wait([running])
+        await asyncio.wait([running], timeout=within)
     except asyncio.CancelledError:
-        running.cancel()
+        pass
+    finally:
+        running.cancel()  # a wait only: the publish itself goes on
 
 
 def unread_failure(written: asyncio.Future[Any]) -> None:

@@ -272,14 +272,20 @@ class FleetDelivery:
                 # Before the call returns, as a smaller fan-out is: a command another
                 # process enqueues after it (that process does not know what this one
                 # owes) would otherwise be published ahead of it.
-                await self._flush_outbox()
+                try:
+                    await self._flush_outbox()
+                except asyncio.CancelledError:
+                    await self._path.published_after_a_cut([record.id for record in ready])
+                    raise
             return
         try:
             await asyncio.gather(*(self._path.publish(record) for record in ready))
         except asyncio.CancelledError:
             # The publishes not started yet would wait out the relay's lease behind newer
-            # commands.
+            # commands; cut, the call still raises only once they are published.
+            unstarted = [record.id for record in ready if record.id not in self._path.in_flight]
             self._path.owe_unstarted(ready)
+            await self._path.published_after_a_cut(unstarted)
             raise
 
     def _unpublished_ready(self, records: Sequence[CommandRecord]) -> list[CommandRecord]:

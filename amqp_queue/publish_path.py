@@ -104,15 +104,18 @@ class PublishPath:
             if self._writes.withdraw(written):
                 raise  # no transaction has it: nothing is written
             written.add_done_callback(functools.partial(self._owe_if_written, record))
-            await until_landed(written, self._cancelled_wait)
-            if landed(written) and record.is_ready:
-                await despite_the_cut(self._relayed([record.id]))
+            landing = await until_landed(written, self._cancelled_wait)
+            if landing and landed(written) and record.is_ready:
+                await self.published_after_a_cut([record.id])
             raise
 
-    async def _relayed(self, command_ids: Iterable[str]) -> None:
+    async def published_after_a_cut(self, command_ids: Collection[str]) -> None:
+        """Waits (``cancelled_wait`` at most) until the relay published the owed commands of
+        a call its caller cut short (see :mod:`amqp_queue.cut_calls`)."""
         relay = self._relay
-        if relay is not None:
-            await asyncio.gather(*(relay.published(command_id) for command_id in command_ids))
+        if relay is not None and command_ids:
+            owed = asyncio.gather(*(relay.published(command_id) for command_id in command_ids))
+            await despite_the_cut(owed, self._cancelled_wait)
 
     async def write_outside(
         self,
@@ -160,14 +163,14 @@ class PublishPath:
                 written.cancel()
                 writing.close()
                 raise
+            again = False  # cancelled a second time: raises at once
             if not written.done():
                 abandoned.append(True)
-                await until_landed(written, self._cancelled_wait)
+                again = not await until_landed(written, self._cancelled_wait)
             elif landed(written):
                 self._owe_ready(ready_of(written.result()))
-            if landed(written):
-                ready = [record.id for record in ready_of(written.result())]
-                await despite_the_cut(self._relayed(ready))
+            if landed(written) and not again:
+                await self.published_after_a_cut([r.id for r in ready_of(written.result())])
             raise
 
     def _owe_ready(self, records: Iterable[CommandRecord]) -> None:
@@ -202,7 +205,7 @@ class PublishPath:
                 try:
                     await relay.published(record.id)
                 except asyncio.CancelledError:
-                    await despite_the_cut(relay.published(record.id))
+                    await despite_the_cut(relay.published(record.id), self._cancelled_wait)
                     raise
             return
         self.in_flight.add(record.id)
@@ -218,7 +221,7 @@ class PublishPath:
         except asyncio.CancelledError as exc:
             if not (publishing.cancelled() and closed_under_the_call(exc)):
                 publishing.add_done_callback(functools.partial(self._published, record))
-                await despite_the_cut(self.published_here(record.id))
+                await despite_the_cut(self.published_here(record.id), self._cancelled_wait)
                 raise
             # The publish was cancelled, not this caller: settled below, owed to the relay.
         except QueueMismatch as exc:

@@ -101,6 +101,18 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         yield shared
 
 
+def env_fixture(prefix: str) -> Any:
+    """An ``env`` fixture over every backend (see :func:`env_on`), its exchange named with
+    ``prefix``: ``env = env_fixture("mine.")`` in a test module."""
+
+    @pytest.fixture(params=BACKENDS, name="env")
+    async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+        async with env_on(request.param, tmp_path, prefix=prefix) as shared:
+            yield shared
+
+    return env
+
+
 @asynccontextmanager
 async def env_on(backend: str, tmp_path: Path, prefix: str = "adv.") -> AsyncIterator[Env]:
     """One shared index on ``backend`` and one exchange; the stores opened on them are

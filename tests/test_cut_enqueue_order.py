@@ -15,8 +15,7 @@ Here store A's relay takes 0.5 s over its pass, so the order is not left to chan
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Sequence
-from pathlib import Path
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import pytest
@@ -24,17 +23,14 @@ import pytest
 from amqp_queue import RabbitMQStore
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.state.model import CommandRecord
-from tests.test_adversarial_seams import BACKENDS, LONG, Env, env_on
+from tests.test_adversarial_seams import LONG, Env, env_fixture
 
 pytestmark = pytest.mark.timeout(60)
 
 RELAY_TAKES = 0.5
 
 
-@pytest.fixture(params=BACKENDS)
-async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
-    async with env_on(request.param, tmp_path, prefix="cutorder.") as shared:
-        yield shared
+env = env_fixture("cutorder.")
 
 
 def slow_relays(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +63,7 @@ def hold_writes(store: RabbitMQStore) -> asyncio.Event:
 async def test_a_cut_enqueue_is_not_overtaken_by_the_next_call_on_another_store(
     env: Env, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
+    """Cut while its index write is under way: its command is left to the relay."""
     device = env.device()
     a = await env.open()
     b = await env.open()
@@ -78,11 +75,53 @@ async def test_a_cut_enqueue_is_not_overtaken_by_the_next_call_on_another_store(
         else a.enqueue_many([device], b"first", LONG)
     )
     await asyncio.wait_for(writing.wait(), 5)
+    await next_call_after_the_cut(cut, b, device)
+
+
+@pytest.mark.parametrize("branch", ["direct", "relayed"])
+async def test_an_enqueue_cut_while_it_publishes_is_not_overtaken(
+    env: Env, monkeypatch: pytest.MonkeyPatch, branch: str
+) -> None:
+    """Cut once written, while its command is published: directly (the broker's confirm
+    held 0.5 s), or through the relay (the store's relay holds the device, as behind an
+    orphan of a dead process, and takes 0.5 s over its pass)."""
+    device = env.device()
+    a = await env.open()
+    b = await env.open()
+    publishing = asyncio.Event()
+    if branch == "direct":
+        publisher: Any = a._path._publisher
+        send = publisher._basic_publish
+
+        async def held(*args: Any) -> Any:
+            publishing.set()
+            await asyncio.sleep(RELAY_TAKES)
+            return await send(*args)
+
+        publisher._basic_publish = held
+    else:
+        slow_relays(monkeypatch)
+        relay: Any = a._path._relay
+        relay.holds = lambda device_id: True
+        published = relay.published
+
+        async def waited(command_id: str) -> None:
+            publishing.set()
+            await published(command_id)
+
+        relay.published = waited
+    cut = asyncio.create_task(a.enqueue(device, b"first", LONG))
+    await asyncio.wait_for(publishing.wait(), 5)
+    await next_call_after_the_cut(cut, b, device)
+
+
+async def next_call_after_the_cut(cut: asyncio.Task[Any], b: RabbitMQStore, device: str) -> None:
+    """Cuts ``cut``, then enqueues the device's next command through ``b``: the device gets
+    both, the cut one first."""
     cut.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cut
     await b.enqueue(device, b"second", LONG)
-
     got: list[bytes] = []
     for _ in range(50):
         got += await b.drain_pending(device)

@@ -14,8 +14,6 @@ then cancels the drain's consumer) or from its look at the queue's depth (gone b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -24,13 +22,9 @@ import pytest
 from amqp_queue import CommandStatus, RabbitMQStore
 from amqp_queue.inbox import Inbox
 from tests.rabbitmq_support import AMQP_URL
-from tests.test_adversarial_seams import BACKENDS, LONG, Env, env_on
+from tests.test_adversarial_seams import LONG, Env, env_fixture
 
-
-@pytest.fixture(params=BACKENDS)
-async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
-    async with env_on(request.param, tmp_path, prefix="drainretire.") as shared:
-        yield shared
+env = env_fixture("drainretire.")
 
 
 def retire_before_the_first(
