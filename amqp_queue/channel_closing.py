@@ -164,6 +164,7 @@ async def unless_closed_for_good(channel: AbstractChannel, call: Awaitable[T]) -
     """
     running = asyncio.ensure_future(call)
     try:
+        # Looked at in turns: aio-pika has no callback for a close that has begun.
         while not running.done():
             await asyncio.wait([running], timeout=CLOSED_LOOK)
             if not running.done() and closed_for_good(channel):

@@ -154,8 +154,11 @@ class Inbox:
     async def stop(self) -> None:
         """Cancels the consumer; deliveries already received stay in the buffer. Called
         again, it waits for the first call's cancel (which a cancelled caller left running)."""
-        if self._tag is not None and (self.cancelled_by_broker or self.queue_gone):
-            self._tag = None  # its queue deleted, the broker ended the consumer itself
+        if self._tag is not None and self.queue_gone:
+            # The broker closed the channel (404) and with it the consumer. (One the broker
+            # cancelled is still cancelled here: the broker answers, and aio-pika's robust
+            # queue forgets the consumer only then, or restores it after a reconnect.)
+            self._tag = None
         if self._tag is not None:
             tag, self._tag = self._tag, None
             self._stopping = _started(self.queue.cancel(tag))

@@ -163,7 +163,7 @@ class Publisher:
             sending.add_done_callback(functools.partial(self._send_ended, record.id))
         try:
             async with asyncio.timeout(self._config.publish_timeout):
-                return await asyncio.shield(sending)
+                answer = await asyncio.shield(sending)
         except BaseException:
             # Timed out or cancelled: the send goes on, and its answer is kept for the
             # relay's next publish of it (only then: a send answered in time costs nothing).
@@ -172,6 +172,10 @@ class Publisher:
             else:
                 self._left.add(record.id)
             raise
+        if self._confirmed_late:
+            # An earlier caller of this send left: answered here, its answer is taken.
+            self._confirmed_late.pop(record.id, None)
+        return answer
 
     def _send_ended(self, command_id: str, sending: _Send) -> None:
         if self._sending.get(command_id) is sending:

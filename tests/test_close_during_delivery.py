@@ -376,12 +376,12 @@ async def test_a_drain_cancelled_while_asking_the_broker_has_claimed_nothing(
     payloads = [b"one", b"two", b"three"]
     asking = asyncio.Event()
     inboxes: list[Inbox] = []
-    ready_count = Inbox.ready_unless_deleted
+    ready_unless_deleted = Inbox.ready_unless_deleted
 
     async def announced(inbox: Inbox) -> int | None:
         inboxes.append(inbox)
         asking.set()
-        return await ready_count(inbox)
+        return await ready_unless_deleted(inbox)
 
     monkeypatch.setattr(Inbox, "ready_unless_deleted", announced)
     async with shared_index(kind, tmp_path) as shared:
@@ -420,11 +420,11 @@ async def test_a_cancelled_drain_whose_channel_is_lost_while_it_gives_back_repub
     delivery alone: nothing comes twice."""
     payloads = [b"one", b"two", b"three"]
     inboxes: list[Inbox] = []
-    ready_count = Inbox.ready_unless_deleted
+    ready_unless_deleted = Inbox.ready_unless_deleted
 
     async def noted(inbox: Inbox) -> int | None:
         inboxes.append(inbox)
-        return await ready_count(inbox)
+        return await ready_unless_deleted(inbox)
 
     monkeypatch.setattr(Inbox, "ready_unless_deleted", noted)
     async with shared_index(kind, tmp_path) as shared:
@@ -461,12 +461,12 @@ async def test_a_cancelled_drain_whose_consumer_cancel_never_answers_still_gives
     hands the commands to the outbox, as if the channel were gone."""
     payloads = [b"one", b"two", b"three"]
     asking = asyncio.Event()
-    ready_count = Inbox.ready_unless_deleted
+    ready_unless_deleted = Inbox.ready_unless_deleted
     stop = Inbox.stop
 
     async def announced(inbox: Inbox) -> int | None:
         asking.set()
-        return await ready_count(inbox)
+        return await ready_unless_deleted(inbox)
 
     async def unanswered(inbox: Inbox) -> None:
         if asking.is_set():

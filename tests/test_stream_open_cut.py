@@ -21,7 +21,8 @@ import pytest
 
 from amqp_queue import RabbitMQStore
 from amqp_queue import inbox as inbox_module
-from tests.rabbitmq_support import rabbitmq_store
+from amqp_queue.channel_closing import closed_for_good
+from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,3 +84,19 @@ async def test_a_set_up_cut_around_its_prefetch_ends_once_the_channel_closes(
         async with store.consume("gw-1") as commands:
             got = await asyncio.wait_for(anext(commands), 10)
         assert got.payload == b"reboot"
+
+
+async def test_a_robust_channel_is_closed_for_good_as_soon_as_its_close_begins() -> None:
+    """aio-pika says so only in attributes of its own, read by ``closed_for_good``: should
+    they change, this fails rather than set-ups hanging again."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        other = await connection.channel()
+        assert not closed_for_good(channel)
+        closing = asyncio.ensure_future(channel.close())
+        await asyncio.sleep(0)
+        assert closed_for_good(channel)
+        await closing
+        assert not closed_for_good(other)
+    assert closed_for_good(other)  # its connection closed
