@@ -16,21 +16,19 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Awaitable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_failure, closed_under_the_call
 
-T = TypeVar("T")
-
 logger = logging.getLogger("amqp_queue.channel_closing")
 
 CLOSED_LOOK = 0.1
-"""Seconds between looks at whether a channel under a call was closed for good."""
+"""Seconds between looks at whether a closed channel was closed for good."""
 
 # The underlying (aiormq) channels a close was begun on.
 _CLOSING: weakref.WeakSet[object] = weakref.WeakSet()
@@ -155,24 +153,28 @@ def closed_for_good(channel: AbstractChannel) -> bool:
     )
 
 
-async def unless_closed_for_good(channel: AbstractChannel, call: Awaitable[T]) -> T:
-    """Awaits ``call`` on ``channel``, which fails with the channel's error once the channel
-    is closed for good (see :func:`closed_for_good`) rather than wait for ever.
+async def usable(channel: AbstractChannel) -> None:
+    """Returns once a robust ``channel`` is open (restored, should the broker have closed
+    it); raises once it is closed for good (see :func:`closed_for_good`). Called right
+    before a call on the channel: aio-pika's robust calls first wait for the channel to be
+    restored, for ever on one closed for good, and nothing is awaited between this return
+    and that wait. The call itself is never cut short here: aiormq closes a channel whose
+    RPC is cancelled half way, and a close of its own on top then went unanswered for
+    ``publish_timeout``, twice (a probe of stores closed as their streams opened).
 
     Raises:
-        ChannelInvalidStateError: the channel was closed for good before ``call`` ended.
+        ChannelInvalidStateError: the channel was closed for good.
     """
-    running = asyncio.ensure_future(call)
-    try:
+    if not isinstance(channel, AbstractRobustChannel):
+        return
+    while True:
+        if closed_for_good(channel):
+            raise ChannelInvalidStateError(f"{channel} is closed")
+        if not channel.is_closed:
+            return
         # Looked at in turns: aio-pika has no callback for a close that has begun.
-        while not running.done():
-            await asyncio.wait([running], timeout=CLOSED_LOOK)
-            if not running.done() and closed_for_good(channel):
-                running.cancel()
-                await asyncio.wait([running])
-                if running.cancelled():
-                    raise ChannelInvalidStateError(f"{channel} was closed")
-        return running.result()
-    finally:
-        if not running.done():
-            running.cancel()  # the caller's own cancellation
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSED_LOOK):
+                await channel.ready()
+        # Right after a refusal ready() may answer before the channel noticed it is closed.
+        await asyncio.sleep(0)

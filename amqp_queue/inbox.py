@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic, Queue
 
-from amqp_queue.channel_closing import unless_closed_for_good
+from amqp_queue.channel_closing import usable
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_errors
 from amqp_queue.topology import Topology
@@ -47,6 +47,7 @@ class Inbox:
 
     async def start(self) -> None:
         with broker_errors(f"consuming from {self.queue.name!r}"):
+            await usable(self.channel)
             underlay = await self.channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             self._tag = self._consumer = await self.queue.consume(self._on_message, no_ack=False)
@@ -208,10 +209,7 @@ async def open_inbox(
     channel of the connection: opens, acks and deliveries of all the store's other streams
     and drains stalled until the heartbeat gave up on the connection.
     """
-    # Closed for good meanwhile (a cut stream closes its channel), it ends: a robust
-    # channel's calls would wait for ever for a restore that never comes.
-    set_up = _opened(channel, topology, config, device_id, window_only)
-    return await _uncancelled(unless_closed_for_good(channel, set_up))
+    return await _uncancelled(_opened(channel, topology, config, device_id, window_only))
 
 
 async def _opened(
@@ -221,7 +219,10 @@ async def _opened(
     device_id: str,
     window_only: bool,
 ) -> Inbox:
+    # Each step first looks whether the channel was closed for good meanwhile (a cut
+    # stream closes its channel): a robust channel's calls would wait for ever.
     with broker_errors("setting the prefetch window"):
+        await usable(channel)
         await channel.set_qos(prefetch_count=0 if window_only else config.prefetch)
     queue = await topology.declare_queue(channel, device_id)
     inbox = Inbox(channel, queue, config.prefetch)

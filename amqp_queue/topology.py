@@ -19,6 +19,7 @@ from aio_pika.abc import (
 )
 from aiormq.abc import FieldTable
 
+from amqp_queue.channel_closing import usable
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.errors import (
     BrokerError,
@@ -280,7 +281,7 @@ class Topology:
             self._devices.popitem(last=False)
         with queue_declaration(name):
             if isinstance(channel, AbstractRobustChannel):
-                await _reopened(channel)
+                await usable(channel)  # reopened after a refusal; not closed for good
                 queue: AbstractQueue = await channel.declare_queue(
                     name,
                     durable=self._config.durable,
@@ -291,20 +292,7 @@ class Topology:
                 queue = await channel.declare_queue(
                     name, durable=self._config.durable, arguments=self.queue_arguments
                 )
+            await usable(channel)
             await queue.bind(self._config.exchange, routing_key=device_id)
         logger.debug("declared queue %s", name)
         return queue
-
-
-async def _reopened(channel: AbstractRobustChannel) -> None:
-    """Waits while a robust channel is closed, until it is reopened.
-
-    The broker closes a channel on a refusal (a declaration that meets a queue of another
-    type); the channel reopens in the background. Right after the refusal ``ready()`` may
-    still answer at once, before the channel has noticed it is closed, so it is asked again
-    after a turn of the loop. (A channel closed for good never reopens: see
-    :func:`~amqp_queue.channel_closing.unless_closed_for_good`.)
-    """
-    while channel.is_closed:
-        await channel.ready()
-        await asyncio.sleep(0)

@@ -4,10 +4,12 @@ The set-up runs to its end by itself (``inbox._uncancelled``): a broker RPC cut 
 closes the channel. The cut caller closes the stream's channel meanwhile. Found by the
 twenty-first session's chaos probe ("Task was destroyed but it is pending" for
 ``inbox._opened``): a set-up that reached its queue declaration after that close waited for
-the robust channel to reopen (``topology._reopened``), which a channel closed by its owner
-never does, so the set-up never ended; so did one that reached any call of the channel after
-its owner began to close it (aio-pika's robust calls wait for the channel to be restored). It
-now ends with the channel's close.
+the robust channel to be restored (aio-pika's robust calls do), which a channel closed by its
+owner never is, so the set-up never ended; so did one that went on while the close still
+waited for the broker. Each step now first looks whether the channel was closed for good
+(``channel_closing.usable``), and the set-up ends with the channel's failure. It is not cut
+short from outside: a first fix did that, and aiormq closed the channel under the consume
+it cut, whose own close then went unanswered for 2 x ``publish_timeout``.
 """
 
 from __future__ import annotations
@@ -27,29 +29,33 @@ from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("held", ["before", "after"])
-async def test_a_set_up_cut_around_its_prefetch_ends_once_the_channel_closes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: str
+@pytest.mark.parametrize("resumed", ["closed", "closing"])
+async def test_a_set_up_cut_after_its_prefetch_ends_once_the_channel_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumed: str
 ) -> None:
-    """Held before its prefetch is set, the set-up then waits in aio-pika's own ``ready()``
-    (a robust channel's calls wait for it to be restored); held after, in the queue's
-    declaration."""
+    """The set-up is held once its prefetch is set, the loop cut, and the set-up resumed
+    once the stream's channel is closed, or while its close waits for the broker's answer
+    (``is_closed`` is still False then)."""
     armed = asyncio.Event()  # the store's own channels set theirs as it connects
     qos_set = asyncio.Event()
     go_on = asyncio.Event()
     set_ups: list[asyncio.Future[Any]] = []
     set_qos = aio_pika.RobustChannel.set_qos
+    close = aio_pika.RobustChannel.close
 
-    async def held_around_qos(channel: aio_pika.RobustChannel, *args: Any, **kwargs: Any) -> Any:
-        hold = armed.is_set() and not qos_set.is_set()
-        if hold and held == "before":
-            qos_set.set()
-            await go_on.wait()
+    async def held_after_qos(channel: aio_pika.RobustChannel, *args: Any, **kwargs: Any) -> Any:
         answer = await set_qos(channel, *args, **kwargs)
-        if hold and held == "after":
+        if armed.is_set() and not qos_set.is_set():
             qos_set.set()
             await go_on.wait()
         return answer
+
+    async def resuming_as_it_closes(channel: aio_pika.RobustChannel, *args: Any) -> Any:
+        closing = asyncio.ensure_future(close(channel, *args))
+        await asyncio.sleep(0)  # begun: Channel.Close sent, its answer not back yet
+        if qos_set.is_set() and resumed == "closing":
+            go_on.set()
+        return await closing
 
     opened = inbox_module._opened
 
@@ -58,7 +64,8 @@ async def test_a_set_up_cut_around_its_prefetch_ends_once_the_channel_closes(
         set_ups.append(set_up)
         return set_up
 
-    monkeypatch.setattr(aio_pika.RobustChannel, "set_qos", held_around_qos)
+    monkeypatch.setattr(aio_pika.RobustChannel, "set_qos", held_after_qos)
+    monkeypatch.setattr(aio_pika.RobustChannel, "close", resuming_as_it_closes)
     monkeypatch.setattr(inbox_module, "_opened", noted)
     async with rabbitmq_store(tmp_path, publish_timeout=2.0) as store:
         assert isinstance(store, RabbitMQStore)
@@ -74,8 +81,7 @@ async def test_a_set_up_cut_around_its_prefetch_ends_once_the_channel_closes(
         reading.cancel()
         await asyncio.wait([reading], timeout=10)
         assert reading.cancelled()
-        # The stream and its channel are closed; the set-up goes on to its declaration.
-        go_on.set()
+        go_on.set()  # the stream and its channel are closed by now
         assert len(set_ups) == 1
         done, _ = await asyncio.wait(set_ups, timeout=5)
         assert done, "the consumer's set-up never ended after its channel closed"
