@@ -18,6 +18,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from amqp_queue.calls_in_flight import CallsInFlight, counted
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import QueueMismatch
 from amqp_queue.observer import Observer
@@ -53,6 +54,7 @@ class FleetDelivery:
     limits: Limits
     config: RabbitMQConfig
     _path: PublishPath
+    _calls: CallsInFlight
 
     if TYPE_CHECKING:  # provided by RabbitMQStore and BrokerStart
 
@@ -134,6 +136,7 @@ class FleetDelivery:
 
     # -- rollouts (rule 10) and retiring a device -----------------------------------------
 
+    @counted
     async def confirm_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """See :meth:`IndexedStore.confirm_rollout`; the confirmed commands are published
         together (pipelined)."""
@@ -230,6 +233,7 @@ class FleetDelivery:
             ) from exc
         raise AssertionError("unreachable: tenacity returns or raises")
 
+    @counted
     async def _accept_many(self, records: Sequence[CommandRecord]) -> None:
         self._refuse_if_closed()
         reachable = not self.broker_pending

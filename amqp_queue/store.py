@@ -16,6 +16,7 @@ from typing import Self
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from amqp_queue.broker_start import BrokerStart
+from amqp_queue.calls_in_flight import CallsInFlight, counted
 from amqp_queue.channel_closing import close_drain_channel
 from amqp_queue.channel_pool import ChannelPool
 from amqp_queue.config import RabbitMQConfig
@@ -82,6 +83,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False  # close(): a call needing the broker fails at once
+        self._calls = CallsInFlight()  # enqueues and confirms under way: close waits
         self._closed_all = False  # a close ran to its end: nothing is left to close
         self._path = PublishPath(state, self.observer, cancelled_wait=self.config.publish_timeout)
         # Started without its broker: the task that starts the store once it is reachable.
@@ -155,7 +157,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         after ``CLOSE_GRACE`` (2) s with the command requeued. Drains are waited for up to
         ``publish_timeout`` s while the broker and index are open, then about 2 s more for
         channels and a cancelled drain's give-back; a stream's delivery marks up to
-        ``publish_timeout`` too, then 1 s for the marks closed streams owe. A stalled index
+        ``publish_timeout`` too, then 1 s for the marks closed streams owe, and enqueues and
+        confirms under way (begun before the close) up to ``publish_timeout``. A stalled index
         holds each call on the way out for its own bound (PostgreSQL's statement timeout,
         Redis's socket timeout). Cut short (the caller's deadline), a close still stops the relay
         and closes what the store owns; called again, it finishes what is left.
@@ -168,6 +171,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._running.end(drain_grace=self.config.publish_timeout)
             await self._running.wait_background()
             await self._marks.close(self.config.publish_timeout)  # what closed streams owe
+            # Before the relay and the channels go (see calls_in_flight).
+            await self._calls.wait(self.config.publish_timeout)
             if self._relay is not None:
                 if not self.broker_pending:
                     await publish_owed(self._relay, self.config.publish_timeout)
@@ -268,6 +273,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
     async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:
         await self.confirm_changed(command_id, by=by)
 
+    @counted
     async def confirm_changed(self, command_id: str, *, by: str | None = None) -> bool:
         """Confirms a command as :meth:`confirm_command` does, and tells whether this call
         confirmed it (False when it needed no confirmation, was confirmed already or was
@@ -356,6 +362,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         assert self._topology is not None
         return self._topology
 
+    @counted
     async def _accept(self, record: CommandRecord) -> str:
         self._refuse_if_closed()  # also while the broker was pending: its relay is gone
         if self.broker_pending:

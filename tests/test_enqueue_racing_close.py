@@ -1,0 +1,64 @@
+"""An enqueue under way while its store closes, then the device's next command elsewhere.
+
+Found by the twenty-second session's probe of stores closed and reopened while producers
+enqueue (PostgreSQL, one run in seven): the enqueue's queue declaration met the channel the
+close had closed, so the enqueue wrote its command and left it owed to the store's relay,
+which was closed already. Another store's relay published it only past ``relay_after``;
+the device's next command, enqueued on another store, was published at once and handed out
+first. A closing store now waits for the enqueues under way (``publish_timeout`` at most)
+before its relay and channels go.
+
+Here the enqueue's declaration is held until the close returned, or for 3 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from amqp_queue.topology import Topology
+from tests.test_adversarial_seams import LONG, Env, env_fixture
+
+pytestmark = pytest.mark.timeout(60)
+
+env = env_fixture("closerace.")
+
+
+async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = env.device()
+    a = await env.open()
+    b = await env.open()
+    declaring = asyncio.Event()
+    go_on = asyncio.Event()
+    ensure_queue = Topology.ensure_queue
+
+    async def held(topology: Topology, device_id: str, *args: Any, **kwargs: Any) -> Any:
+        if device_id == device and not declaring.is_set():
+            declaring.set()
+            await go_on.wait()
+        return await ensure_queue(topology, device_id, *args, **kwargs)
+
+    monkeypatch.setattr(Topology, "ensure_queue", held)
+    enqueueing = asyncio.create_task(a.enqueue(device, b"first", LONG))
+    await asyncio.wait_for(declaring.wait(), 5)
+    closing = asyncio.create_task(a.close())
+    await asyncio.wait([closing], timeout=3)
+    go_on.set()
+    accepted = await asyncio.gather(enqueueing, return_exceptions=True)
+    await closing
+    await b.enqueue(device, b"second", LONG)
+
+    got: list[bytes] = []
+    for _ in range(50):
+        got += await b.drain_pending(device)
+        if len(got) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    if isinstance(accepted[0], BaseException):  # refused: nothing written
+        assert got == [b"second"], accepted
+    else:
+        assert got == [b"first", b"second"]
