@@ -54,8 +54,8 @@ class SqlExecution:
         **kwargs: P.kwargs,
     ) -> T:
         """Runs ``transaction(*args, **kwargs)`` of a hot path (enqueue, publish and delivery marks,
-        confirm, cancel): on a SQLite file on the writer thread, in one hop, where a
-        cancelled caller leaves it to finish by itself; else as :meth:`_transaction`."""
+        confirm, cancel): on a SQLite file on the writer thread, in one hop; else as
+        :meth:`_transaction`. A caller cancelled once it began waits for its end, then raises."""
         return await self._hot_run(what, False, functools.partial(transaction, *args, **kwargs))
 
     async def _hot_through(
@@ -78,10 +78,11 @@ class SqlExecution:
             return await self._committed(transaction, through=through)
         try:
             async with self._writers:
-                running = self._writer.run(transaction())
-                if not through:
-                    return await running
-                answer, _ = await finished(running)
+                # Run to its end through the caller's cancellation, as on the engine's path:
+                # a cut call (a cancel) has landed or not once it raised.
+                answer, cut = await finished(self._writer.run(transaction()))
+            if cut and not through:
+                raise asyncio.CancelledError
             return answer
         except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
             raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc
