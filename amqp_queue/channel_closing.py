@@ -170,7 +170,7 @@ async def usable(channel: AbstractChannel) -> None:
     while True:
         if closed_for_good(channel):
             raise ChannelInvalidStateError(f"{channel} is closed")
-        if not channel.is_closed:
+        if _restored(channel):
             return
         # Looked at in turns: aio-pika has no callback for a close that has begun.
         with contextlib.suppress(TimeoutError):
@@ -178,3 +178,17 @@ async def usable(channel: AbstractChannel) -> None:
                 await channel.ready()
         # Right after a refusal ready() may answer before the channel noticed it is closed.
         await asyncio.sleep(0)
+
+
+def _restored(channel: AbstractRobustChannel) -> bool:
+    """Whether a robust channel is open and restored: aio-pika opens it again before it has
+    replayed its prefetch and declarations, and its calls wait for that replay (for ever,
+    should the channel be closed meanwhile), on a connection that is up."""
+    # aio-pika keeps both in attributes of its own (see closed_for_good).
+    restored = getattr(channel, "_RobustChannel__restored", None)
+    connected = getattr(getattr(channel, "_connection", None), "connected", None)
+    return (
+        not channel.is_closed
+        and (restored is None or restored.is_set())
+        and (connected is None or connected.is_set())
+    )

@@ -140,6 +140,7 @@ class FleetDelivery:
     async def confirm_rollout(self, rollout_id: str, *, by: str | None = None) -> int:
         """See :meth:`IndexedStore.confirm_rollout`; the confirmed commands are published
         together (pipelined)."""
+        self._refuse_if_closed()
         if not self.broker_pending:
             await self._ready()
         confirmed = await self._path.write_outside(

@@ -7,7 +7,13 @@ import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    ConsumerTag,
+)
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic, Queue
 
@@ -155,10 +161,11 @@ class Inbox:
     async def stop(self) -> None:
         """Cancels the consumer; deliveries already received stay in the buffer. Called
         again, it waits for the first call's cancel (which a cancelled caller left running)."""
-        if self._tag is not None and self.queue_gone:
-            # The broker closed the channel (404) and with it the consumer. (One the broker
-            # cancelled is still cancelled here: the broker answers, and aio-pika's robust
-            # queue forgets the consumer only then, or restores it after a reconnect.)
+        robust = isinstance(self.channel, AbstractRobustChannel)
+        if self._tag is not None and (self.queue_gone or (self.cancelled_by_broker and not robust)):
+            # The broker ended the consumer: closed the channel (404), or cancelled it. (On a
+            # robust channel it is cancelled here all the same: aio-pika's robust queue
+            # forgets a consumer only when cancelled, and restores it after a reconnect.)
             self._tag = None
         if self._tag is not None:
             tag, self._tag = self._tag, None

@@ -117,10 +117,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         URLs separated by commas. Each connection attempt, the first and every reconnect,
         goes to the next node in turn (see :mod:`amqp_queue.connection`).
 
-        ``state_url`` is a SQLite file by default; a ``postgresql+asyncpg://`` URL selects
-        PostgreSQL (``?schema=<name>`` keeps the index in that existing schema),
-        ``memory://`` an in-process state that does not survive a restart; see
-        :func:`amqp_queue.state.open_state`.
+        ``state_url`` is a SQLite file by default; ``postgresql+asyncpg://`` selects PostgreSQL
+        (``?schema=<name>``: that existing schema), ``memory://`` an in-process state that
+        does not survive a restart; see :func:`amqp_queue.state.open_state`.
 
         Raises:
             ValueError: ``amqp_url`` holds no URL or one not ``amqp(s)://host``; ``state_url``
@@ -157,11 +156,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         after ``CLOSE_GRACE`` (2) s with the command requeued. Drains are waited for up to
         ``publish_timeout`` s while the broker and index are open, then about 2 s more for
         channels and a cancelled drain's give-back; a stream's delivery marks up to
-        ``publish_timeout`` too, then 1 s for the marks closed streams owe, and enqueues and
-        confirms under way (begun before the close) up to ``publish_timeout``. A stalled index
-        holds each call on the way out for its own bound (PostgreSQL's statement timeout,
-        Redis's socket timeout). Cut short (the caller's deadline), a close still stops the relay
-        and closes what the store owns; called again, it finishes what is left.
+        ``publish_timeout`` too, then 1 s for the marks closed streams owe, and enqueues,
+        confirms and relay passes under way up to ``publish_timeout``. A stalled index holds
+        each step for its own bound. Cut short (the caller's deadline), a close still stops
+        the relay and closes what the store owns; called again, it finishes what is left.
         """
         if self._closed_all:
             return
@@ -278,6 +276,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         """Confirms a command as :meth:`confirm_command` does, and tells whether this call
         confirmed it (False when it needed no confirmation, was confirmed already or was
         delivered: harmless, and nothing changed)."""
+        self._refuse_if_closed()  # its relay going: the command would wait for another's
         reachable = not self.broker_pending and await self._declare_first(
             (await self.state.get_command(command_id)).device_id
         )
@@ -334,6 +333,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         """Devices whose queues this store declared (for tooling and test clean-up)."""
         return [] if self._topology is None else self._topology.declared_devices
 
+    @counted
     async def relay_outbox(self) -> int:
         """Publishes every ready command the broker has not confirmed; returns how many."""
         await self._ready()

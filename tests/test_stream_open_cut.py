@@ -20,10 +20,11 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue import RabbitMQStore
 from amqp_queue import inbox as inbox_module
-from amqp_queue.channel_closing import closed_for_good
+from amqp_queue.channel_closing import closed_for_good, usable
 from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,3 +107,21 @@ async def test_a_robust_channel_is_closed_for_good_as_soon_as_its_close_begins()
         await closing
         assert not closed_for_good(other)
     assert closed_for_good(other)  # its connection closed
+
+
+async def test_a_set_up_step_waits_out_a_restore_and_fails_once_the_channel_is_closed() -> None:
+    """aio-pika opens a robust channel again before it has replayed its prefetch and
+    declarations, and its calls wait for that replay: ``usable`` returned on the open
+    channel, and the next call then waited for ever once the channel was closed meanwhile
+    (a reviewer's probe held the replay). Here the replay is made to look unfinished."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        restored: asyncio.Event = channel._RobustChannel__restored  # type: ignore[attr-defined]
+        restored.clear()
+        waiting = asyncio.ensure_future(usable(channel))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "usable() returned while the channel was being restored"
+        await channel.close()
+        with pytest.raises(ChannelInvalidStateError):
+            await asyncio.wait_for(waiting, 2)
