@@ -101,9 +101,11 @@ async def test_a_database_failure_drops_the_connection_and_the_next_call_opens_o
     assert await writer.run(_notes) == []
 
 
-async def test_a_cancelled_caller_leaves_the_transaction_to_finish_by_itself(
+async def test_a_cancelled_caller_raises_once_its_transaction_finished_by_itself(
     writer: _WriterThread,
 ) -> None:
+    """The transaction is not stopped; the caller raises only once it committed, so a cut
+    call's outcome is known then (it used to raise at once: tests/test_cut_cancel_sqlite.py)."""
     started = asyncio.Event()
     finish = threading.Event()
     loop = asyncio.get_running_loop()
@@ -118,9 +120,11 @@ async def test_a_cancelled_caller_leaves_the_transaction_to_finish_by_itself(
     call = asyncio.create_task(writer.run(slow))
     await started.wait()
     call.cancel()
+    await asyncio.sleep(0.2)
+    assert not call.done(), "the cut caller raised while its transaction still ran"
+    finish.set()
     with pytest.raises(asyncio.CancelledError):
         await call
-    finish.set()  # only now: the caller was cancelled mid-transaction
 
     # The next transaction runs after it on the same thread, on a connection left clean.
     assert await writer.run(lambda connection: connection.in_transaction) is False

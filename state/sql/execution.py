@@ -78,11 +78,10 @@ class SqlExecution:
             return await self._committed(transaction, through=through)
         try:
             async with self._writers:
-                # Run to its end through the caller's cancellation, as on the engine's path:
-                # a cut call (a cancel) has landed or not once it raised.
-                answer, cut = await finished(self._writer.run(transaction()))
-            if cut and not through:
-                raise asyncio.CancelledError
+                running = self._writer.run(transaction())
+                if not through:
+                    return await running  # cut once begun: raises once it ended
+                answer, _ = await finished(running)
             return answer
         except (*sqlite_direct.FAILURES, SQLAlchemyError) as exc:
             raise StateError(f"state index {what} failed: {driver_reason(exc)}") from exc

@@ -21,6 +21,7 @@ from typing import TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..cancellation import outlasting
 from .compiled import DriverSql
 from .engine import sqlite_pragmas
 from .sqlite_direct import FAILURES, SqliteFile
@@ -73,7 +74,7 @@ class _WriterThread:
 
     A whole transaction is one function run there: one hop from the event loop. Cancelling
     the caller does not stop it; it commits or rolls back by itself, and never leaves a
-    transaction open on the connection.
+    transaction open on the connection; the caller raises once it has.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -92,7 +93,17 @@ class _WriterThread:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="state.sql.writer")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, transaction)
+        started = self._executor.submit(self._call, transaction)
+        try:
+            return await asyncio.wrap_future(started, loop=loop)
+        except asyncio.CancelledError as cut:
+            if started.cancel():  # still queued: it never runs
+                raise
+            # Begun, it commits or rolls back by itself: the cut caller raises once it has,
+            # as on the engine's path, so a cut call (a cancel) has landed or not by then.
+            ended = asyncio.wrap_future(started, loop=loop)
+            await outlasting(ended)
+            raise cut from (None if ended.cancelled() else ended.exception())
 
     async def close(self) -> None:
         """Closes the connection on its thread, after the calls already queued there."""
