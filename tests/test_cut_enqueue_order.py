@@ -23,6 +23,7 @@ import pytest
 from amqp_queue import RabbitMQStore
 from amqp_queue.outbox import OutboxRelay
 from amqp_queue.state.model import CommandRecord
+from tests.shared_index import drain_until
 from tests.test_adversarial_seams import LONG, Env, env_fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,10 +123,5 @@ async def next_call_after_the_cut(cut: asyncio.Task[Any], b: RabbitMQStore, devi
     with pytest.raises(asyncio.CancelledError):
         await cut
     await b.enqueue(device, b"second", LONG)
-    got: list[bytes] = []
-    for _ in range(50):
-        got += await b.drain_pending(device)
-        if len(got) >= 2:
-            break
-        await asyncio.sleep(0.1)
+    got = await drain_until(b, device, count=2, seconds=5)
     assert got == [b"first", b"second"]

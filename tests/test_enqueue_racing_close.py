@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from amqp_queue.topology import Topology
+from tests.shared_index import drain_until
 from tests.test_adversarial_seams import LONG, Env, env_fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,12 +53,7 @@ async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
     await closing
     await b.enqueue(device, b"second", LONG)
 
-    got: list[bytes] = []
-    for _ in range(50):
-        got += await b.drain_pending(device)
-        if len(got) >= 2:
-            break
-        await asyncio.sleep(0.1)
+    got = await drain_until(b, device, count=2, seconds=5)
     if isinstance(accepted[0], BaseException):  # refused: nothing written
         assert got == [b"second"], accepted
     else:
