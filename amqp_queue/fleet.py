@@ -288,9 +288,7 @@ class FleetDelivery:
         except asyncio.CancelledError:
             # The publishes not started yet would wait out the relay's lease behind newer
             # commands; cut, the call still raises only once they are published.
-            unstarted = [record.id for record in ready if record.id not in self._path.in_flight]
-            self._path.owe_unstarted(ready)
-            await self._path.published_after_a_cut(unstarted)
+            await self._path.published_after_a_cut(self._path.owe_unstarted(ready))
             raise
 
     def _unpublished_ready(self, records: Sequence[CommandRecord]) -> list[CommandRecord]:

@@ -177,12 +177,14 @@ class PublishPath:
         for record in records:
             self.owe(record.id)
 
-    def owe_unstarted(self, records: Iterable[CommandRecord]) -> None:
+    def owe_unstarted(self, records: Iterable[CommandRecord]) -> list[str]:
         """Leaves to the relay those of ``records`` whose direct publish never started (a
-        caller cancelled before it reached them); one under way settles itself."""
-        for record in records:
-            if record.id not in self.in_flight:
-                self.owe(record.id)
+        caller cancelled before it reached them), and returns their ids; one under way
+        settles itself."""
+        unstarted = [record.id for record in records if record.id not in self.in_flight]
+        for command_id in unstarted:
+            self.owe(command_id)
+        return unstarted
 
     async def publish(self, record: CommandRecord) -> None:
         """Publishes a ready command the index holds, or leaves it to the relay."""
@@ -205,7 +207,7 @@ class PublishPath:
                 try:
                     await relay.published(record.id)
                 except asyncio.CancelledError:
-                    await despite_the_cut(relay.published(record.id), self._cancelled_wait)
+                    await self.published_after_a_cut([record.id])
                     raise
             return
         self.in_flight.add(record.id)
