@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -34,6 +33,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "console-inbox.png"
 WAIT = 10
 REFUSED_CONFIRM = "/confirm - Failed to load resource: the server responded with a status of 403"
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,14 @@ class Console:
         self.url = url
 
     def wait(self) -> WebDriverWait[webdriver.Chrome]:
-        return WebDriverWait(self.driver, WAIT)
+        # The page's poll re-renders the inbox: an element found a moment ago may be gone, and
+        # the wait asks again.
+        return WebDriverWait(self.driver, WAIT, ignored_exceptions=[StaleElementReferenceException])
+
+    def settled(self, read: Callable[[], T]) -> T:
+        """What ``read`` returns, read again if a poll re-rendered what it found meanwhile."""
+        found: tuple[T] = self.wait().until(lambda _: (read(),))
+        return found[0]
 
     def sign_in(self, token: str) -> None:
         self.driver.get(self.url + "/")
@@ -68,17 +75,31 @@ class Console:
         self.driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
         self.wait().until(expected_conditions.visibility_of_element_located((By.ID, "console")))
 
-    def rows(self, count: int) -> list[WebElement]:
-        def listed(driver: webdriver.Chrome) -> list[WebElement] | Literal[False]:
-            rows = driver.find_elements(By.CSS_SELECTOR, "#inbox tbody tr")
-            return rows if len(rows) == count else False
+    def ids(self, count: int) -> list[str]:
+        """The listed commands' ids, once there are ``count``, read in one script so that no
+        poll re-renders the rows between finding them and reading them."""
 
-        found: list[WebElement] = self.wait().until(listed)
-        return found
+        def listed(driver: webdriver.Chrome) -> list[str] | Literal[False]:
+            found: list[str] = driver.execute_script(
+                "return [...document.querySelectorAll('#inbox tbody tr')]"
+                ".map((row) => row.dataset.id)"
+            )
+            return found if len(found) == count else False
+
+        ids: list[str] = self.wait().until(listed)
+        return ids
+
+    def text(self, selector: str) -> str:
+        return self.settled(lambda: self.driver.find_element(By.CSS_SELECTOR, selector).text)
 
     def text_of(self, command_id: str, column: str) -> str:
-        selector = f'#inbox tr[data-id="{command_id}"] td.{column}'
-        return self.driver.find_element(By.CSS_SELECTOR, selector).text
+        return self.text(f'#inbox tr[data-id="{command_id}"] td.{column}')
+
+    def buttons(self, command_id: str) -> list[str]:
+        selector = f'#inbox tr[data-id="{command_id}"] button'
+        return self.settled(
+            lambda: [button.text for button in self.driver.find_elements(By.CSS_SELECTOR, selector)]
+        )
 
     def click_and_accept(self, command_id: str, button: str) -> str:
         self.driver.find_element(
@@ -130,8 +151,7 @@ async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_
             console.sign_in(APPROVER)
             # The fleet-wide inbox: every device's waiting commands, oldest first.
             assert not browser.find_element(By.ID, "picker").is_displayed()
-            rows = console.rows(3)
-            assert [row.get_attribute("data-id") for row in rows] == [unlock, hostile, firmware]
+            assert console.ids(3) == [unlock, hostile, firmware]
             assert console.text_of(unlock, "enqueued-by") == "ada"
             # The hostile payload is shown as its text; no element was made of it, nothing ran.
             assert console.text_of(hostile, "payload") == HOSTILE
@@ -162,8 +182,7 @@ async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_
             CommandStatus.AWAITING_CONFIRMATION
         )
         # The next polls keep the inbox at what is still waiting.
-        remaining = await asyncio.to_thread(console.rows, 1)
-        assert await asyncio.to_thread(remaining[0].get_attribute, "data-id") == firmware
+        assert await asyncio.to_thread(console.ids, 1) == [firmware]
         assert console.no_alert()
         # No script error, no refused load.
         assert browser_errors(browser) == []
@@ -179,7 +198,7 @@ async def test_a_viewer_sees_no_buttons_and_the_api_refuses_its_confirm(
 
         def look_and_try_to_confirm() -> int:
             console.sign_in(VIEWER)
-            console.rows(1)
+            console.ids(1)
             assert browser.find_element(By.ID, "who").text == "val (viewer)"
             assert browser.find_elements(By.CSS_SELECTOR, "#inbox button") == []
             assert not browser.find_element(By.CSS_SELECTOR, "[data-view=enqueue]").is_displayed()
@@ -225,10 +244,9 @@ async def test_an_operator_enqueues_from_the_form_and_stays_signed_in_across_a_r
             console.wait().until(
                 expected_conditions.visibility_of_element_located((By.ID, "console"))
             )
-            (row,) = console.rows(1)
+            (waiting,) = console.ids(1)
             # An operator cancels but cannot approve.
-            buttons = row.find_elements(By.TAG_NAME, "button")
-            assert [button.text for button in buttons] == ["Cancel"]
+            assert console.buttons(waiting) == ["Cancel"]
             # The device view lists what is pending for the device now.
             browser.find_element(By.CSS_SELECTOR, "[data-view=device]").click()
             browser.find_element(By.ID, "device-id").send_keys("dev-3")
@@ -237,16 +255,13 @@ async def test_an_operator_enqueues_from_the_form_and_stays_signed_in_across_a_r
             assert console.wait().until(
                 expected_conditions.text_to_be_present_in_element(state, "awaiting confirmation")
             )
-            payload = browser.find_element(By.CSS_SELECTOR, "#device-commands tbody td.payload")
-            assert payload.text == "gate-2"
+            assert console.text("#device-commands tbody td.payload") == "gate-2"
             # The device list counts it; the history lists it; its link opens its timeline.
             listed = (By.CSS_SELECTOR, "#devices tbody td.awaiting")
             assert console.wait().until(
                 expected_conditions.text_to_be_present_in_element(listed, "1")
             )
-            assert browser.find_element(By.CSS_SELECTOR, "#devices tbody td.device").text == (
-                "dev-3"
-            )
+            assert console.text("#devices tbody td.device") == "dev-3"
             status = (By.CSS_SELECTOR, "#device-history tbody td.status")
             assert console.wait().until(
                 expected_conditions.text_to_be_present_in_element(status, "awaiting confirmation")
@@ -256,9 +271,7 @@ async def test_an_operator_enqueues_from_the_form_and_stays_signed_in_across_a_r
             assert console.wait().until(
                 expected_conditions.text_to_be_present_in_element(steps, "enqueued by otto")
             )
-            assert browser.find_element(By.CSS_SELECTOR, "#command-facts dd.payload").text == (
-                "gate-2"
-            )
+            assert console.text("#command-facts dd.payload") == "gate-2"
 
         await asyncio.to_thread(enqueue_from_the_form)
         (command,) = await api.backends.store.get_pending_confirmations("dev-3")
@@ -277,7 +290,7 @@ async def test_four_eyes_refuses_a_self_approval_in_the_page_and_another_approve
 
         def try_to_approve_own_command() -> str:
             console.sign_in(APPROVER)
-            console.rows(1)
+            console.ids(1)
             assert console.text_of(unlock, "enqueued-by") == "ada"
             console.click_and_accept(unlock, "approve")
             refusal = (By.ID, "status")
@@ -285,8 +298,7 @@ async def test_four_eyes_refuses_a_self_approval_in_the_page_and_another_approve
                 expected_conditions.text_to_be_present_in_element(refusal, "four-eyes")
             )
             # Still waiting, still listed, the refusal still shown after more polls.
-            (row,) = console.rows(1)
-            assert row.get_attribute("data-id") == unlock
+            assert console.ids(1) == [unlock]
             text: str = browser.find_element(By.ID, "status").text
             return text
 
@@ -299,7 +311,7 @@ async def test_four_eyes_refuses_a_self_approval_in_the_page_and_another_approve
         def another_approver_approves() -> None:
             browser.find_element(By.ID, "sign-out").click()
             console.sign_in(OPERATOR)
-            console.rows(1)
+            console.ids(1)
             console.click_and_confirm(unlock, "approve")
 
         await asyncio.to_thread(another_approver_approves)
