@@ -318,3 +318,70 @@ async def test_four_eyes_refuses_a_self_approval_in_the_page_and_another_approve
         record = await api.backends.store.get_command(unlock)
         assert (record.enqueued_by, record.confirmed_by) == ("ada", "bea")
         assert browser_errors(browser) == []
+
+
+# Holds the answer of the inbox's next poll back 1.5 s after the server gave it, and counts
+# the polls answered; marks each step in window.heldPoll.
+HOLD_NEXT_POLL = """
+window.heldPoll = "armed";
+window.polls = 0;
+const realFetch = window.fetch;
+window.fetch = async (url, options) => {
+  const response = await realFetch(url, options);
+  if (String(url).includes("/confirmations")) {
+    if (window.heldPoll === "armed") {
+      window.heldPoll = "asked";
+      await new Promise((resolve) => setTimeout(resolve, 1500));
+      window.heldPoll = "answered";
+    }
+    window.polls += 1;
+  }
+  return response;
+};
+"""
+
+# Notes whether a row for the command arguments[0] is ever put back in the inbox.
+WATCH_FOR_ROW = """
+window.cameBack = false;
+const selector = `#inbox tr[data-id="${arguments[0]}"]`;
+new MutationObserver(() => {
+  if (document.querySelector(selector)) window.cameBack = true;
+}).observe(document.querySelector("#inbox tbody"), {childList: true});
+"""
+
+
+async def test_a_poll_answered_before_a_cancel_does_not_bring_the_command_back(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    async with running(tmp_path, tokens=TOKENS) as api:
+        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+        first = await _enqueue(api, "dev-1", "door-1", "unlock")
+        second = await _enqueue(api, "dev-1", "door-2", "unlock-2")
+        console = Console(browser, api.url)
+
+        def cancel_while_an_older_poll_is_on_its_way() -> bool:
+            console.sign_in(APPROVER)
+            assert console.ids(2) == [first, second]
+            browser.execute_script(HOLD_NEXT_POLL)
+            # The server has answered a poll that still lists ``first``; the page has not
+            # seen the answer yet.
+            console.wait().until(
+                lambda driver: driver.execute_script("return window.heldPoll === 'asked'")
+            )
+            console.click_and_confirm(first, "cancel")
+            browser.execute_script(WATCH_FOR_ROW, first)
+            console.wait().until(
+                lambda driver: driver.execute_script("return window.heldPoll === 'answered'")
+            )
+            answered: int = browser.execute_script("return window.polls")
+            # Two more polls answered: whatever the held answer did, the page has done.
+            console.wait().until(
+                lambda driver: driver.execute_script("return window.polls") >= answered + 2
+            )
+            assert console.ids(1) == [second]
+            came_back: bool = browser.execute_script("return window.cameBack")
+            return came_back
+
+        assert not await asyncio.to_thread(cancel_while_an_older_poll_is_on_its_way)
+        assert await api.backends.store.get_status(first) == CommandStatus.CANCELLED
+        assert browser_errors(browser) == []

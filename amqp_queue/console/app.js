@@ -6,6 +6,9 @@
 const TOKEN_KEY = "amqp-queue.token";
 const DEVICES_KEY = "amqp-queue.devices";
 const POLL_MS = 2000;
+// A read that takes longer is given up: refreshes run one at a time, and one that never ended
+// would stop the page's polling.
+const READ_TIMEOUT_MS = 10000;
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
@@ -20,6 +23,8 @@ const state = {
   // How many devices the device list shows: "More devices" asks the next page.
   devicePages: 1,
   timer: null,
+  refreshing: false,
+  refreshAgain: false,
 };
 
 const $ = (selector) => document.querySelector(selector);
@@ -40,6 +45,8 @@ async function api(method, path, body) {
     body: body === undefined ? undefined : JSON.stringify(body),
     credentials: "omit",
     cache: "no-store",
+    // Only reads: an approve given up on here may still land on the server.
+    signal: method === "GET" ? AbortSignal.timeout(READ_TIMEOUT_MS) : undefined,
   });
   const data = await response.json().catch(() => null);
   if (!response.ok) throw new ApiError(response.status, data);
@@ -209,7 +216,26 @@ async function refreshCommand() {
 
 // -- polling, views, sign-in -------------------------------------------------------------------
 
+// One refresh at a time, and one asked for meanwhile runs once after it: two overlapping, the
+// older answer (asked before an approve or cancel) could land last and bring the command back
+// until the next poll.
 async function refresh() {
+  if (state.refreshing) {
+    state.refreshAgain = true;
+    return;
+  }
+  state.refreshing = true;
+  try {
+    do {
+      state.refreshAgain = false;
+      await refreshOnce();
+    } while (state.refreshAgain);
+  } finally {
+    state.refreshing = false;
+  }
+}
+
+async function refreshOnce() {
   try {
     if (state.view === "inbox") await refreshInbox();
     if (state.view === "device") await refreshDevice();
