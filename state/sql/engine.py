@@ -12,6 +12,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+_BROKEN_MID_CALL: tuple[type[Exception], ...]
+try:
+    from asyncpg import InternalClientError
+except ImportError:  # the postgres extra is not installed
+    _BROKEN_MID_CALL = ()
+else:
+    _BROKEN_MID_CALL = (InternalClientError,)
+
 READ_ONLY = "amqp_queue_read_only"
 """Execution option: the transaction only reads (SQLite then takes no write lock)."""
 
@@ -172,7 +180,12 @@ def driver_reason(exc: BaseException) -> str:
     """What the driver said, without SQLAlchemy's statement and link to its error pages (the
     exception chained to the :class:`StateError` keeps both)."""
     driver_error = getattr(exc, "orig", None)
-    return str(driver_error) if driver_error is not None else str(exc)
+    error = driver_error if driver_error is not None else exc
+    if isinstance(error, _BROKEN_MID_CALL):
+        # Its words name the protocol's states ("cannot switch to state 15; another
+        # operation (2) is in progress"), not that the server went during a call.
+        return f"the connection to the database broke during the call ({error})"
+    return str(error)
 
 
 def take_write_lock(connection: sa.Connection) -> None:
