@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from aio_pika.abc import AbstractIncomingMessage
 
 from amqp_queue.batching import Batcher
+from amqp_queue.claim_ends import ClaimEnds
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.mark_commits import MarkCommits
@@ -47,6 +48,7 @@ class DeliveryMarks:
         # The store's: marks of every stream share its commits, and what a closed stream
         # could not land is the store's to land (see owe_unlanded).
         self._commits = commits
+        self._claim_ends = ClaimEnds(state)
         self._observer = observer
         self._device_id = device_id
         self._batcher = Batcher(
@@ -106,7 +108,11 @@ class DeliveryMarks:
         store's owed marks among these commands landed: the requeued message of a command a
         closed stream handed out is dropped as delivered, not handed out again."""
         await self._commits.land_owed_among(command_ids(messages))
-        return await split_live(self._state, self._device_id, messages, latest=True)
+        split = await split_live(
+            self._state, self._device_id, messages, latest=True, revive=self._claim_ends
+        )
+        self._claim_ends.forget()
+        return split
 
     def owe_unlanded(self) -> None:
         """Hands the store the marks this closing stream has not landed: those that failed,

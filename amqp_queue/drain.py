@@ -150,7 +150,7 @@ async def drain(
         held: list[AbstractIncomingMessage] = []
         if rest:
             try:
-                live, finished = await split_live(state, device_id, rest, revive=False)
+                live, finished = await split_live(state, device_id, rest, revive=None)
             except StateError as exc:
                 held, failure = rest, exc
             else:

@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
 from amqp_queue.channel_closing import closing, give_up_on, in_turn
+from amqp_queue.claim_ends import ClaimEnds
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import broker_failure
 from amqp_queue.observer import Observer
@@ -199,7 +200,7 @@ async def split_live(
     messages: Sequence[AbstractIncomingMessage],
     *,
     latest: bool = False,
-    revive: bool = True,
+    revive: ClaimEnds | None,
 ) -> tuple[list[tuple[AbstractIncomingMessage, CommandRecord]], list[AbstractIncomingMessage]]:
     """The messages whose commands the index holds as live (one query), and the rest.
 
@@ -208,16 +209,17 @@ async def split_live(
     ``latest`` the last delivery in the first one's place (after a lost channel the first
     may be its delivery, which can no longer be settled: the broker gave it again).
 
-    ``revive``: a redelivered message of a claimed command ends the claim first (see
-    :func:`end_orphaned_claims`); a drain does that before its own claim, and not here.
+    ``revive``: a redelivered message of a claimed command ends the claim first, through
+    these asks (see :func:`end_orphaned_claims`); a drain does that before its own claim,
+    and passes None.
     """
     live = await state.deliverable(command_ids(messages))
     # Back from a closed channel unacked, the message of a claimed command was its drain's:
     # that drain most likely died between its claim and its hand-over, and the claim would
     # keep the command from every device until it lapsed; dropped here, it would be lost.
-    if revive:
+    if revive is not None:
         orphaned = _redelivered_ids(messages, excluding=live)
-        if orphaned and await state.end_claims(orphaned):
+        if orphaned and await revive.end_claims(orphaned):
             live |= await state.deliverable(orphaned)
     kept: list[tuple[AbstractIncomingMessage, CommandRecord]] = []
     finished: list[AbstractIncomingMessage] = []
