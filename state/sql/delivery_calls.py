@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from ..cancellation import finished
+from ..cancellation import finished, run_through
 from ..clock import Clock
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
@@ -198,8 +198,10 @@ class SqlDeliveryCalls(SqlExecution):
         for at in range(0, len(ids), _IDS_PER_STATEMENT):
             chunk = ids[at : at + _IDS_PER_STATEMENT]
             if self._pg_reads is not None:
-                # consume() marks what each loop body finished: one statement on the driver.
-                marked += await self._pg_mark_delivered(self._pg_reads, chunk, now)
+                # consume() marks what each loop body finished: one statement on the driver,
+                # run to its end through the caller's cancellation (asyncpg's cancel would
+                # spoil the connection, and the next try open another).
+                marked += await run_through(self._pg_mark_delivered(self._pg_reads, chunk, now))
             else:
                 marked += await self._hot("delivery mark", transactions.mark_delivered, chunk, now)
         return marked

@@ -121,19 +121,23 @@ class SqlExecution:
         through: bool = False,
     ) -> T:
         """:meth:`_transaction`; ``commit`` learns when its COMMIT is under way, and what
-        the transaction returned; ``retry_also``: SQLSTATEs run again as well; ``through``
-        (engine path only): as :meth:`_hot_through`."""
+        the transaction returned; ``retry_also``: SQLSTATEs run again as well; ``through``:
+        as :meth:`_hot_through`."""
         async for attempt in deadlock_retry.retrying(retry_also):
             with attempt:
                 if commit is not None:
                     commit.backend, commit.result = None, None
+                # From its BEGIN, run to its end through the caller's cancellation (see
+                # run_through): a pooled SQLite connection left half way through a
+                # transaction keeps the write lock, and asyncpg's cancel rolls a transaction
+                # back (in its COMMIT too) and throws the connection away.
                 if self._pg_writes is not None:
-                    return await self._on_driver(self._pg_writes, transaction(), commit)
+                    answer, cut = await finished(
+                        self._on_driver(self._pg_writes, transaction(), commit)
+                    )
+                    break
                 async with self._writers:
-                    # From its BEGIN, run to its end through the caller's cancellation (see
-                    # run_through): a pooled SQLite connection left half way through a
-                    # transaction keeps the write lock. Cut while it waits its turn, it
-                    # never runs.
+                    # Cut while it waits its turn, it never runs.
                     answer, cut = await finished(self._on_engine(transaction(), commit))
                 break
         else:
