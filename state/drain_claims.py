@@ -66,6 +66,12 @@ class DrainClaims(abc.ABC):
             # this claim's, and the hand-over leaves it alone).
             logger.warning("drain of %s: %s; handing over what it may have claimed", device, exc)
             claimed = exc.records
+        except asyncio.CancelledError:
+            # Cut while claiming, the claim may have run all the same (on Redis its reply
+            # unread): given back before the cut is raised, or another store's drain skips
+            # those commands until the lease lapses and hands out later ones first.
+            await self._give_back_cut_claim(device)
+            raise
         try:
             handed, _ = await finished(self.hand_over(claimed))
         except BaseException:
@@ -73,6 +79,11 @@ class DrainClaims(abc.ABC):
             await asyncio.shield(self.release(claimed, ()))
             raise
         return handed
+
+    async def _give_back_cut_claim(self, device: str) -> None:
+        """Gives back what a claim of ``device`` its caller cut may have taken. Nothing here:
+        a claim that ran to its end or not at all took nothing its caller does not know of."""
+        return
 
     async def claim(
         self, device_id: str, command_ids: Collection[str] | None = None

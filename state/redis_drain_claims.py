@@ -4,6 +4,8 @@ and giving back what claims in doubt took."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import random
 from collections.abc import Collection, Mapping, Sequence
@@ -23,6 +25,10 @@ if TYPE_CHECKING:
     from .clock import Clock
 
 logger = logging.getLogger("amqp_queue.state.redis")
+
+CUT_CLAIM_WAIT = 1.0
+"""Seconds a drain cut while it claimed waits for its claim to be looked up and given back
+before it raises."""
 
 
 class RedisDrainClaims:
@@ -91,6 +97,18 @@ class RedisDrainClaims:
                 )
                 return
 
+    async def _give_back_cut_claim(self, device: str) -> None:
+        # The cut claim is the device's doubtful one now (Claims.claim): looked up, and what
+        # it took opened again. Should Redis fail or stall meanwhile (given up on after
+        # CUT_CLAIM_WAIT: a deadline must still cut a drain while Redis stalls), it stays in
+        # doubt for the device's next claim here to look up, as a lost reply's does.
+        giving_back = asyncio.ensure_future(self._settle_claims(device))
+        giving_back.add_done_callback(functools.partial(_given_back, device))
+        try:
+            await asyncio.wait([giving_back], timeout=CUT_CLAIM_WAIT)
+        finally:
+            giving_back.cancel()
+
     async def _settle_claims(self, device_id: str) -> None:
         """Gives back what this process's doubtful claims of the device took (see
         :meth:`Claims.settle`), unpublished: a process that read the requeued messages
@@ -119,3 +137,10 @@ class RedisDrainClaims:
                 keys=self._indexes, args=self._args(now, list(command_ids))
             )
         return int(ended)
+
+
+def _given_back(device: str, giving_back: asyncio.Future[None]) -> None:
+    if not giving_back.cancelled() and (failure := giving_back.exception()) is not None:
+        logger.warning(
+            "redis: the claim of a drain of %s cut short stays in doubt: %s", device, failure
+        )
