@@ -207,6 +207,20 @@ def test_unknown_sqlite_synchronous_level_is_refused(tmp_path: Path) -> None:
         create_engine(sqlite_url(tmp_path) + "?synchronous=off")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite+aiosqlite:///x.db?synchronous=normal&synchronous=full",
+        "postgresql+asyncpg://app@db/commands?command_timeout=5&command_timeout=30",
+    ],
+)
+def test_a_url_option_given_twice_is_refused_by_its_name(url: str) -> None:
+    # A helper saw synchronous="('normal', 'full')": the URL's two values as a tuple.
+    name = url.rsplit("&", 1)[1].split("=")[0]
+    with pytest.raises(ValueError, match=f"^{name} is given more than once in the state URL$"):
+        create_engine(url)
+
+
 async def test_plain_and_replacing_writes_store_rows_alike(tmp_path: Path) -> None:
     """Plain enqueues take the driver-level fast path, typed ones SQLAlchemy: same rows."""
     async with await SqlStore.connect(sqlite_url(tmp_path)) as store:

@@ -80,7 +80,7 @@ def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
         if parsed.get_driver_name() == "asyncpg":
             # Numbers here: asyncpg adds to a connect timeout given as the URL's string.
             bounds = {
-                name: float(str(parsed.query.get(name, default)))
+                name: float(_option(parsed, name, default))
                 for name, default in (
                     ("command_timeout", COMMAND_TIMEOUT),
                     ("timeout", CONNECT_TIMEOUT),
@@ -89,7 +89,7 @@ def create_engine(url: str, **engine_options: Any) -> AsyncEngine:
             parsed = parsed.difference_update_query(bounds)
             connect_args = {**bounds, **connect_args}
         return create_async_engine(parsed, connect_args=connect_args, **engine_options)
-    synchronous = str(parsed.query.get("synchronous", SYNCHRONOUS[0])).lower()
+    synchronous = _option(parsed, "synchronous", SYNCHRONOUS[0]).lower()
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous={synchronous!r}: SQLite index accepts {SYNCHRONOUS}")
     connect_args = {"async_creator_fn": _open_aiosqlite, **engine_options.pop("connect_args", {})}
@@ -174,6 +174,14 @@ def configure_sqlite(engine: AsyncEngine, *, synchronous: str = SYNCHRONOUS[0]) 
     def _on_begin(connection: sa.Connection) -> None:
         read_only = connection.get_execution_options().get(READ_ONLY, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _option(url: sa.URL, name: str, default: object) -> str:
+    """The URL's one value of the query option ``name`` (``default`` when it has none)."""
+    value = url.query.get(name, default)
+    if isinstance(value, tuple):  # given twice: the URL holds both
+        raise ValueError(f"{name} is given more than once in the state URL")
+    return str(value)
 
 
 def driver_reason(exc: BaseException) -> str:
