@@ -19,7 +19,9 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
@@ -123,3 +125,38 @@ async def test_outcome_reports_cut_at_short_deadlines_get_through(
         assert [await store.get_status(i) for i in ids] == [CommandStatus.SUCCEEDED] * 10
         assert len(opened) <= 5, f"{len(opened)} connections opened in {tries} tries"
         assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
+
+
+async def test_a_cut_write_that_then_dies_a_deadlock_victim_stays_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run to its end through the caller's cut, a transaction that then failed as a deadlock
+    victim must not be run again: the cut is raised, not lost (a review found the retry
+    taking the CancelledError for the deadlock it was chained to, and the call returning)."""
+    async with _store() as store:
+        writes = store._pg_writes
+        assert writes is not None
+        real = writes.run
+        runs = 0
+
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            if runs == 1:
+                await asyncio.sleep(0.2)  # waits on a lock, then is picked as the victim
+                raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(writes, "run", run)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await store.enqueue("dev", b"x", 60)
+        assert runs == 1
+        runs = 0
+        task = asyncio.ensure_future(store.enqueue("dev", b"y", 60))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert runs == 1
+        assert await store.get_pending("dev") == []

@@ -61,7 +61,11 @@ def retrying(also: frozenset[str] = frozenset()) -> AsyncRetrying:
     jittered and short (the other transaction has already gone on when PostgreSQL picks a
     victim)."""
     return AsyncRetrying(
-        retry=retry_if_exception(lambda exc: is_transient(exc, also)),
+        # Exceptions only: a caller's cut raised once its transaction ended is chained to
+        # the transaction's failure, a deadlock maybe, and must not be run again and lost.
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, Exception) and is_transient(exc, also)
+        ),
         stop=stop_after_attempt(ATTEMPTS),
         wait=wait_random_exponential(multiplier=0.01, max=0.5),
         before_sleep=_log_retry,
