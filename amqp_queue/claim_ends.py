@@ -16,12 +16,15 @@ from collections.abc import Collection
 
 from amqp_queue.delivery_index import DeliveryIndex
 
-# The ends under way whose callers left: held here, since the event loop holds tasks weakly.
-_RUNNING: set[asyncio.Task[int]] = set()
+CLOSE_WAIT = 1.0
+"""Seconds a closing stream waits for its asks under way (a healthy index ends one in
+milliseconds) before it cancels them."""
 
 
 class ClaimEnds:
-    """One stream's asks to end claims, kept until the window they were for is admitted."""
+    """One stream's asks to end claims, kept until the window they were for is admitted (and
+    held here while they run: the event loop holds tasks weakly); none outlives its stream
+    (:meth:`close`)."""
 
     def __init__(self, state: DeliveryIndex) -> None:
         self._state = state
@@ -34,7 +37,6 @@ class ClaimEnds:
         new = [command_id for command_id in command_ids if command_id not in self._asked]
         if new:
             task = asyncio.ensure_future(self._state.end_claims(new))
-            _RUNNING.add(task)
             task.add_done_callback(functools.partial(self._ended, new))
             for command_id in new:
                 self._asked[command_id] = task
@@ -46,8 +48,22 @@ class ClaimEnds:
         one of these commands is a new one to ask about."""
         self._asked = {key: task for key, task in self._asked.items() if not task.done()}
 
+    async def close(self) -> None:
+        """Waits for the asks under way, :data:`CLOSE_WAIT` at most, then cancels the rest:
+        a closing stream's store may close its index next."""
+        running = {task for task in self._asked.values() if not task.done()}
+        if running:
+            await asyncio.wait(running, timeout=CLOSE_WAIT)
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Cancels the asks under way (a close cut short); an end of claims is idempotent,
+        and the next reader of those messages asks again."""
+        for task in self._asked.values():
+            task.cancel()
+        self._asked = {}
+
     def _ended(self, command_ids: list[str], task: asyncio.Task[int]) -> None:
-        _RUNNING.discard(task)
         # Read here, so an ask whose caller left logs no "exception was never retrieved";
         # a caller still waiting has it raised all the same.
         if task.cancelled() or task.exception() is not None:

@@ -121,6 +121,7 @@ class DeliveryMarks:
         unlanded = [record.id for _, record in self.unmarked] + sorted(self._posted)
         if unlanded:
             self._commits.owe(unlanded)
+        self._claim_ends.cancel()  # what flush_within did not wait for: the store closes next
 
     async def drain(self) -> None:
         """Returns once the marks posted so far have run, failed or not."""
@@ -134,6 +135,7 @@ class DeliveryMarks:
         try:
             async with asyncio.timeout(seconds):
                 await self.flush()
+                await self._claim_ends.close()
         except TimeoutError:
             logger.warning(
                 "consumer of %s closed before its delivery marks landed: the commands not "

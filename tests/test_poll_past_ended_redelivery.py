@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from amqp_queue.claim_ends import CLOSE_WAIT
 from tests.rabbitmq_support import rabbitmq_store
 from tests.test_adversarial_seams import BACKENDS, state_url_for
 
@@ -60,3 +62,43 @@ async def test_a_poll_past_an_ended_redelivered_command_gets_the_next(
         assert got.id == last
         assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
         assert len(opened) <= 5, f"{len(opened)} index connections opened in {polls} polls"
+
+
+async def test_a_cut_polls_ask_does_not_outlive_its_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of claims a cut poll left running is waited for, boundedly, then cancelled
+    when its stream closes: its store may close the index next (a review saw one run on a
+    disposed engine after the store had closed). It is asked once however often the poll
+    is cut."""
+    async with rabbitmq_store(tmp_path) as store:
+        first = await store.enqueue("dev", b"a", 600)
+        ended = await store.enqueue("dev", b"b", 600)
+        await store.enqueue("dev", b"c", 600)
+        async with store.consume("dev") as stream:
+            assert (await anext(stream)).id == first
+        await store.cancel_command(ended)
+        asked: list[str] = []
+        outcomes: list[str] = []
+
+        async def end_claims(command_ids: Any) -> int:
+            asked.append("asked")
+            try:
+                await asyncio.sleep(60)  # an index that does not answer
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+                raise
+            return 0
+
+        monkeypatch.setattr(store.state, "end_claims", end_claims)
+        loop = asyncio.get_running_loop()
+        async with store.consume("dev") as stream:
+            for _ in range(20):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.01):
+                        await anext(stream)
+            began = loop.time()
+        closing = loop.time() - began
+        assert asked == ["asked"]
+        assert outcomes == ["cancelled"]
+        assert closing < CLOSE_WAIT + 1
