@@ -48,7 +48,10 @@ def cancellation_kept() -> Iterator[None]:
 
 
 async def run_through(
-    work: Awaitable[T], undo: Callable[[T], Awaitable[object]] | None = None
+    work: Awaitable[T],
+    undo: Callable[[T], Awaitable[object]] | None = None,
+    *,
+    within: float | None = None,
 ) -> T:
     """Runs ``work`` to its end and returns its answer.
 
@@ -58,27 +61,36 @@ async def run_through(
     caller: a later call of its own never overtakes the cut one, nor its undoing, and a
     store closing after it finds nothing under way. The index's own timeouts bound the wait
     (SQLite's busy timeout, asyncpg's ``command_timeout``). A failure of ``undo`` is chained
-    to the ``CancelledError``; ``undo`` logs what it could not do.
+    to the ``CancelledError``; ``undo`` logs what it could not do. ``within``: as
+    :func:`finished`'s.
     """
-    answer, cut = await finished(work)
+    answer, cut = await finished(work, within)
     if cut:
         await undone(undo, answer)
     return answer
 
 
-async def finished(work: Awaitable[T]) -> tuple[T, bool]:
+async def finished(work: Awaitable[T], within: float | None = None) -> tuple[T, bool]:
     """Runs ``work`` to its end through the caller's cancellations; its answer, and whether
     the caller was cancelled meanwhile (then :func:`undone` follows, unless the call counts
     as completed: a drain's hand-over that landed). Raises what ``work`` raised, or
     ``CancelledError`` (chained to ``work``'s failure) where the caller was cancelled and
-    ``work`` did not answer."""
+    ``work`` did not answer.
+
+    ``within``: seconds a cancelled caller waits for that end at most; past them ``work`` is
+    cancelled (an index stalled, or waiting on a lock) and the cancellation raised at once.
+    """
     running = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(running), False
     except asyncio.CancelledError:
         if running.cancelled():  # the call itself (the loop shutting down), not its caller
             raise
-    await outlasting(running)
+    await outlasting(running, within)
+    if not running.done():
+        running.cancel()
+        running.add_done_callback(_retrieved)
+        raise asyncio.CancelledError
     if running.cancelled():
         raise asyncio.CancelledError
     if (failure := running.exception()) is not None:
@@ -99,15 +111,26 @@ async def undone(undo: Callable[[T], Awaitable[object]] | None, answer: T) -> No
     raise asyncio.CancelledError from failure
 
 
-async def outlasting(running: asyncio.Future[Any]) -> None:
+async def outlasting(running: asyncio.Future[Any], within: float | None = None) -> None:
     """Waits until ``running`` is done, through the caller's cancellations (a caller handling
     its first one raises it once this returns: a deadline and a task group may both cancel,
-    and the second must not cut the wait short)."""
+    and the second must not cut the wait short); ``within`` seconds at most, if given."""
+    loop = asyncio.get_running_loop()
+    until = None if within is None else loop.time() + within
     while not running.done():
+        left = None if until is None else until - loop.time()
+        if left is not None and left <= 0:
+            return
         try:
-            await asyncio.wait([running])
+            await asyncio.wait([running], timeout=left)
         except asyncio.CancelledError:
             continue
+
+
+def _retrieved(running: asyncio.Future[Any]) -> None:
+    """Reads the end of work its caller gave up on, so that none is reported unretrieved."""
+    if not running.cancelled() and (failure := running.exception()) is not None:
+        logger.debug("work its cancelled caller gave up on failed: %r", failure)
 
 
 def being_cancelled() -> bool:

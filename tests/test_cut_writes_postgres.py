@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from amqp_queue import CommandStatus, SqlStore
+from amqp_queue.state.sql import execution
 from tests.backends import POSTGRES_URL, postgres_schema
 from tests.rabbitmq_support import rabbitmq_store
 
@@ -43,6 +44,12 @@ CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON "{schema}".command_queue
 
 @asynccontextmanager
 async def _store() -> AsyncIterator[SqlStore]:
+    async with _store_in_schema() as (store, _):
+        yield store
+
+
+@asynccontextmanager
+async def _store_in_schema() -> AsyncIterator[tuple[SqlStore, str]]:
     async with postgres_schema() as schema:
         store = await SqlStore.connect(POSTGRES_URL, schema=schema)
         try:
@@ -51,7 +58,7 @@ async def _store() -> AsyncIterator[SqlStore]:
                 driver = (await conn.get_raw_connection()).driver_connection
                 assert driver is not None
                 await driver.execute(SLOW_COMMIT.format(schema=schema))
-            yield store
+            yield store, schema
         finally:
             await store.close()
 
@@ -160,3 +167,45 @@ async def test_a_cut_write_that_then_dies_a_deadlock_victim_stays_cut(
             await task
         assert runs == 1
         assert await store.get_pending("dev") == []
+
+
+@pytest.mark.parametrize("held", [0.6, 4.0])
+async def test_a_cut_write_waits_for_its_end_within_a_bound(
+    held: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut write waits for a row lock another transaction holds, as long as the bound
+    (here 1.5 s, ``CUT_WRITE_WAIT``): held 0.6 s, the cancel lands and the caller raises
+    after it; held 4 s, the caller raises at the bound and the cancel is rolled back (a
+    review: with no bound, only asyncpg's ``command_timeout`` of 300 s held it)."""
+    monkeypatch.setattr(execution, "CUT_WRITE_WAIT", 1.5)
+    async with _store_in_schema() as (store, schema):
+        command_id = await store.enqueue("dev", b"x", 600)
+        other = await asyncpg.connect(POSTGRES_URL.replace("+asyncpg", ""))
+        holding = other.transaction()
+        await holding.start()
+        await other.execute(
+            f'SELECT 1 FROM "{schema}".command_queue WHERE id = $1 FOR UPDATE', command_id
+        )
+
+        async def release() -> None:
+            await asyncio.sleep(held)
+            await holding.rollback()
+
+        releasing = asyncio.ensure_future(release())
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await store.cancel_command(command_id)
+        took = loop.time() - began
+        await releasing
+        await other.close()
+        status = await store.get_status(command_id)
+        if held < 1.5:
+            assert took >= held - 0.05, f"raised after {took:.2f} s"
+            assert status == CommandStatus.CANCELLED
+        else:
+            assert 1.4 <= took < 2.5, f"raised after {took:.2f} s"
+            assert status == CommandStatus.PENDING
+        # The store goes on: another write, on a connection of its own if it had to.
+        await store.enqueue("dev", b"y", 600)

@@ -19,7 +19,7 @@ from ..model import CommandRecord
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from . import statements as sql
 from .engine import driver_reason
-from .execution import SqlExecution
+from .execution import CUT_WRITE_WAIT, SqlExecution
 from .now import Advancing, When
 from .postgres_reads import PostgresReads
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
@@ -201,7 +201,8 @@ class SqlDeliveryCalls(SqlExecution):
                 # consume() marks what each loop body finished: one statement on the driver,
                 # run to its end through the caller's cancellation (asyncpg's cancel would
                 # spoil the connection, and the next try open another).
-                marked += await run_through(self._pg_mark_delivered(self._pg_reads, chunk, now))
+                marking = self._pg_mark_delivered(self._pg_reads, chunk, now)
+                marked += await run_through(marking, within=CUT_WRITE_WAIT)
             else:
                 marked += await self._hot("delivery mark", transactions.mark_delivered, chunk, now)
         return marked

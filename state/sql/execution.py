@@ -30,6 +30,11 @@ from .transactions import Transaction
 T = TypeVar("T")
 P = ParamSpec("P")
 
+CUT_WRITE_WAIT = 10.0
+"""Seconds a caller cut short waits at most for its PostgreSQL write to end (as long as a
+SQLite write waits for the file's lock, ``busy_timeout``); past them the write is cancelled,
+which rolls it back unless its COMMIT had landed, and the cut raised."""
+
 
 class SqlExecution:
     """Runs the SQL store's transactions and reads (see the module)."""
@@ -133,7 +138,7 @@ class SqlExecution:
                 # back (in its COMMIT too) and throws the connection away.
                 if self._pg_writes is not None:
                     answer, cut = await finished(
-                        self._on_driver(self._pg_writes, transaction(), commit)
+                        self._on_driver(self._pg_writes, transaction(), commit), CUT_WRITE_WAIT
                     )
                     break
                 async with self._writers:
