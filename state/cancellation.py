@@ -60,9 +60,9 @@ async def run_through(
     call took goes back), and is raised after them. Nothing is left running behind the
     caller: a later call of its own never overtakes the cut one, nor its undoing, and a
     store closing after it finds nothing under way. The index's own timeouts bound the wait
-    (SQLite's busy timeout, asyncpg's ``command_timeout``). A failure of ``undo`` is chained
-    to the ``CancelledError``; ``undo`` logs what it could not do. ``within``: as
-    :func:`finished`'s.
+    (SQLite's busy timeout, asyncpg's ``command_timeout``), and ``within`` where given (as
+    :func:`finished`'s). A failure of ``undo`` is chained to the ``CancelledError``; ``undo``
+    logs what it could not do.
     """
     answer, cut = await finished(work, within)
     if cut:
