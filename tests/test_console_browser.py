@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -127,6 +128,14 @@ class Console:
         return False
 
 
+@asynccontextmanager
+async def _as_approver(tmp_path: Path) -> AsyncIterator[Api]:
+    """The API on a socket, its test client calling as the approver ada."""
+    async with running(tmp_path, tokens=TOKENS) as api:
+        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+        yield api
+
+
 async def _enqueue(api: Api, device: str, payload: str, command_type: str, **body: str) -> str:
     response = await api.enqueue(
         device, payload=payload, mode="confirm", command_type=command_type, ttl=600, **body
@@ -139,8 +148,7 @@ async def _enqueue(api: Api, device: str, payload: str, command_type: str, **bod
 async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_text(
     tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
-    async with running(tmp_path, tokens=TOKENS) as api:
-        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+    async with _as_approver(tmp_path) as api:
         unlock = await _enqueue(api, "dev-1", "door-1", "unlock")
         hostile = await _enqueue(api, "dev-1", HOSTILE, "reboot")
         binary = base64.b64encode(b"\x00\xff\x10firmware").decode()
@@ -191,8 +199,7 @@ async def test_an_approver_approves_one_cancels_one_and_a_hostile_payload_stays_
 async def test_a_viewer_sees_no_buttons_and_the_api_refuses_its_confirm(
     tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
-    async with running(tmp_path, tokens=TOKENS) as api:
-        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+    async with _as_approver(tmp_path) as api:
         waiting = await _enqueue(api, "dev-1", "door-1", "unlock")
         console = Console(browser, api.url)
 
@@ -353,8 +360,7 @@ new MutationObserver(() => {
 async def test_a_poll_answered_before_a_cancel_does_not_bring_the_command_back(
     tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
-    async with running(tmp_path, tokens=TOKENS) as api:
-        api.client.headers["Authorization"] = f"Bearer {APPROVER}"
+    async with _as_approver(tmp_path) as api:
         first = await _enqueue(api, "dev-1", "door-1", "unlock")
         second = await _enqueue(api, "dev-1", "door-2", "unlock-2")
         console = Console(browser, api.url)
