@@ -23,8 +23,8 @@ milliseconds) before it cancels them."""
 
 class ClaimEnds:
     """One stream's asks to end claims, kept until the window they were for is admitted (and
-    held here while they run: the event loop holds tasks weakly); none outlives its stream
-    (:meth:`close`)."""
+    held here while they run: the event loop holds tasks weakly), and waited for or cancelled
+    as the stream closes (:meth:`close`)."""
 
     def __init__(self, state: DeliveryIndex) -> None:
         self._state = state
@@ -41,7 +41,12 @@ class ClaimEnds:
             for command_id in new:
                 self._asked[command_id] = task
         asks = {self._asked[command_id] for command_id in command_ids}
-        return sum(await asyncio.shield(asyncio.gather(*asks)))
+        await asyncio.wait(asks)  # a cut caller leaves them running
+        if any(ask.cancelled() for ask in asks):
+            # Cancelled by the stream's close from another task, not this caller's cut: the
+            # caller finds the stream closed and ends as any loop of a closed stream does.
+            return 0
+        return sum(ask.result() for ask in asks)
 
     def forget(self) -> None:
         """Forgets the asks that ended: their window was admitted, and a later redelivery of
@@ -49,12 +54,17 @@ class ClaimEnds:
         self._asked = {key: task for key, task in self._asked.items() if not task.done()}
 
     async def close(self) -> None:
-        """Waits for the asks under way, :data:`CLOSE_WAIT` at most, then cancels the rest:
-        a closing stream's store may close its index next."""
+        """Waits for the asks under way, :data:`CLOSE_WAIT` at most, then cancels the rest
+        and waits for them as long again: a closing stream's store may close its index next.
+        A write an ask began runs on to its end, bounded by the index (on PostgreSQL
+        ``CUT_WRITE_WAIT``); the store's close waits for its index connections in turn."""
         running = {task for task in self._asked.values() if not task.done()}
         if running:
-            await asyncio.wait(running, timeout=CLOSE_WAIT)
-        self.cancel()
+            _, late = await asyncio.wait(running, timeout=CLOSE_WAIT)
+            self.cancel()
+            if late:
+                await asyncio.wait(late, timeout=CLOSE_WAIT)
+        self._asked = {}
 
     def cancel(self) -> None:
         """Cancels the asks under way (a close cut short); an end of claims is idempotent,

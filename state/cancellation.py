@@ -59,10 +59,11 @@ async def run_through(
     for that end, then for ``undo`` of the answer if ``work`` did answer (what a cancelled
     call took goes back), and is raised after them. Nothing is left running behind the
     caller: a later call of its own never overtakes the cut one, nor its undoing, and a
-    store closing after it finds nothing under way. The index's own timeouts bound the wait
-    (SQLite's busy timeout, asyncpg's ``command_timeout``), and ``within`` where given (as
-    :func:`finished`'s). A failure of ``undo`` is chained to the ``CancelledError``; ``undo``
-    logs what it could not do.
+    store closing after it finds nothing under way (past ``within``, the work is cancelled
+    and may still be ending: a COMMIT in flight then may land after the caller raised). The
+    index's own timeouts bound the wait (SQLite's busy timeout, asyncpg's
+    ``command_timeout``), and ``within`` where given (as :func:`finished`'s). A failure of
+    ``undo`` is chained to the ``CancelledError``; ``undo`` logs what it could not do.
     """
     answer, cut = await finished(work, within)
     if cut:

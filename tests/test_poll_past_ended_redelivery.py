@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,37 @@ async def test_a_cut_polls_ask_does_not_outlive_its_stream(
         assert asked == ["asked"]
         assert outcomes == ["cancelled"]
         assert closing < CLOSE_WAIT + 1
+
+
+async def test_a_stream_closed_by_another_task_ends_the_poll_waiting_on_an_ask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop waiting for its ask ends as any loop does when another task closes its stream:
+    with the stream's end, not a ``CancelledError`` nobody asked for (a review saw the
+    close's cancel of the ask reach the waiting poll)."""
+    async with rabbitmq_store(tmp_path) as store:
+        first = await store.enqueue("dev", b"a", 600)
+        ended = await store.enqueue("dev", b"b", 600)
+        await store.enqueue("dev", b"c", 600)
+        async with store.consume("dev") as stream:
+            assert (await anext(stream)).id == first
+        await store.cancel_command(ended)
+
+        async def end_claims(command_ids: Any) -> int:
+            await asyncio.sleep(3)  # a slow index: a lock waited for
+            return 0
+
+        monkeypatch.setattr(store.state, "end_claims", end_claims)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            async with store.consume("dev") as stream:
+                polling = asyncio.ensure_future(anext(stream))
+                await asyncio.sleep(0.3)
+            with pytest.raises(StopAsyncIteration):
+                await polling
+            # A poll cut while its ask runs, then the ask cancelled by the close: read.
+            async with store.consume("dev") as stream:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        await anext(stream)
+            gc.collect()
+        assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
