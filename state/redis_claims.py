@@ -125,13 +125,17 @@ class Claims:
         device_id: str,
         send: Send,
         give_back: Callable[[list[CommandRecord]], Awaitable[object]],
+        *,
+        cut: bool = False,
     ) -> None:
         """Looks up the device's doubtful claims (never runs them) and has ``give_back``
         open again what they took: their drains handed nothing out and requeued the messages,
         which a ``consume`` would otherwise find still claimed. One try each: a read that waits
         on it fails as soon as Redis does, and asks again next time. The tokens stay doubtful
         until what they took is given back, and the device's claims wait meanwhile (a drain
-        would otherwise drop those messages as delivered, the tokens gone)."""
+        would otherwise drop those messages as delivered, the tokens gone). ``cut``: the doubt
+        is a drain's its caller cut short, an everyday thing logged at INFO, not a lost
+        reply."""
         async with self._settling:
             doubtful = list(self._doubtful.get(device_id, ()))
             taken: list[CommandRecord] = []
@@ -139,10 +143,12 @@ class Claims:
                 taken.extend(await self._send(token, (), send, lookup_only=True, within=0.0))
             if taken:
                 await give_back(taken)
-                logger.warning(
-                    "redis: %d commands of %s taken by a drain whose reply was lost are open again",
+                logger.log(
+                    logging.INFO if cut else logging.WARNING,
+                    "redis: %d commands of %s taken by a drain %s are open again",
                     len(taken),
                     device_id,
+                    "cut short" if cut else "whose reply was lost",
                 )
             left = [token for token in self._doubtful.pop(device_id, []) if token not in doubtful]
             self._keep_doubtful(device_id, left)

@@ -102,14 +102,14 @@ class RedisDrainClaims:
         # it took opened again. Should Redis fail or stall meanwhile (given up on after
         # CUT_CLAIM_WAIT: a deadline must still cut a drain while Redis stalls), it stays in
         # doubt for the device's next claim here to look up, as a lost reply's does.
-        giving_back = asyncio.ensure_future(self._settle_claims(device))
+        giving_back = asyncio.ensure_future(self._settle_claims(device, cut=True))
         giving_back.add_done_callback(functools.partial(_given_back, device))
         try:
             await asyncio.wait([giving_back], timeout=CUT_CLAIM_WAIT)
         finally:
             giving_back.cancel()
 
-    async def _settle_claims(self, device_id: str) -> None:
+    async def _settle_claims(self, device_id: str, *, cut: bool = False) -> None:
         """Gives back what this process's doubtful claims of the device took (see
         :meth:`Claims.settle`), unpublished: a process that read the requeued messages
         meanwhile dropped them as delivered, and a copy is dropped at delivery where a loss
@@ -119,7 +119,8 @@ class RedisDrainClaims:
             claims = {r.id: r.claimed_until for r in records if r.claimed_until is not None}
             return await self._release(claims, unpublish=True)
 
-        await self._claims.settle(device_id, self._claim_sender(device_id, self.clock()), give_back)
+        send = self._claim_sender(device_id, self.clock())
+        await self._claims.settle(device_id, send, give_back, cut=cut)
 
     async def _hand_over(
         self, command_ids: Sequence[str], claimed_until: datetime, now: datetime

@@ -10,14 +10,20 @@ only when A drained that device again, or past the 30 s claim lease.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+
+import pytest
 
 from amqp_queue.state import RedisStore
 from tests.backends import REDIS_URL, redis_prefix
 
 
-async def test_a_drain_cut_while_claiming_leaves_the_command_to_the_next_drain() -> None:
+async def test_a_drain_cut_while_claiming_leaves_the_command_to_the_next_drain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     rnd = random.Random(4)
+    caplog.set_level(logging.INFO, logger="amqp_queue.state.redis")
     async with redis_prefix() as prefix:
         url = f"{REDIS_URL}?prefix={prefix}"
         async with await RedisStore.connect(url) as a, await RedisStore.connect(url) as b:
@@ -37,3 +43,6 @@ async def test_a_drain_cut_while_claiming_leaves_the_command_to_the_next_drain()
                 else:
                     assert drained == [b"first"]
             assert cuts >= 5
+    # Given back at INFO: a gateway polling with short deadlines cuts drains every day.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("cut short" in r.getMessage() for r in caplog.records)
