@@ -22,12 +22,25 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from amqp_queue import RabbitMQStore
 from amqp_queue.claim_ends import CLOSE_WAIT
 from tests.rabbitmq_support import rabbitmq_store
 from tests.test_adversarial_seams import BACKENDS, state_url_for
 
 POLL = 0.001
 MAX_POLLS = 3_000
+
+
+async def _ended_in_the_queue(store: RabbitMQStore) -> str:
+    """Commands a, b, c to ``dev``; a stream takes a and closes, so b and c are back in the
+    queue, redelivered; b ends. Returns c's id."""
+    first = await store.enqueue("dev", b"a", 600)
+    ended = await store.enqueue("dev", b"b", 600)
+    last = await store.enqueue("dev", b"c", 600)
+    async with store.consume("dev") as stream:
+        assert (await anext(stream)).id == first
+    await store.cancel_command(ended)
+    return last
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,13 +55,7 @@ async def test_a_poll_past_an_ended_redelivered_command_gets_the_next(
         engine = getattr(store.state, "engine", None)
         if engine is not None:
             sa.event.listen(engine.sync_engine, "connect", lambda *_: opened.append(1))
-        first = await store.enqueue("dev", b"a", 600)
-        ended = await store.enqueue("dev", b"b", 600)
-        last = await store.enqueue("dev", b"c", 600)
-        async with store.consume("dev") as stream:
-            assert (await anext(stream)).id == first
-        # b and c are back in the queue, redelivered; b ends.
-        await store.cancel_command(ended)
+        last = await _ended_in_the_queue(store)
         opened.clear()
         polls = 0
         got = None
@@ -73,12 +80,7 @@ async def test_a_cut_polls_ask_does_not_outlive_its_stream(
     disposed engine after the store had closed). It is asked once however often the poll
     is cut."""
     async with rabbitmq_store(tmp_path) as store:
-        first = await store.enqueue("dev", b"a", 600)
-        ended = await store.enqueue("dev", b"b", 600)
-        await store.enqueue("dev", b"c", 600)
-        async with store.consume("dev") as stream:
-            assert (await anext(stream)).id == first
-        await store.cancel_command(ended)
+        await _ended_in_the_queue(store)
         asked: list[str] = []
         outcomes: list[str] = []
 
@@ -112,12 +114,7 @@ async def test_a_stream_closed_by_another_task_ends_the_poll_waiting_on_an_ask(
     with the stream's end, not a ``CancelledError`` nobody asked for (a review saw the
     close's cancel of the ask reach the waiting poll)."""
     async with rabbitmq_store(tmp_path) as store:
-        first = await store.enqueue("dev", b"a", 600)
-        ended = await store.enqueue("dev", b"b", 600)
-        await store.enqueue("dev", b"c", 600)
-        async with store.consume("dev") as stream:
-            assert (await anext(stream)).id == first
-        await store.cancel_command(ended)
+        await _ended_in_the_queue(store)
 
         async def end_claims(command_ids: Any) -> int:
             await asyncio.sleep(3)  # a slow index: a lock waited for
