@@ -8,7 +8,7 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -61,7 +61,15 @@ class RedisDrainClaims:
         except ClaimOutcomeUnknown as exc:
             exc.records = await unexpired(exc.records, now, self._release)
             raise
-        return await unexpired(taken, now, self._release)
+        try:
+            return await unexpired(taken, now, self._release)
+        except asyncio.CancelledError:
+            # Cut while it gave back what expired since a late lookup: the claim is answered,
+            # no longer in doubt, so the rest is given back here, or another store's drain
+            # skips it until the lease lapses and hands out later commands first.
+            claims = {r.id: r.claimed_until for r in taken if r.claimed_until is not None}
+            await _within_cut_wait(device_id, self._release(claims, unpublish=False))
+            raise
 
     def _claim_sender(self, device_id: str, now: datetime) -> Send:
         keys = [*self._indexes, self._device_key(device_id)]
@@ -102,12 +110,7 @@ class RedisDrainClaims:
         # it took opened again. Should Redis fail or stall meanwhile (given up on after
         # CUT_CLAIM_WAIT: a deadline must still cut a drain while Redis stalls), it stays in
         # doubt for the device's next claim here to look up, as a lost reply's does.
-        giving_back = asyncio.ensure_future(self._settle_claims(device, cut=True))
-        giving_back.add_done_callback(functools.partial(_given_back, device))
-        try:
-            await asyncio.wait([giving_back], timeout=CUT_CLAIM_WAIT)
-        finally:
-            giving_back.cancel()
+        await _within_cut_wait(device, self._settle_claims(device, cut=True))
 
     async def _settle_claims(self, device_id: str, *, cut: bool = False) -> None:
         """Gives back what this process's doubtful claims of the device took (see
@@ -140,8 +143,21 @@ class RedisDrainClaims:
         return int(ended)
 
 
-def _given_back(device: str, giving_back: asyncio.Future[None]) -> None:
+async def _within_cut_wait(device: str, giving_back: Awaitable[object]) -> None:
+    """Runs the give-back of a cut drain's claim for :data:`CUT_CLAIM_WAIT` at most."""
+    task = asyncio.ensure_future(giving_back)
+    task.add_done_callback(functools.partial(_given_back, device))
+    try:
+        await asyncio.wait([task], timeout=CUT_CLAIM_WAIT)
+    finally:
+        task.cancel()
+
+
+def _given_back(device: str, giving_back: asyncio.Future[object]) -> None:
     if not giving_back.cancelled() and (failure := giving_back.exception()) is not None:
         logger.warning(
-            "redis: the claim of a drain of %s cut short stays in doubt: %s", device, failure
+            "redis: the claim of a drain of %s cut short was not given back (%s); it stays "
+            "in doubt or claimed until its lease lapses",
+            device,
+            failure,
         )
