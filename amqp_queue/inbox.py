@@ -19,7 +19,7 @@ from pamqp.commands import Basic, Queue
 
 from amqp_queue.channel_closing import usable
 from amqp_queue.config import RabbitMQConfig
-from amqp_queue.errors import broker_errors
+from amqp_queue.errors import BrokerError, broker_errors
 from amqp_queue.topology import Topology
 
 T = TypeVar("T")
@@ -157,6 +157,16 @@ class Inbox:
         # cache, with a stale count. A missing queue closes the channel (404).
         underlay = await self.channel.get_underlay_channel()
         return await _uncancelled(underlay.queue_declare(self.queue.name, passive=True))
+
+    async def stop_within(self, seconds: float) -> None:
+        """:meth:`stop`, given up on after ``seconds`` (logged): on a connection
+        waiting for the broker it would wait for ever, and closing the channel cancels the
+        consumer anyway."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.stop()
+        except (BrokerError, TimeoutError) as exc:
+            logger.warning("cancelling the consumer on %r: %s", self.queue.name, exc)
 
     async def stop(self) -> None:
         """Cancels the consumer; deliveries already received stay in the buffer. Called

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -56,7 +57,8 @@ class CommandStream(Closing):
     id lets a device ignore a repeat. Each command is a
     :class:`~amqp_queue.received.ReceivedCommand`: ``await command.complete(result)`` or
     ``await command.fail(reason)`` reports its outcome (rule 9). Use it as an async context
-    manager so the channel is released and an unfinished command is requeued promptly.
+    manager (or ``contextlib.aclosing``) so the channel is released and an unfinished
+    command is requeued promptly.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class CommandStream(Closing):
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
         self._closed = False
+        self._close_ended = asyncio.Event()  # a second close() waits for the first
         self._interrupted = False  # interrupt(): a stream still opening ends once open
         # The consumer's set-up while it runs: close() cancels it (its RPC would hang).
         self._opening: asyncio.Future[Inbox] | None = None
@@ -109,6 +112,11 @@ class CommandStream(Closing):
 
     def __aiter__(self) -> Self:
         return self
+
+    async def aclose(self) -> None:
+        """Ends the stream as leaving ``async with`` does: the command last handed out
+        counts as finished, unless an exception is on its way out (its loop body raised)."""
+        await self._leave(finished=sys.exc_info()[1] is None)
 
     async def __anext__(self) -> ReceivedCommand:
         if self._closed:
@@ -169,25 +177,17 @@ class CommandStream(Closing):
             self._inbox.interrupt()
 
     async def close(self) -> None:
-        """Settles finished commands, requeues the rest and releases the channel.
-
-        A broker failure here is logged, not raised: with the channel gone the broker has
-        already requeued every unacknowledged message.
-        """
-        if self._closed:
+        """Settles finished commands, requeues the rest and releases the channel. A broker
+        failure here is logged, not raised: the broker requeues what a lost channel held."""
+        if self._closed:  # waits for another task's close: what it settles needs the channel
+            await self._close_ended.wait()
             return
         self._closed = True
         if self._opening is not None:
             self._opening.cancel()
         try:
             if self._inbox is not None and not self._inbox.interrupted:
-                try:
-                    # Bounded: on a connection waiting for the broker it would wait for ever;
-                    # closing the channel cancels the consumer anyway.
-                    async with asyncio.timeout(self._config.publish_timeout):
-                        await self._inbox.stop()
-                except (BrokerError, TimeoutError) as exc:
-                    logger.warning("cancelling the consumer of %s: %s", self._device_id, exc)
+                await self._inbox.stop_within(self._config.publish_timeout)
             await self._marks.flush_within(self._config.publish_timeout)
             unfinished = [*self._unadmitted, *(message for message, _ in self._ready)]
             self._unadmitted = []
@@ -205,9 +205,12 @@ class CommandStream(Closing):
             if self._inbox is not None:
                 # A loop of another task waiting for the broker in __anext__ ends now.
                 self._inbox.interrupt()
-            if self._channel is not None:
-                what = f"the consumer channel of {self._device_id}"
-                await close_channel(self._channel, self._config.publish_timeout, what)
+            try:
+                if self._channel is not None:
+                    what = f"the consumer channel of {self._device_id}"
+                    await close_channel(self._channel, self._config.publish_timeout, what)
+            finally:
+                self._close_ended.set()
 
     async def _open(self) -> None:
         if self._inbox is None:
@@ -238,8 +241,7 @@ class CommandStream(Closing):
             # Closed, so a stream that never opened neither leaks nor holds messages unacked.
             channel, self._channel = self._channel, None
             what = "the channel of a stream that did not open"
-            closing = close_channel(channel, self._config.publish_timeout, what)
-            await asyncio.shield(closing)
+            await asyncio.shield(close_channel(channel, self._config.publish_timeout, what))
             if self._closed and not being_cancelled():
                 return  # close() ended it while it opened: the loop just ends
             raise
