@@ -40,8 +40,7 @@ MARK_RETRY_FIRST = 0.25
 wait doubles up to :data:`MARK_RETRY_MOST` while the index keeps failing."""
 MARK_RETRY_MOST = 30.0
 
-# How many handed-out ids a stream remembers to drop late copies of them.
-_HANDED_MEMORY = 10_000
+_HANDED_MEMORY = 10_000  # handed-out ids a stream remembers, to drop late copies of them
 
 
 class CommandStream(Closing):
@@ -84,16 +83,14 @@ class CommandStream(Closing):
         self._closed = False
         self._close_ended = asyncio.Event()  # a second close() waits for the first
         self._interrupted = False  # interrupt(): a stream still opening ends once open
-        # The consumer's set-up while it runs: close() cancels it (its RPC would hang).
-        self._opening: asyncio.Future[Inbox] | None = None
+        self._opening: asyncio.Future[Inbox] | None = None  # close() cancels it (RPC may hang)
         # A window the index failed on: not handed out, not acked; admitted first next time.
         self._unadmitted: list[AbstractIncomingMessage] = []
         # Ids handed out lately: a copy of one (a repeated publish) is not handed out again.
         self._handed: OrderedDict[str, None] = OrderedDict()
         self._clock = time.monotonic
         self._checked_at = 0.0
-        # Whether nothing was awaited on the broker since the front command's last look.
-        self._looked = False
+        self._looked = False  # nothing awaited on the broker since the front's last look
         quorum = config.queue_type is QueueType.QUORUM
         self._order = ReadyOrder(state, device_id) if quorum else None
         # Handed out in ready order there: a multiple ack could take one still in hand.
@@ -122,11 +119,12 @@ class CommandStream(Closing):
         if self._closed:
             raise StopAsyncIteration
         await self._open()
-        if self._closed:  # closed while it opened
-            raise StopAsyncIteration
         self._finish_current()
-        if self._unadmitted:
-            # Before anything newer: these came first.
+        if self._interrupted:  # the store is closing: a loop that asks for more ends
+            await self.close()
+        if self._closed:  # or it closed while it opened
+            raise StopAsyncIteration
+        if self._unadmitted:  # before anything newer: these came first
             await self._admit([])
         # Commands left over from a window may have gone stale while the loop body ran.
         self._looked = False
@@ -152,6 +150,8 @@ class CommandStream(Closing):
                 # The front was looked at before the loop body ran or stale messages were
                 # dropped: a cancel that returned meanwhile is seen before the hand-out.
                 await self._recheck_next()
+        if self._interrupted:  # the store began to close while this looked
+            await self.close()
         if self._closed:
             raise StopAsyncIteration
         self._current = self._ready.popleft()
