@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 Clock = Callable[[], datetime]
 """Returns the current time as a timezone-aware UTC datetime."""
@@ -32,3 +33,16 @@ def checked(clock: Clock) -> Clock:
         # Aware in another zone: the same instants, told in UTC as every record keeps them.
         return lambda: clock().astimezone(UTC)
     return clock
+
+
+class Advancing:
+    """The store clock's now when made, advanced by the time elapsed since (monotonic): what
+    a call reads once it holds its command or its lock, also on SQLite's writer thread, where
+    the store's own clock (the application's, maybe bound to the event loop) is not called."""
+
+    def __init__(self, now: datetime) -> None:
+        self._now = now
+        self._made = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._now + timedelta(seconds=time.monotonic() - self._made)

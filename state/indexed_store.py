@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from . import rules
-from .clock import Clock, checked, utc_now
+from .clock import Advancing, Clock, checked, utc_now
 from .closing import Closing
 from .drain_claims import DrainClaims
 from .enqueue_calls import CommandIntake
@@ -129,10 +129,10 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
         it (False when it needed no confirmation, was confirmed already or was delivered).
         ``by`` (who confirms) is kept as ``confirmed_by`` when this call confirms it."""
         by = validate_actor(by)
-        now = self.clock()
         confirming = _OwnWriteAware(
-            lambda current: rules.confirmed(current, now, by),
-            lambda current: rules.confirmed_by_call(current, now, by),
+            lambda current, now: rules.confirmed(current, now, by),
+            lambda current, now: rules.confirmed_by_call(current, now, by),
+            Advancing(self.clock()),
         )
         record = await self.modify(command_id, confirming)
         changed = confirming.wrote
@@ -148,10 +148,10 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
         """Cancels a command and returns its record as it now stands; ``by`` (who cancels)
         is kept as ``cancelled_by``."""
         by = validate_actor(by)
-        now = self.clock()
         cancelling = _OwnWriteAware(
-            lambda current: rules.cancelled(current, now, by),
-            lambda current: rules.cancelled_by_call(current, now, by),
+            lambda current, now: rules.cancelled(current, now, by),
+            lambda current, now: rules.cancelled_by_call(current, now, by),
+            Advancing(self.clock()),
         )
         record = await self.modify(command_id, cancelling)
         logger.info("cancelled command %s for device %s", command_id, record.device_id)
@@ -338,27 +338,40 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
 
 
 class _OwnWriteAware:
-    """A :data:`Change` that knows its own write when a backend runs it again.
+    """A :data:`Change` that decides with the time it runs and knows its own write when a
+    backend runs it again.
 
-    A backend runs a change again when an attempt failed, also after it wrote and lost the
-    reply (Redis: a WATCH whose EXEC answer never came). Once an attempt of this call wrote,
-    a record that ``is_own`` recognises holds that write: the change is done, not refused
-    (``rule`` would say "already cancelled"). ``wrote``: the stored attempt changed the
-    record (the one impurity :data:`Change` allows for: the last run is the stored one).
+    It runs once the backend holds the command (its row lock, its file's write lock, its
+    WATCH), so expiry is compared with that time, read from ``now``: not the time the call
+    began, which a wait for another writer's lock or a busy event loop left behind (a
+    command whose TTL ran out meanwhile, read EXPIRED by others, is not cancelled or
+    confirmed). A backend runs a change again when an attempt failed, also after it wrote
+    and lost the reply (Redis: a WATCH whose EXEC answer never came). Once an attempt of
+    this call wrote, a record that ``is_own`` recognises holds that write (at that
+    attempt's time): the change is done, not refused (``rule`` would say "already
+    cancelled"). ``wrote``: the stored attempt changed the record (the one impurity
+    :data:`Change` allows for: the last run is the stored one).
     """
 
     def __init__(
         self,
-        rule: Callable[[CommandRecord], CommandRecord | None],
-        is_own: Callable[[CommandRecord], bool],
+        rule: Callable[[CommandRecord, datetime], CommandRecord | None],
+        is_own: Callable[[CommandRecord, datetime], bool],
+        now: Clock,
     ) -> None:
         self._rule = rule
         self._is_own = is_own
-        self.wrote = False
+        self._now = now
+        self._wrote_at: datetime | None = None
+
+    @property
+    def wrote(self) -> bool:
+        return self._wrote_at is not None
 
     def __call__(self, current: CommandRecord) -> CommandRecord | None:
-        if self.wrote and self._is_own(current):
+        if self._wrote_at is not None and self._is_own(current, self._wrote_at):
             return None
-        updated = self._rule(current)
-        self.wrote = updated is not None
+        at = self._now()
+        updated = self._rule(current, at)
+        self._wrote_at = at if updated is not None else None
         return updated

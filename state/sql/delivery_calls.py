@@ -13,14 +13,14 @@ from datetime import datetime
 from typing import Any
 
 from ..cancellation import finished, run_through
-from ..clock import Clock
+from ..clock import Advancing, Clock
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
 from . import statements as sql
 from .engine import driver_reason
 from .execution import CUT_WRITE_WAIT, SqlExecution
-from .now import Advancing, When
+from .now import When
 from .postgres_reads import PostgresReads
 from .sqlite_reads import SqliteLiveCheck, SqliteReader
 

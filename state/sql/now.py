@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +24,7 @@ class NowAfterLocks(sa.sql.expression.ColumnElement[Any]):
     once its lock is granted: a hand-over of its own takes its rows' locks first
     (:data:`~amqp_queue.state.sql.statements.LOCK`). (A claim need not: every claim is handed
     over before its commands go out.) SQLite takes its lock at a transaction's BEGIN, and a
-    drain reads its :class:`Advancing` now after it."""
+    drain reads its :class:`~amqp_queue.state.clock.Advancing` now after it."""
 
     type = command_queue.c.ended_at.type
     inherit_cache = True
@@ -44,21 +43,8 @@ def _now_after_locks_pg(element: NowAfterLocks, compiler: Any, **kw: Any) -> str
 When = datetime | Callable[[], datetime]
 """A transaction's now: a time, or one read when the transaction runs (once it holds its
 lock: a SQLite drain waits for the file's write lock up to the busy timeout, a transaction
-run again after a deadlock waited for one): see :class:`Advancing`."""
+run again after a deadlock waited for one): see :class:`~amqp_queue.state.clock.Advancing`."""
 
 
 def read(when: When) -> datetime:
     return when() if callable(when) else when
-
-
-class Advancing:
-    """The store clock's now when made, advanced by the time elapsed since (monotonic): what
-    a transaction reads when it runs, on SQLite's writer thread too, where the store's own
-    clock (the application's, maybe bound to the event loop) is not called."""
-
-    def __init__(self, now: datetime) -> None:
-        self._now = now
-        self._made = time.monotonic()
-
-    def __call__(self) -> datetime:
-        return self._now + timedelta(seconds=time.monotonic() - self._made)
