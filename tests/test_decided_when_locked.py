@@ -108,3 +108,20 @@ async def test_a_call_that_waited_past_the_ttl_finds_the_command_expired(
             await waiting
         await held
         assert await store.get_status(command_id) == CommandStatus.EXPIRED
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_replacement_that_waited_past_the_ttl_ends_the_old_command_expired(
+    tmp_path: Path, backend: str
+) -> None:
+    async with BACKENDS[backend](tmp_path) as (store, hold):
+        old = await store.enqueue_or_update("dev-1", "unlock", b"old", TTL)
+        held = asyncio.ensure_future(hold(old))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(store.enqueue_or_update("dev-1", "unlock", b"new", 60))
+        await asyncio.sleep(TTL)
+        assert await store.get_status(old) == CommandStatus.EXPIRED
+
+        await waiting
+        await held
+        assert await store.get_status(old) == CommandStatus.EXPIRED

@@ -131,12 +131,16 @@ def insert_into_free_slot(dialect: str) -> sa.Insert:
     )
 
 
+_SLOT = (c.device_id == sa.bindparam("device"), c.command_type == sa.bindparam("kind"), IS_OPEN)
+
 END_SLOT = (
     sa.update(command_queue)
-    .where(c.device_id == sa.bindparam("device"), c.command_type == sa.bindparam("kind"), IS_OPEN)
+    # Its row locked first, by a subquery: PostgreSQL computes an UPDATE's new values before
+    # it waits for a row that another transaction only locked, and not again after.
+    .where(*_SLOT, c.id.in_(sa.select(c.id).where(*_SLOT).with_for_update()))
     .values(
         end_reason=sa.case(
-            (c.expires_at <= NOW, EndReason.EXPIRED.value),
+            (c.expires_at <= NowAfterLocks(), EndReason.EXPIRED.value),
             else_=EndReason.SUPERSEDED.value,
         ),
         ended_at=NOW,
@@ -144,7 +148,9 @@ END_SLOT = (
     .returning(c.end_reason)
 )
 """Ends the open command of a slot (``device``, ``kind``) as a newer one replaces it, as
-:func:`amqp_queue.state.rules.end_of_replaced` says; returns how it ended."""
+:func:`amqp_queue.state.rules.end_of_replaced` says, at the time it holds the row (one
+that expired while this waited for another writer's lock ends EXPIRED); returns how it
+ended."""
 
 
 @functools.cache

@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..cancellation import LeftToFinish
-from ..clock import Clock, utc_now
+from ..clock import Advancing, Clock, utc_now
 from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from ..model import CommandRecord, CommandStatus
@@ -248,7 +248,7 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         return await self.write(records, ())
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
-        now, dialect = self.clock(), self._engine.dialect.name
+        now, dialect = Advancing(self.clock()), self._engine.dialect.name
         if not records or dialect != "postgresql":
             return await self._hot(
                 "write", transactions.write, records, published, now, dialect, self.limits

@@ -118,7 +118,7 @@ async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
 def write(
     records: Sequence[CommandRecord],
     published: Collection[str],
-    now: datetime,
+    when: When,
     dialect: str,
     limits: Limits,
 ) -> Transaction[int]:
@@ -143,6 +143,9 @@ def write(
     Returns:
         How many open, unexpired commands the records superseded, theirs included.
     """
+    # Read as the transaction runs: a SQLite file's write lock, waited for up to the busy
+    # timeout, is held from its BEGIN (a row lock waited for in it: see END_SLOT).
+    now = read(when)
     records = sorted(records, key=lambda record: record.device_id)  # stable
     winners: dict[tuple[str, str | None], int] = {
         (record.device_id, record.command_type): index
