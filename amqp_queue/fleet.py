@@ -244,12 +244,21 @@ class FleetDelivery:
                 [topology.ensure_queue(record.device_id) for record in records],
                 return_exceptions=True,
             )
-            for outcome in declared:
+            failed = [outcome for outcome in declared if isinstance(outcome, BaseException)]
+            for outcome in failed:
                 if isinstance(outcome, QueueMismatch):
                     raise outcome  # nothing written yet: a clear error, as for one enqueue
-                if isinstance(outcome, BaseException):
-                    logger.warning("queues of a rollout not declared: %s", outcome)
-                    reachable = False
+            if failed:
+                # Once per call: a rollout to a whole fleet on a struggling broker would log
+                # a line per device.
+                logger.warning(
+                    "%d of %d queues of a rollout not declared, the relay publishes its "
+                    "commands (the first failure: %r)",
+                    len(failed),
+                    len(records),
+                    failed[0],
+                )
+                reachable = False
         # One transaction, all or nothing, outside the group commit: a refusal (a device at
         # its limit) must fail this call alone, and whole.
         ready = self._unpublished_ready(records)
