@@ -115,6 +115,8 @@ def broker_error(doing: str, exc: BaseException) -> BrokerError:
     """The :class:`BrokerError` for a broker failure ``exc`` while ``doing`` something."""
     if (type(exc) is Exception and not exc.args) or isinstance(exc, asyncio.CancelledError):
         return BrokerError(f"{doing} failed: its channel closed under it")
+    if isinstance(exc, TimeoutError) and not str(exc):  # asyncio's timeouts say nothing
+        return BrokerError(f"{doing} failed: the broker did not answer in time")
     return BrokerError(f"{doing} failed: {type(exc).__name__}: {exc}")
 
 

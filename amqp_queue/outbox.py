@@ -17,13 +17,9 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime, timedelta
 
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from amqp_queue import retry_log
 from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import BrokerError, CommandRejected, QueueMismatch
@@ -389,7 +385,7 @@ class OutboxRelay:
             retry=retry_if_exception_type((BrokerError, StateError)),
             wait=wait_exponential_jitter(multiplier=0.2, max=10.0),
             sleep=self._backoff,
-            before_sleep=before_sleep_log(logger, logging.WARNING),
+            before_sleep=retry_log.before_sleep(logger, "outbox relay pass"),
             reraise=True,
         ):
             if self._closed:  # its cancellation lost in a failed try (halt woke it)
