@@ -248,18 +248,15 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
         return await self.write(records, ())
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
-        now, dialect = Advancing(self.clock()), self._engine.dialect.name
+        now, dialect = self.clock(), self._engine.dialect.name
+        write = (records, published, now, dialect, self.limits, Advancing(now))
         if not records or dialect != "postgresql":
-            return await self._hot(
-                "write", transactions.write, records, published, now, dialect, self.limits
-            )
+            return await self._hot("write", transactions.write, *write)
         # New commands: a COMMIT whose answer was lost is resolved before answering.
         commit: commit_doubt.Commit[int] = commit_doubt.Commit()
         try:
             return await self._committed(
-                functools.partial(
-                    transactions.write, records, published, now, dialect, self.limits
-                ),
+                functools.partial(transactions.write, *write),
                 commit,
             )
         except StateError as failure:

@@ -39,11 +39,9 @@ T = TypeVar("T")
 
 Row = dict[str, Any]
 
-# A replacement that keeps losing the race for its type's slot means something is wrong.
-MAX_REPLACE_ATTEMPTS = 200
+MAX_REPLACE_ATTEMPTS = 200  # a replacement that keeps losing its slot's race: a fault
 DEVICES_PER_STATEMENT = 5_000
-# Ids in one IN list: well under the drivers' parameter limits.
-_SLICE = 5_000
+_SLICE = 5_000  # ids in one IN list: well under the drivers' parameter limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +116,10 @@ async def run(conn: AsyncConnection, transaction: Transaction[T]) -> T:
 def write(
     records: Sequence[CommandRecord],
     published: Collection[str],
-    when: When,
+    now: datetime,
     dialect: str,
     limits: Limits,
+    held: When,
 ) -> Transaction[int]:
     """Inserts ``records`` device by device, each typed one replacing the open command of
     its ``(device_id, command_type)`` slot (rule 3); marks ``published`` commands published.
@@ -138,14 +137,13 @@ def write(
     PostgreSQL can a slot be taken again (a concurrent transaction committed a command of
     that type after the end's snapshot); the next end (READ COMMITTED: a fresh snapshot)
     ends that one. A device's rows keep its records' order, so ``seq`` is write order;
-    devices go in id order, so fan-outs naming them in other orders lock slots alike.
+    devices go in id order, so fan-outs naming them in other orders lock slots alike. An open
+    command's end compares expiry with ``held`` read then (the write waited for SQLite's
+    lock, or a row's: see END_SLOT); ``now`` (the call's) is every time the write stores.
 
     Returns:
         How many open, unexpired commands the records superseded, theirs included.
     """
-    # Read as the transaction runs: a SQLite file's write lock, waited for up to the busy
-    # timeout, is held from its BEGIN (a row lock waited for in it: see END_SLOT).
-    now = read(when)
     records = sorted(records, key=lambda record: record.device_id)  # stable
     winners: dict[tuple[str, str | None], int] = {
         (record.device_id, record.command_type): index
@@ -164,7 +162,7 @@ def write(
             if plain:
                 yield from many(sql.INSERT, plain)
                 plain = []
-            ended = yield from _replace(row, now, dialect)
+            ended = yield from _replace(row, read(held), dialect)
             superseded += ended
             added[record.device_id] += 1
             replaced[record.device_id] += ended
@@ -217,8 +215,7 @@ def _per_device(
     statement: sql.Statement, devices: list[str], now: datetime
 ) -> Transaction[dict[str, int]]:
     counts: dict[str, int] = {}
-    # In slices: a fan-out to many devices would pass more bind parameters than a
-    # statement may hold (32,767 on PostgreSQL).
+    # In slices: a fan-out's devices would pass the bind parameters a statement may hold.
     for start in range(0, len(devices), DEVICES_PER_STATEMENT):
         some = devices[start : start + DEVICES_PER_STATEMENT]
         rows = yield from fetch(statement, {"devices": some, "now": now})
