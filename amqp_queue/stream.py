@@ -26,7 +26,7 @@ from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import ReadyOrder
-from amqp_queue.settlement import has_copies, settle, settle_each
+from amqp_queue.settlement import has_copies, settle_each
 from amqp_queue.state.cancellation import being_cancelled
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
@@ -80,6 +80,7 @@ class CommandStream(Closing):
         self._inbox: Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
+        self._reader: asyncio.Task[object] | None = None  # the task the current one went to
         self._closed = False
         self._close_ended = asyncio.Event()  # a second close() waits for the first
         self._interrupted = False  # interrupt(): a stream still opening ends once open
@@ -112,8 +113,10 @@ class CommandStream(Closing):
 
     async def aclose(self) -> None:
         """Ends the stream as leaving ``async with`` does: the command last handed out
-        counts as finished, unless an exception is on its way out (its loop body raised)."""
-        await self._leave(finished=sys.exc_info()[1] is None)
+        counts as finished, unless an exception is on its way out (its loop body raised) or
+        another task than the loop's closes it (the body may still run)."""
+        reader = asyncio.current_task() is self._reader
+        await self._leave(finished=reader and sys.exc_info()[1] is None)
 
     async def __anext__(self) -> ReceivedCommand:
         if self._closed:
@@ -154,7 +157,7 @@ class CommandStream(Closing):
             await self.close()
         if self._closed:
             raise StopAsyncIteration
-        self._current = self._ready.popleft()
+        self._current, self._reader = self._ready.popleft(), asyncio.current_task()
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
             self._handed.popitem(last=False)
@@ -381,7 +384,7 @@ class CommandStream(Closing):
     async def _drop_expired(self) -> None:
         """Drops expired commands from the front."""
         while self._ready and self._ready[0][1].expires_at <= self._state.clock():
-            await self._drop(self._ready.popleft()[0])
+            await self._drop_all([self._ready.popleft()[0]])
 
     async def _recheck_next(self) -> None:
         """Drops stale commands from the front until the next one is live (a read each)."""
@@ -391,10 +394,4 @@ class CommandStream(Closing):
                 self._looked = True
                 return
             self._ready.popleft()
-            await self._drop(message)
-
-    async def _drop(self, message: AbstractIncomingMessage) -> None:
-        self._looked = False
-        logger.debug("dropping stale message %s", message.message_id)
-        self._observer.dropped(1)  # acked in the background if cancelled
-        await settle(message, ack=True)
+            await self._drop_all([message])
