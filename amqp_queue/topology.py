@@ -82,6 +82,9 @@ class Topology:
         # The devices whose queues this process declared last, by a publish, a drain or a
         # consume.
         self._devices: OrderedDict[str, None] = OrderedDict()
+        # Per device, the declarations and the deletion on the broker now (see _apart()).
+        self._declaring_now: dict[str, set[asyncio.Future[None]]] = {}
+        self._deleting_now: dict[str, asyncio.Future[None]] = {}
 
     @property
     def exchange(self) -> AbstractExchange:
@@ -255,9 +258,19 @@ class Topology:
         name = self._config.queue_name(self._config.validate_device(device_id))
         self.forget(device_id)
         self._devices.pop(device_id, None)
-        with broker_errors(f"deleting the queue of {device_id!r}"):
-            async with asyncio.timeout(self._config.publish_timeout):
-                await self._on_a_declaring_channel(lambda channel: channel.queue_delete(name))
+        # Declarations of the device from now on wait for this deletion, and it waits for
+        # those under way (and an earlier deletion): see _apart().
+        before = [*self._declaring_now.get(device_id, ()), self._deleting_now.get(device_id)]
+        deleting = self._deleting_now[device_id] = asyncio.get_running_loop().create_future()
+        try:
+            with broker_errors(f"deleting the queue of {device_id!r}"):
+                async with asyncio.timeout(self._config.publish_timeout):
+                    await _apart([call for call in before if call is not None])
+                    await self._on_a_declaring_channel(lambda channel: channel.queue_delete(name))
+        finally:
+            if self._deleting_now.get(device_id) is deleting:
+                del self._deleting_now[device_id]
+            deleting.set_result(None)
         logger.info("deleted queue %s", name)
 
     async def declare_queue(
@@ -275,6 +288,22 @@ class Topology:
         # The store validates device ids before anything is written; this stops one that
         # slipped past (a name over 255 bytes) from reaching the broker as a TypeError.
         name = self._config.queue_name(self._config.validate_device(device_id))
+        while (deleting := self._deleting_now.get(device_id)) is not None:
+            await _apart([deleting])  # and any deletion that began meanwhile
+        declaring = asyncio.get_running_loop().create_future()
+        self._declaring_now.setdefault(device_id, set()).add(declaring)
+        try:
+            return await self._declared_queue(channel, device_id, name, robust)
+        finally:
+            calls = self._declaring_now[device_id]
+            calls.discard(declaring)
+            if not calls:
+                del self._declaring_now[device_id]
+            declaring.set_result(None)
+
+    async def _declared_queue(
+        self, channel: AbstractChannel, device_id: str, name: str, robust: bool
+    ) -> AbstractQueue:
         self._devices[device_id] = None
         self._devices.move_to_end(device_id)
         if len(self._devices) > self._config.declared_cache:
@@ -296,3 +325,16 @@ class Topology:
             await queue.bind(self._config.exchange, routing_key=device_id)
         logger.debug("declared queue %s", name)
         return queue
+
+
+async def _apart(calls: Sequence[asyncio.Future[None]]) -> None:
+    """Waits for a device queue's declarations or deletion under way, however they end.
+
+    RabbitMQ (3.10, classic queues) deleting a queue while another channel declares it again
+    may leave the deleted queue's consumer on the new queue, never cancelled: the new
+    queue's messages go to it unacknowledged and its channel drops them, so a stream on it
+    waits for ever. A store's deletion of a device queue and its declarations of it (an
+    enqueue racing a retire) therefore reach the broker one after the other.
+    """
+    if calls:
+        await asyncio.wait(calls)  # cancelled, the waiter leaves; the calls run on
