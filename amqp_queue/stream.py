@@ -104,7 +104,8 @@ class CommandStream(Closing):
         return self
 
     async def _leave(self, *, finished: bool) -> None:
-        if finished:
+        # Left from another task than the loop's, the loop body may still run.
+        if finished and asyncio.current_task() is self._reader:
             self._finish_current()
         await self.close()
 
@@ -115,8 +116,7 @@ class CommandStream(Closing):
         """Ends the stream as leaving ``async with`` does: the command last handed out
         counts as finished, unless an exception is on its way out (its loop body raised) or
         another task than the loop's closes it (the body may still run)."""
-        reader = asyncio.current_task() is self._reader
-        await self._leave(finished=reader and sys.exc_info()[1] is None)
+        await self._leave(finished=sys.exc_info()[1] is None)
 
     async def __anext__(self) -> ReceivedCommand:
         if self._closed:
@@ -204,7 +204,7 @@ class CommandStream(Closing):
         finally:
             self._marks.owe_unlanded()  # also when the close is cancelled
             self._ready.clear()
-            self._current = None
+            self._current = self._reader = None
             if self._inbox is not None:
                 # A loop of another task waiting for the broker in __anext__ ends now.
                 self._inbox.interrupt()

@@ -26,7 +26,6 @@ from amqp_queue import (
     mark_commits,
     settlement,
 )
-from amqp_queue import stream as stream_module
 from amqp_queue.state import SqlStore, StateError
 from amqp_queue.state.sql import create_engine
 from amqp_queue.stream import CommandStream
@@ -188,8 +187,7 @@ async def test_marked_commands_are_acked_together_and_none_is_left_unacked(
         frames.append((message.message_id, multiple))
         await settle(message, ack=ack, multiple=multiple)
 
-    monkeypatch.setattr(stream_module, "settle", counted)
-    monkeypatch.setattr(delivery_marks, "settle", counted)
+    monkeypatch.setattr(delivery_marks, "settle", counted)  # the stream's acks go there
     state = MarksFail(tmp_path / "state.db", failures=0)
     async with store_on_index(state, prefetch=8) as store:
         ids = [await store.enqueue("dev-1", f"c{n}".encode(), 600) for n in range(7)]

@@ -137,13 +137,13 @@ def write(
     PostgreSQL can a slot be taken again (a concurrent transaction committed a command of
     that type after the end's snapshot); the next end (READ COMMITTED: a fresh snapshot)
     ends that one. A device's rows keep its records' order, so ``seq`` is write order;
-    devices go in id order, so fan-outs naming them in other orders lock slots alike. An open
-    command's end compares expiry with ``held`` read then (the write waited for SQLite's
-    lock, or a row's: see END_SLOT); ``now`` (the call's) is every time the write stores.
+    devices go in id order, so fan-outs naming them in other orders lock slots alike. Ending
+    an open command uses ``held`` (read as the transaction runs: see END_SLOT), the rest ``now``.
 
     Returns:
         How many open, unexpired commands the records superseded, theirs included.
     """
+    held_at = read(held)  # once: on PostgreSQL END_SLOT adds the transaction's time since
     records = sorted(records, key=lambda record: record.device_id)  # stable
     winners: dict[tuple[str, str | None], int] = {
         (record.device_id, record.command_type): index
@@ -162,7 +162,7 @@ def write(
             if plain:
                 yield from many(sql.INSERT, plain)
                 plain = []
-            ended = yield from _replace(row, read(held), dialect)
+            ended = yield from _replace(row, held_at, dialect)
             superseded += ended
             added[record.device_id] += 1
             replaced[record.device_id] += ended
