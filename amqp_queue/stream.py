@@ -80,7 +80,6 @@ class CommandStream(Closing):
         self._inbox: Inbox | None = None
         self._ready: deque[tuple[AbstractIncomingMessage, CommandRecord]] = deque()
         self._current: tuple[AbstractIncomingMessage, CommandRecord] | None = None
-        self._reader: asyncio.Task[object] | None = None  # the task the current one went to
         self._closed = False
         self._close_ended = asyncio.Event()  # a second close() waits for the first
         self._interrupted = False  # interrupt(): a stream still opening ends once open
@@ -104,8 +103,7 @@ class CommandStream(Closing):
         return self
 
     async def _leave(self, *, finished: bool) -> None:
-        # Left from another task than the loop's, the loop body may still run.
-        if finished and asyncio.current_task() is self._reader:
+        if finished:
             self._finish_current()
         await self.close()
 
@@ -114,8 +112,8 @@ class CommandStream(Closing):
 
     async def aclose(self) -> None:
         """Ends the stream as leaving ``async with`` does: the command last handed out
-        counts as finished, unless an exception is on its way out (its loop body raised) or
-        another task than the loop's closes it (the body may still run)."""
+        counts as finished, unless an exception is on its way out (its loop body raised).
+        From another task while the body may run, use :meth:`close` (which requeues it)."""
         await self._leave(finished=sys.exc_info()[1] is None)
 
     async def __anext__(self) -> ReceivedCommand:
@@ -157,7 +155,7 @@ class CommandStream(Closing):
             await self.close()
         if self._closed:
             raise StopAsyncIteration
-        self._current, self._reader = self._ready.popleft(), asyncio.current_task()
+        self._current = self._ready.popleft()
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
             self._handed.popitem(last=False)
@@ -204,7 +202,7 @@ class CommandStream(Closing):
         finally:
             self._marks.owe_unlanded()  # also when the close is cancelled
             self._ready.clear()
-            self._current = self._reader = None
+            self._current = None
             if self._inbox is not None:
                 # A loop of another task waiting for the broker in __anext__ ends now.
                 self._inbox.interrupt()

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from amqp_queue import CommandStatus, RabbitMQStore
-from amqp_queue.stream import CommandStream
 from tests.rabbitmq_support import rabbitmq_store
 
 
@@ -65,59 +64,3 @@ async def test_a_second_close_waits_for_the_first(tmp_path: Path) -> None:
         await stream.close()
         assert first.done()
         await first
-
-
-async def test_aclose_from_another_task_requeues_the_command_whose_body_runs(
-    tmp_path: Path,
-) -> None:
-    """Found reviewing ``aclose()``: it judged "finished" by the exception of the task that
-    called it, so a supervisor's ``aclose()`` while the loop body still ran marked the
-    command delivered; the body then failed and nothing requeued it."""
-    async with rabbitmq_store(tmp_path) as store:
-        command_id = await store.enqueue("dev-1", b"c", 600)
-        stream = store.consume("dev-1")
-        working = asyncio.Event()
-        failing = asyncio.Event()
-
-        async def device() -> None:
-            async for _ in stream:
-                working.set()
-                await failing.wait()
-                raise RuntimeError("body failed")
-
-        body = asyncio.create_task(device())
-        await working.wait()
-        await stream.aclose()
-        failing.set()
-        with pytest.raises(RuntimeError, match="body failed"):
-            await body
-
-        assert await store.get_status(command_id) == CommandStatus.PENDING
-        async with asyncio.timeout(10), store.consume("dev-1") as again:
-            assert (await anext(again)).id == command_id
-
-
-async def test_leaving_async_with_in_another_task_requeues_the_command_whose_body_runs(
-    tmp_path: Path,
-) -> None:
-    """The same from ``async with``: a supervisor's block ends while a child task's loop body
-    still runs."""
-    async with rabbitmq_store(tmp_path) as store:
-        command_id = await store.enqueue("dev-1", b"c", 600)
-        working = asyncio.Event()
-        failing = asyncio.Event()
-
-        async def device(stream: CommandStream) -> None:
-            async for _ in stream:
-                working.set()
-                await failing.wait()
-                raise RuntimeError("body failed")
-
-        async with store.consume("dev-1") as stream:
-            body = asyncio.create_task(device(stream))
-            await working.wait()
-        failing.set()
-        with pytest.raises(RuntimeError, match="body failed"):
-            await body
-
-        assert await store.get_status(command_id) == CommandStatus.PENDING
