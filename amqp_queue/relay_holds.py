@@ -33,7 +33,7 @@ logger = logging.getLogger("amqp_queue.outbox")
 _IN_FLIGHT_POLL = 0.01
 
 WRITER_GRACE = 1.0
-"""Seconds a command found unpublished at start-up has, from when this relay first saw it, for
+"""Seconds a command found unpublished at start-up has, from this relay's first read, for
 its writer to mark it published while this process owes a command behind it: a live writer
 marks within moments; past that it likely died, and this relay publishes the command ahead of
 what it owes (a live writer slower than that leaves a copy, dropped at delivery)."""
@@ -44,9 +44,14 @@ class StartHolds:
     commands of their devices held back behind them."""
 
     def __init__(self) -> None:
-        self.found: dict[str, tuple[str, datetime, float]] = {}
-        """By id: device, ready time, and the event loop's time this relay first saw it."""
+        self.found: dict[str, tuple[str, datetime]] = {}
+        """By id: device and ready time."""
         self._started_at: datetime | None = None
+        self._started_seen = 0.0
+        """The event loop's time of the first read: every found command was unpublished then,
+        so its writer's grace runs from then, however many full reads later this relay
+        reached it (counted from each read, Y behind 8 found commands read 2 at a time waited
+        four graces, longer than its call)."""
         self.held_back: set[str] = set()
         self.orphan_devices: set[str] = set()
         """The devices of orphans the last read found and this relay may not sweep (another
@@ -76,9 +81,9 @@ class StartHolds:
         read left ``unread`` wait too. Found commands past :data:`WRITER_GRACE` ahead of
         what waits are published by this relay.
         """
-        if self._started_at is None:
-            self._started_at = now
         seen = asyncio.get_running_loop().time()
+        if self._started_at is None:
+            self._started_at, self._started_seen = now, seen
         # Gone from the read: published, ended or due; unless beyond a full read's end.
         self.found = {
             command_id: entry
@@ -88,7 +93,7 @@ class StartHolds:
         # Found now, but ready before the first read: a full first read left it unread.
         for command_id, record in young.items():
             if record.ready_at <= self._started_at and command_id not in self.found:
-                self.found[command_id] = (record.device_id, record.ready_at, seen)
+                self.found[command_id] = (record.device_id, record.ready_at)
         self.held_back = self._behind_found(due)
         if self.held_back or unread:
             # Owed commands past a full read's end may be any device's: all it found goes.
@@ -100,7 +105,7 @@ class StartHolds:
         self.held_back |= unread
 
     def _behind_found(self, due: dict[str, CommandRecord]) -> set[str]:
-        devices = {device for device, _, _ in self.found.values()}
+        devices = {device for device, _ in self.found.values()}
         return {command_id for command_id, record in due.items() if record.device_id in devices}
 
     def _publish_found(
@@ -118,12 +123,10 @@ class StartHolds:
         lease. A copy of one the writer did publish is dropped at delivery."""
         owing = {due[command_id].device_id for command_id in self.held_back}
         moved: set[str] = set()
-        for command_id, (device, _, seen) in list(self.found.items()):
-            if (
-                (every_device or device in owing)
-                and command_id in young
-                and now - seen >= WRITER_GRACE
-            ):
+        if now - self._started_seen < WRITER_GRACE:
+            return set()
+        for command_id, (device, _) in list(self.found.items()):
+            if (every_device or device in owing) and command_id in young:
                 due[command_id] = young[command_id]
                 del self.found[command_id]
                 moved.add(command_id)

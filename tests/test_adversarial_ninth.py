@@ -175,6 +175,20 @@ async def test_held_call_beyond_a_full_first_read_is_not_overtaken(
     assert tail == [b"Y", b"Z"], f"Y's call returned after {took:.2f}s; got {tail}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_held_call_beyond_several_full_reads_is_not_overtaken(
+    backend: str, tmp_path: Path
+) -> None:
+    """The same with ``relay_batch=2``: the writer's 8 commands fill four reads. Each was
+    unpublished when the store started, so the writer's grace runs from then for all of
+    them; counted from when each read reached it, four graces outlasted Y's call (grace plus
+    ``publish_timeout``), which returned with Y still owed, and Z went first."""
+    tail, took = await _held_behind_a_stalled_writer(
+        backend, tmp_path, relay_batch=2, same_device=False
+    )
+    assert tail == [b"Y", b"Z"], f"Y's call returned after {took:.2f}s; got {tail}"
+
+
 # -- 2. a live writer whose publish marks are held up by a stalled index link ------------------
 
 
