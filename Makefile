@@ -33,7 +33,7 @@ bench-scale:  ## fleet scale: 10,000 and 100,000 device queues, and 10,000 consu
 # three-node cluster of their own (scripts/cluster.sh, 20-35 s to start) for the node losses.
 # PROPERTY_EXAMPLES sets the long property run (random seeds; CI runs a few, fixed).
 PROPERTY_EXAMPLES ?= 300
-# Every adversarial scenario on every state backend (the test command runs each on two):
+# Every adversarial scenario on every state backend (the test command runs each on one):
 # two processes, each taking whole files, fit two cores with the broker's and databases' work.
 RELIABILITY_WORKERS ?= 2
 reliability:  ## the full fault harness and long property runs; prints the totals (RELIABILITY_ARGS=...)
