@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..model import CommandStatus, EndReason
-from .now import NOW
+from .now import NOW, DecidedAfterLocks
 from .schema import IS_OPEN, IS_READY, command_queue
 from .statements import RECORD_COLUMNS
 
@@ -19,11 +19,31 @@ c = command_queue.c
 
 _ROLLOUT = c.rollout_id == sa.bindparam("rollout", type_=c.rollout_id.type)
 _LIVE = sa.and_(IS_OPEN, c.expires_at > NOW)
+_LIVE_WHEN_LOCKED = sa.and_(IS_OPEN, c.expires_at > DecidedAfterLocks())
+"""Open and unexpired when a write holds its rows: not when it was called."""
+
+
+def _locking(*where: sa.ColumnElement[bool]) -> sa.Select[int]:
+    # An UPDATE that waited for a row another transaction only locked does not evaluate its
+    # WHERE again once it gets it: taken first, the locks are held when expiry is compared.
+    # (SQLite renders no FOR UPDATE: its transaction holds the file's write lock.)
+    rows = sa.select(c.id).where(*where).order_by(c.seq).with_for_update().subquery()
+    return sa.select(sa.func.count()).select_from(rows)
+
+
+LOCK_ROLLOUT = _locking(_ROLLOUT, IS_OPEN)
+LOCK_DEVICE = _locking(c.device_id == sa.bindparam("device"), IS_OPEN)
+"""Lock a rollout's (a device's) open commands before a set-wide write decides expiry."""
 _BY = sa.bindparam("by", type_=sa.Text())
 
 CONFIRM_ROLLOUT = (
     sa.update(command_queue)
-    .where(_ROLLOUT, _LIVE, c.requires_confirmation == sa.true(), c.confirmed == sa.false())
+    .where(
+        _ROLLOUT,
+        _LIVE_WHEN_LOCKED,
+        c.requires_confirmation == sa.true(),
+        c.confirmed == sa.false(),
+    )
     .values(confirmed=sa.true(), confirmed_at=NOW, confirmed_by=_BY)
     .returning(c.seq, *RECORD_COLUMNS)
 )
@@ -39,12 +59,12 @@ other's; only a rerun asks)."""
 
 CANCEL_ROLLOUT = (
     sa.update(command_queue)
-    .where(_ROLLOUT, _LIVE)
+    .where(_ROLLOUT, _LIVE_WHEN_LOCKED)
     .values(end_reason=EndReason.CANCELLED.value, ended_at=NOW, cancelled_by=_BY)
 )
 CANCEL_DEVICE = (
     sa.update(command_queue)
-    .where(c.device_id == sa.bindparam("device"), _LIVE)
+    .where(c.device_id == sa.bindparam("device"), _LIVE_WHEN_LOCKED)
     .values(end_reason=EndReason.CANCELLED.value, ended_at=NOW, cancelled_by=_BY)
 )
 

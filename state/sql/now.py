@@ -28,16 +28,32 @@ class NowAfterLocks(sa.sql.expression.ColumnElement[Any]):
 
     type = command_queue.c.ended_at.type
     inherit_cache = True
+    time: sa.BindParameter[Any] = NOW
+
+
+DECIDED = sa.bindparam("decided", type_=command_queue.c.ended_at.type)
+"""A set-wide write's now read once its transaction began (SQLite holds the file's write
+lock then), where :data:`NOW` is the call's own time, which it stores and recognises its
+writes by when it runs again after a lost COMMIT answer."""
+
+
+class DecidedAfterLocks(NowAfterLocks):
+    """:class:`NowAfterLocks` of :data:`DECIDED`: a rollout's or device's cancel or confirm
+    that waited for another writer past its members' TTL leaves them expired."""
+
+    inherit_cache = True
+    time = DECIDED
 
 
 @compiles(NowAfterLocks)
 def _now_after_locks(element: NowAfterLocks, compiler: Any, **kw: Any) -> str:
-    return str(compiler.process(NOW, **kw))
+    return str(compiler.process(element.time, **kw))
 
 
 @compiles(NowAfterLocks, "postgresql")
 def _now_after_locks_pg(element: NowAfterLocks, compiler: Any, **kw: Any) -> str:
-    return f"({compiler.process(NOW, **kw)} + (clock_timestamp() - transaction_timestamp()))"
+    now = compiler.process(element.time, **kw)
+    return f"({now} + (clock_timestamp() - transaction_timestamp()))"
 
 
 When = datetime | Callable[[], datetime]
