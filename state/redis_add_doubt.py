@@ -22,7 +22,7 @@ it cannot tell within the bound, a StateError that says the outcome is unknown.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -77,15 +77,24 @@ class ReplyLost(Exception):
         self.failure = failure
 
 
+Args = Sequence[str | bytes] | Callable[[], Sequence[str | bytes]]
+"""A script's arguments, or what makes them once its connection is taken: a call that decides
+expiry reads its time then, not before a wait for the event loop or the pool."""
+
+
+def made(args: Args) -> Sequence[str | bytes]:
+    return args() if callable(args) else args
+
+
 async def send_once(
     client: Redis,
     script: AsyncScript,
     keys: Sequence[str],
-    args: Sequence[str | bytes],
+    args: Args,
     action: str,
 ) -> Any:
-    """Runs ``script`` once, on a connection of its own taken before it is sent, and returns
-    its reply.
+    """Runs ``script`` once, on a connection of its own taken before it is sent (and its
+    arguments made), and returns its reply.
 
     Raises:
         StateError: it did not run (no connection; Redis refused it).
@@ -105,7 +114,7 @@ async def send_once(
         resent = resends(sender)
         try:
             with cancellation_kept():
-                return await script(keys=keys, args=args, client=sender)
+                return await script(keys=keys, args=made(args), client=sender)
         except (RedisError, OSError) as exc:
             lost = isinstance(
                 exc, RedisConnectionError | RedisTimeoutError | OSError

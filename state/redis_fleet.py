@@ -14,7 +14,9 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
+from .clock import Advancing
 from .model import CommandRecord, CommandStatus
+from .redis_add_doubt import Args
 from .redis_encoding import LIVENESS_FIELDS, as_text, decode_replies, is_live
 from .redis_lua import PRELUDE, SWEEP_BATCH
 from .redis_rerun import once, run_rerunnable
@@ -167,6 +169,13 @@ class RedisFleetCalls:
             self, script: AsyncScript, now: datetime, args: Sequence[str | bytes], what: str
         ) -> int: ...
 
+    def _args_when_sent(self, now: datetime, rest: Sequence[str | bytes]) -> Args:
+        """:meth:`_args` with ``now`` advanced to when they are sent: a set-wide cancel or
+        confirm delayed by a busy event loop past its members' TTL leaves them expired, as
+        readers saw them (the script recognises its own earlier run by its token)."""
+        advancing = Advancing(now)
+        return lambda: self._args(advancing(), rest)
+
     def _register_fleet_scripts(self, client: Redis) -> None:
         self._time_out: AsyncScript = client.register_script(TIME_OUT)
         self._confirm_rollout_script: AsyncScript = client.register_script(CONFIRM_ROLLOUT)
@@ -190,7 +199,7 @@ class RedisFleetCalls:
             self._client,
             self._confirm_rollout_script,
             [*self._indexes, self._rollout_key(rollout_id)],
-            self._args(now, [by or "", *once()]),
+            self._args_when_sent(now, [by or "", *once()]),
             "confirm rollout",
         )
         return [record for _, record in decode_replies(confirmed)]
@@ -212,7 +221,7 @@ class RedisFleetCalls:
             self._client,
             self._cancel_open_script,
             [*self._indexes, members],
-            self._args(now, [by or "", *once()]),
+            self._args_when_sent(now, [by or "", *once()]),
             "cancel",
         )
         return int(cancelled)

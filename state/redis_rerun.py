@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import write_doubt
-from .redis_add_doubt import ReplyLost, send_once
+from .redis_add_doubt import Args, ReplyLost, made, send_once
 from .redis_encoding import milliseconds
 
 if TYPE_CHECKING:
@@ -47,11 +47,11 @@ async def run_rerunnable(
     client: Redis,
     script: AsyncScript,
     keys: Sequence[str],
-    args: Sequence[str | bytes],
+    args: Args,
     action: str,
 ) -> Any:
     """Runs ``script`` (one that can run again with the same effect) and returns its reply;
-    after a lost reply, the reply of a rerun.
+    after a lost reply, the reply of a rerun (its arguments made again: the same token).
 
     Raises:
         StateError: Redis failed and the script did not run; or, saying its outcome is
@@ -66,7 +66,7 @@ async def run_rerunnable(
     logger.warning("%s; running it again to find out", failure)
     try:
         return await write_doubt.within_bound(
-            lambda: script(keys=keys, args=args), (RedisError, OSError)
+            lambda: script(keys=keys, args=made(args)), (RedisError, OSError)
         )
     except (TimeoutError, RedisError, OSError) as exc:
         raise write_doubt.unknown(failure, exc) from failure
