@@ -45,7 +45,7 @@ class Turns(Topology):
             finally:
                 self.steps.append("delete end")
 
-        channel.queue_delete = queue_delete  # type: ignore[method-assign]
+        channel.queue_delete = queue_delete  # type: ignore[method-assign,assignment]
 
     async def _step(self, kind: str) -> None:
         self.steps.append(f"{kind} begin")
