@@ -11,10 +11,11 @@ every backend, Redis through a 0.3 s event-loop stall.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -49,7 +50,10 @@ async def _sqlite(tmp_path: Path) -> AsyncIterator[tuple[IndexedStore, Hold]]:
 
 
 @asynccontextmanager
-async def _postgres(tmp_path: Path) -> AsyncIterator[tuple[IndexedStore, Hold]]:
+async def _postgres(
+    tmp_path: Path, *, every_row: bool = False
+) -> AsyncIterator[tuple[IndexedStore, Hold]]:
+    """``every_row``: the hold locks every command (a rollout's members, a device's)."""
     async with (
         postgres_schema() as schema,
         await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
@@ -57,11 +61,12 @@ async def _postgres(tmp_path: Path) -> AsyncIterator[tuple[IndexedStore, Hold]]:
 
         async def hold(command_id: str) -> None:
             conn = await asyncpg.connect(POSTGRES_URL.replace("+asyncpg", ""))
+            rows = "" if every_row else "WHERE id = $1"
             try:
                 async with conn.transaction():
                     await conn.execute(
-                        f'SELECT 1 FROM "{schema}".command_queue WHERE id = $1 FOR UPDATE',
-                        command_id,
+                        f'SELECT 1 FROM "{schema}".command_queue {rows} FOR UPDATE',
+                        *([] if every_row else [command_id]),
                     )
                     await asyncio.sleep(1.0)
             finally:
@@ -127,27 +132,12 @@ async def test_a_replacement_that_waited_past_the_ttl_ends_the_old_command_expir
         assert await store.get_status(old) == CommandStatus.EXPIRED
 
 
-@asynccontextmanager
-async def _postgres_rows(tmp_path: Path) -> AsyncIterator[tuple[IndexedStore, Hold]]:
-    """PostgreSQL with a hold on every command (a rollout's members, a device's)."""
-    async with (
-        postgres_schema() as schema,
-        await SqlStore.connect(POSTGRES_URL, schema=schema) as store,
-    ):
-
-        async def hold(_: str) -> None:
-            conn = await asyncpg.connect(POSTGRES_URL.replace("+asyncpg", ""))
-            try:
-                async with conn.transaction():
-                    await conn.execute(f'SELECT 1 FROM "{schema}".command_queue FOR UPDATE')
-                    await asyncio.sleep(1.0)
-            finally:
-                await conn.close()
-
-        yield store, hold
-
-
-BULK_BACKENDS = {"sqlite": _sqlite, "postgres": _postgres_rows, "redis": _redis}
+Backend = Callable[[Path], AbstractAsyncContextManager[tuple[IndexedStore, Hold]]]
+BULK_BACKENDS: dict[str, Backend] = {
+    "sqlite": _sqlite,
+    "postgres": functools.partial(_postgres, every_row=True),
+    "redis": _redis,
+}
 
 
 @pytest.mark.parametrize("backend", list(BULK_BACKENDS))
