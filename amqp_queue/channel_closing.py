@@ -16,9 +16,11 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
+import aiormq.abc
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.exceptions import ChannelInvalidStateError
 
@@ -26,6 +28,8 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import broker_failure, closed_under_the_call
 
 logger = logging.getLogger("amqp_queue.channel_closing")
+
+T = TypeVar("T")
 
 CLOSED_LOOK = 0.1
 """Seconds between looks at whether a closed channel was closed for good."""
@@ -192,3 +196,31 @@ def _restored(channel: AbstractRobustChannel) -> bool:
         and (restored is None or restored.is_set())
         and (connected is None or connected.is_set())
     )
+
+
+async def unless_closed(channel: aiormq.abc.AbstractChannel, work: Awaitable[T]) -> T:
+    """Awaits ``work`` (a frame sent on ``channel``, an aiormq channel) until the channel's
+    connection closes.
+
+    aiormq waits for room in its connection's buffer of frames (ten), which its writer makes:
+    once the connection closed nobody does, and a publish or settle waiting then, or waiting
+    for the channel's write lock behind one, waited until its caller's own bound.
+
+    Raises:
+        aiormq.exceptions.ConnectionClosed: the connection closed first (a broker failure).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait([task, channel.connection.closing], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieved)
+    if not task.done():
+        raise aiormq.exceptions.ConnectionClosed(320, "the connection closed under the call")
+    return task.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -17,7 +17,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 
-from amqp_queue.channel_closing import closing, give_up_on, in_turn
+from amqp_queue.channel_closing import closing, give_up_on, in_turn, unless_closed
 from amqp_queue.claim_ends import ClaimEnds
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.errors import broker_failure
@@ -30,9 +30,10 @@ logger = logging.getLogger("amqp_queue.settlement")
 
 SETTLE_WITHIN = 10.0
 """Seconds an ack or requeue may wait for its frame to be written. aiormq waits for the
-connection's writer, and a connection closed under the call (a close cut short by the
-caller's deadline) has none left: unbounded, the drain or stream waited for ever. Whatever
-is left unsettled the broker requeues with the channel."""
+connection's writer (a stalled link), and for room in its buffer of ten frames, which a
+connection closed under the call (a close cut short by the caller's deadline) never makes:
+such a wait ends as the connection closes (``unless_closed``), this is the bound on the
+rest. Whatever is left unsettled the broker requeues with the channel."""
 
 
 def command_ids(messages: Sequence[AbstractIncomingMessage]) -> list[str]:
@@ -118,10 +119,13 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool
         return
     try:
         async with asyncio.timeout(SETTLE_WITHIN):
+            # Drains settling at once when the store closed answered 8 s after close()
+            # returned: their frames waited for room in aiormq's buffer (ten frames) that
+            # the stopped writer never made.
             if ack:
-                await message.ack(multiple=multiple)
+                await unless_closed(message.channel, message.ack(multiple=multiple))
             else:
-                await message.nack(multiple=multiple, requeue=True)
+                await unless_closed(message.channel, message.nack(multiple=multiple, requeue=True))
     except BaseException as exc:
         if not broker_failure(exc):
             raise

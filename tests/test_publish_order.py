@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -37,6 +38,13 @@ class _Broker:
 
     async def get_underlay_channel(self) -> _Broker:
         return self
+
+    @property
+    def connection(self) -> SimpleNamespace:
+        """The connection a publish is raced against (it never closes here)."""
+        if not hasattr(self, "_connection"):
+            self._connection = SimpleNamespace(closing=asyncio.get_running_loop().create_future())
+        return self._connection
 
     async def basic_publish(self, body: bytes, **_: Any) -> spec.Basic.Ack:
         self.sent.append(body)
