@@ -146,6 +146,8 @@ class CommandStream(Closing):
                 elif self._marks.unmarked:
                     retry_in = min(retry_in * 2, MARK_RETRY_MOST)
             if self._order is None or await self._in_ready_order():
+                if self._ready[0][1].expires_at <= self._state.clock():
+                    continue  # expired since it was looked at (a late answer): dropped above
                 if self._looked or recheck:
                     break
                 # The front was looked at before the loop body ran or stale messages were
