@@ -31,8 +31,6 @@ from amqp_queue.cli.options import (
     settings_from,
     settings_options,
 )
-from amqp_queue.demo import DemoOptions, run_demo, table
-from amqp_queue.service import serve as serve_forever
 from amqp_queue.settings import (
     DEFAULT_BIND,
     DEFAULT_CLEANUP_INTERVAL,
@@ -110,6 +108,9 @@ def serve(
         )
     except (TokenConfigError, ValueError) as exc:
         fail(str(exc), EXIT_INVALID)
+    # Imported here: the web stack costs every other verb's start-up about 0.1 s.
+    from amqp_queue.service import serve as serve_forever
+
     try:
         # uvloop, as uvicorn's "standard" install runs: the same service answered 1.4 to
         # 1.8 times the requests per second on it (bench: api), nothing else changed.
@@ -158,6 +159,8 @@ def demo(
 
     Exits non-zero unless nothing was lost and nothing was delivered twice.
     """
+    from amqp_queue.demo import DemoOptions, run_demo, table  # as serve's, when run
+
     try:
         options = DemoOptions(
             devices=devices,
