@@ -113,3 +113,30 @@ async def test_a_close_cancelled_while_it_waits_for_the_channels_settles_still_c
             await asyncio.sleep(0.1)
 
         assert channel.is_closed
+
+
+async def test_settles_leave_nothing_behind_on_their_connection() -> None:
+    """Each settle races its frame against the connection's close (``unless_closed``).
+    aiormq's ``closing`` makes a new observer on each read, hooked to the connection until
+    the observer ends: left running, every settle of a long-lived connection kept about
+    1 KB (a review found 3,000 callbacks after 3,000 hand-outs of one stream)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(unique("test.settle."), auto_delete=True)
+        for n in range(50):
+            await channel.default_exchange.publish(
+                aio_pika.Message(str(n).encode()), routing_key=queue.name
+            )
+        underlay = await channel.get_underlay_channel()
+        closing: Any = underlay.connection._closing  # type: ignore[attr-defined]  # aiormq's own
+        hooked = len(closing._callbacks)
+
+        for _ in range(50):
+            message = await queue.get(no_ack=False)
+            assert message is not None
+            await settle(message, ack=True)
+
+        assert len(closing._callbacks) <= hooked + 1
+    finally:
+        await connection.close()
