@@ -114,7 +114,11 @@ class Publisher:
             # Not broker_errors(): on the path of every enqueue, the message is built only
             # when there is a failure to name.
             try:
-                result = await self._sent(record, properties)
+                if self._one_at_a_time:  # no await since ensure_queue: see Topology.in_use
+                    with self._topology.in_use(record.device_id):
+                        result = await self._sent(record, properties)
+                else:
+                    result = await self._sent(record, properties)
             except BROKER_FAILURES as exc:
                 limit = size_refused(exc)
                 if limit is not None and len(record.payload) > limit:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 import aiormq
@@ -82,7 +83,8 @@ class Topology:
         # The devices whose queues this process declared last, by a publish, a drain or a
         # consume.
         self._devices: OrderedDict[str, None] = OrderedDict()
-        # Per device, the declarations and the deletion on the broker now (see _apart()).
+        # Per device, the calls on its queue (in_use) and the deletion on the broker now (see
+        # _apart()).
         self._declaring_now: dict[str, set[asyncio.Future[None]]] = {}
         self._deleting_now: dict[str, asyncio.Future[None]] = {}
 
@@ -290,16 +292,25 @@ class Topology:
         name = self._config.queue_name(self._config.validate_device(device_id))
         while (deleting := self._deleting_now.get(device_id)) is not None:
             await _apart([deleting])  # and any deletion that began meanwhile
-        declaring = asyncio.get_running_loop().create_future()
-        self._declaring_now.setdefault(device_id, set()).add(declaring)
-        try:
+        with self.in_use(device_id):
             return await self._declared_queue(channel, device_id, name, robust)
+
+    @contextlib.contextmanager
+    def in_use(self, device_id: str) -> Iterator[None]:
+        """Counts a call on the device's queue under way (a declaration, or on quorum queues
+        a publish past its declaration): a deletion of the queue begun meanwhile waits for
+        it. RabbitMQ 3.10 deleting a quorum queue while a publish to it is in flight closes
+        the publishing connection, and sometimes leaves the queue's name undeclarable."""
+        call = asyncio.get_running_loop().create_future()
+        self._declaring_now.setdefault(device_id, set()).add(call)
+        try:
+            yield
         finally:
             calls = self._declaring_now[device_id]
-            calls.discard(declaring)
+            calls.discard(call)
             if not calls:
                 del self._declaring_now[device_id]
-            declaring.set_result(None)
+            call.set_result(None)
 
     async def _declared_queue(
         self, channel: AbstractChannel, device_id: str, name: str, robust: bool

@@ -162,3 +162,29 @@ async def test_a_failed_deletion_lets_the_declarations_behind_it_go(turns: Turns
     await declaring
     assert turns.steps == ["delete begin", "delete end", "declare begin", "declare end"]
     assert turns.in_turn == ({}, {})
+
+
+async def test_a_deletion_waits_for_a_publish_in_use_of_the_queue(turns: Turns) -> None:
+    """On quorum queues a publish past its declaration counts as in use of the queue
+    (RabbitMQ 3.10 deleting a quorum queue with a publish to it in flight closes the
+    publishing connection, and sometimes leaves the name undeclarable)."""
+    await turns.ensure_queue(DEVICE)
+    turns.steps.clear()
+    released = asyncio.Event()
+
+    async def publishing() -> None:
+        with turns.in_use(DEVICE):
+            turns.steps.append("publish begin")
+            await released.wait()
+            turns.steps.append("publish end")
+
+    publish = _start(publishing())
+    await _until(lambda: turns.steps == ["publish begin"])
+    deleting = _start(turns.delete_queue(DEVICE))
+    await asyncio.sleep(0.2)
+    assert turns.steps == ["publish begin"]
+
+    released.set()
+    await asyncio.gather(publish, deleting)
+    assert turns.steps == ["publish begin", "publish end", "delete begin", "delete end"]
+    assert turns.in_turn == ({}, {})
