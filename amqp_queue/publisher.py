@@ -31,6 +31,10 @@ logger = logging.getLogger("amqp_queue.publisher")
 _CONFIRMED_LATE_MOST = 10_000
 """Late confirms remembered: one per command still owed, far more than a relay pass holds."""
 
+_REDECLARED_MOST = 3
+"""Declarations a quorum publish makes again when its queue's deletion began after the last
+(a bound, should a tiny ``declared_cache`` keep evicting it)."""
+
 _Send = asyncio.Future[ConfirmationFrameType | DeliveredMessage | None]
 """A command's send: the broker's confirmation, or the message back (unroutable)."""
 
@@ -110,15 +114,19 @@ class Publisher:
             if record.expires_at <= now:
                 return False
             declaration = await self._topology.ensure_queue(record.device_id)
+            for _ in range(_REDECLARED_MOST):
+                if not self._one_at_a_time or self._topology.declared(
+                    record.device_id, declaration
+                ):
+                    break
+                # A deletion of the queue (a retire) began after its declaration: declared
+                # again once it ended, not sent to the queue it deletes (see _sent).
+                declaration = await self._topology.ensure_queue(record.device_id)
             properties = to_properties(record, now)
             # Not broker_errors(): on the path of every enqueue, the message is built only
             # when there is a failure to name.
             try:
-                if self._one_at_a_time:  # no await since ensure_queue: see Topology.in_use
-                    with self._topology.in_use(record.device_id):
-                        result = await self._sent(record, properties)
-                else:
-                    result = await self._sent(record, properties)
+                result = await self._sent(record, properties)
             except BROKER_FAILURES as exc:
                 limit = size_refused(exc)
                 if limit is not None and len(record.payload) > limit:
@@ -167,6 +175,11 @@ class Publisher:
             sending = asyncio.ensure_future(self._basic_publish(record, properties))
             self._sending[record.id] = sending
             sending.add_done_callback(functools.partial(self._send_ended, record.id))
+            if self._one_at_a_time:
+                # Until the send ends, however long its caller waits: RabbitMQ 3.10 deleting
+                # a quorum queue with a publish to it in flight closes the connection, and
+                # sometimes leaves the queue's name undeclarable (a retire waits for it).
+                self._topology.in_use_until(record.device_id, sending)
         try:
             async with asyncio.timeout(self._config.publish_timeout):
                 answer = await asyncio.shield(sending)

@@ -8,7 +8,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiormq
 from aio_pika.abc import (
@@ -85,7 +85,7 @@ class Topology:
         self._devices: OrderedDict[str, None] = OrderedDict()
         # Per device, the calls on its queue (in_use) and the deletion on the broker now (see
         # _apart()).
-        self._declaring_now: dict[str, set[asyncio.Future[None]]] = {}
+        self._using_now: dict[str, set[asyncio.Future[Any]]] = {}
         self._deleting_now: dict[str, asyncio.Future[None]] = {}
 
     @property
@@ -262,7 +262,7 @@ class Topology:
         self._devices.pop(device_id, None)
         # Declarations of the device from now on wait for this deletion, and it waits for
         # those under way (and an earlier deletion): see _apart().
-        before = [*self._declaring_now.get(device_id, ()), self._deleting_now.get(device_id)]
+        before = [*self._using_now.get(device_id, ()), self._deleting_now.get(device_id)]
         deleting = self._deleting_now[device_id] = asyncio.get_running_loop().create_future()
         try:
             with broker_errors(f"deleting the queue of {device_id!r}"):
@@ -297,20 +297,34 @@ class Topology:
 
     @contextlib.contextmanager
     def in_use(self, device_id: str) -> Iterator[None]:
-        """Counts a call on the device's queue under way (a declaration, or on quorum queues
-        a publish past its declaration): a deletion of the queue begun meanwhile waits for
-        it. RabbitMQ 3.10 deleting a quorum queue while a publish to it is in flight closes
-        the publishing connection, and sometimes leaves the queue's name undeclarable."""
+        """Counts a call on the device's queue under way (a declaration): a deletion of the
+        queue begun meanwhile waits for it."""
         call = asyncio.get_running_loop().create_future()
-        self._declaring_now.setdefault(device_id, set()).add(call)
+        self.in_use_until(device_id, call)
         try:
             yield
         finally:
-            calls = self._declaring_now[device_id]
+            call.set_result(None)
+
+    def in_use_until(self, device_id: str, call: asyncio.Future[Any]) -> None:
+        """Counts ``call`` on the device's queue (on quorum queues a publish, from its send
+        on) until it ends: a deletion of the queue begun meanwhile waits for it. RabbitMQ
+        3.10 deleting a quorum queue while a publish to it is in flight closes the
+        publishing connection, and sometimes leaves the queue's name undeclarable."""
+        self._using_now.setdefault(device_id, set()).add(call)
+        call.add_done_callback(functools.partial(self._used, device_id))
+
+    def _used(self, device_id: str, call: asyncio.Future[Any]) -> None:
+        calls = self._using_now.get(device_id)
+        if calls is not None:
             calls.discard(call)
             if not calls:
-                del self._declaring_now[device_id]
-            call.set_result(None)
+                del self._using_now[device_id]
+
+    def declared(self, device_id: str, declaration: asyncio.Future[None]) -> bool:
+        """Whether ``declaration`` (what :meth:`ensure_queue` returned) still stands: not
+        forgotten since, as a deletion of the queue forgets it when it begins."""
+        return self._declared.get(device_id) is declaration
 
     async def _declared_queue(
         self, channel: AbstractChannel, device_id: str, name: str, robust: bool
@@ -339,7 +353,8 @@ class Topology:
 
 
 async def _apart(calls: Sequence[asyncio.Future[None]]) -> None:
-    """Waits for a device queue's declarations or deletion under way, however they end.
+    """Waits for the calls on a device queue under way (declarations, quorum publishes) or
+    its deletion, however they end.
 
     RabbitMQ (3.10, classic queues) deleting a queue while another channel declares it again
     may leave the deleted queue's consumer on the new queue, never cancelled: the new

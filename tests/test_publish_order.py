@@ -12,10 +12,8 @@ queue, and nacks the first publish only once the test lets it answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -68,15 +66,17 @@ class _Topology:
     async def ensure_queue(self, device_id: str) -> None:
         pass
 
-    @contextlib.contextmanager
-    def in_use(self, device_id: str) -> Iterator[None]:
+    def declared(self, device_id: str, declaration: object) -> bool:
+        return True
+
+    def in_use_until(self, device_id: str, call: asyncio.Future[Any]) -> None:
         self.channel.in_use[device_id] += 1
-        try:
-            yield
-        finally:
-            self.channel.in_use[device_id] -= 1
-            if not self.channel.in_use[device_id]:
-                del self.channel.in_use[device_id]
+        call.add_done_callback(lambda _: self._used(device_id))
+
+    def _used(self, device_id: str) -> None:
+        self.channel.in_use[device_id] -= 1
+        if not self.channel.in_use[device_id]:
+            del self.channel.in_use[device_id]
 
 
 def _publisher(queue_type: QueueType) -> tuple[Publisher, _Broker]:

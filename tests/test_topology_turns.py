@@ -15,7 +15,10 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
-from amqp_queue import BrokerError, RabbitMQConfig
+from amqp_queue import BrokerError, QueueType, RabbitMQConfig
+from amqp_queue.publisher import Publisher
+from amqp_queue.state import MemoryStore
+from amqp_queue.state.clock import utc_now
 from amqp_queue.topology import Topology
 from tests.rabbitmq_support import AMQP_URL, delete_namespace
 from tests.support import unique
@@ -62,12 +65,12 @@ class Turns(Topology):
 
     @property
     def in_turn(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return self._declaring_now, self._deleting_now
+        return self._using_now, self._deleting_now
 
 
-@pytest.fixture
-async def turns() -> AsyncIterator[Turns]:
-    config = RabbitMQConfig(exchange=unique("turns."), publish_timeout=10)
+@pytest.fixture(params=[QueueType.CLASSIC])
+async def turns(request: pytest.FixtureRequest) -> AsyncIterator[Turns]:
+    config = RabbitMQConfig(exchange=unique("turns."), publish_timeout=10, queue_type=request.param)
     connection = await aio_pika.connect(AMQP_URL)
     try:
         topology = Turns(await connection.channel(), config)
@@ -188,3 +191,46 @@ async def test_a_deletion_waits_for_a_publish_in_use_of_the_queue(turns: Turns) 
     await asyncio.gather(publish, deleting)
     assert turns.steps == ["publish begin", "publish end", "delete begin", "delete end"]
     assert turns.in_turn == ({}, {})
+
+
+@pytest.mark.parametrize("turns", [QueueType.QUORUM], indirect=True)
+async def test_a_quorum_publish_whose_queue_deletion_began_after_its_declaration_waits(
+    turns: Turns,
+) -> None:
+    """A publish that met its queue's declaration under way, with a deletion (a retire)
+    begun before it resumed: the declaration it waited for no longer stands, and it is
+    declared again once the deletion ended, not sent to the queue being deleted (a review
+    found it sent between the deletion's start and end). Its message is in the new queue."""
+    publisher = Publisher(turns, turns._config, utc_now)
+    underlay = await turns.channel.get_underlay_channel()
+    real_publish = underlay.basic_publish
+
+    async def basic_publish(*args: Any, **kwargs: Any) -> Any:
+        turns.steps.append("publish")
+        return await real_publish(*args, **kwargs)
+
+    underlay.basic_publish = basic_publish  # type: ignore[method-assign]
+    record = MemoryStore().build(DEVICE, None, b"after the retire", 60)
+    turns.gates["declare"].clear()
+    publishing = _start(publisher.publish(record))
+    await _until(lambda: turns.steps == ["declare begin"])
+    turns.gates["delete"].clear()  # the deletion stays under way a while
+    turns.gates["declare"].set()
+    deleting = _start(turns.delete_queue(DEVICE))
+    await _until(lambda: "delete begin" in turns.steps)
+    await asyncio.sleep(0.3)
+    turns.gates["delete"].set()
+
+    assert await publishing is True
+    await deleting
+    assert turns.steps == [
+        "declare begin",
+        "declare end",
+        "delete begin",
+        "delete end",
+        "declare begin",
+        "declare end",
+        "publish",
+    ]
+    queue = await turns.channel.declare_queue(turns._config.queue_name(DEVICE), passive=True)
+    assert queue.declaration_result.message_count == 1
