@@ -42,12 +42,17 @@ FENCE_TTL = timedelta(minutes=10)
 """How long a looked-up add found unwritten stays fenced off (a late copy writes nothing)."""
 
 
+Args = Sequence[str | bytes] | Callable[[], Sequence[str | bytes]]
+"""A script's arguments, or what makes them once its connection is taken: a call that decides
+expiry reads its time then, not before a wait for the event loop or the pool."""
+
+
 async def add_once(
     client: Redis,
     add: AsyncScript,
     lookup: AsyncScript,
     keys: Sequence[str],
-    args: Sequence[str | bytes],
+    args: Args,
     lookup_args: Sequence[str | bytes],
     command_ids: Sequence[str],
 ) -> Any:
@@ -75,11 +80,6 @@ class ReplyLost(Exception):
     def __init__(self, failure: StateError) -> None:
         super().__init__(str(failure))
         self.failure = failure
-
-
-Args = Sequence[str | bytes] | Callable[[], Sequence[str | bytes]]
-"""A script's arguments, or what makes them once its connection is taken: a call that decides
-expiry reads its time then, not before a wait for the event loop or the pool."""
 
 
 def made(args: Args) -> Sequence[str | bytes]:

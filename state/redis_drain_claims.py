@@ -14,12 +14,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .cancellation import cancellation_kept
+from .clock import Advancing
 from .errors import ClaimOutcomeUnknown, StateError
 from .model import CommandRecord
+from .redis_add_doubt import ReplyLost, send_once
 from .redis_claims import Claims, Send, answer_ttl, unexpired
 from .redis_encoding import as_text, encode_time
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
     from .clock import Clock
@@ -36,6 +39,7 @@ class RedisDrainClaims:
     mixin of it, which provides the rest)."""
 
     clock: Clock
+    _client: Redis
     _indexes: list[str]
     _claims: Claims
     _claim_script: AsyncScript
@@ -128,11 +132,21 @@ class RedisDrainClaims:
     async def _hand_over(
         self, command_ids: Sequence[str], claimed_until: datetime, now: datetime
     ) -> list[str]:
-        # A reply lost on the way fails the hand-over: the drain gives its claim back, which
-        # opens the commands again if the hand-over did land (nobody received them).
-        args = [encode_time(claimed_until), *command_ids]
-        async with self._errors("hand-over"):
-            handed = await self._hand_over_script(keys=self._indexes, args=self._args(now, args))
+        # Expiry is decided with the time it is sent, once its connection is held: one that
+        # waited for it (or for a busy event loop) hands out nothing that expired meanwhile.
+        args, sent_at = [encode_time(claimed_until), *command_ids], Advancing(now)
+        try:
+            handed = await send_once(
+                self._client,
+                self._hand_over_script,
+                self._indexes,
+                lambda: self._args(sent_at(), args),
+                "hand-over",
+            )
+        except ReplyLost as lost:
+            # Fails the hand-over: the drain gives its claim back, which opens the commands
+            # again if the hand-over did land (nobody received them).
+            raise lost.failure from lost.failure.__cause__
         return [as_text(command_id) for command_id in handed]
 
     async def _end_claims(self, command_ids: Collection[str], now: datetime) -> int:

@@ -34,7 +34,7 @@ from . import redis_claim_scripts as claim_lua
 from . import redis_scripts as lua
 from . import rules
 from .cancellation import cancellation_kept
-from .clock import Clock, utc_now
+from .clock import Advancing, Clock, utc_now
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
@@ -196,13 +196,16 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
             key_ttl = record.expires_at - now + self.retention + KEY_TTL_MARGIN
             args += add_arguments(record, key_ttl)
         limit = str(self.limits.max_pending_per_device)
+        # Its time is read once its connection is held: one that waited for it (or for a
+        # busy event loop) past an old command's TTL leaves it EXPIRED, as readers saw it.
+        sent_at = Advancing(now)
         # A lost reply is resolved before answering: an error means nothing was written.
         superseded = await add_once(
             self._client,
             self._add,
             self._add_lookup,
             [*self._indexes, f"{self._prefix}seq"],
-            self._args(now, [limit, *args]),
+            lambda: self._args(sent_at(), [limit, *args]),
             self._args(now),
             [record.id for record in records],
         )
