@@ -87,6 +87,8 @@ class MemoryStore(IndexedStore):
         until = rules.claim_until(now)
         claimed = []
         for record in self._device_records(device_id):
+            if wanted is None and rules.held_by_a_claim(record, now):
+                break
             if (wanted is None or record.id in wanted) and rules.is_deliverable(record, now):
                 held = replace(record, claimed_until=until)
                 self._store(held)

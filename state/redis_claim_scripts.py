@@ -51,7 +51,8 @@ if earlier then
 end
 local candidates = ARGV
 local first = 8 + answered
-if #ARGV < first then
+local whole = #ARGV < first
+if whole then
     candidates = redis.call('ZRANGE', KEYS[4], 0, -1)
     first = 1
 end
@@ -68,12 +69,16 @@ for i = first, #candidates do
             redis.call('ZREM', expiry_key, id)
             redis.call('ZREM', outbox_key, id)
         elseif f[1] == '0' and not f[2] and (f[3] == '0' or f[4] == '1')
-                and tonumber(f[5]) > tonumber(now)
-                and (not f[6] or tonumber(f[6]) <= tonumber(now)) then
-            -- Claimed, still open (rules.CLAIM_LEASE): HAND_OVER delivers it.
-            redis.call('HSET', key, 'claimed_until', claim_until)
-            claimed[#claimed + 1] = redis.call('HGETALL', key)
-            ids[#ids + 1] = id
+                and tonumber(f[5]) > tonumber(now) then
+            if not f[6] or tonumber(f[6]) <= tonumber(now) then
+                -- Claimed, still open (rules.CLAIM_LEASE): HAND_OVER delivers it.
+                redis.call('HSET', key, 'claimed_until', claim_until)
+                claimed[#claimed + 1] = redis.call('HGETALL', key)
+                ids[#ids + 1] = id
+            elseif whole then
+                -- rules.held_by_a_claim: another drain's; the commands behind it wait.
+                break
+            end
         end
     end
 end

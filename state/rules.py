@@ -79,6 +79,17 @@ def is_deliverable(record: CommandRecord, now: datetime) -> bool:
     )
 
 
+def held_by_a_claim(record: CommandRecord, now: datetime) -> bool:
+    """Deliverable but for another drain's live claim. A drain of the whole device stops at
+    such a command: handed out, the commands behind it would overtake it (that drain may be
+    cut, slow, or dead until its lease lapses, and give it back)."""
+    return (
+        record.claimed_until is not None
+        and record.claimed_until > now
+        and is_deliverable(replace(record, claimed_until=None), now)
+    )
+
+
 def is_deliverable_state(
     *,
     delivered: bool,

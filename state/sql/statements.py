@@ -8,7 +8,7 @@ dialect (SQLAlchemy's own compiled cache on an AsyncConnection,
 SQLite alike. ``ids`` is an expanding list (``IN``).
 
 Only the ``ON CONFLICT`` inserts differ per dialect, in their construct, not their SQL
-(:func:`insert_into_free_slot`, :func:`insert_outbox_owner`).
+(:func:`insert_into_free_slot`; the outbox owner's in :mod:`~amqp_queue.state.sql.owners`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import util as sql_util
 
 from .. import rules
 from ..model import CommandRecord, CommandStatus, EndReason
 from .now import NOW as NOW  # every statement module compares with it
 from .now import NowAfterLocks
-from .schema import AWAITS_OUTCOME, IS_OPEN, IS_READY, READY_AT, command_queue, outbox_owner
+from .schema import AWAITS_OUTCOME, IS_OPEN, IS_READY, READY_AT, command_queue
 
 c = command_queue.c
 
@@ -105,8 +106,6 @@ The limit must cut in ready order (a command confirmed late was written early), 
 partial index ``ix_command_queue_outbox_ready`` serves without sorting.
 """
 
-OUTBOX_HOLDER = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "outbox")
-RELAY_HOLDER = sa.select(outbox_owner.c.owner).where(outbox_owner.c.role == "relay")
 
 # -- writes --------------------------------------------------------------------------------
 
@@ -187,6 +186,20 @@ REJECT = (
 )
 
 
+_HELD = command_queue.alias("held")
+_FIRST_HELD = (
+    sa.select(sa.func.min(_HELD.c.seq))
+    .where(
+        _HELD.c.device_id == sa.bindparam("device"),
+        sql_util.ClauseAdapter(_HELD).traverse(sa.and_(IS_OPEN, IS_READY)),
+        _HELD.c.expires_at > NOW,
+        _HELD.c.claimed_until > NOW,
+    )
+    .scalar_subquery()
+)
+"""The device's first command held by another drain's live claim (rules.held_by_a_claim)."""
+
+
 def _claim(among: bool) -> sa.Update:
     # Waiting for a row lock, never skipping it: the lock may be a publish mark or a
     # confirm, and a drain that skipped the row would miss a ready command. In seq order,
@@ -195,6 +208,10 @@ def _claim(among: bool) -> sa.Update:
     candidates = sa.select(c.seq).where(c.device_id == sa.bindparam("device"), _DELIVERABLE)
     if among:
         candidates = candidates.where(c.id.in_(_IDS))
+    else:
+        # The whole device: up to its first command another drain holds, which the
+        # commands behind it must not overtake.
+        candidates = candidates.where(c.seq < sa.func.coalesce(_FIRST_HELD, c.seq + 1))
     return (
         sa.update(command_queue)
         .where(c.seq.in_(candidates.order_by(c.seq).with_for_update()))
@@ -366,34 +383,3 @@ TIME_OUT = (
     .values(outcome=CommandStatus.TIMED_OUT.value, outcome_at=NOW)
 )
 """Ends ``ids`` ``TIMED_OUT`` unless an outcome came meanwhile."""
-
-
-@functools.cache
-def insert_outbox_owner(dialect: str) -> sa.Insert:
-    """Records ``owner`` as the outbox's unless one is recorded."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return (
-        insert(outbox_owner)
-        .values(role="outbox", owner=sa.bindparam("owner"))
-        .on_conflict_do_nothing(index_elements=[outbox_owner.c.role])
-    )
-
-
-@functools.cache
-def take_relay_lease(dialect: str) -> sa.Insert:
-    """Makes ``holder`` the sweeping relay until ``until`` unless another holds the lease
-    past ``now``; a holder renews (or, with ``until`` = ``now``, gives up) its own."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(outbox_owner).values(
-        role="relay", owner=sa.bindparam("holder"), held_until=sa.bindparam("until")
-    )
-    row = outbox_owner.c
-    return statement.on_conflict_do_update(
-        index_elements=[row.role],
-        set_={"owner": statement.excluded.owner, "held_until": statement.excluded.held_until},
-        where=sa.or_(
-            row.owner == statement.excluded.owner,
-            row.held_until.is_(None),
-            row.held_until <= sa.bindparam("now", type_=row.held_until.type),
-        ),
-    )

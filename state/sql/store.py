@@ -51,6 +51,7 @@ from ..validation import DEFAULT_LIMITS, Limits
 from . import (
     commit_doubt,
     deadlock_retry,
+    owners,
     postgres_reads,
     schema_versions,
     sqlite_direct,
@@ -296,11 +297,11 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
 
     async def _hold_outbox(self, owner: str) -> str:
         dialect = self._engine.dialect.name
-        return await self._transaction(transactions.hold_outbox, owner, dialect)
+        return await self._transaction(owners.hold_outbox, owner, dialect)
 
     async def _hold_relay(self, holder: str, now: datetime, until: datetime) -> bool:
         dialect = self._engine.dialect.name
-        return await self._transaction(transactions.hold_relay, holder, now, until, dialect)
+        return await self._transaction(owners.hold_relay, holder, now, until, dialect)
 
     async def expire(self, now: datetime) -> int:
         return await self._transaction(transactions.expire, now)

@@ -385,16 +385,3 @@ def time_out(now: datetime) -> Transaction[int]:
         ids = overdue[start : start + _SLICE]
         ended += yield from count(sql.TIME_OUT, {"ids": ids, "now": now})
     return ended
-
-
-def hold_outbox(owner: str, dialect: str) -> Transaction[str]:
-    yield from count(sql.insert_outbox_owner(dialect), {"owner": owner})
-    holder = yield from fetch(sql.OUTBOX_HOLDER, {})
-    return str(holder[0]["owner"])
-
-
-def hold_relay(holder: str, now: datetime, until: datetime, dialect: str) -> Transaction[bool]:
-    params = {"holder": holder, "now": now, "until": until}
-    yield from count(sql.take_relay_lease(dialect), params)
-    rows = yield from fetch(sql.RELAY_HOLDER, {})
-    return bool(rows) and rows[0]["owner"] == holder
