@@ -30,8 +30,6 @@ from tests.test_adversarial_restarts_seventh import Sidecar
 
 ALL = ["sqlite", "postgres", "redis"]
 LONG = 600.0
-GHOST_AFTER_RETIRE = 0.2
-"""Seconds after a retire returns in which an inversion is the broker's (see Book.ghosted)."""
 DELIVERED = CommandStatus.DELIVERED
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
@@ -66,8 +64,6 @@ class Book:
     ops: dict[bytes, Op] = field(default_factory=dict)
     hands: list[Hand] = field(default_factory=list)
     n: itertools.count[int] = field(default_factory=itertools.count)
-    # By device: (began, returned) of each retire from another store than the readers'.
-    retires: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def new(self, device: str, tag: str, at: bytes = b"", **kw: Any) -> Op:
         payload = at or f"{tag}{next(self.n):05d}".encode()
@@ -113,18 +109,6 @@ class Book:
         ok = [p for p, o in self.ops.items() if o.ready and o.gone_at is None and not o.maybe_gone]
         return {p for p in ok if self.ops[p].expires is None}
 
-    def ghosted(self, op: Op) -> bool:
-        """Whether ``op`` was enqueued during or just after a retire of its device from
-        another store: RabbitMQ 3.10 can then leave a drain's consumer, registered as the
-        queue was deleted, holding the re-declared queue's first messages unseen until the
-        drain's channel closes (a documented limit, see docs/reliability.md: "A retire in
-        one process racing a declaration"), and a stream meanwhile gets later ones first.
-        Seen within 0.08 s of the retire's return, in about 1 run of 8 on Redis state."""
-        return any(
-            began <= op.start <= returned + GHOST_AFTER_RETIRE
-            for began, returned in self.retires.get(op.device, ())
-        )
-
     def problems(self) -> list[str]:
         out: list[str] = []
         for h in self.hands:
@@ -144,7 +128,7 @@ class Book:
                 out += [
                     f"out of order in {reader}: {a.payload!r} before {b.payload!r}"
                     for b in seq[i + 1 :]
-                    if b.ready and a.ready and b.ready[1] < a.ready[0] and not self.ghosted(b)
+                    if b.ready and a.ready and b.ready[1] < a.ready[0]
                 ]
         lost = sorted(self.owed() - {h.payload for h in self.hands})
         return out + ([f"lost: {lost}"] if lost else [])
@@ -391,7 +375,6 @@ async def test_latest_wins_fan_outs_racing_cancels_retires_and_cleanups(
                 if rng.random() < 0.12:
                     device, began = rng.choice(devices), time.monotonic()
                     await o.retire_device(device)
-                    book.retires.setdefault(device, []).append((began, time.monotonic()))
                     for op in book.ops.values():  # begun before it returned
                         if op.device == device and op.start < time.monotonic():
                             if op.ready and op.ready[1] < began:
