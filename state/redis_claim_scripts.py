@@ -16,8 +16,9 @@ CLAIM = (
 -- KEYS[4]: the device's open set. ARGV[4]: this claim's token; ARGV[5]: how long (ms) its
 -- answer is kept; ARGV[6]: '1' to only look the answer up (a claim sent again by a later
 -- drain: with no answer it never ran, and claims nothing now); ARGV[7]: how many tokens
--- follow whose answers arrived; then those tokens; then the ids to consider (none: all of
--- the device's).
+-- follow whose answers arrived; then those tokens; then how many claim times follow of
+-- claims this drain looked up (its own: not another drain's to stop at); then those times;
+-- then the ids to consider (none: all of the device's).
 local answer_key = prefix .. 'claim:' .. ARGV[4]
 -- rules.claim_until: the lease plus a random part under a second, from the random token.
 local jitter = tonumber(string.sub(ARGV[4], 1, 5), 16) % 1000000
@@ -49,8 +50,13 @@ if earlier then
     end
     return held
 end
+local own_count = tonumber(ARGV[8 + answered])
+local own = {}
+for i = 9 + answered, 8 + answered + own_count do
+    own[tonumber(ARGV[i])] = true
+end
 local candidates = ARGV
-local first = 8 + answered
+local first = 9 + answered + own_count
 local whole = #ARGV < first
 if whole then
     candidates = redis.call('ZRANGE', KEYS[4], 0, -1)
@@ -75,7 +81,7 @@ for i = first, #candidates do
                 redis.call('HSET', key, 'claimed_until', claim_until)
                 claimed[#claimed + 1] = redis.call('HGETALL', key)
                 ids[#ids + 1] = id
-            elseif whole then
+            elseif whole and not own[tonumber(f[6])] then
                 -- rules.held_by_a_claim: another drain's; the commands behind it wait.
                 break
             end

@@ -38,7 +38,7 @@ from tenacity import (
 
 from .errors import ClaimOutcomeUnknown, StateError
 from .model import CommandRecord
-from .redis_encoding import decode_replies, milliseconds
+from .redis_encoding import decode_replies, encode_time, milliseconds
 from .write_doubt import BOUND
 
 logger = logging.getLogger("amqp_queue.state.redis")
@@ -47,9 +47,11 @@ ANSWER_TTL = timedelta(minutes=10)
 """How long Redis keeps a claim's answer for the claim to be sent again."""
 
 
-Send = Callable[[str, Sequence[str], Sequence[str], bool], Awaitable[Sequence[Sequence[bytes]]]]
-"""Runs the claim script: ``(token, answered tokens, command ids, only look the answer up)``
-to its replies."""
+Send = Callable[
+    [str, Sequence[str], Sequence[str], bool, Sequence[str]], Awaitable[Sequence[Sequence[bytes]]]
+]
+"""Runs the claim script: ``(token, answered tokens, command ids, only look the answer up,
+the claim times of what this drain took so far)`` to its replies."""
 
 
 class Claims:
@@ -93,7 +95,10 @@ class Claims:
         try:
             for position, (token, ids) in enumerate(pending):
                 lookup = position < len(doubtful)
-                taken.extend(await self._send(token, ids, send, lookup_only=lookup))
+                # What the looked-up claims hold is this drain's: its claim does not stop
+                # there as at another drain's (rules.held_by_a_claim).
+                own = sorted({encode_time(r.claimed_until) for r in taken if r.claimed_until})
+                taken.extend(await self._send(token, ids, send, lookup_only=lookup, own=own))
                 answered.append(token)
         except (ClaimOutcomeUnknown, StateError) as exc:
             # Still in doubt: the one that failed (if it could have run) and those not sent.
@@ -165,6 +170,7 @@ class Claims:
         *,
         lookup_only: bool,
         within: float = BOUND,
+        own: Sequence[str] = (),
     ) -> list[CommandRecord]:
         # redis-py is optional (see redis_store): imported where it is used.
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -184,7 +190,7 @@ class Claims:
                 with attempt:
                     # Sent again within this drain, the claim may run: its messages are
                     # still this drain's.
-                    replies = await send(token, answered, ids, lookup_only)
+                    replies = await send(token, answered, ids, lookup_only, own)
         except doubt as exc:
             logger.warning(
                 "redis claim %s: reply lost (%s); looked up at the next drain", token, exc

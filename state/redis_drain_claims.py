@@ -79,10 +79,15 @@ class RedisDrainClaims:
         keys = [*self._indexes, self._device_key(device_id)]
 
         async def send(
-            token: str, answered: Sequence[str], ids: Sequence[str], lookup_only: bool
+            token: str,
+            answered: Sequence[str],
+            ids: Sequence[str],
+            lookup_only: bool,
+            own: Sequence[str],
         ) -> Sequence[Sequence[bytes]]:
             lookup = "1" if lookup_only else "0"
-            rest = [token, answer_ttl(), lookup, str(len(answered)), *answered, *ids]
+            rest = [token, answer_ttl(), lookup, str(len(answered)), *answered]
+            rest += [str(len(own)), *own, *ids]
             with cancellation_kept():
                 replies: Sequence[Sequence[bytes]] = await self._claim_script(
                     keys=keys, args=self._args(now, rest)
