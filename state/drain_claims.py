@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import rules
 from .cancellation import finished, refuse_if_cancelled
-from .clock import Clock
+from .clock import Advancing, Clock
 from .errors import ClaimOutcomeUnknown
 from .model import CommandRecord
 
@@ -112,9 +112,12 @@ class DrainClaims(abc.ABC):
         for record in claimed:
             if record.claimed_until is not None:
                 by_claim.setdefault(record.claimed_until, {})[record.id] = record
-        now = self.clock()
+        # Each claim's hand-over from the time it begins: not one read before the first,
+        # which a later one that waited behind it would send late (and hand out what expired).
+        clock = Advancing(self.clock())
         handed: dict[str, CommandRecord] = {}
         for claimed_until, records in by_claim.items():
+            now = clock()
             for command_id in await self._hand_over(list(records), claimed_until, now):
                 handed[command_id] = rules.delivered_by_hand_over(records[command_id], now)
         # Once each: a claim looked up late (Redis, a lost reply) and a new one may both
