@@ -98,7 +98,8 @@ HAND_OVER = (
     PRELUDE
     + """
 -- ARGV[4]: the claim's claimed_until; ARGV[5..]: the ids it claimed. rules.handed_over: those
--- still open, unexpired and claimed until then end delivered; returns their ids.
+-- still open, unexpired and claimed until then end delivered; returns their ids, and those
+-- this claim's hand-over delivered before.
 local handed = {}
 for i = 5, #ARGV do
     local id = ARGV[i]
@@ -107,6 +108,10 @@ for i = 5, #ARGV do
     if f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now) and f[4] == ARGV[4] then
         -- claimed_until stays: a give-back reopens only what a hand-over delivered.
         finish(key, id, 'delivered', '1')
+        handed[#handed + 1] = id
+    elseif f[1] == '1' and f[4] == ARGV[4] then
+        -- Delivered by this claim's hand-over already (a device's mark clears claimed_until):
+        -- the same hand-over sent again after its reply was lost answers as it did.
         handed[#handed + 1] = id
     end
 end
