@@ -14,13 +14,13 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     ConsumerTag,
 )
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 from pamqp.commands import Basic, Queue
 from pamqp.common import FieldTable
 
 from amqp_queue.channel_closing import usable
 from amqp_queue.config import QueueType, RabbitMQConfig
-from amqp_queue.errors import BrokerError, broker_errors
+from amqp_queue.errors import BrokerError, QueueMismatch, broker_errors
 from amqp_queue.topology import Topology
 
 T = TypeVar("T")
@@ -65,9 +65,20 @@ class Inbox:
             await usable(self.channel)
             underlay = await self.channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            self._tag = self._consumer = await self.queue.consume(
-                self._on_message, no_ack=False, arguments=self._arguments
-            )
+            try:
+                self._tag = self._consumer = await self.queue.consume(
+                    self._on_message, no_ack=False, arguments=self._arguments
+                )
+            except ChannelPreconditionFailed as exc:
+                if "x-cancel-on-ha-failover" not in " ".join(map(str, exc.args)):
+                    raise
+                # A "classic" queue that is quorum (a vhost whose default queue type is
+                # quorum makes every declaration without one quorum): the same every time.
+                raise QueueMismatch(
+                    f"queue {self.queue.name!r} is a quorum queue, not the classic queue "
+                    "RabbitMQConfig asks for (a vhost default queue type?); set queue_type "
+                    "to quorum"
+                ) from exc
 
     def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
         if frame.consumer_tag == self._consumer:
@@ -215,7 +226,7 @@ async def _uncancelled(call: Awaitable[T]) -> T:
     return await asyncio.shield(_started(call))
 
 
-CANCEL_ON_FAIL_OVER: FieldTable = {"x-cancel-on-ha-failover": True}
+CANCEL_ON_FAIL_OVER = "x-cancel-on-ha-failover"
 """A classic queue's consumer argument: when its queue dies, RabbitMQ 3.x's channel consumes
 again by the queue's name (mirrored-queue fail-over) and cancels only if that fails; a queue of
 that name declared meanwhile (a retire, then a publisher declaring it again) got the consumer,
@@ -226,7 +237,7 @@ cancels the consumer (RabbitMQ 4 always does). Quorum queues refuse it."""
 
 def consumer_arguments(config: RabbitMQConfig) -> FieldTable | None:
     """The arguments of a consumer on a device queue of ``config``'s type."""
-    return CANCEL_ON_FAIL_OVER if config.queue_type is QueueType.CLASSIC else None
+    return {CANCEL_ON_FAIL_OVER: True} if config.queue_type is QueueType.CLASSIC else None
 
 
 async def open_inbox(

@@ -143,7 +143,8 @@ class DrainClaims(abc.ABC):
     ) -> list[str]:
         """Marks delivered, in one atomic step, those of ``command_ids`` still open, unexpired
         and claimed until ``claimed_until`` (:func:`~amqp_queue.state.rules.handed_over`);
-        returns their ids."""
+        returns their ids (on Redis also those this claim's hand-over delivered before: one
+        sent again after its reply was lost answers as the first run did)."""
 
     @abc.abstractmethod
     async def _claim(

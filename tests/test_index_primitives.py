@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from amqp_queue.state import CommandNotFound, CommandStatus, EndReason, OutboxTaken, rules
+from amqp_queue.state import (
+    CommandNotFound,
+    CommandStatus,
+    EndReason,
+    OutboxTaken,
+    RedisStore,
+    rules,
+)
 from amqp_queue.state.indexed_store import IndexedStore
 from tests.backends import INDEX_BACKENDS, indexed_store
 from tests.drain_claims import drained
@@ -132,7 +139,8 @@ async def test_deliverable_claim_and_mark_delivered_by_id(
     ]
     # Handed over once: again, nothing new. Redis answers as the first run did (a hand-over
     # its client sent again after a lost reply must not lose what the first run delivered).
-    assert [r.id for r in await indexed.hand_over(claimed)] in ([], [b])
+    again = [b] if isinstance(indexed, RedisStore) else []
+    assert [r.id for r in await indexed.hand_over(claimed)] == again
 
     assert await indexed.mark_delivered([a, b, waiting]) == 2
     assert await indexed.mark_delivered([a, waiting]) == 0

@@ -302,7 +302,7 @@ async def test_a_late_copy_of_a_claim_found_never_to_have_run_claims_nothing(
 
         late_copy = await store._claim_script(
             keys=[*store._indexes, store._device_key("dev-1")],
-            args=store._args(store.clock(), [token, "600000", "0", "0", command_id]),
+            args=store._args(store.clock(), [token, "600000", "0", "0", "0", command_id]),
         )
 
         assert late_copy == []
