@@ -70,7 +70,7 @@ class Inbox:
                     self._on_message, no_ack=False, arguments=self._arguments
                 )
             except ChannelPreconditionFailed as exc:
-                if "x-cancel-on-ha-failover" not in " ".join(map(str, exc.args)):
+                if CANCEL_ON_FAIL_OVER not in " ".join(map(str, exc.args)):
                     raise
                 # A "classic" queue that is quorum (a vhost whose default queue type is
                 # quorum makes every declaration without one quorum): the same every time.
