@@ -114,10 +114,8 @@ class Publisher:
             if record.expires_at <= now:
                 return False
             declaration = await self._topology.ensure_queue(record.device_id)
-            for _ in range(_REDECLARED_MOST):
-                if not self._one_at_a_time or self._topology.declared(
-                    record.device_id, declaration
-                ):
+            for _ in range(_REDECLARED_MOST if self._one_at_a_time else 0):
+                if self._topology.declared(record.device_id, declaration):
                     break
                 # A deletion of the queue (a retire) began after its declaration: declared
                 # again once it ended, not sent to the queue it deletes (see _sent).

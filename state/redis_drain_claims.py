@@ -14,10 +14,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .cancellation import cancellation_kept
-from .clock import Advancing
 from .errors import ClaimOutcomeUnknown, StateError
 from .model import CommandRecord
-from .redis_add_doubt import ReplyLost, send_once
+from .redis_add_doubt import Args, ReplyLost, send_once
 from .redis_claims import Claims, Send, answer_ttl, unexpired
 from .redis_encoding import as_text, encode_time
 
@@ -53,6 +52,8 @@ class RedisDrainClaims:
         def _device_key(self, device_id: str) -> str: ...
 
         def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]: ...
+
+        def _args_when_sent(self, now: datetime, rest: Sequence[str | bytes]) -> Args: ...
 
         async def _release(self, claims: Mapping[str, datetime], *, unpublish: bool) -> int: ...
 
@@ -139,13 +140,13 @@ class RedisDrainClaims:
     ) -> list[str]:
         # Expiry is decided with the time it is sent, once its connection is held: one that
         # waited for it (or for a busy event loop) hands out nothing that expired meanwhile.
-        args, sent_at = [encode_time(claimed_until), *command_ids], Advancing(now)
+        args = [encode_time(claimed_until), *command_ids]
         try:
             handed = await send_once(
                 self._client,
                 self._hand_over_script,
                 self._indexes,
-                lambda: self._args(sent_at(), args),
+                self._args_when_sent(now, args),
                 "hand-over",
             )
         except ReplyLost as lost:

@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
-from .clock import Advancing
 from .model import CommandRecord, CommandStatus
 from .redis_add_doubt import Args
 from .redis_encoding import LIVENESS_FIELDS, as_text, decode_replies, is_live
@@ -161,6 +160,8 @@ class RedisFleetCalls:
 
         def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]: ...
 
+        def _args_when_sent(self, now: datetime, rest: Sequence[str | bytes]) -> Args: ...
+
         def _errors(self, action: str) -> AbstractAsyncContextManager[None]: ...
 
         def _device_key(self, device_id: str) -> str: ...
@@ -168,13 +169,6 @@ class RedisFleetCalls:
         async def _sweep(
             self, script: AsyncScript, now: datetime, args: Sequence[str | bytes], what: str
         ) -> int: ...
-
-    def _args_when_sent(self, now: datetime, rest: Sequence[str | bytes]) -> Args:
-        """:meth:`_args` with ``now`` advanced to when they are sent: a set-wide cancel or
-        confirm delayed by a busy event loop past its members' TTL leaves them expired, as
-        readers saw them (the script recognises its own earlier run by its token)."""
-        advancing = Advancing(now)
-        return lambda: self._args(advancing(), rest)
 
     def _register_fleet_scripts(self, client: Redis) -> None:
         self._time_out: AsyncScript = client.register_script(TIME_OUT)

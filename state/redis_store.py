@@ -38,7 +38,7 @@ from .clock import Advancing, Clock, utc_now
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
-from .redis_add_doubt import add_once
+from .redis_add_doubt import Args, add_once
 from .redis_changes import RedisChanges
 from .redis_claims import Claims
 from .redis_drain_claims import RedisDrainClaims
@@ -196,16 +196,13 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
             key_ttl = record.expires_at - now + self.retention + KEY_TTL_MARGIN
             args += add_arguments(record, key_ttl)
         limit = str(self.limits.max_pending_per_device)
-        # Its time is read once its connection is held: one that waited for it (or for a
-        # busy event loop) past an old command's TTL leaves it EXPIRED, as readers saw it.
-        sent_at = Advancing(now)
         # A lost reply is resolved before answering: an error means nothing was written.
         superseded = await add_once(
             self._client,
             self._add,
             self._add_lookup,
             [*self._indexes, f"{self._prefix}seq"],
-            lambda: self._args(sent_at(), [limit, *args]),
+            self._args_when_sent(now, [limit, *args]),
             self._args(now),
             [record.id for record in records],
         )
@@ -336,6 +333,13 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
     def _args(self, now: datetime, rest: Sequence[str | bytes] = ()) -> list[str | bytes]:
         """The leading arguments every script takes (see :mod:`amqp_queue.state.redis_scripts`)."""
         return [self._prefix, encode_time(now), str(self._finished_ttl), *rest]
+
+    def _args_when_sent(self, now: datetime, rest: Sequence[str | bytes]) -> Args:
+        """:meth:`_args` with ``now`` advanced to when they are made, once the script's
+        connection is held (see ``redis_add_doubt.send_once``): a call delayed by the pool or
+        a busy event loop past a command's TTL finds it expired, as readers saw it."""
+        advancing = Advancing(now)
+        return lambda: self._args(advancing(), rest)
 
     def _command_key(self, command_id: str) -> str:
         return f"{self._prefix}cmd:{command_id}"
