@@ -22,7 +22,7 @@ it cannot tell within the bound, a StateError that says the outcome is unknown.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +114,9 @@ async def send_once(
         resent = resends(sender)
         try:
             with cancellation_kept():
-                return await script(keys=keys, args=made(args), client=sender)
+                return await _made_anew_each_send(
+                    sender, lambda: script(keys=keys, args=made(args), client=sender)
+                )
         except (RedisError, OSError) as exc:
             lost = isinstance(
                 exc, RedisConnectionError | RedisTimeoutError | OSError
@@ -129,6 +131,29 @@ async def send_once(
             raise ReplyLost(failure) from exc
     finally:
         await sender.aclose(close_connection_pool=False)
+
+
+async def _made_anew_each_send(sender: Redis, send: Callable[[], Awaitable[Any]]) -> Any:
+    """``send()``, sent again as the client's policy says after a lost link, its arguments
+    made anew each time: the client sending it again itself would send the first send's
+    arguments, and its time, after a back-off that may outlast a command's TTL."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    connection = sender.connection
+    policy = getattr(connection, "retry", None)
+    if connection is None or policy is None or policy.get_retries() <= 0:
+        return await send()
+    connection.retry = Retry(NoBackoff(), 0)
+    try:
+        # A failed send has disconnected the connection already; the next one connects.
+        return await policy.call_with_retry(send, _sent_in_vain)
+    finally:
+        connection.retry = policy
+
+
+async def _sent_in_vain(error: Exception) -> None:
+    logger.debug("redis: a script's link was lost (%s); sending it again", error)
 
 
 def resends(sender: Redis) -> bool:

@@ -182,6 +182,9 @@ class TCPProxy:
         if handlers:
             await asyncio.wait(handlers, timeout=self._close_timeout)
 
+    def _link_of(self, writer: asyncio.StreamWriter) -> _Link | None:
+        return next((k for k in self._links if writer in (k.client, k.upstream)), None)
+
     def _refusing(self, epoch: int) -> bool:
         return self._cut or self._closing or epoch != self._epoch
 
@@ -306,9 +309,6 @@ class LosesAnswer(TCPProxy):
         self._doomed = None
         self.lost.clear()
 
-    def _link_of(self, writer: asyncio.StreamWriter) -> _Link | None:
-        return next((k for k in self._links if writer in (k.client, k.upstream)), None)
-
     def _advance(self, link: _Link | None, chunk: bytes) -> None:
         if link is None or not self._steps or self._doomed is not None or self.lost.is_set():
             return
@@ -337,6 +337,36 @@ class LosesAnswer(TCPProxy):
                         await self._on_loss()
                     self.lost.set()
                     link.abort()
+                    return
+                writer.write(chunk)
+                await writer.drain()
+
+
+class LosesRequest(TCPProxy):
+    """A :class:`TCPProxy` that loses one request once armed (:meth:`arm`): the first chunk a
+    client sends carrying ``step`` never reaches the server; the link is held for ``hold``
+    seconds (the client waits for its reply) and then dies, as when the link was cut before
+    the request arrived. ``lost`` is set once the link died."""
+
+    def __init__(self, target_port: int, **kwargs: Any) -> None:
+        super().__init__(target_port, **kwargs)
+        self._step: bytes | None = None
+        self._hold = 0.0
+        self.lost = asyncio.Event()
+
+    def arm(self, step: bytes, *, hold: float) -> None:
+        self._step, self._hold = step, hold
+        self.lost.clear()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = self._link_of(writer)
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(CHUNK_SIZE):
+                if link is not None and self._step is not None and self._step in chunk:
+                    self._step = None
+                    await asyncio.sleep(self._hold)
+                    link.abort()
+                    self.lost.set()
                     return
                 writer.write(chunk)
                 await writer.drain()
