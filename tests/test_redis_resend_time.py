@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from redis.asyncio import Redis
@@ -32,67 +34,60 @@ def sha(script: str) -> bytes:
     return hashlib.sha1(script.encode()).hexdigest().encode()
 
 
-async def test_a_hand_over_sent_again_past_a_commands_expiry_hands_nothing_out() -> None:
+@asynccontextmanager
+async def resending_store(script: str) -> AsyncIterator[tuple[RedisStore, LosesRequest]]:
+    """A store on a client that sends a command again after a lost link, through a proxy
+    that loses the first request running ``script`` once armed."""
     async with redis_prefix() as prefix, LosesRequest(6379) as proxy:
         async with Redis.from_url(REDIS_URL) as direct:
-            await direct.script_load(HAND_OVER)  # the EVALSHA the proxy watches for
-        client = Redis(host="127.0.0.1", port=proxy.port)  # sends again after a lost link
-        store = RedisStore(client, prefix=prefix)
+            await direct.script_load(script)  # the EVALSHA the proxy watches for
+        client = Redis(host="127.0.0.1", port=proxy.port)
         try:
-            command = await store.enqueue("dev-1", b"short-lived", TTL)
-            proxy.arm(sha(HAND_OVER), hold=HOLD)
-
-            drained = await store.drain_pending("dev-1")
-
-            assert proxy.lost.is_set()
-            assert drained == []
-            assert await store.get_status(command) is CommandStatus.EXPIRED
+            yield RedisStore(client, prefix=prefix), proxy
         finally:
             await client.aclose()
+
+
+async def test_a_hand_over_sent_again_past_a_commands_expiry_hands_nothing_out() -> None:
+    async with resending_store(HAND_OVER) as (store, proxy):
+        command = await store.enqueue("dev-1", b"short-lived", TTL)
+        proxy.arm(sha(HAND_OVER), hold=HOLD)
+
+        drained = await store.drain_pending("dev-1")
+
+        assert proxy.lost.is_set()
+        assert drained == []
+        assert await store.get_status(command) is CommandStatus.EXPIRED
 
 
 async def test_an_add_sent_again_past_the_replaced_commands_expiry_does_not_supersede_it() -> None:
-    async with redis_prefix() as prefix, LosesRequest(6379) as proxy:
-        async with Redis.from_url(REDIS_URL) as direct:
-            await direct.script_load(ADD)
-        client = Redis(host="127.0.0.1", port=proxy.port)
-        store = RedisStore(client, prefix=prefix)
-        try:
-            old = await store.enqueue_or_update("dev-1", "config", b"old", TTL)
-            proxy.arm(sha(ADD), hold=HOLD)
+    async with resending_store(ADD) as (store, proxy):
+        old = await store.enqueue_or_update("dev-1", "config", b"old", TTL)
+        proxy.arm(sha(ADD), hold=HOLD)
 
-            new = await store.enqueue_or_update("dev-1", "config", b"new", 600)
+        new = await store.enqueue_or_update("dev-1", "config", b"new", 600)
 
-            assert proxy.lost.is_set()
-            assert await store.get_status(old) is CommandStatus.EXPIRED
-            assert await store.get_status(new) is CommandStatus.PENDING
-            assert await store.drain_pending("dev-1") == [b"new"]
-        finally:
-            await client.aclose()
+        assert proxy.lost.is_set()
+        assert await store.get_status(old) is CommandStatus.EXPIRED
+        assert await store.get_status(new) is CommandStatus.PENDING
+        assert await store.drain_pending("dev-1") == [b"new"]
 
 
 async def test_a_link_lost_for_good_still_fails_the_call_clearly() -> None:
     """Sending again is bounded as the client's own policy bounds it."""
-    async with redis_prefix() as prefix, LosesRequest(6379) as proxy:
-        async with Redis.from_url(REDIS_URL) as direct:
-            await direct.script_load(HAND_OVER)
-        client = Redis(host="127.0.0.1", port=proxy.port)
-        store = RedisStore(client, prefix=prefix)
-        try:
-            command = await store.enqueue("dev-1", b"kept", 600)
+    async with resending_store(HAND_OVER) as (store, proxy):
+        command = await store.enqueue("dev-1", b"kept", 600)
 
-            async def cut_for_good() -> None:
-                await proxy.lost.wait()
-                await proxy.cut()
+        async def cut_for_good() -> None:
+            await proxy.lost.wait()
+            await proxy.cut()
 
-            cutting = asyncio.ensure_future(cut_for_good())
-            proxy.arm(sha(HAND_OVER), hold=0.0)
-            with pytest.raises(StateError):
-                await store.drain_pending("dev-1")
-            await cutting
-            await proxy.restore()
+        cutting = asyncio.ensure_future(cut_for_good())
+        proxy.arm(sha(HAND_OVER), hold=0.0)
+        with pytest.raises(StateError):
+            await store.drain_pending("dev-1")
+        await cutting
+        await proxy.restore()
 
-            # Not handed out, nor lost: open, for a drain once its claim is given back.
-            assert await store.get_status(command) is CommandStatus.PENDING
-        finally:
-            await client.aclose()
+        # Not handed out, nor lost: open, for a drain once its claim is given back.
+        assert await store.get_status(command) is CommandStatus.PENDING
