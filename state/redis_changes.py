@@ -45,6 +45,7 @@ class RedisChanges:
     _client: Redis
     _indexes: list[str]
     _finished_ttl: int
+    _prefix: str
 
     if TYPE_CHECKING:  # provided by RedisStore and its other mixins
 
@@ -91,6 +92,17 @@ class RedisChanges:
             f"could not update command {command_id!r}: lost the race {_MAX_WATCH_ATTEMPTS} times"
         )
 
+    def _expire_listed(self, pipe: Pipeline, key: str, record: CommandRecord) -> None:
+        """The command's key kept for the retention from now, and the sets listing it (its
+        device's history, its rollout) at least as long: a report may come long after
+        their TTL was set (as the scripts' ``keep_listed`` does)."""
+        pipe.pexpire(key, self._finished_ttl)
+        listing = [f"{self._prefix}hist:{record.device_id}"]
+        if record.rollout_id is not None:
+            listing.append(f"{self._prefix}rollout:{record.rollout_id}")
+        for listed in listing:
+            pipe.pexpire(listed, self._finished_ttl, gt=True)
+
     async def _modify_once(
         self, pipe: Pipeline, command_id: str, change: Change
     ) -> CommandRecord | None:
@@ -122,7 +134,7 @@ class RedisChanges:
             pipe.zrem(self._device_key(current.device_id), command_id)
             pipe.zrem(self._indexes[0], command_id)
             pipe.zadd(self._indexes[2], {command_id: encode_time(ended_at)})
-            pipe.pexpire(key, self._finished_ttl)
+            self._expire_listed(pipe, key, current)
             if frees_slot and kind is not None:
                 pipe.hdel(slots_key, kind)
         elif not updated.is_open and updated.pruned_after != current.pruned_after:
@@ -130,7 +142,7 @@ class RedisChanges:
             pipe.zrem(self._outcome_due_key, command_id)
             if updated.pruned_after is not None:
                 pipe.zadd(self._indexes[2], {command_id: encode_time(updated.pruned_after)})
-                pipe.pexpire(key, self._finished_ttl)
+                self._expire_listed(pipe, key, current)
         if current.is_open and not current.is_ready and (updated.is_ready or finishes):
             pipe.zrem(self._awaiting_key, command_id)
         if updated.is_open and updated.is_ready and updated.published_at is None:

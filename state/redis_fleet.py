@@ -41,6 +41,7 @@ for _, id in ipairs(ids) do
         redis.call('HSET', key, 'outcome', 'timed_out', 'outcome_at', now)
         redis.call('ZADD', finished_key, now, id)
         redis.call('PEXPIRE', key, finished_ttl)
+        keep_listed(key, finished_ttl)
         ended = ended + 1
     end
     redis.call('ZREM', due_key, id)

@@ -25,6 +25,25 @@ local function is_live(f)
     return f[1] == '0' and not f[2] and tonumber(f[3]) > tonumber(now)
 end
 
+-- An index key must outlive every command it lists, so its TTL only ever grows.
+local function extend_ttl(key, ttl)
+    if redis.call('PTTL', key) < tonumber(ttl) then
+        redis.call('PEXPIRE', key, ttl)
+    end
+end
+
+-- A command's key given a longer life (delivered awaiting its outcome, finished late, an
+-- outcome reported) keeps its device's history and its rollout listing it as long.
+local function keep_listed(key, ttl)
+    local owner = redis.call('HMGET', key, 'device_id', 'rollout_id')
+    if owner[1] then
+        extend_ttl(prefix .. 'hist:' .. owner[1], ttl)
+    end
+    if owner[2] then
+        extend_ttl(prefix .. 'rollout:' .. owner[2], ttl)
+    end
+end
+
 -- A finished command leaves every open index and stays queryable until pruned. A delivered
 -- one with an outcome deadline waits in outcome_due instead: it is not final yet.
 local function finish(key, id, field, value)
@@ -48,19 +67,16 @@ local function finish(key, id, field, value)
     if field == 'delivered' and owner[3] then
         local wait = math.ceil(tonumber(owner[3]) * 1000000)
         redis.call('ZADD', prefix .. 'outcome_due', string.format('%.0f', tonumber(now) + wait), id)
-        redis.call('PEXPIRE', key, tonumber(finished_ttl) + math.ceil(wait / 1000))
+        local ttl = tonumber(finished_ttl) + math.ceil(wait / 1000)
+        redis.call('PEXPIRE', key, ttl)
+        keep_listed(key, ttl)
     else
         redis.call('ZADD', finished_key, now, id)
         redis.call('PEXPIRE', key, finished_ttl)
+        keep_listed(key, finished_ttl)
     end
 end
 
--- An index key must outlive every command it lists, so its TTL only ever grows.
-local function extend_ttl(key, ttl)
-    if redis.call('PTTL', key) < tonumber(ttl) then
-        redis.call('PEXPIRE', key, ttl)
-    end
-end
 
 -- The records (HGETALL replies) of the ids in a JSON list still held: what a call kept as
 -- its answer, asked again after its reply was lost (pruned commands are left out).

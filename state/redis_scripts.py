@@ -252,6 +252,7 @@ for i = 6, #ARGV, 2 do
             redis.call('ZREM', prefix .. 'outcome_due', id)
             redis.call('ZADD', finished_key, now, id)
             redis.call('PEXPIRE', key, finished_ttl)
+            keep_listed(key, finished_ttl)
         else
             reopened = reopened + 1
             redis.call('HSET', key, 'delivered', '0')
@@ -276,6 +277,7 @@ for i = 6, #ARGV, 2 do
             end
             local ttl = math.floor((tonumber(expires) - tonumber(now)) / 1000) + keep
             redis.call('PEXPIRE', key, ttl)
+            keep_listed(key, ttl)
             extend_ttl(device_key, ttl)
             if kind then
                 extend_ttl(slots, ttl)
