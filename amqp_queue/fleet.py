@@ -23,6 +23,7 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.errors import QueueMismatch
 from amqp_queue.observer import Observer
 from amqp_queue.publish_path import PublishPath
+from amqp_queue.received import OutcomeReporter
 from amqp_queue.relay_holds import WRITER_GRACE
 from amqp_queue.state import rules
 from amqp_queue.state.cancellation import run_through
@@ -85,14 +86,19 @@ class FleetDelivery:
         if changed:  # the same report again is harmless, and counted once
             self.observer.outcome(record)
 
-    async def complete_received(self, command_id: str, result: bytes | None) -> None:
+    def _outcome_reporter(self) -> OutcomeReporter:
+        """What the commands ``consume`` hands out report their outcomes through."""
+        return OutcomeReporter(self._complete_received, self._fail_received)
+
+    async def _complete_received(self, command_id: str, result: bytes | None) -> None:
         """:meth:`complete_command` for a command ``consume`` handed out (see
-        :class:`~amqp_queue.received.ReceivedCommand`): marked delivered first."""
+        :class:`~amqp_queue.received.ReceivedCommand`): marked delivered first. Not public:
+        it takes any id as received."""
         data = validate_result(result, self.limits)
         await self.state.mark_delivered([command_id])
         await self.complete_command(command_id, data)
 
-    async def fail_received(self, command_id: str, reason: str) -> None:
+    async def _fail_received(self, command_id: str, reason: str) -> None:
         """:meth:`fail_command` for a command ``consume`` handed out."""
         text = validate_reason(reason, self.limits)
         await self.state.mark_delivered([command_id])

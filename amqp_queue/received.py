@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from amqp_queue.state.model import PendingCommand
 
 
-class OutcomeReporter(Protocol):
-    """Records the outcome of a command a device received (RabbitMQStore implements it)."""
+@dataclass(frozen=True, slots=True)
+class OutcomeReporter:
+    """How a :class:`ReceivedCommand` reports: the store's own calls, not public ones, since
+    they take the command as received (a stream handed it out) without asking the index."""
 
-    async def complete_received(self, command_id: str, result: bytes | None) -> None: ...
-
-    async def fail_received(self, command_id: str, reason: str) -> None: ...
+    complete: Callable[[str, bytes | None], Awaitable[None]]
+    fail: Callable[[str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,8 +31,8 @@ class ReceivedCommand(PendingCommand):
 
     async def complete(self, result: bytes | None = None) -> None:
         """Reports ``SUCCEEDED`` with an optional result; see ``complete_command``."""
-        await self.reporter.complete_received(self.id, result)
+        await self.reporter.complete(self.id, result)
 
     async def fail(self, reason: str) -> None:
         """Reports ``FAILED`` with a reason; see ``fail_command``."""
-        await self.reporter.fail_received(self.id, reason)
+        await self.reporter.fail(self.id, reason)

@@ -230,13 +230,9 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             assert self._relay is not None
             if self._relay.pending:
                 await self._flush_outbox()
+            closing, background = (lambda: self._closed), self._running.background
             channel, inbox = await open_drain(
-                self._channels,
-                topology,
-                self.config,
-                device,
-                self._running.background,
-                lambda: self._closed,
+                self._channels, topology, self.config, device, background, closing
             )
             try:
                 running.consuming(inbox)
@@ -263,9 +259,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             channel = await self._channels.channel(f"opening a channel to consume {device}")
             return channel, topology
 
-        marks = self._marks
+        report, marks = self._outcome_reporter(), self._marks
         return self._running.stream(
-            CommandStream(open_channel, self.state, self.config, device, self.observer, self, marks)
+            CommandStream(
+                open_channel, self.state, self.config, device, self.observer, report, marks
+            )
         )
 
     async def confirm_command(self, command_id: str, *, by: str | None = None) -> None:
