@@ -157,9 +157,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         ``publish_timeout`` s while the broker and index are open, then about 2 s more for
         channels and a cancelled drain's give-back; a stream's delivery marks up to
         ``publish_timeout`` too, then 1 s for the marks closed streams owe, and enqueues,
-        confirms and relay passes under way up to ``publish_timeout``. A stalled index holds
-        each step for its own bound. Cut short (the caller's deadline), a close still stops
-        the relay and closes what the store owns; called again, it finishes what is left.
+        confirms and relay passes under way up to ``publish_timeout``, also when the close is
+        cut short. A stalled index holds each step for its own bound. Cut short (the caller's
+        deadline), a close still stops the relay and closes what the store owns; called
+        again, it finishes what is left.
         """
         if self._closed_all:
             return
@@ -180,29 +181,38 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._close_channels()
         finally:
             self._started = False
-            if self._relay is not None:
-                self._relay.halt()  # cut short above: it must not use what closes below
-            self._marks.halt()  # likewise: no background mark on a closed index
             try:
-                await self._channels.close()
-                # Each forgotten once closed: a close cut short here leaves the rest to the next.
-                for resource in [r for r in reversed(self._owned) if r is not self.state]:
-                    await resource.close()
-                    self._owned = [r for r in self._owned if r is not resource]
-                # A drain that outlived the grace meets closed channels now; what it claimed
-                # goes back to the index before the index closes, and so does the give-back
-                # of a drain cancelled meanwhile (its channel's close waits for it, bounded).
-                await self._running.wait_drains(CLOSE_GRACE)
-                await self._running.wait_background()
-                await self._path.flush()  # the marks of publishes answered meanwhile
+                # Cut short before the wait above: the calls under way still get to publish,
+                # on the relay and channels still open, rather than leave their commands owed.
+                await self._calls.wait(self.config.publish_timeout)
             finally:
-                try:
-                    if self.state in self._owned:
-                        await self.state.close()
-                        self._owned = [r for r in self._owned if r is not self.state]
-                    self._closed_all = not self._owned
-                finally:
-                    self._running.ended()
+                await self._close_owned()
+
+    async def _close_owned(self) -> None:
+        """The end of :meth:`close`, also when it was cut short: the relay and the marks
+        halted, the channels, connections and index closed (each forgotten once closed)."""
+        if self._relay is not None:
+            self._relay.halt()  # cut short: it must not use what closes below
+        self._marks.halt()  # likewise: no background mark on a closed index
+        try:
+            await self._channels.close()
+            for resource in [r for r in reversed(self._owned) if r is not self.state]:
+                await resource.close()
+                self._owned = [r for r in self._owned if r is not resource]
+            # A drain that outlived the grace meets closed channels now; what it claimed
+            # goes back to the index before the index closes, and so does the give-back
+            # of a drain cancelled meanwhile (its channel's close waits for it, bounded).
+            await self._running.wait_drains(CLOSE_GRACE)
+            await self._running.wait_background()
+            await self._path.flush()  # the marks of publishes answered meanwhile
+        finally:
+            try:
+                if self.state in self._owned:
+                    await self.state.close()
+                    self._owned = [r for r in self._owned if r is not self.state]
+                self._closed_all = not self._owned
+            finally:
+                self._running.ended()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -275,7 +285,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         confirmed it (False when it needed no confirmation, was confirmed already or was
         delivered: harmless, and nothing changed)."""
         self._refuse_if_closed()  # its relay going: the command would wait for another's
-        reachable = not self.broker_pending and await self._declare_first(
+        reachable = not self.broker_pending and await (await self._ready()).declared_before_write(
             (await self.state.get_command(command_id)).device_id
         )
         # Committed, the command is ready: a cancelled caller must not leave it to wait out
@@ -340,12 +350,11 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _device(self, device_id: str) -> str:
-        return self.config.validate_device(device_id)
-
     def _validate_device(self, device_id: object) -> str:
         # The limits, and a queue name within AMQP's 255 bytes, before anything is written.
         return self.config.validate_device(device_id)
+
+    _device = _validate_device
 
     def _refuse_if_closed(self) -> None:
         if self._closed:
@@ -370,7 +379,8 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 self._path.owe(record.id)
             return record.id
         with closed_under(f"enqueueing command {record.id}"):
-            reachable = await self._declare_first(record.device_id)
+            topology = await self._ready()
+            reachable = await topology.declared_before_write(record.device_id)
             await self._path.write(record)
             if record.is_ready:
                 if reachable:
@@ -378,17 +388,6 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
                 else:
                     self._path.owe(record.id)
         return record.id
-
-    async def _declare_first(self, device_id: str) -> bool:
-        """Declares the device's queue before a write (cached after): a queue of other settings
-        is a clear error with nothing written. False: the broker is down (left to the relay)."""
-        topology = await self._ready()
-        try:
-            await topology.ensure_queue(device_id)
-        except BrokerError as exc:
-            logger.warning("queue of %s not declared: %s", device_id, exc)
-            return False
-        return True
 
     async def _flush_outbox(self) -> None:
         assert self._relay is not None

@@ -275,6 +275,16 @@ class Topology:
             deleting.set_result(None)
         logger.info("deleted queue %s", name)
 
+    async def declared_before_write(self, device_id: str) -> bool:
+        """Declares the device's queue before a write (cached after): a queue of other settings
+        is a clear error with nothing written. False: the broker is down (left to the relay)."""
+        try:
+            await self.ensure_queue(device_id)
+        except BrokerError as exc:
+            logger.warning("queue of %s not declared: %s", device_id, exc)
+            return False
+        return True
+
     async def declare_queue(
         self, channel: AbstractChannel, device_id: str, *, robust: bool = True
     ) -> AbstractQueue:

@@ -58,3 +58,40 @@ async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
         assert got == [b"second"], accepted
     else:
         assert got == [b"first", b"second"]
+
+
+async def test_an_enqueue_racing_a_close_its_caller_cuts_short_is_not_overtaken(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the twenty-seventh session's probe: with the close cut by its caller's
+    deadline, the store halted its relay and closed its channels under the enqueue, which
+    returned its id with the command owed; the device's next command, enqueued elsewhere,
+    went first (SQLite 7 of 30, PostgreSQL up to 7 of 30 rounds)."""
+    device = env.device()
+    a = await env.open()
+    b = await env.open()
+    declaring = asyncio.Event()
+    go_on = asyncio.Event()
+    ensure_queue = Topology.ensure_queue
+
+    async def held(topology: Topology, device_id: str, *args: Any, **kwargs: Any) -> Any:
+        if device_id == device and not declaring.is_set():
+            declaring.set()
+            await go_on.wait()
+        return await ensure_queue(topology, device_id, *args, **kwargs)
+
+    monkeypatch.setattr(Topology, "ensure_queue", held)
+    enqueueing = asyncio.create_task(a.enqueue(device, b"first", LONG))
+    await asyncio.wait_for(declaring.wait(), 5)
+    asyncio.get_running_loop().call_later(0.3, go_on.set)  # past the close's deadline
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(a.close(), 0.05)
+    accepted = await asyncio.gather(enqueueing, return_exceptions=True)
+    await a.close()
+    await b.enqueue(device, b"second", LONG)
+
+    got = await drain_until(b, device, count=2, seconds=5)
+    if isinstance(accepted[0], BaseException):  # refused: nothing written
+        assert got == [b"second"], accepted
+    else:
+        assert got == [b"first", b"second"]
