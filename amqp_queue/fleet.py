@@ -156,19 +156,34 @@ class FleetDelivery:
             self.observer.confirmed(record)
         await self._publish_ready(confirmed, reachable=not self.broker_pending)
         if not self.broker_pending:
-            # Members another call confirmed (the rollout confirmed twice at once, here or in
-            # another process): their publishes land before this call returns, as a repeated
-            # confirm of one command waits, or a command enqueued next would go first.
-            mine = {record.id for record in confirmed}
-            others = set(await self.state.rollout_unpublished(rollout_id)) - mine
-            # A fan-out publishes a relay batch at a time, each within publish_timeout:
-            # past that with no mark landing, its writer is stuck (or dead).
-            within = WRITER_GRACE + self.config.publish_timeout
-            stuck = await self._path.published_elsewhere(others, within)
-            if stuck:
-                stuck_records = await self.state.deliverable(stuck)
-                await self._publish_ready(list(stuck_records.values()), reachable=True)
+            try:
+                await self._publish_confirmed_elsewhere(rollout_id, confirmed)
+            except StateError as exc:
+                # The confirmation landed, and its own members are published or owed: an
+                # error now would tell the caller nothing was confirmed. The others are
+                # their confirmer's to publish, or the relay's.
+                logger.warning(
+                    "confirm_rollout %s: confirmed; members confirmed elsewhere not looked at: %s",
+                    rollout_id,
+                    exc,
+                )
         return len(confirmed)
+
+    async def _publish_confirmed_elsewhere(
+        self, rollout_id: str, confirmed: Sequence[CommandRecord]
+    ) -> None:
+        """Members another call confirmed (the rollout confirmed twice at once, here or in
+        another process): their publishes land before this call returns, as a repeated
+        confirm of one command waits, or a command enqueued next would go first."""
+        mine = {record.id for record in confirmed}
+        others = set(await self.state.rollout_unpublished(rollout_id)) - mine
+        # A fan-out publishes a relay batch at a time, each within publish_timeout: past
+        # that with no mark landing, its writer is stuck (or dead).
+        within = WRITER_GRACE + self.config.publish_timeout
+        stuck = await self._path.published_elsewhere(others, within)
+        if stuck:
+            stuck_records = await self.state.deliverable(stuck)
+            await self._publish_ready(list(stuck_records.values()), reachable=True)
 
     async def rollout_enqueuer(self, rollout_id: str) -> str | None:
         """See :meth:`IndexedStore.rollout_enqueuer`."""
