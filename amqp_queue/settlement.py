@@ -210,8 +210,8 @@ async def split_live(
 
     A live command of another device (a foreign publish) counts as not live here, and so
     does a second message of one command (a copy): only the first is kept, or with
-    ``latest`` the last delivery in the first one's place (after a lost channel the first
-    may be its delivery, which can no longer be settled: the broker gave it again).
+    ``latest`` the last delivery in the first one's place when the first can no longer be
+    settled (after a lost channel the broker gave it again).
 
     ``revive``: a redelivered message of a claimed command ends the claim first, through
     these asks (see :func:`end_orphaned_claims`); a drain does that before its own claim,
@@ -235,12 +235,23 @@ async def split_live(
         elif record.id not in place:
             place[record.id] = len(kept)
             kept.append((message, record))
-        elif latest:
+        elif latest and not _settles_beside(kept[place[record.id]][0], message):
             finished.append(kept[place[record.id]][0])
             kept[place[record.id]] = (message, record)
         else:
             finished.append(message)
     return kept, finished
+
+
+def _settles_beside(first: AbstractIncomingMessage, later: AbstractIncomingMessage) -> bool:
+    """Whether the first delivery of a command can still be settled where a later copy came
+    (the same open channel): then it is kept, at its place in the queue. A copy kept instead
+    would go back (a loop body raising, a close) to the copy's own place, behind newer
+    commands (tests/test_copy_keeps_order.py)."""
+    try:
+        return first.channel is later.channel and not first.channel.is_closed
+    except ChannelInvalidStateError:  # closed: the broker gave the command again
+        return False
 
 
 async def end_orphaned_claims(

@@ -1,0 +1,68 @@
+"""A copy of a command in a device queue does not move the command behind newer ones.
+
+Found by the twenty-seventh session's probe (a Redis kill lost a publish mark, another
+store's relay published the command again; the device's one reader later handed it out
+after 11 newer commands): ``consume`` kept a command's latest delivery and acked the first,
+which sat at the command's place in the queue. Inside the stream the order held; but once
+the stream gave the command back (its loop body raised, the stream closed, the process
+died) the broker requeued the copy at the copy's own place, behind the newer commands.
+The first delivery is kept while its channel can still settle it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from amqp_queue import RabbitMQStore
+from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
+
+
+class BodyFailed(Exception):
+    pass
+
+
+async def copy_first_message_to_the_tail(queue_name: str) -> None:
+    """What the relay's second publish of a command leaves: an exact copy behind the rest."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(queue_name, ensure=False)
+        first = await queue.get(no_ack=False)
+        copy = aio_pika.Message(
+            first.body,
+            message_id=first.message_id,
+            headers=first.headers,
+            delivery_mode=first.delivery_mode,
+            expiration=first.expiration,
+            timestamp=first.timestamp,
+        )
+        await channel.default_exchange.publish(copy, routing_key=queue_name)
+        await first.nack(requeue=True)
+
+
+async def fail_on_first(store: RabbitMQStore) -> None:
+    async with store.consume("dev-1") as stream:
+        async for command in stream:
+            raise BodyFailed(command.payload)  # at-least-once: it stays queued
+
+
+async def test_a_command_given_back_with_a_copy_queued_keeps_its_place(tmp_path: Path) -> None:
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        for n in (1, 2, 3):
+            await store.enqueue("dev-1", b"c%d" % n, 600)
+        await copy_first_message_to_the_tail(store.config.queue_name("dev-1"))
+
+        with pytest.raises(BodyFailed, match="c1"):
+            await fail_on_first(store)
+
+        order: list[bytes] = []
+        async with store.consume("dev-1") as stream:
+            while len(order) < 3:
+                async with asyncio.timeout(5):
+                    order.append((await anext(stream)).payload)
+        assert order == [b"c1", b"c2", b"c3"]
