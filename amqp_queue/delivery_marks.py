@@ -15,7 +15,14 @@ from amqp_queue.config import RabbitMQConfig
 from amqp_queue.delivery_index import DeliveryIndex
 from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
-from amqp_queue.settlement import command_ids, report_delivered, settle, settle_each, split_live
+from amqp_queue.settlement import (
+    command_ids,
+    report_delivered,
+    settle,
+    settle_each,
+    settles_beside,
+    split_live,
+)
 from amqp_queue.state.model import CommandRecord
 
 logger = logging.getLogger("amqp_queue.stream")
@@ -87,11 +94,16 @@ class DeliveryMarks:
         The broker gives a command again when the channel holding it was lost (and restored).
         While its delivery mark has not landed, the new delivery is the one to keep unacked:
         the lost channel's is gone, and should the mark never land, the command must come
-        again (at-least-once). Marked, or never posted here, it is the new delivery's due.
+        again (at-least-once). A copy on the same open channel (a repeated publish) is the
+        one dropped: the first keeps the command's place in the queue (see
+        :func:`~amqp_queue.settlement.settles_beside`). Marked, or never posted here, it is the
+        new delivery's due.
         """
         for at, (older, record) in enumerate(self.unmarked):
             if record.id == command_id:
                 self.ack_singly()
+                if settles_beside(older, message):
+                    return message
                 self.unmarked[at] = (message, record)
                 return older
         if command_id in self._posted:
@@ -199,16 +211,18 @@ class DeliveryMarks:
     def _latest(
         self, batch: list[Finished]
     ) -> tuple[list[Finished], list[AbstractIncomingMessage]]:
-        """The batch with each command's latest delivery (see :meth:`adopt`), and the
-        deliveries it replaced: stale (their channel lost, or a copy of a repeated
-        publish)."""
+        """The batch with each command's delivery to keep (see :meth:`adopt`: the first while
+        its channel can settle it, else the latest), and the others: stale (their channel
+        lost, or a copy of a repeated publish)."""
         latest: list[Finished] = []
         replaced: list[AbstractIncomingMessage] = []
         for message, record in batch:
             self._posted.discard(record.id)
             copy = self._copies.pop(record.id, None)
-            if copy is None:
+            if copy is None or settles_beside(message, copy):
                 latest.append((message, record))
+                if copy is not None:
+                    replaced.append(copy)
             else:
                 latest.append((copy, record))
                 replaced.append(message)

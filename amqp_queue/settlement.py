@@ -235,7 +235,7 @@ async def split_live(
         elif record.id not in place:
             place[record.id] = len(kept)
             kept.append((message, record))
-        elif latest and not _settles_beside(kept[place[record.id]][0], message):
+        elif latest and not settles_beside(kept[place[record.id]][0], message):
             finished.append(kept[place[record.id]][0])
             kept[place[record.id]] = (message, record)
         else:
@@ -243,7 +243,7 @@ async def split_live(
     return kept, finished
 
 
-def _settles_beside(first: AbstractIncomingMessage, later: AbstractIncomingMessage) -> bool:
+def settles_beside(first: AbstractIncomingMessage, later: AbstractIncomingMessage) -> bool:
     """Whether the first delivery of a command can still be settled where a later copy came
     (the same open channel): then it is kept, at its place in the queue. A copy kept instead
     would go back (a loop body raising, a close) to the copy's own place, behind newer

@@ -26,7 +26,7 @@ from amqp_queue.mark_commits import MarkCommits
 from amqp_queue.observer import Observer
 from amqp_queue.received import OutcomeReporter, ReceivedCommand
 from amqp_queue.requeue_order import ReadyOrder
-from amqp_queue.settlement import has_copies, settle_each
+from amqp_queue.settlement import has_copies, settle_each, settles_beside
 from amqp_queue.state.cancellation import being_cancelled
 from amqp_queue.state.closing import Closing
 from amqp_queue.state.errors import StateError
@@ -335,11 +335,14 @@ class CommandStream(Closing):
                     stale.append(dropped)
             elif (at := waiting.get(record.id)) is not None:
                 # A copy of a command waiting here (a repeated publish, or the broker's
-                # redelivery to a restored channel): kept once, as its latest delivery, the
-                # one a lost channel did not take with it.
-                stale.append(self._ready[at][0])
-                self._ready[at] = (message, record)
+                # redelivery to a restored channel): kept once, as its first delivery while
+                # that one's channel can settle it (its place in the queue), else the latest.
                 self._marks.ack_singly()
+                if settles_beside(self._ready[at][0], message):
+                    stale.append(message)
+                else:
+                    stale.append(self._ready[at][0])
+                    self._ready[at] = (message, record)
             else:
                 self._ready.append((message, record))
         if self._order is not None:
