@@ -161,7 +161,8 @@ class CommandStream(Closing):
         self._handed[self._current[1].id] = None
         if len(self._handed) > _HANDED_MEMORY:
             self._handed.popitem(last=False)
-        return self._current[1].to_pending(ReceivedCommand, reporter=self._reporter)
+        record = self._current[1]
+        return record.to_pending(ReceivedCommand, reporter=self._reporter.bound_to(record.id))
 
     @property
     def closed(self) -> bool:
@@ -323,9 +324,8 @@ class CommandStream(Closing):
         self._unadmitted = []
         self._checked_at = self._clock()
         self._looked = True
-        # Every message is placed before anything is awaited: cancelled while acking the
-        # stale ones, the live ones are still here to hand out (or requeue on close), never
-        # orphaned for a later multiple ack to take.
+        # Every message placed before anything is awaited: cut while acking the stale ones,
+        # the live ones stay to hand out (or requeue), never left for a multiple ack to take.
         stale = list(finished)
         waiting = {record.id: at for at, (_, record) in enumerate(self._ready)}
         for message, record in live:

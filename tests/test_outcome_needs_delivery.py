@@ -10,6 +10,7 @@ dropped at delivery. Rule 9: only a delivered command gets an outcome, as
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from amqp_queue import QueueError, RabbitMQStore
+from amqp_queue import CommandStatus, QueueError, RabbitMQStore
 from tests.rabbitmq_support import rabbitmq_store
 
 REPORTS = ("complete", "fail")
@@ -52,3 +53,22 @@ async def test_no_outcome_is_taken_for_a_command_no_device_received(
             assert await store.get_status(command_id) is status, name
 
         assert await store.drain_pending("dev-1") == ([] if cancelled else [b"x"])
+
+
+async def test_a_received_commands_report_is_for_that_command_only(tmp_path: Path) -> None:
+    """A review of the fix above: the report a consumed command carried took any id
+    (``dataclasses.replace(command, id=other).fail(...)``, or its reporter called with
+    another id), so a pending command of another device ended ``FAILED``."""
+    async with rabbitmq_store(tmp_path) as store:
+        assert isinstance(store, RabbitMQStore)
+        received_id = await store.enqueue("dev-1", b"x", 60)
+        other = await store.enqueue("dev-2", b"y", 60)
+
+        async with store.consume("dev-1") as stream:
+            async for command in stream:
+                await dataclasses.replace(command, id=other).fail("jammed")
+                break
+
+        assert await store.get_status(other) is CommandStatus.PENDING
+        assert await store.get_status(received_id) is CommandStatus.FAILED
+        assert await store.drain_pending("dev-2") == [b"y"]
