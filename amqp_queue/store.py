@@ -165,6 +165,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         if self._closed_all:
             return
         self._closed = True
+        calls_waited = False
         try:
             await self._stop_starter()
             await self._running.end(drain_grace=self.config.publish_timeout)
@@ -172,6 +173,7 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
             await self._marks.close(self.config.publish_timeout)  # what closed streams owe
             # Before the relay and the channels go (see calls_in_flight).
             await self._calls.wait(self.config.publish_timeout)
+            calls_waited = True
             if self._relay is not None:
                 if not self.broker_pending:
                     await publish_owed(self._relay, self.config.publish_timeout)
@@ -182,9 +184,10 @@ class RabbitMQStore(FleetDelivery, Closing, BrokerStart, CommandIntake):
         finally:
             self._started = False
             try:
-                # Cut short before the wait above: the calls under way still get to publish,
-                # on the relay and channels still open, rather than leave their commands owed.
-                await self._calls.wait(self.config.publish_timeout)
+                if not calls_waited:
+                    # Cut short before the wait above: the calls under way still publish, on
+                    # the relay and channels still open, rather than leave their commands owed.
+                    await self._calls.wait(self.config.publish_timeout)
             finally:
                 await self._close_owned()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from amqp_queue.calls_in_flight import CallsInFlight
 from amqp_queue.topology import Topology
 from tests.shared_index import drain_until
 from tests.test_adversarial_seams import LONG, Env, env_fixture
@@ -95,3 +96,39 @@ async def test_an_enqueue_racing_a_close_its_caller_cuts_short_is_not_overtaken(
         assert got == [b"second"], accepted
     else:
         assert got == [b"first", b"second"]
+
+
+async def test_a_close_waits_for_a_stuck_call_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review of the fix above: its wait on the way out ran after a whole close too, so a
+    close with a call stuck under way took two ``publish_timeout`` where it says one."""
+    device = env.device()
+    a = await env.open(publish_timeout=1.0)
+    stuck = asyncio.Event()
+    ensure_queue = Topology.ensure_queue
+
+    async def held(topology: Topology, device_id: str, *args: Any, **kwargs: Any) -> Any:
+        if device_id == device:
+            stuck.set()
+            await asyncio.Event().wait()  # until cancelled
+        return await ensure_queue(topology, device_id, *args, **kwargs)
+
+    waits_run_out: list[float] = []
+    wait = CallsInFlight.wait
+
+    async def counted_wait(calls: CallsInFlight, within: float) -> None:
+        await wait(calls, within)
+        if calls._count:
+            waits_run_out.append(within)
+
+    monkeypatch.setattr(Topology, "ensure_queue", held)
+    monkeypatch.setattr(CallsInFlight, "wait", counted_wait)
+    enqueueing = asyncio.create_task(a.enqueue(device, b"stuck", LONG))
+    await asyncio.wait_for(stuck.wait(), 5)
+
+    await a.close()
+
+    assert waits_run_out == [1.0]
+    enqueueing.cancel()
+    await asyncio.gather(enqueueing, return_exceptions=True)
