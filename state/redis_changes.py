@@ -26,6 +26,7 @@ from .errors import StateError
 from .fleet import Change
 from .model import CommandRecord
 from .redis_encoding import changed_fields, decode_record, encode_time
+from .redis_lua import EXTEND_TTLS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -100,8 +101,7 @@ class RedisChanges:
         listing = [f"{self._prefix}hist:{record.device_id}"]
         if record.rollout_id is not None:
             listing.append(f"{self._prefix}rollout:{record.rollout_id}")
-        for listed in listing:
-            pipe.pexpire(listed, self._finished_ttl, gt=True)
+        pipe.eval(EXTEND_TTLS, len(listing), *listing, self._finished_ttl)
 
     async def _modify_once(
         self, pipe: Pipeline, command_id: str, change: Change

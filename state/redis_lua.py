@@ -91,3 +91,15 @@ local function held_records(ids_json)
     return records
 end
 """
+
+
+EXTEND_TTLS = """
+-- Every key in KEYS given at least ARGV[1] ms to live: an index key's TTL only grows. (PEXPIRE's
+-- GT option does this in one command, from Redis 7.0 only.)
+for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) < tonumber(ARGV[1]) then
+        redis.call('PEXPIRE', key, ARGV[1])
+    end
+end
+return 0
+"""
