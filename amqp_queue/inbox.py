@@ -65,6 +65,9 @@ class Inbox:
             await usable(self.channel)
             underlay = await self.channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            if isinstance(self.channel, AbstractRobustChannel):
+                # A reconnect reopens the channel on a new underlying one: heard there too.
+                self.channel.reopen_callbacks.add(self._hear_cancels_again)
             try:
                 self._tag = self._consumer = await self.queue.consume(
                     self._on_message, no_ack=False, arguments=self._arguments
@@ -80,9 +83,22 @@ class Inbox:
                     "to quorum"
                 ) from exc
 
+    async def _hear_cancels_again(self, channel: AbstractRobustChannel | None, /) -> None:
+        if channel is not None:
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
     def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
         if frame.consumer_tag == self._consumer:
             self.cancelled_by_broker = True
+            # aio-pika restores a robust consumer the broker cancelled: a probe channel
+            # declares its queue again (a retired device's, left behind) and consumes anew,
+            # and a probe cut by this stream's close sent a second Channel.Close, which
+            # closed the whole connection (tests/test_retired_queue_stays_gone.py). Taken
+            # out of its restoring before that runs.
+            consumers = getattr(self.queue, "_consumers", None)
+            if isinstance(consumers, dict):
+                consumers.pop(frame.consumer_tag, None)
             # Nothing more comes: a reader waiting for the broker returns (see window()).
             self._buffer.put_nowait(None)
             self._arrived.set()
