@@ -19,6 +19,7 @@ import pytest
 
 from amqp_queue import RabbitMQStore, ReceivedCommand, StateError
 from tests.rabbitmq_support import AMQP_URL, rabbitmq_store
+from tests.test_stream_copies import _queued, _taken
 
 
 class BodyFailed(Exception):
@@ -34,23 +35,14 @@ async def publish_copy_of(command: ReceivedCommand, queue_name: str) -> None:
         await channel.default_exchange.publish(copy, routing_key=queue_name)
 
 
-async def copy_first_message_to_the_tail(queue_name: str) -> None:
-    """What the relay's second publish of a command leaves: an exact copy behind the rest."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(queue_name, ensure=False)
-        first = await queue.get(no_ack=False)
-        copy = aio_pika.Message(
-            first.body,
-            message_id=first.message_id,
-            headers=first.headers,
-            delivery_mode=first.delivery_mode,
-            expiration=first.expiration,
-            timestamp=first.timestamp,
-        )
-        await channel.default_exchange.publish(copy, routing_key=queue_name)
-        await first.nack(requeue=True)
+async def next_three(store: RabbitMQStore) -> list[bytes]:
+    """The payloads of the next three commands a new stream of dev-1 hands out."""
+    order: list[bytes] = []
+    async with store.consume("dev-1") as stream:
+        while len(order) < 3:
+            async with asyncio.timeout(5):
+                order.append((await anext(stream)).payload)
+    return order
 
 
 async def fail_on_first(store: RabbitMQStore) -> None:
@@ -62,19 +54,15 @@ async def fail_on_first(store: RabbitMQStore) -> None:
 async def test_a_command_given_back_with_a_copy_queued_keeps_its_place(tmp_path: Path) -> None:
     async with rabbitmq_store(tmp_path) as store:
         assert isinstance(store, RabbitMQStore)
-        for n in (1, 2, 3):
-            await store.enqueue("dev-1", b"c%d" % n, 600)
-        await copy_first_message_to_the_tail(store.config.queue_name("dev-1"))
+        ids = [await store.enqueue("dev-1", b"c%d" % n, 600) for n in (1, 2, 3)]
+        # What a relay's second publish of c1 leaves: a copy behind the rest.
+        taken = await _taken(store, "dev-1")
+        await _queued(store, "dev-1", [taken[ids[0]], taken[ids[1]], taken[ids[2]], taken[ids[0]]])
 
         with pytest.raises(BodyFailed, match="c1"):
             await fail_on_first(store)
 
-        order: list[bytes] = []
-        async with store.consume("dev-1") as stream:
-            while len(order) < 3:
-                async with asyncio.timeout(5):
-                    order.append((await anext(stream)).payload)
-        assert order == [b"c1", b"c2", b"c3"]
+        assert await next_three(store) == [b"c1", b"c2", b"c3"]
 
 
 async def test_a_copy_that_comes_while_a_mark_fails_does_not_move_the_command(
@@ -108,9 +96,4 @@ async def test_a_copy_that_comes_while_a_mark_fails_does_not_move_the_command(
                     await anext(stream)
         await first.close()  # the marks still failing: the next reader gets them again
 
-        order: list[bytes] = []
-        async with second.consume("dev-1") as stream:
-            while len(order) < 3:
-                async with asyncio.timeout(5):
-                    order.append((await anext(stream)).payload)
-        assert order == [b"c1", b"c2", b"c3"]
+        assert await next_three(second) == [b"c1", b"c2", b"c3"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from amqp_queue import RabbitMQStore
 from amqp_queue.calls_in_flight import CallsInFlight
 from amqp_queue.topology import Topology
 from tests.shared_index import drain_until
@@ -28,12 +29,11 @@ pytestmark = pytest.mark.timeout(60)
 env = env_fixture("closerace.")
 
 
-async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    device = env.device()
-    a = await env.open()
-    b = await env.open()
+def hold_first_declaration(
+    monkeypatch: pytest.MonkeyPatch, device: str
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Holds the first declaration of ``device``'s queue (set: the first event) until the
+    second event is set."""
     declaring = asyncio.Event()
     go_on = asyncio.Event()
     ensure_queue = Topology.ensure_queue
@@ -45,6 +45,27 @@ async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
         return await ensure_queue(topology, device_id, *args, **kwargs)
 
     monkeypatch.setattr(Topology, "ensure_queue", held)
+    return declaring, go_on
+
+
+async def second_goes_after(store: RabbitMQStore, device: str, accepted: object) -> None:
+    """Enqueues the device's next command on ``store``: it comes after the first one, unless
+    the first call was refused (``accepted`` an exception: nothing written)."""
+    await store.enqueue(device, b"second", LONG)
+    got = await drain_until(store, device, count=2, seconds=5)
+    if isinstance(accepted, BaseException):
+        assert got == [b"second"], accepted
+    else:
+        assert got == [b"first", b"second"]
+
+
+async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = env.device()
+    a = await env.open()
+    b = await env.open()
+    declaring, go_on = hold_first_declaration(monkeypatch, device)
     enqueueing = asyncio.create_task(a.enqueue(device, b"first", LONG))
     await asyncio.wait_for(declaring.wait(), 5)
     closing = asyncio.create_task(a.close())
@@ -52,13 +73,7 @@ async def test_an_enqueue_racing_its_stores_close_is_not_overtaken(
     go_on.set()
     accepted = await asyncio.gather(enqueueing, return_exceptions=True)
     await closing
-    await b.enqueue(device, b"second", LONG)
-
-    got = await drain_until(b, device, count=2, seconds=5)
-    if isinstance(accepted[0], BaseException):  # refused: nothing written
-        assert got == [b"second"], accepted
-    else:
-        assert got == [b"first", b"second"]
+    await second_goes_after(b, device, accepted[0])
 
 
 async def test_an_enqueue_racing_a_close_its_caller_cuts_short_is_not_overtaken(
@@ -71,17 +86,7 @@ async def test_an_enqueue_racing_a_close_its_caller_cuts_short_is_not_overtaken(
     device = env.device()
     a = await env.open()
     b = await env.open()
-    declaring = asyncio.Event()
-    go_on = asyncio.Event()
-    ensure_queue = Topology.ensure_queue
-
-    async def held(topology: Topology, device_id: str, *args: Any, **kwargs: Any) -> Any:
-        if device_id == device and not declaring.is_set():
-            declaring.set()
-            await go_on.wait()
-        return await ensure_queue(topology, device_id, *args, **kwargs)
-
-    monkeypatch.setattr(Topology, "ensure_queue", held)
+    declaring, go_on = hold_first_declaration(monkeypatch, device)
     enqueueing = asyncio.create_task(a.enqueue(device, b"first", LONG))
     await asyncio.wait_for(declaring.wait(), 5)
     asyncio.get_running_loop().call_later(0.3, go_on.set)  # past the close's deadline
@@ -89,13 +94,7 @@ async def test_an_enqueue_racing_a_close_its_caller_cuts_short_is_not_overtaken(
         await asyncio.wait_for(a.close(), 0.05)
     accepted = await asyncio.gather(enqueueing, return_exceptions=True)
     await a.close()
-    await b.enqueue(device, b"second", LONG)
-
-    got = await drain_until(b, device, count=2, seconds=5)
-    if isinstance(accepted[0], BaseException):  # refused: nothing written
-        assert got == [b"second"], accepted
-    else:
-        assert got == [b"first", b"second"]
+    await second_goes_after(b, device, accepted[0])
 
 
 async def test_a_close_waits_for_a_stuck_call_once(
