@@ -212,8 +212,8 @@ class Inbox:
         robust = isinstance(self.channel, AbstractRobustChannel)
         if self._tag is not None and (self.queue_gone or (self.cancelled_by_broker and not robust)):
             # The broker ended the consumer: closed the channel (404), or cancelled it. (On a
-            # robust channel it is cancelled here all the same: aio-pika's robust queue
-            # forgets a consumer only when cancelled, and restores it after a reconnect.)
+            # robust channel it is cancelled here all the same, a cancel the broker answers
+            # for a tag it no longer knows: the robust queue's own bookkeeping goes with it.)
             self._tag = None
         if self._tag is not None:
             tag, self._tag = self._tag, None
