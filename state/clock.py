@@ -36,13 +36,27 @@ def checked(clock: Clock) -> Clock:
 
 
 class Advancing:
-    """The store clock's now when made, advanced by the time elapsed since (monotonic): what
-    a call reads once it holds its command or its lock, also on SQLite's writer thread, where
-    the store's own clock (the application's, maybe bound to the event loop) is not called."""
+    """The store clock's now when made, advanced by the time elapsed since (monotonic) when
+    the clock is the wall clock: what a call reads once it holds its command or its lock,
+    also on SQLite's writer thread, where the store's own clock (the application's, maybe
+    bound to the event loop) is not called. Made by :func:`advancing`."""
 
-    def __init__(self, now: datetime) -> None:
+    def __init__(self, now: datetime, *, moves: bool = True) -> None:
         self._now = now
+        self._moves = moves
         self._made = time.monotonic()
 
     def __call__(self) -> datetime:
+        if not self._moves:
+            return self._now
         return self._now + timedelta(seconds=time.monotonic() - self._made)
+
+
+def advancing(clock: Clock, now: datetime | None = None) -> Advancing:
+    """``now`` (else ``clock()``), advanced as time passes if ``clock`` is the wall clock.
+
+    A clock of the application's own (a test's fake clock) moves only when it says so: a
+    call's time advanced by real seconds would run ahead of it, and a later call, stamped
+    by that clock a tick on, would read as older (a confirmation's ready time after the
+    next enqueue's, and the device given them out of order)."""
+    return Advancing(clock() if now is None else now, moves=clock is utc_now)

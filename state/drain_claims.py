@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import rules
 from .cancellation import finished, refuse_if_cancelled
-from .clock import Advancing, Clock
+from .clock import Clock, advancing
 from .errors import ClaimOutcomeUnknown
 from .model import CommandRecord
 
@@ -114,7 +114,7 @@ class DrainClaims(abc.ABC):
                 by_claim.setdefault(record.claimed_until, {})[record.id] = record
         # Each claim's hand-over from the time it begins: not one read before the first,
         # which a later one that waited behind it would send late (and hand out what expired).
-        clock = Advancing(self.clock())
+        clock = advancing(self.clock)
         handed: dict[str, CommandRecord] = {}
         for claimed_until, records in by_claim.items():
             now = clock()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from . import rules
-from .clock import Advancing, Clock, checked, utc_now
+from .clock import Clock, advancing, checked, utc_now
 from .closing import Closing
 from .drain_claims import DrainClaims
 from .enqueue_calls import CommandIntake
@@ -132,7 +132,7 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
         confirming = _OwnWriteAware(
             lambda current, now: rules.confirmed(current, now, by),
             lambda current, now: rules.confirmed_by_call(current, now, by),
-            Advancing(self.clock()),
+            advancing(self.clock),
         )
         record = await self.modify(command_id, confirming)
         changed = confirming.wrote
@@ -151,7 +151,7 @@ class IndexedStore(CommandIntake, FleetCalls, GiveBack, DrainClaims, Closing):
         cancelling = _OwnWriteAware(
             lambda current, now: rules.cancelled(current, now, by),
             lambda current, now: rules.cancelled_by_call(current, now, by),
-            Advancing(self.clock()),
+            advancing(self.clock),
         )
         record = await self.modify(command_id, cancelling)
         logger.info("cancelled command %s for device %s", command_id, record.device_id)

@@ -34,7 +34,8 @@ from . import redis_claim_scripts as claim_lua
 from . import redis_scripts as lua
 from . import rules
 from .cancellation import cancellation_kept
-from .clock import Advancing, Clock, utc_now
+from .clock import Clock, utc_now
+from .clock import advancing as clock_advancing
 from .errors import QueueFull, StateError
 from .indexed_store import DEFAULT_RETENTION, IndexedStore
 from .model import CommandRecord
@@ -338,7 +339,7 @@ class RedisStore(RedisChanges, RedisLists, RedisFleetCalls, RedisDrainClaims, In
         """:meth:`_args` with ``now`` advanced to when they are made, once the script's
         connection is held (see ``redis_add_doubt.send_once``): a call delayed by the pool or
         a busy event loop past a command's TTL finds it expired, as readers saw it."""
-        advancing = Advancing(now)
+        advancing = clock_advancing(self.clock, now)
         return lambda: self._args(advancing(), rest)
 
     def _command_key(self, command_id: str) -> str:

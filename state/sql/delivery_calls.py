@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ..cancellation import finished, run_through
-from ..clock import Advancing, Clock
+from ..clock import Clock, advancing
 from ..errors import ClaimOutcomeUnknown, StateError
 from ..model import CommandRecord
 from . import commit_doubt, deadlock_retry, postgres_reads, sqlite_direct, transactions
@@ -78,13 +78,13 @@ class SqlDeliveryCalls(SqlExecution):
         # thread, in one hop) a drain cut while it waits its turn behind other writes never
         # runs.
         if self._engine.dialect.name != "postgresql":
-            now = Advancing(self.clock())  # read once it holds the write lock
+            now = advancing(self.clock)  # read once it holds the write lock
             return await self._hot_through("drain", transactions.drain_index, device, now)
         drained, _ = await finished(self._drain_index_once(device))
         return drained
 
     async def _drain_index_once(self, device: str) -> list[CommandRecord]:
-        now = Advancing(self.clock())  # read by each attempt (a deadlock's is run again)
+        now = advancing(self.clock)  # read by each attempt (a deadlock's is run again)
         # A COMMIT whose answer was lost is resolved as a claim's is (see commit_doubt): its
         # rows keep the claim's claimed_until and its transaction id once handed over.
         commit: commit_doubt.Commit[transactions.Claimed] = commit_doubt.Commit()
@@ -115,7 +115,7 @@ class SqlDeliveryCalls(SqlExecution):
         hand_over = transactions.hand_over
         # Its expiry is checked at the time it holds its locks (see now.Advancing). On
         # SQLite on the writer thread, as the claim: the drain awaits a cut hand-over.
-        later = Advancing(now)
+        later = advancing(self.clock, now)
         if self._engine.dialect.name != "postgresql":
             return await self._hot("hand-over", hand_over, command_ids, claimed_until, later)
         return await self._transaction(_locked_hand_over, command_ids, claimed_until, later)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
-from ..clock import Advancing, Clock
+from ..clock import Clock, advancing
 from ..model import CommandRecord
 from . import fleet_statements as fleet_sql
 from . import statements as sql
@@ -30,6 +30,8 @@ T = TypeVar("T")
 class SqlFleetWrites:
     """Mixin of :class:`~amqp_queue.state.sql.store.SqlStore`, which runs the transactions."""
 
+    clock: Clock
+
     if TYPE_CHECKING:  # provided by SqlStore
 
         async def _rerunnable(
@@ -39,7 +41,7 @@ class SqlFleetWrites:
     async def _confirm_rollout(
         self, rollout_id: str, now: datetime, by: str | None = None
     ) -> list[CommandRecord]:
-        decided = Advancing(now)
+        decided = advancing(self.clock, now)
         return await self._rerunnable(
             functools.partial(confirm_rollout, rollout_id, now, by, decided),
             functools.partial(confirm_rollout_again, rollout_id, now, by, decided),
@@ -53,7 +55,7 @@ class SqlFleetWrites:
         rollout_id: str | None = None,
         by: str | None = None,
     ) -> int:
-        decided = Advancing(now)
+        decided = advancing(self.clock, now)
         return await self._rerunnable(
             functools.partial(cancel_open, now, device_id, rollout_id, by, decided),
             functools.partial(cancel_open_again, now, device_id, rollout_id, by, decided),

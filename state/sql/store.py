@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..cancellation import LeftToFinish
-from ..clock import Advancing, Clock, utc_now
+from ..clock import Clock, advancing, utc_now
 from ..errors import StateError
 from ..indexed_store import DEFAULT_RETENTION, Change, IndexedStore
 from ..model import CommandRecord, CommandStatus
@@ -250,7 +250,7 @@ class SqlStore(SqlDeliveryCalls, SqlLists, SqlFleetWrites, IndexedStore):
 
     async def write(self, records: Sequence[CommandRecord], published: Collection[str]) -> int:
         now, dialect = self.clock(), self._engine.dialect.name
-        write = (records, published, now, dialect, self.limits, Advancing(now))
+        write = (records, published, now, dialect, self.limits, advancing(self.clock, now))
         if not records or dialect != "postgresql":
             return await self._hot("write", transactions.write, *write)
         # New commands: a COMMIT whose answer was lost is resolved before answering.
