@@ -108,7 +108,7 @@ async def close_channel(channel: AbstractChannel, give_up_after: float, what: st
 
 
 async def _close_after_settles(channel: AbstractChannel, wait: float) -> None:
-    underlay = _underlay(channel)
+    underlay = underlying_channel(channel)
     if underlay is not None:
         if (settling := _SETTLING.get(underlay)) is not None:
             # A settle that began before the close goes out first: a frame after its
@@ -118,7 +118,7 @@ async def _close_after_settles(channel: AbstractChannel, wait: float) -> None:
     await channel.close()
 
 
-def _underlay(channel: AbstractChannel) -> object | None:
+def underlying_channel(channel: AbstractChannel) -> object | None:
     """The aiormq channel under an aio-pika one, without waiting (a robust channel's
     ``get_underlay_channel`` waits for its connection to be back)."""
     return getattr(getattr(channel, "_channel", None), "channel", None)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -18,7 +19,7 @@ from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 from pamqp.commands import Basic, Queue
 from pamqp.common import FieldTable
 
-from amqp_queue.channel_closing import usable
+from amqp_queue.channel_closing import underlying_channel, usable
 from amqp_queue.config import QueueType, RabbitMQConfig
 from amqp_queue.errors import BrokerError, QueueMismatch, broker_errors
 from amqp_queue.topology import Topology
@@ -84,9 +85,11 @@ class Inbox:
                 ) from exc
 
     async def _hear_cancels_again(self, channel: AbstractRobustChannel | None, /) -> None:
-        if channel is not None:
-            underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        # Read without waiting: get_underlay_channel waits for the connection, for ever
+        # should it close for good right after this reopen.
+        reopened = underlying_channel(channel) if channel is not None else None
+        if isinstance(reopened, aiormq.abc.AbstractChannel):
+            reopened.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
 
     def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
         if frame.consumer_tag == self._consumer:

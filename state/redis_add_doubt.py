@@ -141,9 +141,9 @@ async def _made_anew_each_send(sender: Redis, send: Callable[[], Awaitable[Any]]
     from redis.backoff import NoBackoff
 
     connection = sender.connection
-    policy = getattr(connection, "retry", None)
-    if connection is None or policy is None or policy.get_retries() <= 0:
+    if connection is None or not resends(sender):
         return await send()
+    policy = connection.retry
     connection.retry = Retry(NoBackoff(), 0)
     try:
         # A failed send has disconnected the connection already; the next one connects.
